@@ -1,0 +1,5 @@
+import sys
+
+from flexnpu.cli import main
+
+sys.exit(main())
