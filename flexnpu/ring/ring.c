@@ -49,6 +49,16 @@
 
 typedef _Atomic uint32_t au32;
 
+/* FX_BROKEN_ORDERING exists only so the ThreadSanitizer test can prove it detects a missing
+ * release/acquire pair (tests/test_ring_tsan.py builds ringpp with it and expects a report). */
+#ifdef FX_BROKEN_ORDERING
+#define FX_REL memory_order_relaxed
+#define FX_ACQ memory_order_relaxed
+#else
+#define FX_REL memory_order_release
+#define FX_ACQ memory_order_acquire
+#endif
+
 struct fx_ring {
     au32 *head;          /* shared, consumer stores, producer loads */
     au32 *tail;          /* shared, producer stores, consumer loads */
@@ -515,7 +525,7 @@ void fx_ring_snapshot(fx_ring *r, uint32_t *o) {
 static inline int64_t cons_avail(fx_ring *r, int refresh) {
     uint32_t n = r->cached - r->local;
     if (n == 0 || refresh) {
-        r->cached = atomic_load_explicit(r->tail, memory_order_acquire);
+        r->cached = atomic_load_explicit(r->tail, FX_ACQ);
         n = r->cached - r->local;
     }
     if (n > r->cap) return FX_ECORRUPT;   /* never follow a scribbled tail */
@@ -556,7 +566,7 @@ int fx_push(fx_ring *r, const char *rec, uint32_t len) {
     if (sp == 0) return 0;
     put_slot(r, r->local, rec, len);
     r->local++;
-    atomic_store_explicit(r->tail, r->local, memory_order_release);
+    atomic_store_explicit(r->tail, r->local, FX_REL);
     wake_if_sleeping(r->cons_sleep);
     return 1;
 }
@@ -571,7 +581,7 @@ int64_t fx_push_batch(fx_ring *r, const char *buf, uint32_t n) {
     memcpy(r->slots + (size_t)idx * r->esz, buf, (size_t)first * r->esz);
     if (k > first) memcpy(r->slots, buf + (size_t)first * r->esz, (size_t)(k - first) * r->esz);
     r->local += k;
-    atomic_store_explicit(r->tail, r->local, memory_order_release);   /* ONE tail store */
+    atomic_store_explicit(r->tail, r->local, FX_REL);   /* ONE tail store */
     wake_if_sleeping(r->cons_sleep);
     return k;
 }

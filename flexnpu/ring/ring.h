@@ -128,5 +128,7 @@ void fx_doorbell_free(fx_doorbell *d);
 void fx_doorbell_ring(fx_doorbell *d);
 int fx_wait_any(fx_ring **rings, uint32_t n, double timeout, fx_doorbell *d, int force_fallback);
 int fx_have_futex_waitv(void);
+/* pyfast.c: install FastRing and call() into the dict at this address (id(dict)) */
+int fx_py_install(uintptr_t dict_addr);
 /* CDEF-END */
 #endif
