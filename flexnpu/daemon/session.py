@@ -113,7 +113,7 @@ class Session:
             self.reply(user_data, code, msg=msg)
         elif stream is not None:
             stream.set_error(code, msg)
-        el        if self.error is None:
+        elif self.error is None:
             self.error = (code, msg)
 
     def stream(self, sid: int) -> StreamState:
