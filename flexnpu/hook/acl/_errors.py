@@ -42,19 +42,29 @@ def recent_message() -> str | None:
     return msg
 
 
+# FlexNPU wire error (flexnpu.errors.Err name) -> the ACL code a real device reports for it.
+_BY_ERR = {
+    "INVALID_ARGUMENT": C.ACL_ERROR_RT_PARAM_INVALID,
+    "INVALID_HANDLE": C.ACL_ERROR_RT_PARAM_INVALID,
+    "OUT_OF_MEMORY": C.ACL_ERROR_RT_MEMORY_ALLOCATION,
+    "OP_NOT_SUPPORTED": C.ACL_ERROR_OP_NOT_FOUND,
+    "OP_FAILED": C.ACL_ERROR_RT_AICORE_EXCEPTION,
+    "PERMISSION_DENIED": C.ACL_ERROR_RT_NO_PERMISSION,
+    "NOT_FOUND": C.ACL_ERROR_RT_PARAM_INVALID,
+    "BAD_STATE": C.ACL_ERROR_RT_PARAM_INVALID,
+    "SHUTDOWN": C.ACL_ERROR_RT_LOST_HEARTBEAT,
+    "INTERNAL": C.ACL_ERROR_RT_INTERNAL_ERROR,
+    "VERSION_MISMATCH": C.ACL_ERROR_RT_SOC_VERSION,
+    "UNSUPPORTED": C.ACL_ERROR_RT_FEATURE_NOT_SUPPORT,
+}
+
+
 def flexnpu_error_code(err: BaseException) -> int:
     """Map a client-side FlexNPUError to the ACL code a real device would report for it."""
-    name = type(err).__name__
-    if name == "DaemonLost":
+    if type(err).__name__ == "DaemonLost":
         return C.ACL_ERROR_RT_LOST_HEARTBEAT
     code = getattr(err, "code", None)
-    text = str(err).lower()
-    code_name = getattr(code, "name", "") if code is not None else ""
-    if "OUT_OF_MEMORY" in str(code_name).upper() or "out of memory" in text or "out_of_memory" in text:
-        return C.ACL_ERROR_RT_MEMORY_ALLOCATION
-    if "handle" in text and ("unknown" in text or "invalid" in text or "freed" in text):
-        return C.ACL_ERROR_RT_PARAM_INVALID
-    return C.ACL_ERROR_RT_AICORE_EXCEPTION
+    return _BY_ERR.get(getattr(code, "name", ""), C.ACL_ERROR_RT_INTERNAL_ERROR)
 
 
 def _is_flexnpu_error(err: BaseException) -> bool:

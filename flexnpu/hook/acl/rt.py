@@ -362,20 +362,54 @@ def free(dev_ptr: int) -> int:
 
 
 class _HostBlock:
-    """Page-aligned host memory of acl.rt.malloc_host, owned until acl.rt.free_host."""
+    """Host memory of acl.rt.malloc_host. Preferably a buffer in the shared arena of the current
+    device's client, which the daemon reads and writes directly (zero-copy, truly asynchronous
+    memcpy_async); else, or when the arena is full, private page-aligned memory."""
 
-    def __init__(self, size: int) -> None:
-        self.map = mmap.mmap(-1, size)
-        self.cbuf = (ctypes.c_char * size).from_buffer(self.map)
-        self.addr = ctypes.addressof(self.cbuf)
+    def __init__(self, size: int, client: Any | None, device: int | None) -> None:
         self.size = size
+        self.client = self.device = self.off = self.map = None
+        if client is not None:
+            try:
+                self.off = client.host_alloc(size)
+                self.client, self.device = client, device
+                mv = client.host_view(self.off, size)
+            except (MemoryError, AttributeError):
+                self.off = None
+        if self.off is None:
+            self.map = mmap.mmap(-1, size)
+            mv = memoryview(self.map)
+        self.cbuf = (ctypes.c_char * size).from_buffer(mv)
+        self.addr = ctypes.addressof(self.cbuf)
+
+    def arena_offset(self, ptr: int, n: int, device: int) -> int | None:
+        """Arena offset of [ptr, ptr + n) if it lies in this block, in `device`'s arena."""
+        if self.off is None or device != self.device or not (self.addr <= ptr and ptr + n <= self.addr + self.size):
+            return None
+        return self.off + (ptr - self.addr)
 
     def close(self) -> None:
         del self.cbuf
-        self.map.close()
+        if self.off is not None:
+            self.client.host_free(self.off)
+        else:
+            self.map.close()
 
 
 _HOST: dict[int, _HostBlock] = {}
+
+
+def _host_block(ptr: int, n: int) -> _HostBlock | None:
+    for b in _HOST.values():   # few blocks in practice; programs reuse their staging buffers
+        if b.addr <= ptr and ptr + n <= b.addr + b.size:
+            return b
+    return None
+
+
+def release_host_blocks() -> None:
+    """Free every malloc_host block (before the clients owning their arenas are closed)."""
+    while _HOST:
+        _HOST.popitem()[1].close()
 
 
 @acl_api("acl.rt.malloc_host", fail=(0,))
@@ -383,7 +417,12 @@ def malloc_host(size: int) -> tuple[int, int]:
     check_size(size, "size")
     if size == 0:
         raise AclFail(C.ACL_ERROR_INVALID_PARAM, "size must be > 0")
-    block = _HostBlock(size)
+    try:
+        dev = RT.current_device()
+        client = RT.device_state(dev).client
+    except AclFail:             # no device open yet: private host memory
+        dev, client = None, None
+    block = _HostBlock(size, client, dev)
     _HOST[block.addr] = block
     return block.addr, C.ACL_SUCCESS
 
@@ -400,14 +439,6 @@ def free_host(host_ptr: int) -> int:
 
 def _host_view(ptr: int, n: int) -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(ptr)).cast("B")
-
-
-def _to_host(dst: int, data: Any, count: int) -> None:
-    if len(data) < count:
-        raise AclFail(C.ACL_ERROR_RT_INTERNAL_ERROR, f"daemon returned {len(data)} of {count} bytes")
-    src = (ctypes.c_char * count).from_buffer(data) if isinstance(data, bytearray) \
-        else (ctypes.c_char * count).from_buffer_copy(data)
-    ctypes.memmove(dst, src, count)
 
 
 def _memcpy(dst: int, dest_max: int, src: int, count: int, kind: int, stream: Any, wait: bool) -> int:
@@ -442,12 +473,22 @@ def _memcpy(dst: int, dest_max: int, src: int, count: int, kind: int, stream: An
         ctypes.memmove(dst, src, count)
     elif s_alloc is None:
         client = RT.device_state(d_alloc.device).client
-        client.memcpy_h2d(d_alloc.handle, d_off, _host_view(src, count), stream=sid)
-        if wait:
-            client.synchronize(sid)
+        block = _host_block(src, count)
+        arena = block.arena_offset(src, count, d_alloc.device) if block else None
+        if arena is not None:   # zero-copy: the daemon reads the malloc_host buffer itself
+            client.memcpy_h2d_host(d_alloc.handle, d_off, arena, count, stream=sid, sync=wait)
+        else:
+            client.memcpy_h2d(d_alloc.handle, d_off, _host_view(src, count), stream=sid)
+            if wait:
+                client.synchronize(sid)
     elif d_alloc is None:
         client = RT.device_state(s_alloc.device).client
-        _to_host(dst, client.memcpy_d2h(s_alloc.handle, s_off, count, stream=sid), count)
+        block = _host_block(dst, count)
+        arena = block.arena_offset(dst, count, s_alloc.device) if block else None
+        if arena is not None:   # zero-copy: the daemon writes the malloc_host buffer itself
+            client.memcpy_d2h_host(s_alloc.handle, s_off, arena, count, stream=sid, sync=wait)
+        else:
+            client.memcpy_d2h_into(s_alloc.handle, s_off, _host_view(dst, count), stream=sid)
     elif d_alloc.device == s_alloc.device:
         client = RT.device_state(d_alloc.device).client
         client.memcpy_d2d(d_alloc.handle, d_off, s_alloc.handle, s_off, count, stream=sid)
