@@ -12,6 +12,7 @@ from ._errors import AclFail, acl_api
 from ._objects import ATTRS, BUFFERS, DESCS, OpAttr
 from ._ops import ACL_TO_TORCH, OPS, Attrs, Operand, contiguous_strides, meta_check
 from ._runtime import RT, is_device_ptr
+from flexnpu.protocol import TensorRef
 
 # ---------------------------------------------------------------------------------------------
 # attributes
@@ -108,8 +109,6 @@ def _to_wire(x: Any, op_type: str) -> Any:
             raise AclFail(C.ACL_ERROR_INVALID_PARAM,
                           f"{op_type}: {x.role} is host memory; tensor operands must be device memory "
                           "(acl.rt.malloc + acl.rt.memcpy)")
-        from flexnpu.protocol import TensorRef
-
         return TensorRef(x.handle, x.dtype, x.shape, x.stride, x.offset)
     if isinstance(x, list):
         return [_to_wire(v, op_type) for v in x]
