@@ -1,0 +1,229 @@
+"""List the running FlexNPU daemons and their clients.
+
+Asks every control socket <runtime dir>/npu<N>.sock for its status (a short timeout each, all
+in parallel) and prints one table of daemons, then one table of clients per daemon: pid, uid,
+command line, phase, device memory used/limit, ops/s and queue depth.
+
+--json prints exactly {"daemons": [...], "stale": [...]}: "daemons" holds the status objects
+the daemons returned (docs/operations.md lists the fields; a daemon that accepted the
+connection but did not answer appears as {"device", "socket", "error", "clients": []}),
+"stale" the socket paths nobody listens on any more (a daemon that died without cleaning up).
+
+Exit status: 0, also when no daemon runs; with --device N, 1 if that daemon did not answer.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import socket
+import struct
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from flexnpu import paths
+
+MAX_REPLY = 16 << 20  # a daemon with thousands of clients still fits; a garbage length does not
+
+
+class StaleSocket(Exception):
+    """Nobody listens on the socket (connection refused or the file vanished)."""
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        # One deadline for the whole exchange, not per recv: a daemon dribbling bytes must
+        # not hold `status` forever.
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout()
+        sock.settimeout(left)
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("daemon closed the connection mid-reply")
+        buf += chunk
+    return bytes(buf)
+
+
+def _request(sock: socket.socket, obj: dict, deadline: float) -> dict:
+    # Framing of control_plane.md: u32 little-endian length, then a UTF-8 JSON object.
+    body = json.dumps(obj).encode()
+    sock.sendall(struct.pack("<I", len(body)) + body)
+    (length,) = struct.unpack("<I", _recv_exact(sock, 4, deadline))
+    if length > MAX_REPLY:
+        raise ValueError(f"reply length {length} exceeds {MAX_REPLY} bytes")
+    reply = json.loads(_recv_exact(sock, length, deadline).decode())
+    if not isinstance(reply, dict):
+        raise ValueError("reply is not a JSON object")
+    return reply
+
+
+def query(path: Path, timeout: float = 1.0) -> dict:
+    """The daemon object from one socket. Raises StaleSocket, TimeoutError or another error."""
+    deadline = time.monotonic() + timeout
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError) as e:
+            raise StaleSocket(str(e)) from None
+        reply = _request(s, {"op": "status"}, deadline)
+    except socket.timeout:
+        raise TimeoutError(f"no reply within {timeout:g} s") from None
+    finally:
+        s.close()
+    if not reply.get("ok"):
+        raise RuntimeError(f"daemon refused status: {reply.get('error', 'no reason given')}"
+                           + (f" ({reply['code']})" if reply.get("code") else ""))
+    daemon = reply.get("daemon")
+    if not isinstance(daemon, dict):
+        raise ValueError("reply has no daemon object")
+    daemon.setdefault("clients", [])
+    return daemon
+
+
+def collect(runtime_dir: Path, device: int | None = None, timeout: float = 1.0) -> dict:
+    """{"daemons": [...], "stale": [...]} for the sockets in ``runtime_dir``."""
+    sockets = paths.list_sockets(runtime_dir)
+    if device is not None:
+        sockets = [(d, p) for d, p in sockets if d == device]
+    daemons: list[dict] = []
+    stale: list[str] = []
+
+    def one(item: tuple[int, Path]) -> tuple[str, dict | str]:
+        dev, path = item
+        try:
+            return "ok", query(path, timeout)
+        except StaleSocket:
+            return "stale", str(path)
+        except PermissionError as e:
+            return "error", {"device": dev, "socket": str(path), "clients": [],
+                             "error": f"permission denied ({e.strerror}); check the socket mode "
+                                      "and allowed uids"}
+        except (OSError, ValueError, RuntimeError, UnicodeDecodeError) as e:
+            if isinstance(e, OSError) and e.errno == errno.ECONNREFUSED:
+                return "stale", str(path)
+            return "error", {"device": dev, "socket": str(path), "clients": [], "error": str(e)}
+
+    if sockets:
+        with ThreadPoolExecutor(max_workers=min(16, len(sockets))) as pool:
+            for kind, value in pool.map(one, sockets):
+                (stale if kind == "stale" else daemons).append(value)
+    daemons.sort(key=lambda d: (d.get("device") if isinstance(d.get("device"), int) else 1 << 30))
+    return {"daemons": daemons, "stale": stale}
+
+
+# ---------------------------------------------------------------------------- formatting
+
+def human_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d{h:02d}h"
+    if h:
+        return f"{h}h{m:02d}m"
+    if m:
+        return f"{m}m{s:02d}s"
+    return f"{s}s"
+
+
+def _table(headers: list[str], rows: list[list[str]], indent: str = "") -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    fmt = lambda cells: indent + "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return [fmt(headers)] + [fmt(r) for r in rows]
+
+
+def _g(obj: dict, key: str, default: str = "-") -> str:
+    v = obj.get(key)
+    return default if v is None else str(v)
+
+
+def format_text(report: dict, runtime_dir: Path, width: int = 120) -> str:
+    daemons, stale = report["daemons"], report["stale"]
+    lines: list[str] = []
+    if not daemons and not stale:
+        return f"no FlexNPU daemons running in {runtime_dir}"
+    if daemons:
+        rows = []
+        for d in daemons:
+            if "error" in d:
+                rows.append([_g(d, "device"), "?", "-", "-", "-", "-", "-", "-", f"error: {d['error']}"])
+                continue
+            backend = _g(d, "backend")
+            if d.get("device_type") and d.get("device_type") != d.get("backend"):
+                backend += f" ({d['device_type']})"
+            rows.append([_g(d, "device"), backend, _g(d, "pid"), human_duration(d.get("uptime_s")),
+                         _g(d, "policy"), human_bytes(d.get("memory_limit_default")) if d.get("memory_limit_default") else "none",
+                         str(len(d.get("clients") or [])), _g(d, "ops_total"), _g(d, "version")])
+        lines.append(f"FlexNPU daemons in {runtime_dir}")
+        lines += _table(["DEVICE", "BACKEND", "PID", "UPTIME", "POLICY", "CLIENT LIMIT", "CLIENTS",
+                         "OPS", "VERSION"], rows)
+    for d in daemons:
+        clients = d.get("clients") or []
+        if "error" in d or not clients:
+            continue
+        lines += ["", f"device {_g(d, 'device')}: {len(clients)} client{'s' if len(clients) != 1 else ''}"]
+        rows = []
+        for c in clients:
+            limit = c.get("memory_limit")
+            mem = human_bytes(c.get("memory_bytes")) + " / " + (human_bytes(limit) if limit else "no limit")
+            ops = c.get("ops_per_s")
+            rows.append([_g(c, "pid"), _g(c, "uid"), _g(c, "phase"), mem,
+                         f"{ops:.1f}" if isinstance(ops, (int, float)) else "-",
+                         _g(c, "queue_depth"), _g(c, "streams"), _g(c, "cmdline", "")])
+        table = _table(["PID", "UID", "PHASE", "MEMORY USED / LIMIT", "OPS/S", "QUEUE", "STREAMS",
+                        "COMMAND"], rows, indent="  ")
+        lines += [l if len(l) <= width else l[: width - 3] + "..." for l in table]
+    if stale:
+        lines += ["", "stale sockets (no daemon listening; remove them or restart the daemon):"]
+        lines += [f"  {p}" for p in stale]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help='print {"daemons": [...], "stale": [...]} as JSON')
+    parser.add_argument("--runtime-dir", metavar="DIR", type=Path,
+                        help="where the daemons' sockets are (default: FLEXNPU_RUNTIME_DIR, "
+                             "/run/flexnpu for root, else $XDG_RUNTIME_DIR/flexnpu)")
+    parser.add_argument("--device", type=int, metavar="N", help="only the daemon of device N")
+    parser.add_argument("--timeout", type=float, default=1.0, metavar="S",
+                        help="seconds to wait for each daemon (default 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    runtime_dir = args.runtime_dir or paths.runtime_dir()
+    report = collect(runtime_dir, args.device, args.timeout)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        import shutil
+        print(format_text(report, runtime_dir, width=max(80, shutil.get_terminal_size((120, 24)).columns)))
+    if args.device is not None:
+        answered = any("error" not in d for d in report["daemons"])
+        if not answered:
+            if not args.json:
+                print(f"no answering daemon for device {args.device} in {runtime_dir}", file=sys.stderr)
+            return 1
+    return 0
