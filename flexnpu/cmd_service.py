@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import flexnpu
+from flexnpu.units import parse_bytes
 
 UNIT_NAME = "flexnpu@.service"
 TARGET_NAME = "flexnpu.target"
@@ -42,59 +43,29 @@ BACKENDS = ("auto", "cpu", "cuda", "npu", "emu")
 POLICIES = ("fifo", "priority", "flex")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
-# The settings file: key -> (option of `service install`, comment, example). The daemon reads
-# these variables as defaults for its own options (see daemon_env_defaults).
+# The settings file: key -> (option of `service install`, comment, example). `flexnpu daemon`
+# reads each variable as the default of the matching option (flexnpu/daemon/main.py).
 CONFIG_KEYS: dict[str, tuple[str, str, str]] = {
     "FLEXNPU_BACKEND": ("backend", "Backend that executes device calls: auto (npu, else cuda, else cpu), "
                         "cpu, cuda, npu, emu.", "auto"),
     "FLEXNPU_POLICY": ("policy", "Scheduling policy: fifo (passthrough), priority, flex (prefill/decode "
                        "co-location).", "fifo"),
     "FLEXNPU_MEMORY_LIMIT": ("memory_limit", "Default device-memory limit per client, in bytes "
-                             "(install accepts 512MiB, 8GiB, ...). Unset: no limit.", "8589934592"),
-    "FLEXNPU_ALLOWED_UIDS": ("allowed_uids", "Comma-separated uids allowed to attach (checked with "
-                             "SO_PEERCRED). Unset: anyone who can open the socket.", "0,1000"),
+                             "(512MiB, 8GiB, ... also accepted). Unset: no limit.", "8589934592"),
+    "FLEXNPU_MEMORY_LIMIT_MAX": ("memory_limit_max", "Highest limit a client may ask for at attach. "
+                                 "Unset: the default limit.", "17179869184"),
+    "FLEXNPU_ALLOW_UIDS": ("allow_uids", "Comma-separated uids allowed to attach (checked with "
+                           "SO_PEERCRED), or 'any'. Unset: root and the daemon's own uid only.", "0,1000"),
     "FLEXNPU_SOCKET_MODE": ("socket_mode", "Octal file mode of the control sockets "
-                            "/run/flexnpu/npu<N>.sock.", "0660"),
+                            "/run/flexnpu/npu<N>.sock; other users need 0666 (and FLEXNPU_ALLOW_UIDS).",
+                            "0660"),
     "FLEXNPU_LOG_LEVEL": ("log_level", "Log level: debug, info, warning, error.", "info"),
     "FLEXNPU_DAEMON_ARGS": ("daemon_args", "Extra arguments appended to `flexnpu daemon --device N` "
                             "(split on spaces by systemd).", "--backend cpu"),
 }
 
 
-def daemon_env_defaults(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """{option dest: value} for every FLEXNPU_* setting present and non-empty in the environment.
-
-    The daemon's argument parser can use this as ``parser.set_defaults(**...)`` so the config
-    file (read by systemd into the environment) and the command line agree.
-    """
-    env = os.environ if environ is None else environ
-    out = {}
-    for key, (dest, _, _) in CONFIG_KEYS.items():
-        if key != "FLEXNPU_DAEMON_ARGS" and env.get(key, "").strip():
-            out[dest] = env[key].strip()
-    return out
-
-
 # ---------------------------------------------------------------------------- helpers
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)b?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'8GiB' / '8G' / '512mib' / '1000000' -> bytes (K/M/G binary unless written kB/MB/GB)."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ValueError(f"not a size: {text!r} (use bytes or e.g. 512MiB, 8GiB)")
-    num, unit, binary = m.groups()
-    power = "kmgtp".find(unit.lower()) + 1 if unit else 0
-    # "8G" and "8GiB" are binary (what people mean for device memory); "8GB" is decimal.
-    raw = text.strip().lower()
-    base = 1000 if (unit and not binary and raw.endswith("b")) else 1024
-    value = float(num) * base ** power
-    if value < 1 or value != value:  # also rejects NaN
-        raise ValueError(f"size must be at least 1 byte: {text!r}")
-    return int(value)
-
 
 def _parse_devices(text: str) -> list[int] | None:
     """'0,1' -> [0, 1]; 'all' -> None (discover)."""
@@ -278,12 +249,20 @@ def _validated_settings(args: argparse.Namespace) -> dict[str, str]:
         out["FLEXNPU_BACKEND"] = args.backend
     if args.policy:
         out["FLEXNPU_POLICY"] = args.policy
-    if args.memory_limit:
-        out["FLEXNPU_MEMORY_LIMIT"] = str(parse_size(args.memory_limit))
-    if args.allowed_uids:
+    for opt, key in (("memory_limit", "FLEXNPU_MEMORY_LIMIT"), ("memory_limit_max", "FLEXNPU_MEMORY_LIMIT_MAX")):
+        text = getattr(args, opt)
+        if text is not None:
+            n = parse_bytes(text)  # 'none' unsets the key (rendered commented out)
+            if n is not None and n <= 0:
+                raise ValueError(f"--{opt.replace('_', '-')} must be positive, not {text!r}")
+            out[key] = "" if n is None else str(n)
+    if args.allow_uids:
         uids = []
-        for part in args.allowed_uids.split(","):
+        for part in args.allow_uids.split(","):
             part = part.strip()
+            if part == "any":
+                uids = ["any"]
+                break
             if part.isdigit():
                 uids.append(part)
             else:
@@ -291,8 +270,8 @@ def _validated_settings(args: argparse.Namespace) -> dict[str, str]:
                 try:
                     uids.append(str(pwd.getpwnam(part).pw_uid))
                 except KeyError:
-                    raise ValueError(f"--allowed-uids: no such user {part!r}") from None
-        out["FLEXNPU_ALLOWED_UIDS"] = ",".join(uids)
+                    raise ValueError(f"--allow-uids: no such user {part!r}") from None
+        out["FLEXNPU_ALLOW_UIDS"] = ",".join(uids)
     if args.socket_mode:
         if not re.fullmatch(r"0?[0-7]{3}", args.socket_mode):
             raise ValueError(f"--socket-mode must be octal like 0660, not {args.socket_mode!r}")
@@ -486,8 +465,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, help="FLEXNPU_BACKEND in the config")
     p.add_argument("--policy", choices=POLICIES, help="FLEXNPU_POLICY: scheduling policy")
     p.add_argument("--memory-limit", metavar="SIZE",
-                   help="FLEXNPU_MEMORY_LIMIT: default device memory per client (e.g. 8GiB)")
-    p.add_argument("--allowed-uids", metavar="LIST", help="FLEXNPU_ALLOWED_UIDS: uids or user names")
+                   help="FLEXNPU_MEMORY_LIMIT: default device memory per client (e.g. 8GiB; none unsets)")
+    p.add_argument("--memory-limit-max", metavar="SIZE",
+                   help="FLEXNPU_MEMORY_LIMIT_MAX: highest limit a client may request")
+    p.add_argument("--allow-uids", metavar="LIST",
+                   help="FLEXNPU_ALLOW_UIDS: uids or user names allowed to attach, or 'any'")
     p.add_argument("--socket-mode", metavar="MODE", help="FLEXNPU_SOCKET_MODE: octal, e.g. 0660")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="FLEXNPU_LOG_LEVEL")
     p.add_argument("--daemon-args", metavar="ARGS", help="FLEXNPU_DAEMON_ARGS: extra daemon arguments")

@@ -16,49 +16,21 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import socket
-import struct
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from flexnpu import paths
+from flexnpu.daemon.control import recv_msg, send_msg
+from flexnpu.units import format_bytes
 
-MAX_REPLY = 16 << 20  # a daemon with thousands of clients still fits; a garbage length does not
 
 
 class StaleSocket(Exception):
     """Nobody listens on the socket (connection refused or the file vanished)."""
-
-
-def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        # One deadline for the whole exchange, not per recv: a daemon dribbling bytes must
-        # not hold `status` forever.
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise socket.timeout()
-        sock.settimeout(left)
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("daemon closed the connection mid-reply")
-        buf += chunk
-    return bytes(buf)
-
-
-def _request(sock: socket.socket, obj: dict, deadline: float) -> dict:
-    # Framing of control_plane.md: u32 little-endian length, then a UTF-8 JSON object.
-    body = json.dumps(obj).encode()
-    sock.sendall(struct.pack("<I", len(body)) + body)
-    (length,) = struct.unpack("<I", _recv_exact(sock, 4, deadline))
-    if length > MAX_REPLY:
-        raise ValueError(f"reply length {length} exceeds {MAX_REPLY} bytes")
-    reply = json.loads(_recv_exact(sock, length, deadline).decode())
-    if not isinstance(reply, dict):
-        raise ValueError("reply is not a JSON object")
-    return reply
 
 
 def query(path: Path, timeout: float = 1.0) -> dict:
@@ -71,7 +43,11 @@ def query(path: Path, timeout: float = 1.0) -> dict:
             s.connect(str(path))
         except (ConnectionRefusedError, FileNotFoundError) as e:
             raise StaleSocket(str(e)) from None
-        reply = _request(s, {"op": "status"}, deadline)
+        send_msg(s, {"op": "status"})
+        s.settimeout(max(0.01, deadline - time.monotonic()))
+        reply, fds = recv_msg(s)
+        for fd in fds:  # a status reply carries none; never leak what a confused peer sends
+            os.close(fd)
     except socket.timeout:
         raise TimeoutError(f"no reply within {timeout:g} s") from None
     finally:
@@ -104,7 +80,7 @@ def collect(runtime_dir: Path, device: int | None = None, timeout: float = 1.0) 
             return "error", {"device": dev, "socket": str(path), "clients": [],
                              "error": f"permission denied ({e.strerror}); check the socket mode "
                                       "and allowed uids"}
-        except (OSError, ValueError, RuntimeError, UnicodeDecodeError) as e:
+        except (OSError, ValueError, RuntimeError, ConnectionError) as e:
             if isinstance(e, OSError) and e.errno == errno.ECONNREFUSED:
                 return "stale", str(path)
             return "error", {"device": dev, "socket": str(path), "clients": [], "error": str(e)}
@@ -118,17 +94,6 @@ def collect(runtime_dir: Path, device: int | None = None, timeout: float = 1.0) 
 
 
 # ---------------------------------------------------------------------------- formatting
-
-def human_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
 
 def human_duration(seconds: float | None) -> str:
     if seconds is None:
@@ -172,7 +137,7 @@ def format_text(report: dict, runtime_dir: Path, width: int = 120) -> str:
             if d.get("device_type") and d.get("device_type") != d.get("backend"):
                 backend += f" ({d['device_type']})"
             rows.append([_g(d, "device"), backend, _g(d, "pid"), human_duration(d.get("uptime_s")),
-                         _g(d, "policy"), human_bytes(d.get("memory_limit_default")) if d.get("memory_limit_default") else "none",
+                         _g(d, "policy"), format_bytes(d.get("memory_limit_default")) if d.get("memory_limit_default") else "none",
                          str(len(d.get("clients") or [])), _g(d, "ops_total"), _g(d, "version")])
         lines.append(f"FlexNPU daemons in {runtime_dir}")
         lines += _table(["DEVICE", "BACKEND", "PID", "UPTIME", "POLICY", "CLIENT LIMIT", "CLIENTS",
@@ -185,7 +150,7 @@ def format_text(report: dict, runtime_dir: Path, width: int = 120) -> str:
         rows = []
         for c in clients:
             limit = c.get("memory_limit")
-            mem = human_bytes(c.get("memory_bytes")) + " / " + (human_bytes(limit) if limit else "no limit")
+            mem = format_bytes(c.get("memory_bytes")) + " / " + (format_bytes(limit) if limit else "no limit")
             ops = c.get("ops_per_s")
             rows.append([_g(c, "pid"), _g(c, "uid"), _g(c, "phase"), mem,
                          f"{ops:.1f}" if isinstance(ops, (int, float)) else "-",

@@ -26,22 +26,28 @@ class NotifySocket:
         self.name = name
         self.sock.bind(b"\0" + name[1:].encode() if name.startswith("@") else name)
 
-    def messages(self, timeout: float, until: str | None = None, limit: int = 1000) -> list[str]:
-        """Datagrams received within ``timeout`` (stops early once one contains ``until``)."""
+    def messages(self, timeout: float, until: str | None = None, limit: int = 1000,
+                 proc: subprocess.Popen | None = None) -> list[str]:
+        """Datagrams received within ``timeout`` (stops early once one contains ``until``,
+        or once ``proc`` has exited and nothing more is queued)."""
         out: list[str] = []
         deadline = time.monotonic() + timeout
         while len(out) < limit:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            self.sock.settimeout(left)
+            exited = proc is not None and proc.poll() is not None
+            self.sock.settimeout(0.05 if exited else min(left, 0.25) if proc is not None else left)
             try:
                 out.append(self.sock.recv(4096).decode())
             except socket.timeout:
-                break
+                if exited or proc is None:
+                    break
+                continue
             if until and until in out[-1]:
                 break
         return out
+
 
     def close(self) -> None:
         self.sock.close()
@@ -205,14 +211,19 @@ def test_real_daemon_notify_protocol(notify_path, tmp_path):
     from flexnpu import cmd_status
     rundir = Path(f"/tmp/fnpu-nd-{os.getpid()}")
     rundir.mkdir(exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), WATCHDOG_USEC="1000000", FLEXNPU_RUNTIME_DIR=str(rundir))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WATCHDOG_USEC="600000", FLEXNPU_RUNTIME_DIR=str(rundir))
     env.pop("WATCHDOG_PID", None)
+    log = open(tmp_path / "daemon.log", "w+")
     p = subprocess.Popen([sys.executable, "-m", "flexnpu", "daemon", "--device", "0", "--backend", "cpu"],
-                         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
-        msgs = notify_path.messages(60.0, until="READY=1")
+        msgs = notify_path.messages(60.0, until="READY=1", proc=p)
         ready = [m for m in msgs if m.startswith("READY=1")]
-        assert ready, f"daemon sent no READY=1; got {msgs}; exited={p.poll()}"
+        if not ready:
+            p.kill()
+            p.wait(10)
+            pytest.fail(f"daemon sent no READY=1 (got {msgs}, exit status {p.returncode}):\n"
+                        + (tmp_path / "daemon.log").read_text()[-3000:])
         assert not any("STOPPING=1" in m for m in msgs)
         # READY means the socket accepts clients now.
         report = cmd_status.collect(rundir, timeout=5.0)
@@ -220,13 +231,15 @@ def test_real_daemon_notify_protocol(notify_path, tmp_path):
         pings = notify_path.messages(1.6)
         assert pings.count("WATCHDOG=1") >= 2, pings
         p.send_signal(signal.SIGTERM)
-        rest = notify_path.messages(15.0, until="STOPPING=1")
+        rest = notify_path.messages(15.0, until="STOPPING=1", proc=p)
         assert any(m.startswith("STOPPING=1") for m in rest), rest
         assert p.wait(20) == 0
+        assert "<" not in (tmp_path / "daemon.log").read_text()[:1]  # no JOURNAL_STREAM: plain format
     finally:
         if p.poll() is None:
             p.kill()
             p.wait(5)
+        log.close()
         for f in rundir.iterdir():
             f.unlink()
         rundir.rmdir()

@@ -40,7 +40,7 @@ def problems(p: subprocess.CompletedProcess) -> list[str]:
 
 def test_install_writes_units_and_config(tmp_path):
     p = flexnpu_cli("service", "install", "--root", str(tmp_path), "--devices", "0,1", "--policy", "flex",
-                    "--memory-limit", "8GiB", "--allowed-uids", "0,1000", "--exec", sys.executable + " -m flexnpu",
+                    "--memory-limit", "8GiB", "--allow-uids", "0,1000", "--exec", sys.executable + " -m flexnpu",
                     "--json")
     report = json.loads(p.stdout)
     unit_dir = tmp_path / "etc/systemd/system"
@@ -64,9 +64,7 @@ def test_install_writes_units_and_config(tmp_path):
     assert "Wants=flexnpu@0.service\nWants=flexnpu@1.service\n" in target
 
     conf = cmd_service.read_config(tmp_path / "etc/flexnpu/flexnpu.conf")
-    assert conf == {"FLEXNPU_POLICY": "flex", "FLEXNPU_MEMORY_LIMIT": str(8 << 30), "FLEXNPU_ALLOWED_UIDS": "0,1000"}
-    assert cmd_service.daemon_env_defaults(conf) == {"policy": "flex", "memory_limit": str(8 << 30),
-                                                     "allowed_uids": "0,1000"}
+    assert conf == {"FLEXNPU_POLICY": "flex", "FLEXNPU_MEMORY_LIMIT": str(8 << 30), "FLEXNPU_ALLOW_UIDS": "0,1000"}
 
 
 def test_reinstall_keeps_admin_settings_and_is_idempotent(tmp_path):
@@ -99,21 +97,22 @@ def test_dry_run_and_enable_never_touch_the_system(tmp_path):
 def test_bad_options_give_clear_errors(tmp_path):
     for opts, msg in ((["--memory-limit", "lots"], "not a size"), (["--devices", "0,x"], "bad device number"),
                       (["--socket-mode", "999"], "octal"), (["--exec", "flexnpu"], "absolute path"),
-                      (["--allowed-uids", "no-such-user-xyz"], "no such user")):
+                      (["--allow-uids", "no-such-user-xyz"], "no such user"),
+                      (["--memory-limit", "0"], "must be positive")):
         p = flexnpu_cli("service", "install", "--root", str(tmp_path), *opts, check_rc=2)
         assert msg in p.stderr, (opts, p.stderr)
     assert not (tmp_path / "etc").exists()
 
 
-def test_parse_size():
-    assert cmd_service.parse_size("8GiB") == 8 << 30
-    assert cmd_service.parse_size("8G") == 8 << 30
-    assert cmd_service.parse_size("8GB") == 8_000_000_000
-    assert cmd_service.parse_size("512mib") == 512 << 20
-    assert cmd_service.parse_size("1000") == 1000
-    for bad in ("", "-1", "1.5.2G", "0", "12 parsecs"):
-        with pytest.raises(ValueError):
-            cmd_service.parse_size(bad)
+def test_memory_limit_none_unsets_the_key(tmp_path):
+    args = ("service", "install", "--root", str(tmp_path), "--devices", "0")
+    flexnpu_cli(*args, "--memory-limit", "512MiB", "--memory-limit-max", "2GiB")
+    conf = tmp_path / "etc/flexnpu/flexnpu.conf"
+    assert cmd_service.read_config(conf) == {"FLEXNPU_MEMORY_LIMIT": str(512 << 20),
+                                             "FLEXNPU_MEMORY_LIMIT_MAX": str(2 << 30)}
+    flexnpu_cli(*args, "--memory-limit", "none")
+    assert cmd_service.read_config(conf) == {"FLEXNPU_MEMORY_LIMIT_MAX": str(2 << 30)}
+    assert "#FLEXNPU_MEMORY_LIMIT=" in conf.read_text()
 
 
 def test_uninstall(tmp_path):

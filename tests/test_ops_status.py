@@ -1,8 +1,10 @@
 """`flexnpu status` against real Unix-socket peers speaking the control_plane.md framing."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -139,8 +141,8 @@ def test_unresponsive_and_broken_daemons_are_reported_not_fatal(rundir):
     by_dev = {x["device"]: x for x in report["daemons"]}
     assert "no reply within 0.5 s" in by_dev[0]["error"]
     assert "not allowed" in by_dev[1]["error"] and "EPERM" in by_dev[1]["error"]
-    assert "exceeds" in by_dev[2]["error"]
-    assert "not a JSON object" in by_dev[3]["error"]
+    assert "too large" in by_dev[2]["error"]
+    assert "must be a JSON object" in by_dev[3]["error"]
     assert "error" not in by_dev[4] and by_dev[4]["pid"] == 4246
     assert all(x["clients"] == [] for x in report["daemons"])
     assert report["stale"] == []
@@ -174,8 +176,58 @@ def test_cli_no_daemons_exit_zero(tmp_path):
     assert f"no FlexNPU daemons running in {tmp_path / 'none'}" in p.stdout
 
 
-def test_human_units():
-    assert cmd_status.human_bytes(512) == "512 B"
-    assert cmd_status.human_bytes(3 * GiB // 2) == "1.5 GiB"
+def test_human_durations():
     assert cmd_status.human_duration(59) == "59s"
     assert cmd_status.human_duration(90061) == "1d01h"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flexnpu.daemon.server") is None
+                    or importlib.util.find_spec("flexnpu.client") is None,
+                    reason="the daemon (flexnpu.daemon.server) or the client library is not in this tree")
+def test_real_daemon_and_client(rundir, tmp_path):
+    """A real `flexnpu daemon` with a real attached client, seen through `flexnpu status`."""
+    from flexnpu.client import Client
+
+    d, _ = rundir
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FLEXNPU_RUNTIME_DIR=str(d))
+    log = open(tmp_path / "daemon.log", "w+")
+    p = subprocess.Popen([sys.executable, "-m", "flexnpu", "daemon", "--device", "0", "--backend", "cpu",
+                          "--memory-limit", "1GiB"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    client = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (d / "npu0.sock").exists():
+            assert p.poll() is None, (tmp_path / "daemon.log").read_text()
+            assert time.monotonic() < deadline, "daemon did not create its socket"
+            time.sleep(0.05)
+        client = Client(0, path=str(d / "npu0.sock"))
+        h = client.malloc(3 << 20)
+        client.memcpy_h2d(h, 0, b"\x01" * (3 << 20))
+        client.synchronize()
+        out = subprocess.run([sys.executable, "-m", "flexnpu", "status", "--json", "--runtime-dir", str(d)],
+                             capture_output=True, text=True, timeout=30, env=env, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        assert report["stale"] == []
+        (daemon,) = report["daemons"]
+        assert daemon["pid"] == p.pid and daemon["device"] == 0 and daemon["backend"] == "cpu"
+        assert daemon["memory_limit_default"] == 1 << 30
+        (me,) = daemon["clients"]
+        assert me["pid"] == os.getpid() and me["uid"] == os.geteuid()
+        assert me["memory_bytes"] >= 3 << 20 and me["memory_limit"] == 1 << 30
+        text = subprocess.run([sys.executable, "-m", "flexnpu", "status", "--runtime-dir", str(d)],
+                              capture_output=True, text=True, timeout=30, env=env, cwd=ROOT).stdout
+        assert f"\n  {os.getpid()} " in text and "/ 1.0 GiB" in text, text
+        client.close()
+        client = None
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(20) == 0
+        # The daemon removed its socket: nothing running, nothing stale.
+        assert cmd_status.collect(d) == {"daemons": [], "stale": []}
+    finally:
+        if client is not None:
+            client.close()
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+        log.close()

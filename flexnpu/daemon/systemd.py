@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "notify", "ready", "stopping", "reloading", "watchdog", "status", "extend_timeout",
-    "watchdog_interval", "Watchdog", "booted",
+    "watchdog_interval", "Watchdog", "Notifier", "booted",
 ]
 
 
@@ -212,3 +212,32 @@ class Watchdog:
                 self._last_ping = now
                 self.pings += 1
                 self._send()
+
+
+class Notifier:
+    """The object the daemon holds (``Daemon(notify=Notifier())``): lifecycle messages plus the
+    watchdog, driven by :meth:`tick` from the daemon's main loop.
+
+    The loop must call tick() at least every WatchdogSec/2 (it does every ~0.5 s), so a
+    wedged loop stops the pings and systemd restarts the daemon.
+    """
+
+    def __init__(self, watchdog: Watchdog | None = None) -> None:
+        self.watchdog = watchdog or Watchdog()
+        if self.watchdog.enabled:
+            log.info("systemd watchdog: %.1fs, pinging every %.1fs", self.watchdog.interval,
+                     self.watchdog.period)
+
+    def ready(self, status_text: str | None = None) -> bool:
+        sent = ready(status_text)
+        self.watchdog.tick()  # the first ping right away: startup may have used up the interval
+        return sent
+
+    def stopping(self, status_text: str | None = None) -> bool:
+        return stopping(status_text)
+
+    def status(self, text: str) -> bool:
+        return status(text)
+
+    def tick(self) -> bool:
+        return self.watchdog.tick()
