@@ -62,9 +62,22 @@ def query(path: Path, timeout: float = 1.0) -> dict:
     return daemon
 
 
-def collect(runtime_dir: Path, device: int | None = None, timeout: float = 1.0) -> dict:
-    """{"daemons": [...], "stale": [...]} for the sockets in ``runtime_dir``."""
-    sockets = paths.list_sockets(runtime_dir)
+SYSTEM_RUNTIME_DIR = Path("/run/flexnpu")  # RuntimeDirectory= of flexnpu@.service
+
+
+def default_dirs() -> list[Path]:
+    """Where to look without --runtime-dir: our own runtime dir, plus the systemd daemons'
+    /run/flexnpu for non-root users (whose own default is $XDG_RUNTIME_DIR/flexnpu)."""
+    dirs = [paths.runtime_dir()]
+    if not os.environ.get("FLEXNPU_RUNTIME_DIR") and SYSTEM_RUNTIME_DIR not in dirs:
+        dirs.append(SYSTEM_RUNTIME_DIR)
+    return dirs
+
+
+def collect(runtime_dir: Path | list[Path], device: int | None = None, timeout: float = 1.0) -> dict:
+    """{"daemons": [...], "stale": [...]} for the sockets in ``runtime_dir`` (one or several)."""
+    dirs = runtime_dir if isinstance(runtime_dir, list) else [runtime_dir]
+    sockets = [item for d in dirs for item in paths.list_sockets(d)]
     if device is not None:
         sockets = [(d, p) for d, p in sockets if d == device]
     daemons: list[dict] = []
@@ -89,7 +102,8 @@ def collect(runtime_dir: Path, device: int | None = None, timeout: float = 1.0) 
         with ThreadPoolExecutor(max_workers=min(16, len(sockets))) as pool:
             for kind, value in pool.map(one, sockets):
                 (stale if kind == "stale" else daemons).append(value)
-    daemons.sort(key=lambda d: (d.get("device") if isinstance(d.get("device"), int) else 1 << 30))
+    daemons.sort(key=lambda d: (d.get("device") if isinstance(d.get("device"), int) else 1 << 30,
+                                str(d.get("socket"))))
     return {"daemons": daemons, "stale": stale}
 
 
@@ -122,8 +136,10 @@ def _g(obj: dict, key: str, default: str = "-") -> str:
     return default if v is None else str(v)
 
 
-def format_text(report: dict, runtime_dir: Path, width: int = 120) -> str:
+def format_text(report: dict, runtime_dir: Path | list[Path], width: int = 120) -> str:
     daemons, stale = report["daemons"], report["stale"]
+    if isinstance(runtime_dir, list):
+        runtime_dir = " or ".join(map(str, runtime_dir))
     lines: list[str] = []
     if not daemons and not stale:
         return f"no FlexNPU daemons running in {runtime_dir}"
@@ -139,7 +155,8 @@ def format_text(report: dict, runtime_dir: Path, width: int = 120) -> str:
             rows.append([_g(d, "device"), backend, _g(d, "pid"), human_duration(d.get("uptime_s")),
                          _g(d, "policy"), format_bytes(d.get("memory_limit_default")) if d.get("memory_limit_default") else "none",
                          str(len(d.get("clients") or [])), _g(d, "ops_total"), _g(d, "version")])
-        lines.append(f"FlexNPU daemons in {runtime_dir}")
+        dirs = sorted({str(Path(str(d.get("socket"))).parent) for d in daemons if d.get("socket")})
+        lines.append(f"FlexNPU daemons in {', '.join(dirs) or runtime_dir}")
         lines += _table(["DEVICE", "BACKEND", "PID", "UPTIME", "POLICY", "CLIENT LIMIT", "CLIENTS",
                          "OPS", "VERSION"], rows)
     for d in daemons:
@@ -154,7 +171,9 @@ def format_text(report: dict, runtime_dir: Path, width: int = 120) -> str:
             ops = c.get("ops_per_s")
             rows.append([_g(c, "pid"), _g(c, "uid"), _g(c, "phase"), mem,
                          f"{ops:.1f}" if isinstance(ops, (int, float)) else "-",
-                         _g(c, "queue_depth"), _g(c, "streams"), _g(c, "cmdline", "")])
+                         _g(c, "queue_depth"), _g(c, "streams"),
+                         # argv may hold newlines or tabs (python -c '...'): one table row each.
+                         " ".join(_g(c, "cmdline", "").split())])
         table = _table(["PID", "UID", "PHASE", "MEMORY USED / LIMIT", "OPS/S", "QUEUE", "STREAMS",
                         "COMMAND"], rows, indent="  ")
         lines += [l if len(l) <= width else l[: width - 3] + "..." for l in table]
@@ -170,15 +189,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help='print {"daemons": [...], "stale": [...]} as JSON')
     parser.add_argument("--runtime-dir", metavar="DIR", type=Path,
-                        help="where the daemons' sockets are (default: FLEXNPU_RUNTIME_DIR, "
-                             "/run/flexnpu for root, else $XDG_RUNTIME_DIR/flexnpu)")
+                        help="where the daemons' sockets are (default: FLEXNPU_RUNTIME_DIR if set, "
+                             "else /run/flexnpu, and for non-root users also $XDG_RUNTIME_DIR/flexnpu)")
     parser.add_argument("--device", type=int, metavar="N", help="only the daemon of device N")
     parser.add_argument("--timeout", type=float, default=1.0, metavar="S",
                         help="seconds to wait for each daemon (default 1)")
 
 
 def run(args: argparse.Namespace) -> int:
-    runtime_dir = args.runtime_dir or paths.runtime_dir()
+    runtime_dir = [args.runtime_dir] if args.runtime_dir else default_dirs()
     report = collect(runtime_dir, args.device, args.timeout)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -189,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         answered = any("error" not in d for d in report["daemons"])
         if not answered:
             if not args.json:
-                print(f"no answering daemon for device {args.device} in {runtime_dir}", file=sys.stderr)
+                where = " or ".join(map(str, runtime_dir))
+                print(f"no answering daemon for device {args.device} in {where}", file=sys.stderr)
             return 1
     return 0

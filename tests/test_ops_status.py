@@ -81,7 +81,7 @@ def daemon_obj(device: int, sock: Path, clients: list[dict]) -> dict:
             "version": "0.1.0", "memory_limit_default": 8 * GiB, "ops_total": 1234, "clients": clients}
 
 
-CLIENT = {"pid": 5001, "uid": 1000, "cmdline": "python app.py --model llama", "phase": "decode",
+CLIENT = {"pid": 5001, "uid": 1000, "cmdline": "python app.py --model\nllama", "phase": "decode",
           "memory_bytes": 3 * GiB // 2, "memory_peak_bytes": 2 * GiB, "memory_limit": 8 * GiB,
           "ops_per_s": 1523.44, "ops_total": 99, "queue_depth": 3, "streams": 2, "attached_at": time.time()}
 
@@ -231,3 +231,13 @@ def test_real_daemon_and_client(rundir, tmp_path):
             p.kill()
             p.wait(5)
         log.close()
+
+
+def test_default_dirs_include_the_systemd_runtime_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLEXNPU_RUNTIME_DIR", str(tmp_path))
+    assert cmd_status.default_dirs() == [tmp_path]  # an explicit choice is respected
+    monkeypatch.delenv("FLEXNPU_RUNTIME_DIR")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    dirs = cmd_status.default_dirs()
+    assert dirs[-1] == Path("/run/flexnpu")
+    assert dirs[0] == (Path("/run/flexnpu") if os.geteuid() == 0 else tmp_path / "flexnpu")
