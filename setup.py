@@ -23,7 +23,7 @@ setup(
         "torch": ["torch>=2.6"],
         "npu": ["torch_npu"],
         "serve": ["transformers>=4.40", "matplotlib>=3.7"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "pytest-timeout>=2"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "pytest-timeout>=2", "pyzmq>=25"],
     },
     entry_points={"console_scripts": ["flexnpu=flexnpu.cli:main"]},
     zip_safe=False,

@@ -55,6 +55,7 @@ class Daemon:
         self.batch = batch
         self.policy_name = policy
         self.scheduler = make_scheduler(policy, self)
+        self.inline = getattr(self.scheduler, "inline", False)
         self.memory_limit = memory_limit
         self.memory_limit_max = memory_limit_max
         self.allow_uids = allow_uids          # None = anyone who can open the socket
@@ -152,7 +153,10 @@ class Daemon:
                     log.warning("client pid %d: corrupt ring (%s); disconnecting it", s.pid, e)
                     self._drop(s, f"corrupt ring: {e}")
             ran = self.scheduler.run_round()
-            self._run_waiters()
+            for s in self.sessions.values():
+                if s.waiters:
+                    self._run_waiters()
+                    break
             for s in self.sessions.values():
                 if s.pending_replies:
                     s.flush_replies()
@@ -185,6 +189,8 @@ class Daemon:
             s.waiters = keep
 
     def _service_events(self) -> None:
+        if self._events.empty():
+            return
         while True:
             try:
                 kind, obj = self._events.get_nowait()

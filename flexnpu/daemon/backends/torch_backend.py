@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
 
 from ...protocol import Launch
+
+# Host data handed to h2d may be read-only (bytes copied out of a ring payload); torch only reads it.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
 def detect(requested: str = "auto") -> str:
