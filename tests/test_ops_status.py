@@ -184,23 +184,14 @@ def test_human_durations():
 @pytest.mark.skipif(importlib.util.find_spec("flexnpu.daemon.server") is None
                     or importlib.util.find_spec("flexnpu.client") is None,
                     reason="the daemon (flexnpu.daemon.server) or the client library is not in this tree")
-def test_real_daemon_and_client(rundir, tmp_path):
+def test_real_daemon_and_client(start_daemon, runtime_dir):
     """A real `flexnpu daemon` with a real attached client, seen through `flexnpu status`."""
     from flexnpu.client import Client
 
-    d, _ = rundir
-    env = dict(os.environ, PYTHONPATH=str(ROOT), FLEXNPU_RUNTIME_DIR=str(d))
-    log = open(tmp_path / "daemon.log", "w+")
-    p = subprocess.Popen([sys.executable, "-m", "flexnpu", "daemon", "--device", "0", "--backend", "cpu",
-                          "--memory-limit", "1GiB"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    client = None
-    try:
-        deadline = time.monotonic() + 60
-        while not (d / "npu0.sock").exists():
-            assert p.poll() is None, (tmp_path / "daemon.log").read_text()
-            assert time.monotonic() < deadline, "daemon did not create its socket"
-            time.sleep(0.05)
-        client = Client(0, path=str(d / "npu0.sock"))
+    d = runtime_dir
+    daemon = start_daemon("--memory-limit", "1GiB")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with Client(0, path=str(daemon.socket)) as client:
         h = client.malloc(3 << 20)
         client.memcpy_h2d(h, 0, b"\x01" * (3 << 20))
         client.synchronize()
@@ -209,28 +200,18 @@ def test_real_daemon_and_client(rundir, tmp_path):
         assert out.returncode == 0, out.stderr
         report = json.loads(out.stdout)
         assert report["stale"] == []
-        (daemon,) = report["daemons"]
-        assert daemon["pid"] == p.pid and daemon["device"] == 0 and daemon["backend"] == "cpu"
-        assert daemon["memory_limit_default"] == 1 << 30
-        (me,) = daemon["clients"]
+        (info,) = report["daemons"]
+        assert info["pid"] == daemon.pid and info["device"] == 0 and info["backend"] == "cpu"
+        assert info["memory_limit_default"] == 1 << 30
+        (me,) = info["clients"]
         assert me["pid"] == os.getpid() and me["uid"] == os.geteuid()
         assert me["memory_bytes"] >= 3 << 20 and me["memory_limit"] == 1 << 30
         text = subprocess.run([sys.executable, "-m", "flexnpu", "status", "--runtime-dir", str(d)],
                               capture_output=True, text=True, timeout=30, env=env, cwd=ROOT).stdout
         assert f"\n  {os.getpid()} " in text and "/ 1.0 GiB" in text, text
-        client.close()
-        client = None
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(20) == 0
-        # The daemon removed its socket: nothing running, nothing stale.
-        assert cmd_status.collect(d) == {"daemons": [], "stale": []}
-    finally:
-        if client is not None:
-            client.close()
-        if p.poll() is None:
-            p.kill()
-            p.wait(5)
-        log.close()
+    assert daemon.stop() == 0
+    # The daemon removed its socket: nothing running, nothing stale.
+    assert cmd_status.collect(d) == {"daemons": [], "stale": []}
 
 
 def test_default_dirs_include_the_systemd_runtime_dir(monkeypatch, tmp_path):
