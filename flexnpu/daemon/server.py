@@ -36,11 +36,13 @@ MAILBOX_MIN = 256
 
 
 def _cmdline(pid: int) -> str:
+    """The client's command line as the kernel reports it, made safe for one log line."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-        return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:512]
     except OSError:
         return "?"
+    text = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+    return "".join(ch if ch.isprintable() else "?" for ch in text)[:256]
 
 
 class Daemon:
@@ -301,6 +303,12 @@ class Daemon:
             conn.setblocking(True)
             conn.settimeout(1.0)
             send_msg(conn, obj)
+        except ProtocolError:
+            # too large (e.g. a status of very many clients): say so instead of dying
+            try:
+                send_msg(conn, {"ok": False, "error": "reply too large", "code": "E2BIG"})
+            except (OSError, ProtocolError):
+                pass
         except OSError:
             pass
 
