@@ -216,6 +216,10 @@ class Client:
         self._async(Op.STREAM_CREATE, sid, priority & 0xFFFFFFFFFFFFFFFF)
         return sid
 
+    def stream_query(self, stream: int = 0) -> bool:
+        """True if the stream has no queued work (non-blocking)."""
+        return bool(self._sync(Op.STREAM_QUERY, stream)[0])
+
     def destroy_stream(self, stream: int) -> None:
         self._async(Op.STREAM_DESTROY, stream=stream)
 
@@ -247,11 +251,16 @@ class Client:
     def alloc_handle(self) -> int:
         return next(self._handles)
 
-    def malloc(self, nbytes: int, handle: int | None = None) -> int:
+    def malloc(self, nbytes: int, handle: int | None = None, sync: bool = False) -> int:
+        """Allocate device memory. Async by default (errors at the next sync, as CUDA's
+        stream-ordered allocator); sync=True raises OutOfMemory here instead."""
         if nbytes < 0:
             raise InvalidArgument(f"cannot allocate {nbytes} bytes")
         h = handle if handle is not None else next(self._handles)
-        self._async(Op.MALLOC, h, nbytes)
+        if sync:
+            self._sync(Op.MALLOC, h, nbytes)
+        else:
+            self._async(Op.MALLOC, h, nbytes)
         return h
 
     def free(self, handle: int) -> None:
@@ -340,6 +349,12 @@ class Client:
 
     def host_view(self, offset: int, nbytes: int) -> memoryview:
         return self.seg.arena_view(offset, nbytes)
+
+    def host_addr(self, offset: int) -> int:
+        """The host virtual address of an arena offset (valid while this client lives)."""
+        import ctypes
+
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.seg.arena_view(offset, 1)))
 
     def memcpy_h2d_host(self, handle: int, offset: int, host_off: int, nbytes: int, stream: int = 0,
                         sync: bool = True) -> None:
