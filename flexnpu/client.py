@@ -21,6 +21,7 @@ import os
 import socket
 import struct
 import threading
+import weakref
 from typing import Any
 
 from . import protocol as P
@@ -34,6 +35,8 @@ __all__ = ["Client", "get_client", "TensorRef", "FlexNPUError", "DaemonLost"]
 MAILBOX = 64 << 10
 DIRECT_COPY_MIN = 256 << 10       # H2D chunks at least this big skip the extra copy (sync, deferred)
 RECLAIM_MARGIN = 2 * P.MAX_DRAIN_BATCH
+_SQE_PACK = P.SQE.pack
+_ZEROS = [(0,) * (5 - i) for i in range(6)]
 
 
 def _env_int(name: str, default: int) -> int:
@@ -103,6 +106,8 @@ class Client:
         self.daemon_pid = int(reply.get("daemon_pid", 0))
         self.seg.set_peer(fd=self.sock.fileno(), pid=self.daemon_pid or None)
         self._pid = os.getpid()
+        self._forked = False
+        _all_clients.add(self)
         self._ud = itertools.count(1)
         self._handles = itertools.count(1)
         self._streams = itertools.count(1)
@@ -119,10 +124,10 @@ class Client:
                           f"device state of this process is gone ({e})")
 
     def _check(self) -> None:
-        if self._closed:
+        if self._closed or self._forked:
+            if self._forked:
+                raise FlexNPUError("a FlexNPU client cannot be used across fork(); call get_client() in the child")
             raise FlexNPUError("this FlexNPU client is closed")
-        if os.getpid() != self._pid:
-            raise FlexNPUError("a FlexNPU client cannot be used across fork(); call get_client() in the child")
 
     def _push(self, rec: bytes) -> None:
         """Submit one async record. Caller holds the lock."""
@@ -140,8 +145,7 @@ class Client:
         with self._lock:
             self._check()
             ud = next(self._ud)
-            rec = pack_sqe(op, *args, stream=stream, user_data=ud, flags=flags | FLAG_SYNC,
-                           payload_off=payload[0], payload_len=payload[1])
+            rec = _SQE_PACK(op, flags | FLAG_SYNC, stream, ud, payload[0], payload[1], *(args + _ZEROS[len(args)]))
             try:
                 reply = ring_call(self.seg.sq, self.seg.cq, rec, None)
             except (PeerDead, PeerClosed) as e:
@@ -184,7 +188,7 @@ class Client:
         with self._lock:
             self._check()
             if payload is None:
-                self._push(pack_sqe(op, *args, stream=stream))
+                self._push(_SQE_PACK(op, 0, stream, 0, 0, 0, *(args + _ZEROS[len(args)])))
             else:
                 off = self._stage(payload, len(payload))
                 self._push(pack_sqe(op, *args, stream=stream, payload_off=off, payload_len=len(payload)))
@@ -444,6 +448,7 @@ class Client:
 
 
 _clients: dict[int, Client] = {}
+_all_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
 _clients_lock = threading.Lock()
 
 
@@ -463,6 +468,8 @@ def get_client(device_index: int = 0) -> Client:
 def _forget_after_fork() -> None:
     # The parent's segment and socket belong to the parent's attachment; the child attaches anew.
     _clients.clear()
+    for c in list(_all_clients):
+        c._forked = True
 
 
 def _close_all() -> None:
