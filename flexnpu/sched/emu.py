@@ -146,7 +146,8 @@ class EmuDevice:
 
     def clone(self) -> "EmuDevice":
         import copy
-        return copy.deepcopy(self)
+        # the cost model (with its lock) is shared: a probe only reads it
+        return copy.deepcopy(self, memo={id(self.model): self.model, id(self.spec): self.spec})
 
     @property
     def idle(self) -> bool:
