@@ -150,6 +150,23 @@ class Ring:
             self._raise(rc, "push_batch")
         return rc
 
+    def wait_space(self, timeout: float | None) -> bool:
+        """Producer: until at least one slot is free (spin, then futex). True = space, False =
+        timeout. Raises PeerDead / PeerClosed / RingCorrupt."""
+        self._check_role(True, "wait_space")
+        if self._r is _BAD:
+            raise self._closed_error("wait_space")
+        end = None if timeout is None else _monotonic() + max(0.0, timeout)
+        while True:
+            left = -1.0 if end is None else max(0.0, end - _monotonic())
+            rc = lib.fx_wait_space(self._r, left)
+            if rc == _READY:
+                return True
+            if rc == _TIMEOUT:
+                return False
+            if rc != _EINTR:
+                self._raise(rc, "wait_space")
+
     def push_wait(self, rec: bytes, timeout: float | None) -> None:
         """Push, waiting for space (spin, then futex). Raises TimeoutError, PeerDead, PeerClosed."""
         n = len(rec)
