@@ -560,6 +560,7 @@ static inline void put_slot(fx_ring *r, uint32_t idx, const char *rec, uint32_t 
 }
 
 int fx_push(fx_ring *r, const char *rec, uint32_t len) {
+    if (!r->producer) return FX_EROLE;
     if (len > r->esz) len = r->esz;   /* Python checks; defensive */
     int64_t sp = prod_space(r, 1);
     if (sp < 0) return (int)sp;
@@ -572,6 +573,7 @@ int fx_push(fx_ring *r, const char *rec, uint32_t len) {
 }
 
 int64_t fx_push_batch(fx_ring *r, const char *buf, uint32_t n) {
+    if (!r->producer) return FX_EROLE;
     int64_t sp = prod_space(r, n);
     if (sp < 0) return sp;
     uint32_t k = n < sp ? n : (uint32_t)sp;
@@ -587,6 +589,7 @@ int64_t fx_push_batch(fx_ring *r, const char *buf, uint32_t n) {
 }
 
 int fx_pop(fx_ring *r, char *out) {
+    if (r->producer) return FX_EROLE;
     int64_t n = cons_avail(r, 0);
     if (n <= 0) return (int)n;
     memcpy(out, r->slots + (size_t)(r->local & r->mask) * r->esz, r->esz);
@@ -597,6 +600,7 @@ int fx_pop(fx_ring *r, char *out) {
 }
 
 int64_t fx_pop_batch(fx_ring *r, char *out, uint32_t max_n) {
+    if (r->producer) return FX_EROLE;
     int64_t n = cons_avail(r, 1);
     if (n <= 0) return n;
     uint32_t k = max_n < n ? max_n : (uint32_t)n;
@@ -668,12 +672,12 @@ static int wait_generic(fx_ring *r, int consumer, double timeout) {
 }
 
 int fx_wait(fx_ring *r, double timeout) {
-    if (r->producer) return FX_ECORRUPT;
+    if (r->producer) return FX_EROLE;
     return wait_generic(r, 1, timeout);
 }
 
 int fx_wait_space(fx_ring *r, double timeout) {
-    if (!r->producer) return FX_ECORRUPT;
+    if (!r->producer) return FX_EROLE;
     int64_t sp = prod_space(r, 1);
     if (sp) return sp > 0 ? FX_READY : (int)sp;
     return wait_generic(r, 0, timeout);
@@ -686,7 +690,7 @@ static double left_s(int64_t t0, double timeout) {
 }
 
 int fx_push_wait(fx_ring *r, const char *rec, uint32_t len, double timeout) {
-    if (!r->producer) return FX_ECORRUPT;
+    if (!r->producer) return FX_EROLE;
     int64_t t0 = now_ns();
     for (;;) {
         int rc = fx_push(r, rec, len);
@@ -698,7 +702,7 @@ int fx_push_wait(fx_ring *r, const char *rec, uint32_t len, double timeout) {
 
 int fx_call(fx_ring *sq, fx_ring *cq, const char *rec, uint32_t len, char *out,
             double timeout) {
-    if (!sq->producer || cq->producer) return FX_ECORRUPT;
+    if (!sq->producer || cq->producer) return FX_EROLE;
     int64_t t0 = now_ns();
     int rc = fx_push_wait(sq, rec, len, timeout);
     if (rc != FX_READY) return rc;
@@ -744,7 +748,7 @@ static int any_ready(fx_ring **rings, uint32_t n, fx_doorbell *d) {
 }
 
 int fx_wait_any(fx_ring **rings, uint32_t n, double timeout, fx_doorbell *d, int force_fallback) {
-    for (uint32_t i = 0; i < n; i++) if (rings[i]->producer) return FX_ECORRUPT;
+    for (uint32_t i = 0; i < n; i++) if (rings[i]->producer) return FX_EROLE;
     int64_t t0 = now_ns();
     int64_t deadline = timeout < 0 ? INT64_MAX : t0 + (int64_t)(timeout * 1e9);
     if (any_ready(rings, n, d)) return FX_READY;

@@ -65,6 +65,7 @@ typedef struct fx_doorbell fx_doorbell;
 #define FX_ECORRUPT -3
 #define FX_EINTR -4
 #define FX_EFULL -5
+#define FX_EROLE -6
 
 uint32_t fx_layout_version(void);
 size_t fx_segment_size(uint32_t sq_entries, uint32_t cq_entries, uint32_t sqe_size,

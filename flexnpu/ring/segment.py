@@ -83,6 +83,9 @@ class Ring:
 
     # ---- errors (cold paths)
     def _raise(self, rc: int, what: str) -> None:
+        if rc == lib.FX_EROLE:
+            role = "producer" if self.is_producer else "consumer"
+            raise RingError(f"{what} is not allowed: this process is the {role} of the {self.name} ring")
         if rc == _ECORRUPT:
             if self._r is _BAD:
                 raise RingError(f"{what} on a closed segment")
@@ -91,7 +94,7 @@ class Ring:
             raise RingCorrupt(
                 f"{self.name} ring corrupt: shared head={snap[2]} tail={snap[3]} (our index "
                 f"{snap[0]}, last peer index {snap[1]}), tail-head exceeds capacity "
-                f"{self.capacity} or wrong role for {what}; the peer scribbled on the ring")
+                f"{self.capacity} ({what}); the peer scribbled on the ring, refusing to follow it")
         if rc == _EPEERDEAD:
             raise PeerDead(f"peer died while waiting on the {self.name} ring ({what})")
         if rc == _ECLOSED:
@@ -271,7 +274,7 @@ def _call_cffi(sq: Ring, cq: Ring, rec: bytes, timeout: float | None) -> bytes:
             if out is not None:
                 return out
         raise TimeoutError(f"no completion within {timeout} s")
-    if rc == _ECORRUPT and not (sq.is_producer and not cq.is_producer):
+    if rc == lib.FX_EROLE:
         raise RingError("call() needs the sq producer side and the cq consumer side")
     (cq if rc != _ECORRUPT else sq)._raise(rc, "call")
     raise AssertionError("unreachable")
