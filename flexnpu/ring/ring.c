@@ -193,7 +193,7 @@ static void ring_init(fx_seg *s, struct fx_ring *r, uint64_t off, uint32_t entri
         r->cached = atomic_load_explicit(r->head, memory_order_acquire);
     } else {
         r->local = atomic_load_explicit(r->head, memory_order_acquire);
-        r->cached = atomic_load_explicit(r->tail, memory_order_acquire);
+        r->cached = r->local;   /* "empty": the first pop loads and validates the tail */
     }
 }
 
@@ -525,10 +525,11 @@ void fx_ring_snapshot(fx_ring *r, uint32_t *o) {
 static inline int64_t cons_avail(fx_ring *r, int refresh) {
     uint32_t n = r->cached - r->local;
     if (n == 0 || refresh) {
-        r->cached = atomic_load_explicit(r->tail, FX_ACQ);
-        n = r->cached - r->local;
+        uint32_t t = atomic_load_explicit(r->tail, FX_ACQ);
+        n = t - r->local;
+        if (n > r->cap) return FX_ECORRUPT;   /* never follow (nor cache) a scribbled tail */
+        r->cached = t;
     }
-    if (n > r->cap) return FX_ECORRUPT;   /* never follow a scribbled tail */
     return n;
 }
 
@@ -536,11 +537,12 @@ static inline int64_t cons_avail(fx_ring *r, int refresh) {
  * head: its copy-out of the slots finished before we overwrite them. */
 static inline int64_t prod_space(fx_ring *r, uint32_t want) {
     uint32_t used = r->local - r->cached;
-    if (used > r->cap) return FX_ECORRUPT;
+    if (used > r->cap) return FX_ECORRUPT;   /* only possible from a bad index seen at attach */
     if (r->cap - used < want) {
-        r->cached = atomic_load_explicit(r->head, memory_order_acquire);
-        used = r->local - r->cached;
-        if (used > r->cap) return FX_ECORRUPT;
+        uint32_t h = atomic_load_explicit(r->head, memory_order_acquire);
+        used = r->local - h;
+        if (used > r->cap) return FX_ECORRUPT;   /* never follow (nor cache) a scribbled head */
+        r->cached = h;
     }
     return r->cap - used;
 }
