@@ -20,7 +20,7 @@ from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MSG = 32
-WAKE_PAUSE_NS = 300_000
+WAKE_PAUSE_NS = 100_000  # > 3x the echo's 30 us spin window
 
 
 def _log(msg: str) -> None:
@@ -248,6 +248,7 @@ def bench_flexnpu(n: int, count: int, batched: int, n_wake: int, idle_s: float,
     #    every call finds it asleep in the futex. The client busy-waits the pause (it stays
     #    awake, like the pipe/socket clients, so only the consumer's wake-up is measured).
     lat_w = []
+    wakes0 = sq.wakes
     pc = time.perf_counter_ns
     for _ in range(n_wake):
         t_end = pc() + WAKE_PAUSE_NS
@@ -256,6 +257,7 @@ def bench_flexnpu(n: int, count: int, batched: int, n_wake: int, idle_s: float,
         t0n = pc()
         call(sq, cq, msg, 10.0)
         lat_w.append(pc() - t0n)
+    wakes_per_call = (sq.wakes - wakes0) / max(1, n_wake)  # 1.0 = the echo slept every time
     call(sq, cq, _stop(0), 10.0)
     # 5. idle consumer CPU past its spin window
     proc = psutil.Process(p.pid)
@@ -270,6 +272,7 @@ def bench_flexnpu(n: int, count: int, batched: int, n_wake: int, idle_s: float,
     out.append({"name": "flexnpu-batched", "rtt_p50_us": None, "rtt_p99_us": None,
                 "msgs_per_s": tp_batched, "batch": B})
     out.append(_summary("flexnpu-wake", lat_w, None, idle_consumer_cpu_pct=idle_pct,
+                        futex_wakes_per_call=wakes_per_call,
                         pause_between_calls_us=WAKE_PAUSE_NS / 1e3))
     return out
 

@@ -70,6 +70,7 @@ struct fx_ring {
     uint32_t cached;     /* last value seen of the peer's index */
     int producer;
     fx_seg *seg;
+    uint64_t wakes;      /* FUTEX_WAKE calls this side issued (process-local statistic) */
 };
 
 struct blk { uint64_t off, len; };
@@ -134,11 +135,13 @@ static void futex_wake_shared(au32 *w) {
 /* Called by the side that just published (tail for a producer, head for a
  * consumer). Pairs with announce_and_recheck(): both do store; seq_cst fence;
  * load, so at least one of them sees the other's store (no lost wake-up). */
-static inline void wake_if_sleeping(au32 *sleep_word) {
+static inline void wake_if_sleeping(struct fx_ring *r, au32 *sleep_word) {
     atomic_thread_fence(memory_order_seq_cst);
     if (atomic_load_explicit(sleep_word, memory_order_relaxed) &&
-        atomic_exchange_explicit(sleep_word, 0, memory_order_relaxed))
+        atomic_exchange_explicit(sleep_word, 0, memory_order_relaxed)) {
         futex_wake_shared(sleep_word);
+        r->wakes++;
+    }
 }
 
 /* ---------------------------------------------------------------- layout */
@@ -513,6 +516,7 @@ uint32_t fx_arena_nfree_blocks(fx_seg *s) { return s->nfr; }
 uint32_t fx_ring_entry_size(fx_ring *r) { return r->esz; }
 uint32_t fx_ring_capacity(fx_ring *r) { return r->cap; }
 int fx_ring_is_producer(fx_ring *r) { return r->producer; }
+uint64_t fx_ring_wakes(fx_ring *r) { return r->wakes; }
 void fx_ring_snapshot(fx_ring *r, uint32_t *o) {
     o[0] = r->local; o[1] = r->cached;
     o[2] = atomic_load_explicit(r->head, memory_order_relaxed);
@@ -570,7 +574,7 @@ int fx_push(fx_ring *r, const char *rec, uint32_t len) {
     put_slot(r, r->local, rec, len);
     r->local++;
     atomic_store_explicit(r->tail, r->local, FX_REL);
-    wake_if_sleeping(r->cons_sleep);
+    wake_if_sleeping(r, r->cons_sleep);
     return 1;
 }
 
@@ -586,7 +590,7 @@ int64_t fx_push_batch(fx_ring *r, const char *buf, uint32_t n) {
     if (k > first) memcpy(r->slots, buf + (size_t)first * r->esz, (size_t)(k - first) * r->esz);
     r->local += k;
     atomic_store_explicit(r->tail, r->local, FX_REL);   /* ONE tail store */
-    wake_if_sleeping(r->cons_sleep);
+    wake_if_sleeping(r, r->cons_sleep);
     return k;
 }
 
@@ -597,7 +601,7 @@ int fx_pop(fx_ring *r, char *out) {
     memcpy(out, r->slots + (size_t)(r->local & r->mask) * r->esz, r->esz);
     r->local++;
     atomic_store_explicit(r->head, r->local, memory_order_release);
-    wake_if_sleeping(r->prod_sleep);
+    wake_if_sleeping(r, r->prod_sleep);
     return 1;
 }
 
@@ -613,7 +617,7 @@ int64_t fx_pop_batch(fx_ring *r, char *out, uint32_t max_n) {
     if (k > first) memcpy(out + (size_t)first * r->esz, r->slots, (size_t)(k - first) * r->esz);
     r->local += k;
     atomic_store_explicit(r->head, r->local, memory_order_release);
-    wake_if_sleeping(r->prod_sleep);
+    wake_if_sleeping(r, r->prod_sleep);
     return k;
 }
 

@@ -110,6 +110,11 @@ class Ring:
             raise RingError(f"{what} is not allowed: this process is the {role} of the {self.name} ring")
 
     # ---- both
+    @property
+    def wakes(self) -> int:
+        """How many futex wakes this side issued (the peer was asleep): a statistic."""
+        return 0 if self._r is _BAD else lib.fx_ring_wakes(self._r)
+
     def __len__(self) -> int:
         if self._r is _BAD:
             return 0
