@@ -331,7 +331,8 @@ class PolicyScheduler:
         for (cid, sid), q in list(self.queues.items()):
             pair = self.streams.get((cid, sid))
             waiting = len(pair[1].queue) if pair else 0
-            streams.append({"client_id": cid, "stream": sid, "phase": q.phase.value,
+            phase = _phase(pair[1].phase) if pair else q.phase
+            streams.append({"client_id": cid, "stream": sid, "phase": phase.value,
                             "effective_phase": q.effective_phase(ridge).value, "priority": q.priority,
                             "queued": len(q.ops) + waiting, "inflight": self.inflight.get((cid, sid), 0),
                             "steps": q.steps,
