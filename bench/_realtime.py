@@ -59,12 +59,17 @@ class Daemon:
                                       "--backend", backend, "--policy", policy, "--tpot-budget-ms", str(tpot_ms),
                                       "--runtime-dir", str(runtime_dir), "--log-level", "warning"],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.runtime_dir, self.device = runtime_dir, device
+
+    def wait_ready(self) -> "Daemon":
+        runtime_dir, device = self.runtime_dir, self.device
         deadline = time.monotonic() + 30
         while not self.sock.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"emulated daemon did not start: {(runtime_dir / f'daemon{device}.log').read_text()}")
             time.sleep(0.02)
+        return self
 
     def status(self) -> dict:
         from flexnpu.daemon.control import query
@@ -317,6 +322,8 @@ def run_system(system: str, model_name: str, spec_name: str, requests: list, cfg
                        kv_link=disagg)
             share = {} if disagg else {"keys": ctx.Queue(), "pid": ctx.Queue()}
             roles = [(pre, arr, dict(share, outbox=handoff)), (dec, [], dict(share, inbox=handoff))]
+        for d in daemons:
+            d.wait_ready()
         for role_cfg, a, qs in roles:
             p = ctx.Process(target=engine_main, args=(role_cfg, a, qs, results, ready, go), daemon=True)
             p.start()

@@ -192,7 +192,7 @@ def run_realtime(a, model_name, spec, t0) -> int:
             slo["ttft"] = slo["ttft_long"]
         rates = {"chat": [4.0], "long": [1.0]}.get(w, [1.0]) if a.quick else \
             {"chat": [3.0, 6.0], "long": [0.5, 1.0]}.get(w, [0.5, 1.0])
-        n_req = a.requests or (16 if a.quick else 40)
+        n_req = a.requests or (12 if a.quick else 40)
         for rate in rates:
             for system in ("static-coloc", "flexnpu", "static-disagg"):
                 reqs = generate(w, rate, n_req, a.seed)
