@@ -110,7 +110,8 @@ def summarize(runs, workload, scale=1.0):
                          "throughput_ratio": f["throughput_tok_s"] / c["throughput_tok_s"]})
     tf, tc, td = (slo_throughput(list(d.values())) for d in (flex, col, dis))
     kind = WORKLOADS[workload].kind
-    return {"workload": workload, "kind": kind, "best_disagg_split": f"{best}:{wl[0]['devices'] - best}",
+    rb = next(iter(dis.values()))
+    return {"workload": workload, "kind": kind, "best_disagg_split": f"{rb['prefill_devices']}:{rb['decode_devices']}",
             "slo_throughput_tok_s": {"flexnpu": tf * scale, "static-coloc": tc * scale, "static-disagg": td * scale},
             "flex_vs_disagg_pct": (100 * (tf / td - 1)) if td else math.inf,
             "flex_vs_coloc_pct": (100 * (tf / tc - 1)) if tc else math.inf,
