@@ -7,8 +7,11 @@ accelerator (``"emulated": true``); no accelerator is used. The static-disagg ba
 at every prefill:decode split of the device group and its best split per workload (highest
 throughput at >= 90% SLO attainment) is the one compared; all splits appear in --json.
 
-A real-time mode (engines running through FlexNPU daemons with the `emu:<spec>` backend) will
-plug in through flexnpu.sched.sim's engine/device seam once the daemon lands.
+--realtime: the same comparison with engines as real client processes on real FlexNPU daemons
+with the emulated backend (`--backend emu:910b`): kernels take the cost model's time in real
+time, scheduling is the daemon's policy (bench/_realtime.py). Figures are labelled emulated
+("mode": "realtime", "emulated": true). static-coloc and flexnpu use one emulated device,
+static-disagg two (prefill device + decode device); throughput per device is reported as well.
 """
 from __future__ import annotations
 
@@ -39,6 +42,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="flexnpu bench serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--simulate", action="store_true", help="cluster study (DeepSeek-R1, 910C, 16-384 devices)")
+    p.add_argument("--realtime", action="store_true",
+                   help="engines as real processes on real daemons with the emulated backend (emu:910b)")
+    p.add_argument("--groups", type=int, default=4,
+                   help="--realtime: layer groups per iteration (one projection mm + attention per group)")
     p.add_argument("--quick", action="store_true", help="fewer requests and rates (< 60 s)")
     p.add_argument("--json", action="store_true", help="print {'runs': [...], 'summary': [...]} as JSON")
     p.add_argument("--plot", metavar="PNG", help="write TTFT/TPOT p50 vs request rate to this PNG")
@@ -167,9 +174,68 @@ def plot(runs, path):
     fig.savefig(path, dpi=110)
 
 
+def run_realtime(a, model_name, spec, t0) -> int:
+    from bench._realtime import run_system
+    from flexnpu.sched.models import MODELS
+
+    wls = (a.workloads or ("chat" if a.quick else "chat,long")).split(",")
+    for w in wls:
+        if w not in WORKLOADS:
+            print(f"flexnpu bench serve: unknown workload {w!r}; choose from {', '.join(WORKLOADS)}", file=sys.stderr)
+            return 2
+    model = MODELS[model_name]
+    kv_tokens = min(model.kv_capacity_tokens(spec.mem_bytes) // 2, 200_000)
+    cfg = SimConfig(max_batched_tokens=a.max_batched_tokens)
+    runs = []
+    for w in wls:
+        slo = dict(SLO[model_name])
+        if WORKLOADS[w].kind == "prefill-heavy":
+            slo["ttft"] = slo["ttft_long"]
+        rates = {"chat": [4.0], "long": [1.0]}.get(w, [1.0]) if a.quick else \
+            {"chat": [3.0, 6.0], "long": [0.5, 1.0]}.get(w, [0.5, 1.0])
+        n_req = a.requests or (12 if a.quick else 40)
+        for rate in rates:
+            for system in ("static-coloc", "flexnpu", "static-disagg"):
+                reqs = generate(w, rate, n_req, a.seed)
+                t1 = time.perf_counter()
+                m = run_system(system, model_name, spec.name, reqs, cfg, slo, a.groups, kv_tokens,
+                               deadline_s=120.0)
+                devices = 2 if system == "static-disagg" else 1
+                m.update({"workload": w, "rate": rate, "model": model_name, "device": spec.name,
+                          "devices": devices, "requests": n_req, "mode": "realtime", "emulated": True,
+                          "throughput_per_device_tok_s": m["throughput_tok_s"] / devices,
+                          "wall_s": round(time.perf_counter() - t1, 2)})
+                runs.append(m)
+    if a.json:
+        print(json.dumps({"runs": runs, "mode": "realtime", "emulated": True,
+                          "wall_s": round(time.perf_counter() - t0, 1)}, indent=1))
+        return 0
+    print(f"flexnpu bench serve --realtime: {model_name} on emulated {spec.name} (emu:{spec.name} daemons, "
+          f"real client processes), {a.groups} layer groups [EMULATED: real time, cost-model kernels]")
+    print(f"{'system':<14}{'dev':>4}{'rate':>6}{'tok/s':>9}{'tok/s/dev':>10}{'TTFT p50':>10}{'TTFT p99':>10}"
+          f"{'TPOT p50':>10}{'TPOT p99':>10}{'SLO':>6}")
+    for r in runs:
+        print(f"{r['system']:<14}{r['devices']:>4}{r['rate']:>6.1f}{r['throughput_tok_s']:>9.0f}"
+              f"{r['throughput_per_device_tok_s']:>10.0f}{r['ttft_p50_ms']:>10.1f}{r['ttft_p99_ms']:>10.1f}"
+              f"{r['tpot_p50_ms']:>10.1f}{r['tpot_p99_ms']:>10.1f}{r['slo_attainment']:>6.2f}  ({r['workload']})")
+        if "kv_handoff" in r:
+            k = r["kv_handoff"]
+            print(f"{'':14}KV hand-off zero-copy: {k['zero_copy']} (pool {k['kv_pool_bytes'] / 2**30:.1f} GiB charged "
+                  f"once; importer's own allocations {k['importer_allocated_bytes'] / 2**20:.0f} MiB)")
+    print(f"\n({time.perf_counter() - t0:.1f} s wall)")
+    return 0
+
+
 def main(argv=None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
+    if a.realtime:
+        try:
+            spec = get_spec(a.spec or "910b")
+        except ValueError as e:
+            print(f"flexnpu bench serve: {e}", file=sys.stderr)
+            return 2
+        return run_realtime(a, a.model or "qwen2.5-7b", spec, t0)
     model = a.model or ("deepseek-r1" if a.simulate else "qwen2.5-7b")
     try:
         spec = get_spec(a.spec or ("910c" if a.simulate else "910b"))

@@ -20,7 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=os.environ.get("FLEXNPU_BACKEND", "auto"),
                    help="auto|cpu|cuda|npu|emu:<spec>[+cpu] (auto: npu if torch_npu finds one, else cuda, else cpu)")
     p.add_argument("--policy", default=os.environ.get("FLEXNPU_POLICY", "fifo"),
-                   help="scheduling policy: fifo|priority|flex (default fifo)")
+                   choices=("fifo", "priority", "flex"),
+                   help="scheduling policy (default fifo): fifo = arrival order (passthrough); priority = "
+                        "strict stream priority; flex = prefill/decode co-location: decode streams keep "
+                        "their time-per-token budget, prefill fills the rest (docs/scheduling.md)")
+    p.add_argument("--tpot-budget-ms", type=float, default=float(os.environ.get("FLEXNPU_TPOT_BUDGET_MS", 50)),
+                   help="flex policy: decode iteration budget in ms (default 50)")
     p.add_argument("--memory-limit", default=os.environ.get("FLEXNPU_MEMORY_LIMIT"),
                    help="default device memory limit per client, e.g. 8GiB (default: none)")
     p.add_argument("--memory-limit-max", default=os.environ.get("FLEXNPU_MEMORY_LIMIT_MAX"),
@@ -80,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
             runtime_dir=Path(args.runtime_dir) if args.runtime_dir else None,
             policy=args.policy, memory_limit=parse_bytes(args.memory_limit),
             memory_limit_max=parse_bytes(args.memory_limit_max), allow_uids=_allowed(args.allow_uid),
-            socket_mode=int(str(args.socket_mode), 8), notify=notify)
+            socket_mode=int(str(args.socket_mode), 8), notify=notify,
+            tpot_budget_s=args.tpot_budget_ms / 1e3)
         d.bind()
     except (RuntimeError, ValueError, OSError) as e:
         print(f"flexnpu daemon: {e}", file=sys.stderr)

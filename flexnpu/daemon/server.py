@@ -49,14 +49,15 @@ class Daemon:
     def __init__(self, device: int, backend: Any, *, runtime_dir: Path | None = None,
                  policy: str = "fifo", memory_limit: int | None = None,
                  memory_limit_max: int | None = None, allow_uids: set[int] | None = None,
-                 socket_mode: int = 0o660, batch: int = P.MAX_DRAIN_BATCH, notify: Any = None) -> None:
+                 socket_mode: int = 0o660, batch: int = P.MAX_DRAIN_BATCH, notify: Any = None,
+                 tpot_budget_s: float | None = None) -> None:
         self.device = device
         self.backend = backend
         self.backend_info = backend.info()
         self.log = log
         self.batch = batch
         self.policy_name = policy
-        self.scheduler = make_scheduler(policy, self)
+        self.scheduler = make_scheduler(policy, self, tpot_budget_s)
         self.inline = getattr(self.scheduler, "inline", False)
         self.memory_limit = memory_limit
         self.memory_limit_max = memory_limit_max
@@ -253,8 +254,16 @@ class Daemon:
             "uptime_s": round(time.time() - self.started_at, 3), "policy": self.policy_name,
             "socket": str(self.path), "version": __version__, "layout_version": P.LAYOUT_VERSION,
             "memory_limit_default": self.memory_limit, "ops_total": sum(c["ops_total"] for c in clients),
-            "clients": clients,
+            "clients": clients, "scheduler": self._scheduler_status(),
         }
+
+    def _scheduler_status(self) -> dict[str, Any]:
+        for _ in range(5):   # the main thread mutates the queues; retry a torn snapshot
+            try:
+                return self.scheduler.status()
+            except RuntimeError:
+                continue
+        return {"policy": self.policy_name}
 
     # ================================================================== control thread
     def _control_loop(self) -> None:

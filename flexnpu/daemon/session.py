@@ -68,6 +68,7 @@ class Session:
         self.error: tuple[int, str] | None = None      # async error not tied to a stream
         self.waiters: list[tuple[Callable[[], bool], Callable[[], None]]] = []
         self.pending_replies: list[bytes] = []
+        self.held: list[tuple] | None = None   # replies kept until an emulated kernel completes
         self.ops_total = 0
         self.ops_rate = 0.0
         self._rate_mark = (time.monotonic(), 0)
@@ -84,6 +85,9 @@ class Session:
         return sum(len(s.queue) for s in self.streams.values())
 
     def reply(self, user_data: int, status: int = 0, value: int = 0, aux: int = 0, msg: str = "") -> None:
+        if self.held is not None:
+            self.held.append((user_data, status, value, aux, msg))
+            return
         n = 0
         if msg:
             off, cap = self.mailbox
@@ -268,7 +272,7 @@ def _p_device_info(s, st, ud, sync, poff, plen, a, flags):
 
 
 def _all_idle(s: Session) -> bool:
-    return all(not q.queue for q in s.streams.values())
+    return all(not q.queue for q in s.streams.values()) and not s.daemon.scheduler.busy(s)
 
 
 def _p_device_sync(s, st, ud, sync, poff, plen, a, flags):
