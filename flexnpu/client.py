@@ -1,0 +1,462 @@
+"""The client library: attach to a device's daemon and use the virtual device runtime.
+
+    from flexnpu.client import get_client
+    c = get_client(0)
+    h = c.malloc(1024)
+    c.memcpy_h2d(h, 0, b"\\x01" * 1024)
+    data = c.memcpy_d2h(h, 0, 1024)
+
+Asynchronous calls (malloc, free, copies into the device, launches) return as soon as their
+request is in the ring; their errors surface at the next synchronization of the stream, as in
+CUDA and AscendCL. Synchronous calls wait for their reply in C with the GIL released.
+The torch `npu` device and the `acl` module are built on this API.
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import itertools
+import json
+import os
+import socket
+import struct
+import threading
+from typing import Any
+
+from . import protocol as P
+from .errors import AttachError, DaemonLost, FlexNPUError, InvalidArgument, error_for
+from .paths import socket_path
+from .protocol import FLAG_DEFERRED, FLAG_SYNC, Op, TensorRef, pack_sqe
+from .ring import PeerClosed, PeerDead, RingError, Segment, call as ring_call
+
+__all__ = ["Client", "get_client", "TensorRef", "FlexNPUError", "DaemonLost"]
+
+MAILBOX = 64 << 10
+DIRECT_COPY_MIN = 256 << 10       # H2D chunks at least this big skip the extra copy (sync, deferred)
+RECLAIM_MARGIN = 2 * P.MAX_DRAIN_BATCH
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    if not v:
+        return default
+    from .units import parse_bytes
+
+    return int(parse_bytes(v) or default)
+
+
+class Client:
+    """One attachment of this process to one device's daemon. Thread-safe."""
+
+    def __init__(self, device_index: int = 0, *, path: str | None = None, phase: str | None = None,
+                 memory_limit: int | None = None, arena_bytes: int | None = None,
+                 sq_entries: int = 4096, cq_entries: int = 256, connect_timeout: float = 5.0) -> None:
+        self.device_index = device_index
+        self.path = str(path or socket_path(device_index))
+        self._lock = threading.RLock()
+        self._closed = False
+        arena = arena_bytes or _env_int("FLEXNPU_ARENA", 64 << 20)
+        self.seg = Segment.create(sq_entries=sq_entries, cq_entries=cq_entries,
+                                  sqe_size=P.SQE_SIZE, cqe_size=P.CQE_SIZE, arena_bytes=arena)
+        self._mbox = self.seg.alloc(MAILBOX)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(connect_timeout)
+        try:
+            self.sock.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            self.seg.close()
+            self.sock.close()
+            raise AttachError(f"no FlexNPU daemon serves device {device_index} (nothing listening at "
+                              f"{self.path}: {e.strerror}). Start one with `flexnpu daemon --device "
+                              f"{device_index}`, or run the program under `flexnpu run`, which starts "
+                              f"one when needed.") from None
+        except PermissionError:
+            self.seg.close()
+            self.sock.close()
+            raise AttachError(f"permission denied opening {self.path}: ask the administrator to add "
+                              f"your uid to the daemon's --allow-uid list or its socket group") from None
+        from .daemon.control import recv_msg, send_msg
+
+        phase = phase or os.environ.get("FLEXNPU_PHASE", "auto")
+        if memory_limit is None and os.environ.get("FLEXNPU_CLIENT_MEMORY_LIMIT"):
+            memory_limit = _env_int("FLEXNPU_CLIENT_MEMORY_LIMIT", 0) or None
+        try:
+            send_msg(self.sock, {"op": "attach", "layout_version": P.LAYOUT_VERSION,
+                                 "mailbox": [self._mbox, MAILBOX], "phase": phase,
+                                 "memory_limit": memory_limit}, [self.seg.fd])
+            reply, fds = recv_msg(self.sock)
+        except (OSError, ValueError) as e:
+            self.seg.close()
+            self.sock.close()
+            raise AttachError(f"attach to the daemon at {self.path} failed: {e}") from None
+        for fd in fds:
+            os.close(fd)
+        if not reply.get("ok"):
+            self.seg.close()
+            self.sock.close()
+            raise AttachError(f"the daemon at {self.path} refused to attach this process: "
+                              f"{reply.get('error', 'no reason given')}")
+        self.sock.settimeout(None)
+        self.client_id = reply["client_id"]
+        self.info: dict[str, Any] = reply.get("info", {})
+        self.memory_limit = reply.get("memory_limit")
+        self.daemon_pid = int(reply.get("daemon_pid", 0))
+        self.seg.set_peer(fd=self.sock.fileno(), pid=self.daemon_pid or None)
+        self._pid = os.getpid()
+        self._ud = itertools.count(1)
+        self._handles = itertools.count(1)
+        self._streams = itertools.count(1)
+        self._events = itertools.count(1)
+        self._graphs = itertools.count(1)
+        self._pushed = 0
+        self._staged: collections.deque[tuple[int, int]] = collections.deque()   # (push seq, offset)
+        self.launches = 0
+
+    # ================================================================== transport
+    def _lost(self, e: BaseException) -> DaemonLost:
+        why = "stopped" if isinstance(e, PeerClosed) else "died or closed the connection"
+        return DaemonLost(f"the FlexNPU daemon for device {self.device_index} (pid {self.daemon_pid}) {why}; "
+                          f"device state of this process is gone ({e})")
+
+    def _check(self) -> None:
+        if self._closed:
+            raise FlexNPUError("this FlexNPU client is closed")
+        if os.getpid() != self._pid:
+            raise FlexNPUError("a FlexNPU client cannot be used across fork(); call get_client() in the child")
+
+    def _push(self, rec: bytes) -> None:
+        """Submit one async record. Caller holds the lock."""
+        sq = self.seg.sq
+        try:
+            if not sq.push(rec):
+                sq.push_wait(rec, None)
+        except (PeerDead, PeerClosed) as e:
+            raise self._lost(e) from None
+        self._pushed += 1
+
+    def _sync(self, op: Op, *args: int, stream: int = 0, payload: tuple[int, int] = (0, 0),
+              flags: int = 0) -> tuple[int, int, str]:
+        """One synchronous request: returns (value, aux, mailbox text) or raises its error."""
+        with self._lock:
+            self._check()
+            ud = next(self._ud)
+            rec = pack_sqe(op, *args, stream=stream, user_data=ud, flags=flags | FLAG_SYNC,
+                           payload_off=payload[0], payload_len=payload[1])
+            try:
+                reply = ring_call(self.seg.sq, self.seg.cq, rec, None)
+            except (PeerDead, PeerClosed) as e:
+                raise self._lost(e) from None
+            except RingError as e:
+                raise DaemonLost(f"completion ring from the daemon is corrupt: {e}") from None
+            self._pushed += 1
+            rud, status, mlen, value, aux = P.CQE.unpack(reply)
+            if rud != ud:
+                raise DaemonLost(f"protocol error: reply {rud} for request {ud}")
+            text = bytes(self.seg.arena_view(self._mbox, min(mlen, MAILBOX))).decode(errors="replace") if mlen else ""
+            # Everything submitted before this request has been prepared: staged payloads are free.
+            while self._staged:
+                self.seg.free(self._staged.popleft()[1])
+        if status:
+            raise error_for(status, text)
+        return value, aux, text
+
+    def _stage(self, data: Any, n: int) -> int:
+        """Copy n bytes into the arena for a request about to be pushed. Caller holds the lock."""
+        self._reclaim()
+        try:
+            off = self.seg.alloc(max(n, 1))
+        except MemoryError:
+            self._sync(Op.NOP)       # barrier: the daemon has copied every earlier payload
+            off = self.seg.alloc(max(n, 1))
+        if n:
+            self.seg.arena_view(off, n)[:] = data
+        self._staged.append((self._pushed, off))
+        return off
+
+    def _reclaim(self) -> None:
+        if not self._staged:
+            return
+        consumed = self._pushed - len(self.seg.sq)
+        while self._staged and self._staged[0][0] + RECLAIM_MARGIN < consumed:
+            self.seg.free(self._staged.popleft()[1])
+
+    def _async(self, op: Op, *args: int, stream: int = 0, payload: bytes | None = None) -> None:
+        with self._lock:
+            self._check()
+            if payload is None:
+                self._push(pack_sqe(op, *args, stream=stream))
+            else:
+                off = self._stage(payload, len(payload))
+                self._push(pack_sqe(op, *args, stream=stream, payload_off=off, payload_len=len(payload)))
+
+    # ================================================================== device
+    def device_info(self) -> dict[str, Any]:
+        return json.loads(self._sync(Op.DEVICE_INFO)[2])
+
+    def nop(self, sync: bool = True) -> None:
+        if sync:
+            self._sync(Op.NOP)
+        else:
+            self._async(Op.NOP)
+
+    def synchronize(self, stream: int | None = None) -> None:
+        if stream is None:
+            self._sync(Op.DEVICE_SYNC)
+        else:
+            self._sync(Op.STREAM_SYNC, stream=stream)
+
+    def set_phase(self, phase: str, stream: int | None = None) -> None:
+        if phase not in P.PHASES:
+            raise InvalidArgument(f"phase must be one of {P.PHASES}, not {phase!r}")
+        self._async(Op.SET_PHASE, P.PHASES.index(phase), stream or 0)
+
+    # ================================================================== streams and events
+    def create_stream(self, priority: int = 0) -> int:
+        sid = next(self._streams)
+        self._async(Op.STREAM_CREATE, sid, priority & 0xFFFFFFFFFFFFFFFF)
+        return sid
+
+    def destroy_stream(self, stream: int) -> None:
+        self._async(Op.STREAM_DESTROY, stream=stream)
+
+    def create_event(self) -> int:
+        eid = next(self._events)
+        self._async(Op.EVENT_CREATE, eid)
+        return eid
+
+    def destroy_event(self, event: int) -> None:
+        self._async(Op.EVENT_DESTROY, event)
+
+    def record_event(self, event: int, stream: int = 0) -> None:
+        self._async(Op.EVENT_RECORD, event, stream=stream)
+
+    def stream_wait_event(self, stream: int, event: int) -> None:
+        self._async(Op.STREAM_WAIT_EVENT, event, stream=stream)
+
+    def event_synchronize(self, event: int) -> None:
+        self._sync(Op.EVENT_SYNC, event)
+
+    def event_query(self, event: int) -> bool:
+        return bool(self._sync(Op.EVENT_QUERY, event)[0])
+
+    def event_elapsed_ms(self, start: int, end: int) -> float:
+        v = self._sync(Op.EVENT_ELAPSED, start, end)[0]
+        return struct.unpack("<d", struct.pack("<Q", v))[0]
+
+    # ================================================================== memory
+    def alloc_handle(self) -> int:
+        return next(self._handles)
+
+    def malloc(self, nbytes: int, handle: int | None = None) -> int:
+        if nbytes < 0:
+            raise InvalidArgument(f"cannot allocate {nbytes} bytes")
+        h = handle if handle is not None else next(self._handles)
+        self._async(Op.MALLOC, h, nbytes)
+        return h
+
+    def free(self, handle: int) -> None:
+        self._async(Op.FREE, handle)
+
+    def memset(self, handle: int, offset: int, value: int, nbytes: int, stream: int = 0) -> None:
+        self._async(Op.MEMSET, handle, offset, value & 0xFF, nbytes, stream=stream)
+
+    def _chunk(self) -> int:
+        return max(4096, min(self.seg.arena_size // 4, 8 << 20))
+
+    def memcpy_h2d(self, handle: int, offset: int, data: Any, stream: int = 0) -> None:
+        """Copy host bytes to the device. `data` is copied before return."""
+        mv = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+        total = len(mv)
+        chunk = self._chunk()
+        pos = 0
+        while pos < total or (total == 0 and pos == 0):
+            n = min(chunk, total - pos)
+            part = mv[pos:pos + n]
+            if n >= DIRECT_COPY_MIN:
+                with self._lock:
+                    if not self._try_alloc(n):
+                        self._sync(Op.NOP)   # frees staged payloads
+                    off = self.seg.alloc(n)
+                    try:
+                        self.seg.arena_view(off, n)[:] = part
+                        self._sync(Op.MEMCPY_H2D, handle, offset + pos, n, stream=stream,
+                                   payload=(off, n), flags=FLAG_DEFERRED)
+                    finally:
+                        self.seg.free(off)
+            else:
+                with self._lock:
+                    self._check()
+                    off = self._stage(part, n)
+                    self._push(pack_sqe(Op.MEMCPY_H2D, handle, offset + pos, n, stream=stream,
+                                        payload_off=off, payload_len=n))
+            pos += n
+            if total == 0:
+                break
+
+    def _try_alloc(self, n: int) -> bool:
+        self._reclaim()
+        return self.seg.arena_free_bytes >= n + 4096
+
+    def memcpy_d2h(self, handle: int, offset: int, nbytes: int, stream: int = 0) -> bytearray:
+        """Copy device bytes to a new host buffer (synchronous)."""
+        out = bytearray(nbytes)
+        self.memcpy_d2h_into(handle, offset, memoryview(out), stream)
+        return out
+
+    def memcpy_d2h_into(self, handle: int, offset: int, dst: Any, stream: int = 0) -> None:
+        mv = memoryview(dst).cast("B")
+        total = len(mv)
+        chunk = self._chunk()
+        pos = 0
+        while pos < total:
+            n = min(chunk, total - pos)
+            with self._lock:
+                if not self._try_alloc(n):
+                    self._sync(Op.NOP)
+                off = self.seg.alloc(n)
+                try:
+                    self._sync(Op.MEMCPY_D2H, handle, offset + pos, n, stream=stream, payload=(off, n),
+                               flags=FLAG_DEFERRED)
+                    mv[pos:pos + n] = self.seg.arena_view(off, n)
+                finally:
+                    self.seg.free(off)
+            pos += n
+        if total == 0:
+            self._sync(Op.STREAM_SYNC, stream=stream)
+
+    def memcpy_d2d(self, dst: int, dst_off: int, src: int, src_off: int, nbytes: int, stream: int = 0) -> None:
+        self._async(Op.MEMCPY_D2D, dst, dst_off, src, src_off, nbytes, stream=stream)
+
+    # -- host buffers in the shared arena (zero-copy host side, like aclrtMallocHost) ----------
+    def host_alloc(self, nbytes: int) -> int:
+        """Reserve a host buffer the daemon can read/write directly; returns its arena offset."""
+        with self._lock:
+            self._reclaim()
+            return self.seg.alloc(max(nbytes, 1))
+
+    def host_free(self, offset: int) -> None:
+        with self._lock:
+            self.seg.free(offset)
+
+    def host_view(self, offset: int, nbytes: int) -> memoryview:
+        return self.seg.arena_view(offset, nbytes)
+
+    def memcpy_h2d_host(self, handle: int, offset: int, host_off: int, nbytes: int, stream: int = 0,
+                        sync: bool = True) -> None:
+        """Device <- arena host buffer. Async: the buffer must stay untouched until the stream syncs."""
+        if sync:
+            self._sync(Op.MEMCPY_H2D, handle, offset, nbytes, stream=stream, payload=(host_off, nbytes),
+                       flags=FLAG_DEFERRED)
+        else:
+            with self._lock:
+                self._check()
+                self._push(pack_sqe(Op.MEMCPY_H2D, handle, offset, nbytes, stream=stream, flags=FLAG_DEFERRED,
+                                    payload_off=host_off, payload_len=nbytes))
+
+    def memcpy_d2h_host(self, handle: int, offset: int, host_off: int, nbytes: int, stream: int = 0,
+                        sync: bool = True) -> None:
+        """Arena host buffer <- device. Async: valid after the stream syncs."""
+        if sync:
+            self._sync(Op.MEMCPY_D2H, handle, offset, nbytes, stream=stream, payload=(host_off, nbytes),
+                       flags=FLAG_DEFERRED)
+        else:
+            with self._lock:
+                self._check()
+                self._push(pack_sqe(Op.MEMCPY_D2H, handle, offset, nbytes, stream=stream, flags=FLAG_DEFERRED,
+                                    payload_off=host_off, payload_len=nbytes))
+
+    def memory_stats(self) -> dict[str, Any]:
+        return json.loads(self._sync(Op.MEM_STATS)[2])
+
+    # ================================================================== IPC
+    def ipc_export(self, handle: int) -> int:
+        """Export an allocation; returns a key another process may import once allowed."""
+        return self._sync(Op.IPC_EXPORT, handle)[0]
+
+    def ipc_set_pids(self, key: int, pids: list[int]) -> None:
+        payload = struct.pack(f"<{len(pids)}I", *pids)
+        with self._lock:
+            off = self._stage(payload, len(payload))
+            self._sync(Op.IPC_SET_PIDS, key, payload=(off, len(payload)))
+
+    def ipc_import(self, key: int, handle: int | None = None) -> tuple[int, int]:
+        """Import exported memory (zero-copy): returns (handle, nbytes)."""
+        h = handle if handle is not None else next(self._handles)
+        nbytes = self._sync(Op.IPC_IMPORT, key, h)[0]
+        return h, nbytes
+
+    # ================================================================== operators and graphs
+    def launch(self, op: str, args: tuple, kwargs: dict, outputs: list[tuple[int, TensorRef]],
+               stream: int = 0) -> None:
+        payload = P.encode_launch(op, args, kwargs, outputs)
+        with self._lock:
+            self._check()
+            off = self._stage(payload, len(payload))
+            self._push(pack_sqe(Op.LAUNCH, stream=stream, payload_off=off, payload_len=len(payload)))
+            self.launches += 1
+
+    def graph_begin_capture(self, stream: int = 0) -> int:
+        gid = next(self._graphs)
+        self._async(Op.GRAPH_BEGIN, gid, stream=stream)
+        return gid
+
+    def graph_end_capture(self, graph: int, stream: int = 0) -> int:
+        """Ends capture; returns how many commands the graph holds (raises capture errors)."""
+        return self._sync(Op.GRAPH_END, graph, stream=stream)[0]
+
+    def graph_replay(self, graph: int, stream: int = 0) -> None:
+        self._async(Op.GRAPH_REPLAY, graph, stream=stream)
+
+    def graph_destroy(self, graph: int) -> None:
+        self._async(Op.GRAPH_DESTROY, graph)
+
+    # ================================================================== lifecycle
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self.sock.close()
+            finally:
+                self.seg.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+_clients: dict[int, Client] = {}
+_clients_lock = threading.Lock()
+
+
+def get_client(device_index: int = 0) -> Client:
+    """The process-wide client of a device (attached on first use)."""
+    c = _clients.get(device_index)
+    if c is not None and not c._closed:
+        return c
+    with _clients_lock:
+        c = _clients.get(device_index)
+        if c is None or c._closed:
+            c = Client(device_index)
+            _clients[device_index] = c
+        return c
+
+
+def _forget_after_fork() -> None:
+    # The parent's segment and socket belong to the parent's attachment; the child attaches anew.
+    _clients.clear()
+
+
+def _close_all() -> None:
+    for c in list(_clients.values()):
+        try:
+            c.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+atexit.register(_close_all)

@@ -1,0 +1,138 @@
+"""Virtual device objects: allocations, streams, events and graphs, behind per-client handles.
+
+A client never sees a pointer. It names objects by small integers in its own namespace; the
+daemon maps them to real objects in that client's tables only, so one client cannot reach
+another's memory except through an IPC import the owner allowed.
+"""
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidHandle
+
+MAX_HANDLE = (1 << 32) - 1
+
+
+class Alloc:
+    """One device allocation. `buf` is None while the launch that produces it is queued."""
+
+    __slots__ = ("nbytes", "buf", "owner", "tables", "failed", "__weakref__")
+
+    def __init__(self, nbytes: int, owner: "Any", buf: Any = None) -> None:
+        self.nbytes = nbytes
+        self.buf = buf
+        self.owner = owner          # the MemoryAccount charged for it
+        self.tables = 0             # how many client tables reference it
+        self.failed: str | None = None
+
+
+@dataclass
+class MemoryAccount:
+    """Device memory charged to one client."""
+
+    limit: int | None
+    used: int = 0
+    peak: int = 0
+
+    def charge(self, nbytes: int) -> bool:
+        if self.limit is not None and self.used + nbytes > self.limit:
+            return False
+        self.used += nbytes
+        if self.used > self.peak:
+            self.peak = self.used
+        return True
+
+    def uncharge(self, nbytes: int) -> None:
+        self.used = max(0, self.used - nbytes)
+
+
+class HandleTable:
+    """handle -> Alloc for one client; tracks references so shared allocations are uncharged
+    from their owner only when the last table lets go."""
+
+    def __init__(self) -> None:
+        self._h: dict[int, Alloc] = {}
+
+    def __len__(self) -> int:
+        return len(self._h)
+
+    def __contains__(self, h: int) -> bool:
+        return h in self._h
+
+    def add(self, h: int, alloc: Alloc) -> None:
+        if not 0 < h <= MAX_HANDLE:
+            raise InvalidHandle(f"handle {h} out of range")
+        if h in self._h:
+            raise InvalidHandle(f"handle {h} is already in use")
+        alloc.tables += 1
+        self._h[h] = alloc
+
+    def get(self, h: int) -> Alloc:
+        a = self._h.get(h)
+        if a is None:
+            raise InvalidHandle(f"unknown or freed device handle {h}")
+        return a
+
+    def remove(self, h: int) -> Alloc:
+        a = self._h.pop(h, None)
+        if a is None:
+            raise InvalidHandle(f"free of unknown or already freed device handle {h}")
+        _release(a)
+        return a
+
+    def clear(self) -> None:
+        for a in self._h.values():
+            _release(a)
+        self._h.clear()
+
+
+def _release(a: Alloc) -> None:
+    a.tables -= 1
+    if a.tables == 0:
+        # Uncharged now; the memory itself goes when queued commands that still hold the
+        # Alloc finish (stream-ordered free, as aclrtFree/cudaFreeAsync behave).
+        a.owner.uncharge(a.nbytes)
+
+
+@dataclass
+class EventState:
+    requested: int = 0           # records issued
+    completed: int = 0           # records executed
+    token: Any = None            # backend marker of the latest executed record
+
+
+@dataclass
+class StreamState:
+    sid: int
+    priority: int = 0
+    phase: str = "auto"
+    device_stream: Any = None
+    queue: collections.deque = field(default_factory=collections.deque)
+    error: tuple[int, str] | None = None     # first async error, reported at next sync
+    capturing: int = 0                       # graph id being captured, 0 if none
+    ops_done: int = 0
+    busy_s: float = 0.0                      # measured execution time, for the scheduler
+
+    def set_error(self, code: int, msg: str) -> None:
+        if self.error is None:
+            self.error = (code, msg)
+
+
+@dataclass
+class Graph:
+    gid: int
+    stream: int
+    ops: list = field(default_factory=list)  # prepared commands, replayed in order
+    complete: bool = False
+    compiled: Any = None
+
+
+@dataclass
+class IpcExport:
+    alloc: Alloc
+    owner_client: int
+    pids: set[int] = field(default_factory=set)
+    created: float = field(default_factory=time.time)

@@ -1,0 +1,414 @@
+"""The per-device daemon: control socket, the poll loop over every client's rings, execution.
+
+Threads:
+  control  accepts connections, runs the attach handshake (SO_PEERCRED, version, segment
+           validation) and status queries, and watches each attached client's socket: EOF means
+           the client died or detached. It never touches sessions; it hands events to the loop.
+  main     drains SQ rings in batches, prepares requests (session.py), lets the scheduler run
+           queued commands on the backend, posts completions, and sleeps in wait_any() when
+           there is nothing to do.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import selectors
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from .. import protocol as P
+from ..paths import socket_path
+from ..ring import Doorbell, RingError, Segment, wait_any
+from .control import MessageReader, ProtocolError, peer_credentials, send_msg
+from .objects import IpcExport
+from .scheduling import make_scheduler
+from .session import Session
+
+log = logging.getLogger("flexnpu.daemon")
+
+MAILBOX_MIN = 256
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:512]
+    except OSError:
+        return "?"
+
+
+class Daemon:
+    def __init__(self, device: int, backend: Any, *, runtime_dir: Path | None = None,
+                 policy: str = "fifo", memory_limit: int | None = None,
+                 memory_limit_max: int | None = None, allow_uids: set[int] | None = None,
+                 socket_mode: int = 0o660, batch: int = P.MAX_DRAIN_BATCH, notify: Any = None) -> None:
+        self.device = device
+        self.backend = backend
+        self.backend_info = backend.info()
+        self.log = log
+        self.batch = batch
+        self.policy_name = policy
+        self.scheduler = make_scheduler(policy, self)
+        self.memory_limit = memory_limit
+        self.memory_limit_max = memory_limit_max
+        self.allow_uids = allow_uids          # None = anyone who can open the socket
+        self.socket_mode = socket_mode
+        self.path = socket_path(device, runtime_dir)
+        self.sessions: dict[int, Session] = {}
+        self.exports: dict[int, IpcExport] = {}
+        self.started_at = time.time()
+        self.ops_total = 0
+        self.notify = notify
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._doorbell = Doorbell()
+        self._stop = threading.Event()
+        self._next_cid = 1
+        self._listener: socket.socket | None = None
+        self._ctl_thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe()
+
+    # ================================================================== lifecycle
+    def bind(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if self.path.exists():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(self.path))
+            except (ConnectionRefusedError, FileNotFoundError):
+                self.path.unlink()   # stale socket of a dead daemon
+            else:
+                raise RuntimeError(f"a daemon for device {self.device} is already running at {self.path}")
+            finally:
+                probe.close()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(self.path))
+        os.chmod(self.path, self.socket_mode)
+        s.listen(128)
+        s.setblocking(False)
+        self._listener = s
+
+    def request_stop(self, *_: Any) -> None:
+        self._stop.set()
+        self._doorbell.ring()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def serve_forever(self) -> None:
+        if self._listener is None:
+            self.bind()
+        self._ctl_thread = threading.Thread(target=self._control_loop, name="flexnpu-control", daemon=True)
+        self._ctl_thread.start()
+        log.info("serving device %d with backend %s (%s) at %s, policy %s", self.device,
+                 self.backend.name, self.backend_info.get("name"), self.path, self.policy_name)
+        if self.notify:
+            self.notify.ready(f"serving device {self.device} ({self.backend.name})")
+        try:
+            self._main_loop()
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self.notify:
+            self.notify.stopping()
+        deadline = time.monotonic() + 10.0
+        # Drain what clients already queued, so no accepted work is lost.
+        while time.monotonic() < deadline and self.scheduler.run_round():
+            self._run_waiters()
+            for s in self.sessions.values():
+                s.flush_replies()
+        for s in list(self.sessions.values()):
+            try:
+                s.seg.close_notify()
+                send_msg(s.conn, {"event": "shutdown", "reason": "daemon stopping"})
+            except Exception:  # noqa: BLE001
+                pass
+            self._drop(s, "daemon stopping")
+        if self._listener is not None:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+            self._listener.close()
+        log.info("stopped")
+
+    # ================================================================== main loop
+    def _main_loop(self) -> None:
+        last_rate = time.monotonic()
+        while not self._stop.is_set():
+            self._service_events()
+            got = 0
+            for s in list(self.sessions.values()):
+                try:
+                    got += s.drain()
+                except RingError as e:
+                    log.warning("client pid %d: corrupt ring (%s); disconnecting it", s.pid, e)
+                    self._drop(s, f"corrupt ring: {e}")
+            ran = self.scheduler.run_round()
+            self._run_waiters()
+            for s in self.sessions.values():
+                if s.pending_replies:
+                    s.flush_replies()
+            now = time.monotonic()
+            if now - last_rate >= 0.5:
+                last_rate = now
+                for s in self.sessions.values():
+                    s.update_rate(now)
+                if self.notify:
+                    self.notify.tick()
+            if got or ran:
+                continue
+            timeout = self.scheduler.idle_timeout()
+            wait_any([s.seg.sq for s in self.sessions.values()], timeout if timeout is not None else 0.5,
+                     self._doorbell)
+
+    def _run_waiters(self) -> None:
+        for s in self.sessions.values():
+            if not s.waiters:
+                continue
+            keep = []
+            for ready, done in s.waiters:
+                if ready():
+                    try:
+                        done()
+                    except Exception as e:  # noqa: BLE001
+                        log.warning("client pid %d: completion failed: %s", s.pid, e)
+                else:
+                    keep.append((ready, done))
+            s.waiters = keep
+
+    def _service_events(self) -> None:
+        while True:
+            try:
+                kind, obj = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "attach":
+                self.sessions[obj.cid] = obj
+                log.info("client %d attached: pid %d uid %d %s", obj.cid, obj.pid, obj.uid, obj.cmdline)
+            elif kind == "dead":
+                s = self.sessions.get(obj)
+                if s is not None:
+                    self._drop(s, "client exited")
+
+    def _drop(self, s: Session, why: str) -> None:
+        self.sessions.pop(s.cid, None)
+        for key in [k for k, e in self.exports.items() if e.owner_client == s.cid]:
+            del self.exports[key]   # importers keep their references; new imports are refused
+        used = s.mem.used
+        s.close()
+        try:
+            # The control thread owns the socket's registration; shutting it down makes that
+            # thread see EOF and close it.
+            s.conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        log.info("client %d (pid %d) detached: %s; reclaimed %d bytes", s.cid, s.pid, why, used)
+
+    # ================================================================== services for sessions
+    def retire_stream(self, s: Session, sid: int) -> None:
+        s.streams.pop(sid, None)
+
+    def export(self, s: Session, handle: int, alloc: Any) -> int:
+        import secrets
+
+        for key, e in self.exports.items():
+            if e.alloc is alloc and e.owner_client == s.cid:
+                return key
+        key = secrets.randbits(63) | 1   # unguessable: a key alone is not a capability without the pid list
+        self.exports[key] = IpcExport(alloc, s.cid)
+        return key
+
+    def forget_exports(self, s: Session, handle: int) -> None:
+        pass   # exports stay valid while the owner lives: importers hold the allocation
+
+    def status(self) -> dict[str, Any]:
+        for _ in range(5):   # sessions change under us (main thread); retry a torn snapshot
+            try:
+                clients = [s.status() for s in list(self.sessions.values())]
+                break
+            except RuntimeError:
+                continue
+        else:
+            clients = []
+        return {
+            "device": self.device, "backend": self.backend.name,
+            "device_type": self.backend_info.get("device_type"), "name": self.backend_info.get("name"),
+            "pid": os.getpid(), "uid": os.geteuid(), "started_at": self.started_at,
+            "uptime_s": round(time.time() - self.started_at, 3), "policy": self.policy_name,
+            "socket": str(self.path), "version": __version__, "layout_version": P.LAYOUT_VERSION,
+            "memory_limit_default": self.memory_limit, "ops_total": sum(c["ops_total"] for c in clients),
+            "clients": clients,
+        }
+
+    # ================================================================== control thread
+    def _control_loop(self) -> None:
+        sel = selectors.DefaultSelector()
+        assert self._listener is not None
+        sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
+        sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        while not self._stop.is_set():
+            try:
+                events = sel.select(timeout=1.0)
+            except OSError:
+                continue
+            for key, _ in events:
+                kind, state = key.data
+                if kind == "listen":
+                    self._accept(sel)
+                elif kind == "wake":
+                    return
+                elif kind == "conn":
+                    self._on_conn(sel, key.fileobj, state)
+                elif kind == "client":
+                    self._on_client(sel, key.fileobj, state)
+
+    def _accept(self, sel: selectors.BaseSelector) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("accept failed: %s", e)
+                return
+            conn.setblocking(False)
+            sel.register(conn, selectors.EVENT_READ, ("conn", MessageReader(conn)))
+
+    def _close_conn(self, sel: selectors.BaseSelector, conn: socket.socket, reader: MessageReader) -> None:
+        try:
+            sel.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        reader.close()
+        conn.close()
+
+    def _reply_blocking(self, conn: socket.socket, obj: dict) -> None:
+        try:
+            conn.setblocking(True)
+            conn.settimeout(1.0)
+            send_msg(conn, obj)
+        except OSError:
+            pass
+
+    def _on_conn(self, sel: selectors.BaseSelector, conn: socket.socket, reader: MessageReader) -> None:
+        try:
+            msgs = reader.feed()
+        except ProtocolError as e:
+            self._reply_blocking(conn, {"ok": False, "error": str(e), "code": "EINVAL"})
+            self._close_conn(sel, conn, reader)
+            return
+        if msgs is None:
+            self._close_conn(sel, conn, reader)
+            return
+        for msg, fds in msgs:
+            op = msg.get("op")
+            if op == "status":
+                for fd in fds:
+                    os.close(fd)
+                self._reply_blocking(conn, {"ok": True, "daemon": self.status()})
+                self._close_conn(sel, conn, reader)
+                return
+            if op == "attach":
+                sel.unregister(conn)
+                self._attach(sel, conn, msg, fds)
+                return
+            for fd in fds:
+                os.close(fd)
+            self._reply_blocking(conn, {"ok": False, "error": f"unknown request {op!r}", "code": "EINVAL"})
+            self._close_conn(sel, conn, reader)
+            return
+
+    def _attach(self, sel: selectors.BaseSelector, conn: socket.socket, msg: dict, fds: list[int]) -> None:
+        def refuse(text: str, code: str) -> None:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            log.warning("refused attach: %s", text)
+            self._reply_blocking(conn, {"ok": False, "error": text, "code": code})
+            conn.close()
+
+        pid, uid, _gid = peer_credentials(conn)
+        if self.allow_uids is not None and uid not in self.allow_uids:
+            return refuse(f"uid {uid} may not use device {self.device}", "EPERM")
+        if msg.get("layout_version") != P.LAYOUT_VERSION:
+            return refuse(f"protocol version {msg.get('layout_version')!r} does not match the daemon's "
+                          f"{P.LAYOUT_VERSION}; upgrade the client or the daemon", "EVERSION")
+        if len(fds) != 1:
+            return refuse("attach must carry exactly one segment file descriptor", "EINVAL")
+        if self._stop.is_set():
+            return refuse("daemon is stopping", "ESHUTDOWN")
+        try:
+            seg = Segment.attach(fds[0])
+        except (RingError, OSError, ValueError) as e:
+            return refuse(f"bad segment: {e}", "EINVAL")
+        finally:
+            os.close(fds[0])
+        mbox = msg.get("mailbox")
+        if (not isinstance(mbox, list) or len(mbox) != 2 or not all(type(x) is int for x in mbox)
+                or mbox[1] < MAILBOX_MIN):
+            seg.close()
+            return refuse("attach needs a mailbox [offset, length] in the arena", "EINVAL")
+        try:
+            seg.arena_view(mbox[0], mbox[1])
+        except Exception:  # noqa: BLE001
+            seg.close()
+            return refuse("mailbox lies outside the arena", "EINVAL")
+        limit = self.memory_limit
+        req = msg.get("memory_limit")
+        if type(req) is int and req > 0:
+            cap = self.memory_limit_max if self.memory_limit_max is not None else limit
+            limit = req if cap is None else min(req, cap)
+        phase = msg.get("phase") if msg.get("phase") in P.PHASES else "auto"
+        cid = self._next_cid
+        self._next_cid += 1
+        try:
+            sess = Session(self, cid, seg, conn, pid, uid, (mbox[0], mbox[1]), limit, phase, _cmdline(pid))
+        except Exception as e:  # noqa: BLE001
+            seg.close()
+            return refuse(f"cannot create session: {e}", "EINTERNAL")
+        try:
+            conn.setblocking(True)
+            conn.settimeout(2.0)
+            send_msg(conn, {"ok": True, "client_id": cid, "device": self.device,
+                            "info": self.backend_info, "memory_limit": limit, "policy": self.policy_name,
+                            "daemon_pid": os.getpid()})
+            conn.setblocking(False)
+        except OSError:
+            sess.close()
+            conn.close()
+            return
+        sel.register(conn, selectors.EVENT_READ, ("client", cid))
+        self._events.put(("attach", sess))
+        self._doorbell.ring()
+
+    def _on_client(self, sel: selectors.BaseSelector, conn: socket.socket, cid: int) -> None:
+        try:
+            data = conn.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            return   # attached clients have nothing more to say on the control socket
+        try:
+            sel.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
+        self._events.put(("dead", cid))
+        self._doorbell.ring()
+
+
+def install_signal_handlers(d: Daemon) -> None:
+    signal.signal(signal.SIGTERM, d.request_stop)
+    signal.signal(signal.SIGINT, d.request_stop)

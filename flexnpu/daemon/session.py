@@ -1,0 +1,677 @@
+"""One attached client: its segment, its object tables, and the handling of its requests.
+
+Requests are handled in two steps. `prepare` runs when the daemon drains the client's SQ: it
+copies and validates the record, resolves handles to objects (so later frees cannot pull memory
+from under queued work) and either answers at once or queues a command on the stream. `execute`
+runs when the scheduler picks that command. Anything a client sends that is wrong becomes an
+error for that client only.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import struct
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from .. import protocol as P
+from ..errors import (BadState, Err, FlexNPUError, InvalidArgument, InvalidHandle, NotFound,
+                      OpNotSupported, OutOfMemory, PermissionDenied, code_of)
+from ..protocol import Op
+from .objects import Alloc, EventState, Graph, HandleTable, IpcExport, MemoryAccount, StreamState
+
+if TYPE_CHECKING:
+    from .server import Daemon
+
+MAX_ALLOC = 1 << 44
+MAX_STREAMS = 1024
+MAX_EVENTS = 1 << 16
+MAX_GRAPHS = 4096
+MAX_PENDING_REPLIES = 4096
+MAX_GRAPH_OPS = 1 << 20
+# What a client's bad request or a failing operator may raise; anything else is logged as a bug.
+_EXPECTED = (FlexNPUError, ValueError, TypeError, KeyError, IndexError, MemoryError,
+             NotImplementedError, RuntimeError, OverflowError)
+
+
+@dataclass(slots=True)
+class Cmd:
+    """A validated request waiting in its stream's queue."""
+
+    op: int
+    user_data: int
+    sync: bool
+    run: Callable[["Session", StreamState, "Cmd"], Any]
+    a: tuple = ()
+    ready: Callable[[], bool] | None = None   # None = always ready (only waits use it)
+    cost: Any = None                          # scheduler annotation (phase, predicted time)
+
+
+class Session:
+    def __init__(self, daemon: "Daemon", cid: int, seg: Any, conn: Any, pid: int, uid: int,
+                 mailbox: tuple[int, int], memory_limit: int | None, phase: str, cmdline: str) -> None:
+        self.daemon = daemon
+        self.cid = cid
+        self.seg = seg
+        self.conn = conn
+        self.pid, self.uid = pid, uid
+        self.cmdline = cmdline
+        self.mailbox = mailbox
+        self.phase = phase
+        self.attached_at = time.time()
+        self.mem = MemoryAccount(memory_limit)
+        self.handles = HandleTable()
+        self.streams: dict[int, StreamState] = {0: self._new_stream(0, 0)}
+        self.events: dict[int, EventState] = {}
+        self.graphs: dict[int, Graph] = {}
+        self.error: tuple[int, str] | None = None      # async error not tied to a stream
+        self.waiters: list[tuple[Callable[[], bool], Callable[[], None]]] = []
+        self.pending_replies: list[bytes] = []
+        self.ops_total = 0
+        self.ops_rate = 0.0
+        self._rate_mark = (time.monotonic(), 0)
+        self.dead = False
+        self.rec_buf = bytearray(P.SQE_SIZE * daemon.batch)
+
+    # ------------------------------------------------------------------ helpers
+    def _new_stream(self, sid: int, priority: int) -> StreamState:
+        st = StreamState(sid, priority, self.phase if sid == 0 else "auto")
+        st.device_stream = self.daemon.backend.new_stream(priority)
+        return st
+
+    def queue_depth(self) -> int:
+        return sum(len(s.queue) for s in self.streams.values())
+
+    def reply(self, user_data: int, status: int = 0, value: int = 0, aux: int = 0, msg: str = "") -> None:
+        n = 0
+        if msg:
+            off, cap = self.mailbox
+            data = msg.encode()[:cap]
+            self.seg.arena_view(off, len(data))[:] = data
+            n = len(data)
+        rec = P.CQE.pack(user_data, int(status), n, value & 0xFFFFFFFFFFFFFFFF, aux & 0xFFFFFFFFFFFFFFFF)
+        if self.pending_replies or not self.seg.cq.push(rec):
+            if len(self.pending_replies) >= MAX_PENDING_REPLIES:
+                raise BadState("client does not consume its completion ring")
+            self.pending_replies.append(rec)
+
+    def flush_replies(self) -> None:
+        while self.pending_replies and self.seg.cq.push(self.pending_replies[0]):
+            self.pending_replies.pop(0)
+
+    def reply_json(self, user_data: int, obj: dict) -> None:
+        self.reply(user_data, 0, msg=json.dumps(obj))
+
+    def fail(self, user_data: int, sync: bool, stream: StreamState | None, exc: BaseException) -> None:
+        code = code_of(exc)
+        msg = str(exc) or type(exc).__name__
+        if not isinstance(exc, _EXPECTED):
+            self.daemon.log.error("client %d: unexpected %s: %s", self.pid, type(exc).__name__, msg,
+                                  exc_info=exc)
+        if sync:
+            self.reply(user_data, code, msg=msg)
+        elif stream is not None:
+            stream.set_error(code, msg)
+        elif self.error is None:
+            self.error = (code, msg)
+
+    def stream(self, sid: int) -> StreamState:
+        st = self.streams.get(sid)
+        if st is None:
+            raise InvalidHandle(f"unknown stream {sid}")
+        return st
+
+    def alloc_of(self, h: int) -> Alloc:
+        return self.handles.get(h)
+
+    def _bounds(self, a: Alloc, off: int, n: int, what: str) -> None:
+        if off < 0 or n < 0 or off + n > a.nbytes:
+            raise InvalidArgument(f"{what}: range [{off}, {off + n}) outside allocation of {a.nbytes} bytes")
+
+    def _payload(self, off: int, n: int) -> memoryview:
+        if n > P.MAX_PAYLOAD:
+            raise InvalidArgument("payload too large")
+        try:
+            return self.seg.arena_view(off, n)
+        except Exception as e:
+            raise InvalidArgument(f"payload outside the arena: {e}") from None
+
+    def new_alloc(self, nbytes: int) -> Alloc:
+        if not 0 <= nbytes <= MAX_ALLOC:
+            raise InvalidArgument(f"allocation size {nbytes} out of range")
+        if not self.mem.charge(nbytes):
+            raise OutOfMemory(f"device memory limit of this client exceeded: {self.mem.used} bytes in use, "
+                              f"{nbytes} requested, limit {self.mem.limit}")
+        return Alloc(nbytes, self.mem)
+
+    # ------------------------------------------------------------------ drain
+    def drain(self) -> int:
+        """Prepare up to one batch of this client's requests. Returns how many."""
+        n = self.seg.sq.pop_into(self.rec_buf, self.daemon.batch)
+        mv = memoryview(self.rec_buf)
+        self.ops_total += n
+        for i in range(n):
+            self.prepare(mv[i * P.SQE_SIZE:(i + 1) * P.SQE_SIZE])
+        return n
+
+    def prepare(self, rec: memoryview) -> None:
+        op, flags, sid, ud, poff, plen, a0, a1, a2, a3, a4 = P.SQE.unpack(rec)
+        sync = bool(flags & P.FLAG_SYNC)
+        st = None
+        try:
+            handler = _PREPARE.get(op)
+            if handler is None:
+                raise InvalidArgument(f"unknown opcode {op}")
+            spec = P.OPS[Op(op)]
+            if spec.stream_ordered:
+                st = self.stream(sid)
+            cmd = handler(self, st, ud, sync, poff, plen, (a0, a1, a2, a3, a4), flags)
+            if cmd is None:
+                return
+            if st.capturing:
+                g = self.graphs[st.capturing]
+                if cmd.sync and op not in (Op.GRAPH_END,):
+                    raise BadState(f"{Op(op).name} is not allowed while stream {sid} is being captured")
+                if op not in (Op.GRAPH_END, Op.GRAPH_BEGIN):
+                    if len(g.ops) >= MAX_GRAPH_OPS:
+                        raise BadState("graph too large")
+                    g.ops.append(cmd)
+            st.queue.append(cmd)
+        except Exception as e:  # noqa: BLE001 - every failure is the client's error, never ours
+            self.fail(ud, sync, st, e)
+
+    # ------------------------------------------------------------------ execute
+    def execute(self, st: StreamState, cmd: Cmd) -> None:
+        t0 = time.perf_counter()
+        try:
+            with self.daemon.backend.stream_context(st.device_stream):
+                cmd.run(self, st, cmd)
+        except Exception as e:  # noqa: BLE001
+            self.fail(cmd.user_data, cmd.sync, st, e)
+        dt = time.perf_counter() - t0
+        st.busy_s += dt
+        st.ops_done += 1
+
+    def take_error(self, st: StreamState | None) -> tuple[int, str] | None:
+        err = None
+        if st is not None and st.error is not None:
+            err, st.error = st.error, None
+        elif self.error is not None:
+            err, self.error = self.error, None
+        return err
+
+    def reply_sync(self, ud: int, st: StreamState | None, value: int = 0) -> None:
+        err = self.take_error(st)
+        if err is None:
+            self.reply(ud, 0, value)
+        else:
+            self.reply(ud, err[0], value, msg=err[1])
+
+    def update_rate(self, now: float) -> None:
+        t, n = self._rate_mark
+        if now - t >= 0.5:
+            self.ops_rate = (self.ops_total - n) / (now - t)
+            self._rate_mark = (now, self.ops_total)
+
+    def close(self) -> None:
+        """Reclaim everything this client owned."""
+        self.dead = True
+        self.handles.clear()
+        for st in self.streams.values():
+            st.queue.clear()
+        self.streams.clear()
+        self.graphs.clear()
+        self.events.clear()
+        self.waiters.clear()
+        try:
+            self.seg.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "client_id": self.cid, "pid": self.pid, "uid": self.uid, "cmdline": self.cmdline,
+            "phase": self.phase, "memory_bytes": self.mem.used, "memory_peak_bytes": self.mem.peak,
+            "memory_limit": self.mem.limit, "ops_per_s": round(self.ops_rate, 1),
+            "ops_total": self.ops_total, "queue_depth": self.queue_depth(),
+            "streams": len(self.streams), "handles": len(self.handles), "attached_at": self.attached_at,
+        }
+
+
+# ====================================================================== request handlers
+# Each: (session, stream|None, user_data, sync, payload_off, payload_len, args, flags) -> Cmd|None.
+# Returning None means it was answered (or needed no answer) at once.
+
+def _run_nop(s: Session, st: StreamState, c: Cmd) -> None:
+    if c.sync:
+        s.reply_sync(c.user_data, None)
+
+
+def _p_nop(s, st, ud, sync, poff, plen, a, flags):
+    return Cmd(Op.NOP, ud, sync, _run_nop)
+
+
+def _p_device_info(s, st, ud, sync, poff, plen, a, flags):
+    info = dict(s.daemon.backend_info)
+    info.update(device=s.daemon.device, policy=s.daemon.policy_name, memory_limit=s.mem.limit)
+    s.reply_json(ud, info)
+
+
+def _all_idle(s: Session) -> bool:
+    return all(not q.queue for q in s.streams.values())
+
+
+def _p_device_sync(s, st, ud, sync, poff, plen, a, flags):
+    def done() -> None:
+        s.daemon.backend.synchronize()
+        err = s.error
+        for q in s.streams.values():
+            err = err or q.error
+            q.error = None
+        s.error = None
+        s.reply(ud, err[0] if err else 0, msg=err[1] if err else "")
+    s.waiters.append((lambda: _all_idle(s), done))
+
+
+def _p_stream_create(s, st, ud, sync, poff, plen, a, flags):
+    sid, prio = a[0], a[1]
+    if not 0 < sid < 1 << 32:
+        raise InvalidArgument(f"stream id {sid} out of range")
+    if sid in s.streams:
+        raise InvalidHandle(f"stream {sid} already exists")
+    if len(s.streams) >= MAX_STREAMS:
+        raise InvalidArgument(f"too many streams (limit {MAX_STREAMS})")
+    prio = struct.unpack("<q", struct.pack("<Q", prio))[0]
+    s.streams[sid] = s._new_stream(sid, max(-8, min(8, prio)))
+    if sync:
+        s.reply(ud)
+
+
+def _run_stream_destroy(s: Session, st: StreamState, c: Cmd) -> None:
+    s.daemon.backend.sync_stream(st.device_stream)
+    s.streams.pop(st.sid, None)   # the scheduler drops a stream once it is gone from the table
+    if c.sync:
+        s.reply(c.user_data)
+
+
+def _p_stream_destroy(s, st, ud, sync, poff, plen, a, flags):
+    if st.sid == 0:
+        raise InvalidArgument("the default stream cannot be destroyed")
+    return Cmd(Op.STREAM_DESTROY, ud, sync, _run_stream_destroy)
+
+
+def _run_stream_sync(s: Session, st: StreamState, c: Cmd) -> None:
+    s.daemon.backend.sync_stream(st.device_stream)
+    s.reply_sync(c.user_data, st)
+
+
+def _p_stream_sync(s, st, ud, sync, poff, plen, a, flags):
+    return Cmd(Op.STREAM_SYNC, ud, True, _run_stream_sync)
+
+
+def _event(s: Session, eid: int) -> EventState:
+    ev = s.events.get(eid)
+    if ev is None:
+        raise InvalidHandle(f"unknown event {eid}")
+    return ev
+
+
+def _p_event_create(s, st, ud, sync, poff, plen, a, flags):
+    eid = a[0]
+    if not 0 < eid < 1 << 32 or eid in s.events:
+        raise InvalidHandle(f"event id {eid} invalid or in use")
+    if len(s.events) >= MAX_EVENTS:
+        raise InvalidArgument("too many events")
+    s.events[eid] = EventState()
+    if sync:
+        s.reply(ud)
+
+
+def _p_event_destroy(s, st, ud, sync, poff, plen, a, flags):
+    _event(s, a[0])
+    del s.events[a[0]]
+    if sync:
+        s.reply(ud)
+
+
+def _run_event_record(s: Session, st: StreamState, c: Cmd) -> None:
+    ev: EventState = c.a[0]
+    ev.token = s.daemon.backend.record_event(st.device_stream)
+    ev.completed = max(ev.completed, c.a[1])
+
+
+def _p_event_record(s, st, ud, sync, poff, plen, a, flags):
+    ev = _event(s, a[0])
+    ev.requested += 1
+    return Cmd(Op.EVENT_RECORD, ud, sync, _run_event_record, (ev, ev.requested))
+
+
+def _run_wait_event(s: Session, st: StreamState, c: Cmd) -> None:
+    ev: EventState = c.a[0]
+    if ev.token is not None:
+        s.daemon.backend.wait_event(st.device_stream, ev.token)
+
+
+def _p_stream_wait_event(s, st, ud, sync, poff, plen, a, flags):
+    ev = _event(s, a[0])
+    target = ev.requested  # waits for the latest record issued before this call, as in CUDA
+    return Cmd(Op.STREAM_WAIT_EVENT, ud, sync, _run_wait_event, (ev,),
+               ready=lambda: ev.completed >= target)
+
+
+def _p_event_sync(s, st, ud, sync, poff, plen, a, flags):
+    ev = _event(s, a[0])
+    target = ev.requested
+
+    def done() -> None:
+        if ev.token is not None:
+            s.daemon.backend.event_sync(ev.token)
+        s.reply(ud)
+    s.waiters.append((lambda: ev.completed >= target, done))
+
+
+def _p_event_query(s, st, ud, sync, poff, plen, a, flags):
+    ev = _event(s, a[0])
+    done = ev.completed >= ev.requested and (ev.token is None or s.daemon.backend.event_done(ev.token))
+    s.reply(ud, 0, int(done))
+
+
+def _p_event_elapsed(s, st, ud, sync, poff, plen, a, flags):
+    e0, e1 = _event(s, a[0]), _event(s, a[1])
+    if e0.token is None or e1.token is None or e0.completed < e0.requested or e1.completed < e1.requested:
+        raise BadState("elapsed time needs two completed events")
+    ms = s.daemon.backend.elapsed_ms(e0.token, e1.token)
+    s.reply(ud, 0, struct.unpack("<Q", struct.pack("<d", ms))[0])
+
+
+def _p_malloc(s, st, ud, sync, poff, plen, a, flags):
+    h, nbytes = a[0], a[1]
+    if h in s.handles:
+        raise InvalidHandle(f"handle {h} is already in use")
+    al = s.new_alloc(nbytes)
+    try:
+        al.buf = s.daemon.backend.alloc(nbytes)
+        s.handles.add(h, al)
+    except BaseException:
+        s.mem.uncharge(nbytes)
+        raise
+    if sync:
+        s.reply(ud)
+
+
+def _p_free(s, st, ud, sync, poff, plen, a, flags):
+    s.handles.remove(a[0])
+    s.daemon.forget_exports(s, a[0])
+    if sync:
+        s.reply(ud)
+
+
+def _ready_buf(al: Alloc, h: int) -> Any:
+    if al.buf is None:
+        raise InvalidHandle(f"device handle {h} was never produced (the operator that should have "
+                            f"written it failed{': ' + al.failed if al.failed else ''})")
+    return al.buf
+
+
+def _run_memset(s: Session, st: StreamState, c: Cmd) -> None:
+    al, h, off, val, n = c.a
+    s.daemon.backend.memset(_ready_buf(al, h), off, val, n)
+    if c.sync:
+        s.reply_sync(c.user_data, st)
+
+
+def _p_memset(s, st, ud, sync, poff, plen, a, flags):
+    al = s.alloc_of(a[0])
+    s._bounds(al, a[1], a[3], "memset")
+    return Cmd(Op.MEMSET, ud, sync, _run_memset, (al, a[0], a[1], a[2], a[3]))
+
+
+def _run_h2d(s: Session, st: StreamState, c: Cmd) -> None:
+    al, h, off, src = c.a
+    s.daemon.backend.h2d(_ready_buf(al, h), off, src)
+    if c.sync:
+        s.reply_sync(c.user_data, st)
+
+
+def _p_h2d(s, st, ud, sync, poff, plen, a, flags):
+    al = s.alloc_of(a[0])
+    n = a[2]
+    s._bounds(al, a[1], n, "memcpy host->device")
+    if plen != n:
+        raise InvalidArgument("memcpy host->device: payload length differs from the copy size")
+    view = s._payload(poff, plen)
+    src = view if (flags & P.FLAG_DEFERRED) else bytes(view)   # copied out now unless deferred
+    return Cmd(Op.MEMCPY_H2D, ud, sync, _run_h2d, (al, a[0], a[1], src))
+
+
+def _run_d2h(s: Session, st: StreamState, c: Cmd) -> None:
+    al, h, off, n, dst = c.a
+    s.daemon.backend.d2h(_ready_buf(al, h), off, n, dst)
+    if c.sync:
+        s.daemon.backend.sync_stream(st.device_stream)
+        s.reply_sync(c.user_data, st)
+
+
+def _p_d2h(s, st, ud, sync, poff, plen, a, flags):
+    al = s.alloc_of(a[0])
+    n = a[2]
+    s._bounds(al, a[1], n, "memcpy device->host")
+    if plen != n:
+        raise InvalidArgument("memcpy device->host: destination length differs from the copy size")
+    return Cmd(Op.MEMCPY_D2H, ud, sync, _run_d2h, (al, a[0], a[1], n, s._payload(poff, plen)))
+
+
+def _run_d2d(s: Session, st: StreamState, c: Cmd) -> None:
+    dal, dh, doff, sal, sh, soff, n = c.a
+    s.daemon.backend.d2d(_ready_buf(dal, dh), doff, _ready_buf(sal, sh), soff, n)
+    if c.sync:
+        s.reply_sync(c.user_data, st)
+
+
+def _p_d2d(s, st, ud, sync, poff, plen, a, flags):
+    dal, sal = s.alloc_of(a[0]), s.alloc_of(a[2])
+    s._bounds(dal, a[1], a[4], "memcpy device->device (destination)")
+    s._bounds(sal, a[3], a[4], "memcpy device->device (source)")
+    return Cmd(Op.MEMCPY_D2D, ud, sync, _run_d2d, (dal, a[0], a[1], sal, a[2], a[3], a[4]))
+
+
+def _p_mem_stats(s, st, ud, sync, poff, plen, a, flags):
+    s.reply_json(ud, {"allocated": s.mem.used, "peak": s.mem.peak, "limit": s.mem.limit,
+                      "reserved": s.mem.used, "handles": len(s.handles),
+                      "total": s.daemon.backend_info.get("total_memory")})
+
+
+def _p_ipc_export(s, st, ud, sync, poff, plen, a, flags):
+    al = s.alloc_of(a[0])
+    key = s.daemon.export(s, a[0], al)
+    s.reply(ud, 0, key)
+
+
+def _p_ipc_set_pids(s, st, ud, sync, poff, plen, a, flags):
+    if plen % 4 or plen > 4 * 4096:
+        raise InvalidArgument("pid list must be at most 4096 u32 values")
+    pids = struct.unpack(f"<{plen // 4}I", bytes(s._payload(poff, plen)))
+    exp = s.daemon.exports.get(a[0])
+    if exp is None or exp.owner_client != s.cid:
+        raise NotFound(f"no export with key {a[0]:#x} owned by this client")
+    exp.pids.update(pids)
+    if sync:
+        s.reply(ud)
+
+
+def _p_ipc_import(s, st, ud, sync, poff, plen, a, flags):
+    key, h = a[0], a[1]
+    exp = s.daemon.exports.get(key)
+    if exp is None:
+        raise NotFound(f"no exported device memory with key {key:#x}")
+    if exp.owner_client != s.cid and s.pid not in exp.pids:
+        raise PermissionDenied(f"pid {s.pid} is not on the import list of key {key:#x}")
+    s.handles.add(h, exp.alloc)
+    s.reply(ud, 0, exp.alloc.nbytes)
+
+
+def _run_launch(s: Session, st: StreamState, c: Cmd) -> None:
+    launch, allocs, outs = c.a
+    be = s.daemon.backend
+
+    def resolve(h: int) -> Any:
+        al = allocs.get(h)
+        if al is None:
+            raise InvalidHandle(f"{launch.op}: device handle {h} is not an input of this launch")
+        return _ready_buf(al, h)
+
+    def allocate(nbytes: int) -> Any:
+        return be.alloc(nbytes)
+
+    try:
+        results = be.launch(launch, resolve, allocate)
+    except Exception as e:
+        for al in outs.values():
+            al.failed = f"{launch.op}: {e}"
+        raise
+    for h, buf in results:
+        al = outs.get(h)
+        if al is None:
+            continue
+        actual = buf.numel() * buf.element_size()
+        if actual != al.nbytes and al.tables:
+            al.owner.uncharge(al.nbytes)
+            al.owner.charge(actual)   # may exceed the limit by rounding only: never refuse here
+            al.nbytes = actual
+        al.buf = buf
+        al.failed = None
+    if c.sync:
+        s.reply_sync(c.user_data, st)
+
+
+def _p_launch(s, st, ud, sync, poff, plen, a, flags):
+    payload = bytes(s._payload(poff, plen))            # copy out before parsing
+    try:
+        launch = P.decode_launch(payload, s.daemon.backend.device)
+    except P.DecodeError as e:
+        raise InvalidArgument(f"malformed launch: {e}") from None
+    if not s.daemon.backend.op_allowed(launch.op):
+        raise OpNotSupported(f"operator {launch.op} is not supported by the {s.daemon.backend.name} backend")
+    allocs: dict[int, Alloc] = {}
+    for ref in _tensor_refs(launch.args, launch.kwargs):
+        if ref.handle not in allocs:
+            allocs[ref.handle] = s.alloc_of(ref.handle)
+    outs: dict[int, Alloc] = {}
+    created: list[int] = []
+    try:
+        for nbytes, ref in launch.outputs:
+            h = ref.handle
+            if h in outs or h in allocs:
+                raise InvalidHandle(f"{launch.op}: output handle {h} is not fresh")
+            al = s.new_alloc(nbytes)
+            s.handles.add(h, al)
+            created.append(h)
+            outs[h] = al
+    except BaseException:
+        for h in created:
+            s.handles.remove(h)
+        raise
+    return Cmd(Op.LAUNCH, ud, sync, _run_launch, (launch, allocs, outs))
+
+
+def _tensor_refs(args: Any, kwargs: dict) -> list[P.TensorRef]:
+    out: list[P.TensorRef] = []
+    stack = [args, list(kwargs.values())]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, P.TensorRef):
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return out
+
+
+def _run_graph_mark(s: Session, st: StreamState, c: Cmd) -> None:
+    if c.sync:
+        s.reply_sync(c.user_data, st, c.a[1] if len(c.a) > 1 else 0)
+
+
+def _p_graph_begin(s, st, ud, sync, poff, plen, a, flags):
+    gid = a[0]
+    if st.capturing:
+        raise BadState(f"stream {st.sid} is already capturing graph {st.capturing}")
+    if not 0 < gid < 1 << 32 or gid in s.graphs:
+        raise InvalidHandle(f"graph id {gid} invalid or in use")
+    if len(s.graphs) >= MAX_GRAPHS:
+        raise InvalidArgument("too many graphs")
+    s.graphs[gid] = Graph(gid, st.sid)
+    st.capturing = gid
+    return Cmd(Op.GRAPH_BEGIN, ud, sync, _run_graph_mark, (gid,))
+
+
+def _p_graph_end(s, st, ud, sync, poff, plen, a, flags):
+    gid = a[0]
+    if st.capturing != gid:
+        raise BadState(f"stream {st.sid} is not capturing graph {gid}")
+    g = s.graphs[gid]
+    g.complete = True
+    st.capturing = 0
+    return Cmd(Op.GRAPH_END, ud, sync, _run_graph_mark, (gid, len(g.ops)))
+
+
+def _run_graph_replay(s: Session, st: StreamState, c: Cmd) -> None:
+    g: Graph = c.a[0]
+    for cmd in g.ops:
+        cmd.run(s, st, cmd)
+    st.ops_done += len(g.ops)
+    if c.sync:
+        s.reply_sync(c.user_data, st)
+
+
+def _p_graph_replay(s, st, ud, sync, poff, plen, a, flags):
+    g = s.graphs.get(a[0])
+    if g is None:
+        raise NotFound(f"unknown graph {a[0]}")
+    if not g.complete:
+        raise BadState(f"graph {a[0]} is still being captured")
+    return Cmd(Op.GRAPH_REPLAY, ud, sync, _run_graph_replay, (g,))
+
+
+def _p_graph_destroy(s, st, ud, sync, poff, plen, a, flags):
+    g = s.graphs.get(a[0])
+    if g is None:
+        raise NotFound(f"unknown graph {a[0]}")
+    if not g.complete:
+        raise BadState(f"graph {a[0]} is still being captured")
+    del s.graphs[a[0]]
+    if sync:
+        s.reply(ud)
+
+
+def _p_set_phase(s, st, ud, sync, poff, plen, a, flags):
+    if a[0] >= len(P.PHASES):
+        raise InvalidArgument(f"unknown phase code {a[0]}")
+    phase = P.PHASES[a[0]]
+    target = s.streams.get(a[1]) if a[1] else None
+    if a[1] and target is None:
+        raise InvalidHandle(f"unknown stream {a[1]}")
+    if target is None:
+        s.phase = phase
+        for q in s.streams.values():
+            q.phase = phase
+    else:
+        target.phase = phase
+    if sync:
+        s.reply(ud)
+
+
+_PREPARE: dict[int, Callable] = {
+    Op.NOP: _p_nop, Op.DEVICE_INFO: _p_device_info, Op.DEVICE_SYNC: _p_device_sync,
+    Op.STREAM_CREATE: _p_stream_create, Op.STREAM_DESTROY: _p_stream_destroy,
+    Op.STREAM_SYNC: _p_stream_sync, Op.EVENT_CREATE: _p_event_create,
+    Op.EVENT_DESTROY: _p_event_destroy, Op.EVENT_RECORD: _p_event_record,
+    Op.STREAM_WAIT_EVENT: _p_stream_wait_event, Op.EVENT_SYNC: _p_event_sync,
+    Op.EVENT_QUERY: _p_event_query, Op.EVENT_ELAPSED: _p_event_elapsed, Op.MALLOC: _p_malloc,
+    Op.FREE: _p_free, Op.MEMSET: _p_memset, Op.MEMCPY_H2D: _p_h2d, Op.MEMCPY_D2H: _p_d2h,
+    Op.MEMCPY_D2D: _p_d2d, Op.MEM_STATS: _p_mem_stats, Op.IPC_EXPORT: _p_ipc_export,
+    Op.IPC_SET_PIDS: _p_ipc_set_pids, Op.IPC_IMPORT: _p_ipc_import, Op.LAUNCH: _p_launch,
+    Op.GRAPH_BEGIN: _p_graph_begin, Op.GRAPH_END: _p_graph_end, Op.GRAPH_REPLAY: _p_graph_replay,
+    Op.GRAPH_DESTROY: _p_graph_destroy, Op.SET_PHASE: _p_set_phase,
+}
+assert set(_PREPARE) == set(P.OPS), "every opcode in the wire table needs a handler"
