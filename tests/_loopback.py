@@ -173,14 +173,13 @@ class LoopbackClient:
     def destroy_event(self, ev: int) -> None:
         self._events.pop(ev, None)
 
-    def graph_begin_capture(self, stream: int) -> int:
+    def graph_begin_capture(self, stream: int = 0) -> int:
         self.capturing[stream] = []
-        return 0
+        return next(self._ids)
 
-    def graph_end_capture(self, stream: int) -> int:
-        g = next(self._ids)
-        self.graphs[g] = self.capturing.pop(stream)
-        return g
+    def graph_end_capture(self, graph: int, stream: int = 0) -> int:
+        self.graphs[graph] = self.capturing.pop(stream)
+        return len(self.graphs[graph])
 
     def graph_replay(self, graph: int, stream: int = 0) -> None:
         cmds = self.graphs[graph]

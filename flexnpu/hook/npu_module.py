@@ -359,7 +359,7 @@ class NPUGraph:
         d.flush_frees()
         self._dev = d
         self._stream = d.stream
-        d.client.graph_begin_capture(self._stream)
+        self._gid = d.client.graph_begin_capture(self._stream)
         d.capture = self
 
     def capture_end(self) -> None:
@@ -367,7 +367,8 @@ class NPUGraph:
         if d is None or d.capture is not self:
             raise RuntimeError("capture_end without capture_begin")
         d.capture = None
-        self._graph = d.client.graph_end_capture(self._stream)
+        d.client.graph_end_capture(self._gid, self._stream)
+        self._graph = self._gid
 
     def replay(self) -> None:
         if self._graph is None:
