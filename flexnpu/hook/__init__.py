@@ -51,7 +51,13 @@ def install_torch_device() -> None:
         _setup_privateuseone_for_python_backend("npu", backend_module=npu_module, hook=_Hooks())
         lib = torch.library.Library("_", "IMPL")
         lib.fallback(tensor.backend_fallback, "PrivateUse1")
-        _state["lib"] = lib  # the registration lives as long as this object
+        # Explicit kernels for ops that torch's C++ calls with the Python key excluded (tensor
+        # constructors with device=, advanced indexing): the boxed Python fallback is not reliable
+        # there, a registered kernel is.
+        alib = torch.library.Library("aten", "IMPL")
+        for name in tensor.EXPLICIT_KERNELS:
+            alib.impl(name, tensor.kernel_for(name), "PrivateUse1")
+        _state["lib"] = (lib, alib)  # registrations live as long as these objects
         sys.modules["torch.npu"] = npu_module
         _state["torch"] = True
 

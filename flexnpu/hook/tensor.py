@@ -124,7 +124,16 @@ def _restore_npu(cpu_t: torch.Tensor, index: int) -> torch.Tensor:
     return cpu_t.to(torch.device("npu", index))
 
 
-_make = torch.Tensor._make_wrapper_subclass
+_make_raw = torch.Tensor._make_wrapper_subclass
+# The wrapper's (meta, never allocated) storage is declared huge so that torch's own bounds checks
+# let us re-shape a wrapper in place (out= resizing, in-place view ops); real bounds live in the
+# daemon, which checks every view against the actual allocation.
+_WRAPPER_STORAGE = 1 << 48
+
+
+def _make(cls, shape, strides, storage_offset, dtype, device):
+    return _make_raw(cls, shape, strides=strides, storage_offset=storage_offset, dtype=dtype, device=device,
+                     storage_size=_WRAPPER_STORAGE)
 _torch_devices: dict[int, torch.device] = {}
 
 
@@ -136,8 +145,8 @@ def _tdev(index: int) -> torch.device:
 
 
 def wrap(alloc: Alloc, shape, stride, offset: int, dtype: torch.dtype) -> NPUTensor:
-    t = _make(NPUTensor, shape, strides=stride, storage_offset=offset, dtype=dtype,
-              device=_tdev(alloc.dev.index))
+    t = _make_raw(NPUTensor, shape, strides=stride, storage_offset=offset, dtype=dtype,
+                  device=_tdev(alloc.dev.index), storage_size=_WRAPPER_STORAGE)
     t._a = alloc
     t._rk = None
     return t
@@ -250,7 +259,7 @@ def _copy_from_host(dst: NPUTensor, src: torch.Tensor) -> NPUTensor:
 
 
 class OpInfo:
-    __slots__ = ("name", "special", "cpu", "allowed", "mutable")
+    __slots__ = ("name", "special", "cpu", "allowed", "host_ok", "mutable")
 
     def __init__(self, func: _OpOverload):
         self.name = f"{func.namespace}::{func._opname}.{func._overloadname}"
@@ -261,8 +270,10 @@ class OpInfo:
         tags = func.tags
         self.cpu = False
         self.allowed = func.namespace == "aten" and is_op_allowed(self.name)
+        self.host_ok = self.allowed
         if torch.Tag.nondeterministic_seeded in tags:
             self.cpu = True  # random numbers come from the app's own (host) generator
+            self.host_ok = func.namespace == "aten"
         elif any(not _is_tensor_type(r.type) for r in schema.returns) and func not in _SHAPE_ONLY:
             self.cpu = True  # returns host values (bool/number) computed from tensor contents
         if self.special is None and torch.Tag.inplace_view in tags:
@@ -420,6 +431,10 @@ def dispatch(func, args, kwargs):
     else:
         stats["hits"] += 1
     tmpl, news, launch = spec
+    if tmpl == "resize":
+        for p, sh, st, of in news:
+            resize_wrapper(flat[p], sh, st, of, keep=False)
+        return dispatch(func, args, kwargs)
     if dev.pending:
         dev.flush_frees()
     c = dev.client
@@ -431,7 +446,8 @@ def dispatch(func, args, kwargs):
         tdev = _tdev(dev.index)
         for dt, sh, st, of, nb, kp in news:
             h = c.alloc_handle()
-            t = _make(NPUTensor, sh, strides=st, storage_offset=of, dtype=dt, device=tdev)
+            t = _make_raw(NPUTensor, sh, strides=st, storage_offset=of, dtype=dt, device=tdev,
+                          storage_size=_WRAPPER_STORAGE)
             t._a = Alloc(dev, h, nb)
             ref = TensorRef(h, dt, sh, st, of)
             t._rk = (ref, kp)
@@ -465,7 +481,8 @@ def _build(tmpl, made, flat):
     if kind == "view":
         _, p, dt, sh, st, of = tmpl
         src = flat[p]
-        t = _make(NPUTensor, sh, strides=st, storage_offset=of, dtype=dt, device=src.device)
+        t = _make_raw(NPUTensor, sh, strides=st, storage_offset=of, dtype=dt, device=src.device,
+                      storage_size=_WRAPPER_STORAGE)
         t._a = src._a
         t._rk = None
         return t
@@ -525,16 +542,14 @@ def _infer(func, args, kwargs, w: _Walk, info: OpInfo):
         in_storage.setdefault(m.untyped_storage()._cdata, p)
     news: list[tuple] = []
     kinds: set[str] = set()
+    resizes: list[tuple] = []
 
     def tmpl(x):
         if isinstance(x, torch.Tensor):
             for p, m in enumerate(metas):
                 if x is m:
                     if (tuple(m.shape), m.stride(), m.storage_offset()) != before[p]:
-                        raise NotImplementedError(
-                            f"{info.name}: the npu tensor passed as output has shape {before[p][0]} but "
-                            f"the result needs {tuple(m.shape)}; FlexNPU does not resize npu tensors in "
-                            "place, pass an output of the right shape")
+                        resizes.append((p, tuple(m.shape), tuple(m.stride()), m.storage_offset()))
                     kinds.add("self")
                     return ("self", p)
             p = in_storage.get(x.untyped_storage()._cdata)
@@ -558,6 +573,9 @@ def _infer(func, args, kwargs, w: _Walk, info: OpInfo):
         t = 0  # the common case: one fresh tensor
     # views and identity returns need no device work; fresh outputs and mutations do
     launch = bool(news) or bool(info.mutable)
+    if resizes:
+        # out= tensors torch would resize: re-shape them first, then dispatch again
+        return ("resize", tuple(resizes), False)
     return (t, tuple(news), launch)
 
 
@@ -567,6 +585,8 @@ def _infer(func, args, kwargs, w: _Walk, info: OpInfo):
 
 def _cpu_fallback(func, args, kwargs, info: OpInfo):
     """Run ``func`` on host copies of its npu inputs, write back mutated inputs, upload outputs."""
+    if not info.host_ok:
+        raise _denied(info)
     stats["cpu_fallbacks"] += 1
     devs: list[runtime.Device] = []
     originals: dict[int, NPUTensor] = {}
@@ -705,21 +725,32 @@ def _inplace_view(func, args, kwargs, info):
     return t
 
 
+def resize_wrapper(t: NPUTensor, shape, stride, offset: int, keep: bool) -> None:
+    """Give ``t`` new metadata in place; move it to a fresh allocation if it no longer fits."""
+    nb = _extent_nbytes(shape, stride, offset, t.dtype.itemsize)
+    old = t._a
+    if nb > old.nbytes:
+        dev = old.dev
+        if dev.pending:
+            dev.flush_frees()
+        c = dev.client
+        h = c.alloc_handle()
+        c.malloc(nb, h)
+        new = Alloc(dev, h, nb)
+        if keep and old.nbytes:
+            c.memcpy_d2d(h, 0, old.handle, 0, old.nbytes, dev.stream)
+        t._a = new
+    with torch._C._DisableTorchDispatch():
+        aten.as_strided_.default(t, shape, stride, offset)
+    t._rk = None
+
+
 def _resize_(func, args, kwargs, info):
     t, size = args[0], tuple(args[1])
     if size == tuple(t.shape):
         return t
-    numel = 1
-    for s in size:
-        numel *= s
-    if t.is_contiguous() and _extent_nbytes(size, _contig_strides(size), t.storage_offset(),
-                                            t.dtype.itemsize) <= t._a.nbytes:
-        with torch._C._DisableTorchDispatch():
-            aten.as_strided_.default(t, size, _contig_strides(size), t.storage_offset())
-        t._rk = None
-        return t
-    raise NotImplementedError(f"{info.name}: growing an npu tensor in place is not supported by FlexNPU "
-                              "(allocate a new tensor instead)")
+    resize_wrapper(t, size, _contig_strides(size), t.storage_offset(), keep=True)
+    return t
 
 
 def _set_(func, args, kwargs, info):
@@ -791,3 +822,17 @@ _CPU_INDEX_OK = frozenset({aten.index.Tensor, aten.index_put_.default, aten.inde
 def backend_fallback(op, *args, **kwargs):
     """PrivateUse1 kernel for every op reached without an npu tensor (factories on device npu)."""
     return dispatch(op, args, kwargs)
+
+
+EXPLICIT_KERNELS = ("empty.memory_format", "empty_strided", "copy_", "_copy_from", "_copy_from_and_resize",
+                    "_to_copy", "_local_scalar_dense", "fill_.Scalar", "zero_", "resize_")
+
+
+def kernel_for(name: str):
+    packet, _, overload = name.partition(".")
+    op = getattr(getattr(aten, packet), overload or "default")
+
+    def kernel(*args, **kwargs):
+        return dispatch(op, args, kwargs)
+    kernel.__name__ = f"npu_{packet}"
+    return kernel
