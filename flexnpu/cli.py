@@ -54,23 +54,20 @@ def main(argv: list[str] | None = None) -> int:
         epilog="examples:\n  flexnpu run -- python app.py\n  flexnpu status --json\n  flexnpu bench ring --quick",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="_subcommand", metavar="COMMAND")
     sub.add_parser("bench", help="run a benchmark (flexnpu bench --help lists them)")
     modules = {}
     for name, (modname, helptext) in SUBCOMMANDS.items():
-        try:
-            mod = importlib.import_module(modname)
-        except ImportError:
-            continue  # not built yet in this checkout, or an optional dependency is missing
+        mod = importlib.import_module(modname)
         p = sub.add_parser(name, help=helptext, description=(mod.__doc__ or helptext).strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
         modules[name] = mod
     args = parser.parse_args(argv)
-    if args.cmd is None:
+    if args._subcommand is None:
         parser.print_help()
         return 2
-    return int(modules[args.cmd].run(args) or 0)
+    return int(modules[args._subcommand].run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,15 @@ def runtime_dir() -> Path:
 
 
 def socket_path(device: int, base: Path | None = None) -> Path:
-    return (base or runtime_dir()) / f"npu{device}.sock"
+    """The control socket of `device`. Without FLEXNPU_RUNTIME_DIR, a non-root user whose own
+    runtime directory has no daemon for the device uses the system daemons' /run/flexnpu."""
+    if base is None:
+        own = runtime_dir() / f"npu{device}.sock"
+        system = Path("/run/flexnpu") / f"npu{device}.sock"
+        if not os.environ.get("FLEXNPU_RUNTIME_DIR") and not own.exists() and system.exists():
+            return system
+        return own
+    return base / f"npu{device}.sock"
 
 
 def list_sockets(base: Path | None = None) -> list[tuple[int, Path]]:

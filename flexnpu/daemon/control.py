@@ -12,7 +12,7 @@ import socket
 import struct
 from typing import Any
 
-MAX_MSG = 64 << 10
+MAX_MSG = 1 << 20
 MAX_FDS = 4
 _LEN = struct.Struct("<I")
 

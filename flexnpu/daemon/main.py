@@ -25,7 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default device memory limit per client, e.g. 8GiB (default: none)")
     p.add_argument("--memory-limit-max", default=os.environ.get("FLEXNPU_MEMORY_LIMIT_MAX"),
                    help="highest limit a client may ask for (default: the default limit)")
-    p.add_argument("--allow-uid", action="append", default=None, metavar="UID",
+    env_uids = os.environ.get("FLEXNPU_ALLOW_UIDS")
+    p.add_argument("--allow-uid", action="append",
+                   default=[u.strip() for u in env_uids.split(",") if u.strip()] if env_uids else None,
+                   metavar="UID",
                    help="uid allowed to attach (repeatable; 'any' for everyone who can open the socket; "
                         "default: the daemon's uid and root)")
     p.add_argument("--socket-mode", default=os.environ.get("FLEXNPU_SOCKET_MODE", "0660"),

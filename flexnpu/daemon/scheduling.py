@@ -19,20 +19,20 @@ class FifoScheduler:
 
     name = "fifo"
 
+    inline = True   # commands may run at drain time when nothing is queued ahead of them
+
     def __init__(self, daemon: "Daemon") -> None:
         self.daemon = daemon
+        self.active: dict[tuple[int, int], tuple[Any, Any]] = {}   # queues with work, by (client, stream)
 
-    def ready_queues(self) -> list[tuple[Any, Any]]:
-        out = []
-        for s in self.daemon.sessions.values():
-            for st in s.streams.values():
-                if st.queue:
-                    out.append((s, st))
-        return out
+    def activate(self, s: Any, st: Any) -> None:
+        self.active[(s.cid, st.sid)] = (s, st)
 
     def run_round(self) -> int:
+        if not self.active:
+            return 0
         ran = 0
-        for s, st in self.ready_queues():
+        for key, (s, st) in list(self.active.items()):
             q = st.queue
             for _ in range(ROUND_QUANTUM):
                 if not q or s.dead:
@@ -43,6 +43,8 @@ class FifoScheduler:
                 q.popleft()
                 s.execute(st, cmd)
                 ran += 1
+            if not q or s.dead or s.streams.get(st.sid) is not st:
+                self.active.pop(key, None)
         return ran
 
     def idle_timeout(self) -> float | None:

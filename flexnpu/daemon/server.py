@@ -36,11 +36,13 @@ MAILBOX_MIN = 256
 
 
 def _cmdline(pid: int) -> str:
+    """The client's command line as the kernel reports it, made safe for one log line."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-        return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:512]
     except OSError:
         return "?"
+    text = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+    return "".join(ch if ch.isprintable() else "?" for ch in text)[:256]
 
 
 class Daemon:
@@ -55,6 +57,7 @@ class Daemon:
         self.batch = batch
         self.policy_name = policy
         self.scheduler = make_scheduler(policy, self)
+        self.inline = getattr(self.scheduler, "inline", False)
         self.memory_limit = memory_limit
         self.memory_limit_max = memory_limit_max
         self.allow_uids = allow_uids          # None = anyone who can open the socket
@@ -152,7 +155,10 @@ class Daemon:
                     log.warning("client pid %d: corrupt ring (%s); disconnecting it", s.pid, e)
                     self._drop(s, f"corrupt ring: {e}")
             ran = self.scheduler.run_round()
-            self._run_waiters()
+            for s in self.sessions.values():
+                if s.waiters:
+                    self._run_waiters()
+                    break
             for s in self.sessions.values():
                 if s.pending_replies:
                     s.flush_replies()
@@ -185,6 +191,8 @@ class Daemon:
             s.waiters = keep
 
     def _service_events(self) -> None:
+        if self._events.empty():
+            return
         while True:
             try:
                 kind, obj = self._events.get_nowait()
@@ -295,6 +303,12 @@ class Daemon:
             conn.setblocking(True)
             conn.settimeout(1.0)
             send_msg(conn, obj)
+        except ProtocolError:
+            # too large (e.g. a status of very many clients): say so instead of dying
+            try:
+                send_msg(conn, {"ok": False, "error": "reply too large", "code": "E2BIG"})
+            except (OSError, ProtocolError):
+                pass
         except OSError:
             pass
 

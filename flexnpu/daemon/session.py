@@ -149,35 +149,42 @@ class Session:
     def drain(self) -> int:
         """Prepare up to one batch of this client's requests. Returns how many."""
         n = self.seg.sq.pop_into(self.rec_buf, self.daemon.batch)
-        mv = memoryview(self.rec_buf)
-        self.ops_total += n
-        for i in range(n):
-            self.prepare(mv[i * P.SQE_SIZE:(i + 1) * P.SQE_SIZE])
+        if n:
+            self.ops_total += n
+            buf, unpack, prep = self.rec_buf, P.SQE.unpack_from, self.prepare
+            for i in range(n):
+                prep(unpack(buf, i * P.SQE_SIZE))
         return n
 
-    def prepare(self, rec: memoryview) -> None:
-        op, flags, sid, ud, poff, plen, a0, a1, a2, a3, a4 = P.SQE.unpack(rec)
-        sync = bool(flags & P.FLAG_SYNC)
+    def prepare(self, rec: tuple) -> None:
+        op, flags, sid, ud, poff, plen, a0, a1, a2, a3, a4 = rec
+        sync = flags & P.FLAG_SYNC != 0
         st = None
         try:
-            handler = _PREPARE.get(op)
-            if handler is None:
+            if op >= len(_HANDLERS) or _HANDLERS[op] is None:
                 raise InvalidArgument(f"unknown opcode {op}")
-            spec = P.OPS[Op(op)]
-            if spec.stream_ordered:
-                st = self.stream(sid)
+            handler, ordered = _HANDLERS[op]
+            if ordered:
+                st = self.streams.get(sid)
+                if st is None:
+                    raise InvalidHandle(f"unknown stream {sid}")
             cmd = handler(self, st, ud, sync, poff, plen, (a0, a1, a2, a3, a4), flags)
             if cmd is None:
                 return
             if st.capturing:
                 g = self.graphs[st.capturing]
-                if cmd.sync and op not in (Op.GRAPH_END,):
+                if cmd.sync and op != Op.GRAPH_END:
                     raise BadState(f"{Op(op).name} is not allowed while stream {sid} is being captured")
-                if op not in (Op.GRAPH_END, Op.GRAPH_BEGIN):
+                if op != Op.GRAPH_BEGIN:
                     if len(g.ops) >= MAX_GRAPH_OPS:
                         raise BadState("graph too large")
                     g.ops.append(cmd)
-            st.queue.append(cmd)
+            if self.daemon.inline and not st.queue and cmd.ready is None:
+                # Nothing queued ahead on this stream and the policy does not reorder: run now.
+                self.execute(st, cmd)
+            else:
+                st.queue.append(cmd)
+                self.daemon.scheduler.activate(self, st)
         except Exception as e:  # noqa: BLE001 - every failure is the client's error, never ours
             self.fail(ud, sync, st, e)
 
@@ -185,12 +192,14 @@ class Session:
     def execute(self, st: StreamState, cmd: Cmd) -> None:
         t0 = time.perf_counter()
         try:
-            with self.daemon.backend.stream_context(st.device_stream):
+            if st.device_stream is None:
                 cmd.run(self, st, cmd)
+            else:
+                with self.daemon.backend.stream_context(st.device_stream):
+                    cmd.run(self, st, cmd)
         except Exception as e:  # noqa: BLE001
             self.fail(cmd.user_data, cmd.sync, st, e)
-        dt = time.perf_counter() - t0
-        st.busy_s += dt
+        st.busy_s += time.perf_counter() - t0
         st.ops_done += 1
 
     def take_error(self, st: StreamState | None) -> tuple[int, str] | None:
@@ -675,3 +684,8 @@ _PREPARE: dict[int, Callable] = {
     Op.GRAPH_DESTROY: _p_graph_destroy, Op.SET_PHASE: _p_set_phase,
 }
 assert set(_PREPARE) == set(P.OPS), "every opcode in the wire table needs a handler"
+
+# opcode -> (handler, stream ordered?), indexed by the raw u16 so dispatch needs no enum lookup
+_HANDLERS: list = [None] * (max(_PREPARE) + 1)
+for _op, _fn in _PREPARE.items():
+    _HANDLERS[_op] = (_fn, P.OPS[_op].stream_ordered)

@@ -1,0 +1,21 @@
+# The two commands of the README:  make install  ·  make test
+PY ?= python3
+
+.PHONY: install test bench-quick clean
+
+install:
+	# CPU build of torch from the local wheel cache first: an unpinned torch would pull a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q "setuptools>=64" wheel "cffi>=1.15"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,serve]"
+	@if [ "$$(id -u)" = 0 ] && [ -x scripts/ci-system-deps.sh ]; then scripts/ci-system-deps.sh || true; fi
+
+test: install
+	$(PY) -m pytest -q --timeout=600
+
+bench-quick:
+	flexnpu bench ring --quick
+	flexnpu bench call --quick
+
+clean:
+	rm -rf build *.egg-info flexnpu/ring/_core*.so .pytest_cache

@@ -1,0 +1,94 @@
+"""Shared helpers of the benchmark suites: a private daemon, percentiles, tables, JSON."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def child_env(runtime_dir: str | Path | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if runtime_dir is not None:
+        env["FLEXNPU_RUNTIME_DIR"] = str(runtime_dir)
+    return env
+
+
+@contextlib.contextmanager
+def private_daemon(*args: str, device: int = 0, backend: str = "cpu") -> Iterator[Path]:
+    """A daemon in its own runtime directory, stopped afterwards. Sets FLEXNPU_RUNTIME_DIR."""
+    rdir = Path(tempfile.mkdtemp(prefix="flexnpu-bench-"))
+    log = open(rdir / "daemon.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "flexnpu", "daemon", "--device", str(device),
+                             "--backend", backend, "--runtime-dir", str(rdir), *args],
+                            env=child_env(rdir), stdout=log, stderr=subprocess.STDOUT)
+    old = os.environ.get("FLEXNPU_RUNTIME_DIR")
+    os.environ["FLEXNPU_RUNTIME_DIR"] = str(rdir)
+    try:
+        sock = rdir / f"npu{device}.sock"
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("benchmark daemon failed: " + (rdir / "daemon.log").read_text())
+            time.sleep(0.01)
+        yield rdir
+    finally:
+        if old is None:
+            os.environ.pop("FLEXNPU_RUNTIME_DIR", None)
+        else:
+            os.environ["FLEXNPU_RUNTIME_DIR"] = old
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        shutil.rmtree(rdir, ignore_errors=True)
+
+
+def print_table(rows: list[dict[str, Any]], cols: list[tuple[str, str, str]], title: str = "") -> None:
+    """cols: (key, header, format)."""
+    if title:
+        print(title)
+    widths = [max(len(h), *(len(_fmt(r.get(k), f)) for r in rows)) for k, h, f in cols]
+    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, ((_, h, _), w) in enumerate(zip(cols, widths))))
+    for r in rows:
+        print("  ".join(_fmt(r.get(k), f).ljust(w) if i == 0 else _fmt(r.get(k), f).rjust(w)
+                        for i, ((k, _, f), w) in enumerate(zip(cols, widths))))
+
+
+def _fmt(v: Any, f: str) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and v != v:
+        return "-"
+    return format(v, f) if f else str(v)
+
+
+def dump_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False))

@@ -1,0 +1,195 @@
+"""Client -> daemon -> client call costs: sync no-op, async launch, daemon launch throughput.
+
+Side by side in one run, against a Unix-socket request/reply peer doing the same no-op.
+Targets (issue 3): sync call median <= 5 us and >= 5x faster than the socket peer; async launch
+<= 2 us client-side; >= 200k no-op launches/s through the daemon; 4 clients together >= 0.8x of
+one client's throughput.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+from bench._common import child_env, dump_json, median, pct, print_table, private_daemon, progress
+
+
+def _sync_call(n: int) -> dict:
+    from flexnpu.client import Client
+
+    c = Client(0)
+    for _ in range(min(2000, n)):
+        c.nop()
+    lat = []
+    pc = time.perf_counter_ns
+    for _ in range(n):
+        t = pc()
+        c.nop()
+        lat.append(pc() - t)
+    c.close()
+    us = [x / 1000 for x in lat]
+    return {"name": "sync-call", "p50_us": median(us), "p99_us": pct(us, 99), "ops_per_s": 1e6 / median(us)}
+
+
+def _async_launch(n: int) -> list[dict]:
+    import torch
+
+    from flexnpu.client import Client
+    from flexnpu.protocol import TensorRef
+
+    c = Client(0)
+    out = []
+    pc = time.perf_counter_ns
+    # the transport alone: one no-op record per call
+    c.synchronize()
+    lat = []
+    for i in range(n):
+        t = pc()
+        c.nop(sync=False)
+        lat.append(pc() - t)
+        if i % 2048 == 2047:
+            c.synchronize()
+    c.synchronize()
+    us = [x / 1000 for x in lat]
+    out.append({"name": "async-launch", "p50_us": median(us), "p99_us": pct(us, 99), "ops_per_s": 1e6 / median(us)})
+    # a real operator launch: encode arguments + stage payload + push
+    a = c.malloc(64)
+    ref = TensorRef(a, torch.float32, (16,), (1,), 0)
+    lat = []
+    for i in range(n // 4):
+        t = pc()
+        c.launch("aten::add_.Tensor", (ref, ref), {}, [])
+        lat.append(pc() - t)
+        if i % 1024 == 1023:
+            c.synchronize()
+    try:
+        c.synchronize()
+    except Exception:  # noqa: BLE001 - the daemon may lack the aten executor in a partial install
+        pass
+    us = [x / 1000 for x in lat]
+    out.append({"name": "async-launch-aten", "p50_us": median(us), "p99_us": pct(us, 99),
+                "ops_per_s": 1e6 / median(us)})
+    c.close()
+    return out
+
+
+_WORKER = """
+import sys, time
+from flexnpu.client import Client
+n = int(sys.argv[1])
+c = Client(0)
+c.nop()
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+sys.stdin.readline()
+t = time.perf_counter()
+for i in range(n):
+    c.nop(sync=False)
+c.synchronize()
+print(time.perf_counter() - t, flush=True)
+"""
+
+
+def _throughput(clients: int, n: int, rdir: str) -> dict:
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(n)], env=child_env(rdir), text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(clients)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    t0 = time.perf_counter()
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    for p in procs:
+        p.stdout.readline()
+        p.wait(120)
+    wall = time.perf_counter() - t0
+    return {"name": f"launch-{clients}-client{'s' if clients > 1 else ''}", "p50_us": None, "p99_us": None,
+            "ops_per_s": clients * n / wall}
+
+
+_ECHO = """
+import socket, sys, os
+path = sys.argv[1]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(path); s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept()
+while True:
+    m = c.recv(64)
+    if not m:
+        break
+    c.sendall(m)
+"""
+
+
+def _socket_call(n: int) -> dict:
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(prefix="flexnpu-sock-"), "echo.sock")
+    p = subprocess.Popen([sys.executable, "-c", _ECHO, path], stdout=subprocess.PIPE, text=True)
+    p.stdout.readline()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    msg = b"x" * 64
+    pc = time.perf_counter_ns
+    lat = []
+    for i in range(n + 1000):
+        t = pc()
+        s.sendall(msg)
+        got = 0
+        while got < 64:
+            got += len(s.recv(64 - got))
+        if i >= 1000:
+            lat.append(pc() - t)
+    s.close()
+    p.wait(10)
+    us = [x / 1000 for x in lat]
+    return {"name": "socket-call", "p50_us": median(us), "p99_us": pct(us, 99), "ops_per_s": 1e6 / median(us)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="flexnpu bench call", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer iterations (about 15 s)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--repeat", type=int, default=None, help="repetitions; medians are reported")
+    a = ap.parse_args(argv)
+    n = 20000 if a.quick else 100000
+    reps = a.repeat or (1 if a.quick else 3)
+    runs: dict[str, list[dict]] = {}
+    with private_daemon() as rdir:
+        for r in range(reps):
+            progress(f"[call] repetition {r + 1}/{reps}: sync call")
+            rows = [_sync_call(n)]
+            progress("[call] socket peer")
+            rows.append(_socket_call(n))
+            progress("[call] async launch (client side)")
+            rows += _async_launch(n)
+            progress("[call] daemon throughput, 1 and 4 clients")
+            rows.append(_throughput(1, n * 2, str(rdir)))
+            rows.append(_throughput(4, n // 2, str(rdir)))
+            for row in rows:
+                runs.setdefault(row["name"], []).append(row)
+    results = []
+    for name, rs in runs.items():
+        row = {"name": name}
+        for k in ("p50_us", "p99_us", "ops_per_s"):
+            vals = [x[k] for x in rs if x[k] is not None]
+            row[k] = round(median(vals), 3) if vals else None
+        results.append(row)
+    by = {r["name"]: r for r in results}
+    ratios = {
+        "socket_over_sync_p50": round(by["socket-call"]["p50_us"] / by["sync-call"]["p50_us"], 2),
+        "four_over_one_client": round(by["launch-4-clients"]["ops_per_s"] / by["launch-1-client"]["ops_per_s"], 3),
+    }
+    if a.json:
+        dump_json({"results": results, "ratios": ratios, "repetitions": reps, "iterations": n})
+    else:
+        print_table(results, [("name", "benchmark", ""), ("p50_us", "p50 us", ".2f"), ("p99_us", "p99 us", ".2f"),
+                              ("ops_per_s", "ops/s", ",.0f")], title="flexnpu bench call (medians)")
+        print(f"socket peer / sync call (p50): {ratios['socket_over_sync_p50']}x;  "
+              f"4 clients / 1 client throughput: {ratios['four_over_one_client']}x")
+    return 0

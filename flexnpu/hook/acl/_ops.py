@@ -1,0 +1,474 @@
+"""Lowering of AscendCL operator types (acl.op.execute_v2) to aten calls on daemon memory.
+
+Each ACL op becomes one or more ``client.launch("aten::<op>.out", ...)`` calls whose ``out=``
+(or in-place ``self``) operand is a TensorRef into the output data buffer, so results land in
+the memory the program passed, with ``outputs=[]``. Attribute names and input orders follow
+CANN's operator prototypes (e.g. MatMul: x1, x2, [bias]; transpose_x1/transpose_x2).
+
+Before anything is sent, every call is dry-run on torch's meta device (cached per signature):
+shape, dtype and attribute mistakes come back synchronously as ACL_ERROR_OP_* codes, exactly
+where a program checks them, instead of as an asynchronous device failure.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import constants as C
+from ._errors import AclFail
+from ._objects import TensorDesc
+
+ACL_TO_TORCH: dict[int, torch.dtype] = {
+    C.ACL_FLOAT: torch.float32, C.ACL_FLOAT16: torch.float16, C.ACL_INT8: torch.int8,
+    C.ACL_INT32: torch.int32, C.ACL_UINT8: torch.uint8, C.ACL_INT16: torch.int16,
+    C.ACL_UINT16: torch.uint16, C.ACL_UINT32: torch.uint32, C.ACL_INT64: torch.int64,
+    C.ACL_UINT64: torch.uint64, C.ACL_DOUBLE: torch.float64, C.ACL_BOOL: torch.bool,
+    C.ACL_COMPLEX64: torch.complex64, C.ACL_COMPLEX128: torch.complex128, C.ACL_BF16: torch.bfloat16,
+}
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+@dataclass(frozen=True)
+class Operand:
+    """One tensor operand: where it lives (handle/offset on a device, or host bytes) and the
+    view (shape/stride in elements) the lowering wants of it."""
+
+    role: str                   # "input 0", "output 1": for messages
+    desc: TensorDesc
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int                 # in elements
+    handle: int | None = None   # client handle when on the device
+    host: bytes | None = None   # bytes when host-resident (const / host placement)
+    reader: Callable[[], bytes] | None = None  # reads device bytes (for axes-like operands)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def view(self, shape: tuple[int, ...], stride: tuple[int, ...], offset: int | None = None) -> "Operand":
+        return dataclasses.replace(self, shape=tuple(shape), stride=tuple(stride),
+                                   offset=self.offset if offset is None else offset)
+
+    def t(self) -> "Operand":
+        """Swap the last two dimensions (a transposed view, no data movement)."""
+        if self.ndim < 2:
+            raise AclFail(C.ACL_ERROR_OP_INPUT_NOT_MATCH, f"{self.role} needs >= 2 dims to transpose")
+        s, st = list(self.shape), list(self.stride)
+        s[-1], s[-2], st[-1], st[-2] = s[-2], s[-1], st[-2], st[-1]
+        return self.view(tuple(s), tuple(st))
+
+    def permute(self, perm: list[int]) -> "Operand":
+        n = self.ndim
+        perm = [p + n if p < 0 else p for p in perm]
+        if sorted(perm) != list(range(n)):
+            raise AclFail(C.ACL_ERROR_OP_INPUT_NOT_MATCH, f"perm {perm} is not a permutation of {n} dims")
+        return self.view(tuple(self.shape[p] for p in perm), tuple(self.stride[p] for p in perm))
+
+    def reshaped(self, shape: tuple[int, ...]) -> "Operand":
+        if math.prod(shape) != math.prod(self.shape):
+            raise AclFail(C.ACL_ERROR_OP_OUTPUT_NOT_MATCH,
+                          f"cannot view {self.role} of shape {list(self.shape)} as {list(shape)}")
+        return self.view(shape, contiguous_strides(shape))
+
+    def narrow(self, dim: int, start: int, length: int) -> "Operand":
+        s = list(self.shape)
+        s[dim] = length
+        return self.view(tuple(s), self.stride, self.offset + start * self.stride[dim])
+
+    def values(self) -> list:
+        """Host values of a small operand (axes, perm, shape)."""
+        np_dtype = C.DTYPE_INFO[self.desc.dtype][0]
+        raw = self.host if self.host is not None else (self.reader() if self.reader else None)
+        if raw is None or np_dtype is None:
+            raise AclFail(C.ACL_ERROR_OP_INPUT_NOT_MATCH, f"cannot read the values of {self.role}")
+        return np.frombuffer(raw, dtype=np_dtype, count=self.desc.numel).tolist()
+
+
+Call = tuple[str, tuple, dict]
+
+
+class Attrs:
+    def __init__(self, op_type: str, values: dict[str, tuple[str, Any]]) -> None:
+        self.op_type = op_type
+        self.values = values
+
+    def get(self, name: str, kind: str, default: Any) -> Any:
+        if name not in self.values:
+            return default
+        k, v = self.values[name]
+        ok = k == kind or (kind == "float" and k == "int") or (kind == "int" and k == "bool")
+        if not ok:
+            raise AclFail(C.ACL_ERROR_OP_ATTR_NOT_MATCH,
+                          f"{self.op_type}: attribute {name!r} must be set with acl.op.set_attr_{kind}, "
+                          f"not set_attr_{k}")
+        return v
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    n_in: tuple[int, int]       # min, max inputs (max -1: unbounded)
+    n_out: tuple[int, int]
+    lower: Callable[[list[Operand], list[Operand], Attrs], list[Call]]
+
+
+OPS: dict[str, OpSpec] = {}
+
+
+def op(*names: str, n_in: int | tuple[int, int] = 1, n_out: int | tuple[int, int] = 1):
+    def reg(fn: Callable) -> Callable:
+        spec = OpSpec(n_in if isinstance(n_in, tuple) else (n_in, n_in),
+                      n_out if isinstance(n_out, tuple) else (n_out, n_out), fn)
+        for n in names:
+            OPS[n] = spec
+        return fn
+    return reg
+
+
+def _axis(a: int, ndim: int, role: str = "axis") -> int:
+    if not -max(ndim, 1) <= a < max(ndim, 1):
+        raise AclFail(C.ACL_ERROR_OP_ATTR_NOT_MATCH, f"{role} {a} out of range for {ndim} dims")
+    return a + ndim if a < 0 else a
+
+
+# ---- elementwise ---------------------------------------------------------------------------
+
+def _binary(aten: str, **kw: Any) -> Callable:
+    return lambda i, o, a: [(aten, (i[0], i[1]), {**kw, "out": o[0]})]
+
+
+def _unary(aten: str, *extra: Any, **kw: Any) -> Callable:
+    return lambda i, o, a: [(aten, (i[0], *extra), {**kw, "out": o[0]})]
+
+
+for _names, _aten in [(("Add", "AddV2"), "aten::add.out"), (("Sub",), "aten::sub.out"),
+                      (("Mul",), "aten::mul.out"), (("RealDiv",), "aten::div.out"),
+                      (("Maximum",), "aten::maximum.out"), (("Minimum",), "aten::minimum.out"),
+                      (("Pow",), "aten::pow.Tensor_Tensor_out"), (("FloorMod",), "aten::remainder.Tensor_out"),
+                      (("Equal",), "aten::eq.Tensor_out"), (("NotEqual",), "aten::ne.Tensor_out"),
+                      (("Less",), "aten::lt.Tensor_out"), (("LessEqual",), "aten::le.Tensor_out"),
+                      (("Greater",), "aten::gt.Tensor_out"), (("GreaterEqual",), "aten::ge.Tensor_out"),
+                      (("LogicalAnd",), "aten::logical_and.out"), (("LogicalOr",), "aten::logical_or.out")]:
+    op(*_names, n_in=2)(_binary(_aten))
+
+op("FloorDiv", n_in=2)(_binary("aten::div.out_mode", rounding_mode="floor"))
+
+
+@op("Div", n_in=2)
+def _div(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    # Integer Div truncates toward zero (C semantics); floating Div is true division.
+    if i[0].dtype.is_floating_point or i[0].dtype.is_complex:
+        return [("aten::div.out", (i[0], i[1]), {"out": o[0]})]
+    return [("aten::div.out_mode", (i[0], i[1]), {"rounding_mode": "trunc", "out": o[0]})]
+
+
+@op("SquaredDifference", n_in=2)
+def _sqdiff(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    return [("aten::sub.out", (i[0], i[1]), {"out": o[0]}), ("aten::mul.out", (o[0], o[0]), {"out": o[0]})]
+
+
+for _name, _aten in [("Exp", "exp"), ("Log", "log"), ("Sqrt", "sqrt"), ("Rsqrt", "rsqrt"),
+                     ("Abs", "abs"), ("Neg", "neg"), ("Reciprocal", "reciprocal"), ("Square", "square"),
+                     ("Sin", "sin"), ("Cos", "cos"), ("Tanh", "tanh"), ("Sigmoid", "sigmoid"),
+                     ("Floor", "floor"), ("Ceil", "ceil"), ("Round", "round"), ("Sign", "sign"),
+                     ("Erf", "erf"), ("LogicalNot", "logical_not")]:
+    op(_name)(_unary(f"aten::{_aten}.out"))
+
+op("Relu")(_unary("aten::clamp_min.out", 0))
+op("Relu6")(_unary("aten::clamp.out", 0, 6))
+op("Gelu")(_unary("aten::gelu.out", approximate="tanh"))  # CANN Gelu is the tanh form
+
+
+@op("LeakyRelu")
+def _leaky(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    return [("aten::leaky_relu.out", (i[0], a.get("negative_slope", "float", 0.0)), {"out": o[0]})]
+
+
+@op("Swish")
+def _swish(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    scale = a.get("scale", "float", 1.0)
+    if scale == 1.0:
+        return [("aten::silu.out", (i[0],), {"out": o[0]})]
+    return [("aten::mul.Scalar_out", (i[0], scale), {"out": o[0]}),
+            ("aten::sigmoid.out", (o[0],), {"out": o[0]}),
+            ("aten::mul.out", (i[0], o[0]), {"out": o[0]})]
+
+
+@op("Muls")
+def _muls(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    return [("aten::mul.Scalar_out", (i[0], a.get("value", "float", 1.0)), {"out": o[0]})]
+
+
+@op("Adds")
+def _adds(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    return [("aten::add.Scalar_out", (i[0], a.get("value", "float", 0.0)), {"out": o[0]})]
+
+
+@op("Axpy", n_in=2)
+def _axpy(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    return [("aten::add.out", (i[1], i[0]), {"alpha": a.get("alpha", "float", 1.0), "out": o[0]})]
+
+
+def _same_shape(x: Operand, y: Operand) -> None:
+    if x.shape != y.shape:
+        raise AclFail(C.ACL_ERROR_OP_OUTPUT_NOT_MATCH,
+                      f"{y.role} has shape {list(y.shape)} but {x.role} has {list(x.shape)}")
+
+
+@op("Identity")
+def _identity(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    _same_shape(i[0], o[0])
+    return [("aten::copy_", (o[0], i[0]), {})]
+
+
+@op("Cast")
+def _cast(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    dst = a.get("dst_type", "int", o[0].desc.dtype)
+    if dst != o[0].desc.dtype:
+        raise AclFail(C.ACL_ERROR_OP_ATTR_NOT_MATCH,
+                      f"Cast: dst_type {dst} differs from the output descriptor's type {o[0].desc.dtype}")
+    _same_shape(i[0], o[0])
+    return [("aten::copy_", (o[0], i[0]), {})]
+
+
+@op("Select", n_in=3)
+def _select(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    return [("aten::where.self_out", (i[0], i[1], i[2]), {"out": o[0]})]
+
+
+@op("ZerosLike")
+def _zeros(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    return [("aten::fill_.Scalar", (o[0], 0), {})]
+
+
+@op("OnesLike")
+def _ones(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    return [("aten::fill_.Scalar", (o[0], 1), {})]
+
+
+@op("Fill", n_in=2)
+def _fill(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    dims = [int(d) for d in i[0].values()]
+    if tuple(dims) != o[0].shape:
+        raise AclFail(C.ACL_ERROR_OP_OUTPUT_NOT_MATCH, f"Fill: dims {dims} != output shape {list(o[0].shape)}")
+    value = i[1]
+    if value.desc.numel != 1:
+        raise AclFail(C.ACL_ERROR_OP_INPUT_NOT_MATCH, "Fill: value must hold exactly one element")
+    if value.handle is None:
+        return [("aten::fill_.Scalar", (o[0], value.values()[0]), {})]
+    return [("aten::fill_.Tensor", (o[0], value.view((), ())), {})]
+
+
+# ---- matrix products -----------------------------------------------------------------------
+
+@op("MatMul", "MatMulV2", n_in=(2, 3))
+def _matmul(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    x1, x2 = i[0], i[1]
+    if x1.ndim != 2 or x2.ndim != 2:
+        raise AclFail(C.ACL_ERROR_OP_INPUT_NOT_MATCH,
+                      f"MatMul takes 2-D inputs, got {list(x1.shape)} and {list(x2.shape)} (use BatchMatMul)")
+    if a.get("transpose_x1", "bool", False):
+        x1 = x1.t()
+    if a.get("transpose_x2", "bool", False):
+        x2 = x2.t()
+    if len(i) == 3:
+        return [("aten::addmm.out", (i[2], x1, x2), {"out": o[0]})]
+    return [("aten::mm.out", (x1, x2), {"out": o[0]})]
+
+
+@op("BatchMatMul", "BatchMatMulV2", n_in=(2, 3))
+def _bmm(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    x1, x2 = i[0], i[1]
+    if a.get("adj_x1", "bool", False):
+        x1 = x1.t()
+    if a.get("adj_x2", "bool", False):
+        x2 = x2.t()
+    calls: list[Call] = [("aten::matmul.out", (x1, x2), {"out": o[0]})]
+    if len(i) == 3:
+        calls.append(("aten::add.out", (o[0], i[2]), {"out": o[0]}))
+    return calls
+
+
+# ---- softmax and reductions ----------------------------------------------------------------
+
+def _softmax_like(aten: str) -> Callable:
+    def lower(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+        axes = a.get("axes", "list_int", [-1])
+        if len(axes) != 1:
+            raise AclFail(C.ACL_ERROR_OP_ATTR_NOT_MATCH, f"softmax over {len(axes)} axes is not supported")
+        return [(aten, (i[0], _axis(axes[0], i[0].ndim), False), {"out": o[0]})]
+    return lower
+
+
+op("SoftmaxV2", "Softmax")(_softmax_like("aten::_softmax.out"))
+op("LogSoftmaxV2", "LogSoftmax")(_softmax_like("aten::_log_softmax.out"))
+
+
+def _reduce(aten: str, with_dtype: bool, axes_from_attr: bool) -> Callable:
+    def lower(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+        x = i[0]
+        axes = a.get("axes", "list_int", []) if axes_from_attr else [int(v) for v in i[1].values()]
+        keep = a.get("keep_dims", "bool", False)
+        if not axes:
+            if a.get("noop_with_empty_axes", "bool", True):
+                _same_shape(x, o[0])
+                return [("aten::copy_", (o[0], x), {})]
+            axes = list(range(x.ndim))
+        dims = sorted({_axis(int(d), x.ndim, "axes entry") for d in axes})
+        args: tuple = (x, dims, keep)
+        kwargs: dict = {"out": o[0]}
+        if with_dtype:
+            kwargs["dtype"] = None
+        return [(aten, args, kwargs)]
+    return lower
+
+
+op("ReduceSum", n_in=2)(_reduce("aten::sum.IntList_out", True, False))
+op("ReduceSumD")(_reduce("aten::sum.IntList_out", True, True))
+op("ReduceMean", n_in=2)(_reduce("aten::mean.out", True, False))
+op("ReduceMeanD")(_reduce("aten::mean.out", True, True))
+op("ReduceMax", n_in=2)(_reduce("aten::amax.out", False, False))
+op("ReduceMaxD")(_reduce("aten::amax.out", False, True))
+op("ReduceMin", n_in=2)(_reduce("aten::amin.out", False, False))
+op("ReduceMinD")(_reduce("aten::amin.out", False, True))
+
+
+# ---- data movement -------------------------------------------------------------------------
+
+@op("Transpose", n_in=2)
+def _transpose(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    return [("aten::copy_", (o[0], i[0].permute([int(p) for p in i[1].values()])), {})]
+
+
+@op("TransposeD")
+def _transpose_d(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    perm = a.get("perm", "list_int", None)
+    if perm is None:
+        raise AclFail(C.ACL_ERROR_OP_ATTR_NOT_MATCH, "TransposeD needs the 'perm' attribute")
+    return [("aten::copy_", (o[0], i[0].permute(perm)), {})]
+
+
+@op("Reshape", "Squeeze", "Unsqueeze", "ExpandDims", "Flatten", n_in=(1, 2))
+def _reshape(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    # Same bytes, new shape: the output descriptor says which.
+    return [("aten::copy_", (o[0], i[0].reshaped(o[0].shape)), {})]
+
+
+def _concat(i: list[Operand], o: list[Operand], dim: int) -> list[Call]:
+    return [("aten::cat.out", (list(i), _axis(dim, i[0].ndim)), {"out": o[0]})]
+
+
+@op("ConcatD", "ConcatV2D", n_in=(1, -1))
+def _concat_d(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    return _concat(i, o, a.get("concat_dim", "int", 0))
+
+
+@op("ConcatV2", n_in=(2, -1))
+def _concat_v2(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    return _concat(i[:-1], o, int(i[-1].values()[0]))
+
+
+@op("Concat", n_in=(2, -1))
+def _concat_tf(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    return _concat(i[1:], o, int(i[0].values()[0]))
+
+
+@op("SplitD", n_out=(1, -1))
+def _split_d(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    x = i[0]
+    dim = _axis(a.get("split_dim", "int", 0), x.ndim, "split_dim")
+    n = a.get("num_split", "int", len(o))
+    if n != len(o) or x.shape[dim] % n:
+        raise AclFail(C.ACL_ERROR_OP_OUTPUT_NOT_MATCH,
+                      f"SplitD: {len(o)} outputs cannot split dim {dim} of size {x.shape[dim]} into {n}")
+    step = x.shape[dim] // n
+    return [("aten::copy_", (o[k], x.narrow(dim, k * step, step)), {}) for k in range(n)]
+
+
+@op("GatherV2", n_in=3)
+def _gather(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    axis = _axis(int(i[2].values()[0]), i[0].ndim)
+    if i[1].ndim != 1:
+        raise AclFail(C.ACL_ERROR_OP_INPUT_NOT_MATCH, "GatherV2: only 1-D indices are supported")
+    return [("aten::index_select.out", (i[0], axis, i[1]), {"out": o[0]})]
+
+
+# ---- meta validation -----------------------------------------------------------------------
+
+def resolve_aten(name: str) -> Any:
+    ns, _, rest = name.partition("::")
+    base, _, overload = rest.partition(".")
+    return getattr(getattr(getattr(torch.ops, ns), base), overload or "default")
+
+
+def _meta(x: Any, made: dict[int, torch.Tensor]) -> Any:
+    if isinstance(x, Operand):
+        t = made.get(id(x))
+        if t is None:
+            t = made[id(x)] = torch.empty_strided(x.shape, x.stride, dtype=x.dtype, device="meta")
+        return t
+    if isinstance(x, (list, tuple)):
+        return type(x)(_meta(v, made) for v in x)
+    if isinstance(x, dict):
+        return {k: _meta(v, made) for k, v in x.items()}
+    return x
+
+
+def signature(x: Any) -> Any:
+    if isinstance(x, Operand):
+        return ("T", x.dtype, x.shape, x.stride, x.role)
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, tuple(signature(v) for v in x))
+    if isinstance(x, dict):
+        return tuple(sorted((k, signature(v)) for k, v in x.items()))
+    return x
+
+
+_checked: dict[Any, AclFail | None] = {}
+
+
+def meta_check(op_type: str, calls: list[Call]) -> None:
+    """Run the calls on meta tensors; raise AclFail with the reason if torch would reject them."""
+    key = (op_type, signature(calls))
+    if key in _checked:
+        err = _checked[key]
+        if err is not None:
+            raise err
+        return
+    err = None
+    for name, args, kwargs in calls:
+        made: dict[int, torch.Tensor] = {}
+        margs, mkwargs = _meta(args, made), _meta(kwargs, made)
+        out = kwargs.get("out", args[0] if name.endswith("_") or "_." in name else None)
+        expect = out.shape if isinstance(out, Operand) else None
+        try:
+            with warnings.catch_warnings():  # the resize warning: reported below as a mismatch
+                warnings.simplefilter("ignore")
+                resolve_aten(name)(*margs, **mkwargs)
+        except Exception as e:  # noqa: BLE001 - any rejection is the program's operand mistake
+            err = AclFail(C.ACL_ERROR_OP_INPUT_NOT_MATCH, f"{op_type} ({name}): {e}")
+            break
+        if expect is not None and tuple(made[id(out)].shape) != expect:
+            err = AclFail(C.ACL_ERROR_OP_OUTPUT_NOT_MATCH,
+                          f"{op_type}: output descriptor has shape {list(expect)} but the result has "
+                          f"shape {list(made[id(out)].shape)}")
+            break
+    if len(_checked) > 4096:
+        _checked.clear()
+    _checked[key] = err
+    if err is not None:
+        raise err
