@@ -186,3 +186,20 @@ def test_multi_output_and_list_args():
     o = out_ref(4, torch.float32, (8, 5))
     m.run("aten::cat.default", ([ra, ra],), {}, [o])
     assert torch.equal(m.read(o[1]), torch.cat([a, a]))
+
+
+def test_cached_views_survive_out_resizing_and_inplace_view_ops_are_denied():
+    m = Mem()
+    a = m.put(1, torch.ones(4))
+    big = m.put(2, torch.zeros(8))
+    nb, ro = out_ref(3, torch.float32, (8,))
+    m.run("aten::clone.default", (big,), {}, [(nb, ro)])      # caches a view of handle 2 as (8,)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m.run("aten::add.out", (a, a), {"out": big})            # torch shrinks `out` to (4,)
+    nb, ro = out_ref(4, torch.float32, (8,))
+    m.run("aten::clone.default", (big,), {}, [(nb, ro)])      # still the full (8,) view
+    assert m.read(ro).tolist() == [2.0] * 4 + [0.0] * 4
+    for op in ("aten::unsqueeze_.default", "aten::t_.default", "aten::squeeze_.dim", "aten::transpose_.default"):
+        assert not is_op_allowed(op), op

@@ -102,6 +102,10 @@ def _allowed(name: str, opov) -> bool:
     # generates random numbers client-side instead.
     if torch.Tag.nondeterministic_seeded in tags:
         return False
+    # In-place metadata changes (squeeze_, t_, ...) would alter the daemon's cached view objects;
+    # the hook applies them client-side, they never need the device.
+    if torch.Tag.inplace_view in tags:
+        return False
     return True
 
 
@@ -171,6 +175,42 @@ def build_view(ref: TensorRef, alloc: torch.Tensor) -> torch.Tensor:
     raise LaunchError(f"handle {ref.handle}: allocation not aligned for {ref.dtype}")
 
 
+# Views of allocations, keyed by (data pointer, allocation size, layout). A view is only a pointer
+# plus layout, so any live allocation with that pointer and size yields the same view: reusing it
+# is sound as long as the key comes from the allocation the client's handle resolves to now, and
+# no operator changes a cached view's metadata (in-place view ops are denied; mutable arguments,
+# whose metadata out= may change, always get a fresh view).
+_VIEW_CACHE_MAX = 4096
+_view_cache: dict[tuple, torch.Tensor] = {}
+
+
+def _cached_view(ref: TensorRef, alloc: torch.Tensor) -> torch.Tensor:
+    key = (alloc.data_ptr(), alloc.numel(), ref.dtype, ref.shape, ref.stride, ref.offset, alloc.device)
+    try:
+        v = _view_cache.get(key)
+    except TypeError:  # unhashable junk in the ref: let build_view produce the proper error
+        return build_view(ref, alloc)
+    if v is None:
+        v = build_view(ref, alloc)
+        if len(_view_cache) >= _VIEW_CACHE_MAX:
+            _view_cache.clear()
+        _view_cache[key] = v
+    return v
+
+
+_mutable_cache: dict[Any, tuple[frozenset, frozenset]] = {}
+
+
+def _mutable_args(opov) -> tuple[frozenset, frozenset]:
+    """(positions, names) of the arguments the op writes to."""
+    m = _mutable_cache.get(opov)
+    if m is None:
+        args = opov._schema.arguments
+        w = [(i, a.name) for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write]
+        m = _mutable_cache[opov] = (frozenset(i for i, _ in w), frozenset(n for _, n in w))
+    return m
+
+
 class _Ctx:
     __slots__ = ("device", "resolve", "allocs", "in_ptrs")
 
@@ -190,9 +230,10 @@ class _Ctx:
             self.in_ptrs.append((a.data_ptr(), a.data_ptr() + a.numel()))
         return a
 
-    def convert(self, x: Any, depth: int = 0) -> Any:
+    def convert(self, x: Any, depth: int = 0, fresh: bool = True) -> Any:
         if isinstance(x, TensorRef):
-            return build_view(x, self.alloc(x.handle))
+            a = self.alloc(x.handle)
+            return build_view(x, a) if fresh else _cached_view(x, a)
         if x is None or isinstance(x, (bool, int, float, complex, str, torch.dtype, torch.layout,
                                        torch.memory_format)):
             return x
@@ -201,7 +242,7 @@ class _Ctx:
         if isinstance(x, (list, tuple)):
             if depth > 4 or len(x) > 100000:
                 raise LaunchError("argument nesting too deep or too long")
-            out = [self.convert(v, depth + 1) for v in x]
+            out = [self.convert(v, depth + 1, fresh) for v in x]
             return out if isinstance(x, list) else tuple(out)
         raise LaunchError(f"unsupported argument type {type(x).__name__}")
 
@@ -328,8 +369,9 @@ def execute_launch(device: torch.device, op: str, args: Sequence, kwargs: dict,
             _meta_key(v)
 
     ctx = _Ctx(device, resolve)
-    cargs = ctx.convert(tuple(args))
-    ckwargs = {k: ctx.convert(v) for k, v in kwargs.items()}
+    mpos, mnames = _mutable_args(opov)
+    cargs = tuple([ctx.convert(a, 1, i in mpos) for i, a in enumerate(args)])
+    ckwargs = {k: ctx.convert(v, 1, k in mnames) for k, v in kwargs.items()}
     result = opov(*cargs, **ckwargs)
     if not outputs:
         return []
