@@ -387,6 +387,7 @@ class NPUGraph:
             self._graph = None
         held, self._held = self._held, []
         d.pending.extend(held)
+        d.flush_due = True
 
     def pool(self) -> Any:
         return id(self)

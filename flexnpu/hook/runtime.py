@@ -35,14 +35,18 @@ def device_map() -> list[int]:
 class Device:
     """One virtual npu device: its client plus the hook's bookkeeping for it."""
 
-    __slots__ = ("index", "daemon_index", "_client", "pending", "allocated", "peak", "stream",
-                 "capture", "lock", "phase_set")
+    __slots__ = ("index", "daemon_index", "_client", "pending", "pending_bytes", "flush_due", "allocated",
+                 "peak", "stream", "capture", "lock", "phase_set")
 
     def __init__(self, index: int, daemon_index: int):
         self.index = index
         self.daemon_index = daemon_index
         self._client = None
-        self.pending: list[int] = []   # handles whose last tensor died; freed before the next command
+        # Handles whose last tensor died. Freed in batches (each free is a ring command): when
+        # FREE_BATCH handles or FREE_BYTES bytes are pending (flush_due), and at every sync point.
+        self.pending: list[int] = []
+        self.pending_bytes = 0
+        self.flush_due = False
         self.allocated = 0             # bytes held by live npu tensors of this process
         self.peak = 0
         self.stream = 0                # current stream id (client stream handle; 0 = default)
@@ -73,6 +77,8 @@ class Device:
     def flush_frees(self) -> None:
         """Free handles released by tensor destructors (deferred: destructors may run anywhere)."""
         pending = self.pending
+        self.flush_due = False
+        self.pending_bytes = 0
         if not pending:
             return
         c = self.client
@@ -83,6 +89,9 @@ class Device:
                 break
             c.free(h)
 
+
+FREE_BATCH = 64
+FREE_BYTES = 64 << 20
 
 _devices: list[Device] | None = None
 _current = threading.local()

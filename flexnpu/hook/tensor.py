@@ -58,6 +58,9 @@ class Alloc:
                 g._held.append(self.handle)   # the graph replays commands that use it
             else:
                 d.pending.append(self.handle)  # never call the client from a destructor
+                d.pending_bytes += self.nbytes
+                if len(d.pending) >= runtime.FREE_BATCH or d.pending_bytes >= runtime.FREE_BYTES:
+                    d.flush_due = True
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
@@ -175,7 +178,7 @@ def new_empty(dev: runtime.Device, shape, dtype: torch.dtype, stride=None) -> NP
     shape = tuple(int(s) for s in shape)
     stride = _contig_strides(shape) if stride is None else tuple(int(s) for s in stride)
     nbytes = _extent_nbytes(shape, stride, 0, dtype.itemsize)
-    if dev.pending:
+    if dev.flush_due:
         dev.flush_frees()
     c = dev.client
     h = c.alloc_handle()
@@ -244,7 +247,7 @@ def _copy_from_host(dst: NPUTensor, src: torch.Tensor) -> NPUTensor:
     dev = dst._a.dev
     if dst.is_contiguous():
         if dst.numel():
-            if dev.pending:
+            if dev.flush_due:
                 dev.flush_frees()
             dev.client.memcpy_h2d(dst._a.handle, dst.storage_offset() * dst.dtype.itemsize,
                                   _host_bytes(src), dev.stream)
@@ -435,7 +438,7 @@ def dispatch(func, args, kwargs):
         for p, sh, st, of in news:
             resize_wrapper(flat[p], sh, st, of, keep=False)
         return dispatch(func, args, kwargs)
-    if dev.pending:
+    if dev.flush_due:
         dev.flush_frees()
     c = dev.client
     if news:
@@ -731,7 +734,7 @@ def resize_wrapper(t: NPUTensor, shape, stride, offset: int, keep: bool) -> None
     old = t._a
     if nb > old.nbytes:
         dev = old.dev
-        if dev.pending:
+        if dev.flush_due:
             dev.flush_frees()
         c = dev.client
         h = c.alloc_handle()
