@@ -213,8 +213,13 @@ class Event:
             self._dev.client.event_synchronize(self._id)
 
     def query(self) -> bool:
-        self.synchronize()
-        return True
+        if self._dev is None:
+            return True
+        q = getattr(self._dev.client, "event_query", None)
+        if q is None:
+            self.synchronize()
+            return True
+        return bool(q(self._id))
 
     def elapsed_time(self, end_event: "Event") -> float:
         if self._dev is None or end_event._dev is None:

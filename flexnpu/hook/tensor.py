@@ -383,6 +383,10 @@ def dispatch(func, args, kwargs):
         return info.special(func, args, kwargs, info)
     if info.cpu:
         return _cpu_fallback(func, args, kwargs, info)
+    if kwargs:
+        d = kwargs.get("device")
+        if d is not None and d.type != "npu":  # e.g. x.new_zeros(3, device="cpu")
+            return _cpu_fallback(func, args, kwargs, info, upload=False)
     w = _Walk(func in _CPU_INDEX_OK)
     flat = w.flat
     key = w.key
@@ -586,7 +590,7 @@ def _infer(func, args, kwargs, w: _Walk, info: OpInfo):
 # host fallback
 
 
-def _cpu_fallback(func, args, kwargs, info: OpInfo):
+def _cpu_fallback(func, args, kwargs, info: OpInfo, upload: bool = True):
     """Run ``func`` on host copies of its npu inputs, write back mutated inputs, upload outputs."""
     if not info.host_ok:
         raise _denied(info)
@@ -620,6 +624,9 @@ def _cpu_fallback(func, args, kwargs, info: OpInfo):
                 devs.append(runtime.get(a.index))
             return torch.device("cpu")
         return a
+
+    if not upload:  # the op targets another device: its results stay there
+        return func(*down(tuple(args)), **{k: down(v) for k, v in kwargs.items()})
 
     cargs = down(tuple(args))
     ckwargs = {k: down(v) for k, v in kwargs.items()}
