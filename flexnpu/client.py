@@ -21,6 +21,7 @@ import os
 import socket
 import struct
 import threading
+import weakref
 from typing import Any
 
 from . import protocol as P
@@ -34,6 +35,8 @@ __all__ = ["Client", "get_client", "TensorRef", "FlexNPUError", "DaemonLost"]
 MAILBOX = 64 << 10
 DIRECT_COPY_MIN = 256 << 10       # H2D chunks at least this big skip the extra copy (sync, deferred)
 RECLAIM_MARGIN = 2 * P.MAX_DRAIN_BATCH
+_SQE_PACK = P.SQE.pack
+_ZEROS = [(0,) * (5 - i) for i in range(6)]
 
 
 def _env_int(name: str, default: int) -> int:
@@ -103,6 +106,8 @@ class Client:
         self.daemon_pid = int(reply.get("daemon_pid", 0))
         self.seg.set_peer(fd=self.sock.fileno(), pid=self.daemon_pid or None)
         self._pid = os.getpid()
+        self._forked = False
+        _all_clients.add(self)
         self._ud = itertools.count(1)
         self._handles = itertools.count(1)
         self._streams = itertools.count(1)
@@ -119,10 +124,10 @@ class Client:
                           f"device state of this process is gone ({e})")
 
     def _check(self) -> None:
-        if self._closed:
+        if self._closed or self._forked:
+            if self._forked:
+                raise FlexNPUError("a FlexNPU client cannot be used across fork(); call get_client() in the child")
             raise FlexNPUError("this FlexNPU client is closed")
-        if os.getpid() != self._pid:
-            raise FlexNPUError("a FlexNPU client cannot be used across fork(); call get_client() in the child")
 
     def _push(self, rec: bytes) -> None:
         """Submit one async record. Caller holds the lock."""
@@ -140,8 +145,7 @@ class Client:
         with self._lock:
             self._check()
             ud = next(self._ud)
-            rec = pack_sqe(op, *args, stream=stream, user_data=ud, flags=flags | FLAG_SYNC,
-                           payload_off=payload[0], payload_len=payload[1])
+            rec = _SQE_PACK(op, flags | FLAG_SYNC, stream, ud, payload[0], payload[1], *(args + _ZEROS[len(args)]))
             try:
                 reply = ring_call(self.seg.sq, self.seg.cq, rec, None)
             except (PeerDead, PeerClosed) as e:
@@ -184,7 +188,7 @@ class Client:
         with self._lock:
             self._check()
             if payload is None:
-                self._push(pack_sqe(op, *args, stream=stream))
+                self._push(_SQE_PACK(op, 0, stream, 0, 0, 0, *(args + _ZEROS[len(args)])))
             else:
                 off = self._stage(payload, len(payload))
                 self._push(pack_sqe(op, *args, stream=stream, payload_off=off, payload_len=len(payload)))
@@ -215,6 +219,10 @@ class Client:
         sid = next(self._streams)
         self._async(Op.STREAM_CREATE, sid, priority & 0xFFFFFFFFFFFFFFFF)
         return sid
+
+    def stream_query(self, stream: int = 0) -> bool:
+        """True if the stream has no queued work (non-blocking)."""
+        return bool(self._sync(Op.STREAM_QUERY, stream)[0])
 
     def destroy_stream(self, stream: int) -> None:
         self._async(Op.STREAM_DESTROY, stream=stream)
@@ -247,11 +255,16 @@ class Client:
     def alloc_handle(self) -> int:
         return next(self._handles)
 
-    def malloc(self, nbytes: int, handle: int | None = None) -> int:
+    def malloc(self, nbytes: int, handle: int | None = None, sync: bool = False) -> int:
+        """Allocate device memory. Async by default (errors at the next sync, as CUDA's
+        stream-ordered allocator); sync=True raises OutOfMemory here instead."""
         if nbytes < 0:
             raise InvalidArgument(f"cannot allocate {nbytes} bytes")
         h = handle if handle is not None else next(self._handles)
-        self._async(Op.MALLOC, h, nbytes)
+        if sync:
+            self._sync(Op.MALLOC, h, nbytes)
+        else:
+            self._async(Op.MALLOC, h, nbytes)
         return h
 
     def free(self, handle: int) -> None:
@@ -341,6 +354,12 @@ class Client:
     def host_view(self, offset: int, nbytes: int) -> memoryview:
         return self.seg.arena_view(offset, nbytes)
 
+    def host_addr(self, offset: int) -> int:
+        """The host virtual address of an arena offset (valid while this client lives)."""
+        import ctypes
+
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.seg.arena_view(offset, 1)))
+
     def memcpy_h2d_host(self, handle: int, offset: int, host_off: int, nbytes: int, stream: int = 0,
                         sync: bool = True) -> None:
         """Device <- arena host buffer. Async: the buffer must stay untouched until the stream syncs."""
@@ -429,6 +448,7 @@ class Client:
 
 
 _clients: dict[int, Client] = {}
+_all_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
 _clients_lock = threading.Lock()
 
 
@@ -448,6 +468,8 @@ def get_client(device_index: int = 0) -> Client:
 def _forget_after_fork() -> None:
     # The parent's segment and socket belong to the parent's attachment; the child attaches anew.
     _clients.clear()
+    for c in list(_all_clients):
+        c._forked = True
 
 
 def _close_all() -> None:

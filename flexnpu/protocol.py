@@ -49,6 +49,7 @@ class Op(IntEnum):
     STREAM_CREATE = 10
     STREAM_DESTROY = 11
     STREAM_SYNC = 12
+    STREAM_QUERY = 13
     EVENT_CREATE = 20
     EVENT_DESTROY = 21
     EVENT_RECORD = 22
@@ -105,6 +106,7 @@ OPS: dict[Op, OpSpec] = {s.op: s for s in (
     _s(Op.STREAM_CREATE, ("stream_id", "priority"), N, "-", False, "aclrtCreateStreamWithConfig"),
     _s(Op.STREAM_DESTROY, (), N, "-", True, "aclrtDestroyStream (after the stream's queued work)"),
     _s(Op.STREAM_SYNC, (), N, "first async error of the stream", True, "aclrtSynchronizeStream"),
+    _s(Op.STREAM_QUERY, ("stream_id",), N, "value: 1 if the stream has no pending work", False, "aclrtStreamQuery"),
     _s(Op.EVENT_CREATE, ("event_id", "flags"), N, "-", False, "aclrtCreateEvent"),
     _s(Op.EVENT_DESTROY, ("event_id",), N, "-", False, "aclrtDestroyEvent"),
     _s(Op.EVENT_RECORD, ("event_id",), N, "-", True, "aclrtRecordEvent"),

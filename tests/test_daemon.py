@@ -287,3 +287,16 @@ def test_corrupt_ring_indices_disconnect_only_that_client(daemon):
     assert "corrupt" in daemon.log_text()
     good.nop()
     good.close()
+
+
+def test_sync_malloc_and_stream_query(start_daemon):
+    start_daemon("--memory-limit", "1MiB")
+    c = Client(0)
+    with pytest.raises(OutOfMemory):
+        c.malloc(4 << 20, sync=True)
+    h = c.malloc(1024, sync=True)
+    c.memset(h, 0, 1, 1024)
+    c.synchronize()
+    assert c.stream_query(0) is True
+    assert c.host_addr(c.host_alloc(64)) > 0
+    c.close()

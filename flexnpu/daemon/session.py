@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import protocol as P
-from ..errors import (BadState, Err, FlexNPUError, InvalidArgument, InvalidHandle, NotFound,
+from ..errors import (BadState, Err, FlexNPUError, error_for, InvalidArgument, InvalidHandle, NotFound,
                       OpNotSupported, OutOfMemory, PermissionDenied, code_of)
 from ..protocol import Op
 from .objects import Alloc, EventState, Graph, HandleTable, IpcExport, MemoryAccount, StreamState
@@ -319,6 +319,11 @@ def _p_stream_sync(s, st, ud, sync, poff, plen, a, flags):
     return Cmd(Op.STREAM_SYNC, ud, True, _run_stream_sync)
 
 
+def _p_stream_query(s, st, ud, sync, poff, plen, a, flags):
+    target = s.stream(a[0])
+    s.reply(ud, 0, int(not target.queue))
+
+
 def _event(s: Session, eid: int) -> EventState:
     ev = s.events.get(eid)
     if ev is None:
@@ -538,7 +543,9 @@ def _run_launch(s: Session, st: StreamState, c: Cmd) -> None:
     except Exception as e:
         for al in outs.values():
             al.failed = f"{launch.op}: {e}"
-        raise
+        if isinstance(e, FlexNPUError):
+            raise
+        raise error_for(code_of(e), f"{launch.op} failed on the device: {e}") from e
     for h, buf in results:
         al = outs.get(h)
         if al is None:
@@ -673,7 +680,7 @@ def _p_set_phase(s, st, ud, sync, poff, plen, a, flags):
 _PREPARE: dict[int, Callable] = {
     Op.NOP: _p_nop, Op.DEVICE_INFO: _p_device_info, Op.DEVICE_SYNC: _p_device_sync,
     Op.STREAM_CREATE: _p_stream_create, Op.STREAM_DESTROY: _p_stream_destroy,
-    Op.STREAM_SYNC: _p_stream_sync, Op.EVENT_CREATE: _p_event_create,
+    Op.STREAM_SYNC: _p_stream_sync, Op.STREAM_QUERY: _p_stream_query, Op.EVENT_CREATE: _p_event_create,
     Op.EVENT_DESTROY: _p_event_destroy, Op.EVENT_RECORD: _p_event_record,
     Op.STREAM_WAIT_EVENT: _p_stream_wait_event, Op.EVENT_SYNC: _p_event_sync,
     Op.EVENT_QUERY: _p_event_query, Op.EVENT_ELAPSED: _p_event_elapsed, Op.MALLOC: _p_malloc,

@@ -82,10 +82,7 @@ static PyObject *fr_push(FastRing *self, PyObject *const *args, Py_ssize_t n) {
     int rc = fx_push(self->r, p, (uint32_t)len);
     if (have_view) PyBuffer_Release(&view);
     if (rc == 1) Py_RETURN_TRUE;
-    if (rc == 0) {
-        if (!fx_ring_is_producer(self->r)) return raise_rc(self, FX_ROLERC, "push");
-        Py_RETURN_FALSE;
-    }
+    if (rc == 0) Py_RETURN_FALSE;
     return raise_rc(self, rc, "push");
 }
 
@@ -93,10 +90,7 @@ static PyObject *fr_pop(FastRing *self, PyObject *unused) {
     if (!self->r) return raise_rc(self, FX_CLOSEDRC, "pop");
     int rc = fx_pop(self->r, self->scratch);
     if (rc == 1) return PyBytes_FromStringAndSize(self->scratch, self->esz);
-    if (rc == 0) {
-        if (fx_ring_is_producer(self->r)) return raise_rc(self, FX_ROLERC, "pop");
-        Py_RETURN_NONE;
-    }
+    if (rc == 0) Py_RETURN_NONE;
     return raise_rc(self, rc, "pop");
 }
 

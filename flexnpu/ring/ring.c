@@ -70,6 +70,7 @@ struct fx_ring {
     uint32_t cached;     /* last value seen of the peer's index */
     int producer;
     fx_seg *seg;
+    uint64_t wakes;      /* FUTEX_WAKE calls this side issued (process-local statistic) */
 };
 
 struct blk { uint64_t off, len; };
@@ -134,11 +135,13 @@ static void futex_wake_shared(au32 *w) {
 /* Called by the side that just published (tail for a producer, head for a
  * consumer). Pairs with announce_and_recheck(): both do store; seq_cst fence;
  * load, so at least one of them sees the other's store (no lost wake-up). */
-static inline void wake_if_sleeping(au32 *sleep_word) {
+static inline void wake_if_sleeping(struct fx_ring *r, au32 *sleep_word) {
     atomic_thread_fence(memory_order_seq_cst);
     if (atomic_load_explicit(sleep_word, memory_order_relaxed) &&
-        atomic_exchange_explicit(sleep_word, 0, memory_order_relaxed))
+        atomic_exchange_explicit(sleep_word, 0, memory_order_relaxed)) {
         futex_wake_shared(sleep_word);
+        r->wakes++;
+    }
 }
 
 /* ---------------------------------------------------------------- layout */
@@ -193,7 +196,7 @@ static void ring_init(fx_seg *s, struct fx_ring *r, uint64_t off, uint32_t entri
         r->cached = atomic_load_explicit(r->head, memory_order_acquire);
     } else {
         r->local = atomic_load_explicit(r->head, memory_order_acquire);
-        r->cached = atomic_load_explicit(r->tail, memory_order_acquire);
+        r->cached = r->local;   /* "empty": the first pop loads and validates the tail */
     }
 }
 
@@ -513,6 +516,7 @@ uint32_t fx_arena_nfree_blocks(fx_seg *s) { return s->nfr; }
 uint32_t fx_ring_entry_size(fx_ring *r) { return r->esz; }
 uint32_t fx_ring_capacity(fx_ring *r) { return r->cap; }
 int fx_ring_is_producer(fx_ring *r) { return r->producer; }
+uint64_t fx_ring_wakes(fx_ring *r) { return r->wakes; }
 void fx_ring_snapshot(fx_ring *r, uint32_t *o) {
     o[0] = r->local; o[1] = r->cached;
     o[2] = atomic_load_explicit(r->head, memory_order_relaxed);
@@ -525,10 +529,11 @@ void fx_ring_snapshot(fx_ring *r, uint32_t *o) {
 static inline int64_t cons_avail(fx_ring *r, int refresh) {
     uint32_t n = r->cached - r->local;
     if (n == 0 || refresh) {
-        r->cached = atomic_load_explicit(r->tail, FX_ACQ);
-        n = r->cached - r->local;
+        uint32_t t = atomic_load_explicit(r->tail, FX_ACQ);
+        n = t - r->local;
+        if (n > r->cap) return FX_ECORRUPT;   /* never follow (nor cache) a scribbled tail */
+        r->cached = t;
     }
-    if (n > r->cap) return FX_ECORRUPT;   /* never follow a scribbled tail */
     return n;
 }
 
@@ -536,11 +541,12 @@ static inline int64_t cons_avail(fx_ring *r, int refresh) {
  * head: its copy-out of the slots finished before we overwrite them. */
 static inline int64_t prod_space(fx_ring *r, uint32_t want) {
     uint32_t used = r->local - r->cached;
-    if (used > r->cap) return FX_ECORRUPT;
+    if (used > r->cap) return FX_ECORRUPT;   /* only possible from a bad index seen at attach */
     if (r->cap - used < want) {
-        r->cached = atomic_load_explicit(r->head, memory_order_acquire);
-        used = r->local - r->cached;
-        if (used > r->cap) return FX_ECORRUPT;
+        uint32_t h = atomic_load_explicit(r->head, memory_order_acquire);
+        used = r->local - h;
+        if (used > r->cap) return FX_ECORRUPT;   /* never follow (nor cache) a scribbled head */
+        r->cached = h;
     }
     return r->cap - used;
 }
@@ -560,6 +566,7 @@ static inline void put_slot(fx_ring *r, uint32_t idx, const char *rec, uint32_t 
 }
 
 int fx_push(fx_ring *r, const char *rec, uint32_t len) {
+    if (!r->producer) return FX_EROLE;
     if (len > r->esz) len = r->esz;   /* Python checks; defensive */
     int64_t sp = prod_space(r, 1);
     if (sp < 0) return (int)sp;
@@ -567,11 +574,12 @@ int fx_push(fx_ring *r, const char *rec, uint32_t len) {
     put_slot(r, r->local, rec, len);
     r->local++;
     atomic_store_explicit(r->tail, r->local, FX_REL);
-    wake_if_sleeping(r->cons_sleep);
+    wake_if_sleeping(r, r->cons_sleep);
     return 1;
 }
 
 int64_t fx_push_batch(fx_ring *r, const char *buf, uint32_t n) {
+    if (!r->producer) return FX_EROLE;
     int64_t sp = prod_space(r, n);
     if (sp < 0) return sp;
     uint32_t k = n < sp ? n : (uint32_t)sp;
@@ -582,21 +590,23 @@ int64_t fx_push_batch(fx_ring *r, const char *buf, uint32_t n) {
     if (k > first) memcpy(r->slots, buf + (size_t)first * r->esz, (size_t)(k - first) * r->esz);
     r->local += k;
     atomic_store_explicit(r->tail, r->local, FX_REL);   /* ONE tail store */
-    wake_if_sleeping(r->cons_sleep);
+    wake_if_sleeping(r, r->cons_sleep);
     return k;
 }
 
 int fx_pop(fx_ring *r, char *out) {
+    if (r->producer) return FX_EROLE;
     int64_t n = cons_avail(r, 0);
     if (n <= 0) return (int)n;
     memcpy(out, r->slots + (size_t)(r->local & r->mask) * r->esz, r->esz);
     r->local++;
     atomic_store_explicit(r->head, r->local, memory_order_release);
-    wake_if_sleeping(r->prod_sleep);
+    wake_if_sleeping(r, r->prod_sleep);
     return 1;
 }
 
 int64_t fx_pop_batch(fx_ring *r, char *out, uint32_t max_n) {
+    if (r->producer) return FX_EROLE;
     int64_t n = cons_avail(r, 1);
     if (n <= 0) return n;
     uint32_t k = max_n < n ? max_n : (uint32_t)n;
@@ -607,7 +617,7 @@ int64_t fx_pop_batch(fx_ring *r, char *out, uint32_t max_n) {
     if (k > first) memcpy(out + (size_t)first * r->esz, r->slots, (size_t)(k - first) * r->esz);
     r->local += k;
     atomic_store_explicit(r->head, r->local, memory_order_release);
-    wake_if_sleeping(r->prod_sleep);
+    wake_if_sleeping(r, r->prod_sleep);
     return k;
 }
 
@@ -668,12 +678,12 @@ static int wait_generic(fx_ring *r, int consumer, double timeout) {
 }
 
 int fx_wait(fx_ring *r, double timeout) {
-    if (r->producer) return FX_ECORRUPT;
+    if (r->producer) return FX_EROLE;
     return wait_generic(r, 1, timeout);
 }
 
 int fx_wait_space(fx_ring *r, double timeout) {
-    if (!r->producer) return FX_ECORRUPT;
+    if (!r->producer) return FX_EROLE;
     int64_t sp = prod_space(r, 1);
     if (sp) return sp > 0 ? FX_READY : (int)sp;
     return wait_generic(r, 0, timeout);
@@ -686,7 +696,7 @@ static double left_s(int64_t t0, double timeout) {
 }
 
 int fx_push_wait(fx_ring *r, const char *rec, uint32_t len, double timeout) {
-    if (!r->producer) return FX_ECORRUPT;
+    if (!r->producer) return FX_EROLE;
     int64_t t0 = now_ns();
     for (;;) {
         int rc = fx_push(r, rec, len);
@@ -698,7 +708,7 @@ int fx_push_wait(fx_ring *r, const char *rec, uint32_t len, double timeout) {
 
 int fx_call(fx_ring *sq, fx_ring *cq, const char *rec, uint32_t len, char *out,
             double timeout) {
-    if (!sq->producer || cq->producer) return FX_ECORRUPT;
+    if (!sq->producer || cq->producer) return FX_EROLE;
     int64_t t0 = now_ns();
     int rc = fx_push_wait(sq, rec, len, timeout);
     if (rc != FX_READY) return rc;
@@ -744,7 +754,7 @@ static int any_ready(fx_ring **rings, uint32_t n, fx_doorbell *d) {
 }
 
 int fx_wait_any(fx_ring **rings, uint32_t n, double timeout, fx_doorbell *d, int force_fallback) {
-    for (uint32_t i = 0; i < n; i++) if (rings[i]->producer) return FX_ECORRUPT;
+    for (uint32_t i = 0; i < n; i++) if (rings[i]->producer) return FX_EROLE;
     int64_t t0 = now_ns();
     int64_t deadline = timeout < 0 ? INT64_MAX : t0 + (int64_t)(timeout * 1e9);
     if (any_ready(rings, n, d)) return FX_READY;

@@ -65,6 +65,7 @@ typedef struct fx_doorbell fx_doorbell;
 #define FX_ECORRUPT -3
 #define FX_EINTR -4
 #define FX_EFULL -5
+#define FX_EROLE -6
 
 uint32_t fx_layout_version(void);
 size_t fx_segment_size(uint32_t sq_entries, uint32_t cq_entries, uint32_t sqe_size,
@@ -111,6 +112,7 @@ uint32_t fx_ring_capacity(fx_ring *r);
 int fx_ring_is_producer(fx_ring *r);
 /* raw snapshot for error messages: local, cached, shared head, shared tail */
 void fx_ring_snapshot(fx_ring *r, uint32_t *out4);
+uint64_t fx_ring_wakes(fx_ring *r);   /* futex wakes issued by this side (statistic) */
 int64_t fx_ring_pending(fx_ring *r);                 /* best effort; -3 if corrupt */
 int fx_push(fx_ring *r, const char *rec, uint32_t len);   /* 1 pushed, 0 full, -3 corrupt */
 int64_t fx_push_batch(fx_ring *r, const char *buf, uint32_t n); /* count pushed, or -3 */

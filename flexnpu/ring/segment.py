@@ -83,6 +83,9 @@ class Ring:
 
     # ---- errors (cold paths)
     def _raise(self, rc: int, what: str) -> None:
+        if rc == lib.FX_EROLE:
+            role = "producer" if self.is_producer else "consumer"
+            raise RingError(f"{what} is not allowed: this process is the {role} of the {self.name} ring")
         if rc == _ECORRUPT:
             if self._r is _BAD:
                 raise RingError(f"{what} on a closed segment")
@@ -91,7 +94,7 @@ class Ring:
             raise RingCorrupt(
                 f"{self.name} ring corrupt: shared head={snap[2]} tail={snap[3]} (our index "
                 f"{snap[0]}, last peer index {snap[1]}), tail-head exceeds capacity "
-                f"{self.capacity} or wrong role for {what}; the peer scribbled on the ring")
+                f"{self.capacity} ({what}); the peer scribbled on the ring, refusing to follow it")
         if rc == _EPEERDEAD:
             raise PeerDead(f"peer died while waiting on the {self.name} ring ({what})")
         if rc == _ECLOSED:
@@ -107,6 +110,11 @@ class Ring:
             raise RingError(f"{what} is not allowed: this process is the {role} of the {self.name} ring")
 
     # ---- both
+    @property
+    def wakes(self) -> int:
+        """How many futex wakes this side issued (the peer was asleep): a statistic."""
+        return 0 if self._r is _BAD else lib.fx_ring_wakes(self._r)
+
     def __len__(self) -> int:
         if self._r is _BAD:
             return 0
@@ -149,6 +157,23 @@ class Ring:
         if rc < 0:
             self._raise(rc, "push_batch")
         return rc
+
+    def wait_space(self, timeout: float | None) -> bool:
+        """Producer: until at least one slot is free (spin, then futex). True = space, False =
+        timeout. Raises PeerDead / PeerClosed / RingCorrupt."""
+        self._check_role(True, "wait_space")
+        if self._r is _BAD:
+            raise self._closed_error("wait_space")
+        end = None if timeout is None else _monotonic() + max(0.0, timeout)
+        while True:
+            left = -1.0 if end is None else max(0.0, end - _monotonic())
+            rc = lib.fx_wait_space(self._r, left)
+            if rc == _READY:
+                return True
+            if rc == _TIMEOUT:
+                return False
+            if rc != _EINTR:
+                self._raise(rc, "wait_space")
 
     def push_wait(self, rec: bytes, timeout: float | None) -> None:
         """Push, waiting for space (spin, then futex). Raises TimeoutError, PeerDead, PeerClosed."""
@@ -254,7 +279,7 @@ def _call_cffi(sq: Ring, cq: Ring, rec: bytes, timeout: float | None) -> bytes:
             if out is not None:
                 return out
         raise TimeoutError(f"no completion within {timeout} s")
-    if rc == _ECORRUPT and not (sq.is_producer and not cq.is_producer):
+    if rc == lib.FX_EROLE:
         raise RingError("call() needs the sq producer side and the cq consumer side")
     (cq if rc != _ECORRUPT else sq)._raise(rc, "call")
     raise AssertionError("unreachable")

@@ -1,0 +1,241 @@
+"""Serving comparison: static co-location vs static PD disaggregation vs FlexNPU (emulated).
+
+Default: Qwen2.5-7B on Ascend 910B-class devices (4 devices), chat and long-prompt workloads.
+--simulate: the cluster study, DeepSeek-R1 on 910C, 16 to 384 devices, chat / long-prompt /
+reasoning mixes. Every figure is produced in virtual time by the cost model + emulated
+accelerator (``"emulated": true``); no accelerator is used. The static-disagg baseline is run
+at every prefill:decode split of the device group and its best split per workload (highest
+throughput at >= 90% SLO attainment) is the one compared; all splits appear in --json.
+
+A real-time mode (engines running through FlexNPU daemons with the `emu:<spec>` backend) will
+plug in through flexnpu.sched.sim's engine/device seam once the daemon lands.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+from flexnpu.sched.costmodel import CostModel
+from flexnpu.sched.models import MODELS
+from flexnpu.sched.policy import FlexPolicy
+from flexnpu.sched.sim import SimConfig, metrics, simulate
+from flexnpu.sched.specs import get_spec
+from flexnpu.sched.workload import WORKLOADS, generate
+
+# offered load per device (req/s), chosen to span light load to past saturation per model
+RATES_PER_DEVICE = {
+    "qwen2.5-7b": {"chat": [2, 4, 6, 8], "long": [0.5, 1.0, 1.5, 2.0], "reasoning": [0.5, 1.0, 2.0, 3.0]},
+    "deepseek-r1": {"chat": [2, 4, 6, 8], "long": [0.5, 1.0, 1.5, 2.0], "reasoning": [1.0, 2.0, 3.0, 4.0]},
+}
+SLO = {"qwen2.5-7b": {"ttft": 2.0, "ttft_long": 8.0, "tpot": 0.05},
+       "deepseek-r1": {"ttft": 2.0, "ttft_long": 8.0, "tpot": 0.1}}
+SLO_ATTAINMENT = 0.9
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="flexnpu bench serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--simulate", action="store_true", help="cluster study (DeepSeek-R1, 910C, 16-384 devices)")
+    p.add_argument("--quick", action="store_true", help="fewer requests and rates (< 60 s)")
+    p.add_argument("--json", action="store_true", help="print {'runs': [...], 'summary': [...]} as JSON")
+    p.add_argument("--plot", metavar="PNG", help="write TTFT/TPOT p50 vs request rate to this PNG")
+    p.add_argument("--model", choices=sorted(MODELS), help="model (default: qwen2.5-7b, or deepseek-r1 with --simulate)")
+    p.add_argument("--spec", help="device spec (default 910b, or 910c with --simulate)")
+    p.add_argument("--workloads", help=f"comma list from {','.join(WORKLOADS)}")
+    p.add_argument("--devices", type=int, help="device group size (default 4; the --simulate unit is 8)")
+    p.add_argument("--clusters", default="16,64,384", help="--simulate: cluster sizes (multiples of the unit)")
+    p.add_argument("--requests", type=int, help="requests per run (per device group)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--max-batched-tokens", type=int, default=2048,
+                   help="static-coloc chunked-prefill token budget (vLLM V1 online default on <70 GiB cards)")
+    return p.parse_args(argv)
+
+
+def run_group(model_name, spec, workload, rates, n_dev, n_req, seed, cfg, slo):
+    model = MODELS[model_name]
+    cm = CostModel(spec)
+    runs = []
+    for rate in rates:
+        def one(system, n_prefill=0):
+            reqs = generate(workload, rate, n_req, seed)
+            t0 = time.perf_counter()
+            st = simulate(system, model, cm, reqs, n_dev, n_prefill, cfg,
+                          policy_factory=(lambda: FlexPolicy(default_tpot_budget_s=slo["tpot"])))
+            m = metrics(reqs, slo["ttft"], slo["tpot"])
+            m.update({"system": system, "workload": workload, "rate": rate, "model": model_name,
+                      "device": spec.name, "devices": n_dev, "requests": n_req, "emulated": True,
+                      "sim_events": st["events"], "wall_s": round(time.perf_counter() - t0, 2)})
+            if system == "static-disagg":
+                m["prefill_devices"], m["decode_devices"] = n_prefill, n_dev - n_prefill
+            return m
+        runs.append(one("static-coloc"))
+        runs.append(one("flexnpu"))
+        for p_ in range(1, n_dev):
+            runs.append(one("static-disagg", p_))
+    return runs
+
+
+def slo_throughput(runs):
+    ok = [r["throughput_tok_s"] for r in runs if r["slo_attainment"] >= SLO_ATTAINMENT]
+    return max(ok) if ok else 0.0
+
+
+def summarize(runs, workload, scale=1.0):
+    """Pick disagg's best split, compare FlexNPU with both baselines."""
+    wl = [r for r in runs if r["workload"] == workload]
+    splits = sorted({r["prefill_devices"] for r in wl if r["system"] == "static-disagg"})
+    best = max(splits, key=lambda p_: (slo_throughput([r for r in wl if r.get("prefill_devices") == p_]),
+                                       -sum(r["ttft_p50_ms"] for r in wl if r.get("prefill_devices") == p_)))
+    for r in wl:
+        if r["system"] == "static-disagg":
+            r["best_split"] = r["prefill_devices"] == best
+    flex = {r["rate"]: r for r in wl if r["system"] == "flexnpu"}
+    col = {r["rate"]: r for r in wl if r["system"] == "static-coloc"}
+    dis = {r["rate"]: r for r in wl if r.get("prefill_devices") == best}
+    per_rate = []
+    for rate in sorted(flex):
+        f, c = flex[rate], col[rate]
+        per_rate.append({"rate": rate, "ttft_p50_reduction_pct": 100 * (1 - f["ttft_p50_ms"] / c["ttft_p50_ms"]),
+                         "tpot_p50_change_pct": 100 * (f["tpot_p50_ms"] / c["tpot_p50_ms"] - 1),
+                         "throughput_ratio": f["throughput_tok_s"] / c["throughput_tok_s"]})
+    tf, tc, td = (slo_throughput(list(d.values())) for d in (flex, col, dis))
+    kind = WORKLOADS[workload].kind
+    rb = next(iter(dis.values()))
+    return {"workload": workload, "kind": kind, "best_disagg_split": f"{rb['prefill_devices']}:{rb['decode_devices']}",
+            "slo_throughput_tok_s": {"flexnpu": tf * scale, "static-coloc": tc * scale, "static-disagg": td * scale},
+            "flex_vs_disagg_pct": (100 * (tf / td - 1)) if td else math.inf,
+            "flex_vs_coloc_pct": (100 * (tf / tc - 1)) if tc else math.inf,
+            "vs_coloc_per_rate": per_rate,
+            "disagg_target_pct": 5.0 if kind == "balanced" else 26.0}
+
+
+def print_table(runs, summaries, header):
+    print(header)
+    cols = ("system", "split", "rate", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "SLO")
+    print(f"{cols[0]:<14}{cols[1]:>6}{cols[2]:>7}{cols[3]:>10}{cols[4]:>10}{cols[5]:>10}{cols[6]:>10}{cols[7]:>10}{cols[8]:>6}")
+    for wl in dict.fromkeys(r["workload"] for r in runs):
+        print(f"-- workload {wl} ({WORKLOADS[wl].kind}), emulated, times in ms")
+        for r in runs:
+            if r["workload"] != wl or (r["system"] == "static-disagg" and not r.get("best_split")):
+                continue
+            split = f"{r['prefill_devices']}:{r['decode_devices']}" if r["system"] == "static-disagg" else "-"
+            print(f"{r['system']:<14}{split:>6}{r['rate']:>7.2f}{r['throughput_tok_s']:>10.0f}{r['ttft_p50_ms']:>10.1f}"
+                  f"{r['ttft_p99_ms']:>10.1f}{r['tpot_p50_ms']:>10.1f}{r['tpot_p99_ms']:>10.1f}{r['slo_attainment']:>6.2f}")
+    print("\nsummary (emulated):")
+    for s in summaries:
+        sl = s["slo_throughput_tok_s"]
+        print(f"  {s['workload']:<10} {s['kind']:<14} best disagg split {s['best_disagg_split']}; "
+              f"throughput at >= {SLO_ATTAINMENT:.0%} SLO: flexnpu {sl['flexnpu']:.0f}, disagg {sl['static-disagg']:.0f}, "
+              f"coloc {sl['static-coloc']:.0f} tok/s -> flex vs disagg {s['flex_vs_disagg_pct']:+.1f}% "
+              f"(target >= +{s['disagg_target_pct']:.0f}%), vs coloc {s['flex_vs_coloc_pct']:+.1f}%")
+        for pr in s["vs_coloc_per_rate"]:
+            print(f"      rate {pr['rate']:6.2f}: vs coloc TTFT p50 {-pr['ttft_p50_reduction_pct']:+6.1f}% "
+                  f"(target <= -92%), TPOT p50 {pr['tpot_p50_change_pct']:+6.1f}% (target <= +5%), "
+                  f"throughput x{pr['throughput_ratio']:.3f} (target >= 0.97)")
+
+
+def plot(runs, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = list(dict.fromkeys((r.get("cluster", r["devices"]), r["workload"]) for r in runs))
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.2 * len(groups)), squeeze=False)
+    for i, (cl, wl) in enumerate(groups):
+        sel = [r for r in runs if r["workload"] == wl and r.get("cluster", r["devices"]) == cl]
+        for system in ("static-coloc", "static-disagg", "flexnpu"):
+            rs = sorted((r for r in sel if r["system"] == system and (system != "static-disagg" or r.get("best_split"))),
+                        key=lambda r: r["rate"])
+            if not rs:
+                continue
+            lab = system + (f" {rs[0]['prefill_devices']}:{rs[0]['decode_devices']}" if system == "static-disagg" else "")
+            x = [r["rate"] * r.get("scale", 1) for r in rs]
+            axes[i][0].plot(x, [r["ttft_p50_ms"] for r in rs], marker="o", label=lab)
+            axes[i][1].plot(x, [r["tpot_p50_ms"] for r in rs], marker="o", label=lab)
+        for j, what in enumerate(("TTFT p50 (ms)", "TPOT p50 (ms)")):
+            ax = axes[i][j]
+            ax.set_title(f"{wl}, {cl} devices [EMULATED]", fontsize=9)
+            ax.set_xlabel("request rate (req/s)")
+            ax.set_ylabel(what)
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{runs[0]['model']} on {runs[0]['device']} - emulated (virtual-time cost model), not measured hardware")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    t0 = time.perf_counter()
+    model = a.model or ("deepseek-r1" if a.simulate else "qwen2.5-7b")
+    try:
+        spec = get_spec(a.spec or ("910c" if a.simulate else "910b"))
+    except ValueError as e:
+        print(f"flexnpu bench serve: {e}", file=sys.stderr)
+        return 2
+    default_wl = "chat,long,reasoning" if a.simulate else "chat,long"
+    wls = (a.workloads or default_wl).split(",")
+    for w in wls:
+        if w not in WORKLOADS:
+            print(f"flexnpu bench serve: unknown workload {w!r}; choose from {', '.join(WORKLOADS)}", file=sys.stderr)
+            return 2
+    n_dev = a.devices or (8 if a.simulate else 4)
+    n_req = a.requests or ((40 * n_dev if a.simulate else 30 * n_dev) if a.quick else 100 * n_dev)
+    cfg = SimConfig(max_batched_tokens=a.max_batched_tokens)
+    runs, summaries = [], []
+    for w in wls:
+        slo = dict(SLO[model])
+        if WORKLOADS[w].kind == "prefill-heavy":
+            slo["ttft"] = slo["ttft_long"]
+        cfg.tpot_budget_s = slo["tpot"]
+        rates = RATES_PER_DEVICE[model][w]
+        if a.quick:
+            rates = rates[1:]
+        group = run_group(model, spec, w, [r * n_dev for r in rates], n_dev, n_req, a.seed, cfg, slo)
+        if a.simulate:
+            clusters = [int(c) for c in a.clusters.split(",")]
+            if a.quick:
+                clusters = [clusters[0], clusters[-1]]
+            s = summarize(group, w)
+            for cl in clusters:
+                if cl % n_dev:
+                    print(f"flexnpu bench serve: cluster {cl} is not a multiple of the unit {n_dev}", file=sys.stderr)
+                    return 2
+                k = cl // n_dev
+                for r in group:
+                    rr = dict(r, cluster=cl, scale=k, rate=r["rate"] * k, throughput_tok_s=r["throughput_tok_s"] * k,
+                              unit_devices=n_dev)
+                    if rr["system"] == "static-disagg":
+                        rr["prefill_devices"], rr["decode_devices"] = r["prefill_devices"] * k, r["decode_devices"] * k
+                    rr["scale"] = 1
+                    runs.append(rr)
+                sc = summarize([r for r in runs if r.get("cluster") == cl and r["workload"] == w], w)
+                sc["cluster"] = cl
+                summaries.append(sc)
+        else:
+            runs += group
+            summaries.append(summarize(group, w))
+    if a.plot:
+        plot(runs, a.plot)
+    if a.json:
+        print(json.dumps({"runs": runs, "summary": summaries, "emulated": True,
+                          "wall_s": round(time.perf_counter() - t0, 1)}, indent=1))
+    else:
+        hdr = (f"flexnpu bench serve: {model} on {spec.name}, "
+               + (f"cluster study, unit of {n_dev} devices scaled to {a.clusters}" if a.simulate else f"{n_dev} devices")
+               + f", {n_req} requests per run, seed {a.seed} [EMULATED: virtual time, cost model + emu engine]")
+        if a.simulate:
+            for cl in dict.fromkeys(r["cluster"] for r in runs):
+                print_table([r for r in runs if r["cluster"] == cl],
+                            [s for s in summaries if s["cluster"] == cl], hdr + f"\n== {cl} devices")
+        else:
+            print_table(runs, summaries, hdr)
+        print(f"\n({time.perf_counter() - t0:.1f} s wall)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Scheduling policies: which queued operators the device runs next, and how many at once.
+
+One interface for the daemon (real time) and the serving simulator (virtual time):
+
+    queues: list[StreamQueue]       # one per client stream; the caller push()es launched ops
+    device: DeviceState             # cost model + what is in flight
+    policy = make_policy("flex")
+    for d in policy.select(queues, device, now):   # ops leave their queue, now in flight
+        backend.launch(d.op, weight=d.weight)      # d.weight: emulated/real stream priority
+    ...
+    policy.complete(op, now, started=t0)           # on completion: accounting + feedback
+    t = policy.next_wakeup(now)                    # call select() again by then (or None)
+
+``select`` pops what it returns (ownership passes to the caller) and never blocks; calling it
+with nothing new is cheap and harmless. Stream order is kept: ops of one stream are handed out
+in push order. See docs/scheduling.md.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Iterable
+
+from flexnpu.sched.costmodel import Cost, CostModel
+
+
+class Phase(str, enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    AUTO = "auto"       # infer from arithmetic intensity of recent ops
+
+
+_op_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Op:
+    """One launched operator waiting in (or dispatched from) a stream queue."""
+    cost: Cost
+    enqueued: float
+    tag: Any = None             # the caller's handle (daemon: launch record; simulator: kernel)
+    step_end: bool = False      # engine hint: last op of an iteration (one output token)
+    id: int = field(default_factory=lambda: next(_op_ids))
+    stream: Any = None          # set by StreamQueue.push
+    dispatched: float | None = None
+    predicted_s: float = 0.0    # corrected solo time, set at dispatch
+
+
+class StreamQueue:
+    """Per-stream FIFO of ops plus what the scheduler knows about the stream."""
+
+    def __init__(self, key: Hashable, phase: Phase | str = Phase.AUTO, priority: int = 0,
+                 tpot_budget_s: float | None = None, max_inflight: int = 64):
+        self.key = key
+        self.phase = Phase(phase)
+        self.priority = int(priority)
+        self.tpot_budget_s = tpot_budget_s
+        self.max_inflight = max_inflight
+        self.ops: deque[Op] = deque()
+        self.inflight = 0
+        # aggregate intensity of recent ops: EWMAs of flops and bytes (time-weighted in effect)
+        self._ew_flops = 0.0
+        self._ew_bytes = 0.0
+        self.step_start: float | None = None   # first dispatch of the current iteration
+        self.step_time_ewma: float | None = None
+        self.last_step_time: float | None = None
+        self.step_pred = 0.0                   # sum of solo predictions of the current iteration
+        self.last_step_pred: float | None = None
+        self.steps = 0
+
+    def __repr__(self) -> str:
+        return f"StreamQueue({self.key!r}, {self.phase.value}, pending={len(self.ops)}, inflight={self.inflight})"
+
+    def push(self, op: Op) -> Op:
+        op.stream = self.key
+        self.ops.append(op)
+        a = 0.2
+        self._ew_flops = (1 - a) * self._ew_flops + a * op.cost.flops
+        self._ew_bytes = (1 - a) * self._ew_bytes + a * op.cost.bytes
+        return op
+
+    @property
+    def intensity(self) -> float:
+        return self._ew_flops / self._ew_bytes if self._ew_bytes > 0 else math.inf if self._ew_flops else 0.0
+
+    def effective_phase(self, ridge: float, threshold: float = 0.5) -> Phase:
+        """Declared phase, else prefill when recent ops' aggregate FLOP/byte >= threshold*ridge."""
+        if self.phase is not Phase.AUTO:
+            return self.phase
+        if self._ew_flops == 0 and self._ew_bytes == 0:
+            return Phase.DECODE  # unknown: treat as latency-sensitive until evidence says otherwise
+        return Phase.PREFILL if self.intensity >= threshold * ridge else Phase.DECODE
+
+    @property
+    def pending(self) -> int:
+        return len(self.ops)
+
+    @property
+    def can_dispatch(self) -> bool:
+        return bool(self.ops) and self.inflight < self.max_inflight
+
+
+@dataclass
+class DeviceState:
+    """What the policy may know about the device: its cost model and what is in flight."""
+    model: CostModel
+    max_inflight: int = 64          # device queue depth the policy may fill
+    inflight: dict[int, Op] = field(default_factory=dict)
+
+    @property
+    def ridge(self) -> float:
+        return self.model.spec.ridge()
+
+
+@dataclass
+class Dispatch:
+    op: Op
+    queue: StreamQueue
+    weight: float = 1.0   # share multiplier under contention: CUDA/Ascend stream priority, emu weight
+
+
+class Policy(ABC):
+    name = "base"
+
+    def __init__(self) -> None:
+        self._queues: dict[Hashable, StreamQueue] = {}
+
+    @abstractmethod
+    def select(self, queues: list[StreamQueue], device: DeviceState, now: float) -> list[Dispatch]:
+        """Choose ops to hand to the device now; they are popped from their queues."""
+
+    def next_wakeup(self, now: float) -> float | None:
+        """A time at which select() may decide differently without any new event."""
+        return None
+
+    def _take(self, q: StreamQueue, device: DeviceState, now: float, weight: float = 1.0) -> Dispatch:
+        op = q.ops.popleft()
+        op.dispatched = now
+        op.predicted_s = device.model.predict(op.cost)
+        q.inflight += 1
+        device.inflight[op.id] = op
+        self._queues[q.key] = q
+        if q.step_start is None:
+            q.step_start = now
+        q.step_pred += op.predicted_s
+        return Dispatch(op, q, weight)
+
+    def complete(self, op: Op, device: DeviceState, now: float, started: float | None = None) -> None:
+        """The device finished `op` at `now`. `started`: when it began executing, if known
+        (feeds the cost model's online correction; omit when the measured span includes
+        queueing behind other work, as with an opaque backend queue)."""
+        device.inflight.pop(op.id, None)
+        q = self._queues.get(op.stream)
+        if q is not None:
+            q.inflight = max(0, q.inflight - 1)
+            if op.step_end and q.step_start is not None:
+                dt = now - q.step_start
+                q.last_step_time = dt
+                q.last_step_pred, q.step_pred = q.step_pred, 0.0
+                q.step_time_ewma = dt if q.step_time_ewma is None else 0.7 * q.step_time_ewma + 0.3 * dt
+                q.steps += 1
+                q.step_start = None
+        if started is not None and now > started:
+            device.model.observe(op.cost, now - started)
+        self.on_complete(op, q, device, now)
+
+    def on_complete(self, op: Op, queue: StreamQueue | None, device: DeviceState, now: float) -> None:
+        pass
+
+
+class FifoPolicy(Policy):
+    """Passthrough baseline: dispatch everything in arrival order, up to the device queue depth."""
+    name = "fifo"
+
+    def select(self, queues, device, now):
+        out = []
+        while len(device.inflight) < device.max_inflight:
+            ready = [q for q in queues if q.can_dispatch]
+            if not ready:
+                break
+            q = min(ready, key=lambda q: q.ops[0].id)
+            out.append(self._take(q, device, now))
+        return out
+
+
+class PriorityPolicy(Policy):
+    """Strict stream priority, non-preemptive at kernel granularity: a lower-priority stream's
+    op is dispatched only while no higher-priority stream has ops pending. Dispatches carry
+    weight ``base ** (priority - lowest)`` so backends with stream priorities (and emu) favour them."""
+    name = "priority"
+
+    def __init__(self, base: float = 4.0):
+        super().__init__()
+        self.base = base
+
+    def select(self, queues, device, now):
+        out = []
+        lo = min((q.priority for q in queues), default=0)
+        while len(device.inflight) < device.max_inflight:
+            pending = [q for q in queues if q.ops]
+            if not pending:
+                break
+            top = max(q.priority for q in pending)
+            ready = [q for q in pending if q.priority == top and q.can_dispatch]
+            if not ready:
+                break  # the top class is throttled by its own in-flight cap; lower classes wait
+            q = min(ready, key=lambda q: q.ops[0].id)
+            out.append(self._take(q, device, now, self.base ** (q.priority - lo)))
+        return out
+
+
+class FlexPolicy(Policy):
+    """Dynamic prefill/decode co-location.
+
+    - Decode streams (declared, or inferred from low arithmetic intensity) are always
+      dispatched first and carry ``decode_weight`` (emulated high stream priority).
+    - Prefill streams fill the remaining capacity: up to ``prefill_slots`` prefill ops may
+      be in flight alongside decode work; with 0 slots prefill runs only while no decode op is
+      pending or in flight. With no decode work at all prefill is unlimited.
+    - Both adapt to the measured load on each decode stream's measured iteration time
+      (``Op.step_end`` marks iteration ends) against its budget: the smaller of the TPOT budget
+      (``StreamQueue.tpot_budget_s``, else ``default_tpot_budget_s``) and ``max_slowdown`` x
+      the iteration's predicted solo time (so decode stays "nearly unchanged" even when the
+      SLO is loose). Above ``high`` x budget: halve the prefill slots and double the decode
+      weight (up to ``max_decode_weight``), never below ``min_prefill_slots`` (default 1, so
+      prefill cannot starve); below ``low`` x budget: add a slot and lower the
+      decode weight by 1.5x (down to ``min_decode_weight``), so prefill takes the slack.
+    Prefill work should arrive chunked (a few layers per op) so that the gate has kernel-level
+    granularity; the engine decides the chunking, the policy only gates.
+    """
+    name = "flex"
+
+    def __init__(self, default_tpot_budget_s: float = 0.05, max_prefill_slots: int = 4,
+                 decode_weight: float = 2.0, low: float = 0.9, high: float = 1.0,
+                 phase_threshold: float = 0.5, max_slowdown: float | None = None,
+                 min_prefill_slots: int = 1,
+                 min_decode_weight: float = 0.5, max_decode_weight: float = 8.0):
+        super().__init__()
+        self.default_tpot_budget_s = default_tpot_budget_s
+        self.max_prefill_slots = max_prefill_slots
+        self.prefill_slots = float(max_prefill_slots)
+        self.decode_weight = decode_weight
+        self.low, self.high = low, high
+        self.phase_threshold = phase_threshold
+        self.max_slowdown = max_slowdown
+        self.min_prefill_slots = min_prefill_slots
+        self.min_decode_weight, self.max_decode_weight = min_decode_weight, max_decode_weight
+        self.adjustments = 0
+
+    def _phase(self, q: StreamQueue, device: DeviceState) -> Phase:
+        return q.effective_phase(device.ridge, self.phase_threshold)
+
+    def select(self, queues, device, now):
+        out: list[Dispatch] = []
+        dec = [q for q in queues if self._phase(q, device) is Phase.DECODE]
+        pre = [q for q in queues if self._phase(q, device) is Phase.PREFILL]
+        # decode first, in arrival order across decode streams
+        while len(device.inflight) < device.max_inflight:
+            ready = [q for q in dec if q.can_dispatch]
+            if not ready:
+                break
+            q = min(ready, key=lambda q: q.ops[0].id)
+            out.append(self._take(q, device, now, self.decode_weight))
+        decode_busy = any(q.ops or q.inflight for q in dec)
+        slots = math.inf if not decode_busy else int(self.prefill_slots)
+        pre_inflight = sum(q.inflight for q in pre)
+        while len(device.inflight) < device.max_inflight and pre_inflight < max(slots, 0 if decode_busy else 1):
+            ready = [q for q in pre if q.can_dispatch]
+            if not ready:
+                break
+            # oldest op first across prefill streams (FCFS keeps TTFT tails short)
+            q = min(ready, key=lambda q: q.ops[0].id)
+            out.append(self._take(q, device, now, 1.0))
+            pre_inflight += 1
+        return out
+
+    def on_complete(self, op, queue, device, now):
+        if queue is None or not op.step_end or queue.last_step_time is None:
+            return
+        if self._phase(queue, device) is not Phase.DECODE:
+            return
+        budget = self.budget(queue)
+        t = queue.last_step_time
+        if t > self.high * budget:
+            self.prefill_slots = max(float(self.min_prefill_slots), math.floor(self.prefill_slots / 2))
+            self.decode_weight = min(self.max_decode_weight, self.decode_weight * 2)
+            self.adjustments += 1
+        elif t < self.low * budget:
+            self.prefill_slots = min(float(self.max_prefill_slots), self.prefill_slots + 1)
+            self.decode_weight = max(self.min_decode_weight, self.decode_weight / 1.5)
+            self.adjustments += 1
+
+    def budget(self, queue: StreamQueue) -> float:
+        """Iteration-time budget of a decode stream (seconds)."""
+        b = queue.tpot_budget_s or self.default_tpot_budget_s
+        if self.max_slowdown and queue.last_step_pred:
+            b = min(b, self.max_slowdown * queue.last_step_pred)
+        return b
+
+
+POLICIES = {"fifo": FifoPolicy, "priority": PriorityPolicy, "flex": FlexPolicy}
+
+
+def make_policy(name: str, **kwargs: Any) -> Policy:
+    """fifo | priority | flex (keyword arguments go to the policy's constructor)."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose from: {', '.join(POLICIES)}")
+    return POLICIES[name](**kwargs)

@@ -1,0 +1,105 @@
+import pytest
+
+from flexnpu.sched.costmodel import CostModel, attention_cost, matmul_cost
+from flexnpu.sched.policy import DeviceState, FlexPolicy, Op, Phase, StreamQueue, make_policy
+from flexnpu.sched.specs import get_spec
+
+PRE = matmul_cost(2048, 3584, 3584, "bf16")                          # ~1000 FLOP/B
+DEC = attention_cost(32, 1, 2000, 28, 4, 128, "bf16", causal=False)  # ~5 FLOP/B
+
+
+def dev(max_inflight=64):
+    return DeviceState(CostModel(get_spec("910b")), max_inflight=max_inflight)
+
+
+def fill(q, cost, n, t0=0.0, step=None):
+    for i in range(n):
+        q.push(Op(cost, t0 + i, step_end=(step is not None and (i + 1) % step == 0)))
+
+
+def test_fifo_is_arrival_order_and_respects_depth():
+    p, d = make_policy("fifo"), dev(max_inflight=3)
+    a, b = StreamQueue("a"), StreamQueue("b")
+    for q, c in ((a, PRE), (b, DEC), (a, PRE), (b, DEC)):
+        q.push(Op(c, 0.0))
+    out = p.select([a, b], d, 0.0)
+    assert [x.queue.key for x in out] == ["a", "b", "a"]
+    assert p.select([a, b], d, 0.0) == []        # device queue full
+    p.complete(out[0].op, d, 1.0)
+    assert [x.queue.key for x in p.select([a, b], d, 1.0)] == ["b"]
+
+
+def test_priority_holds_lower_streams_while_higher_pending():
+    p, d = make_policy("priority"), dev()
+    lo, hi = StreamQueue("lo", priority=0), StreamQueue("hi", priority=2, max_inflight=1)
+    fill(lo, PRE, 2)
+    fill(hi, DEC, 2, t0=10)
+    out = p.select([lo, hi], d, 0.0)
+    assert [x.queue.key for x in out] == ["hi"] and out[0].weight == 16.0
+    p.complete(out[0].op, d, 1.0)
+    # hi's last op goes; with nothing of hi pending, lo may use the rest of the device
+    out = p.select([lo, hi], d, 1.0)
+    assert [x.queue.key for x in out] == ["hi", "lo", "lo"]
+    assert [x.weight for x in out] == [16.0, 1.0, 1.0]
+
+
+def test_phase_inference_from_intensity():
+    ridge = get_spec("910b").ridge()
+    q1, q2, q3 = StreamQueue("p"), StreamQueue("d"), StreamQueue("x", phase="prefill")
+    fill(q1, PRE, 3)
+    fill(q2, DEC, 3)
+    fill(q3, DEC, 3)
+    assert q1.effective_phase(ridge) is Phase.PREFILL
+    assert q2.effective_phase(ridge) is Phase.DECODE
+    assert q3.effective_phase(ridge) is Phase.PREFILL  # declared wins
+    assert StreamQueue("new").effective_phase(ridge) is Phase.DECODE
+
+
+def test_flex_decode_first_then_prefill_slots():
+    p, d = FlexPolicy(max_prefill_slots=2), dev()
+    pre, dec = StreamQueue("pre"), StreamQueue("dec")
+    fill(pre, PRE, 5)
+    fill(dec, DEC, 3, t0=100)  # decode arrived later but goes first
+    out = p.select([pre, dec], d, 0.0)
+    assert [x.queue.key for x in out] == ["dec"] * 3 + ["pre"] * 2
+    assert out[0].weight == p.decode_weight and out[-1].weight == 1.0
+    # with no decode work prefill is not gated
+    p2, d2 = FlexPolicy(max_prefill_slots=1), dev()
+    pre2 = StreamQueue("pre")
+    fill(pre2, PRE, 4)
+    assert len(p2.select([pre2], d2, 0.0)) == 4
+
+
+def test_flex_adapts_to_decode_budget():
+    p, d = FlexPolicy(max_prefill_slots=4, default_tpot_budget_s=0.010), dev()
+    pre, dec = StreamQueue("pre", phase="prefill"), StreamQueue("dec", phase="decode")
+    fill(pre, PRE, 50)
+    w0 = p.decode_weight
+    t = 0.0
+    # decode iterations of 2 ops taking 30 ms > 10 ms budget: slots shrink to the floor, weight rises
+    for _ in range(3):
+        fill(dec, DEC, 2, t0=t, step=2)
+        for x in [x for x in p.select([pre, dec], d, t) if x.queue is dec]:
+            p.complete(x.op, d, t + 0.030)
+        t += 0.030
+    assert p.prefill_slots == p.min_prefill_slots == 1 and p.decode_weight > w0
+    for o in [o for o in list(d.inflight.values()) if o.stream == "pre"]:
+        p.complete(o, d, t)
+    fill(dec, DEC, 2, t0=t, step=2)
+    out = p.select([pre, dec], d, t)
+    assert [x.queue.key for x in out].count("pre") == 1  # gated to one slot while decode busy
+    for x in out:
+        if x.queue is dec:
+            p.complete(x.op, d, t + 0.002)
+    # fast iterations (2 ms) -> slots grow back, weight falls below where it started
+    for _ in range(8):
+        t += 0.002
+        fill(dec, DEC, 2, t0=t, step=2)
+        for x in [x for x in p.select([pre, dec], d, t) if x.queue is dec]:
+            p.complete(x.op, d, t + 0.002)
+    assert p.prefill_slots == 4 and p.decode_weight < w0
+
+
+def test_make_policy_rejects_unknown():
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("lottery")
