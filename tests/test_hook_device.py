@@ -207,3 +207,38 @@ def test_torch_npu_module_surface(npu):
     assert torch.ones(2).npu().device.type == "npu"
     lin = torch.nn.Linear(2, 2).npu()
     assert lin.weight.is_npu and isinstance(lin.weight, torch.nn.Parameter)
+
+
+def test_autocast_matches_cpu_autocast(npu):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8)
+    lin_n = torch.nn.Linear(8, 8).npu()
+    lin_n.load_state_dict(lin.state_dict())
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = lin(x)
+        s = torch.softmax(h, -1)
+    with torch.autocast("npu", dtype=torch.bfloat16):
+        h_n = lin_n(x.npu())
+        s_n = torch.softmax(h_n, -1)
+        r_n = h_n + 1            # not listed: follows its input
+    assert h_n.dtype == torch.bfloat16 and s_n.dtype == torch.float32 and r_n.dtype == torch.bfloat16
+    # softmax runs in float32 as on CUDA (CPU autocast keeps it in bfloat16)
+    assert torch.equal(h_n.cpu(), h) and torch.allclose(s_n.cpu(), torch.softmax(h.float(), -1))
+    s_n.sum().backward()
+    assert lin_n.weight.grad.dtype == torch.float32
+
+
+def test_save_load_and_host_reads(npu):
+    import io
+
+    x = torch.randn(3, 3).npu()
+    buf = io.BytesIO()
+    torch.save({"x": x}, buf)
+    buf.seek(0)
+    y = torch.load(buf, weights_only=False)["x"]
+    assert y.device.type == "npu" and torch.equal(y.cpu(), x.cpu())
+    assert f"{x.sum():.3f}" == f"{x.cpu().sum():.3f}"
+    with pytest.raises(TypeError, match="numpy"):
+        x.numpy()
+    assert bool((x == x).all()) is True

@@ -49,6 +49,8 @@ def install_torch_device() -> None:
                 return True
 
         _setup_privateuseone_for_python_backend("npu", backend_module=npu_module, hook=_Hooks())
+        from flexnpu.hook import autocast
+
         lib = torch.library.Library("_", "IMPL")
         lib.fallback(tensor.backend_fallback, "PrivateUse1")
         # Explicit kernels for ops that torch's C++ calls with the Python key excluded (tensor
@@ -57,6 +59,7 @@ def install_torch_device() -> None:
         alib = torch.library.Library("aten", "IMPL")
         for name in tensor.EXPLICIT_KERNELS:
             alib.impl(name, tensor.kernel_for(name), "PrivateUse1")
+        autocast.register(lib, alib)
         _state["lib"] = (lib, alib)  # registrations live as long as these objects
         sys.modules["torch.npu"] = npu_module
         _state["torch"] = True

@@ -20,7 +20,7 @@ __all__ = [
     "memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved",
     "mem_get_info", "empty_cache", "reset_peak_memory_stats", "memory_stats", "NPUGraph", "graph",
     "get_device_name", "get_device_properties", "manual_seed", "manual_seed_all", "seed", "initial_seed",
-    "get_rng_state", "set_rng_state", "is_bf16_supported", "set_phase",
+    "get_rng_state", "set_rng_state", "is_bf16_supported", "get_amp_supported_dtype", "set_phase",
 ]
 
 
@@ -305,6 +305,11 @@ def get_device_properties(device: Any = None) -> _Props:
 
 def is_bf16_supported() -> bool:
     return True
+
+
+def get_amp_supported_dtype() -> list[torch.dtype]:
+    """Dtypes torch.autocast("npu", ...) may cast to (the backend runs them all)."""
+    return [torch.float16, torch.bfloat16]
 
 
 def set_phase(phase: str, stream_obj: Stream | None = None) -> None:
