@@ -64,3 +64,17 @@ def test_graph_keeps_capture_allocations_until_reset(lb):
     g.reset()
     torch.npu.synchronize()
     assert not any(h in lb.mem for h in held)
+
+
+def test_static_outputs_are_freed_after_graph_reset(lb):
+    x = torch.ones(4, device="npu")
+    g = torch.npu.NPUGraph()
+    with torch.npu.graph(g):
+        y = x * 2
+    h = y._a.handle
+    g.replay()
+    g.reset()
+    del y                        # dies after the reset: freed normally, not held by the dead graph
+    gc.collect()
+    torch.npu.synchronize()
+    assert h not in lb.mem and h not in g._held

@@ -127,6 +127,19 @@ def set_current_index(index: int) -> None:
     _current.index = index
 
 
+def _after_fork_in_child() -> None:
+    # The parent's attachment (and its device memory) is not the child's: attach anew on first use.
+    for d in _devices or ():
+        d._client = None
+        d.pending.clear()
+        d.pending_bytes = 0
+        d.flush_due = False
+        d.capture = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def reset() -> None:
     """Forget all devices and clients (tests; after fork)."""
     global _devices

@@ -53,7 +53,9 @@ class Alloc:
         try:
             d = self.dev
             d.allocated -= self.nbytes
-            g = self.graph or d.capture
+            g = self.graph
+            if g is None or (g._graph is None and d.capture is not g):
+                g = d.capture           # (a graph that was reset no longer holds its memory)
             if g is not None:
                 g._held.append(self.handle)   # the graph replays commands that use it
             else:
