@@ -90,6 +90,10 @@ def test_meta_cache_hits(npu):
     a * 2.0
     a * 3.0   # a different scalar value is a different key (values can change result dtypes)
     assert T.stats["misses"] == m0 + 2
+    m1 = T.stats["misses"]
+    for lr in (0.1, 0.2, 0.3):
+        a.add_(b, alpha=-lr)      # in-place: scalar values do not split the cache
+    assert T.stats["misses"] == m1 + 1
     c = torch.randn(3, 4, device="npu")[:, :3]
     m1 = T.stats["misses"]
     a * c          # different strides: a new entry

@@ -264,7 +264,7 @@ def _copy_from_host(dst: NPUTensor, src: torch.Tensor) -> NPUTensor:
 
 
 class OpInfo:
-    __slots__ = ("name", "special", "cpu", "allowed", "host_ok", "mutable")
+    __slots__ = ("name", "special", "cpu", "allowed", "host_ok", "mutable", "value_free")
 
     def __init__(self, func: _OpOverload):
         self.name = f"{func.namespace}::{func._opname}.{func._overloadname}"
@@ -273,6 +273,12 @@ class OpInfo:
         self.mutable = tuple(i for i, a in enumerate(schema.arguments)
                              if a.alias_info is not None and a.alias_info.is_write)
         tags = func.tags
+        # Plain in-place ops (x.add_(y, alpha=lr), x.fill_(v), ...) return `self` whatever the
+        # values of their scalar arguments, so scalars key the cache by type only: a changing
+        # learning rate or fill value does not cost a meta run per call.
+        self.value_free = (func._opname.endswith("_") and self.mutable == (0,)
+                           and all(r.alias_info is not None for r in schema.returns)
+                           and torch.Tag.inplace_view not in tags)
         self.cpu = False
         self.allowed = func.namespace == "aten" and is_op_allowed(self.name)
         self.host_ok = self.allowed
@@ -390,6 +396,7 @@ def dispatch(func, args, kwargs):
         if d is not None and d.type != "npu":  # e.g. x.new_zeros(3, device="cpu")
             return _cpu_fallback(func, args, kwargs, info, upload=False)
     w = _Walk(func in _CPU_INDEX_OK)
+    value_free = info.value_free
     flat = w.flat
     key = w.key
     wargs = []
@@ -412,7 +419,8 @@ def dispatch(func, args, kwargs):
             wargs.append(rk[0])
         elif tp is int or tp is float or tp is bool:
             key.append(tp)
-            key.append(a)
+            if not value_free:
+                key.append(a)
             wargs.append(a)
         else:
             w.dev = dev
@@ -423,7 +431,11 @@ def dispatch(func, args, kwargs):
         w.dev = dev
         for k, v in kwargs.items():
             key.append(k)
-            wkwargs[k] = w.value(v)
+            if value_free and (type(v) is float or type(v) is int or type(v) is bool):
+                key.append(type(v))
+                wkwargs[k] = v
+            else:
+                wkwargs[k] = w.value(v)
         dev = w.dev
     if dev is None:
         dev = runtime.get(None)
