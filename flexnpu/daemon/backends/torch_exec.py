@@ -294,9 +294,27 @@ def _to_meta(x: Any) -> Any:
     return x
 
 
-def _expected_outputs(op: str, opov, args, kwargs) -> tuple:
+def _launch_key(op: str, args, kwargs) -> tuple:
+    """Everything but the handles: what the outputs' metadata can depend on."""
+    parts: list = [op]
+    for a in args:
+        tp = type(a)
+        if tp is TensorRef and type(a.shape) is tuple and type(a.stride) is tuple:
+            parts.append((a.dtype, a.shape, a.stride, a.offset))
+        elif tp is int or tp is float or tp is bool:
+            parts.append(tp)
+            parts.append(a)
+        else:
+            parts.append(_meta_key(a))
+    if kwargs:
+        for k in sorted(kwargs):
+            parts.append(k)
+            parts.append(_meta_key(kwargs[k]))
+    return tuple(parts)
+
+
+def _expected_outputs(op: str, opov, args, kwargs, key: tuple) -> tuple:
     """(dtype, shape) of each tensor the op returns, from meta inference (cached)."""
-    key = (op, _meta_key(args), _meta_key(tuple(sorted(kwargs.items()))))
     hit = _meta_cache.get(key)
     if hit is None:
         try:
@@ -313,6 +331,25 @@ def _expected_outputs(op: str, opov, args, kwargs) -> tuple:
     if isinstance(hit, Exception):
         raise LaunchError(str(hit))
     return hit
+
+
+# (launch key, declared output layouts) pairs already validated: skips re-checking on repeats.
+_validated: set = set()
+
+
+def _validate_outputs(op: str, opov, args, kwargs, outputs) -> None:
+    key = _launch_key(op, args, kwargs)
+    try:
+        sig = (key, tuple((nb, r.dtype, r.shape, r.stride, r.offset) for nb, r in outputs))
+        if sig in _validated:
+            return
+    except (TypeError, ValueError, AttributeError):
+        sig = None  # malformed outputs: the full check below reports them
+    _check_outputs(op, outputs, _expected_outputs(op, opov, args, kwargs, key))
+    if sig is not None:
+        if len(_validated) >= _META_CACHE_MAX:
+            _validated.clear()
+        _validated.add(sig)
 
 
 _fresh_cache: dict[Any, bool] = {}
@@ -360,8 +397,7 @@ def execute_launch(device: torch.device, op: str, args: Sequence, kwargs: dict,
     if not isinstance(outputs, (tuple, list)):
         raise LaunchError(f"{op}: outputs must be a list")
     if _returns_fresh(opov):
-        expected = _expected_outputs(op, opov, tuple(args), kwargs)
-        _check_outputs(op, outputs, expected)
+        _validate_outputs(op, opov, tuple(args), kwargs, outputs)
     elif outputs:
         raise LaunchError(f"{op}: returns only its (mutated or viewed) inputs; launch it with outputs=[]")
     else:
