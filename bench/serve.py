@@ -1,4 +1,8 @@
-"""Serving comparison: static co-location vs static PD disaggregation vs FlexNPU (emulated).
+"""Serving comparison: static co-location (two kinds) vs static PD disaggregation vs FlexNPU (emulated).
+
+Systems: static-coloc (vLLM-V1-style chunked prefill, the strong co-location baseline),
+static-coloc-decode-first (TGI-router-style: no chunked prefill, new requests wait behind running
+decode; the co-location the project brief describes), static-disagg, flexnpu.
 
 Default: Qwen2.5-7B on Ascend 910B-class devices (4 devices), chat and long-prompt workloads.
 --simulate: the cluster study, DeepSeek-R1 on 910C, 16 to 384 devices, chat / long-prompt /
@@ -6,6 +10,8 @@ reasoning mixes. Every figure is produced in virtual time by the cost model + em
 accelerator (``"emulated": true``); no accelerator is used. The static-disagg baseline is run
 at every prefill:decode split of the device group and its best split per workload (highest
 throughput at >= 90% SLO attainment) is the one compared; all splits appear in --json.
+With --simulate --quick only the three splits around an analytic estimate of the balanced
+split (solo prefill time vs batched decode time per request) are run, to stay under 60 s.
 
 --realtime: the same comparison with engines as real client processes on real FlexNPU daemons
 with the emulated backend (`--backend emu:910b`): kernels take the cost model's time in real
@@ -22,7 +28,7 @@ import sys
 import time
 
 from flexnpu.sched.costmodel import CostModel
-from flexnpu.sched.models import MODELS
+from flexnpu.sched.models import MODELS, step_kernels
 from flexnpu.sched.policy import FlexPolicy
 from flexnpu.sched.sim import SimConfig, metrics, simulate
 from flexnpu.sched.specs import get_spec
@@ -61,7 +67,21 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def run_group(model_name, spec, workload, rates, n_dev, n_req, seed, cfg, slo):
+SYSTEMS = ("static-coloc", "static-coloc-decode-first", "flexnpu")   # + static-disagg at every split
+
+
+def estimate_split(model_name, spec, workload, n_dev, decode_batch=64):
+    """Prefill devices that balance per-request prefill time (solo, whole median prompt) and decode
+    time (median output at a batch of `decode_batch`); a hint for --simulate --quick only."""
+    model, cm, wl = MODELS[model_name], CostModel(spec), WORKLOADS[workload]
+    prompt, out = int(wl.prompt.median), int(wl.output.median)
+    pre = sum(cm.predict(c) for c in step_kernels(model, [(prompt, 0)], []))
+    it = sum(cm.predict(c) for c in step_kernels(model, [], [prompt + out // 2] * decode_batch))
+    dec = out * it / decode_batch
+    return min(n_dev - 1, max(1, round(n_dev * pre / (pre + dec))))
+
+
+def run_group(model_name, spec, workload, rates, n_dev, n_req, seed, cfg, slo, splits=None):
     model = MODELS[model_name]
     cm = CostModel(spec)
     runs = []
@@ -78,9 +98,9 @@ def run_group(model_name, spec, workload, rates, n_dev, n_req, seed, cfg, slo):
             if system == "static-disagg":
                 m["prefill_devices"], m["decode_devices"] = n_prefill, n_dev - n_prefill
             return m
-        runs.append(one("static-coloc"))
-        runs.append(one("flexnpu"))
-        for p_ in range(1, n_dev):
+        for system in SYSTEMS:
+            runs.append(one(system))
+        for p_ in (splits or range(1, n_dev)):
             runs.append(one("static-disagg", p_))
     return runs
 
@@ -101,47 +121,55 @@ def summarize(runs, workload, scale=1.0):
             r["best_split"] = r["prefill_devices"] == best
     flex = {r["rate"]: r for r in wl if r["system"] == "flexnpu"}
     col = {r["rate"]: r for r in wl if r["system"] == "static-coloc"}
+    dfc = {r["rate"]: r for r in wl if r["system"] == "static-coloc-decode-first"}
     dis = {r["rate"]: r for r in wl if r.get("prefill_devices") == best}
-    per_rate = []
-    for rate in sorted(flex):
-        f, c = flex[rate], col[rate]
-        per_rate.append({"rate": rate, "ttft_p50_reduction_pct": 100 * (1 - f["ttft_p50_ms"] / c["ttft_p50_ms"]),
-                         "tpot_p50_change_pct": 100 * (f["tpot_p50_ms"] / c["tpot_p50_ms"] - 1),
-                         "throughput_ratio": f["throughput_tok_s"] / c["throughput_tok_s"]})
-    tf, tc, td = (slo_throughput(list(d.values())) for d in (flex, col, dis))
+    def vs(base):
+        out = []
+        for rate in sorted(flex):
+            f, c = flex[rate], base[rate]
+            out.append({"rate": rate, "ttft_p50_reduction_pct": 100 * (1 - f["ttft_p50_ms"] / c["ttft_p50_ms"]),
+                        "tpot_p50_change_pct": 100 * (f["tpot_p50_ms"] / c["tpot_p50_ms"] - 1),
+                        "throughput_ratio": f["throughput_tok_s"] / c["throughput_tok_s"]})
+        return out
+    per_rate, per_rate_df = vs(col), vs(dfc)
+    tf, tc, td, tdf = (slo_throughput(list(d.values())) for d in (flex, col, dis, dfc))
     kind = WORKLOADS[workload].kind
     rb = next(iter(dis.values()))
     return {"workload": workload, "kind": kind, "best_disagg_split": f"{rb['prefill_devices']}:{rb['decode_devices']}",
-            "slo_throughput_tok_s": {"flexnpu": tf * scale, "static-coloc": tc * scale, "static-disagg": td * scale},
+            "slo_throughput_tok_s": {"flexnpu": tf * scale, "static-coloc": tc * scale, "static-disagg": td * scale,
+                                     "static-coloc-decode-first": tdf * scale},
             "flex_vs_disagg_pct": (100 * (tf / td - 1)) if td else math.inf,
             "flex_vs_coloc_pct": (100 * (tf / tc - 1)) if tc else math.inf,
-            "vs_coloc_per_rate": per_rate,
+            "flex_vs_coloc_decode_first_pct": (100 * (tf / tdf - 1)) if tdf else math.inf,
+            "vs_coloc_per_rate": per_rate, "vs_coloc_decode_first_per_rate": per_rate_df,
             "disagg_target_pct": 5.0 if kind == "balanced" else 26.0}
 
 
 def print_table(runs, summaries, header):
     print(header)
     cols = ("system", "split", "rate", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "SLO")
-    print(f"{cols[0]:<14}{cols[1]:>6}{cols[2]:>7}{cols[3]:>10}{cols[4]:>10}{cols[5]:>10}{cols[6]:>10}{cols[7]:>10}{cols[8]:>6}")
+    print(f"{cols[0]:<27}{cols[1]:>6}{cols[2]:>7}{cols[3]:>10}{cols[4]:>10}{cols[5]:>10}{cols[6]:>10}{cols[7]:>10}{cols[8]:>6}")
     for wl in dict.fromkeys(r["workload"] for r in runs):
         print(f"-- workload {wl} ({WORKLOADS[wl].kind}), emulated, times in ms")
         for r in runs:
             if r["workload"] != wl or (r["system"] == "static-disagg" and not r.get("best_split")):
                 continue
             split = f"{r['prefill_devices']}:{r['decode_devices']}" if r["system"] == "static-disagg" else "-"
-            print(f"{r['system']:<14}{split:>6}{r['rate']:>7.2f}{r['throughput_tok_s']:>10.0f}{r['ttft_p50_ms']:>10.1f}"
+            print(f"{r['system']:<27}{split:>6}{r['rate']:>7.2f}{r['throughput_tok_s']:>10.0f}{r['ttft_p50_ms']:>10.1f}"
                   f"{r['ttft_p99_ms']:>10.1f}{r['tpot_p50_ms']:>10.1f}{r['tpot_p99_ms']:>10.1f}{r['slo_attainment']:>6.2f}")
     print("\nsummary (emulated):")
     for s in summaries:
         sl = s["slo_throughput_tok_s"]
         print(f"  {s['workload']:<10} {s['kind']:<14} best disagg split {s['best_disagg_split']}; "
               f"throughput at >= {SLO_ATTAINMENT:.0%} SLO: flexnpu {sl['flexnpu']:.0f}, disagg {sl['static-disagg']:.0f}, "
-              f"coloc {sl['static-coloc']:.0f} tok/s -> flex vs disagg {s['flex_vs_disagg_pct']:+.1f}% "
-              f"(target >= +{s['disagg_target_pct']:.0f}%), vs coloc {s['flex_vs_coloc_pct']:+.1f}%")
-        for pr in s["vs_coloc_per_rate"]:
-            print(f"      rate {pr['rate']:6.2f}: vs coloc TTFT p50 {-pr['ttft_p50_reduction_pct']:+6.1f}% "
-                  f"(target <= -92%), TPOT p50 {pr['tpot_p50_change_pct']:+6.1f}% (target <= +5%), "
-                  f"throughput x{pr['throughput_ratio']:.3f} (target >= 0.97)")
+              f"coloc {sl['static-coloc']:.0f}, coloc-decode-first {sl['static-coloc-decode-first']:.0f} tok/s -> "
+              f"flex vs disagg {s['flex_vs_disagg_pct']:+.1f}% (target >= +{s['disagg_target_pct']:.0f}%), "
+              f"vs coloc {s['flex_vs_coloc_pct']:+.1f}%, vs coloc-decode-first {s['flex_vs_coloc_decode_first_pct']:+.1f}%")
+        for key, lab in (("vs_coloc_per_rate", "coloc"), ("vs_coloc_decode_first_per_rate", "coloc-decode-first")):
+            for pr in s[key]:
+                print(f"      rate {pr['rate']:6.2f}: vs {lab:<18} TTFT p50 {-pr['ttft_p50_reduction_pct']:+6.1f}% "
+                      f"(target <= -92%), TPOT p50 {pr['tpot_p50_change_pct']:+6.1f}% (target <= +5%), "
+                      f"throughput x{pr['throughput_ratio']:.3f} (target >= 0.97)")
 
 
 def plot(runs, path):
@@ -152,7 +180,7 @@ def plot(runs, path):
     fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.2 * len(groups)), squeeze=False)
     for i, (cl, wl) in enumerate(groups):
         sel = [r for r in runs if r["workload"] == wl and r.get("cluster", r["devices"]) == cl]
-        for system in ("static-coloc", "static-disagg", "flexnpu"):
+        for system in ("static-coloc", "static-coloc-decode-first", "static-disagg", "flexnpu"):
             rs = sorted((r for r in sel if r["system"] == system and (system != "static-disagg" or r.get("best_split"))),
                         key=lambda r: r["rate"])
             if not rs:
@@ -249,7 +277,7 @@ def main(argv=None) -> int:
             print(f"flexnpu bench serve: unknown workload {w!r}; choose from {', '.join(WORKLOADS)}", file=sys.stderr)
             return 2
     n_dev = a.devices or (8 if a.simulate else 4)
-    n_req = a.requests or ((40 * n_dev if a.simulate else 30 * n_dev) if a.quick else 100 * n_dev)
+    n_req = a.requests or ((10 * n_dev if a.simulate else 30 * n_dev) if a.quick else 100 * n_dev)
     cfg = SimConfig(max_batched_tokens=a.max_batched_tokens)
     runs, summaries = [], []
     for w in wls:
@@ -258,9 +286,14 @@ def main(argv=None) -> int:
             slo["ttft"] = slo["ttft_long"]
         cfg.tpot_budget_s = slo["tpot"]
         rates = RATES_PER_DEVICE[model][w]
-        if a.quick:
-            rates = rates[1:]
-        group = run_group(model, spec, w, [r * n_dev for r in rates], n_dev, n_req, a.seed, cfg, slo)
+        if a.quick:  # --simulate --quick: a middle and the highest load only, to stay under 60 s
+            rates = rates[1:] if not a.simulate else [rates[1], rates[-1]] if WORKLOADS[w].kind != "decode-heavy" \
+                else rates[-1:]   # decode-heavy runs have ~1500 iterations per request: 3-5x the events
+        splits = None
+        if a.simulate and a.quick:
+            p0 = estimate_split(model, spec, w, n_dev)
+            splits = [p_ for p_ in (p0 - 1, p0, p0 + 1) if 0 < p_ < n_dev]
+        group = run_group(model, spec, w, [r * n_dev for r in rates], n_dev, n_req, a.seed, cfg, slo, splits)
         if a.simulate:
             clusters = [int(c) for c in a.clusters.split(",")]
             if a.quick:

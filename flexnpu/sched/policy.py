@@ -229,6 +229,11 @@ class FlexPolicy(Policy):
       weight (up to ``max_decode_weight``), never below ``min_prefill_slots`` (default 1, so
       prefill cannot starve); below ``low`` x budget: add a slot and lower the
       decode weight by 1.5x (down to ``min_decode_weight``), so prefill takes the slack.
+      The floor is low (1/64) on purpose: with the former floor of 0.5 decode kept about 2/3
+      of a contended resource even with its TPOT at a third of the budget, which starved
+      prefill and raised TTFT 10-50% over chunked-prefill co-location in the serving study
+      (docs/scheduling.md, "Tuning the flex policy"); AIMD doubling restores decode's share
+      within a few iterations when the budget is approached.
     Prefill work should arrive chunked (a few layers per op) so that the gate has kernel-level
     granularity; the engine decides the chunking, the policy only gates.
     """
@@ -238,7 +243,7 @@ class FlexPolicy(Policy):
                  decode_weight: float = 2.0, low: float = 0.9, high: float = 1.0,
                  phase_threshold: float = 0.5, max_slowdown: float | None = None,
                  min_prefill_slots: int = 1,
-                 min_decode_weight: float = 0.5, max_decode_weight: float = 8.0):
+                 min_decode_weight: float = 1 / 64, max_decode_weight: float = 8.0):
         super().__init__()
         self.default_tpot_budget_s = default_tpot_budget_s
         self.max_prefill_slots = max_prefill_slots

@@ -3,6 +3,10 @@
 - ``static-coloc``: every device runs one engine doing both phases, vLLM-V1 style continuous
   batching with chunked prefill (per iteration: all running decodes first, then partial
   prefills, then new prompts, up to ``max_batched_tokens``; ``max_seqs`` sequences).
+- ``static-coloc-decode-first``: every device runs one engine doing both phases without chunked
+  prefill, onboarding new requests only between decode iterations under TGI's router rules
+  (``DecodeFirstEngine``): new requests wait behind running decode, the co-location the
+  project brief describes ("time-to-first-token explodes").
 - ``static-disagg``: ``n_prefill`` devices run prefill-only engines, the rest decode-only
   engines; each prompt's KV cache moves prefill -> decode device over the link (serialised per
   receiving device, at ``spec.link_bw * link_eff``) before decoding starts.
@@ -185,6 +189,71 @@ class BatchEngine:
                         self.pool.release(r.prompt + (r.output if self.reserve_output else 0))
 
 
+class DecodeFirstEngine(BatchEngine):
+    """Co-location without chunked prefill where new requests wait behind running decode: the
+    batching loop of Hugging Face TGI's router (``batching_task`` in router/src/infer.rs,
+    v1.x-v2.x; flags ``--waiting-served-ratio``, ``--max-waiting-tokens``,
+    ``--max-batch-prefill-tokens``).
+
+    After every decode iteration the router tries to onboard waiting requests, but only when
+    (a) nothing is running, or (b) at least ``floor(waiting_served_ratio * running)`` waiting
+    requests fit into a new prefill batch, or (c) ``max_waiting_tokens`` decode iterations have
+    passed since the last onboarding. An onboarding runs one prefill-only iteration over whole
+    prompts (FCFS, at most ``prefill_budget`` prompt tokens, KV reservation and ``max_seqs``
+    slots permitting; a single prompt longer than the budget goes alone, as TGI requires
+    ``max_batch_prefill_tokens >= max_input_tokens``), pausing the running decodes for it; the
+    new requests then join the decode batch. Otherwise the engine decodes and the queue waits.
+    Defaults are TGI's: ratio 1.2, 20 iterations, 4096 prefill tokens (TGI 3.x lowered the
+    ratio default to 0.3; pass it to model that).
+    """
+
+    def __init__(self, model: ModelShape, pool: KVPool, prefill_budget: int = 4096, max_seqs: int = 256,
+                 slices: int = 2, waiting_served_ratio: float = 1.2, max_waiting_tokens: int = 20,
+                 on_finished: Callable[[Request, float], None] | None = None):
+        super().__init__(model, pool, True, True, prefill_budget, max_seqs, slices, on_finished=on_finished)
+        self.ratio, self.max_waiting_tokens = waiting_served_ratio, max_waiting_tokens
+        self.since_onboard = 0
+
+    def _onboard(self, min_size: int) -> StepPlan | None:
+        picked, tokens, reserved = [], 0, 0
+        for r in self.waiting:
+            if len(self.running) + len(picked) >= self.max_seqs:
+                break
+            if picked and tokens + r.prompt > self.budget:
+                break
+            need = r.prompt + r.output
+            if self.pool.used + reserved + need > self.pool.capacity:
+                break
+            picked.append(r)
+            tokens += r.prompt
+            reserved += need
+        if not picked or len(picked) < min_size:
+            return None
+        p = StepPlan()
+        for r in picked:
+            self.waiting.popleft()
+            self._reserve(r)
+            self.running.append(r)
+            p.chunks.append((r, r.prompt))
+        return p
+
+    def plan(self) -> StepPlan | None:
+        if self.waiting:
+            if not self.running or self.since_onboard >= self.max_waiting_tokens:
+                min_size = 1
+            else:
+                min_size = max(1, math.floor(self.ratio * len(self.running)))
+            p = self._onboard(min_size)
+            if p is not None:
+                self.since_onboard = 0
+                return p
+        decodes = [r for r in self.running if r.prefilled >= r.prompt and r.generated < r.output]
+        if not decodes:
+            return None
+        self.since_onboard += 1
+        return StepPlan(decodes=decodes)
+
+
 class EngineDevice:
     """A device running one engine; iteration time = sum of its kernels' solo times."""
 
@@ -287,7 +356,11 @@ class SimConfig:
     max_seqs: int = 256                # vLLM default max_num_seqs
     prefill_budget: int = 8192         # prefill-only engines (disagg) batch larger
     flex_prefill_chunk: int = 2048     # FlexNPU prefill engine chunk
+    flex_prefill_slices: int = 2       # FlexNPU prefill kernels per iteration (layer groups): gate granularity
     slices: int = 2
+    decode_first_prefill_tokens: int = 4096  # TGI --max-batch-prefill-tokens default
+    waiting_served_ratio: float = 1.2        # TGI --waiting-served-ratio default (v1.x-v2.x)
+    max_waiting_tokens: int = 20             # TGI --max-waiting-tokens default
     tpot_budget_s: float = 0.05
     step_overhead_s: float = 0.0
 
@@ -308,6 +381,16 @@ def simulate(system: str, model: ModelShape, cm: CostModel, requests: list[Reque
             d = min(devs, key=lambda d: d.engine.load())
             d.engine.add(r)
             d.kick()
+    elif system == "static-coloc-decode-first":
+        devs = [EngineDevice(loop, cm, DecodeFirstEngine(model, KVPool(cap), cfg.decode_first_prefill_tokens,
+                                                         cfg.max_seqs, cfg.slices, cfg.waiting_served_ratio,
+                                                         cfg.max_waiting_tokens), cfg.step_overhead_s)
+                for _ in range(n_devices)]
+
+        def route(r: Request) -> None:
+            d = min(devs, key=lambda d: d.engine.load())
+            d.engine.add(r)
+            d.kick()
     elif system == "flexnpu":
         devs = []
         for _ in range(n_devices):
@@ -317,7 +400,7 @@ def simulate(system: str, model: ModelShape, cm: CostModel, requests: list[Reque
 
             def handoff(r: Request, now: float, dec=dec, holder=holder) -> None:
                 dec.add(r)          # zero-copy: same device, same KV reservation
-            pre = BatchEngine(model, pool, True, False, cfg.flex_prefill_chunk, cfg.max_seqs, cfg.slices,
+            pre = BatchEngine(model, pool, True, False, cfg.flex_prefill_chunk, cfg.max_seqs, cfg.flex_prefill_slices,
                               on_prefilled=handoff)
             pol = policy_factory() if policy_factory else FlexPolicy(default_tpot_budget_s=cfg.tpot_budget_s)
             fd = FlexDevice(loop, cm, {"decode": dec, "prefill": pre}, pol, cfg.tpot_budget_s, cfg.step_overhead_s)
