@@ -17,16 +17,44 @@ MAX_HANDLE = (1 << 32) - 1
 
 
 class Alloc:
-    """One device allocation. `buf` is None while the launch that produces it is queued."""
+    """One device allocation. `buf` is None while the launch that produces it is queued.
 
-    __slots__ = ("nbytes", "buf", "owner", "tables", "failed", "__weakref__")
+    A compiled graph replay leaves its outputs as `result` tensors (set_result); the byte view
+    `buf` is made from it only when something reads the allocation (materialize)."""
 
-    def __init__(self, nbytes: int, owner: "Any", buf: Any = None) -> None:
+    __slots__ = ("nbytes", "buf", "owner", "tables", "failed", "ref", "result", "__weakref__")
+
+    def __init__(self, nbytes: int, owner: "Any", buf: Any = None, ref: Any = None) -> None:
         self.nbytes = nbytes
         self.buf = buf
         self.owner = owner          # the MemoryAccount charged for it
         self.tables = 0             # how many client tables reference it
         self.failed: str | None = None
+        self.ref = ref              # declared layout of a launch output (TensorRef)
+        self.result: Any = None
+
+    def set_result(self, t: Any) -> None:
+        self.result = t
+        self.buf = None
+
+    def materialize(self) -> Any:
+        """The allocation's bytes as a 1-D uint8 tensor, laid out as declared."""
+        if self.buf is None and self.result is not None:
+            import torch
+
+            from .backends.torch_exec import build_view
+
+            r, ref = self.result, self.ref
+            st = r.untyped_storage()
+            if (st.nbytes() == self.nbytes and r.dtype == ref.dtype and r.storage_offset() == ref.offset
+                    and tuple(r.stride()) == tuple(ref.stride)):
+                self.buf = torch.empty(0, dtype=torch.uint8, device=r.device).set_(st)
+            else:
+                buf = torch.empty(self.nbytes, dtype=torch.uint8, device=r.device)
+                build_view(ref, buf).copy_(r)
+                self.buf = buf
+            self.result = None
+        return self.buf
 
 
 @dataclass

@@ -59,6 +59,9 @@ class Daemon:
         self.policy_name = policy
         self.scheduler = make_scheduler(policy, self, tpot_budget_s)
         self.inline = getattr(self.scheduler, "inline", False)
+        # Straight-line compiled graph replay needs a backend that executes aten ops itself.
+        self.compile_graphs = type(backend).__name__ == "TorchBackend" and os.environ.get(
+            "FLEXNPU_COMPILE_GRAPHS", "1") != "0"
         self.memory_limit = memory_limit
         self.memory_limit_max = memory_limit_max
         self.allow_uids = allow_uids          # None = anyone who can open the socket

@@ -249,6 +249,7 @@ class Session:
             "memory_limit": self.mem.limit, "ops_per_s": round(self.ops_rate, 1),
             "ops_total": self.ops_total, "queue_depth": self.queue_depth(),
             "streams": len(self.streams), "handles": len(self.handles), "attached_at": self.attached_at,
+            "graphs": len(self.graphs), "graphs_compiled": sum(1 for g in self.graphs.values() if g.compiled),
         }
 
 
@@ -426,6 +427,8 @@ def _p_free(s, st, ud, sync, poff, plen, a, flags):
 
 
 def _ready_buf(al: Alloc, h: int) -> Any:
+    if al.buf is None and al.result is not None:
+        return al.materialize()
     if al.buf is None:
         raise InvalidHandle(f"device handle {h} was never produced (the operator that should have "
                             f"written it failed{': ' + al.failed if al.failed else ''})")
@@ -560,6 +563,7 @@ def _run_launch(s: Session, st: StreamState, c: Cmd) -> None:
             al.owner.charge(actual)   # may exceed the limit by rounding only: never refuse here
             al.nbytes = actual
         al.buf = buf
+        al.result = None
         al.failed = None
     if c.sync:
         s.reply_sync(c.user_data, st)
@@ -585,6 +589,7 @@ def _p_launch(s, st, ud, sync, poff, plen, a, flags):
             if h in outs or h in allocs:
                 raise InvalidHandle(f"{launch.op}: output handle {h} is not fresh")
             al = s.new_alloc(nbytes)
+            al.ref = ref
             s.handles.add(h, al)
             created.append(h)
             outs[h] = al
@@ -637,8 +642,18 @@ def _p_graph_end(s, st, ud, sync, poff, plen, a, flags):
 
 def _run_graph_replay(s: Session, st: StreamState, c: Cmd) -> None:
     g: Graph = c.a[0]
-    for cmd in g.ops:
-        cmd.run(s, st, cmd)
+    if g.compiled is None and s.daemon.compile_graphs:
+        from .graphs import compile_graph
+
+        g.compiled = compile_graph(g.ops, s.daemon.backend.device) or False
+    if g.compiled:
+        try:
+            g.compiled.run()
+        except Exception as e:
+            raise error_for(code_of(e), f"graph {g.gid} replay failed: {e}") from e
+    else:
+        for cmd in g.ops:
+            cmd.run(s, st, cmd)
     st.ops_done += len(g.ops)
     if c.sync:
         s.reply_sync(c.user_data, st)

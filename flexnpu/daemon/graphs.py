@@ -1,0 +1,149 @@
+"""Compiled replay of captured graphs.
+
+A captured graph is a list of commands that were validated and executed once during capture.
+Replaying them one by one through the generic launch path rebuilds every view and re-binds
+every output for every operator. Compiling turns the graph into a straight-line program:
+
+- operators are resolved once;
+- a tensor produced inside the graph is handed to its consumers directly when the consumer
+  reads it with the layout it was produced in (the common case), else re-viewed;
+- views of allocations from outside the graph (weights, static inputs, KV caches) are built
+  once and reused while the allocation keeps its storage;
+- outputs are bound lazily: each Alloc keeps the result tensor and makes its byte view only if
+  something outside the graph reads it.
+
+Anything the compiler does not handle makes it return None, and replay falls back to running
+the commands one by one, so compilation is an optimization, never a semantic change.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..protocol import Op, TensorRef
+from .backends import torch_exec
+
+_INTERNAL, _EXTERNAL = 0, 1
+
+
+class _Src:
+    """Where a tensor argument comes from at replay time."""
+
+    __slots__ = ("kind", "ref", "alloc", "step", "mutable", "cache_key", "cache")
+
+    def __init__(self, kind: int, ref: TensorRef, alloc: Any, step: int, mutable: bool) -> None:
+        self.kind, self.ref, self.alloc, self.step, self.mutable = kind, ref, alloc, step, mutable
+        self.cache_key: Any = None
+        self.cache: Any = None
+
+    def get(self, results: dict) -> torch.Tensor:
+        ref = self.ref
+        if self.kind == _INTERNAL:
+            t = results[id(self.alloc)]
+            if (t.dtype == ref.dtype and t.storage_offset() == ref.offset and tuple(t.shape) == ref.shape
+                    and tuple(t.stride()) == ref.stride):
+                return t
+            # read it as the producer's declared layout says, like any other consumer would
+            return torch_exec.build_view(ref, self.alloc.materialize())
+        buf = self.alloc.materialize()
+        if self.mutable:
+            return torch_exec.build_view(ref, buf)
+        if self.cache_key is not buf:
+            self.cache = torch_exec.build_view(ref, buf)
+            self.cache_key = buf
+        return self.cache
+
+
+class _Step:
+    __slots__ = ("opov", "args", "kwargs", "outs")
+
+    def __init__(self, opov: Any, args: Any, kwargs: dict, outs: list) -> None:
+        self.opov, self.args, self.kwargs, self.outs = opov, args, kwargs, outs
+
+
+def _template(x: Any, srcs: list, make: Any, mutable: bool) -> Any:
+    if isinstance(x, TensorRef):
+        s = make(x, mutable)
+        srcs.append(s)
+        return s
+    if isinstance(x, list):
+        return [_template(v, srcs, make, mutable) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_template(v, srcs, make, mutable) for v in x)
+    return x
+
+
+def _fill(x: Any, results: dict) -> Any:
+    t = type(x)
+    if t is _Src:
+        return x.get(results)
+    if t is list:
+        return [_fill(v, results) for v in x]
+    if t is tuple:
+        return tuple([_fill(v, results) for v in x])
+    return x
+
+
+class CompiledGraph:
+    def __init__(self, steps: list[_Step], device: Any) -> None:
+        self.steps = steps
+        self.device = device
+
+    def run(self) -> None:
+        results: dict[int, torch.Tensor] = {}
+        for st in self.steps:
+            args = _fill(st.args, results)
+            kwargs = {k: _fill(v, results) for k, v in st.kwargs.items()} if st.kwargs else {}
+            r = st.opov(*args, **kwargs)
+            if st.outs:
+                flat: list = []
+                torch_exec._flatten_tensors(r, flat)
+                for al, t in zip(st.outs, flat):
+                    results[id(al)] = t
+                    al.set_result(t)
+
+
+def compile_graph(cmds: list, device: Any) -> CompiledGraph | None:
+    """A compiled program for the graph's commands, or None if any command needs the generic path."""
+    steps: list[_Step] = []
+    produced: set[int] = set()
+    for cmd in cmds:
+        if cmd.op != Op.LAUNCH:
+            return None
+        launch, allocs, outs = cmd.a
+        try:
+            opov = torch_exec._resolve_op(launch.op)
+        except Exception:  # noqa: BLE001
+            return None
+        if outs and (not torch_exec._returns_fresh(opov)
+                     or any(r.alias_info is not None for r in opov._schema.returns)):
+            return None   # outputs that may alias inputs: the generic path copies them
+        mpos, mnames = torch_exec._mutable_args(opov)
+
+        def make(ref: TensorRef, mutable: bool) -> _Src:
+            al = allocs[ref.handle]
+            if id(al) in produced:
+                if mutable:
+                    raise _Unsupported   # in-place writes into graph temporaries: generic path
+                return _Src(_INTERNAL, ref, al, 0, False)
+            return _Src(_EXTERNAL, ref, al, 0, mutable)
+
+        srcs: list = []
+        try:
+            args = tuple(_template(a, srcs, make, i in mpos) for i, a in enumerate(launch.args))
+            kwargs = {k: _template(v, srcs, make, k in mnames) for k, v in launch.kwargs.items()}
+        except _Unsupported:
+            return None
+        out_allocs = [outs[ref.handle] for _, ref in launch.outputs]
+        for (nbytes, ref), al in zip(launch.outputs, out_allocs):
+            if ref.offset != 0:
+                return None
+            produced.add(id(al))
+        kwargs = {k: (device if isinstance(v, torch.device) else v) for k, v in kwargs.items()}
+        steps.append(_Step(opov, args, kwargs, out_allocs))
+    return CompiledGraph(steps, device)
+
+
+class _Unsupported(Exception):
+    pass
