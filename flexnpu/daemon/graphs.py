@@ -30,19 +30,22 @@ _INTERNAL, _EXTERNAL = 0, 1
 class _Src:
     """Where a tensor argument comes from at replay time."""
 
-    __slots__ = ("kind", "ref", "alloc", "step", "mutable", "cache_key", "cache")
+    __slots__ = ("kind", "ref", "alloc", "step", "mutable", "cache_key", "cache", "direct")
 
     def __init__(self, kind: int, ref: TensorRef, alloc: Any, step: int, mutable: bool) -> None:
         self.kind, self.ref, self.alloc, self.step, self.mutable = kind, ref, alloc, step, mutable
         self.cache_key: Any = None
         self.cache: Any = None
+        self.direct: bool | None = None   # producer's layout == consumer's view (same every replay)
 
     def get(self, results: dict) -> torch.Tensor:
         ref = self.ref
         if self.kind == _INTERNAL:
             t = results[id(self.alloc)]
-            if (t.dtype == ref.dtype and t.storage_offset() == ref.offset and tuple(t.shape) == ref.shape
-                    and tuple(t.stride()) == ref.stride):
+            if self.direct is None:
+                self.direct = (t.dtype == ref.dtype and t.storage_offset() == ref.offset
+                               and tuple(t.shape) == ref.shape and tuple(t.stride()) == ref.stride)
+            if self.direct:
                 return t
             # read it as the producer's declared layout says, like any other consumer would
             return torch_exec.build_view(ref, self.alloc.materialize())
@@ -56,10 +59,15 @@ class _Src:
 
 
 class _Step:
-    __slots__ = ("opov", "args", "kwargs", "outs")
+    __slots__ = ("opov", "args", "kwargs", "outs", "flat_args", "slots", "nested")
 
-    def __init__(self, opov: Any, args: Any, kwargs: dict, outs: list) -> None:
+    def __init__(self, opov: Any, args: tuple, kwargs: dict, outs: list) -> None:
         self.opov, self.args, self.kwargs, self.outs = opov, args, kwargs, outs
+        # Top-level tensor arguments are patched into a prebuilt list; only arguments that
+        # nest tensors in lists (cat, stack, index) go through the recursive fill.
+        self.flat_args = list(args)
+        self.slots = [(i, a) for i, a in enumerate(args) if type(a) is _Src]
+        self.nested = [(i, a) for i, a in enumerate(args) if type(a) in (list, tuple)]
 
 
 def _template(x: Any, srcs: list, make: Any, mutable: bool) -> Any:
@@ -93,9 +101,15 @@ class CompiledGraph:
     def run(self) -> None:
         results: dict[int, torch.Tensor] = {}
         for st in self.steps:
-            args = _fill(st.args, results)
-            kwargs = {k: _fill(v, results) for k, v in st.kwargs.items()} if st.kwargs else {}
-            r = st.opov(*args, **kwargs)
+            args = st.flat_args
+            for i, src in st.slots:
+                args[i] = src.get(results)
+            for i, v in st.nested:
+                args[i] = _fill(v, results)
+            if st.kwargs:
+                r = st.opov(*args, **{k: _fill(v, results) for k, v in st.kwargs.items()})
+            else:
+                r = st.opov(*args)
             if st.outs:
                 flat: list = []
                 torch_exec._flatten_tensors(r, flat)
