@@ -35,6 +35,7 @@ __all__ = ["Client", "get_client", "TensorRef", "FlexNPUError", "DaemonLost"]
 MAILBOX = 64 << 10
 DIRECT_COPY_MIN = 256 << 10       # H2D chunks at least this big skip the extra copy (sync, deferred)
 RECLAIM_MARGIN = 2 * P.MAX_DRAIN_BATCH
+SPIN_S = 30e-6                    # waits for replies spin this long before they futex-sleep
 _SQE_PACK = P.SQE.pack
 _ZEROS = [(0,) * (5 - i) for i in range(6)]
 
@@ -105,6 +106,7 @@ class Client:
         self.memory_limit = reply.get("memory_limit")
         self.daemon_pid = int(reply.get("daemon_pid", 0))
         self.seg.set_peer(fd=self.sock.fileno(), pid=self.daemon_pid or None)
+        self.seg.set_spin(SPIN_S)
         self._pid = os.getpid()
         self._forked = False
         _all_clients.add(self)
@@ -134,7 +136,13 @@ class Client:
         sq = self.seg.sq
         try:
             if not sq.push(rec):
-                sq.push_wait(rec, None)
+                # The daemon is the bottleneck: sleep at once instead of spinning on a core it
+                # may need (on a machine with fewer cores than busy processes it would).
+                self.seg.set_spin(0)
+                try:
+                    sq.push_wait(rec, None)
+                finally:
+                    self.seg.set_spin(SPIN_S)
         except (PeerDead, PeerClosed) as e:
             raise self._lost(e) from None
         self._pushed += 1
