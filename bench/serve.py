@@ -16,8 +16,10 @@ split (solo prefill time vs batched decode time per request) are run, to stay un
 --realtime: the same comparison with engines as real client processes on real FlexNPU daemons
 with the emulated backend (`--backend emu:910b`): kernels take the cost model's time in real
 time, scheduling is the daemon's policy (bench/_realtime.py). Figures are labelled emulated
-("mode": "realtime", "emulated": true). static-coloc and flexnpu use one emulated device,
-static-disagg two (prefill device + decode device); throughput per device is reported as well.
+("mode": "realtime", "emulated": true). Every system gets the same N emulated devices
+(`--devices`, default 2): static-coloc N replicas, flexnpu a prefill + decode instance on each
+device, static-disagg every p:(N-p) split with the best one compared; least-loaded dispatch.
+--quick: 8 requests per device at 4 req/s per device (chat), under 60 s on 2 cores.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ def parse_args(argv):
     p.add_argument("--model", choices=sorted(MODELS), help="model (default: qwen2.5-7b, or deepseek-r1 with --simulate)")
     p.add_argument("--spec", help="device spec (default 910b, or 910c with --simulate)")
     p.add_argument("--workloads", help=f"comma list from {','.join(WORKLOADS)}")
-    p.add_argument("--devices", type=int, help="device group size (default 4; the --simulate unit is 8)")
+    p.add_argument("--devices", type=int, help="device group size (default 4; the --simulate unit is 8; --realtime: 2, at least 2)")
     p.add_argument("--clusters", default="16,64,384", help="--simulate: cluster sizes (multiples of the unit)")
     p.add_argument("--requests", type=int, help="requests per run (per device group)")
     p.add_argument("--seed", type=int, default=1)
@@ -202,8 +204,32 @@ def plot(runs, path):
     fig.savefig(path, dpi=110)
 
 
+RT_RATES_PER_DEVICE = {"chat": ([4.0], [3.0, 6.0]), "long": ([1.0], [0.5, 1.0])}   # (--quick, full)
+RT_REQUESTS_PER_DEVICE = (8, 20)                                                     # (--quick, full)
+
+
+def rt_summary(runs, workload):
+    """The simulated mode's summary keys for a real-time group (no decode-first baseline here)."""
+    wl = [r for r in runs if r["workload"] == workload]
+    flex = {r["rate"]: r for r in wl if r["system"] == "flexnpu"}
+    col = {r["rate"]: r for r in wl if r["system"] == "static-coloc"}
+    dis = {r["rate"]: r for r in wl if r["system"] == "static-disagg" and r.get("best_split")}
+    tf, tc, td = (slo_throughput(list(d.values())) for d in (flex, col, dis))
+    rb = next(iter(dis.values()))
+    kind = WORKLOADS[workload].kind
+    return {"workload": workload, "kind": kind, "best_disagg_split": f"{rb['prefill_devices']}:{rb['decode_devices']}",
+            "slo_throughput_tok_s": {"flexnpu": tf, "static-coloc": tc, "static-disagg": td},
+            "flex_vs_disagg_pct": (100 * (tf / td - 1)) if td else math.inf,
+            "flex_vs_coloc_pct": (100 * (tf / tc - 1)) if tc else math.inf,
+            "vs_coloc_per_rate": [{"rate": rate,
+                                   "ttft_p50_reduction_pct": 100 * (1 - flex[rate]["ttft_p50_ms"] / col[rate]["ttft_p50_ms"]),
+                                   "tpot_p50_change_pct": 100 * (flex[rate]["tpot_p50_ms"] / col[rate]["tpot_p50_ms"] - 1),
+                                   "throughput_ratio": flex[rate]["throughput_tok_s"] / col[rate]["throughput_tok_s"]}
+                                  for rate in sorted(flex)],
+            "disagg_target_pct": 5.0 if kind == "balanced" else 26.0}
+
+
 def run_realtime(a, model_name, spec, t0) -> int:
-    from bench._realtime import run_system
     from flexnpu.sched.models import MODELS
 
     wls = (a.workloads or ("chat" if a.quick else "chat,long")).split(",")
@@ -211,45 +237,91 @@ def run_realtime(a, model_name, spec, t0) -> int:
         if w not in WORKLOADS:
             print(f"flexnpu bench serve: unknown workload {w!r}; choose from {', '.join(WORKLOADS)}", file=sys.stderr)
             return 2
+    n_dev = a.devices or 2
+    if n_dev < 2:
+        print("flexnpu bench serve: --realtime needs --devices >= 2 (static-disagg needs a prefill and a decode "
+              "device, and every system gets the same count)", file=sys.stderr)
+        return 2
     model = MODELS[model_name]
     kv_tokens = min(model.kv_capacity_tokens(spec.mem_bytes) // 2, 200_000)
     cfg = SimConfig(max_batched_tokens=a.max_batched_tokens)
-    runs = []
+    n_req = a.requests or RT_REQUESTS_PER_DEVICE[0 if a.quick else 1] * n_dev
+    runs, summaries = [], []
+    pools: dict = {}     # (policy, TPOT budget) -> DaemonSet, reused by every run that matches
+    try:
+        _rt_groups(a, model_name, spec, wls, n_dev, n_req, kv_tokens, cfg, runs, summaries, pools)
+    finally:
+        for ds in pools.values():
+            ds.stop()
+    return _rt_report(a, runs, summaries, model_name, spec, n_dev, n_req, t0)
+
+
+def _rt_groups(a, model_name, spec, wls, n_dev, n_req, kv_tokens, cfg, runs, summaries, pools):
+    from bench._realtime import DaemonSet, best_split, run_system
+
     for w in wls:
         slo = dict(SLO[model_name])
         if WORKLOADS[w].kind == "prefill-heavy":
             slo["ttft"] = slo["ttft_long"]
-        rates = {"chat": [4.0], "long": [1.0]}.get(w, [1.0]) if a.quick else \
-            {"chat": [3.0, 6.0], "long": [0.5, 1.0]}.get(w, [0.5, 1.0])
-        n_req = a.requests or (12 if a.quick else 40)
+        rates = [r * n_dev for r in RT_RATES_PER_DEVICE.get(w, ([1.0], [0.5, 1.0]))[0 if a.quick else 1]]
+        # every split with few devices; around the analytic balance point with --quick on many
+        splits = list(range(1, n_dev))
+        if a.quick and n_dev > 4:
+            p0 = estimate_split(model_name, spec, w, n_dev)
+            splits = [p_ for p_ in (p0 - 1, p0, p0 + 1) if 0 < p_ < n_dev]
+        group = []
         for rate in rates:
-            for system in ("static-coloc", "flexnpu", "static-disagg"):
-                reqs = generate(w, rate, n_req, a.seed)
+            for system, p_ in [("static-coloc", 0), ("flexnpu", 0)] + [("static-disagg", p_) for p_ in splits]:
+                reqs = generate(w, rate, n_req, a.seed)     # same seeded workload for every system
+                key = ("flex" if system == "flexnpu" else "fifo", slo["tpot"])
+                if key not in pools:
+                    pools[key] = DaemonSet(n_dev, spec.name, key[0], slo["tpot"] * 1e3)
                 t1 = time.perf_counter()
                 m = run_system(system, model_name, spec.name, reqs, cfg, slo, a.groups, kv_tokens,
-                               deadline_s=120.0)
-                devices = 2 if system == "static-disagg" else 1
+                               deadline_s=120.0, n_devices=n_dev, n_prefill=p_, daemons=pools[key])
                 m.update({"workload": w, "rate": rate, "model": model_name, "device": spec.name,
-                          "devices": devices, "requests": n_req, "mode": "realtime", "emulated": True,
-                          "throughput_per_device_tok_s": m["throughput_tok_s"] / devices,
+                          "devices": n_dev, "requests": n_req, "seed": a.seed, "mode": "realtime", "emulated": True,
+                          "throughput_per_device_tok_s": m["throughput_tok_s"] / n_dev,
                           "wall_s": round(time.perf_counter() - t1, 2)})
-                runs.append(m)
+                group.append(m)
+        best = best_split(group, SLO_ATTAINMENT)
+        for r in group:
+            if r["system"] == "static-disagg":
+                r["best_split"] = r["prefill_devices"] == best
+        runs += group
+        summaries.append(rt_summary(group, w))
+
+
+def _rt_report(a, runs, summaries, model_name, spec, n_dev, n_req, t0) -> int:
     if a.json:
-        print(json.dumps({"runs": runs, "mode": "realtime", "emulated": True,
+        print(json.dumps({"runs": runs, "summary": summaries, "mode": "realtime", "emulated": True, "devices": n_dev,
                           "wall_s": round(time.perf_counter() - t0, 1)}, indent=1))
         return 0
-    print(f"flexnpu bench serve --realtime: {model_name} on emulated {spec.name} (emu:{spec.name} daemons, "
-          f"real client processes), {a.groups} layer groups [EMULATED: real time, cost-model kernels]")
-    print(f"{'system':<14}{'dev':>4}{'rate':>6}{'tok/s':>9}{'tok/s/dev':>10}{'TTFT p50':>10}{'TTFT p99':>10}"
+    print(f"flexnpu bench serve --realtime: {model_name} on {n_dev} emulated {spec.name} devices (one emu:{spec.name} "
+          f"daemon each, real client processes), {n_req} requests per run, seed {a.seed}, {a.groups} layer groups, "
+          f"least-loaded dispatch [EMULATED: real time, cost-model kernels]")
+    print(f"{'system':<14}{'split':>6}{'dev':>4}{'rate':>6}{'tok/s':>9}{'tok/s/dev':>10}{'TTFT p50':>10}{'TTFT p99':>10}"
           f"{'TPOT p50':>10}{'TPOT p99':>10}{'SLO':>6}")
     for r in runs:
-        print(f"{r['system']:<14}{r['devices']:>4}{r['rate']:>6.1f}{r['throughput_tok_s']:>9.0f}"
+        split = f"{r['prefill_devices']}:{r['decode_devices']}" if r["system"] == "static-disagg" else "-"
+        mark = "*" if r.get("best_split") else ""
+        print(f"{r['system'] + mark:<14}{split:>6}{r['devices']:>4}{r['rate']:>6.1f}{r['throughput_tok_s']:>9.0f}"
               f"{r['throughput_per_device_tok_s']:>10.0f}{r['ttft_p50_ms']:>10.1f}{r['ttft_p99_ms']:>10.1f}"
               f"{r['tpot_p50_ms']:>10.1f}{r['tpot_p99_ms']:>10.1f}{r['slo_attainment']:>6.2f}  ({r['workload']})")
         if "kv_handoff" in r:
             k = r["kv_handoff"]
-            print(f"{'':14}KV hand-off zero-copy: {k['zero_copy']} (pool {k['kv_pool_bytes'] / 2**30:.1f} GiB charged "
-                  f"once; importer's own allocations {k['importer_allocated_bytes'] / 2**20:.0f} MiB)")
+            print(f"{'':14}KV hand-off zero-copy on all {len(k['per_device'])} devices: {k['zero_copy']} (pool "
+                  f"{k['kv_pool_bytes'] / 2**30:.1f} GiB per device charged once; importers' own allocations "
+                  f"<= {k['importer_allocated_bytes'] / 2**20:.0f} MiB)")
+        if "kv_link_gb_s" in r:
+            print(f"{'':14}KV over a {r['kv_link_gb_s']} GB/s link (D2H + H2D, both charged)")
+    print("* static-disagg: best split (highest throughput at >= 90% SLO attainment, ties to lower TTFT p50); "
+          "every split is in --json")
+    for s_ in summaries:
+        sl = s_["slo_throughput_tok_s"]
+        print(f"  {s_['workload']}: throughput at >= {SLO_ATTAINMENT:.0%} SLO: flexnpu {sl['flexnpu']:.0f}, "
+              f"disagg {s_['best_disagg_split']} {sl['static-disagg']:.0f}, coloc {sl['static-coloc']:.0f} tok/s "
+              f"(flex vs disagg {s_['flex_vs_disagg_pct']:+.1f}%, vs coloc {s_['flex_vs_coloc_pct']:+.1f}%)")
     print(f"\n({time.perf_counter() - t0:.1f} s wall)")
     return 0
 
