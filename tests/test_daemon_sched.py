@@ -50,8 +50,10 @@ def test_priority_policy_runs_the_high_priority_stream_first(start_daemon):
     # Three flood streams each have a 20 ms compute-bound kernel running. priority: the urgent
     # stream's kernel gets weight 4 against 3 x 1 -> 4/7 of compute, ~35 ms; fifo: only the
     # stream priority itself (weight 2 against 3) -> 2/5, ~50 ms.
-    assert t_prio < 0.042, f"high-priority kernel took {t_prio * 1e3:.1f} ms under priority"
+    # Noise only adds time: bound fifo from below by the model, and priority relative to fifo.
     assert t_fifo > 0.045, f"high-priority kernel took {t_fifo * 1e3:.1f} ms under fifo"
+    assert t_prio < 0.85 * t_fifo and t_prio < 0.060, \
+        f"high-priority kernel took {t_prio * 1e3:.1f} ms under priority vs {t_fifo * 1e3:.1f} ms under fifo"
     assert flood_prio > 0.1    # the flood still runs its remaining work afterwards
 
 
