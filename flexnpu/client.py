@@ -49,6 +49,45 @@ def _env_int(name: str, default: int) -> int:
     return int(parse_bytes(v) or default)
 
 
+class _StagingRing:
+    """Bump allocator over one arena region for small request payloads (launch arguments, host
+    data of small copies). The daemon copies them out when it drains the request, so a payload's
+    space is reusable once the SQ head is RECLAIM_MARGIN records past it, or after any
+    synchronous reply. Allocation is FIFO, so the space in use is one circular span."""
+
+    __slots__ = ("base", "size", "head", "used", "live")
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base, self.size = base, size
+        self.head = 0                  # next free byte, relative to base
+        self.used = 0                  # bytes in the in-use span, skipped tails included
+        self.live: collections.deque[tuple[int, int]] = collections.deque()   # (push seq, bytes)
+
+    def alloc(self, n: int, seq: int) -> int | None:
+        n = (n + 63) & ~63
+        head, size = self.head, self.size
+        if head + n <= size:
+            start, cost = head, n
+        else:
+            start, cost = 0, size - head + n      # skip the tail; freed with this entry
+        if self.used + cost > size:
+            return None
+        self.live.append((seq, cost))
+        self.used += cost
+        self.head = start + n
+        return self.base + start
+
+    def release_before(self, seq: int) -> None:
+        live = self.live
+        while live and live[0][0] < seq:
+            self.used -= live.popleft()[1]
+
+    def release_all(self) -> None:
+        self.live.clear()
+        self.used = 0
+        self.head = 0
+
+
 class Client:
     """One attachment of this process to one device's daemon. Thread-safe."""
 
@@ -117,6 +156,10 @@ class Client:
         self._graphs = itertools.count(1)
         self._pushed = 0
         self._staged: collections.deque[tuple[int, int]] = collections.deque()   # (push seq, offset)
+        self._arena = self.seg.arena_view(0, self.seg.arena_size)
+        stg = min(4 << 20, self.seg.arena_size // 8)
+        self._stg = _StagingRing(self.seg.alloc(stg), stg)
+        self._stg_max = stg // 4
         self.launches = 0
 
     # ================================================================== transport
@@ -166,6 +209,7 @@ class Client:
                 raise DaemonLost(f"protocol error: reply {rud} for request {ud}")
             text = bytes(self.seg.arena_view(self._mbox, min(mlen, MAILBOX))).decode(errors="replace") if mlen else ""
             # Everything submitted before this request has been prepared: staged payloads are free.
+            self._stg.release_all()
             while self._staged:
                 self.seg.free(self._staged.popleft()[1])
         if status:
@@ -174,21 +218,29 @@ class Client:
 
     def _stage(self, data: Any, n: int) -> int:
         """Copy n bytes into the arena for a request about to be pushed. Caller holds the lock."""
-        self._reclaim()
-        try:
-            off = self.seg.alloc(max(n, 1))
-        except MemoryError:
-            self._sync(Op.NOP)       # barrier: the daemon has copied every earlier payload
-            off = self.seg.alloc(max(n, 1))
+        if n <= self._stg_max:
+            off = self._stg.alloc(n, self._pushed)
+            if off is None:
+                self._reclaim()
+                off = self._stg.alloc(n, self._pushed)
+                if off is None:
+                    self._sync(Op.NOP)   # barrier: the daemon has copied every earlier payload
+                    off = self._stg.alloc(n, self._pushed)
+        else:
+            self._reclaim()
+            try:
+                off = self.seg.alloc(n)
+            except MemoryError:
+                self._sync(Op.NOP)
+                off = self.seg.alloc(n)
+            self._staged.append((self._pushed, off))
         if n:
-            self.seg.arena_view(off, n)[:] = data
-        self._staged.append((self._pushed, off))
+            self._arena[off:off + n] = data
         return off
 
     def _reclaim(self) -> None:
-        if not self._staged:
-            return
         consumed = self._pushed - len(self.seg.sq)
+        self._stg.release_before(consumed - RECLAIM_MARGIN)
         while self._staged and self._staged[0][0] + RECLAIM_MARGIN < consumed:
             self.seg.free(self._staged.popleft()[1])
 
@@ -418,8 +470,9 @@ class Client:
         payload = P.encode_launch(op, args, kwargs, outputs)
         with self._lock:
             self._check()
-            off = self._stage(payload, len(payload))
-            self._push(pack_sqe(Op.LAUNCH, stream=stream, payload_off=off, payload_len=len(payload)))
+            n = len(payload)
+            off = self._stage(payload, n)
+            self._push(_SQE_PACK(Op.LAUNCH, 0, stream, 0, off, n, 0, 0, 0, 0, 0))
             self.launches += 1
 
     def graph_begin_capture(self, stream: int = 0) -> int:
