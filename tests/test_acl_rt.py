@@ -141,17 +141,16 @@ def test_allocation_over_the_limit_is_reported(acl):
     assert acl.rt.set_device(0) == 0
     free, total, ret = acl.rt.get_mem_info(C.ACL_HBM_MEM)
     assert ret == 0 and total == 256_000_000 and 0 < free <= total
-    # bigger than the device: refused at once; within the device but over this client's limit:
-    # the daemon refuses it and the error surfaces at the next synchronization
+    # bigger than the device, or within the device but over this client's limit: aclrtMalloc is
+    # synchronous, so both fail at the call itself
     dev, ret = acl.rt.malloc(1 << 50, 0)
     assert ret == C.ACL_ERROR_RT_MEMORY_ALLOCATION
     a, ret = acl.rt.malloc(200 << 20, 0)
     assert ret == 0
     b, ret = acl.rt.malloc(200 << 20, 0)
-    assert ret in (0, C.ACL_ERROR_RT_MEMORY_ALLOCATION)
-    if ret == 0:
-        assert acl.rt.synchronize_device() == C.ACL_ERROR_RT_MEMORY_ALLOCATION
-        assert "207001" in acl.get_recent_err_msg()
+    assert (b, ret) == (0, C.ACL_ERROR_RT_MEMORY_ALLOCATION)
+    assert "207001" in acl.get_recent_err_msg()
+    assert acl.rt.synchronize_device() == 0       # nothing left over for the next sync
     assert acl.rt.free(a) == 0
 
 

@@ -338,8 +338,8 @@ def malloc(size: int, policy: int) -> tuple[int, int]:
         raise AclFail(C.ACL_ERROR_RT_MEMORY_ALLOCATION,
                       f"cannot allocate {size} bytes: device {dev} has {total} bytes in total")
     slot = RT.new_slot()
-    # Asynchronous in the client; an over-limit allocation surfaces at the next synchronize.
-    handle = st.client.malloc(size)
+    # Synchronous, as aclrtMalloc is: an over-limit allocation fails here with its ACL code.
+    handle = st.client.malloc(size, sync=True)
     alloc = DevAlloc(slot, dev, handle, size)
     RT.allocs[slot] = alloc
     return alloc.base, C.ACL_SUCCESS
