@@ -423,26 +423,23 @@ class Client:
     def memcpy_h2d_host(self, handle: int, offset: int, host_off: int, nbytes: int, stream: int = 0,
                         sync: bool = True) -> None:
         """Device <- arena host buffer. Async: the buffer must stay untouched until the stream syncs."""
-        if sync:
-            self._sync(Op.MEMCPY_H2D, handle, offset, nbytes, stream=stream, payload=(host_off, nbytes),
-                       flags=FLAG_DEFERRED)
-        else:
-            with self._lock:
-                self._check()
-                self._push(pack_sqe(Op.MEMCPY_H2D, handle, offset, nbytes, stream=stream, flags=FLAG_DEFERRED,
-                                    payload_off=host_off, payload_len=nbytes))
+        self._host_copy(Op.MEMCPY_H2D, handle, offset, host_off, nbytes, stream, sync)
 
     def memcpy_d2h_host(self, handle: int, offset: int, host_off: int, nbytes: int, stream: int = 0,
                         sync: bool = True) -> None:
         """Arena host buffer <- device. Async: valid after the stream syncs."""
+        self._host_copy(Op.MEMCPY_D2H, handle, offset, host_off, nbytes, stream, sync)
+
+    def _host_copy(self, op: Op, handle: int, offset: int, host_off: int, nbytes: int, stream: int,
+                   sync: bool) -> None:
+        # FLAG_DEFERRED: the daemon touches the host buffer when the copy executes, not at drain
         if sync:
-            self._sync(Op.MEMCPY_D2H, handle, offset, nbytes, stream=stream, payload=(host_off, nbytes),
-                       flags=FLAG_DEFERRED)
-        else:
-            with self._lock:
-                self._check()
-                self._push(pack_sqe(Op.MEMCPY_D2H, handle, offset, nbytes, stream=stream, flags=FLAG_DEFERRED,
-                                    payload_off=host_off, payload_len=nbytes))
+            self._sync(op, handle, offset, nbytes, stream=stream, payload=(host_off, nbytes), flags=FLAG_DEFERRED)
+            return
+        with self._lock:
+            self._check()
+            self._push(pack_sqe(op, handle, offset, nbytes, stream=stream, flags=FLAG_DEFERRED,
+                                payload_off=host_off, payload_len=nbytes))
 
     def memory_stats(self) -> dict[str, Any]:
         return json.loads(self._sync(Op.MEM_STATS)[2])
