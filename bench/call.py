@@ -77,6 +77,8 @@ def _async_launch(n: int) -> list[dict]:
     return out
 
 
+_ALL_CPUS = sorted(os.sched_getaffinity(0))
+
 _WORKER = """
 import sys, time
 from flexnpu.client import Client
@@ -94,8 +96,10 @@ print(time.perf_counter() - t, flush=True)
 
 
 def _throughput(clients: int, n: int, rdir: str) -> dict:
+    # client processes may run anywhere (not inheriting this process's pinning)
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(n)], env=child_env(rdir), text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(clients)]
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              preexec_fn=lambda: os.sched_setaffinity(0, _ALL_CPUS)) for _ in range(clients)]
     for p in procs:
         assert p.stdout.readline().strip() == "ready"
     t0 = time.perf_counter()
@@ -129,7 +133,9 @@ def _socket_call(n: int) -> dict:
     import tempfile
 
     path = os.path.join(tempfile.mkdtemp(prefix="flexnpu-sock-"), "echo.sock")
-    p = subprocess.Popen([sys.executable, "-c", _ECHO, path], stdout=subprocess.PIPE, text=True)
+    # the echo server sits where the daemon sits (the last CPU), the client where it is
+    p = subprocess.Popen([sys.executable, "-c", _ECHO, path], stdout=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: os.sched_setaffinity(0, {_ALL_CPUS[-1]}))
     p.stdout.readline()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
@@ -150,6 +156,20 @@ def _socket_call(n: int) -> dict:
     return {"name": "socket-call", "p50_us": median(us), "p99_us": pct(us, 99), "ops_per_s": 1e6 / median(us)}
 
 
+def _pin_daemon_apart(pinned: bool = True) -> None:
+    """Latency runs: daemon on the last CPU, this (client) process on the first, so the figures do
+    not depend on where the scheduler puts two spinning processes. Throughput runs: unpinned, the
+    daemon competes with its clients for every core as it would in production."""
+    import psutil
+
+    if len(_ALL_CPUS) < 2:
+        return
+    for child in psutil.Process().children(recursive=True):
+        if "daemon" in " ".join(child.cmdline()):
+            os.sched_setaffinity(child.pid, {_ALL_CPUS[-1]} if pinned else _ALL_CPUS)
+    os.sched_setaffinity(0, {_ALL_CPUS[0]} if pinned else _ALL_CPUS)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flexnpu bench call", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = a.repeat or (1 if a.quick else 3)
     runs: dict[str, list[dict]] = {}
     with private_daemon() as rdir:
+        _pin_daemon_apart()
         for r in range(reps):
             progress(f"[call] repetition {r + 1}/{reps}: sync call")
             rows = [_sync_call(n)]
@@ -169,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             progress("[call] async launch (client side)")
             rows += _async_launch(n)
             progress("[call] daemon throughput, 1 and 4 clients")
+            _pin_daemon_apart(False)
             rows.append(_throughput(1, n * 2, str(rdir)))
             rows.append(_throughput(4, n // 2, str(rdir)))
+            _pin_daemon_apart(True)
             for row in rows:
                 runs.setdefault(row["name"], []).append(row)
     results = []

@@ -209,7 +209,8 @@ class Client:
                 raise DaemonLost(f"protocol error: reply {rud} for request {ud}")
             text = bytes(self.seg.arena_view(self._mbox, min(mlen, MAILBOX))).decode(errors="replace") if mlen else ""
             # Everything submitted before this request has been prepared: staged payloads are free.
-            self._stg.release_all()
+            if self._stg.live:
+                self._stg.release_all()
             while self._staged:
                 self.seg.free(self._staged.popleft()[1])
         if status:
