@@ -82,6 +82,21 @@ def _finish(p: subprocess.Popen, what: str) -> None:
 
 # ------------------------------------------------------------------ peers
 
+def _rtt_and_stream(send: Callable[[bytes], object], recv: Callable[[], object], n: int,
+                    count: int) -> tuple[list[int], float]:
+    """Round-trip latencies of n messages, then the one-way rate of `count` messages that the
+    peer acknowledges once (it learns the count from the stop record)."""
+    msg = b"x" * MSG
+    lat, _ = _rtt(lambda: (send(msg), recv()), n)
+    send(_stop(count))
+    recv()
+    t0 = time.perf_counter()
+    for _ in range(count):
+        send(msg)
+    recv()
+    return lat, count / (time.perf_counter() - t0)
+
+
 def bench_pipe(n: int, count: int, cpus: tuple[int, int]) -> dict:
     r1, w1 = os.pipe()
     r2, w2 = os.pipe()
@@ -120,16 +135,7 @@ def bench_socketpair(n: int, count: int, cpus: tuple[int, int]) -> dict:
     a, b = socket.socketpair()
     p = _spawn("socketpair", cpus[1], str(b.fileno()), pass_fds=(b.fileno(),))
     b.close()
-    msg = b"x" * MSG
-    send, recv = a.send, a.recv
-    lat, _ = _rtt(lambda: (send(msg), recv(MSG)), n)
-    a.sendall(_stop(count))
-    a.recv(MSG, socket.MSG_WAITALL)
-    t0 = time.perf_counter()
-    for _ in range(count):
-        send(msg)
-    a.recv(MSG, socket.MSG_WAITALL)
-    tp = count / (time.perf_counter() - t0)
+    lat, tp = _rtt_and_stream(a.sendall, lambda: a.recv(MSG, socket.MSG_WAITALL), n, count)
     a.close()
     _finish(p, "socketpair")
     return _summary("socketpair", lat, tp)
@@ -144,16 +150,7 @@ def bench_mp_queue(n: int, count: int, cpus: tuple[int, int]) -> dict:
     qin, qout = ctx.Queue(), ctx.Queue()
     p = ctx.Process(target=_ringpeers.mp_queue_child, args=(qin, qout, cpus[1]), daemon=True)
     p.start()
-    msg = b"x" * MSG
-    put, get = qin.put, qout.get
-    lat, _ = _rtt(lambda: (put(msg), get(timeout=10)), n)
-    put(_stop(count))
-    get(timeout=10)
-    t0 = time.perf_counter()
-    for _ in range(count):
-        put(msg)
-    get(timeout=60)
-    tp = count / (time.perf_counter() - t0)
+    lat, tp = _rtt_and_stream(qin.put, lambda: qout.get(timeout=60), n, count)
     p.join(10)
     return _summary("mp-queue", lat, tp)
 
@@ -166,16 +163,7 @@ def bench_posix_mq(n: int, count: int, cpus: tuple[int, int]) -> dict:
     qb = posix_ipc.MessageQueue(tag + "b", posix_ipc.O_CREX, max_messages=10, max_message_size=MSG)
     try:
         p = _spawn("posix-mq", cpus[1], tag + "a", tag + "b")
-        msg = b"x" * MSG
-        send, recv = qa.send, qb.receive
-        lat, _ = _rtt(lambda: (send(msg), recv()), n)
-        send(_stop(count))
-        recv()
-        t0 = time.perf_counter()
-        for _ in range(count):
-            send(msg)
-        recv()
-        tp = count / (time.perf_counter() - t0)
+        lat, tp = _rtt_and_stream(qa.send, qb.receive, n, count)
         _finish(p, "posix-mq")
     finally:
         for q in (qa, qb):
@@ -194,16 +182,7 @@ def bench_zmq(n: int, count: int, cpus: tuple[int, int]) -> dict | None:
     addr = f"ipc:///tmp/flexnpu-bench-{os.getpid()}-{time.monotonic_ns()}.zmq"
     s.bind(addr)
     p = _spawn("zmq", cpus[1], addr)
-    msg = b"x" * MSG
-    send, recv = s.send, s.recv
-    lat, _ = _rtt(lambda: (send(msg), recv()), n)
-    send(_stop(count))
-    recv()
-    t0 = time.perf_counter()
-    for _ in range(count):
-        send(msg)
-    recv()
-    tp = count / (time.perf_counter() - t0)
+    lat, tp = _rtt_and_stream(s.send, s.recv, n, count)
     _finish(p, "zmq")
     s.close(linger=0)
     ctx.term()
