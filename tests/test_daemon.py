@@ -300,3 +300,38 @@ def test_sync_malloc_and_stream_query(start_daemon):
     assert c.stream_query(0) is True
     assert c.host_addr(c.host_alloc(64)) > 0
     c.close()
+
+
+def test_device_memory_is_shared_by_all_clients(start_daemon):
+    start_daemon("--device-memory", "64MiB")
+    a, b = Client(0), Client(0)
+    ha = a.malloc(48 << 20, sync=True)
+    with pytest.raises(OutOfMemory, match="device out of memory"):
+        b.malloc(32 << 20, sync=True)
+    a.free(ha)
+    a.synchronize()
+    b.malloc(32 << 20, sync=True)      # the space came back
+    a.close()
+    b.close()
+
+
+def test_client_ignoring_its_completions_is_dropped_alone(daemon):
+    good = Client(0)
+    bad = Client(0)
+    sq = bad.seg.sq
+    # thousands of synchronous requests whose replies it never reads: its CQ (256) overflows
+    for i in range(6000):
+        rec = P.pack_sqe(P.Op.NOP, user_data=i + 1, flags=P.FLAG_SYNC)
+        if not sq.push(rec):
+            try:
+                sq.push_wait(rec, 2)
+            except Exception:
+                break
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 10 and len(daemon.status()["clients"]) > 1:
+        time.sleep(0.05)
+    assert len(daemon.status()["clients"]) == 1
+    assert "does not consume its completion ring" in daemon.log_text()
+    good.nop()
+    assert daemon.proc.poll() is None
+    good.close()

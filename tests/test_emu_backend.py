@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from flexnpu.client import Client
-from flexnpu.errors import FlexNPUError
+from flexnpu.errors import OutOfMemory, FlexNPUError
 from flexnpu.protocol import TensorRef
 from flexnpu.sched.costmodel import CostModel, aten_cost, copy_cost
 from flexnpu.sched.emu import EmuDevice
@@ -166,11 +166,14 @@ def test_shape_only_allocations_hold_no_host_memory(emu):
     proc = psutil.Process(emu.pid)
     with Client(0) as c:
         rss0 = proc.memory_info().rss
-        hs = [c.malloc(50 << 30) for _ in range(8)]          # 400 GiB of emulated device memory
+        chunk = int(SPEC.mem_bytes) // 8
+        hs = [c.malloc(chunk) for _ in range(7)]              # 7/8 of the emulated device's memory
         st = c.memory_stats()
-        assert st["allocated"] == 400 << 30 and st["total"] == int(SPEC.mem_bytes)
+        assert st["allocated"] == 7 * chunk and st["total"] == int(SPEC.mem_bytes)
         assert proc.memory_info().rss - rss0 < 256 << 20
-        assert c.memcpy_d2h(hs[0], (50 << 30) - 4096, 4096) == bytes(4096)   # no values: zeros
+        assert c.memcpy_d2h(hs[0], chunk - 4096, 4096) == bytes(4096)   # no values: zeros
+        with pytest.raises(OutOfMemory, match="device out of memory"):
+            c.malloc(2 * chunk, sync=True)                    # more than the device has left
         for h in hs:
             c.free(h)
         assert c.memory_stats()["allocated"] == 0

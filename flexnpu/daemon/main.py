@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default device memory limit per client, e.g. 8GiB (default: none)")
     p.add_argument("--memory-limit-max", default=os.environ.get("FLEXNPU_MEMORY_LIMIT_MAX"),
                    help="highest limit a client may ask for (default: the default limit)")
+    p.add_argument("--device-memory", default=os.environ.get("FLEXNPU_DEVICE_MEMORY"),
+                   help="memory all clients together may hold, e.g. 60GiB (default: the device's "
+                        "memory; for the cpu backend half of the host's RAM)")
     env_uids = os.environ.get("FLEXNPU_ALLOW_UIDS")
     p.add_argument("--allow-uid", action="append",
                    default=[u.strip() for u in env_uids.split(",") if u.strip()] if env_uids else None,
@@ -84,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
             args.device, backend,
             runtime_dir=Path(args.runtime_dir) if args.runtime_dir else None,
             policy=args.policy, memory_limit=parse_bytes(args.memory_limit),
-            memory_limit_max=parse_bytes(args.memory_limit_max), allow_uids=_allowed(args.allow_uid),
+            memory_limit_max=parse_bytes(args.memory_limit_max),
+            device_memory=parse_bytes(args.device_memory), allow_uids=_allowed(args.allow_uid),
             socket_mode=int(str(args.socket_mode), 8), notify=notify,
             tpot_budget_s=args.tpot_budget_ms / 1e3)
         d.bind()

@@ -59,14 +59,18 @@ class Alloc:
 
 @dataclass
 class MemoryAccount:
-    """Device memory charged to one client."""
+    """Device memory charged to one client; `parent` is the whole device's account, so the sum
+    of all clients can never exceed what the device (or the host, for cpu) can hold."""
 
     limit: int | None
     used: int = 0
     peak: int = 0
+    parent: "MemoryAccount | None" = None
 
     def charge(self, nbytes: int) -> bool:
         if self.limit is not None and self.used + nbytes > self.limit:
+            return False
+        if self.parent is not None and not self.parent.charge(nbytes):
             return False
         self.used += nbytes
         if self.used > self.peak:
@@ -74,7 +78,10 @@ class MemoryAccount:
         return True
 
     def uncharge(self, nbytes: int) -> None:
-        self.used = max(0, self.used - nbytes)
+        nbytes = min(nbytes, self.used)
+        self.used -= nbytes
+        if self.parent is not None:
+            self.parent.uncharge(nbytes)
 
 
 class HandleTable:

@@ -23,10 +23,11 @@ from typing import Any
 
 from .. import __version__
 from .. import protocol as P
+from ..errors import Err
 from ..paths import socket_path
 from ..ring import Doorbell, RingError, Segment, wait_any
 from .control import MessageReader, ProtocolError, peer_credentials, send_msg
-from .objects import IpcExport
+from .objects import IpcExport, MemoryAccount
 from .scheduling import make_scheduler
 from .session import Session
 
@@ -48,7 +49,8 @@ def _cmdline(pid: int) -> str:
 class Daemon:
     def __init__(self, device: int, backend: Any, *, runtime_dir: Path | None = None,
                  policy: str = "fifo", memory_limit: int | None = None,
-                 memory_limit_max: int | None = None, allow_uids: set[int] | None = None,
+                 memory_limit_max: int | None = None, device_memory: int | None = None,
+                 allow_uids: set[int] | None = None,
                  socket_mode: int = 0o660, batch: int = P.MAX_DRAIN_BATCH, notify: Any = None,
                  tpot_budget_s: float | None = None) -> None:
         self.device = device
@@ -63,6 +65,12 @@ class Daemon:
         self.compile_graphs = type(backend).__name__ == "TorchBackend" and os.environ.get(
             "FLEXNPU_COMPILE_GRAPHS", "1") != "0"
         self.memory_limit = memory_limit
+        # What all clients together may hold: the device's memory, or for the cpu backend half of
+        # the host's RAM (a client must not make the host kill the daemon that serves everyone).
+        if device_memory is None:
+            total = int(self.backend_info.get("total_memory") or 0) or None
+            device_memory = total // 2 if (total and self.backend_info.get("device_type") == "cpu") else total
+        self.device_memory = MemoryAccount(device_memory)
         self.memory_limit_max = memory_limit_max
         self.allow_uids = allow_uids          # None = anyone who can open the socket
         self.socket_mode = socket_mode
@@ -157,8 +165,24 @@ class Daemon:
                     got += s.drain()
                 except RingError as e:
                     log.warning("client pid %d: corrupt ring (%s); disconnecting it", s.pid, e)
-                    self._drop(s, f"corrupt ring: {e}")
-            ran = self.scheduler.run_round()
+                    s.kill = f"corrupt ring: {e}"
+                except Exception as e:  # noqa: BLE001 - a daemon bug must cost one client, not all
+                    log.error("client pid %d: internal error while serving it; disconnecting it",
+                              s.pid, exc_info=e)
+                    s.kill = f"internal error: {e}"
+            try:
+                ran = self.scheduler.run_round()
+            except Exception as e:  # noqa: BLE001
+                log.error("scheduler failed; its queued work is dropped", exc_info=e)
+                ran = 0
+                for s in self.sessions.values():
+                    for st in s.streams.values():
+                        if st.queue:
+                            st.queue.clear()
+                            st.set_error(Err.INTERNAL, f"daemon scheduler error: {e}")
+            for s in [s for s in self.sessions.values() if s.kill]:
+                log.warning("client pid %d: disconnecting it: %s", s.pid, s.kill)
+                self._drop(s, s.kill)
             for s in self.sessions.values():
                 if s.waiters:
                     self._run_waiters()
@@ -256,7 +280,8 @@ class Daemon:
             "pid": os.getpid(), "uid": os.geteuid(), "started_at": self.started_at,
             "uptime_s": round(time.time() - self.started_at, 3), "policy": self.policy_name,
             "socket": str(self.path), "version": __version__, "layout_version": P.LAYOUT_VERSION,
-            "memory_limit_default": self.memory_limit, "ops_total": sum(c["ops_total"] for c in clients),
+            "memory_limit_default": self.memory_limit, "device_memory_limit": self.device_memory.limit,
+            "device_memory_used": self.device_memory.used, "ops_total": sum(c["ops_total"] for c in clients),
             "clients": clients, "scheduler": self._scheduler_status(),
         }
 

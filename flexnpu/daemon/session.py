@@ -60,7 +60,7 @@ class Session:
         self.mailbox = mailbox
         self.phase = phase
         self.attached_at = time.time()
-        self.mem = MemoryAccount(memory_limit)
+        self.mem = MemoryAccount(memory_limit, parent=daemon.device_memory)
         self.handles = HandleTable()
         self.streams: dict[int, StreamState] = {0: self._new_stream(0, 0)}
         self.events: dict[int, EventState] = {}
@@ -73,6 +73,7 @@ class Session:
         self.ops_rate = 0.0
         self._rate_mark = (time.monotonic(), 0)
         self.dead = False
+        self.kill: str | None = None     # set when the client must be disconnected (misbehaving)
         self.rec_buf = bytearray(P.SQE_SIZE * daemon.batch)
 
     # ------------------------------------------------------------------ helpers
@@ -97,12 +98,17 @@ class Session:
         rec = P.CQE.pack(user_data, int(status), n, value & 0xFFFFFFFFFFFFFFFF, aux & 0xFFFFFFFFFFFFFFFF)
         if self.pending_replies or not self.seg.cq.push(rec):
             if len(self.pending_replies) >= MAX_PENDING_REPLIES:
-                raise BadState("client does not consume its completion ring")
+                # Never raise from here (error paths reply too): the loop drops the client.
+                self.kill = "it does not consume its completion ring"
+                return
             self.pending_replies.append(rec)
 
     def flush_replies(self) -> None:
-        while self.pending_replies and self.seg.cq.push(self.pending_replies[0]):
-            self.pending_replies.pop(0)
+        n = 0
+        while n < len(self.pending_replies) and self.seg.cq.push(self.pending_replies[n]):
+            n += 1
+        if n:
+            del self.pending_replies[:n]
 
     def reply_json(self, user_data: int, obj: dict) -> None:
         self.reply(user_data, 0, msg=json.dumps(obj))
@@ -145,8 +151,12 @@ class Session:
         if not 0 <= nbytes <= MAX_ALLOC:
             raise InvalidArgument(f"allocation size {nbytes} out of range")
         if not self.mem.charge(nbytes):
-            raise OutOfMemory(f"device memory limit of this client exceeded: {self.mem.used} bytes in use, "
-                              f"{nbytes} requested, limit {self.mem.limit}")
+            dev = self.daemon.device_memory
+            if self.mem.limit is not None and self.mem.used + nbytes > self.mem.limit:
+                raise OutOfMemory(f"device memory limit of this client exceeded: {self.mem.used} bytes in use, "
+                                  f"{nbytes} requested, limit {self.mem.limit}")
+            raise OutOfMemory(f"device out of memory: {dev.used} of {dev.limit} bytes in use by all clients, "
+                              f"{nbytes} requested")
         return Alloc(nbytes, self.mem)
 
     # ------------------------------------------------------------------ drain
