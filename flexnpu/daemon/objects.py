@@ -11,9 +11,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InvalidHandle
+from ..errors import InvalidHandle, OutOfMemory
 
 MAX_HANDLE = (1 << 32) - 1
+MAX_HANDLES = 1 << 21          # live handles per client: bounds the daemon's own memory per client
 
 
 class Alloc:
@@ -102,6 +103,8 @@ class HandleTable:
             raise InvalidHandle(f"handle {h} out of range")
         if h in self._h:
             raise InvalidHandle(f"handle {h} is already in use")
+        if len(self._h) >= MAX_HANDLES:
+            raise OutOfMemory(f"too many live device handles in this client (limit {MAX_HANDLES})")
         alloc.tables += 1
         self._h[h] = alloc
 

@@ -30,6 +30,7 @@ MAX_EVENTS = 1 << 16
 MAX_GRAPHS = 4096
 MAX_PENDING_REPLIES = 4096
 MAX_GRAPH_OPS = 1 << 20
+MAX_QUEUED = 1 << 18           # commands waiting in one stream: bounds a blocked stream's memory
 # What a client's bad request or a failing operator may raise; anything else is logged as a bug.
 _EXPECTED = (FlexNPUError, ValueError, TypeError, KeyError, IndexError, MemoryError,
              NotImplementedError, RuntimeError, OverflowError)
@@ -197,6 +198,9 @@ class Session:
                 # Nothing queued ahead on this stream and the policy does not reorder: run now.
                 self.execute(st, cmd)
             else:
+                if len(st.queue) >= MAX_QUEUED:
+                    raise BadState(f"stream {sid} has {MAX_QUEUED} commands waiting (is it blocked on an "
+                                   f"event that is never recorded?)")
                 st.queue.append(cmd)
                 self.daemon.scheduler.activate(self, st)
         except Exception as e:  # noqa: BLE001 - every failure is the client's error, never ours
