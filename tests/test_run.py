@@ -141,3 +141,14 @@ def test_daemon_gone_gives_a_clear_error(daemon, runtime_dir):
     assert p.returncode == 5, out + err
     assert "DaemonLost" in out and "daemon for device 0" in out
     assert time.monotonic() - t0 < 10
+
+
+def test_pd_handoff_example_shares_the_kv_cache(tmp_path):
+    plain = subprocess.run([sys.executable, "examples/pd_handoff.py"], env=child_env(), capture_output=True,
+                           text=True, timeout=300, cwd=ROOT)
+    assert plain.returncode == 0, plain.stderr
+    r = flexnpu_run(["--", sys.executable, "examples/pd_handoff.py"], empty_dir=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "KV cache shared zero-copy" in r.stdout
+    tokens = lambda out: [ln for ln in out.splitlines() if ln.startswith("tokens:")]  # noqa: E731
+    assert tokens(r.stdout) == tokens(plain.stdout) and tokens(plain.stdout)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
+import os
+
 import torch
 
 from flexnpu.hook import runtime
@@ -21,6 +23,7 @@ __all__ = [
     "mem_get_info", "empty_cache", "reset_peak_memory_stats", "memory_stats", "NPUGraph", "graph",
     "get_device_name", "get_device_properties", "manual_seed", "manual_seed_all", "seed", "initial_seed",
     "get_rng_state", "set_rng_state", "is_bf16_supported", "get_amp_supported_dtype", "set_phase",
+    "ipc_export", "ipc_allow", "ipc_import",
 ]
 
 
@@ -316,6 +319,63 @@ def set_phase(phase: str, stream_obj: Stream | None = None) -> None:
     """FlexNPU extension: declare the phase (prefill/decode/auto) of a stream's work."""
     d = stream_obj._dev if stream_obj else _dev()
     d.client.set_phase(phase, stream_obj.stream_id if stream_obj else None)
+
+
+# -- zero-copy sharing between processes (aclrtIpcMemGetExportKey / SetImportPid / ImportByKey) --
+_IPC_PREFIX = "flexnpu-ipc:1:"
+
+
+def ipc_export(t: torch.Tensor, pids: Any = ()) -> str:
+    """FlexNPU extension: share the device memory behind npu tensor `t` with other processes on
+    the same device, without a copy. Returns a descriptor string (key and layout) to hand to the
+    other process, which calls ipc_import(); only processes whose pids are allowed (here or with
+    ipc_allow) may import. The memory stays valid while any importer still holds it."""
+    from flexnpu.hook import tensor as T
+
+    if not isinstance(t, T.NPUTensor):
+        raise TypeError(f"ipc_export needs an npu tensor, got a tensor on {t.device}")
+    d = t._a.dev
+    key = d.client.ipc_export(t._a.handle)
+    if pids:
+        d.client.ipc_set_pids(key, [int(p) for p in pids])
+    layout = {"key": key, "device": d.daemon_index, "dtype": str(t.dtype).split(".")[-1],
+              "shape": list(t.shape), "stride": list(t.stride()), "offset": t.storage_offset()}
+    import json
+
+    return _IPC_PREFIX + json.dumps(layout, separators=(",", ":"))
+
+
+def _ipc_layout(desc: str) -> dict:
+    import json
+
+    if not isinstance(desc, str) or not desc.startswith(_IPC_PREFIX):
+        raise ValueError("not a FlexNPU IPC descriptor (expected the string ipc_export returned)")
+    return json.loads(desc[len(_IPC_PREFIX):])
+
+
+def ipc_allow(desc: str, pids: Any) -> None:
+    """Allow more processes to import an exported tensor (owner only)."""
+    lay = _ipc_layout(desc)
+    _dev_for_daemon(lay["device"]).client.ipc_set_pids(int(lay["key"]), [int(p) for p in pids])
+
+
+def _dev_for_daemon(daemon_index: int) -> runtime.Device:
+    for d in runtime.devices():
+        if d.daemon_index == daemon_index:
+            return d
+    raise RuntimeError(f"this process has no npu device served by daemon device {daemon_index} "
+                       f"(FLEXNPU_DEVICES={os.environ.get('FLEXNPU_DEVICES', '0')!r})")
+
+
+def ipc_import(desc: str) -> torch.Tensor:
+    """The npu tensor another process exported with ipc_export: same device memory, no copy."""
+    from flexnpu.hook import tensor as T
+
+    lay = _ipc_layout(desc)
+    d = _dev_for_daemon(int(lay["device"]))
+    dtype = getattr(torch, lay["dtype"])
+    h, nbytes = d.client.ipc_import(int(lay["key"]))
+    return T.wrap(T.Alloc(d, h, nbytes), tuple(lay["shape"]), tuple(lay["stride"]), int(lay["offset"]), dtype)
 
 
 # -- random numbers: generated on the host (see tensor.py), so they follow the CPU generator ----
