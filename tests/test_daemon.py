@@ -233,7 +233,27 @@ def test_garbage_on_the_control_socket_does_not_hurt(daemon):
     c = Client(0)
     c.nop()
     assert daemon.status()["clients"]
+    silent.settimeout(15)
+    assert silent.recv(1) == b""            # ... and is closed after the handshake timeout
     silent.close()
+    # a flood of idle connections from one uid is refused beyond a bound; others still attach
+    flood = []
+    for _ in range(40):
+        s = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+        s.connect(str(daemon.socket))
+        flood.append(s)
+    time.sleep(0.5)
+    refused = 0
+    for s in flood:
+        s.settimeout(0.2)
+        try:
+            refused += b"EBUSY" in s.recv(4096)
+        except (TimeoutError, OSError):
+            pass
+    assert refused >= 40 - 16
+    for s in flood:
+        s.close()
+    c.nop()
     c.close()
 
 

@@ -34,6 +34,9 @@ from .session import Session
 log = logging.getLogger("flexnpu.daemon")
 
 MAILBOX_MIN = 256
+HANDSHAKE_TIMEOUT_S = 5.0      # a connection must have sent its request by then
+MAX_PENDING_PER_UID = 16       # connections still in their handshake, per peer uid
+MAX_PENDING = 256              # ... and in all
 
 
 def _cmdline(pid: int) -> str:
@@ -299,11 +302,18 @@ class Daemon:
         assert self._listener is not None
         sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
         sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self._handshakes: dict[socket.socket, tuple[int, float, MessageReader]] = {}
         while not self._stop.is_set():
             try:
                 events = sel.select(timeout=1.0)
             except OSError:
                 continue
+            now = time.monotonic()
+            for conn, (uid, t0, reader) in list(self._handshakes.items()):
+                if now - t0 > HANDSHAKE_TIMEOUT_S:
+                    log.info("closing a connection from uid %d that sent no request in %.0f s", uid,
+                             HANDSHAKE_TIMEOUT_S)
+                    self._close_conn(sel, conn, reader)
             for key, _ in events:
                 kind, state = key.data
                 if kind == "listen":
@@ -324,10 +334,25 @@ class Daemon:
             except OSError as e:
                 log.warning("accept failed: %s", e)
                 return
+            try:
+                _pid, uid, _gid = peer_credentials(conn)
+            except OSError:
+                conn.close()
+                continue
+            busy = sum(1 for u, _, _ in self._handshakes.values() if u == uid)
+            if busy >= MAX_PENDING_PER_UID or len(self._handshakes) >= MAX_PENDING:
+                # Bounded per uid, so one user's idle connections cannot use up the daemon's fds.
+                self._reply_blocking(conn, {"ok": False, "code": "EBUSY",
+                                            "error": "too many connections in their handshake"})
+                conn.close()
+                continue
             conn.setblocking(False)
-            sel.register(conn, selectors.EVENT_READ, ("conn", MessageReader(conn)))
+            reader = MessageReader(conn)
+            self._handshakes[conn] = (uid, time.monotonic(), reader)
+            sel.register(conn, selectors.EVENT_READ, ("conn", reader))
 
     def _close_conn(self, sel: selectors.BaseSelector, conn: socket.socket, reader: MessageReader) -> None:
+        self._handshakes.pop(conn, None)
         try:
             sel.unregister(conn)
         except (KeyError, ValueError):
@@ -368,6 +393,7 @@ class Daemon:
                 self._close_conn(sel, conn, reader)
                 return
             if op == "attach":
+                self._handshakes.pop(conn, None)
                 sel.unregister(conn)
                 self._attach(sel, conn, msg, fds)
                 return
