@@ -355,3 +355,34 @@ def test_client_ignoring_its_completions_is_dropped_alone(daemon):
     good.nop()
     assert daemon.proc.poll() is None
     good.close()
+
+
+def test_launches_on_two_streams_with_an_event_match_torch(client):
+    import numpy as np
+    import torch
+
+    from flexnpu.protocol import TensorRef
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((8, 16), dtype=np.float32), rng.standard_normal((16, 4), dtype=np.float32)
+
+    def upload(x):
+        h = client.malloc(x.nbytes)
+        client.memcpy_h2d(h, 0, x.tobytes())
+        return TensorRef(h, torch.float32, x.shape, tuple(s // 4 for s in x.strides), 0)
+
+    ra, rb = upload(a), upload(b)
+    s1, s2 = client.create_stream(), client.create_stream()
+    mm = TensorRef(client.alloc_handle(), torch.float32, (8, 4), (4, 1), 0)
+    client.launch("aten::mm.default", (ra, rb), {}, [(8 * 4 * 4, mm)], stream=s1)
+    ev = client.create_event()
+    client.record_event(ev, s1)
+    client.stream_wait_event(s2, ev)           # s2's work needs s1's product
+    out = TensorRef(client.alloc_handle(), torch.float32, (8, 4), (4, 1), 0)
+    client.launch("aten::add.Tensor", (mm, mm), {"alpha": 2}, [(8 * 4 * 4, out)], stream=s2)
+    client.launch("aten::relu_.default", (out,), {}, [], stream=s2)
+    client.synchronize(s2)
+    got = np.frombuffer(client.memcpy_d2h(out.handle, 0, 8 * 4 * 4, stream=s2), dtype=np.float32).reshape(8, 4)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    want = torch.relu(torch.add(ta @ tb, ta @ tb, alpha=2)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
