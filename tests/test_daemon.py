@@ -386,3 +386,13 @@ def test_launches_on_two_streams_with_an_event_match_torch(client):
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     want = torch.relu(torch.add(ta @ tb, ta @ tb, alpha=2)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_freed_exports_cannot_keep_uncharged_memory_alive(client):
+    h = client.malloc(1 << 20)
+    key = client.ipc_export(h)
+    client.free(h)
+    client.synchronize()
+    assert client.memory_stats()["allocated"] == 0
+    with pytest.raises(NotFound):
+        client.ipc_import(key)       # the export went with the allocation

@@ -252,9 +252,6 @@ class Daemon:
         log.info("client %d (pid %d) detached: %s; reclaimed %d bytes", s.cid, s.pid, why, used)
 
     # ================================================================== services for sessions
-    def retire_stream(self, s: Session, sid: int) -> None:
-        s.streams.pop(sid, None)
-
     def export(self, s: Session, handle: int, alloc: Any) -> int:
         import secrets
 
@@ -264,9 +261,6 @@ class Daemon:
         key = secrets.randbits(63) | 1   # unguessable: a key alone is not a capability without the pid list
         self.exports[key] = IpcExport(alloc, s.cid)
         return key
-
-    def forget_exports(self, s: Session, handle: int) -> None:
-        pass   # exports stay valid while the owner lives: importers hold the allocation
 
     def status(self) -> dict[str, Any]:
         for _ in range(5):   # sessions change under us (main thread); retry a torn snapshot

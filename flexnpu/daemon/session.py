@@ -434,8 +434,11 @@ def _p_malloc(s, st, ud, sync, poff, plen, a, flags):
 
 
 def _p_free(s, st, ud, sync, poff, plen, a, flags):
-    s.handles.remove(a[0])
-    s.daemon.forget_exports(s, a[0])
+    al = s.handles.remove(a[0])
+    # Its exports go too: otherwise the registry would keep memory alive that nobody is charged
+    # for. Processes that already imported it keep it (and it stays charged to its owner).
+    for key in [k for k, e in s.daemon.exports.items() if e.alloc is al and e.owner_client == s.cid]:
+        del s.daemon.exports[key]
     if sync:
         s.reply(ud)
 
