@@ -1,9 +1,32 @@
 """Shared setup for hook tests: a real CPU-backed daemon and the npu torch device in this process."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
+
+
+@contextlib.contextmanager
+def hook_env(runtime_dir, devices: str):
+    """FLEXNPU_RUNTIME_DIR/FLEXNPU_DEVICES set and the npu device installed with fresh clients;
+    the environment and clients are restored afterwards."""
+    from flexnpu.hook import install_torch_device
+
+    old = {k: os.environ.get(k) for k in ("FLEXNPU_RUNTIME_DIR", "FLEXNPU_DEVICES")}
+    os.environ["FLEXNPU_RUNTIME_DIR"] = str(runtime_dir)
+    os.environ["FLEXNPU_DEVICES"] = devices
+    _drop_clients()
+    install_torch_device()
+    try:
+        yield
+    finally:
+        _drop_clients()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _drop_clients() -> None:
@@ -26,28 +49,18 @@ def npu(tmp_path_factory):
 
     import torch  # noqa: F401
 
-    from flexnpu.hook import install_torch_device, runtime
+    from flexnpu.hook import runtime
 
     d = tmp_path_factory.mktemp("npu-run")
     proc = DaemonProc(d, 0, ["--backend", "cpu"])
-    old = {k: os.environ.get(k) for k in ("FLEXNPU_RUNTIME_DIR", "FLEXNPU_DEVICES")}
-    os.environ["FLEXNPU_RUNTIME_DIR"] = str(d)
-    os.environ["FLEXNPU_DEVICES"] = "0"
-    _drop_clients()
-    install_torch_device()
     try:
-        yield runtime.get(0)
+        with hook_env(d, "0"):
+            try:
+                yield runtime.get(0)
+            finally:
+                try:
+                    torch.npu.synchronize()
+                except Exception:  # noqa: BLE001 - a test may have left an error behind
+                    pass
     finally:
-        import torch
-
-        try:
-            torch.npu.synchronize()
-        except Exception:  # noqa: BLE001 - a test may have left an error behind
-            pass
-        _drop_clients()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         proc.stop()

@@ -1,36 +1,22 @@
 """Two virtual npu devices (FLEXNPU_DEVICES="0,1") served by two real daemons."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from _hookutil import _drop_clients
+from _hookutil import hook_env
 
 
 @pytest.fixture(scope="module")
 def two_npus(tmp_path_factory):
     from conftest import DaemonProc
 
-    from flexnpu.hook import install_torch_device
-
     d = tmp_path_factory.mktemp("npu2-run")
     procs = [DaemonProc(d, 0, ["--backend", "cpu"]), DaemonProc(d, 1, ["--backend", "cpu"])]
-    old = {k: os.environ.get(k) for k in ("FLEXNPU_RUNTIME_DIR", "FLEXNPU_DEVICES")}
-    os.environ["FLEXNPU_RUNTIME_DIR"] = str(d)
-    os.environ["FLEXNPU_DEVICES"] = "1,0"      # npu:0 -> daemon device 1, npu:1 -> daemon device 0
-    _drop_clients()
-    install_torch_device()
     try:
-        yield procs
+        with hook_env(d, "1,0"):      # npu:0 -> daemon device 1, npu:1 -> daemon device 0
+            yield procs
     finally:
-        _drop_clients()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         for p in procs:
             p.stop()
 

@@ -30,7 +30,7 @@ import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from flexnpu.sched.costmodel import Cost, CostModel
 from flexnpu.sched.emu import EmuDevice
@@ -365,6 +365,15 @@ class SimConfig:
     step_overhead_s: float = 0.0
 
 
+
+def _least_loaded(devs: list) -> Any:
+    """The router of single-engine devices: each request to the least loaded engine."""
+    def route(r: Request) -> None:
+        d = min(devs, key=lambda d: d.engine.load())
+        d.engine.add(r)
+        d.kick()
+    return route
+
 def simulate(system: str, model: ModelShape, cm: CostModel, requests: list[Request], n_devices: int,
              n_prefill: int = 0, cfg: SimConfig | None = None, policy_factory: Callable[[], Policy] | None = None) -> dict:
     """Run one system over `requests` (mutated in place) on n_devices; returns run statistics."""
@@ -377,20 +386,14 @@ def simulate(system: str, model: ModelShape, cm: CostModel, requests: list[Reque
                                                    cfg.max_seqs, cfg.slices), cfg.step_overhead_s)
                 for _ in range(n_devices)]
 
-        def route(r: Request) -> None:
-            d = min(devs, key=lambda d: d.engine.load())
-            d.engine.add(r)
-            d.kick()
+        route = _least_loaded(devs)
     elif system == "static-coloc-decode-first":
         devs = [EngineDevice(loop, cm, DecodeFirstEngine(model, KVPool(cap), cfg.decode_first_prefill_tokens,
                                                          cfg.max_seqs, cfg.slices, cfg.waiting_served_ratio,
                                                          cfg.max_waiting_tokens), cfg.step_overhead_s)
                 for _ in range(n_devices)]
 
-        def route(r: Request) -> None:
-            d = min(devs, key=lambda d: d.engine.load())
-            d.engine.add(r)
-            d.kick()
+        route = _least_loaded(devs)
     elif system == "flexnpu":
         devs = []
         for _ in range(n_devices):
@@ -447,10 +450,7 @@ def simulate(system: str, model: ModelShape, cm: CostModel, requests: list[Reque
                      for _ in range(n_devices - n_prefill)]
         devs = pre_devs + dec_devs
 
-        def route(r: Request) -> None:
-            d = min(pre_devs, key=lambda d: d.engine.load())
-            d.engine.add(r)
-            d.kick()
+        route = _least_loaded(pre_devs)
     else:
         raise ValueError(f"unknown system {system!r}")
 
