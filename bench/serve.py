@@ -7,11 +7,16 @@ decode; the co-location the project brief describes), static-disagg, flexnpu.
 Default: Qwen2.5-7B on Ascend 910B-class devices (4 devices), chat and long-prompt workloads.
 --simulate: the cluster study, DeepSeek-R1 on 910C, 16 to 384 devices, chat / long-prompt /
 reasoning mixes. Every figure is produced in virtual time by the cost model + emulated
-accelerator (``"emulated": true``); no accelerator is used. The static-disagg baseline is run
-at every prefill:decode split of the device group and its best split per workload (highest
-throughput at >= 90% SLO attainment) is the one compared; all splits appear in --json.
-With --simulate --quick only the three splits around an analytic estimate of the balanced
-split (solo prefill time vs batched decode time per request) are run, to stay under 60 s.
+accelerator (``"emulated": true``); no accelerator is used.
+
+Two kinds of figures. Per rate (table, "runs" in --json): throughput, TTFT and TPOT p50/p99, SLO
+attainment and the TTFT floor (a prompt's prefill on an idle device, which bounds any TTFT
+reduction) at a grid of request rates. At the SLO ("capacity" in --json, the summary's headline):
+goodput, the highest request rate each system sustains with >= 90% of requests meeting both
+SLOs, by bisection with a fixed span of arrivals per probe (flexnpu/sched/capacity.py). Every
+system's main knob is searched and its best setting compared: static-coloc's token budget,
+static-disagg's prefill:decode split, flexnpu's prefill chunk. With --simulate --quick only the
+three splits around an analytic estimate of the balanced split are searched.
 
 --realtime: the same comparison with engines as real client processes on real FlexNPU daemons
 with the emulated backend (`--backend emu:910b`): kernels take the cost model's time in real
@@ -26,13 +31,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
+from bench._common import progress
+from flexnpu.sched.capacity import requests_for, sustainable_rate, ttft_floors
 from flexnpu.sched.costmodel import CostModel
 from flexnpu.sched.models import MODELS, step_kernels
 from flexnpu.sched.policy import FlexPolicy
-from flexnpu.sched.sim import SimConfig, metrics, simulate
+from flexnpu.sched.sim import SimConfig, metrics, percentile, simulate
 from flexnpu.sched.specs import get_spec
 from flexnpu.sched.workload import WORKLOADS, generate
 
@@ -54,8 +63,8 @@ def parse_args(argv):
                    help="engines as real processes on real daemons with the emulated backend (emu:910b)")
     p.add_argument("--groups", type=int, default=4,
                    help="--realtime: layer groups per iteration (one projection mm + attention per group)")
-    p.add_argument("--quick", action="store_true", help="fewer requests and rates (< 60 s)")
-    p.add_argument("--json", action="store_true", help="print {'runs': [...], 'summary': [...]} as JSON")
+    p.add_argument("--quick", action="store_true", help="fewer requests, rates and search steps (< 60 s; goodput figures indicative)")
+    p.add_argument("--json", action="store_true", help="print {'runs': [...], 'summary': [...], 'capacity': [...]} as JSON")
     p.add_argument("--plot", metavar="PNG", help="write TTFT/TPOT p50 vs request rate to this PNG")
     p.add_argument("--model", choices=sorted(MODELS), help="model (default: qwen2.5-7b, or deepseek-r1 with --simulate)")
     p.add_argument("--spec", help="device spec (default 910b, or 910c with --simulate)")
@@ -64,6 +73,16 @@ def parse_args(argv):
     p.add_argument("--clusters", default="16,64,384", help="--simulate: cluster sizes (multiples of the unit)")
     p.add_argument("--requests", type=int, help="requests per run (per device group)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)),
+                   help="processes for the goodput searches (default: CPUs, at most 4)")
+    p.add_argument("--coloc-budgets", metavar="N,N,...",
+                   help="static-coloc token budgets in the goodput search (default 512,1024,2048,4096; "
+                        "--quick: 2048); the best one is the baseline compared")
+    p.add_argument("--flex-chunks", metavar="N,N,...",
+                   help="flexnpu prefill chunk sizes in the goodput search (default 512,1024,2048; --quick: 1024)")
+    p.add_argument("--capacity-duration", type=float, metavar="S",
+                   help="seconds of arrivals per goodput probe (default per workload: chat 60, long 120, "
+                        "reasoning 240; --quick: 20/40/60)")
     p.add_argument("--max-batched-tokens", type=int, default=2048,
                    help="static-coloc chunked-prefill token budget (vLLM V1 online default on <70 GiB cards)")
     return p.parse_args(argv)
@@ -94,6 +113,7 @@ def run_group(model_name, spec, workload, rates, n_dev, n_req, seed, cfg, slo, s
             st = simulate(system, model, cm, reqs, n_dev, n_prefill, cfg,
                           policy_factory=(lambda: FlexPolicy(default_tpot_budget_s=slo["tpot"])))
             m = metrics(reqs, slo["ttft"], slo["tpot"])
+            m["ttft_floor_p50_ms"] = percentile(ttft_floors(model, cm, reqs), 50) * 1e3
             m.update({"system": system, "workload": workload, "rate": rate, "model": model_name,
                       "device": spec.name, "devices": n_dev, "requests": n_req, "emulated": True,
                       "sim_events": st["events"], "wall_s": round(time.perf_counter() - t0, 2)})
@@ -112,39 +132,149 @@ def slo_throughput(runs):
     return max(ok) if ok else 0.0
 
 
-def summarize(runs, workload, scale=1.0):
-    """Pick disagg's best split, compare FlexNPU with both baselines."""
+# Capacity (goodput) search: seconds of Poisson arrivals per probe and bisection steps, (full,
+# --quick). A probe must outlast the TTFT SLO many times over, or a growing queue goes unseen;
+# decode-heavy requests live ~1-2 min, so reasoning probes are longest.
+CAPACITY_DURATION_S = {"chat": (60, 20), "long": (120, 40), "reasoning": (240, 60)}
+CAPACITY_STEPS = (7, 5)
+COLOC_BUDGETS = ((512, 1024, 2048, 4096), (2048,))   # static-coloc token budgets searched (full, --quick)
+FLEX_CHUNKS = ((512, 1024, 2048), (1024,))            # flexnpu prefill-engine chunk sizes searched (full, --quick)
+CAPACITY_SEEDS = (2, 1)                               # workload seeds averaged per probe (full, --quick)
+
+
+def capacity_key(system, n_prefill=0, budget=0, chunk=0):
+    return (system + (f" {n_prefill}p" if system == "static-disagg" else "") + (f" b{budget}" if budget else "")
+            + (f" c{chunk}" if chunk else ""))
+
+
+def _capacity_task(task: dict) -> dict:
+    """One system's goodput search (runs in a worker process)."""
+    model, cm = MODELS[task["model"]], CostModel(get_spec(task["device"]))
+    slo, n_dev = task["slo"], task["devices"]
+
+    def attainment(rate: float) -> float:
+        # averaged over seeds: one seed's attainment near the knee is not monotone in the rate
+        att = []
+        for seed in range(task["seed"], task["seed"] + task["seeds"]):
+            reqs = generate(task["workload"], rate * n_dev, requests_for(rate, n_dev, task["duration_s"]), seed)
+            cfg = SimConfig(tpot_budget_s=slo["tpot"])
+            if task.get("max_batched_tokens"):
+                cfg.max_batched_tokens = task["max_batched_tokens"]
+            if task.get("flex_prefill_chunk"):
+                cfg.flex_prefill_chunk = task["flex_prefill_chunk"]
+            simulate(task["system"], model, cm, reqs, n_dev, task.get("prefill_devices", 0), cfg,
+                     policy_factory=lambda: FlexPolicy(default_tpot_budget_s=slo["tpot"]))
+            att.append(metrics(reqs, slo["ttft"], slo["tpot"])["slo_attainment"])
+        return sum(att) / len(att)
+
+    t0 = time.perf_counter()
+    res = sustainable_rate(attainment, task["lo"], task["hi"], task["steps"], SLO_ATTAINMENT)
+    mean_out = sum(r.output for r in generate(task["workload"], 1.0, 4000, task["seed"])) / 4000
+    out = dict(task, **res.as_dict(), key=capacity_key(task["system"], task.get("prefill_devices", 0),
+                                                       task.get("max_batched_tokens", 0),
+                                                       task.get("flex_prefill_chunk", 0)))
+    out["goodput_tok_s"] = res.max_rate * n_dev * mean_out
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def capacity_group(model_name, spec, workload, n_dev, slo, seed, quick, splits, jobs, coloc_budgets=None,
+                   duration_s=None, flex_chunks=None):
+    """Goodput of every system (coloc at each token budget, disagg at each split) on one workload."""
+    q = 1 if quick else 0
+    grid = RATES_PER_DEVICE[model_name][workload]
+    base = {"model": model_name, "device": spec.name, "workload": workload, "devices": n_dev, "slo": slo,
+            "seed": seed, "seeds": CAPACITY_SEEDS[q], "duration_s": duration_s or CAPACITY_DURATION_S[workload][q],
+            "steps": CAPACITY_STEPS[q],
+            "lo": grid[0], "hi": 2 * grid[-1], "emulated": True}
+    tasks = [dict(base, system="static-coloc", max_batched_tokens=b) for b in (coloc_budgets or COLOC_BUDGETS[q])]
+    tasks += [dict(base, system="flexnpu", flex_prefill_chunk=c) for c in (flex_chunks or FLEX_CHUNKS[q])]
+    tasks += [dict(base, system="static-coloc-decode-first")]
+    tasks += [dict(base, system="static-disagg", prefill_devices=p_) for p_ in (splits or range(1, n_dev))]
+    tasks.sort(key=lambda t: t["system"] != "flexnpu")     # the slowest first
+    out = []
+    if jobs > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as ex:
+            for r in ex.map(_capacity_task, tasks):
+                progress(f"  capacity {workload}: {r['key']}: {r['max_rate_per_device']:.3f} req/s/device ({r['wall_s']} s)")
+                out.append(r)
+    else:
+        for t in tasks:
+            r = _capacity_task(t)
+            progress(f"  capacity {workload}: {r['key']}: {r['max_rate_per_device']:.3f} req/s/device ({r['wall_s']} s)")
+            out.append(r)
+    return out
+
+
+def _best(cap, system):
+    """A system's best configuration: highest goodput (ties: fewer prefill devices, smaller
+    budget or chunk). Every system gets its main knob searched, FlexNPU included."""
+    c = [r for r in cap if r["system"] == system]
+    return max(c, key=lambda r: (r["max_rate_per_device"], -r.get("prefill_devices", 0),
+                                 -r.get("max_batched_tokens", 0), -r.get("flex_prefill_chunk", 0)))
+
+
+def summarize(runs, workload, cap, scale=1.0):
+    """Compare FlexNPU with the baselines: per rate (TTFT, TPOT) and at the SLO (goodput)."""
     wl = [r for r in runs if r["workload"] == workload]
-    splits = sorted({r["prefill_devices"] for r in wl if r["system"] == "static-disagg"})
-    best = max(splits, key=lambda p_: (slo_throughput([r for r in wl if r.get("prefill_devices") == p_]),
-                                       -sum(r["ttft_p50_ms"] for r in wl if r.get("prefill_devices") == p_)))
+    cw = [r for r in cap if r["workload"] == workload]
+    bd = _best(cw, "static-disagg")
+    best = bd["prefill_devices"]
     for r in wl:
         if r["system"] == "static-disagg":
             r["best_split"] = r["prefill_devices"] == best
     flex = {r["rate"]: r for r in wl if r["system"] == "flexnpu"}
     col = {r["rate"]: r for r in wl if r["system"] == "static-coloc"}
     dfc = {r["rate"]: r for r in wl if r["system"] == "static-coloc-decode-first"}
-    dis = {r["rate"]: r for r in wl if r.get("prefill_devices") == best}
+
     def vs(base):
         out = []
         for rate in sorted(flex):
             f, c = flex[rate], base[rate]
             out.append({"rate": rate, "ttft_p50_reduction_pct": 100 * (1 - f["ttft_p50_ms"] / c["ttft_p50_ms"]),
+                        # no system can prefill faster than an idle device: the most any could cut
+                        "ttft_p50_reduction_bound_pct": 100 * (1 - f["ttft_floor_p50_ms"] / c["ttft_p50_ms"]),
                         "tpot_p50_change_pct": 100 * (f["tpot_p50_ms"] / c["tpot_p50_ms"] - 1),
                         "throughput_ratio": f["throughput_tok_s"] / c["throughput_tok_s"]})
         return out
-    per_rate, per_rate_df = vs(col), vs(dfc)
-    tf, tc, td, tdf = (slo_throughput(list(d.values())) for d in (flex, col, dis, dfc))
+    best_c, fx, dff = _best(cw, "static-coloc"), _best(cw, "flexnpu"), _best(cw, "static-coloc-decode-first")
     kind = WORKLOADS[workload].kind
-    rb = next(iter(dis.values()))
-    return {"workload": workload, "kind": kind, "best_disagg_split": f"{rb['prefill_devices']}:{rb['decode_devices']}",
-            "slo_throughput_tok_s": {"flexnpu": tf * scale, "static-coloc": tc * scale, "static-disagg": td * scale,
-                                     "static-coloc-decode-first": tdf * scale},
-            "flex_vs_disagg_pct": (100 * (tf / td - 1)) if td else math.inf,
-            "flex_vs_coloc_pct": (100 * (tf / tc - 1)) if tc else math.inf,
-            "flex_vs_coloc_decode_first_pct": (100 * (tf / tdf - 1)) if tdf else math.inf,
-            "vs_coloc_per_rate": per_rate, "vs_coloc_decode_first_per_rate": per_rate_df,
+
+    def pct(a, b):
+        return 100 * (a["max_rate_per_device"] / b["max_rate_per_device"] - 1) if b["max_rate_per_device"] else math.inf
+    return {"workload": workload, "kind": kind, "best_disagg_split": f"{best}:{bd['devices'] - best}",
+            "best_coloc_max_batched_tokens": best_c["max_batched_tokens"],
+            "best_flex_prefill_chunk": fx["flex_prefill_chunk"],
+            "goodput_tok_s": {"flexnpu": fx["goodput_tok_s"] * scale, "static-coloc": best_c["goodput_tok_s"] * scale,
+                              "static-disagg": bd["goodput_tok_s"] * scale,
+                              "static-coloc-decode-first": dff["goodput_tok_s"] * scale},
+            "max_rate_per_device": {"flexnpu": fx["max_rate_per_device"], "static-coloc": best_c["max_rate_per_device"],
+                                    "static-disagg": bd["max_rate_per_device"],
+                                    "static-coloc-decode-first": dff["max_rate_per_device"]},
+            "flex_vs_disagg_pct": pct(fx, bd), "flex_vs_coloc_pct": pct(fx, best_c),
+            "flex_vs_coloc_decode_first_pct": pct(fx, dff),
+            "vs_coloc_per_rate": vs(col), "vs_coloc_decode_first_per_rate": vs(dfc),
             "disagg_target_pct": 5.0 if kind == "balanced" else 26.0}
+
+
+def deployment_split(summaries, capacity):
+    """A static split is fixed when the cluster is deployed, not re-cut per request mix: compare
+    FlexNPU on each other mix with disaggregation at the split that was best for the balanced mix
+    (a secondary figure; the headline uses each mix's own best split)."""
+    bal = next((s for s in summaries if s["kind"] == "balanced"), None)
+    if bal is None:
+        return
+    p_ = int(bal["best_disagg_split"].split(":")[0])
+    for s in summaries:
+        if s is bal:
+            continue
+        d = [c for c in capacity if c["workload"] == s["workload"] and c["system"] == "static-disagg"
+             and c["prefill_devices"] == p_]
+        if not d or not d[0]["max_rate_per_device"]:
+            continue
+        s["balanced_mix_split"] = bal["best_disagg_split"]
+        s["flex_vs_disagg_at_balanced_mix_split_pct"] = 100 * (s["max_rate_per_device"]["flexnpu"]
+                                                              / d[0]["max_rate_per_device"] - 1)
 
 
 def print_table(runs, summaries, header):
@@ -161,16 +291,23 @@ def print_table(runs, summaries, header):
                   f"{r['ttft_p99_ms']:>10.1f}{r['tpot_p50_ms']:>10.1f}{r['tpot_p99_ms']:>10.1f}{r['slo_attainment']:>6.2f}")
     print("\nsummary (emulated):")
     for s in summaries:
-        sl = s["slo_throughput_tok_s"]
-        print(f"  {s['workload']:<10} {s['kind']:<14} best disagg split {s['best_disagg_split']}; "
-              f"throughput at >= {SLO_ATTAINMENT:.0%} SLO: flexnpu {sl['flexnpu']:.0f}, disagg {sl['static-disagg']:.0f}, "
-              f"coloc {sl['static-coloc']:.0f}, coloc-decode-first {sl['static-coloc-decode-first']:.0f} tok/s -> "
-              f"flex vs disagg {s['flex_vs_disagg_pct']:+.1f}% (target >= +{s['disagg_target_pct']:.0f}%), "
+        g, mr = s["goodput_tok_s"], s["max_rate_per_device"]
+        print(f"  {s['workload']:<10} {s['kind']:<14} goodput = highest rate with >= {SLO_ATTAINMENT:.0%} of requests "
+              f"within both SLOs: flexnpu chunk {s['best_flex_prefill_chunk']} {mr['flexnpu']:.2f} req/s/dev "
+              f"({g['flexnpu']:.0f} tok/s), "
+              f"disagg {s['best_disagg_split']} {mr['static-disagg']:.2f} ({g['static-disagg']:.0f}), "
+              f"coloc budget {s['best_coloc_max_batched_tokens']} {mr['static-coloc']:.2f} ({g['static-coloc']:.0f}), "
+              f"coloc-decode-first {mr['static-coloc-decode-first']:.2f} ({g['static-coloc-decode-first']:.0f})")
+        print(f"  {'':<25} -> flex vs disagg {s['flex_vs_disagg_pct']:+.1f}% (target >= +{s['disagg_target_pct']:.0f}%), "
               f"vs coloc {s['flex_vs_coloc_pct']:+.1f}%, vs coloc-decode-first {s['flex_vs_coloc_decode_first_pct']:+.1f}%")
+        if "balanced_mix_split" in s:
+            print(f"  {'':<25} -> flex vs disagg deployed at the balanced mix's split {s['balanced_mix_split']}: "
+                  f"{s['flex_vs_disagg_at_balanced_mix_split_pct']:+.1f}%")
         for key, lab in (("vs_coloc_per_rate", "coloc"), ("vs_coloc_decode_first_per_rate", "coloc-decode-first")):
             for pr in s[key]:
                 print(f"      rate {pr['rate']:6.2f}: vs {lab:<18} TTFT p50 {-pr['ttft_p50_reduction_pct']:+6.1f}% "
-                      f"(target <= -92%), TPOT p50 {pr['tpot_p50_change_pct']:+6.1f}% (target <= +5%), "
+                      f"(target <= -92%; idle-device floor allows {-pr['ttft_p50_reduction_bound_pct']:+.0f}%), "
+                      f"TPOT p50 {pr['tpot_p50_change_pct']:+6.1f}% (target <= +5%), "
                       f"throughput x{pr['throughput_ratio']:.3f} (target >= 0.97)")
 
 
@@ -351,7 +488,7 @@ def main(argv=None) -> int:
     n_dev = a.devices or (8 if a.simulate else 4)
     n_req = a.requests or ((10 * n_dev if a.simulate else 30 * n_dev) if a.quick else 100 * n_dev)
     cfg = SimConfig(max_batched_tokens=a.max_batched_tokens)
-    runs, summaries = [], []
+    runs, summaries, capacity = [], [], []
     for w in wls:
         slo = dict(SLO[model])
         if WORKLOADS[w].kind == "prefill-heavy":
@@ -366,11 +503,18 @@ def main(argv=None) -> int:
             p0 = estimate_split(model, spec, w, n_dev)
             splits = [p_ for p_ in (p0 - 1, p0, p0 + 1) if 0 < p_ < n_dev]
         group = run_group(model, spec, w, [r * n_dev for r in rates], n_dev, n_req, a.seed, cfg, slo, splits)
+        progress(f"flexnpu bench serve: {w}: per-rate runs done ({time.perf_counter() - t0:.0f} s); goodput search "
+                 f"on {a.jobs} process(es)...")
+        budgets = [int(b) for b in a.coloc_budgets.split(",")] if a.coloc_budgets else None
+        chunks = [int(b) for b in a.flex_chunks.split(",")] if a.flex_chunks else None
+        cap = capacity_group(model, spec, w, n_dev, slo, a.seed, a.quick, splits, a.jobs, budgets,
+                             a.capacity_duration, chunks)
+        capacity += cap
         if a.simulate:
             clusters = [int(c) for c in a.clusters.split(",")]
             if a.quick:
                 clusters = [clusters[0], clusters[-1]]
-            s = summarize(group, w)
+            summarize(group, w, cap)     # marks the best split in the unit's runs
             for cl in clusters:
                 if cl % n_dev:
                     print(f"flexnpu bench serve: cluster {cl} is not a multiple of the unit {n_dev}", file=sys.stderr)
@@ -383,16 +527,17 @@ def main(argv=None) -> int:
                         rr["prefill_devices"], rr["decode_devices"] = r["prefill_devices"] * k, r["decode_devices"] * k
                     rr["scale"] = 1
                     runs.append(rr)
-                sc = summarize([r for r in runs if r.get("cluster") == cl and r["workload"] == w], w)
+                sc = summarize([r for r in runs if r.get("cluster") == cl and r["workload"] == w], w, cap, scale=k)
                 sc["cluster"] = cl
                 summaries.append(sc)
         else:
             runs += group
-            summaries.append(summarize(group, w))
+            summaries.append(summarize(group, w, cap))
+    deployment_split(summaries, capacity)
     if a.plot:
         plot(runs, a.plot)
     if a.json:
-        print(json.dumps({"runs": runs, "summary": summaries, "emulated": True,
+        print(json.dumps({"runs": runs, "summary": summaries, "capacity": capacity, "emulated": True,
                           "wall_s": round(time.perf_counter() - t0, 1)}, indent=1))
     else:
         hdr = (f"flexnpu bench serve: {model} on {spec.name}, "

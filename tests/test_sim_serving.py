@@ -56,7 +56,8 @@ def test_more_load_is_never_faster():
 
 def test_bench_serve_json_shape(capsys):
     from bench import serve
-    rc = serve.main(["--quick", "--json", "--workloads", "chat", "--devices", "2", "--requests", "24"])
+    rc = serve.main(["--quick", "--json", "--workloads", "chat", "--devices", "2", "--requests", "24",
+                     "--capacity-duration", "5", "--jobs", "2"])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)
     systems = {r["system"] for r in doc["runs"]}
@@ -66,6 +67,17 @@ def test_bench_serve_json_shape(capsys):
         for k in ("rate", "throughput_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"):
             assert r[k] > 0
     assert doc["summary"][0]["best_disagg_split"] == "1:1"
+    for r in doc["runs"]:      # no system prefills faster than an idle device
+        assert 0 < r["ttft_floor_p50_ms"] <= r["ttft_p50_ms"]
+    cap = {c["key"]: c for c in doc["capacity"]}
+    assert set(cap) == {"static-coloc b2048", "static-coloc-decode-first", "flexnpu c1024", "static-disagg 1p"}
+    for c in cap.values():
+        assert c["duration_s"] == 5 and c["emulated"] is True and c["probes"]
+        assert c["max_rate_per_device"] > 0 and c["goodput_tok_s"] > 0
+    s = doc["summary"][0]
+    assert s["max_rate_per_device"]["flexnpu"] == cap["flexnpu c1024"]["max_rate_per_device"]
+    assert s["flex_vs_disagg_pct"] == pytest.approx(
+        100 * (cap["flexnpu c1024"]["max_rate_per_device"] / cap["static-disagg 1p"]["max_rate_per_device"] - 1))
 
 
 # ---- qualitative results of the serving study (docs/scheduling.md, "Serving study: findings")

@@ -79,6 +79,7 @@ class EmuDevice:
         self._streams: dict[Hashable, _Stream] = {}
         self._ids = itertools.count(1)
         self._dirty = True
+        self._next_t: float | None = None   # next_event_time() cache: valid while not dirty
         self._pending: list[EmuKernel] = []
         self.busy_time = [0.0, 0.0, 0.0]  # integrated resource use, for utilisation reports
         self.completed_count = 0
@@ -117,6 +118,10 @@ class EmuDevice:
     def next_event_time(self) -> float | None:
         """Earliest time something changes (a launch ends or a kernel completes), assuming no
         new submissions; None when idle. The real-time driver sleeps until then."""
+        # While the allocation holds, progress does not move this time (remaining/rate shrinks
+        # exactly as the clock advances), so it is computed once per allocation.
+        if not self._dirty and self._next_t is not None and self._next_t > self.now + _EPS:
+            return self._next_t
         self._allocate()
         best = None
         for k in self._heads():
@@ -129,6 +134,7 @@ class EmuDevice:
             else:
                 continue
             best = t if best is None else min(best, t)
+        self._next_t = best
         return best
 
     def predict_finish(self, kernel: EmuKernel) -> float:

@@ -113,7 +113,11 @@ class DeviceState:
 
     @property
     def ridge(self) -> float:
-        return self.model.spec.ridge()
+        # the spec is immutable; this is asked once per stream per scheduling decision
+        spec = self.model.spec
+        if getattr(self, "_ridge_spec", None) is not spec:
+            self._ridge_spec, self._ridge = spec, spec.ridge()
+        return self._ridge
 
 
 @dataclass
@@ -240,7 +244,7 @@ class FlexPolicy(Policy):
     name = "flex"
 
     def __init__(self, default_tpot_budget_s: float = 0.05, max_prefill_slots: int = 4,
-                 decode_weight: float = 2.0, low: float = 0.9, high: float = 1.0,
+                 decode_weight: float = 2.0, low: float = 0.7, high: float = 0.8,
                  phase_threshold: float = 0.5, max_slowdown: float | None = None,
                  min_prefill_slots: int = 1,
                  min_decode_weight: float = 1 / 64, max_decode_weight: float = 8.0):
@@ -261,8 +265,9 @@ class FlexPolicy(Policy):
 
     def select(self, queues, device, now):
         out: list[Dispatch] = []
-        dec = [q for q in queues if self._phase(q, device) is Phase.DECODE]
-        pre = [q for q in queues if self._phase(q, device) is Phase.PREFILL]
+        dec, pre = [], []
+        for q in queues:
+            (dec if self._phase(q, device) is Phase.DECODE else pre).append(q)
         # decode first, in arrival order across decode streams
         while len(device.inflight) < device.max_inflight:
             ready = [q for q in dec if q.can_dispatch]

@@ -355,7 +355,7 @@ class SimConfig:
     max_batched_tokens: int = 2048     # vLLM V1 default for online serving on <70 GiB cards
     max_seqs: int = 256                # vLLM default max_num_seqs
     prefill_budget: int = 8192         # prefill-only engines (disagg) batch larger
-    flex_prefill_chunk: int = 2048     # FlexNPU prefill engine chunk
+    flex_prefill_chunk: int = 1024     # FlexNPU prefill engine chunk: best goodput of 512/1024/2048 (docs/scheduling.md)
     flex_prefill_slices: int = 2       # FlexNPU prefill kernels per iteration (layer groups): gate granularity
     slices: int = 2
     decode_first_prefill_tokens: int = 4096  # TGI --max-batch-prefill-tokens default
