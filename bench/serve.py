@@ -140,6 +140,8 @@ CAPACITY_STEPS = (7, 5)
 COLOC_BUDGETS = ((512, 1024, 2048, 4096), (2048,))   # static-coloc token budgets searched (full, --quick)
 FLEX_CHUNKS = ((512, 1024, 2048), (1024,))            # flexnpu prefill-engine chunk sizes searched (full, --quick)
 CAPACITY_SEEDS = (2, 1)                               # workload seeds averaged per probe (full, --quick)
+SIM_COLOC_BUDGETS, SIM_FLEX_CHUNKS = (512, 2048), (1024,)   # --simulate (full): the knobs' best values on Qwen
+SIM_DURATION_S = {"reasoning": 120}                   # --simulate (full): shorter decode-heavy probes
 
 
 def capacity_key(system, n_prefill=0, budget=0, chunk=0):
@@ -179,12 +181,12 @@ def _capacity_task(task: dict) -> dict:
 
 
 def capacity_group(model_name, spec, workload, n_dev, slo, seed, quick, splits, jobs, coloc_budgets=None,
-                   duration_s=None, flex_chunks=None):
+                   duration_s=None, flex_chunks=None, seeds=None):
     """Goodput of every system (coloc at each token budget, disagg at each split) on one workload."""
     q = 1 if quick else 0
     grid = RATES_PER_DEVICE[model_name][workload]
     base = {"model": model_name, "device": spec.name, "workload": workload, "devices": n_dev, "slo": slo,
-            "seed": seed, "seeds": CAPACITY_SEEDS[q], "duration_s": duration_s or CAPACITY_DURATION_S[workload][q],
+            "seed": seed, "seeds": seeds or CAPACITY_SEEDS[q], "duration_s": duration_s or CAPACITY_DURATION_S[workload][q],
             "steps": CAPACITY_STEPS[q],
             "lo": grid[0], "hi": 2 * grid[-1], "emulated": True}
     tasks = [dict(base, system="static-coloc", max_batched_tokens=b) for b in (coloc_budgets or COLOC_BUDGETS[q])]
@@ -242,7 +244,9 @@ def summarize(runs, workload, cap, scale=1.0):
 
     def pct(a, b):
         return 100 * (a["max_rate_per_device"] / b["max_rate_per_device"] - 1) if b["max_rate_per_device"] else math.inf
-    return {"workload": workload, "kind": kind, "best_disagg_split": f"{best}:{bd['devices'] - best}",
+    k = round(scale)
+    return {"workload": workload, "kind": kind, "best_disagg_split": f"{best * k}:{(bd['devices'] - best) * k}",
+            "best_disagg_unit_prefill_devices": best,
             "best_coloc_max_batched_tokens": best_c["max_batched_tokens"],
             "best_flex_prefill_chunk": fx["flex_prefill_chunk"],
             "goodput_tok_s": {"flexnpu": fx["goodput_tok_s"] * scale, "static-coloc": best_c["goodput_tok_s"] * scale,
@@ -261,20 +265,18 @@ def deployment_split(summaries, capacity):
     """A static split is fixed when the cluster is deployed, not re-cut per request mix: compare
     FlexNPU on each other mix with disaggregation at the split that was best for the balanced mix
     (a secondary figure; the headline uses each mix's own best split)."""
-    bal = next((s for s in summaries if s["kind"] == "balanced"), None)
-    if bal is None:
-        return
-    p_ = int(bal["best_disagg_split"].split(":")[0])
-    for s in summaries:
-        if s is bal:
-            continue
-        d = [c for c in capacity if c["workload"] == s["workload"] and c["system"] == "static-disagg"
-             and c["prefill_devices"] == p_]
-        if not d or not d[0]["max_rate_per_device"]:
-            continue
-        s["balanced_mix_split"] = bal["best_disagg_split"]
-        s["flex_vs_disagg_at_balanced_mix_split_pct"] = 100 * (s["max_rate_per_device"]["flexnpu"]
-                                                              / d[0]["max_rate_per_device"] - 1)
+    for bal in [s for s in summaries if s["kind"] == "balanced"]:
+        p_ = bal["best_disagg_unit_prefill_devices"]
+        for s in summaries:
+            if s["workload"] == bal["workload"] or s.get("cluster") != bal.get("cluster"):
+                continue
+            d = [c for c in capacity if c["workload"] == s["workload"] and c["system"] == "static-disagg"
+                 and c["prefill_devices"] == p_]
+            if not d or not d[0]["max_rate_per_device"]:
+                continue
+            s["balanced_mix_split"] = bal["best_disagg_split"]
+            s["flex_vs_disagg_at_balanced_mix_split_pct"] = 100 * (s["max_rate_per_device"]["flexnpu"]
+                                                                  / d[0]["max_rate_per_device"] - 1)
 
 
 def print_table(runs, summaries, header):
@@ -479,7 +481,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"flexnpu bench serve: {e}", file=sys.stderr)
         return 2
-    default_wl = "chat,long,reasoning" if a.simulate else "chat,long"
+    # --simulate --quick: the balanced mix only (a DeepSeek-R1 reasoning probe alone takes ~25 s)
+    default_wl = ("chat" if a.quick else "chat,long,reasoning") if a.simulate else "chat,long"
     wls = (a.workloads or default_wl).split(",")
     for w in wls:
         if w not in WORKLOADS:
@@ -507,8 +510,12 @@ def main(argv=None) -> int:
                  f"on {a.jobs} process(es)...")
         budgets = [int(b) for b in a.coloc_budgets.split(",")] if a.coloc_budgets else None
         chunks = [int(b) for b in a.flex_chunks.split(",")] if a.flex_chunks else None
+        seeds = None
+        if a.simulate:   # DeepSeek-R1 probes cost ~10x Qwen's: the knobs found best on Qwen, one seed
+            budgets, chunks, seeds = budgets or SIM_COLOC_BUDGETS, chunks or SIM_FLEX_CHUNKS, 1
         cap = capacity_group(model, spec, w, n_dev, slo, a.seed, a.quick, splits, a.jobs, budgets,
-                             a.capacity_duration, chunks)
+                             a.capacity_duration or (SIM_DURATION_S.get(w) if a.simulate and not a.quick else None),
+                             chunks, seeds)
         capacity += cap
         if a.simulate:
             clusters = [int(c) for c in a.clusters.split(",")]
