@@ -178,6 +178,7 @@ class Device:
         rows = max(1, logits_rows)
         self._launch("aten::mm", (_ref(self.x, (rows, H)), _ref(self.head, (H, self.m.vocab))), {},
                      (rows, self.m.vocab))
+        self.c.mark_step(0)          # the flex policy's iteration clock (the sync alone would do too)
         self.c.synchronize(0)
 
 

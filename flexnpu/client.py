@@ -275,6 +275,13 @@ class Client:
             raise InvalidArgument(f"phase must be one of {P.PHASES}, not {phase!r}")
         self._async(Op.SET_PHASE, P.PHASES.index(phase), stream or 0)
 
+    def mark_step(self, stream: int = 0) -> None:
+        """End of one engine iteration (one output token) on `stream`, for the daemon's flex
+        policy: it times decode iterations from the first kernel to the last one before the
+        mark. Asynchronous and not a barrier; without marks the policy takes iteration ends from
+        the client's synchronisations."""
+        self._async(Op.STEP_MARK, stream=stream)
+
     # ================================================================== streams and events
     def create_stream(self, priority: int = 0) -> int:
         sid = next(self._streams)

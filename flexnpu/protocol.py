@@ -73,6 +73,7 @@ class Op(IntEnum):
     GRAPH_REPLAY = 62
     GRAPH_DESTROY = 63
     SET_PHASE = 70
+    STEP_MARK = 71
 
 
 class Payload(IntEnum):
@@ -132,6 +133,8 @@ OPS: dict[Op, OpSpec] = {s.op: s for s in (
     _s(Op.GRAPH_REPLAY, ("graph_id",), N, "-", True, "replay a captured graph as one command"),
     _s(Op.GRAPH_DESTROY, ("graph_id",), N, "-", False, "free a captured graph"),
     _s(Op.SET_PHASE, ("phase", "stream_id"), N, "-", False, "phase hint for the stream's scheduler"),
+    _s(Op.STEP_MARK, (), N, "-", True, "an engine iteration (one output token) ends here on this stream: "
+       "the flex policy's TPOT clock; no barrier unless FLAG_SYNC; ignored while capturing"),
 )}
 
 PHASES = ("auto", "prefill", "decode")

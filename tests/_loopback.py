@@ -199,6 +199,9 @@ class LoopbackClient:
     def set_phase(self, phase: str, stream: int | None = None) -> None:
         pass
 
+    def mark_step(self, stream: int = 0) -> None:
+        pass
+
     def device_info(self) -> dict[str, Any]:
         return {"backend": "cpu", "device_type": "cpu", "name": "loopback", "total_memory": self.limit}
 

@@ -122,6 +122,55 @@ def test_set_phase_and_status_queue_depth(start_daemon):
         assert s["queued"] == 0 and s["inflight"] == 0
 
 
+def _stream_status(d, c: Client, sid: int) -> dict:
+    [s] = [s for s in sched_status(d)["scheduler"]["streams"] if s["client_id"] == c.client_id and s["stream"] == sid]
+    return s
+
+
+def test_step_marks_time_decode_iterations_without_syncs(start_daemon):
+    d = start_daemon("--backend", "emu:910b", "--policy", "flex")
+    with Client(0) as c:
+        mm = memory_bound(c, 5)
+        s = c.create_stream()
+        c.set_phase("decode", s)
+        timed_sync(c, lambda: mm.launch(s), stream=s)        # one iteration, ended by the sync
+        base = _stream_status(d, c, s)["steps"]
+        for _ in range(6):                                   # an engine that never waits per token
+            mm.launch(s)
+            mm.launch(s)
+            c.mark_step(s)
+        c.mark_step(s)                                       # a second mark with no kernel: no step
+        c.synchronize(s)
+        got = _stream_status(d, c, s)
+        assert got["steps"] - base == 6
+        assert 9.0 <= got["last_step_ms"] <= 60.0            # two 5 ms kernels (+ queueing, noise)
+        # a mark that arrives after the iteration's last kernel finished still closes it there
+        mm.launch(s)
+        time.sleep(0.1)
+        c.mark_step(s)
+        mm.launch(s)
+        c.synchronize(s)                                     # the next iteration, ended by the sync
+        late = _stream_status(d, c, s)
+        assert late["steps"] - got["steps"] == 2
+        assert late["last_step_ms"] <= 60.0                  # not stretched over the 100 ms sleep
+
+
+def test_step_marks_are_harmless_without_a_policy_and_while_capturing(start_daemon):
+    start_daemon("--backend", "cpu")
+    with Client(0) as c:
+        c.mark_step()
+        s = c.create_stream()
+        c.mark_step(s)
+        g = c.graph_begin_capture(s)
+        c.mark_step(s)                                       # not captured: marks follow replays
+        assert c.graph_end_capture(g, s) == 0
+        c.synchronize(s)
+        c.mark_step(987654)                                  # async: reported at the next sync
+        with pytest.raises(Exception, match="unknown stream 987654"):
+            c.synchronize()
+        c.synchronize()                                      # reported once; the client goes on
+
+
 @pytest.mark.parametrize("policy", ["priority", "flex"])
 def test_policies_keep_stream_and_event_order_on_cpu(start_daemon, policy):
     d = start_daemon("--policy", policy)

@@ -198,6 +198,8 @@ def test_torch_npu_module_surface(npu):
         x = torch.ones(1000, device="npu") * 3
         ev = m.Event(enable_timing=True)
         ev.record()
+        m.mark_step()                 # FlexNPU: iteration end on the current stream (not a barrier)
+    m.mark_step(s)
     m.current_stream().wait_event(ev)
     ev.synchronize()
     assert x.sum().item() == 3000

@@ -161,8 +161,9 @@ class PolicyScheduler:
     - emu backends: dispatch = do the command's data effects and submit its cost to the
       backend's EmuDevice; replies the command posted are held until the emulated kernel
       completes; ``idle_timeout`` is the time to the next emulated completion.
-    Iteration ends for the flex policy's TPOT control are taken from the client's own
-    synchronisation: the last device command before a sync on a stream ends an iteration.
+    Iteration ends for the flex policy's TPOT control: the last device command before a
+    STEP_MARK (``Client.mark_step``, ``torch.npu.mark_step``) or, for engines that never mark,
+    before a synchronisation of the stream.
     """
 
     inline = False
@@ -225,6 +226,11 @@ class PolicyScheduler:
             cq = st.queue
             while cq:
                 cmd = cq[0]
+                if cmd.op == Op.STEP_MARK and not cmd.sync:
+                    # not a barrier: it closes the iteration and the next one's kernels follow
+                    cq.popleft()
+                    self._mark_step(key, q)
+                    continue
                 if cmd.op in _DEVICE_OPS:
                     cq.popleft()
                     op = q.push(PolicyOp(command_cost(cmd), now, tag=(s, st, cmd), step_end=cmd.sync))
@@ -234,6 +240,8 @@ class PolicyScheduler:
                     if cmd.sync and key in self.last_op:
                         self.last_op[key].step_end = True   # the client waits here: an iteration ends
                     break
+                if cmd.op == Op.STEP_MARK:
+                    self._mark_step(key, q)
                 if cmd.ready is not None and not cmd.ready():
                     break
                 cq.popleft()
@@ -257,6 +265,16 @@ class PolicyScheduler:
             if not self.inflight.get(key):
                 del self.queues[key]
                 self.inflight.pop(key, None)
+
+    def _mark_step(self, key: tuple[int, int], q: StreamQueue) -> None:
+        """STEP_MARK: the last device command before it ends an iteration."""
+        op = self.last_op.pop(key, None)
+        if op is None:
+            return                      # no kernel since the previous mark
+        if op.finished is None:
+            op.step_end = True          # closes the iteration when it completes
+        else:
+            self.policy.end_step(q, self.state, op.finished)
 
     def _dispatch(self) -> int:
         queues = [q for q in self.queues.values() if q.ops or q.inflight]
@@ -297,8 +315,6 @@ class PolicyScheduler:
             key = f.op.stream
             self.inflight[key] = max(0, self.inflight.get(key, 0) - 1)
             self.policy.complete(f.op, self.state, k.finished)   # emu is ground truth: no correction
-            if self.last_op.get(key) is f.op:
-                del self.last_op[key]
             s, st = f.s, f.st
             if s.dead:
                 if not self.inflight[key] and key not in self.streams:

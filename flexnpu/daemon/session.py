@@ -696,6 +696,15 @@ def _p_graph_destroy(s, st, ud, sync, poff, plen, a, flags):
         s.reply(ud)
 
 
+def _p_step_mark(s, st, ud, sync, poff, plen, a, flags):
+    # A graph replays kernels, not iteration boundaries: the engine marks after the replay.
+    if st.capturing:
+        if sync:
+            s.reply(ud)
+        return None
+    return Cmd(Op.STEP_MARK, ud, sync, _run_nop)
+
+
 def _p_set_phase(s, st, ud, sync, poff, plen, a, flags):
     if a[0] >= len(P.PHASES):
         raise InvalidArgument(f"unknown phase code {a[0]}")
@@ -724,7 +733,7 @@ _PREPARE: dict[int, Callable] = {
     Op.MEMCPY_D2D: _p_d2d, Op.MEM_STATS: _p_mem_stats, Op.IPC_EXPORT: _p_ipc_export,
     Op.IPC_SET_PIDS: _p_ipc_set_pids, Op.IPC_IMPORT: _p_ipc_import, Op.LAUNCH: _p_launch,
     Op.GRAPH_BEGIN: _p_graph_begin, Op.GRAPH_END: _p_graph_end, Op.GRAPH_REPLAY: _p_graph_replay,
-    Op.GRAPH_DESTROY: _p_graph_destroy, Op.SET_PHASE: _p_set_phase,
+    Op.GRAPH_DESTROY: _p_graph_destroy, Op.SET_PHASE: _p_set_phase, Op.STEP_MARK: _p_step_mark,
 }
 assert set(_PREPARE) == set(P.OPS), "every opcode in the wire table needs a handler"
 

@@ -86,6 +86,9 @@ class _NullClient:
     def set_phase(self, *a, **k):
         pass
 
+    def mark_step(self, *a, **k):
+        pass
+
 
 def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 128, vocab: int = 1000):
     from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -22,7 +22,7 @@ __all__ = [
     "memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved",
     "mem_get_info", "empty_cache", "reset_peak_memory_stats", "memory_stats", "NPUGraph", "graph",
     "get_device_name", "get_device_properties", "manual_seed", "manual_seed_all", "seed", "initial_seed",
-    "get_rng_state", "set_rng_state", "is_bf16_supported", "get_amp_supported_dtype", "set_phase",
+    "get_rng_state", "set_rng_state", "is_bf16_supported", "get_amp_supported_dtype", "set_phase", "mark_step",
     "ipc_export", "ipc_allow", "ipc_import",
 ]
 
@@ -319,6 +319,14 @@ def set_phase(phase: str, stream_obj: Stream | None = None) -> None:
     """FlexNPU extension: declare the phase (prefill/decode/auto) of a stream's work."""
     d = stream_obj._dev if stream_obj else _dev()
     d.client.set_phase(phase, stream_obj.stream_id if stream_obj else None)
+
+
+def mark_step(stream_obj: Stream | None = None) -> None:
+    """FlexNPU extension: one engine iteration (one output token) ends here on the stream (the
+    current one by default). The flex scheduler keeps decode iterations within their TPOT
+    budget; engines that do not synchronise every token call this instead."""
+    s = stream_obj if stream_obj is not None else current_stream()
+    s._dev.client.mark_step(s.stream_id)
 
 
 # -- zero-copy sharing between processes (aclrtIpcMemGetExportKey / SetImportPid / ImportByKey) --

@@ -47,6 +47,7 @@ class Op:
     id: int = field(default_factory=lambda: next(_op_ids))
     stream: Any = None          # set by StreamQueue.push
     dispatched: float | None = None
+    finished: float | None = None   # set by Policy.complete
     predicted_s: float = 0.0    # corrected solo time, set at dispatch
 
 
@@ -158,22 +159,42 @@ class Policy(ABC):
         (feeds the cost model's online correction; omit when the measured span includes
         queueing behind other work, as with an opaque backend queue)."""
         device.inflight.pop(op.id, None)
+        op.finished = now
         q = self._queues.get(op.stream)
+        closed = False
         if q is not None:
             q.inflight = max(0, q.inflight - 1)
-            if op.step_end and q.step_start is not None:
-                dt = now - q.step_start
-                q.last_step_time = dt
-                q.last_step_pred, q.step_pred = q.step_pred, 0.0
-                q.step_time_ewma = dt if q.step_time_ewma is None else 0.7 * q.step_time_ewma + 0.3 * dt
-                q.steps += 1
-                q.step_start = None
+            if op.step_end:
+                closed = self._close_step(q, now)
         if started is not None and now > started:
             device.model.observe(op.cost, now - started)
         self.on_complete(op, q, device, now)
+        if closed:
+            self.on_step(q, device, now)
+
+    def end_step(self, q: StreamQueue, device: DeviceState, at: float) -> None:
+        """The engine marked an iteration end after its last op had already completed (at
+        `at`): close the iteration as if that op had carried the mark."""
+        if self._close_step(q, at):
+            self.on_step(q, device, at)
+
+    @staticmethod
+    def _close_step(q: StreamQueue, now: float) -> bool:
+        if q.step_start is None:
+            return False
+        dt = now - q.step_start
+        q.last_step_time = dt
+        q.last_step_pred, q.step_pred = q.step_pred, 0.0
+        q.step_time_ewma = dt if q.step_time_ewma is None else 0.7 * q.step_time_ewma + 0.3 * dt
+        q.steps += 1
+        q.step_start = None
+        return True
 
     def on_complete(self, op: Op, queue: StreamQueue | None, device: DeviceState, now: float) -> None:
         pass
+
+    def on_step(self, queue: StreamQueue, device: DeviceState, now: float) -> None:
+        """An iteration of `queue` ended at `now` (its time is ``queue.last_step_time``)."""
 
 
 class FifoPolicy(Policy):
@@ -288,8 +309,8 @@ class FlexPolicy(Policy):
             pre_inflight += 1
         return out
 
-    def on_complete(self, op, queue, device, now):
-        if queue is None or not op.step_end or queue.last_step_time is None:
+    def on_step(self, queue, device, now):
+        if queue.last_step_time is None:
             return
         if self._phase(queue, device) is not Phase.DECODE:
             return
