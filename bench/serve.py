@@ -16,7 +16,9 @@ goodput, the highest request rate each system sustains with >= 90% of requests m
 SLOs, by bisection with a fixed span of arrivals per probe (flexnpu/sched/capacity.py). Every
 system's main knob is searched and its best setting compared: static-coloc's token budget,
 static-disagg's prefill:decode split, flexnpu's prefill chunk. With --simulate --quick only the
-three splits around an analytic estimate of the balanced split are searched.
+three splits around an analytic estimate of the balanced split are searched. The full default
+run also repeats flexnpu per rate at tighter TPOT budgets (--flex-tpot-budgets) and compares
+each baseline with FlexNPU at equal TPOT ("vs_*_tpot_matched").
 
 --realtime: the same comparison with engines as real client processes on real FlexNPU daemons
 with the emulated backend (`--backend emu:910b`): kernels take the cost model's time in real
@@ -29,6 +31,7 @@ device, static-disagg every p:(N-p) split with the best one compared; least-load
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -78,6 +81,10 @@ def parse_args(argv):
     p.add_argument("--coloc-budgets", metavar="N,N,...",
                    help="static-coloc token budgets in the goodput search (default 512,1024,2048,4096; "
                         "--quick: 2048); the best one is the baseline compared")
+    p.add_argument("--flex-tpot-budgets", metavar="MS,MS,...",
+                   help="extra flexnpu runs per rate with a tighter TPOT budget (the daemon's --tpot-budget-ms; "
+                        "the SLO is unchanged), compared at equal TPOT; default 20,25,30 (none with --quick "
+                        "or --simulate)")
     p.add_argument("--flex-chunks", metavar="N,N,...",
                    help="flexnpu prefill chunk sizes in the goodput search (default 512,1024,2048; --quick: 1024)")
     p.add_argument("--capacity-duration", type=float, metavar="S",
@@ -102,17 +109,21 @@ def estimate_split(model_name, spec, workload, n_dev, decode_batch=64):
     return min(n_dev - 1, max(1, round(n_dev * pre / (pre + dec))))
 
 
-def run_group(model_name, spec, workload, rates, n_dev, n_req, seed, cfg, slo, splits=None):
+def run_group(model_name, spec, workload, rates, n_dev, n_req, seed, cfg, slo, splits=None, flex_budgets_ms=()):
     model = MODELS[model_name]
     cm = CostModel(spec)
     runs = []
     for rate in rates:
-        def one(system, n_prefill=0):
+        def one(system, n_prefill=0, budget_s=None):
             reqs = generate(workload, rate, n_req, seed)
             t0 = time.perf_counter()
-            st = simulate(system, model, cm, reqs, n_dev, n_prefill, cfg,
-                          policy_factory=(lambda: FlexPolicy(default_tpot_budget_s=slo["tpot"])))
+            b = budget_s or slo["tpot"]
+            st = simulate(system, model, cm, reqs, n_dev, n_prefill, dataclasses.replace(cfg, tpot_budget_s=b),
+                          policy_factory=(lambda: FlexPolicy(default_tpot_budget_s=b)))
             m = metrics(reqs, slo["ttft"], slo["tpot"])
+            if system == "flexnpu":
+                # the operator's --tpot-budget-ms; the SLO the metrics use is unchanged
+                m["tpot_budget_ms"], m["tight_budget"] = b * 1e3, budget_s is not None
             m["ttft_floor_p50_ms"] = percentile(ttft_floors(model, cm, reqs), 50) * 1e3
             m.update({"system": system, "workload": workload, "rate": rate, "model": model_name,
                       "device": spec.name, "devices": n_dev, "requests": n_req, "emulated": True,
@@ -122,6 +133,8 @@ def run_group(model_name, spec, workload, rates, n_dev, n_req, seed, cfg, slo, s
             return m
         for system in SYSTEMS:
             runs.append(one(system))
+        for b in flex_budgets_ms:
+            runs.append(one("flexnpu", budget_s=b / 1e3))
         for p_ in (splits or range(1, n_dev)):
             runs.append(one("static-disagg", p_))
     return runs
@@ -139,6 +152,7 @@ CAPACITY_DURATION_S = {"chat": (60, 20), "long": (120, 40), "reasoning": (240, 6
 CAPACITY_STEPS = (7, 5)
 COLOC_BUDGETS = ((512, 1024, 2048, 4096), (2048,))   # static-coloc token budgets searched (full, --quick)
 FLEX_CHUNKS = ((512, 1024, 2048), (1024,))            # flexnpu prefill-engine chunk sizes searched (full, --quick)
+FLEX_TPOT_BUDGETS_MS = (20.0, 25.0, 30.0)             # extra per-rate flexnpu runs (full mode)
 CAPACITY_SEEDS = (2, 1)                               # workload seeds averaged per probe (full, --quick)
 SIM_COLOC_BUDGETS, SIM_FLEX_CHUNKS = (512, 2048), (1024,)   # --simulate (full): the knobs' best values on Qwen
 SIM_DURATION_S = {"reasoning": 120}                   # --simulate (full): shorter decode-heavy probes
@@ -225,20 +239,34 @@ def summarize(runs, workload, cap, scale=1.0):
     for r in wl:
         if r["system"] == "static-disagg":
             r["best_split"] = r["prefill_devices"] == best
-    flex = {r["rate"]: r for r in wl if r["system"] == "flexnpu"}
+    flex = {r["rate"]: r for r in wl if r["system"] == "flexnpu" and not r.get("tight_budget")}
     col = {r["rate"]: r for r in wl if r["system"] == "static-coloc"}
     dfc = {r["rate"]: r for r in wl if r["system"] == "static-coloc-decode-first"}
+    variants = [r for r in wl if r["system"] == "flexnpu"]
 
-    def vs(base):
+    def matched(base):
+        """Per rate: of FlexNPU's runs at each TPOT budget, the lowest TTFT p50 whose TPOT p50 is
+        within +5 % of the baseline's (None if no budget holds TPOT there)."""
         out = []
         for rate in sorted(flex):
-            f, c = flex[rate], base[rate]
-            out.append({"rate": rate, "ttft_p50_reduction_pct": 100 * (1 - f["ttft_p50_ms"] / c["ttft_p50_ms"]),
-                        # no system can prefill faster than an idle device: the most any could cut
-                        "ttft_p50_reduction_bound_pct": 100 * (1 - f["ttft_floor_p50_ms"] / c["ttft_p50_ms"]),
-                        "tpot_p50_change_pct": 100 * (f["tpot_p50_ms"] / c["tpot_p50_ms"] - 1),
-                        "throughput_ratio": f["throughput_tok_s"] / c["throughput_tok_s"]})
+            c = base[rate]
+            ok = [f for f in variants if f["rate"] == rate and f["tpot_p50_ms"] <= 1.05 * c["tpot_p50_ms"]]
+            if not ok:
+                out.append({"rate": rate, "tpot_budget_ms": None})
+                continue
+            f = min(ok, key=lambda f: f["ttft_p50_ms"])
+            out.append(dict(vs_one(f, c), tpot_budget_ms=f["tpot_budget_ms"]))
         return out
+
+    def vs_one(f, c):
+        return {"rate": f["rate"], "ttft_p50_reduction_pct": 100 * (1 - f["ttft_p50_ms"] / c["ttft_p50_ms"]),
+                # no system can prefill faster than an idle device: the most any could cut
+                "ttft_p50_reduction_bound_pct": 100 * (1 - f["ttft_floor_p50_ms"] / c["ttft_p50_ms"]),
+                "tpot_p50_change_pct": 100 * (f["tpot_p50_ms"] / c["tpot_p50_ms"] - 1),
+                "throughput_ratio": f["throughput_tok_s"] / c["throughput_tok_s"]}
+
+    def vs(base):
+        return [vs_one(flex[rate], base[rate]) for rate in sorted(flex)]
     best_c, fx, dff = _best(cw, "static-coloc"), _best(cw, "flexnpu"), _best(cw, "static-coloc-decode-first")
     kind = WORKLOADS[workload].kind
 
@@ -258,6 +286,7 @@ def summarize(runs, workload, cap, scale=1.0):
             "flex_vs_disagg_pct": pct(fx, bd), "flex_vs_coloc_pct": pct(fx, best_c),
             "flex_vs_coloc_decode_first_pct": pct(fx, dff),
             "vs_coloc_per_rate": vs(col), "vs_coloc_decode_first_per_rate": vs(dfc),
+            "vs_coloc_tpot_matched": matched(col), "vs_coloc_decode_first_tpot_matched": matched(dfc),
             "disagg_target_pct": 5.0 if kind == "balanced" else 26.0}
 
 
@@ -289,7 +318,8 @@ def print_table(runs, summaries, header):
             if r["workload"] != wl or (r["system"] == "static-disagg" and not r.get("best_split")):
                 continue
             split = f"{r['prefill_devices']}:{r['decode_devices']}" if r["system"] == "static-disagg" else "-"
-            print(f"{r['system']:<27}{split:>6}{r['rate']:>7.2f}{r['throughput_tok_s']:>10.0f}{r['ttft_p50_ms']:>10.1f}"
+            name = r["system"] + (f" @{r['tpot_budget_ms']:.0f}ms" if r.get("tight_budget") else "")
+            print(f"{name:<27}{split:>6}{r['rate']:>7.2f}{r['throughput_tok_s']:>10.0f}{r['ttft_p50_ms']:>10.1f}"
                   f"{r['ttft_p99_ms']:>10.1f}{r['tpot_p50_ms']:>10.1f}{r['tpot_p99_ms']:>10.1f}{r['slo_attainment']:>6.2f}")
     print("\nsummary (emulated):")
     for s in summaries:
@@ -305,6 +335,15 @@ def print_table(runs, summaries, header):
         if "balanced_mix_split" in s:
             print(f"  {'':<25} -> flex vs disagg deployed at the balanced mix's split {s['balanced_mix_split']}: "
                   f"{s['flex_vs_disagg_at_balanced_mix_split_pct']:+.1f}%")
+        for key, lab in (("vs_coloc_tpot_matched", "coloc"), ("vs_coloc_decode_first_tpot_matched", "coloc-decode-first")):
+            for pr in s.get(key, []):
+                if pr["tpot_budget_ms"] is None:
+                    print(f"      rate {pr['rate']:6.2f}: vs {lab:<18} no TPOT budget kept TPOT p50 within +5%")
+                    continue
+                print(f"      rate {pr['rate']:6.2f}: vs {lab:<18} at the same TPOT (flexnpu --tpot-budget-ms "
+                      f"{pr['tpot_budget_ms']:.0f}): TTFT p50 {-pr['ttft_p50_reduction_pct']:+6.1f}% (floor allows "
+                      f"{-pr['ttft_p50_reduction_bound_pct']:+.0f}%), TPOT p50 {pr['tpot_p50_change_pct']:+5.1f}%, "
+                      f"throughput x{pr['throughput_ratio']:.3f}")
         for key, lab in (("vs_coloc_per_rate", "coloc"), ("vs_coloc_decode_first_per_rate", "coloc-decode-first")):
             for pr in s[key]:
                 print(f"      rate {pr['rate']:6.2f}: vs {lab:<18} TTFT p50 {-pr['ttft_p50_reduction_pct']:+6.1f}% "
@@ -322,7 +361,8 @@ def plot(runs, path):
     for i, (cl, wl) in enumerate(groups):
         sel = [r for r in runs if r["workload"] == wl and r.get("cluster", r["devices"]) == cl]
         for system in ("static-coloc", "static-coloc-decode-first", "static-disagg", "flexnpu"):
-            rs = sorted((r for r in sel if r["system"] == system and (system != "static-disagg" or r.get("best_split"))),
+            rs = sorted((r for r in sel if r["system"] == system and not r.get("tight_budget")
+                         and (system != "static-disagg" or r.get("best_split"))),
                         key=lambda r: r["rate"])
             if not rs:
                 continue
@@ -505,7 +545,10 @@ def main(argv=None) -> int:
         if a.simulate and a.quick:
             p0 = estimate_split(model, spec, w, n_dev)
             splits = [p_ for p_ in (p0 - 1, p0, p0 + 1) if 0 < p_ < n_dev]
-        group = run_group(model, spec, w, [r * n_dev for r in rates], n_dev, n_req, a.seed, cfg, slo, splits)
+        budgets_ms = ([float(b) for b in a.flex_tpot_budgets.split(",") if b] if a.flex_tpot_budgets is not None
+                      else [] if (a.quick or a.simulate) else FLEX_TPOT_BUDGETS_MS)
+        group = run_group(model, spec, w, [r * n_dev for r in rates], n_dev, n_req, a.seed, cfg, slo, splits,
+                          budgets_ms)
         progress(f"flexnpu bench serve: {w}: per-rate runs done ({time.perf_counter() - t0:.0f} s); goodput search "
                  f"on {a.jobs} process(es)...")
         budgets = [int(b) for b in a.coloc_budgets.split(",")] if a.coloc_budgets else None

@@ -57,7 +57,7 @@ def test_more_load_is_never_faster():
 def test_bench_serve_json_shape(capsys):
     from bench import serve
     rc = serve.main(["--quick", "--json", "--workloads", "chat", "--devices", "2", "--requests", "24",
-                     "--capacity-duration", "5", "--jobs", "2"])
+                     "--capacity-duration", "5", "--jobs", "2", "--flex-tpot-budgets", "20"])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)
     systems = {r["system"] for r in doc["runs"]}
@@ -75,6 +75,10 @@ def test_bench_serve_json_shape(capsys):
         assert c["duration_s"] == 5 and c["emulated"] is True and c["probes"]
         assert c["max_rate_per_device"] > 0 and c["goodput_tok_s"] > 0
     s = doc["summary"][0]
+    tight = [r for r in doc["runs"] if r.get("tight_budget")]
+    assert tight and all(r["system"] == "flexnpu" and r["tpot_budget_ms"] == 20 for r in tight)
+    for m in s["vs_coloc_decode_first_tpot_matched"]:   # a budget is only chosen where it holds TPOT
+        assert m["tpot_budget_ms"] is None or m["tpot_p50_change_pct"] <= 5.0
     assert s["max_rate_per_device"]["flexnpu"] == cap["flexnpu c1024"]["max_rate_per_device"]
     assert s["flex_vs_disagg_pct"] == pytest.approx(
         100 * (cap["flexnpu c1024"]["max_rate_per_device"] / cap["static-disagg 1p"]["max_rate_per_device"] - 1))
