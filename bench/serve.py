@@ -31,6 +31,7 @@ device, static-disagg every p:(N-p) split with the best one compared; least-load
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -43,7 +44,6 @@ from bench._common import progress
 from flexnpu.sched.capacity import requests_for, sustainable_rate, ttft_floors
 from flexnpu.sched.costmodel import CostModel
 from flexnpu.sched.models import MODELS, step_kernels
-from flexnpu.sched.policy import FlexPolicy
 from flexnpu.sched.sim import SimConfig, metrics, percentile, simulate
 from flexnpu.sched.specs import get_spec
 from flexnpu.sched.workload import WORKLOADS, generate
@@ -118,8 +118,7 @@ def run_group(model_name, spec, workload, rates, n_dev, n_req, seed, cfg, slo, s
             reqs = generate(workload, rate, n_req, seed)
             t0 = time.perf_counter()
             b = budget_s or slo["tpot"]
-            st = simulate(system, model, cm, reqs, n_dev, n_prefill, dataclasses.replace(cfg, tpot_budget_s=b),
-                          policy_factory=(lambda: FlexPolicy(default_tpot_budget_s=b)))
+            st = simulate(system, model, cm, reqs, n_dev, n_prefill, dataclasses.replace(cfg, tpot_budget_s=b))
             m = metrics(reqs, slo["ttft"], slo["tpot"])
             if system == "flexnpu":
                 # the operator's --tpot-budget-ms; the SLO the metrics use is unchanged
@@ -178,8 +177,7 @@ def _capacity_task(task: dict) -> dict:
                 cfg.max_batched_tokens = task["max_batched_tokens"]
             if task.get("flex_prefill_chunk"):
                 cfg.flex_prefill_chunk = task["flex_prefill_chunk"]
-            simulate(task["system"], model, cm, reqs, n_dev, task.get("prefill_devices", 0), cfg,
-                     policy_factory=lambda: FlexPolicy(default_tpot_budget_s=slo["tpot"]))
+            simulate(task["system"], model, cm, reqs, n_dev, task.get("prefill_devices", 0), cfg)
             att.append(metrics(reqs, slo["ttft"], slo["tpot"])["slo_attainment"])
         return sum(att) / len(att)
 
@@ -209,14 +207,8 @@ def capacity_group(model_name, spec, workload, n_dev, slo, seed, quick, splits, 
     tasks += [dict(base, system="static-disagg", prefill_devices=p_) for p_ in (splits or range(1, n_dev))]
     tasks.sort(key=lambda t: t["system"] != "flexnpu")     # the slowest first
     out = []
-    if jobs > 1:
-        with ProcessPoolExecutor(max_workers=jobs) as ex:
-            for r in ex.map(_capacity_task, tasks):
-                progress(f"  capacity {workload}: {r['key']}: {r['max_rate_per_device']:.3f} req/s/device ({r['wall_s']} s)")
-                out.append(r)
-    else:
-        for t in tasks:
-            r = _capacity_task(t)
+    with ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else contextlib.nullcontext() as ex:
+        for r in (ex.map if ex else map)(_capacity_task, tasks):
             progress(f"  capacity {workload}: {r['key']}: {r['max_rate_per_device']:.3f} req/s/device ({r['wall_s']} s)")
             out.append(r)
     return out
