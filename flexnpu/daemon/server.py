@@ -104,10 +104,18 @@ class Daemon:
                 raise RuntimeError(f"a daemon for device {self.device} is already running at {self.path}")
             finally:
                 probe.close()
+        # Bind under a private name and rename into place once listening: a client (or a
+        # launcher waiting for the path to appear) never finds a socket that refuses connections.
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(str(self.path))
-        os.chmod(self.path, self.socket_mode)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        s.bind(str(tmp))
+        os.chmod(tmp, self.socket_mode)
         s.listen(128)
+        os.rename(tmp, self.path)
         s.setblocking(False)
         self._listener = s
 
