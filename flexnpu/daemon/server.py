@@ -79,6 +79,10 @@ class Daemon:
         self.socket_mode = socket_mode
         self.path = socket_path(device, runtime_dir)
         self.sessions: dict[int, Session] = {}
+        self.doomed: set[Session] = set()        # condemned: drop at the next step of the loop
+        self.backlogged: set[Session] = set()    # replies waiting for room in their CQ
+        self.waiting: set[Session] = set()       # device syncs waiting for the client to go idle
+        self.fired: list[tuple[Session, Any]] = []   # event waiters whose event completed
         self.exports: dict[int, IpcExport] = {}
         self.started_at = time.time()
         self.ops_total = 0
@@ -138,10 +142,9 @@ class Daemon:
             self.notify.stopping()
         deadline = time.monotonic() + 10.0
         # Drain what clients already queued, so no accepted work is lost.
-        while time.monotonic() < deadline and self.scheduler.run_round():
+        while time.monotonic() < deadline and self._run_round():
             self._run_waiters()
-            for s in self.sessions.values():
-                s.flush_replies()
+            self._flush_backlog()
         for s in list(self.sessions.values()):
             try:
                 s.seg.close_notify()
@@ -159,40 +162,20 @@ class Daemon:
 
     # ================================================================== main loop
     def _main_loop(self) -> None:
+        """One iteration: drain requests, run what the scheduler picks, drop condemned clients,
+        complete waiters, flush replies. Every step touches only clients with something to do
+        there, and every per-client failure condemns that client only (Session.condemn): no
+        step raises for a client's fault, so nothing here can stop the loop or fail others."""
         last_rate = time.monotonic()
         while not self._stop.is_set():
             self._service_events()
             got = 0
             for s in list(self.sessions.values()):
-                try:
-                    got += s.drain()
-                except RingError as e:
-                    log.warning("client pid %d: corrupt ring (%s); disconnecting it", s.pid, e)
-                    s.kill = f"corrupt ring: {e}"
-                except Exception as e:  # noqa: BLE001 - a daemon bug must cost one client, not all
-                    log.error("client pid %d: internal error while serving it; disconnecting it",
-                              s.pid, exc_info=e)
-                    s.kill = f"internal error: {e}"
-            try:
-                ran = self.scheduler.run_round()
-            except Exception as e:  # noqa: BLE001
-                log.error("scheduler failed; its queued work is dropped", exc_info=e)
-                ran = 0
-                for s in self.sessions.values():
-                    for st in s.streams.values():
-                        if st.queue:
-                            st.queue.clear()
-                            st.set_error(Err.INTERNAL, f"daemon scheduler error: {e}")
-            for s in [s for s in self.sessions.values() if s.kill]:
-                log.warning("client pid %d: disconnecting it: %s", s.pid, s.kill)
-                self._drop(s, s.kill)
-            for s in self.sessions.values():
-                if s.waiters:
-                    self._run_waiters()
-                    break
-            for s in self.sessions.values():
-                if s.pending_replies:
-                    s.flush_replies()
+                got += self._drain(s)
+            ran = self._run_round()
+            self._drop_doomed()
+            self._run_waiters()
+            self._flush_backlog()
             now = time.monotonic()
             if now - last_rate >= 0.5:
                 last_rate = now
@@ -200,26 +183,53 @@ class Daemon:
                     s.update_rate(now)
                 if self.notify:
                     self.notify.tick()
-            if got or ran:
+            if got or ran or self.fired:
                 continue
             timeout = self.scheduler.idle_timeout()
             wait_any([s.seg.sq for s in self.sessions.values()], timeout if timeout is not None else 0.5,
                      self._doorbell)
 
+    def _drain(self, s: Session) -> int:
+        try:
+            return s.drain()
+        except RingError as e:
+            s.condemn(f"corrupt ring: {e}")
+        except Exception as e:  # noqa: BLE001 - a daemon bug must cost one client, not all
+            log.error("client pid %d: internal error while serving it; disconnecting it", s.pid, exc_info=e)
+            s.condemn(f"internal error: {e}")
+        return 0
+
+    def _run_round(self) -> int:
+        try:
+            return self.scheduler.run_round()
+        except Exception as e:  # noqa: BLE001
+            # Client work cannot get here (Session.execute never raises): this is a scheduler
+            # bug. Keep serving; nobody's queued work is dropped for it.
+            log.error("scheduler error (a daemon bug); continuing", exc_info=e)
+            return 0
+
+    def _drop_doomed(self) -> None:
+        while self.doomed:
+            s = self.doomed.pop()
+            if s.cid in self.sessions:
+                log.warning("client pid %d: disconnecting it: %s", s.pid, s.kill)
+                self._drop(s, s.kill or "condemned")
+
+    def _flush_backlog(self) -> None:
+        for s in list(self.backlogged):
+            s.flush_replies()
+        self._drop_doomed()
+
     def _run_waiters(self) -> None:
-        for s in self.sessions.values():
-            if not s.waiters:
-                continue
-            keep = []
-            for ready, done in s.waiters:
-                if ready():
-                    try:
-                        done()
-                    except Exception as e:  # noqa: BLE001
-                        log.warning("client pid %d: completion failed: %s", s.pid, e)
-                else:
-                    keep.append((ready, done))
-            s.waiters = keep
+        """Completions that wait on a condition: fired event waiters (queued by the event's
+        record when it ran: no scan), and device syncs of the clients that have one."""
+        while self.fired:
+            batch, self.fired = self.fired, []
+            for s, done in batch:
+                s.run_waiter(done)
+        for s in list(self.waiting):
+            s.poll_waiters()
+        self._drop_doomed()
 
     def _service_events(self) -> None:
         if self._events.empty():
@@ -239,6 +249,9 @@ class Daemon:
 
     def _drop(self, s: Session, why: str) -> None:
         self.sessions.pop(s.cid, None)
+        self.doomed.discard(s)
+        self.backlogged.discard(s)
+        self.waiting.discard(s)
         for key in [k for k, e in self.exports.items() if e.owner_client == s.cid]:
             del self.exports[key]   # importers keep their references; new imports are refused
         used = s.mem.used

@@ -1,0 +1,88 @@
+"""Per-client failure isolation and per-client accounting in the daemon's loop (issue 9): a
+client that corrupts its own rings, floods waiters, sessions or decoder input costs itself only."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from flexnpu import protocol as P
+from flexnpu.client import Client
+from flexnpu.protocol import TensorRef
+
+from _hostile import Raw, client_ids, sync_nop, wait_for
+
+
+def _upload(c: Client, x: np.ndarray) -> TensorRef:
+    h = c.malloc(x.nbytes)
+    c.memcpy_h2d(h, 0, x.tobytes())
+    return TensorRef(h, torch.float32, x.shape, tuple(s // 4 for s in x.strides), 0)
+
+
+def _busy_launches(c: Client, n: int = 700):
+    """Async matmuls that keep a cpu daemon busy for a while (a window for the others); the
+    upload happens now (it synchronizes), the launches when the returned function is called."""
+    a = _upload(c, np.ones((n, n), np.float32))
+    c.synchronize()
+
+    def go() -> None:
+        for _ in range(3):
+            out = TensorRef(c.alloc_handle(), torch.float32, (n, n), (n, 1), 0)
+            c.launch("aten::mm.default", (a, a), {}, [(n * n * 4, out)])
+    return go
+
+
+@pytest.mark.parametrize("policy", ["fifo", "priority"])
+@pytest.mark.parametrize("path", ["flush", "execute"])
+def test_scribbled_cq_head_disconnects_only_that_client(start_daemon, policy, path):
+    """Item 1a: a client that scribbles its own CQ head while the daemon has replies for it
+    (pending in the daemon: the flush path; or the next reply: the execute path) is dropped;
+    the daemon lives and the bystander's queued work is neither lost nor failed."""
+    d = start_daemon("--policy", policy)
+    good = Client(0)
+    bad = Client(0, cq_entries=16)
+    raw = Raw(bad)
+    hb = good.malloc(1 << 16, sync=True)
+    good.memset(hb, 0, 0, 1 << 16)
+    good.synchronize()
+    s1 = good.create_stream()
+    ev = good.create_event()
+    ud = 1
+    if path == "flush":
+        for _ in range(40):                        # 16 fill the CQ, 24 wait in the daemon
+            raw.push(sync_nop(ud)); ud += 1
+        assert wait_for(lambda: len(bad.seg.cq) == 16)
+        time.sleep(0.2)
+        raw.scribble_cq_head()
+    else:
+        busy = _busy_launches(bad)
+        for _ in range(16):                        # fill the CQ exactly
+            raw.push(sync_nop(ud)); ud += 1
+        assert wait_for(lambda: len(bad.seg.cq) == 16)
+        raw.scribble_cq_head()
+        busy()                                    # the daemon is busy while the bystander queues ...
+        raw.push(sync_nop(ud))                     # ... and this reply meets the scribbled head
+    # the bystander's work queued behind device work on its own streams while the attack lands
+    for i in range(50):
+        good.memset(hb, i * 64, (i + 1) & 0xFF, 64, stream=s1)
+    good.record_event(ev, s1)
+    good.stream_wait_event(0, ev)
+    good.memset(hb, 4096, 0xAB, 4096)
+    assert wait_for(lambda: bad.client_id not in client_ids(d)), "the attacker was not disconnected"
+    good.synchronize(s1)
+    good.synchronize()
+    got = good.memcpy_d2h(hb, 0, 1 << 16)
+    want = bytearray(1 << 16)
+    for i in range(50):
+        want[i * 64:(i + 1) * 64] = bytes([(i + 1) & 0xFF]) * 64
+    want[4096:8192] = b"\xab" * 4096
+    assert got == want
+    assert d.proc.poll() is None
+    assert "corrupt" in d.log_text()
+    assert "scheduler failed" not in d.log_text()
+    good.nop()
+    raw.close()
+    bad.close()
+    good.close()
