@@ -86,3 +86,81 @@ def test_scribbled_cq_head_disconnects_only_that_client(start_daemon, policy, pa
     raw.close()
     bad.close()
     good.close()
+
+
+def _call_with_timeout(fn, timeout: float):
+    """Run fn in a thread; (finished, exception)."""
+    import threading
+
+    box: list = []
+
+    def run() -> None:
+        try:
+            fn()
+            box.append(None)
+        except BaseException as e:  # noqa: BLE001
+            box.append(e)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    return (bool(box), box[0] if box else None)
+
+
+def test_refused_record_during_capture_leaves_the_event_completable(daemon):
+    """Item 7: a synchronous EVENT_RECORD refused during capture must not count as requested
+    (it never runs), else every EVENT_SYNC on the event waits forever."""
+    from flexnpu.errors import BadState
+
+    c = Client(0)
+    s = c.create_stream()
+    ev = c.create_event()
+    c.record_event(ev, s)
+    c.synchronize(s)
+    g = c.graph_begin_capture(s)
+    with pytest.raises(BadState, match="captured"):
+        c._sync(P.Op.EVENT_RECORD, ev, stream=s)
+    c.graph_end_capture(g, s)
+    done, err = _call_with_timeout(lambda: c.event_synchronize(ev), 20)
+    assert done and err is None, "EVENT_SYNC on the event never completed"
+    assert c.event_query(ev) is True
+    c.close()
+
+
+def _pop_cqes(client: Client, want: int, timeout: float) -> list[tuple]:
+    out = []
+    end = time.monotonic() + timeout
+    while len(out) < want and time.monotonic() < end:
+        r = client.seg.cq.pop()
+        if r is None:
+            time.sleep(0.005)
+            continue
+        out.append(P.CQE.unpack(r))
+    return out
+
+
+def test_waiters_are_capped_per_client_and_complete(start_daemon):
+    """Item 7: unanswered EVENT_SYNCs are bounded per client (clear error past the cap), and the
+    accepted ones all complete when the record runs (they are kept on the event, not scanned)."""
+    from flexnpu.daemon.session import MAX_WAITERS
+    from flexnpu.errors import Err
+
+    start_daemon("--backend", "emu:910b")
+    bad = Client(0, cq_entries=8192, sq_entries=8192)
+    raw = Raw(bad)
+    n = 32768
+    a = TensorRef(bad.malloc(n * n * 2, sync=True), torch.bfloat16, (n, n), (n, 1), 0)
+    for _ in range(8):     # ~1-2 s of emulated kernels: the record waits behind them
+        out = TensorRef(bad.alloc_handle(), torch.bfloat16, (n, n), (n, 1), 0)
+        bad.launch("aten::mm.default", (a, a), {}, [(n * n * 2, out)])
+    ev = bad.create_event()
+    bad.record_event(ev, 0)
+    extra = 100
+    for i in range(MAX_WAITERS + extra):
+        assert raw.push(P.pack_sqe(P.Op.EVENT_SYNC, ev, user_data=10 + i, flags=P.FLAG_SYNC))
+    got = _pop_cqes(bad, MAX_WAITERS + extra, 60)
+    refused = [r for r in got if r[1] != 0]
+    assert len(got) == MAX_WAITERS + extra
+    assert len(refused) == extra and all(r[1] == Err.BAD_STATE for r in refused)
+    bad.nop()
+    raw.close()
+    bad.close()

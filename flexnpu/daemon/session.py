@@ -49,6 +49,7 @@ class Cmd:
     a: tuple = ()
     ready: Callable[[], bool] | None = None   # None = always ready (only waits use it)
     cost: Any = None                          # scheduler annotation (phase, predicted time)
+    undo: Callable[[], None] | None = None    # reverts the prepare step's effects if refused
 
 
 class Session:
@@ -201,6 +202,7 @@ class Session:
         op, flags, sid, ud, poff, plen, a0, a1, a2, a3, a4 = rec
         sync = flags & P.FLAG_SYNC != 0
         st = None
+        cmd = None
         try:
             if op >= len(_HANDLERS) or _HANDLERS[op] is None:
                 raise InvalidArgument(f"unknown opcode {op}")
@@ -209,12 +211,16 @@ class Session:
                 st = self.streams.get(sid)
                 if st is None:
                     raise InvalidHandle(f"unknown stream {sid}")
+                if st.capturing and (sync or op == Op.STREAM_SYNC) and op not in _SYNC_IN_CAPTURE:
+                    # refused before the handler runs, so a refused command leaves no trace
+                    # (an EVENT_RECORD counted but never run would make its event never complete)
+                    raise BadState(f"{Op(op).name} is not allowed while stream {sid} is being captured")
             cmd = handler(self, st, ud, sync, poff, plen, (a0, a1, a2, a3, a4), flags)
             if cmd is None:
                 return
             if st.capturing:
                 g = self.graphs[st.capturing]
-                if cmd.sync and op != Op.GRAPH_END:
+                if cmd.sync and op not in _SYNC_IN_CAPTURE and op != Op.GRAPH_BEGIN:
                     raise BadState(f"{Op(op).name} is not allowed while stream {sid} is being captured")
                 if op != Op.GRAPH_BEGIN:
                     if len(g.ops) >= MAX_GRAPH_OPS:
@@ -222,14 +228,22 @@ class Session:
                     g.ops.append(cmd)
             if self.daemon.inline and not st.queue and cmd.ready is None:
                 # Nothing queued ahead on this stream and the policy does not reorder: run now.
+                cmd.undo = None
                 self.execute(st, cmd)
             else:
                 if len(st.queue) >= MAX_QUEUED:
                     raise BadState(f"stream {sid} has {MAX_QUEUED} commands waiting (is it blocked on an "
                                    f"event that is never recorded?)")
+                cmd.undo = None
                 st.queue.append(cmd)
                 self.daemon.scheduler.activate(self, st)
         except Exception as e:  # noqa: BLE001 - every failure is the client's error, never ours
+            if cmd is not None and cmd.undo is not None:
+                # prepared but refused: take back what preparing it did (counts, handles)
+                try:
+                    cmd.undo()
+                except Exception:  # noqa: BLE001
+                    pass
             self.fail(ud, sync, st, e)
 
     # ------------------------------------------------------------------ execute
@@ -456,7 +470,12 @@ def _run_event_record(s: Session, st: StreamState, c: Cmd) -> None:
 def _p_event_record(s, st, ud, sync, poff, plen, a, flags):
     ev = _event(s, a[0])
     ev.requested += 1
-    return Cmd(Op.EVENT_RECORD, ud, sync, _run_event_record, (ev, ev.requested))
+    n = ev.requested
+
+    def undo() -> None:
+        if ev.requested == n:
+            ev.requested -= 1
+    return Cmd(Op.EVENT_RECORD, ud, sync, _run_event_record, (ev, n), undo=undo)
 
 
 def _run_wait_event(s: Session, st: StreamState, c: Cmd) -> None:
@@ -697,7 +716,12 @@ def _p_launch(s, st, ud, sync, poff, plen, a, flags):
         for h in created:
             s.handles.remove(h)
         raise
-    return Cmd(Op.LAUNCH, ud, sync, _run_launch, (launch, allocs, outs))
+
+    def undo() -> None:
+        for h in created:
+            if h in s.handles and s.handles.get(h) is outs[h]:
+                s.handles.remove(h)
+    return Cmd(Op.LAUNCH, ud, sync, _run_launch, (launch, allocs, outs), undo=undo)
 
 
 def _tensor_refs(args: Any, kwargs: dict) -> list[P.TensorRef]:
@@ -727,7 +751,12 @@ def _p_graph_begin(s, st, ud, sync, poff, plen, a, flags):
         raise InvalidArgument("too many graphs")
     s.graphs[gid] = Graph(gid, st.sid)
     st.capturing = gid
-    return Cmd(Op.GRAPH_BEGIN, ud, sync, _run_graph_mark, (gid,))
+
+    def undo() -> None:
+        if st.capturing == gid:
+            st.capturing = 0
+        s.graphs.pop(gid, None)
+    return Cmd(Op.GRAPH_BEGIN, ud, sync, _run_graph_mark, (gid,), undo=undo)
 
 
 def _p_graph_end(s, st, ud, sync, poff, plen, a, flags):
@@ -819,6 +848,9 @@ _PREPARE: dict[int, Callable] = {
     Op.GRAPH_DESTROY: _p_graph_destroy, Op.SET_PHASE: _p_set_phase, Op.STEP_MARK: _p_step_mark,
 }
 assert set(_PREPARE) == set(P.OPS), "every opcode in the wire table needs a handler"
+
+# Synchronous stream-ordered requests that are fine while the stream captures.
+_SYNC_IN_CAPTURE = frozenset({Op.GRAPH_END, Op.STEP_MARK})
 
 # opcode -> (handler, stream ordered?), indexed by the raw u16 so dispatch needs no enum lookup
 _HANDLERS: list = [None] * (max(_PREPARE) + 1)
