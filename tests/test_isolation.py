@@ -164,3 +164,88 @@ def test_waiters_are_capped_per_client_and_complete(start_daemon):
     bad.nop()
     raw.close()
     bad.close()
+
+
+def test_sessions_are_capped_per_uid_with_the_reason(start_daemon):
+    """Item 9: attached clients per uid are bounded, and the refusal says why."""
+    from flexnpu.errors import AttachError
+
+    start_daemon("--max-sessions-per-uid", "3")
+    cs = [Client(0, arena_bytes=1 << 20) for _ in range(3)]
+    with pytest.raises(AttachError, match="already has 3 clients attached"):
+        Client(0, arena_bytes=1 << 20)
+    cs.pop().close()
+    wait_for(lambda: False, 0.3)
+    c = wait_for(lambda: _try_attach(), 10)    # the slot came back
+    assert c is not None
+    c.nop()
+    for x in cs + [c]:
+        x.close()
+
+
+def _try_attach():
+    from flexnpu.errors import AttachError
+
+    try:
+        return Client(0, arena_bytes=1 << 20)
+    except AttachError:
+        return None
+
+
+def test_out_of_descriptors_is_reported_as_such(start_daemon):
+    """Item 9: the daemon raises its soft fd limit to the hard one at start; when it is out
+    of descriptors anyway, attach says so (not 'too many file descriptors in one message')."""
+    import resource
+
+    from flexnpu.errors import AttachError
+
+    def low_limits() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, 96))
+
+    d = start_daemon(preexec_fn=low_limits)
+    st = d.status()
+    assert st["fd_limit"] == 96                     # soft raised to hard
+    clients, err = [], None
+    for _ in range(120):
+        try:
+            clients.append(Client(0, arena_bytes=1 << 20, connect_timeout=10))
+        except AttachError as e:
+            err = str(e)
+            break
+    assert err is not None, "96 descriptors cannot serve 120 clients"
+    assert "out of file descriptors" in err and "one message" not in err
+    for c in clients:
+        c.nop()                                     # the attached ones still work
+    assert d.proc.poll() is None
+    for c in clients:
+        c.close()
+    wait_for(lambda: len(d.status()["clients"]) == 0)
+    Client(0, arena_bytes=1 << 20).close()          # and descriptors come back
+
+
+def _p50_nop(c: Client, n: int = 400) -> float:
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        c.nop()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def test_idle_sessions_do_not_slow_a_busy_client(start_daemon):
+    """Item 9: beyond the 127 rings one futex wait covers, idle clients must not make the
+    loop sleep in polling slices: a busy client's round trip stays close to the baseline."""
+    start_daemon("--max-sessions-per-uid", "1000")
+    busy = Client(0)
+    for _ in range(50):
+        busy.nop()
+    base = _p50_nop(busy)
+    idle = [Client(0, arena_bytes=1 << 20) for _ in range(300)]
+    for _ in range(50):
+        busy.nop()
+    loaded = _p50_nop(busy)
+    for c in idle:
+        c.close()
+    busy.close()
+    # the old loop polled in 0.2-10 ms slices beyond 127 clients (p50 ~4 ms with 1000 idle)
+    assert loaded < 4 * base + 0.5e-3, f"p50 {base * 1e3:.3f} ms alone, {loaded * 1e3:.3f} ms with 300 idle"

@@ -64,6 +64,7 @@ class Session:
         self.mailbox = mailbox
         self.phase = phase
         self.attached_at = time.time()
+        self.last_active = time.monotonic()    # last drain that found records (ring order)
         self.mem = MemoryAccount(memory_limit, parent=daemon.device_memory)
         self.handles = HandleTable()
         self.streams: dict[int, StreamState] = {0: self._new_stream(0, 0)}
