@@ -25,7 +25,7 @@ def child_env(runtime_dir: Path | str | None = None, **extra: str) -> dict[str, 
 
 
 class DaemonProc:
-    def __init__(self, runtime_dir: Path, device: int, args: list[str]) -> None:
+    def __init__(self, runtime_dir: Path, device: int, args: list[str], preexec_fn=None) -> None:
         self.runtime_dir = runtime_dir
         self.device = device
         self.socket = runtime_dir / f"npu{device}.sock"
@@ -34,7 +34,7 @@ class DaemonProc:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flexnpu", "daemon", "--device", str(device), "--runtime-dir",
              str(runtime_dir), *args],
-            env=child_env(runtime_dir), stdout=self._logf, stderr=subprocess.STDOUT)
+            env=child_env(runtime_dir), stdout=self._logf, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
         deadline = time.monotonic() + 30
         while not self.socket.exists():
             if self.proc.poll() is not None:
@@ -81,8 +81,8 @@ def start_daemon(runtime_dir):
     """Factory: start_daemon(*extra_args, device=0) -> DaemonProc; all are stopped at teardown."""
     procs: list[DaemonProc] = []
 
-    def start(*args: str, device: int = 0) -> DaemonProc:
-        d = DaemonProc(runtime_dir, device, ["--backend", "cpu", *args])
+    def start(*args: str, device: int = 0, preexec_fn=None) -> DaemonProc:
+        d = DaemonProc(runtime_dir, device, ["--backend", "cpu", *args], preexec_fn)
         procs.append(d)
         return d
 

@@ -140,6 +140,7 @@ class EventState:
     requested: int = 0           # records issued
     completed: int = 0           # records executed
     token: Any = None            # backend marker of the latest executed record
+    waiters: collections.deque = field(default_factory=collections.deque)   # (target, done), by target
 
 
 @dataclass

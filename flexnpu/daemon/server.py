@@ -10,6 +10,7 @@ Threads:
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -25,7 +26,7 @@ from .. import __version__
 from .. import protocol as P
 from ..errors import Err
 from ..paths import socket_path
-from ..ring import Doorbell, RingError, Segment, wait_any
+from ..ring import Doorbell, RingError, RingSet, Segment
 from .control import MessageReader, ProtocolError, peer_credentials, send_msg
 from .objects import IpcExport, MemoryAccount
 from .scheduling import make_scheduler
@@ -37,6 +38,35 @@ MAILBOX_MIN = 256
 HANDSHAKE_TIMEOUT_S = 5.0      # a connection must have sent its request by then
 MAX_PENDING_PER_UID = 16       # connections still in their handshake, per peer uid
 MAX_PENDING = 256              # ... and in all
+MAX_SESSIONS_PER_UID = 256     # attached clients per uid (--max-sessions-per-uid)
+HOT_RINGS = 120                # rings woken by futex (the rest are polled): recently active first
+FD_RESERVE = 16                # descriptors kept free for the daemon's own use (status, logs)
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (one socket per client); returns it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
+def open_fds() -> int:
+    """Descriptors open in this process (-1 if unknown; the limit if none is left to count)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1
+    except OSError as e:
+        if e.errno == errno.EMFILE:
+            import resource
+
+            return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return -1
 
 
 def _cmdline(pid: int) -> str:
@@ -55,8 +85,11 @@ class Daemon:
                  memory_limit_max: int | None = None, device_memory: int | None = None,
                  allow_uids: set[int] | None = None,
                  socket_mode: int = 0o660, batch: int = P.MAX_DRAIN_BATCH, notify: Any = None,
-                 tpot_budget_s: float | None = None) -> None:
+                 tpot_budget_s: float | None = None,
+                 max_sessions_per_uid: int = MAX_SESSIONS_PER_UID) -> None:
         self.device = device
+        self.fd_limit = raise_fd_limit()[0]
+        self.max_sessions_per_uid = max_sessions_per_uid
         self.backend = backend
         self.backend_info = backend.info()
         self.log = log
@@ -79,6 +112,15 @@ class Daemon:
         self.socket_mode = socket_mode
         self.path = socket_path(device, runtime_dir)
         self.sessions: dict[int, Session] = {}
+        self.doomed: set[Session] = set()        # condemned: drop at the next step of the loop
+        self.backlogged: set[Session] = set()    # replies waiting for room in their CQ
+        self.waiting: set[Session] = set()       # device syncs waiting for the client to go idle
+        self.fired: list[tuple[Session, Any]] = []   # event waiters whose event completed
+        self._ringset: RingSet | None = None     # every client's SQ, rebuilt when clients change
+        self._order: list[Session] = []          # sessions in _ringset order (recently active first)
+        self._uid_sessions: dict[int, int] = {}  # control thread: attached sessions per uid
+        self._cid_uid: dict[int, int] = {}       # control thread: cid -> uid of attached sessions
+        self._fd_reserve: int | None = None
         self.exports: dict[int, IpcExport] = {}
         self.started_at = time.time()
         self.ops_total = 0
@@ -146,10 +188,9 @@ class Daemon:
             self.notify.stopping()
         deadline = time.monotonic() + 10.0
         # Drain what clients already queued, so no accepted work is lost.
-        while time.monotonic() < deadline and self.scheduler.run_round():
+        while time.monotonic() < deadline and self._run_round():
             self._run_waiters()
-            for s in self.sessions.values():
-                s.flush_replies()
+            self._flush_backlog()
         for s in list(self.sessions.values()):
             try:
                 s.seg.close_notify()
@@ -167,40 +208,18 @@ class Daemon:
 
     # ================================================================== main loop
     def _main_loop(self) -> None:
+        """One iteration: drain requests, run what the scheduler picks, drop condemned clients,
+        complete waiters, flush replies. Every step touches only clients with something to do
+        there, and every per-client failure condemns that client only (Session.condemn): no
+        step raises for a client's fault, so nothing here can stop the loop or fail others."""
         last_rate = time.monotonic()
         while not self._stop.is_set():
             self._service_events()
-            got = 0
-            for s in list(self.sessions.values()):
-                try:
-                    got += s.drain()
-                except RingError as e:
-                    log.warning("client pid %d: corrupt ring (%s); disconnecting it", s.pid, e)
-                    s.kill = f"corrupt ring: {e}"
-                except Exception as e:  # noqa: BLE001 - a daemon bug must cost one client, not all
-                    log.error("client pid %d: internal error while serving it; disconnecting it",
-                              s.pid, exc_info=e)
-                    s.kill = f"internal error: {e}"
-            try:
-                ran = self.scheduler.run_round()
-            except Exception as e:  # noqa: BLE001
-                log.error("scheduler failed; its queued work is dropped", exc_info=e)
-                ran = 0
-                for s in self.sessions.values():
-                    for st in s.streams.values():
-                        if st.queue:
-                            st.queue.clear()
-                            st.set_error(Err.INTERNAL, f"daemon scheduler error: {e}")
-            for s in [s for s in self.sessions.values() if s.kill]:
-                log.warning("client pid %d: disconnecting it: %s", s.pid, s.kill)
-                self._drop(s, s.kill)
-            for s in self.sessions.values():
-                if s.waiters:
-                    self._run_waiters()
-                    break
-            for s in self.sessions.values():
-                if s.pending_replies:
-                    s.flush_replies()
+            got = self._drain_ready()
+            ran = self._run_round()
+            self._drop_doomed()
+            self._run_waiters()
+            self._flush_backlog()
             now = time.monotonic()
             if now - last_rate >= 0.5:
                 last_rate = now
@@ -208,26 +227,79 @@ class Daemon:
                     s.update_rate(now)
                 if self.notify:
                     self.notify.tick()
-            if got or ran:
+            if got or ran or self.fired:
                 continue
             timeout = self.scheduler.idle_timeout()
-            wait_any([s.seg.sq for s in self.sessions.values()], timeout if timeout is not None else 0.5,
-                     self._doorbell)
+            self._rings().wait(timeout if timeout is not None else 0.5, self._doorbell)
+
+    def _rings(self) -> RingSet:
+        if self._ringset is None:
+            self._order = sorted(self.sessions.values(), key=lambda s: -s.last_active)
+            self._ringset = RingSet([s.seg.sq for s in self._order])
+        return self._ringset
+
+    def _drain_ready(self) -> int:
+        """Drain the clients whose SQ has records: one C pass finds them, so idle clients cost
+        the loop nothing per iteration but a few loads of shared memory."""
+        rs = self._rings()
+        order = self._order
+        got = 0
+        cold = False
+        now = time.monotonic()
+        for i in rs.ready():
+            s = order[i]
+            if s.kill is not None or s.dead:
+                continue
+            n = self._drain(s)
+            if n:
+                got += n
+                s.last_active = now
+                cold = cold or i >= HOT_RINGS
+        if cold:
+            self._ringset = None   # a client beyond the futex-woken rings became busy: reorder
+        return got
+
+    def _drain(self, s: Session) -> int:
+        try:
+            return s.drain()
+        except RingError as e:
+            s.condemn(f"corrupt ring: {e}")
+        except Exception as e:  # noqa: BLE001 - a daemon bug must cost one client, not all
+            log.error("client pid %d: internal error while serving it; disconnecting it", s.pid, exc_info=e)
+            s.condemn(f"internal error: {e}")
+        return 0
+
+    def _run_round(self) -> int:
+        try:
+            return self.scheduler.run_round()
+        except Exception as e:  # noqa: BLE001
+            # Client work cannot get here (Session.execute never raises): this is a scheduler
+            # bug. Keep serving; nobody's queued work is dropped for it.
+            log.error("scheduler error (a daemon bug); continuing", exc_info=e)
+            return 0
+
+    def _drop_doomed(self) -> None:
+        while self.doomed:
+            s = self.doomed.pop()
+            if s.cid in self.sessions:
+                log.warning("client pid %d: disconnecting it: %s", s.pid, s.kill)
+                self._drop(s, s.kill or "condemned")
+
+    def _flush_backlog(self) -> None:
+        for s in list(self.backlogged):
+            s.flush_replies()
+        self._drop_doomed()
 
     def _run_waiters(self) -> None:
-        for s in self.sessions.values():
-            if not s.waiters:
-                continue
-            keep = []
-            for ready, done in s.waiters:
-                if ready():
-                    try:
-                        done()
-                    except Exception as e:  # noqa: BLE001
-                        log.warning("client pid %d: completion failed: %s", s.pid, e)
-                else:
-                    keep.append((ready, done))
-            s.waiters = keep
+        """Completions that wait on a condition: fired event waiters (queued by the event's
+        record when it ran: no scan), and device syncs of the clients that have one."""
+        while self.fired:
+            batch, self.fired = self.fired, []
+            for s, done in batch:
+                s.run_waiter(done)
+        for s in list(self.waiting):
+            s.poll_waiters()
+        self._drop_doomed()
 
     def _service_events(self) -> None:
         if self._events.empty():
@@ -239,6 +311,7 @@ class Daemon:
                 return
             if kind == "attach":
                 self.sessions[obj.cid] = obj
+                self._ringset = None
                 log.info("client %d attached: pid %d uid %d %s", obj.cid, obj.pid, obj.uid, obj.cmdline)
             elif kind == "dead":
                 s = self.sessions.get(obj)
@@ -246,7 +319,11 @@ class Daemon:
                     self._drop(s, "client exited")
 
     def _drop(self, s: Session, why: str) -> None:
+        self._ringset = None       # before the segment is unmapped: the set points into it
         self.sessions.pop(s.cid, None)
+        self.doomed.discard(s)
+        self.backlogged.discard(s)
+        self.waiting.discard(s)
         for key in [k for k, e in self.exports.items() if e.owner_client == s.cid]:
             del self.exports[key]   # importers keep their references; new imports are refused
         used = s.mem.used
@@ -286,6 +363,8 @@ class Daemon:
             "uptime_s": round(time.time() - self.started_at, 3), "policy": self.policy_name,
             "socket": str(self.path), "version": __version__, "layout_version": P.LAYOUT_VERSION,
             "memory_limit_default": self.memory_limit, "device_memory_limit": self.device_memory.limit,
+            "fd_limit": self.fd_limit, "open_fds": open_fds(),
+            "max_sessions_per_uid": self.max_sessions_per_uid,
             "device_memory_used": self.device_memory.used, "ops_total": sum(c["ops_total"] for c in clients),
             "clients": clients, "scheduler": self._scheduler_status(),
         }
@@ -305,6 +384,10 @@ class Daemon:
         sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
         sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self._handshakes: dict[socket.socket, tuple[int, float, MessageReader]] = {}
+        try:
+            self._fd_reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._fd_reserve = None
         while not self._stop.is_set():
             try:
                 events = sel.select(timeout=1.0)
@@ -318,14 +401,19 @@ class Daemon:
                     self._close_conn(sel, conn, reader)
             for key, _ in events:
                 kind, state = key.data
-                if kind == "listen":
-                    self._accept(sel)
-                elif kind == "wake":
+                if kind == "wake":
                     return
-                elif kind == "conn":
-                    self._on_conn(sel, key.fileobj, state)
-                elif kind == "client":
-                    self._on_client(sel, key.fileobj, state)
+                try:
+                    if kind == "listen":
+                        self._accept(sel)
+                    elif kind == "conn":
+                        self._on_conn(sel, key.fileobj, state)
+                    elif kind == "client":
+                        self._on_client(sel, key.fileobj, state)
+                except Exception as e:  # noqa: BLE001 - one connection's trouble must not end attaching
+                    log.error("control connection failed: %s", e, exc_info=e)
+                    if kind == "conn":
+                        self._close_conn(sel, key.fileobj, state)
 
     def _accept(self, sel: selectors.BaseSelector) -> None:
         while True:
@@ -334,6 +422,9 @@ class Daemon:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    self._refuse_no_fds()
+                    return
                 log.warning("accept failed: %s", e)
                 return
             try:
@@ -352,6 +443,32 @@ class Daemon:
             reader = MessageReader(conn)
             self._handshakes[conn] = (uid, time.monotonic(), reader)
             sel.register(conn, selectors.EVENT_READ, ("conn", reader))
+
+    def _refuse_no_fds(self) -> None:
+        """Out of descriptors: accept with the one kept in reserve, say why, close. (Else the
+        listener stays readable and the client waits for a handshake that never comes.)"""
+        if self._fd_reserve is None:
+            time.sleep(0.01)
+            return
+        os.close(self._fd_reserve)
+        self._fd_reserve = None
+        try:
+            conn, _ = self._listener.accept()  # type: ignore[union-attr]
+        except OSError:
+            conn = None
+        if conn is not None:
+            log.warning("refused a connection: the daemon is out of file descriptors (limit %d)",
+                        self.fd_limit)
+            self._reply_blocking(conn, {"ok": False, "code": "EMFILE", "error": self._no_fds_text()})
+            conn.close()
+        try:
+            self._fd_reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._fd_reserve = None
+
+    def _no_fds_text(self) -> str:
+        return (f"the daemon is out of file descriptors ({open_fds()} open, limit {self.fd_limit}); "
+                f"raise its RLIMIT_NOFILE (LimitNOFILE= in the unit) or lower --max-sessions-per-uid")
 
     def _close_conn(self, sel: selectors.BaseSelector, conn: socket.socket, reader: MessageReader) -> None:
         self._handshakes.pop(conn, None)
@@ -380,7 +497,11 @@ class Daemon:
         try:
             msgs = reader.feed()
         except ProtocolError as e:
-            self._reply_blocking(conn, {"ok": False, "error": str(e), "code": "EINVAL"})
+            text, code = str(e), "EINVAL"
+            if "file descriptors" in text and open_fds() >= self.fd_limit - FD_RESERVE:
+                # the kernel dropped the descriptors because we have no room: say so
+                text, code = self._no_fds_text(), "EMFILE"
+            self._reply_blocking(conn, {"ok": False, "error": text, "code": code})
             self._close_conn(sel, conn, reader)
             return
         if msgs is None:
@@ -422,16 +543,25 @@ class Daemon:
         if msg.get("layout_version") != P.LAYOUT_VERSION:
             return refuse(f"protocol version {msg.get('layout_version')!r} does not match the daemon's "
                           f"{P.LAYOUT_VERSION}; upgrade the client or the daemon", "EVERSION")
+        if self._uid_sessions.get(uid, 0) >= self.max_sessions_per_uid:
+            return refuse(f"uid {uid} already has {self._uid_sessions[uid]} clients attached to device "
+                          f"{self.device} (the daemon's --max-sessions-per-uid); close some first", "EUSERS")
+        if open_fds() >= self.fd_limit - FD_RESERVE:
+            # refused while a few are left, so the daemon can still accept and explain
+            return refuse(self._no_fds_text(), "EMFILE")
         if len(fds) != 1:
             return refuse("attach must carry exactly one segment file descriptor", "EINVAL")
         if self._stop.is_set():
             return refuse("daemon is stopping", "ESHUTDOWN")
+        fd = fds.pop()
         try:
-            seg = Segment.attach(fds[0])
+            seg = Segment.attach(fd)
         except (RingError, OSError, ValueError) as e:
+            if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+                return refuse(self._no_fds_text(), "EMFILE")
             return refuse(f"bad segment: {e}", "EINVAL")
         finally:
-            os.close(fds[0])
+            os.close(fd)
         mbox = msg.get("mailbox")
         if (not isinstance(mbox, list) or len(mbox) != 2 or not all(type(x) is int for x in mbox)
                 or mbox[1] < MAILBOX_MIN):
@@ -467,6 +597,8 @@ class Daemon:
             conn.close()
             return
         sel.register(conn, selectors.EVENT_READ, ("client", cid))
+        self._uid_sessions[uid] = self._uid_sessions.get(uid, 0) + 1
+        self._cid_uid[cid] = uid
         self._events.put(("attach", sess))
         self._doorbell.ring()
 
@@ -484,6 +616,13 @@ class Daemon:
         except (KeyError, ValueError):
             pass
         conn.close()
+        uid = self._cid_uid.pop(cid, None)
+        if uid is not None:
+            n = self._uid_sessions.get(uid, 1) - 1
+            if n > 0:
+                self._uid_sessions[uid] = n
+            else:
+                self._uid_sessions.pop(uid, None)
         self._events.put(("dead", cid))
         self._doorbell.ring()
 

@@ -19,6 +19,7 @@ from .. import protocol as P
 from ..errors import (BadState, Err, FlexNPUError, error_for, InvalidArgument, InvalidHandle, NotFound,
                       OpNotSupported, OutOfMemory, PermissionDenied, code_of)
 from ..protocol import Op
+from ..ring import RingError
 from .objects import Alloc, EventState, Graph, HandleTable, IpcExport, MemoryAccount, StreamState
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ MAX_EVENTS = 1 << 16
 MAX_GRAPHS = 4096
 MAX_PENDING_REPLIES = 4096
 MAX_GRAPH_OPS = 1 << 20
+MAX_WAITERS = 4096             # unanswered DEVICE_SYNC/EVENT_SYNC per client
 MAX_QUEUED = 1 << 18           # commands waiting in one stream: bounds a blocked stream's memory
 # What a client's bad request or a failing operator may raise; anything else is logged as a bug.
 _EXPECTED = (FlexNPUError, ValueError, TypeError, KeyError, IndexError, MemoryError,
@@ -47,6 +49,7 @@ class Cmd:
     a: tuple = ()
     ready: Callable[[], bool] | None = None   # None = always ready (only waits use it)
     cost: Any = None                          # scheduler annotation (phase, predicted time)
+    undo: Callable[[], None] | None = None    # reverts the prepare step's effects if refused
 
 
 class Session:
@@ -61,13 +64,16 @@ class Session:
         self.mailbox = mailbox
         self.phase = phase
         self.attached_at = time.time()
+        self.last_active = time.monotonic()    # last drain that found records (ring order)
         self.mem = MemoryAccount(memory_limit, parent=daemon.device_memory)
         self.handles = HandleTable()
         self.streams: dict[int, StreamState] = {0: self._new_stream(0, 0)}
         self.events: dict[int, EventState] = {}
         self.graphs: dict[int, Graph] = {}
         self.error: tuple[int, str] | None = None      # async error not tied to a stream
+        # device syncs waiting for this client's work to finish (event syncs wait on their event)
         self.waiters: list[tuple[Callable[[], bool], Callable[[], None]]] = []
+        self.n_waiters = 0               # all waiters of this client, event syncs included
         self.pending_replies: list[bytes] = []
         self.held: list[tuple] | None = None   # replies kept until an emulated kernel completes
         self.ops_total = 0
@@ -97,19 +103,39 @@ class Session:
             self.seg.arena_view(off, len(data))[:] = data
             n = len(data)
         rec = P.CQE.pack(user_data, int(status), n, value & 0xFFFFFFFFFFFFFFFF, aux & 0xFFFFFFFFFFFFFFFF)
-        if self.pending_replies or not self.seg.cq.push(rec):
-            if len(self.pending_replies) >= MAX_PENDING_REPLIES:
-                # Never raise from here (error paths reply too): the loop drops the client.
-                self.kill = "it does not consume its completion ring"
+        # Never raise from here (error paths and the scheduler reply too): a client whose CQ is
+        # corrupt or full is condemned, and the loop drops it alone.
+        try:
+            if not self.pending_replies and self.seg.cq.push(rec):
                 return
-            self.pending_replies.append(rec)
+        except RingError as e:
+            self.condemn(f"corrupt completion ring: {e}")
+            return
+        if len(self.pending_replies) >= MAX_PENDING_REPLIES:
+            self.condemn("it does not consume its completion ring")
+            return
+        if not self.pending_replies:
+            self.daemon.backlogged.add(self)
+        self.pending_replies.append(rec)
 
     def flush_replies(self) -> None:
         n = 0
-        while n < len(self.pending_replies) and self.seg.cq.push(self.pending_replies[n]):
-            n += 1
+        try:
+            while n < len(self.pending_replies) and self.seg.cq.push(self.pending_replies[n]):
+                n += 1
+        except RingError as e:
+            self.condemn(f"corrupt completion ring: {e}")
         if n:
             del self.pending_replies[:n]
+        if not self.pending_replies:
+            self.daemon.backlogged.discard(self)
+
+    def condemn(self, why: str) -> None:
+        """Mark this client for disconnection (its own failure); the loop drops it next, and
+        nothing more of its work runs meanwhile. Never raises."""
+        if self.kill is None:
+            self.kill = why
+            self.daemon.doomed.add(self)
 
     def reply_json(self, user_data: int, obj: dict) -> None:
         self.reply(user_data, 0, msg=json.dumps(obj))
@@ -172,9 +198,12 @@ class Session:
         return n
 
     def prepare(self, rec: tuple) -> None:
+        if self.kill is not None:
+            return
         op, flags, sid, ud, poff, plen, a0, a1, a2, a3, a4 = rec
         sync = flags & P.FLAG_SYNC != 0
         st = None
+        cmd = None
         try:
             if op >= len(_HANDLERS) or _HANDLERS[op] is None:
                 raise InvalidArgument(f"unknown opcode {op}")
@@ -183,12 +212,16 @@ class Session:
                 st = self.streams.get(sid)
                 if st is None:
                     raise InvalidHandle(f"unknown stream {sid}")
+                if st.capturing and (sync or op == Op.STREAM_SYNC) and op not in _SYNC_IN_CAPTURE:
+                    # refused before the handler runs, so a refused command leaves no trace
+                    # (an EVENT_RECORD counted but never run would make its event never complete)
+                    raise BadState(f"{Op(op).name} is not allowed while stream {sid} is being captured")
             cmd = handler(self, st, ud, sync, poff, plen, (a0, a1, a2, a3, a4), flags)
             if cmd is None:
                 return
             if st.capturing:
                 g = self.graphs[st.capturing]
-                if cmd.sync and op != Op.GRAPH_END:
+                if cmd.sync and op not in _SYNC_IN_CAPTURE and op != Op.GRAPH_BEGIN:
                     raise BadState(f"{Op(op).name} is not allowed while stream {sid} is being captured")
                 if op != Op.GRAPH_BEGIN:
                     if len(g.ops) >= MAX_GRAPH_OPS:
@@ -196,27 +229,44 @@ class Session:
                     g.ops.append(cmd)
             if self.daemon.inline and not st.queue and cmd.ready is None:
                 # Nothing queued ahead on this stream and the policy does not reorder: run now.
+                cmd.undo = None
                 self.execute(st, cmd)
             else:
                 if len(st.queue) >= MAX_QUEUED:
                     raise BadState(f"stream {sid} has {MAX_QUEUED} commands waiting (is it blocked on an "
                                    f"event that is never recorded?)")
+                cmd.undo = None
                 st.queue.append(cmd)
                 self.daemon.scheduler.activate(self, st)
         except Exception as e:  # noqa: BLE001 - every failure is the client's error, never ours
+            if cmd is not None and cmd.undo is not None:
+                # prepared but refused: take back what preparing it did (counts, handles)
+                try:
+                    cmd.undo()
+                except Exception:  # noqa: BLE001
+                    pass
             self.fail(ud, sync, st, e)
 
     # ------------------------------------------------------------------ execute
     def execute(self, st: StreamState, cmd: Cmd) -> None:
+        """Run one prepared command. Never raises: whatever goes wrong is this client's error
+        (or, if even reporting it fails, this client's disconnection), never the caller's: the
+        scheduler runs every client's commands and must not fail for all because of one."""
+        if self.kill is not None or self.dead:
+            return
         t0 = time.perf_counter()
         try:
-            if st.device_stream is None:
-                cmd.run(self, st, cmd)
-            else:
-                with self.daemon.backend.stream_context(st.device_stream):
+            try:
+                if st.device_stream is None:
                     cmd.run(self, st, cmd)
-        except Exception as e:  # noqa: BLE001
-            self.fail(cmd.user_data, cmd.sync, st, e)
+                else:
+                    with self.daemon.backend.stream_context(st.device_stream):
+                        cmd.run(self, st, cmd)
+            except Exception as e:  # noqa: BLE001
+                self.fail(cmd.user_data, cmd.sync, st, e)
+        except Exception as e:  # noqa: BLE001 - reporting the error failed: drop the client alone
+            self.daemon.log.error("client %d: cannot report an error: %s", self.pid, e, exc_info=e)
+            self.condemn(f"internal error: {e}")
         st.busy_s += time.perf_counter() - t0
         st.ops_done += 1
 
@@ -235,6 +285,42 @@ class Session:
         else:
             self.reply(ud, err[0], value, msg=err[1])
 
+    # ------------------------------------------------------------------ waiters
+    def add_waiter(self) -> None:
+        """Count one more waiter (a DEVICE_SYNC or EVENT_SYNC not answered yet); bounded per client."""
+        if self.n_waiters >= MAX_WAITERS:
+            raise BadState(f"too many synchronizations waiting in this client (limit {MAX_WAITERS})")
+        self.n_waiters += 1
+
+    def run_waiter(self, done: Callable[[], None]) -> None:
+        if self.dead or self.kill is not None:
+            return
+        self.n_waiters -= 1
+        try:
+            done()
+        except Exception as e:  # noqa: BLE001
+            self.daemon.log.warning("client pid %d: completion failed: %s", self.pid, e)
+
+    def poll_waiters(self) -> None:
+        if self.dead or not self.waiters:
+            self.daemon.waiting.discard(self)
+            return
+        keep = []
+        for ready, done in self.waiters:
+            if ready():
+                self.run_waiter(done)
+            else:
+                keep.append((ready, done))
+        self.waiters = keep
+        if not keep:
+            self.daemon.waiting.discard(self)
+
+    def fire_event(self, ev: EventState) -> None:
+        """The event's completed count moved: its waiters up to it are due (no scan of others)."""
+        w = ev.waiters
+        while w and w[0][0] <= ev.completed:
+            self.daemon.fired.append((self, w.popleft()[1]))
+
     def update_rate(self, now: float) -> None:
         t, n = self._rate_mark
         if now - t >= 0.5:
@@ -251,6 +337,7 @@ class Session:
         self.graphs.clear()
         self.events.clear()
         self.waiters.clear()
+        self.pending_replies.clear()
         try:
             self.seg.close()
         except Exception:  # noqa: BLE001
@@ -299,7 +386,9 @@ def _p_device_sync(s, st, ud, sync, poff, plen, a, flags):
             q.error = None
         s.error = None
         s.reply(ud, err[0] if err else 0, msg=err[1] if err else "")
+    s.add_waiter()
     s.waiters.append((lambda: _all_idle(s), done))
+    s.daemon.waiting.add(s)
 
 
 def _p_stream_create(s, st, ud, sync, poff, plen, a, flags):
@@ -370,14 +459,24 @@ def _p_event_destroy(s, st, ud, sync, poff, plen, a, flags):
 
 def _run_event_record(s: Session, st: StreamState, c: Cmd) -> None:
     ev: EventState = c.a[0]
-    ev.token = s.daemon.backend.record_event(st.device_stream)
-    ev.completed = max(ev.completed, c.a[1])
+    try:
+        ev.token = s.daemon.backend.record_event(st.device_stream)
+    finally:   # a failed record still completes: its error goes to the stream, nobody hangs
+        if c.a[1] > ev.completed:
+            ev.completed = c.a[1]
+            if ev.waiters:
+                s.fire_event(ev)
 
 
 def _p_event_record(s, st, ud, sync, poff, plen, a, flags):
     ev = _event(s, a[0])
     ev.requested += 1
-    return Cmd(Op.EVENT_RECORD, ud, sync, _run_event_record, (ev, ev.requested))
+    n = ev.requested
+
+    def undo() -> None:
+        if ev.requested == n:
+            ev.requested -= 1
+    return Cmd(Op.EVENT_RECORD, ud, sync, _run_event_record, (ev, n), undo=undo)
 
 
 def _run_wait_event(s: Session, st: StreamState, c: Cmd) -> None:
@@ -396,12 +495,16 @@ def _p_stream_wait_event(s, st, ud, sync, poff, plen, a, flags):
 def _p_event_sync(s, st, ud, sync, poff, plen, a, flags):
     ev = _event(s, a[0])
     target = ev.requested
+    s.add_waiter()
 
     def done() -> None:
         if ev.token is not None:
             s.daemon.backend.event_sync(ev.token)
         s.reply(ud)
-    s.waiters.append((lambda: ev.completed >= target, done))
+    # Kept on the event, in target order (targets only grow): the record that reaches the
+    # target fires it, so waiting costs nothing per loop however many waiters there are.
+    ev.waiters.append((target, done))
+    s.fire_event(ev)
 
 
 def _p_event_query(s, st, ud, sync, poff, plen, a, flags):
@@ -614,7 +717,12 @@ def _p_launch(s, st, ud, sync, poff, plen, a, flags):
         for h in created:
             s.handles.remove(h)
         raise
-    return Cmd(Op.LAUNCH, ud, sync, _run_launch, (launch, allocs, outs))
+
+    def undo() -> None:
+        for h in created:
+            if h in s.handles and s.handles.get(h) is outs[h]:
+                s.handles.remove(h)
+    return Cmd(Op.LAUNCH, ud, sync, _run_launch, (launch, allocs, outs), undo=undo)
 
 
 def _tensor_refs(args: Any, kwargs: dict) -> list[P.TensorRef]:
@@ -644,7 +752,12 @@ def _p_graph_begin(s, st, ud, sync, poff, plen, a, flags):
         raise InvalidArgument("too many graphs")
     s.graphs[gid] = Graph(gid, st.sid)
     st.capturing = gid
-    return Cmd(Op.GRAPH_BEGIN, ud, sync, _run_graph_mark, (gid,))
+
+    def undo() -> None:
+        if st.capturing == gid:
+            st.capturing = 0
+        s.graphs.pop(gid, None)
+    return Cmd(Op.GRAPH_BEGIN, ud, sync, _run_graph_mark, (gid,), undo=undo)
 
 
 def _p_graph_end(s, st, ud, sync, poff, plen, a, flags):
@@ -736,6 +849,9 @@ _PREPARE: dict[int, Callable] = {
     Op.GRAPH_DESTROY: _p_graph_destroy, Op.SET_PHASE: _p_set_phase, Op.STEP_MARK: _p_step_mark,
 }
 assert set(_PREPARE) == set(P.OPS), "every opcode in the wire table needs a handler"
+
+# Synchronous stream-ordered requests that are fine while the stream captures.
+_SYNC_IN_CAPTURE = frozenset({Op.GRAPH_END, Op.STEP_MARK})
 
 # opcode -> (handler, stream ordered?), indexed by the raw u16 so dispatch needs no enum lookup
 _HANDLERS: list = [None] * (max(_PREPARE) + 1)

@@ -7,10 +7,10 @@ client), data arena. The client creates it and sends the fd over the control soc
 """
 from .errors import PeerClosed, PeerDead, RingCorrupt, RingError
 from .fdpass import recv_fd, send_fd
-from .segment import (LIVENESS_INTERVAL_S, Doorbell, Ring, Segment, call, have_futex_waitv,
+from .segment import (LIVENESS_INTERVAL_S, Doorbell, Ring, RingSet, Segment, call, have_futex_waitv,
                       wait_any)
 
 __all__ = [
-    "RingError", "RingCorrupt", "PeerDead", "PeerClosed", "Segment", "Ring", "call", "Doorbell",
+    "RingError", "RingCorrupt", "PeerDead", "PeerClosed", "Segment", "Ring", "RingSet", "call", "Doorbell",
     "wait_any", "have_futex_waitv", "send_fd", "recv_fd", "LIVENESS_INTERVAL_S",
 ]

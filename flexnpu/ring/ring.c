@@ -726,6 +726,19 @@ struct futex_waitv_k { uint64_t val; uint64_t uaddr; uint32_t flags; uint32_t re
 
 static int waitv_state = -1;   /* -1 unknown, 0 missing, 1 present */
 
+/* Indices of the rings that have records, are corrupt, or whose segment is closed: what the
+ * caller must look at, found in one pass over shared memory instead of one call per ring. */
+uint32_t fx_ready_list(fx_ring **rings, uint32_t n, uint32_t *out) {
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        fx_ring *r = rings[i];
+        if (cons_avail(r, 1) != 0
+            || atomic_load_explicit((au32 *)&r->seg->hdr->closed, memory_order_relaxed))
+            out[k++] = i;
+    }
+    return k;
+}
+
 int fx_have_futex_waitv(void) {
     if (waitv_state < 0) {
         /* probe: an empty/invalid call returns EINVAL when the syscall exists */
@@ -765,7 +778,13 @@ int fx_wait_any(fx_ring **rings, uint32_t n, double timeout, fx_doorbell *d, int
         if (any_ready(rings, n, d)) return FX_READY;
         if ((i & 15) == 0 && now_ns() >= spin_end) break;
     }
-    int use_waitv = !force_fallback && n + (d ? 1 : 0) <= 128 && fx_have_futex_waitv();
+    /* futex_waitv takes at most 128 words. Beyond that it waits on the doorbell and the first
+     * rings (the caller puts the recently active ones first), in slices that grow to 10 ms,
+     * rechecking every ring between slices: a busy client is woken at once however many idle
+     * ones are attached, an idle one within a slice of becoming busy. */
+    int use_waitv = !force_fallback && fx_have_futex_waitv();
+    uint32_t nwait = n + (d ? 1 : 0) <= 128 ? n : 128 - (d ? 1 : 0);
+    int sliced = nwait < n;
     struct futex_waitv_k stackv[128];
     int64_t slice_ns = 200000;   /* fallback: sliced waits, growing to 10 ms */
     int rc = FX_TIMEOUT;
@@ -777,7 +796,7 @@ int fx_wait_any(fx_ring **rings, uint32_t n, double timeout, fx_doorbell *d, int
         if (now >= deadline) { rc = FX_TIMEOUT; break; }
         if (use_waitv) {
             uint32_t k = 0;
-            for (uint32_t i = 0; i < n; i++) {
+            for (uint32_t i = 0; i < nwait; i++) {
                 stackv[k].val = 1; stackv[k].uaddr = (uintptr_t)rings[i]->cons_sleep;
                 stackv[k].flags = FUTEX2_SIZE_U32; stackv[k].reserved = 0; k++;
             }
@@ -786,8 +805,13 @@ int fx_wait_any(fx_ring **rings, uint32_t n, double timeout, fx_doorbell *d, int
                 stackv[k].flags = FUTEX2_SIZE_U32 | FUTEX2_PRIVATE; stackv[k].reserved = 0; k++;
             }
             struct timespec ts, *tp = NULL;
-            if (deadline != INT64_MAX) {   /* futex_waitv takes an absolute CLOCK_MONOTONIC time */
-                ts.tv_sec = deadline / 1000000000LL; ts.tv_nsec = deadline % 1000000000LL; tp = &ts;
+            int64_t until = deadline;
+            if (sliced) {
+                if (now + slice_ns < until) until = now + slice_ns;
+                if (slice_ns < 10000000) slice_ns *= 2;
+            }
+            if (until != INT64_MAX) {   /* futex_waitv takes an absolute CLOCK_MONOTONIC time */
+                ts.tv_sec = until / 1000000000LL; ts.tv_nsec = until % 1000000000LL; tp = &ts;
             }
             long r = k ? syscall(SYS_futex_waitv, stackv, k, 0, tp, CLOCK_MONOTONIC) : -1;
             if (!k) {   /* nothing to wait on: sleep until the deadline */

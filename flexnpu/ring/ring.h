@@ -130,6 +130,8 @@ void fx_doorbell_free(fx_doorbell *d);
 void fx_doorbell_ring(fx_doorbell *d);
 int fx_wait_any(fx_ring **rings, uint32_t n, double timeout, fx_doorbell *d, int force_fallback);
 int fx_have_futex_waitv(void);
+/* consumers only: indices (into out, n entries) of rings with records, corrupt or closed */
+uint32_t fx_ready_list(fx_ring **rings, uint32_t n, uint32_t *out);
 /* pyfast.c: install FastRing and call() into the dict at this address (id(dict)) */
 int fx_py_install(uintptr_t dict_addr);
 /* CDEF-END */

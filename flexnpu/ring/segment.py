@@ -323,6 +323,48 @@ def wait_any(rings: list[Ring], timeout: float | None, doorbell: Doorbell | None
             raise RingError(f"wait_any: status {rc}")
 
 
+class RingSet:
+    """Consumer side of a fixed list of rings (one per client): which have work, in one C pass,
+    and a wait on all of them. Build it once per change of the list, not once per wait: with
+    many idle clients, per-ring Python calls would dominate the loop. Put the most recently
+    active rings first: beyond 127 rings only the first are woken by futex (wait_any)."""
+
+    __slots__ = ("rings", "_arr", "_out", "_keep")
+
+    def __init__(self, rings: list[Ring]) -> None:
+        for r in rings:
+            if r._r is _BAD:
+                raise r._closed_error("RingSet")
+            r._check_role(False, "RingSet")
+        self.rings = list(rings)
+        self._keep = [r._seg for r in self.rings]   # keeps each mapping alive (unless closed: rebuild then)
+        self._arr = ffi.new("fx_ring *[]", [r._r for r in self.rings]) if self.rings else ffi.NULL
+        self._out = ffi.new("uint32_t[]", max(1, len(self.rings)))
+
+    def __len__(self) -> int:
+        return len(self.rings)
+
+    def ready(self) -> list[int]:
+        """Indices of the rings with records (or corrupt, or closed by their peer)."""
+        if not self.rings:
+            return []
+        k = lib.fx_ready_list(self._arr, len(self.rings), self._out)
+        return ffi.unpack(self._out, k) if k else []
+
+    def wait(self, timeout: float | None, doorbell: Doorbell | None = None) -> bool:
+        d = doorbell._d if doorbell is not None else ffi.NULL
+        end = None if timeout is None else _monotonic() + max(0.0, timeout)
+        while True:
+            left = -1.0 if end is None else max(0.0, end - _monotonic())
+            rc = lib.fx_wait_any(self._arr, len(self.rings), left, d, 0)
+            if rc == _READY:
+                return True
+            if rc == _TIMEOUT:
+                return False
+            if rc != _EINTR:
+                raise RingError(f"wait_any: status {rc}")
+
+
 def have_futex_waitv() -> bool:
     return bool(lib.fx_have_futex_waitv())
 
