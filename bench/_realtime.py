@@ -78,7 +78,7 @@ class Daemon:
         return self
 
     def status(self) -> dict:
-        from flexnpu.daemon.control import query
+        from flexnpu.control import query
 
         return query(str(self.sock), {"op": "status"})["daemon"]
 

@@ -118,7 +118,7 @@ class Client:
             self.sock.close()
             raise AttachError(f"permission denied opening {self.path}: ask the administrator to add "
                               f"your uid to the daemon's --allow-uid list or its socket group") from None
-        from .daemon.control import recv_msg, send_msg
+        from .control import recv_msg, send_msg
 
         phase = phase or os.environ.get("FLEXNPU_PHASE", "auto")
         if memory_limit is None and os.environ.get("FLEXNPU_CLIENT_MEMORY_LIMIT"):

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from flexnpu import paths
-from flexnpu.daemon.control import recv_msg, send_msg
+from flexnpu.control import recv_msg, send_msg
 from flexnpu.units import format_bytes
 
 

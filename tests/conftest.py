@@ -49,7 +49,7 @@ class DaemonProc:
         return self.proc.pid
 
     def status(self) -> dict:
-        from flexnpu.daemon.control import query
+        from flexnpu.control import query
 
         return query(str(self.socket), {"op": "status"})["daemon"]
 

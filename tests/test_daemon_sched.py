@@ -14,7 +14,7 @@ import time
 import pytest
 
 from flexnpu.client import Client
-from flexnpu.daemon.control import query
+from flexnpu.control import query
 
 from test_emu_backend import compute_bound, memory_bound, run_together, timed_sync
 

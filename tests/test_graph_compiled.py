@@ -36,7 +36,7 @@ def test_compiled_replay_matches_eager(npu):
         torch.testing.assert_close(out.cpu(), e_out)
         assert torch.equal(bits.cpu(), e_bits)
         torch.testing.assert_close(cache.cpu(), ref_cache)
-    from flexnpu.daemon.control import query
+    from flexnpu.control import query
 
     st = query(str(npu.client.path), {"op": "status"})["daemon"]
     me = [c for c in st["clients"] if c["client_id"] == npu.client.client_id][0]

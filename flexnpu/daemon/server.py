@@ -27,7 +27,7 @@ from .. import protocol as P
 from ..errors import Err
 from ..paths import socket_path
 from ..ring import Doorbell, RingError, RingSet, Segment
-from .control import MessageReader, ProtocolError, peer_credentials, send_msg
+from ..control import MessageReader, ProtocolError, peer_credentials, send_msg
 from .objects import IpcExport, MemoryAccount
 from .scheduling import make_scheduler
 from .session import Session

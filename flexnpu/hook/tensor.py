@@ -27,7 +27,7 @@ import torch
 
 from flexnpu.daemon.backends.torch_exec import is_op_allowed
 from flexnpu.hook import runtime
-from flexnpu.hook._tensorref import TensorRef
+from flexnpu.protocol import TensorRef
 
 aten = torch.ops.aten
 _OpOverload = torch._ops.OpOverload

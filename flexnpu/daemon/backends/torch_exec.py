@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from flexnpu.hook._tensorref import TensorRef
+from flexnpu.protocol import TensorRef
 
 __all__ = ["execute_launch", "is_op_allowed", "LaunchError", "build_view", "check_view_bounds"]
 
