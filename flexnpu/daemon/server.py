@@ -24,7 +24,7 @@ from typing import Any
 from .. import __version__
 from .. import protocol as P
 from ..errors import Err
-from ..paths import socket_path
+from ..paths import check_dir, socket_path
 from ..ring import Doorbell, RingError, Segment, wait_any
 from .control import MessageReader, ProtocolError, peer_credentials, send_msg
 from .objects import IpcExport, MemoryAccount
@@ -93,7 +93,8 @@ class Daemon:
 
     # ================================================================== lifecycle
     def bind(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        # Never bind into a folder another user controls (they could swap our socket).
+        check_dir(self.path.parent, create=True)
         if self.path.exists():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
