@@ -7,8 +7,9 @@ The program starts with FlexNPU's bootstrap on its Python path (for it and every
 it starts): `import torch` gives a torch with an `npu` device whose memory and operators live in
 the daemon, `import torch_npu` and `import acl` work as on an Ascend host. If no daemon serves a
 device, an embedded one is started for the duration of the program (backend auto: npu where
-torch_npu finds a device, else cuda, else cpu). Signals are forwarded; the exit code is the
-program's.
+torch_npu finds a device, else cuda, else cpu). ^C and ^\\ reach the program from the terminal
+(once: they are not forwarded again); SIGTERM, SIGHUP, SIGUSR1/2 sent to `flexnpu run` are
+forwarded. The exit code is the program's.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from pathlib import Path
 from .paths import runtime_dir, socket_path
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+# Sent by the terminal to its whole foreground process group (the program is in ours).
+GROUP_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -128,61 +131,66 @@ def run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     embedded: list[EmbeddedDaemon] = []
     tmp: str | None = None
-    if args.daemon == "auto":
-        rdir = runtime_dir()
-        missing = [d for d in devices if not _alive(socket_path(d, rdir))]
-        if missing:
-            if len(missing) != len(devices):
-                print(f"flexnpu run: devices {missing} have no daemon in {rdir} but others do; start "
-                      f"them all (flexnpu daemon --device N) or none", file=sys.stderr)
-                return 2
-            tmp = tempfile.mkdtemp(prefix="flexnpu-run-")
-            rdir = Path(tmp)
-            try:
+    try:
+        if args.daemon == "auto":
+            rdir = runtime_dir()
+            missing = [d for d in devices if not _alive(socket_path(d, rdir))]
+            if missing:
+                if len(missing) != len(devices):
+                    print(f"flexnpu run: devices {missing} have no daemon in {rdir} but others do; start "
+                          f"them all (flexnpu daemon --device N) or none", file=sys.stderr)
+                    return 2
+                tmp = tempfile.mkdtemp(prefix="flexnpu-run-")
+                rdir = Path(tmp)
                 for d in devices:
                     embedded.append(EmbeddedDaemon(d, rdir, args.backend, args.policy, args.verbose))
-            except SystemExit:
-                for e in embedded:
-                    e.stop()
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-    else:
-        rdir = Path(args.daemon)
-        for d in devices:
-            if not _alive(socket_path(d, rdir)):
-                print(f"flexnpu run: no daemon for device {d} answers at {socket_path(d, rdir)}", file=sys.stderr)
-                return 2
-    boot = bootstrap_dir()
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([str(boot), root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env["FLEXNPU_RUNTIME_DIR"] = str(rdir)
-    env["FLEXNPU_DEVICES"] = ",".join(map(str, devices))
-    env["FLEXNPU_PHASE"] = args.phase
-    env["FLEXNPU_ACTIVE"] = "1"
-    if args.memory_limit:
-        env["FLEXNPU_CLIENT_MEMORY_LIMIT"] = args.memory_limit
-    try:
-        child = subprocess.Popen(cmd, env=env)
-    except OSError as e:
-        for e2 in embedded:
-            e2.stop()
-        print(f"flexnpu run: cannot start {cmd[0]}: {e}", file=sys.stderr)
-        return 126
-    previous = {}
-
-    def forward(sig: int, _frame: object) -> None:
-        if child.poll() is None:
-            child.send_signal(sig)
-
-    for sig in FORWARDED:
-        previous[sig] = signal.signal(sig, forward)
-    try:
-        rc = child.wait()
+        else:
+            rdir = Path(args.daemon)
+            for d in devices:
+                if not _alive(socket_path(d, rdir)):
+                    print(f"flexnpu run: no daemon for device {d} answers at {socket_path(d, rdir)}", file=sys.stderr)
+                    return 2
+        boot = bootstrap_dir()
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join([str(boot), root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env["FLEXNPU_RUNTIME_DIR"] = str(rdir)
+        env["FLEXNPU_DEVICES"] = ",".join(map(str, devices))
+        env["FLEXNPU_PHASE"] = args.phase
+        env["FLEXNPU_ACTIVE"] = "1"
+        if args.memory_limit:
+            env["FLEXNPU_CLIENT_MEMORY_LIMIT"] = args.memory_limit
+        return run_child(cmd, env)
     finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
         for e in embedded:
             e.stop()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_child(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the program to its end; its exit status (128+N when killed by signal N).
+
+    The program stays in our process group, so what the terminal sends the foreground group
+    (^C, ^\\) and what someone sends the whole group reach it directly: forwarding those too
+    would deliver them twice and interrupt its cleanup (a KeyboardInterrupt inside its
+    `finally`). Those we only absorb. Signals that are usually sent to one process (SIGTERM,
+    SIGHUP from a supervisor, SIGUSR1/2) are forwarded."""
+    child: subprocess.Popen | None = None
+
+    def forward(sig: int, _frame: object) -> None:
+        if sig not in GROUP_SIGNALS and child is not None and child.poll() is None:
+            child.send_signal(sig)
+
+    # Installed before the program starts, so a ^C during its start cannot kill us instead.
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        try:
+            child = subprocess.Popen(cmd, env=env)
+        except OSError as e:
+            print(f"flexnpu run: cannot start {cmd[0]}: {e}", file=sys.stderr)
+            return 126
+        rc = child.wait()
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
     return rc if rc >= 0 else 128 - rc
