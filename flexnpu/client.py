@@ -111,7 +111,7 @@ class Client:
             if os.path.isdir(os.path.dirname(self.path)):
                 check_dir(Path(os.path.dirname(self.path)))
             self.sock.connect(self.path)
-            check_peer(self.sock, self.path)
+            peer_pid = check_peer(self.sock, self.path)
         except UnsafeRuntimeDir as e:
             self.seg.close()
             self.sock.close()
@@ -154,7 +154,9 @@ class Client:
         self.info: dict[str, Any] = reply.get("info", {})
         self.memory_limit = reply.get("memory_limit")
         self.daemon_pid = int(reply.get("daemon_pid", 0))
-        self.seg.set_peer(fd=self.sock.fileno(), pid=self.daemon_pid or None)
+        # The kernel's view of the daemon's pid in our pid namespace (0 when the daemon is outside
+        # it, e.g. a container's): the pid the daemon reports may name another process here.
+        self.seg.set_peer(fd=self.sock.fileno(), pid=peer_pid or None)
         self.seg.set_spin(SPIN_S)
         self._pid = os.getpid()
         self._forked = False
