@@ -4,10 +4,11 @@ PY ?= python3
 .PHONY: install test bench-quick clean
 
 install:
-	# CPU build of torch from the local wheel cache first: an unpinned torch would pull a CUDA build.
+	# torch first. The pin gets the CPU build only where a local wheel cache (pip --find-links)
+	# holds it; from plain PyPI it is the CUDA build: see README ("About the torch pin").
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "setuptools>=64" wheel "cffi>=1.15"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,serve]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,serve,k8s]"
 	@if [ "$$(id -u)" = 0 ] && [ -x scripts/ci-system-deps.sh ]; then scripts/ci-system-deps.sh || true; fi
 
 test: install

@@ -4,14 +4,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterator
+
+from flexnpu.daemon_process import DaemonProcess, child_env  # noqa: F401 - child_env re-exported
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,44 +30,21 @@ def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def child_env(runtime_dir: str | Path | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    if runtime_dir is not None:
-        env["FLEXNPU_RUNTIME_DIR"] = str(runtime_dir)
-    return env
-
-
 @contextlib.contextmanager
 def private_daemon(*args: str, device: int = 0, backend: str = "cpu") -> Iterator[Path]:
     """A daemon in its own runtime directory, stopped afterwards. Sets FLEXNPU_RUNTIME_DIR."""
-    rdir = Path(tempfile.mkdtemp(prefix="flexnpu-bench-"))
-    log = open(rdir / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "flexnpu", "daemon", "--device", str(device),
-                             "--backend", backend, "--runtime-dir", str(rdir), *args],
-                            env=child_env(rdir), stdout=log, stderr=subprocess.STDOUT)
     old = os.environ.get("FLEXNPU_RUNTIME_DIR")
-    os.environ["FLEXNPU_RUNTIME_DIR"] = str(rdir)
-    try:
-        sock = rdir / f"npu{device}.sock"
-        deadline = time.monotonic() + 60
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("benchmark daemon failed: " + (rdir / "daemon.log").read_text())
-            time.sleep(0.01)
-        yield rdir
-    finally:
-        if old is None:
-            os.environ.pop("FLEXNPU_RUNTIME_DIR", None)
-        else:
-            os.environ["FLEXNPU_RUNTIME_DIR"] = old
-        proc.terminate()
+    with tempfile.TemporaryDirectory(prefix="flexnpu-bench-") as d:
+        rdir = Path(d)
         try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        shutil.rmtree(rdir, ignore_errors=True)
+            with DaemonProcess(device, rdir, ["--backend", backend, *args]):
+                os.environ["FLEXNPU_RUNTIME_DIR"] = str(rdir)
+                yield rdir
+        finally:
+            if old is None:
+                os.environ.pop("FLEXNPU_RUNTIME_DIR", None)
+            else:
+                os.environ["FLEXNPU_RUNTIME_DIR"] = old
 
 
 def print_table(rows: list[dict[str, Any]], cols: list[tuple[str, str, str]], title: str = "") -> None:

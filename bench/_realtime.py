@@ -41,13 +41,12 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from flexnpu.daemon_process import DaemonProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 BF_ITEMSIZE = 2
@@ -55,42 +54,11 @@ BF_ITEMSIZE = 2
 
 # ---------------------------------------------------------------- daemons
 
-class Daemon:
-    def __init__(self, runtime_dir: Path, device: int, backend: str, policy: str, tpot_ms: float) -> None:
-        self.sock = runtime_dir / f"npu{device}.sock"
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   FLEXNPU_RUNTIME_DIR=str(runtime_dir))
-        self.log = open(runtime_dir / f"daemon{device}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "flexnpu", "daemon", "--device", str(device),
-                                      "--backend", backend, "--policy", policy, "--tpot-budget-ms", str(tpot_ms),
-                                      "--runtime-dir", str(runtime_dir), "--log-level", "warning"],
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.runtime_dir, self.device = runtime_dir, device
-
-    def wait_ready(self) -> "Daemon":
-        runtime_dir, device = self.runtime_dir, self.device
-        deadline = time.monotonic() + 30
-        while not self.sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"emulated daemon did not start: {(runtime_dir / f'daemon{device}.log').read_text()}")
-            time.sleep(0.02)
-        return self
-
-    def status(self) -> dict:
-        from flexnpu.control import query
-
-        return query(str(self.sock), {"op": "status"})["daemon"]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
+def Daemon(runtime_dir: Path, device: int, backend: str, policy: str, tpot_ms: float) -> DaemonProcess:
+    """An emulated-device daemon, started without waiting (call wait_ready())."""
+    return DaemonProcess(device, runtime_dir, ["--backend", backend, "--policy", policy, "--tpot-budget-ms",
+                                               str(tpot_ms), "--log-level", "warning"],
+                         detach=False, start_timeout=None)
 
 
 # ---------------------------------------------------------------- the engine process
@@ -387,9 +355,10 @@ class DaemonSet:
         self.policy = policy
         self.daemons: list[Daemon] = []
         try:
-            self.daemons = [Daemon(self.runtime_dir, d, f"emu:{spec_name}", policy, tpot_ms) for d in range(n_devices)]
-            for d in self.daemons:
-                d.wait_ready()
+            for d in range(n_devices):
+                self.daemons.append(Daemon(self.runtime_dir, d, f"emu:{spec_name}", policy, tpot_ms))
+            for dp in self.daemons:
+                dp.wait_ready(30)
         except BaseException:
             self.stop()
             raise

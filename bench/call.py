@@ -132,26 +132,33 @@ while True:
 def _socket_call(n: int) -> dict:
     import tempfile
 
-    path = os.path.join(tempfile.mkdtemp(prefix="flexnpu-sock-"), "echo.sock")
-    # the echo server sits where the daemon sits (the last CPU), the client where it is
-    p = subprocess.Popen([sys.executable, "-c", _ECHO, path], stdout=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: os.sched_setaffinity(0, {_ALL_CPUS[-1]}))
-    p.stdout.readline()
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(path)
-    msg = b"x" * 64
-    pc = time.perf_counter_ns
-    lat = []
-    for i in range(n + 1000):
-        t = pc()
-        s.sendall(msg)
-        got = 0
-        while got < 64:
-            got += len(s.recv(64 - got))
-        if i >= 1000:
-            lat.append(pc() - t)
-    s.close()
-    p.wait(10)
+    with tempfile.TemporaryDirectory(prefix="flexnpu-sock-") as d:
+        path = os.path.join(d, "echo.sock")
+        # the echo server sits where the daemon sits (the last CPU), the client where it is
+        p = subprocess.Popen([sys.executable, "-c", _ECHO, path], stdout=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: os.sched_setaffinity(0, {_ALL_CPUS[-1]}))
+        try:
+            p.stdout.readline()
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            msg = b"x" * 64
+            pc = time.perf_counter_ns
+            lat = []
+            for i in range(n + 1000):
+                t = pc()
+                s.sendall(msg)
+                got = 0
+                while got < 64:
+                    got += len(s.recv(64 - got))
+                if i >= 1000:
+                    lat.append(pc() - t)
+            s.close()
+            p.wait(10)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            p.stdout.close()
     us = [x / 1000 for x in lat]
     return {"name": "socket-call", "p50_us": median(us), "p99_us": pct(us, 99), "ops_per_s": 1e6 / median(us)}
 

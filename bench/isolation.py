@@ -156,7 +156,7 @@ def rss(rounds: int, clients: int, mb: int) -> dict:
                     c.close()
                 time.sleep(1.0)
                 out.append(_rss_mb(p.pid))
-            from flexnpu.daemon.control import query
+            from flexnpu.control import query
 
             st = query(str(rt / "npu0.sock"), {"op": "status"})["daemon"]
         finally:

@@ -344,6 +344,38 @@ def print_table(runs, summaries, header):
                       f"throughput x{pr['throughput_ratio']:.3f} (target >= 0.97)")
 
 
+def verdicts(summaries: list[dict]) -> list[dict]:
+    """One verdict per target and workload (and cluster size): met or not, the figure, the target.
+    Per-rate targets take the worst rate, so "met" means met at every rate."""
+    out = []
+    for s in summaries:
+        where = s["workload"] + (f" @{s['cluster']} devices" if "cluster" in s else "")
+        out.append({"where": where, "target": "goodput vs static-disagg", "figure": f"{s['flex_vs_disagg_pct']:+.1f}%",
+                    "goal": f">= +{s['disagg_target_pct']:.0f}%", "met": s["flex_vs_disagg_pct"] >= s["disagg_target_pct"]})
+        for key, lab in (("vs_coloc_per_rate", "static-coloc"), ("vs_coloc_decode_first_per_rate", "static-coloc-decode-first")):
+            rates = s.get(key) or []
+            if not rates:
+                continue
+            ttft = min(rates, key=lambda pr: pr["ttft_p50_reduction_pct"])
+            tpot = max(rates, key=lambda pr: pr["tpot_p50_change_pct"])
+            thr = min(rates, key=lambda pr: pr["throughput_ratio"])
+            out += [
+                {"where": where, "target": f"TTFT p50 vs {lab}", "figure": f"{-ttft['ttft_p50_reduction_pct']:+.1f}% at rate {ttft['rate']:.2f}",
+                 "goal": "<= -92% at every rate", "met": all(pr["ttft_p50_reduction_pct"] >= 92 for pr in rates)},
+                {"where": where, "target": f"TPOT p50 vs {lab}", "figure": f"{tpot['tpot_p50_change_pct']:+.1f}% at rate {tpot['rate']:.2f}",
+                 "goal": "<= +5% at every rate", "met": all(pr["tpot_p50_change_pct"] <= 5 for pr in rates)},
+                {"where": where, "target": f"throughput vs {lab}", "figure": f"x{thr['throughput_ratio']:.3f} at rate {thr['rate']:.2f}",
+                 "goal": ">= x0.97 at every rate", "met": all(pr["throughput_ratio"] >= 0.97 for pr in rates)},
+            ]
+    return out
+
+
+def print_verdicts(vs: list[dict]) -> None:
+    print("\nverdict (emulated):")
+    for v in vs:
+        print(f"  {'MET    ' if v['met'] else 'NOT MET'}  {v['where']:<24} {v['target']:<40} {v['figure']:<24} target {v['goal']}")
+
+
 def plot(runs, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -579,7 +611,8 @@ def main(argv=None) -> int:
     if a.plot:
         plot(runs, a.plot)
     if a.json:
-        print(json.dumps({"runs": runs, "summary": summaries, "capacity": capacity, "emulated": True,
+        print(json.dumps({"runs": runs, "summary": summaries, "verdicts": verdicts(summaries),
+                          "capacity": capacity, "emulated": True,
                           "wall_s": round(time.perf_counter() - t0, 1)}, indent=1))
     else:
         hdr = (f"flexnpu bench serve: {model} on {spec.name}, "
@@ -591,6 +624,7 @@ def main(argv=None) -> int:
                             [s for s in summaries if s["cluster"] == cl], hdr + f"\n== {cl} devices")
         else:
             print_table(runs, summaries, hdr)
+        print_verdicts(verdicts(summaries))
         print(f"\n({time.perf_counter() - t0:.1f} s wall)")
     return 0
 

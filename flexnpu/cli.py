@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "daemon": ("flexnpu.daemon.main", "serve one device (normally started by systemd or `run`)"),
     "status": ("flexnpu.cmd_status", "list running daemons and their clients"),
     "service": ("flexnpu.cmd_service", "install systemd units for the daemons"),
+    "k8s-device-plugin": ("flexnpu.k8s.plugin", "advertise shared devices to the kubelet (Kubernetes)"),
 }
 
 

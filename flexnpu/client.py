@@ -22,11 +22,12 @@ import socket
 import struct
 import threading
 import weakref
+from pathlib import Path
 from typing import Any
 
 from . import protocol as P
 from .errors import AttachError, DaemonLost, FlexNPUError, InvalidArgument, error_for
-from .paths import socket_path
+from .paths import UnsafeRuntimeDir, check_dir, check_peer, socket_path
 from .protocol import FLAG_DEFERRED, FLAG_SYNC, Op, TensorRef, pack_sqe
 from .ring import PeerClosed, PeerDead, RingError, Segment, call as ring_call
 
@@ -105,7 +106,16 @@ class Client:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(connect_timeout)
         try:
+            # Our segment (all our device data) goes to whoever listens there: only to a daemon
+            # in a folder nobody else controls, run by root, us, or a uid we named.
+            if os.path.isdir(os.path.dirname(self.path)):
+                check_dir(Path(os.path.dirname(self.path)))
             self.sock.connect(self.path)
+            peer_pid = check_peer(self.sock, self.path)
+        except UnsafeRuntimeDir as e:
+            self.seg.close()
+            self.sock.close()
+            raise AttachError(f"not attaching to device {device_index}: {e}") from None
         except (FileNotFoundError, ConnectionRefusedError) as e:
             self.seg.close()
             self.sock.close()
@@ -144,7 +154,9 @@ class Client:
         self.info: dict[str, Any] = reply.get("info", {})
         self.memory_limit = reply.get("memory_limit")
         self.daemon_pid = int(reply.get("daemon_pid", 0))
-        self.seg.set_peer(fd=self.sock.fileno(), pid=self.daemon_pid or None)
+        # The kernel's view of the daemon's pid in our pid namespace (0 when the daemon is outside
+        # it, e.g. a container's): the pid the daemon reports may name another process here.
+        self.seg.set_peer(fd=self.sock.fileno(), pid=peer_pid or None)
         self.seg.set_spin(SPIN_S)
         self._pid = os.getpid()
         self._forked = False

@@ -5,40 +5,57 @@
 
 The program starts with FlexNPU's bootstrap on its Python path (for it and every Python child
 it starts): `import torch` gives a torch with an `npu` device whose memory and operators live in
-the daemon, `import torch_npu` and `import acl` work as on an Ascend host. If no daemon serves a
-device, an embedded one is started for the duration of the program (backend auto: npu where
-torch_npu finds a device, else cuda, else cpu). Signals are forwarded; the exit code is the
-program's.
+the daemon, `import torch_npu` and `import acl` work as on an Ascend host.
+
+One daemon per device, however started: a system daemon (/run/flexnpu, systemd) always wins;
+else the daemon in the user's runtime folder (the one `flexnpu status` reads) is used, and if
+none runs there an embedded one is started there (backend auto: npu where torch_npu finds a
+device, else cuda, else cpu), shared by every `flexnpu run` of the user that starts while it
+lives (a lock file settles start races: the loser attaches) and exiting --idle-grace seconds
+after its last client left. ^C and ^\\ reach the program from the terminal
+(once: they are not forwarded again); SIGTERM, SIGHUP, SIGUSR1/2 sent to `flexnpu run` are
+forwarded. The exit code is the program's.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from .paths import runtime_dir, socket_path
+from .daemon.backends import BACKEND_SYNTAX, check_backend
+from .daemon_process import DaemonProcess, DaemonStartError, answers
+from .paths import SYSTEM_RUNTIME_DIR, UnsafeRuntimeDir, check_dir, check_peer, runtime_dir, socket_path
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+# Sent by the terminal to its whole foreground process group (the program is in ours).
+GROUP_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="0", help="physical device(s) the program sees as npu:0, npu:1, ... (e.g. 0 or 0,1)")
-    p.add_argument("--phase", default="auto", choices=("auto", "prefill", "decode"),
-                   help="phase hint for the scheduler (default auto: inferred from the operators)")
+    # Defaults from the environment: a Kubernetes container gets them from the device plugin.
+    p.add_argument("--device", default=os.environ.get("FLEXNPU_DEVICES", "0"),
+                   help="physical device(s) the program sees as npu:0, npu:1, ... (e.g. 0 or 0,1; "
+                        "default $FLEXNPU_DEVICES, else 0)")
+    p.add_argument("--phase", default=os.environ.get("FLEXNPU_PHASE", "auto"), choices=("auto", "prefill", "decode"),
+                   help="phase hint for the scheduler (default $FLEXNPU_PHASE, else auto: inferred from "
+                        "the operators)")
     p.add_argument("--daemon", default="auto", metavar="auto|PATH",
                    help="auto: use the running daemon of each device, else start an embedded one; "
                         "PATH: the runtime directory of the daemons to use (no embedded fallback)")
-    p.add_argument("--backend", default=os.environ.get("FLEXNPU_BACKEND", "auto"),
-                   help="backend of an embedded daemon: auto|cpu|cuda|npu|emu:<spec> (default auto)")
+    p.add_argument("--backend", default=os.environ.get("FLEXNPU_BACKEND", "auto"), type=check_backend,
+                   help=f"backend of an embedded daemon: {BACKEND_SYNTAX} (default auto)")
     p.add_argument("--policy", default="fifo", help="scheduling policy of an embedded daemon")
     p.add_argument("--memory-limit", default=None, help="device memory limit for this program, e.g. 4GiB")
-    p.add_argument("-v", "--verbose", action="store_true", help="show the embedded daemon's log")
+    p.add_argument("--idle-grace", type=float, default=float(os.environ.get("FLEXNPU_IDLE_GRACE", 30)),
+                   metavar="SECONDS", help="an embedded daemon this run starts exits this long after its "
+                                           "last client left (default 30)")
+    p.add_argument("-v", "--verbose", action="store_true", help="say where the embedded daemon's log is")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="the program and its arguments (after --)")
 
 
@@ -52,66 +69,104 @@ def _devices(text: str) -> list[int]:
     return devs
 
 
-def _alive(path: Path) -> bool:
-    import socket
-
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(1.0)
-        s.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 def bootstrap_dir() -> Path:
     from . import hook
 
     return Path(hook.__file__).resolve().parent / "bootstrap"
 
 
-class EmbeddedDaemon:
-    def __init__(self, device: int, rdir: Path, backend: str, policy: str, verbose: bool) -> None:
-        self.log_path = rdir / f"daemon{device}.log"
-        self._log = None if verbose else open(self.log_path, "wb")
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flexnpu", "daemon", "--device", str(device), "--backend", backend,
-             "--policy", policy, "--runtime-dir", str(rdir)],
-            env=env, stdin=subprocess.DEVNULL, stdout=self._log or sys.stderr, stderr=subprocess.STDOUT,
-            start_new_session=True)   # our terminal's ^C goes to the program, not the daemon
-        sock = socket_path(device, rdir)
-        deadline = time.monotonic() + 60
-        while not sock.exists():
-            if self.proc.poll() is not None:
-                raise SystemExit(f"flexnpu run: the embedded daemon for device {device} failed to start:\n"
-                                 f"{self.log_text()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"flexnpu run: the embedded daemon for device {device} did not come up "
-                                 f"within 60 s:\n{self.log_text()}")
-            time.sleep(0.01)
+class Lease:
+    """A `hold` connection to a device's daemon: while it is open, an idle-exit daemon stays,
+    so it cannot leave between our start and our program's attach. Closed with the process."""
 
-    def log_text(self) -> str:
+    def __init__(self, sock: socket.socket, reply: dict) -> None:
+        self.sock, self.reply = sock, reply
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def hold(path: Path) -> Lease | None:
+    """A lease on the daemon at `path`, or None when no daemon answers there (or it is leaving)."""
+    from .control import ProtocolError, recv_msg, send_msg
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10.0)
+    try:
+        s.connect(str(path))
+    except OSError:
+        s.close()
+        return None
+    try:
+        check_peer(s, path)
+        send_msg(s, {"op": "hold"})
+        reply, fds = recv_msg(s)
+        for fd in fds:
+            os.close(fd)
+    except UnsafeRuntimeDir as e:
+        s.close()
+        raise SystemExit(f"flexnpu run: {e}") from None
+    except (OSError, ConnectionError, ProtocolError):
+        s.close()               # it closed on us: a daemon that was leaving
+        return None
+    if not reply.get("ok"):
+        s.close()
+        raise SystemExit(f"flexnpu run: the daemon at {path} refused us: {reply.get('error', 'no reason given')}")
+    return Lease(s, reply)
+
+
+def shared_daemons(devices: list[int], args: argparse.Namespace) -> tuple[Path, list[Lease]]:
+    """The runtime folder whose daemons serve `devices`, starting embedded ones where none runs,
+    and a lease on each."""
+    own = runtime_dir()
+    if own != SYSTEM_RUNTIME_DIR and not os.environ.get("FLEXNPU_RUNTIME_DIR"):
+        system = [d for d in devices if answers(socket_path(d, SYSTEM_RUNTIME_DIR))]
+        if system and len(system) == len(devices):
+            return SYSTEM_RUNTIME_DIR, []          # the system daemons always win
+        if system:
+            raise SystemExit(f"flexnpu run: devices {system} have system daemons in {SYSTEM_RUNTIME_DIR}, "
+                             f"{sorted(set(devices) - set(system))} do not; start them all "
+                             f"(systemctl start flexnpu@N) or use --device with the served ones")
+    try:
+        check_dir(own, create=True)
+    except UnsafeRuntimeDir as e:
+        raise SystemExit(f"flexnpu run: {e}") from None
+    leases: list[Lease] = []
+    try:
+        for d in devices:
+            leases.append(_lease_or_start(d, own, args))
+    except BaseException:
+        for lease in leases:
+            lease.close()
+        raise
+    return own, leases
+
+
+def _lease_or_start(device: int, rdir: Path, args: argparse.Namespace) -> Lease:
+    sock = socket_path(device, rdir)
+    lease = hold(sock)
+    if lease is not None:
+        return lease
+    # Whoever holds the lock starts the daemon; the others wait for it and attach.
+    with open(rdir / f"npu{device}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lease = hold(sock)
+        if lease is not None:
+            return lease
         try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self._log:
-            self._log.close()
+            dp = DaemonProcess(device, rdir, ["--backend", args.backend, "--policy", args.policy,
+                                              "--exit-when-idle", str(args.idle_grace), "--embedded"])
+        except DaemonStartError as e:
+            raise SystemExit(f"flexnpu run: the embedded daemon could not start: {e}") from None
+        dp.release()
+        if args.verbose:
+            print(f"flexnpu run: started the embedded daemon for device {device} (pid {dp.pid}); "
+                  f"its log: {dp.log}", file=sys.stderr)
+        lease = hold(sock)
+        if lease is None:
+            raise SystemExit(f"flexnpu run: the embedded daemon for device {device} stopped at once:\n"
+                             f"{dp.log_text()}")
+        return lease
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,63 +181,55 @@ def run(args: argparse.Namespace) -> int:
         return 127
     devices = _devices(args.device)
     env = dict(os.environ)
-    embedded: list[EmbeddedDaemon] = []
-    tmp: str | None = None
-    if args.daemon == "auto":
-        rdir = runtime_dir()
-        missing = [d for d in devices if not _alive(socket_path(d, rdir))]
-        if missing:
-            if len(missing) != len(devices):
-                print(f"flexnpu run: devices {missing} have no daemon in {rdir} but others do; start "
-                      f"them all (flexnpu daemon --device N) or none", file=sys.stderr)
-                return 2
-            tmp = tempfile.mkdtemp(prefix="flexnpu-run-")
-            rdir = Path(tmp)
-            try:
-                for d in devices:
-                    embedded.append(EmbeddedDaemon(d, rdir, args.backend, args.policy, args.verbose))
-            except SystemExit:
-                for e in embedded:
-                    e.stop()
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-    else:
-        rdir = Path(args.daemon)
-        for d in devices:
-            if not _alive(socket_path(d, rdir)):
-                print(f"flexnpu run: no daemon for device {d} answers at {socket_path(d, rdir)}", file=sys.stderr)
-                return 2
-    boot = bootstrap_dir()
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([str(boot), root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env["FLEXNPU_RUNTIME_DIR"] = str(rdir)
-    env["FLEXNPU_DEVICES"] = ",".join(map(str, devices))
-    env["FLEXNPU_PHASE"] = args.phase
-    env["FLEXNPU_ACTIVE"] = "1"
-    if args.memory_limit:
-        env["FLEXNPU_CLIENT_MEMORY_LIMIT"] = args.memory_limit
+    leases: list[Lease] = []
     try:
-        child = subprocess.Popen(cmd, env=env)
-    except OSError as e:
-        for e2 in embedded:
-            e2.stop()
-        print(f"flexnpu run: cannot start {cmd[0]}: {e}", file=sys.stderr)
-        return 126
-    previous = {}
+        if args.daemon == "auto":
+            rdir, leases = shared_daemons(devices, args)
+        else:
+            rdir = Path(args.daemon)
+            for d in devices:
+                if not answers(socket_path(d, rdir)):
+                    print(f"flexnpu run: no daemon for device {d} answers at {socket_path(d, rdir)}", file=sys.stderr)
+                    return 2
+        boot = bootstrap_dir()
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join([str(boot), root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env["FLEXNPU_RUNTIME_DIR"] = str(rdir)
+        env["FLEXNPU_DEVICES"] = ",".join(map(str, devices))
+        env["FLEXNPU_PHASE"] = args.phase
+        env["FLEXNPU_ACTIVE"] = "1"
+        if args.memory_limit:
+            env["FLEXNPU_CLIENT_MEMORY_LIMIT"] = args.memory_limit
+        return run_child(cmd, env)
+    finally:
+        for lease in leases:
+            lease.close()
+
+
+def run_child(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the program to its end; its exit status (128+N when killed by signal N).
+
+    The program stays in our process group, so what the terminal sends the foreground group
+    (^C, ^\\) and what someone sends the whole group reach it directly: forwarding those too
+    would deliver them twice and interrupt its cleanup (a KeyboardInterrupt inside its
+    `finally`). Those we only absorb. Signals that are usually sent to one process (SIGTERM,
+    SIGHUP from a supervisor, SIGUSR1/2) are forwarded."""
+    child: subprocess.Popen | None = None
 
     def forward(sig: int, _frame: object) -> None:
-        if child.poll() is None:
+        if sig not in GROUP_SIGNALS and child is not None and child.poll() is None:
             child.send_signal(sig)
 
-    for sig in FORWARDED:
-        previous[sig] = signal.signal(sig, forward)
+    # Installed before the program starts, so a ^C during its start cannot kill us instead.
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
+        try:
+            child = subprocess.Popen(cmd, env=env)
+        except OSError as e:
+            print(f"flexnpu run: cannot start {cmd[0]}: {e}", file=sys.stderr)
+            return 126
         rc = child.wait()
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
-        for e in embedded:
-            e.stop()
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
     return rc if rc >= 0 else 128 - rc

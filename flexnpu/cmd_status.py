@@ -152,6 +152,8 @@ def format_text(report: dict, runtime_dir: Path | list[Path], width: int = 120) 
             backend = _g(d, "backend")
             if d.get("device_type") and d.get("device_type") != d.get("backend"):
                 backend += f" ({d['device_type']})"
+            if d.get("embedded"):
+                backend += ", embedded"     # started by `flexnpu run`; exits when idle
             rows.append([_g(d, "device"), backend, _g(d, "pid"), human_duration(d.get("uptime_s")),
                          _g(d, "policy"), format_bytes(d.get("memory_limit_default")) if d.get("memory_limit_default") else "none",
                          str(len(d.get("clients") or [])), _g(d, "ops_total"), _g(d, "version")])

@@ -57,7 +57,8 @@ def test_install_writes_units_and_config(tmp_path):
     for line in ("Type=notify", "NotifyAccess=main", "Restart=on-failure", "RuntimeDirectory=flexnpu",
                  "RuntimeDirectoryPreserve=yes", "EnvironmentFile=-/etc/flexnpu/flexnpu.conf",
                  "KillSignal=SIGTERM", "NoNewPrivileges=yes", "ProtectSystem=strict",
-                 "RestrictAddressFamilies=AF_UNIX", "DeviceAllow=char-nvidia* rw", "PrivateTmp=yes"):
+                 "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "IPAddressDeny=any",
+                 "IPAddressAllow=localhost", "DeviceAllow=char-nvidia* rw", "PrivateTmp=yes"):
         assert f"\n{line}\n" in unit, line
     assert "\nMemoryDenyWriteExecute=" not in unit and "\nPrivateDevices=yes" not in unit
     target = (unit_dir / "flexnpu.target").read_text()
@@ -186,3 +187,24 @@ def test_verify_catches_broken_units(tmp_path):
         cmd_service.render_unit((ROOT / "systemd/flexnpu@.service").read_text(), ["/nonexistent/flexnpu"]))
     p = verify(tmp_path / "flexnpu@0.service")
     assert p.returncode != 0 and "/nonexistent/flexnpu" in p.stdout + p.stderr
+
+
+def test_service_accepts_every_backend_the_daemon_accepts(tmp_path):
+    """One list (flexnpu.daemon.backends.check_backend) for `service install` and `daemon`."""
+    args = ("service", "install", "--root", str(tmp_path), "--devices", "0")
+    conf = tmp_path / "etc/flexnpu/flexnpu.conf"
+    for backend in ("auto", "cpu", "cuda", "npu", "emu:910b", "emu:h100+cpu"):
+        flexnpu_cli(*args, "--backend", backend)
+        assert cmd_service.read_config(conf)["FLEXNPU_BACKEND"] == backend
+    for bad in ("emu", "emu:xyz", "tpu", "cpu:1"):
+        s = flexnpu_cli(*args, "--backend", bad, check_rc=2)
+        d = flexnpu_cli("daemon", "--backend", bad, "--runtime-dir", str(tmp_path / "run"), check_rc=2)
+        assert "--backend" in s.stderr and "--backend" in d.stderr, (bad, s.stderr, d.stderr)
+
+
+def test_metrics_port_in_the_config(tmp_path):
+    args = ("service", "install", "--root", str(tmp_path), "--devices", "0")
+    flexnpu_cli(*args, "--metrics-port", "9400")
+    conf = tmp_path / "etc/flexnpu/flexnpu.conf"
+    assert cmd_service.read_config(conf)["FLEXNPU_METRICS_PORT"] == "9400"
+    flexnpu_cli(*args, "--metrics-port", "0", check_rc=2)

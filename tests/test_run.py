@@ -20,7 +20,7 @@ def flexnpu_run(args: list[str], runtime_dir=None, timeout: float = 300, **kw) -
     env = child_env(runtime_dir)
     if runtime_dir is None:
         env["FLEXNPU_RUNTIME_DIR"] = str(kw.pop("empty_dir"))
-    return subprocess.run(FLEXNPU + ["run", "--backend", "cpu", *args], env=env, capture_output=True,
+    return subprocess.run(FLEXNPU + ["run", "--backend", "cpu", "--idle-grace", "1", *args], env=env, capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT, **kw)
 
 
@@ -40,19 +40,18 @@ def test_missing_program_and_bad_daemon_path_are_explained(tmp_path):
     assert r.returncode == 2 and "no daemon for device 0" in r.stderr
 
 
-def test_embedded_daemon_starts_and_stops_with_the_program(tmp_path):
+def test_embedded_daemon_starts_in_the_runtime_folder_and_exits_when_idle(tmp_path):
     code = "import os, time; print(os.environ['FLEXNPU_RUNTIME_DIR'], flush=True); time.sleep(0.5)"
     env = child_env(tmp_path)
-    p = subprocess.Popen(FLEXNPU + ["run", "--backend", "cpu", "--", sys.executable, "-c", code], env=env,
-                         stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    p = subprocess.Popen(FLEXNPU + ["run", "--backend", "cpu", "--idle-grace", "0.5", "--", sys.executable, "-c", code],
+                         env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     rdir = p.stdout.readline().strip()
-    assert rdir != str(tmp_path) and os.path.exists(os.path.join(rdir, "npu0.sock"))
+    assert rdir == str(tmp_path) and os.path.exists(os.path.join(rdir, "npu0.sock"))
     daemons = [c for c in psutil.Process(p.pid).children(recursive=True) if "daemon" in " ".join(c.cmdline())]
-    assert len(daemons) == 1
+    assert len(daemons) == 1 and "--embedded" in daemons[0].cmdline()
     assert p.wait(60) == 0
-    assert not os.path.exists(rdir)
-    for d in daemons:
-        assert not d.is_running() or d.status() == psutil.STATUS_ZOMBIE
+    daemons[0].wait(60)           # no client, no run holding it: it leaves after the grace
+    assert not os.path.exists(os.path.join(rdir, "npu0.sock"))
 
 
 def test_signals_reach_the_program(tmp_path):

@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 
 from ..units import parse_bytes
+from .backends import BACKEND_SYNTAX, check_backend
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=int, default=int(os.environ.get("FLEXNPU_DEVICE", 0)),
                    help="physical device number to serve (default 0)")
-    p.add_argument("--backend", default=os.environ.get("FLEXNPU_BACKEND", "auto"),
-                   help="auto|cpu|cuda|npu|emu:<spec>[+cpu] (auto: npu if torch_npu finds one, else cuda, else cpu)")
+    p.add_argument("--backend", default=os.environ.get("FLEXNPU_BACKEND", "auto"), type=check_backend,
+                   help=f"{BACKEND_SYNTAX} (auto: npu if torch_npu finds one, else cuda, else cpu)")
     p.add_argument("--policy", default=os.environ.get("FLEXNPU_POLICY", "fifo"),
                    choices=("fifo", "priority", "flex"),
                    help="scheduling policy (default fifo): fifo = arrival order (passthrough); priority = "
@@ -45,6 +46,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket-mode", default=os.environ.get("FLEXNPU_SOCKET_MODE", "0660"),
                    help="file mode of the control socket (octal, default 0660)")
     p.add_argument("--runtime-dir", default=None, help="directory for the control socket")
+    idle = os.environ.get("FLEXNPU_EXIT_WHEN_IDLE")
+    p.add_argument("--exit-when-idle", type=float, default=float(idle) if idle else None, metavar="SECONDS",
+                   help="exit this long after the last client (or waiting `flexnpu run`) left; "
+                        "`flexnpu run` starts its embedded daemons with it (default: never)")
+    port = os.environ.get("FLEXNPU_METRICS_PORT")
+    p.add_argument("--metrics-port", type=int, default=int(port) if port else None, metavar="PORT",
+                   help="serve Prometheus metrics on http://ADDR:PORT+DEVICE/metrics, so one setting "
+                        "serves every device of a host (0: any free port, shown by `flexnpu status`; "
+                        "default: off)")
+    p.add_argument("--metrics-addr", default=os.environ.get("FLEXNPU_METRICS_ADDR", "127.0.0.1"),
+                   metavar="ADDR", help="address the metrics endpoint listens on (default 127.0.0.1)")
+    p.add_argument("--embedded", action="store_true",
+                   help="mark this daemon as started by `flexnpu run` (shown by `flexnpu status`)")
     p.add_argument("--log-level", default=os.environ.get("FLEXNPU_LOG_LEVEL", "info"))
 
 
@@ -57,6 +71,13 @@ def _allowed(values: list[str] | None) -> set[int] | None:
         return {int(v) for v in values}
     except ValueError:
         raise SystemExit(f"flexnpu daemon: --allow-uid takes numbers or 'any', got {values}") from None
+
+
+def _metrics_port(args: argparse.Namespace) -> int | None:
+    """PORT + device (one setting for every device of a host); 0 stays 0 (any free port)."""
+    if args.metrics_port is None:
+        return None
+    return args.metrics_port + args.device if args.metrics_port else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
             device_memory=parse_bytes(args.device_memory), allow_uids=_allowed(args.allow_uid),
             socket_mode=int(str(args.socket_mode), 8), notify=notify,
             tpot_budget_s=args.tpot_budget_ms / 1e3,
-            max_sessions_per_uid=max(1, args.max_sessions_per_uid))
+            max_sessions_per_uid=max(1, args.max_sessions_per_uid), exit_when_idle=args.exit_when_idle,
+            embedded=args.embedded,
+            metrics_port=_metrics_port(args), metrics_addr=args.metrics_addr)
         d.bind()
     except (RuntimeError, ValueError, OSError) as e:
         print(f"flexnpu daemon: {e}", file=sys.stderr)

@@ -25,9 +25,10 @@ from typing import Any
 from .. import __version__
 from .. import protocol as P
 from ..errors import Err
-from ..paths import socket_path
+from ..paths import check_dir, socket_path
 from ..ring import Doorbell, RingError, RingSet, Segment
 from ..control import MessageReader, ProtocolError, peer_credentials, send_msg
+from .metrics import DaemonMetrics
 from .objects import IpcExport, MemoryAccount
 from .scheduling import make_scheduler
 from .session import Session
@@ -86,10 +87,22 @@ class Daemon:
                  allow_uids: set[int] | None = None,
                  socket_mode: int = 0o660, batch: int = P.MAX_DRAIN_BATCH, notify: Any = None,
                  tpot_budget_s: float | None = None,
-                 max_sessions_per_uid: int = MAX_SESSIONS_PER_UID) -> None:
+                 max_sessions_per_uid: int = MAX_SESSIONS_PER_UID, exit_when_idle: float | None = None,
+                 embedded: bool = False, metrics_port: int | None = None,
+                 metrics_addr: str = "127.0.0.1") -> None:
         self.device = device
         self.fd_limit = raise_fd_limit()[0]
         self.max_sessions_per_uid = max_sessions_per_uid
+        self.metrics = DaemonMetrics()
+        self.metrics_port, self.metrics_addr = metrics_port, metrics_addr
+        self._metrics_server: Any = None
+        # Embedded daemons (started by `flexnpu run`) exit this long after the last client or
+        # holder (a `flexnpu run` waiting for its program to attach) left; None: never.
+        self.exit_when_idle = exit_when_idle
+        self.embedded = embedded
+        self._conns = 0                       # attached clients + holders (control thread only)
+        self._idle_since = time.monotonic()
+        self._sock_ino: int | None = None
         self.backend = backend
         self.backend_info = backend.info()
         self.log = log
@@ -135,7 +148,8 @@ class Daemon:
 
     # ================================================================== lifecycle
     def bind(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        # Never bind into a folder another user controls (they could swap our socket).
+        check_dir(self.path.parent, create=True)
         if self.path.exists():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -143,7 +157,9 @@ class Daemon:
             except (ConnectionRefusedError, FileNotFoundError):
                 self.path.unlink()   # stale socket of a dead daemon
             else:
-                raise RuntimeError(f"a daemon for device {self.device} is already running at {self.path}")
+                probe.close()
+                if not self._displace_embedded():
+                    raise RuntimeError(f"a daemon for device {self.device} is already running at {self.path}")
             finally:
                 probe.close()
         # Bind under a private name and rename into place once listening: a client (or a
@@ -158,8 +174,40 @@ class Daemon:
         os.chmod(tmp, self.socket_mode)
         s.listen(128)
         os.rename(tmp, self.path)
+        self._sock_ino = os.stat(self.path).st_ino
         s.setblocking(False)
         self._listener = s
+        if self.metrics_port is not None and self._metrics_server is None:
+            from .metrics import serve
+
+            try:
+                self._metrics_server = serve(self, self.metrics_port, self.metrics_addr)
+            except OSError as e:
+                self._unlink_socket()
+                s.close()
+                raise RuntimeError(f"cannot serve metrics on {self.metrics_addr}:{self.metrics_port}: {e}") from None
+
+    def _displace_embedded(self) -> bool:
+        """A system daemon always wins over an embedded one (`flexnpu run`'s) at its path: ask
+        that one to retire (give up the socket now, exit when its clients have left)."""
+        if self.embedded:
+            return False
+        from .control import query
+
+        try:
+            other = query(str(self.path), {"op": "status"})["daemon"]
+            if not other.get("embedded"):
+                return False
+            if not query(str(self.path), {"op": "retire"}).get("ok"):
+                return False
+        except (OSError, ValueError, KeyError, ConnectionError):
+            return False
+        deadline = time.monotonic() + 10
+        while self.path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log.warning("the embedded daemon pid %s for device %d retired in our favour; it serves its %d "
+                    "clients until they leave", other.get("pid"), self.device, len(other.get("clients", [])))
+        return not self.path.exists()
 
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
@@ -172,6 +220,7 @@ class Daemon:
     def serve_forever(self) -> None:
         if self._listener is None:
             self.bind()
+        self._idle_since = time.monotonic()
         self._ctl_thread = threading.Thread(target=self._control_loop, name="flexnpu-control", daemon=True)
         self._ctl_thread.start()
         log.info("serving device %d with backend %s (%s) at %s, policy %s", self.device,
@@ -199,12 +248,38 @@ class Daemon:
                 pass
             self._drop(s, "daemon stopping")
         if self._listener is not None:
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
+            self._unlink_socket()
             self._listener.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         log.info("stopped")
+
+    def _unlink_socket(self) -> None:
+        """Remove our socket file, unless it is already another daemon's (one started after an
+        idle exit unlinked ours)."""
+        try:
+            if os.stat(self.path).st_ino == self._sock_ino:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _check_idle(self) -> None:
+        """Control thread: exit when idle for exit_when_idle seconds. The socket is unlinked
+        first, in the thread that accepts, so no client can attach to a daemon that is leaving:
+        a late `flexnpu run` finds no socket and starts a new daemon."""
+        if self.exit_when_idle is None or self._conns or self._stop.is_set():
+            return
+        if time.monotonic() - self._idle_since >= self.exit_when_idle:
+            log.info("no clients for %.1f s; exiting (--exit-when-idle)", self.exit_when_idle)
+            self._unlink_socket()
+            self._sock_ino = None
+            self._stop.set()
+            self._doorbell.ring()
+
+    def _conn_gone(self) -> None:
+        self._conns -= 1
+        if self._conns == 0:
+            self._idle_since = time.monotonic()
 
     # ================================================================== main loop
     def _main_loop(self) -> None:
@@ -312,6 +387,7 @@ class Daemon:
             if kind == "attach":
                 self.sessions[obj.cid] = obj
                 self._ringset = None
+                self.metrics.attaches += 1
                 log.info("client %d attached: pid %d uid %d %s", obj.cid, obj.pid, obj.uid, obj.cmdline)
             elif kind == "dead":
                 s = self.sessions.get(obj)
@@ -327,6 +403,7 @@ class Daemon:
         for key in [k for k, e in self.exports.items() if e.owner_client == s.cid]:
             del self.exports[key]   # importers keep their references; new imports are refused
         used = s.mem.used
+        self.metrics.detached(s, why)
         s.close()
         try:
             # The control thread owns the socket's registration; shutting it down makes that
@@ -367,6 +444,9 @@ class Daemon:
             "max_sessions_per_uid": self.max_sessions_per_uid,
             "device_memory_used": self.device_memory.used, "ops_total": sum(c["ops_total"] for c in clients),
             "clients": clients, "scheduler": self._scheduler_status(),
+            "embedded": self.embedded, "exit_when_idle_s": self.exit_when_idle,
+            "holders": max(0, self._conns - len(clients)),
+            "metrics_port": self._metrics_server.server_port if self._metrics_server is not None else None,
         }
 
     def _scheduler_status(self) -> dict[str, Any]:
@@ -389,8 +469,11 @@ class Daemon:
         except OSError:
             self._fd_reserve = None
         while not self._stop.is_set():
+            self._check_idle()
+            if self._stop.is_set():
+                return
             try:
-                events = sel.select(timeout=1.0)
+                events = sel.select(timeout=0.25 if self.exit_when_idle is not None else 1.0)
             except OSError:
                 continue
             now = time.monotonic()
@@ -410,6 +493,8 @@ class Daemon:
                         self._on_conn(sel, key.fileobj, state)
                     elif kind == "client":
                         self._on_client(sel, key.fileobj, state)
+                    elif kind == "hold":
+                        self._on_hold(sel, key.fileobj)
                 except Exception as e:  # noqa: BLE001 - one connection's trouble must not end attaching
                     log.error("control connection failed: %s", e, exc_info=e)
                     if kind == "conn":
@@ -515,6 +600,30 @@ class Daemon:
                 self._reply_blocking(conn, {"ok": True, "daemon": self.status()})
                 self._close_conn(sel, conn, reader)
                 return
+            if op == "retire" and self.embedded:
+                for fd in fds:
+                    os.close(fd)
+                _pid, uid, _gid = peer_credentials(conn)
+                if uid not in (0, os.geteuid()):
+                    self._reply_blocking(conn, {"ok": False, "error": "only root or the daemon's user may "
+                                                "retire it", "code": "EPERM"})
+                    self._close_conn(sel, conn, reader)
+                    return
+                log.info("retiring in favour of a system daemon: no new clients; exiting when the "
+                         "current ones have left")
+                self._unlink_socket()
+                self._sock_ino = None
+                sel.unregister(self._listener)
+                self._listener.close()
+                self.exit_when_idle = 0.0
+                self._reply_blocking(conn, {"ok": True})
+                self._close_conn(sel, conn, reader)
+                return
+            if op == "hold":
+                for fd in fds:
+                    os.close(fd)
+                self._hold(sel, conn, reader)
+                return
             if op == "attach":
                 self._handshakes.pop(conn, None)
                 sel.unregister(conn)
@@ -526,6 +635,35 @@ class Daemon:
             self._close_conn(sel, conn, reader)
             return
 
+    def _hold(self, sel: selectors.BaseSelector, conn: socket.socket, reader: MessageReader) -> None:
+        """A `flexnpu run` keeps this connection open while its program lives, so an idle-exit
+        daemon does not leave between the run's start and its program's attach."""
+        _pid, uid, _gid = peer_credentials(conn)
+        if self.allow_uids is not None and uid not in self.allow_uids:
+            self._reply_blocking(conn, {"ok": False, "error": f"uid {uid} may not use device {self.device}",
+                                        "code": "EPERM"})
+            return self._close_conn(sel, conn, reader)
+        self._handshakes.pop(conn, None)
+        sel.unregister(conn)
+        reader.close()
+        self._reply_blocking(conn, {"ok": True, "daemon_pid": os.getpid(), "backend": self.backend.name,
+                                    "policy": self.policy_name, "embedded": self.embedded})
+        conn.setblocking(False)
+        self._conns += 1
+        sel.register(conn, selectors.EVENT_READ, ("hold", None))
+
+    def _on_hold(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
+        try:
+            if conn.recv(4096):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        sel.unregister(conn)
+        conn.close()
+        self._conn_gone()
+
     def _attach(self, sel: selectors.BaseSelector, conn: socket.socket, msg: dict, fds: list[int]) -> None:
         def refuse(text: str, code: str) -> None:
             for fd in fds:
@@ -534,6 +672,7 @@ class Daemon:
                 except OSError:
                     pass
             log.warning("refused attach: %s", text)
+            self.metrics.refused[code] = self.metrics.refused.get(code, 0) + 1
             self._reply_blocking(conn, {"ok": False, "error": text, "code": code})
             conn.close()
 
@@ -599,6 +738,7 @@ class Daemon:
         sel.register(conn, selectors.EVENT_READ, ("client", cid))
         self._uid_sessions[uid] = self._uid_sessions.get(uid, 0) + 1
         self._cid_uid[cid] = uid
+        self._conns += 1
         self._events.put(("attach", sess))
         self._doorbell.ring()
 
@@ -623,6 +763,7 @@ class Daemon:
                 self._uid_sessions[uid] = n
             else:
                 self._uid_sessions.pop(uid, None)
+        self._conn_gone()
         self._events.put(("dead", cid))
         self._doorbell.ring()
 

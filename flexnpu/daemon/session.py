@@ -20,6 +20,7 @@ from ..errors import (BadState, Err, FlexNPUError, error_for, InvalidArgument, I
                       OpNotSupported, OutOfMemory, PermissionDenied, code_of)
 from ..protocol import Op
 from ..ring import RingError
+from .metrics import COPY_DIRECTION, copied_bytes
 from .objects import Alloc, EventState, Graph, HandleTable, IpcExport, MemoryAccount, StreamState
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class Cmd:
     ready: Callable[[], bool] | None = None   # None = always ready (only waits use it)
     cost: Any = None                          # scheduler annotation (phase, predicted time)
     undo: Callable[[], None] | None = None    # reverts the prepare step's effects if refused
+    t0: float = 0.0                           # perf_counter when drained (launch latency metric)
 
 
 class Session:
@@ -82,6 +84,12 @@ class Session:
         self.dead = False
         self.kill: str | None = None     # set when the client must be disconnected (misbehaving)
         self.rec_buf = bytearray(P.SQE_SIZE * daemon.batch)
+        # metrics (flexnpu/daemon/metrics.py reads them at scrape time)
+        self.launches = 0
+        self.copied = {"h2d": 0, "d2h": 0, "d2d": 0}
+        self.cq_overflows = 0
+        self.last_mark: dict[int, float] = {}    # stream -> perf_counter of its last STEP_MARK
+        self._drain_t = 0.0
 
     # ------------------------------------------------------------------ helpers
     def _new_stream(self, sid: int, priority: int) -> StreamState:
@@ -117,6 +125,7 @@ class Session:
         if not self.pending_replies:
             self.daemon.backlogged.add(self)
         self.pending_replies.append(rec)
+        self.cq_overflows += 1
 
     def flush_replies(self) -> None:
         n = 0
@@ -192,6 +201,7 @@ class Session:
         n = self.seg.sq.pop_into(self.rec_buf, self.daemon.batch)
         if n:
             self.ops_total += n
+            self._drain_t = time.perf_counter()
             buf, unpack, prep = self.rec_buf, P.SQE.unpack_from, self.prepare
             for i in range(n):
                 prep(unpack(buf, i * P.SQE_SIZE))
@@ -219,6 +229,7 @@ class Session:
             cmd = handler(self, st, ud, sync, poff, plen, (a0, a1, a2, a3, a4), flags)
             if cmd is None:
                 return
+            cmd.t0 = self._drain_t
             if st.capturing:
                 g = self.graphs[st.capturing]
                 if cmd.sync and op not in _SYNC_IN_CAPTURE and op != Op.GRAPH_BEGIN:
@@ -267,8 +278,15 @@ class Session:
         except Exception as e:  # noqa: BLE001 - reporting the error failed: drop the client alone
             self.daemon.log.error("client %d: cannot report an error: %s", self.pid, e, exc_info=e)
             self.condemn(f"internal error: {e}")
-        st.busy_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        st.busy_s += t1 - t0
         st.ops_done += 1
+        op = cmd.op
+        if op == Op.LAUNCH:
+            self.launches += 1
+            self.daemon.metrics.launch_latency.observe(t1 - cmd.t0)
+        elif op in COPY_DIRECTION:
+            self.copied[COPY_DIRECTION[op]] += copied_bytes(cmd)
 
     def take_error(self, st: StreamState | None) -> tuple[int, str] | None:
         err = None
@@ -815,6 +833,11 @@ def _p_step_mark(s, st, ud, sync, poff, plen, a, flags):
         if sync:
             s.reply(ud)
         return None
+    now = time.perf_counter()
+    last = s.last_mark.get(st.sid)
+    s.last_mark[st.sid] = now
+    if last is not None:
+        s.daemon.metrics.step(st.phase if st.phase != "auto" else s.phase, now - last)
     return Cmd(Op.STEP_MARK, ud, sync, _run_nop)
 
 
