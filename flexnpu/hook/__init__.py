@@ -49,7 +49,7 @@ def install_torch_device() -> None:
                 return True
 
         _setup_privateuseone_for_python_backend("npu", backend_module=npu_module, hook=_Hooks())
-        from flexnpu.hook import autocast
+        from flexnpu.hook import autocast, serialization
 
         lib = torch.library.Library("_", "IMPL")
         lib.fallback(tensor.backend_fallback, "PrivateUse1")
@@ -62,6 +62,7 @@ def install_torch_device() -> None:
         autocast.register(lib, alib)
         _state["lib"] = (lib, alib)  # registrations live as long as these objects
         sys.modules["torch.npu"] = npu_module
+        serialization.install()
         _state["torch"] = True
 
 

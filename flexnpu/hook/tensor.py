@@ -38,12 +38,13 @@ stats = {"hits": 0, "misses": 0, "cpu_fallbacks": 0}
 class Alloc:
     """A daemon allocation; freed (deferred to the next command) when the last tensor dies."""
 
-    __slots__ = ("dev", "handle", "nbytes", "graph")
+    __slots__ = ("dev", "handle", "nbytes", "graph", "saved")
 
     def __init__(self, dev: runtime.Device, handle: int, nbytes: int):
         self.dev = dev
         self.handle = handle
         self.nbytes = nbytes
+        self.saved = None       # weakref to the host copy a torch.save in progress made
         self.graph = dev.capture  # allocations made during capture live as long as the graph
         dev.allocated += nbytes
         if dev.allocated > dev.peak:
@@ -120,12 +121,34 @@ class NPUTensor(torch.Tensor):
             return self.item().__format__(spec)
         return object.__format__(self, spec)
 
+    def __deepcopy__(self, memo):
+        # torch's version deep-copies __dict__ over the clone's, which would hand the copy this
+        # tensor's allocation; copy the values into a fresh allocation and the rest of __dict__
+        if id(self) in memo:
+            return memo[id(self)]
+        import copy
+
+        with torch.no_grad():
+            new = self.clone()
+        if self.requires_grad:
+            new.requires_grad_()
+        if self.grad is not None:
+            new.grad = copy.deepcopy(self.grad, memo)
+        for k, v in self.__dict__.items():
+            if k not in ("_a", "_rk"):
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        memo[id(self)] = new
+        return new
+
     def __reduce_ex__(self, proto):
-        # pickling/torch.save: go through the host, as torch does for device tensors
-        return (_restore_npu, (self.cpu(), self.device.index))
+        # pickling/torch.save: torch's standard format, storage tagged npu:N (serialization.py)
+        from flexnpu.hook.serialization import reduce_tensor
+
+        return reduce_tensor(self, proto)
 
 
 def _restore_npu(cpu_t: torch.Tensor, index: int) -> torch.Tensor:
+    """What checkpoints of earlier FlexNPU versions pickled; kept so that they still load."""
     return cpu_t.to(torch.device("npu", index))
 
 
@@ -781,6 +804,38 @@ def _set_(func, args, kwargs, info):
     raise NotImplementedError(f"{info.name}: re-pointing an npu tensor at other storage is not supported")
 
 
+def _set_storage(func, args, kwargs, info):
+    """``t.set_(storage, offset, size, stride)``: torch's checkpoint loader (``_rebuild_tensor``)."""
+    from flexnpu.hook.serialization import set_from_storage
+
+    t = args[0]
+    if not isinstance(t, NPUTensor):
+        return _set_(func, args, kwargs, info)
+    storage = args[1] if len(args) > 1 else kwargs["source"]
+    if func is aten.set_.source_Storage:
+        return set_from_storage(t, storage, 0, (storage.nbytes() // t.dtype.itemsize,), (1,))
+    offset = args[2] if len(args) > 2 else kwargs.get("storage_offset", 0)
+    size = args[3] if len(args) > 3 else kwargs.get("size", ())
+    stride = args[4] if len(args) > 4 else kwargs.get("stride", ())
+    return set_from_storage(t, storage, offset, size, stride)
+
+
+def _set_tensor(func, args, kwargs, info):
+    """``t.set_(src)``: ``t`` becomes another tensor on ``src``'s allocation (same device)."""
+    t, src = args[0], args[1]
+    if not (isinstance(t, NPUTensor) and isinstance(src, NPUTensor)):
+        return _set_(func, args, kwargs, info)
+    if src._a.dev is not t._a.dev:
+        raise _mixed_devices(f"npu:{t._a.dev.index}", f"npu:{src._a.dev.index}")
+    if src.dtype != t.dtype:
+        raise RuntimeError(f"set_: expected a source of dtype {t.dtype}, got {src.dtype}")
+    t._a = src._a
+    with torch._C._DisableTorchDispatch():
+        aten.as_strided_.default(t, tuple(src.shape), src.stride(), src.storage_offset())
+    t._rk = None
+    return t
+
+
 def _empty_memory_format(func, args, kwargs, info):
     dev, dtype = _factory_dev_dtype(kwargs)
     size = tuple(args[0])
@@ -817,9 +872,9 @@ _SPECIAL: dict[Any, Any] = {
     aten.record_stream.default: _noop,
     aten.is_pinned.default: _false,
     aten.resize_.default: _resize_,
-    aten.set_.source_Tensor: _set_,
-    aten.set_.source_Storage: _set_,
-    aten.set_.source_Storage_storage_offset: _set_,
+    aten.set_.source_Tensor: _set_tensor,
+    aten.set_.source_Storage: _set_storage,
+    aten.set_.source_Storage_storage_offset: _set_storage,
     aten.set_.default: _set_,
     aten.empty.memory_format: _empty_memory_format,
     aten.empty_strided.default: _empty_strided,
