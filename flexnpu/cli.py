@@ -18,6 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "daemon": ("flexnpu.daemon.main", "serve one device (normally started by systemd or `run`)"),
     "status": ("flexnpu.cmd_status", "list running daemons and their clients"),
     "service": ("flexnpu.cmd_service", "install systemd units for the daemons"),
+    "install-torch-npu": ("flexnpu.cmd_install_torch_npu",
+                          "install the real torch_npu into an isolated folder for the native front end"),
 }
 
 

@@ -1,7 +1,13 @@
 /* A plain AscendCL runtime program (written for FlexNPU's tests, in the style of Ascend's
  * memcpy_host_device samples), compiled against the CANN headers the torch_npu wheel ships
  * and run unmodified under `flexnpu run`. Checks data and the documented error codes.
- * Usage: acl_runtime [oom BYTES]
+ * Usage: acl_runtime                  the full check
+ *        acl_runtime oom BYTES        an allocation beyond the client's quota
+ *        acl_runtime loss             READY, wait for a line on stdin (the test kills the daemon), then sync
+ *        acl_runtime spin             READY, then copy host->device forever (the test SIGKILLs it)
+ *        acl_runtime export PID       export 1 MiB of pattern to PID, print the key, wait for a line
+ *        acl_runtime import KEY|-     import KEY (- : read it from stdin), check the pattern
+ *        acl_runtime unsupported      call an operator API (not in the runtime half) twice
  */
 #include <signal.h>
 #include <stdio.h>
@@ -11,6 +17,7 @@
 #include <unistd.h>
 
 #include "acl/acl.h"
+#include "acl/acl_op_compiler.h"
 
 static int failures;
 #define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
@@ -42,6 +49,83 @@ int main(int argc, char **argv) {
     OK(aclrtGetCurrentContext(&ctx));
     OK(aclrtSetCurrentContext(ctx));
 
+    if (argc >= 2 && strcmp(argv[1], "loss") == 0) {
+        aclrtStream s = NULL;
+        OK(aclrtCreateStream(&s));
+        OK(aclrtMalloc(&dev, 4096, ACL_MEM_MALLOC_HUGE_FIRST));
+        printf("READY\n");
+        fflush(stdout);
+        char line[16];
+        if (!fgets(line, sizeof line, stdin)) return 3;
+        aclError r = aclrtSynchronizeStream(s);
+        printf("sync %d\n", r);
+        r = aclrtMemcpy(dev, 4096, line, 4, ACL_MEMCPY_HOST_TO_DEVICE);
+        printf("memcpy %d\n", r);
+        return r == ACL_SUCCESS;
+    }
+    if (argc >= 2 && strcmp(argv[1], "spin") == 0) {
+        size_t n = 8u << 20;
+        unsigned char *buf = calloc(1, n);
+        OK(aclrtMalloc(&dev, 8 * n, ACL_MEM_MALLOC_HUGE_FIRST));
+        printf("READY\n");
+        fflush(stdout);
+        for (unsigned long i = 0;; i++) {
+            buf[0] = (unsigned char)i;
+            if (aclrtMemcpy((char *)dev + (i % 8) * n, n, buf, n, ACL_MEMCPY_HOST_TO_DEVICE)) return 4;
+        }
+    }
+    if (argc == 3 && strcmp(argv[1], "export") == 0) {
+        size_t n = 1u << 20;
+        unsigned char *buf = malloc(n);
+        for (size_t i = 0; i < n; i++) buf[i] = (unsigned char)(i * 13 + 1);
+        OK(aclrtMalloc(&dev, n, ACL_MEM_MALLOC_HUGE_FIRST));
+        OK(aclrtMemcpy(dev, n, buf, n, ACL_MEMCPY_HOST_TO_DEVICE));
+        char key[65];
+        EXPECT(aclrtIpcMemGetExportKey(dev, n, key, 4, 0), ACL_ERROR_INVALID_PARAM);   /* buffer too small */
+        OK(aclrtIpcMemGetExportKey(dev, n, key, sizeof key, 0));
+        int32_t pid = atoi(argv[2]);
+        OK(aclrtIpcMemSetImportPid(key, &pid, 1));
+        printf("KEY %s\n", key);
+        fflush(stdout);
+        char line[16];
+        if (!fgets(line, sizeof line, stdin)) return 3;
+        OK(aclrtIpcMemClose(key));
+        OK(aclrtFree(dev));
+        printf(failures ? "FAILED %d\n" : "OK\n", failures);
+        return failures != 0;
+    }
+    if (argc == 3 && strcmp(argv[1], "import") == 0) {
+        size_t n = 1u << 20;
+        unsigned char *buf = malloc(n);
+        char keybuf[128];
+        const char *key = argv[2];
+        if (strcmp(key, "-") == 0) {   /* the key comes on stdin, once this process is allowed */
+            if (!fgets(keybuf, sizeof keybuf, stdin)) return 3;
+            keybuf[strcspn(keybuf, "\n")] = 0;
+            key = keybuf;
+        }
+        aclError r = aclrtIpcMemImportByKey(&dev, key, 0);
+        if (r != ACL_SUCCESS) {
+            printf("IMPORT %d %s\n", r, aclGetRecentErrMsg());
+            return 2;
+        }
+        OK(aclrtMemcpy(buf, n, dev, n, ACL_MEMCPY_DEVICE_TO_HOST));
+        int good = 1;
+        for (size_t i = 0; i < n; i++) if (buf[i] != (unsigned char)(i * 13 + 1)) { good = 0; break; }
+        CHECK(good, "imported memory holds the exporter's bytes");
+        EXPECT(aclrtMemcpy(buf, n + 1, dev, n + 1, ACL_MEMCPY_DEVICE_TO_HOST), ACL_ERROR_INVALID_PARAM);
+        OK(aclrtIpcMemClose(key));
+        printf(failures ? "FAILED %d\n" : "OK\n", failures);
+        return failures != 0;
+    }
+    if (argc >= 2 && strcmp(argv[1], "unsupported") == 0) {
+        for (int i = 0; i < 2; i++)
+            EXPECT(aclopCompileAndExecute("Add", 0, NULL, NULL, 0, NULL, NULL, NULL, ACL_ENGINE_SYS, ACL_COMPILE_SYS, NULL, NULL),
+                   ACL_ERROR_API_NOT_SUPPORT);
+        CHECK(strstr(aclGetRecentErrMsg(), "aclopCompileAndExecute") != NULL, "message names the call");
+        printf(failures ? "FAILED %d\n" : "OK\n", failures);
+        return failures != 0;
+    }
     if (argc == 3 && strcmp(argv[1], "oom") == 0) {
         size_t big = (size_t)strtoull(argv[2], NULL, 10);
         EXPECT(aclrtMalloc(&dev, big, ACL_MEM_MALLOC_HUGE_FIRST), ACL_ERROR_RT_MEMORY_ALLOCATION);

@@ -11,6 +11,9 @@ import os
 from pathlib import Path
 
 TORCH_NPU_VERSION = "2.13.0"
+# The operator half (aclnn/aclop, issue 12) is not implemented yet: until it is, `flexnpu run
+# --interpose auto` keeps Python programs on the Python front end, which runs operators.
+RUNS_OPERATORS = False
 HERE = Path(__file__).resolve().parent
 
 # Every library the real torch_npu links or dlopens by name. libascendcl.so holds the whole
