@@ -87,3 +87,10 @@ def test_exceeding_memory_limit_raises_torch_npus_own_oom(daemon, runtime_dir):
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert "OOM OutOfMemoryError NPU out of memory" in r.stdout, r.stdout
     assert "256.00 MiB total capacity" in r.stdout   # aclrtGetMemInfo reports the client's quota
+
+
+def test_npu_tensor_shared_with_a_spawned_process_reads_identically(daemon, runtime_dir):
+    """torch.multiprocessing's npu reductions: torch_npu exports with pid validation disabled,
+    which the daemon grants to processes of the exporter's uid only."""
+    r = _native(runtime_dir, "--", sys.executable, SCRIPT, "share")
+    assert r.returncode == 0 and "SHARED OK" in r.stdout, r.stdout + r.stderr[-3000:]

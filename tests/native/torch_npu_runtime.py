@@ -5,6 +5,7 @@ Only the runtime half is exercised: no operators run on the device (that is the 
     python torch_npu_runtime.py check     # everything below, prints OK
     python torch_npu_runtime.py status    # allocate, report, wait for stdin, empty_cache, report
     python torch_npu_runtime.py oom BYTES # allocate beyond --memory-limit
+    python torch_npu_runtime.py share     # an npu tensor sent to a spawned process (torch_npu's IPC)
 """
 import sys
 
@@ -102,5 +103,29 @@ def oom(nbytes: int) -> None:
     print("NO OOM")
 
 
+def _child(q, r) -> None:
+    torch.npu.set_device(0)
+    t = q.get()
+    r.put(t.cpu().numpy().tobytes())
+
+
+def share() -> None:
+    import torch.multiprocessing as mp
+
+    mp.set_start_method("spawn")
+    torch.npu.set_device(0)
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(1))
+    d = x.to("npu")
+    q, r = mp.Queue(), mp.Queue()
+    p = mp.Process(target=_child, args=(q, r))
+    p.start()
+    q.put(d)
+    got = r.get(timeout=240)
+    p.join(60)
+    assert got == x.numpy().tobytes() and p.exitcode == 0
+    print("SHARED OK")
+
+
 if __name__ == "__main__":
-    {"check": lambda: check(), "status": status, "oom": lambda: oom(int(sys.argv[2]))}[sys.argv[1]]()
+    {"check": lambda: check(), "status": status, "oom": lambda: oom(int(sys.argv[2])),
+     "share": share}[sys.argv[1]]()

@@ -65,7 +65,8 @@ def proto_header() -> str:
              f"#define FXP_LAYOUT_VERSION {P.LAYOUT_VERSION}",
              f"#define FXP_SQE_SIZE {P.SQE_SIZE}", f"#define FXP_CQE_SIZE {P.CQE_SIZE}",
              f"#define FXP_FLAG_SYNC {P.FLAG_SYNC:#x}", f"#define FXP_FLAG_DEFERRED {P.FLAG_DEFERRED:#x}",
-             f"#define FXP_MAX_PAYLOAD {P.MAX_PAYLOAD}", f"#define FXP_MAX_DRAIN_BATCH {P.MAX_DRAIN_BATCH}",
+             f"#define FXP_MAX_PAYLOAD {P.MAX_PAYLOAD}",
+             f"#define FXP_IPC_EXPORT_SAME_UID {P.IPC_EXPORT_SAME_UID:#x}", f"#define FXP_MAX_DRAIN_BATCH {P.MAX_DRAIN_BATCH}",
              ""]
     lines += [f"#define FXOP_{op.name} {int(op)}" for op in P.Op]
     lines.append("")

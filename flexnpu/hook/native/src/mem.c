@@ -513,7 +513,9 @@ static struct fx_dev *dev_of_phys(int phys) {
 }
 
 FX_API aclError aclrtIpcMemGetExportKey(void *devPtr, size_t size, char *key, size_t len, uint64_t flags) {
-    (void)flags;
+    /* ACL_RT_IPC_MEM_EXPORT_FLAG_DISABLE_PID_VALIDATION (torch_npu's tensor sharing): no pid list,
+     * but the daemon still admits only processes of the exporter's uid (and the key is unguessable) */
+    if (flags & ~1ull) return fx_err(ACL_ERROR_INVALID_PARAM, "aclrtIpcMemGetExportKey: unknown flags %#llx", (unsigned long long)flags);
     if (!devPtr || !key) return fx_err(ACL_ERROR_INVALID_PARAM, "aclrtIpcMemGetExportKey: NULL argument");
     if (!fx_initialized()) return fx_err(ACL_ERROR_UNINITIALIZE, "aclrtIpcMemGetExportKey before aclInit");
     struct ptr p;
@@ -521,7 +523,7 @@ FX_API aclError aclrtIpcMemGetExportKey(void *devPtr, size_t size, char *key, si
     aclError rc = dev_range(&p, devPtr, size, "aclrtIpcMemGetExportKey");
     if (rc) return rc;
     if (p.off) return fx_err(ACL_ERROR_INVALID_PARAM, "aclrtIpcMemGetExportKey: %p is not the start of an allocation", devPtr);
-    struct fx_sqe e = {.opcode = FXOP_IPC_EXPORT, .a = {p.handle}};
+    struct fx_sqe e = {.opcode = FXOP_IPC_EXPORT, .a = {p.handle, (flags & 1) ? FXP_IPC_EXPORT_SAME_UID : 0}};
     struct fx_cqe c;
     if ((rc = fxn_call(p.d, &e, &c, NULL, 0, "aclrtIpcMemGetExportKey"))) return rc;
     int n = snprintf(key, len, KEY_PREFIX "%d-%llx", p.d->phys, (unsigned long long)c.value);
