@@ -138,3 +138,26 @@ def test_ipc_export_import_between_two_processes_with_pid_allow_list(daemon, run
         for p in (importer, exporter):
             if p.poll() is None:
                 p.kill()
+
+
+def test_many_threads_one_device_under_thread_sanitizer(daemon, runtime_dir, tmp_path):
+    """Per-thread current device, shared tables, one submission ring: built and run with
+    -fsanitize=thread, any data race in the library is reported (and fails the test)."""
+    from flexnpu.hook.native.build import build
+
+    libs = tmp_path / "tsan-libs"
+    try:
+        build(libs, extra_cflags=["-fsanitize=thread", "-g", "-O1"], quiet=True)
+    except SystemExit as e:
+        pytest.skip(f"cannot build the library with -fsanitize=thread: {str(e)[-300:]}")
+    exe = tmp_path / "acl_threads"
+    p = subprocess.run(["cc", "-O1", "-g", "-fsanitize=thread", "-pthread", "-o", str(exe),
+                        str(ROOT / "tests" / "native" / "acl_threads.c"), f"-L{libs}", "-lascendcl",
+                        f"-Wl,-rpath,{libs}"], capture_output=True, text=True)
+    if p.returncode:
+        pytest.skip(f"cannot link with -fsanitize=thread (libtsan missing?): {p.stderr[-300:]}")
+    env = run_env(runtime_dir)
+    env.update(FLEXNPU_DEVICES="0", TSAN_OPTIONS="halt_on_error=0 exitcode=66")
+    r = subprocess.run([str(exe), "4", "60"], env=env, capture_output=True, text=True, timeout=600)
+    assert "WARNING: ThreadSanitizer" not in r.stderr, r.stderr[:6000]
+    assert r.returncode == 0 and r.stdout.strip() == "OK", r.stdout + r.stderr[-3000:]

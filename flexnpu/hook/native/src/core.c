@@ -27,7 +27,7 @@ static int phys_of[FX_MAX_DEVICES];
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 static _Atomic int g_init;            /* aclInit done and not finalized */
-static int g_verbose = -1;
+static _Atomic int g_verbose = -1;
 static __thread int t_dev = -1;
 static __thread char t_err[1024];
 static __thread char t_err_out[1024];
@@ -35,11 +35,13 @@ static __thread int t_err_set;
 
 /* ------------------------------------------------------------------ environment */
 int fx_verbose(void) {
-    if (g_verbose < 0) {
-        const char *v = getenv("FLEXNPU_NATIVE_VERBOSE");
-        g_verbose = v && *v && strcmp(v, "0") != 0;
+    int v = atomic_load(&g_verbose);
+    if (v < 0) {
+        const char *e = getenv("FLEXNPU_NATIVE_VERBOSE");
+        v = e && *e && strcmp(e, "0") != 0;
+        atomic_store(&g_verbose, v);
     }
-    return g_verbose;
+    return v;
 }
 
 static void parse_devices(void) {

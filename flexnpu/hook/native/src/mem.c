@@ -37,9 +37,9 @@ static aclError reserve_va(void) {
     for (uint64_t sz = 1ull << 40; sz >= (1ull << 32); sz >>= 1) {
         void *p = mmap(NULL, sz, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (p != MAP_FAILED) {
-            va_base = p;
             va_size = sz;
-            va_next = 1u << 21;    /* never hand out the very first bytes: 0-offset bugs stay visible */
+            va_next = 1u << 21;
+            __atomic_store_n(&va_base, (uint8_t *)p, __ATOMIC_RELEASE);   /* classify() reads it unlocked */    /* never hand out the very first bytes: 0-offset bugs stay visible */
             return ACL_SUCCESS;
         }
     }
@@ -109,7 +109,8 @@ struct ptr {
 static void classify(const void *p, struct ptr *o) {
     uint64_t a = (uint64_t)(uintptr_t)p;
     memset(o, 0, sizeof *o);
-    if (va_base && a >= (uint64_t)(uintptr_t)va_base && a < (uint64_t)(uintptr_t)va_base + va_size) {
+    uint8_t *vb = __atomic_load_n(&va_base, __ATOMIC_ACQUIRE);
+    if (vb && a >= (uint64_t)(uintptr_t)vb && a < (uint64_t)(uintptr_t)vb + va_size) {
         o->kind = P_BADDEV;
         pthread_rwlock_rdlock(&t_lock);
         size_t i = lower_bound(a);
