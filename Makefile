@@ -9,6 +9,10 @@ install:
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "setuptools>=64" wheel "cffi>=1.15"
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,serve,k8s]"
+	# The native AscendCL front end (C, needs cc) and the real torch_npu in its isolated folder
+	# (never this environment); without network the native path serves plain C programs only.
+	$(PY) -m flexnpu.hook.native.build
+	$(PY) -m flexnpu install-torch-npu || echo "warning: torch_npu not installed for FlexNPU (no network?); native torch_npu tests will skip"
 	@if [ "$$(id -u)" = 0 ] && [ -x scripts/ci-system-deps.sh ]; then scripts/ci-system-deps.sh || true; fi
 
 test: install
@@ -19,4 +23,4 @@ bench-quick:
 	flexnpu bench call --quick
 
 clean:
-	rm -rf build *.egg-info flexnpu/ring/_core*.so .pytest_cache
+	rm -rf build *.egg-info flexnpu/ring/_core*.so flexnpu/hook/native/_lib .pytest_cache

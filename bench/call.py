@@ -4,6 +4,10 @@ Side by side in one run, against a Unix-socket request/reply peer doing the same
 Targets (issue 3): sync call median <= 5 us and >= 5x faster than the socket peer; async launch
 <= 2 us client-side; >= 200k no-op launches/s through the daemon; 4 clients together >= 0.8x of
 one client's throughput.
+Front `native` (issue 11; needs cc): a C program calling FlexNPU's libascendcl.so measures
+native-sync-call (aclrtSynchronizeStream on an idle stream) and native-async-copy (client cost
+of a 256-byte aclrtMemcpyAsync from pageable memory; -pinned: from aclrtMallocHost memory).
+Targets: native sync within 1.5x of the Python client's sync call and <= 5 us; async <= 1 us p50.
 """
 from __future__ import annotations
 
@@ -163,6 +167,37 @@ def _socket_call(n: int) -> dict:
     return {"name": "socket-call", "p50_us": median(us), "p99_us": pct(us, 99), "ops_per_s": 1e6 / median(us)}
 
 
+def _native_calls(n: int, rdir: str) -> list[dict]:
+    """The native front end's call costs, from a C program pinned where this process runs."""
+    import shutil
+    import tempfile
+
+    from flexnpu.hook import native
+    from flexnpu.hook.native.build import build
+
+    if not shutil.which("cc"):
+        progress("[call] native front skipped: no C compiler")
+        return []
+    libs = build(quiet=True)
+    exe = os.path.join(tempfile.mkdtemp(prefix="flexnpu-bench-"), "native_call")
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_call.c")
+    subprocess.run(["cc", "-O2", "-o", exe, src, f"-L{libs}", "-lascendcl", f"-Wl,-rpath,{libs}"], check=True)
+    env = child_env(rdir)
+    env.update(FLEXNPU_DEVICES="0", LD_LIBRARY_PATH=str(libs))
+    cpu = os.sched_getaffinity(0)
+    out = subprocess.run([exe, str(n)], env=env, capture_output=True, text=True, timeout=600,
+                         preexec_fn=lambda: os.sched_setaffinity(0, cpu))
+    if out.returncode:
+        raise RuntimeError(f"native benchmark failed: {out.stderr}")
+    rows = []
+    for line in out.stdout.splitlines():
+        name, p50, p99 = line.split()
+        rows.append({"name": name, "front": "native", "p50_us": float(p50), "p99_us": float(p99),
+                     "ops_per_s": 1e6 / float(p50)})
+    del native
+    return rows
+
+
 def _pin_daemon_apart(pinned: bool = True) -> None:
     """Latency runs: daemon on the last CPU, this (client) process on the first, so the figures do
     not depend on where the scheduler puts two spinning processes. Throughput runs: unpinned, the
@@ -196,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_socket_call(n))
             progress("[call] async launch (client side)")
             rows += _async_launch(n)
+            progress("[call] native front (C program on libascendcl.so)")
+            rows += _native_calls(n, str(rdir))
             progress("[call] daemon throughput, 1 and 4 clients")
             _pin_daemon_apart(False)
             rows.append(_throughput(1, n * 2, str(rdir)))
@@ -205,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.setdefault(row["name"], []).append(row)
     results = []
     for name, rs in runs.items():
-        row = {"name": name}
+        row = {"name": name, "front": rs[0].get("front", "python")}
         for k in ("p50_us", "p99_us", "ops_per_s"):
             vals = [x[k] for x in rs if x[k] is not None]
             row[k] = round(median(vals), 3) if vals else None
@@ -215,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         "socket_over_sync_p50": round(by["socket-call"]["p50_us"] / by["sync-call"]["p50_us"], 2),
         "four_over_one_client": round(by["launch-4-clients"]["ops_per_s"] / by["launch-1-client"]["ops_per_s"], 3),
     }
+    if "native-sync-call" in by:
+        ratios["native_sync_over_python_sync_p50"] = round(by["native-sync-call"]["p50_us"] / by["sync-call"]["p50_us"], 3)
     if a.json:
         dump_json({"results": results, "ratios": ratios, "repetitions": reps, "iterations": n})
     else:
@@ -222,4 +261,6 @@ def main(argv: list[str] | None = None) -> int:
                               ("ops_per_s", "ops/s", ",.0f")], title="flexnpu bench call (medians)")
         print(f"socket peer / sync call (p50): {ratios['socket_over_sync_p50']}x;  "
               f"4 clients / 1 client throughput: {ratios['four_over_one_client']}x")
+        if "native_sync_over_python_sync_p50" in ratios:
+            print(f"native sync / Python client sync (p50): {ratios['native_sync_over_python_sync_p50']}x")
     return 0

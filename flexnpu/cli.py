@@ -19,6 +19,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "status": ("flexnpu.cmd_status", "list running daemons and their clients"),
     "service": ("flexnpu.cmd_service", "install systemd units for the daemons"),
     "k8s-device-plugin": ("flexnpu.k8s.plugin", "advertise shared devices to the kubelet (Kubernetes)"),
+    "install-torch-npu": ("flexnpu.cmd_install_torch_npu",
+                          "install the real torch_npu into an isolated folder for the native front end"),
 }
 
 

@@ -3,9 +3,17 @@
     flexnpu run -- python app.py --its-args
     flexnpu run --device 0,1 --phase decode -- python serve.py
 
-The program starts with FlexNPU's bootstrap on its Python path (for it and every Python child
-it starts): `import torch` gives a torch with an `npu` device whose memory and operators live in
-the daemon, `import torch_npu` and `import acl` work as on an Ascend host.
+Two front ends (--interpose):
+  python  FlexNPU's bootstrap on the program's Python path (for it and every Python child it
+          starts): `import torch` gives a torch with an `npu` device whose memory and operators
+          live in the daemon, `import torch_npu` and `import acl` work as on an Ascend host.
+  native  FlexNPU's AscendCL libraries (libascendcl.so, ...) first on LD_LIBRARY_PATH and in
+          LD_PRELOAD: plain AscendCL C/C++ programs, and the real torch_npu (installed with
+          `flexnpu install-torch-npu` into an isolated folder this puts on PYTHONPATH), run
+          unmodified; see docs/native.md.
+  auto    (default) native for executables linked against libascendcl.so; python for everything
+          else, Python programs included, until the native front end runs operators (then
+          Python programs get native when the real torch_npu is installed for FlexNPU).
 
 One daemon per device, however started: a system daemon (/run/flexnpu, systemd) always wins;
 else the daemon in the user's runtime folder (the one `flexnpu status` reads) is used, and if
@@ -55,7 +63,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idle-grace", type=float, default=float(os.environ.get("FLEXNPU_IDLE_GRACE", 30)),
                    metavar="SECONDS", help="an embedded daemon this run starts exits this long after its "
                                            "last client left (default 30)")
-    p.add_argument("-v", "--verbose", action="store_true", help="say where the embedded daemon's log is")
+    p.add_argument("--interpose", default=os.environ.get("FLEXNPU_INTERPOSE", "auto"),
+                   choices=("auto", "native", "python"),
+                   help="front end: native AscendCL libraries, the Python hook, or auto (see above)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show the embedded daemon's log and, with the native front end, each unsupported "
+                        "AscendCL call (once, by name) and every error it returns")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="the program and its arguments (after --)")
 
 
@@ -67,6 +80,46 @@ def _devices(text: str) -> list[int]:
     if not devs or any(d < 0 for d in devs) or len(set(devs)) != len(devs):
         raise SystemExit(f"flexnpu run: bad --device {text!r}")
     return devs
+
+
+def _links_ascendcl(path: str) -> bool:
+    """True for an ELF executable that names libascendcl.so (a plain AscendCL program)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            return head == b"\x7fELF" and b"libascendcl.so" in f.read(64 << 20)
+    except OSError:
+        return False
+
+
+def choose_front(mode: str, cmd: list[str]) -> str:
+    """The front end `--interpose auto` means for this program (documented in docs/native.md)."""
+    if mode != "auto":
+        return mode
+    from .hook import native
+
+    exe = shutil.which(cmd[0]) or cmd[0]
+    if _links_ascendcl(exe):
+        return "native"
+    if native.RUNS_OPERATORS and native.torch_npu_installed() and os.path.basename(exe).startswith("python"):
+        return "native"
+    return "python"
+
+
+def native_env(env: dict[str, str], verbose: bool) -> None:
+    """Put the native AscendCL libraries (built now if missing) and the real torch_npu in env."""
+    from .hook import native
+    from .hook.native.build import build
+
+    libdir = str(build(quiet=True))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([libdir] + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []))
+    # LD_PRELOAD too: torch_npu looks functions up with dlsym(RTLD_DEFAULT, ...) when it is set
+    env["LD_PRELOAD"] = " ".join([os.path.join(libdir, native.CORE_LIB)] + ([env["LD_PRELOAD"]] if env.get("LD_PRELOAD") else []))
+    if native.torch_npu_installed():
+        tdir = str(native.torch_npu_dir())
+        env["PYTHONPATH"] = os.pathsep.join([tdir] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    if verbose:
+        env["FLEXNPU_NATIVE_VERBOSE"] = "1"
 
 
 def bootstrap_dir() -> Path:
@@ -191,9 +244,19 @@ def run(args: argparse.Namespace) -> int:
                 if not answers(socket_path(d, rdir)):
                     print(f"flexnpu run: no daemon for device {d} answers at {socket_path(d, rdir)}", file=sys.stderr)
                     return 2
-        boot = bootstrap_dir()
+        front = choose_front(args.interpose, cmd)
         root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join([str(boot), root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        if front == "native":
+            env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+            try:
+                native_env(env, args.verbose)
+            except SystemExit as e:
+                print(f"flexnpu run: cannot build the native front end: {e}", file=sys.stderr)
+                return 2
+        else:
+            boot = bootstrap_dir()
+            env["PYTHONPATH"] = os.pathsep.join([str(boot), root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env["FLEXNPU_INTERPOSE"] = front
         env["FLEXNPU_RUNTIME_DIR"] = str(rdir)
         env["FLEXNPU_DEVICES"] = ",".join(map(str, devices))
         env["FLEXNPU_PHASE"] = args.phase

@@ -36,6 +36,8 @@ assert SQE.size == SQE_SIZE and CQE.size == CQE_SIZE
 FLAG_SYNC = 0x1             # answer with a CQE
 FLAG_DEFERRED = 0x2         # MEMCPY_H2D/D2H: the arena buffer is a user-owned host buffer, read or
                             # written when the copy executes (else H2D data is copied at drain time)
+IPC_EXPORT_SAME_UID = 0x1  # IPC_EXPORT a1 flag: any process of the exporter's uid that knows the key may
+                            # import it (AscendCL's ACL_RT_IPC_MEM_EXPORT_FLAG_DISABLE_PID_VALIDATION)
 MAX_PAYLOAD = 64 << 20      # upper bound on one request's out-of-line data
 MAX_NAME = 256              # op names, keys
 MAX_DRAIN_BATCH = 64        # records the daemon pops from one SQ before preparing them; a client may
@@ -124,7 +126,8 @@ OPS: dict[Op, OpSpec] = {s.op: s for s in (
     _s(Op.MEMCPY_D2D, ("dst", "dst_offset", "src", "src_offset", "nbytes"), N, "-", True,
        "aclrtMemcpyAsync device->device"),
     _s(Op.MEM_STATS, (), N, "mailbox: JSON memory statistics", False, "aclrtGetMemInfo"),
-    _s(Op.IPC_EXPORT, ("handle",), N, "value: export key", False, "aclrtIpcMemGetExportKey"),
+    _s(Op.IPC_EXPORT, ("handle", "flags"), N, "value: export key", False,
+       "aclrtIpcMemGetExportKey (flags: IPC_EXPORT_SAME_UID)"),
     _s(Op.IPC_SET_PIDS, ("key",), P, "-", False, "aclrtIpcMemSetImportPid"),
     _s(Op.IPC_IMPORT, ("key", "handle"), N, "value: nbytes", False, "aclrtIpcMemImportByKey"),
     _s(Op.LAUNCH, (), L, "-", True, "operator launch (aclopExecuteV2 / an aten op)"),

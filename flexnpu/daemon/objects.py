@@ -174,4 +174,5 @@ class IpcExport:
     alloc: Alloc
     owner_client: int
     pids: set[int] = field(default_factory=set)
+    same_uid: int | None = None    # set: any process of this uid may import (key known = capability)
     created: float = field(default_factory=time.time)

@@ -414,14 +414,16 @@ class Daemon:
         log.info("client %d (pid %d) detached: %s; reclaimed %d bytes", s.cid, s.pid, why, used)
 
     # ================================================================== services for sessions
-    def export(self, s: Session, handle: int, alloc: Any) -> int:
+    def export(self, s: Session, handle: int, alloc: Any, same_uid: bool = False) -> int:
         import secrets
 
         for key, e in self.exports.items():
             if e.alloc is alloc and e.owner_client == s.cid:
+                if same_uid:
+                    e.same_uid = s.uid
                 return key
         key = secrets.randbits(63) | 1   # unguessable: a key alone is not a capability without the pid list
-        self.exports[key] = IpcExport(alloc, s.cid)
+        self.exports[key] = IpcExport(alloc, s.cid, same_uid=s.uid if same_uid else None)
         return key
 
     def status(self) -> dict[str, Any]:

@@ -643,7 +643,9 @@ def _p_mem_stats(s, st, ud, sync, poff, plen, a, flags):
 
 def _p_ipc_export(s, st, ud, sync, poff, plen, a, flags):
     al = s.alloc_of(a[0])
-    key = s.daemon.export(s, a[0], al)
+    if a[1] & ~P.IPC_EXPORT_SAME_UID:
+        raise InvalidArgument(f"unknown IPC export flags {a[1]:#x}")
+    key = s.daemon.export(s, a[0], al, same_uid=bool(a[1] & P.IPC_EXPORT_SAME_UID))
     s.reply(ud, 0, key)
 
 
@@ -664,7 +666,7 @@ def _p_ipc_import(s, st, ud, sync, poff, plen, a, flags):
     exp = s.daemon.exports.get(key)
     if exp is None:
         raise NotFound(f"no exported device memory with key {key:#x}")
-    if exp.owner_client != s.cid and s.pid not in exp.pids:
+    if exp.owner_client != s.cid and s.pid not in exp.pids and exp.same_uid != s.uid:
         raise PermissionDenied(f"pid {s.pid} is not on the import list of key {key:#x}")
     s.handles.add(h, exp.alloc)
     s.reply(ud, 0, exp.alloc.nbytes)
