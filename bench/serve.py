@@ -77,11 +77,11 @@ KNOBS = {
 }
 # Probe effort, (full, --quick): seconds of arrivals per goodput probe, bisection steps, seeds
 # averaged per probe, per-rate base run length and how often it may double.
-CAPACITY_DURATION_S = {"chat": (40, 15), "long": (80, 30), "reasoning": (160, 60)}
-CAPACITY_STEPS = (4, 2)
+CAPACITY_DURATION_S = {"chat": (30, 15), "long": (60, 30), "reasoning": (120, 60)}
+CAPACITY_STEPS = (3, 2)
 CAPACITY_SEEDS = (1, 1)
 RUN_DURATION_S = {"chat": (20, 15), "long": (40, 30), "reasoning": (80, 60)}
-RUN_DOUBLINGS = (2, 0)
+RUN_DOUBLINGS = (1, 0)
 STABLE_TTFT_REL, STABLE_ATTAINMENT_ABS = 0.10, 0.02   # "stopped changing" between two lengths
 
 
@@ -112,8 +112,10 @@ def parse_args(argv):
     p.add_argument("--flex-chunks", metavar="N,N,...",
                    help="flexnpu (and naive-coloc) prefill chunk sizes searched (default 512,1024,2048)")
     p.add_argument("--capacity-duration", type=float, metavar="S",
-                   help="seconds of arrivals per goodput probe (default per workload: chat 40, long 80, "
-                        "reasoning 160; --quick: 15/30/60)")
+                   help="seconds of arrivals per goodput probe (default per workload: chat 30, long 60, "
+                        "reasoning 120; --quick: 15/30/60)")
+    p.add_argument("--backend", help="--realtime: the daemons' backend (default emu:<spec>; cuda or npu runs the "
+                                      "engines' kernels on the real device, random weights)")
     p.add_argument("--max-batched-tokens", type=int, default=2048,
                    help="--realtime: static-coloc chunked-prefill token budget")
     return p.parse_args(argv)
@@ -441,24 +443,30 @@ RT_REQUESTS_PER_DEVICE = (8, 20)                                                
 
 
 def rt_summary(runs, workload):
-    """The simulated mode's summary keys for a real-time group (no decode-first baseline here)."""
+    """The simulated mode's comparison keys for a real-time group (no decode-first baseline here)."""
     wl = [r for r in runs if r["workload"] == workload]
     flex = {r["rate"]: r for r in wl if r["system"] == "flexnpu"}
     col = {r["rate"]: r for r in wl if r["system"] == "static-coloc"}
     dis = {r["rate"]: r for r in wl if r["system"] == "static-disagg" and r.get("best_split")}
-    tf, tc, td = (slo_throughput(list(d.values())) for d in (flex, col, dis))
-    rb = next(iter(dis.values()))
+    par = {r["rate"]: r for r in wl if r["system"] == "static-partition" and r.get("best_alpha")}
+    nai = {r["rate"]: r for r in wl if r["system"] == "naive-coloc"}
+    tf, tc, td, tp = (slo_throughput(list(d.values())) for d in (flex, col, dis, par))
+    rb = next(iter(dis.values()), None)
     kind = WORKLOADS[workload].kind
-    return {"workload": workload, "kind": kind, "best_disagg_split": f"{rb['prefill_devices']}:{rb['decode_devices']}",
-            "slo_throughput_tok_s": {"flexnpu": tf, "static-coloc": tc, "static-disagg": td},
-            "flex_vs_disagg_pct": (100 * (tf / td - 1)) if td else math.inf,
-            "flex_vs_coloc_pct": (100 * (tf / tc - 1)) if tc else math.inf,
-            "vs_coloc_per_rate": [{"rate": rate,
-                                   "ttft_p50_reduction_pct": 100 * (1 - flex[rate]["ttft_p50_ms"] / col[rate]["ttft_p50_ms"]),
-                                   "tpot_p50_change_pct": 100 * (flex[rate]["tpot_p50_ms"] / col[rate]["tpot_p50_ms"] - 1),
-                                   "throughput_ratio": flex[rate]["throughput_tok_s"] / col[rate]["throughput_tok_s"]}
-                                  for rate in sorted(flex)],
-            "disagg_target_pct": 5.0 if kind == "balanced" else 26.0}
+    out = {"workload": workload, "kind": kind,
+           "best_disagg_split": f"{rb['prefill_devices']}:{rb['decode_devices']}" if rb else None,
+           "best_alpha": next(iter(par.values()))["alpha"] if par else None,
+           "slo_throughput_tok_s": {"flexnpu": tf, "static-coloc": tc, "static-disagg": td, "static-partition": tp},
+           "flex_vs_disagg_pct": (100 * (tf / td - 1)) if td else math.inf,
+           "flex_vs_coloc_pct": (100 * (tf / tc - 1)) if tc else math.inf,
+           "disagg_target_pct": 5.0 if kind == "balanced" else 26.0}
+    for name, base in (("static_coloc", col), ("static_partition", par), ("naive_coloc", nai)):
+        rows = [vs_one(flex[rate], base[rate]) for rate in sorted(flex) if rate in base]
+        if name == "static_partition":
+            for r in rows:
+                r["alpha"] = par[r["rate"]]["alpha"]
+        out[f"vs_{name}"] = rows
+    return out
 
 
 def run_realtime(a, model_name, spec, t0) -> int:
@@ -470,10 +478,16 @@ def run_realtime(a, model_name, spec, t0) -> int:
             print(f"flexnpu bench serve: unknown workload {w!r}; choose from {', '.join(WORKLOADS)}", file=sys.stderr)
             return 2
     n_dev = a.devices or 2
-    if n_dev < 2:
-        print("flexnpu bench serve: --realtime needs --devices >= 2 (static-disagg needs a prefill and a decode "
+    systems = a.systems.split(",") if a.systems else [s for s in SYSTEMS if s != "decode-first"]
+    if "decode-first" in systems or any(s not in SYSTEMS for s in systems):
+        print(f"flexnpu bench serve: --realtime systems: {', '.join(s for s in SYSTEMS if s != 'decode-first')}",
+              file=sys.stderr)
+        return 2
+    if n_dev < (2 if "static-disagg" in systems else 1):
+        print("flexnpu bench serve: --realtime needs --devices >= 2 with static-disagg (a prefill and a decode "
               "device, and every system gets the same count)", file=sys.stderr)
         return 2
+    a.systems_rt = systems
     model = MODELS[model_name]
     kv_tokens = min(model.kv_capacity_tokens(spec.mem_bytes) // 2, 200_000)
     cfg = SimConfig(max_batched_tokens=a.max_batched_tokens)
@@ -489,7 +503,7 @@ def run_realtime(a, model_name, spec, t0) -> int:
 
 
 def _rt_groups(a, model_name, spec, wls, n_dev, n_req, kv_tokens, cfg, runs, summaries, pools):
-    from bench._realtime import DaemonSet, best_split, run_system
+    from bench._realtime import DaemonSet, best_alpha, best_split, daemon_policy, run_system
 
     for w in wls:
         slo = dict(SLO[model_name])
@@ -502,41 +516,60 @@ def _rt_groups(a, model_name, spec, wls, n_dev, n_req, kv_tokens, cfg, runs, sum
             p0 = estimate_split(model_name, spec, w, n_dev)
             splits = [p_ for p_ in (p0 - 1, p0, p0 + 1) if 0 < p_ < n_dev]
         group = []
-        for rate in rates:
-            for system, p_ in [("static-coloc", 0), ("flexnpu", 0)] + [("static-disagg", p_) for p_ in splits]:
+        alphas = knob_values("static-partition", a, n_dev, None)
+        plan = ([("static-partition", 0, al) for al in alphas] + [("naive-coloc", 0, 0.5), ("static-coloc", 0, 0.5),
+                                                                 ("flexnpu", 0, 0.5)]
+                + [("static-disagg", p_, 0.5) for p_ in splits])
+        plan = [x for x in plan if x[0] in a.systems_rt]
+        for system, p_, alpha in plan:
+            cur = daemon_policy(system, alpha)   # one alpha's daemons at a time: no other run reuses them
+            for k in [k for k in pools if k[0].startswith("partition:") and k[0] != cur]:
+                pools.pop(k).stop()
+            for rate in rates:
                 reqs = generate(w, rate, n_req, a.seed)     # same seeded workload for every system
-                key = ("flex" if system == "flexnpu" else "fifo", slo["tpot"])
+                key = (daemon_policy(system, alpha), slo["tpot"])
                 if key not in pools:
-                    pools[key] = DaemonSet(n_dev, spec.name, key[0], slo["tpot"] * 1e3)
+                    pools[key] = DaemonSet(n_dev, spec.name, key[0], slo["tpot"] * 1e3, a.backend)
                 t1 = time.perf_counter()
                 m = run_system(system, model_name, spec.name, reqs, cfg, slo, a.groups, kv_tokens,
-                               deadline_s=120.0, n_devices=n_dev, n_prefill=p_, daemons=pools[key])
+                               deadline_s=120.0, n_devices=n_dev, n_prefill=p_, daemons=pools[key], alpha=alpha)
                 m.update({"workload": w, "rate": rate, "model": model_name, "device": spec.name,
-                          "devices": n_dev, "requests": n_req, "seed": a.seed, "mode": "realtime", "emulated": True,
+                          "devices": n_dev, "requests": n_req, "seed": a.seed, "mode": "realtime",
+                          "emulated": not a.backend or a.backend.startswith("emu"), "backend": a.backend or f"emu:{spec.name}",
+                          "rate_per_device": rate / n_dev, "ttft_floor_p50_ms": percentile(
+                              ttft_floors(MODELS[model_name], CostModel(spec), reqs), 50) * 1e3,
                           "throughput_per_device_tok_s": m["throughput_tok_s"] / n_dev,
                           "wall_s": round(time.perf_counter() - t1, 2)})
                 group.append(m)
-        best = best_split(group, SLO_ATTAINMENT)
+        if "static-disagg" in a.systems_rt:
+            best = best_split(group, SLO_ATTAINMENT)
+            for r in group:
+                if r["system"] == "static-disagg":
+                    r["best_split"] = r["prefill_devices"] == best
+        best_a = best_alpha(group, SLO_ATTAINMENT)
         for r in group:
-            if r["system"] == "static-disagg":
-                r["best_split"] = r["prefill_devices"] == best
+            if r["system"] == "static-partition":
+                r["best_alpha"] = r["alpha"] == best_a
         runs += group
         summaries.append(rt_summary(group, w))
 
 
 def _rt_report(a, runs, summaries, model_name, spec, n_dev, n_req, t0) -> int:
     if a.json:
-        print(json.dumps({"runs": runs, "summary": summaries, "mode": "realtime", "emulated": True, "devices": n_dev,
+        print(json.dumps({"runs": runs, "summary": summaries, "mode": "realtime", "emulated": not a.backend or a.backend.startswith("emu"),
+                          "backend": a.backend or f"emu:{spec.name}", "devices": n_dev,
                           "wall_s": round(time.perf_counter() - t0, 1)}, indent=1))
         return 0
     print(f"flexnpu bench serve --realtime: {model_name} on {n_dev} emulated {spec.name} devices (one emu:{spec.name} "
           f"daemon each, real client processes), {n_req} requests per run, seed {a.seed}, {a.groups} layer groups, "
-          f"least-loaded dispatch [EMULATED: real time, cost-model kernels]")
+          f"least-loaded dispatch " + ("[EMULATED: real time, cost-model kernels]" if not a.backend or a.backend.startswith("emu")
+                                      else f"[{a.backend} backend: real kernels, random weights]"))
     print(f"{'system':<14}{'split':>6}{'dev':>4}{'rate':>6}{'tok/s':>9}{'tok/s/dev':>10}{'TTFT p50':>10}{'TTFT p99':>10}"
           f"{'TPOT p50':>10}{'TPOT p99':>10}{'SLO':>6}")
     for r in runs:
-        split = f"{r['prefill_devices']}:{r['decode_devices']}" if r["system"] == "static-disagg" else "-"
-        mark = "*" if r.get("best_split") else ""
+        split = (f"{r['prefill_devices']}:{r['decode_devices']}" if r["system"] == "static-disagg"
+                 else f"a{r['alpha']}" if r["system"] == "static-partition" else "-")
+        mark = "*" if r.get("best_split") or r.get("best_alpha") else ""
         print(f"{r['system'] + mark:<14}{split:>6}{r['devices']:>4}{r['rate']:>6.1f}{r['throughput_tok_s']:>9.0f}"
               f"{r['throughput_per_device_tok_s']:>10.0f}{r['ttft_p50_ms']:>10.1f}{r['ttft_p99_ms']:>10.1f}"
               f"{r['tpot_p50_ms']:>10.1f}{r['tpot_p99_ms']:>10.1f}{r['slo_attainment']:>6.2f}  ({r['workload']})")
@@ -547,13 +580,17 @@ def _rt_report(a, runs, summaries, model_name, spec, n_dev, n_req, t0) -> int:
                   f"<= {k['importer_allocated_bytes'] / 2**20:.0f} MiB)")
         if "kv_link_gb_s" in r:
             print(f"{'':14}KV over a {r['kv_link_gb_s']} GB/s link (D2H + H2D, both charged)")
-    print("* static-disagg: best split (highest throughput at >= 90% SLO attainment, ties to lower TTFT p50); "
-          "every split is in --json")
+    print("* static-disagg: best split, static-partition: best alpha (highest throughput at >= 90% SLO attainment, "
+          "ties to lower TTFT p50); every split and alpha is in --json")
     for s_ in summaries:
         sl = s_["slo_throughput_tok_s"]
         print(f"  {s_['workload']}: throughput at >= {SLO_ATTAINMENT:.0%} SLO: flexnpu {sl['flexnpu']:.0f}, "
               f"disagg {s_['best_disagg_split']} {sl['static-disagg']:.0f}, coloc {sl['static-coloc']:.0f} tok/s "
               f"(flex vs disagg {s_['flex_vs_disagg_pct']:+.1f}%, vs coloc {s_['flex_vs_coloc_pct']:+.1f}%)")
+        for pr in s_.get("vs_static_partition", []):
+            print(f"    rate {pr['rate']:6.2f}: vs static-partition (alpha {pr['alpha']}): TTFT p50 "
+                  f"{-pr['ttft_p50_reduction_pct']:+6.1f}%, TPOT p50 {pr['tpot_p50_change_pct']:+6.1f}%, throughput "
+                  f"x{pr['throughput_ratio']:.3f}, SLO {pr['flex_slo_attainment']:.2f} vs {pr['baseline_slo_attainment']:.2f}")
     print(f"\n({time.perf_counter() - t0:.1f} s wall)")
     return 0
 

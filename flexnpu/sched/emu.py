@@ -249,36 +249,41 @@ class EmuDevice:
             if max(k.demand) <= 0:
                 k.rate = float("inf")  # no work: completes at once
         level = 0.0
+        # per kernel: resource use per unit of fill level (weight x demand / dominant demand),
+        # and the level at which a partitioned kernel's compute use reaches its core share
+        g, lim, doms = {}, {}, {}
+        for k in active:
+            dom = doms[k.id] = max(k.demand)
+            g[k.id] = (k.weight * k.demand[0] / dom, k.weight * k.demand[1] / dom, k.weight * k.demand[2] / dom)
+            if k.share is not None and k.demand[0] > _EPS:
+                lim[k.id] = k.share / g[k.id][0]
         while active:
-            dom = {k.id: max(k.demand) for k in active}
+            per = [sum(g[k.id][r] for k in active) for r in range(3)]
             # fill level at which each resource saturates, given the still-growing kernels
             best, sat = float("inf"), None
             for r in range(3):
-                per_level = sum(k.weight * k.demand[r] / dom[k.id] for k in active)
-                if per_level > _EPS:
-                    grow = cap[r] / per_level
+                if per[r] > _EPS:
+                    grow = cap[r] / per[r]
                     if grow < best:
                         best, sat = grow, r
             # a partitioned kernel stops growing when its compute use reaches its core share
             capped = None
             for k in active:
-                if k.share is not None and k.demand[0] > _EPS:
-                    grow = k.share * dom[k.id] / (k.weight * k.demand[0]) - level
+                if k.id in lim:
+                    grow = lim[k.id] - level
                     if grow < best - _EPS:
                         best, sat, capped = max(grow, 0.0), None, k
             if sat is None and capped is None:
                 break
             level += best
             for r in range(3):
-                cap[r] -= best * sum(k.weight * k.demand[r] / dom[k.id] for k in active)
-                cap[r] = max(cap[r], 0.0)
+                cap[r] = max(cap[r] - best * per[r], 0.0)
             for k in active:
-                k.rate = k.weight * level / dom[k.id]
+                k.rate = k.weight * level / doms[k.id]
             if capped is not None:
-                frozen = [k for k in active if k.share is not None and k.demand[0] > _EPS
-                          and k.rate * k.demand[0] >= k.share * (1 - 1e-9)]
+                frozen = [k for k in active if k.id in lim and level >= lim[k.id] * (1 - 1e-9)]
             else:
-                frozen = [k for k in active if k.demand[sat] > _EPS * dom[k.id]]
+                frozen = [k for k in active if k.demand[sat] > _EPS * doms[k.id]]
             active = [k for k in active if k not in frozen]
             # those still active keep their rate and can grow further (level is shared)
         self._dirty = False
