@@ -18,6 +18,12 @@ rule):
   the daemon charges the pool once, the importer's own allocations stay small, both numbers are
   reported per device). A request is handed over by id to the decode instance on the same device;
   no KV bytes move. The router balances whole devices.
+- static-partition: the same prefill and decode instances on every device as flexnpu (same
+  zero-copy hand-off), under the daemon's `--policy partition:ALPHA`: prefill-phase streams on a
+  fixed ALPHA of the device's cores and decode streams on 1 - ALPHA (the backend's partition
+  capability; emu: a hard compute cap), fifo within each. The caller searches ALPHA.
+- naive-coloc: the same two instances per device under `--policy fifo`: no partition, no
+  ordering (what two processes on one device get without a virtualization layer).
 - static-disagg: p prefill devices and N-p decode devices, one engine each (prefill 8192-token
   batches); the caller runs every split p = 1..N-1 and compares the best. The KV of each prompt
   moves device->host->device: a device-to-host copy on the prefill device and a host-to-device
@@ -325,12 +331,20 @@ class Router:
 
 # ---------------------------------------------------------------- one system run
 
+COLOCATED = ("flexnpu", "static-partition", "naive-coloc")   # a prefill + a decode instance per device
+
+
+def daemon_policy(system: str, alpha: float = 0.5) -> str:
+    """The daemon --policy a system runs under."""
+    return {"flexnpu": "flex", "static-partition": f"partition:{alpha}"}.get(system, "fifo")
+
+
 def plan_engines(system: str, n_devices: int, n_prefill: int) -> tuple[list[dict], list[list[int]], list[int]]:
     """Engines of a system on n_devices: [{role, device}], the router's entry targets, decoders."""
     if system == "static-coloc":
         engines = [{"role": "coloc", "device": d} for d in range(n_devices)]
         return engines, [[d] for d in range(n_devices)], []
-    if system == "flexnpu":
+    if system in COLOCATED:
         engines = [{"role": r, "device": d} for d in range(n_devices) for r in ("prefill", "decode")]
         return engines, [[2 * d, 2 * d + 1] for d in range(n_devices)], []
     if system == "static-disagg":
@@ -350,15 +364,16 @@ class DaemonSet:
     before the clock starts, so a reused daemon measures the same as a new one (all memory is freed
     at detach; the emulated device is idle between runs)."""
 
-    def __init__(self, n_devices: int, spec_name: str, policy: str, tpot_ms: float) -> None:
+    def __init__(self, n_devices: int, spec_name: str, policy: str, tpot_ms: float, backend: str | None = None) -> None:
         self.runtime_dir = Path(tempfile.mkdtemp(prefix=f"flexnpu-rt-{policy}-"))
         self.policy = policy
         self.daemons: list[Daemon] = []
         try:
-            for d in range(n_devices):
-                self.daemons.append(Daemon(self.runtime_dir, d, f"emu:{spec_name}", policy, tpot_ms))
+            # backend: emu:<spec> by default; `cuda` (or npu) runs the same engines on real kernels
+            self.daemons = [Daemon(self.runtime_dir, d, backend or f"emu:{spec_name}", policy, tpot_ms)
+                            for d in range(n_devices)]
             for dp in self.daemons:
-                dp.wait_ready(30)
+                dp.wait_ready(120)     # torch start-up on a busy shared host can take a minute
         except BaseException:
             self.stop()
             raise
@@ -371,17 +386,17 @@ class DaemonSet:
 
 def run_system(system: str, model_name: str, spec_name: str, requests: list, cfg: Any, slo: dict,
                groups: int, kv_tokens: int, deadline_s: float, n_devices: int = 2, n_prefill: int = 0,
-               daemons: DaemonSet | None = None) -> dict:
+               daemons: DaemonSet | None = None, alpha: float = 0.5) -> dict:
     """Run one system on n_devices emulated devices (one daemon each) over `requests`; metrics dict.
-    `daemons`: a started DaemonSet of the system's policy (flex for flexnpu, else fifo) to reuse;
-    without it the run starts and stops its own."""
+    `daemons`: a started DaemonSet of the system's policy (``daemon_policy``) to reuse; without it
+    the run starts and stops its own. `alpha`: static-partition's prefill core share."""
     from flexnpu.sched.sim import metrics
     from flexnpu.sched.workload import Request
 
-    if n_devices < 2:
-        raise ValueError("the real-time comparison needs at least 2 devices (static-disagg needs one of each)")
+    if n_devices < 2 and system == "static-disagg":
+        raise ValueError("static-disagg needs at least 2 devices (a prefill and a decode device)")
     engines, entry, decoders = plan_engines(system, n_devices, n_prefill)
-    policy = "flex" if system == "flexnpu" else "fifo"
+    policy = daemon_policy(system, alpha)
     if daemons is not None and (daemons.policy != policy or len(daemons.daemons) != n_devices):
         raise ValueError(f"{system} needs {n_devices} daemons with policy {policy}")
     ctx = mp.get_context("fork")
@@ -397,12 +412,12 @@ def run_system(system: str, model_name: str, spec_name: str, requests: list, cfg
         base = {"runtime_dir": str(rd), "model": model_name, "groups": groups, "kv_tokens": kv_tokens,
                 "max_seqs": cfg.max_seqs, "deadline_s": deadline_s}
         budget = {"static-coloc": {"coloc": cfg.max_batched_tokens},
-                  "flexnpu": {"prefill": cfg.flex_prefill_chunk, "decode": cfg.max_seqs},
-                  "static-disagg": {"prefill": cfg.prefill_budget, "decode": cfg.max_seqs}}[system]
+                  "static-disagg": {"prefill": cfg.prefill_budget, "decode": cfg.max_seqs}}.get(
+            system, {"prefill": cfg.flex_prefill_chunk, "decode": cfg.max_seqs})
         events, ready, go = ctx.Queue(), ctx.Queue(), ctx.Queue()
         inboxes = [ctx.Queue() for _ in engines]
         qss: list[dict] = [{"inbox": inboxes[i]} for i in range(len(engines))]
-        if system == "flexnpu":
+        if system in COLOCATED:
             for d in range(n_devices):
                 keys, pid = ctx.Queue(), ctx.Queue()
                 qss[2 * d].update(keys=keys, pid=pid, peer=inboxes[2 * d + 1])
@@ -454,7 +469,9 @@ def run_system(system: str, model_name: str, spec_name: str, requests: list, cfg
     m = metrics(out, slo["ttft"], slo["tpot"])
     m["system"] = system
     m["dispatch"] = "least-loaded"
-    if system == "flexnpu":
+    if system == "static-partition":
+        m["alpha"] = alpha
+    if system in COLOCATED:
         per_dev = []
         for d in range(n_devices):
             pre_i, dec_i = infos[2 * d], infos[2 * d + 1]
@@ -528,3 +545,16 @@ def best_split(runs: list[dict], attainment: float = 0.9) -> int:
         ok = [r["throughput_tok_s"] for r in rs if r["slo_attainment"] >= attainment]
         return (max(ok) if ok else 0.0, -sum(r["ttft_p50_ms"] for r in rs))
     return max(splits, key=key)
+
+
+def best_alpha(runs: list[dict], attainment: float = 0.9) -> float | None:
+    """static-partition's alpha to compare, by best_split's rule."""
+    alphas = sorted({r["alpha"] for r in runs if r["system"] == "static-partition"})
+    if not alphas:
+        return None
+
+    def key(a: float) -> tuple:
+        rs = [r for r in runs if r["system"] == "static-partition" and r["alpha"] == a]
+        ok = [r["throughput_tok_s"] for r in rs if r["slo_attainment"] >= attainment]
+        return (max(ok) if ok else 0.0, -sum(r["ttft_p50_ms"] for r in rs))
+    return max(alphas, key=key)

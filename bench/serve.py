@@ -1,38 +1,45 @@
-"""Serving comparison: static co-location (two kinds) vs static PD disaggregation vs FlexNPU (emulated).
+"""Serving comparison (emulated): static core partition, naive co-location, chunked-prefill
+co-location, decode-first co-location, static PD disaggregation and FlexNPU.
 
-Systems: static-coloc (vLLM-V1-style chunked prefill, the strong co-location baseline),
-static-coloc-decode-first (TGI-router-style: no chunked prefill, new requests wait behind running
-decode; the co-location the project brief describes), static-disagg, flexnpu.
+Systems (``system`` in --json):
+- static-partition: the paper's baseline. A prefill instance and a decode instance on every
+  device with a fixed core split: prefill on a share alpha of the compute units, decode on
+  1 - alpha (static vNPU slicing, a fixed aclrtSetStreamResLimit, MPS percentage or fixed green
+  contexts). Knob: alpha.
+- naive-coloc: the same two instances on one device, fifo, no partition (no virtualization
+  layer at all). Knob: the prefill instance's chunk.
+- static-coloc: one vLLM-V1-style engine per device (chunked prefill). Knob: token budget.
+- decode-first: one TGI-router-style engine per device (new requests wait behind running
+  decode). Knob: --waiting-served-ratio.
+- static-disagg: p prefill devices and N-p decode devices. Knob: the split p (every split
+  there is); also reported: the continuous-split bound (flexnpu/sched/capacity.py).
+- flexnpu: the two instances under the flex policy (ordering/gating and core shares changed at
+  operator boundaries). Knob: the prefill instance's chunk.
+
+Every system's knob is searched over the same number of values (three each; static-disagg: every
+split) and every comparison uses each system at its best value: the one with the highest goodput
+(the highest Poisson rate with >= 90% of requests meeting both SLOs, by bisection with a fixed
+span of arrivals per probe). The per-rate runs then repeat each system at its best knob at a grid
+of rates, each run's length doubled until TTFT p50 and SLO attainment stop changing (or the
+cap is reached); every row carries its SLO attainment and the TTFT floor (a prompt's prefill on
+an idle device, which bounds any TTFT reduction). --quick runs the same systems and knob values
+with fewer, shorter probes, one seed and no run-length doubling (indicative figures; it says so).
 
 Default: Qwen2.5-7B on Ascend 910B-class devices (4 devices), chat and long-prompt workloads.
---simulate: the cluster study, DeepSeek-R1 on 910C, 16 to 384 devices, chat / long-prompt /
-reasoning mixes. Every figure is produced in virtual time by the cost model + emulated
-accelerator (``"emulated": true``); no accelerator is used.
+--simulate: the cluster study, DeepSeek-R1 on 910C, a unit of 8 devices scaled to 16..384.
+Every figure is produced in virtual time by the cost model + emulated accelerator
+(``"emulated": true``); no accelerator is used.
 
-Two kinds of figures. Per rate (table, "runs" in --json): throughput, TTFT and TPOT p50/p99, SLO
-attainment and the TTFT floor (a prompt's prefill on an idle device, which bounds any TTFT
-reduction) at a grid of request rates. At the SLO ("capacity" in --json, the summary's headline):
-goodput, the highest request rate each system sustains with >= 90% of requests meeting both
-SLOs, by bisection with a fixed span of arrivals per probe (flexnpu/sched/capacity.py). Every
-system's main knob is searched and its best setting compared: static-coloc's token budget,
-static-disagg's prefill:decode split, flexnpu's prefill chunk. With --simulate --quick only the
-three splits around an analytic estimate of the balanced split are searched. The full default
-run also repeats flexnpu per rate at tighter TPOT budgets (--flex-tpot-budgets) and compares
-each baseline with FlexNPU at equal TPOT ("vs_*_tpot_matched").
-
---realtime: the same comparison with engines as real client processes on real FlexNPU daemons
-with the emulated backend (`--backend emu:910b`): kernels take the cost model's time in real
-time, scheduling is the daemon's policy (bench/_realtime.py). Figures are labelled emulated
-("mode": "realtime", "emulated": true). Every system gets the same N emulated devices
-(`--devices`, default 2): static-coloc N replicas, flexnpu a prefill + decode instance on each
-device, static-disagg every p:(N-p) split with the best one compared; least-loaded dispatch.
---quick: 8 requests per device at 4 req/s per device (chat), under 60 s on 2 cores.
+--realtime: engines as real client processes on real FlexNPU daemons with the emulated backend
+(`--backend emu:910b`): kernels take the cost model's time in real time, scheduling is the
+daemon's policy (bench/_realtime.py), static-partition through the daemon's ``partition``
+policy (fixed core shares on the backend's partition capability). --quick: 8 requests per
+device at 4 req/s per device (chat).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -41,7 +48,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 from bench._common import progress
-from flexnpu.sched.capacity import requests_for, sustainable_rate, ttft_floors
+from flexnpu.sched.capacity import continuous_split_bound, requests_for, sustainable_rate, ttft_floors
 from flexnpu.sched.costmodel import CostModel
 from flexnpu.sched.models import MODELS, step_kernels
 from flexnpu.sched.sim import SimConfig, metrics, percentile, simulate
@@ -57,6 +64,26 @@ SLO = {"qwen2.5-7b": {"ttft": 2.0, "ttft_long": 8.0, "tpot": 0.05},
        "deepseek-r1": {"ttft": 2.0, "ttft_long": 8.0, "tpot": 0.1}}
 SLO_ATTAINMENT = 0.9
 
+# The systems in report order, and each one's knob: (SimConfig field, values searched). The same
+# number of values for every system (static-disagg: every split of the device group).
+SYSTEMS = ("static-partition", "naive-coloc", "static-coloc", "decode-first", "static-disagg", "flexnpu")
+KNOBS = {
+    "static-partition": ("partition_alpha", (0.625, 0.75, 0.875)),
+    "naive-coloc": ("flex_prefill_chunk", (512, 1024, 2048)),
+    "static-coloc": ("max_batched_tokens", (512, 1024, 2048)),
+    "decode-first": ("waiting_served_ratio", (0.3, 1.2, 2.4)),
+    "static-disagg": ("prefill_devices", None),
+    "flexnpu": ("flex_prefill_chunk", (512, 1024, 2048)),
+}
+# Probe effort, (full, --quick): seconds of arrivals per goodput probe, bisection steps, seeds
+# averaged per probe, per-rate base run length and how often it may double.
+CAPACITY_DURATION_S = {"chat": (30, 15), "long": (60, 30), "reasoning": (120, 60)}
+CAPACITY_STEPS = (3, 2)
+CAPACITY_SEEDS = (1, 1)
+RUN_DURATION_S = {"chat": (20, 15), "long": (40, 30), "reasoning": (80, 60)}
+RUN_DOUBLINGS = (1, 0)
+STABLE_TTFT_REL, STABLE_ATTAINMENT_ABS = 0.10, 0.02   # "stopped changing" between two lengths
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="flexnpu bench serve", description=__doc__,
@@ -66,36 +93,32 @@ def parse_args(argv):
                    help="engines as real processes on real daemons with the emulated backend (emu:910b)")
     p.add_argument("--groups", type=int, default=4,
                    help="--realtime: layer groups per iteration (one projection mm + attention per group)")
-    p.add_argument("--quick", action="store_true", help="fewer requests, rates and search steps (< 60 s; goodput figures indicative)")
+    p.add_argument("--quick", action="store_true",
+                   help="same systems and knob values, fewer and shorter probes, one seed (indicative)")
     p.add_argument("--json", action="store_true", help="print {'runs': [...], 'summary': [...], 'capacity': [...]} as JSON")
     p.add_argument("--plot", metavar="PNG", help="write TTFT/TPOT p50 vs request rate to this PNG")
     p.add_argument("--model", choices=sorted(MODELS), help="model (default: qwen2.5-7b, or deepseek-r1 with --simulate)")
     p.add_argument("--spec", help="device spec (default 910b, or 910c with --simulate)")
     p.add_argument("--workloads", help=f"comma list from {','.join(WORKLOADS)}")
+    p.add_argument("--systems", help=f"comma list from {','.join(SYSTEMS)} (default: all)")
     p.add_argument("--devices", type=int, help="device group size (default 4; the --simulate unit is 8; --realtime: 2, at least 2)")
     p.add_argument("--clusters", default="16,64,384", help="--simulate: cluster sizes (multiples of the unit)")
-    p.add_argument("--requests", type=int, help="requests per run (per device group)")
+    p.add_argument("--requests", type=int, help="--realtime: requests per run")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)),
-                   help="processes for the goodput searches (default: CPUs, at most 4)")
-    p.add_argument("--coloc-budgets", metavar="N,N,...",
-                   help="static-coloc token budgets in the goodput search (default 512,1024,2048,4096; "
-                        "--quick: 2048); the best one is the baseline compared")
-    p.add_argument("--flex-tpot-budgets", metavar="MS,MS,...",
-                   help="extra flexnpu runs per rate with a tighter TPOT budget (the daemon's --tpot-budget-ms; "
-                        "the SLO is unchanged), compared at equal TPOT; default 20,25,30 (none with --quick "
-                        "or --simulate)")
+                   help="processes for the searches and runs (default: CPUs, at most 4)")
+    p.add_argument("--alphas", metavar="A,A,...", help="static-partition prefill core shares searched (default 0.625,0.75,0.875)")
+    p.add_argument("--coloc-budgets", metavar="N,N,...", help="static-coloc token budgets searched (default 512,1024,2048)")
     p.add_argument("--flex-chunks", metavar="N,N,...",
-                   help="flexnpu prefill chunk sizes in the goodput search (default 512,1024,2048; --quick: 1024)")
+                   help="flexnpu (and naive-coloc) prefill chunk sizes searched (default 512,1024,2048)")
     p.add_argument("--capacity-duration", type=float, metavar="S",
-                   help="seconds of arrivals per goodput probe (default per workload: chat 60, long 120, "
-                        "reasoning 240; --quick: 20/40/60)")
+                   help="seconds of arrivals per goodput probe (default per workload: chat 30, long 60, "
+                        "reasoning 120; --quick: 15/30/60)")
+    p.add_argument("--backend", help="--realtime: the daemons' backend (default emu:<spec>; cuda or npu runs the "
+                                      "engines' kernels on the real device, random weights)")
     p.add_argument("--max-batched-tokens", type=int, default=2048,
-                   help="static-coloc chunked-prefill token budget (vLLM V1 online default on <70 GiB cards)")
+                   help="--realtime: static-coloc chunked-prefill token budget")
     return p.parse_args(argv)
-
-
-SYSTEMS = ("static-coloc", "static-coloc-decode-first", "flexnpu")   # + static-disagg at every split
 
 
 def estimate_split(model_name, spec, workload, n_dev, decode_batch=64):
@@ -109,239 +132,276 @@ def estimate_split(model_name, spec, workload, n_dev, decode_batch=64):
     return min(n_dev - 1, max(1, round(n_dev * pre / (pre + dec))))
 
 
-def run_group(model_name, spec, workload, rates, n_dev, n_req, seed, cfg, slo, splits=None, flex_budgets_ms=()):
-    model = MODELS[model_name]
-    cm = CostModel(spec)
-    runs = []
-    for rate in rates:
-        def one(system, n_prefill=0, budget_s=None):
-            reqs = generate(workload, rate, n_req, seed)
-            t0 = time.perf_counter()
-            b = budget_s or slo["tpot"]
-            st = simulate(system, model, cm, reqs, n_dev, n_prefill, dataclasses.replace(cfg, tpot_budget_s=b))
-            m = metrics(reqs, slo["ttft"], slo["tpot"])
-            if system == "flexnpu":
-                # the operator's --tpot-budget-ms; the SLO the metrics use is unchanged
-                m["tpot_budget_ms"], m["tight_budget"] = b * 1e3, budget_s is not None
-            m["ttft_floor_p50_ms"] = percentile(ttft_floors(model, cm, reqs), 50) * 1e3
-            m.update({"system": system, "workload": workload, "rate": rate, "model": model_name,
-                      "device": spec.name, "devices": n_dev, "requests": n_req, "emulated": True,
-                      "sim_events": st["events"], "wall_s": round(time.perf_counter() - t0, 2)})
-            if system == "static-disagg":
-                m["prefill_devices"], m["decode_devices"] = n_prefill, n_dev - n_prefill
-            return m
-        for system in SYSTEMS:
-            runs.append(one(system))
-        for b in flex_budgets_ms:
-            runs.append(one("flexnpu", budget_s=b / 1e3))
-        for p_ in (splits or range(1, n_dev)):
-            runs.append(one("static-disagg", p_))
-    return runs
+def _config(task: dict) -> tuple[SimConfig, int]:
+    """The SimConfig and static-disagg split of a task's system at its knob value."""
+    cfg = SimConfig(tpot_budget_s=task["slo"]["tpot"])
+    field, value = task["knob"], task["value"]
+    if field == "prefill_devices":
+        return cfg, int(value)
+    setattr(cfg, field, value)
+    return cfg, 0
 
 
-def slo_throughput(runs):
-    ok = [r["throughput_tok_s"] for r in runs if r["slo_attainment"] >= SLO_ATTAINMENT]
-    return max(ok) if ok else 0.0
+def _simulate(task: dict, rate: float, duration_s: float, seed: int):
+    model, cm = MODELS[task["model"]], CostModel(get_spec(task["device"]))
+    n_dev = task["devices"]
+    reqs = generate(task["workload"], rate * n_dev, requests_for(rate, n_dev, duration_s), seed)
+    cfg, n_prefill = _config(task)
+    st = simulate(task["system"], model, cm, reqs, n_dev, n_prefill, cfg)
+    return reqs, st
 
 
-# Capacity (goodput) search: seconds of Poisson arrivals per probe and bisection steps, (full,
-# --quick). A probe must outlast the TTFT SLO many times over, or a growing queue goes unseen;
-# decode-heavy requests live ~1-2 min, so reasoning probes are longest.
-CAPACITY_DURATION_S = {"chat": (60, 20), "long": (120, 40), "reasoning": (240, 60)}
-CAPACITY_STEPS = (7, 5)
-COLOC_BUDGETS = ((512, 1024, 2048, 4096), (2048,))   # static-coloc token budgets searched (full, --quick)
-FLEX_CHUNKS = ((512, 1024, 2048), (1024,))            # flexnpu prefill-engine chunk sizes searched (full, --quick)
-FLEX_TPOT_BUDGETS_MS = (20.0, 25.0, 30.0)             # extra per-rate flexnpu runs (full mode)
-CAPACITY_SEEDS = (2, 1)                               # workload seeds averaged per probe (full, --quick)
-SIM_COLOC_BUDGETS, SIM_FLEX_CHUNKS = (512, 2048), (1024,)   # --simulate (full): the knobs' best values on Qwen
-SIM_DURATION_S = {"reasoning": 120}                   # --simulate (full): shorter decode-heavy probes
-
-
-def capacity_key(system, n_prefill=0, budget=0, chunk=0):
-    return (system + (f" {n_prefill}p" if system == "static-disagg" else "") + (f" b{budget}" if budget else "")
-            + (f" c{chunk}" if chunk else ""))
+def knob_label(system: str, value) -> str:
+    field = KNOBS[system][0]
+    return {"partition_alpha": f"alpha {value}", "flex_prefill_chunk": f"chunk {value}",
+            "max_batched_tokens": f"budget {value}", "waiting_served_ratio": f"ratio {value}",
+            "prefill_devices": f"{value}p"}[field]
 
 
 def _capacity_task(task: dict) -> dict:
-    """One system's goodput search (runs in a worker process)."""
-    model, cm = MODELS[task["model"]], CostModel(get_spec(task["device"]))
-    slo, n_dev = task["slo"], task["devices"]
+    """One system's goodput search at one knob value (runs in a worker process)."""
+    slo = task["slo"]
 
     def attainment(rate: float) -> float:
         # averaged over seeds: one seed's attainment near the knee is not monotone in the rate
         att = []
         for seed in range(task["seed"], task["seed"] + task["seeds"]):
-            reqs = generate(task["workload"], rate * n_dev, requests_for(rate, n_dev, task["duration_s"]), seed)
-            cfg = SimConfig(tpot_budget_s=slo["tpot"])
-            if task.get("max_batched_tokens"):
-                cfg.max_batched_tokens = task["max_batched_tokens"]
-            if task.get("flex_prefill_chunk"):
-                cfg.flex_prefill_chunk = task["flex_prefill_chunk"]
-            simulate(task["system"], model, cm, reqs, n_dev, task.get("prefill_devices", 0), cfg)
+            reqs, _ = _simulate(task, rate, task["duration_s"], seed)
             att.append(metrics(reqs, slo["ttft"], slo["tpot"])["slo_attainment"])
         return sum(att) / len(att)
 
     t0 = time.perf_counter()
     res = sustainable_rate(attainment, task["lo"], task["hi"], task["steps"], SLO_ATTAINMENT)
     mean_out = sum(r.output for r in generate(task["workload"], 1.0, 4000, task["seed"])) / 4000
-    out = dict(task, **res.as_dict(), key=capacity_key(task["system"], task.get("prefill_devices", 0),
-                                                       task.get("max_batched_tokens", 0),
-                                                       task.get("flex_prefill_chunk", 0)))
-    out["goodput_tok_s"] = res.max_rate * n_dev * mean_out
+    out = dict(task, **res.as_dict(), key=f"{task['system']} {knob_label(task['system'], task['value'])}")
+    if task["system"] == "static-disagg":
+        out["prefill_devices"] = task["value"]
+    out["goodput_tok_s"] = res.max_rate * task["devices"] * mean_out
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     return out
 
 
-def capacity_group(model_name, spec, workload, n_dev, slo, seed, quick, splits, jobs, coloc_budgets=None,
-                   duration_s=None, flex_chunks=None, seeds=None):
-    """Goodput of every system (coloc at each token budget, disagg at each split) on one workload."""
-    q = 1 if quick else 0
-    grid = RATES_PER_DEVICE[model_name][workload]
-    base = {"model": model_name, "device": spec.name, "workload": workload, "devices": n_dev, "slo": slo,
-            "seed": seed, "seeds": seeds or CAPACITY_SEEDS[q], "duration_s": duration_s or CAPACITY_DURATION_S[workload][q],
-            "steps": CAPACITY_STEPS[q],
-            "lo": grid[0], "hi": 2 * grid[-1], "emulated": True}
-    tasks = [dict(base, system="static-coloc", max_batched_tokens=b) for b in (coloc_budgets or COLOC_BUDGETS[q])]
-    tasks += [dict(base, system="flexnpu", flex_prefill_chunk=c) for c in (flex_chunks or FLEX_CHUNKS[q])]
-    tasks += [dict(base, system="static-coloc-decode-first")]
-    tasks += [dict(base, system="static-disagg", prefill_devices=p_) for p_ in (splits or range(1, n_dev))]
-    tasks.sort(key=lambda t: t["system"] != "flexnpu")     # the slowest first
+def _run_task(task: dict) -> dict:
+    """One system at its best knob at one rate; the run is doubled in length until TTFT p50 and
+    SLO attainment stop changing (a queue that grows with the run's length shows as such)."""
+    slo, n_dev = task["slo"], task["devices"]
+    model, cm = MODELS[task["model"]], CostModel(get_spec(task["device"]))
+    dur, prev, lengths = task["duration_s"], None, []
+    t0 = time.perf_counter()
+    for i in range(task["doublings"] + 1):
+        reqs, st = _simulate(task, task["rate_per_device"], dur, task["seed"])
+        m = metrics(reqs, slo["ttft"], slo["tpot"])
+        lengths.append({"duration_s": dur, "requests": len(reqs), "ttft_p50_ms": m["ttft_p50_ms"],
+                        "slo_attainment": m["slo_attainment"]})
+        stable = prev is not None and (abs(m["ttft_p50_ms"] / prev["ttft_p50_ms"] - 1) <= STABLE_TTFT_REL
+                                       and abs(m["slo_attainment"] - prev["slo_attainment"]) <= STABLE_ATTAINMENT_ABS)
+        prev = m
+        if stable:
+            break
+        if i < task["doublings"]:
+            dur *= 2
+    m = dict(prev)
+    m["ttft_floor_p50_ms"] = percentile(ttft_floors(model, cm, reqs), 50) * 1e3
+    m.update({"system": task["system"], "knob": task["knob"], "knob_value": task["value"],
+              "workload": task["workload"], "rate": task["rate_per_device"] * n_dev,
+              "rate_per_device": task["rate_per_device"], "model": task["model"], "device": task["device"],
+              "devices": n_dev, "requests": len(reqs), "duration_s": dur, "run_lengths": lengths,
+              # None: a single length (--quick); False: still changing at the longest length allowed
+              "stable": _stable(lengths[-2], lengths[-1]) if len(lengths) > 1 else None,
+              "emulated": True, "sim_events": st["events"], "wall_s": round(time.perf_counter() - t0, 2)})
+    if task["system"] == "static-disagg":
+        m["prefill_devices"], m["decode_devices"] = task["value"], n_dev - task["value"]
+    if task["system"] == "static-partition":
+        m["alpha"] = task["value"]
+    return m
+
+
+def _stable(a: dict, b: dict) -> bool:
+    return (abs(b["ttft_p50_ms"] / a["ttft_p50_ms"] - 1) <= STABLE_TTFT_REL
+            and abs(b["slo_attainment"] - a["slo_attainment"]) <= STABLE_ATTAINMENT_ABS)
+
+
+def _pool(jobs):
+    return ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else contextlib.nullcontext()
+
+
+def knob_values(system, a, n_dev, splits):
+    if system == "static-disagg":
+        return list(splits or range(1, n_dev))
+    over = {"static-partition": a.alphas, "static-coloc": a.coloc_budgets, "flexnpu": a.flex_chunks,
+            "naive-coloc": a.flex_chunks}.get(system)
+    if over:
+        return [float(x) if system == "static-partition" else int(x) for x in over.split(",") if x]
+    return list(KNOBS[system][1])
+
+
+def capacity_group(base, systems, a, n_dev, splits, jobs):
+    """Goodput of every system at every knob value on one workload."""
+    tasks = [dict(base, system=s, knob=KNOBS[s][0], value=v) for s in systems for v in knob_values(s, a, n_dev, splits)]
+    tasks.sort(key=lambda t: t["system"] not in ("flexnpu", "static-partition", "naive-coloc"))   # slowest first
     out = []
-    with ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else contextlib.nullcontext() as ex:
+    with _pool(jobs) as ex:
         for r in (ex.map if ex else map)(_capacity_task, tasks):
-            progress(f"  capacity {workload}: {r['key']}: {r['max_rate_per_device']:.3f} req/s/device ({r['wall_s']} s)")
+            progress(f"  capacity {base['workload']}: {r['key']}: {r['max_rate_per_device']:.3f} req/s/device ({r['wall_s']} s)")
             out.append(r)
     return out
 
 
 def _best(cap, system):
-    """A system's best configuration: highest goodput (ties: fewer prefill devices, smaller
-    budget or chunk). Every system gets its main knob searched, FlexNPU included."""
+    """A system's best knob value: highest goodput (ties: the first value searched)."""
     c = [r for r in cap if r["system"] == system]
-    return max(c, key=lambda r: (r["max_rate_per_device"], -r.get("prefill_devices", 0),
-                                 -r.get("max_batched_tokens", 0), -r.get("flex_prefill_chunk", 0)))
+    return max(c, key=lambda r: r["max_rate_per_device"]) if c else None
+
+
+def run_group(base, systems, cap, rates, a, jobs):
+    """Every system at its best knob at every rate (per-device rates)."""
+    q = 1 if a.quick else 0
+    tasks = []
+    for s in systems:
+        b = _best(cap, s)
+        for rate in rates:
+            tasks.append(dict(base, system=s, knob=KNOBS[s][0], value=b["value"], rate_per_device=rate,
+                              duration_s=RUN_DURATION_S[base["workload"]][q], doublings=RUN_DOUBLINGS[q]))
+    out = []
+    with _pool(jobs) as ex:
+        for r in (ex.map if ex else map)(_run_task, tasks):
+            progress(f"  run {base['workload']}: {r['system']} {knob_label(r['system'], r['knob_value'])} at "
+                     f"{r['rate_per_device']} req/s/dev: TTFT p50 {r['ttft_p50_ms']:.0f} ms, SLO {r['slo_attainment']:.2f}"
+                     f" ({len(r['run_lengths'])} length(s), {r['wall_s']} s)")
+            out.append(r)
+    order = {s: i for i, s in enumerate(SYSTEMS)}
+    out.sort(key=lambda r: (r["rate"], order[r["system"]]))
+    return out
+
+
+def vs_one(f, c):
+    """FlexNPU against a baseline at the same load, one rate."""
+    both = f["slo_attainment"] >= SLO_ATTAINMENT and c["slo_attainment"] >= SLO_ATTAINMENT
+    return {"rate": f["rate"], "rate_per_device": f["rate_per_device"],
+            "ttft_p50_reduction_pct": 100 * (1 - f["ttft_p50_ms"] / c["ttft_p50_ms"]),
+            # no system can prefill faster than an idle device: the most any could cut
+            "ttft_p50_reduction_bound_pct": 100 * (1 - f["ttft_floor_p50_ms"] / c["ttft_p50_ms"]),
+            "tpot_p50_change_pct": 100 * (f["tpot_p50_ms"] / c["tpot_p50_ms"] - 1),
+            "throughput_ratio": f["throughput_tok_s"] / c["throughput_tok_s"],
+            "flex_slo_attainment": f["slo_attainment"], "baseline_slo_attainment": c["slo_attainment"],
+            "both_attain_slo": both}
 
 
 def summarize(runs, workload, cap, scale=1.0):
-    """Compare FlexNPU with the baselines: per rate (TTFT, TPOT) and at the SLO (goodput)."""
+    """Compare FlexNPU with every baseline: per rate (TTFT, TPOT, throughput) and goodput."""
     wl = [r for r in runs if r["workload"] == workload]
     cw = [r for r in cap if r["workload"] == workload]
-    bd = _best(cw, "static-disagg")
-    best = bd["prefill_devices"]
+    by = {}
     for r in wl:
-        if r["system"] == "static-disagg":
-            r["best_split"] = r["prefill_devices"] == best
-    flex = {r["rate"]: r for r in wl if r["system"] == "flexnpu" and not r.get("tight_budget")}
-    col = {r["rate"]: r for r in wl if r["system"] == "static-coloc"}
-    dfc = {r["rate"]: r for r in wl if r["system"] == "static-coloc-decode-first"}
-    variants = [r for r in wl if r["system"] == "flexnpu"]
-
-    def matched(base):
-        """Per rate: of FlexNPU's runs at each TPOT budget, the lowest TTFT p50 whose TPOT p50 is
-        within +5 % of the baseline's (None if no budget holds TPOT there)."""
-        out = []
-        for rate in sorted(flex):
-            c = base[rate]
-            ok = [f for f in variants if f["rate"] == rate and f["tpot_p50_ms"] <= 1.05 * c["tpot_p50_ms"]]
-            if not ok:
-                out.append({"rate": rate, "tpot_budget_ms": None})
-                continue
-            f = min(ok, key=lambda f: f["ttft_p50_ms"])
-            out.append(dict(vs_one(f, c), tpot_budget_ms=f["tpot_budget_ms"]))
-        return out
-
-    def vs_one(f, c):
-        return {"rate": f["rate"], "ttft_p50_reduction_pct": 100 * (1 - f["ttft_p50_ms"] / c["ttft_p50_ms"]),
-                # no system can prefill faster than an idle device: the most any could cut
-                "ttft_p50_reduction_bound_pct": 100 * (1 - f["ttft_floor_p50_ms"] / c["ttft_p50_ms"]),
-                "tpot_p50_change_pct": 100 * (f["tpot_p50_ms"] / c["tpot_p50_ms"] - 1),
-                "throughput_ratio": f["throughput_tok_s"] / c["throughput_tok_s"]}
-
-    def vs(base):
-        return [vs_one(flex[rate], base[rate]) for rate in sorted(flex)]
-    best_c, fx, dff = _best(cw, "static-coloc"), _best(cw, "flexnpu"), _best(cw, "static-coloc-decode-first")
+        by.setdefault(r["system"], {})[r["rate"]] = r
+    best = {s: _best(cw, s) for s in SYSTEMS if _best(cw, s)}
+    flex = by.get("flexnpu", {})
     kind = WORKLOADS[workload].kind
+    out = {"workload": workload, "kind": kind,
+           "best_knob": {s: {"knob": KNOBS[s][0], "value": b["value"]} for s, b in best.items()},
+           "max_rate_per_device": {s: b["max_rate_per_device"] for s, b in best.items()},
+           "goodput_tok_s": {s: b["goodput_tok_s"] * scale for s, b in best.items()},
+           "disagg_target_pct": 5.0 if kind == "balanced" else 26.0}
+    fx = best.get("flexnpu")
+    for s, b in best.items():
+        if s == "flexnpu" or fx is None:
+            continue
+        key = s.replace("-", "_")
+        out[f"flex_vs_{key}_goodput_pct"] = (100 * (fx["max_rate_per_device"] / b["max_rate_per_device"] - 1)
+                                             if b["max_rate_per_device"] else math.inf)
+        if s in by:
+            out[f"vs_{key}"] = [dict(vs_one(flex[rate], by[s][rate]), **({"alpha": b["value"]} if s == "static-partition" else {}))
+                                for rate in sorted(flex) if rate in by[s]]
+    dis = [r for r in cw if r["system"] == "static-disagg"]
+    if dis and fx is not None:
+        k = round(scale)
+        bd = best["static-disagg"]
+        n = bd["devices"]
+        out["best_disagg_split"] = f"{bd['value'] * k}:{(n - bd['value']) * k}"
+        out["best_disagg_unit_prefill_devices"] = bd["value"]
+        bound = continuous_split_bound([(r["value"], r["max_rate_per_device"]) for r in dis], n)
+        out["disagg_continuous_bound_rate_per_device"] = bound
+        out["flex_vs_disagg_continuous_bound_pct"] = 100 * (fx["max_rate_per_device"] / bound - 1) if bound else math.inf
+    if "vs_static_partition" in out:
+        out["static_partition_targets"] = _targets(out["vs_static_partition"], kind)
+    return out
 
-    def pct(a, b):
-        return 100 * (a["max_rate_per_device"] / b["max_rate_per_device"] - 1) if b["max_rate_per_device"] else math.inf
-    k = round(scale)
-    return {"workload": workload, "kind": kind, "best_disagg_split": f"{best * k}:{(bd['devices'] - best) * k}",
-            "best_disagg_unit_prefill_devices": best,
-            "best_coloc_max_batched_tokens": best_c["max_batched_tokens"],
-            "best_flex_prefill_chunk": fx["flex_prefill_chunk"],
-            "goodput_tok_s": {"flexnpu": fx["goodput_tok_s"] * scale, "static-coloc": best_c["goodput_tok_s"] * scale,
-                              "static-disagg": bd["goodput_tok_s"] * scale,
-                              "static-coloc-decode-first": dff["goodput_tok_s"] * scale},
-            "max_rate_per_device": {"flexnpu": fx["max_rate_per_device"], "static-coloc": best_c["max_rate_per_device"],
-                                    "static-disagg": bd["max_rate_per_device"],
-                                    "static-coloc-decode-first": dff["max_rate_per_device"]},
-            "flex_vs_disagg_pct": pct(fx, bd), "flex_vs_coloc_pct": pct(fx, best_c),
-            "flex_vs_coloc_decode_first_pct": pct(fx, dff),
-            "vs_coloc_per_rate": vs(col), "vs_coloc_decode_first_per_rate": vs(dfc),
-            "vs_coloc_tpot_matched": matched(col), "vs_coloc_decode_first_tpot_matched": matched(dfc),
-            "disagg_target_pct": 5.0 if kind == "balanced" else 26.0}
+
+def _targets(rows, kind):
+    """The paper's claim per rate, where both systems attain >= 90% of SLOs."""
+    res = []
+    for r in rows:
+        if not r["both_attain_slo"]:
+            res.append({"rate": r["rate"], "comparable": False})
+            continue
+        res.append({"rate": r["rate"], "comparable": True, "ttft_met": r["ttft_p50_reduction_pct"] >= 92.0,
+                    "tpot_met": r["tpot_p50_change_pct"] <= 5.0, "throughput_met": r["throughput_ratio"] >= 0.97})
+    return res
 
 
 def deployment_split(summaries, capacity):
     """A static split is fixed when the cluster is deployed, not re-cut per request mix: compare
     FlexNPU on each other mix with disaggregation at the split that was best for the balanced mix
     (a secondary figure; the headline uses each mix's own best split)."""
-    for bal in [s for s in summaries if s["kind"] == "balanced"]:
+    for bal in [s for s in summaries if s["kind"] == "balanced" and "best_disagg_unit_prefill_devices" in s]:
         p_ = bal["best_disagg_unit_prefill_devices"]
         for s in summaries:
             if s["workload"] == bal["workload"] or s.get("cluster") != bal.get("cluster"):
                 continue
             d = [c for c in capacity if c["workload"] == s["workload"] and c["system"] == "static-disagg"
-                 and c["prefill_devices"] == p_]
-            if not d or not d[0]["max_rate_per_device"]:
+                 and c["value"] == p_]
+            if not d or not d[0]["max_rate_per_device"] or "flexnpu" not in s["max_rate_per_device"]:
                 continue
             s["balanced_mix_split"] = bal["best_disagg_split"]
             s["flex_vs_disagg_at_balanced_mix_split_pct"] = 100 * (s["max_rate_per_device"]["flexnpu"]
                                                                   / d[0]["max_rate_per_device"] - 1)
 
 
-def print_table(runs, summaries, header):
+def print_table(runs, summaries, header, quick):
     print(header)
-    cols = ("system", "split", "rate", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "SLO")
-    print(f"{cols[0]:<27}{cols[1]:>6}{cols[2]:>7}{cols[3]:>10}{cols[4]:>10}{cols[5]:>10}{cols[6]:>10}{cols[7]:>10}{cols[8]:>6}")
+    if quick:
+        print("--quick: the same systems and knob values as the full run, with fewer and shorter probes, one seed "
+              "and no run-length doubling: indicative figures")
+    cols = ("system", "knob", "rate", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "SLO")
+    print(f"{cols[0]:<18}{cols[1]:>13}{cols[2]:>7}{cols[3]:>10}{cols[4]:>10}{cols[5]:>10}{cols[6]:>10}{cols[7]:>10}{cols[8]:>6}")
     for wl in dict.fromkeys(r["workload"] for r in runs):
-        print(f"-- workload {wl} ({WORKLOADS[wl].kind}), emulated, times in ms")
+        print(f"-- workload {wl} ({WORKLOADS[wl].kind}), emulated, each system at its best knob, times in ms")
         for r in runs:
-            if r["workload"] != wl or (r["system"] == "static-disagg" and not r.get("best_split")):
+            if r["workload"] != wl:
                 continue
-            split = f"{r['prefill_devices']}:{r['decode_devices']}" if r["system"] == "static-disagg" else "-"
-            name = r["system"] + (f" @{r['tpot_budget_ms']:.0f}ms" if r.get("tight_budget") else "")
-            print(f"{name:<27}{split:>6}{r['rate']:>7.2f}{r['throughput_tok_s']:>10.0f}{r['ttft_p50_ms']:>10.1f}"
-                  f"{r['ttft_p99_ms']:>10.1f}{r['tpot_p50_ms']:>10.1f}{r['tpot_p99_ms']:>10.1f}{r['slo_attainment']:>6.2f}")
+            mark = " (still changing at the longest run)" if r.get("stable") is False else ""
+            print(f"{r['system']:<18}{knob_label(r['system'], r['knob_value']):>13}{r['rate']:>7.2f}"
+                  f"{r['throughput_tok_s']:>10.0f}{r['ttft_p50_ms']:>10.1f}{r['ttft_p99_ms']:>10.1f}"
+                  f"{r['tpot_p50_ms']:>10.1f}{r['tpot_p99_ms']:>10.1f}{r['slo_attainment']:>6.2f}{mark}")
     print("\nsummary (emulated):")
     for s in summaries:
-        g, mr = s["goodput_tok_s"], s["max_rate_per_device"]
-        print(f"  {s['workload']:<10} {s['kind']:<14} goodput = highest rate with >= {SLO_ATTAINMENT:.0%} of requests "
-              f"within both SLOs: flexnpu chunk {s['best_flex_prefill_chunk']} {mr['flexnpu']:.2f} req/s/dev "
-              f"({g['flexnpu']:.0f} tok/s), "
-              f"disagg {s['best_disagg_split']} {mr['static-disagg']:.2f} ({g['static-disagg']:.0f}), "
-              f"coloc budget {s['best_coloc_max_batched_tokens']} {mr['static-coloc']:.2f} ({g['static-coloc']:.0f}), "
-              f"coloc-decode-first {mr['static-coloc-decode-first']:.2f} ({g['static-coloc-decode-first']:.0f})")
-        print(f"  {'':<25} -> flex vs disagg {s['flex_vs_disagg_pct']:+.1f}% (target >= +{s['disagg_target_pct']:.0f}%), "
-              f"vs coloc {s['flex_vs_coloc_pct']:+.1f}%, vs coloc-decode-first {s['flex_vs_coloc_decode_first_pct']:+.1f}%")
+        mr = s["max_rate_per_device"]
+        parts = [f"{sy} ({knob_label(sy, s['best_knob'][sy]['value'])}) {mr[sy]:.2f}" for sy in SYSTEMS if sy in mr]
+        print(f"  {s['workload']:<10} {s['kind']:<14} goodput, req/s/device at >= {SLO_ATTAINMENT:.0%} SLO attainment: "
+              + ", ".join(parts))
+        if "best_disagg_split" in s:
+            print(f"  {'':<25} -> flex vs disagg {s['flex_vs_static_disagg_goodput_pct']:+.1f}% at the real split "
+                  f"granularity ({s['best_disagg_split']}; target >= +{s['disagg_target_pct']:.0f}%), "
+                  f"{s['flex_vs_disagg_continuous_bound_pct']:+.1f}% vs the continuous-split bound "
+                  f"({s['disagg_continuous_bound_rate_per_device']:.2f} req/s/device)")
+        if "flex_vs_static_partition_goodput_pct" in s:
+            print(f"  {'':<25} -> flex vs static partition (best alpha {s['best_knob']['static-partition']['value']}) "
+                  f"goodput {s['flex_vs_static_partition_goodput_pct']:+.1f}%")
         if "balanced_mix_split" in s:
             print(f"  {'':<25} -> flex vs disagg deployed at the balanced mix's split {s['balanced_mix_split']}: "
                   f"{s['flex_vs_disagg_at_balanced_mix_split_pct']:+.1f}%")
-        for key, lab in (("vs_coloc_tpot_matched", "coloc"), ("vs_coloc_decode_first_tpot_matched", "coloc-decode-first")):
-            for pr in s.get(key, []):
-                if pr["tpot_budget_ms"] is None:
-                    print(f"      rate {pr['rate']:6.2f}: vs {lab:<18} no TPOT budget kept TPOT p50 within +5%")
-                    continue
-                print(f"      rate {pr['rate']:6.2f}: vs {lab:<18} at the same TPOT (flexnpu --tpot-budget-ms "
-                      f"{pr['tpot_budget_ms']:.0f}): TTFT p50 {-pr['ttft_p50_reduction_pct']:+6.1f}% (floor allows "
-                      f"{-pr['ttft_p50_reduction_bound_pct']:+.0f}%), TPOT p50 {pr['tpot_p50_change_pct']:+5.1f}%, "
-                      f"throughput x{pr['throughput_ratio']:.3f}")
-        for key, lab in (("vs_coloc_per_rate", "coloc"), ("vs_coloc_decode_first_per_rate", "coloc-decode-first")):
-            for pr in s[key]:
-                print(f"      rate {pr['rate']:6.2f}: vs {lab:<18} TTFT p50 {-pr['ttft_p50_reduction_pct']:+6.1f}% "
-                      f"(target <= -92%; idle-device floor allows {-pr['ttft_p50_reduction_bound_pct']:+.0f}%), "
-                      f"TPOT p50 {pr['tpot_p50_change_pct']:+6.1f}% (target <= +5%), "
-                      f"throughput x{pr['throughput_ratio']:.3f} (target >= 0.97)")
+        for sy in SYSTEMS:
+            for pr in s.get(f"vs_{sy.replace('-', '_')}", []):
+                ok = "" if pr["both_attain_slo"] else "  [not comparable: an SLO attainment < 90%]"
+                print(f"      rate {pr['rate']:6.2f}: vs {sy:<17} TTFT p50 {-pr['ttft_p50_reduction_pct']:+6.1f}% "
+                      f"(floor allows {-pr['ttft_p50_reduction_bound_pct']:+.0f}%), TPOT p50 {pr['tpot_p50_change_pct']:+6.1f}%, "
+                      f"throughput x{pr['throughput_ratio']:.3f}, SLO {pr['flex_slo_attainment']:.2f} vs "
+                      f"{pr['baseline_slo_attainment']:.2f}{ok}")
+        for t in s.get("static_partition_targets", []):
+            if t["comparable"]:
+                print(f"      rate {t['rate']:6.2f}: paper targets vs static partition: TTFT -92% "
+                      f"{'met' if t['ttft_met'] else 'NOT met'}, TPOT +5% {'met' if t['tpot_met'] else 'NOT met'}, "
+                      f"throughput 0.97x {'met' if t['throughput_met'] else 'NOT met'}")
 
 
 def verdicts(summaries: list[dict]) -> list[dict]:
@@ -384,14 +444,12 @@ def plot(runs, path):
     fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.2 * len(groups)), squeeze=False)
     for i, (cl, wl) in enumerate(groups):
         sel = [r for r in runs if r["workload"] == wl and r.get("cluster", r["devices"]) == cl]
-        for system in ("static-coloc", "static-coloc-decode-first", "static-disagg", "flexnpu"):
-            rs = sorted((r for r in sel if r["system"] == system and not r.get("tight_budget")
-                         and (system != "static-disagg" or r.get("best_split"))),
-                        key=lambda r: r["rate"])
+        for system in SYSTEMS:
+            rs = sorted((r for r in sel if r["system"] == system), key=lambda r: r["rate"])
             if not rs:
                 continue
-            lab = system + (f" {rs[0]['prefill_devices']}:{rs[0]['decode_devices']}" if system == "static-disagg" else "")
-            x = [r["rate"] * r.get("scale", 1) for r in rs]
+            lab = f"{system} ({knob_label(system, rs[0]['knob_value'])})"
+            x = [r["rate"] for r in rs]
             axes[i][0].plot(x, [r["ttft_p50_ms"] for r in rs], marker="o", label=lab)
             axes[i][1].plot(x, [r["tpot_p50_ms"] for r in rs], marker="o", label=lab)
         for j, what in enumerate(("TTFT p50 (ms)", "TPOT p50 (ms)")):
@@ -407,29 +465,40 @@ def plot(runs, path):
     fig.savefig(path, dpi=110)
 
 
+def slo_throughput(runs):
+    ok = [r["throughput_tok_s"] for r in runs if r["slo_attainment"] >= SLO_ATTAINMENT]
+    return max(ok) if ok else 0.0
+
+
 RT_RATES_PER_DEVICE = {"chat": ([4.0], [3.0, 6.0]), "long": ([1.0], [0.5, 1.0])}   # (--quick, full)
 RT_REQUESTS_PER_DEVICE = (8, 20)                                                     # (--quick, full)
 
 
 def rt_summary(runs, workload):
-    """The simulated mode's summary keys for a real-time group (no decode-first baseline here)."""
+    """The simulated mode's comparison keys for a real-time group (no decode-first baseline here)."""
     wl = [r for r in runs if r["workload"] == workload]
     flex = {r["rate"]: r for r in wl if r["system"] == "flexnpu"}
     col = {r["rate"]: r for r in wl if r["system"] == "static-coloc"}
     dis = {r["rate"]: r for r in wl if r["system"] == "static-disagg" and r.get("best_split")}
-    tf, tc, td = (slo_throughput(list(d.values())) for d in (flex, col, dis))
-    rb = next(iter(dis.values()))
+    par = {r["rate"]: r for r in wl if r["system"] == "static-partition" and r.get("best_alpha")}
+    nai = {r["rate"]: r for r in wl if r["system"] == "naive-coloc"}
+    tf, tc, td, tp = (slo_throughput(list(d.values())) for d in (flex, col, dis, par))
+    rb = next(iter(dis.values()), None)
     kind = WORKLOADS[workload].kind
-    return {"workload": workload, "kind": kind, "best_disagg_split": f"{rb['prefill_devices']}:{rb['decode_devices']}",
-            "slo_throughput_tok_s": {"flexnpu": tf, "static-coloc": tc, "static-disagg": td},
-            "flex_vs_disagg_pct": (100 * (tf / td - 1)) if td else math.inf,
-            "flex_vs_coloc_pct": (100 * (tf / tc - 1)) if tc else math.inf,
-            "vs_coloc_per_rate": [{"rate": rate,
-                                   "ttft_p50_reduction_pct": 100 * (1 - flex[rate]["ttft_p50_ms"] / col[rate]["ttft_p50_ms"]),
-                                   "tpot_p50_change_pct": 100 * (flex[rate]["tpot_p50_ms"] / col[rate]["tpot_p50_ms"] - 1),
-                                   "throughput_ratio": flex[rate]["throughput_tok_s"] / col[rate]["throughput_tok_s"]}
-                                  for rate in sorted(flex)],
-            "disagg_target_pct": 5.0 if kind == "balanced" else 26.0}
+    out = {"workload": workload, "kind": kind,
+           "best_disagg_split": f"{rb['prefill_devices']}:{rb['decode_devices']}" if rb else None,
+           "best_alpha": next(iter(par.values()))["alpha"] if par else None,
+           "slo_throughput_tok_s": {"flexnpu": tf, "static-coloc": tc, "static-disagg": td, "static-partition": tp},
+           "flex_vs_disagg_pct": (100 * (tf / td - 1)) if td else math.inf,
+           "flex_vs_coloc_pct": (100 * (tf / tc - 1)) if tc else math.inf,
+           "disagg_target_pct": 5.0 if kind == "balanced" else 26.0}
+    for name, base in (("static_coloc", col), ("static_partition", par), ("naive_coloc", nai)):
+        rows = [vs_one(flex[rate], base[rate]) for rate in sorted(flex) if rate in base]
+        if name == "static_partition":
+            for r in rows:
+                r["alpha"] = par[r["rate"]]["alpha"]
+        out[f"vs_{name}"] = rows
+    return out
 
 
 def run_realtime(a, model_name, spec, t0) -> int:
@@ -441,10 +510,16 @@ def run_realtime(a, model_name, spec, t0) -> int:
             print(f"flexnpu bench serve: unknown workload {w!r}; choose from {', '.join(WORKLOADS)}", file=sys.stderr)
             return 2
     n_dev = a.devices or 2
-    if n_dev < 2:
-        print("flexnpu bench serve: --realtime needs --devices >= 2 (static-disagg needs a prefill and a decode "
+    systems = a.systems.split(",") if a.systems else [s for s in SYSTEMS if s != "decode-first"]
+    if "decode-first" in systems or any(s not in SYSTEMS for s in systems):
+        print(f"flexnpu bench serve: --realtime systems: {', '.join(s for s in SYSTEMS if s != 'decode-first')}",
+              file=sys.stderr)
+        return 2
+    if n_dev < (2 if "static-disagg" in systems else 1):
+        print("flexnpu bench serve: --realtime needs --devices >= 2 with static-disagg (a prefill and a decode "
               "device, and every system gets the same count)", file=sys.stderr)
         return 2
+    a.systems_rt = systems
     model = MODELS[model_name]
     kv_tokens = min(model.kv_capacity_tokens(spec.mem_bytes) // 2, 200_000)
     cfg = SimConfig(max_batched_tokens=a.max_batched_tokens)
@@ -460,7 +535,7 @@ def run_realtime(a, model_name, spec, t0) -> int:
 
 
 def _rt_groups(a, model_name, spec, wls, n_dev, n_req, kv_tokens, cfg, runs, summaries, pools):
-    from bench._realtime import DaemonSet, best_split, run_system
+    from bench._realtime import DaemonSet, best_alpha, best_split, daemon_policy, run_system
 
     for w in wls:
         slo = dict(SLO[model_name])
@@ -473,41 +548,60 @@ def _rt_groups(a, model_name, spec, wls, n_dev, n_req, kv_tokens, cfg, runs, sum
             p0 = estimate_split(model_name, spec, w, n_dev)
             splits = [p_ for p_ in (p0 - 1, p0, p0 + 1) if 0 < p_ < n_dev]
         group = []
-        for rate in rates:
-            for system, p_ in [("static-coloc", 0), ("flexnpu", 0)] + [("static-disagg", p_) for p_ in splits]:
+        alphas = knob_values("static-partition", a, n_dev, None)
+        plan = ([("static-partition", 0, al) for al in alphas] + [("naive-coloc", 0, 0.5), ("static-coloc", 0, 0.5),
+                                                                 ("flexnpu", 0, 0.5)]
+                + [("static-disagg", p_, 0.5) for p_ in splits])
+        plan = [x for x in plan if x[0] in a.systems_rt]
+        for system, p_, alpha in plan:
+            cur = daemon_policy(system, alpha)   # one alpha's daemons at a time: no other run reuses them
+            for k in [k for k in pools if k[0].startswith("partition:") and k[0] != cur]:
+                pools.pop(k).stop()
+            for rate in rates:
                 reqs = generate(w, rate, n_req, a.seed)     # same seeded workload for every system
-                key = ("flex" if system == "flexnpu" else "fifo", slo["tpot"])
+                key = (daemon_policy(system, alpha), slo["tpot"])
                 if key not in pools:
-                    pools[key] = DaemonSet(n_dev, spec.name, key[0], slo["tpot"] * 1e3)
+                    pools[key] = DaemonSet(n_dev, spec.name, key[0], slo["tpot"] * 1e3, a.backend)
                 t1 = time.perf_counter()
                 m = run_system(system, model_name, spec.name, reqs, cfg, slo, a.groups, kv_tokens,
-                               deadline_s=120.0, n_devices=n_dev, n_prefill=p_, daemons=pools[key])
+                               deadline_s=120.0, n_devices=n_dev, n_prefill=p_, daemons=pools[key], alpha=alpha)
                 m.update({"workload": w, "rate": rate, "model": model_name, "device": spec.name,
-                          "devices": n_dev, "requests": n_req, "seed": a.seed, "mode": "realtime", "emulated": True,
+                          "devices": n_dev, "requests": n_req, "seed": a.seed, "mode": "realtime",
+                          "emulated": not a.backend or a.backend.startswith("emu"), "backend": a.backend or f"emu:{spec.name}",
+                          "rate_per_device": rate / n_dev, "ttft_floor_p50_ms": percentile(
+                              ttft_floors(MODELS[model_name], CostModel(spec), reqs), 50) * 1e3,
                           "throughput_per_device_tok_s": m["throughput_tok_s"] / n_dev,
                           "wall_s": round(time.perf_counter() - t1, 2)})
                 group.append(m)
-        best = best_split(group, SLO_ATTAINMENT)
+        if "static-disagg" in a.systems_rt:
+            best = best_split(group, SLO_ATTAINMENT)
+            for r in group:
+                if r["system"] == "static-disagg":
+                    r["best_split"] = r["prefill_devices"] == best
+        best_a = best_alpha(group, SLO_ATTAINMENT)
         for r in group:
-            if r["system"] == "static-disagg":
-                r["best_split"] = r["prefill_devices"] == best
+            if r["system"] == "static-partition":
+                r["best_alpha"] = r["alpha"] == best_a
         runs += group
         summaries.append(rt_summary(group, w))
 
 
 def _rt_report(a, runs, summaries, model_name, spec, n_dev, n_req, t0) -> int:
     if a.json:
-        print(json.dumps({"runs": runs, "summary": summaries, "mode": "realtime", "emulated": True, "devices": n_dev,
+        print(json.dumps({"runs": runs, "summary": summaries, "mode": "realtime", "emulated": not a.backend or a.backend.startswith("emu"),
+                          "backend": a.backend or f"emu:{spec.name}", "devices": n_dev,
                           "wall_s": round(time.perf_counter() - t0, 1)}, indent=1))
         return 0
     print(f"flexnpu bench serve --realtime: {model_name} on {n_dev} emulated {spec.name} devices (one emu:{spec.name} "
           f"daemon each, real client processes), {n_req} requests per run, seed {a.seed}, {a.groups} layer groups, "
-          f"least-loaded dispatch [EMULATED: real time, cost-model kernels]")
+          f"least-loaded dispatch " + ("[EMULATED: real time, cost-model kernels]" if not a.backend or a.backend.startswith("emu")
+                                      else f"[{a.backend} backend: real kernels, random weights]"))
     print(f"{'system':<14}{'split':>6}{'dev':>4}{'rate':>6}{'tok/s':>9}{'tok/s/dev':>10}{'TTFT p50':>10}{'TTFT p99':>10}"
           f"{'TPOT p50':>10}{'TPOT p99':>10}{'SLO':>6}")
     for r in runs:
-        split = f"{r['prefill_devices']}:{r['decode_devices']}" if r["system"] == "static-disagg" else "-"
-        mark = "*" if r.get("best_split") else ""
+        split = (f"{r['prefill_devices']}:{r['decode_devices']}" if r["system"] == "static-disagg"
+                 else f"a{r['alpha']}" if r["system"] == "static-partition" else "-")
+        mark = "*" if r.get("best_split") or r.get("best_alpha") else ""
         print(f"{r['system'] + mark:<14}{split:>6}{r['devices']:>4}{r['rate']:>6.1f}{r['throughput_tok_s']:>9.0f}"
               f"{r['throughput_per_device_tok_s']:>10.0f}{r['ttft_p50_ms']:>10.1f}{r['ttft_p99_ms']:>10.1f}"
               f"{r['tpot_p50_ms']:>10.1f}{r['tpot_p99_ms']:>10.1f}{r['slo_attainment']:>6.2f}  ({r['workload']})")
@@ -518,15 +612,20 @@ def _rt_report(a, runs, summaries, model_name, spec, n_dev, n_req, t0) -> int:
                   f"<= {k['importer_allocated_bytes'] / 2**20:.0f} MiB)")
         if "kv_link_gb_s" in r:
             print(f"{'':14}KV over a {r['kv_link_gb_s']} GB/s link (D2H + H2D, both charged)")
-    print("* static-disagg: best split (highest throughput at >= 90% SLO attainment, ties to lower TTFT p50); "
-          "every split is in --json")
+    print("* static-disagg: best split, static-partition: best alpha (highest throughput at >= 90% SLO attainment, "
+          "ties to lower TTFT p50); every split and alpha is in --json")
     for s_ in summaries:
         sl = s_["slo_throughput_tok_s"]
         print(f"  {s_['workload']}: throughput at >= {SLO_ATTAINMENT:.0%} SLO: flexnpu {sl['flexnpu']:.0f}, "
               f"disagg {s_['best_disagg_split']} {sl['static-disagg']:.0f}, coloc {sl['static-coloc']:.0f} tok/s "
               f"(flex vs disagg {s_['flex_vs_disagg_pct']:+.1f}%, vs coloc {s_['flex_vs_coloc_pct']:+.1f}%)")
+        for pr in s_.get("vs_static_partition", []):
+            print(f"    rate {pr['rate']:6.2f}: vs static-partition (alpha {pr['alpha']}): TTFT p50 "
+                  f"{-pr['ttft_p50_reduction_pct']:+6.1f}%, TPOT p50 {pr['tpot_p50_change_pct']:+6.1f}%, throughput "
+                  f"x{pr['throughput_ratio']:.3f}, SLO {pr['flex_slo_attainment']:.2f} vs {pr['baseline_slo_attainment']:.2f}")
     print(f"\n({time.perf_counter() - t0:.1f} s wall)")
     return 0
+
 
 
 def main(argv=None) -> int:
@@ -546,62 +645,59 @@ def main(argv=None) -> int:
         print(f"flexnpu bench serve: {e}", file=sys.stderr)
         return 2
     # --simulate --quick: the balanced mix only (a DeepSeek-R1 reasoning probe alone takes ~25 s)
-    default_wl = ("chat" if a.quick else "chat,long,reasoning") if a.simulate else "chat,long"
+    default_wl = ("chat" if a.quick else "chat,long,reasoning") if a.simulate else ("chat" if a.quick else "chat,long")
     wls = (a.workloads or default_wl).split(",")
     for w in wls:
         if w not in WORKLOADS:
             print(f"flexnpu bench serve: unknown workload {w!r}; choose from {', '.join(WORKLOADS)}", file=sys.stderr)
             return 2
+    systems = a.systems.split(",") if a.systems else list(SYSTEMS)
+    for s in systems:
+        if s not in SYSTEMS:
+            print(f"flexnpu bench serve: unknown system {s!r}; choose from {', '.join(SYSTEMS)}", file=sys.stderr)
+            return 2
     n_dev = a.devices or (8 if a.simulate else 4)
-    n_req = a.requests or ((10 * n_dev if a.simulate else 30 * n_dev) if a.quick else 100 * n_dev)
-    cfg = SimConfig(max_batched_tokens=a.max_batched_tokens)
+    q = 1 if a.quick else 0
     runs, summaries, capacity = [], [], []
     for w in wls:
         slo = dict(SLO[model])
         if WORKLOADS[w].kind == "prefill-heavy":
             slo["ttft"] = slo["ttft_long"]
-        cfg.tpot_budget_s = slo["tpot"]
         rates = RATES_PER_DEVICE[model][w]
-        if a.quick:  # --simulate --quick: a middle and the highest load only, to stay under 60 s
-            rates = rates[1:] if not a.simulate else [rates[1], rates[-1]] if WORKLOADS[w].kind != "decode-heavy" \
-                else rates[-1:]   # decode-heavy runs have ~1500 iterations per request: 3-5x the events
+        if a.quick:
+            rates = rates[1:] if not a.simulate else rates[-1:]
         splits = None
         if a.simulate and a.quick:
             p0 = estimate_split(model, spec, w, n_dev)
             splits = [p_ for p_ in (p0 - 1, p0, p0 + 1) if 0 < p_ < n_dev]
-        budgets_ms = ([float(b) for b in a.flex_tpot_budgets.split(",") if b] if a.flex_tpot_budgets is not None
-                      else [] if (a.quick or a.simulate) else FLEX_TPOT_BUDGETS_MS)
-        group = run_group(model, spec, w, [r * n_dev for r in rates], n_dev, n_req, a.seed, cfg, slo, splits,
-                          budgets_ms)
-        progress(f"flexnpu bench serve: {w}: per-rate runs done ({time.perf_counter() - t0:.0f} s); goodput search "
-                 f"on {a.jobs} process(es)...")
-        budgets = [int(b) for b in a.coloc_budgets.split(",")] if a.coloc_budgets else None
-        chunks = [int(b) for b in a.flex_chunks.split(",")] if a.flex_chunks else None
-        seeds = None
-        if a.simulate:   # DeepSeek-R1 probes cost ~10x Qwen's: the knobs found best on Qwen, one seed
-            budgets, chunks, seeds = budgets or SIM_COLOC_BUDGETS, chunks or SIM_FLEX_CHUNKS, 1
-        cap = capacity_group(model, spec, w, n_dev, slo, a.seed, a.quick, splits, a.jobs, budgets,
-                             a.capacity_duration or (SIM_DURATION_S.get(w) if a.simulate and not a.quick else None),
-                             chunks, seeds)
+        grid = RATES_PER_DEVICE[model][w]
+        base = {"model": model, "device": spec.name, "workload": w, "devices": n_dev, "slo": slo, "seed": a.seed,
+                "seeds": CAPACITY_SEEDS[q], "duration_s": a.capacity_duration or CAPACITY_DURATION_S[w][q],
+                "steps": CAPACITY_STEPS[q], "lo": grid[0], "hi": 2 * grid[-1], "emulated": True}
+        progress(f"flexnpu bench serve: {w}: goodput search over every knob value on {a.jobs} process(es)...")
+        cap = capacity_group(base, systems, a, n_dev, splits, a.jobs)
         capacity += cap
+        progress(f"flexnpu bench serve: {w}: goodput done ({time.perf_counter() - t0:.0f} s); per-rate runs at the "
+                 f"best knobs...")
+        group = run_group(base, systems, cap, rates, a, a.jobs)
         if a.simulate:
             clusters = [int(c) for c in a.clusters.split(",")]
             if a.quick:
                 clusters = [clusters[0], clusters[-1]]
-            summarize(group, w, cap)     # marks the best split in the unit's runs
             for cl in clusters:
                 if cl % n_dev:
                     print(f"flexnpu bench serve: cluster {cl} is not a multiple of the unit {n_dev}", file=sys.stderr)
                     return 2
                 k = cl // n_dev
+                scaled = []
                 for r in group:
-                    rr = dict(r, cluster=cl, scale=k, rate=r["rate"] * k, throughput_tok_s=r["throughput_tok_s"] * k,
+                    rr = dict(r, cluster=cl, rate=r["rate"] * k, throughput_tok_s=r["throughput_tok_s"] * k,
                               unit_devices=n_dev)
                     if rr["system"] == "static-disagg":
                         rr["prefill_devices"], rr["decode_devices"] = r["prefill_devices"] * k, r["decode_devices"] * k
-                    rr["scale"] = 1
-                    runs.append(rr)
-                sc = summarize([r for r in runs if r.get("cluster") == cl and r["workload"] == w], w, cap, scale=k)
+                    scaled.append(rr)
+                runs += scaled
+                sc = summarize(scaled, w, cap, scale=k)
                 sc["cluster"] = cl
                 summaries.append(sc)
         else:
@@ -610,20 +706,24 @@ def main(argv=None) -> int:
     deployment_split(summaries, capacity)
     if a.plot:
         plot(runs, a.plot)
+    effort = {"capacity_duration_s": {w: a.capacity_duration or CAPACITY_DURATION_S[w][q] for w in wls},
+              "bisection_steps": CAPACITY_STEPS[q], "seeds": CAPACITY_SEEDS[q],
+              "run_duration_s": {w: RUN_DURATION_S[w][q] for w in wls}, "run_doublings": RUN_DOUBLINGS[q],
+              "knobs": {s: {"knob": KNOBS[s][0], "values": knob_values(s, a, n_dev, None)} for s in systems}}
     if a.json:
         print(json.dumps({"runs": runs, "summary": summaries, "verdicts": verdicts(summaries),
-                          "capacity": capacity, "emulated": True,
+                          "capacity": capacity, "emulated": True, "quick": a.quick, "effort": effort,
                           "wall_s": round(time.perf_counter() - t0, 1)}, indent=1))
     else:
         hdr = (f"flexnpu bench serve: {model} on {spec.name}, "
                + (f"cluster study, unit of {n_dev} devices scaled to {a.clusters}" if a.simulate else f"{n_dev} devices")
-               + f", {n_req} requests per run, seed {a.seed} [EMULATED: virtual time, cost model + emu engine]")
+               + f", seed {a.seed} [EMULATED: virtual time, cost model + emu engine]")
         if a.simulate:
             for cl in dict.fromkeys(r["cluster"] for r in runs):
                 print_table([r for r in runs if r["cluster"] == cl],
-                            [s for s in summaries if s["cluster"] == cl], hdr + f"\n== {cl} devices")
+                            [s for s in summaries if s["cluster"] == cl], hdr + f"\n== {cl} devices", a.quick)
         else:
-            print_table(runs, summaries, hdr)
+            print_table(runs, summaries, hdr, a.quick)
         print_verdicts(verdicts(summaries))
         print(f"\n({time.perf_counter() - t0:.1f} s wall)")
     return 0

@@ -79,3 +79,73 @@ def test_predict_finish_does_not_disturb_state():
     d.submit("b", MEMORY, 0.0)
     assert d.predict_finish(a) == pytest.approx(1.25e-3, rel=TOL)
     assert a.finished is None and not d.idle
+
+
+# ---------------------------------------------------------------- core partitions (hard caps)
+NOSWITCH = DeviceSpec(**{**SPEC.__dict__, "repartition_s": 0.0})
+
+
+def test_core_share_is_a_hard_cap_even_on_an_idle_device():
+    d = EmuDevice(NOSWITCH)
+    d.set_partition({"p": 0.5})
+    k = d.submit("p", COMPUTE, 0.0)
+    run(d)
+    assert k.finished == pytest.approx(2e-3, rel=TOL)     # half the cores: twice the time, alone
+    assert k.solo_s == pytest.approx(2e-3, rel=TOL)
+
+
+def test_memory_bound_kernel_pulls_bandwidth_only_through_its_cores():
+    # MEMORY needs 0.25 of compute per unit of bandwidth: on 0.1 of the cores it reaches 0.4 of
+    # the bandwidth (2.5 ms); on 0.25 or more it gets all of it (1 ms)
+    d = EmuDevice(NOSWITCH)
+    d.set_partition({"few": 0.1, "enough": 0.3})
+    a = d.submit("few", MEMORY, 0.0)
+    run(d)
+    b = d.submit("enough", MEMORY, d.now)
+    run(d)
+    assert a.duration == pytest.approx(2.5e-3, rel=TOL)
+    assert b.duration == pytest.approx(1e-3, rel=TOL)
+
+
+def test_partitions_isolate_compute_and_share_bandwidth_work_conserving():
+    # P (compute-bound) on 0.7, D (memory-bound) on 0.3: P is capped at rate 0.7 (compute 0.7,
+    # memory 0.07); D fills the rest of the bandwidth, 0.93 (its compute 0.2325 < 0.3), so
+    # P ends at 1/0.7 ms and D at 1/0.93 ms: compute isolated, bandwidth shared
+    d = EmuDevice(NOSWITCH)
+    d.set_partition({"P": 0.7, "D": 0.3})
+    p, dd = d.submit("P", COMPUTE, 0.0), d.submit("D", MEMORY, 0.0)
+    run(d)
+    assert dd.finished == pytest.approx(1e-3 / 0.93, rel=TOL)
+    assert p.finished == pytest.approx(1e-3 / 0.7, rel=TOL)
+    # bandwidth use never exceeds the device: P draws 0.07, D the rest
+    use = [b / max(p.finished, dd.finished) for b in d.busy_time]
+    assert use[0] <= 1 + 1e-9 and use[1] <= 1 + 1e-9
+
+
+def test_two_capped_streams_never_exceed_the_device():
+    d = EmuDevice(NOSWITCH)
+    d.set_partition({"a": 0.8, "b": 0.8})   # oversubscribed shares still contend for one device
+    a, b = d.submit("a", COMPUTE, 0.0), d.submit("b", COMPUTE, 0.0)
+    run(d)
+    assert a.finished == pytest.approx(2e-3, rel=TOL) and b.finished == pytest.approx(2e-3, rel=TOL)
+
+
+def test_share_applies_at_operator_boundaries_and_a_change_costs():
+    spec = DeviceSpec(**{**SPEC.__dict__, "repartition_s": 50e-6})
+    d = EmuDevice(spec)
+    k1 = d.submit("s", COMPUTE, 0.0)              # unpartitioned
+    d.set_partition({"s": 0.5})                   # while k1 runs: k1 keeps the whole device
+    k2 = d.submit("s", COMPUTE, 0.0)
+    k3 = d.submit("s", COMPUTE, 0.0)              # same share as k2: no further cost
+    run(d)
+    assert k1.duration == pytest.approx(1e-3, rel=TOL)
+    assert k2.duration == pytest.approx(2e-3 + 50e-6, rel=TOL)
+    assert k3.duration == pytest.approx(2e-3, rel=TOL)
+    assert d.repartitions("s") == 1
+
+
+def test_bad_shares_are_rejected():
+    d = EmuDevice(SPEC)
+    for bad in (0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError):
+            d.set_partition({"s": bad})

@@ -1,7 +1,7 @@
 import pytest
 
 from flexnpu.sched.costmodel import CostModel, attention_cost, matmul_cost
-from flexnpu.sched.policy import DeviceState, FlexPolicy, Op, Phase, StreamQueue, make_policy
+from flexnpu.sched.policy import StaticPartitionPolicy, DeviceState, FlexPolicy, Op, Phase, StreamQueue, make_policy
 from flexnpu.sched.specs import get_spec
 
 PRE = matmul_cost(2048, 3584, 3584, "bf16")                          # ~1000 FLOP/B
@@ -62,7 +62,9 @@ def test_flex_decode_first_then_prefill_slots():
     fill(dec, DEC, 3, t0=100)  # decode arrived later but goes first
     out = p.select([pre, dec], d, 0.0)
     assert [x.queue.key for x in out] == ["dec"] * 3 + ["pre"] * 2
-    assert out[0].weight == p.decode_weight and out[-1].weight == 1.0
+    # both phases busy: decode on its core share, prefill on the rest (on the share grid)
+    assert out[0].share == p.decode_share and out[-1].share == pytest.approx(1 - p.decode_share)
+    assert all(x.weight == 1.0 for x in out)
     # with no decode work prefill is not gated
     p2, d2 = FlexPolicy(max_prefill_slots=1), dev()
     pre2 = StreamQueue("pre")
@@ -74,15 +76,15 @@ def test_flex_adapts_to_decode_budget():
     p, d = FlexPolicy(max_prefill_slots=4, default_tpot_budget_s=0.010), dev()
     pre, dec = StreamQueue("pre", phase="prefill"), StreamQueue("dec", phase="decode")
     fill(pre, PRE, 50)
-    w0 = p.decode_weight
+    w0 = p.decode_share
     t = 0.0
-    # decode iterations of 2 ops taking 30 ms > 10 ms budget: slots shrink to the floor, weight rises
+    # decode iterations of 2 ops taking 30 ms > 10 ms budget: slots shrink to the floor, decode share rises
     for _ in range(3):
         fill(dec, DEC, 2, t0=t, step=2)
         for x in [x for x in p.select([pre, dec], d, t) if x.queue is dec]:
             p.complete(x.op, d, t + 0.030)
         t += 0.030
-    assert p.prefill_slots == p.min_prefill_slots == 1 and p.decode_weight > w0
+    assert p.prefill_slots == p.min_prefill_slots == 1 and p.decode_share > w0
     for o in [o for o in list(d.inflight.values()) if o.stream == "pre"]:
         p.complete(o, d, t)
     fill(dec, DEC, 2, t0=t, step=2)
@@ -91,15 +93,63 @@ def test_flex_adapts_to_decode_budget():
     for x in out:
         if x.queue is dec:
             p.complete(x.op, d, t + 0.002)
-    # fast iterations (2 ms) -> slots grow back, weight falls below where it started
+    # fast iterations (2 ms) -> slots grow back, decode share falls below where it started
     for _ in range(8):
         t += 0.002
         fill(dec, DEC, 2, t0=t, step=2)
         for x in [x for x in p.select([pre, dec], d, t) if x.queue is dec]:
             p.complete(x.op, d, t + 0.002)
-    assert p.prefill_slots == 4 and p.decode_weight < w0
+    assert p.prefill_slots == 4 and p.decode_share < w0
 
 
 def test_make_policy_rejects_unknown():
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("lottery")
+
+
+# ---------------------------------------------------------------- core shares (the hardware lever)
+
+def test_flex_shares_only_while_both_phases_have_work():
+    p = FlexPolicy()
+    assert p.shares(decode_busy=True, prefill_busy=False) == (None, None)    # whole device
+    assert p.shares(decode_busy=False, prefill_busy=True) == (None, None)
+    d, pre = p.shares(True, True)
+    assert d + pre == pytest.approx(1.0)                                     # conservation
+    assert FlexPolicy(partition=False).shares(True, True) == (None, None)    # cpu: ordering only
+    # decode alone on the device: its ops carry no share
+    p2, dv = FlexPolicy(), dev()
+    dq = StreamQueue("dec", phase="decode")
+    fill(dq, DEC, 2)
+    assert [x.share for x in p2.select([dq], dv, 0.0)] == [None, None]
+
+
+def test_flex_shares_stay_on_the_grid_and_within_floors():
+    p, d = FlexPolicy(default_tpot_budget_s=0.010, share_step=1 / 8), dev()
+    pre, dec = StreamQueue("pre", phase="prefill"), StreamQueue("dec", phase="decode")
+    fill(pre, PRE, 400)
+    t, seen = 0.0, set()
+    for slow in [True] * 10 + [False] * 30 + [True] * 3:
+        fill(dec, DEC, 2, t0=t, step=2)
+        for x in p.select([pre, dec], d, t):
+            seen.add((x.queue.key, x.share))
+            if x.queue is dec:
+                p.complete(x.op, d, t + (0.030 if slow else 0.001))
+        t += 0.030
+        assert p.min_decode_share <= p.decode_share <= p.max_decode_share
+        assert p.prefill_slots >= p.min_prefill_slots
+    for key, share in seen:
+        assert share is not None and (share * 8) == pytest.approx(round(share * 8))   # 1/8 grid
+        assert 1 / 8 <= share <= 7 / 8                                                # neither starves
+    assert {s for k, s in seen if k == "dec"} >= {1 / 8, 7 / 8}   # both floors were reached
+
+
+def test_static_partition_is_fixed_and_not_work_conserving():
+    p, d = StaticPartitionPolicy(alpha=0.75), dev()
+    pre, dec = StreamQueue("pre", phase="prefill"), StreamQueue("dec", phase="decode")
+    fill(pre, PRE, 3)
+    out = p.select([pre], d, 0.0)          # prefill alone still runs on its 3/4
+    assert [x.share for x in out] == [0.75] * 3
+    fill(dec, DEC, 2, t0=10)
+    assert [x.share for x in p.select([pre, dec], d, 0.0)] == [0.25, 0.25]
+    with pytest.raises(ValueError):
+        StaticPartitionPolicy(alpha=1.0)

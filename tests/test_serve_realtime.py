@@ -18,12 +18,13 @@ from flexnpu.sched.models import QWEN25_7B, step_kernels
 from flexnpu.sched.specs import get_spec
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = {"static-coloc", "flexnpu", "static-disagg"}
+SYSTEMS = {"static-partition", "naive-coloc", "static-coloc", "flexnpu", "static-disagg"}
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_every_system_spans_the_same_devices(n):
-    for system, p in (("static-coloc", 0), ("flexnpu", 0), ("static-disagg", 1), ("static-disagg", n - 1)):
+    for system, p in (("static-coloc", 0), ("flexnpu", 0), ("static-partition", 0), ("naive-coloc", 0),
+                      ("static-disagg", 1), ("static-disagg", n - 1)):
         engines, entry, decoders = plan_engines(system, n, p)
         assert sorted({e["device"] for e in engines}) == list(range(n)), system
     engines, _, _ = plan_engines("flexnpu", n, 0)
@@ -61,9 +62,9 @@ def test_realtime_bench_end_to_end():
     # several 2048-token prefill chunks in static-coloc and flexnpu
     n_dev, n_req = 2, 4
     proc = subprocess.run([sys.executable, "-m", "flexnpu", "bench", "serve", "--realtime", "--quick", "--json",
-                           "--devices", str(n_dev), "--requests", str(n_req), "--seed", "3"],
+                           "--devices", str(n_dev), "--requests", str(n_req), "--seed", "3", "--alphas", "0.75"],
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["mode"] == "realtime" and out["emulated"] is True and out["devices"] == n_dev
@@ -91,5 +92,11 @@ def test_realtime_bench_end_to_end():
     assert sum(1 for r in dis if r["best_split"]) == 1
     for r in dis:
         assert r["prefill_devices"] + r["decode_devices"] == n_dev and r["kv_link_gb_s"] > 0
+    # the static core split runs through the daemon's partition policy; naive co-location on fifo
+    part = next(r for r in runs if r["system"] == "static-partition")
+    assert set(part["daemon_policies"]) == {"partition:0.75"} and part["alpha"] == 0.75 and part["best_alpha"]
+    assert part["kv_handoff"]["zero_copy"] is True
+    assert set(next(r for r in runs if r["system"] == "naive-coloc")["daemon_policies"]) == {"fifo"}
     s = out["summary"][0]
     assert s["best_disagg_split"] == "1:1" and s["slo_throughput_tok_s"]["flexnpu"] >= 0
+    assert s["best_alpha"] == 0.75 and [r["alpha"] for r in s["vs_static_partition"]] == [0.75]

@@ -13,8 +13,10 @@ from .. import protocol as P
 from ..protocol import Op
 from ..sched.costmodel import (COPY, ELEMENTWISE, Cost, CostModel, aten_cost, copy_cost,
                                default_corrections_path, load_corrections, total)
-from ..sched.policy import DeviceState, FlexPolicy, Op as PolicyOp, Phase, StreamQueue, make_policy
+from ..sched.policy import (DeviceState, FlexPolicy, Op as PolicyOp, Phase, StaticPartitionPolicy, StreamQueue,
+                            make_policy)
 from ..sched.specs import get_spec
+from .backends.partition import partition_capable
 
 if TYPE_CHECKING:
     from .server import Daemon
@@ -151,7 +153,7 @@ class _Inflight:
 
 
 class PolicyScheduler:
-    """fifo | priority | flex from flexnpu.sched.policy, in real time.
+    """fifo | priority | flex | partition from flexnpu.sched.policy, in real time.
 
     Every device command becomes a policy ``Op`` in a ``StreamQueue`` per (client, stream)
     (phase from the stream's declared phase, priority from its stream priority: lower number =
@@ -164,19 +166,30 @@ class PolicyScheduler:
     Iteration ends for the flex policy's TPOT control: the last device command before a
     STEP_MARK (``Client.mark_step``, ``torch.npu.mark_step``) or, for engines that never mark,
     before a synchronisation of the stream.
+    Core shares: each dispatch may carry a share (flex, partition); on a backend with the
+    partition capability (flexnpu.daemon.backends.partition) the scheduler sets the stream's
+    share just before executing the command, so a change lands at an operator boundary; on
+    others (cpu) shares are not applied and the flex policy is told so (ordering/gating only).
     """
 
     inline = False
 
-    def __init__(self, daemon: "Daemon", policy: str, tpot_budget_s: float | None = None) -> None:
+    def __init__(self, daemon: "Daemon", policy: str, tpot_budget_s: float | None = None,
+                 alpha: float | None = None) -> None:
         self.daemon = daemon
         be = daemon.backend
         self.emu = getattr(be, "emu", None)
+        self.partition = partition_capable(be)
         kw: dict[str, Any] = {}
-        if policy == "flex" and tpot_budget_s:
-            kw["default_tpot_budget_s"] = tpot_budget_s
+        if policy == "flex":
+            kw["partition"] = self.partition
+            if tpot_budget_s:
+                kw["default_tpot_budget_s"] = tpot_budget_s
+        if policy == "partition" and alpha is not None:
+            kw["alpha"] = alpha
         self.policy = make_policy(policy, **kw)
         self.name = policy
+        self.shares: dict[tuple[int, int], float | None] = {}   # share last set per stream
         model = CostModel(be.spec) if self.emu is not None else local_cost_model(be)
         # A shallow device queue: kernels wait in the policy's queues, where the policy can still
         # reorder them. Two per stream keep the next kernel queued on the device while one
@@ -257,6 +270,7 @@ class PolicyScheduler:
 
     def _forget(self, key: tuple[int, int]) -> None:
         self.active.pop(key, None)
+        self.shares.pop(key, None)
         self.streams.pop(key, None)
         self.last_op.pop(key, None)
         q = self.queues.get(key)
@@ -289,6 +303,10 @@ class PolicyScheduler:
             if s.dead or s.streams.get(st.sid) is not st:
                 self.policy.complete(d.op, self.state, now)
                 continue
+            if self.partition and self.shares.get(key, None) != d.share:
+                # the lever: applies to this command and the stream's later ones
+                self.daemon.backend.set_partition({st.device_stream: d.share})
+                self.shares[key] = d.share
             if self.emu is None:
                 t0 = time.monotonic()
                 s.execute(st, cmd)
@@ -304,7 +322,7 @@ class PolicyScheduler:
                 held, s.held = s.held, None
             w = d.weight if self.name == "priority" else d.weight * 2.0 ** (-st.priority)
             self.emu.submit(key, d.op.cost, max(now, self.emu.now), weight=w,
-                            tag=_Inflight(d.op, s, st, held))
+                            tag=_Inflight(d.op, s, st, held), share=getattr(st.device_stream, "share", None))
             self.inflight[key] = self.inflight.get(key, 0) + 1
         return n
 
@@ -354,9 +372,12 @@ class PolicyScheduler:
                             "steps": q.steps,
                             "last_step_ms": None if q.last_step_time is None else round(q.last_step_time * 1e3, 3)})
         out: dict[str, Any] = {"policy": self.name, "streams": streams, "inflight": len(self.state.inflight)}
+        out["partition"] = self.partition
         if isinstance(self.policy, FlexPolicy):
-            out.update(prefill_slots=self.policy.prefill_slots, decode_weight=self.policy.decode_weight,
+            out.update(prefill_slots=self.policy.prefill_slots, decode_share=self.policy.decode_share,
                        adjustments=self.policy.adjustments)
+        if isinstance(self.policy, StaticPartitionPolicy):
+            out["alpha"] = self.policy.alpha
         if self.emu is not None:
             out["emulated"] = {"spec": self.emu.spec.name, "completed": self.emu.completed_count,
                                "utilization": [round(x, 3) for x in self.emu.utilization()]}
@@ -370,14 +391,32 @@ def _phase(p: str) -> Phase:
         return Phase.AUTO
 
 
-POLICIES = ("fifo", "priority", "flex")
+POLICIES = ("fifo", "priority", "flex", "partition")
+
+
+def parse_policy(spec: str) -> tuple[str, float | None]:
+    """`fifo|priority|flex|partition[:ALPHA]` -> (name, alpha). partition:ALPHA is the static
+    core split: prefill-phase streams on ALPHA of the cores, the others on 1 - ALPHA."""
+    name, _, arg = spec.partition(":")
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+    if arg and name != "partition":
+        raise ValueError(f"policy {name} takes no argument")
+    alpha = None
+    if arg:
+        try:
+            alpha = float(arg)
+        except ValueError:
+            raise ValueError(f"partition:ALPHA needs a number, not {arg!r}") from None
+        if not 0 < alpha < 1:
+            raise ValueError(f"partition alpha must be in (0, 1), not {alpha}")
+    return name, alpha
 
 
 def make_scheduler(name: str, daemon: "Daemon", tpot_budget_s: float | None = None) -> Any:
     """fifo on a torch backend keeps the inline passthrough (the sync-call fast path); every
     other combination runs the policy from flexnpu.sched.policy."""
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+    name, alpha = parse_policy(name)
     if name == "fifo" and getattr(daemon.backend, "emu", None) is None:
         return FifoScheduler(daemon)
-    return PolicyScheduler(daemon, name, tpot_budget_s)
+    return PolicyScheduler(daemon, name, tpot_budget_s, alpha)

@@ -94,3 +94,20 @@ def ttft_floors(model: ModelShape, cm: CostModel, reqs: Iterable[Request], slice
             cache[r.prompt] = ttft_floor(model, cm, r, slices)
         out.append(cache[r.prompt])
     return out
+
+
+def continuous_split_bound(split_rates: Iterable[tuple[int, float]], n_devices: int) -> float:
+    """Goodput per device of static disaggregation if devices could be split continuously.
+
+    From the searched integer splits, (prefill devices p, goodput per device r): a prefill device
+    sustains at least Cp = max r*N/p req/s and a decode device at least Cd = max r*N/(N-p) (each
+    split is limited by one side, so the maxima are the best per-device capacities observed).
+    A fraction f of prefill devices sustains min(f*Cp, (1-f)*Cd) per device, largest at
+    f = Cd/(Cp+Cd): Cp*Cd/(Cp+Cd). An upper estimate: it assumes per-device capacity does not
+    depend on how many devices share the side (routing granularity is ignored)."""
+    cp = cd = 0.0
+    for p, r in split_rates:
+        if 0 < p < n_devices and r > 0:
+            cp = max(cp, r * n_devices / p)
+            cd = max(cd, r * n_devices / (n_devices - p))
+    return cp * cd / (cp + cd) if cp > 0 and cd > 0 else 0.0

@@ -14,7 +14,22 @@ saturates; kernels using that resource freeze, the rest keep growing into what i
 - two compute-bound kernels each get half the compute (each takes ~2x);
 - a compute-bound and a memory-bound kernel overlap, slowing each other only where their
   combined demand on one resource exceeds it (see tests for the worked numbers);
-- a higher weight (stream priority) gets a proportionally larger share under contention.
+- a higher weight (stream priority: CUDA/Ascend stream priorities bias the hardware block
+  scheduler) gets a proportionally larger share under contention.
+
+Core partitions (``set_partition``: Ascend ``aclrtSetStreamResLimit`` / torch_npu
+``set_stream_limit``, CUDA green contexts or MPS active-thread percentage): a stream with core
+share s runs its kernels on a fraction s of the compute units. That is a hard cap, not a
+weight: such a kernel's compute use never exceeds s, even on an otherwise idle device. Memory
+bandwidth is not partitioned (no accelerator partitions HBM bandwidth per stream); it stays
+shared work-conserving among all running kernels, but a kernel pulls bandwidth only through
+the cores it has: its compute demand is at least ``issue_frac`` x its memory demand, so on a
+share s it reaches at most s / issue_frac of the device bandwidth (a decode kernel on 10% of
+the cores of a 910B-class spec, issue_frac 0.25, gets at most 40% of HBM bandwidth; on 25% or
+more it gets all of it when alone). A share applies to kernels submitted after it is set (an
+operator boundary: hardware cannot move a running kernel's cores), and the first kernel of a
+stream after its share changed pays ``spec.repartition_s`` of extra launch latency (the cost of
+a change: a runtime call or a switch to another pre-made green-context stream).
 Kernels on the same stream run in order; each pays ``launch_s`` of latency (not a shared
 resource) before it starts consuming work.
 
@@ -52,6 +67,7 @@ class EmuKernel:
     finished: float | None = None
     remaining: float = 1.0               # fraction of work left
     rate: float = 0.0                    # progress per second under the current allocation
+    share: float | None = None           # core share (hard compute cap); None = whole device
 
     @property
     def duration(self) -> float | None:
@@ -67,6 +83,19 @@ class EmuKernel:
 class _Stream:
     queue: deque = field(default_factory=deque)
     weight: float = 1.0
+    share: float | None = None       # core share applied to kernels submitted from now on
+    last_share: float | None = None  # share of the stream's previous kernel (a change costs)
+    repartitions: int = 0
+
+
+def check_share(share: float | None) -> float | None:
+    """A core share is a fraction of the device's compute units in (0, 1], or None (no limit)."""
+    if share is None:
+        return None
+    share = float(share)
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"core share must be in (0, 1], not {share}")
+    return None if share >= 1.0 else share
 
 
 class EmuDevice:
@@ -92,10 +121,25 @@ class EmuDevice:
         self._streams.setdefault(stream, _Stream()).weight = float(weight)
         self._dirty = True
 
+    def set_partition(self, shares: dict[Hashable, float | None]) -> None:
+        """Core share per stream (None or 1 = no limit), for kernels submitted from now on."""
+        checked = {k: check_share(v) for k, v in shares.items()}
+        for k, v in checked.items():
+            self._streams.setdefault(k, _Stream()).share = v
+
+    def partition(self) -> dict[Hashable, float | None]:
+        return {k: s.share for k, s in self._streams.items() if s.share is not None}
+
+    def repartitions(self, stream: Hashable) -> int:
+        """How many times a kernel of `stream` started under a share other than its predecessor's."""
+        st = self._streams.get(stream)
+        return 0 if st is None else st.repartitions
+
     def submit(self, stream: Hashable, cost: Cost, now: float, weight: float | None = None,
-               tag: Any = None) -> EmuKernel:
+               tag: Any = None, share: float | None = -1.0) -> EmuKernel:
         """Enqueue a kernel on `stream` at time `now` (>= the device's clock). Completions due
-        before `now` are processed first (collect them with the next ``advance``)."""
+        before `now` are processed first (collect them with the next ``advance``). `share`: this
+        kernel's core share (default: the stream's partition; None: no limit)."""
         self._pending.extend(self._advance_to(now))
         comp, mem, link = self.model.work(cost)
         f = self.model.corrections.factor(cost.op_class)
@@ -103,8 +147,15 @@ class EmuDevice:
         demand = (max(comp, self.spec.issue_frac * mem), mem, link)
         launch = cost.launches * self.spec.launch_s
         st = self._streams.setdefault(stream, _Stream())
-        k = EmuKernel(next(self._ids), stream, cost, demand, max(comp, mem, link) + launch, launch,
-                      st.weight if weight is None else float(weight), self.now, tag)
+        sh = st.share if share == -1.0 else check_share(share)
+        if sh != st.last_share:
+            # the partition changed at this operator boundary: the change costs launch latency
+            launch += self.spec.repartition_s
+            st.repartitions += 1
+            st.last_share = sh
+        solo = max(comp, mem, link) if sh is None else max(demand[0] / sh, mem, link)
+        k = EmuKernel(next(self._ids), stream, cost, demand, solo + launch, launch,
+                      st.weight if weight is None else float(weight), self.now, tag, share=sh)
         st.queue.append(k)
         if len(st.queue) == 1:
             self._start(k, self.now)
@@ -198,25 +249,41 @@ class EmuDevice:
             if max(k.demand) <= 0:
                 k.rate = float("inf")  # no work: completes at once
         level = 0.0
+        # per kernel: resource use per unit of fill level (weight x demand / dominant demand),
+        # and the level at which a partitioned kernel's compute use reaches its core share
+        g, lim, doms = {}, {}, {}
+        for k in active:
+            dom = doms[k.id] = max(k.demand)
+            g[k.id] = (k.weight * k.demand[0] / dom, k.weight * k.demand[1] / dom, k.weight * k.demand[2] / dom)
+            if k.share is not None and k.demand[0] > _EPS:
+                lim[k.id] = k.share / g[k.id][0]
         while active:
-            dom = {k.id: max(k.demand) for k in active}
+            per = [sum(g[k.id][r] for k in active) for r in range(3)]
             # fill level at which each resource saturates, given the still-growing kernels
             best, sat = float("inf"), None
             for r in range(3):
-                per_level = sum(k.weight * k.demand[r] / dom[k.id] for k in active)
-                if per_level > _EPS:
-                    grow = cap[r] / per_level
+                if per[r] > _EPS:
+                    grow = cap[r] / per[r]
                     if grow < best:
                         best, sat = grow, r
-            if sat is None:
+            # a partitioned kernel stops growing when its compute use reaches its core share
+            capped = None
+            for k in active:
+                if k.id in lim:
+                    grow = lim[k.id] - level
+                    if grow < best - _EPS:
+                        best, sat, capped = max(grow, 0.0), None, k
+            if sat is None and capped is None:
                 break
             level += best
             for r in range(3):
-                cap[r] -= best * sum(k.weight * k.demand[r] / dom[k.id] for k in active)
-                cap[r] = max(cap[r], 0.0)
+                cap[r] = max(cap[r] - best * per[r], 0.0)
             for k in active:
-                k.rate = k.weight * level / dom[k.id]
-            frozen = [k for k in active if k.demand[sat] > _EPS * dom[k.id]]
+                k.rate = k.weight * level / doms[k.id]
+            if capped is not None:
+                frozen = [k for k in active if k.id in lim and level >= lim[k.id] * (1 - 1e-9)]
+            else:
+                frozen = [k for k in active if k.demand[sat] > _EPS * doms[k.id]]
             active = [k for k in active if k not in frozen]
             # those still active keep their rate and can grow further (level is shared)
         self._dirty = False

@@ -6,7 +6,8 @@ One interface for the daemon (real time) and the serving simulator (virtual time
     device: DeviceState             # cost model + what is in flight
     policy = make_policy("flex")
     for d in policy.select(queues, device, now):   # ops leave their queue, now in flight
-        backend.launch(d.op, weight=d.weight)      # d.weight: emulated/real stream priority
+        backend.set_partition(stream, d.share)     # core share for this op (None: whole device)
+        backend.launch(d.op, weight=d.weight)      # d.weight: stream priority (priority policy)
     ...
     policy.complete(op, now, started=t0)           # on completion: accounting + feedback
     t = policy.next_wakeup(now)                    # call select() again by then (or None)
@@ -125,7 +126,11 @@ class DeviceState:
 class Dispatch:
     op: Op
     queue: StreamQueue
-    weight: float = 1.0   # share multiplier under contention: CUDA/Ascend stream priority, emu weight
+    weight: float = 1.0   # stream priority (CUDA/Ascend stream priority; emu: DRF weight)
+    # Core share the op runs on: the fraction of the device's compute units its stream is
+    # limited to (Ascend set_stream_limit, CUDA green context), None = the whole device. Set
+    # per op because hardware applies a partition to operators launched after the change.
+    share: float | None = None
 
 
 class Policy(ABC):
@@ -142,7 +147,8 @@ class Policy(ABC):
         """A time at which select() may decide differently without any new event."""
         return None
 
-    def _take(self, q: StreamQueue, device: DeviceState, now: float, weight: float = 1.0) -> Dispatch:
+    def _take(self, q: StreamQueue, device: DeviceState, now: float, weight: float = 1.0,
+              share: float | None = None) -> Dispatch:
         op = q.ops.popleft()
         op.dispatched = now
         op.predicted_s = device.model.predict(op.cost)
@@ -152,7 +158,7 @@ class Policy(ABC):
         if q.step_start is None:
             q.step_start = now
         q.step_pred += op.predicted_s
-        return Dispatch(op, q, weight)
+        return Dispatch(op, q, weight, share)
 
     def complete(self, op: Op, device: DeviceState, now: float, started: float | None = None) -> None:
         """The device finished `op` at `now`. `started`: when it began executing, if known
@@ -238,65 +244,98 @@ class PriorityPolicy(Policy):
         return out
 
 
-class FlexPolicy(Policy):
-    """Dynamic prefill/decode co-location.
+def _quantize(share: float, step: float) -> float:
+    """A share on the hardware's grid (multiples of `step`), at least one step."""
+    return min(1.0, max(step, round(share / step) * step))
 
-    - Decode streams (declared, or inferred from low arithmetic intensity) are always
-      dispatched first and carry ``decode_weight`` (emulated high stream priority).
-    - Prefill streams fill the remaining capacity: up to ``prefill_slots`` prefill ops may
-      be in flight alongside decode work; with 0 slots prefill runs only while no decode op is
-      pending or in flight. With no decode work at all prefill is unlimited.
-    - Both adapt to the measured load on each decode stream's measured iteration time
-      (``Op.step_end`` marks iteration ends) against its budget: the smaller of the TPOT budget
-      (``StreamQueue.tpot_budget_s``, else ``default_tpot_budget_s``) and ``max_slowdown`` x
-      the iteration's predicted solo time (so decode stays "nearly unchanged" even when the
-      SLO is loose). Above ``high`` x budget: halve the prefill slots and double the decode
-      weight (up to ``max_decode_weight``), never below ``min_prefill_slots`` (default 1, so
-      prefill cannot starve); below ``low`` x budget: add a slot and lower the
-      decode weight by 1.5x (down to ``min_decode_weight``), so prefill takes the slack.
-      The floor is low (1/64) on purpose: with the former floor of 0.5 decode kept about 2/3
-      of a contended resource even with its TPOT at a third of the budget, which starved
-      prefill and raised TTFT 10-50% over chunked-prefill co-location in the serving study
-      (docs/scheduling.md, "Tuning the flex policy"); AIMD doubling restores decode's share
-      within a few iterations when the budget is approached.
+
+class FlexPolicy(Policy):
+    """Dynamic prefill/decode co-location with two levers that exist on hardware.
+
+    1. Ordering and gating (every backend): decode streams (declared, or inferred from low
+       arithmetic intensity) are dispatched first; prefill streams fill in, with at most
+       ``prefill_slots`` prefill ops in flight while decode work is pending or in flight (no
+       limit when there is no decode work).
+    2. Core shares (backends with the partition capability: npu set_stream_limit, cuda green
+       contexts, emu): while both phases have work, decode ops run on ``decode_share`` of the
+       compute units and prefill ops on the rest; while only one phase has work it runs on the
+       whole device (a static split would leave the other part idle). Decode counts as active
+       for a budget's time after its last op completed, so a prefill kernel dispatched in the
+       gap between two decode iterations (the engine's host work) still gets the prefill share
+       and cannot take the whole device from the next iteration. A share is attached to
+       each op at dispatch, so a change takes effect at operator boundaries, and shares move on
+       a grid of ``share_step`` (green contexts are made per level; few distinct levels also
+       keep the number of changes, which cost ``spec.repartition_s`` each, small).
+    Both adapt on each decode stream's measured iteration time (``Op.step_end`` marks iteration
+    ends) against its budget: the smaller of the TPOT budget (``StreamQueue.tpot_budget_s``,
+    else ``default_tpot_budget_s``) and ``max_slowdown`` x the iteration's predicted solo time.
+    Above ``high`` x budget: halve the prefill slots (floor ``min_prefill_slots``, default 1, so
+    prefill cannot starve) and grow the decode share by ``share_up`` (cap ``max_decode_share``,
+    so prefill keeps cores); below ``low`` x budget: add a slot and shrink the decode share by
+    ``share_down`` (floor ``min_decode_share``), so prefill takes the slack.
     Prefill work should arrive chunked (a few layers per op) so that the gate has kernel-level
-    granularity; the engine decides the chunking, the policy only gates.
+    granularity; the engine decides the chunking, the policy only gates and partitions.
+    The constants were tuned on the chat workload only (docs/scheduling.md).
     """
     name = "flex"
 
     def __init__(self, default_tpot_budget_s: float = 0.05, max_prefill_slots: int = 4,
-                 decode_weight: float = 2.0, low: float = 0.7, high: float = 0.8,
+                 decode_share: float = 0.5, low: float = 0.7, high: float = 0.8,
                  phase_threshold: float = 0.5, max_slowdown: float | None = None,
-                 min_prefill_slots: int = 1,
-                 min_decode_weight: float = 1 / 64, max_decode_weight: float = 8.0):
+                 min_prefill_slots: int = 1, share_step: float = 1 / 8,
+                 min_decode_share: float = 1 / 8, max_decode_share: float = 7 / 8,
+                 share_up: float = 2.0, share_down: float = 1.25, partition: bool = True):
         super().__init__()
+        if not 0 < min_decode_share <= max_decode_share < 1:
+            raise ValueError("need 0 < min_decode_share <= max_decode_share < 1")
         self.default_tpot_budget_s = default_tpot_budget_s
         self.max_prefill_slots = max_prefill_slots
         self.prefill_slots = float(max_prefill_slots)
-        self.decode_weight = decode_weight
+        self.share_step = share_step
+        self.min_decode_share, self.max_decode_share = min_decode_share, max_decode_share
+        self.decode_share = min(max_decode_share, max(min_decode_share, decode_share))
+        self.share_up, self.share_down = share_up, share_down
+        self.partition = partition      # False: ordering/gating only (cpu backend)
         self.low, self.high = low, high
         self.phase_threshold = phase_threshold
         self.max_slowdown = max_slowdown
         self.min_prefill_slots = min_prefill_slots
-        self.min_decode_weight, self.max_decode_weight = min_decode_weight, max_decode_weight
         self.adjustments = 0
+        self._decode_seen: float | None = None   # last completion of a decode op
 
     def _phase(self, q: StreamQueue, device: DeviceState) -> Phase:
         return q.effective_phase(device.ridge, self.phase_threshold)
+
+    def on_complete(self, op, queue, device, now):
+        if queue is not None and self._phase(queue, device) is Phase.DECODE:
+            self._decode_seen = now
+
+    def shares(self, decode_busy: bool, prefill_busy: bool) -> tuple[float | None, float | None]:
+        """(decode, prefill) core shares for ops dispatched now."""
+        if not (self.partition and decode_busy and prefill_busy):
+            return None, None
+        d = _quantize(self.decode_share, self.share_step)
+        d = min(d, 1.0 - self.share_step)
+        return d, 1.0 - d
 
     def select(self, queues, device, now):
         out: list[Dispatch] = []
         dec, pre = [], []
         for q in queues:
             (dec if self._phase(q, device) is Phase.DECODE else pre).append(q)
+        decode_busy = any(q.ops or q.inflight for q in dec)
+        prefill_busy = any(q.ops or q.inflight for q in pre)
+        # (the daemon passes only queues with work: an idle decode stream is not in `queues`)
+        recent = (self._decode_seen is not None
+                  and now - self._decode_seen <= max((self.budget(q) for q in dec), default=self.default_tpot_budget_s))
+        d_share, p_share = self.shares(decode_busy or recent, prefill_busy)
         # decode first, in arrival order across decode streams
         while len(device.inflight) < device.max_inflight:
             ready = [q for q in dec if q.can_dispatch]
             if not ready:
                 break
             q = min(ready, key=lambda q: q.ops[0].id)
-            out.append(self._take(q, device, now, self.decode_weight))
-        decode_busy = any(q.ops or q.inflight for q in dec)
+            out.append(self._take(q, device, now, 1.0, d_share))
         slots = math.inf if not decode_busy else int(self.prefill_slots)
         pre_inflight = sum(q.inflight for q in pre)
         while len(device.inflight) < device.max_inflight and pre_inflight < max(slots, 0 if decode_busy else 1):
@@ -305,7 +344,7 @@ class FlexPolicy(Policy):
                 break
             # oldest op first across prefill streams (FCFS keeps TTFT tails short)
             q = min(ready, key=lambda q: q.ops[0].id)
-            out.append(self._take(q, device, now, 1.0))
+            out.append(self._take(q, device, now, 1.0, p_share))
             pre_inflight += 1
         return out
 
@@ -318,11 +357,11 @@ class FlexPolicy(Policy):
         t = queue.last_step_time
         if t > self.high * budget:
             self.prefill_slots = max(float(self.min_prefill_slots), math.floor(self.prefill_slots / 2))
-            self.decode_weight = min(self.max_decode_weight, self.decode_weight * 2)
+            self.decode_share = min(self.max_decode_share, self.decode_share * self.share_up)
             self.adjustments += 1
         elif t < self.low * budget:
             self.prefill_slots = min(float(self.max_prefill_slots), self.prefill_slots + 1)
-            self.decode_weight = max(self.min_decode_weight, self.decode_weight / 1.5)
+            self.decode_share = max(self.min_decode_share, self.decode_share / self.share_down)
             self.adjustments += 1
 
     def budget(self, queue: StreamQueue) -> float:
@@ -333,11 +372,39 @@ class FlexPolicy(Policy):
         return b
 
 
-POLICIES = {"fifo": FifoPolicy, "priority": PriorityPolicy, "flex": FlexPolicy}
+class StaticPartitionPolicy(Policy):
+    """The paper's baseline: a fixed core split, what static vNPU slicing, a fixed
+    set_stream_limit per stream, MPS active-thread percentage or fixed green contexts give.
+    Prefill streams always run on ``alpha`` of the compute units and decode streams on
+    ``1 - alpha``, busy or not (the split is not work-conserving: an idle part's cores stay
+    idle); within each part ops go in arrival order, with no gating between the parts."""
+    name = "partition"
+
+    def __init__(self, alpha: float = 0.5, phase_threshold: float = 0.5):
+        super().__init__()
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha (prefill core share) must be in (0, 1), not {alpha}")
+        self.alpha = float(alpha)
+        self.phase_threshold = phase_threshold
+
+    def select(self, queues, device, now):
+        out = []
+        while len(device.inflight) < device.max_inflight:
+            ready = [q for q in queues if q.can_dispatch]
+            if not ready:
+                break
+            q = min(ready, key=lambda q: q.ops[0].id)
+            pre = q.effective_phase(device.ridge, self.phase_threshold) is Phase.PREFILL
+            out.append(self._take(q, device, now, 1.0, self.alpha if pre else 1.0 - self.alpha))
+        return out
+
+
+POLICIES = {"fifo": FifoPolicy, "priority": PriorityPolicy, "flex": FlexPolicy,
+            "partition": StaticPartitionPolicy}
 
 
 def make_policy(name: str, **kwargs: Any) -> Policy:
-    """fifo | priority | flex (keyword arguments go to the policy's constructor)."""
+    """fifo | priority | flex | partition (keyword arguments go to the policy's constructor)."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose from: {', '.join(POLICIES)}")
     return POLICIES[name](**kwargs)

@@ -3,7 +3,7 @@
 - ``static-coloc``: every device runs one engine doing both phases, vLLM-V1 style continuous
   batching with chunked prefill (per iteration: all running decodes first, then partial
   prefills, then new prompts, up to ``max_batched_tokens``; ``max_seqs`` sequences).
-- ``static-coloc-decode-first``: every device runs one engine doing both phases without chunked
+- ``decode-first`` (alias ``static-coloc-decode-first``): every device runs one engine doing both phases without chunked
   prefill, onboarding new requests only between decode iterations under TGI's router rules
   (``DecodeFirstEngine``): new requests wait behind running decode, the co-location the
   project brief describes ("time-to-first-token explodes").
@@ -11,8 +11,15 @@
   engines; each prompt's KV cache moves prefill -> decode device over the link (serialised per
   receiving device, at ``spec.link_bw * link_eff``) before decoding starts.
 - ``flexnpu``: every device runs a prefill engine and a decode engine as separate streams on one
-  ``EmuDevice``; the ``flex`` policy arbitrates at kernel granularity, KV hand-off is zero-copy
-  (the request joins the co-located decode engine with its reservation, no transfer).
+  ``EmuDevice``; the ``flex`` policy arbitrates at kernel granularity (ordering/gating and core
+  shares changed at operator boundaries), KV hand-off is zero-copy (the request joins the
+  co-located decode engine with its reservation, no transfer).
+- ``static-partition``: the paper's baseline. The same P and D instances on every device, each
+  on a fixed share of the compute units (prefill ``alpha``, decode ``1 - alpha``: static vNPU
+  slicing / a fixed set_stream_limit / fixed green contexts), fifo within each, same zero-copy
+  hand-off (generous: separate vNPU slices would copy the KV within the device).
+- ``naive-coloc``: the same P and D instances on one device with no partition and fifo
+  dispatch: what two processes get from the device with no virtualization layer.
 
 Single-engine devices (coloc, disagg) take each iteration's time as the sum of its kernels'
 solo times, which is what the emulator gives for one stream (tests check this); only the
@@ -35,7 +42,8 @@ from typing import Any, Callable, Iterable
 from flexnpu.sched.costmodel import Cost, CostModel
 from flexnpu.sched.emu import EmuDevice
 from flexnpu.sched.models import ModelShape, step_kernels
-from flexnpu.sched.policy import DeviceState, FlexPolicy, Op, Phase, Policy, StreamQueue
+from flexnpu.sched.policy import (DeviceState, FifoPolicy, FlexPolicy, Op, Phase, Policy, StaticPartitionPolicy,
+                                  StreamQueue)
 from flexnpu.sched.workload import Request
 
 
@@ -315,7 +323,7 @@ class FlexDevice:
     def _pump(self) -> None:
         now = self.loop.now
         for d in self.policy.select(list(self.queues.values()), self.state, now):
-            self.emu.submit(d.queue.key, d.op.cost, now, weight=d.weight, tag=d.op)
+            self.emu.submit(d.queue.key, d.op.cost, now, weight=d.weight, tag=d.op, share=d.share)
         t = self.emu.next_event_time()
         if t is not None and (t < self._wake_at - 1e-12 or self._wake_at <= now):
             self._wake_at = t
@@ -363,6 +371,7 @@ class SimConfig:
     max_waiting_tokens: int = 20             # TGI --max-waiting-tokens default
     tpot_budget_s: float = 0.05
     step_overhead_s: float = 0.0
+    partition_alpha: float = 0.5       # static-partition: prefill instance's core share
 
 
 
@@ -387,27 +396,30 @@ def simulate(system: str, model: ModelShape, cm: CostModel, requests: list[Reque
                 for _ in range(n_devices)]
 
         route = _least_loaded(devs)
-    elif system == "static-coloc-decode-first":
+    elif system in ("decode-first", "static-coloc-decode-first"):
         devs = [EngineDevice(loop, cm, DecodeFirstEngine(model, KVPool(cap), cfg.decode_first_prefill_tokens,
                                                          cfg.max_seqs, cfg.slices, cfg.waiting_served_ratio,
                                                          cfg.max_waiting_tokens), cfg.step_overhead_s)
                 for _ in range(n_devices)]
 
         route = _least_loaded(devs)
-    elif system == "flexnpu":
+    elif system in ("flexnpu", "static-partition", "naive-coloc"):
         devs = []
         for _ in range(n_devices):
             pool = KVPool(cap)
             dec = BatchEngine(model, pool, False, True, cfg.max_seqs, cfg.max_seqs, cfg.slices)
-            holder: list[FlexDevice] = []
 
-            def handoff(r: Request, now: float, dec=dec, holder=holder) -> None:
+            def handoff(r: Request, now: float, dec=dec) -> None:
                 dec.add(r)          # zero-copy: same device, same KV reservation
             pre = BatchEngine(model, pool, True, False, cfg.flex_prefill_chunk, cfg.max_seqs, cfg.flex_prefill_slices,
                               on_prefilled=handoff)
-            pol = policy_factory() if policy_factory else FlexPolicy(default_tpot_budget_s=cfg.tpot_budget_s)
+            if system == "flexnpu":
+                pol = policy_factory() if policy_factory else FlexPolicy(default_tpot_budget_s=cfg.tpot_budget_s)
+            elif system == "static-partition":
+                pol = StaticPartitionPolicy(cfg.partition_alpha)
+            else:
+                pol = FifoPolicy()
             fd = FlexDevice(loop, cm, {"decode": dec, "prefill": pre}, pol, cfg.tpot_budget_s, cfg.step_overhead_s)
-            holder.append(fd)
             devs.append(fd)
 
         def route(r: Request) -> None:

@@ -34,6 +34,11 @@ class DeviceSpec:
     # most of the bandwidth on roughly a quarter to a third of the SMs, per published kernel
     # studies such as NanoFlow/POD-Attention). This is what makes co-running not free.
     issue_frac: float = 0.25
+    # Extra launch latency of the first kernel of a stream after its core share changed
+    # (ESTIMATE 20 us: torch_npu set_stream_limit is a host-side runtime call before the next
+    # launch; with CUDA green contexts a change is an event record + wait to move the stream's
+    # work to a pre-made stream of another green context). scripts/device-check.sh measures it.
+    repartition_s: float = 20e-6
     sources: dict[str, str] = field(default_factory=dict)
 
     def flops(self, dtype: str) -> float:

@@ -51,12 +51,14 @@ class ShapeOnlyBuffer:
 
 
 class EmuStream:
-    """A device stream of the emulated device; its priority becomes an EmuDevice weight."""
+    """A device stream of the emulated device; its priority becomes an EmuDevice weight, its
+    core share (``EmuBackend.set_partition``) the compute cap of the kernels submitted next."""
 
-    __slots__ = ("priority",)
+    __slots__ = ("priority", "share")
 
     def __init__(self, priority: int) -> None:
         self.priority = priority
+        self.share: float | None = None
 
 
 # ------------------------------------------------------------------ shape-only launch checks
@@ -171,6 +173,8 @@ class EmuBackend:
     """Backend interface of TorchBackend; timing lives in ``self.emu`` (driven by the scheduler)."""
 
     device_type = "emu"
+    partition_capable = True       # flexnpu.daemon.backends.partition.Partitionable
+    partition_levels = 0           # any share: the emulator's cap is continuous
 
     def __init__(self, spec_name: str, values: bool = False, index: int = 0) -> None:
         self.spec = get_spec(spec_name, measure_cpu=False)
@@ -193,6 +197,14 @@ class EmuBackend:
         return {"backend": self.name, "device_type": "emu", "name": f"emulated {self.spec.name}",
                 "spec": self.spec.name, "emulated": True, "values": self.values,
                 "total_memory": int(self.spec.mem_bytes), "torch": torch.__version__}
+
+    def set_partition(self, shares: Any) -> None:
+        """Core share per EmuStream: the compute cap of its kernels submitted from now on."""
+        from ...sched.emu import check_share
+
+        for stream, share in shares.items():
+            if isinstance(stream, EmuStream):
+                stream.share = check_share(share)
 
     # -- memory ------------------------------------------------------------------------------
     def alloc(self, nbytes: int) -> Any:

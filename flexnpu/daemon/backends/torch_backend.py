@@ -54,6 +54,86 @@ class TorchBackend:
         # The exec module belongs to the hook side's contract (aten launches); imported lazily so
         # the daemon starts even if a client never launches.
         self._exec = None
+        # Core partitions (flexnpu.daemon.backends.partition): the capability is probed here.
+        self.partition_capable = False
+        self.partition_levels = 0
+        self.partition_error: str | None = None
+        self._eff: dict[int, Any] = {}        # id(client device stream) -> stream its work runs on now
+        self._green: dict[int, Any] = {}      # cuda: share level -> (green context, its stream)
+        self._npu_cores: tuple[int, int] | None = None
+        if device_type == "cuda":
+            self._probe_green_contexts(index)
+        elif device_type == "npu":
+            self._probe_stream_limit()
+
+    # -- core partitions ---------------------------------------------------------------------
+    GREEN_LEVELS = 8   # cuda: green contexts at 1/8 .. 7/8 of the SMs (the flex policy's share grid)
+
+    def _probe_green_contexts(self, index: int) -> None:
+        try:
+            from torch.cuda import green_contexts as gc
+
+            if not gc.SUPPORTED:
+                raise RuntimeError("this torch build has no green-context support")
+            sms = int(self._mod.get_device_properties(self.device).multi_processor_count)
+            self._sms = sms
+            for lvl in range(1, self.GREEN_LEVELS):
+                n = max(1, round(sms * lvl / self.GREEN_LEVELS))
+                ctx = gc.GreenContext.create(num_sms=n, device_id=index)
+                self._green[lvl] = (ctx, ctx.Stream(), n)
+            self.partition_capable, self.partition_levels = True, self.GREEN_LEVELS - 1
+        except Exception as e:  # noqa: BLE001 - old driver (< 12.8), MIG, or torch without it
+            self.partition_error = f"green contexts unavailable: {type(e).__name__}: {e}"
+            self._green.clear()
+
+    def _probe_stream_limit(self) -> None:
+        try:
+            probe = self._mod.Stream(device=self.device)
+            lim = self._mod.get_stream_limit(probe)   # hardware defaults: all cores
+            cube = int(lim.get("cube_core_num", lim.get("cube_num", 0)))
+            vec = int(lim.get("vector_core_num", lim.get("vector_num", 0)))
+            if cube <= 0 or vec <= 0:
+                raise RuntimeError(f"unexpected get_stream_limit result {lim!r}")
+            self._npu_cores = (cube, vec)
+            self.partition_capable, self.partition_levels = True, cube
+        except Exception as e:  # noqa: BLE001 - torch_npu without the API, or not Atlas A2/A3
+            self.partition_error = f"set_stream_limit unavailable: {type(e).__name__}: {e}"
+
+    def set_partition(self, shares: Any) -> None:
+        """Core share per client device stream, for its operators launched from now on."""
+        from .partition import cores_for
+
+        if not self.partition_capable:
+            return
+        for stream, share in shares.items():
+            if stream is None:
+                continue
+            if self.device_type == "npu":
+                cube, vec = self._npu_cores  # type: ignore[misc]
+                c, v = cores_for(share, cube), cores_for(share, vec)
+                if c is None:
+                    self._mod.reset_stream_limit(stream)
+                else:
+                    self._mod.set_stream_limit(stream, c, v)
+                continue
+            # cuda: move the stream's later work to the green context of its level, ordered
+            # after everything it already queued (event record + wait: the cost of a change)
+            lvl = None if share is None or share >= 1.0 else min(self.GREEN_LEVELS - 1, max(1, round(share * self.GREEN_LEVELS)))
+            target = stream if lvl is None else self._green[lvl][1]
+            cur = self._eff.get(id(stream), stream)
+            if target is cur:
+                continue
+            ev = self._mod.Event()
+            ev.record(cur)
+            target.wait_event(ev)
+            if lvl is None:
+                self._eff.pop(id(stream), None)
+            else:
+                self._eff[id(stream)] = target
+
+    def _on(self, stream: Any) -> Any:
+        """The stream a client stream's work currently runs on (itself unless partitioned)."""
+        return self._eff.get(id(stream), stream) if self._eff else stream
 
     # -- description -------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -121,11 +201,11 @@ class TorchBackend:
     def stream_context(self, stream: Any) -> Any:
         if stream is None or self._mod is None:
             return contextlib.nullcontext()
-        return self._mod.stream(stream)
+        return self._mod.stream(self._on(stream))
 
     def sync_stream(self, stream: Any) -> None:
         if stream is not None:
-            stream.synchronize()
+            self._on(stream).synchronize()
 
     def synchronize(self) -> None:
         if self._mod is not None:
@@ -136,7 +216,7 @@ class TorchBackend:
         if self._mod is None:
             return (None, time.perf_counter_ns())
         ev = self._mod.Event(enable_timing=True)
-        ev.record(stream)
+        ev.record(self._on(stream) if stream is not None else stream)
         return (ev, None)
 
     def event_done(self, token: Any) -> bool:
@@ -151,7 +231,7 @@ class TorchBackend:
     def wait_event(self, stream: Any, token: Any) -> None:
         ev, _ = token
         if ev is not None and stream is not None:
-            stream.wait_event(ev)
+            self._on(stream).wait_event(ev)
 
     def elapsed_ms(self, start: Any, end: Any) -> float:
         (e0, t0), (e1, t1) = start, end
