@@ -28,6 +28,7 @@ from ..paths import socket_path
 from ..ring import Doorbell, RingError, Segment, wait_any
 from .control import MessageReader, ProtocolError, peer_credentials, send_msg
 from .objects import IpcExport, MemoryAccount
+from .collectives import Collectives
 from .scheduling import make_scheduler
 from .session import Session
 
@@ -80,6 +81,7 @@ class Daemon:
         self.path = socket_path(device, runtime_dir)
         self.sessions: dict[int, Session] = {}
         self.exports: dict[int, IpcExport] = {}
+        self.collectives = Collectives(self)
         self.started_at = time.time()
         self.ops_total = 0
         self.notify = notify
@@ -149,6 +151,7 @@ class Daemon:
             except Exception:  # noqa: BLE001
                 pass
             self._drop(s, "daemon stopping")
+        self.collectives.close()
         if self._listener is not None:
             try:
                 self.path.unlink()
@@ -280,6 +283,7 @@ class Daemon:
             "memory_limit_default": self.memory_limit, "device_memory_limit": self.device_memory.limit,
             "device_memory_used": self.device_memory.used, "ops_total": sum(c["ops_total"] for c in clients),
             "clients": clients, "scheduler": self._scheduler_status(),
+            "communicators": self.collectives.status(),
         }
 
     def _scheduler_status(self) -> dict[str, Any]:
