@@ -8,7 +8,8 @@ OUTDIR/rank<R>.json. Modes:
          (all ranks on one virtual device / spread over two; world and a two-rank sub-group),
          a 2-way tensor-parallel MLP + attention block against the single-process result, and
          mismatched shapes refused on a sub-group.
-  kill   ranks loop on all_reduce; the test kills rank 1; the others record when they raised.
+  kill   ranks loop on all_reduce; the launcher SIGKILLs the last rank; the others record when
+         and what they raised.
 """
 from __future__ import annotations
 
@@ -35,9 +36,22 @@ def launch(nproc: int, mode: str, outdir: str) -> int:
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, __file__, "rank", mode, outdir], env=env))
-    with open(os.path.join(outdir, "pids.json"), "w") as f:
-        json.dump([p.pid for p in procs], f)
-    return max(abs(p.wait()) for p in procs) if mode != "kill" else procs[0].wait()
+    if mode == "kill":
+        # Once every rank is looping on all_reduce, SIGKILL the last one (it shares a daemon with
+        # rank 0; rank 1 is on the other device) and note when.
+        deadline = time.time() + 300
+        while not all(os.path.exists(os.path.join(outdir, f"ready{r}")) for r in range(nproc)):
+            if time.time() > deadline or any(p.poll() is not None for p in procs):
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)
+        victim = procs[-1]
+        victim.kill()
+        with open(os.path.join(outdir, "killed.json"), "w") as f:
+            json.dump({"rank": nproc - 1, "at": time.time()}, f)
+        victim.wait()
+        return max(abs(p.wait(120)) for p in procs[:-1])
+    return max(abs(p.wait()) for p in procs)
 
 
 # ------------------------------------------------------------------------------------------ check
