@@ -166,6 +166,7 @@ class Client:
         self._streams = itertools.count(1)
         self._events = itertools.count(1)
         self._graphs = itertools.count(1)
+        self._comms = itertools.count(1)
         self._pushed = 0
         self._staged: collections.deque[tuple[int, int]] = collections.deque()   # (push seq, offset)
         self._arena = self.seg.arena_view(0, self.seg.arena_size)
@@ -506,6 +507,32 @@ class Client:
 
     def graph_destroy(self, graph: int) -> None:
         self._async(Op.GRAPH_DESTROY, graph)
+
+    # ================================================================== collectives
+    def comm_init(self, comm_id: bytes, rank: int, size: int, devices: list[int], timeout_s: float = 1800.0) -> int:
+        """Join the communicator `comm_id` (16 bytes all ranks agree on) as `rank` of `size`;
+        `devices[r]` is the daemon device of rank r. Returns this client's handle for it."""
+        if len(comm_id) != P.COMM_ID_BYTES or len(devices) != size:
+            raise InvalidArgument("comm_init needs a 16-byte id and one device per rank")
+        payload = bytes(comm_id) + struct.pack(f"<{size}I", *devices)
+        h = next(self._comms)
+        with self._lock:
+            off = self._stage(payload, len(payload))
+            self._sync(Op.COMM_INIT, h, rank, size, int(timeout_s * 1000), payload=(off, len(payload)))
+        return h
+
+    def comm_destroy(self, comm: int) -> None:
+        self._async(Op.COMM_DESTROY, comm)
+
+    def collective(self, comm: int, kind: str, inp: TensorRef, out: TensorRef, op: str = "sum",
+                   root: int = 0, stream: int = 0) -> None:
+        """Queue a collective on `stream` (asynchronous: errors surface at the next sync)."""
+        payload = P.encode_launch(kind, (inp, out), {}, [])
+        with self._lock:
+            self._check()
+            off = self._stage(payload, len(payload))
+            self._push(_SQE_PACK(Op.COLLECTIVE, 0, stream, 0, off, len(payload), comm,
+                                 P.COLL_KINDS.index(kind), P.REDUCE_OPS.index(op), root, 0))
 
     # ================================================================== lifecycle
     def close(self) -> None:

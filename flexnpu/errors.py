@@ -22,6 +22,7 @@ class Err(IntEnum):
     INTERNAL = 10            # a daemon bug; the daemon stays up and logs it
     VERSION_MISMATCH = 11    # client and daemon speak different layout/protocol versions
     UNSUPPORTED = 12         # the call exists but this backend cannot do it
+    COLLECTIVE_FAILED = 13   # a collective failed: a rank died, timed out or disagreed
 
 
 class FlexNPUError(RuntimeError):
@@ -78,6 +79,13 @@ class Unsupported(FlexNPUError):
     code = Err.UNSUPPORTED
 
 
+class CollectiveError(FlexNPUError):
+    """A collective failed on its communicator (a rank died, timed out, or called it with other
+    shapes or dtypes); the communicator is unusable afterwards, as an aborted NCCL/HCCL one."""
+
+    code = Err.COLLECTIVE_FAILED
+
+
 class DaemonLost(FlexNPUError):
     """The daemon serving this device died, stopped, or stopped answering."""
 
@@ -91,7 +99,8 @@ class AttachError(FlexNPUError):
 _BY_CODE: dict[Err, type[FlexNPUError]] = {
     cls.code: cls
     for cls in (InvalidArgument, InvalidHandle, OutOfMemory, OpNotSupported, OpFailed,
-                PermissionDenied, NotFound, BadState, VersionMismatch, Unsupported, DaemonLost)
+                PermissionDenied, NotFound, BadState, VersionMismatch, Unsupported, DaemonLost,
+                CollectiveError)
 }
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-LAYOUT_VERSION = 1          # bumped on any change to SQE/CQE/OPS; checked at attach
+LAYOUT_VERSION = 2          # bumped on any change to SQE/CQE/OPS; checked at attach
 SQE_SIZE = 64
 CQE_SIZE = 32
 SQE = struct.Struct("<HHIQII5Q")
@@ -76,6 +76,9 @@ class Op(IntEnum):
     GRAPH_DESTROY = 63
     SET_PHASE = 70
     STEP_MARK = 71
+    COMM_INIT = 80
+    COMM_DESTROY = 81
+    COLLECTIVE = 82
 
 
 class Payload(IntEnum):
@@ -138,7 +141,20 @@ OPS: dict[Op, OpSpec] = {s.op: s for s in (
     _s(Op.SET_PHASE, ("phase", "stream_id"), N, "-", False, "phase hint for the stream's scheduler"),
     _s(Op.STEP_MARK, (), N, "-", True, "an engine iteration (one output token) ends here on this stream: "
        "the flex policy's TPOT clock; no barrier unless FLAG_SYNC; ignored while capturing"),
+    _s(Op.COMM_INIT, ("comm", "rank", "size", "timeout_ms"), B, "-", False,
+       "join communicator `comm` (client-chosen handle) as `rank` of `size`; payload: 16-byte unique "
+       "id + `size` u32 daemon device numbers, one per rank (HcclCommInitRootInfo)"),
+    _s(Op.COMM_DESTROY, ("comm",), N, "-", False, "leave a communicator (HcclCommDestroy)"),
+    _s(Op.COLLECTIVE, ("comm", "kind", "reduce_op", "root"), L, "-", True,
+       "a collective on `comm` in stream order; payload: encode_launch(kind name, (input, output)); "
+       "kind in COLL_KINDS, reduce_op in REDUCE_OPS, root a rank (broadcast)"),
 )}
+
+# Collectives (Op.COLLECTIVE): wire codes are indices. Stable: only append.
+COLL_KINDS = ("all_reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all")
+REDUCE_OPS = ("sum", "avg", "prod", "min", "max", "band", "bor", "bxor")
+COMM_ID_BYTES = 16
+MAX_COMM_SIZE = 4096
 
 PHASES = ("auto", "prefill", "decode")
 

@@ -30,6 +30,7 @@ from ..ring import Doorbell, RingError, RingSet, Segment
 from ..control import MessageReader, ProtocolError, peer_credentials, send_msg
 from .metrics import DaemonMetrics
 from .objects import IpcExport, MemoryAccount
+from .collectives import Collectives
 from .scheduling import make_scheduler
 from .session import Session
 
@@ -135,6 +136,7 @@ class Daemon:
         self._cid_uid: dict[int, int] = {}       # control thread: cid -> uid of attached sessions
         self._fd_reserve: int | None = None
         self.exports: dict[int, IpcExport] = {}
+        self.collectives = Collectives(self)
         self.started_at = time.time()
         self.ops_total = 0
         self.notify = notify
@@ -247,6 +249,7 @@ class Daemon:
             except Exception:  # noqa: BLE001
                 pass
             self._drop(s, "daemon stopping")
+        self.collectives.close()
         if self._listener is not None:
             self._unlink_socket()
             self._listener.close()
@@ -449,6 +452,7 @@ class Daemon:
             "embedded": self.embedded, "exit_when_idle_s": self.exit_when_idle,
             "holders": max(0, self._conns - len(clients)),
             "metrics_port": self._metrics_server.server_port if self._metrics_server is not None else None,
+            "communicators": self.collectives.status(),
         }
 
     def _scheduler_status(self) -> dict[str, Any]:

@@ -348,6 +348,10 @@ class Session:
     def close(self) -> None:
         """Reclaim everything this client owned."""
         self.dead = True
+        try:
+            self.daemon.collectives.session_closed(self)   # its ranks fail their communicators
+        except Exception as e:  # noqa: BLE001 - reclaiming the rest must still happen
+            self.daemon.log.error("client %d: leaving its communicators failed: %s", self.pid, e)
         self.handles.clear()
         for st in self.streams.values():
             st.queue.clear()
@@ -873,6 +877,9 @@ _PREPARE: dict[int, Callable] = {
     Op.GRAPH_BEGIN: _p_graph_begin, Op.GRAPH_END: _p_graph_end, Op.GRAPH_REPLAY: _p_graph_replay,
     Op.GRAPH_DESTROY: _p_graph_destroy, Op.SET_PHASE: _p_set_phase, Op.STEP_MARK: _p_step_mark,
 }
+from .collectives import PREPARE as _COLLECTIVE_PREPARE  # noqa: E402 - collectives.py imports Cmd from here
+
+_PREPARE.update(_COLLECTIVE_PREPARE)
 assert set(_PREPARE) == set(P.OPS), "every opcode in the wire table needs a handler"
 
 # Synchronous stream-ordered requests that are fine while the stream captures.

@@ -64,6 +64,12 @@ def install_torch_device() -> None:
         sys.modules["torch.npu"] = npu_module
         serialization.install()
         _state["torch"] = True
+        try:
+            from flexnpu.hook import distributed
+
+            distributed.register()          # torch.distributed backend "hccl" / "npu:hccl"
+        except Exception as e:  # noqa: BLE001 - torch built without distributed: no collectives
+            sys.stderr.write(f"flexnpu: the hccl torch.distributed backend is not available: {e}\n")
 
 
 class _TorchImportWatcher(importlib.abc.MetaPathFinder):

@@ -134,5 +134,16 @@ int fx_have_futex_waitv(void);
 uint32_t fx_ready_list(fx_ring **rings, uint32_t n, uint32_t *out);
 /* pyfast.c: install FastRing and call() into the dict at this address (id(dict)) */
 int fx_py_install(uintptr_t dict_addr);
+/* coll.c: atomics on a collective communicator's shared segment (addresses inside the
+ * caller's mapping). fx_coll_wait: 1 when every u64 at base+offs[i] >= target, 0 on timeout,
+ * FX_COLL_ABORTED when the u64 at abort_addr is non-zero. */
+#define FX_COLL_ABORTED -7
+uint64_t fx_shm_load(uintptr_t addr);
+void fx_shm_store(uintptr_t addr, uint64_t v);
+uint64_t fx_shm_fetch_add(uintptr_t addr, uint64_t v);
+int fx_shm_cas(uintptr_t addr, uint64_t expected, uint64_t desired);
+void fx_coll_post(uintptr_t addr, uint64_t v, uintptr_t bell, uintptr_t sleepers);
+int fx_coll_wait(uintptr_t base, const uint32_t *offs, uint32_t n, uint64_t target, uintptr_t abort_addr,
+                 uintptr_t bell, uintptr_t sleepers, double timeout, int64_t spin_ns);
 /* CDEF-END */
 #endif

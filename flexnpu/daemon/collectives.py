@@ -1,0 +1,791 @@
+"""Collectives executed where the data is: by the daemons that own the ranks' devices.
+
+A communicator is created by its ranks (Op.COMM_INIT) with a 16-byte unique id the front end
+agrees on through the torch.distributed store, the rank, the size and the daemon device of every
+rank. Each daemon keeps one `Comm` per id for the ranks it serves (its *local* ranks); a client
+names the communicators it joined by its own handles (per-client table), so it can only use those.
+
+A collective (Op.COLLECTIVE) is a stream-ordered command. When it reaches the head of its stream
+(everything before it has executed), it *arrives*: its buffers are resolved and checked and it is
+recorded as rank r's part of instance k (the k-th collective that rank issued on the comm). When
+every local rank's part of instance k is there, the instance is handed to the comm's worker thread:
+
+* all ranks in this daemon: the worker reduces/copies directly between the ranks' allocations;
+* ranks on several daemons of this host: the daemons exchange data through one shared segment per
+  communicator (`ShmLink`): each daemon reduces its local ranks first, posts that into its slot,
+  and reads the other daemons' slots, in chunks through two buffers per daemon (a pipeline). The
+  data never passes through the client processes. All counters and flags in the segment are C11
+  atomics in flexnpu/ring/coll.c.
+
+The main loop never blocks on a collective: the command's `ready()` polls its instance, and the
+worker rings the daemon's doorbell when it finishes. Failures make the communicator unusable
+(like an aborted NCCL/HCCL communicator): a rank whose client exits, a peer daemon that dies, a
+timeout, or ranks that disagree on the collective, its shape, dtype or reduction. Every rank then
+gets a CollectiveError at its stream's next synchronization, within about a second.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import queue
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from .. import protocol as P
+from ..errors import BadState, CollectiveError, InvalidArgument, InvalidHandle, NotFound, PermissionDenied
+from ..protocol import Op
+from .objects import StreamState
+
+if TYPE_CHECKING:
+    from .server import Daemon
+    from .session import Session
+
+log = logging.getLogger("flexnpu.daemon.collectives")
+
+MAX_COMMS_PER_CLIENT = 256
+MAX_COMMS = 1024
+MAX_PENDING_INSTANCES = 4096      # per communicator: collectives issued ahead of the slowest rank
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 24 * 3600.0
+SLOT_BYTES = int(os.environ.get("FLEXNPU_COLL_SLOT", str(8 << 20)))   # one pipeline buffer
+SPIN_NS = 50_000                  # cross-daemon waits spin this long before sleeping on the futex
+LIVENESS_SLICE_S = 0.05           # a waiting worker checks peer daemons this often
+_AWAIT = 0.25                     # the main loop re-polls a waiting collective at least this often
+
+ALL_REDUCE, BROADCAST, ALL_GATHER, REDUCE_SCATTER, ALL_TO_ALL = range(len(P.COLL_KINDS))
+SUM, AVG, PROD, MIN, MAX, BAND, BOR, BXOR = range(len(P.REDUCE_OPS))
+_BITWISE = (BAND, BOR, BXOR)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ====================================================================== reductions
+def _combine(op: int, acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc = acc (op) x, in place."""
+    if op in (SUM, AVG):
+        acc.add_(x) if acc.dtype != torch.bool else acc.logical_or_(x)
+    elif op == PROD:
+        acc.mul_(x) if acc.dtype != torch.bool else acc.logical_and_(x)
+    elif op == MIN:
+        torch.minimum(acc, x, out=acc)
+    elif op == MAX:
+        torch.maximum(acc, x, out=acc)
+    elif op == BAND:
+        acc.bitwise_and_(x)
+    elif op == BOR:
+        acc.bitwise_or_(x)
+    else:
+        acc.bitwise_xor_(x)
+
+
+def _reduce_into(op: int, out: torch.Tensor, xs: list[torch.Tensor]) -> None:
+    """out = xs[0] (op) xs[1] (op) ... in this order, so every daemon gets the same bits. `out`
+    may be xs[0] itself (in-place all_reduce) but no other x."""
+    if out.data_ptr() != xs[0].data_ptr():
+        out.copy_(xs[0])
+    for x in xs[1:]:
+        _combine(op, out, x)
+
+
+def _finish(op: int, out: torch.Tensor, n: int) -> None:
+    if op == AVG:
+        out.div_(n)
+
+
+def check_reduce(op: int, dtype: torch.dtype) -> None:
+    if not 0 <= op < len(P.REDUCE_OPS):
+        raise InvalidArgument(f"unknown reduce op code {op}")
+    if op in _BITWISE and (dtype in _FLOATS or dtype.is_complex):
+        raise InvalidArgument(f"{P.REDUCE_OPS[op]} needs an integer or bool dtype, not {dtype}")
+    if op == AVG and dtype not in _FLOATS:
+        raise InvalidArgument(f"avg needs a floating-point dtype, not {dtype}")
+    if op in (MIN, MAX) and dtype.is_complex:
+        raise InvalidArgument(f"{P.REDUCE_OPS[op]} is not defined for {dtype}")
+
+
+# ====================================================================== instances
+@dataclass(slots=True)
+class Part:
+    """One rank's part of a collective: its buffers (flat views) and what it asked for."""
+
+    rank: int
+    kind: int
+    op: int
+    root: int
+    dtype: torch.dtype
+    inp: torch.Tensor
+    out: torch.Tensor
+
+    def describe(self) -> str:
+        return (f"{P.COLL_KINDS[self.kind]}(input {self.inp.numel()} x {str(self.dtype).replace('torch.', '')}"
+                f", op {P.REDUCE_OPS[self.op]}, root {self.root})")
+
+    def key(self) -> tuple:
+        k = (self.kind, self.dtype, self.inp.numel())
+        if self.kind in (ALL_REDUCE, REDUCE_SCATTER):
+            k += (self.op,)
+        if self.kind == BROADCAST:
+            k += (self.root,)
+        return k
+
+
+@dataclass(slots=True, eq=False)
+class Instance:
+    k: int
+    deadline: float
+    parts: dict[int, Part] = field(default_factory=dict)
+    submitted: bool = False
+    done: bool = False
+    error: str | None = None
+
+
+# ====================================================================== the shared segment
+_U64 = struct.Struct("<Q")
+_DESC = struct.Struct("<QQQQQ")       # kind, op, root, dtype code, per-rank input elements
+MAX_DAEMONS = 64
+_H_MAGIC, _H_ATTACHED, _H_ABORT, _H_CLAIM, _H_BELL, _H_SLEEPERS, _H_MSG = 0, 128, 256, 384, 512, 640, 768
+_MSG_BYTES = 1024
+_BLOCKS = 2048                          # per daemon: pid, posted, consumed, one 128-byte line each
+_BLOCK = 384
+_DATA = 32768                           # page-aligned start of the buffers
+_BUF_HEAD = 128                         # each buffer starts with its step's descriptor
+SHM_MAGIC = 0x4C4C4F43504E5846          # "FXNPCOLL"
+
+
+def shm_name(comm_id: bytes) -> str:
+    return "/flexnpu-coll-" + comm_id.hex()
+
+
+class ShmLink:
+    """This daemon's view of a communicator's shared segment: D daemons, two buffers each.
+
+    The segment is created by whichever daemon opens it first (posix shm, mode 0600) and its name
+    is unlinked as soon as every daemon has mapped it, so nothing is left in /dev/shm."""
+
+    def __init__(self, comm_id: bytes, n_daemons: int, me: int, slot: int) -> None:
+        import posix_ipc
+
+        from ..ring._core import ffi, lib
+
+        self.lib, self.ffi = lib, ffi
+        self.n, self.me, self.slot = n_daemons, me, slot
+        self.size = _DATA + n_daemons * 2 * slot
+        self.name = shm_name(comm_id)
+        shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREAT, mode=0o600)
+        try:
+            st = os.fstat(shm.fd)
+            if st.st_size == 0:
+                os.ftruncate(shm.fd, self.size)
+            elif st.st_size != self.size:
+                raise CollectiveError(f"communicator segment {self.name} has {st.st_size} bytes, expected "
+                                      f"{self.size}: the daemons disagree about the communicator")
+            self.mm = mmap.mmap(shm.fd, self.size)
+        finally:
+            shm.close_fd()
+        self.buf = torch.frombuffer(self.mm, dtype=torch.uint8)
+        self.base = self.buf.data_ptr()
+        self._offs_posted = ffi.new("uint32_t[]", [self._blk(d) + 128 for d in range(n_daemons) if d != me])
+        self._offs_consumed = ffi.new("uint32_t[]", [self._blk(d) + 256 for d in range(n_daemons) if d != me])
+        self._npeers = n_daemons - 1
+        lib.fx_shm_store(self.base + self._blk(me), os.getpid())
+        lib.fx_shm_store(self.base + _H_MAGIC, SHM_MAGIC)
+        if lib.fx_shm_fetch_add(self.base + _H_ATTACHED, 1) + 1 == n_daemons:
+            self.unlink()
+        self.step = 0
+
+    @staticmethod
+    def _blk(d: int) -> int:
+        return _BLOCKS + d * _BLOCK
+
+    def unlink(self) -> None:
+        try:
+            import posix_ipc
+
+            posix_ipc.unlink_shared_memory(self.name)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    def close(self) -> None:
+        self.unlink()
+        try:
+            del self.buf
+            self.mm.close()
+        except Exception:  # noqa: BLE001 - views of it may still exist; the mapping dies with them
+            pass
+
+    # -- words ---------------------------------------------------------------------------------
+    def peer_pids(self) -> list[int]:
+        return [self.lib.fx_shm_load(self.base + self._blk(d)) for d in range(self.n) if d != self.me]
+
+    def aborted(self) -> str | None:
+        if not self.lib.fx_shm_load(self.base + _H_ABORT):
+            return None
+        raw = bytes(self.mm[_H_MSG:_H_MSG + _MSG_BYTES]).split(b"\0", 1)[0]
+        return raw.decode(errors="replace") or "aborted by another daemon"
+
+    def abort(self, why: str) -> None:
+        """First reason wins; it is written before the flag is released."""
+        if self.lib.fx_shm_cas(self.base + _H_CLAIM, 0, 1):
+            data = why.encode()[:_MSG_BYTES - 1] + b"\0"
+            self.mm[_H_MSG:_H_MSG + len(data)] = data
+        self.lib.fx_coll_post(self.base + _H_ABORT, 1, self.base + _H_BELL, self.base + _H_SLEEPERS)
+
+    def _post(self, word: int, v: int) -> None:
+        self.lib.fx_coll_post(self.base + self._blk(self.me) + word, v, self.base + _H_BELL,
+                              self.base + _H_SLEEPERS)
+
+    def _wait(self, offs: Any, target: int, deadline: float, alive: Callable[[], str | None]) -> None:
+        lib = self.lib
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CollectiveError("collective timed out waiting for another device's daemon")
+            rc = lib.fx_coll_wait(self.base, offs, self._npeers, target, self.base + _H_ABORT,
+                                  self.base + _H_BELL, self.base + _H_SLEEPERS, min(left, LIVENESS_SLICE_S),
+                                  SPIN_NS)
+            if rc == 1:
+                return
+            if rc == lib.FX_COLL_ABORTED:
+                raise CollectiveError(self.aborted() or "communicator aborted")
+            why = alive()
+            if why:
+                raise CollectiveError(why)
+
+    # -- one pipeline step ---------------------------------------------------------------------
+    def buffer(self, d: int, step: int) -> torch.Tensor:
+        off = _DATA + (d * 2 + step % 2) * self.slot
+        return self.buf[off + _BUF_HEAD:off + self.slot]
+
+    def desc(self, d: int, step: int) -> bytes:
+        off = _DATA + (d * 2 + step % 2) * self.slot
+        return bytes(self.mm[off:off + _DESC.size])
+
+    def begin(self, step: int, deadline: float, alive: Callable[[], str | None]) -> torch.Tensor:
+        """Wait until every peer has read what this daemon posted two steps ago (same buffer)."""
+        if step > 2:
+            self._wait(self._offs_consumed, step - 2, deadline, alive)
+        return self.buffer(self.me, step)
+
+    def post(self, step: int, desc: bytes | None) -> None:
+        if desc is not None:
+            off = _DATA + (self.me * 2 + step % 2) * self.slot
+            self.mm[off:off + len(desc)] = desc
+        self._post(128, step)
+
+    def gather(self, step: int, deadline: float, alive: Callable[[], str | None]) -> None:
+        self._wait(self._offs_posted, step, deadline, alive)
+
+    def consumed(self, step: int) -> None:
+        self._post(256, step)
+
+
+# ====================================================================== the communicator
+class Comm:
+    """One communicator as seen by one daemon: its local ranks, their instances, its worker."""
+
+    def __init__(self, colls: "Collectives", comm_id: bytes, size: int, devmap: tuple[int, ...],
+                 timeout_s: float) -> None:
+        self.colls = colls
+        self.id = comm_id
+        self.size = size
+        self.devmap = devmap
+        self.timeout_s = timeout_s
+        dev = colls.daemon.device
+        self.daemons = sorted(set(devmap))
+        self.me = self.daemons.index(dev)
+        self.ranks_of = [[r for r in range(size) if devmap[r] == d] for d in self.daemons]
+        self.local = self.ranks_of[self.me]
+        self.members: dict[int, tuple[int, int]] = {}      # rank -> (client id, pid)
+        self.next_k: dict[int, int] = {r: 0 for r in self.local}
+        self.instances: dict[int, Instance] = {}
+        self.error: str | None = None
+        self.link: ShmLink | None = None
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.done_count = 0
+
+    @property
+    def label(self) -> str:
+        return f"communicator {self.id.hex()[:8]}"
+
+    # -- main thread ---------------------------------------------------------------------------
+    def arrive(self, part: Part) -> Instance:
+        r = part.rank
+        k = self.next_k[r]
+        self.next_k[r] = k + 1
+        inst = self.instances.get(k)
+        if inst is None:
+            if len(self.instances) >= MAX_PENDING_INSTANCES:
+                raise BadState(f"{self.label}: {MAX_PENDING_INSTANCES} collectives wait for a slower rank")
+            inst = self.instances[k] = Instance(k, time.monotonic() + self.timeout_s)
+        inst.parts[r] = part
+        if self.error is not None:
+            self._fail(inst, self.error)
+        elif len(inst.parts) == len(self.local):
+            first = inst.parts[self.local[0]]
+            for p in inst.parts.values():
+                if p.key() != first.key():
+                    self.abort(f"ranks disagree on collective #{k}: rank {first.rank} called "
+                               f"{first.describe()}, rank {p.rank} called {p.describe()}")
+                    return inst
+            inst.submitted = True
+            self._start_worker()
+            self._q.put(inst)
+        return inst
+
+    def poll(self, inst: Instance) -> bool:
+        """Has this instance finished (done or failed)? Checks deadlines of local waits."""
+        if inst.done:
+            self.instances.pop(inst.k, None)
+            return True
+        if inst.submitted:
+            return False          # the worker finishes it, bounded by its deadline and peer checks
+        if self.error is not None:
+            self._fail(inst, self.error)
+            return True
+        if self.link is not None:
+            why = self.link.aborted()
+            if why:
+                self.abort(why)
+                return True
+        if time.monotonic() > inst.deadline:
+            missing = sorted(set(self.local) - set(inst.parts))
+            self.abort(f"{self.label}: collective #{inst.k} timed out after {self.timeout_s:g} s "
+                       f"waiting for rank(s) {missing} to call it")
+            return True
+        return False
+
+    def abort(self, why: str) -> None:
+        """Fail every pending collective of this communicator, here and in the other daemons."""
+        if self.error is None:
+            self.error = why
+            log.warning("%s aborted: %s", self.label, why)
+        if self.link is not None:
+            self.link.abort(why)
+        for inst in list(self.instances.values()):
+            if not inst.submitted:
+                self._fail(inst, self.error)
+
+    def _fail(self, inst: Instance, why: str) -> None:
+        if not inst.done:
+            inst.error = why
+            inst.done = True
+            self.instances.pop(inst.k, None)
+
+    def leave(self, rank: int) -> None:
+        self.members.pop(rank, None)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._q.put(None)
+        elif self.link is not None:
+            self.link.close()
+
+    # -- worker thread -------------------------------------------------------------------------
+    def _start_worker(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=f"flexnpu-coll-{self.id.hex()[:8]}",
+                                            daemon=True)
+            self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            inst = self._q.get()
+            if inst is None:
+                break
+            try:
+                # Submitted means every local part is here (their buffers are held by the parts), so
+                # it runs even if the communicator failed since: the peers' waits decide.
+                if len(self.daemons) == 1:
+                    self._run_local(inst)
+                else:
+                    self._run_shared(inst)
+            except Exception as e:  # noqa: BLE001 - every failure becomes the ranks' error
+                why = str(e) if isinstance(e, CollectiveError) else f"{type(e).__name__}: {e}"
+                if self.error is None:
+                    self.error = why
+                    log.warning("%s aborted: %s", self.label, why)
+                if self.link is not None:
+                    self.link.abort(why)
+                inst.error = self.error
+            inst.done = True
+            self.done_count += 1
+            self.colls.wake()
+        if self.link is not None:
+            self.link.close()
+
+    def _parts(self, inst: Instance) -> list[Part]:
+        return [inst.parts[r] for r in self.local]
+
+    def _run_local(self, inst: Instance) -> None:
+        """Every rank is served by this daemon: move data directly between their allocations."""
+        parts = self._parts(inst)
+        p0 = parts[0]
+        n = self.size
+        kind, op = p0.kind, p0.op
+        by_rank = {p.rank: p for p in parts}
+        if kind == ALL_REDUCE:
+            _reduce_into(op, p0.out, [p.inp for p in parts])
+            _finish(op, p0.out, n)
+            for p in parts[1:]:
+                p.out.copy_(p0.out)
+        elif kind == BROADCAST:
+            src = by_rank[p0.root].inp
+            for p in parts:
+                if p.rank != p0.root:
+                    p.out.copy_(src)
+                elif p.out.data_ptr() != src.data_ptr():
+                    p.out.copy_(src)
+        elif kind == ALL_GATHER:
+            m = p0.inp.numel()
+            for p in parts:
+                for q in parts:
+                    dst = p.out[q.rank * m:(q.rank + 1) * m]
+                    if dst.data_ptr() != q.inp.data_ptr():
+                        dst.copy_(q.inp)
+        elif kind == REDUCE_SCATTER:
+            m = p0.out.numel()
+            # Reduce into a temporary first: an output may alias its own rank's input.
+            res = [torch.empty_like(p.out) for p in parts]
+            for i, p in enumerate(parts):
+                _reduce_into(op, res[i], [q.inp[p.rank * m:(p.rank + 1) * m] for q in parts])
+                _finish(op, res[i], n)
+            for i, p in enumerate(parts):
+                p.out.copy_(res[i])
+        elif kind == ALL_TO_ALL:
+            m = p0.inp.numel() // n
+            for p in parts:
+                for q in parts:
+                    p.out[q.rank * m:(q.rank + 1) * m].copy_(q.inp[p.rank * m:(p.rank + 1) * m])
+
+    def _alive(self) -> str | None:
+        if self.error is not None:
+            return self.error
+        link = self.link
+        for pid in link.peer_pids() if link is not None else ():
+            if pid and not _pid_alive(int(pid)):
+                return f"{self.label}: the daemon of another device (pid {pid}) died"
+        return None
+
+    def _run_shared(self, inst: Instance) -> None:
+        """Ranks on several daemons: exchange chunks through the shared segment."""
+        if self.link is None:
+            self.link = ShmLink(self.id, len(self.daemons), self.me, SLOT_BYTES)
+        link = self.link
+        parts = self._parts(inst)
+        p0 = parts[0]
+        kind, op, n = p0.kind, p0.op, self.size
+        isz = p0.dtype.itemsize
+        m = p0.inp.numel()                                  # per-rank input elements
+        pieces = max(len(r) for r in self.ranks_of) if kind in (ALL_GATHER, ALL_TO_ALL) else 1
+        cap = (link.slot - _BUF_HEAD) // (isz * pieces)    # elements per piece per step
+        cap = max(1, cap - cap % 64) if cap > 64 else max(1, cap)
+        steps = max(1, -(-m // cap))
+        desc = _DESC.pack(kind, op if kind in (ALL_REDUCE, REDUCE_SCATTER) else 0,
+                          p0.root if kind == BROADCAST else 0, P.DTYPE_NAMES.index(str(p0.dtype)[6:]), m)
+        root_d = self.daemons.index(self.devmap[p0.root]) if kind == BROADCAST else -1
+        if kind == BROADCAST and root_d == self.me:
+            src = inst.parts[p0.root].inp
+            for p in parts:
+                if p.out.data_ptr() != src.data_ptr():
+                    p.out.copy_(src)
+        deadline = inst.deadline
+        alive = self._alive
+        for c in range(steps):
+            lo, hi = c * cap, min(m, (c + 1) * cap)
+            link.step += 1
+            t = link.step
+            raw = link.begin(t, deadline, alive)
+            mine = raw[:pieces * cap * isz].view(p0.dtype)
+            # -- post this daemon's contribution
+            if kind in (ALL_REDUCE, REDUCE_SCATTER):
+                _reduce_into(op, mine[:hi - lo], [p.inp[lo:hi] for p in parts])
+            elif kind == BROADCAST:
+                if root_d == self.me:
+                    mine[:hi - lo].copy_(src[lo:hi])
+            else:
+                for j, p in enumerate(parts):
+                    mine[j * cap:j * cap + hi - lo].copy_(p.inp[lo:hi])
+            link.post(t, desc if c == 0 else None)
+            link.gather(t, deadline, alive)
+            if c == 0:
+                for d in range(len(self.daemons)):
+                    if d != self.me and link.desc(d, t) != desc:
+                        theirs = _DESC.unpack(link.desc(d, t))
+                        raise CollectiveError(
+                            f"ranks disagree on collective #{inst.k}: device {self.daemons[self.me]}'s ranks "
+                            f"called {_desc_text(_DESC.unpack(desc))}, device {self.daemons[d]}'s ranks called "
+                            f"{_desc_text(theirs)}")
+            bufs = [link.buffer(d, t)[:pieces * cap * isz].view(p0.dtype) for d in range(len(self.daemons))]
+            # -- read everyone's
+            if kind == ALL_REDUCE:
+                out0 = p0.out[lo:hi]
+                _reduce_into(op, out0, [b[:hi - lo] for b in bufs])
+                _finish(op, out0, n)
+                for p in parts[1:]:
+                    p.out[lo:hi].copy_(out0)
+            elif kind == REDUCE_SCATTER:
+                mo = p0.out.numel()
+                for p in parts:
+                    a, b = max(lo, p.rank * mo), min(hi, (p.rank + 1) * mo)
+                    if a < b:
+                        dst = p.out[a - p.rank * mo:b - p.rank * mo]
+                        _reduce_into(op, dst, [x[a - lo:b - lo] for x in bufs])
+                        _finish(op, dst, n)
+            elif kind == BROADCAST:
+                if root_d != self.me:
+                    for p in parts:
+                        p.out[lo:hi].copy_(bufs[root_d][:hi - lo])
+            elif kind == ALL_GATHER:
+                for d, ranks in enumerate(self.ranks_of):
+                    for j, g in enumerate(ranks):
+                        piece = bufs[d][j * cap:j * cap + hi - lo]
+                        for p in parts:
+                            p.out[g * m + lo:g * m + hi].copy_(piece)
+            else:   # ALL_TO_ALL: rank p's block g = rank g's block p
+                mb = m // n
+                for d, ranks in enumerate(self.ranks_of):
+                    for j, g in enumerate(ranks):
+                        for p in parts:
+                            a, b = max(lo, p.rank * mb), min(hi, (p.rank + 1) * mb)
+                            if a < b:
+                                p.out[g * mb + a - p.rank * mb:g * mb + b - p.rank * mb].copy_(
+                                    bufs[d][j * cap + a - lo:j * cap + b - lo])
+            link.consumed(t)
+
+
+def _desc_text(d: tuple) -> str:
+    kind, op, root, dt, m = d
+    name = P.COLL_KINDS[kind] if kind < len(P.COLL_KINDS) else f"kind {kind}"
+    dtn = P.DTYPE_NAMES[dt] if dt < len(P.DTYPE_NAMES) else f"dtype {dt}"
+    return f"{name}(input {m} x {dtn}, op {P.REDUCE_OPS[op] if op < len(P.REDUCE_OPS) else op}, root {root})"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ====================================================================== the daemon's registry
+@dataclass(slots=True)
+class Membership:
+    comm: Comm
+    rank: int
+
+
+class Collectives:
+    """All communicators of one daemon, and each client's handles to the ones it joined."""
+
+    def __init__(self, daemon: "Daemon") -> None:
+        self.daemon = daemon
+        self.comms: dict[bytes, Comm] = {}
+        self.clients: dict[int, dict[int, Membership]] = {}   # client id -> handle -> membership
+
+    def wake(self) -> None:
+        """From a worker thread: let the main loop look at finished collectives."""
+        self.daemon._doorbell.ring()
+
+    def join(self, s: "Session", handle: int, rank: int, size: int, timeout_ms: int, payload: bytes) -> None:
+        mine = self.clients.setdefault(s.cid, {})
+        if not 0 < handle < 1 << 32 or handle in mine:
+            raise InvalidHandle(f"communicator handle {handle} invalid or in use")
+        if len(mine) >= MAX_COMMS_PER_CLIENT:
+            raise InvalidArgument(f"too many communicators in this client (limit {MAX_COMMS_PER_CLIENT})")
+        if not 1 <= size <= P.MAX_COMM_SIZE:
+            raise InvalidArgument(f"communicator size {size} out of range 1..{P.MAX_COMM_SIZE}")
+        if not 0 <= rank < size:
+            raise InvalidArgument(f"rank {rank} out of range for a communicator of {size}")
+        if len(payload) != P.COMM_ID_BYTES + 4 * size:
+            raise InvalidArgument("communicator init: payload must be a 16-byte id and one u32 device per rank")
+        comm_id = bytes(payload[:P.COMM_ID_BYTES])
+        devmap = struct.unpack(f"<{size}I", payload[P.COMM_ID_BYTES:])
+        if devmap[rank] != self.daemon.device:
+            raise PermissionDenied(f"rank {rank} of this communicator belongs to device {devmap[rank]}, "
+                                   f"not to device {self.daemon.device} that this client is attached to")
+        if len(set(devmap)) > MAX_DAEMONS:
+            raise InvalidArgument(f"a communicator may span at most {MAX_DAEMONS} devices")
+        timeout = min(MAX_TIMEOUT_S, max(MIN_TIMEOUT_S, timeout_ms / 1000.0))
+        comm = self.comms.get(comm_id)
+        if comm is None:
+            if len(self.comms) >= MAX_COMMS:
+                raise InvalidArgument(f"too many communicators on this device (limit {MAX_COMMS})")
+            comm = Comm(self, comm_id, size, tuple(devmap), timeout)
+            self.comms[comm_id] = comm
+        elif comm.size != size or comm.devmap != tuple(devmap):
+            raise InvalidArgument(f"{comm.label} exists with {comm.size} ranks on devices {list(comm.devmap)}; "
+                                  f"this rank was created with {size} ranks on devices {list(devmap)}")
+        if rank in comm.members:
+            raise PermissionDenied(f"rank {rank} of {comm.label} was already joined (by pid "
+                                   f"{comm.members[rank][1]})")
+        if comm.error is not None:
+            raise CollectiveError(f"{comm.label} was aborted: {comm.error}")
+        comm.members[rank] = (s.cid, s.pid)
+        mine[handle] = Membership(comm, rank)
+
+    def leave(self, s: "Session", handle: int) -> None:
+        m = self.clients.get(s.cid, {}).pop(handle, None)
+        if m is None:
+            raise NotFound(f"unknown communicator handle {handle}")
+        m.comm.leave(m.rank)
+        self._maybe_drop(m.comm)
+
+    def member(self, s: "Session", handle: int) -> Membership:
+        m = self.clients.get(s.cid, {}).get(handle)
+        if m is None:
+            raise InvalidHandle(f"unknown communicator handle {handle} (a client may only use communicators it "
+                                f"joined)")
+        return m
+
+    def session_closed(self, s: "Session") -> None:
+        """A client went away: its ranks are gone, so every communicator it was in fails."""
+        for m in (self.clients.pop(s.cid, None) or {}).values():
+            m.comm.leave(m.rank)
+            if m.comm.members or len(m.comm.daemons) > 1:    # someone may still wait for this rank
+                m.comm.abort(f"{m.comm.label}: rank {m.rank} (pid {s.pid}, device {self.daemon.device}) exited")
+            self._maybe_drop(m.comm)
+
+    def _maybe_drop(self, comm: Comm) -> None:
+        if not comm.members:
+            self.comms.pop(comm.id, None)
+            comm.close()
+
+    def close(self) -> None:
+        for comm in list(self.comms.values()):
+            comm.abort("the daemon is stopping")
+            comm.close()
+        self.comms.clear()
+
+    def status(self) -> list[dict[str, Any]]:
+        """From the control thread: a best-effort snapshot (the main thread changes the table)."""
+        try:
+            return self._status()
+        except RuntimeError:
+            return []
+
+    def _status(self) -> list[dict[str, Any]]:
+        return [{"id": c.id.hex()[:8], "size": c.size, "devices": c.daemons, "local_ranks": c.local,
+                 "joined": sorted(c.members), "completed": c.done_count, "pending": len(c.instances),
+                 "error": c.error} for c in list(self.comms.values())]
+
+
+# ====================================================================== request handlers
+def _flat(ref: P.TensorRef, al: Any, h: int) -> torch.Tensor:
+    from .backends.torch_exec import build_view
+    from .session import _ready_buf
+
+    n = 1
+    for d in ref.shape:
+        n *= d
+    expect = 1
+    for d, st in zip(reversed(ref.shape), reversed(ref.stride)):
+        if d != 1 and st != expect:
+            raise InvalidArgument("collective buffers must be contiguous")
+        expect *= d
+    flat = P.TensorRef(ref.handle, ref.dtype, (n,), (1,), ref.offset)
+    return build_view(flat, _ready_buf(al, h))
+
+
+def _check_sizes(kind: int, size: int, inp: torch.Tensor, out: torch.Tensor) -> None:
+    ni, no = inp.numel(), out.numel()
+    ok = {ALL_REDUCE: no == ni, BROADCAST: no == ni, ALL_GATHER: no == ni * size,
+          REDUCE_SCATTER: ni == no * size, ALL_TO_ALL: ni == no and ni % size == 0}[kind]
+    if not ok:
+        raise InvalidArgument(f"{P.COLL_KINDS[kind]} on {size} ranks: input of {ni} and output of {no} elements "
+                              f"do not fit")
+
+
+def _p_comm_init(s, st, ud, sync, poff, plen, a, flags):
+    payload = bytes(s._payload(poff, plen))
+    s.daemon.collectives.join(s, a[0], a[1], a[2], a[3], payload)
+    if sync:
+        s.reply(ud)
+
+
+def _p_comm_destroy(s, st, ud, sync, poff, plen, a, flags):
+    s.daemon.collectives.leave(s, a[0])
+    if sync:
+        s.reply(ud)
+
+
+def _run_collective(s: "Session", st: StreamState, c: Any) -> None:
+    inst: Instance = c.a[1]["inst"]
+    if inst.error is not None:
+        raise CollectiveError(inst.error)
+    if c.sync:
+        s.reply_sync(c.user_data, st)
+
+
+def _p_collective(s, st, ud, sync, poff, plen, a, flags):
+    from .session import Cmd
+
+    m = s.daemon.collectives.member(s, a[0])
+    kind, op, root = a[1], a[2], a[3]
+    if not 0 <= kind < len(P.COLL_KINDS):
+        raise InvalidArgument(f"unknown collective kind {kind}")
+    if st.capturing:
+        raise BadState("collectives cannot be captured into a graph")
+    try:
+        launch = P.decode_launch(bytes(s._payload(poff, plen)), s.daemon.backend.device)
+    except P.DecodeError as e:
+        raise InvalidArgument(f"malformed collective: {e}") from None
+    if (len(launch.args) != 2 or not all(isinstance(x, P.TensorRef) for x in launch.args)
+            or launch.kwargs or launch.outputs):
+        raise InvalidArgument("a collective takes exactly an input and an output tensor")
+    iref, oref = launch.args
+    if iref.dtype != oref.dtype:
+        raise InvalidArgument(f"collective input is {iref.dtype} but output is {oref.dtype}")
+    comm = m.comm
+    if kind == BROADCAST and not 0 <= root < comm.size:
+        raise InvalidArgument(f"broadcast root {root} out of range for {comm.size} ranks")
+    if kind in (ALL_REDUCE, REDUCE_SCATTER):
+        check_reduce(op, iref.dtype)
+    ial, oal = s.alloc_of(iref.handle), s.alloc_of(oref.handle)
+    state: dict[str, Any] = {"inst": None}
+
+    def ready() -> bool:
+        inst = state["inst"]
+        if inst is None:
+            # Everything before this command on the stream has run: its inputs are final.
+            s.daemon.backend.sync_stream(st.device_stream)
+            try:
+                inp, out = _flat(iref, ial, iref.handle), _flat(oref, oal, oref.handle)
+                _check_sizes(kind, comm.size, inp, out)
+                err = None
+            except Exception as e:  # noqa: BLE001 - this rank's mistake fails the communicator
+                err = f"rank {m.rank}: {e}"
+                inp = out = torch.empty(0, dtype=iref.dtype)
+            part = Part(m.rank, kind, op, root, iref.dtype, inp, out)
+            inst = state["inst"] = comm.arrive(part)
+            if err is not None:
+                comm.abort(err)
+        return comm.poll(inst)
+
+    return Cmd(Op.COLLECTIVE, ud, sync, _run_collective, (m, state), ready=ready,
+               cost=_cost(kind, iref, comm.size))
+
+
+def _cost(kind: int, ref: P.TensorRef, size: int) -> Any:
+    from ..sched.costmodel import collective_cost
+
+    n = 1
+    for d in ref.shape:
+        n *= max(0, d)
+    name = {ALL_REDUCE: "all_reduce", ALL_GATHER: "all_gather", REDUCE_SCATTER: "reduce_scatter",
+            BROADCAST: "all_gather", ALL_TO_ALL: "all_to_all"}[kind]
+    try:
+        return collective_cost(name, float(n * ref.dtype.itemsize), size, str(ref.dtype))
+    except ValueError:      # a dtype the cost model has no entry for (bool, uint16, ...)
+        return collective_cost(name, float(n * ref.dtype.itemsize), size, "int8")
+
+
+PREPARE: dict[int, Callable] = {Op.COMM_INIT: _p_comm_init, Op.COMM_DESTROY: _p_comm_destroy,
+                                Op.COLLECTIVE: _p_collective}
