@@ -194,6 +194,7 @@ class Session:
                     if len(g.ops) >= MAX_GRAPH_OPS:
                         raise BadState("graph too large")
                     g.ops.append(cmd)
+                    g.retain(cmd)
             if self.daemon.inline and not st.queue and cmd.ready is None:
                 # Nothing queued ahead on this stream and the policy does not reorder: run now.
                 self.execute(st, cmd)
@@ -248,6 +249,8 @@ class Session:
         for st in self.streams.values():
             st.queue.clear()
         self.streams.clear()
+        for g in self.graphs.values():
+            g.release()
         self.graphs.clear()
         self.events.clear()
         self.waiters.clear()
@@ -614,7 +617,14 @@ def _p_launch(s, st, ud, sync, poff, plen, a, flags):
         for h in created:
             s.handles.remove(h)
         raise
-    return Cmd(Op.LAUNCH, ud, sync, _run_launch, (launch, allocs, outs))
+    cmd = Cmd(Op.LAUNCH, ud, sync, _run_launch, (launch, allocs, outs))
+    try:
+        s.daemon.launch_limits.check(cmd)
+    except BaseException:
+        for h in created:
+            s.handles.remove(h)
+        raise
+    return cmd
 
 
 def _tensor_refs(args: Any, kwargs: dict) -> list[P.TensorRef]:
@@ -692,6 +702,7 @@ def _p_graph_destroy(s, st, ud, sync, poff, plen, a, flags):
     if not g.complete:
         raise BadState(f"graph {a[0]} is still being captured")
     del s.graphs[a[0]]
+    g.release()
     if sync:
         s.reply(ud)
 
