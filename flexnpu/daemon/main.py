@@ -41,8 +41,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: the daemon's uid and root)")
     p.add_argument("--socket-mode", default=os.environ.get("FLEXNPU_SOCKET_MODE", "0660"),
                    help="file mode of the control socket (octal, default 0660)")
+    p.add_argument("--max-launch-gflop", type=float, default=_env_float("FLEXNPU_MAX_LAUNCH_GFLOP"),
+                   help="refuse an operator launch predicted to take more GFLOP than this (default 1e6; "
+                        "0 = no ceiling)")
+    p.add_argument("--max-launch-bytes", default=os.environ.get("FLEXNPU_MAX_LAUNCH_BYTES"),
+                   help="refuse an operator launch that reads and writes more bytes than this, broadcast "
+                        "views counted at full size, e.g. 64GiB (default: 4x the device memory "
+                        "clients may hold; 0 = no ceiling)")
     p.add_argument("--runtime-dir", default=None, help="directory for the control socket")
     p.add_argument("--log-level", default=os.environ.get("FLEXNPU_LOG_LEVEL", "info"))
+
+
+def _env_float(name: str) -> float | None:
+    v = os.environ.get(name)
+    return float(v) if v else None
 
 
 def _allowed(values: list[str] | None) -> set[int] | None:
@@ -90,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
             memory_limit_max=parse_bytes(args.memory_limit_max),
             device_memory=parse_bytes(args.device_memory), allow_uids=_allowed(args.allow_uid),
             socket_mode=int(str(args.socket_mode), 8), notify=notify,
-            tpot_budget_s=args.tpot_budget_ms / 1e3)
+            tpot_budget_s=args.tpot_budget_ms / 1e3,
+            max_launch_gflop=args.max_launch_gflop, max_launch_bytes=parse_bytes(args.max_launch_bytes))
         d.bind()
     except (RuntimeError, ValueError, OSError) as e:
         print(f"flexnpu daemon: {e}", file=sys.stderr)

@@ -27,6 +27,7 @@ from ..errors import Err
 from ..paths import socket_path
 from ..ring import Doorbell, RingError, Segment, wait_any
 from .control import MessageReader, ProtocolError, peer_credentials, send_msg
+from .limits import LaunchLimits
 from .objects import IpcExport, MemoryAccount
 from .scheduling import make_scheduler
 from .session import Session
@@ -55,7 +56,8 @@ class Daemon:
                  memory_limit_max: int | None = None, device_memory: int | None = None,
                  allow_uids: set[int] | None = None,
                  socket_mode: int = 0o660, batch: int = P.MAX_DRAIN_BATCH, notify: Any = None,
-                 tpot_budget_s: float | None = None) -> None:
+                 tpot_budget_s: float | None = None, max_launch_gflop: float | None = None,
+                 max_launch_bytes: int | None = None) -> None:
         self.device = device
         self.backend = backend
         self.backend_info = backend.info()
@@ -74,6 +76,8 @@ class Daemon:
             total = int(self.backend_info.get("total_memory") or 0) or None
             device_memory = total // 2 if (total and self.backend_info.get("device_type") == "cpu") else total
         self.device_memory = MemoryAccount(device_memory)
+        # per-launch work ceiling (None = default, 0 = none): one operator must not monopolise
+        self.launch_limits = LaunchLimits.make(max_launch_gflop, max_launch_bytes, device_memory)
         self.memory_limit_max = memory_limit_max
         self.allow_uids = allow_uids          # None = anyone who can open the socket
         self.socket_mode = socket_mode
