@@ -10,7 +10,11 @@ every output for every operator. Compiling turns the graph into a straight-line 
 - views of allocations from outside the graph (weights, static inputs, KV caches) are built
   once and reused while the allocation keeps its storage;
 - outputs are bound lazily: each Alloc keeps the result tensor and makes its byte view only if
-  something outside the graph reads it.
+  something outside the graph reads it;
+- a result is kept only if it owns its storage: one whose storage overlaps an input or another
+  output of its step (schemas do not declare every alias: ``_unsafe_view``, ``type_as``,
+  ``lift``, ``unsafe_split`` ...) is copied, so no Alloc ever points into memory it does not
+  hold a reference to.
 
 Anything the compiler does not handle makes it return None, and replay falls back to running
 the commands one by one, so compilation is an optimization, never a semantic change.
@@ -21,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .. import ops
 from ..protocol import Op, TensorRef
 from .backends import torch_exec
 
@@ -59,10 +64,15 @@ class _Src:
 
 
 class _Step:
-    __slots__ = ("opov", "args", "kwargs", "outs", "flat_args", "slots", "nested")
+    __slots__ = ("opov", "args", "kwargs", "outs", "flat_args", "slots", "nested", "op", "rule")
 
-    def __init__(self, opov: Any, args: tuple, kwargs: dict, outs: list) -> None:
+    def __init__(self, opov: Any, args: tuple, kwargs: dict, outs: list, op: str = "",
+                 rule: Any = None) -> None:
         self.opov, self.args, self.kwargs, self.outs = opov, args, kwargs, outs
+        self.op = op
+        # INDEXED operators: the index tensors' contents may have changed since the capture
+        # (the client writes them between replays), so they are checked on every replay.
+        self.rule = rule if rule is not None and rule.kind == ops.INDEXED else None
         # Top-level tensor arguments are patched into a prebuilt list; only arguments that
         # nest tensors in lists (cat, stack, index) go through the recursive fill.
         self.flat_args = list(args)
@@ -106,16 +116,32 @@ class CompiledGraph:
                 args[i] = src.get(results)
             for i, v in st.nested:
                 args[i] = _fill(v, results)
-            if st.kwargs:
-                r = st.opov(*args, **{k: _fill(v, results) for k, v in st.kwargs.items()})
-            else:
-                r = st.opov(*args)
+            kw = {k: _fill(v, results) for k, v in st.kwargs.items()} if st.kwargs else {}
+            if st.rule is not None:
+                torch_exec.validate_indices(st.op, st.opov, st.rule, tuple(args), kw)
+            r = st.opov(*args, **kw) if kw else st.opov(*args)
             if st.outs:
                 flat: list = []
                 torch_exec._flatten_tensors(r, flat)
+                ins: list = []
+                torch_exec._flatten_tensors(args, ins)
+                if kw:
+                    torch_exec._flatten_tensors(list(kw.values()), ins)
+                taken = [_span(x) for x in ins]
                 for al, t in zip(st.outs, flat):
+                    span = _span(t)
+                    if any(span[0] < hi and lo < span[1] for lo, hi in taken):
+                        t = t.clone()   # a view of memory it does not own: make it its own
+                        span = _span(t)
+                    taken.append(span)
                     results[id(al)] = t
                     al.set_result(t)
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    st = t.untyped_storage()
+    p = st.data_ptr()
+    return (p, p + st.nbytes()) if st.nbytes() else (0, 0)
 
 
 def compile_graph(cmds: list, device: Any) -> CompiledGraph | None:
@@ -127,9 +153,11 @@ def compile_graph(cmds: list, device: Any) -> CompiledGraph | None:
             return None
         launch, allocs, outs = cmd.a
         try:
-            opov = torch_exec._resolve_op(launch.op)
+            opov, rule = torch_exec._resolve(launch.op)
         except Exception:  # noqa: BLE001
             return None
+        if opov._opname in ops.UNINITIALIZED:
+            return None   # the generic path hands out zeroed memory instead of running it
         if outs and (not torch_exec._returns_fresh(opov)
                      or any(r.alias_info is not None for r in opov._schema.returns)):
             return None   # outputs that may alias inputs: the generic path copies them
@@ -155,7 +183,7 @@ def compile_graph(cmds: list, device: Any) -> CompiledGraph | None:
                 return None
             produced.add(id(al))
         kwargs = {k: (device if isinstance(v, torch.device) else v) for k, v in kwargs.items()}
-        steps.append(_Step(opov, args, kwargs, out_allocs))
+        steps.append(_Step(opov, args, kwargs, out_allocs, launch.op, rule))
     return CompiledGraph(steps, device)
 
 

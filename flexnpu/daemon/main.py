@@ -56,6 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="attached clients one uid may have at a time (default 256)")
     p.add_argument("--socket-mode", default=os.environ.get("FLEXNPU_SOCKET_MODE", "0660"),
                    help="file mode of the control socket (octal, default 0660)")
+    p.add_argument("--max-launch-gflop", type=float, default=_env_float("FLEXNPU_MAX_LAUNCH_GFLOP"),
+                   help="refuse an operator launch predicted to take more GFLOP than this (default 1e6; "
+                        "0 = no ceiling)")
+    p.add_argument("--max-launch-bytes", default=os.environ.get("FLEXNPU_MAX_LAUNCH_BYTES"),
+                   help="refuse an operator launch that reads and writes more bytes than this, broadcast "
+                        "views counted at full size, e.g. 64GiB (default: 4x the device memory "
+                        "clients may hold; 0 = no ceiling)")
     p.add_argument("--runtime-dir", default=None, help="directory for the control socket")
     idle = os.environ.get("FLEXNPU_EXIT_WHEN_IDLE")
     p.add_argument("--exit-when-idle", type=float, default=float(idle) if idle else None, metavar="SECONDS",
@@ -71,6 +78,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedded", action="store_true",
                    help="mark this daemon as started by `flexnpu run` (shown by `flexnpu status`)")
     p.add_argument("--log-level", default=os.environ.get("FLEXNPU_LOG_LEVEL", "info"))
+
+
+def _env_float(name: str) -> float | None:
+    v = os.environ.get(name)
+    return float(v) if v else None
 
 
 def _allowed(values: list[str] | None) -> set[int] | None:
@@ -128,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
             tpot_budget_s=args.tpot_budget_ms / 1e3,
             max_sessions_per_uid=max(1, args.max_sessions_per_uid), exit_when_idle=args.exit_when_idle,
             embedded=args.embedded,
-            metrics_port=_metrics_port(args), metrics_addr=args.metrics_addr)
+            metrics_port=_metrics_port(args), metrics_addr=args.metrics_addr,
+            max_launch_gflop=args.max_launch_gflop, max_launch_bytes=parse_bytes(args.max_launch_bytes))
         d.bind()
     except (RuntimeError, ValueError, OSError) as e:
         print(f"flexnpu daemon: {e}", file=sys.stderr)

@@ -23,13 +23,14 @@ class Alloc:
     A compiled graph replay leaves its outputs as `result` tensors (set_result); the byte view
     `buf` is made from it only when something reads the allocation (materialize)."""
 
-    __slots__ = ("nbytes", "buf", "owner", "tables", "failed", "ref", "result", "__weakref__")
+    __slots__ = ("nbytes", "buf", "owner", "tables", "graphs", "failed", "ref", "result", "__weakref__")
 
     def __init__(self, nbytes: int, owner: "Any", buf: Any = None, ref: Any = None) -> None:
         self.nbytes = nbytes
         self.buf = buf
         self.owner = owner          # the MemoryAccount charged for it
         self.tables = 0             # how many client tables reference it
+        self.graphs = 0             # how many captured graphs hold it (and replay into it)
         self.failed: str | None = None
         self.ref = ref              # declared layout of a launch output (TensorRef)
         self.result: Any = None
@@ -43,15 +44,16 @@ class Alloc:
         if self.buf is None and self.result is not None:
             import torch
 
-            from .backends.torch_exec import build_view
+            from .backends.torch_exec import build_view, is_dense
 
             r, ref = self.result, self.ref
             st = r.untyped_storage()
             if (st.nbytes() == self.nbytes and r.dtype == ref.dtype and r.storage_offset() == ref.offset
-                    and tuple(r.stride()) == tuple(ref.stride)):
+                    and tuple(r.stride()) == tuple(ref.stride) and is_dense(r)
+                    and r.numel() * r.dtype.itemsize == self.nbytes):
                 self.buf = torch.empty(0, dtype=torch.uint8, device=r.device).set_(st)
             else:
-                buf = torch.empty(self.nbytes, dtype=torch.uint8, device=r.device)
+                buf = torch.zeros(self.nbytes, dtype=torch.uint8, device=r.device)
                 build_view(ref, buf).copy_(r)
                 self.buf = buf
             self.result = None
@@ -129,9 +131,10 @@ class HandleTable:
 
 def _release(a: Alloc) -> None:
     a.tables -= 1
-    if a.tables == 0:
+    if a.tables == 0 and a.graphs == 0:
         # Uncharged now; the memory itself goes when queued commands that still hold the
-        # Alloc finish (stream-ordered free, as aclrtFree/cudaFreeAsync behave).
+        # Alloc finish (stream-ordered free, as aclrtFree/cudaFreeAsync behave). An allocation a
+        # captured graph holds stays charged until the graph goes (Graph.release).
         a.owner.uncharge(a.nbytes)
 
 
@@ -167,6 +170,24 @@ class Graph:
     ops: list = field(default_factory=list)  # prepared commands, replayed in order
     complete: bool = False
     compiled: Any = None
+    retained: dict = field(default_factory=dict)   # id -> Alloc the graph's commands hold
+
+    def retain(self, cmd: Any) -> None:
+        """Hold (and keep charged) every allocation a captured command uses: replays write into
+        them after the client may have freed its handles."""
+        for x in cmd.a:
+            for al in (x.values() if isinstance(x, dict) else (x,)):
+                if isinstance(al, Alloc) and id(al) not in self.retained:
+                    self.retained[id(al)] = al
+                    al.graphs += 1
+
+    def release(self) -> None:
+        """The graph is gone: uncharge what only it still held."""
+        for al in self.retained.values():
+            al.graphs -= 1
+            if al.graphs == 0 and al.tables == 0:
+                al.owner.uncharge(al.nbytes)
+        self.retained.clear()
 
 
 @dataclass

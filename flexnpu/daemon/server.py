@@ -28,6 +28,7 @@ from ..errors import Err
 from ..paths import check_dir, socket_path
 from ..ring import Doorbell, RingError, RingSet, Segment
 from ..control import MessageReader, ProtocolError, peer_credentials, send_msg
+from .limits import LaunchLimits
 from .metrics import DaemonMetrics
 from .objects import IpcExport, MemoryAccount
 from .collectives import Collectives
@@ -90,7 +91,8 @@ class Daemon:
                  tpot_budget_s: float | None = None,
                  max_sessions_per_uid: int = MAX_SESSIONS_PER_UID, exit_when_idle: float | None = None,
                  embedded: bool = False, metrics_port: int | None = None,
-                 metrics_addr: str = "127.0.0.1") -> None:
+                 metrics_addr: str = "127.0.0.1", max_launch_gflop: float | None = None,
+                 max_launch_bytes: int | None = None) -> None:
         self.device = device
         self.fd_limit = raise_fd_limit()[0]
         self.max_sessions_per_uid = max_sessions_per_uid
@@ -121,6 +123,8 @@ class Daemon:
             total = int(self.backend_info.get("total_memory") or 0) or None
             device_memory = total // 2 if (total and self.backend_info.get("device_type") == "cpu") else total
         self.device_memory = MemoryAccount(device_memory)
+        # per-launch work ceiling (None = default, 0 = none): one operator must not monopolise
+        self.launch_limits = LaunchLimits.make(max_launch_gflop, max_launch_bytes, device_memory)
         self.memory_limit_max = memory_limit_max
         self.allow_uids = allow_uids          # None = anyone who can open the socket
         self.socket_mode = socket_mode
@@ -194,7 +198,7 @@ class Daemon:
         that one to retire (give up the socket now, exit when its clients have left)."""
         if self.embedded:
             return False
-        from .control import query
+        from ..control import query
 
         try:
             other = query(str(self.path), {"op": "status"})["daemon"]

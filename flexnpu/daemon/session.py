@@ -238,6 +238,7 @@ class Session:
                     if len(g.ops) >= MAX_GRAPH_OPS:
                         raise BadState("graph too large")
                     g.ops.append(cmd)
+                    g.retain(cmd)
             if self.daemon.inline and not st.queue and cmd.ready is None:
                 # Nothing queued ahead on this stream and the policy does not reorder: run now.
                 cmd.undo = None
@@ -356,6 +357,8 @@ class Session:
         for st in self.streams.values():
             st.queue.clear()
         self.streams.clear()
+        for g in self.graphs.values():
+            g.release()
         self.graphs.clear()
         self.events.clear()
         self.waiters.clear()
@@ -746,7 +749,13 @@ def _p_launch(s, st, ud, sync, poff, plen, a, flags):
         for h in created:
             if h in s.handles and s.handles.get(h) is outs[h]:
                 s.handles.remove(h)
-    return Cmd(Op.LAUNCH, ud, sync, _run_launch, (launch, allocs, outs), undo=undo)
+    cmd = Cmd(Op.LAUNCH, ud, sync, _run_launch, (launch, allocs, outs), undo=undo)
+    try:
+        s.daemon.launch_limits.check(cmd)
+    except BaseException:
+        undo()
+        raise
+    return cmd
 
 
 def _tensor_refs(args: Any, kwargs: dict) -> list[P.TensorRef]:
@@ -829,6 +838,7 @@ def _p_graph_destroy(s, st, ud, sync, poff, plen, a, flags):
     if not g.complete:
         raise BadState(f"graph {a[0]} is still being captured")
     del s.graphs[a[0]]
+    g.release()
     if sync:
         s.reply(ud)
 

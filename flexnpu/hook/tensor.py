@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from flexnpu.daemon.backends.torch_exec import is_op_allowed
+from flexnpu import ops as oprules
 from flexnpu.hook import runtime
 from flexnpu.protocol import TensorRef
 
@@ -303,8 +303,9 @@ class OpInfo:
                            and all(r.alias_info is not None for r in schema.returns)
                            and torch.Tag.inplace_view not in tags)
         self.cpu = False
-        self.allowed = func.namespace == "aten" and is_op_allowed(self.name)
-        self.host_ok = self.allowed
+        self.allowed = func.namespace == "aten" and oprules.is_allowed(self.name)
+        # the host fallback runs in this process: any aten op but the refused class
+        self.host_ok = func.namespace == "aten" and oprules.host_fallback_ok(func._opname)
         if torch.Tag.nondeterministic_seeded in tags:
             self.cpu = True  # random numbers come from the app's own (host) generator
             self.host_ok = func.namespace == "aten"

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from ... import ops
 from ...protocol import Launch, TensorRef
 from ...sched.costmodel import CostModel
 from ...sched.emu import EmuDevice
@@ -81,18 +82,9 @@ def _view_end(ref: TensorRef) -> int:
 
 
 def _resolve_op(name: str) -> Any:
-    if not name.startswith("aten::") or len(name) > 200:
-        raise ValueError(f"malformed operator name {name!r} (expected 'aten::name.overload')")
-    base, _, overload = name[6:].partition(".")
-    if base.startswith("__") or overload.startswith("__"):
-        raise ValueError(f"malformed operator name {name!r}")
-    try:
-        opov = getattr(getattr(torch.ops.aten, base), overload or "default")
-    except (AttributeError, RuntimeError):
-        raise ValueError(f"unknown operator {name!r}") from None
-    if not isinstance(opov, torch._ops.OpOverload):
-        raise ValueError(f"unknown operator {name!r}")
-    return opov
+    # Shape-only: nothing executes, so random operators are fine (values=False); the rest of the
+    # allow list is the torch backends' (flexnpu.ops), so emu accepts exactly what they accept.
+    return ops.resolve(name, values=False)[0]
 
 
 def _to_meta(x: Any, depth: int = 0) -> Any:
@@ -139,7 +131,7 @@ class _MetaOutputs:
                 while stack:
                     v = stack.pop(0)
                     if isinstance(v, torch.Tensor):
-                        flat.append((v.dtype, tuple(v.shape)))
+                        flat.append((v.dtype, tuple(v.shape), _meta_extent(v)))
                     elif isinstance(v, (list, tuple)):
                         stack[0:0] = list(v)
                 hit = tuple(flat)
@@ -153,6 +145,13 @@ class _MetaOutputs:
         if isinstance(hit, Exception):
             raise ValueError(str(hit))
         return hit
+
+
+def _meta_extent(t: torch.Tensor) -> int:
+    if t.numel() == 0:
+        return 0
+    last = sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 1)
+    return (last + 1) * t.dtype.itemsize
 
 
 def _refs(v: Any, out: list) -> list:
@@ -248,12 +247,16 @@ class EmuBackend:
         if outs and len(outs) != len(expected):
             raise ValueError(f"{launch.op}: {len(outs)} outputs declared, the op returns {len(expected)} tensors")
         bound = []
-        for i, ((nbytes, ref), (dtype, shape)) in enumerate(zip(outs, expected)):
+        for i, ((nbytes, ref), (dtype, shape, need)) in enumerate(zip(outs, expected)):
             if ref.dtype != dtype or tuple(ref.shape) != shape:
                 raise ValueError(f"{launch.op}: output {i} declared {ref.dtype} {tuple(ref.shape)} but the op "
                                  f"returns {dtype} {shape}")
-            if _view_end(ref) > nbytes:
-                raise ValueError(f"{launch.op}: output {i} view does not fit its {nbytes} bytes")
+            if _view_end(ref) > nbytes or need > nbytes:
+                raise ValueError(f"{launch.op}: output {i} declared with {nbytes} bytes but the op's result "
+                                 f"{dtype} {shape} takes {max(need, _view_end(ref))} bytes")
+            if any(sz > 1 and st == 0 for sz, st in zip(ref.shape, ref.stride)):
+                raise ValueError(f"{launch.op}: output {i} declared with a zero stride: outputs must not "
+                                 "overlap themselves")
             bound.append((ref.handle, ShapeOnlyBuffer(nbytes)))
         return bound
 
@@ -262,13 +265,8 @@ class EmuBackend:
             return self._cpu.op_allowed(op)
         # Nothing executes in shape-only mode, so ops the torch backend refuses because they
         # would draw from the daemon's random generator (SDPA carries a dropout argument) are
-        # fine here; file, global-state and raw-layout ops stay refused.
-        try:
-            _resolve_op(op)
-        except ValueError:
-            return False
-        name = op[6:].partition(".")[0]
-        return not (name in _DENY or name.startswith(("_nested", "_cufft", "_sparse", "sparse_", "_mkldnn")))
+        # fine here; everything else follows the same allow list (flexnpu.ops).
+        return ops.is_allowed(op, values=False)
 
     # -- streams and events ------------------------------------------------------------------
     def new_stream(self, priority: int = 0) -> EmuStream:
@@ -297,13 +295,6 @@ class EmuBackend:
 
     def elapsed_ms(self, start: Any, end: Any) -> float:
         return (end[1] - start[1]) / 1e6
-
-
-_DENY = frozenset({
-    "from_file", "_print", "set_", "resize_", "resize_as_", "_resize_output_", "as_strided", "as_strided_",
-    "_reshape_alias", "set_data", "_set_grad_enabled", "record_stream", "save", "load", "_share_memory_",
-    "share_memory_", "_assert_async", "_pin_memory", "pin_memory",
-})
 
 
 def make_emu_backend(spec: str, index: int = 0) -> EmuBackend:

@@ -157,7 +157,15 @@ class TorchBackend:
 
     # -- memory ------------------------------------------------------------------------------
     def alloc(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        """Zeroed device memory: a block may have held another client's data (or the daemon's
+        own heap), so it is scrubbed when it changes owner, i.e. on allocation (docs/security.md
+        says why on allocation rather than on free)."""
+        buf = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
+        if self._mod is not None and self._mod.current_stream(self.device) == self._mod.default_stream(self.device):
+            # Outside a client stream (malloc): the memset must be done before any client stream
+            # touches the block. Launch outputs are allocated on their stream, already in order.
+            self._mod.current_stream(self.device).synchronize()
+        return buf
 
     def memset(self, buf: torch.Tensor, offset: int, value: int, nbytes: int) -> None:
         buf[offset:offset + nbytes].fill_(value & 0xFF)

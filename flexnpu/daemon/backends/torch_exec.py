@@ -3,25 +3,27 @@
 A launch names an aten operator and carries its arguments with ``TensorRef`` in place of tensors.
 Everything in it is client-controlled, so before touching memory this module:
 
-* checks the operator against an allowlist (``is_op_allowed``);
+* checks the operator against the allow list of flexnpu.ops (``is_op_allowed``) and, for
+  operators with index inputs, the range of every index tensor before the operator runs;
 * builds every tensor argument as a view over a *non-owning, non-resizable* storage that spans
   exactly the referenced allocation, after checking shape/stride/offset arithmetic (in Python
   integers, so no overflow) against the allocation size. An operator therefore cannot read or
   write outside the allocation, nor resize it (``out=`` tensors of the wrong shape, ``resize_``
   and ``set_`` fail with torch's "not resizable" error instead of reallocating daemon memory);
 * infers the outputs on the meta device (cached) and checks that the declared outputs match
-  them, so a client cannot make the daemon allocate more than it declared (and is charged for);
-* binds each result to its fresh handle, copying whenever the result aliases an input (a
-  non-owning view must never outlive the launch).
+  them *and* hold at least as many bytes as the operator's real result, so a client cannot make
+  the daemon allocate more than it declared (and is charged for);
+* binds each result to its fresh handle, copying whenever the result's storage overlaps an input
+  or another output, whatever the operator's schema says (a non-owning view must never outlive
+  the launch, and every handle owns the storage it points into).
 """
 from __future__ import annotations
 
-import re
-import threading
 from typing import Any, Callable, Sequence
 
 import torch
 
+from flexnpu import ops
 from flexnpu.protocol import TensorRef
 
 __all__ = ["execute_launch", "is_op_allowed", "LaunchError", "build_view", "check_view_bounds"]
@@ -32,34 +34,6 @@ aten = torch.ops.aten
 # and small enough that torch's int64 arithmetic on it cannot overflow.
 _MAX_DIM_VALUE = 1 << 48
 _MAX_NDIM = 64
-_OP_NAME = re.compile(r"^aten::([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?$")
-
-# Operators a client may not run even though they are aten ops. Reasons:
-# - raw-pointer / raw-layout views that bypass bounds (nested views from buffers, as_strided and
-#   _reshape_alias take arbitrary sizes/strides; the hook computes views client-side anyway);
-# - storage re-pointing and resizing (set_, resize_ ...): daemon memory is allocated and
-#   accounted only through malloc and declared launch outputs;
-# - files, printing, process-global state (from_file, _print, cuFFT plan cache, thread counts,
-#   anomaly/grad mode switches, ...).
-_DENY_EXACT = frozenset({
-    "from_file", "_print", "set_", "resize_", "resize_as_", "_resize_output_", "_resize_output",
-    "resize_as_sparse_", "sparse_resize_", "sparse_resize_and_clear_", "as_strided",
-    "as_strided_", "as_strided_copy", "as_strided_scatter", "_reshape_alias", "_reshape_alias_copy",
-    "set_data", "_set_grad_enabled", "_cufft_set_plan_cache_max_size", "_cufft_clear_plan_cache",
-    "_cufft_get_plan_cache_size", "_cufft_get_plan_cache_max_size", "record_stream",
-    "_unsafe_set_version_counter", "_set_check_sparse_tensor_invariants", "save", "load",
-    "_share_memory_", "share_memory_", "_fused_sdp_choice", "_assert_async", "_functional_assert_async",
-    "sym_constrain_range", "_make_per_tensor_quantized_tensor", "_make_per_channel_quantized_tensor",
-    "_from_functional_tensor", "_to_functional_tensor", "_sync", "_propagate_xla_data",
-    "_nnz", "lift_fresh", "_debug_has_internal_overlap", "_pin_memory", "pin_memory",
-})
-_DENY_PREFIX = ("_nested", "_cufft", "_cudnn_rnn_flatten", "_foreach_copy", "_mps", "_cslt", "_sparse",
-                "sparse_", "_to_sparse", "to_sparse", "_coalesce", "_mkldnn", "mkldnn", "quantize",
-                "_fake_quantize", "fake_quantize", "_jagged", "_safe_softmax_backward_", "_functionalize")
-
-_op_cache: dict[str, Any] = {}
-_op_cache_lock = threading.Lock()
-
 
 class LaunchError(ValueError):
     """A launch the backend refuses (bad op, bad view, mismatched outputs); message names the op."""
@@ -67,55 +41,19 @@ class LaunchError(ValueError):
 
 def _resolve_op(op: str):
     """Return the OpOverload for an allowed "aten::name.overload" string, or raise LaunchError."""
-    hit = _op_cache.get(op)
-    if hit is not None:
-        return hit
-    m = _OP_NAME.match(op) if isinstance(op, str) and len(op) < 200 else None
-    if m is None:
-        raise LaunchError(f"malformed operator name {op!r} (expected 'aten::name.overload')")
-    name, overload = m.group(1), m.group(2) or "default"
-    if name.startswith("__") or overload.startswith("__"):
-        raise LaunchError(f"malformed operator name {op!r}")
+    return _resolve(op)[0]
+
+
+def _resolve(op: str) -> tuple[Any, ops.Rule]:
     try:
-        packet = getattr(aten, name)
-        opov = getattr(packet, overload)
-    except (AttributeError, RuntimeError):
-        raise LaunchError(f"unknown operator {op!r}: the backend's torch has no such aten op") from None
-    if not isinstance(opov, torch._ops.OpOverload):
-        raise LaunchError(f"unknown operator {op!r}")
-    if not _allowed(name, opov):
-        raise LaunchError(f"operator {op!r} is not allowed on FlexNPU (denied: touches files, global "
-                          "state, raw memory layout or the daemon's random generator)")
-    with _op_cache_lock:
-        if len(_op_cache) > 4096:
-            _op_cache.clear()
-        _op_cache[op] = opov
-    return opov
-
-
-def _allowed(name: str, opov) -> bool:
-    if name in _DENY_EXACT or name.startswith(_DENY_PREFIX):
-        return False
-    tags = opov.tags
-    # Random operators would draw from the daemon's process-wide generator: results would not
-    # follow the app's torch.manual_seed and one client's draws would shift another's. The hook
-    # generates random numbers client-side instead.
-    if torch.Tag.nondeterministic_seeded in tags:
-        return False
-    # In-place metadata changes (squeeze_, t_, ...) would alter the daemon's cached view objects;
-    # the hook applies them client-side, they never need the device.
-    if torch.Tag.inplace_view in tags:
-        return False
-    return True
+        return ops.resolve(op, values=True)
+    except ops.OpRefused as e:
+        raise LaunchError(str(e)) from None
 
 
 def is_op_allowed(op: str) -> bool:
-    """True if ``op`` ("aten::name.overload") names an existing aten operator a client may launch."""
-    try:
-        _resolve_op(op)
-    except LaunchError:
-        return False
-    return True
+    """True if ``op`` ("aten::name.overload") is an aten operator a client may launch (flexnpu.ops)."""
+    return ops.is_allowed(op, values=True)
 
 
 def check_view_bounds(ref: TensorRef, nbytes: int) -> None:
@@ -313,15 +251,39 @@ def _launch_key(op: str, args, kwargs) -> tuple:
     return tuple(parts)
 
 
+_device_pos: dict[Any, int | None] = {}
+
+
+def _device_arg(opov) -> int | None:
+    """Position of the op's ``device`` argument (factories), None if it has none."""
+    if opov not in _device_pos:
+        names = [a.name for a in opov._schema.arguments]
+        _device_pos[opov] = names.index("device") if "device" in names else None
+    return _device_pos[opov]
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Bytes from the first to the last element of ``t`` (what the operator materialises when
+    the result is fresh; a result aliasing an input is copied into the declared layout)."""
+    if t.numel() == 0:
+        return 0
+    last = sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 1)
+    return (last + 1) * t.dtype.itemsize
+
+
 def _expected_outputs(op: str, opov, args, kwargs, key: tuple) -> tuple:
-    """(dtype, shape) of each tensor the op returns, from meta inference (cached)."""
+    """(dtype, shape, bytes) of each tensor the op returns, from meta inference (cached)."""
     hit = _meta_cache.get(key)
     if hit is None:
         try:
-            r = opov(*_to_meta(args), **{k: _to_meta(v) for k, v in kwargs.items()})
+            mkw = {k: _to_meta(v) for k, v in kwargs.items()}
+            dpos = _device_arg(opov)
+            if dpos is not None and dpos >= len(args) and "device" not in mkw:
+                mkw["device"] = torch.device("meta")   # a factory: infer it on meta, not in host RAM
+            r = opov(*_to_meta(args), **mkw)
             flat: list = []
             _flatten_tensors(r, flat)
-            hit = tuple((t.dtype, tuple(t.shape)) for t in flat)
+            hit = tuple((t.dtype, tuple(t.shape), _extent(t)) for t in flat)
         except Exception as e:  # noqa: BLE001 - any failure means "cannot validate"
             hit = LaunchError(f"{op}: cannot infer the outputs of this launch ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})")
@@ -367,7 +329,7 @@ def _returns_fresh(opov) -> bool:
 def _check_outputs(op: str, outputs, expected: tuple) -> None:
     if len(outputs) != len(expected):
         raise LaunchError(f"{op}: {len(outputs)} outputs declared, the op returns {len(expected)} tensors")
-    for i, (item, (dtype, shape)) in enumerate(zip(outputs, expected)):
+    for i, (item, (dtype, shape, need)) in enumerate(zip(outputs, expected)):
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise LaunchError(f"{op}: output {i} must be (nbytes, TensorRef)")
         nbytes, ref = item
@@ -377,6 +339,14 @@ def _check_outputs(op: str, outputs, expected: tuple) -> None:
             raise LaunchError(f"{op}: output {i} declared {ref.dtype} {tuple(ref.shape)} but the op "
                               f"returns {dtype} {shape}")
         check_view_bounds(ref, nbytes)
+        # The operator materialises its result at its own layout before it is bound: the client
+        # pays for that, not for a declared layout that folds it into a few bytes (stride 0).
+        if need > nbytes:
+            raise LaunchError(f"{op}: output {i} declared with {nbytes} bytes but the op's result "
+                              f"{dtype} {shape} takes {need} bytes")
+        if any(sz > 1 and st == 0 for sz, st in zip(ref.shape, ref.stride)):
+            raise LaunchError(f"{op}: output {i} declared with a zero stride {tuple(ref.stride)}: outputs "
+                              "must not overlap themselves")
 
 
 def execute_launch(device: torch.device, op: str, args: Sequence, kwargs: dict,
@@ -389,7 +359,7 @@ def execute_launch(device: torch.device, op: str, args: Sequence, kwargs: dict,
     ValueError) for anything the client got wrong; errors raised by the operator itself propagate
     unchanged (RuntimeError etc.), their message names the op via the caller.
     """
-    opov = _resolve_op(op)
+    opov, rule = _resolve(op)
     if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
         raise LaunchError(f"{op}: args must be a tuple and kwargs a dict")
     if any(not isinstance(k, str) for k in kwargs):
@@ -408,6 +378,11 @@ def execute_launch(device: torch.device, op: str, args: Sequence, kwargs: dict,
     mpos, mnames = _mutable_args(opov)
     cargs = tuple([ctx.convert(a, 1, i in mpos) for i, a in enumerate(args)])
     ckwargs = {k: ctx.convert(v, 1, k in mnames) for k, v in kwargs.items()}
+    if opov._opname in ops.UNINITIALIZED:
+        # torch would hand out whatever the daemon's heap held: a zeroed allocation instead
+        return [(ref.handle, _fresh(op, nbytes, allocate)) for nbytes, ref in outputs]
+    if rule.kind == ops.INDEXED:
+        validate_indices(op, opov, rule, cargs, ckwargs)
     result = opov(*cargs, **ckwargs)
     if not outputs:
         return []
@@ -415,8 +390,41 @@ def execute_launch(device: torch.device, op: str, args: Sequence, kwargs: dict,
     _flatten_tensors(result, flat)
     bound: list[tuple[int, torch.Tensor]] = []
     for (nbytes, ref), r in zip(outputs, flat):
-        bound.append((ref.handle, _bind(op, ctx, nbytes, ref, r, allocate)))
+        buf = _bind(op, ctx, nbytes, ref, r, allocate)
+        ctx.in_ptrs.append((buf.data_ptr(), buf.data_ptr() + buf.numel()))   # outputs must not share
+        bound.append((ref.handle, buf))
     return bound
+
+
+def validate_indices(op: str, opov: Any, rule: ops.Rule, args: tuple, kwargs: dict) -> None:
+    """Refuse the launch unless every index tensor is in range (before anything runs)."""
+    try:
+        ops.check_indices(rule, opov, args, kwargs)
+    except (IndexError, KeyError, TypeError, RuntimeError) as e:
+        raise LaunchError(f"{op}: {e}") from None
+
+
+def _fresh(op: str, nbytes: int, allocate: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    buf = allocate(nbytes)
+    if not isinstance(buf, torch.Tensor) or buf.dtype != torch.uint8 or buf.numel() < nbytes:
+        raise LaunchError(f"{op}: backend allocator returned an unusable buffer")
+    return buf
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Every element of the span from its first to its last element is one element of ``t``."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for st, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s > 1):
+        if st != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _overlaps(ptr: int, end: int, ranges: list[tuple[int, int]]) -> bool:
+    return any(ptr < hi and lo < end for lo, hi in ranges)
 
 
 def _bind(op: str, ctx: _Ctx, nbytes: int, ref: TensorRef, r: torch.Tensor,
@@ -425,13 +433,16 @@ def _bind(op: str, ctx: _Ctx, nbytes: int, ref: TensorRef, r: torch.Tensor,
         raise LaunchError(f"{op}: result on {r.device}, expected {ctx.device}")
     st = r.untyped_storage()
     ptr = st.data_ptr()
-    aliases_input = any(lo <= ptr < hi for lo, hi in ctx.in_ptrs) if st.nbytes() else False
-    if (not aliases_input and st.nbytes() == nbytes and tuple(r.stride()) == tuple(ref.stride)
-            and r.storage_offset() == ref.offset and r.dtype == ref.dtype):
+    # The storage is bound as the handle's own only if the operator made it: it overlaps no input
+    # (whatever the schema says about aliasing) and no other output, and the result covers it
+    # densely (no bytes the operator left unwritten). Anything else is copied into a fresh,
+    # zeroed allocation.
+    aliases = _overlaps(ptr, ptr + st.nbytes(), ctx.in_ptrs) if st.nbytes() else False
+    if (not aliases and st.nbytes() == nbytes and tuple(r.stride()) == tuple(ref.stride)
+            and r.storage_offset() == ref.offset and r.dtype == ref.dtype
+            and r.numel() * r.dtype.itemsize == nbytes and is_dense(r)):
         return torch.empty(0, dtype=torch.uint8, device=ctx.device).set_(st)
-    buf = allocate(nbytes)
-    if not isinstance(buf, torch.Tensor) or buf.dtype != torch.uint8 or buf.numel() < nbytes:
-        raise LaunchError(f"{op}: backend allocator returned an unusable buffer")
+    buf = _fresh(op, nbytes, allocate)
     view = build_view(ref, buf)
     view.copy_(r)
     return buf
