@@ -169,9 +169,48 @@ class Graph:
     compiled: Any = None
 
 
+MAX_IMPORT_PIDS = 4096       # processes one export may be granted to
+
+
+def process_start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22), or None
+    if there is no such process. With the pid it names one process: a pid is reused, a
+    (pid, start time) pair is not."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+        return int(raw[raw.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @dataclass
 class IpcExport:
     alloc: Alloc
     owner_client: int
-    pids: set[int] = field(default_factory=set)
+    # pid -> start time of the process the owner allowed: a grant is for that process only,
+    # not for whatever later gets the same pid, and goes when the process exits
+    pids: dict[int, int] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
+
+    def grant(self, pid: int) -> bool:
+        start = process_start_time(pid)
+        if start is None:
+            return False
+        self.pids[pid] = start
+        return True
+
+    def allows(self, pid: int, start: int | None) -> bool:
+        granted = self.pids.get(pid)
+        if granted is None:
+            return False
+        if start is None or granted != start or process_start_time(pid) != granted:
+            del self.pids[pid]       # that process is gone: its grant goes with it
+            return False
+        return True
+
+    def prune(self) -> None:
+        """Drop the grants of processes that exited (or whose pid now names another)."""
+        for pid, start in list(self.pids.items()):
+            if process_start_time(pid) != start:
+                del self.pids[pid]

@@ -20,7 +20,8 @@ from ..errors import (BadState, Err, FlexNPUError, error_for, InvalidArgument, I
                       OpNotSupported, OutOfMemory, PermissionDenied, code_of)
 from ..protocol import Op
 from ..ring import RingError
-from .objects import Alloc, EventState, Graph, HandleTable, IpcExport, MemoryAccount, StreamState
+from .objects import (MAX_IMPORT_PIDS, Alloc, EventState, Graph, HandleTable, IpcExport, MemoryAccount,
+                      StreamState, process_start_time)
 
 if TYPE_CHECKING:
     from .server import Daemon
@@ -65,6 +66,7 @@ class Session:
         self.phase = phase
         self.attached_at = time.time()
         self.last_active = time.monotonic()    # last drain that found records (ring order)
+        self.start_time = process_start_time(pid)   # with pid: this process, not a later one
         self.mem = MemoryAccount(memory_limit, parent=daemon.device_memory)
         self.handles = HandleTable()
         self.streams: dict[int, StreamState] = {0: self._new_stream(0, 0)}
@@ -636,7 +638,17 @@ def _p_ipc_set_pids(s, st, ud, sync, poff, plen, a, flags):
     exp = s.daemon.exports.get(a[0])
     if exp is None or exp.owner_client != s.cid:
         raise NotFound(f"no export with key {a[0]:#x} owned by this client")
-    exp.pids.update(pids)
+    exp.prune()
+    missing = [p for p in pids if p not in exp.pids and not exp.grant(p)]
+    if len(exp.pids) > MAX_IMPORT_PIDS:
+        for p in pids:
+            exp.pids.pop(p, None)
+        raise InvalidArgument(f"an export may be granted to at most {MAX_IMPORT_PIDS} processes")
+    if missing:
+        # a grant names a running process; one for a pid that is not running would go to
+        # whichever process gets that pid next
+        raise InvalidArgument(f"pid {missing[0]} is not a running process; "
+                              f"{len(pids) - len(missing)} of {len(pids)} pids granted")
     if sync:
         s.reply(ud)
 
@@ -646,7 +658,7 @@ def _p_ipc_import(s, st, ud, sync, poff, plen, a, flags):
     exp = s.daemon.exports.get(key)
     if exp is None:
         raise NotFound(f"no exported device memory with key {key:#x}")
-    if exp.owner_client != s.cid and s.pid not in exp.pids:
+    if exp.owner_client != s.cid and not exp.allows(s.pid, s.start_time):
         raise PermissionDenied(f"pid {s.pid} is not on the import list of key {key:#x}")
     s.handles.add(h, exp.alloc)
     s.reply(ud, 0, exp.alloc.nbytes)
