@@ -410,3 +410,76 @@ def test_idle_daemon_gives_memory_back_and_reports_rss(daemon):
     st = daemon.status()
     assert st["malloc_trims"] >= 1
     assert st["rss_bytes"] - base < 120 << 20, f"idle RSS {base >> 20} -> {st['rss_bytes'] >> 20} MiB"
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_launch_decoder_has_a_value_budget(daemon):
+    """Item 5/6b: a launch payload of millions of NONE tags is refused after a bounded number of
+    values (linear, bounded work and memory), not decoded into gigabytes."""
+    from flexnpu.errors import InvalidArgument
+
+    bystander = Client(0)
+    hb = bystander.malloc(4096, sync=True)
+    bystander.memset(hb, 0, 3, 4096)
+    bad = Client(0)
+    bomb = ([[None] * 4096 for _ in range(1024)],)          # 4 M values in 4 MB
+    before = _rss(daemon.pid)
+    t0 = time.monotonic()
+    for _ in range(3):
+        bad.launch("aten::add.Tensor", bomb, {}, [])
+    with pytest.raises(InvalidArgument, match="more than .* values"):
+        bad.synchronize()
+    took = time.monotonic() - t0
+    grew = _rss(daemon.pid) - before
+    assert grew < 200 << 20, f"daemon RSS grew {grew >> 20} MiB decoding the bomb"
+    assert bystander.memcpy_d2h(hb, 0, 4096) == b"\3" * 4096
+    assert daemon.proc.poll() is None
+    print(f"3 bombs refused in {took:.2f} s, RSS +{grew >> 20} MiB")
+    bad.close()
+    bystander.close()
+
+
+def test_handles_and_captured_records_are_charged_to_the_client(start_daemon):
+    """Item 5: size-0 allocations and captured launches cost the daemon memory: they count
+    against the client's host budget and are refused past it; destroying them gives it back;
+    a bystander is charged nothing for them."""
+    from flexnpu.errors import OutOfMemory
+
+    d = start_daemon("--client-host-memory", "4MiB")
+    bystander = Client(0)
+    hb = bystander.malloc(4096, sync=True)
+    bad = Client(0)
+    hs = [bad.malloc(0) for _ in range(12000)]                 # 12000 x 512 B > 4 MiB
+    with pytest.raises(OutOfMemory, match="host memory budget"):
+        bad.synchronize()
+    st = {c["client_id"]: c for c in d.status()["clients"]}
+    assert st[bad.client_id]["host_bytes"] <= 4 << 20
+    assert st[bystander.client_id]["host_bytes"] <= 4096       # one handle
+    for h in hs:
+        try:
+            bad.free(h)
+        except Exception:  # noqa: BLE001 - the refused ones are unknown handles
+            pass
+    try:
+        bad.synchronize()
+    except Exception:  # noqa: BLE001
+        pass
+    assert bad.memory_stats()["host_bytes"] < 64 << 10
+    # captured launches: each record is charged while the graph lives
+    x = TensorRef(bad.malloc(64, sync=True), torch.float32, (16,), (1,), 0)
+    s = bad.create_stream()
+    g = bad.graph_begin_capture(s)
+    for _ in range(20000):
+        bad.launch("aten::relu_.default", (x,), {}, [], stream=s)
+    with pytest.raises(OutOfMemory, match="host memory budget"):
+        bad.graph_end_capture(g, s)
+    bad.graph_destroy(g)
+    bad.synchronize(s)
+    assert bad.memory_stats()["host_bytes"] < 64 << 10
+    assert bystander.memcpy_d2h(hb, 0, 16) is not None
+    bad.close()
+    bystander.close()

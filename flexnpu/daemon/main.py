@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sessions-per-uid", type=int,
                    default=int(os.environ.get("FLEXNPU_MAX_SESSIONS_PER_UID", 256)),
                    help="attached clients one uid may have at a time (default 256)")
+    p.add_argument("--client-host-memory", default=os.environ.get("FLEXNPU_CLIENT_HOST_MEMORY", "256MiB"),
+                   help="daemon memory one client's objects may hold: handles, queued and captured "
+                        "commands, copied host data (default 256MiB)")
     p.add_argument("--socket-mode", default=os.environ.get("FLEXNPU_SOCKET_MODE", "0660"),
                    help="file mode of the control socket (octal, default 0660)")
     p.add_argument("--runtime-dir", default=None, help="directory for the control socket")
@@ -94,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
             device_memory=parse_bytes(args.device_memory), allow_uids=_allowed(args.allow_uid),
             socket_mode=int(str(args.socket_mode), 8), notify=notify,
             tpot_budget_s=args.tpot_budget_ms / 1e3,
-            max_sessions_per_uid=max(1, args.max_sessions_per_uid))
+            max_sessions_per_uid=max(1, args.max_sessions_per_uid),
+            client_host_memory=parse_bytes(args.client_host_memory))
         d.bind()
     except (RuntimeError, ValueError, OSError) as e:
         print(f"flexnpu daemon: {e}", file=sys.stderr)

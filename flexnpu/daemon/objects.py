@@ -85,12 +85,18 @@ class MemoryAccount:
             self.parent.uncharge(nbytes)
 
 
+HANDLE_COST = 512             # daemon memory one live handle costs (an Alloc, its dict slot, a
+                              # backend buffer object: 1 M malloc(0) handles held ~558 MB)
+
+
 class HandleTable:
     """handle -> Alloc for one client; tracks references so shared allocations are uncharged
-    from their owner only when the last table lets go."""
+    from their owner only when the last table lets go. Each entry is charged HANDLE_COST to
+    `account` (the client's host budget): even size-0 allocations cost the daemon memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, account: "MemoryAccount | None" = None) -> None:
         self._h: dict[int, Alloc] = {}
+        self.account = account
 
     def __len__(self) -> int:
         return len(self._h)
@@ -105,6 +111,9 @@ class HandleTable:
             raise InvalidHandle(f"handle {h} is already in use")
         if len(self._h) >= MAX_HANDLES:
             raise OutOfMemory(f"too many live device handles in this client (limit {MAX_HANDLES})")
+        if self.account is not None and not self.account.charge(HANDLE_COST):
+            raise OutOfMemory(f"this client's objects exceed its host memory budget of "
+                              f"{self.account.limit} bytes in the daemon ({len(self._h)} live handles)")
         alloc.tables += 1
         self._h[h] = alloc
 
@@ -119,11 +128,15 @@ class HandleTable:
         if a is None:
             raise InvalidHandle(f"free of unknown or already freed device handle {h}")
         _release(a)
+        if self.account is not None:
+            self.account.uncharge(HANDLE_COST)
         return a
 
     def clear(self) -> None:
         for a in self._h.values():
             _release(a)
+        if self.account is not None:
+            self.account.uncharge(HANDLE_COST * len(self._h))
         self._h.clear()
 
 
@@ -167,6 +180,7 @@ class Graph:
     ops: list = field(default_factory=list)  # prepared commands, replayed in order
     complete: bool = False
     compiled: Any = None
+    held: int = 0                            # bytes of the client's host budget its records use
 
 
 MAX_IMPORT_PIDS = 4096       # processes one export may be granted to

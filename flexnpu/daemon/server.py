@@ -39,6 +39,7 @@ HANDSHAKE_TIMEOUT_S = 5.0      # a connection must have sent its request by then
 MAX_PENDING_PER_UID = 16       # connections still in their handshake, per peer uid
 MAX_PENDING = 256              # ... and in all
 MAX_SESSIONS_PER_UID = 256     # attached clients per uid (--max-sessions-per-uid)
+CLIENT_HOST_MEMORY = 256 << 20   # daemon memory one client's objects may use (--client-host-memory)
 HOT_RINGS = 120                # rings woken by futex (the rest are polled): recently active first
 FD_RESERVE = 16                # descriptors kept free for the daemon's own use (status, logs)
 
@@ -138,8 +139,10 @@ class Daemon:
                  allow_uids: set[int] | None = None,
                  socket_mode: int = 0o660, batch: int = P.MAX_DRAIN_BATCH, notify: Any = None,
                  tpot_budget_s: float | None = None,
-                 max_sessions_per_uid: int = MAX_SESSIONS_PER_UID) -> None:
+                 max_sessions_per_uid: int = MAX_SESSIONS_PER_UID,
+                 client_host_memory: int | None = CLIENT_HOST_MEMORY) -> None:
         self.device = device
+        self.client_host_memory = client_host_memory
         self.fd_limit = raise_fd_limit()[0]
         self.max_sessions_per_uid = max_sessions_per_uid
         self.backend = backend
