@@ -204,6 +204,11 @@ _T_NONE, _T_FALSE, _T_TRUE, _T_INT, _T_FLOAT, _T_COMPLEX, _T_STR, _T_LIST, _T_TU
 MAX_DEPTH = 8
 MAX_ITEMS = 4096
 MAX_NDIM = 16
+# Values one launch payload may decode to, all nesting levels together. A value is at least
+# one byte on the wire but a Python object of 8-200 bytes once decoded: without a total, 16 MB
+# of NONE tags decoded to 3.4 GB and stalled the daemon for 20 s. Real launches carry tens
+# to a few thousand values (a cat of 4096 tensors is the widest the per-list limit allows).
+MAX_LAUNCH_VALUES = 1 << 15
 
 _I64 = struct.Struct("<q")
 _F64 = struct.Struct("<d")
@@ -330,12 +335,15 @@ def encode_launch(op: str, args: tuple | list, kwargs: dict, outputs: list[tuple
 
 
 class _Reader:
-    __slots__ = ("buf", "pos", "device")
+    __slots__ = ("buf", "pos", "device", "budget")
 
     def __init__(self, buf: bytes, device: Any) -> None:
         self.buf = buf
         self.pos = 0
         self.device = device
+        # every value costs one unit: decoding work and memory stay linear in the payload
+        # and bounded per launch, whatever its nesting
+        self.budget = MAX_LAUNCH_VALUES
 
     def take(self, n: int) -> bytes:
         p = self.pos
@@ -357,6 +365,9 @@ class _Reader:
     def value(self, depth: int) -> Any:
         if depth > MAX_DEPTH:
             raise DecodeError("launch arguments nest too deeply")
+        self.budget -= 1
+        if self.budget < 0:
+            raise DecodeError(f"launch payload holds more than {MAX_LAUNCH_VALUES} values")
         t = self.u8()
         if t == _T_NONE:
             return None
@@ -378,6 +389,10 @@ class _Reader:
             n = self.u16()
             if n > MAX_ITEMS:
                 raise DecodeError("too many items")
+            if n > self.budget or n > len(self.buf) - self.pos:
+                # each item needs a byte and a unit of budget: refuse before building anything
+                raise DecodeError(f"launch payload holds more than {MAX_LAUNCH_VALUES} values"
+                                  if n > self.budget else "launch payload truncated")
             items = [self.value(depth + 1) for _ in range(n)]
             return items if t == _T_LIST else tuple(items)
         if t == _T_STR:
@@ -415,6 +430,7 @@ class Launch:
     args: tuple
     kwargs: dict
     outputs: list  # [(nbytes, TensorRef)]
+    values: int = 0   # values decoded (what holding this launch costs the daemon, roughly)
 
 
 def decode_launch(buf: bytes, device: Any = None) -> Launch:
@@ -429,7 +445,10 @@ def decode_launch(buf: bytes, device: Any = None) -> Launch:
     if not isinstance(args, tuple):
         raise DecodeError("launch arguments must be a tuple")
     kwargs = {}
-    for _ in range(r.u16()):
+    nk = r.u16()
+    if nk > MAX_ITEMS:
+        raise DecodeError("too many keyword arguments")
+    for _ in range(nk):
         k = r.value(1)
         if not isinstance(k, str):
             raise DecodeError("keyword name must be a string")
@@ -446,4 +465,4 @@ def decode_launch(buf: bytes, device: Any = None) -> Launch:
         outputs.append((nbytes, ref))
     if r.pos != len(buf):
         raise DecodeError("trailing bytes after launch payload")
-    return Launch(op, args, kwargs, outputs)
+    return Launch(op, args, kwargs, outputs, MAX_LAUNCH_VALUES - r.budget)

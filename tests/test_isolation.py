@@ -2,6 +2,7 @@
 client that corrupts its own rings, floods waiters, sessions or decoder input costs itself only."""
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -249,3 +250,236 @@ def test_idle_sessions_do_not_slow_a_busy_client(start_daemon):
     busy.close()
     # the old loop polled in 0.2-10 ms slices beyond 127 clients (p50 ~4 ms with 1000 idle)
     assert loaded < 4 * base + 0.5e-3, f"p50 {base * 1e3:.3f} ms alone, {loaded * 1e3:.3f} ms with 300 idle"
+
+
+_STATUS_AS = r"""
+import json, os, socket, struct, sys
+os.setgid(65534); os.setuid(65534)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+body = json.dumps({"op": "status"}).encode()
+s.sendall(struct.pack("<I", len(body)) + body)
+buf = b""
+while True:
+    chunk = s.recv(1 << 20)
+    if not chunk:
+        break
+    buf += chunk
+    if len(buf) >= 4 and len(buf) >= 4 + struct.unpack("<I", buf[:4])[0]:
+        break
+print(buf[4:].decode())
+"""
+
+
+def _status_as_nobody(sock) -> dict:
+    import json
+    import subprocess
+
+    out = subprocess.run(["/usr/bin/python3", "-c", _STATUS_AS, str(sock)], capture_output=True,
+                         text=True, timeout=30, cwd="/")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root to query as another uid")
+def test_status_uses_the_attach_allow_list_and_redacts_command_lines():
+    """Item 10: a uid that may not attach gets no status; one that may sees other users'
+    clients without their command lines (they may hold secrets)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from conftest import DaemonProc
+
+    rt = Path(tempfile.mkdtemp(prefix="flexnpu-status-"))
+    os.chmod(rt, 0o755)                     # nobody must reach the socket (pytest's tmp is 0700)
+    try:
+        for allow, may in ((["0"], False), (["0", "65534"], True)):
+            d = DaemonProc(rt, 0, ["--backend", "cpu", "--socket-mode", "0666",
+                                   *[x for u in allow for x in ("--allow-uid", u)]])
+            try:
+                c = Client(0, path=str(d.socket))
+                r = _status_as_nobody(d.socket)
+                if not may:
+                    assert r["ok"] is False and r["code"] == "EPERM" and "may not use device" in r["error"]
+                    assert "daemon" not in r
+                else:
+                    assert r["ok"] is True
+                    mine = [x for x in r["daemon"]["clients"] if x["pid"] == os.getpid()]
+                    assert mine and mine[0]["cmdline"] == "(another user's)"
+                    own = [x for x in d.status()["clients"] if x["pid"] == os.getpid()]
+                    assert "pytest" in own[0]["cmdline"]          # root (the admin) sees it
+                c.close()
+            finally:
+                d.stop()
+    finally:
+        shutil.rmtree(rt, ignore_errors=True)
+
+
+_IMPORTER = r"""
+import os, sys
+from flexnpu.client import Client
+from flexnpu.errors import PermissionDenied
+c = Client(0)
+try:
+    c.ipc_import(int(sys.argv[1]))
+    print("IMPORTED")
+except PermissionDenied as e:
+    print("REFUSED", e)
+c.close()
+"""
+
+
+def _spawn_with_pid(argv: list[str], pid: int, env: dict):
+    """Start argv as process `pid` (root: /proc/sys/kernel/ns_last_pid), or None if another
+    process took the pid first."""
+    import subprocess
+
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))
+    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if p.pid == pid:
+        return p
+    p.kill()
+    p.communicate()
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK),
+                    reason="needs root to choose a child's pid")
+def test_ipc_grant_is_for_the_process_not_its_pid(daemon, runtime_dir):
+    """Item 8: a grant names a process (pid + start time): after the allowed process exits, an
+    unrelated process that gets the same pid cannot import."""
+    import subprocess
+    import sys
+
+    from flexnpu.errors import InvalidArgument
+
+    from conftest import child_env
+
+    owner = Client(0)
+    h = owner.malloc(4096, sync=True)
+    owner.memset(h, 0, 0x5A, 4096)
+    key = owner.ipc_export(h)
+    env = child_env(runtime_dir)
+    for _ in range(10):
+        allowed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        owner.ipc_set_pids(key, [allowed.pid])
+        pid = allowed.pid
+        allowed.kill()
+        allowed.wait()
+        with pytest.raises(InvalidArgument, match="not a running process"):
+            owner.ipc_set_pids(key, [pid])            # a grant needs a live process
+        imp = _spawn_with_pid([sys.executable, "-c", _IMPORTER, str(key)], pid, env)
+        if imp is not None:
+            break
+    else:
+        pytest.skip("could not get a reused pid (busy host)")
+    out, err = imp.communicate(timeout=120)
+    assert imp.returncode == 0, err
+    assert "REFUSED" in out and "IMPORTED" not in out
+    owner.close()
+
+
+def test_idle_daemon_gives_memory_back_and_reports_rss(daemon):
+    """Item 11: after clients that allocated and freed a lot have gone, the idle daemon's RSS
+    returns close to where it started (glibc keeps freed heap unless trimmed); status shows it."""
+    rng = np.random.default_rng(1)
+    base = daemon.status()["rss_bytes"]
+    assert base > 0
+    for _ in range(4):
+        cs = [Client(0) for _ in range(3)]
+        for c in cs:
+            hs = [c.malloc(int(s)) for s in rng.integers(1 << 10, 24 << 20, 16)]
+            for h in hs:
+                c.memset(h, 0, 7, 1024)
+            n = 384
+            a = TensorRef(c.malloc(n * n * 4), torch.float32, (n, n), (n, 1), 0)
+            c.memset(a.handle, 0, 0, n * n * 4)
+            for _ in range(4):
+                c.launch("aten::mm.default", (a, a), {},
+                         [(n * n * 4, TensorRef(c.alloc_handle(), torch.float32, (n, n), (n, 1), 0))])
+            for h in hs[::2]:
+                c.free(h)
+            c.synchronize()
+        for c in cs:
+            c.close()
+    assert wait_for(lambda: not daemon.status()["clients"])
+    time.sleep(1.0)
+    st = daemon.status()
+    assert st["malloc_trims"] >= 1
+    assert st["rss_bytes"] - base < 120 << 20, f"idle RSS {base >> 20} -> {st['rss_bytes'] >> 20} MiB"
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_launch_decoder_has_a_value_budget(daemon):
+    """Item 5/6b: a launch payload of millions of NONE tags is refused after a bounded number of
+    values (linear, bounded work and memory), not decoded into gigabytes."""
+    from flexnpu.errors import InvalidArgument
+
+    bystander = Client(0)
+    hb = bystander.malloc(4096, sync=True)
+    bystander.memset(hb, 0, 3, 4096)
+    bad = Client(0)
+    bomb = ([[None] * 4096 for _ in range(1024)],)          # 4 M values in 4 MB
+    before = _rss(daemon.pid)
+    t0 = time.monotonic()
+    for _ in range(3):
+        bad.launch("aten::add.Tensor", bomb, {}, [])
+    with pytest.raises(InvalidArgument, match="more than .* values"):
+        bad.synchronize()
+    took = time.monotonic() - t0
+    grew = _rss(daemon.pid) - before
+    assert grew < 200 << 20, f"daemon RSS grew {grew >> 20} MiB decoding the bomb"
+    assert bystander.memcpy_d2h(hb, 0, 4096) == b"\3" * 4096
+    assert daemon.proc.poll() is None
+    print(f"3 bombs refused in {took:.2f} s, RSS +{grew >> 20} MiB")
+    bad.close()
+    bystander.close()
+
+
+def test_handles_and_captured_records_are_charged_to_the_client(start_daemon):
+    """Item 5: size-0 allocations and captured launches cost the daemon memory: they count
+    against the client's host budget and are refused past it; destroying them gives it back;
+    a bystander is charged nothing for them."""
+    from flexnpu.errors import OutOfMemory
+
+    d = start_daemon("--client-host-memory", "4MiB")
+    bystander = Client(0)
+    hb = bystander.malloc(4096, sync=True)
+    bad = Client(0)
+    hs = [bad.malloc(0) for _ in range(12000)]                 # 12000 x 512 B > 4 MiB
+    with pytest.raises(OutOfMemory, match="host memory budget"):
+        bad.synchronize()
+    st = {c["client_id"]: c for c in d.status()["clients"]}
+    assert st[bad.client_id]["host_bytes"] <= 4 << 20
+    assert st[bystander.client_id]["host_bytes"] <= 4096       # one handle
+    for h in hs:
+        try:
+            bad.free(h)
+        except Exception:  # noqa: BLE001 - the refused ones are unknown handles
+            pass
+    try:
+        bad.synchronize()
+    except Exception:  # noqa: BLE001
+        pass
+    assert bad.memory_stats()["host_bytes"] < 64 << 10
+    # captured launches: each record is charged while the graph lives
+    x = TensorRef(bad.malloc(64, sync=True), torch.float32, (16,), (1,), 0)
+    s = bad.create_stream()
+    g = bad.graph_begin_capture(s)
+    for _ in range(20000):
+        bad.launch("aten::relu_.default", (x,), {}, [], stream=s)
+    with pytest.raises(OutOfMemory, match="host memory budget"):
+        bad.graph_end_capture(g, s)
+    bad.graph_destroy(g)
+    bad.synchronize(s)
+    assert bad.memory_stats()["host_bytes"] < 64 << 10
+    assert bystander.memcpy_d2h(hb, 0, 16) is not None
+    bad.close()
+    bystander.close()

@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sessions-per-uid", type=int,
                    default=int(os.environ.get("FLEXNPU_MAX_SESSIONS_PER_UID", 256)),
                    help="attached clients one uid may have at a time (default 256)")
+    p.add_argument("--client-host-memory", default=os.environ.get("FLEXNPU_CLIENT_HOST_MEMORY", "256MiB"),
+                   help="daemon memory one client's objects may hold: handles, queued and captured "
+                        "commands, copied host data (default 256MiB)")
     p.add_argument("--socket-mode", default=os.environ.get("FLEXNPU_SOCKET_MODE", "0660"),
                    help="file mode of the control socket (octal, default 0660)")
     p.add_argument("--max-launch-gflop", type=float, default=_env_float("FLEXNPU_MAX_LAUNCH_GFLOP"),
@@ -141,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
             max_sessions_per_uid=max(1, args.max_sessions_per_uid), exit_when_idle=args.exit_when_idle,
             embedded=args.embedded,
             metrics_port=_metrics_port(args), metrics_addr=args.metrics_addr,
-            max_launch_gflop=args.max_launch_gflop, max_launch_bytes=parse_bytes(args.max_launch_bytes))
+            max_launch_gflop=args.max_launch_gflop, max_launch_bytes=parse_bytes(args.max_launch_bytes),
+            client_host_memory=parse_bytes(args.client_host_memory))
         d.bind()
     except (RuntimeError, ValueError, OSError) as e:
         print(f"flexnpu daemon: {e}", file=sys.stderr)

@@ -87,12 +87,18 @@ class MemoryAccount:
             self.parent.uncharge(nbytes)
 
 
+HANDLE_COST = 512             # daemon memory one live handle costs (an Alloc, its dict slot, a
+                              # backend buffer object: 1 M malloc(0) handles held ~558 MB)
+
+
 class HandleTable:
     """handle -> Alloc for one client; tracks references so shared allocations are uncharged
-    from their owner only when the last table lets go."""
+    from their owner only when the last table lets go. Each entry is charged HANDLE_COST to
+    `account` (the client's host budget): even size-0 allocations cost the daemon memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, account: "MemoryAccount | None" = None) -> None:
         self._h: dict[int, Alloc] = {}
+        self.account = account
 
     def __len__(self) -> int:
         return len(self._h)
@@ -107,6 +113,9 @@ class HandleTable:
             raise InvalidHandle(f"handle {h} is already in use")
         if len(self._h) >= MAX_HANDLES:
             raise OutOfMemory(f"too many live device handles in this client (limit {MAX_HANDLES})")
+        if self.account is not None and not self.account.charge(HANDLE_COST):
+            raise OutOfMemory(f"this client's objects exceed its host memory budget of "
+                              f"{self.account.limit} bytes in the daemon ({len(self._h)} live handles)")
         alloc.tables += 1
         self._h[h] = alloc
 
@@ -121,11 +130,15 @@ class HandleTable:
         if a is None:
             raise InvalidHandle(f"free of unknown or already freed device handle {h}")
         _release(a)
+        if self.account is not None:
+            self.account.uncharge(HANDLE_COST)
         return a
 
     def clear(self) -> None:
         for a in self._h.values():
             _release(a)
+        if self.account is not None:
+            self.account.uncharge(HANDLE_COST * len(self._h))
         self._h.clear()
 
 
@@ -188,12 +201,52 @@ class Graph:
             if al.graphs == 0 and al.tables == 0:
                 al.owner.uncharge(al.nbytes)
         self.retained.clear()
+    held: int = 0                            # bytes of the client's host budget its records use
+
+
+MAX_IMPORT_PIDS = 4096       # processes one export may be granted to
+
+
+def process_start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22), or None
+    if there is no such process. With the pid it names one process: a pid is reused, a
+    (pid, start time) pair is not."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+        return int(raw[raw.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @dataclass
 class IpcExport:
     alloc: Alloc
     owner_client: int
-    pids: set[int] = field(default_factory=set)
+    # pid -> start time of the process the owner allowed: a grant is for that process only,
+    # not for whatever later gets the same pid, and goes when the process exits
+    pids: dict[int, int] = field(default_factory=dict)
     same_uid: int | None = None    # set: any process of this uid may import (key known = capability)
     created: float = field(default_factory=time.time)
+
+    def grant(self, pid: int) -> bool:
+        start = process_start_time(pid)
+        if start is None:
+            return False
+        self.pids[pid] = start
+        return True
+
+    def allows(self, pid: int, start: int | None) -> bool:
+        granted = self.pids.get(pid)
+        if granted is None:
+            return False
+        if start is None or granted != start or process_start_time(pid) != granted:
+            del self.pids[pid]       # that process is gone: its grant goes with it
+            return False
+        return True
+
+    def prune(self) -> None:
+        """Drop the grants of processes that exited (or whose pid now names another)."""
+        for pid, start in list(self.pids.items()):
+            if process_start_time(pid) != start:
+                del self.pids[pid]

@@ -21,7 +21,8 @@ from ..errors import (BadState, Err, FlexNPUError, error_for, InvalidArgument, I
 from ..protocol import Op
 from ..ring import RingError
 from .metrics import COPY_DIRECTION, copied_bytes
-from .objects import Alloc, EventState, Graph, HandleTable, IpcExport, MemoryAccount, StreamState
+from .objects import (MAX_IMPORT_PIDS, Alloc, EventState, Graph, HandleTable, IpcExport, MemoryAccount,
+                      StreamState, process_start_time)
 
 if TYPE_CHECKING:
     from .server import Daemon
@@ -52,6 +53,21 @@ class Cmd:
     cost: Any = None                          # scheduler annotation (phase, predicted time)
     undo: Callable[[], None] | None = None    # reverts the prepare step's effects if refused
     t0: float = 0.0                           # perf_counter when drained (launch latency metric)
+    held: int = 0                             # host budget charged while it waits in a queue
+
+
+CMD_COST = 256          # daemon memory of one prepared command (Cmd, closures, queue slot)
+VALUE_COST = 96         # ... plus per decoded launch value (TensorRef, ints, lists)
+
+
+def held_bytes(cmd: Cmd) -> int:
+    """What keeping `cmd` costs the daemon: charged to the client while it is queued or captured."""
+    n = CMD_COST
+    if cmd.op == Op.LAUNCH:
+        n += VALUE_COST * cmd.a[0].values
+    elif cmd.op == Op.MEMCPY_H2D and isinstance(cmd.a[3], bytes):
+        n += len(cmd.a[3])     # host data copied out at drain time
+    return n
 
 
 class Session:
@@ -67,8 +83,12 @@ class Session:
         self.phase = phase
         self.attached_at = time.time()
         self.last_active = time.monotonic()    # last drain that found records (ring order)
+        self.start_time = process_start_time(pid)   # with pid: this process, not a later one
         self.mem = MemoryAccount(memory_limit, parent=daemon.device_memory)
-        self.handles = HandleTable()
+        # What this client makes the daemon hold besides device memory (handles, queued and
+        # captured commands, copied-out payloads): bounded per client (--client-host-memory).
+        self.host = MemoryAccount(daemon.client_host_memory)
+        self.handles = HandleTable(self.host)
         self.streams: dict[int, StreamState] = {0: self._new_stream(0, 0)}
         self.events: dict[int, EventState] = {}
         self.graphs: dict[int, Graph] = {}
@@ -237,8 +257,10 @@ class Session:
                 if op != Op.GRAPH_BEGIN:
                     if len(g.ops) >= MAX_GRAPH_OPS:
                         raise BadState("graph too large")
+                    self._charge_host(held_bytes(cmd), "captured graphs")
                     g.ops.append(cmd)
                     g.retain(cmd)
+                    g.held += held_bytes(cmd)
             if self.daemon.inline and not st.queue and cmd.ready is None:
                 # Nothing queued ahead on this stream and the policy does not reorder: run now.
                 cmd.undo = None
@@ -247,6 +269,9 @@ class Session:
                 if len(st.queue) >= MAX_QUEUED:
                     raise BadState(f"stream {sid} has {MAX_QUEUED} commands waiting (is it blocked on an "
                                    f"event that is never recorded?)")
+                n = held_bytes(cmd)
+                self._charge_host(n, "queued commands")
+                cmd.held = n
                 cmd.undo = None
                 st.queue.append(cmd)
                 self.daemon.scheduler.activate(self, st)
@@ -260,10 +285,19 @@ class Session:
             self.fail(ud, sync, st, e)
 
     # ------------------------------------------------------------------ execute
+    def _charge_host(self, n: int, what: str) -> None:
+        if not self.host.charge(n):
+            raise OutOfMemory(f"this client's {what} exceed its host memory budget in the daemon "
+                              f"({self.host.used} of {self.host.limit} bytes in use; synchronize, or "
+                              f"destroy graphs, handles or events it no longer needs)")
+
     def execute(self, st: StreamState, cmd: Cmd) -> None:
         """Run one prepared command. Never raises: whatever goes wrong is this client's error
         (or, if even reporting it fails, this client's disconnection), never the caller's: the
         scheduler runs every client's commands and must not fail for all because of one."""
+        if cmd.held:
+            self.host.uncharge(cmd.held)
+            cmd.held = 0
         if self.kill is not None or self.dead:
             return
         t0 = time.perf_counter()
@@ -373,6 +407,7 @@ class Session:
             "client_id": self.cid, "pid": self.pid, "uid": self.uid, "cmdline": self.cmdline,
             "phase": self.phase, "memory_bytes": self.mem.used, "memory_peak_bytes": self.mem.peak,
             "memory_limit": self.mem.limit, "ops_per_s": round(self.ops_rate, 1),
+            "host_bytes": self.host.used, "host_limit": self.host.limit,
             "ops_total": self.ops_total, "queue_depth": self.queue_depth(),
             "streams": len(self.streams), "handles": len(self.handles), "attached_at": self.attached_at,
             "graphs": len(self.graphs), "graphs_compiled": sum(1 for g in self.graphs.values() if g.compiled),
@@ -645,6 +680,7 @@ def _p_d2d(s, st, ud, sync, poff, plen, a, flags):
 def _p_mem_stats(s, st, ud, sync, poff, plen, a, flags):
     s.reply_json(ud, {"allocated": s.mem.used, "peak": s.mem.peak, "limit": s.mem.limit,
                       "reserved": s.mem.used, "handles": len(s.handles),
+                      "host_bytes": s.host.used, "host_limit": s.host.limit,
                       "total": s.daemon.backend_info.get("total_memory")})
 
 
@@ -663,7 +699,17 @@ def _p_ipc_set_pids(s, st, ud, sync, poff, plen, a, flags):
     exp = s.daemon.exports.get(a[0])
     if exp is None or exp.owner_client != s.cid:
         raise NotFound(f"no export with key {a[0]:#x} owned by this client")
-    exp.pids.update(pids)
+    exp.prune()
+    missing = [p for p in pids if p not in exp.pids and not exp.grant(p)]
+    if len(exp.pids) > MAX_IMPORT_PIDS:
+        for p in pids:
+            exp.pids.pop(p, None)
+        raise InvalidArgument(f"an export may be granted to at most {MAX_IMPORT_PIDS} processes")
+    if missing:
+        # a grant names a running process; one for a pid that is not running would go to
+        # whichever process gets that pid next
+        raise InvalidArgument(f"pid {missing[0]} is not a running process; "
+                              f"{len(pids) - len(missing)} of {len(pids)} pids granted")
     if sync:
         s.reply(ud)
 
@@ -673,7 +719,7 @@ def _p_ipc_import(s, st, ud, sync, poff, plen, a, flags):
     exp = s.daemon.exports.get(key)
     if exp is None:
         raise NotFound(f"no exported device memory with key {key:#x}")
-    if exp.owner_client != s.cid and s.pid not in exp.pids and exp.same_uid != s.uid:
+    if exp.owner_client != s.cid and not exp.allows(s.pid, s.start_time) and exp.same_uid != s.uid:
         raise PermissionDenied(f"pid {s.pid} is not on the import list of key {key:#x}")
     s.handles.add(h, exp.alloc)
     s.reply(ud, 0, exp.alloc.nbytes)
@@ -789,7 +835,9 @@ def _p_graph_begin(s, st, ud, sync, poff, plen, a, flags):
     def undo() -> None:
         if st.capturing == gid:
             st.capturing = 0
-        s.graphs.pop(gid, None)
+        g = s.graphs.pop(gid, None)
+        if g is not None:
+            s.host.uncharge(g.held)
     return Cmd(Op.GRAPH_BEGIN, ud, sync, _run_graph_mark, (gid,), undo=undo)
 
 
@@ -839,6 +887,7 @@ def _p_graph_destroy(s, st, ud, sync, poff, plen, a, flags):
         raise BadState(f"graph {a[0]} is still being captured")
     del s.graphs[a[0]]
     g.release()
+    s.host.uncharge(g.held)
     if sync:
         s.reply(ud)
 
