@@ -96,6 +96,11 @@ void fx_mem_forget_device(int dev) {
     pthread_rwlock_unlock(&t_lock);
 }
 
+void fx_mem_after_fork(void) {
+    pthread_rwlock_init(&t_lock, NULL);   /* the parent's threads may have held it */
+    ntab = 0;                              /* the reservation stays: addresses are never reused across it */
+}
+
 /* ------------------------------------------------------------------ pointer classification */
 enum { P_HOST, P_ARENA, P_DEV, P_BADDEV };
 
