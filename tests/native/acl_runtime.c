@@ -222,6 +222,25 @@ int main(int argc, char **argv) {
     OK(aclrtMemcpy(back, 16, (char *)b + 10, 16, ACL_MEMCPY_DEFAULT));
     CHECK(back[0] == 0x7f, "ACL_MEMCPY_DEFAULT");
 
+    /* pinned copies larger than one request's payload bound travel in pieces */
+    {
+        size_t big = (80u << 20) + 12345;
+        void *dbig = NULL, *hbig = NULL;
+        OK(aclrtMalloc(&dbig, big, ACL_MEM_MALLOC_HUGE_FIRST));
+        OK(aclrtMallocHost(&hbig, big));
+        for (size_t i = 0; i < big; i += 4096) ((unsigned char *)hbig)[i] = (unsigned char)(i >> 12);
+        ((unsigned char *)hbig)[big - 1] = 0xab;
+        OK(aclrtMemcpy(dbig, big, hbig, big, ACL_MEMCPY_HOST_TO_DEVICE));
+        memset(hbig, 0, big);
+        OK(aclrtMemcpyAsync(hbig, big, dbig, big, ACL_MEMCPY_DEVICE_TO_HOST, s1));
+        OK(aclrtSynchronizeStream(s1));
+        int okbig = ((unsigned char *)hbig)[big - 1] == 0xab;
+        for (size_t i = 0; i < big && okbig; i += 4096) okbig = ((unsigned char *)hbig)[i] == (unsigned char)(i >> 12);
+        CHECK(okbig, "80 MiB pinned round trip");
+        OK(aclrtFree(dbig));
+        OK(aclrtFreeHost(hbig));
+    }
+
     /* memory information */
     size_t freeb = 0, total = 0;
     OK(aclrtGetMemInfo(ACL_HBM_MEM, &freeb, &total));

@@ -331,6 +331,7 @@ aclError fx_attach(struct fx_dev *d) {
     setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     uint64_t arena = (uint64_t)env_bytes("FLEXNPU_NATIVE_ARENA", 1ll << 30);
+    if (arena > (4ull << 30) - (1u << 20)) arena = (4ull << 30) - (1u << 20);   /* payload offsets are u32 */
     fx_seg *seg = fx_seg_create(4096, 256, FXP_SQE_SIZE, FXP_CQE_SIZE, arena, err);
     if (!seg) {
         close(s);
