@@ -94,3 +94,17 @@ def test_npu_tensor_shared_with_a_spawned_process_reads_identically(daemon, runt
     which the daemon grants to processes of the exporter's uid only."""
     r = _native(runtime_dir, "--", sys.executable, SCRIPT, "share")
     assert r.returncode == 0 and "SHARED OK" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
+def test_install_torch_npu_is_idempotent_and_checkable(tmp_path):
+    from flexnpu.hook import native
+
+    r = subprocess.run(FLEXNPU + ["install-torch-npu"], capture_output=True, text=True, timeout=120,
+                       env=run_env(), cwd=ROOT)
+    assert r.returncode == 0 and "already installed" in r.stdout, r.stdout + r.stderr
+    assert str(native.torch_npu_dir()) in r.stdout
+    env = run_env()
+    env["FLEXNPU_TORCH_NPU_DIR"] = str(tmp_path / "nowhere")
+    r = subprocess.run(FLEXNPU + ["install-torch-npu", "--check"], capture_output=True, text=True, timeout=120,
+                       env=env, cwd=ROOT)
+    assert r.returncode == 1 and "is not installed" in r.stdout

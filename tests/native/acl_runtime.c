@@ -152,6 +152,21 @@ int main(int argc, char **argv) {
     waitpid(pid, &st, 0);
     CHECK(WIFSIGNALED(st) && WTERMSIG(st) == SIGSEGV, "a CPU read of device memory must fault (status %d)", st);
 
+    /* a forked child starts detached: it attaches on its own and sees none of the parent's memory */
+    pid = fork();
+    if (pid == 0) {
+        void *c = NULL;
+        unsigned char one = 0;
+        int ok = aclrtMemcpy(&one, 1, a, 1, ACL_MEMCPY_DEVICE_TO_HOST) != ACL_SUCCESS &&
+                 aclrtMalloc(&c, 64, ACL_MEM_MALLOC_HUGE_FIRST) == ACL_ERROR_RT_CONTEXT_NULL &&
+                 aclrtSetDevice(0) == ACL_SUCCESS && aclrtMalloc(&c, 64, ACL_MEM_MALLOC_HUGE_FIRST) == ACL_SUCCESS &&
+                 aclrtMemcpy(c, 64, host, 64, ACL_MEMCPY_HOST_TO_DEVICE) == ACL_SUCCESS &&
+                 aclrtMemcpy(&one, 1, (char *)c + 1, 1, ACL_MEMCPY_DEVICE_TO_HOST) == ACL_SUCCESS && one == host[1];
+        _exit(ok ? 0 : 1);
+    }
+    waitpid(pid, &st, 0);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "forked child re-attaches on its own (status %d)", st);
+
     aclrtStream s1 = NULL, s2 = NULL;
     aclrtEvent ev = NULL, t0 = NULL, t1 = NULL;
     OK(aclrtCreateStream(&s1));
@@ -206,6 +221,25 @@ int main(int argc, char **argv) {
     /* default kind infers the direction */
     OK(aclrtMemcpy(back, 16, (char *)b + 10, 16, ACL_MEMCPY_DEFAULT));
     CHECK(back[0] == 0x7f, "ACL_MEMCPY_DEFAULT");
+
+    /* pinned copies larger than one request's payload bound travel in pieces */
+    {
+        size_t big = (80u << 20) + 12345;
+        void *dbig = NULL, *hbig = NULL;
+        OK(aclrtMalloc(&dbig, big, ACL_MEM_MALLOC_HUGE_FIRST));
+        OK(aclrtMallocHost(&hbig, big));
+        for (size_t i = 0; i < big; i += 4096) ((unsigned char *)hbig)[i] = (unsigned char)(i >> 12);
+        ((unsigned char *)hbig)[big - 1] = 0xab;
+        OK(aclrtMemcpy(dbig, big, hbig, big, ACL_MEMCPY_HOST_TO_DEVICE));
+        memset(hbig, 0, big);
+        OK(aclrtMemcpyAsync(hbig, big, dbig, big, ACL_MEMCPY_DEVICE_TO_HOST, s1));
+        OK(aclrtSynchronizeStream(s1));
+        int okbig = ((unsigned char *)hbig)[big - 1] == 0xab;
+        for (size_t i = 0; i < big && okbig; i += 4096) okbig = ((unsigned char *)hbig)[i] == (unsigned char)(i >> 12);
+        CHECK(okbig, "80 MiB pinned round trip");
+        OK(aclrtFree(dbig));
+        OK(aclrtFreeHost(hbig));
+    }
 
     /* memory information */
     size_t freeb = 0, total = 0;

@@ -70,7 +70,32 @@ static void parse_devices(void) {
     fx_ndev = n;
 }
 
+/* A forked child does not inherit the attachment (the segment and socket are the parent's, and
+ * locks may be held by threads that do not exist in the child): it starts detached, and its own
+ * aclrtSetDevice attaches anew, as Client does in Python. */
+static void after_fork_child(void) {
+    for (int i = 0; i < FX_MAX_DEVICES; i++) {
+        struct fx_dev *d = &fx_devs[i];
+        pthread_mutex_init(&d->lock, NULL);
+        if (d->seg) fx_seg_close(d->seg);   /* unmaps and closes this process's copies only */
+        if (d->sock >= 0) close(d->sock);
+        d->seg = NULL;
+        d->sock = -1;
+        d->arena = NULL;
+        atomic_store(&d->state, 0);
+        atomic_store(&d->refs, 0);
+        fx_idset_clear(&d->streams);
+        fx_idset_clear(&d->events);
+        free(d->stg);
+        d->stg = NULL;
+        d->stg_cap = d->stg_n = d->stg_head = 0;
+    }
+    fx_mem_after_fork();
+    t_dev = -1;
+}
+
 static void global_init(void) {
+    pthread_atfork(NULL, NULL, after_fork_child);
     for (int i = 0; i < FX_MAX_DEVICES; i++) {
         pthread_mutex_init(&fx_devs[i].lock, NULL);
         fx_devs[i].index = i;
@@ -306,6 +331,7 @@ aclError fx_attach(struct fx_dev *d) {
     setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     uint64_t arena = (uint64_t)env_bytes("FLEXNPU_NATIVE_ARENA", 1ll << 30);
+    if (arena > (4ull << 30) - (1u << 20)) arena = (4ull << 30) - (1u << 20);   /* payload offsets are u32 */
     fx_seg *seg = fx_seg_create(4096, 256, FXP_SQE_SIZE, FXP_CQE_SIZE, arena, err);
     if (!seg) {
         close(s);

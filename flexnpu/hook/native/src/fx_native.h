@@ -122,4 +122,5 @@ aclError fx_stream_id(struct fx_dev *d, aclrtStream s, uint32_t *sid);   /* NULL
 
 /* mem.c */
 void fx_mem_forget_device(int dev);
+void fx_mem_after_fork(void);
 #endif

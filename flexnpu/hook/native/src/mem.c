@@ -96,6 +96,11 @@ void fx_mem_forget_device(int dev) {
     pthread_rwlock_unlock(&t_lock);
 }
 
+void fx_mem_after_fork(void) {
+    pthread_rwlock_init(&t_lock, NULL);   /* the parent's threads may have held it */
+    ntab = 0;                              /* the reservation stays: addresses are never reused across it */
+}
+
 /* ------------------------------------------------------------------ pointer classification */
 enum { P_HOST, P_ARENA, P_DEV, P_BADDEV };
 
@@ -388,6 +393,21 @@ static aclError submit(struct fx_dev *d, struct fx_sqe *e, int async, const char
     return fxn_call(d, e, &c, NULL, 0, what);
 }
 
+/* A zero-copy copy between the arena and the device, in pieces of at most FXP_MAX_PAYLOAD bytes
+ * (the daemon's bound on one request); all pieces on the same stream, only the last one waited
+ * for when the copy is synchronous. */
+static aclError arena_copy(struct fx_dev *d, int op, uint64_t h, uint64_t doff, uint64_t aoff, uint64_t n,
+                           uint32_t sid, int async, const char *what) {
+    for (uint64_t pos = 0; pos < n; pos += FXP_MAX_PAYLOAD) {
+        uint64_t m = n - pos < FXP_MAX_PAYLOAD ? n - pos : FXP_MAX_PAYLOAD;
+        struct fx_sqe e = {.opcode = (uint16_t)op, .flags = FXP_FLAG_DEFERRED, .stream = sid,
+                           .payload_off = (uint32_t)(aoff + pos), .payload_len = (uint32_t)m, .a = {h, doff + pos, m}};
+        aclError rc = submit(d, &e, async || pos + m < n, what);
+        if (rc) return rc;
+    }
+    return ACL_SUCCESS;
+}
+
 static aclError do_memcpy(void *dst, size_t destMax, const void *src, size_t count, int kind,
                           aclrtStream stream, int async, const char *what) {
     aclError rc;
@@ -436,19 +456,13 @@ static aclError do_memcpy(void *dst, size_t destMax, const void *src, size_t cou
     if (ddev) {                                             /* host to device */
         if (ps.kind == P_ARENA && ps.d == d) {
             if (count > ps.arena_avail) return fx_err(ACL_ERROR_INVALID_PARAM, "%s: source crosses the end of the host arena", what);
-            struct fx_sqe e = {.opcode = FXOP_MEMCPY_H2D, .flags = FXP_FLAG_DEFERRED, .stream = sid,
-                               .payload_off = (uint32_t)ps.arena_off, .payload_len = (uint32_t)count,
-                               .a = {pd.handle, pd.off, count}};
-            return submit(d, &e, async, what);
+            return arena_copy(d, FXOP_MEMCPY_H2D, pd.handle, pd.off, ps.arena_off, count, sid, async, what);
         }
         return h2d_pageable(d, pd.handle, pd.off, src, count, sid, async, what);
     }
     if (pd.kind == P_ARENA && pd.d == d) {                   /* device to pinned host */
         if (count > pd.arena_avail) return fx_err(ACL_ERROR_INVALID_PARAM, "%s: destination crosses the end of the host arena", what);
-        struct fx_sqe e = {.opcode = FXOP_MEMCPY_D2H, .flags = FXP_FLAG_DEFERRED, .stream = sid,
-                           .payload_off = (uint32_t)pd.arena_off, .payload_len = (uint32_t)count,
-                           .a = {ps.handle, ps.off, count}};
-        return submit(d, &e, async, what);
+        return arena_copy(d, FXOP_MEMCPY_D2H, ps.handle, ps.off, pd.arena_off, count, sid, async, what);
     }
     /* device to pageable host: completes before returning (also when asynchronous) */
     return d2h_pageable(d, dst, ps.handle, ps.off, count, sid, what);
