@@ -423,9 +423,15 @@ class Client:
 
     # -- host buffers in the shared arena (zero-copy host side, like aclrtMallocHost) ----------
     def host_alloc(self, nbytes: int) -> int:
-        """Reserve a host buffer the daemon can read/write directly; returns its arena offset."""
+        """Reserve a host buffer the daemon can read/write directly; returns its arena offset.
+        MemoryError unless one copy chunk stays free after it: host buffers that filled the
+        arena would leave ordinary memcpy calls nowhere to stage (callers fall back to private
+        host memory)."""
         with self._lock:
             self._reclaim()
+            if self.seg.arena_free_bytes - max(nbytes, 1) < self._chunk() + 4096:
+                raise MemoryError(f"arena: {nbytes} bytes of host buffer would leave less than one copy "
+                                  f"chunk free ({self.seg.arena_free_bytes} bytes free)")
             return self.seg.alloc(max(nbytes, 1))
 
     def host_free(self, offset: int) -> None:

@@ -49,7 +49,7 @@ def install_torch_device() -> None:
                 return True
 
         _setup_privateuseone_for_python_backend("npu", backend_module=npu_module, hook=_Hooks())
-        from flexnpu.hook import autocast, serialization
+        from flexnpu.hook import autocast, pinned, serialization
 
         lib = torch.library.Library("_", "IMPL")
         lib.fallback(tensor.backend_fallback, "PrivateUse1")
@@ -60,6 +60,7 @@ def install_torch_device() -> None:
         for name in tensor.EXPLICIT_KERNELS:
             alib.impl(name, tensor.kernel_for(name), "PrivateUse1")
         autocast.register(lib, alib)
+        pinned.install(alib)
         _state["lib"] = (lib, alib)  # registrations live as long as these objects
         sys.modules["torch.npu"] = npu_module
         serialization.install()

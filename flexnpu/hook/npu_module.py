@@ -100,6 +100,9 @@ def synchronize(device: Any = None) -> None:
         raise RuntimeError("synchronize is not permitted while capturing an NPU graph")
     d.flush_frees()
     d.client.synchronize()
+    from flexnpu.hook.pinned import reap
+
+    reap()          # every asynchronous copy from pinned memory has completed: free dead blocks
 
 
 class Stream:

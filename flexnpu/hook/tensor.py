@@ -256,18 +256,25 @@ def _host_bytes(c: torch.Tensor):
     return c.view(torch.uint8).numpy() if c.numel() else b""
 
 
-def to_npu(c: torch.Tensor, dev: runtime.Device, dtype: torch.dtype | None = None) -> NPUTensor:
+def to_npu(c: torch.Tensor, dev: runtime.Device, dtype: torch.dtype | None = None,
+           non_blocking: bool = False) -> NPUTensor:
     """Upload a host tensor into a fresh npu allocation (contiguous)."""
+    from flexnpu.hook.pinned import copy_to_device
+
     if dtype is not None and c.dtype != dtype:
         c = c.to(dtype)
     c = c.detach().contiguous()
     t = new_empty(dev, c.shape, c.dtype)
-    if c.numel():
+    if c.numel() and not copy_to_device(t, c, non_blocking):   # pinned memory: straight from the arena
         dev.client.memcpy_h2d(t._a.handle, 0, _host_bytes(c), dev.stream)
     return t
 
 
-def _copy_from_host(dst: NPUTensor, src: torch.Tensor) -> NPUTensor:
+def _copy_from_host(dst: NPUTensor, src: torch.Tensor, non_blocking: bool = False) -> NPUTensor:
+    from flexnpu.hook.pinned import copy_to_device
+
+    if copy_to_device(dst, src, non_blocking):   # pinned host memory: no staging copy
+        return dst
     src = src.detach().to(dst.dtype).expand(dst.shape)
     dev = dst._a.dev
     if dst.is_contiguous():
@@ -710,7 +717,8 @@ def _copy_(func, args, kwargs, info):
             if src._a.dev is dst._a.dev:
                 return _generic(aten.copy_.default, (dst, src), {}, _info(aten.copy_.default))
             return _copy_from_host(dst, to_cpu(src))
-        return _copy_from_host(dst, src)
+        non_blocking = bool(args[2]) if len(args) > 2 else bool(kwargs.get("non_blocking", False))
+        return _copy_from_host(dst, src, non_blocking)
     # host destination
     dst.copy_(to_cpu(src))
     return dst
@@ -740,7 +748,7 @@ def _to_copy(func, args, kwargs, info):
             out = out.pin_memory()
         return out
     if target.type == "npu":
-        return to_npu(host, runtime.get(target.index), dtype)
+        return to_npu(host, runtime.get(target.index), dtype, bool(kwargs.get("non_blocking", False)))
     raise RuntimeError(f"cannot copy an npu tensor to {target} directly; go through .cpu()")
 
 
@@ -864,7 +872,7 @@ def _factory_dev_dtype(kwargs):
 
 _SPECIAL: dict[Any, Any] = {
     aten.copy_.default: _copy_,
-    aten._copy_from.default: lambda f, a, k, i: _copy_(f, (a[1], a[0]), {}, i),
+    aten._copy_from.default: lambda f, a, k, i: _copy_(f, (a[1], a[0], *a[2:]), k, i),
     aten._copy_from_and_resize.default: lambda f, a, k, i: _copy_(f, (a[1], a[0]), {}, i),
     aten._to_copy.default: _to_copy,
     aten._local_scalar_dense.default: _local_scalar_dense,

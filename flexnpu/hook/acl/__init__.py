@@ -9,14 +9,14 @@ from __future__ import annotations
 import sys
 import types
 
-from . import base, mdl, op, rt, util
+from . import base, mdl, media, op, rt, util
 
-SUBMODULES = {"rt": rt, "op": op, "util": util, "mdl": mdl}
+SUBMODULES = {"rt": rt, "op": op, "util": util, "mdl": mdl, "media": media}
 
 
 def populate(module: types.ModuleType) -> None:
     """Make ``module`` (the top-level ``acl``) look like pyACL: top-level functions plus the
-    ``rt``/``op``/``util``/``mdl`` submodules, also importable as ``acl.rt`` etc."""
+    ``rt``/``op``/``util``/``mdl``/``media`` submodules, also importable as ``acl.rt`` etc."""
     for name in dir(base):
         obj = getattr(base, name)
         if not name.startswith("_") and callable(obj) and getattr(obj, "__module__", "") == base.__name__:

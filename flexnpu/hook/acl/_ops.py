@@ -399,6 +399,33 @@ def _split_d(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
     return [("aten::copy_", (o[k], x.narrow(dim, k * step, step)), {}) for k in range(n)]
 
 
+def _slice(x: Operand, o: Operand, offsets: list[int], size: list[int], op_type: str) -> list[Call]:
+    if len(offsets) != x.ndim or len(size) != x.ndim:
+        raise AclFail(C.ACL_ERROR_OP_INPUT_NOT_MATCH,
+                      f"{op_type}: offsets {offsets} and size {size} need one entry per dim of {list(x.shape)}")
+    v = x
+    for d, (off, n) in enumerate(zip(offsets, size)):
+        n = x.shape[d] - off if n == -1 else n
+        if off < 0 or n < 0 or off + n > x.shape[d]:
+            raise AclFail(C.ACL_ERROR_OP_INPUT_NOT_MATCH,
+                          f"{op_type}: [{off}, {off + n}) is outside dim {d} of size {x.shape[d]}")
+        v = v.narrow(d, off, n)
+    return [("aten::copy_", (o, v), {})]
+
+
+@op("Slice", n_in=3)
+def _slice_v(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    return _slice(i[0], o[0], [int(v) for v in i[1].values()], [int(v) for v in i[2].values()], "Slice")
+
+
+@op("SliceD")
+def _slice_d(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    offsets, size = a.get("offsets", "list_int", None), a.get("size", "list_int", None)
+    if offsets is None or size is None:
+        raise AclFail(C.ACL_ERROR_OP_ATTR_NOT_MATCH, "SliceD needs the 'offsets' and 'size' attributes")
+    return _slice(i[0], o[0], list(offsets), list(size), "SliceD")
+
+
 @op("GatherV2", n_in=3)
 def _gather(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
     axis = _axis(int(i[2].values()[0]), i[0].ndim)

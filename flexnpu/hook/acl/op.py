@@ -161,6 +161,54 @@ execute_v2 = acl_api("acl.op.execute_v2")(_execute)
 execute = acl_api("acl.op.execute")(_execute)
 
 
+# ---------------------------------------------------------------------------------------------
+# operator handles (aclopCreateHandle / aclopExecWithHandle): the operator and its descriptors
+# fixed once, executed many times with different buffers
+
+
+class _OpHandle:
+    __slots__ = ("op_type", "input_desc", "output_desc", "attr")
+
+    def __init__(self, op_type: str, input_desc: list, output_desc: list, attr: Any):
+        self.op_type, self.input_desc, self.output_desc, self.attr = op_type, input_desc, output_desc, attr
+
+
+_HANDLES: dict[int, _OpHandle] = {}
+_next_handle = iter(range(0x0B000001, 1 << 62))
+
+
+@acl_api("acl.op.create_handle", fail=(0,))
+def create_handle(op_type: str, input_desc: list, output_desc: list, attr: int) -> tuple[int, int]:
+    if not isinstance(op_type, str):
+        raise TypeError("acl.op.create_handle args parse failed: op_type must be a str")
+    if not isinstance(input_desc, list) or not isinstance(output_desc, list):
+        raise TypeError("argument 2 or 3 is not list")
+    spec = OPS.get(op_type)
+    if spec is None:
+        raise AclFail(C.ACL_ERROR_OP_NOT_FOUND, f"operator type {op_type!r} is not supported by FlexNPU")
+    _check_count("inputs", len(input_desc), spec.n_in, op_type, C.ACL_ERROR_OP_INPUT_NOT_MATCH)
+    _check_count("outputs", len(output_desc), spec.n_out, op_type, C.ACL_ERROR_OP_OUTPUT_NOT_MATCH)
+    for d in input_desc + output_desc:
+        DESCS.get(d)                      # an invalid descriptor fails here, as at handle creation
+    if attr not in (0, None):
+        ATTRS.get(attr)
+    h = next(_next_handle)
+    _HANDLES[h] = _OpHandle(op_type, list(input_desc), list(output_desc), attr)
+    return h, C.ACL_SUCCESS
+
+
+@acl_api("acl.op.execute_with_handle")
+def execute_with_handle(handle: int, inputs: list, outputs: list, stream: int) -> int:
+    h = _HANDLES.get(handle) if isinstance(handle, int) else None
+    if h is None:
+        raise AclFail(C.ACL_ERROR_INVALID_PARAM, f"{handle!r} is not a handle from acl.op.create_handle")
+    return _execute(h.op_type, h.input_desc, inputs, h.output_desc, outputs, h.attr, stream)
+
+
+def destroy_handle(handle: int) -> None:
+    _HANDLES.pop(handle, None)
+
+
 @acl_api("acl.op.update_params")
 def update_params(op_type: str, input_desc: list, output_desc: list, attr: int) -> int:
     """Compiles nothing (FlexNPU has no per-shape operator binaries); checks the op is known."""
