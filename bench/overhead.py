@@ -2,9 +2,11 @@
 
 The same decoder (bench/_decode.py) runs directly on the backend device and through FlexNPU
 (`flexnpu run`, the `npu` device, an embedded daemon on the same backend), alternating runs in
-one invocation; medians are compared. Graph mode captures one decode step with
-torch.npu.NPUGraph and replays it as one command. On the CPU there is no native graph, so the
-direct baseline of both modes is direct eager execution.
+one invocation; medians are compared. Repetitions continue (up to --max-repeat) until the
+direct runs agree within 10 %; the spread of every series is reported, and a caveat says when
+they never agreed. Graph mode captures one decode step with torch.npu.NPUGraph and replays it
+as one command. On the CPU there is no native graph, so the direct baseline of both modes is
+direct eager execution (all direct runs pooled).
 Targets (issue 4): graph-replayed decode >= 0.97x direct; eager client cost <= 15 us per op.
 """
 from __future__ import annotations
@@ -13,29 +15,68 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 
 from bench._common import ROOT, child_env, dump_json, median, print_table, progress
+
+_RUNTIME_DIR: str | None = None     # private runtime folder of this invocation's embedded daemons
 
 
 def _child(args: list[str], through_flexnpu: bool, backend: str) -> dict:
     script = str(ROOT / "bench" / "_decode.py")
     if through_flexnpu:
-        cmd = [sys.executable, "-m", "flexnpu", "run", "--backend", backend, "--", sys.executable, script, *args]
+        # each run gets a fresh embedded daemon that leaves right after it (as a first run would)
+        cmd = [sys.executable, "-m", "flexnpu", "run", "--backend", backend, "--idle-grace", "0", "--",
+               sys.executable, script, *args]
     else:
         cmd = [sys.executable, script, *args]
-    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, env=child_env(_RUNTIME_DIR), capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+AGREE = 0.10          # direct runs must agree within this spread before ratios are trusted
+
+
+def spread(values: list[float]) -> float:
+    """(max - min) / median: how far repeated measurements of one thing disagree."""
+    m = median(values)
+    return (max(values) - min(values)) / m if values and m else float("inf")
+
+
+def direct_groups(runs: dict[str, list[float]], native_graph: bool) -> dict[str, list[float]]:
+    """The direct measurements that must agree. Without native graphs direct-graph runs the
+    same eager code as direct-eager, so all of them measure one thing."""
+    if native_graph:
+        return {"direct-eager": runs.get("direct-eager", []), "direct-graph": runs.get("direct-graph", [])}
+    return {"direct": runs.get("direct-eager", []) + runs.get("direct-graph", [])}
+
+
+def settled(runs: dict[str, list[float]], native_graph: bool) -> bool:
+    return all(len(v) >= 2 and spread(v) <= AGREE for v in direct_groups(runs, native_graph).values())
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _RUNTIME_DIR
+    with tempfile.TemporaryDirectory(prefix="flexnpu-overhead-") as d:
+        _RUNTIME_DIR = d
+        try:
+            return _main(argv)
+        finally:
+            _RUNTIME_DIR = None
+
+
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog="flexnpu bench overhead", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller model, fewer steps (under a minute)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--backend", default="cpu", help="cpu|cuda (the direct device and the daemon's backend)")
-    ap.add_argument("--repeat", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=None, help="repetitions at least (default 2 quick, 3)")
+    ap.add_argument("--max-repeat", type=int, default=None,
+                    help="repeat until the direct runs agree within 10%% or this many repetitions "
+                         "(default 3x --repeat); the spread is reported either way")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--hidden", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
@@ -49,36 +90,55 @@ def main(argv: list[str] | None = None) -> int:
     native_graph = a.backend == "cuda"
     runs: dict[str, list[float]] = {}
     tokens: dict[str, set] = {}
-    for r in range(reps):
+    max_reps = max(reps, a.max_repeat or 3 * reps)
+    r = 0
+    while r < reps or (r < max_reps and not settled(runs, native_graph)):
+        r += 1
         for name, through, dev, mode in (
                 ("direct-eager", False, direct_dev, "eager"),
                 ("flexnpu-eager", True, "npu", "eager"),
                 ("direct-graph", False, direct_dev, "graph" if native_graph else "eager"),
                 ("flexnpu-graph", True, "npu", "graph")):
-            progress(f"[overhead] repetition {r + 1}/{reps}: {name}")
+            progress(f"[overhead] repetition {r}/{reps if r <= reps else max_reps}: {name}")
             res = _child(["--device", dev, "--mode", mode, *common], through, a.backend)
             runs.setdefault(name, []).append(res["tokens_per_s"])
             tokens.setdefault(name, set()).add(res["last_token"])
     progress("[overhead] eager client-side cost per op")
     op_direct = _child(["--device", direct_dev, "--mode", "opcost"], False, a.backend)["eager_client_us_per_op"]
     op_flex = _child(["--device", "npu", "--mode", "opcost"], True, a.backend)["eager_client_us_per_op"]
+    reps = r
+    groups = direct_groups(runs, native_graph)
+    # the baseline of each mode: without native graphs both modes compare with all direct runs
+    base = {name: median(groups[name] if native_graph else groups["direct"])
+            for name in ("direct-eager", "direct-graph")}
     results = []
     for name in ("direct-eager", "flexnpu-eager", "direct-graph", "flexnpu-graph"):
-        base = "direct-graph" if name.endswith("graph") else "direct-eager"
         tps = median(runs[name])
         results.append({"name": name, "tokens_per_s": round(tps, 2),
-                        "ratio_vs_direct": round(tps / median(runs[base]), 4)})
+                        "ratio_vs_direct": round(tps / base["direct-graph" if name.endswith("graph") else "direct-eager"], 4),
+                        "spread_pct": round(100 * spread(runs[name]), 1)})
     same = len(set().union(*tokens.values())) == 1
+    caveats = []
+    if not native_graph:
+        caveats.append("CPU has no native graphs: direct-graph is direct eager (both modes compare "
+                       "with the median of all direct runs)")
+    for g, v in groups.items():
+        if spread(v) > AGREE:
+            caveats.append(f"{g} runs disagree by {100 * spread(v):.0f}% (> {100 * AGREE:.0f}%) after {reps} "
+                           f"repetitions: ratios are uncertain by about that much (busy machine?)")
     out = {"results": results, "eager_client_us_per_op": round(op_flex, 2),
            "direct_us_per_op": round(op_direct, 2), "backend": a.backend, "same_tokens": same,
            "model": {"layers": layers, "hidden": hidden, "steps": steps}, "repetitions": reps,
-           "note": None if native_graph else "CPU has no native graphs: direct-graph is direct eager"}
+           "direct_spread_pct": {g: round(100 * spread(v), 1) for g, v in groups.items()},
+           "note": caveats[0] if not native_graph else None, "caveats": caveats}
     if a.json:
         dump_json(out)
     else:
         print_table(results, [("name", "run", ""), ("tokens_per_s", "tokens/s", ".2f"),
-                              ("ratio_vs_direct", "vs direct", ".3f")],
+                              ("ratio_vs_direct", "vs direct", ".3f"), ("spread_pct", "spread %", ".1f")],
                     title=f"flexnpu bench overhead (backend {a.backend}, medians of {reps})")
         print(f"eager client-side cost: {op_flex:.2f} us/op through FlexNPU ({op_direct:.2f} us/op direct); "
               f"identical tokens: {same}")
+        for c in caveats:
+            print(f"caveat: {c}")
     return 0 if same else 1

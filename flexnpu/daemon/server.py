@@ -123,6 +123,7 @@ def open_fds() -> int:
 
             return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         return -1
+IDLE_STARTUP_S = 10.0          # --exit-when-idle: the least wait for a new daemon's first client
 
 
 def _cmdline(pid: int) -> str:
@@ -159,6 +160,7 @@ class Daemon:
         self.exit_when_idle = exit_when_idle
         self.embedded = embedded
         self._conns = 0                       # attached clients + holders (control thread only)
+        self._ever_connected = False
         self._idle_since = time.monotonic()
         self._sock_ino: int | None = None
         self.backend = backend
@@ -332,12 +334,19 @@ class Daemon:
         a late `flexnpu run` finds no socket and starts a new daemon."""
         if self.exit_when_idle is None or self._conns or self._stop.is_set():
             return
-        if time.monotonic() - self._idle_since >= self.exit_when_idle:
+        # Until the first client or holder came, wait at least IDLE_STARTUP_S: the `flexnpu run`
+        # that started us connects only once we answer.
+        grace = self.exit_when_idle if self._ever_connected else max(self.exit_when_idle, IDLE_STARTUP_S)
+        if time.monotonic() - self._idle_since >= grace:
             log.info("no clients for %.1f s; exiting (--exit-when-idle)", self.exit_when_idle)
             self._unlink_socket()
             self._sock_ino = None
             self._stop.set()
             self._doorbell.ring()
+
+    def _conn_added(self) -> None:
+        self._conns += 1
+        self._ever_connected = True
 
     def _conn_gone(self) -> None:
         self._conns -= 1
@@ -731,7 +740,7 @@ class Daemon:
         self._reply_blocking(conn, {"ok": True, "daemon_pid": os.getpid(), "backend": self.backend.name,
                                     "policy": self.policy_name, "embedded": self.embedded})
         conn.setblocking(False)
-        self._conns += 1
+        self._conn_added()
         sel.register(conn, selectors.EVENT_READ, ("hold", None))
 
     def _on_hold(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
@@ -820,7 +829,7 @@ class Daemon:
         sel.register(conn, selectors.EVENT_READ, ("client", cid))
         self._uid_sessions[uid] = self._uid_sessions.get(uid, 0) + 1
         self._cid_uid[cid] = uid
-        self._conns += 1
+        self._conn_added()
         self._events.put(("attach", sess))
         self._doorbell.ring()
 
