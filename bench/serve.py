@@ -77,10 +77,10 @@ KNOBS = {
 }
 # Probe effort, (full, --quick): seconds of arrivals per goodput probe, bisection steps, seeds
 # averaged per probe, per-rate base run length and how often it may double.
-CAPACITY_DURATION_S = {"chat": (30, 15), "long": (60, 30), "reasoning": (120, 60)}
-CAPACITY_STEPS = (3, 2)
+CAPACITY_DURATION_S = {"chat": (20, 10), "long": (40, 20), "reasoning": (120, 60)}
+CAPACITY_STEPS = (3, 2)     # over [2nd rate of the grid, 1.5 x the last] (expanded when outside): ~15 % / ~30 %
 CAPACITY_SEEDS = (1, 1)
-RUN_DURATION_S = {"chat": (20, 15), "long": (40, 30), "reasoning": (80, 60)}
+RUN_DURATION_S = {"chat": (15, 10), "long": (30, 20), "reasoning": (80, 60)}
 RUN_DOUBLINGS = (1, 0)
 STABLE_TTFT_REL, STABLE_ATTAINMENT_ABS = 0.10, 0.02   # "stopped changing" between two lengths
 
@@ -112,8 +112,8 @@ def parse_args(argv):
     p.add_argument("--flex-chunks", metavar="N,N,...",
                    help="flexnpu (and naive-coloc) prefill chunk sizes searched (default 512,1024,2048)")
     p.add_argument("--capacity-duration", type=float, metavar="S",
-                   help="seconds of arrivals per goodput probe (default per workload: chat 30, long 60, "
-                        "reasoning 120; --quick: 15/30/60)")
+                   help="seconds of arrivals per goodput probe (default per workload: chat 20, long 40, "
+                        "reasoning 120; --quick: 10/20/60)")
     p.add_argument("--backend", help="--realtime: the daemons' backend (default emu:<spec>; cuda or npu runs the "
                                       "engines' kernels on the real device, random weights)")
     p.add_argument("--max-batched-tokens", type=int, default=2048,
@@ -663,7 +663,8 @@ def main(argv=None) -> int:
         slo = dict(SLO[model])
         if WORKLOADS[w].kind == "prefill-heavy":
             slo["ttft"] = slo["ttft_long"]
-        rates = RATES_PER_DEVICE[model][w]
+        # the lowest rate of the grid is light load for every system: the comparison starts above it
+        rates = RATES_PER_DEVICE[model][w][1:]
         if a.quick:
             rates = rates[1:] if not a.simulate else rates[-1:]
         splits = None
@@ -673,7 +674,7 @@ def main(argv=None) -> int:
         grid = RATES_PER_DEVICE[model][w]
         base = {"model": model, "device": spec.name, "workload": w, "devices": n_dev, "slo": slo, "seed": a.seed,
                 "seeds": CAPACITY_SEEDS[q], "duration_s": a.capacity_duration or CAPACITY_DURATION_S[w][q],
-                "steps": CAPACITY_STEPS[q], "lo": grid[0], "hi": 2 * grid[-1], "emulated": True}
+                "steps": CAPACITY_STEPS[q], "lo": grid[1], "hi": 1.5 * grid[-1], "emulated": True}
         progress(f"flexnpu bench serve: {w}: goodput search over every knob value on {a.jobs} process(es)...")
         cap = capacity_group(base, systems, a, n_dev, splits, a.jobs)
         capacity += cap
