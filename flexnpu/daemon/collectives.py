@@ -66,6 +66,8 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ====================================================================== reductions
 def _combine(op: int, acc: torch.Tensor, x: torch.Tensor) -> None:
     """acc = acc (op) x, in place."""
+    if x.device != acc.device:      # device allocations against the host segment (cuda/npu backends)
+        x = x.to(acc.device)
     if op in (SUM, AVG):
         acc.add_(x) if acc.dtype != torch.bool else acc.logical_or_(x)
     elif op == PROD:
