@@ -55,7 +55,8 @@ MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 24 * 3600.0
 SLOT_BYTES = int(os.environ.get("FLEXNPU_COLL_SLOT", str(8 << 20)))   # one pipeline buffer
 SPIN_NS = 50_000                  # cross-daemon waits spin this long before sleeping on the futex
 LIVENESS_SLICE_S = 0.05           # a waiting worker checks peer daemons this often
-_AWAIT = 0.25                     # the main loop re-polls a waiting collective at least this often
+INLINE_BYTES = 256 << 10          # collectives this small run in the main loop when nothing must wait
+INLINE_WAIT_S = 30e-6             # ... which spins this long for the other daemons' posts
 
 ALL_REDUCE, BROADCAST, ALL_GATHER, REDUCE_SCATTER, ALL_TO_ALL = range(len(P.COLL_KINDS))
 SUM, AVG, PROD, MIN, MAX, BAND, BOR, BXOR = range(len(P.REDUCE_OPS))
@@ -66,6 +67,8 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ====================================================================== reductions
 def _combine(op: int, acc: torch.Tensor, x: torch.Tensor) -> None:
     """acc = acc (op) x, in place."""
+    if x.device != acc.device:      # device allocations against the host segment (cuda/npu backends)
+        x = x.to(acc.device)
     if op in (SUM, AVG):
         acc.add_(x) if acc.dtype != torch.bool else acc.logical_or_(x)
     elif op == PROD:
@@ -139,6 +142,7 @@ class Instance:
     deadline: float
     parts: dict[int, Part] = field(default_factory=dict)
     submitted: bool = False
+    plan: Any = None              # set once the main thread has posted its first step
     done: bool = False
     error: str | None = None
 
@@ -264,6 +268,19 @@ class ShmLink:
         off = _DATA + (d * 2 + step % 2) * self.slot
         return bytes(self.mm[off:off + _DESC.size])
 
+    def ready_for(self, step: int) -> bool:
+        """May this daemon write its buffer of `step` now (no waiting)?"""
+        if step <= 2:
+            return True
+        rc = self.lib.fx_coll_wait(self.base, self._offs_consumed, self._npeers, step - 2, self.base + _H_ABORT,
+                                   self.base + _H_BELL, self.base + _H_SLEEPERS, 0.0, 0)
+        return rc == 1
+
+    def peers_posted(self, step: int, spin_s: float) -> bool:
+        rc = self.lib.fx_coll_wait(self.base, self._offs_posted, self._npeers, step, self.base + _H_ABORT,
+                                   self.base + _H_BELL, self.base + _H_SLEEPERS, spin_s, int(spin_s * 1e9))
+        return rc == 1
+
     def begin(self, step: int, deadline: float, alive: Callable[[], str | None]) -> torch.Tensor:
         """Wait until every peer has read what this daemon posted two steps ago (same buffer)."""
         if step > 2:
@@ -333,6 +350,11 @@ class Comm:
                                f"{first.describe()}, rank {p.rank} called {p.describe()}")
                     return inst
             inst.submitted = True
+            if sum(p.inp.numel() * p.inp.element_size() for p in inst.parts.values()) <= INLINE_BYTES \
+                    and self.try_inline(inst):
+                inst.done = True
+                self.done_count += 1
+                return inst
             self._start_worker()
             self._q.put(inst)
         return inst
@@ -402,16 +424,12 @@ class Comm:
                 # it runs even if the communicator failed since: the peers' waits decide.
                 if len(self.daemons) == 1:
                     self._run_local(inst)
+                elif inst.plan is not None:
+                    self._run_shared(inst, inst.plan, first=1)     # the main thread posted step 1
                 else:
                     self._run_shared(inst)
             except Exception as e:  # noqa: BLE001 - every failure becomes the ranks' error
-                why = str(e) if isinstance(e, CollectiveError) else f"{type(e).__name__}: {e}"
-                if self.error is None:
-                    self.error = why
-                    log.warning("%s aborted: %s", self.label, why)
-                if self.link is not None:
-                    self.link.abort(why)
-                inst.error = self.error
+                self._failed(inst, e)
             inst.done = True
             self.done_count += 1
             self.colls.wake()
@@ -471,91 +489,150 @@ class Comm:
                 return f"{self.label}: the daemon of another device (pid {pid}) died"
         return None
 
-    def _run_shared(self, inst: Instance) -> None:
-        """Ranks on several daemons: exchange chunks through the shared segment."""
+    def _plan(self, inst: Instance) -> "_Plan":
         if self.link is None:
             self.link = ShmLink(self.id, len(self.daemons), self.me, SLOT_BYTES)
-        link = self.link
-        parts = self._parts(inst)
-        p0 = parts[0]
-        kind, op, n = p0.kind, p0.op, self.size
-        isz = p0.dtype.itemsize
-        m = p0.inp.numel()                                  # per-rank input elements
-        pieces = max(len(r) for r in self.ranks_of) if kind in (ALL_GATHER, ALL_TO_ALL) else 1
-        cap = (link.slot - _BUF_HEAD) // (isz * pieces)    # elements per piece per step
-        cap = max(1, cap - cap % 64) if cap > 64 else max(1, cap)
-        steps = max(1, -(-m // cap))
-        desc = _DESC.pack(kind, op if kind in (ALL_REDUCE, REDUCE_SCATTER) else 0,
-                          p0.root if kind == BROADCAST else 0, P.DTYPE_NAMES.index(str(p0.dtype)[6:]), m)
-        root_d = self.daemons.index(self.devmap[p0.root]) if kind == BROADCAST else -1
-        if kind == BROADCAST and root_d == self.me:
-            src = inst.parts[p0.root].inp
-            for p in parts:
-                if p.out.data_ptr() != src.data_ptr():
-                    p.out.copy_(src)
-        deadline = inst.deadline
-        alive = self._alive
-        for c in range(steps):
-            lo, hi = c * cap, min(m, (c + 1) * cap)
+        return _Plan(self, inst)
+
+    def _run_shared(self, inst: Instance, plan: "_Plan | None" = None, first: int = 0) -> None:
+        """Ranks on several daemons: exchange chunks through the shared segment. With `first`
+        = 1 the first step was already posted (by the main thread's fast path)."""
+        plan = plan or self._plan(inst)
+        link, deadline, alive = self.link, inst.deadline, self._alive
+        for c in range(plan.steps):
+            if c >= first:
+                link.step += 1
+                link.begin(link.step, deadline, alive)
+                plan.post(c, link.step)
+            link.gather(link.step, deadline, alive)
+            plan.read(c, link.step)
+            link.consumed(link.step)
+
+    def try_inline(self, inst: Instance) -> bool:
+        """Main thread, small collectives: run the instance here if that needs no waiting (a
+        thread hop costs more than the work). True if it finished; False if the worker must
+        take it (from the start, or after the post if `inst.posted`)."""
+        try:
+            if len(self.daemons) == 1:
+                self._run_local(inst)
+                return True
+            plan = self._plan(inst)
+            link = self.link
+            if plan.steps != 1 or not link.ready_for(link.step + 1):
+                return False
             link.step += 1
-            t = link.step
-            raw = link.begin(t, deadline, alive)
-            mine = raw[:pieces * cap * isz].view(p0.dtype)
-            # -- post this daemon's contribution
-            if kind in (ALL_REDUCE, REDUCE_SCATTER):
-                _reduce_into(op, mine[:hi - lo], [p.inp[lo:hi] for p in parts])
-            elif kind == BROADCAST:
-                if root_d == self.me:
-                    mine[:hi - lo].copy_(src[lo:hi])
-            else:
-                for j, p in enumerate(parts):
-                    mine[j * cap:j * cap + hi - lo].copy_(p.inp[lo:hi])
-            link.post(t, desc if c == 0 else None)
-            link.gather(t, deadline, alive)
-            if c == 0:
-                for d in range(len(self.daemons)):
-                    if d != self.me and link.desc(d, t) != desc:
-                        theirs = _DESC.unpack(link.desc(d, t))
-                        raise CollectiveError(
-                            f"ranks disagree on collective #{inst.k}: device {self.daemons[self.me]}'s ranks "
-                            f"called {_desc_text(_DESC.unpack(desc))}, device {self.daemons[d]}'s ranks called "
-                            f"{_desc_text(theirs)}")
-            bufs = [link.buffer(d, t)[:pieces * cap * isz].view(p0.dtype) for d in range(len(self.daemons))]
-            # -- read everyone's
-            if kind == ALL_REDUCE:
-                out0 = p0.out[lo:hi]
-                _reduce_into(op, out0, [b[:hi - lo] for b in bufs])
-                _finish(op, out0, n)
-                for p in parts[1:]:
-                    p.out[lo:hi].copy_(out0)
-            elif kind == REDUCE_SCATTER:
-                mo = p0.out.numel()
+            plan.post(0, link.step)
+            inst.plan = plan
+            if not link.peers_posted(link.step, INLINE_WAIT_S):
+                return False
+            plan.read(0, link.step)
+            link.consumed(link.step)
+            return True
+        except Exception as e:  # noqa: BLE001 - as in the worker
+            self._failed(inst, e)
+            return True
+
+    def _failed(self, inst: Instance, e: BaseException) -> None:
+        why = str(e) if isinstance(e, CollectiveError) else f"{type(e).__name__}: {e}"
+        if self.error is None:
+            self.error = why
+            log.warning("%s aborted: %s", self.label, why)
+        if self.link is not None:
+            self.link.abort(why)
+        inst.error = self.error
+
+
+class _Plan:
+    """How one instance moves through the shared segment: chunk size, descriptor, roles."""
+
+    def __init__(self, comm: Comm, inst: Instance) -> None:
+        self.comm, self.inst = comm, inst
+        link = comm.link
+        self.parts = parts = comm._parts(inst)
+        p0 = self.p0 = parts[0]
+        self.kind, self.op, self.n = p0.kind, p0.op, comm.size
+        self.isz = p0.dtype.itemsize
+        self.m = m = p0.inp.numel()                          # per-rank input elements
+        kind = self.kind
+        self.pieces = max(len(r) for r in comm.ranks_of) if kind in (ALL_GATHER, ALL_TO_ALL) else 1
+        cap = (link.slot - _BUF_HEAD) // (self.isz * self.pieces)     # elements per piece per step
+        self.cap = cap = max(1, cap - cap % 64) if cap > 64 else max(1, cap)
+        self.steps = max(1, -(-m // cap))
+        self.desc = _DESC.pack(kind, self.op if kind in (ALL_REDUCE, REDUCE_SCATTER) else 0,
+                               p0.root if kind == BROADCAST else 0, P.DTYPE_NAMES.index(str(p0.dtype)[6:]), m)
+        self.root_d = comm.daemons.index(comm.devmap[p0.root]) if kind == BROADCAST else -1
+        self.src = None
+        if kind == BROADCAST and self.root_d == comm.me:
+            self.src = inst.parts[p0.root].inp
+            for p in parts:
+                if p.out.data_ptr() != self.src.data_ptr():
+                    p.out.copy_(self.src)
+
+    def _view(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw[:self.pieces * self.cap * self.isz].view(self.p0.dtype)
+
+    def post(self, c: int, t: int) -> None:
+        """Write this daemon's contribution for chunk c into its buffer of step t; publish it."""
+        link, kind, parts, cap = self.comm.link, self.kind, self.parts, self.cap
+        lo, hi = c * cap, min(self.m, (c + 1) * cap)
+        mine = self._view(link.buffer(link.me, t))
+        if kind in (ALL_REDUCE, REDUCE_SCATTER):
+            _reduce_into(self.op, mine[:hi - lo], [p.inp[lo:hi] for p in parts])
+        elif kind == BROADCAST:
+            if self.src is not None:
+                mine[:hi - lo].copy_(self.src[lo:hi])
+        else:
+            for j, p in enumerate(parts):
+                mine[j * cap:j * cap + hi - lo].copy_(p.inp[lo:hi])
+        link.post(t, self.desc if c == 0 else None)
+
+    def read(self, c: int, t: int) -> None:
+        """Every daemon posted chunk c (step t): check agreement, read into the local outputs."""
+        comm, link, kind, parts, cap, m, op, n = (self.comm, self.comm.link, self.kind, self.parts, self.cap,
+                                                  self.m, self.op, self.n)
+        lo, hi = c * cap, min(m, (c + 1) * cap)
+        if c == 0:
+            for d in range(len(comm.daemons)):
+                if d != comm.me and link.desc(d, t) != self.desc:
+                    theirs = _DESC.unpack(link.desc(d, t))
+                    raise CollectiveError(
+                        f"ranks disagree on collective #{self.inst.k}: device {comm.daemons[comm.me]}'s ranks "
+                        f"called {_desc_text(_DESC.unpack(self.desc))}, device {comm.daemons[d]}'s ranks called "
+                        f"{_desc_text(theirs)}")
+        bufs = [self._view(link.buffer(d, t)) for d in range(len(comm.daemons))]
+        if kind == ALL_REDUCE:
+            out0 = self.p0.out[lo:hi]
+            _reduce_into(op, out0, [b[:hi - lo] for b in bufs])
+            _finish(op, out0, n)
+            for p in parts[1:]:
+                p.out[lo:hi].copy_(out0)
+        elif kind == REDUCE_SCATTER:
+            mo = self.p0.out.numel()
+            for p in parts:
+                a, b = max(lo, p.rank * mo), min(hi, (p.rank + 1) * mo)
+                if a < b:
+                    dst = p.out[a - p.rank * mo:b - p.rank * mo]
+                    _reduce_into(op, dst, [x[a - lo:b - lo] for x in bufs])
+                    _finish(op, dst, n)
+        elif kind == BROADCAST:
+            if self.root_d != comm.me:
                 for p in parts:
-                    a, b = max(lo, p.rank * mo), min(hi, (p.rank + 1) * mo)
-                    if a < b:
-                        dst = p.out[a - p.rank * mo:b - p.rank * mo]
-                        _reduce_into(op, dst, [x[a - lo:b - lo] for x in bufs])
-                        _finish(op, dst, n)
-            elif kind == BROADCAST:
-                if root_d != self.me:
+                    p.out[lo:hi].copy_(bufs[self.root_d][:hi - lo])
+        elif kind == ALL_GATHER:
+            for d, ranks in enumerate(comm.ranks_of):
+                for j, g in enumerate(ranks):
+                    piece = bufs[d][j * cap:j * cap + hi - lo]
                     for p in parts:
-                        p.out[lo:hi].copy_(bufs[root_d][:hi - lo])
-            elif kind == ALL_GATHER:
-                for d, ranks in enumerate(self.ranks_of):
-                    for j, g in enumerate(ranks):
-                        piece = bufs[d][j * cap:j * cap + hi - lo]
-                        for p in parts:
-                            p.out[g * m + lo:g * m + hi].copy_(piece)
-            else:   # ALL_TO_ALL: rank p's block g = rank g's block p
-                mb = m // n
-                for d, ranks in enumerate(self.ranks_of):
-                    for j, g in enumerate(ranks):
-                        for p in parts:
-                            a, b = max(lo, p.rank * mb), min(hi, (p.rank + 1) * mb)
-                            if a < b:
-                                p.out[g * mb + a - p.rank * mb:g * mb + b - p.rank * mb].copy_(
-                                    bufs[d][j * cap + a - lo:j * cap + b - lo])
-            link.consumed(t)
+                        p.out[g * m + lo:g * m + hi].copy_(piece)
+        else:   # ALL_TO_ALL: rank p's block g = rank g's block p
+            mb = m // n
+            for d, ranks in enumerate(comm.ranks_of):
+                for j, g in enumerate(ranks):
+                    for p in parts:
+                        a, b = max(lo, p.rank * mb), min(hi, (p.rank + 1) * mb)
+                        if a < b:
+                            p.out[g * mb + a - p.rank * mb:g * mb + b - p.rank * mb].copy_(
+                                bufs[d][j * cap + a - lo:j * cap + b - lo])
 
 
 def _desc_text(d: tuple) -> str:

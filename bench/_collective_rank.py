@@ -1,0 +1,70 @@
+"""One rank of `flexnpu bench collective` (started by bench/collective.py under `flexnpu run`).
+
+all_reduce (sum, float32) of each size on the hccl group (npu tensors, daemon collectives) and on
+a gloo group over the same processes (cpu tensors), alternating per size. Each timed operation
+is complete on return: gloo's all_reduce blocks, and the hccl one is followed by a stream
+synchronisation, so the hccl figures include the round trip to the daemon (a latency, not a
+pipelined throughput). Rank 0 writes the per-size medians to OUT as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def main() -> int:
+    out, sizes, iters_small = sys.argv[1], [int(x) for x in sys.argv[2].split(",")], int(sys.argv[3])
+    dist.init_process_group("hccl")
+    me, n = dist.get_rank(), dist.get_world_size()
+    gloo = dist.new_group(backend="gloo")
+    dev = torch.device("npu", me % torch.npu.device_count())
+    rows = []
+    for nbytes in sizes:
+        numel = nbytes // 4
+        iters = max(3, min(iters_small, (64 << 20) // nbytes * 2))
+        x_npu = torch.ones(numel, device=dev)
+        x_cpu = torch.ones(numel)
+        times: dict[str, list[float]] = {"hccl": [], "gloo": []}
+        for rep in range(iters + 1):
+            for name in ("hccl", "gloo"):
+                dist.barrier(group=gloo)
+                t0 = time.perf_counter()
+                if name == "hccl":
+                    dist.all_reduce(x_npu)
+                    torch.npu.synchronize(dev)
+                else:
+                    dist.all_reduce(x_cpu, group=gloo)
+                dt = time.perf_counter() - t0
+                if rep:                      # the first round warms up (communicator, buffers)
+                    times[name].append(dt)
+        # every element is n ** (iters + 1) after the repeated sums: check a value
+        expect = float(n) ** (iters + 1)
+        ok = abs(x_npu[:1].cpu().item() - expect) <= 1e-3 * expect
+        row = {"bytes": nbytes, "iters": iters, "correct": ok}
+        for name, ts in times.items():
+            t = statistics.median(ts)
+            algbw = nbytes / t
+            row[f"{name}_us"] = round(t * 1e6, 1)
+            row[f"{name}_busbw_GBps"] = round(algbw * 2 * (n - 1) / n / 1e9, 4)
+        row["busbw_ratio"] = round(row["hccl_busbw_GBps"] / row["gloo_busbw_GBps"], 3)
+        rows.append(row)
+        del x_npu, x_cpu
+        if me == 0:
+            print(f"[collective] {nbytes:>10} B  hccl {row['hccl_us']:>10.1f} us  gloo {row['gloo_us']:>10.1f} us",
+                  file=sys.stderr, flush=True)
+    dist.barrier(group=gloo)
+    dist.destroy_process_group()
+    if me == 0:
+        with open(out, "w") as f:
+            json.dump({"ranks": n, "rows": rows}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
