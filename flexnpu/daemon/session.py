@@ -22,7 +22,7 @@ from ..protocol import Op
 from .objects import Alloc, EventState, Graph, HandleTable, IpcExport, MemoryAccount, StreamState
 
 if TYPE_CHECKING:
-    from .server import Daemon
+    from .interfaces import DaemonServices as Daemon   # the daemon as a session sees it
 
 MAX_ALLOC = 1 << 44
 MAX_STREAMS = 1024

@@ -171,6 +171,8 @@ class EmuBackend:
     """Backend interface of TorchBackend; timing lives in ``self.emu`` (driven by the scheduler)."""
 
     device_type = "emu"
+    # every kernel's time comes from self.emu, so a graph must replay command by command
+    supports_compiled_graphs = False
 
     def __init__(self, spec_name: str, values: bool = False, index: int = 0) -> None:
         self.spec = get_spec(spec_name, measure_cpu=False)
