@@ -13,12 +13,13 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-from bench._common import ROOT, child_env, dump_json, median, print_table, progress
+from ._common import child_env, dump_json, median, print_table, progress
 
 
 def _child(args: list[str], through_flexnpu: bool, backend: str) -> dict:
-    script = str(ROOT / "bench" / "_decode.py")
+    script = str(Path(__file__).with_name("_decode.py"))   # beside this file, installed or not
     if through_flexnpu:
         cmd = [sys.executable, "-m", "flexnpu", "run", "--backend", backend, "--", sys.executable, script, *args]
     else:

@@ -55,7 +55,7 @@ def test_more_load_is_never_faster():
 
 
 def test_bench_serve_json_shape(capsys):
-    from bench import serve
+    from flexnpu.bench import serve
     rc = serve.main(["--quick", "--json", "--workloads", "chat", "--devices", "2", "--requests", "24",
                      "--capacity-duration", "5", "--jobs", "2", "--flex-tpot-budgets", "20"])
     assert rc == 0
