@@ -12,7 +12,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["flexnpu", "flexnpu.*", "bench", "bench.*"]),
+    # The benchmarks keep their top-level bench/ folder but install inside the flexnpu package:
+    # never as a site-wide package named "bench".
+    packages=find_packages(include=["flexnpu", "flexnpu.*"]) + ["flexnpu.bench"],
+    package_dir={"flexnpu.bench": "bench"},
     package_data={"flexnpu.ring": ["*.c", "*.h"], "flexnpu.k8s": ["*.proto"],
                   "flexnpu.hook": ["bootstrap/*.py", "bootstrap/*/*.py"],
                   "flexnpu.hook.native": ["src/*.c", "src/*.h", "symbols.txt"],

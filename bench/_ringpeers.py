@@ -1,4 +1,4 @@
-"""Child-process sides of `flexnpu bench ring` (python -m bench._ringpeers KIND ARGS...).
+"""Child-process sides of `flexnpu bench ring` (python -m flexnpu.bench._ringpeers KIND ARGS...).
 
 Every peer runs the same script: an echo phase (each 32-byte message is sent straight back)
 that ends with a message starting with b"S" (echoed too), then a sink phase that reads COUNT

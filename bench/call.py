@@ -19,7 +19,7 @@ import sys
 import textwrap
 import time
 
-from bench._common import child_env, dump_json, median, pct, print_table, private_daemon, progress
+from ._common import child_env, dump_json, median, pct, print_table, private_daemon, progress
 
 
 def _sync_call(n: int) -> dict:

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench._common import ROOT, child_env, dump_json, print_table, progress
+from ._common import ROOT, child_env, dump_json, print_table, progress
 
 LAUNCHER = """
 import os, socket, subprocess, sys

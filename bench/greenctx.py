@@ -1,6 +1,6 @@
 """Green-context probe (GPU only): what the emulator's partition model assumes, measured.
 
-`python3 -m bench.greenctx [--json]` on a CUDA device with green contexts (driver >= 12.8):
+`python3 -m flexnpu.bench.greenctx [--json]` on a CUDA device with green contexts (driver >= 12.8):
 1. a compute-bound GEMM and a bandwidth-bound copy on green contexts of 1/8 .. 7/8 of the SMs
    and on the whole device: time vs share. The emulator's model (flexnpu/sched/emu.py) says
    GEMM time ~ 1/share and copy bandwidth ~ min(1, share / issue_frac) of the whole device's;

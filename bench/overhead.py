@@ -16,14 +16,15 @@ import json
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
-from bench._common import ROOT, child_env, dump_json, median, print_table, progress
+from ._common import child_env, dump_json, median, print_table, progress
 
 _RUNTIME_DIR: str | None = None     # private runtime folder of this invocation's embedded daemons
 
 
 def _child(args: list[str], through_flexnpu: bool, backend: str) -> dict:
-    script = str(ROOT / "bench" / "_decode.py")
+    script = str(Path(__file__).with_name("_decode.py"))   # beside this file, installed or not
     if through_flexnpu:
         # each run gets a fresh embedded daemon that leaves right after it (as a first run would)
         cmd = [sys.executable, "-m", "flexnpu", "run", "--backend", backend, "--idle-grace", "0", "--",

@@ -45,7 +45,7 @@ def _child_env() -> dict:
 
 
 def _spawn(kind: str, cpu: int, *args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bench._ringpeers", kind, str(cpu), *args],
+    return subprocess.Popen([sys.executable, "-m", "flexnpu.bench._ringpeers", kind, str(cpu), *args],
                             cwd=ROOT, env=_child_env(), pass_fds=pass_fds)
 
 
@@ -144,7 +144,7 @@ def bench_socketpair(n: int, count: int, cpus: tuple[int, int]) -> dict:
 def bench_mp_queue(n: int, count: int, cpus: tuple[int, int]) -> dict:
     import multiprocessing as mp
 
-    from bench import _ringpeers
+    from . import _ringpeers
 
     ctx = mp.get_context("fork")
     qin, qout = ctx.Queue(), ctx.Queue()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench._common import dump_json, median, print_table
+from ._common import dump_json, median, print_table
 
 
 def _time(fn, reps: int) -> float:

@@ -47,7 +47,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from bench._common import progress
+from ._common import progress
 from flexnpu.sched.capacity import continuous_split_bound, requests_for, sustainable_rate, ttft_floors
 from flexnpu.sched.costmodel import CostModel
 from flexnpu.sched.models import MODELS, step_kernels
@@ -535,7 +535,7 @@ def run_realtime(a, model_name, spec, t0) -> int:
 
 
 def _rt_groups(a, model_name, spec, wls, n_dev, n_req, kv_tokens, cfg, runs, summaries, pools):
-    from bench._realtime import DaemonSet, best_alpha, best_split, daemon_policy, run_system
+    from ._realtime import DaemonSet, best_alpha, best_split, daemon_policy, run_system
 
     for w in wls:
         slo = dict(SLO[model_name])

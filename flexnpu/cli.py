@@ -1,8 +1,8 @@
 """flexnpu: run unmodified accelerator programs through per-device FlexNPU daemons.
 
 Subcommands are small modules; each exposes ``add_arguments(parser)`` and ``run(args) -> int``.
-Benchmarks live in the top-level ``bench`` package: ``flexnpu bench NAME`` runs ``bench/NAME.py``'s
-``main(argv)``.
+Benchmarks live in the checkout's top-level ``bench/`` folder, installed as ``flexnpu.bench``:
+``flexnpu bench NAME`` runs ``bench/NAME.py``'s ``main(argv)``.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _bench_names() -> list[str]:
-    import bench
+    from flexnpu import bench
 
     return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
 
@@ -35,7 +35,7 @@ def _run_bench(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: flexnpu bench NAME [options]\n\nmicrobenchmarks and studies; each takes --help, --quick, --json\n")
         for n in names:
-            mod = importlib.import_module(f"bench.{n}")
+            mod = importlib.import_module(f"flexnpu.bench.{n}")
             doc = (mod.__doc__ or "").strip().splitlines()
             print(f"  {n:<12} {doc[0] if doc else ''}")
         return 0 if argv else 2
@@ -43,7 +43,7 @@ def _run_bench(argv: list[str]) -> int:
     if name not in names:
         print(f"flexnpu bench: unknown benchmark {name!r}; choose from: {', '.join(names)}", file=sys.stderr)
         return 2
-    mod = importlib.import_module(f"bench.{name}")
+    mod = importlib.import_module(f"flexnpu.bench.{name}")
     return int(mod.main(rest) or 0)
 
 

@@ -20,7 +20,7 @@ tail -n 30 "$OUT"/*.json
 # Qwen2.5-7B-shaped engine (random weights) as prefill + decode processes on one GPU, the static
 # core split (green contexts at alpha / 1 - alpha) against flex (shares changed at operator
 # boundaries) and naive co-location.
-timeout 180 python3 -m bench.greenctx --json > "$OUT/greenctx.json" 2> "$OUT/greenctx.err"
+timeout 180 python3 -m flexnpu.bench.greenctx --json > "$OUT/greenctx.json" 2> "$OUT/greenctx.err"
 timeout 420 python3 -m flexnpu bench serve --realtime --backend cuda --devices 1 --quick --json \
     --systems static-partition,naive-coloc,flexnpu --alphas 0.625,0.75 --requests 16 \
     > "$OUT/serve-cuda.json" 2> "$OUT/serve-cuda.err"

@@ -1,7 +1,7 @@
 """`bench overhead` repeats until the direct runs agree and prints its caveats (issue 15 item 4)."""
 from __future__ import annotations
 
-from bench import overhead
+from flexnpu.bench import overhead
 
 
 def test_spread_and_settling_rule():

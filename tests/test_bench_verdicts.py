@@ -1,7 +1,7 @@
 """`bench serve` ends with one verdict per target (issue 15 item 4)."""
 from __future__ import annotations
 
-from bench import serve
+from flexnpu.bench import serve
 
 
 def _summary(disagg_pct: float, rates: list[tuple[float, float, float]]) -> dict:

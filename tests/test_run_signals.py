@@ -147,7 +147,7 @@ def test_unexecutable_program_leaves_no_temp_folder(tmp_path):
 
 
 def test_bench_call_socket_peer_leaves_no_temp_folder(tmp_path, monkeypatch):
-    from bench import call
+    from flexnpu.bench import call
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     row = call._socket_call(200)

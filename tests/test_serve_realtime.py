@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench._realtime import Router, plan_engines
+from flexnpu.bench._realtime import Router, plan_engines
 from flexnpu.sched.costmodel import CostModel
 from flexnpu.sched.models import QWEN25_7B, step_kernels
 from flexnpu.sched.specs import get_spec

@@ -55,7 +55,7 @@ def test_more_load_is_never_faster():
 
 
 def test_bench_serve_json_shape(capsys):
-    from bench import serve
+    from flexnpu.bench import serve
     rc = serve.main(["--quick", "--json", "--workloads", "chat", "--devices", "2", "--capacity-duration", "4",
                      "--jobs", "2", "--alphas", "0.75", "--coloc-budgets", "2048", "--flex-chunks", "1024"])
     assert rc == 0

@@ -7,7 +7,7 @@ returns how many ran; `idle_timeout()` says how long the loop may sleep when not
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import protocol as P
 from ..protocol import Op
@@ -17,9 +17,8 @@ from ..sched.policy import (DeviceState, FlexPolicy, Op as PolicyOp, Phase, Stat
                             make_policy)
 from ..sched.specs import get_spec
 from .backends.partition import partition_capable
-
-if TYPE_CHECKING:
-    from .server import Daemon
+from .interfaces import Backend, ClientView, Scheduler, SchedulerHost
+from .objects import StreamState
 
 ROUND_QUANTUM = 64   # commands one stream may run per round before others get a turn
 
@@ -31,11 +30,11 @@ class FifoScheduler:
 
     inline = True   # commands may run at drain time when nothing is queued ahead of them
 
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: SchedulerHost) -> None:
         self.daemon = daemon
         self.active: dict[tuple[int, int], tuple[Any, Any]] = {}   # queues with work, by (client, stream)
 
-    def activate(self, s: Any, st: Any) -> None:
+    def activate(self, s: ClientView, st: StreamState) -> None:
         self.active[(s.cid, st.sid)] = (s, st)
 
     def run_round(self) -> int:
@@ -60,7 +59,7 @@ class FifoScheduler:
     def idle_timeout(self) -> float | None:
         return None
 
-    def busy(self, s: Any) -> bool:
+    def busy(self, s: ClientView) -> bool:
         return False
 
     def status(self) -> dict[str, Any]:
@@ -123,7 +122,7 @@ def _nbytes(shape: tuple, dtype: Any) -> int:
     return n * getattr(dtype, "itemsize", 4)
 
 
-def local_cost_model(backend: Any) -> CostModel:
+def local_cost_model(backend: Backend) -> CostModel:
     """The cost model of the device a torch backend drives, with saved corrections if any."""
     kind = getattr(backend, "device_type", "cpu")
     name = str(backend.info().get("name", "")).lower()
@@ -174,7 +173,7 @@ class PolicyScheduler:
 
     inline = False
 
-    def __init__(self, daemon: "Daemon", policy: str, tpot_budget_s: float | None = None,
+    def __init__(self, daemon: SchedulerHost, policy: str, tpot_budget_s: float | None = None,
                  alpha: float | None = None) -> None:
         self.daemon = daemon
         be = daemon.backend
@@ -203,7 +202,7 @@ class PolicyScheduler:
         self.inflight: dict[tuple[int, int], int] = {}
         self.last_op: dict[tuple[int, int], PolicyOp] = {}
 
-    def activate(self, s: Any, st: Any) -> None:
+    def activate(self, s: ClientView, st: StreamState) -> None:
         key = (s.cid, st.sid)
         self.active[key] = (s, st)
         self.streams[key] = (s, st)
@@ -355,7 +354,7 @@ class PolicyScheduler:
         return max(0.0, t - time.monotonic())
 
     # ------------------------------------------------------------------ introspection
-    def busy(self, s: Any) -> bool:
+    def busy(self, s: ClientView) -> bool:
         """True while device work of this client is queued in the policy or in flight."""
         return any(k[0] == s.cid and (q.ops or self.inflight.get(k)) for k, q in self.queues.items())
 
@@ -413,7 +412,7 @@ def parse_policy(spec: str) -> tuple[str, float | None]:
     return name, alpha
 
 
-def make_scheduler(name: str, daemon: "Daemon", tpot_budget_s: float | None = None) -> Any:
+def make_scheduler(name: str, daemon: SchedulerHost, tpot_budget_s: float | None = None) -> Scheduler:
     """fifo on a torch backend keeps the inline passthrough (the sync-call fast path); every
     other combination runs the policy from flexnpu.sched.policy."""
     name, alpha = parse_policy(name)

@@ -28,6 +28,7 @@ from ..errors import Err
 from ..paths import check_dir, socket_path
 from ..ring import Doorbell, RingError, RingSet, Segment
 from ..control import MessageReader, ProtocolError, peer_credentials, send_msg
+from .interfaces import Backend
 from .limits import LaunchLimits
 from .metrics import DaemonMetrics
 from .objects import IpcExport, MemoryAccount
@@ -137,7 +138,7 @@ def _cmdline(pid: int) -> str:
 
 
 class Daemon:
-    def __init__(self, device: int, backend: Any, *, runtime_dir: Path | None = None,
+    def __init__(self, device: int, backend: Backend, *, runtime_dir: Path | None = None,
                  policy: str = "fifo", memory_limit: int | None = None,
                  memory_limit_max: int | None = None, device_memory: int | None = None,
                  allow_uids: set[int] | None = None,
@@ -171,7 +172,7 @@ class Daemon:
         self.scheduler = make_scheduler(policy, self, tpot_budget_s)
         self.inline = getattr(self.scheduler, "inline", False)
         # Straight-line compiled graph replay needs a backend that executes aten ops itself.
-        self.compile_graphs = type(backend).__name__ == "TorchBackend" and os.environ.get(
+        self.compile_graphs = backend.supports_compiled_graphs and os.environ.get(
             "FLEXNPU_COMPILE_GRAPHS", "1") != "0"
         self.memory_limit = memory_limit
         # What all clients together may hold: the device's memory, or for the cpu backend half of

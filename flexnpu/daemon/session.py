@@ -25,7 +25,7 @@ from .objects import (MAX_IMPORT_PIDS, Alloc, EventState, Graph, HandleTable, Ip
                       StreamState, process_start_time)
 
 if TYPE_CHECKING:
-    from .server import Daemon
+    from .interfaces import DaemonServices as Daemon   # the daemon as a session sees it
 
 MAX_ALLOC = 1 << 44
 MAX_STREAMS = 1024

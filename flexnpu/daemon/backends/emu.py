@@ -174,6 +174,8 @@ class EmuBackend:
     device_type = "emu"
     partition_capable = True       # flexnpu.daemon.backends.partition.Partitionable
     partition_levels = 0           # any share: the emulator's cap is continuous
+    # every kernel's time comes from self.emu, so a graph must replay command by command
+    supports_compiled_graphs = False
 
     def __init__(self, spec_name: str, values: bool = False, index: int = 0) -> None:
         self.spec = get_spec(spec_name, measure_cpu=False)

@@ -38,6 +38,9 @@ def detect(requested: str = "auto") -> str:
 class TorchBackend:
     """Executes the daemon's commands on one torch device."""
 
+    supports_compiled_graphs = True   # launches are plain aten calls on this device's tensors
+    emu = None                        # a real device: no emulated clock for the scheduler to drive
+
     def __init__(self, device_type: str = "cpu", index: int = 0) -> None:
         if device_type == "npu":
             import torch_npu  # noqa: F401

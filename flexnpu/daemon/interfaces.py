@@ -1,0 +1,145 @@
+"""The daemon's internal seams, as typing Protocols.
+
+The server owns sessions and a scheduler; sessions and the scheduler call back into the
+server and into each other. Each side names here the little it uses of the others, and imports
+this module instead of the concrete classes: scheduling.py and session.py never import
+server.py, which keeps the daemon's import graph acyclic (server -> session, scheduling ->
+interfaces). The concrete classes satisfy these structurally; nothing registers or subclasses.
+
+- ``Backend``: what executes commands on one device (backends/torch_backend.py, backends/emu.py).
+- ``Scheduler``: what the server and sessions call on the scheduler (scheduling.py).
+- ``ClientView`` / ``CommandView``: the slice of a session and of a queued command the
+  scheduler touches.
+- ``DaemonServices``: what a session asks of the daemon that owns it.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..protocol import Launch
+    from ..sched.emu import EmuDevice
+    from .objects import IpcExport, MemoryAccount, StreamState
+
+
+class Backend(Protocol):
+    """One device's executor. Buffers, streams and event tokens are opaque to the daemon: it
+    only hands back what the backend gave it."""
+
+    name: str                   # shown in status and logs, e.g. "cpu", "emu:910b+cpu"
+    device_type: str            # "cpu" | "cuda" | "npu" | "emu"
+    device: torch.device        # where decoded launch arguments (dtypes, devices) are placed
+
+    # Capabilities: what the daemon may do beyond the command set every backend implements.
+    #: launches run aten ops directly on this backend's torch tensors, with no per-kernel
+    #: accounting, so a captured straight-line graph may be compiled into one replay.
+    supports_compiled_graphs: bool
+
+    @property
+    def emu(self) -> EmuDevice | None:
+        """The emulated accelerator whose clock the scheduler drives; None for a real device."""
+
+    def info(self) -> dict[str, Any]: ...
+
+    # memory
+    def alloc(self, nbytes: int) -> Any: ...
+    def memset(self, buf: Any, offset: int, value: int, nbytes: int) -> None: ...
+    def h2d(self, buf: Any, offset: int, src: Any) -> None: ...
+    def d2h(self, buf: Any, offset: int, nbytes: int, dst: Any) -> None: ...
+    def d2d(self, dst: Any, dst_off: int, src: Any, src_off: int, nbytes: int) -> None: ...
+
+    # operators
+    def launch(self, launch: Launch, resolve: Callable[[int], Any],
+               allocate: Callable[[int], Any]) -> Sequence[tuple[int, Any]]: ...
+    def op_allowed(self, op: str) -> bool: ...
+
+    # streams and events
+    def new_stream(self, priority: int = 0) -> Any: ...
+    def stream_context(self, stream: Any) -> Any: ...
+    def sync_stream(self, stream: Any) -> None: ...
+    def synchronize(self) -> None: ...
+    def record_event(self, stream: Any) -> Any: ...
+    def event_done(self, token: Any) -> bool: ...
+    def event_sync(self, token: Any) -> None: ...
+    def wait_event(self, stream: Any, token: Any) -> None: ...
+    def elapsed_ms(self, start: Any, end: Any) -> float: ...
+
+
+class CommandView(Protocol):
+    """A validated request waiting in its stream's queue (session.Cmd), as the scheduler sees it."""
+
+    op: int
+    sync: bool
+    a: tuple
+    ready: Callable[[], bool] | None
+    cost: Any                   # the scheduler's annotation, cached across graph replays
+
+
+class ClientView(Protocol):
+    """One attached client (session.Session), as the scheduler sees it."""
+
+    cid: int
+    dead: bool
+    streams: dict[int, StreamState]
+    #: while not None, replies are collected here instead of posted (emulated kernels in flight)
+    held: list[tuple] | None
+
+    def execute(self, st: StreamState, cmd: Any) -> None: ...
+    def reply(self, user_data: int, status: int = 0, value: int = 0, aux: int = 0, msg: str = "") -> None: ...
+
+
+class Scheduler(Protocol):
+    """Picks the next commands to run from all clients' stream queues (scheduling.py)."""
+
+    name: str
+    #: commands may run at drain time when nothing is queued ahead of them (the sync fast path)
+    inline: bool
+
+    def activate(self, s: ClientView, st: StreamState) -> None:
+        """The stream has queued work."""
+
+    def run_round(self) -> int:
+        """Execute some ready commands; how many ran."""
+
+    def idle_timeout(self) -> float | None:
+        """How long the loop may sleep when nothing is ready (None: until a request arrives)."""
+
+    def busy(self, s: ClientView) -> bool:
+        """True while device work of this client is queued in the scheduler or in flight."""
+
+    def status(self) -> dict[str, Any]: ...
+
+
+class SchedulerHost(Protocol):
+    """What a scheduler needs of the daemon that owns it."""
+
+    @property
+    def backend(self) -> Backend: ...
+
+
+class DaemonServices(Protocol):
+    """What a session asks of the daemon that owns it (server.Daemon)."""
+
+    device: int
+    batch: int                  # SQ records drained per session per round
+    inline: bool
+    compile_graphs: bool
+    policy_name: str
+    log: logging.Logger
+    device_memory: MemoryAccount
+    exports: dict[int, IpcExport]
+
+    @property
+    def backend(self) -> Backend: ...
+    @property
+    def backend_info(self) -> dict[str, Any]: ...
+    @property
+    def scheduler(self) -> Scheduler: ...
+
+    def export(self, s: Any, handle: int, alloc: Any) -> int: ...
+
+
+__all__ = ["Backend", "ClientView", "CommandView", "DaemonServices", "Scheduler", "SchedulerHost"]
