@@ -99,7 +99,7 @@ def _advanced(b: dict):
             d += 1
             continue
         if idx.dtype in (torch.bool, torch.uint8):
-            d += max(idx.dim(), 1)   # torch checks a mask's shape against the indexed dims itself
+            d += idx.dim()   # a mask consumes its own dims (0-d: none); torch checks its shape
             continue
         if d >= t.dim():
             raise IndexOutOfRange(f"too many indices for a {t.dim()}-d tensor")

@@ -224,6 +224,18 @@ def test_index_validators_refuse_out_of_range_before_running(op, build):
         assert torch.equal(b, before[h]), (op, h)
 
 
+def test_masks_consume_their_own_dimensions():
+    """x[mask, i]: i indexes the dimension after the mask's dims (a 0-d mask has none)."""
+    opov, rule = ops.resolve("aten::index.Tensor")
+    x = torch.zeros(3, 1000)
+    ops.check_indices(rule, opov, (x, [torch.tensor(True), _i(2)]), {})
+    with pytest.raises(IndexError, match="holds 500"):
+        ops.check_indices(rule, opov, (x, [torch.tensor(True), _i(500)]), {})
+    ops.check_indices(rule, opov, (x, [torch.ones(3, dtype=torch.bool), _i(999)]), {})
+    with pytest.raises(IndexError, match="holds 1000"):
+        ops.check_indices(rule, opov, (x, [torch.ones(3, dtype=torch.bool), _i(1000)]), {})
+
+
 def test_every_indexed_operator_has_a_range_test():
     tested = {p.values[0].partition("::")[2].partition(".")[0].rstrip("_") for p in _idx_cases()}
     indexed = {n.rstrip("_") for n, r in ops.ALLOW.items() if r.kind == ops.INDEXED}
