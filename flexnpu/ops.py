@@ -261,6 +261,7 @@ sum mean prod amax amin argmax argmin all any std var std_mean var_mean norm lin
 logsumexp cumsum cumprod cummax cummin logcumsumexp count_nonzero aminmax nansum median nanmedian
 kthvalue topk sort argsort mode
 mm bmm addmm addmv addbmm baddbmm mv dot vdot _addmm_activation addr outer trace
+matmul linear layer_norm rms_norm group_norm softmax log_softmax scaled_dot_product_attention
 isin bucketize searchsorted clamp_min_ lerp_
 _softmax _log_softmax _softmax_backward_data _log_softmax_backward_data _safe_softmax
 native_layer_norm native_layer_norm_backward native_group_norm native_group_norm_backward
