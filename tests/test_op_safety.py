@@ -363,9 +363,7 @@ def test_torch_empty_under_the_hook_shows_no_other_process_data(daemon, runtime_
     import subprocess
     import sys
 
-    from conftest import child_env
-
-    from conftest import ROOT
+    from conftest import ROOT, child_env
 
     env = child_env(runtime_dir, FLEXNPU_DEVICES="0")
     env["PYTHONPATH"] = str(ROOT / "flexnpu" / "hook" / "bootstrap") + ":" + env["PYTHONPATH"]
@@ -419,8 +417,6 @@ def test_outputs_own_their_memory_after_the_input_is_freed(start_daemon, op, bui
 def test_no_bound_output_overlaps_an_input_for_aliasing_ops():
     """execute_launch level: for each view-like op, the buffer bound to the output shares no
     byte with any input allocation."""
-    from flexnpu.client import Client  # noqa: F401  (same table as above, no daemon)
-
     class FakeClient:
         def __init__(self):
             self.m = Mem()
