@@ -99,7 +99,7 @@ def _advanced(b: dict):
             d += 1
             continue
         if idx.dtype in (torch.bool, torch.uint8):
-            d += max(idx.dim(), 1)   # torch checks a mask's shape against the indexed dims itself
+            d += idx.dim()   # a mask consumes its own dims (0-d: none); torch checks its shape
             continue
         if d >= t.dim():
             raise IndexOutOfRange(f"too many indices for a {t.dim()}-d tensor")
@@ -261,6 +261,7 @@ sum mean prod amax amin argmax argmin all any std var std_mean var_mean norm lin
 logsumexp cumsum cumprod cummax cummin logcumsumexp count_nonzero aminmax nansum median nanmedian
 kthvalue topk sort argsort mode
 mm bmm addmm addmv addbmm baddbmm mv dot vdot _addmm_activation addr outer trace
+matmul linear layer_norm rms_norm group_norm softmax log_softmax scaled_dot_product_attention
 isin bucketize searchsorted clamp_min_ lerp_
 _softmax _log_softmax _softmax_backward_data _log_softmax_backward_data _safe_softmax
 native_layer_norm native_layer_norm_backward native_group_norm native_group_norm_backward

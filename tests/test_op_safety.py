@@ -224,6 +224,18 @@ def test_index_validators_refuse_out_of_range_before_running(op, build):
         assert torch.equal(b, before[h]), (op, h)
 
 
+def test_masks_consume_their_own_dimensions():
+    """x[mask, i]: i indexes the dimension after the mask's dims (a 0-d mask has none)."""
+    opov, rule = ops.resolve("aten::index.Tensor")
+    x = torch.zeros(3, 1000)
+    ops.check_indices(rule, opov, (x, [torch.tensor(True), _i(2)]), {})
+    with pytest.raises(IndexError, match="holds 500"):
+        ops.check_indices(rule, opov, (x, [torch.tensor(True), _i(500)]), {})
+    ops.check_indices(rule, opov, (x, [torch.ones(3, dtype=torch.bool), _i(999)]), {})
+    with pytest.raises(IndexError, match="holds 1000"):
+        ops.check_indices(rule, opov, (x, [torch.ones(3, dtype=torch.bool), _i(1000)]), {})
+
+
 def test_every_indexed_operator_has_a_range_test():
     tested = {p.values[0].partition("::")[2].partition(".")[0].rstrip("_") for p in _idx_cases()}
     indexed = {n.rstrip("_") for n, r in ops.ALLOW.items() if r.kind == ops.INDEXED}
@@ -351,9 +363,7 @@ def test_torch_empty_under_the_hook_shows_no_other_process_data(daemon, runtime_
     import subprocess
     import sys
 
-    from conftest import child_env
-
-    from conftest import ROOT
+    from conftest import ROOT, child_env
 
     env = child_env(runtime_dir, FLEXNPU_DEVICES="0")
     env["PYTHONPATH"] = str(ROOT / "flexnpu" / "hook" / "bootstrap") + ":" + env["PYTHONPATH"]
@@ -407,8 +417,6 @@ def test_outputs_own_their_memory_after_the_input_is_freed(start_daemon, op, bui
 def test_no_bound_output_overlaps_an_input_for_aliasing_ops():
     """execute_launch level: for each view-like op, the buffer bound to the output shares no
     byte with any input allocation."""
-    from flexnpu.client import Client  # noqa: F401  (same table as above, no daemon)
-
     class FakeClient:
         def __init__(self):
             self.m = Mem()
@@ -435,6 +443,71 @@ def test_no_bound_output_overlaps_an_input_for_aliasing_ops():
             lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel()
             assert not any(lo < h2 and l2 < hi for l2, h2 in spans), op
             spans.append((lo, hi))
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("FLEXNPU_OPDB_SWEEP"),
+                    reason="minutes on a small machine: set FLEXNPU_OPDB_SWEEP=1 (needs expecttest)")
+def test_opinfo_sweep_no_allowed_op_binds_an_output_into_an_input():
+    """Every aten call torch's OpInfo samples make (what the hook would launch), for every
+    allowed op declared to return a fresh tensor: run through the executor, the buffers bound to
+    its outputs share no byte with any input allocation or with each other."""
+    pytest.importorskip("expecttest")
+    from torch.testing._internal.common_methods_invocations import op_db
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls: list = []
+
+    class Capture(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            r = func(*args, **(kwargs or {}))
+            calls.append((func, args, kwargs or {}))
+            return r
+    for oi in op_db:
+        try:
+            samples = list(oi.sample_inputs("cpu", torch.float32, requires_grad=False))[:2]
+        except Exception:  # noqa: BLE001
+            continue
+        for smp in samples:
+            try:
+                with Capture():
+                    oi.op(smp.input, *smp.args, **smp.kwargs)
+            except Exception:  # noqa: BLE001
+                pass
+    ran, seen = 0, set()
+    for func, args, kwargs in calls:
+        name = f"aten::{func._opname}.{func._overloadname}"
+        if func.namespace != "aten" or not ops.is_allowed(name):
+            continue
+        if not any(r.alias_info is None and "Tensor" in str(r.type) for r in func._schema.returns):
+            continue
+        m = Mem()
+
+        def conv(x):
+            if isinstance(x, torch.Tensor):
+                return m.put(len(m.bufs) + 1, x.detach())
+            if isinstance(x, (list, tuple)):
+                return type(x)(conv(v) for v in x)
+            if isinstance(x, torch.device):
+                return CPU
+            return x
+        try:
+            cargs, ckw = conv(args), {k: conv(v) for k, v in kwargs.items()}
+        except Exception:  # noqa: BLE001 - dtypes the wire cannot carry
+            continue
+        spans = [(b.data_ptr(), b.data_ptr() + b.numel()) for b in m.bufs.values() if b.numel()]
+        try:
+            bound = m.run(name, cargs, ckw)
+        except Exception:  # noqa: BLE001 - refused or failing launches bind nothing
+            continue
+        ran += 1
+        seen.add(name)
+        for _, buf in bound:
+            if not buf.numel():
+                continue
+            lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel()
+            assert not any(lo < h2 and l2 < hi for l2, h2 in spans), name
+            spans.append((lo, hi))
+    assert ran > 300 and len(seen) > 150, (ran, len(seen))
 
 
 # ------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from flexnpu import ops
+from flexnpu.errors import OpFailed
 from flexnpu.protocol import TensorRef
 
 __all__ = ["execute_launch", "is_op_allowed", "LaunchError", "build_view", "check_view_bounds"]
@@ -37,6 +38,11 @@ _MAX_NDIM = 64
 
 class LaunchError(ValueError):
     """A launch the backend refuses (bad op, bad view, mismatched outputs); message names the op."""
+
+
+class IndexRangeError(OpFailed, LaunchError):
+    """An index tensor out of range: on a device the operator would fault, so it is reported the
+    way a device-side failure is (OP_FAILED; ACL: AICORE exception), but it never ran."""
 
 
 def _resolve_op(op: str):
@@ -401,7 +407,7 @@ def validate_indices(op: str, opov: Any, rule: ops.Rule, args: tuple, kwargs: di
     try:
         ops.check_indices(rule, opov, args, kwargs)
     except (IndexError, KeyError, TypeError, RuntimeError) as e:
-        raise LaunchError(f"{op}: {e}") from None
+        raise IndexRangeError(f"{op}: {e}") from None
 
 
 def _fresh(op: str, nbytes: int, allocate: Callable[[int], torch.Tensor]) -> torch.Tensor:
