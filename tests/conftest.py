@@ -13,6 +13,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser):
+    parser.addoption("--soak", action="store_true", default=False,
+                     help="run the adversarial suite (tests/test_adversary.py) for much longer")
+
+
 def child_env(runtime_dir: Path | str | None = None, **extra: str) -> dict[str, str]:
     """Environment for a subprocess that must import this checkout and find our daemon."""
     env = dict(os.environ)
