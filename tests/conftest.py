@@ -13,6 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("FLEXNPU_IDLE_GRACE", "2")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--soak", action="store_true", default=False,
+                     help="run the adversarial suite (tests/test_adversary.py) for much longer")
+
+
 class DaemonProc(DaemonProcess):
     """A test's daemon: our child in our session (not detached), so it dies with the test run."""
 

@@ -483,3 +483,15 @@ def test_handles_and_captured_records_are_charged_to_the_client(start_daemon):
     assert bystander.memcpy_d2h(hb, 0, 16) is not None
     bad.close()
     bystander.close()
+
+
+def test_every_sync_request_is_answered(daemon):
+    """Found by the adversary: a FLAG_SYNC EVENT_RECORD or STREAM_WAIT_EVENT got no reply, so
+    the client waited forever. Every synchronous request is answered exactly once."""
+    c = Client(0)
+    ev = c.create_event()
+    for op in (P.Op.EVENT_RECORD, P.Op.STREAM_WAIT_EVENT):
+        done, err = _call_with_timeout(lambda: c._sync(op, ev), 20)
+        assert done and err is None, f"{op.name} with FLAG_SYNC was never answered"
+    c.nop()
+    c.close()

@@ -395,7 +395,10 @@ class Daemon:
         got = 0
         cold = False
         now = time.monotonic()
-        for i in rs.ready():
+        ready = rs.ready()
+        if len(ready) > 1:
+            ready.sort(key=lambda i: order[i].cid)   # in attach order, as clients always were
+        for i in ready:
             s = order[i]
             if s.kill is not None or s.dead:
                 continue

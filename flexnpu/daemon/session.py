@@ -526,6 +526,8 @@ def _run_event_record(s: Session, st: StreamState, c: Cmd) -> None:
             ev.completed = c.a[1]
             if ev.waiters:
                 s.fire_event(ev)
+    if c.sync:   # every FLAG_SYNC request is answered exactly once
+        s.reply_sync(c.user_data, st)
 
 
 def _p_event_record(s, st, ud, sync, poff, plen, a, flags):
@@ -543,6 +545,8 @@ def _run_wait_event(s: Session, st: StreamState, c: Cmd) -> None:
     ev: EventState = c.a[0]
     if ev.token is not None:
         s.daemon.backend.wait_event(st.device_stream, ev.token)
+    if c.sync:
+        s.reply_sync(c.user_data, st)
 
 
 def _p_stream_wait_event(s, st, ud, sync, poff, plen, a, flags):
