@@ -167,3 +167,15 @@ def test_bad_locations(two_npus, tmp_path):
     torch.save({"x": torch.ones(2)}, tmp_path / "c.pt")
     with pytest.raises(RuntimeError, match="npu:5 is not available"):
         torch.load(tmp_path / "c.pt", map_location="npu:5", weights_only=True)
+
+
+def test_npu_storages(two_npus):
+    # torch would ask a PrivateUse1 allocator a Python backend cannot provide (it crashed)
+    s = torch.UntypedStorage(16, device="npu:1")
+    assert str(s.device) == "npu:1" and s.nbytes() == 16 and list(s.cpu()) == [0] * 16
+    t = torch.empty(0, device="npu:1").set_(s, 1, (3,), (1,))
+    t.fill_(2.0)
+    assert torch.frombuffer(bytearray(s.cpu()), dtype=torch.float32).tolist() == [0.0, 2.0, 2.0, 2.0]
+    h = torch.arange(4, dtype=torch.uint8).untyped_storage()
+    assert list(h.npu(0).cpu()) == [0, 1, 2, 3] and list(h.to(device="npu:1").cpu()) == [0, 1, 2, 3]
+    assert torch.UntypedStorage(4).device.type == "cpu"

@@ -193,6 +193,24 @@ def _storage_npu(self, device=None, non_blocking=False, **_: Any):
     return _restore(self, "npu" if idx is None else f"npu:{idx}")
 
 
+def _guard_storage_constructor() -> None:
+    """``torch.UntypedStorage(n, device="npu")`` would call torch's PrivateUse1 allocator, which a
+    Python backend cannot register (it crashes the process): make it an npu storage over a fresh
+    daemon allocation instead (zero-filled), the same kind ``torch.load`` produces."""
+    base_new = torch._C.StorageBase.__new__
+
+    def __new__(cls, *args, **kwargs):
+        dev = kwargs.get("device")
+        if dev is not None and torch.device(dev).type == "npu":
+            kw = {k: v for k, v in kwargs.items() if k != "device"}
+            host = base_new(cls, *args, **kw)
+            if host.nbytes():
+                host.fill_(0)
+            return npu_storage_from_host(host, torch.device(dev).index)
+        return base_new(cls, *args, **kwargs)
+    torch.UntypedStorage.__new__ = __new__
+
+
 def install() -> None:
     """Register the npu location tagger/restorer and the storage methods (once per process)."""
     global _installed
@@ -221,6 +239,7 @@ def install() -> None:
         return orig_cpu(self)
     cpu.__doc__ = orig_cpu.__doc__
     torch.storage._StorageBase.cpu = cpu
+    _guard_storage_constructor()
     from flexnpu.hook.tensor import _restore_npu
 
     # checkpoints written by earlier FlexNPU versions pickled this function
