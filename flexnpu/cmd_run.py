@@ -57,8 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: use the running daemon of each device, else start an embedded one; "
                         "PATH: the runtime directory of the daemons to use (no embedded fallback)")
     p.add_argument("--backend", default=os.environ.get("FLEXNPU_BACKEND", "auto"), type=check_backend,
-                   help=f"backend of an embedded daemon: {BACKEND_SYNTAX} (default auto)")
-    p.add_argument("--policy", default="fifo", help="scheduling policy of an embedded daemon")
+                   help=f"backend of an embedded daemon this run starts: {BACKEND_SYNTAX} (default auto; a "
+                        f"running daemon keeps its own)")
+    p.add_argument("--policy", default="fifo", help="scheduling policy of an embedded daemon this run starts")
     p.add_argument("--memory-limit", default=None, help="device memory limit for this program, e.g. 4GiB")
     p.add_argument("--idle-grace", type=float, default=float(os.environ.get("FLEXNPU_IDLE_GRACE", 30)),
                    metavar="SECONDS", help="an embedded daemon this run starts exits this long after its "

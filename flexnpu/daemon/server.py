@@ -342,6 +342,8 @@ class Daemon:
             log.info("no clients for %.1f s; exiting (--exit-when-idle)", self.exit_when_idle)
             self._unlink_socket()
             self._sock_ino = None
+            if self._listener is not None:
+                self._listener.close()        # refuse the backlog now, not after the drain
             self._stop.set()
             self._doorbell.ring()
 
