@@ -35,7 +35,7 @@ class DaemonProc:
             [sys.executable, "-m", "flexnpu", "daemon", "--device", str(device), "--runtime-dir",
              str(runtime_dir), *args],
             env=child_env(runtime_dir), stdout=self._logf, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120   # torch start-up on a busy shared host
         while not self.socket.exists():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.log.read_text()}")
