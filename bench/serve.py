@@ -209,6 +209,8 @@ def _run_task(task: dict) -> dict:
               # None: a single length (--quick); False: still changing at the longest length allowed
               "stable": _stable(lengths[-2], lengths[-1]) if len(lengths) > 1 else None,
               "emulated": True, "sim_events": st["events"], "wall_s": round(time.perf_counter() - t0, 2)})
+    if "repartitions" in st:   # core-share changes per second per device (each costs spec.repartition_s)
+        m["repartitions_per_s_per_device"] = st["repartitions"] / max(st["end"], 1e-9) / n_dev
     if task["system"] == "static-disagg":
         m["prefill_devices"], m["decode_devices"] = task["value"], n_dev - task["value"]
     if task["system"] == "static-partition":
