@@ -117,6 +117,8 @@ def parse_args(argv):
     p.add_argument("--capacity-steps", type=int, metavar="N",
                    help="bisection steps per goodput search after bracketing (default 3; --quick: 2); resolution "
                         "about (1.5 x last / 2nd grid rate) ** (1 / 2**N)")
+    p.add_argument("--goodput-only", action="store_true",
+                   help="only the goodput searches (no per-rate runs), e.g. a finer search at chosen knobs")
     p.add_argument("--backend", help="--realtime: the daemons' backend (default emu:<spec>; cuda or npu runs the "
                                       "engines' kernels on the real device, random weights)")
     p.add_argument("--max-batched-tokens", type=int, default=2048,
@@ -653,7 +655,7 @@ def main(argv=None) -> int:
         capacity += cap
         progress(f"flexnpu bench serve: {w}: goodput done ({time.perf_counter() - t0:.0f} s); per-rate runs at the "
                  f"best knobs...")
-        group = run_group(base, systems, cap, rates, a, a.jobs)
+        group = [] if a.goodput_only else run_group(base, systems, cap, rates, a, a.jobs)
         if a.simulate:
             clusters = [int(c) for c in a.clusters.split(",")]
             if a.quick:
