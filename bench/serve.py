@@ -114,6 +114,11 @@ def parse_args(argv):
     p.add_argument("--capacity-duration", type=float, metavar="S",
                    help="seconds of arrivals per goodput probe (default per workload: chat 20, long 40, "
                         "reasoning 120; --quick: 10/20/60)")
+    p.add_argument("--capacity-steps", type=int, metavar="N",
+                   help="bisection steps per goodput search after bracketing (default 3; --quick: 2); resolution "
+                        "about (1.5 x last / 2nd grid rate) ** (1 / 2**N)")
+    p.add_argument("--goodput-only", action="store_true",
+                   help="only the goodput searches (no per-rate runs), e.g. a finer search at chosen knobs")
     p.add_argument("--backend", help="--realtime: the daemons' backend (default emu:<spec>; cuda or npu runs the "
                                       "engines' kernels on the real device, random weights)")
     p.add_argument("--max-batched-tokens", type=int, default=2048,
@@ -209,6 +214,8 @@ def _run_task(task: dict) -> dict:
               # None: a single length (--quick); False: still changing at the longest length allowed
               "stable": _stable(lengths[-2], lengths[-1]) if len(lengths) > 1 else None,
               "emulated": True, "sim_events": st["events"], "wall_s": round(time.perf_counter() - t0, 2)})
+    if "repartitions" in st:   # core-share changes per second per device (each costs spec.repartition_s)
+        m["repartitions_per_s_per_device"] = st["repartitions"] / max(st["end"], 1e-9) / n_dev
     if task["system"] == "static-disagg":
         m["prefill_devices"], m["decode_devices"] = task["value"], n_dev - task["value"]
     if task["system"] == "static-partition":
@@ -674,13 +681,13 @@ def main(argv=None) -> int:
         grid = RATES_PER_DEVICE[model][w]
         base = {"model": model, "device": spec.name, "workload": w, "devices": n_dev, "slo": slo, "seed": a.seed,
                 "seeds": CAPACITY_SEEDS[q], "duration_s": a.capacity_duration or CAPACITY_DURATION_S[w][q],
-                "steps": CAPACITY_STEPS[q], "lo": grid[1], "hi": 1.5 * grid[-1], "emulated": True}
+                "steps": a.capacity_steps or CAPACITY_STEPS[q], "lo": grid[1], "hi": 1.5 * grid[-1], "emulated": True}
         progress(f"flexnpu bench serve: {w}: goodput search over every knob value on {a.jobs} process(es)...")
         cap = capacity_group(base, systems, a, n_dev, splits, a.jobs)
         capacity += cap
         progress(f"flexnpu bench serve: {w}: goodput done ({time.perf_counter() - t0:.0f} s); per-rate runs at the "
                  f"best knobs...")
-        group = run_group(base, systems, cap, rates, a, a.jobs)
+        group = [] if a.goodput_only else run_group(base, systems, cap, rates, a, a.jobs)
         if a.simulate:
             clusters = [int(c) for c in a.clusters.split(",")]
             if a.quick:
@@ -708,7 +715,7 @@ def main(argv=None) -> int:
     if a.plot:
         plot(runs, a.plot)
     effort = {"capacity_duration_s": {w: a.capacity_duration or CAPACITY_DURATION_S[w][q] for w in wls},
-              "bisection_steps": CAPACITY_STEPS[q], "seeds": CAPACITY_SEEDS[q],
+              "bisection_steps": a.capacity_steps or CAPACITY_STEPS[q], "seeds": CAPACITY_SEEDS[q],
               "run_duration_s": {w: RUN_DURATION_S[w][q] for w in wls}, "run_doublings": RUN_DOUBLINGS[q],
               "knobs": {s: {"knob": KNOBS[s][0], "values": knob_values(s, a, n_dev, None)} for s in systems}}
     if a.json:

@@ -22,7 +22,7 @@ class DaemonProc(DaemonProcess):
     """A test's daemon: our child in our session (not detached), so it dies with the test run."""
 
     def __init__(self, runtime_dir: Path, device: int, args: list[str], preexec_fn=None) -> None:
-        super().__init__(device, runtime_dir, args, detach=False, start_timeout=30, preexec_fn=preexec_fn)
+        super().__init__(device, runtime_dir, args, detach=False, start_timeout=120, preexec_fn=preexec_fn)
 
 
 @pytest.fixture

@@ -193,3 +193,88 @@ def test_policies_keep_stream_and_event_order_on_cpu(start_daemon, policy):
         assert c.memcpy_d2h(h, 0, 50) == bytes(range(50))
         c.synchronize()
     assert sched_status(d)["policy"] == policy
+
+
+# ---------------------------------------------------------------- core partitions (issue 14)
+
+def test_partition_policy_caps_a_phase_to_its_core_share(start_daemon):
+    # partition:0.25: a prefill-phase client's compute-bound kernel runs on a quarter of the
+    # cores even on an otherwise idle device (the static split is not work-conserving), ~4x its
+    # solo time; a decode-phase client gets the other 3/4 (~1.33x). Noise only adds time, so the
+    # lower bounds come from the model and the upper ones are generous.
+    d = start_daemon("--backend", "emu:910b", "--policy", "partition:0.25")
+    with Client(0, phase="prefill") as pre, Client(0, phase="decode") as dec:
+        pm, dm = compute_bound(pre, 10), compute_bound(dec, 10)
+        timed_sync(pre, pm.launch)
+        timed_sync(dec, dm.launch)
+        t_pre = min(timed_sync(pre, pm.launch) for _ in range(2))
+        t_dec = min(timed_sync(dec, dm.launch) for _ in range(2))
+        st = sched_status(d)["scheduler"]
+    assert st["policy"] == "partition" and st["alpha"] == 0.25 and st["partition"] is True
+    assert 0.038 < t_pre < 0.2, f"prefill kernel on 1/4 of the cores took {t_pre * 1e3:.1f} ms"
+    assert 0.0125 < t_dec < 0.1 and t_dec < 0.6 * t_pre, (t_dec, t_pre)
+
+
+def test_bad_partition_policies_are_refused():
+    from flexnpu.daemon.scheduling import parse_policy
+
+    assert parse_policy("partition:0.75") == ("partition", 0.75)
+    assert parse_policy("flex") == ("flex", None)
+    for bad in ("partition:1.5", "partition:0", "partition:x", "flex:0.5", "drf"):
+        with pytest.raises(ValueError):
+            parse_policy(bad)
+
+
+def test_partition_capability_is_typed_not_by_class_name():
+    from flexnpu.daemon.backends.emu import EmuBackend
+    from flexnpu.daemon.backends.partition import Partitionable, cores_for, partition_capable
+    from flexnpu.daemon.backends.torch_backend import TorchBackend
+
+    emu, cpu = EmuBackend("910b"), TorchBackend("cpu")
+    assert isinstance(emu, Partitionable) and partition_capable(emu)
+    # the cpu backend has the interface but not the mechanism: ordering only
+    assert isinstance(cpu, Partitionable) and not partition_capable(cpu)
+
+    class Duck:      # any object with the interface and the flag qualifies
+        partition_capable, partition_levels = True, 4
+
+        def set_partition(self, shares):
+            pass
+    assert partition_capable(Duck()) and not partition_capable(object())
+    s = emu.new_stream()
+    emu.set_partition({s: 0.5})
+    assert s.share == 0.5
+    emu.set_partition({s: 1.0})
+    assert s.share is None
+    with pytest.raises(ValueError):
+        emu.set_partition({s: 0.0})
+    assert cores_for(0.5, 24) == 12 and cores_for(0.01, 24) == 1 and cores_for(None, 24) is None
+
+
+def test_flex_on_cpu_orders_without_partitions(start_daemon):
+    d = start_daemon("--policy", "flex")
+    with Client(0, phase="decode") as c:
+        x = c.malloc(64)
+        c.synchronize(0)
+        st = sched_status(d)["scheduler"]
+        c.free(x)
+    assert st["policy"] == "flex" and st["partition"] is False
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (green contexts)")
+def test_cuda_green_context_partition_keeps_stream_order():
+    import torch
+
+    from flexnpu.daemon.backends.torch_backend import TorchBackend
+
+    be = TorchBackend("cuda")
+    if not be.partition_capable:
+        pytest.skip(be.partition_error or "no green contexts")
+    s = be.new_stream()
+    x = torch.zeros(1 << 20, device="cuda")
+    for i, share in enumerate((0.25, 0.75, None, 0.5)):
+        be.set_partition({s: share})
+        with be.stream_context(s):
+            x.add_(1)
+    be.sync_stream(s)
+    assert float(x[0]) == 4.0       # every move kept the stream's order

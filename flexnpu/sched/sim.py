@@ -472,7 +472,11 @@ def simulate(system: str, model: ModelShape, cm: CostModel, requests: list[Reque
     unfinished = sum(1 for r in requests if r.finish is None)
     if unfinished:
         raise RuntimeError(f"{system}: {unfinished} requests never finished (KV capacity too small?)")
-    return {"events": loop.events, "end": loop.now}
+    out = {"events": loop.events, "end": loop.now}
+    flex_devs = [d for d in devs if isinstance(d, FlexDevice)]
+    if flex_devs:   # partition changes (each cost spec.repartition_s of launch latency)
+        out["repartitions"] = sum(d.emu.repartitions(k) for d in flex_devs for k in d.queues)
+    return out
 
 
 def percentile(xs: list[float], p: float) -> float:
