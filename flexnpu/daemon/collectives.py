@@ -55,7 +55,7 @@ MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 24 * 3600.0
 SLOT_BYTES = int(os.environ.get("FLEXNPU_COLL_SLOT", str(8 << 20)))   # one pipeline buffer
 SPIN_NS = 50_000                  # cross-daemon waits spin this long before sleeping on the futex
 LIVENESS_SLICE_S = 0.05           # a waiting worker checks peer daemons this often
-INLINE_BYTES = 256 << 10          # collectives this small run in the main loop when nothing must wait
+INLINE_BYTES = int(os.environ.get("FLEXNPU_COLL_INLINE", str(256 << 10)))         # collectives this small run in the main loop when nothing must wait
 INLINE_WAIT_S = 30e-6             # ... which spins this long for the other daemons' posts
 
 ALL_REDUCE, BROADCAST, ALL_GATHER, REDUCE_SCATTER, ALL_TO_ALL = range(len(P.COLL_KINDS))
