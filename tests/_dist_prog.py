@@ -268,12 +268,15 @@ def rank_kill(outdir: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    dist.init_process_group("hccl")
-    me = dist.get_rank()
+    dist.init_process_group("cpu:gloo,npu:hccl")      # the device-backend form
+    me, n = dist.get_rank(), dist.get_world_size()
+    c = torch.full((4,), float(me))
+    dist.all_reduce(c)                                  # cpu tensors: gloo
+    cpu_ok = c.tolist() == [float(sum(range(n)))] * 4
     dev = torch.device("npu", me % torch.npu.device_count())
     x = torch.ones(1 << 20, device=dev)
     dist.all_reduce(x)
-    x.cpu()
+    npu_ok = x[:2].cpu().tolist() == [float(n)] * 2
     open(os.path.join(outdir, f"ready{me}"), "w").close()
     i = 0
     try:
@@ -282,7 +285,8 @@ def rank_kill(outdir: str) -> dict:
             x.cpu()
             i += 1
     except Exception as e:  # noqa: BLE001 - what we wait for
-        return {"rank": me, "raised_at": time.time(), "error": f"{type(e).__name__}: {e}", "iterations": i}
+        return {"rank": me, "raised_at": time.time(), "error": f"{type(e).__name__}: {e}", "iterations": i,
+                "cpu_ok": cpu_ok, "npu_ok": npu_ok, "backend": str(dist.get_backend())}
 
 
 def main() -> int:

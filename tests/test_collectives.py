@@ -22,7 +22,7 @@ import torch
 from conftest import ROOT, child_env
 from flexnpu.client import Client
 from flexnpu.errors import CollectiveError, InvalidArgument, InvalidHandle, PermissionDenied
-from flexnpu.protocol import Op, TensorRef
+from flexnpu.protocol import Op, TensorRef, pack_sqe
 
 PROG = str(ROOT / "tests" / "_dist_prog.py")
 
@@ -133,6 +133,33 @@ def test_mismatch_and_bad_arguments_are_refused(two_daemons):
         c.close()
 
 
+def test_hostile_collective_requests(two_daemons):
+    """Garbage payloads, wrong argument counts and strided views: errors for that client only."""
+    cs, hs = _ranks([0, 0])
+    c = cs[0]
+    x = _upload(c, torch.ones(8))[1]
+    with c._lock:
+        off = c._stage(b"\xff" * 40, 40)
+        c._push(pack_sqe(Op.COLLECTIVE, hs[0], 0, 0, 0, payload_off=off, payload_len=40))
+    with pytest.raises(InvalidArgument, match="malformed collective"):
+        c.synchronize()
+    c.collective(hs[0], "broadcast", x, x, root=5)       # root out of range
+    with pytest.raises(InvalidArgument, match="root 5 out of range"):
+        c.synchronize()
+    y = _upload(cs[1], torch.ones(8))[1]
+    strided = TensorRef(y.handle, torch.float32, (4,), (2,), 0)
+    cs[1].collective(hs[1], "all_reduce", strided, strided)
+    c.collective(hs[0], "all_reduce", x, x)
+    with pytest.raises(CollectiveError, match="contiguous"):
+        cs[1].synchronize()
+    with pytest.raises(CollectiveError, match="contiguous"):
+        c.synchronize()                                   # its partner's mistake fails it too
+    nop = Client(0)
+    nop.nop()                                             # the daemon serves everyone still
+    for cl in cs + [nop]:
+        cl.close()
+
+
 def test_slow_rank_does_not_block_the_daemon_and_times_out(two_daemons):
     """A collective waiting for a rank that never comes: other clients are served meanwhile,
     and the waiting rank gets an error after the communicator's timeout (never a hang)."""
@@ -202,11 +229,13 @@ def test_hccl_backend_matches_gloo(two_daemons, tmp_path):
 
 
 def test_rank_killed_mid_collective(two_daemons, tmp_path):
-    """3 ranks on devices 0, 1, 0 loop on all_reduce; rank 2 is SIGKILLed: ranks 0 (same daemon)
-    and 1 (other daemon) raise a CollectiveError naming it within seconds."""
+    """3 ranks on devices 0, 1, 0 (init_process_group("cpu:gloo,npu:hccl")) loop on all_reduce;
+    rank 2 is SIGKILLed: ranks 0 (same daemon) and 1 (other daemon) raise a CollectiveError naming
+    it within seconds."""
     _flexnpu_run(two_daemons[0].runtime_dir, 3, "kill", tmp_path, 600)
     killed = json.loads((tmp_path / "killed.json").read_text())
     for r in _results(tmp_path, [0, 1]):
         assert "CollectiveError" in r["error"] and "rank 2" in r["error"] and "exited" in r["error"], r
         assert r["iterations"] > 0
+        assert r["cpu_ok"] and r["npu_ok"], r        # "cpu:gloo,npu:hccl": cpu tensors go to gloo
         assert r["raised_at"] - killed["at"] < 10.0, r

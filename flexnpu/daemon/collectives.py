@@ -50,12 +50,19 @@ log = logging.getLogger("flexnpu.daemon.collectives")
 
 MAX_COMMS_PER_CLIENT = 256
 MAX_COMMS = 1024
+MAX_SHARED_COMMS = 64             # communicators spanning several daemons (each maps a shared segment)
 MAX_PENDING_INSTANCES = 4096      # per communicator: collectives issued ahead of the slowest rank
 MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 24 * 3600.0
 SLOT_BYTES = int(os.environ.get("FLEXNPU_COLL_SLOT", str(8 << 20)))   # one pipeline buffer
 SPIN_NS = 50_000                  # cross-daemon waits spin this long before sleeping on the futex
 LIVENESS_SLICE_S = 0.05           # a waiting worker checks peer daemons this often
-INLINE_BYTES = 256 << 10          # collectives this small run in the main loop when nothing must wait
+# Collectives this small (elements per rank) run in the main loop when nothing must wait: a thread
+# hop costs more than the work. At most ATen's grain size, so their ops stay serial: an OpenMP
+# parallel region entered from the loop's thread stalls for tens of ms on a loaded host.
+INLINE_ELEMENTS = int(os.environ.get("FLEXNPU_COLL_INLINE", "32768"))
+# The shared path may work through each chunk in pieces (FLEXNPU_COLL_PIECE elements; 32768 =
+# ATen's grain size keeps every op on one core). Default: whole chunks, which measured faster here.
+PIECE = int(os.environ.get("FLEXNPU_COLL_PIECE", str(1 << 40)))
 INLINE_WAIT_S = 30e-6             # ... which spins this long for the other daemons' posts
 
 ALL_REDUCE, BROADCAST, ALL_GATHER, REDUCE_SCATTER, ALL_TO_ALL = range(len(P.COLL_KINDS))
@@ -85,12 +92,21 @@ def _combine(op: int, acc: torch.Tensor, x: torch.Tensor) -> None:
         acc.bitwise_xor_(x)
 
 
+_BINARY = {SUM: torch.add, AVG: torch.add, PROD: torch.mul, MIN: torch.minimum, MAX: torch.maximum,
+           BAND: torch.bitwise_and, BOR: torch.bitwise_or, BXOR: torch.bitwise_xor}
+
+
 def _reduce_into(op: int, out: torch.Tensor, xs: list[torch.Tensor]) -> None:
     """out = xs[0] (op) xs[1] (op) ... in this order, so every daemon gets the same bits. `out`
     may be xs[0] itself (in-place all_reduce) but no other x."""
-    if out.data_ptr() != xs[0].data_ptr():
-        out.copy_(xs[0])
-    for x in xs[1:]:
+    if len(xs) >= 2 and out.dtype != torch.bool and all(x.device == out.device for x in xs[:2]):
+        _BINARY[op](xs[0], xs[1], out=out)      # one pass over both instead of a copy, then the op
+        rest = xs[2:]
+    else:
+        if out.data_ptr() != xs[0].data_ptr():
+            out.copy_(xs[0])
+        rest = xs[1:]
+    for x in rest:
         _combine(op, out, x)
 
 
@@ -150,7 +166,7 @@ class Instance:
 # ====================================================================== the shared segment
 _U64 = struct.Struct("<Q")
 _DESC = struct.Struct("<QQQQQ")       # kind, op, root, dtype code, per-rank input elements
-MAX_DAEMONS = 64
+MAX_DAEMONS = 16                        # devices one communicator may span (one host)
 _H_MAGIC, _H_ATTACHED, _H_ABORT, _H_CLAIM, _H_BELL, _H_SLEEPERS, _H_MSG = 0, 128, 256, 384, 512, 640, 768
 _MSG_BYTES = 1024
 _BLOCKS = 2048                          # per daemon: pid, posted, consumed, one 128-byte line each
@@ -321,6 +337,7 @@ class Comm:
         self.instances: dict[int, Instance] = {}
         self.error: str | None = None
         self.link: ShmLink | None = None
+        self._link_lock = threading.Lock()
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.done_count = 0
@@ -350,8 +367,7 @@ class Comm:
                                f"{first.describe()}, rank {p.rank} called {p.describe()}")
                     return inst
             inst.submitted = True
-            if sum(p.inp.numel() * p.inp.element_size() for p in inst.parts.values()) <= INLINE_BYTES \
-                    and self.try_inline(inst):
+            if first.inp.numel() <= INLINE_ELEMENTS and self.try_inline(inst):
                 inst.done = True
                 self.done_count += 1
                 return inst
@@ -386,8 +402,11 @@ class Comm:
         if self.error is None:
             self.error = why
             log.warning("%s aborted: %s", self.label, why)
-        if self.link is not None:
-            self.link.abort(why)
+        if len(self.daemons) > 1:
+            try:
+                self._ensure_link().abort(why)     # the other daemons' ranks must hear it too
+            except Exception as e:  # noqa: BLE001 - they will time out instead
+                log.warning("%s: cannot tell the other devices: %s", self.label, e)
         for inst in list(self.instances.values()):
             if not inst.submitted:
                 self._fail(inst, self.error)
@@ -489,9 +508,14 @@ class Comm:
                 return f"{self.label}: the daemon of another device (pid {pid}) died"
         return None
 
+    def _ensure_link(self) -> ShmLink:
+        with self._link_lock:          # the main thread (abort, fast path) and the worker both may
+            if self.link is None:
+                self.link = ShmLink(self.id, len(self.daemons), self.me, SLOT_BYTES)
+            return self.link
+
     def _plan(self, inst: Instance) -> "_Plan":
-        if self.link is None:
-            self.link = ShmLink(self.id, len(self.daemons), self.me, SLOT_BYTES)
+        self._ensure_link()
         return _Plan(self, inst)
 
     def _run_shared(self, inst: Instance, plan: "_Plan | None" = None, first: int = 0) -> None:
@@ -573,24 +597,28 @@ class _Plan:
 
     def post(self, c: int, t: int) -> None:
         """Write this daemon's contribution for chunk c into its buffer of step t; publish it."""
-        link, kind, parts, cap = self.comm.link, self.kind, self.parts, self.cap
+        link, cap = self.comm.link, self.cap
         lo, hi = c * cap, min(self.m, (c + 1) * cap)
         mine = self._view(link.buffer(link.me, t))
+        for a in range(lo, hi, PIECE):
+            self._post_range(mine, a, min(hi, a + PIECE), lo)
+        link.post(t, self.desc if c == 0 else None)
+
+    def _post_range(self, mine: torch.Tensor, lo: int, hi: int, base: int) -> None:
+        kind, parts, cap = self.kind, self.parts, self.cap
         if kind in (ALL_REDUCE, REDUCE_SCATTER):
-            _reduce_into(self.op, mine[:hi - lo], [p.inp[lo:hi] for p in parts])
+            _reduce_into(self.op, mine[lo - base:hi - base], [p.inp[lo:hi] for p in parts])
         elif kind == BROADCAST:
             if self.src is not None:
-                mine[:hi - lo].copy_(self.src[lo:hi])
+                mine[lo - base:hi - base].copy_(self.src[lo:hi])
         else:
             for j, p in enumerate(parts):
-                mine[j * cap:j * cap + hi - lo].copy_(p.inp[lo:hi])
-        link.post(t, self.desc if c == 0 else None)
+                mine[j * cap + lo - base:j * cap + hi - base].copy_(p.inp[lo:hi])
 
     def read(self, c: int, t: int) -> None:
         """Every daemon posted chunk c (step t): check agreement, read into the local outputs."""
-        comm, link, kind, parts, cap, m, op, n = (self.comm, self.comm.link, self.kind, self.parts, self.cap,
-                                                  self.m, self.op, self.n)
-        lo, hi = c * cap, min(m, (c + 1) * cap)
+        comm, link, cap = self.comm, self.comm.link, self.cap
+        lo, hi = c * cap, min(self.m, (c + 1) * cap)
         if c == 0:
             for d in range(len(comm.daemons)):
                 if d != comm.me and link.desc(d, t) != self.desc:
@@ -600,9 +628,14 @@ class _Plan:
                         f"called {_desc_text(_DESC.unpack(self.desc))}, device {comm.daemons[d]}'s ranks called "
                         f"{_desc_text(theirs)}")
         bufs = [self._view(link.buffer(d, t)) for d in range(len(comm.daemons))]
+        for a in range(lo, hi, PIECE):
+            self._read_range(bufs, a, min(hi, a + PIECE), lo)
+
+    def _read_range(self, bufs: list[torch.Tensor], lo: int, hi: int, base: int) -> None:
+        comm, kind, parts, cap, m, op, n = self.comm, self.kind, self.parts, self.cap, self.m, self.op, self.n
         if kind == ALL_REDUCE:
             out0 = self.p0.out[lo:hi]
-            _reduce_into(op, out0, [b[:hi - lo] for b in bufs])
+            _reduce_into(op, out0, [b[lo - base:hi - base] for b in bufs])
             _finish(op, out0, n)
             for p in parts[1:]:
                 p.out[lo:hi].copy_(out0)
@@ -612,16 +645,16 @@ class _Plan:
                 a, b = max(lo, p.rank * mo), min(hi, (p.rank + 1) * mo)
                 if a < b:
                     dst = p.out[a - p.rank * mo:b - p.rank * mo]
-                    _reduce_into(op, dst, [x[a - lo:b - lo] for x in bufs])
+                    _reduce_into(op, dst, [x[a - base:b - base] for x in bufs])
                     _finish(op, dst, n)
         elif kind == BROADCAST:
             if self.root_d != comm.me:
                 for p in parts:
-                    p.out[lo:hi].copy_(bufs[self.root_d][:hi - lo])
+                    p.out[lo:hi].copy_(bufs[self.root_d][lo - base:hi - base])
         elif kind == ALL_GATHER:
             for d, ranks in enumerate(comm.ranks_of):
                 for j, g in enumerate(ranks):
-                    piece = bufs[d][j * cap:j * cap + hi - lo]
+                    piece = bufs[d][j * cap + lo - base:j * cap + hi - base]
                     for p in parts:
                         p.out[g * m + lo:g * m + hi].copy_(piece)
         else:   # ALL_TO_ALL: rank p's block g = rank g's block p
@@ -632,7 +665,7 @@ class _Plan:
                         a, b = max(lo, p.rank * mb), min(hi, (p.rank + 1) * mb)
                         if a < b:
                             p.out[g * mb + a - p.rank * mb:g * mb + b - p.rank * mb].copy_(
-                                bufs[d][j * cap + a - lo:j * cap + b - lo])
+                                bufs[d][j * cap + a - base:j * cap + b - base])
 
 
 def _desc_text(d: tuple) -> str:
@@ -695,6 +728,10 @@ class Collectives:
         if comm is None:
             if len(self.comms) >= MAX_COMMS:
                 raise InvalidArgument(f"too many communicators on this device (limit {MAX_COMMS})")
+            if len(set(devmap)) > 1 and sum(len(c.daemons) > 1 for c in self.comms.values()) >= MAX_SHARED_COMMS:
+                # each maps a host shared segment of 2 x FLEXNPU_COLL_SLOT bytes per device
+                raise InvalidArgument(f"too many communicators spanning devices on this device (limit "
+                                      f"{MAX_SHARED_COMMS})")
             comm = Comm(self, comm_id, size, tuple(devmap), timeout)
             self.comms[comm_id] = comm
         elif comm.size != size or comm.devmap != tuple(devmap):
@@ -794,7 +831,10 @@ def _p_comm_destroy(s, st, ud, sync, poff, plen, a, flags):
 
 
 def _run_collective(s: "Session", st: StreamState, c: Any) -> None:
-    inst: Instance = c.a[1]["inst"]
+    state = c.a[1]
+    inst: Instance | None = state["inst"]
+    if state.get("error") or inst is None:
+        raise CollectiveError(state.get("error") or "collective did not start")
     if inst.error is not None:
         raise CollectiveError(inst.error)
     if c.sync:
@@ -829,6 +869,14 @@ def _p_collective(s, st, ud, sync, poff, plen, a, flags):
     state: dict[str, Any] = {"inst": None}
 
     def ready() -> bool:
+        try:
+            return _advance()
+        except Exception as e:  # noqa: BLE001 - never let one client's collective break the loop
+            state["error"] = f"rank {m.rank}: {type(e).__name__}: {e}"
+            comm.abort(state["error"])
+            return True
+
+    def _advance() -> bool:
         inst = state["inst"]
         if inst is None:
             # Everything before this command on the stream has run: its inputs are final.
@@ -840,10 +888,10 @@ def _p_collective(s, st, ud, sync, poff, plen, a, flags):
             except Exception as e:  # noqa: BLE001 - this rank's mistake fails the communicator
                 err = f"rank {m.rank}: {e}"
                 inp = out = torch.empty(0, dtype=iref.dtype)
+            if err is not None:
+                comm.abort(err)       # first, so the peers see this reason rather than a mismatch
             part = Part(m.rank, kind, op, root, iref.dtype, inp, out)
             inst = state["inst"] = comm.arrive(part)
-            if err is not None:
-                comm.abort(err)
         return comm.poll(inst)
 
     return Cmd(Op.COLLECTIVE, ud, sync, _run_collective, (m, state), ready=ready,
