@@ -1,4 +1,4 @@
-"""`flexnpu status` against real Unix-socket peers speaking the control_plane.md framing."""
+"""`flexnpu status` against real Unix-socket peers speaking the control-socket framing (flexnpu/control.py)."""
 from __future__ import annotations
 
 import json
