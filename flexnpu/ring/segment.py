@@ -281,7 +281,7 @@ class Segment:
                         ("sqe_size", sqe_size), ("cqe_size", cqe_size), ("arena_bytes", arena_bytes)):
             if not isinstance(v, int) or v < 0 or v >= 1 << 63:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
-        err = ffi.new("char[256]")
+        err = ffi.new("char[]", lib.FX_ERRMSG_LEN)
         p = lib.fx_seg_create(sq_entries, cq_entries, sqe_size, cqe_size, arena_bytes, err)
         if p == ffi.NULL:
             msg = ffi.string(err).decode(errors="replace")
@@ -293,7 +293,7 @@ class Segment:
         """Attach to a segment received from a client (daemon side). ``fd`` is dup'ed (the caller
         still owns it). The header is copied out and validated against the memfd's real size and
         seals; a bad one raises RingCorrupt. Records this process as the attacher."""
-        err = ffi.new("char[256]")
+        err = ffi.new("char[]", lib.FX_ERRMSG_LEN)
         corrupt = ffi.new("int *")
         p = lib.fx_seg_attach(fd, err, corrupt)
         if p == ffi.NULL:
