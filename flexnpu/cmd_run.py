@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .daemon.policies import DEFAULT_POLICY, POLICY_NAMES
 from .paths import runtime_dir, socket_path
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -36,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "PATH: the runtime directory of the daemons to use (no embedded fallback)")
     p.add_argument("--backend", default=os.environ.get("FLEXNPU_BACKEND", "auto"),
                    help="backend of an embedded daemon: auto|cpu|cuda|npu|emu:<spec> (default auto)")
-    p.add_argument("--policy", default="fifo", help="scheduling policy of an embedded daemon")
+    p.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICY_NAMES,
+                   help="scheduling policy of an embedded daemon")
     p.add_argument("--memory-limit", default=None, help="device memory limit for this program, e.g. 4GiB")
     p.add_argument("-v", "--verbose", action="store_true", help="show the embedded daemon's log")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="the program and its arguments (after --)")

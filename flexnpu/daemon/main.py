@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..units import parse_bytes
+from .policies import DEFAULT_POLICY, POLICY_NAMES, describe as describe_policies
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,11 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="physical device number to serve (default 0)")
     p.add_argument("--backend", default=os.environ.get("FLEXNPU_BACKEND", "auto"),
                    help="auto|cpu|cuda|npu|emu:<spec>[+cpu] (auto: npu if torch_npu finds one, else cuda, else cpu)")
-    p.add_argument("--policy", default=os.environ.get("FLEXNPU_POLICY", "fifo"),
-                   choices=("fifo", "priority", "flex"),
-                   help="scheduling policy (default fifo): fifo = arrival order (passthrough); priority = "
-                        "strict stream priority; flex = prefill/decode co-location: decode streams keep "
-                        "their time-per-token budget, prefill fills the rest (docs/scheduling.md)")
+    p.add_argument("--policy", default=os.environ.get("FLEXNPU_POLICY", DEFAULT_POLICY),
+                   choices=POLICY_NAMES,
+                   help=f"scheduling policy (default {DEFAULT_POLICY}): {describe_policies()}")
     p.add_argument("--tpot-budget-ms", type=float, default=float(os.environ.get("FLEXNPU_TPOT_BUDGET_MS", 50)),
                    help="flex policy: decode iteration budget in ms (default 50)")
     p.add_argument("--memory-limit", default=os.environ.get("FLEXNPU_MEMORY_LIMIT"),

@@ -17,6 +17,7 @@ from ..sched.policy import DeviceState, FlexPolicy, Op as PolicyOp, Phase, Strea
 from ..sched.specs import get_spec
 from .interfaces import Backend, ClientView, Scheduler, SchedulerHost
 from .objects import StreamState
+from .policies import POLICY_NAMES
 
 ROUND_QUANTUM = 64   # commands one stream may run per round before others get a turn
 
@@ -369,14 +370,11 @@ def _phase(p: str) -> Phase:
         return Phase.AUTO
 
 
-POLICIES = ("fifo", "priority", "flex")
-
-
 def make_scheduler(name: str, daemon: SchedulerHost, tpot_budget_s: float | None = None) -> Scheduler:
     """fifo on a torch backend keeps the inline passthrough (the sync-call fast path); every
     other combination runs the policy from flexnpu.sched.policy."""
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+    if name not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
     if name == "fifo" and getattr(daemon.backend, "emu", None) is None:
         return FifoScheduler(daemon)
     return PolicyScheduler(daemon, name, tpot_budget_s)
