@@ -1,7 +1,8 @@
 # The two commands of the README:  make install  ·  make test
+# The edit loop:  make check (fast subset)  ·  make lint  ·  make typecheck   (CONTRIBUTING.md)
 PY ?= python3
 
-.PHONY: install test bench-quick clean
+.PHONY: install test check lint layers typecheck bench-quick clean
 
 install:
 	# CPU build of torch from the local wheel cache first: an unpinned torch would pull a CUDA build.
@@ -10,12 +11,31 @@ install:
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,serve]"
 	@if [ "$$(id -u)" = 0 ] && [ -x scripts/ci-system-deps.sh ]; then scripts/ci-system-deps.sh || true; fi
 
+# Everything: the suite, then the tests that assert wall-clock behaviour, alone so that the
+# rest of the suite does not load the machine under them.
 test: install
-	$(PY) -m pytest -q --timeout=600
+	$(PY) -m pytest -q --timeout=600 -m "not timing"
+	$(PY) -m pytest -q --timeout=600 -m timing
+
+# The fast subset for the edit loop (under a minute on an idle 2-core machine).
+check:
+	$(PY) -m pytest -q --timeout=300 -m "not slow and not timing"
+
+# Not yet part of `make test`.
+lint: layers
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# No import cycles and no arrow from a lower layer to a higher one (docs/architecture.md).
+layers:
+	$(PY) scripts/layers.py .
+
+typecheck:
+	$(PY) -m mypy
 
 bench-quick:
 	flexnpu bench ring --quick
 	flexnpu bench call --quick
 
 clean:
-	rm -rf build *.egg-info flexnpu/ring/_core*.so .pytest_cache
+	rm -rf build *.egg-info flexnpu/ring/_core*.so .pytest_cache .mypy_cache .ruff_cache

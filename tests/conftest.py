@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from _markers import pytest_collection_modifyitems  # noqa: F401 - marks slow tests (tests/_markers.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -128,6 +128,7 @@ def test_tick_pings_at_half_interval(notify_path):
     assert not disabled.start()
 
 
+@pytest.mark.timing   # sub-second watchdog windows
 def test_thread_pings_only_while_loop_beats(notify_path):
     wd = sd.Watchdog(interval=0.2)
     assert wd.start()
