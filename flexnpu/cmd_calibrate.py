@@ -18,8 +18,9 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from flexnpu.sched.costmodel import CostModel, Corrections, aten_cost, default_corrections_path
 from flexnpu.sched.specs import get_spec
@@ -78,7 +79,10 @@ def run(a: argparse.Namespace) -> int:
         cost = aten_cost(name, ins, outs, {"is_causal": True})
         times = []
         for _ in range(reps):
-            t0 = time.perf_counter(); fn(); sync(); times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
         med = statistics.median(times)
         pred = model.roofline(cost)
         for t in times:
