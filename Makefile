@@ -1,7 +1,8 @@
 # The two commands of the README:  make install  ·  make test
+# The edit loop:  make check (fast subset)  ·  make lint  ·  make typecheck   (CONTRIBUTING.md)
 PY ?= python3
 
-.PHONY: install test bench-quick clean
+.PHONY: install test check lint layers typecheck bench-quick clean
 
 install:
 	# torch first. The pin gets the CPU build only where a local wheel cache (pip --find-links)
@@ -15,12 +16,31 @@ install:
 	$(PY) -m flexnpu install-torch-npu || echo "warning: torch_npu not installed for FlexNPU (no network?); native torch_npu tests will skip"
 	@if [ "$$(id -u)" = 0 ] && [ -x scripts/ci-system-deps.sh ]; then scripts/ci-system-deps.sh || true; fi
 
+# Everything: the suite, then the tests that assert wall-clock behaviour, alone so that the
+# rest of the suite does not load the machine under them.
 test: install
-	$(PY) -m pytest -q --timeout=600
+	$(PY) -m pytest -q --timeout=600 -m "not timing"
+	$(PY) -m pytest -q --timeout=600 -m timing
+
+# The fast subset for the edit loop (under a minute on an idle 2-core machine).
+check:
+	$(PY) -m pytest -q --timeout=300 -m "not slow and not timing"
+
+# Not yet part of `make test`.
+lint: layers
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# No import cycles and no arrow from a lower layer to a higher one (docs/architecture.md).
+layers:
+	$(PY) scripts/layers.py .
+
+typecheck:
+	$(PY) -m mypy
 
 bench-quick:
 	flexnpu bench ring --quick
 	flexnpu bench call --quick
 
 clean:
-	rm -rf build *.egg-info flexnpu/ring/_core*.so flexnpu/hook/native/_lib .pytest_cache
+	rm -rf build *.egg-info flexnpu/ring/_core*.so flexnpu/hook/native/_lib .pytest_cache .mypy_cache .ruff_cache

@@ -12,7 +12,8 @@ load = prompt tokens still waiting for a first token + 64 per outstanding reques
 rule):
 - static-coloc: N engine replicas, one per device, each doing prefill and decode (vLLM-V1-style
   continuous batching, chunked prefill with a 2048-token budget), one stream, policy fifo.
-- flexnpu: on every device a prefill-instance process (phase prefill, 2048-token chunks) and a
+- flexnpu: on every device a prefill-instance process (phase prefill, chunks of
+  ServingConfig.flex_prefill_chunk tokens, 1024 by default) and a
   decode-instance process (phase decode) under `--policy flex`. The prefill process allocates the
   weights and the KV-cache pool and exports them; the decode process imports them (zero-copy:
   the daemon charges the pool once, the importer's own allocations stay small, both numbers are

@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import os as _os
 import sys as _sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
 
 __version__ = "0.1.0"
 
@@ -15,7 +21,8 @@ _SRC_BENCH = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__
 
 class _SourceBenchFinder:
     @staticmethod
-    def find_spec(name: str, path: object = None, target: object = None) -> object:
+    def find_spec(name: str, path: Sequence[str] | None = None, target: ModuleType | None = None,
+                  /) -> ModuleSpec | None:
         if name != "flexnpu.bench":
             return None
         from importlib.util import spec_from_file_location

@@ -21,7 +21,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "k8s-device-plugin": ("flexnpu.k8s.plugin", "advertise shared devices to the kubelet (Kubernetes)"),
     "install-torch-npu": ("flexnpu.cmd_install_torch_npu",
                           "install the real torch_npu into an isolated folder for the native front end"),
+    "calibrate": ("flexnpu.cmd_calibrate", "fit the scheduler's cost model to this machine and save it"),
 }
+
+# Former benchmarks that became commands: `flexnpu bench NAME` says where they went.
+MOVED_FROM_BENCH = {"calibrate": "flexnpu calibrate"}
 
 
 def _bench_names() -> list[str]:
@@ -40,6 +44,10 @@ def _run_bench(argv: list[str]) -> int:
             print(f"  {n:<12} {doc[0] if doc else ''}")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
+    if name in MOVED_FROM_BENCH:
+        print(f"flexnpu bench {name}: it writes runtime configuration, so it is a command now: "
+              f"run `{MOVED_FROM_BENCH[name]}{' ' if rest else ''}{' '.join(rest)}`", file=sys.stderr)
+        return 2
     if name not in names:
         print(f"flexnpu bench: unknown benchmark {name!r}; choose from: {', '.join(names)}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ import sys
 from pathlib import Path
 
 from .daemon.backends import BACKEND_SYNTAX, check_backend
+from .daemon.policies import DEFAULT_POLICY, policy_arg
 from .daemon_process import DaemonProcess, DaemonStartError, answers
 from .paths import SYSTEM_RUNTIME_DIR, UnsafeRuntimeDir, check_dir, check_peer, runtime_dir, socket_path
 
@@ -59,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=os.environ.get("FLEXNPU_BACKEND", "auto"), type=check_backend,
                    help=f"backend of an embedded daemon this run starts: {BACKEND_SYNTAX} (default auto; a "
                         f"running daemon keeps its own)")
-    p.add_argument("--policy", default="fifo", help="scheduling policy of an embedded daemon this run starts")
+    p.add_argument("--policy", default=DEFAULT_POLICY, type=policy_arg,
+                   help="scheduling policy of an embedded daemon this run starts (see flexnpu daemon --help)")
     p.add_argument("--memory-limit", default=None, help="device memory limit for this program, e.g. 4GiB")
     p.add_argument("--idle-grace", type=float, default=float(os.environ.get("FLEXNPU_IDLE_GRACE", 30)),
                    metavar="SECONDS", help="an embedded daemon this run starts exits this long after its "

@@ -15,18 +15,6 @@ from conftest import ROOT, DaemonProc
 BOOTSTRAP = ROOT / "flexnpu" / "hook" / "bootstrap"
 
 
-def in_checkout(module: str) -> bool:
-    """Whether this checkout itself provides `module` (an editable install of another checkout
-    can otherwise lend its copy)."""
-    spec = importlib.util.find_spec(module)
-    return bool(spec and spec.origin and spec.origin.startswith(str(ROOT)))
-
-
-HAS_TORCH_EXEC = in_checkout("flexnpu.daemon.backends.torch_exec")
-needs_ops = pytest.mark.skipif(not HAS_TORCH_EXEC, reason="the daemon's operator executor "
-                               "(flexnpu/daemon/backends/torch_exec.py, hook branch) is not merged yet")
-
-
 def load_acl() -> types.ModuleType:
     """The top-level ``acl`` module exactly as the bootstrap file builds it."""
     spec = importlib.util.spec_from_file_location("acl", BOOTSTRAP / "acl.py")

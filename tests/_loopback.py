@@ -1,6 +1,6 @@
 """LOOPBACK CLIENT FOR FAST UNIT TESTS ONLY: an in-process stand-in for flexnpu.client.Client.
 
-It implements the client_api.md Client methods by running ``execute_launch`` on CPU torch in the
+It implements the flexnpu.client.Client methods the hook calls by running ``execute_launch`` on CPU torch in the
 same process (no daemon, no rings). Commands execute immediately; errors are held and raised at
 the next synchronizing call, as the real client does for asynchronous errors. Graph capture
 records the commands of the capturing stream without running them; replay runs them again.

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from flexnpu.daemon_process import DaemonProcess, child_env  # noqa: F401 - child_env re-exported to tests
+from _markers import pytest_collection_modifyitems  # noqa: F401 - marks slow tests (tests/_markers.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Embedded daemons that `flexnpu run` starts in tests leave soon after their last client.

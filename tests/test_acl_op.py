@@ -4,10 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _acl_env import acl, acl_daemon, from_device, needs_ops, run_op, tensor  # noqa: F401
+from _acl_env import acl, acl_daemon, from_device, run_op, tensor  # noqa: F401
 from flexnpu.hook.acl import constants as C
 
-pytestmark = needs_ops
 rng = np.random.default_rng(42)
 
 

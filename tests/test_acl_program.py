@@ -1,35 +1,25 @@
 """Whole pyACL programs in their own processes, models, and a daemon that goes away."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 
-from _acl_env import BOOTSTRAP, acl, acl_daemon, in_checkout, needs_ops  # noqa: F401 - fixtures
+from _acl_env import acl, acl_daemon  # noqa: F401 - fixtures
 from conftest import ROOT, child_env
 from flexnpu.hook.acl import constants as C
 
 EXAMPLE = ROOT / "examples" / "acl_add.py"
-HAS_RUN = in_checkout("flexnpu.cmd_run")
 
 
 def _example_cmd() -> list[str]:
-    # Prefer the real entry point; until `flexnpu run` is merged, put the bootstrap dir on the
-    # path exactly as it does.
-    if HAS_RUN:
-        return [sys.executable, "-m", "flexnpu", "run", "--", sys.executable, str(EXAMPLE)]
-    return [sys.executable, str(EXAMPLE)]
+    return [sys.executable, "-m", "flexnpu", "run", "--", sys.executable, str(EXAMPLE)]
 
 
 def _example_env(runtime_dir) -> dict[str, str]:
-    env = child_env(runtime_dir)
-    if not HAS_RUN:
-        env["PYTHONPATH"] = f"{BOOTSTRAP}{os.pathsep}{env['PYTHONPATH']}"
-    return env
+    return child_env(runtime_dir)
 
 
-@needs_ops
 def test_example_acl_add_runs_unmodified(daemon):
     p = subprocess.run(_example_cmd(), env=_example_env(daemon.runtime_dir), capture_output=True,
                        text=True, timeout=120)
@@ -37,7 +27,6 @@ def test_example_acl_add_runs_unmodified(daemon):
     assert "PASS" in p.stdout
 
 
-@needs_ops
 def test_two_acl_programs_share_one_device(daemon):
     procs = [subprocess.Popen(_example_cmd(), env=_example_env(daemon.runtime_dir), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]

@@ -44,6 +44,7 @@ def high_priority_latency(start_daemon, policy: str) -> tuple[float, float]:
     return t, t_flood
 
 
+@pytest.mark.timing   # real-time emulated kernels: needs a machine that is not overloaded
 def test_priority_policy_runs_the_high_priority_stream_first(start_daemon):
     t_prio, flood_prio = high_priority_latency(start_daemon, "priority")
     t_fifo, _ = high_priority_latency(start_daemon, "fifo")
@@ -52,7 +53,7 @@ def test_priority_policy_runs_the_high_priority_stream_first(start_daemon):
     # stream priority itself (weight 2 against 3) -> 2/5, ~50 ms.
     # Noise only adds time: bound fifo from below by the model, and priority relative to fifo.
     assert t_fifo > 0.045, f"high-priority kernel took {t_fifo * 1e3:.1f} ms under fifo"
-    assert t_prio < 0.85 * t_fifo and t_prio < 0.060, \
+    assert t_prio < 0.85 * t_fifo, \
         f"high-priority kernel took {t_prio * 1e3:.1f} ms under priority vs {t_fifo * 1e3:.1f} ms under fifo"
     assert flood_prio > 0.1    # the flood still runs its remaining work afterwards
 
@@ -84,6 +85,7 @@ def decode_steps(start_daemon, policy: str, budget_ms: float) -> tuple[float, fl
     return solo, statistics.median(steps[2:]), st
 
 
+@pytest.mark.timing   # real-time emulated kernels: needs a machine that is not overloaded
 def test_flex_keeps_decode_within_budget_while_prefill_floods(start_daemon):
     budget_ms = 23.0     # the decode iteration alone: 4 x 5 ms memory-bound kernels
     solo, fifo, _ = decode_steps(start_daemon, "fifo", budget_ms)
@@ -127,6 +129,7 @@ def _stream_status(d, c: Client, sid: int) -> dict:
     return s
 
 
+@pytest.mark.timing   # real-time emulated kernels: needs a machine that is not overloaded
 def test_step_marks_time_decode_iterations_without_syncs(start_daemon):
     d = start_daemon("--backend", "emu:910b", "--policy", "flex")
     with Client(0) as c:
@@ -216,7 +219,7 @@ def test_partition_policy_caps_a_phase_to_its_core_share(start_daemon):
 
 
 def test_bad_partition_policies_are_refused():
-    from flexnpu.daemon.scheduling import parse_policy
+    from flexnpu.daemon.policies import parse_policy
 
     assert parse_policy("partition:0.75") == ("partition", 0.75)
     assert parse_policy("flex") == ("flex", None)

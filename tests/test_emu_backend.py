@@ -129,6 +129,7 @@ def emu(start_daemon):
     return start_daemon("--backend", "emu:910b")
 
 
+@pytest.mark.timing   # real-time emulated kernels: needs a machine that is not overloaded
 def test_kernel_takes_the_predicted_time_in_real_time(emu):
     with Client(0) as c:
         assert c.device_info()["emulated"] is True
@@ -142,6 +143,7 @@ def test_kernel_takes_the_predicted_time_in_real_time(emu):
         check_time(t, 5 * mm.predicted)
 
 
+@pytest.mark.timing   # real-time emulated kernels: needs a machine that is not overloaded
 def test_compute_and_memory_bound_kernels_overlap_two_compute_bound_do_not(emu):
     with Client(0) as c1, Client(0) as c2:
         comp, mem = compute_bound(c1, 40), memory_bound(c2, 40)
@@ -200,6 +202,7 @@ def test_shape_only_launches_are_checked(emu):
         c.synchronize(0)
 
 
+@pytest.mark.timing   # real-time emulated kernels: needs a machine that is not overloaded
 def test_events_follow_emulated_completion(emu):
     with Client(0) as c:
         mm = compute_bound(c, 30)

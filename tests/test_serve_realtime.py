@@ -57,6 +57,7 @@ def test_router_disagg_hands_off_to_the_emptiest_decoder():
     assert r.pick_decoder(3) == 2
 
 
+@pytest.mark.timing   # engines on real-time emulated devices
 def test_realtime_bench_end_to_end():
     # seed 3: outputs <= 166 tokens keep the run short; prompts up to 4147 tokens still need
     # several 2048-token prefill chunks in static-coloc and flexnpu

@@ -15,7 +15,8 @@ interfaces). The concrete classes satisfy these structurally; nothing registers 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -73,7 +74,7 @@ class CommandView(Protocol):
 
     op: int
     sync: bool
-    a: tuple
+    a: tuple[Any, ...]
     ready: Callable[[], bool] | None
     cost: Any                   # the scheduler's annotation, cached across graph replays
 
@@ -85,7 +86,7 @@ class ClientView(Protocol):
     dead: bool
     streams: dict[int, StreamState]
     #: while not None, replies are collected here instead of posted (emulated kernels in flight)
-    held: list[tuple] | None
+    held: list[tuple[Any, ...]] | None
 
     def execute(self, st: StreamState, cmd: Any) -> None: ...
     def reply(self, user_data: int, status: int = 0, value: int = 0, aux: int = 0, msg: str = "") -> None: ...

@@ -13,16 +13,7 @@ from pathlib import Path
 
 from ..units import parse_bytes
 from .backends import BACKEND_SYNTAX, check_backend
-
-
-def _policy(spec: str) -> str:
-    from .scheduling import parse_policy
-
-    try:
-        parse_policy(spec)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return spec
+from .policies import DEFAULT_POLICY, describe as describe_policies, policy_arg
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,12 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="physical device number to serve (default 0)")
     p.add_argument("--backend", default=os.environ.get("FLEXNPU_BACKEND", "auto"), type=check_backend,
                    help=f"{BACKEND_SYNTAX} (auto: npu if torch_npu finds one, else cuda, else cpu)")
-    p.add_argument("--policy", default=os.environ.get("FLEXNPU_POLICY", "fifo"), type=_policy,
-                   help="scheduling policy (default fifo): fifo = arrival order (passthrough); priority = "
-                        "strict stream priority; flex = prefill/decode co-location: decode streams keep "
-                        "their time-per-token budget, prefill fills the rest, with core shares changed at "
-                        "operator boundaries where the backend can partition; partition[:ALPHA] = a static "
-                        "core split, prefill streams on ALPHA (default 0.5) of the cores (docs/scheduling.md)")
+    p.add_argument("--policy", default=os.environ.get("FLEXNPU_POLICY", DEFAULT_POLICY), type=policy_arg,
+                   help=f"scheduling policy (default {DEFAULT_POLICY}): {describe_policies()}")
     p.add_argument("--tpot-budget-ms", type=float, default=float(os.environ.get("FLEXNPU_TPOT_BUDGET_MS", 50)),
                    help="flex policy: decode iteration budget in ms (default 50)")
     p.add_argument("--memory-limit", default=os.environ.get("FLEXNPU_MEMORY_LIMIT"),

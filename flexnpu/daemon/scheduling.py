@@ -19,6 +19,7 @@ from ..sched.specs import get_spec
 from .backends.partition import partition_capable
 from .interfaces import Backend, ClientView, Scheduler, SchedulerHost
 from .objects import StreamState
+from .policies import parse_policy
 
 ROUND_QUANTUM = 64   # commands one stream may run per round before others get a turn
 
@@ -388,28 +389,6 @@ def _phase(p: str) -> Phase:
         return Phase(p)
     except ValueError:
         return Phase.AUTO
-
-
-POLICIES = ("fifo", "priority", "flex", "partition")
-
-
-def parse_policy(spec: str) -> tuple[str, float | None]:
-    """`fifo|priority|flex|partition[:ALPHA]` -> (name, alpha). partition:ALPHA is the static
-    core split: prefill-phase streams on ALPHA of the cores, the others on 1 - ALPHA."""
-    name, _, arg = spec.partition(":")
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
-    if arg and name != "partition":
-        raise ValueError(f"policy {name} takes no argument")
-    alpha = None
-    if arg:
-        try:
-            alpha = float(arg)
-        except ValueError:
-            raise ValueError(f"partition:ALPHA needs a number, not {arg!r}") from None
-        if not 0 < alpha < 1:
-            raise ValueError(f"partition alpha must be in (0, 1), not {alpha}")
-    return name, alpha
 
 
 def make_scheduler(name: str, daemon: SchedulerHost, tpot_budget_s: float | None = None) -> Scheduler:

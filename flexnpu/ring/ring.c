@@ -153,18 +153,18 @@ static uint64_t ring_bytes(uint32_t entries, uint32_t esz) {
 static int check_params(uint32_t sqn, uint32_t cqn, uint32_t sqe, uint32_t cqe, uint64_t arena,
                         char *err) {
     if (!is_pow2(sqn) || !is_pow2(cqn) || sqn > FX_MAX_ENTRIES || cqn > FX_MAX_ENTRIES) {
-        if (err) snprintf(err, 256, "ring entries must be powers of two in 1..%u (sq=%u cq=%u)",
+        if (err) snprintf(err, FX_ERRMSG_LEN, "ring entries must be powers of two in 1..%u (sq=%u cq=%u)",
                           FX_MAX_ENTRIES, sqn, cqn);
         return -1;
     }
     if (!is_pow2(sqe) || !is_pow2(cqe) || sqe < 8 || cqe < 8 || sqe > FX_MAX_ENTRY_SIZE ||
         cqe > FX_MAX_ENTRY_SIZE) {
-        if (err) snprintf(err, 256, "entry sizes must be powers of two in 8..%u (sqe=%u cqe=%u)",
+        if (err) snprintf(err, FX_ERRMSG_LEN, "entry sizes must be powers of two in 8..%u (sqe=%u cqe=%u)",
                           FX_MAX_ENTRY_SIZE, sqe, cqe);
         return -1;
     }
     if (arena > (1ull << 40)) {
-        if (err) snprintf(err, 256, "arena of %llu bytes is too large (max 1 TiB)",
+        if (err) snprintf(err, FX_ERRMSG_LEN, "arena of %llu bytes is too large (max 1 TiB)",
                           (unsigned long long)arena);
         return -1;
     }
@@ -220,19 +220,19 @@ fx_seg *fx_seg_create(uint32_t sqn, uint32_t cqn, uint32_t sqe, uint32_t cqe, ui
     arena = round_up(arena, 4096);
     size_t total = fx_segment_size(sqn, cqn, sqe, cqe, arena);
     fx_seg *s = seg_new();
-    if (!s) { snprintf(err, 256, "out of memory"); return NULL; }
+    if (!s) { snprintf(err, FX_ERRMSG_LEN, "out of memory"); return NULL; }
     s->creator = 1;
     s->fd = (int)syscall(SYS_memfd_create, "flexnpu-ring", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    if (s->fd < 0) { snprintf(err, 256, "memfd_create: %s", strerror(errno)); goto fail; }
+    if (s->fd < 0) { snprintf(err, FX_ERRMSG_LEN, "memfd_create: %s", strerror(errno)); goto fail; }
     if (ftruncate(s->fd, (off_t)total) < 0) {
-        snprintf(err, 256, "ftruncate(%zu): %s", total, strerror(errno)); goto fail;
+        snprintf(err, FX_ERRMSG_LEN, "ftruncate(%zu): %s", total, strerror(errno)); goto fail;
     }
     /* Seal the size: an attacher must never SIGBUS because the creator shrank the file. */
     if (fcntl(s->fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
-        snprintf(err, 256, "memfd seals: %s", strerror(errno)); goto fail;
+        snprintf(err, FX_ERRMSG_LEN, "memfd seals: %s", strerror(errno)); goto fail;
     }
     s->base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, s->fd, 0);
-    if (s->base == MAP_FAILED) { s->base = NULL; snprintf(err, 256, "mmap: %s", strerror(errno)); goto fail; }
+    if (s->base == MAP_FAILED) { s->base = NULL; snprintf(err, FX_ERRMSG_LEN, "mmap: %s", strerror(errno)); goto fail; }
     s->size = total;
     struct fx_header *h = (struct fx_header *)s->base;
     s->hdr = h;
@@ -258,7 +258,7 @@ fx_seg *fx_seg_create(uint32_t sqn, uint32_t cqn, uint32_t sqe, uint32_t cqe, ui
     s->fr = malloc(sizeof(struct blk) * s->capfr);
     s->capal = 16;
     s->al = malloc(sizeof(struct blk) * s->capal);
-    if (!s->fr || !s->al) { snprintf(err, 256, "out of memory"); goto fail; }
+    if (!s->fr || !s->al) { snprintf(err, FX_ERRMSG_LEN, "out of memory"); goto fail; }
     if (arena) { s->fr[0].off = 0; s->fr[0].len = arena; s->nfr = 1; }
     s->arena_free = arena;
     return s;
@@ -270,54 +270,54 @@ fail:
 fx_seg *fx_seg_attach(int fd, char *err, int *corrupt) {
     *corrupt = 0;
     fx_seg *s = seg_new();
-    if (!s) { snprintf(err, 256, "out of memory"); return NULL; }
+    if (!s) { snprintf(err, FX_ERRMSG_LEN, "out of memory"); return NULL; }
     s->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-    if (s->fd < 0) { snprintf(err, 256, "dup(%d): %s", fd, strerror(errno)); goto fail; }
+    if (s->fd < 0) { snprintf(err, FX_ERRMSG_LEN, "dup(%d): %s", fd, strerror(errno)); goto fail; }
     struct stat st;
-    if (fstat(s->fd, &st) < 0) { snprintf(err, 256, "fstat: %s", strerror(errno)); goto fail; }
+    if (fstat(s->fd, &st) < 0) { snprintf(err, FX_ERRMSG_LEN, "fstat: %s", strerror(errno)); goto fail; }
     *corrupt = 1;
-    if (!S_ISREG(st.st_mode)) { snprintf(err, 256, "segment fd is not a memfd/regular file"); goto fail; }
+    if (!S_ISREG(st.st_mode)) { snprintf(err, FX_ERRMSG_LEN, "segment fd is not a memfd/regular file"); goto fail; }
     int seals = fcntl(s->fd, F_GET_SEALS);
     if (seals < 0 || !(seals & F_SEAL_SHRINK)) {
-        snprintf(err, 256, "segment memfd is not sealed against shrinking (seals=%d)", seals);
+        snprintf(err, FX_ERRMSG_LEN, "segment memfd is not sealed against shrinking (seals=%d)", seals);
         goto fail;
     }
     if ((uint64_t)st.st_size < FX_HEADER_SIZE || (uint64_t)st.st_size > (1ull << 41)) {
-        snprintf(err, 256, "segment size %lld is out of range", (long long)st.st_size); goto fail;
+        snprintf(err, FX_ERRMSG_LEN, "segment size %lld is out of range", (long long)st.st_size); goto fail;
     }
     s->size = (size_t)st.st_size;
     s->base = mmap(NULL, s->size, PROT_READ | PROT_WRITE, MAP_SHARED, s->fd, 0);
     if (s->base == MAP_FAILED) {
         s->base = NULL; *corrupt = 0;
-        snprintf(err, 256, "mmap: %s", strerror(errno)); goto fail;
+        snprintf(err, FX_ERRMSG_LEN, "mmap: %s", strerror(errno)); goto fail;
     }
     /* Copy the header out once and validate the copy: the creator may keep writing. */
     struct fx_header h;
     memcpy(&h, s->base, sizeof(h));
     if (atomic_load_explicit((_Atomic uint64_t *)s->base, memory_order_acquire) != FX_MAGIC ||
         h.magic != FX_MAGIC) {
-        snprintf(err, 256, "bad magic 0x%016llx (not a FlexNPU ring segment)",
+        snprintf(err, FX_ERRMSG_LEN, "bad magic 0x%016llx (not a FlexNPU ring segment)",
                  (unsigned long long)h.magic);
         goto fail;
     }
     if (h.version != FX_LAYOUT_VERSION) {
-        snprintf(err, 256, "layout version %u, this build speaks %u", h.version, FX_LAYOUT_VERSION);
+        snprintf(err, FX_ERRMSG_LEN, "layout version %u, this build speaks %u", h.version, FX_LAYOUT_VERSION);
         goto fail;
     }
-    if (h.header_size != FX_HEADER_SIZE) { snprintf(err, 256, "bad header size %u", h.header_size); goto fail; }
+    if (h.header_size != FX_HEADER_SIZE) { snprintf(err, FX_ERRMSG_LEN, "bad header size %u", h.header_size); goto fail; }
     if (check_params(h.sq_entries, h.cq_entries, h.sqe_size, h.cqe_size, h.arena_size, err)) goto fail;
     uint64_t sq_off = FX_HEADER_SIZE;
     uint64_t cq_off = sq_off + ring_bytes(h.sq_entries, h.sqe_size);
     uint64_t arena_off = cq_off + ring_bytes(h.cq_entries, h.cqe_size);
     if (h.sq_off != sq_off || h.cq_off != cq_off || h.arena_off != arena_off) {
-        snprintf(err, 256, "inconsistent offsets sq=%llu cq=%llu arena=%llu",
+        snprintf(err, FX_ERRMSG_LEN, "inconsistent offsets sq=%llu cq=%llu arena=%llu",
                  (unsigned long long)h.sq_off, (unsigned long long)h.cq_off,
                  (unsigned long long)h.arena_off);
         goto fail;
     }
     if (h.arena_size % 4096 || arena_off + h.arena_size != h.total_size ||
         h.total_size != (uint64_t)st.st_size) {
-        snprintf(err, 256, "sizes inconsistent: arena_off=%llu arena=%llu total=%llu, file is %lld bytes",
+        snprintf(err, FX_ERRMSG_LEN, "sizes inconsistent: arena_off=%llu arena=%llu total=%llu, file is %lld bytes",
                  (unsigned long long)arena_off, (unsigned long long)h.arena_size,
                  (unsigned long long)h.total_size, (long long)st.st_size);
         goto fail;

@@ -57,6 +57,9 @@ typedef struct fx_seg fx_seg;
 typedef struct fx_ring fx_ring;
 typedef struct fx_doorbell fx_doorbell;
 
+/* size of the caller's buffer for an error message (fx_seg_create, fx_seg_attach) */
+#define FX_ERRMSG_LEN 256
+
 /* status codes returned by the wait/validate functions */
 #define FX_READY 1
 #define FX_TIMEOUT 0
@@ -70,7 +73,7 @@ typedef struct fx_doorbell fx_doorbell;
 uint32_t fx_layout_version(void);
 size_t fx_segment_size(uint32_t sq_entries, uint32_t cq_entries, uint32_t sqe_size,
                        uint32_t cqe_size, uint64_t arena_bytes);
-/* creator: returns NULL and sets errmsg (>= 256 bytes) on failure */
+/* creator: returns NULL and sets errmsg (FX_ERRMSG_LEN bytes) on failure */
 fx_seg *fx_seg_create(uint32_t sq_entries, uint32_t cq_entries, uint32_t sqe_size,
                       uint32_t cqe_size, uint64_t arena_bytes, char *errmsg);
 /* attacher: dups fd; returns NULL and sets errmsg; *corrupt=1 if the header is the problem */

@@ -33,7 +33,7 @@ static int cmp64(const void *a, const void *b) {
 /* ------------------------------------------------------------------ floor */
 
 static int floor_mode(long n, int cpu_a, int cpu_b) {
-    char err[256];
+    char err[FX_ERRMSG_LEN];
     fx_seg *s = fx_seg_create(1024, 1024, 64, 32, 4096, err);
     if (!s) { fprintf(stderr, "create: %s\n", err); return 2; }
     long tp_n = n * 20;
@@ -159,7 +159,7 @@ static void *consumer(void *p) {  /* attacher side: pops sq, pushes acks on cq *
 }
 
 static int threads_mode(long n) {
-    char err[256];
+    char err[FX_ERRMSG_LEN];
     fx_seg *s = fx_seg_create(64, 64, 64, 32, 4096, err);
     if (!s) { fprintf(stderr, "create: %s\n", err); return 2; }
     /* The attacher's view over the SAME mapping, so the sanitizer sees both sides' accesses. */

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any
 
 from ._core import ffi, lib
@@ -24,9 +25,8 @@ dead peer is reported within LIVENESS_INTERVAL_S plus scheduling delay (tests al
 _READY, _TIMEOUT = lib.FX_READY, lib.FX_TIMEOUT
 _EPEERDEAD, _ECLOSED, _ECORRUPT, _EINTR = lib.FX_EPEERDEAD, lib.FX_ECLOSED, lib.FX_ECORRUPT, lib.FX_EINTR
 
-# Hot-path functions bound once (attribute lookups on lib cost ~30 ns each).
-_push, _pop, _push_batch, _pop_batch = lib.fx_push, lib.fx_pop, lib.fx_push_batch, lib.fx_pop_batch
-_wait, _call, _push_wait = lib.fx_wait, lib.fx_call, lib.fx_push_wait
+# Functions bound once (attribute lookups on lib cost ~30 ns each).
+_push_batch, _pop_batch, _push_wait = lib.fx_push_batch, lib.fx_pop_batch, lib.fx_push_wait
 _from_buffer = ffi.from_buffer
 _BAD = ffi.cast("int *", 0)  # a closed Ring's handle: cffi refuses it with TypeError, never derefs
 
@@ -40,14 +40,21 @@ _fast_call = _fast["call"]
 _CLOSEDRC, _ROLERC = 100, 101
 
 
-def _timeout(t: float | None) -> float:
-    if t is None:
-        return -1.0
-    return max(0.0, float(t))
-
-
 class Ring:
-    """One direction of a segment. This process's role (producer or consumer) is fixed."""
+    """One direction of a segment. This process's role (producer or consumer) is fixed.
+
+    The per-record operations are the C fast path (pyfast.c), bound per instance:
+
+    - ``push(rec) -> bool``: producer; push one record (zero-padded to entry_size); False if the
+      ring is full. ValueError if ``rec`` exceeds entry_size.
+    - ``pop() -> bytes | None``: consumer; one record copied out of shared memory, or None if empty.
+    - ``wait(timeout) -> bool``: consumer; until non-empty, spinning briefly then futex-sleeping
+      (announce-sleep protocol) with the GIL released. True = ready, False = timeout (None =
+      forever). A signal's Python handler runs (and may raise) between wait slices.
+
+    Each raises RingError on a closed segment or from the wrong side, PeerDead / PeerClosed /
+    RingCorrupt as their names say.
+    """
 
     def __init__(self, seg: "Segment", ptr: Any, name: str) -> None:
         self._r = ptr
@@ -56,10 +63,6 @@ class Ring:
         self.entry_size: int = lib.fx_ring_entry_size(ptr)
         self.capacity: int = lib.fx_ring_capacity(ptr)
         self.is_producer: bool = bool(lib.fx_ring_is_producer(ptr))
-        self._out = ffi.new("char[]", self.entry_size)
-        self._outbuf = ffi.buffer(self._out)
-        # Instance attributes shadow the documented Python methods below with the C fast path
-        # (same semantics; the methods stay as reference and for help()).
         self._fast = _FastRing(int(ffi.cast("uintptr_t", ptr)), self._fast_err)
         self.push = self._fast.push
         self.pop = self._fast.pop
@@ -124,26 +127,6 @@ class Ring:
         return n
 
     # ---- producer
-    def push(self, rec: bytes) -> bool:
-        """Push one record (zero-padded to entry_size). False if the ring is full."""
-        n = len(rec)
-        if n > self.entry_size:
-            raise ValueError(f"record of {n} bytes exceeds entry size {self.entry_size}")
-        try:
-            rc = _push(self._r, rec, n)
-        except TypeError:
-            if self._r is _BAD:
-                raise self._closed_error("push") from None
-            rc = _push(self._r, _from_buffer(rec), n)
-        if rc == 1:
-            return True
-        if rc == 0:
-            if not self.is_producer:
-                self._check_role(True, "push")
-            return False
-        self._raise(rc, "push")
-        return False
-
     def push_batch(self, buf: Any, n: int) -> int:
         """Push n records packed back to back (entry_size bytes each) with one tail store.
         Returns how many fit (a prefix of the batch)."""
@@ -196,21 +179,6 @@ class Ring:
                 self._raise(rc, "push_wait")
 
     # ---- consumer
-    def pop(self) -> bytes | None:
-        """Pop one record (copied out of shared memory), or None if empty."""
-        try:
-            rc = _pop(self._r, self._out)
-        except TypeError:
-            raise self._closed_error("pop") from None
-        if rc == 1:
-            return self._outbuf[:]
-        if rc == 0:
-            if self.is_producer:
-                self._check_role(False, "pop")
-            return None
-        self._raise(rc, "pop")
-        return None
-
     def pop_into(self, buf: Any, max_n: int) -> int:
         """Copy up to max_n records into the private writable buffer ``buf``; returns the count."""
         self._check_role(False, "pop_into")
@@ -226,63 +194,11 @@ class Ring:
             self._raise(rc, "pop_into")
         return rc
 
-    def wait(self, timeout: float | None) -> bool:
-        """Until non-empty: spin briefly, then futex-sleep (announce-sleep protocol).
-        True = ready, False = timeout. Raises PeerDead / PeerClosed / RingCorrupt."""
-        if self._r is _BAD:
-            raise self._closed_error("wait")
-        self._check_role(False, "wait")
-        end = None if timeout is None else _monotonic() + max(0.0, timeout)
-        while True:
-            left = -1.0 if end is None else max(0.0, end - _monotonic())
-            rc = _wait(self._r, left)
-            if rc == _READY:
-                return True
-            if rc == _TIMEOUT:
-                return False
-            if rc != _EINTR:  # EINTR: back in the eval loop, signal handlers run, then retry
-                self._raise(rc, "wait")
-
-
-def _monotonic() -> float:
-    return _clock()
-
-
-from time import monotonic as _clock  # noqa: E402
-
 
 def call(sq: Ring, cq: Ring, rec: bytes, timeout: float | None) -> bytes:
     """Synchronous call in one C crossing (GIL released while waiting): push ``rec`` on sq
     (waking the consumer if it sleeps), wait for ONE cq record and return it."""
     return _fast_call(sq._fast, cq._fast, rec, timeout)
-
-
-def _call_cffi(sq: Ring, cq: Ring, rec: bytes, timeout: float | None) -> bytes:
-    """Reference implementation of call() through cffi (kept for the benchmark's comparison)."""
-    n = len(rec)
-    if n > sq.entry_size:
-        raise ValueError(f"record of {n} bytes exceeds entry size {sq.entry_size}")
-    try:
-        rc = _call(sq._r, cq._r, rec, n, cq._out, -1.0 if timeout is None else timeout)
-    except TypeError:
-        if sq._r is _BAD or cq._r is _BAD:
-            raise sq._closed_error("call") from None
-        rc = _call(sq._r, cq._r, _from_buffer(rec), n, cq._out, -1.0 if timeout is None else timeout)
-    if rc == _READY:
-        return cq._outbuf[:]
-    if rc == _TIMEOUT:
-        raise TimeoutError(f"no completion within {timeout} s")
-    if rc == _EINTR:
-        # The request may be in flight: finish waiting for its completion in Python-visible steps.
-        if cq.wait(timeout):
-            out = cq.pop()
-            if out is not None:
-                return out
-        raise TimeoutError(f"no completion within {timeout} s")
-    if rc == lib.FX_EROLE:
-        raise RingError("call() needs the sq producer side and the cq consumer side")
-    (cq if rc != _ECORRUPT else sq)._raise(rc, "call")
-    raise AssertionError("unreachable")
 
 
 class Doorbell:
@@ -407,7 +323,7 @@ class Segment:
                         ("sqe_size", sqe_size), ("cqe_size", cqe_size), ("arena_bytes", arena_bytes)):
             if not isinstance(v, int) or v < 0 or v >= 1 << 63:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
-        err = ffi.new("char[256]")
+        err = ffi.new("char[]", lib.FX_ERRMSG_LEN)
         p = lib.fx_seg_create(sq_entries, cq_entries, sqe_size, cqe_size, arena_bytes, err)
         if p == ffi.NULL:
             msg = ffi.string(err).decode(errors="replace")
@@ -419,7 +335,7 @@ class Segment:
         """Attach to a segment received from a client (daemon side). ``fd`` is dup'ed (the caller
         still owns it). The header is copied out and validated against the memfd's real size and
         seals; a bad one raises RingCorrupt. Records this process as the attacher."""
-        err = ffi.new("char[256]")
+        err = ffi.new("char[]", lib.FX_ERRMSG_LEN)
         corrupt = ffi.new("int *")
         p = lib.fx_seg_attach(fd, err, corrupt)
         if p == ffi.NULL:

@@ -9,7 +9,8 @@ One interface for the daemon (real time) and the serving simulator (virtual time
         backend.set_partition(stream, d.share)     # core share for this op (None: whole device)
         backend.launch(d.op, weight=d.weight)      # d.weight: stream priority (priority policy)
     ...
-    policy.complete(op, now, started=t0)           # on completion: accounting + feedback
+    policy.complete(op, device, now, started=t0)   # on completion: accounting + feedback
+    policy.end_step(queue, device, at)             # a step mark after its last op completed (at)
     t = policy.next_wakeup(now)                    # call select() again by then (or None)
 
 ``select`` pops what it returns (ownership passes to the caller) and never blocks; calling it

@@ -1,10 +1,15 @@
-"""Fit cost-model corrections for the current torch backend (cpu here) and save them.
+"""flexnpu calibrate: fit the cost model's corrections to this machine and save them.
+
+The policy scheduler's cost model (flexnpu.sched.costmodel) predicts kernel times from a device
+spec's roofline; the daemon loads the corrections saved here (local_cost_model) so its torch
+backends predict from measured times. That makes this runtime configuration, not a benchmark:
+it is a command of its own (it was `flexnpu bench calibrate`).
 
 Runs a fixed set of ops (GEMMs, attention, softmax, norms, elementwise, embedding, copies),
 times each (median of repeats), compares with the roofline prediction for the local device spec,
 and learns one correction factor per op class (bounded EWMA of measured/predicted in log space).
-The corrections are written as JSON (default ~/.cache/flexnpu/corrections-<spec>.json) and can
-be loaded with flexnpu.sched.costmodel.load_corrections.
+The corrections are written as JSON (default ~/.cache/flexnpu/corrections-<spec>.json, where the
+daemon looks for them) and can be loaded with flexnpu.sched.costmodel.load_corrections.
 """
 from __future__ import annotations
 
@@ -13,13 +18,15 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from flexnpu.sched.costmodel import CostModel, Corrections, aten_cost, default_corrections_path
 from flexnpu.sched.specs import get_spec
 
 
-def _cases(torch, quick: bool, dev: str):
+def _cases(torch: Any, quick: bool, dev: str) -> list[tuple[str, Callable[[], Any], list[Any]]]:
     f = torch.float32
     n = 256 if quick else 512
     a, b = torch.randn(n, n, dtype=f, device=dev), torch.randn(n, n, dtype=f, device=dev)
@@ -45,20 +52,20 @@ def _cases(torch, quick: bool, dev: str):
     ]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="flexnpu bench calibrate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--out", help="where to save the corrections (default ~/.cache/flexnpu/...)")
     p.add_argument("--spec", default="cpu", help="device spec to correct (default: measured local cpu)")
     p.add_argument("--device", default="cpu", help="torch device to run on (cpu; cuda where present)")
     p.add_argument("--repeats", type=int, help="timed repeats per op (median reported)")
-    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+
+
+def run(a: argparse.Namespace) -> int:
     try:
         import torch
     except ImportError:
-        print("flexnpu bench calibrate: torch is required", file=sys.stderr)
+        print("flexnpu calibrate: torch is required", file=sys.stderr)
         return 2
     spec = get_spec(a.spec)
     model = CostModel(spec, Corrections(alpha=0.3))
@@ -72,7 +79,10 @@ def main(argv=None) -> int:
         cost = aten_cost(name, ins, outs, {"is_causal": True})
         times = []
         for _ in range(reps):
-            t0 = time.perf_counter(); fn(); sync(); times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
         med = statistics.median(times)
         pred = model.roofline(cost)
         for t in times:
@@ -97,6 +107,3 @@ def main(argv=None) -> int:
     print(f"saved to {out_path}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
