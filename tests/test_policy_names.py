@@ -6,7 +6,7 @@ import pytest
 
 from flexnpu import cmd_run, cmd_service
 from flexnpu.daemon import main as daemon_main
-from flexnpu.daemon.policies import DEFAULT_POLICY, POLICY_NAMES, PolicyName
+from flexnpu.daemon.policies import DEFAULT_POLICY, POLICY_NAMES, PolicyName, policy_arg
 from flexnpu.daemon.scheduling import make_scheduler
 from flexnpu.sched.policy import POLICIES, make_policy
 
@@ -18,23 +18,27 @@ def test_every_name_is_a_policy_class_and_every_class_has_a_name():
     assert DEFAULT_POLICY in POLICY_NAMES and PolicyName(DEFAULT_POLICY).value == DEFAULT_POLICY
 
 
-def _policy_choices(add_arguments, *sub: str) -> tuple:
+def _policy_action(add_arguments, *sub: str) -> argparse.Action:
     p = argparse.ArgumentParser()
+    add_arguments(p)
     if sub:
-        add_arguments(p)
         for a in p._actions:
             if isinstance(a, argparse._SubParsersAction):
                 p = a.choices[sub[0]]
-    else:
-        add_arguments(p)
     [act] = [a for a in p._actions if "--policy" in a.option_strings]
-    return tuple(act.choices)
+    return act
 
 
-def test_front_ends_offer_exactly_the_registered_policies():
-    assert _policy_choices(daemon_main.add_arguments) == POLICY_NAMES
-    assert _policy_choices(cmd_run.add_arguments) == POLICY_NAMES
-    assert _policy_choices(cmd_service.add_arguments, "install") == POLICY_NAMES
+def test_front_ends_accept_exactly_the_registered_policies():
+    for act in (_policy_action(daemon_main.add_arguments), _policy_action(cmd_run.add_arguments),
+                _policy_action(cmd_service.add_arguments, "install")):
+        assert act.type is policy_arg          # one parser for every front end
+        for name in POLICY_NAMES:
+            assert act.type(name) == name
+        assert act.type("partition:0.25") == "partition:0.25"
+        for bad in ("fair", "flex:0.5", "partition:2", ""):
+            with pytest.raises(argparse.ArgumentTypeError):
+                act.type(bad)
 
 
 def test_the_scheduler_factory_refuses_unknown_names():
