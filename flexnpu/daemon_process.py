@@ -47,6 +47,27 @@ def answers(path: Path | str, timeout: float = 1.0) -> bool:
         s.close()
 
 
+def _die_with_parent(then: Any = None) -> Any:
+    """preexec_fn for a daemon that must not outlive the process that started it (benchmarks,
+    tests): the kernel sends it SIGTERM when we die, however we die (a killed benchmark or a
+    test run stopped by its timeout must not leave daemons behind)."""
+    ppid = os.getpid()
+
+    def setup() -> None:
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != ppid:      # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+        if then is not None:
+            then()
+
+    return setup
+
+
 class DaemonStartError(RuntimeError):
     """The daemon exited or did not come up; the message holds the end of its log."""
 
@@ -75,7 +96,7 @@ class DaemonProcess:
              str(self.runtime_dir), *args],
             env=env if env is not None else child_env(self.runtime_dir), stdin=subprocess.DEVNULL,
             stdout=self._logf or sys.stderr, stderr=subprocess.STDOUT, start_new_session=detach,
-            preexec_fn=preexec_fn)
+            preexec_fn=preexec_fn if detach else _die_with_parent(preexec_fn))
         if start_timeout is not None:
             self.wait_ready(start_timeout)
 
