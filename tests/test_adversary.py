@@ -373,5 +373,6 @@ def test_adversary(request):
             pytest.xfail(f"the attacker read bystander bytes in {len(LEAKS)} fresh allocations: the "
                          f"daemon does not scrub memory that changes owner yet (issue 9 item 3)")
     finally:
+        faulthandler.cancel_dump_traceback_later()
         WORLD.close()
         WORLD = None
