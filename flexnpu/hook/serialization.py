@@ -244,3 +244,16 @@ def install() -> None:
 
     # checkpoints written by earlier FlexNPU versions pickled this function
     torch.serialization.add_safe_globals([_restore_npu])
+
+
+def _plug_into_tensor() -> None:
+    """npu tensors pickle through this module; tensor.py cannot import it (this module builds
+    on tensor.py), so it finds it in tensor.SERIALIZATION."""
+    import sys
+
+    from flexnpu.hook import tensor as T
+
+    T.SERIALIZATION = sys.modules[__name__]
+
+
+_plug_into_tensor()

@@ -68,6 +68,11 @@ class Alloc:
             pass
 
 
+# Checkpoint and pickle support (flexnpu.hook.serialization) plugs itself in here when it is
+# imported: it builds on this module, so this module must not import it.
+SERIALIZATION: Any = None
+
+
 class NPUTensor(torch.Tensor):
     """A tensor on the FlexNPU ``npu`` device (metadata here, data in the daemon)."""
 
@@ -142,9 +147,7 @@ class NPUTensor(torch.Tensor):
 
     def __reduce_ex__(self, proto):
         # pickling/torch.save: torch's standard format, storage tagged npu:N (serialization.py)
-        from flexnpu.hook.serialization import reduce_tensor
-
-        return reduce_tensor(self, proto)
+        return SERIALIZATION.reduce_tensor(self, proto)
 
 
 def _restore_npu(cpu_t: torch.Tensor, index: int) -> torch.Tensor:
@@ -815,8 +818,7 @@ def _set_(func, args, kwargs, info):
 
 def _set_storage(func, args, kwargs, info):
     """``t.set_(storage, offset, size, stride)``: torch's checkpoint loader (``_rebuild_tensor``)."""
-    from flexnpu.hook.serialization import set_from_storage
-
+    set_from_storage = SERIALIZATION.set_from_storage
     t = args[0]
     if not isinstance(t, NPUTensor):
         return _set_(func, args, kwargs, info)
