@@ -525,6 +525,7 @@ class Daemon:
         return {
             "device": self.device, "backend": self.backend.name,
             "device_type": self.backend_info.get("device_type"), "name": self.backend_info.get("name"),
+            "scrub": self.backend_info.get("scrub"),
             "pid": os.getpid(), "uid": os.geteuid(), "started_at": self.started_at,
             "uptime_s": round(time.time() - self.started_at, 3), "policy": self.policy_name,
             "socket": str(self.path), "version": __version__, "layout_version": P.LAYOUT_VERSION,

@@ -197,7 +197,9 @@ class EmuBackend:
     def info(self) -> dict[str, Any]:
         return {"backend": self.name, "device_type": "emu", "name": f"emulated {self.spec.name}",
                 "spec": self.spec.name, "emulated": True, "values": self.values,
-                "total_memory": int(self.spec.mem_bytes), "torch": torch.__version__}
+                "total_memory": int(self.spec.mem_bytes), "torch": torch.__version__,
+                # values live in the cpu backend (zeroed on allocation); shape-only holds no data
+                "scrub": "allocate" if self._cpu else "no data"}
 
     def set_partition(self, shares: Any) -> None:
         """Core share per EmuStream: the compute cap of its kernels submitted from now on."""

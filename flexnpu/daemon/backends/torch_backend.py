@@ -140,8 +140,9 @@ class TorchBackend:
 
     # -- description -------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
+        # "scrub": when memory that may have held another client's data is cleared (see alloc)
         d: dict[str, Any] = {"backend": self.name, "device_type": self.device_type,
-                             "torch": torch.__version__}
+                             "torch": torch.__version__, "scrub": "allocate"}
         if self._mod is not None:
             props = self._mod.get_device_properties(self.device)
             d["name"] = getattr(props, "name", self.device_type)
