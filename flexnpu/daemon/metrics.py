@@ -15,12 +15,13 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 from ..protocol import Op
 
-if TYPE_CHECKING:
-    from .server import Daemon
+# The collector reads the daemon (server.Daemon) at scrape time. It is typed as Any, not as
+# Daemon: the server imports this module, and metrics must stay below it in the layering.
+DaemonLike = Any
 
 log = logging.getLogger("flexnpu.daemon")
 
@@ -133,7 +134,7 @@ def command_name(cmdline: str) -> str:
 class DaemonCollector:
     """A prometheus_client custom collector over one Daemon."""
 
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: DaemonLike) -> None:
         self.d = daemon
 
     def describe(self) -> Iterable[Any]:
@@ -264,7 +265,7 @@ class DaemonCollector:
         return out
 
 
-def serve(daemon: "Daemon", port: int, addr: str = "127.0.0.1") -> Any:
+def serve(daemon: DaemonLike, port: int, addr: str = "127.0.0.1") -> Any:
     """Serve /metrics on addr:port in a background thread; returns the HTTP server."""
     from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
