@@ -27,6 +27,8 @@ SLOW_TESTS = frozenset({
     "test_sim_serving.py::test_flex_throughput_at_least_static_disagg_on_balanced_mix",
     "test_sim_serving.py::test_more_load_is_never_faster",
     "test_ring_basic.py::test_arena_views_zero_copy",
+    "test_capacity.py::test_flex_sustains_more_prefill_heavy_load_than_the_best_static_split",
+    "test_capacity.py::test_no_system_beats_the_floor_under_load",
 })
 
 
