@@ -33,18 +33,19 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
 from .. import protocol as P
 from ..errors import BadState, CollectiveError, InvalidArgument, InvalidHandle, NotFound, PermissionDenied
 from ..protocol import Op
-from .objects import StreamState
+from .objects import Cmd, StreamState, ready_buf
 
-if TYPE_CHECKING:
-    from .server import Daemon
-    from .session import Session
+# The daemon (server.Daemon) and its sessions (session.Session) create and call this module, so
+# it must not import them: they are typed loosely here to keep collectives below both.
+Daemon = Any
+Session = Any
 
 log = logging.getLogger("flexnpu.daemon.collectives")
 
@@ -794,7 +795,6 @@ class Collectives:
 # ====================================================================== request handlers
 def _flat(ref: P.TensorRef, al: Any, h: int) -> torch.Tensor:
     from .backends.torch_exec import build_view
-    from .session import _ready_buf
 
     n = 1
     for d in ref.shape:
@@ -805,7 +805,7 @@ def _flat(ref: P.TensorRef, al: Any, h: int) -> torch.Tensor:
             raise InvalidArgument("collective buffers must be contiguous")
         expect *= d
     flat = P.TensorRef(ref.handle, ref.dtype, (n,), (1,), ref.offset)
-    return build_view(flat, _ready_buf(al, h))
+    return build_view(flat, ready_buf(al, h))
 
 
 def _check_sizes(kind: int, size: int, inp: torch.Tensor, out: torch.Tensor) -> None:
@@ -842,7 +842,6 @@ def _run_collective(s: "Session", st: StreamState, c: Any) -> None:
 
 
 def _p_collective(s, st, ud, sync, poff, plen, a, flags):
-    from .session import Cmd
 
     m = s.daemon.collectives.member(s, a[0])
     kind, op, root = a[1], a[2], a[3]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import InvalidHandle, OutOfMemory
 
@@ -250,3 +250,30 @@ class IpcExport:
         for pid, start in list(self.pids.items()):
             if process_start_time(pid) != start:
                 del self.pids[pid]
+
+
+@dataclass(slots=True)
+class Cmd:
+    """A validated request waiting in its stream's queue."""
+
+    op: int
+    user_data: int
+    sync: bool
+    run: Callable[[Any, StreamState, "Cmd"], Any]   # (Session, its stream, this command)
+    a: tuple = ()
+    ready: Callable[[], bool] | None = None   # None = always ready (only waits use it)
+    cost: Any = None                          # scheduler annotation (phase, predicted time)
+    undo: Callable[[], None] | None = None    # reverts the prepare step's effects if refused
+    t0: float = 0.0                           # perf_counter when drained (launch latency metric)
+    held: int = 0                             # host budget charged while it waits in a queue
+
+
+def ready_buf(al: Alloc, h: int) -> Any:
+    """The backend buffer behind handle `h` (allocation `al`), materialized if it is a deferred
+    launch result; InvalidHandle if the operator that should have produced it failed."""
+    if al.buf is None and al.result is not None:
+        return al.materialize()
+    if al.buf is None:
+        raise InvalidHandle(f"device handle {h} was never produced (the operator that should have "
+                            f"written it failed{': ' + al.failed if al.failed else ''})")
+    return al.buf

@@ -21,8 +21,8 @@ from ..errors import (BadState, Err, FlexNPUError, error_for, InvalidArgument, I
 from ..protocol import Op
 from ..ring import RingError
 from .metrics import COPY_DIRECTION, copied_bytes
-from .objects import (MAX_IMPORT_PIDS, Alloc, EventState, Graph, HandleTable, IpcExport, MemoryAccount,
-                      StreamState, process_start_time)
+from .objects import (MAX_IMPORT_PIDS, Alloc, Cmd, EventState, Graph, HandleTable, IpcExport, MemoryAccount,
+                      StreamState, process_start_time, ready_buf)
 
 if TYPE_CHECKING:
     from .interfaces import DaemonServices as Daemon   # the daemon as a session sees it
@@ -38,22 +38,6 @@ MAX_QUEUED = 1 << 18           # commands waiting in one stream: bounds a blocke
 # What a client's bad request or a failing operator may raise; anything else is logged as a bug.
 _EXPECTED = (FlexNPUError, ValueError, TypeError, KeyError, IndexError, MemoryError,
              NotImplementedError, RuntimeError, OverflowError)
-
-
-@dataclass(slots=True)
-class Cmd:
-    """A validated request waiting in its stream's queue."""
-
-    op: int
-    user_data: int
-    sync: bool
-    run: Callable[["Session", StreamState, "Cmd"], Any]
-    a: tuple = ()
-    ready: Callable[[], bool] | None = None   # None = always ready (only waits use it)
-    cost: Any = None                          # scheduler annotation (phase, predicted time)
-    undo: Callable[[], None] | None = None    # reverts the prepare step's effects if refused
-    t0: float = 0.0                           # perf_counter when drained (launch latency metric)
-    held: int = 0                             # host budget charged while it waits in a queue
 
 
 CMD_COST = 256          # daemon memory of one prepared command (Cmd, closures, queue slot)
@@ -610,18 +594,9 @@ def _p_free(s, st, ud, sync, poff, plen, a, flags):
         s.reply(ud)
 
 
-def _ready_buf(al: Alloc, h: int) -> Any:
-    if al.buf is None and al.result is not None:
-        return al.materialize()
-    if al.buf is None:
-        raise InvalidHandle(f"device handle {h} was never produced (the operator that should have "
-                            f"written it failed{': ' + al.failed if al.failed else ''})")
-    return al.buf
-
-
 def _run_memset(s: Session, st: StreamState, c: Cmd) -> None:
     al, h, off, val, n = c.a
-    s.daemon.backend.memset(_ready_buf(al, h), off, val, n)
+    s.daemon.backend.memset(ready_buf(al, h), off, val, n)
     if c.sync:
         s.reply_sync(c.user_data, st)
 
@@ -634,7 +609,7 @@ def _p_memset(s, st, ud, sync, poff, plen, a, flags):
 
 def _run_h2d(s: Session, st: StreamState, c: Cmd) -> None:
     al, h, off, src = c.a
-    s.daemon.backend.h2d(_ready_buf(al, h), off, src)
+    s.daemon.backend.h2d(ready_buf(al, h), off, src)
     if c.sync:
         s.reply_sync(c.user_data, st)
 
@@ -652,7 +627,7 @@ def _p_h2d(s, st, ud, sync, poff, plen, a, flags):
 
 def _run_d2h(s: Session, st: StreamState, c: Cmd) -> None:
     al, h, off, n, dst = c.a
-    s.daemon.backend.d2h(_ready_buf(al, h), off, n, dst)
+    s.daemon.backend.d2h(ready_buf(al, h), off, n, dst)
     if c.sync:
         s.daemon.backend.sync_stream(st.device_stream)
         s.reply_sync(c.user_data, st)
@@ -669,7 +644,7 @@ def _p_d2h(s, st, ud, sync, poff, plen, a, flags):
 
 def _run_d2d(s: Session, st: StreamState, c: Cmd) -> None:
     dal, dh, doff, sal, sh, soff, n = c.a
-    s.daemon.backend.d2d(_ready_buf(dal, dh), doff, _ready_buf(sal, sh), soff, n)
+    s.daemon.backend.d2d(ready_buf(dal, dh), doff, ready_buf(sal, sh), soff, n)
     if c.sync:
         s.reply_sync(c.user_data, st)
 
@@ -737,7 +712,7 @@ def _run_launch(s: Session, st: StreamState, c: Cmd) -> None:
         al = allocs.get(h)
         if al is None:
             raise InvalidHandle(f"{launch.op}: device handle {h} is not an input of this launch")
-        return _ready_buf(al, h)
+        return ready_buf(al, h)
 
     def allocate(nbytes: int) -> Any:
         return be.alloc(nbytes)
