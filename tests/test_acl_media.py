@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from _acl_env import (BOOTSTRAP, acl, acl_daemon, from_device, needs_ops, tensor,  # noqa: F401
+from _acl_env import (BOOTSTRAP, acl, acl_daemon, from_device, tensor,  # noqa: F401
                       to_device)
 from conftest import child_env
 from flexnpu.hook.acl import constants as C
@@ -48,7 +48,6 @@ def test_dvpp_malloc_is_device_memory(dev):
         acl.media.vpc_resize_async
 
 
-@needs_ops
 def test_op_handle_and_slice(dev):
     acl = dev
     x = np.arange(60, dtype=np.float32).reshape(6, 10)
