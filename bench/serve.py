@@ -413,15 +413,22 @@ def print_table(runs, summaries, header, quick):
 
 def verdicts(summaries: list[dict]) -> list[dict]:
     """One verdict per target and workload (and cluster size): met or not, the figure, the target.
-    Per-rate targets take the worst rate, so "met" means met at every rate."""
+    Goodput against static disaggregation at its real split granularity; TTFT/TPOT/throughput
+    against the paper's baseline, static core partition at its best alpha, over the rates where
+    both systems attain the SLO (worst rate, so "met" means met at every such rate)."""
     out = []
     for s in summaries:
         where = s["workload"] + (f" @{s['cluster']} devices" if "cluster" in s else "")
-        out.append({"where": where, "target": "goodput vs static-disagg", "figure": f"{s['flex_vs_disagg_pct']:+.1f}%",
-                    "goal": f">= +{s['disagg_target_pct']:.0f}%", "met": s["flex_vs_disagg_pct"] >= s["disagg_target_pct"]})
-        for key, lab in (("vs_coloc_per_rate", "static-coloc"), ("vs_coloc_decode_first_per_rate", "static-coloc-decode-first")):
-            rates = s.get(key) or []
+        g = s.get("flex_vs_static_disagg_goodput_pct", s.get("flex_vs_disagg_pct"))
+        if g is not None:
+            out.append({"where": where, "target": "goodput vs static-disagg", "figure": f"{g:+.1f}%",
+                        "goal": f">= +{s['disagg_target_pct']:.0f}%", "met": g >= s["disagg_target_pct"]})
+        for key, lab in (("vs_static_partition", "static-partition"),):
+            rates = [pr for pr in s.get(key) or [] if pr.get("both_attain_slo", True)]
             if not rates:
+                if s.get(key):
+                    out.append({"where": where, "target": f"per-rate vs {lab}", "figure": "no rate where both attain the SLO",
+                                "goal": "TTFT -92%, TPOT +5%, x0.97", "met": False})
                 continue
             ttft = min(rates, key=lambda pr: pr["ttft_p50_reduction_pct"])
             tpot = max(rates, key=lambda pr: pr["tpot_p50_change_pct"])
