@@ -21,13 +21,17 @@ the commands one by one, so compilation is an optimization, never a semantic cha
 """
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .. import ops
 from ..protocol import Op, TensorRef
 from .backends import torch_exec
+
+if TYPE_CHECKING:
+    from .session import Cmd
 
 _INTERNAL, _EXTERNAL = 0, 1
 
@@ -43,7 +47,7 @@ class _Src:
         self.cache: Any = None
         self.direct: bool | None = None   # producer's layout == consumer's view (same every replay)
 
-    def get(self, results: dict) -> torch.Tensor:
+    def get(self, results: dict[int, torch.Tensor]) -> torch.Tensor:
         ref = self.ref
         if self.kind == _INTERNAL:
             t = results[id(self.alloc)]
@@ -60,13 +64,14 @@ class _Src:
         if self.cache_key is not buf:
             self.cache = torch_exec.build_view(ref, buf)
             self.cache_key = buf
-        return self.cache
+        cached: torch.Tensor = self.cache
+        return cached
 
 
 class _Step:
     __slots__ = ("opov", "args", "kwargs", "outs", "flat_args", "slots", "nested", "op", "rule")
 
-    def __init__(self, opov: Any, args: tuple, kwargs: dict, outs: list, op: str = "",
+    def __init__(self, opov: Any, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any], op: str = "",
                  rule: Any = None) -> None:
         self.opov, self.args, self.kwargs, self.outs = opov, args, kwargs, outs
         self.op = op
@@ -80,7 +85,7 @@ class _Step:
         self.nested = [(i, a) for i, a in enumerate(args) if type(a) in (list, tuple)]
 
 
-def _template(x: Any, srcs: list, make: Any, mutable: bool) -> Any:
+def _template(x: Any, srcs: list[_Src], make: Callable[[TensorRef, bool], _Src], mutable: bool) -> Any:
     if isinstance(x, TensorRef):
         s = make(x, mutable)
         srcs.append(s)
@@ -92,7 +97,7 @@ def _template(x: Any, srcs: list, make: Any, mutable: bool) -> Any:
     return x
 
 
-def _fill(x: Any, results: dict) -> Any:
+def _fill(x: Any, results: dict[int, torch.Tensor]) -> Any:
     t = type(x)
     if t is _Src:
         return x.get(results)
@@ -121,9 +126,9 @@ class CompiledGraph:
                 torch_exec.validate_indices(st.op, st.opov, st.rule, tuple(args), kw)
             r = st.opov(*args, **kw) if kw else st.opov(*args)
             if st.outs:
-                flat: list = []
+                flat: list[torch.Tensor] = []
                 torch_exec._flatten_tensors(r, flat)
-                ins: list = []
+                ins: list[torch.Tensor] = []
                 torch_exec._flatten_tensors(args, ins)
                 if kw:
                     torch_exec._flatten_tensors(list(kw.values()), ins)
@@ -144,7 +149,7 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return (p, p + st.nbytes()) if st.nbytes() else (0, 0)
 
 
-def compile_graph(cmds: list, device: Any) -> CompiledGraph | None:
+def compile_graph(cmds: list[Cmd], device: Any) -> CompiledGraph | None:
     """A compiled program for the graph's commands, or None if any command needs the generic path."""
     steps: list[_Step] = []
     produced: set[int] = set()
@@ -171,7 +176,7 @@ def compile_graph(cmds: list, device: Any) -> CompiledGraph | None:
                 return _Src(_INTERNAL, ref, al, 0, False)
             return _Src(_EXTERNAL, ref, al, 0, mutable)
 
-        srcs: list = []
+        srcs: list[_Src] = []
         try:
             args = tuple(_template(a, srcs, make, i in mpos) for i, a in enumerate(launch.args))
             kwargs = {k: _template(v, srcs, make, k in mnames) for k, v in launch.kwargs.items()}

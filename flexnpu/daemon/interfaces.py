@@ -23,7 +23,11 @@ if TYPE_CHECKING:
 
     from ..protocol import Launch
     from ..sched.emu import EmuDevice
+    from .collectives import Collectives
+    from .limits import LaunchLimits
+    from .metrics import DaemonMetrics
     from .objects import IpcExport, MemoryAccount, StreamState
+    from .session import Session
 
 
 class Backend(Protocol):
@@ -131,7 +135,16 @@ class DaemonServices(Protocol):
     policy_name: str
     log: logging.Logger
     device_memory: MemoryAccount
+    client_host_memory: int | None   # each client's budget for what it makes the daemon hold
     exports: dict[int, IpcExport]
+    metrics: DaemonMetrics
+    launch_limits: LaunchLimits
+    collectives: Collectives
+    # the loop's work sets, which sessions add themselves to
+    doomed: set[Session]        # condemned: dropped at the next step of the loop
+    backlogged: set[Session]    # replies waiting for room in their CQ
+    waiting: set[Session]       # device syncs waiting for the client to go idle
+    fired: list[tuple[Session, Callable[[], None]]]   # event waiters whose event completed
 
     @property
     def backend(self) -> Backend: ...
@@ -140,7 +153,7 @@ class DaemonServices(Protocol):
     @property
     def scheduler(self) -> Scheduler: ...
 
-    def export(self, s: Any, handle: int, alloc: Any) -> int: ...
+    def export(self, s: Session, handle: int, alloc: Any, same_uid: bool = False) -> int: ...
 
 
 __all__ = ["Backend", "ClientView", "CommandView", "DaemonServices", "Scheduler", "SchedulerHost"]

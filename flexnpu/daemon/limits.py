@@ -88,7 +88,7 @@ _scaled_dot_product_cudnn_attention_backward _scaled_dot_product_fused_attention
 def _logical_bytes(launch: Any) -> int:
     """Bytes of every tensor of a launch at its full logical size (inputs and declared outputs)."""
     total = 0
-    stack: list = [launch.args, list(launch.kwargs.values()), [r for _, r in launch.outputs]]
+    stack: list[Any] = [launch.args, list(launch.kwargs.values()), [r for _, r in launch.outputs]]
     while stack:
         v = stack.pop()
         if isinstance(v, TensorRef):

@@ -94,12 +94,8 @@ def _metrics_port(args: argparse.Namespace) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from ..logging_setup import setup_logging
-    except ImportError:  # pragma: no cover - minimal fallback
-        def setup_logging(level: str, **_: object) -> None:
-            logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                                format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from ..logging_setup import setup_logging  # stdlib only: cannot fail to import
+
     setup_logging(args.log_level)
     log = logging.getLogger("flexnpu.daemon")
     try:

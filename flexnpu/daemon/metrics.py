@@ -31,7 +31,7 @@ LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1
 # engine iterations (TPOT for decode): 1 ms .. 10 s
 STEP_BUCKETS = (1e-3, 2.5e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2, 7.5e-2, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 10.0)
 
-COPY_DIRECTION = {Op.MEMCPY_H2D: "h2d", Op.MEMCPY_D2H: "d2h", Op.MEMCPY_D2D: "d2d"}
+COPY_DIRECTION: dict[int, str] = {Op.MEMCPY_H2D: "h2d", Op.MEMCPY_D2H: "d2h", Op.MEMCPY_D2D: "d2d"}
 
 
 def copied_bytes(cmd: Any) -> int:

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from ..errors import InvalidHandle, OutOfMemory
+
+if TYPE_CHECKING:
+    from .graphs import CompiledGraph
 
 MAX_HANDLE = (1 << 32) - 1
 MAX_HANDLES = 1 << 21          # live handles per client: bounds the daemon's own memory per client
@@ -156,7 +160,8 @@ class EventState:
     requested: int = 0           # records issued
     completed: int = 0           # records executed
     token: Any = None            # backend marker of the latest executed record
-    waiters: collections.deque = field(default_factory=collections.deque)   # (target, done), by target
+    # (target, done), by target
+    waiters: collections.deque[tuple[int, Callable[[], None]]] = field(default_factory=collections.deque)
 
 
 @dataclass
@@ -165,7 +170,7 @@ class StreamState:
     priority: int = 0
     phase: str = "auto"
     device_stream: Any = None
-    queue: collections.deque = field(default_factory=collections.deque)
+    queue: collections.deque[Cmd] = field(default_factory=collections.deque)
     error: tuple[int, str] | None = None     # first async error, reported at next sync
     capturing: int = 0                       # graph id being captured, 0 if none
     ops_done: int = 0
@@ -180,10 +185,10 @@ class StreamState:
 class Graph:
     gid: int
     stream: int
-    ops: list = field(default_factory=list)  # prepared commands, replayed in order
+    ops: list[Cmd] = field(default_factory=list)  # prepared commands, replayed in order
     complete: bool = False
-    compiled: Any = None
-    retained: dict = field(default_factory=dict)   # id -> Alloc the graph's commands hold
+    compiled: CompiledGraph | Literal[False] | None = None   # False: cannot be compiled
+    retained: dict[int, Alloc] = field(default_factory=dict)   # id -> Alloc the graph's commands hold
 
     def retain(self, cmd: Any) -> None:
         """Hold (and keep charged) every allocation a captured command uses: replays write into
@@ -260,7 +265,7 @@ class Cmd:
     user_data: int
     sync: bool
     run: Callable[[Any, StreamState, "Cmd"], Any]   # (Session, its stream, this command)
-    a: tuple = ()
+    a: tuple[Any, ...] = ()
     ready: Callable[[], bool] | None = None   # None = always ready (only waits use it)
     cost: Any = None                          # scheduler annotation (phase, predicted time)
     undo: Callable[[], None] | None = None    # reverts the prepare step's effects if refused

@@ -19,8 +19,9 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .. import __version__
 from .. import protocol as P
@@ -191,7 +192,7 @@ class Daemon:
         self.doomed: set[Session] = set()        # condemned: drop at the next step of the loop
         self.backlogged: set[Session] = set()    # replies waiting for room in their CQ
         self.waiting: set[Session] = set()       # device syncs waiting for the client to go idle
-        self.fired: list[tuple[Session, Any]] = []   # event waiters whose event completed
+        self.fired: list[tuple[Session, Callable[[], None]]] = []   # event waiters whose event completed
         self._ringset: RingSet | None = None     # every client's SQ, rebuilt when clients change
         self._order: list[Session] = []          # sessions in _ringset order (recently active first)
         self._uid_sessions: dict[int, int] = {}  # control thread: attached sessions per uid
@@ -203,7 +204,8 @@ class Daemon:
         self.started_at = time.time()
         self.ops_total = 0
         self.notify = notify
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        # ("attach", Session) | ("dead", client id), from the control thread to the loop
+        self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._doorbell = Doorbell()
         self._stop = threading.Event()
         self._next_cid = 1
@@ -578,19 +580,20 @@ class Daemon:
                 kind, state = key.data
                 if kind == "wake":
                     return
+                sock = cast(socket.socket, key.fileobj)   # every other registration is a socket
                 try:
                     if kind == "listen":
                         self._accept(sel)
                     elif kind == "conn":
-                        self._on_conn(sel, key.fileobj, state)
+                        self._on_conn(sel, sock, state)
                     elif kind == "client":
-                        self._on_client(sel, key.fileobj, state)
+                        self._on_client(sel, sock, state)
                     elif kind == "hold":
-                        self._on_hold(sel, key.fileobj)
+                        self._on_hold(sel, sock)
                 except Exception as e:  # noqa: BLE001 - one connection's trouble must not end attaching
                     log.error("control connection failed: %s", e, exc_info=e)
                     if kind == "conn":
-                        self._close_conn(sel, key.fileobj, state)
+                        self._close_conn(sel, sock, state)
 
     def _accept(self, sel: selectors.BaseSelector) -> None:
         while True:
@@ -656,7 +659,7 @@ class Daemon:
         reader.close()
         conn.close()
 
-    def _reply_blocking(self, conn: socket.socket, obj: dict) -> None:
+    def _reply_blocking(self, conn: socket.socket, obj: dict[str, Any]) -> None:
         try:
             conn.setblocking(True)
             conn.settimeout(1.0)
@@ -711,6 +714,7 @@ class Daemon:
                          "current ones have left")
                 self._unlink_socket()
                 self._sock_ino = None
+                assert self._listener is not None   # set while the control thread runs
                 sel.unregister(self._listener)
                 self._listener.close()
                 self.exit_when_idle = 0.0
@@ -762,7 +766,8 @@ class Daemon:
         conn.close()
         self._conn_gone()
 
-    def _attach(self, sel: selectors.BaseSelector, conn: socket.socket, msg: dict, fds: list[int]) -> None:
+    def _attach(self, sel: selectors.BaseSelector, conn: socket.socket, msg: dict[str, Any],
+                fds: list[int]) -> None:
         def refuse(text: str, code: str) -> None:
             for fd in fds:
                 try:
@@ -814,7 +819,7 @@ class Daemon:
         if type(req) is int and req > 0:
             cap = self.memory_limit_max if self.memory_limit_max is not None else limit
             limit = req if cap is None else min(req, cap)
-        phase = msg.get("phase") if msg.get("phase") in P.PHASES else "auto"
+        phase = msg["phase"] if msg.get("phase") in P.PHASES else "auto"
         cid = self._next_cid
         self._next_cid += 1
         try:

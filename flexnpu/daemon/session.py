@@ -81,7 +81,7 @@ class Session:
         self.waiters: list[tuple[Callable[[], bool], Callable[[], None]]] = []
         self.n_waiters = 0               # all waiters of this client, event syncs included
         self.pending_replies: list[bytes] = []
-        self.held: list[tuple] | None = None   # replies kept until an emulated kernel completes
+        self.held: list[tuple[Any, ...]] | None = None   # replies kept until an emulated kernel completes
         self.ops_total = 0
         self.ops_rate = 0.0
         self._rate_mark = (time.monotonic(), 0)
@@ -150,7 +150,7 @@ class Session:
             self.kill = why
             self.daemon.doomed.add(self)
 
-    def reply_json(self, user_data: int, obj: dict) -> None:
+    def reply_json(self, user_data: int, obj: dict[str, Any]) -> None:
         self.reply(user_data, 0, msg=json.dumps(obj))
 
     def fail(self, user_data: int, sync: bool, stream: StreamState | None, exc: BaseException) -> None:
@@ -183,7 +183,8 @@ class Session:
         if n > P.MAX_PAYLOAD:
             raise InvalidArgument("payload too large")
         try:
-            return self.seg.arena_view(off, n)
+            view: memoryview = self.seg.arena_view(off, n)
+            return view
         except Exception as e:
             raise InvalidArgument(f"payload outside the arena: {e}") from None
 
@@ -202,7 +203,7 @@ class Session:
     # ------------------------------------------------------------------ drain
     def drain(self) -> int:
         """Prepare up to one batch of this client's requests. Returns how many."""
-        n = self.seg.sq.pop_into(self.rec_buf, self.daemon.batch)
+        n: int = self.seg.sq.pop_into(self.rec_buf, self.daemon.batch)
         if n:
             self.ops_total += n
             self._drain_t = time.perf_counter()
@@ -211,17 +212,18 @@ class Session:
                 prep(unpack(buf, i * P.SQE_SIZE))
         return n
 
-    def prepare(self, rec: tuple) -> None:
+    def prepare(self, rec: tuple[int, ...]) -> None:
         if self.kill is not None:
             return
         op, flags, sid, ud, poff, plen, a0, a1, a2, a3, a4 = rec
         sync = flags & P.FLAG_SYNC != 0
-        st = None
-        cmd = None
+        st: StreamState | None = None
+        cmd: Cmd | None = None
         try:
-            if op >= len(_HANDLERS) or _HANDLERS[op] is None:
+            entry = _HANDLERS[op] if op < len(_HANDLERS) else None
+            if entry is None:
                 raise InvalidArgument(f"unknown opcode {op}")
-            handler, ordered = _HANDLERS[op]
+            handler, ordered = entry
             if ordered:
                 st = self.streams.get(sid)
                 if st is None:
@@ -234,6 +236,7 @@ class Session:
             if cmd is None:
                 return
             cmd.t0 = self._drain_t
+            assert st is not None, "only stream-ordered requests return a command"
             if st.capturing:
                 g = self.graphs[st.capturing]
                 if cmd.sync and op not in _SYNC_IN_CAPTURE and op != Op.GRAPH_BEGIN:
@@ -342,7 +345,7 @@ class Session:
         if self.dead or not self.waiters:
             self.daemon.waiting.discard(self)
             return
-        keep = []
+        keep: list[tuple[Callable[[], bool], Callable[[], None]]] = []
         for ready, done in self.waiters:
             if ready():
                 self.run_waiter(done)
@@ -400,18 +403,24 @@ class Session:
 
 # ====================================================================== request handlers
 # Each: (session, stream|None, user_data, sync, payload_off, payload_len, args, flags) -> Cmd|None.
-# Returning None means it was answered (or needed no answer) at once.
+# Returning None means it was answered (or needed no answer) at once. The stream is None only
+# for requests that are not stream-ordered (P.OPS[op].stream_ordered).
+Args = tuple[int, ...]     # a0..a4 of the record
+Handler = Callable[[Session, StreamState | None, int, bool, int, int, Args, int], Cmd | None]
+
 
 def _run_nop(s: Session, st: StreamState, c: Cmd) -> None:
     if c.sync:
         s.reply_sync(c.user_data, None)
 
 
-def _p_nop(s, st, ud, sync, poff, plen, a, flags):
+def _p_nop(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+           a: Args, flags: int) -> Cmd:
     return Cmd(Op.NOP, ud, sync, _run_nop)
 
 
-def _p_device_info(s, st, ud, sync, poff, plen, a, flags):
+def _p_device_info(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                   a: Args, flags: int) -> None:
     info = dict(s.daemon.backend_info)
     info.update(device=s.daemon.device, policy=s.daemon.policy_name, memory_limit=s.mem.limit)
     s.reply_json(ud, info)
@@ -421,7 +430,8 @@ def _all_idle(s: Session) -> bool:
     return all(not q.queue for q in s.streams.values()) and not s.daemon.scheduler.busy(s)
 
 
-def _p_device_sync(s, st, ud, sync, poff, plen, a, flags):
+def _p_device_sync(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                   a: Args, flags: int) -> None:
     def done() -> None:
         s.daemon.backend.synchronize()
         err = s.error
@@ -435,7 +445,8 @@ def _p_device_sync(s, st, ud, sync, poff, plen, a, flags):
     s.daemon.waiting.add(s)
 
 
-def _p_stream_create(s, st, ud, sync, poff, plen, a, flags):
+def _p_stream_create(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                     a: Args, flags: int) -> None:
     sid, prio = a[0], a[1]
     if not 0 < sid < 1 << 32:
         raise InvalidArgument(f"stream id {sid} out of range")
@@ -456,7 +467,9 @@ def _run_stream_destroy(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply(c.user_data)
 
 
-def _p_stream_destroy(s, st, ud, sync, poff, plen, a, flags):
+def _p_stream_destroy(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                      a: Args, flags: int) -> Cmd:
+    assert st is not None   # stream-ordered: prepare resolved it
     if st.sid == 0:
         raise InvalidArgument("the default stream cannot be destroyed")
     return Cmd(Op.STREAM_DESTROY, ud, sync, _run_stream_destroy)
@@ -467,11 +480,13 @@ def _run_stream_sync(s: Session, st: StreamState, c: Cmd) -> None:
     s.reply_sync(c.user_data, st)
 
 
-def _p_stream_sync(s, st, ud, sync, poff, plen, a, flags):
+def _p_stream_sync(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                   a: Args, flags: int) -> Cmd:
     return Cmd(Op.STREAM_SYNC, ud, True, _run_stream_sync)
 
 
-def _p_stream_query(s, st, ud, sync, poff, plen, a, flags):
+def _p_stream_query(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                    a: Args, flags: int) -> None:
     target = s.stream(a[0])
     s.reply(ud, 0, int(not target.queue))
 
@@ -483,7 +498,8 @@ def _event(s: Session, eid: int) -> EventState:
     return ev
 
 
-def _p_event_create(s, st, ud, sync, poff, plen, a, flags):
+def _p_event_create(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                    a: Args, flags: int) -> None:
     eid = a[0]
     if not 0 < eid < 1 << 32 or eid in s.events:
         raise InvalidHandle(f"event id {eid} invalid or in use")
@@ -494,7 +510,8 @@ def _p_event_create(s, st, ud, sync, poff, plen, a, flags):
         s.reply(ud)
 
 
-def _p_event_destroy(s, st, ud, sync, poff, plen, a, flags):
+def _p_event_destroy(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                     a: Args, flags: int) -> None:
     _event(s, a[0])
     del s.events[a[0]]
     if sync:
@@ -514,7 +531,8 @@ def _run_event_record(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _p_event_record(s, st, ud, sync, poff, plen, a, flags):
+def _p_event_record(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                    a: Args, flags: int) -> Cmd:
     ev = _event(s, a[0])
     ev.requested += 1
     n = ev.requested
@@ -533,14 +551,16 @@ def _run_wait_event(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _p_stream_wait_event(s, st, ud, sync, poff, plen, a, flags):
+def _p_stream_wait_event(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                         a: Args, flags: int) -> Cmd:
     ev = _event(s, a[0])
     target = ev.requested  # waits for the latest record issued before this call, as in CUDA
     return Cmd(Op.STREAM_WAIT_EVENT, ud, sync, _run_wait_event, (ev,),
                ready=lambda: ev.completed >= target)
 
 
-def _p_event_sync(s, st, ud, sync, poff, plen, a, flags):
+def _p_event_sync(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                  a: Args, flags: int) -> None:
     ev = _event(s, a[0])
     target = ev.requested
     s.add_waiter()
@@ -555,13 +575,15 @@ def _p_event_sync(s, st, ud, sync, poff, plen, a, flags):
     s.fire_event(ev)
 
 
-def _p_event_query(s, st, ud, sync, poff, plen, a, flags):
+def _p_event_query(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                   a: Args, flags: int) -> None:
     ev = _event(s, a[0])
     done = ev.completed >= ev.requested and (ev.token is None or s.daemon.backend.event_done(ev.token))
     s.reply(ud, 0, int(done))
 
 
-def _p_event_elapsed(s, st, ud, sync, poff, plen, a, flags):
+def _p_event_elapsed(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                     a: Args, flags: int) -> None:
     e0, e1 = _event(s, a[0]), _event(s, a[1])
     if e0.token is None or e1.token is None or e0.completed < e0.requested or e1.completed < e1.requested:
         raise BadState("elapsed time needs two completed events")
@@ -569,7 +591,8 @@ def _p_event_elapsed(s, st, ud, sync, poff, plen, a, flags):
     s.reply(ud, 0, struct.unpack("<Q", struct.pack("<d", ms))[0])
 
 
-def _p_malloc(s, st, ud, sync, poff, plen, a, flags):
+def _p_malloc(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+              a: Args, flags: int) -> None:
     h, nbytes = a[0], a[1]
     if h in s.handles:
         raise InvalidHandle(f"handle {h} is already in use")
@@ -584,7 +607,8 @@ def _p_malloc(s, st, ud, sync, poff, plen, a, flags):
         s.reply(ud)
 
 
-def _p_free(s, st, ud, sync, poff, plen, a, flags):
+def _p_free(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+            a: Args, flags: int) -> None:
     al = s.handles.remove(a[0])
     # Its exports go too: otherwise the registry would keep memory alive that nobody is charged
     # for. Processes that already imported it keep it (and it stays charged to its owner).
@@ -601,7 +625,8 @@ def _run_memset(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _p_memset(s, st, ud, sync, poff, plen, a, flags):
+def _p_memset(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+              a: Args, flags: int) -> Cmd:
     al = s.alloc_of(a[0])
     s._bounds(al, a[1], a[3], "memset")
     return Cmd(Op.MEMSET, ud, sync, _run_memset, (al, a[0], a[1], a[2], a[3]))
@@ -614,7 +639,8 @@ def _run_h2d(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _p_h2d(s, st, ud, sync, poff, plen, a, flags):
+def _p_h2d(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+           a: Args, flags: int) -> Cmd:
     al = s.alloc_of(a[0])
     n = a[2]
     s._bounds(al, a[1], n, "memcpy host->device")
@@ -633,7 +659,8 @@ def _run_d2h(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _p_d2h(s, st, ud, sync, poff, plen, a, flags):
+def _p_d2h(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+           a: Args, flags: int) -> Cmd:
     al = s.alloc_of(a[0])
     n = a[2]
     s._bounds(al, a[1], n, "memcpy device->host")
@@ -649,21 +676,24 @@ def _run_d2d(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _p_d2d(s, st, ud, sync, poff, plen, a, flags):
+def _p_d2d(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+           a: Args, flags: int) -> Cmd:
     dal, sal = s.alloc_of(a[0]), s.alloc_of(a[2])
     s._bounds(dal, a[1], a[4], "memcpy device->device (destination)")
     s._bounds(sal, a[3], a[4], "memcpy device->device (source)")
     return Cmd(Op.MEMCPY_D2D, ud, sync, _run_d2d, (dal, a[0], a[1], sal, a[2], a[3], a[4]))
 
 
-def _p_mem_stats(s, st, ud, sync, poff, plen, a, flags):
+def _p_mem_stats(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                 a: Args, flags: int) -> None:
     s.reply_json(ud, {"allocated": s.mem.used, "peak": s.mem.peak, "limit": s.mem.limit,
                       "reserved": s.mem.used, "handles": len(s.handles),
                       "host_bytes": s.host.used, "host_limit": s.host.limit,
                       "total": s.daemon.backend_info.get("total_memory")})
 
 
-def _p_ipc_export(s, st, ud, sync, poff, plen, a, flags):
+def _p_ipc_export(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                  a: Args, flags: int) -> None:
     al = s.alloc_of(a[0])
     if a[1] & ~P.IPC_EXPORT_SAME_UID:
         raise InvalidArgument(f"unknown IPC export flags {a[1]:#x}")
@@ -671,7 +701,8 @@ def _p_ipc_export(s, st, ud, sync, poff, plen, a, flags):
     s.reply(ud, 0, key)
 
 
-def _p_ipc_set_pids(s, st, ud, sync, poff, plen, a, flags):
+def _p_ipc_set_pids(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                    a: Args, flags: int) -> None:
     if plen % 4 or plen > 4 * 4096:
         raise InvalidArgument("pid list must be at most 4096 u32 values")
     pids = struct.unpack(f"<{plen // 4}I", bytes(s._payload(poff, plen)))
@@ -693,7 +724,8 @@ def _p_ipc_set_pids(s, st, ud, sync, poff, plen, a, flags):
         s.reply(ud)
 
 
-def _p_ipc_import(s, st, ud, sync, poff, plen, a, flags):
+def _p_ipc_import(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                  a: Args, flags: int) -> None:
     key, h = a[0], a[1]
     exp = s.daemon.exports.get(key)
     if exp is None:
@@ -741,7 +773,8 @@ def _run_launch(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _p_launch(s, st, ud, sync, poff, plen, a, flags):
+def _p_launch(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+              a: Args, flags: int) -> Cmd:
     payload = bytes(s._payload(poff, plen))            # copy out before parsing
     try:
         launch = P.decode_launch(payload, s.daemon.backend.device)
@@ -783,9 +816,9 @@ def _p_launch(s, st, ud, sync, poff, plen, a, flags):
     return cmd
 
 
-def _tensor_refs(args: Any, kwargs: dict) -> list[P.TensorRef]:
+def _tensor_refs(args: Any, kwargs: dict[str, Any]) -> list[P.TensorRef]:
     out: list[P.TensorRef] = []
-    stack = [args, list(kwargs.values())]
+    stack: list[Any] = [args, list(kwargs.values())]
     while stack:
         v = stack.pop()
         if isinstance(v, P.TensorRef):
@@ -800,7 +833,9 @@ def _run_graph_mark(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st, c.a[1] if len(c.a) > 1 else 0)
 
 
-def _p_graph_begin(s, st, ud, sync, poff, plen, a, flags):
+def _p_graph_begin(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                   a: Args, flags: int) -> Cmd:
+    assert st is not None   # stream-ordered: prepare resolved it
     gid = a[0]
     if st.capturing:
         raise BadState(f"stream {st.sid} is already capturing graph {st.capturing}")
@@ -820,7 +855,9 @@ def _p_graph_begin(s, st, ud, sync, poff, plen, a, flags):
     return Cmd(Op.GRAPH_BEGIN, ud, sync, _run_graph_mark, (gid,), undo=undo)
 
 
-def _p_graph_end(s, st, ud, sync, poff, plen, a, flags):
+def _p_graph_end(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                 a: Args, flags: int) -> Cmd:
+    assert st is not None   # stream-ordered: prepare resolved it
     gid = a[0]
     if st.capturing != gid:
         raise BadState(f"stream {st.sid} is not capturing graph {gid}")
@@ -849,7 +886,8 @@ def _run_graph_replay(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _p_graph_replay(s, st, ud, sync, poff, plen, a, flags):
+def _p_graph_replay(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                    a: Args, flags: int) -> Cmd:
     g = s.graphs.get(a[0])
     if g is None:
         raise NotFound(f"unknown graph {a[0]}")
@@ -858,7 +896,8 @@ def _p_graph_replay(s, st, ud, sync, poff, plen, a, flags):
     return Cmd(Op.GRAPH_REPLAY, ud, sync, _run_graph_replay, (g,))
 
 
-def _p_graph_destroy(s, st, ud, sync, poff, plen, a, flags):
+def _p_graph_destroy(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                     a: Args, flags: int) -> None:
     g = s.graphs.get(a[0])
     if g is None:
         raise NotFound(f"unknown graph {a[0]}")
@@ -871,7 +910,9 @@ def _p_graph_destroy(s, st, ud, sync, poff, plen, a, flags):
         s.reply(ud)
 
 
-def _p_step_mark(s, st, ud, sync, poff, plen, a, flags):
+def _p_step_mark(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                 a: Args, flags: int) -> Cmd | None:
+    assert st is not None   # stream-ordered: prepare resolved it
     # A graph replays kernels, not iteration boundaries: the engine marks after the replay.
     if st.capturing:
         if sync:
@@ -885,7 +926,8 @@ def _p_step_mark(s, st, ud, sync, poff, plen, a, flags):
     return Cmd(Op.STEP_MARK, ud, sync, _run_nop)
 
 
-def _p_set_phase(s, st, ud, sync, poff, plen, a, flags):
+def _p_set_phase(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                 a: Args, flags: int) -> None:
     if a[0] >= len(P.PHASES):
         raise InvalidArgument(f"unknown phase code {a[0]}")
     phase = P.PHASES[a[0]]
@@ -902,7 +944,7 @@ def _p_set_phase(s, st, ud, sync, poff, plen, a, flags):
         s.reply(ud)
 
 
-_PREPARE: dict[int, Callable] = {
+_PREPARE: dict[int, Handler] = {
     Op.NOP: _p_nop, Op.DEVICE_INFO: _p_device_info, Op.DEVICE_SYNC: _p_device_sync,
     Op.STREAM_CREATE: _p_stream_create, Op.STREAM_DESTROY: _p_stream_destroy,
     Op.STREAM_SYNC: _p_stream_sync, Op.STREAM_QUERY: _p_stream_query, Op.EVENT_CREATE: _p_event_create,
@@ -924,6 +966,6 @@ assert set(_PREPARE) == set(P.OPS), "every opcode in the wire table needs a hand
 _SYNC_IN_CAPTURE = frozenset({Op.GRAPH_END, Op.STEP_MARK})
 
 # opcode -> (handler, stream ordered?), indexed by the raw u16 so dispatch needs no enum lookup
-_HANDLERS: list = [None] * (max(_PREPARE) + 1)
+_HANDLERS: list[tuple[Handler, bool] | None] = [None] * (max(_PREPARE) + 1)
 for _op, _fn in _PREPARE.items():
-    _HANDLERS[_op] = (_fn, P.OPS[_op].stream_ordered)
+    _HANDLERS[_op] = (_fn, P.OPS[Op(_op)].stream_ordered)

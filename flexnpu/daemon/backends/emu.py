@@ -120,14 +120,15 @@ class _MetaOutputs:
         self._cache: dict[Any, Any] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, op: str, args: tuple, kwargs: dict) -> tuple:
+    def __call__(self, op: str, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> tuple[tuple[torch.dtype, tuple[int, ...], int], ...]:
         key = (op, _key(args), _key(kwargs))
-        hit = self._cache.get(key)
+        hit: tuple[tuple[torch.dtype, tuple[int, ...], int], ...] | Exception | None = self._cache.get(key)
         if hit is None:
             try:
                 r = _resolve_op(op)(*_to_meta(args), **{k: _to_meta(v) for k, v in kwargs.items()})
-                flat: list = []
-                stack = [r]
+                flat: list[tuple[torch.dtype, tuple[int, ...], int]] = []
+                stack: list[Any] = [r]
                 while stack:
                     v = stack.pop(0)
                     if isinstance(v, torch.Tensor):
@@ -154,7 +155,7 @@ def _meta_extent(t: torch.Tensor) -> int:
     return (last + 1) * t.dtype.itemsize
 
 
-def _refs(v: Any, out: list) -> list:
+def _refs(v: Any, out: list[TensorRef]) -> list[TensorRef]:
     if isinstance(v, TensorRef):
         out.append(v)
     elif isinstance(v, (list, tuple)):
@@ -298,7 +299,7 @@ class EmuBackend:
         pass
 
     def elapsed_ms(self, start: Any, end: Any) -> float:
-        return (end[1] - start[1]) / 1e6
+        return float((end[1] - start[1]) / 1e6)
 
 
 def make_emu_backend(spec: str, index: int = 0) -> EmuBackend:

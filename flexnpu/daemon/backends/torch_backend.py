@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 
@@ -49,14 +49,15 @@ class TorchBackend:
         self.device_type = device_type
         self.name = device_type
         self.device = torch.device(device_type, index) if device_type != "cpu" else torch.device("cpu")
-        self._mod = getattr(torch, device_type, None) if device_type != "cpu" else None
+        # torch.cuda / torch.npu (the latter registered at run time by torch_npu); None on cpu
+        self._mod: Any = getattr(torch, device_type, None) if device_type != "cpu" else None
         if self._mod is not None:
             if index >= self._mod.device_count():
                 raise ValueError(f"{device_type}:{index} does not exist ({self._mod.device_count()} present)")
             self._mod.set_device(index)
         # The exec module belongs to the hook side's contract (aten launches); imported lazily so
         # the daemon starts even if a client never launches.
-        self._exec = None
+        self._exec: Any = None   # the torch_exec module once imported
         # Core partitions (flexnpu.daemon.backends.partition): the capability is probed here.
         self.partition_capable = False
         self.partition_levels = 0
@@ -82,7 +83,8 @@ class TorchBackend:
             self._sms = sms
             for lvl in range(1, self.GREEN_LEVELS):
                 n = max(1, round(sms * lvl / self.GREEN_LEVELS))
-                ctx = gc.GreenContext.create(num_sms=n, device_id=index)
+                # torch annotates create() as returning its base class (object without cuda)
+                ctx = cast(gc.GreenContext, gc.GreenContext.create(num_sms=n, device_id=index))
                 self._green[lvl] = (ctx, ctx.Stream(), n)
             self.partition_capable, self.partition_levels = True, self.GREEN_LEVELS - 1
         except Exception as e:  # noqa: BLE001 - old driver (< 12.8), MIG, or torch without it
@@ -192,15 +194,16 @@ class TorchBackend:
             from . import torch_exec
 
             self._exec = torch_exec
-        return self._exec.execute_launch(self.device, launch.op, launch.args, launch.kwargs,
-                                         launch.outputs, resolve, allocate)
+        bound: list[tuple[int, torch.Tensor]] = self._exec.execute_launch(
+            self.device, launch.op, launch.args, launch.kwargs, launch.outputs, resolve, allocate)
+        return bound
 
     def op_allowed(self, op: str) -> bool:
         if self._exec is None:
             from . import torch_exec
 
             self._exec = torch_exec
-        return self._exec.is_op_allowed(op)
+        return bool(self._exec.is_op_allowed(op))
 
     # -- streams and events ------------------------------------------------------------------
     def new_stream(self, priority: int = 0) -> Any:
@@ -248,7 +251,7 @@ class TorchBackend:
     def elapsed_ms(self, start: Any, end: Any) -> float:
         (e0, t0), (e1, t1) = start, end
         if e0 is None:
-            return (t1 - t0) / 1e6
+            return float((t1 - t0) / 1e6)
         e1.synchronize()
         return float(e0.elapsed_time(e1))
 

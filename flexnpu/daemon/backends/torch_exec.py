@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.types import Storage
 
 from flexnpu import ops
 from flexnpu.errors import OpFailed
@@ -45,7 +46,7 @@ class IndexRangeError(OpFailed, LaunchError):
     way a device-side failure is (OP_FAILED; ACL: AICORE exception), but it never ran."""
 
 
-def _resolve_op(op: str):
+def _resolve_op(op: str) -> Any:
     """Return the OpOverload for an allowed "aten::name.overload" string, or raise LaunchError."""
     return _resolve(op)[0]
 
@@ -100,7 +101,7 @@ def check_view_bounds(ref: TensorRef, nbytes: int) -> None:
             f"byte {end}, beyond the allocation of {nbytes} bytes")
 
 
-def _raw_storage(alloc: torch.Tensor, handle: int) -> torch.UntypedStorage:
+def _raw_storage(alloc: torch.Tensor, handle: int) -> Storage:
     if not isinstance(alloc, torch.Tensor) or alloc.dtype != torch.uint8 or alloc.dim() != 1 \
             or not alloc.is_contiguous():
         raise LaunchError(f"handle {handle}: backend storage must be a contiguous 1-D uint8 tensor")
@@ -125,7 +126,7 @@ def build_view(ref: TensorRef, alloc: torch.Tensor) -> torch.Tensor:
 # no operator changes a cached view's metadata (in-place view ops are denied; mutable arguments,
 # whose metadata out= may change, always get a fresh view).
 _VIEW_CACHE_MAX = 4096
-_view_cache: dict[tuple, torch.Tensor] = {}
+_view_cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
 
 def _cached_view(ref: TensorRef, alloc: torch.Tensor) -> torch.Tensor:
@@ -142,10 +143,10 @@ def _cached_view(ref: TensorRef, alloc: torch.Tensor) -> torch.Tensor:
     return v
 
 
-_mutable_cache: dict[Any, tuple[frozenset, frozenset]] = {}
+_mutable_cache: dict[Any, tuple[frozenset[int], frozenset[str]]] = {}
 
 
-def _mutable_args(opov) -> tuple[frozenset, frozenset]:
+def _mutable_args(opov: Any) -> tuple[frozenset[int], frozenset[str]]:
     """(positions, names) of the arguments the op writes to."""
     m = _mutable_cache.get(opov)
     if m is None:
@@ -158,7 +159,7 @@ def _mutable_args(opov) -> tuple[frozenset, frozenset]:
 class _Ctx:
     __slots__ = ("device", "resolve", "allocs", "in_ptrs")
 
-    def __init__(self, device: torch.device, resolve: Callable[[int], torch.Tensor]):
+    def __init__(self, device: torch.device, resolve: Callable[[int], torch.Tensor]) -> None:
         self.device = device
         self.resolve = resolve
         self.allocs: dict[int, torch.Tensor] = {}
@@ -191,7 +192,7 @@ class _Ctx:
         raise LaunchError(f"unsupported argument type {type(x).__name__}")
 
 
-def _flatten_tensors(r: Any, out: list) -> None:
+def _flatten_tensors(r: Any, out: list[torch.Tensor]) -> None:
     if isinstance(r, torch.Tensor):
         out.append(r)
     elif isinstance(r, (list, tuple)):
@@ -201,7 +202,9 @@ def _flatten_tensors(r: Any, out: list) -> None:
 
 # ---- meta validation -------------------------------------------------------------------------
 _META_CACHE_MAX = 8192
-_meta_cache: dict[tuple, tuple | Exception] = {}
+# (dtype, shape, bytes) of each tensor an op returns
+_OutputMeta = tuple[torch.dtype, tuple[int, ...], int]
+_meta_cache: dict[tuple[Any, ...], tuple[_OutputMeta, ...] | Exception] = {}
 
 
 _SCALARS = (type(None), bool, int, float, complex, str, torch.dtype, torch.layout, torch.memory_format,
@@ -238,9 +241,9 @@ def _to_meta(x: Any) -> Any:
     return x
 
 
-def _launch_key(op: str, args, kwargs) -> tuple:
+def _launch_key(op: str, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     """Everything but the handles: what the outputs' metadata can depend on."""
-    parts: list = [op]
+    parts: list[Any] = [op]
     for a in args:
         tp = type(a)
         if tp is TensorRef and type(a.shape) is tuple and type(a.stride) is tuple:
@@ -260,7 +263,7 @@ def _launch_key(op: str, args, kwargs) -> tuple:
 _device_pos: dict[Any, int | None] = {}
 
 
-def _device_arg(opov) -> int | None:
+def _device_arg(opov: Any) -> int | None:
     """Position of the op's ``device`` argument (factories), None if it has none."""
     if opov not in _device_pos:
         names = [a.name for a in opov._schema.arguments]
@@ -277,7 +280,8 @@ def _extent(t: torch.Tensor) -> int:
     return (last + 1) * t.dtype.itemsize
 
 
-def _expected_outputs(op: str, opov, args, kwargs, key: tuple) -> tuple:
+def _expected_outputs(op: str, opov: Any, args: Sequence[Any], kwargs: dict[str, Any],
+                      key: tuple[Any, ...]) -> tuple[_OutputMeta, ...]:
     """(dtype, shape, bytes) of each tensor the op returns, from meta inference (cached)."""
     hit = _meta_cache.get(key)
     if hit is None:
@@ -287,7 +291,7 @@ def _expected_outputs(op: str, opov, args, kwargs, key: tuple) -> tuple:
             if dpos is not None and dpos >= len(args) and "device" not in mkw:
                 mkw["device"] = torch.device("meta")   # a factory: infer it on meta, not in host RAM
             r = opov(*_to_meta(args), **mkw)
-            flat: list = []
+            flat: list[torch.Tensor] = []
             _flatten_tensors(r, flat)
             hit = tuple((t.dtype, tuple(t.shape), _extent(t)) for t in flat)
         except Exception as e:  # noqa: BLE001 - any failure means "cannot validate"
@@ -302,10 +306,11 @@ def _expected_outputs(op: str, opov, args, kwargs, key: tuple) -> tuple:
 
 
 # (launch key, declared output layouts) pairs already validated: skips re-checking on repeats.
-_validated: set = set()
+_validated: set[tuple[Any, ...]] = set()
 
 
-def _validate_outputs(op: str, opov, args, kwargs, outputs) -> None:
+def _validate_outputs(op: str, opov: Any, args: Sequence[Any], kwargs: dict[str, Any],
+                      outputs: Sequence[Any]) -> None:
     key = _launch_key(op, args, kwargs)
     try:
         sig = (key, tuple((nb, r.dtype, r.shape, r.stride, r.offset) for nb, r in outputs))
@@ -323,7 +328,7 @@ def _validate_outputs(op: str, opov, args, kwargs, outputs) -> None:
 _fresh_cache: dict[Any, bool] = {}
 
 
-def _returns_fresh(opov) -> bool:
+def _returns_fresh(opov: Any) -> bool:
     """True if the op returns at least one tensor that is not an alias of an input."""
     r = _fresh_cache.get(opov)
     if r is None:
@@ -332,7 +337,7 @@ def _returns_fresh(opov) -> bool:
     return r
 
 
-def _check_outputs(op: str, outputs, expected: tuple) -> None:
+def _check_outputs(op: str, outputs: Sequence[Any], expected: tuple[_OutputMeta, ...]) -> None:
     if len(outputs) != len(expected):
         raise LaunchError(f"{op}: {len(outputs)} outputs declared, the op returns {len(expected)} tensors")
     for i, (item, (dtype, shape, need)) in enumerate(zip(outputs, expected)):
@@ -355,8 +360,8 @@ def _check_outputs(op: str, outputs, expected: tuple) -> None:
                               "must not overlap themselves")
 
 
-def execute_launch(device: torch.device, op: str, args: Sequence, kwargs: dict,
-                   outputs: Sequence, resolve: Callable[[int], torch.Tensor],
+def execute_launch(device: torch.device, op: str, args: Sequence[Any], kwargs: dict[str, Any],
+                   outputs: Sequence[Any], resolve: Callable[[int], torch.Tensor],
                    allocate: Callable[[int], torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
     """Run one launch; return ``[(handle, uint8_storage_tensor)]`` to bind, one per output.
 
@@ -402,7 +407,8 @@ def execute_launch(device: torch.device, op: str, args: Sequence, kwargs: dict,
     return bound
 
 
-def validate_indices(op: str, opov: Any, rule: ops.Rule, args: tuple, kwargs: dict) -> None:
+def validate_indices(op: str, opov: Any, rule: ops.Rule, args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> None:
     """Refuse the launch unless every index tensor is in range (before anything runs)."""
     try:
         ops.check_indices(rule, opov, args, kwargs)
