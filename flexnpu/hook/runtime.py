@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # pragma: no cover
     from flexnpu.client import Client
-    from flexnpu.hook.npu_module import NPUGraph
 
 _lock = threading.Lock()
 _client_factory: Callable[[int], Any] | None = None
@@ -54,7 +53,8 @@ class Device:
         self.allocated = 0             # bytes held by live npu tensors of this process
         self.peak = 0
         self.stream = 0                # current stream id (client stream handle; 0 = default)
-        self.capture: NPUGraph | None = None  # the NPUGraph being captured, if any
+        # the npu_module.NPUGraph being captured, if any (Any: npu_module sits above this module)
+        self.capture: Any = None
         self.lock = threading.Lock()
         self.phase_set = False
 
