@@ -36,7 +36,7 @@ setup(
         "dev": ["grpcio-tools>=1.85.1"],
         "serve": ["transformers>=4.40", "matplotlib>=3.7"],
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "pytest-timeout>=2", "pyzmq>=25",
-                 "expecttest>=0.1", "ruff>=0.6", "mypy>=1.10"],
+                 "expecttest>=0.1", "ruff>=0.6", "mypy>=1.10", "types-grpcio>=1.85"],
     },
     entry_points={"console_scripts": ["flexnpu=flexnpu.cli:main"]},
     zip_safe=False,

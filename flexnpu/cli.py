@@ -29,7 +29,7 @@ MOVED_FROM_BENCH = {"calibrate": "flexnpu calibrate"}
 
 
 def _bench_names() -> list[str]:
-    from flexnpu import bench
+    from flexnpu import bench  # type: ignore[attr-defined]  # the checkout's bench/, mapped in by flexnpu/__init__.py
 
     return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
 

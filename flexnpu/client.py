@@ -240,6 +240,7 @@ class Client:
                 if off is None:
                     self._sync(Op.NOP)   # barrier: the daemon has copied every earlier payload
                     off = self._stg.alloc(n, self._pushed)
+                    assert off is not None   # n <= _stg_max and the barrier emptied the ring
         else:
             self._reclaim()
             try:
@@ -269,7 +270,8 @@ class Client:
 
     # ================================================================== device
     def device_info(self) -> dict[str, Any]:
-        return json.loads(self._sync(Op.DEVICE_INFO)[2])
+        info: dict[str, Any] = json.loads(self._sync(Op.DEVICE_INFO)[2])
+        return info
 
     def nop(self, sync: bool = True) -> None:
         if sync:
@@ -330,7 +332,8 @@ class Client:
 
     def event_elapsed_ms(self, start: int, end: int) -> float:
         v = self._sync(Op.EVENT_ELAPSED, start, end)[0]
-        return struct.unpack("<d", struct.pack("<Q", v))[0]
+        ms: float = struct.unpack("<d", struct.pack("<Q", v))[0]
+        return ms
 
     # ================================================================== memory
     def alloc_handle(self) -> int:
@@ -469,7 +472,8 @@ class Client:
                                 payload_off=host_off, payload_len=nbytes))
 
     def memory_stats(self) -> dict[str, Any]:
-        return json.loads(self._sync(Op.MEM_STATS)[2])
+        stats: dict[str, Any] = json.loads(self._sync(Op.MEM_STATS)[2])
+        return stats
 
     # ================================================================== IPC
     def ipc_export(self, handle: int) -> int:
@@ -489,7 +493,7 @@ class Client:
         return h, nbytes
 
     # ================================================================== operators and graphs
-    def launch(self, op: str, args: tuple, kwargs: dict, outputs: list[tuple[int, TensorRef]],
+    def launch(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any], outputs: list[tuple[int, TensorRef]],
                stream: int = 0) -> None:
         payload = P.encode_launch(op, args, kwargs, outputs)
         with self._lock:

@@ -26,6 +26,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def _parse_devices(text: str) -> list[int] | None:
     """'0,1' -> [0, 1]; 'all' -> None (discover)."""
     if text.strip().lower() == "all":
         return None
-    out = []
+    out: list[int] = []
     for part in text.split(","):
         part = part.strip()
         if "-" in part:
@@ -174,7 +175,7 @@ def unit_source_dir() -> Path:
     raise FileNotFoundError("unit templates not found in " + " or ".join(map(str, candidates)))
 
 
-def render_unit(template: str, exec_cmd: list[str], *, extra_device_groups: list[str] = (),
+def render_unit(template: str, exec_cmd: list[str], *, extra_device_groups: Sequence[str] = (),
                 protect_home: str = "yes") -> str:
     out = [f"{MARKER} {flexnpu.__version__}; change settings in /etc/flexnpu/flexnpu.conf",
            "# or with a drop-in (systemctl edit flexnpu@.service) rather than editing this file."]

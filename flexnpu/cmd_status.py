@@ -100,8 +100,11 @@ def collect(runtime_dir: Path | list[Path], device: int | None = None, timeout: 
 
     if sockets:
         with ThreadPoolExecutor(max_workers=min(16, len(sockets))) as pool:
-            for kind, value in pool.map(one, sockets):
-                (stale if kind == "stale" else daemons).append(value)
+            for _kind, value in pool.map(one, sockets):
+                if isinstance(value, str):   # kind == "stale": the socket's path
+                    stale.append(value)
+                else:
+                    daemons.append(value)
     daemons.sort(key=lambda d: (d.get("device") if isinstance(d.get("device"), int) else 1 << 30,
                                 str(d.get("socket"))))
     return {"daemons": daemons, "stale": stale}
@@ -138,11 +141,10 @@ def _g(obj: dict, key: str, default: str = "-") -> str:
 
 def format_text(report: dict, runtime_dir: Path | list[Path], width: int = 120) -> str:
     daemons, stale = report["daemons"], report["stale"]
-    if isinstance(runtime_dir, list):
-        runtime_dir = " or ".join(map(str, runtime_dir))
+    where = " or ".join(map(str, runtime_dir)) if isinstance(runtime_dir, list) else str(runtime_dir)
     lines: list[str] = []
     if not daemons and not stale:
-        return f"no FlexNPU daemons running in {runtime_dir}"
+        return f"no FlexNPU daemons running in {where}"
     if daemons:
         rows = []
         for d in daemons:
@@ -158,7 +160,7 @@ def format_text(report: dict, runtime_dir: Path | list[Path], width: int = 120) 
                          _g(d, "policy"), format_bytes(d.get("memory_limit_default")) if d.get("memory_limit_default") else "none",
                          str(len(d.get("clients") or [])), _g(d, "ops_total"), _g(d, "version")])
         dirs = sorted({str(Path(str(d.get("socket"))).parent) for d in daemons if d.get("socket")})
-        lines.append(f"FlexNPU daemons in {', '.join(dirs) or runtime_dir}")
+        lines.append(f"FlexNPU daemons in {', '.join(dirs) or where}")
         lines += _table(["DEVICE", "BACKEND", "PID", "UPTIME", "POLICY", "CLIENT LIMIT", "CLIENTS",
                          "OPS", "VERSION"], rows)
     for d in daemons:

@@ -21,7 +21,7 @@ class ProtocolError(ValueError):
     """A control message that is malformed or too large."""
 
 
-def send_msg(sock: socket.socket, obj: dict, fds: tuple[int, ...] | list[int] = ()) -> None:
+def send_msg(sock: socket.socket, obj: dict[str, Any], fds: tuple[int, ...] | list[int] = ()) -> None:
     body = json.dumps(obj, separators=(",", ":")).encode()
     if len(body) > MAX_MSG:
         raise ProtocolError("control message too large")
@@ -43,7 +43,7 @@ def _close_fds(fds: list[int]) -> None:
             pass
 
 
-def recv_msg(sock: socket.socket) -> tuple[dict, list[int]]:
+def recv_msg(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
     """Blocking receive of one message (the client side and tests use this)."""
     fds: list[int] = []
     buf = bytearray()
@@ -100,7 +100,7 @@ class MessageReader:
         self.buf = bytearray()
         self.fds: list[int] = []
 
-    def feed(self) -> list[tuple[dict, list[int]]] | None:
+    def feed(self) -> list[tuple[dict[str, Any], list[int]]] | None:
         """Read what is available; returns complete messages, or None at EOF.
         Raises ProtocolError on garbage."""
         try:
@@ -147,7 +147,7 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return struct.unpack("3i", creds)
 
 
-def query(path: str, request: dict[str, Any], timeout: float = 2.0) -> dict:
+def query(path: str, request: dict[str, Any], timeout: float = 2.0) -> dict[str, Any]:
     """One request/reply exchange with a daemon (status and friends)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)

@@ -181,8 +181,8 @@ class TensorRef:
 
     handle: int
     dtype: Any            # torch.dtype
-    shape: tuple
-    stride: tuple
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
     offset: int = 0
 
 
@@ -217,10 +217,10 @@ _H = struct.Struct("<H")
 _TENSOR_HEAD = struct.Struct("<IBB")
 _OUT_HEAD = struct.Struct("<Q")
 
-_dtype_code: dict | None = None
-_dtype_by_code: list | None = None
-_layouts: list | None = None
-_memfmts: list | None = None
+_dtype_code: dict[Any, int] | None = None      # torch.dtype -> wire code
+_dtype_by_code: list[Any] | None = None
+_layouts: list[Any] | None = None
+_memfmts: list[Any] | None = None
 
 
 def _tables() -> None:
@@ -237,7 +237,7 @@ def dtype_code(dtype: Any) -> int:
     if _dtype_code is None:
         _tables()
     try:
-        return _dtype_code[dtype]  # type: ignore[index]
+        return _dtype_code[dtype]  # type: ignore[index]  # _tables() set it
     except KeyError:
         raise TypeError(f"dtype {dtype} cannot be sent to a FlexNPU device") from None
 
@@ -245,7 +245,7 @@ def dtype_code(dtype: Any) -> int:
 def dtype_from_code(code: int) -> Any:
     if _dtype_by_code is None:
         _tables()
-    if not 0 <= code < len(_dtype_by_code) or _dtype_by_code[code] is None:  # type: ignore[arg-type]
+    if not 0 <= code < len(_dtype_by_code) or _dtype_by_code[code] is None:  # type: ignore[arg-type,index]  # _tables() set it
         raise DecodeError(f"unknown dtype code {code}")
     return _dtype_by_code[code]  # type: ignore[index]
 
@@ -314,7 +314,7 @@ def _enc_torch(out: bytearray, v: Any) -> None:
         raise TypeError(f"cannot send an argument of type {type(v).__name__} to a FlexNPU device")
 
 
-def encode_launch(op: str, args: tuple | list, kwargs: dict, outputs: list[tuple[int, TensorRef]]) -> bytes:
+def encode_launch(op: str, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], outputs: list[tuple[int, TensorRef]]) -> bytes:
     """Serialize one operator launch. Raises TypeError for arguments that cannot travel."""
     out = bytearray()
     name = op.encode()
@@ -360,7 +360,8 @@ class _Reader:
         return b
 
     def u16(self) -> int:
-        return _H.unpack(self.take(2))[0]
+        n: int = _H.unpack(self.take(2))[0]
+        return n
 
     def value(self, depth: int) -> Any:
         if depth > MAX_DEPTH:
@@ -427,9 +428,9 @@ class _Reader:
 @dataclass(slots=True)
 class Launch:
     op: str
-    args: tuple
-    kwargs: dict
-    outputs: list  # [(nbytes, TensorRef)]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    outputs: list[tuple[int, TensorRef]]
     values: int = 0   # values decoded (what holding this launch costs the daemon, roughly)
 
 

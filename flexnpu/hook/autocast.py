@@ -27,7 +27,7 @@ _FP32 = frozenset({
     "cross_entropy_loss", "cumprod", "cumsum", "sum", "prod", "norm", "linalg_vector_norm", "rms_norm",
 })
 _LOW_FLOATS = (torch.float16, torch.bfloat16)
-_EXCLUDE = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastPrivateUse1)
+_EXCLUDE = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastPrivateUse1)  # type: ignore[attr-defined]  # missing from torch's stubs
 
 
 def _cast(x, dtype, only_from):

@@ -125,9 +125,9 @@ def decode(model, device: str, mode: str = "eager", prompt_len: int = 16, new_to
         steps = new_tokens - 1
         if mode == "graph":
             # The capture records one step (and, in FlexNPU's daemon, runs it): count it as a token.
-            g = torch.npu.NPUGraph()
+            g = torch.npu.NPUGraph()  # type: ignore[attr-defined]  # torch.npu: installed by the hook
             t0 = time.perf_counter()
-            with torch.npu.graph(g):
+            with torch.npu.graph(g):  # type: ignore[attr-defined]
                 step()
             toks.append(int(ids.item()))
             for _ in range(steps - 1):

@@ -452,9 +452,9 @@ class NPUGraph:
         self._graph = self._gid
 
     def replay(self) -> None:
-        if self._graph is None:
-            raise RuntimeError("replay() before a capture")
         d = self._dev
+        if self._graph is None or d is None:   # _dev is set whenever _graph is
+            raise RuntimeError("replay() before a capture")
         if d.pending:
             d.flush_frees()
         d.client.graph_replay(self._graph, d.stream)
@@ -495,7 +495,7 @@ class graph:
                  capture_error_mode: str = "global"):
         self.g = npu_graph
         self.stream = stream
-        self._ctx = None
+        self._ctx: contextlib.AbstractContextManager[None] | None = None
 
     def __enter__(self):
         synchronize()
@@ -511,5 +511,6 @@ class graph:
         try:
             self.g.capture_end()
         finally:
+            assert self._ctx is not None   # set by __enter__
             self._ctx.__exit__(*exc)
         return False

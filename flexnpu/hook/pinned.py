@@ -87,7 +87,7 @@ def _extent(t: torch.Tensor) -> int:
     if t.numel() == 0:
         return 0
     last = t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-    return (last + 1) * t.element_size()
+    return (last + 1) * t.element_size()  # type: ignore[return-value]  # SymInt only when traced
 
 
 def _device_for(device: Any) -> runtime.Device:
@@ -194,7 +194,7 @@ def _wrap_factory(name: str):
                 raise RuntimeError(f"torch.{name}: only host (cpu) tensors can be pinned, got device={dev}")
             return pin(orig(*args, **kwargs))
         return orig(*args, **kwargs)
-    factory.__flexnpu_orig__ = orig
+    factory.__flexnpu_orig__ = orig  # type: ignore[attr-defined]  # our tag: the unwrapped factory
     return factory
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flexnpu.client import Client
 
 _lock = threading.Lock()
 _client_factory: Callable[[int], Any] | None = None
@@ -41,7 +44,7 @@ class Device:
     def __init__(self, index: int, daemon_index: int):
         self.index = index
         self.daemon_index = daemon_index
-        self._client = None
+        self._client: Client | None = None
         # Handles whose last tensor died. Freed in batches (each free is a ring command): when
         # FREE_BATCH handles or FREE_BYTES bytes are pending (flush_due), and at every sync point.
         self.pending: list[int] = []
@@ -50,7 +53,8 @@ class Device:
         self.allocated = 0             # bytes held by live npu tensors of this process
         self.peak = 0
         self.stream = 0                # current stream id (client stream handle; 0 = default)
-        self.capture = None            # the NPUGraph being captured, if any
+        # the npu_module.NPUGraph being captured, if any (Any: npu_module sits above this module)
+        self.capture: Any = None
         self.lock = threading.Lock()
         self.phase_set = False
 

@@ -61,7 +61,7 @@ def _host_storage(t) -> torch.UntypedStorage:
     if a.nbytes:
         dev.client.memcpy_d2h_into(a.handle, 0, memoryview(buf), dev.stream)
     s = torch.frombuffer(buf, dtype=torch.uint8).untyped_storage() if a.nbytes else torch.UntypedStorage(0)
-    s._flexnpu_location = f"npu:{dev.index}"
+    s._flexnpu_location = f"npu:{dev.index}"  # type: ignore[attr-defined]  # our tag on torch's storage
     a.saved = weakref.ref(s)   # dies with the pickler's reference: the next save reads afresh
     return s
 
@@ -75,12 +75,12 @@ def reduce_tensor(t, proto: int):
     # restores a storage before reading its bytes. Use the zip format there too.
     # (a weak reference: a cycle would keep the host copy, and a.saved, alive past this save)
     wtyped = weakref.ref(typed)
-    typed.__reduce_ex__ = lambda proto: _reduce_storage(wtyped())
-    args = (typed, t.storage_offset(), tuple(t.size()), t.stride(), t.requires_grad,
+    typed.__reduce_ex__ = lambda proto: _reduce_storage(wtyped())  # type: ignore[method-assign]  # this instance only
+    args: tuple[Any, ...] = (typed, t.storage_offset(), tuple(t.size()), t.stride(), t.requires_grad,
             collections.OrderedDict())
     if getattr(t, "_is_param", False):
         # nn.Parameter on npu: rebuild the tensor, then the parameter, as torch pickles parameters
-        inner = (torch._utils._rebuild_tensor_v2, (typed, t.storage_offset(), tuple(t.size()), t.stride(),
+        inner: tuple[Any, ...] = (torch._utils._rebuild_tensor_v2, (typed, t.storage_offset(), tuple(t.size()), t.stride(),
                                                     False, collections.OrderedDict()))
         return (torch._utils._rebuild_parameter, (_Reduced(*inner), t.requires_grad, collections.OrderedDict()))
     return (torch._utils._rebuild_tensor_v2, args)
@@ -131,7 +131,7 @@ def npu_storage_from_host(storage: torch.UntypedStorage, index: int | None) -> t
     host = torch.empty(0, dtype=torch.uint8).set_(storage)
     t = T.to_npu(host, dev) if nbytes else T.new_empty(dev, (0,), torch.uint8)
     ptr = _FAKE_PTR_BASE + (next(_tokens) << 12)
-    s = torch._C._construct_storage_from_data_pointer(ptr, torch.device("npu", dev.index), nbytes)
+    s: Any = torch._C._construct_storage_from_data_pointer(ptr, torch.device("npu", dev.index), nbytes)
     s._flexnpu_alloc = t._a
     return s
 
@@ -208,7 +208,7 @@ def _guard_storage_constructor() -> None:
                 host.fill_(0)
             return npu_storage_from_host(host, torch.device(dev).index)
         return base_new(cls, *args, **kwargs)
-    torch.UntypedStorage.__new__ = __new__
+    torch.UntypedStorage.__new__ = __new__  # type: ignore[method-assign]  # patching torch is the point
 
 
 def install() -> None:
@@ -219,7 +219,7 @@ def install() -> None:
     _installed = True
     # before torch's "cpu" (10) and PrivateUse1 (23) entries
     torch.serialization.register_package(5, _location_tag, _restore)
-    torch.storage._StorageBase.npu = _storage_npu   # TypedStorage.npu wraps this one
+    torch.storage._StorageBase.npu = _storage_npu  # type: ignore[attr-defined]  # TypedStorage.npu wraps this one
     orig_to = torch.storage._StorageBase.to
 
     def to(self, *, device, non_blocking=False):
@@ -230,7 +230,7 @@ def install() -> None:
             return storage_to_host(self)
         return orig_to(self, device=device, non_blocking=non_blocking)
     to.__doc__ = orig_to.__doc__
-    torch.storage._StorageBase.to = to
+    torch.storage._StorageBase.to = to  # type: ignore[method-assign]  # patching torch is the point
     orig_cpu = torch.storage._StorageBase.cpu
 
     def cpu(self):
@@ -238,7 +238,7 @@ def install() -> None:
             return storage_to_host(self)
         return orig_cpu(self)
     cpu.__doc__ = orig_cpu.__doc__
-    torch.storage._StorageBase.cpu = cpu
+    torch.storage._StorageBase.cpu = cpu  # type: ignore[method-assign]  # patching torch is the point
     _guard_storage_constructor()
     from flexnpu.hook.tensor import _restore_npu
 

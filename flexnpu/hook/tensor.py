@@ -21,7 +21,7 @@ with ``client.malloc`` and hands the rest (fill, arange, ...) to the same launch
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -79,27 +79,33 @@ class NPUTensor(torch.Tensor):
     _a: Alloc
     # (TensorRef, cache-key part) for the current metadata, computed on first use. Metadata only
     # changes through this module (in-place view ops, resize_, `.data =`), which reset it.
-    _rk: tuple | None
+    _rk: tuple[TensorRef, tuple[Any, ...]] | None
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    # torch's documented idiom for subclasses; its stubs type these slots as plain functions
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
     @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]  # see above
         return dispatch(func, args, kwargs or {})
 
+    if TYPE_CHECKING:
+        # every op on an NPUTensor returns NPUTensors (dispatch above); torch's stubs say Tensor
+        def detach(self) -> NPUTensor: ...
+
     # `param.data = other` swaps the TensorImpl's storage; keep the allocation in step with it.
+    # (TensorBase.data is a getset descriptor; torch's stubs type it as a Tensor)
     @property
-    def data(self):  # type: ignore[override]
-        return torch._C.TensorBase.data.__get__(self)
+    def data(self):
+        return torch._C.TensorBase.data.__get__(self)  # type: ignore[attr-defined]
 
     @data.setter
     def data(self, value):
-        torch._C.TensorBase.data.__set__(self, value)
+        torch._C.TensorBase.data.__set__(self, value)  # type: ignore[attr-defined]
         if isinstance(value, NPUTensor):
             self._a = value._a
         self._rk = None
 
-    def __repr__(self, *, tensor_contents=None) -> str:
+    def __repr__(self, *, tensor_contents=None) -> str:  # type: ignore[override]  # stubs: -> Any
         # Format the host copy (one sync) instead of torch's element-wise formatting on device.
         with torch.no_grad():
             body = repr(to_cpu(self.detach()))
@@ -223,7 +229,7 @@ def ref_of(t: NPUTensor) -> TensorRef:
 
 def _make_rk(t: NPUTensor) -> tuple:
     dt, sh, st, of = t.dtype, tuple(t.shape), t.stride(), t.storage_offset()
-    rk = t._rk = (TensorRef(t._a.handle, dt, sh, st, of), (dt, sh, st, of))
+    rk = t._rk = (TensorRef(t._a.handle, dt, sh, st, of), (dt, sh, st, of))  # type: ignore[arg-type]  # of: SymInt only when traced
     return rk
 
 
@@ -473,15 +479,15 @@ def dispatch(func, args, kwargs):
         dev = w.dev
     if dev is None:
         dev = runtime.get(None)
-    key = (func, *key)
-    spec = _cache.get(key)
+    ckey = (func, *key)
+    spec = _cache.get(ckey)
     if spec is None:
         spec = _infer(func, args, kwargs, w, info)
         if spec is None:  # no meta kernel / data-dependent: run it on the host
             return _cpu_fallback(func, args, kwargs, info)
         if len(_cache) >= _CACHE_MAX:
             _cache.clear()
-        _cache[key] = spec
+        _cache[ckey] = spec
         stats["misses"] += 1
     else:
         stats["hits"] += 1
@@ -607,12 +613,12 @@ def _infer(func, args, kwargs, w: _Walk, info: OpInfo):
                         resizes.append((p, tuple(m.shape), tuple(m.stride()), m.storage_offset()))
                     kinds.add("self")
                     return ("self", p)
-            p = in_storage.get(x.untyped_storage()._cdata)
-            if p is not None:
+            vp = in_storage.get(x.untyped_storage()._cdata)
+            if vp is not None:
                 kinds.add("view")
-                return ("view", p, x.dtype, tuple(x.shape), tuple(x.stride()), x.storage_offset())
+                return ("view", vp, x.dtype, tuple(x.shape), tuple(x.stride()), x.storage_offset())
             sh, st, of = tuple(x.shape), tuple(x.stride()), x.storage_offset()
-            news.append((x.dtype, sh, st, of, _extent_nbytes(sh, st, of, x.dtype.itemsize),
+            news.append((x.dtype, sh, st, of, _extent_nbytes(sh, st, of, x.dtype.itemsize),  # type: ignore[arg-type]  # of: SymInt only when traced
                          (x.dtype, sh, st, of)))
             kinds.add("new")
             return ("new", len(news) - 1)

@@ -178,7 +178,8 @@ def _attend(q, k, v, scale: float, mask, pse=None, keep_prob: float = 1.0):
 
 
 def _segments(cum: Sequence[int], total: int, op: str, name: str) -> list[tuple[int, int]]:
-    out, start = [], 0
+    out: list[tuple[int, int]] = []
+    start = 0
     for c in cum:
         c = int(c)
         if c == 0 and out:            # trailing batches that do not take part
@@ -394,12 +395,12 @@ def npu_format_cast(self: torch.Tensor, acl_format, customize_dtype=None, input_
     tensor's memory and remembers the requested format for get_npu_format."""
     fmt = acl_format if isinstance(acl_format, int) else get_npu_format(acl_format)
     out = self.view(self.shape)
-    out._npu_format = int(fmt)
+    out._npu_format = int(fmt)  # type: ignore[attr-defined]  # our own tag, read by get_npu_format
     return out
 
 
 def npu_format_cast_(self: torch.Tensor, src, customize_dtype=None, input_dtype=None) -> torch.Tensor:
-    self._npu_format = int(src if isinstance(src, int) else get_npu_format(src))
+    self._npu_format = int(src if isinstance(src, int) else get_npu_format(src))  # type: ignore[attr-defined]  # our tag
     return self
 
 

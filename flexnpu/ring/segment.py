@@ -32,7 +32,7 @@ _BAD = ffi.cast("int *", 0)  # a closed Ring's handle: cffi refuses it with Type
 
 # The CPython fast path (pyfast.c, same .so): FastRing.push/pop/wait and call() cost ~40 ns of
 # call overhead instead of ~200 ns through cffi. Installed once into this namespace.
-_fast: dict = {}
+_fast: dict[str, Any] = {}
 if lib.fx_py_install(id(_fast)) != 0:  # id() is the object's address in CPython
     raise ImportError("flexnpu.ring: cannot install the C fast path")
 _FastRing = _fast["FastRing"]
@@ -121,7 +121,7 @@ class Ring:
     def __len__(self) -> int:
         if self._r is _BAD:
             return 0
-        n = lib.fx_ring_pending(self._r)
+        n: int = lib.fx_ring_pending(self._r)
         if n < 0:
             self._raise(n, "len")
         return n
@@ -136,7 +136,7 @@ class Ring:
             raise ValueError(f"buffer holds fewer than {n} records of {self.entry_size} bytes")
         if self._r is _BAD:
             raise self._closed_error("push_batch")
-        rc = _push_batch(self._r, _from_buffer(buf), n)
+        rc: int = _push_batch(self._r, _from_buffer(buf), n)
         if rc < 0:
             self._raise(rc, "push_batch")
         return rc
@@ -189,7 +189,7 @@ class Ring:
             raise ValueError(f"buffer too small for {max_n} records of {self.entry_size} bytes")
         if self._r is _BAD:
             raise self._closed_error("pop_into")
-        rc = _pop_batch(self._r, _from_buffer(buf, require_writable=True), max_n)
+        rc: int = _pop_batch(self._r, _from_buffer(buf, require_writable=True), max_n)
         if rc < 0:
             self._raise(rc, "pop_into")
         return rc
@@ -198,7 +198,8 @@ class Ring:
 def call(sq: Ring, cq: Ring, rec: bytes, timeout: float | None) -> bytes:
     """Synchronous call in one C crossing (GIL released while waiting): push ``rec`` on sq
     (waking the consumer if it sleeps), wait for ONE cq record and return it."""
-    return _fast_call(sq._fast, cq._fast, rec, timeout)
+    rep: bytes = _fast_call(sq._fast, cq._fast, rec, timeout)
+    return rep
 
 
 class Doorbell:
@@ -356,15 +357,18 @@ class Segment:
 
     @property
     def attacher_pid(self) -> int:
-        return lib.fx_seg_attacher_pid(self._live())
+        v: int = lib.fx_seg_attacher_pid(self._live())
+        return v
 
     @property
     def heartbeat(self) -> int:
-        return lib.fx_seg_heartbeat(self._live())
+        v: int = lib.fx_seg_heartbeat(self._live())
+        return v
 
     def beat(self) -> int:
         """Increment the daemon heartbeat (atomic u64); returns the new value."""
-        return lib.fx_seg_beat(self._live())
+        v: int = lib.fx_seg_beat(self._live())
+        return v
 
     @property
     def closed_by_peer(self) -> bool:
@@ -436,7 +440,7 @@ class Segment:
             raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
         if not isinstance(align, int) or align <= 0 or align & (align - 1) or align > 4096:
             raise ValueError(f"align must be a power of two <= 4096, got {align!r}")
-        off = lib.fx_arena_alloc(self._live(), nbytes, align)
+        off: int = lib.fx_arena_alloc(self._live(), nbytes, align)
         if off == -1:
             raise MemoryError(f"arena full: cannot allocate {nbytes} bytes (align {align}); "
                               f"{self.arena_free_bytes} bytes free, largest block "
@@ -452,11 +456,13 @@ class Segment:
 
     @property
     def arena_free_bytes(self) -> int:
-        return lib.fx_arena_free_bytes(self._live())
+        v: int = lib.fx_arena_free_bytes(self._live())
+        return v
 
     @property
     def arena_free_blocks(self) -> int:
-        return lib.fx_arena_nfree_blocks(self._live())
+        v: int = lib.fx_arena_nfree_blocks(self._live())
+        return v
 
     # ---- lifetime
     def close_notify(self) -> None:

@@ -24,4 +24,4 @@ def populate(module: types.ModuleType) -> None:
     for name, sub in SUBMODULES.items():
         setattr(module, name, sub)
         sys.modules[f"{module.__name__}.{name}"] = sub
-    module.__getattr__ = base.__getattr__  # type: ignore[attr-defined]
+    module.__getattr__ = base.__getattr__  # type: ignore[method-assign]  # module-level __getattr__ (PEP 562)

@@ -6,14 +6,25 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Generic, ParamSpec, Protocol, TypeVar
 
 from . import constants as C
 
 log = logging.getLogger("flexnpu.acl")
 _recent = threading.local()
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class AclApi(Protocol, Generic[P, R]):
+    """A pyACL entry point made by acl_api: callable as the implementation, which stays
+    reachable (without the error translation) as ``__wrapped__``."""
+
+    __wrapped__: Callable[P, R]
+    __acl_name__: str
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
 
 
 class AclFail(Exception):
@@ -71,7 +82,7 @@ def _is_flexnpu_error(err: BaseException) -> bool:
     return any(c.__name__ == "FlexNPUError" for c in type(err).__mro__)
 
 
-def acl_api(api_name: str, fail: tuple = ()) -> Callable[[F], F]:
+def acl_api(api_name: str, fail: tuple[Any, ...] = ()) -> Callable[[Callable[P, R]], AclApi[P, R]]:
     """Wrap an implementation so AclFail / FlexNPUError become pyACL-style return values.
 
     ``fail`` are the placeholder values returned before the code on failure, e.g. ``(0,)`` for
@@ -79,7 +90,7 @@ def acl_api(api_name: str, fail: tuple = ()) -> Callable[[F], F]:
     Argument type errors still raise TypeError, as pyACL's own argument parsing does.
     """
 
-    def wrap(fn: F) -> F:
+    def wrap(fn: Callable[P, R]) -> AclApi[P, R]:
         @functools.wraps(fn)
         def inner(*args: Any, **kwargs: Any) -> Any:
             try:

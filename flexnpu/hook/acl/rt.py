@@ -368,7 +368,10 @@ class _HostBlock:
 
     def __init__(self, size: int, client: Any | None, device: int | None) -> None:
         self.size = size
-        self.client = self.device = self.off = self.map = None
+        self.client: Any = None               # the device's Client (when off is set)
+        self.device: int | None = None
+        self.off: int | None = None           # arena offset, or None: private memory in map
+        self.map: mmap.mmap | None = None
         if client is not None:
             try:
                 self.off = client.host_alloc(size)
@@ -393,6 +396,7 @@ class _HostBlock:
         if self.off is not None:
             self.client.host_free(self.off)
         else:
+            assert self.map is not None   # off is None: the block lives in map
             self.map.close()
 
 
@@ -472,6 +476,7 @@ def _memcpy(dst: int, dest_max: int, src: int, count: int, kind: int, stream: An
     if d_alloc is None and s_alloc is None:
         ctypes.memmove(dst, src, count)
     elif s_alloc is None:
+        assert d_alloc is not None   # not both None (above)
         client = RT.device_state(d_alloc.device).client
         block = _host_block(src, count)
         arena = block.arena_offset(src, count, d_alloc.device) if block else None

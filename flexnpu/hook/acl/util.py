@@ -59,7 +59,7 @@ def ptr_to_numpy(ptr: int, shape: tuple, npy_type: int) -> np.ndarray:
     if nbytes == 0:
         return np.empty(shape, dtype)
     buf = (ctypes.c_char * nbytes).from_address(ptr)
-    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)  # type: ignore[call-overload]  # ctypes arrays are buffers
 
 
 def bytes_to_ptr(data: bytes) -> int:

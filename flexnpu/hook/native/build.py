@@ -226,7 +226,7 @@ def build(out: Path | None = None, force: bool = False, extra_cflags: list[str] 
             o = tmp / (c.stem + ".o")
             _run([cc, *flags, *inc, "-c", str(c), "-o", str(o)])
             objs.append(o)
-        defined = set()
+        defined: set[str] = set()
         for o in objs:
             p = subprocess.run(["nm", "--defined-only", str(o)], capture_output=True, text=True)
             defined.update(ln.split()[-1] for ln in p.stdout.splitlines() if ln.strip())
