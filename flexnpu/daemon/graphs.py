@@ -31,7 +31,7 @@ from ..protocol import Op, TensorRef
 from .backends import torch_exec
 
 if TYPE_CHECKING:
-    from .session import Cmd
+    from .objects import Cmd
 
 _INTERNAL, _EXTERNAL = 0, 1
 

@@ -23,11 +23,7 @@ if TYPE_CHECKING:
 
     from ..protocol import Launch
     from ..sched.emu import EmuDevice
-    from .collectives import Collectives
-    from .limits import LaunchLimits
-    from .metrics import DaemonMetrics
     from .objects import IpcExport, MemoryAccount, StreamState
-    from .session import Session
 
 
 class Backend(Protocol):
@@ -137,14 +133,16 @@ class DaemonServices(Protocol):
     device_memory: MemoryAccount
     client_host_memory: int | None   # each client's budget for what it makes the daemon hold
     exports: dict[int, IpcExport]
-    metrics: DaemonMetrics
-    launch_limits: LaunchLimits
-    collectives: Collectives
+    # The daemon's parts that build on these interfaces are typed loosely here, so that the
+    # interfaces stay below them in the import layering (scripts/layers.py).
+    metrics: Any                # metrics.DaemonMetrics
+    launch_limits: Any          # limits.LaunchLimits
+    collectives: Any            # collectives.Collectives
     # the loop's work sets, which sessions add themselves to
-    doomed: set[Session]        # condemned: dropped at the next step of the loop
-    backlogged: set[Session]    # replies waiting for room in their CQ
-    waiting: set[Session]       # device syncs waiting for the client to go idle
-    fired: list[tuple[Session, Callable[[], None]]]   # event waiters whose event completed
+    doomed: set[Any]            # session.Session objects condemned: dropped at the next step of the loop
+    backlogged: set[Any]    # replies waiting for room in their CQ
+    waiting: set[Any]       # device syncs waiting for the client to go idle
+    fired: list[tuple[Any, Callable[[], None]]]   # event waiters whose event completed
 
     @property
     def backend(self) -> Backend: ...
@@ -153,7 +151,7 @@ class DaemonServices(Protocol):
     @property
     def scheduler(self) -> Scheduler: ...
 
-    def export(self, s: Session, handle: int, alloc: Any, same_uid: bool = False) -> int: ...
+    def export(self, s: Any, handle: int, alloc: Any, same_uid: bool = False) -> int: ...
 
 
 __all__ = ["Backend", "ClientView", "CommandView", "DaemonServices", "Scheduler", "SchedulerHost"]

@@ -10,12 +10,9 @@ import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import Any, Callable
 
 from ..errors import InvalidHandle, OutOfMemory
-
-if TYPE_CHECKING:
-    from .graphs import CompiledGraph
 
 MAX_HANDLE = (1 << 32) - 1
 MAX_HANDLES = 1 << 21          # live handles per client: bounds the daemon's own memory per client
@@ -187,7 +184,8 @@ class Graph:
     stream: int
     ops: list[Cmd] = field(default_factory=list)  # prepared commands, replayed in order
     complete: bool = False
-    compiled: CompiledGraph | Literal[False] | None = None   # False: cannot be compiled
+    # graphs.CompiledGraph, False (cannot be compiled) or None; Any because graphs builds on this module
+    compiled: Any = None
     retained: dict[int, Alloc] = field(default_factory=dict)   # id -> Alloc the graph's commands hold
 
     def retain(self, cmd: Any) -> None:
