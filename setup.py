@@ -3,6 +3,7 @@
 The C core of the shared-memory ring (flexnpu/ring/) is compiled by cffi in API
 mode at install time; everything else is pure Python.
 """
+
 from setuptools import find_packages, setup
 
 setup(
@@ -16,15 +17,23 @@ setup(
     # never as a site-wide package named "bench".
     packages=find_packages(include=["flexnpu", "flexnpu.*"]) + ["flexnpu.bench"],
     package_dir={"flexnpu.bench": "bench"},
-    package_data={"flexnpu.ring": ["*.c", "*.h"], "flexnpu.k8s": ["*.proto"],
-                  "flexnpu.hook": ["bootstrap/*.py", "bootstrap/*/*.py"],
-                  "flexnpu.hook.native": ["src/*.c", "src/*.h", "symbols.txt"],
-                  "flexnpu.bench": ["*.c"]},
+    package_data={
+        "flexnpu.ring": ["*.c", "*.h"],
+        "flexnpu.k8s": ["*.proto"],
+        "flexnpu.hook": ["bootstrap/*.py", "bootstrap/*/*.py"],
+        "flexnpu.hook.native": ["src/*.c", "src/*.h", "symbols.txt"],
+        "flexnpu.bench": ["*.c"],
+    },
     data_files=[("share/flexnpu/systemd", ["systemd/flexnpu@.service", "systemd/flexnpu.target"])],
     setup_requires=["cffi>=1.15"],
     cffi_modules=["flexnpu/ring/_build.py:ffibuilder"],
-    install_requires=["cffi>=1.15", "numpy>=1.24", "posix_ipc>=1.1", "psutil>=5.9",
-                      "prometheus_client>=0.17"],
+    install_requires=[
+        "cffi>=1.15",
+        "numpy>=1.24",
+        "posix_ipc>=1.1",
+        "psutil>=5.9",
+        "prometheus_client>=0.17",
+    ],
     extras_require={
         # torch is deliberately not a hard requirement: an unconstrained "torch" would pull
         # a multi-GB CUDA build. Install the CPU build first: pip install torch==2.13.0
@@ -35,8 +44,17 @@ setup(
         "k8s": ["grpcio>=1.85.1", "protobuf>=7.35.1"],
         "dev": ["grpcio-tools>=1.85.1"],
         "serve": ["transformers>=4.40", "matplotlib>=3.7"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "pytest-timeout>=2", "pyzmq>=25",
-                 "expecttest>=0.1", "ruff>=0.6", "mypy>=1.10", "types-grpcio>=1.85"],
+        "test": [
+            "pytest>=7",
+            "pytest-benchmark>=4",
+            "hypothesis>=6",
+            "pytest-timeout>=2",
+            "pyzmq>=25",
+            "expecttest>=0.1",
+            "ruff>=0.6",
+            "mypy>=1.10",
+            "types-grpcio>=1.85",
+        ],
     },
     entry_points={"console_scripts": ["flexnpu=flexnpu.cli:main"]},
     zip_safe=False,

@@ -6,10 +6,10 @@ is complete on return: gloo's all_reduce blocks, and the hccl one is followed by
 synchronisation, so the hccl figures include the round trip to the daemon (a latency, not a
 pipelined throughput). Rank 0 writes the per-size medians to OUT as JSON.
 """
+
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import time
@@ -41,7 +41,7 @@ def main() -> int:
                 else:
                     dist.all_reduce(x_cpu, group=gloo)
                 dt = time.perf_counter() - t0
-                if rep:                      # the first round warms up (communicator, buffers)
+                if rep:  # the first round warms up (communicator, buffers)
                     times[name].append(dt)
         # every element is n ** (iters + 1) after the repeated sums: check a value
         expect = float(n) ** (iters + 1)
@@ -56,8 +56,11 @@ def main() -> int:
         rows.append(row)
         del x_npu, x_cpu
         if me == 0:
-            print(f"[collective] {nbytes:>10} B  hccl {row['hccl_us']:>10.1f} us  gloo {row['gloo_us']:>10.1f} us",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[collective] {nbytes:>10} B  hccl {row['hccl_us']:>10.1f} us  gloo {row['gloo_us']:>10.1f} us",
+                file=sys.stderr,
+                flush=True,
+            )
     dist.barrier(group=gloo)
     dist.destroy_process_group()
     if me == 0:

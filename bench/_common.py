@@ -1,4 +1,5 @@
 """Shared helpers of the benchmark suites: a private daemon, percentiles, tables, JSON."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +9,8 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from flexnpu.daemon_process import DaemonProcess, child_env  # noqa: F401 - child_env re-exported
 
@@ -52,10 +54,16 @@ def print_table(rows: list[dict[str, Any]], cols: list[tuple[str, str, str]], ti
     if title:
         print(title)
     widths = [max(len(h), *(len(_fmt(r.get(k), f)) for r in rows)) for k, h, f in cols]
-    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, ((_, h, _), w) in enumerate(zip(cols, widths))))
+    print(
+        "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, ((_, h, _), w) in enumerate(zip(cols, widths)))
+    )
     for r in rows:
-        print("  ".join(_fmt(r.get(k), f).ljust(w) if i == 0 else _fmt(r.get(k), f).rjust(w)
-                        for i, ((k, _, f), w) in enumerate(zip(cols, widths))))
+        print(
+            "  ".join(
+                _fmt(r.get(k), f).ljust(w) if i == 0 else _fmt(r.get(k), f).rjust(w)
+                for i, ((k, _, f), w) in enumerate(zip(cols, widths))
+            )
+        )
 
 
 def _fmt(v: Any, f: str) -> str:

@@ -3,6 +3,7 @@
 Used by `flexnpu bench overhead`: the same code runs directly on a torch device and on FlexNPU's
 `npu` device (in a child under `flexnpu run`). Run as a script it prints one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,19 +15,28 @@ import torch.nn.functional as F
 
 
 class Decoder:
-    def __init__(self, layers: int, hidden: int, heads: int, vocab: int, max_len: int, device: str,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, layers: int, hidden: int, heads: int, vocab: int, max_len: int, device: str, seed: int = 0
+    ) -> None:
         g = torch.Generator().manual_seed(seed)
-        s = hidden ** -0.5
+        s = hidden**-0.5
 
         def w(*shape: int) -> torch.Tensor:
             return (torch.randn(*shape, generator=g) * s).to(device)
 
         self.h, self.nh, self.hd, self.max_len = hidden, heads, hidden // heads, max_len
         self.emb = w(vocab, hidden)
-        self.layers = [dict(qkv=w(3 * hidden, hidden), o=w(hidden, hidden), up=w(2 * 2 * hidden, hidden),
-                            down=w(hidden, 2 * hidden), n1=torch.ones(hidden).to(device),
-                            n2=torch.ones(hidden).to(device)) for _ in range(layers)]
+        self.layers = [
+            dict(
+                qkv=w(3 * hidden, hidden),
+                o=w(hidden, hidden),
+                up=w(2 * 2 * hidden, hidden),
+                down=w(hidden, 2 * hidden),
+                n1=torch.ones(hidden).to(device),
+                n2=torch.ones(hidden).to(device),
+            )
+            for _ in range(layers)
+        ]
         self.head = w(vocab, hidden)
         self.k = [torch.zeros(1, heads, max_len, self.hd).to(device) for _ in range(layers)]
         self.v = [torch.zeros(1, heads, max_len, self.hd).to(device) for _ in range(layers)]
@@ -38,7 +48,7 @@ class Decoder:
 
     def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """tok: (1,) int64 token; pos: (1,) int64 position. Returns the next token (1,)."""
-        x = F.embedding(tok, self.emb)                              # (1, h)
+        x = F.embedding(tok, self.emb)  # (1, h)
         mask = (self.positions <= pos).view(1, 1, 1, -1)
         for i, L in enumerate(self.layers):
             y = self._norm(x, L["n1"])
@@ -64,31 +74,40 @@ def run(device: str, mode: str, steps: int, layers: int, hidden: int, warmup: in
         if mode == "graph":
             G = mod.NPUGraph if device.startswith("npu") else mod.CUDAGraph
             graph_ctx = mod.graph
-            out = m.step(tok, pos)        # warm up outside the capture (as CUDA graphs need)
+            out = m.step(tok, pos)  # warm up outside the capture (as CUDA graphs need)
             sync()
             g = G()
             with graph_ctx(g):
                 out = m.step(tok, pos)
+
             def one(i: int) -> None:
                 pos.fill_(i)
                 g.replay()
                 tok.copy_(out)
         else:
+
             def one(i: int) -> None:
                 nonlocal tok
                 pos.fill_(i)
                 tok = m.step(tok, pos)
+
         for i in range(warmup):
             one(i)
         sync()
         t0 = time.perf_counter()
         for i in range(warmup, warmup + steps):
             one(i)
-        last = int(tok.item())     # reads synchronize
+        last = int(tok.item())  # reads synchronize
         dt = time.perf_counter() - t0
     tokens.append(last)
-    return {"device": device, "mode": mode, "steps": steps, "seconds": dt, "tokens_per_s": steps / dt,
-            "last_token": last}
+    return {
+        "device": device,
+        "mode": mode,
+        "steps": steps,
+        "seconds": dt,
+        "tokens_per_s": steps / dt,
+        "last_token": last,
+    }
 
 
 def eager_client_cost(device: str, n: int = 2000) -> float:

@@ -42,6 +42,7 @@ down) and one aten::scaled_dot_product_attention per prefill chunk and one for t
 the time). An iteration ends with a stream synchronisation, which the flex policy uses as the
 iteration boundary for its TPOT control.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -61,14 +62,29 @@ BF_ITEMSIZE = 2
 
 # ---------------------------------------------------------------- daemons
 
+
 def Daemon(runtime_dir: Path, device: int, backend: str, policy: str, tpot_ms: float) -> DaemonProcess:
     """An emulated-device daemon, started without waiting (call wait_ready())."""
-    return DaemonProcess(device, runtime_dir, ["--backend", backend, "--policy", policy, "--tpot-budget-ms",
-                                               str(tpot_ms), "--log-level", "warning"],
-                         detach=False, start_timeout=None)
+    return DaemonProcess(
+        device,
+        runtime_dir,
+        [
+            "--backend",
+            backend,
+            "--policy",
+            policy,
+            "--tpot-budget-ms",
+            str(tpot_ms),
+            "--log-level",
+            "warning",
+        ],
+        detach=False,
+        start_timeout=None,
+    )
 
 
 # ---------------------------------------------------------------- the engine process
+
 
 def _ref(h: int, shape: tuple, offset: int = 0):
     import torch
@@ -92,21 +108,25 @@ def _numel(shape: tuple) -> int:
 class Device:
     """An engine's view of its device: weights, KV pool, scratch, and the per-step launches."""
 
-    def __init__(self, c: Any, model: Any, groups: int, max_tokens: int, kv_tokens: int,
-                 shared: dict | None = None) -> None:
+    def __init__(
+        self, c: Any, model: Any, groups: int, max_tokens: int, kv_tokens: int, shared: dict | None = None
+    ) -> None:
         self.c, self.m = c, model
         self.groups = max(1, min(groups, model.n_layers))
         L, H = model.n_layers, model.hidden
         self.layers = [(g + 1) * L // self.groups - g * L // self.groups for g in range(self.groups)]
-        self.cols = (model.n_heads + 2 * model.n_kv_heads) * model.head_dim + model.n_heads * model.head_dim \
+        self.cols = (
+            (model.n_heads + 2 * model.n_kv_heads) * model.head_dim
+            + model.n_heads * model.head_dim
             + 3 * model.intermediate
+        )
         lmax = max(self.layers)
         self.kv_bytes = kv_tokens * model.kv_bytes_per_token
-        if shared is None:   # owner: weights and KV pool live here
+        if shared is None:  # owner: weights and KV pool live here
             self.w = [c.malloc(H * n * self.cols * BF_ITEMSIZE) for n in self.layers]
             self.head = c.malloc(H * model.vocab * BF_ITEMSIZE)
             self.kv = c.malloc(int(self.kv_bytes))
-        else:                # importer: the same allocations, by exported key
+        else:  # importer: the same allocations, by exported key
             self.w = [c.ipc_import(k)[0] for k in shared["w"]]
             self.head = c.ipc_import(shared["head"])[0]
             self.kv, n = c.ipc_import(shared["kv"])
@@ -116,8 +136,11 @@ class Device:
         self.max_tokens = max_tokens
 
     def export(self, pids: list[int]) -> dict:
-        keys = {"w": [self.c.ipc_export(h) for h in self.w], "head": self.c.ipc_export(self.head),
-                "kv": self.c.ipc_export(self.kv)}
+        keys = {
+            "w": [self.c.ipc_export(h) for h in self.w],
+            "head": self.c.ipc_export(self.head),
+            "kv": self.c.ipc_export(self.kv),
+        }
         for k in keys["w"] + [keys["head"], keys["kv"]]:
             self.c.ipc_set_pids(k, pids)
         return keys
@@ -125,18 +148,26 @@ class Device:
     def _launch(self, op: str, args: tuple, kwargs: dict, out_shape: tuple) -> None:
         o = self.c.alloc_handle()
         self.c.launch(op, args, kwargs, [(_numel(out_shape) * BF_ITEMSIZE, _ref(o, out_shape))])
-        self.c.free(o)    # stream-ordered: the queued launch keeps its output alive
+        self.c.free(o)  # stream-ordered: the queued launch keeps its output alive
 
     def _attn(self, lg: int, b: int, q_len: int, kv_len: int, causal: bool) -> None:
         m = self.m
         qs = (b, m.n_heads * lg, q_len, m.head_dim)
         ks = (b, m.n_kv_heads * lg, kv_len, m.head_dim)
         if _numel(ks) * BF_ITEMSIZE > self.kv_bytes:
-            ks = (b, m.n_kv_heads * lg, max(1, int(self.kv_bytes // (BF_ITEMSIZE * b * m.n_kv_heads * lg * m.head_dim))),
-                  m.head_dim)
+            ks = (
+                b,
+                m.n_kv_heads * lg,
+                max(1, int(self.kv_bytes // (BF_ITEMSIZE * b * m.n_kv_heads * lg * m.head_dim))),
+                m.head_dim,
+            )
         k = _ref(self.kv, ks)
-        self._launch("aten::scaled_dot_product_attention", (_ref(self.q, qs), k, k, None, 0.0, causal),
-                     {"enable_gqa": True}, qs)
+        self._launch(
+            "aten::scaled_dot_product_attention",
+            (_ref(self.q, qs), k, k, None, 0.0, causal),
+            {"enable_gqa": True},
+            qs,
+        )
 
     def step(self, chunks: list[tuple[int, int]], decode_ctx: list[int], logits_rows: int) -> None:
         """Launch one iteration: chunks = (tokens, tokens cached before), decodes by context."""
@@ -151,9 +182,13 @@ class Device:
                 mean = max(1, round(sum(decode_ctx) / len(decode_ctx)))
                 self._attn(lg, len(decode_ctx), 1, mean, False)
         rows = max(1, logits_rows)
-        self._launch("aten::mm", (_ref(self.x, (rows, H)), _ref(self.head, (H, self.m.vocab))), {},
-                     (rows, self.m.vocab))
-        self.c.mark_step(0)          # the flex policy's iteration clock (the sync alone would do too)
+        self._launch(
+            "aten::mm",
+            (_ref(self.x, (rows, H)), _ref(self.head, (H, self.m.vocab))),
+            {},
+            (rows, self.m.vocab),
+        )
+        self.c.mark_step(0)  # the flex policy's iteration clock (the sync alone would do too)
         self.c.synchronize(0)
 
 
@@ -183,9 +218,15 @@ def engine_main(cfg: dict, qs: dict, events: Any, ready: Any, go: Any) -> None:
         shared = None
         if "keys" in qs and role == "decode":
             qs["pid"].put(os.getpid())
-            shared = qs["keys"].get(timeout=60)     # exported by the prefill instance
-        dev = Device(c, model, cfg["groups"], cfg["budget"] if role != "decode" else cfg["max_seqs"],
-                     cfg["kv_tokens"], shared)
+            shared = qs["keys"].get(timeout=60)  # exported by the prefill instance
+        dev = Device(
+            c,
+            model,
+            cfg["groups"],
+            cfg["budget"] if role != "decode" else cfg["max_seqs"],
+            cfg["kv_tokens"],
+            shared,
+        )
         if "keys" in qs and role == "prefill":
             qs["keys"].put(dev.export([qs["pid"].get(timeout=60)]))
         # warm-up: the daemon's first meta inference of each op kind is slow (torch start-up)
@@ -193,8 +234,15 @@ def engine_main(cfg: dict, qs: dict, events: Any, ready: Any, go: Any) -> None:
         info["allocated_bytes"] = c.memory_stats()["allocated"]
         info["kv_pool_bytes"] = int(dev.kv_bytes)
         pool = KVPool(cfg["kv_tokens"])
-        eng = BatchEngine(model, pool, role != "decode", role != "prefill", cfg["budget"], cfg["max_seqs"],
-                          reserve_output=role != "prefill")
+        eng = BatchEngine(
+            model,
+            pool,
+            role != "decode",
+            role != "prefill",
+            cfg["budget"],
+            cfg["max_seqs"],
+            reserve_output=role != "prefill",
+        )
         handed: list[Request] = []
         eng.on_finished = lambda r, now: events.put(("done", idx, r.id, now))
         eng.on_prefilled = lambda r, now: handed.append(r)
@@ -203,14 +251,14 @@ def engine_main(cfg: dict, qs: dict, events: Any, ready: Any, go: Any) -> None:
         t0 = go.get(timeout=120)
         stop = False
         while not (stop and not eng.has_work()):
-            try:   # an idle engine sleeps on its inbox: no polling next to the emulated devices
+            try:  # an idle engine sleeps on its inbox: no polling next to the emulated devices
                 m = inbox.get_nowait() if eng.has_work() else inbox.get(timeout=0.05)
                 while True:
                     if m is None:
                         stop = True
                     else:
                         r = Request(*m["req"])
-                        if "first_token" in m:      # prefilled elsewhere: decode from token 2
+                        if "first_token" in m:  # prefilled elsewhere: decode from token 2
                             r.prefilled, r.generated, r.first_token = r.prompt, 1, m["first_token"]
                             if cfg.get("kv_link"):
                                 _move_kv(c, dev, host, r.prompt * model.kv_bytes_per_token, to_device=True)
@@ -223,26 +271,27 @@ def engine_main(cfg: dict, qs: dict, events: Any, ready: Any, go: Any) -> None:
                 break
             p = eng.plan()
             if p is None:
-                if eng.has_work():   # nothing admissible (KV pool full): wait for the next message
+                if eng.has_work():  # nothing admissible (KV pool full): wait for the next message
                     time.sleep(0.001)
                 continue
             fin = sum(1 for r, n in p.chunks if r.prefilled + n >= r.prompt)
-            dev.step([(n, r.prefilled) for r, n in p.chunks], [r.context for r in p.decodes],
-                     len(p.decodes) + fin)
+            dev.step(
+                [(n, r.prefilled) for r, n in p.chunks], [r.context for r in p.decodes], len(p.decodes) + fin
+            )
             now = time.monotonic() - t0
             first = [r for r, n in p.chunks if r.prefilled + n >= r.prompt]
             eng.finish(p, now)
             for r in first:
                 events.put(("first", idx, r.id, now))
-                if r.finish is not None:    # a one-token answer ends at its prefill
+                if r.finish is not None:  # a one-token answer ends at its prefill
                     events.put(("done", idx, r.id, now))
             for r in handed:
-                pool.release(r.prompt)      # the prompt's KV leaves this engine
+                pool.release(r.prompt)  # the prompt's KV leaves this engine
                 msg = {"req": (r.id, r.arrival, r.prompt, r.output), "first_token": r.first_token}
-                if cfg.get("kv_link"):      # static-disagg: out over the link, the router picks the decoder
+                if cfg.get("kv_link"):  # static-disagg: out over the link, the router picks the decoder
                     _move_kv(c, dev, host, r.prompt * model.kv_bytes_per_token, to_device=False)
                     events.put(("handoff", idx, msg))
-                else:                       # flexnpu: same device, KV stays where it is
+                else:  # flexnpu: same device, KV stays where it is
                     peer.put(msg)
             handed.clear()
     except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the run
@@ -277,6 +326,7 @@ def _move_kv(c: Any, dev: Device, host: int, nbytes: int, to_device: bool) -> No
 
 # ---------------------------------------------------------------- the router
 
+
 class Router:
     """Least-loaded dispatch, run by the parent in real time.
 
@@ -288,10 +338,10 @@ class Router:
     static-disagg's new prompts and decode engines for its prefilled requests."""
 
     def __init__(self, entry: list[list[int]], decoders: list[int], prompts: dict[int, int]) -> None:
-        self.entry = entry              # per target: engines; a request enters at the first one
-        self.decoders = decoders        # static-disagg decode engines (hand-off targets)
+        self.entry = entry  # per target: engines; a request enters at the first one
+        self.decoders = decoders  # static-disagg decode engines (hand-off targets)
         self.prompts = prompts
-        self.target_of: dict[int, int] = {}     # engine -> its entry target
+        self.target_of: dict[int, int] = {}  # engine -> its entry target
         for t, engines in enumerate(entry):
             for e in engines:
                 self.target_of[e] = t
@@ -319,7 +369,7 @@ class Router:
         t = self.target_of.get(engine)
         if t is not None:
             self.waiting_first[t].discard(rid)
-            if self.decoders:       # static-disagg: the prefill engine is done with it
+            if self.decoders:  # static-disagg: the prefill engine is done with it
                 self.out[t].discard(rid)
 
     def done(self, engine: int, rid: int) -> None:
@@ -332,7 +382,7 @@ class Router:
 
 # ---------------------------------------------------------------- one system run
 
-COLOCATED = ("flexnpu", "static-partition", "naive-coloc")   # a prefill + a decode instance per device
+COLOCATED = ("flexnpu", "static-partition", "naive-coloc")  # a prefill + a decode instance per device
 
 
 def daemon_policy(system: str, alpha: float = 0.5) -> str:
@@ -340,7 +390,9 @@ def daemon_policy(system: str, alpha: float = 0.5) -> str:
     return {"flexnpu": "flex", "static-partition": f"partition:{alpha}"}.get(system, "fifo")
 
 
-def plan_engines(system: str, n_devices: int, n_prefill: int) -> tuple[list[dict], list[list[int]], list[int]]:
+def plan_engines(
+    system: str, n_devices: int, n_prefill: int
+) -> tuple[list[dict], list[list[int]], list[int]]:
     """Engines of a system on n_devices: [{role, device}], the router's entry targets, decoders."""
     if system == "static-coloc":
         engines = [{"role": "coloc", "device": d} for d in range(n_devices)]
@@ -365,16 +417,20 @@ class DaemonSet:
     before the clock starts, so a reused daemon measures the same as a new one (all memory is freed
     at detach; the emulated device is idle between runs)."""
 
-    def __init__(self, n_devices: int, spec_name: str, policy: str, tpot_ms: float, backend: str | None = None) -> None:
+    def __init__(
+        self, n_devices: int, spec_name: str, policy: str, tpot_ms: float, backend: str | None = None
+    ) -> None:
         self.runtime_dir = Path(tempfile.mkdtemp(prefix=f"flexnpu-rt-{policy}-"))
         self.policy = policy
         self.daemons: list[Daemon] = []
         try:
             # backend: emu:<spec> by default; `cuda` (or npu) runs the same engines on real kernels
-            self.daemons = [Daemon(self.runtime_dir, d, backend or f"emu:{spec_name}", policy, tpot_ms)
-                            for d in range(n_devices)]
+            self.daemons = [
+                Daemon(self.runtime_dir, d, backend or f"emu:{spec_name}", policy, tpot_ms)
+                for d in range(n_devices)
+            ]
             for dp in self.daemons:
-                dp.wait_ready(120)     # torch start-up on a busy shared host can take a minute
+                dp.wait_ready(120)  # torch start-up on a busy shared host can take a minute
         except BaseException:
             self.stop()
             raise
@@ -385,9 +441,21 @@ class DaemonSet:
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
-def run_system(system: str, model_name: str, spec_name: str, requests: list, cfg: Any, slo: dict,
-               groups: int, kv_tokens: int, deadline_s: float, n_devices: int = 2, n_prefill: int = 0,
-               daemons: DaemonSet | None = None, alpha: float = 0.5) -> dict:
+def run_system(
+    system: str,
+    model_name: str,
+    spec_name: str,
+    requests: list,
+    cfg: Any,
+    slo: dict,
+    groups: int,
+    kv_tokens: int,
+    deadline_s: float,
+    n_devices: int = 2,
+    n_prefill: int = 0,
+    daemons: DaemonSet | None = None,
+    alpha: float = 0.5,
+) -> dict:
     """Run one system on n_devices emulated devices (one daemon each) over `requests`; metrics dict.
     `daemons`: a started DaemonSet of the system's policy (``daemon_policy``) to reuse; without it
     the run starts and stops its own. `alpha`: static-partition's prefill core share."""
@@ -410,11 +478,18 @@ def run_system(system: str, model_name: str, spec_name: str, requests: list, cfg
             daemons = DaemonSet(n_devices, spec_name, policy, slo["tpot"] * 1e3)
         assert daemons is not None
         rd = daemons.runtime_dir
-        base = {"runtime_dir": str(rd), "model": model_name, "groups": groups, "kv_tokens": kv_tokens,
-                "max_seqs": cfg.max_seqs, "deadline_s": deadline_s}
-        budget = {"static-coloc": {"coloc": cfg.max_batched_tokens},
-                  "static-disagg": {"prefill": cfg.prefill_budget, "decode": cfg.max_seqs}}.get(
-            system, {"prefill": cfg.flex_prefill_chunk, "decode": cfg.max_seqs})
+        base = {
+            "runtime_dir": str(rd),
+            "model": model_name,
+            "groups": groups,
+            "kv_tokens": kv_tokens,
+            "max_seqs": cfg.max_seqs,
+            "deadline_s": deadline_s,
+        }
+        budget = {
+            "static-coloc": {"coloc": cfg.max_batched_tokens},
+            "static-disagg": {"prefill": cfg.prefill_budget, "decode": cfg.max_seqs},
+        }.get(system, {"prefill": cfg.flex_prefill_chunk, "decode": cfg.max_seqs})
         events, ready, go = ctx.Queue(), ctx.Queue(), ctx.Queue()
         inboxes = [ctx.Queue() for _ in engines]
         qss: list[dict] = [{"inbox": inboxes[i]} for i in range(len(engines))]
@@ -424,8 +499,14 @@ def run_system(system: str, model_name: str, spec_name: str, requests: list, cfg
                 qss[2 * d].update(keys=keys, pid=pid, peer=inboxes[2 * d + 1])
                 qss[2 * d + 1].update(keys=keys, pid=pid)
         for i, e in enumerate(engines):
-            ecfg = dict(base, engine=i, role=e["role"], device=e["device"], budget=budget[e["role"]],
-                        kv_link=system == "static-disagg")
+            ecfg = dict(
+                base,
+                engine=i,
+                role=e["role"],
+                device=e["device"],
+                budget=budget[e["role"]],
+                kv_link=system == "static-disagg",
+            )
             pr = ctx.Process(target=engine_main, args=(ecfg, qss[i], events, ready, go), daemon=True)
             pr.start()
             procs.append(pr)
@@ -476,14 +557,21 @@ def run_system(system: str, model_name: str, spec_name: str, requests: list, cfg
         per_dev = []
         for d in range(n_devices):
             pre_i, dec_i = infos[2 * d], infos[2 * d + 1]
-            per_dev.append({"device": d, "zero_copy": dec_i["allocated_bytes"] < pre_i["kv_pool_bytes"],
-                            "kv_pool_bytes": pre_i["kv_pool_bytes"],
-                            "exporter_allocated_bytes": pre_i["allocated_bytes"],
-                            "importer_allocated_bytes": dec_i["allocated_bytes"]})
-        m["kv_handoff"] = {"zero_copy": all(p["zero_copy"] for p in per_dev),
-                           "kv_pool_bytes": per_dev[0]["kv_pool_bytes"],
-                           "importer_allocated_bytes": max(p["importer_allocated_bytes"] for p in per_dev),
-                           "per_device": per_dev}
+            per_dev.append(
+                {
+                    "device": d,
+                    "zero_copy": dec_i["allocated_bytes"] < pre_i["kv_pool_bytes"],
+                    "kv_pool_bytes": pre_i["kv_pool_bytes"],
+                    "exporter_allocated_bytes": pre_i["allocated_bytes"],
+                    "importer_allocated_bytes": dec_i["allocated_bytes"],
+                }
+            )
+        m["kv_handoff"] = {
+            "zero_copy": all(p["zero_copy"] for p in per_dev),
+            "kv_pool_bytes": per_dev[0]["kv_pool_bytes"],
+            "importer_allocated_bytes": max(p["importer_allocated_bytes"] for p in per_dev),
+            "per_device": per_dev,
+        }
     if system == "static-disagg":
         from flexnpu.sched.specs import get_spec
 
@@ -495,8 +583,17 @@ def run_system(system: str, model_name: str, spec_name: str, requests: list, cfg
     return m
 
 
-def _route(router: Router, requests: list, inboxes: list, events: Any, infos: dict, times: dict,
-           procs: list, t0: float, deadline_s: float) -> None:
+def _route(
+    router: Router,
+    requests: list,
+    inboxes: list,
+    events: Any,
+    infos: dict,
+    times: dict,
+    procs: list,
+    t0: float,
+    deadline_s: float,
+) -> None:
     """Dispatch arrivals at their times and hand-offs as they come, until every request finished."""
     reqs = sorted(requests, key=lambda r: r.arrival)
     i = finished = 0
@@ -545,6 +642,7 @@ def best_split(runs: list[dict], attainment: float = 0.9) -> int:
         rs = [r for r in runs if r.get("prefill_devices") == p and r["system"] == "static-disagg"]
         ok = [r["throughput_tok_s"] for r in rs if r["slo_attainment"] >= attainment]
         return (max(ok) if ok else 0.0, -sum(r["ttft_p50_ms"] for r in rs))
+
     return max(splits, key=key)
 
 
@@ -558,4 +656,5 @@ def best_alpha(runs: list[dict], attainment: float = 0.9) -> float | None:
         rs = [r for r in runs if r["system"] == "static-partition" and r["alpha"] == a]
         ok = [r["throughput_tok_s"] for r in rs if r["slo_attainment"] >= attainment]
         return (max(ok) if ok else 0.0, -sum(r["ttft_p50_ms"] for r in rs))
+
     return max(alphas, key=key)

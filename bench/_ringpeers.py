@@ -5,6 +5,7 @@ that ends with a message starting with b"S" (echoed too), then a sink phase that
 messages and answers one ack. The flexnpu child adds a batched sink, a second echo phase
 while it is allowed to fall asleep between messages (wake-up latency), and an idle wait.
 """
+
 from __future__ import annotations
 
 import os
@@ -141,11 +142,11 @@ def peer_flexnpu(fd: str) -> None:
             got += n
         push(b"A" * MSG)
 
-    sink(echo())            # awake round trips, then single-record throughput
-    sink_batched(echo())    # (a stop message carries the batched count)
-    echo()                  # wake-up round trips: the client pauses between calls
+    sink(echo())  # awake round trips, then single-record throughput
+    sink_batched(echo())  # (a stop message carries the batched count)
+    echo()  # wake-up round trips: the client pauses between calls
     try:
-        while True:         # idle: the parent measures our CPU, then closes
+        while True:  # idle: the parent measures our CPU, then closes
             if pop() is None:
                 wait(None)
     except (PeerClosed, PeerDead):
@@ -156,8 +157,13 @@ def peer_flexnpu(fd: str) -> None:
 def main(argv: list[str]) -> int:
     kind, cpu, *args = argv
     _pin(int(cpu))
-    {"pipe": peer_pipe, "socketpair": peer_socket, "posix-mq": peer_posix_mq, "zmq": peer_zmq,
-     "flexnpu": peer_flexnpu}[kind](*args)
+    {
+        "pipe": peer_pipe,
+        "socketpair": peer_socket,
+        "posix-mq": peer_posix_mq,
+        "zmq": peer_zmq,
+        "flexnpu": peer_flexnpu,
+    }[kind](*args)
     return 0
 
 

@@ -9,6 +9,7 @@ native-sync-call (aclrtSynchronizeStream on an idle stream) and native-async-cop
 of a 256-byte aclrtMemcpyAsync from pageable memory; -pinned: from aclrtMallocHost memory).
 Targets: native sync within 1.5x of the Python client's sync call and <= 5 us; async <= 1 us p50.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 from ._common import child_env, dump_json, median, pct, print_table, private_daemon, progress
@@ -59,7 +59,9 @@ def _async_launch(n: int) -> list[dict]:
             c.synchronize()
     c.synchronize()
     us = [x / 1000 for x in lat]
-    out.append({"name": "async-launch", "p50_us": median(us), "p99_us": pct(us, 99), "ops_per_s": 1e6 / median(us)})
+    out.append(
+        {"name": "async-launch", "p50_us": median(us), "p99_us": pct(us, 99), "ops_per_s": 1e6 / median(us)}
+    )
     # a real operator launch: encode arguments + stage payload + push
     a = c.malloc(64)
     ref = TensorRef(a, torch.float32, (16,), (1,), 0)
@@ -75,8 +77,14 @@ def _async_launch(n: int) -> list[dict]:
     except Exception:  # noqa: BLE001 - the daemon may lack the aten executor in a partial install
         pass
     us = [x / 1000 for x in lat]
-    out.append({"name": "async-launch-aten", "p50_us": median(us), "p99_us": pct(us, 99),
-                "ops_per_s": 1e6 / median(us)})
+    out.append(
+        {
+            "name": "async-launch-aten",
+            "p50_us": median(us),
+            "p99_us": pct(us, 99),
+            "ops_per_s": 1e6 / median(us),
+        }
+    )
     c.close()
     return out
 
@@ -101,9 +109,17 @@ print(time.perf_counter() - t, flush=True)
 
 def _throughput(clients: int, n: int, rdir: str) -> dict:
     # client processes may run anywhere (not inheriting this process's pinning)
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(n)], env=child_env(rdir), text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              preexec_fn=lambda: os.sched_setaffinity(0, _ALL_CPUS)) for _ in range(clients)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(n)],
+            env=child_env(rdir),
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            preexec_fn=lambda: os.sched_setaffinity(0, _ALL_CPUS),
+        )
+        for _ in range(clients)
+    ]
     for p in procs:
         assert p.stdout.readline().strip() == "ready"
     t0 = time.perf_counter()
@@ -114,8 +130,12 @@ def _throughput(clients: int, n: int, rdir: str) -> dict:
         p.stdout.readline()
         p.wait(120)
     wall = time.perf_counter() - t0
-    return {"name": f"launch-{clients}-client{'s' if clients > 1 else ''}", "p50_us": None, "p99_us": None,
-            "ops_per_s": clients * n / wall}
+    return {
+        "name": f"launch-{clients}-client{'s' if clients > 1 else ''}",
+        "p50_us": None,
+        "p99_us": None,
+        "ops_per_s": clients * n / wall,
+    }
 
 
 _ECHO = """
@@ -139,8 +159,12 @@ def _socket_call(n: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="flexnpu-sock-") as d:
         path = os.path.join(d, "echo.sock")
         # the echo server sits where the daemon sits (the last CPU), the client where it is
-        p = subprocess.Popen([sys.executable, "-c", _ECHO, path], stdout=subprocess.PIPE, text=True,
-                             preexec_fn=lambda: os.sched_setaffinity(0, {_ALL_CPUS[-1]}))
+        p = subprocess.Popen(
+            [sys.executable, "-c", _ECHO, path],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: os.sched_setaffinity(0, {_ALL_CPUS[-1]}),
+        )
         try:
             p.stdout.readline()
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -185,15 +209,28 @@ def _native_calls(n: int, rdir: str) -> list[dict]:
     env = child_env(rdir)
     env.update(FLEXNPU_DEVICES="0", LD_LIBRARY_PATH=str(libs))
     cpu = os.sched_getaffinity(0)
-    out = subprocess.run([exe, str(n)], env=env, capture_output=True, text=True, timeout=600,
-                         preexec_fn=lambda: os.sched_setaffinity(0, cpu))
+    out = subprocess.run(
+        [exe, str(n)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: os.sched_setaffinity(0, cpu),
+    )
     if out.returncode:
         raise RuntimeError(f"native benchmark failed: {out.stderr}")
     rows = []
     for line in out.stdout.splitlines():
         name, p50, p99 = line.split()
-        rows.append({"name": name, "front": "native", "p50_us": float(p50), "p99_us": float(p99),
-                     "ops_per_s": 1e6 / float(p50)})
+        rows.append(
+            {
+                "name": name,
+                "front": "native",
+                "p50_us": float(p50),
+                "p99_us": float(p99),
+                "ops_per_s": 1e6 / float(p50),
+            }
+        )
     del native
     return rows
 
@@ -213,8 +250,9 @@ def _pin_daemon_apart(pinned: bool = True) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="flexnpu bench call", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="flexnpu bench call", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="fewer iterations (about 15 s)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--repeat", type=int, default=None, help="repetitions; medians are reported")
@@ -250,17 +288,31 @@ def main(argv: list[str] | None = None) -> int:
     by = {r["name"]: r for r in results}
     ratios = {
         "socket_over_sync_p50": round(by["socket-call"]["p50_us"] / by["sync-call"]["p50_us"], 2),
-        "four_over_one_client": round(by["launch-4-clients"]["ops_per_s"] / by["launch-1-client"]["ops_per_s"], 3),
+        "four_over_one_client": round(
+            by["launch-4-clients"]["ops_per_s"] / by["launch-1-client"]["ops_per_s"], 3
+        ),
     }
     if "native-sync-call" in by:
-        ratios["native_sync_over_python_sync_p50"] = round(by["native-sync-call"]["p50_us"] / by["sync-call"]["p50_us"], 3)
+        ratios["native_sync_over_python_sync_p50"] = round(
+            by["native-sync-call"]["p50_us"] / by["sync-call"]["p50_us"], 3
+        )
     if a.json:
         dump_json({"results": results, "ratios": ratios, "repetitions": reps, "iterations": n})
     else:
-        print_table(results, [("name", "benchmark", ""), ("p50_us", "p50 us", ".2f"), ("p99_us", "p99 us", ".2f"),
-                              ("ops_per_s", "ops/s", ",.0f")], title="flexnpu bench call (medians)")
-        print(f"socket peer / sync call (p50): {ratios['socket_over_sync_p50']}x;  "
-              f"4 clients / 1 client throughput: {ratios['four_over_one_client']}x")
+        print_table(
+            results,
+            [
+                ("name", "benchmark", ""),
+                ("p50_us", "p50 us", ".2f"),
+                ("p99_us", "p99 us", ".2f"),
+                ("ops_per_s", "ops/s", ",.0f"),
+            ],
+            title="flexnpu bench call (medians)",
+        )
+        print(
+            f"socket peer / sync call (p50): {ratios['socket_over_sync_p50']}x;  "
+            f"4 clients / 1 client throughput: {ratios['four_over_one_client']}x"
+        )
         if "native_sync_over_python_sync_p50" in ratios:
             print(f"native sync / Python client sync (p50): {ratios['native_sync_over_python_sync_p50']}x")
     return 0

@@ -7,6 +7,7 @@ alternating per message size. Bus bandwidth follows nccl-tests: busbw = algbw * 
 algbw = bytes / time. Targets (issue 17): >= 2x gloo's busbw at >= 64 MiB, and small-message
 latency <= gloo's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,11 @@ sys.exit(max(abs(p.wait()) for p in ps))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="flexnpu bench collective", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="flexnpu bench collective",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="4 KiB ... 16 MiB, fewer repetitions")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--ranks", type=int, default=2)
@@ -47,13 +51,31 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="flexnpu-bench-coll-") as tmp:
         out = Path(tmp) / "result.json"
         devices = ",".join(str(d) for d in range(min(a.ranks, 2)))
-        cmd = [sys.executable, "-m", "flexnpu", "run", "--backend", "cpu", "--device", devices, "--",
-               sys.executable, "-c", LAUNCHER, str(a.ranks), str(ROOT / "bench" / "_collective_rank.py"),
-               str(out), ",".join(map(str, sizes)), str(iters)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "flexnpu",
+            "run",
+            "--backend",
+            "cpu",
+            "--device",
+            devices,
+            "--",
+            sys.executable,
+            "-c",
+            LAUNCHER,
+            str(a.ranks),
+            str(ROOT / "bench" / "_collective_rank.py"),
+            str(out),
+            ",".join(map(str, sizes)),
+            str(iters),
+        ]
         progress(f"[collective] {a.ranks} ranks on devices {devices}, {len(sizes)} sizes up to {top} B")
         # A runtime directory of its own: `flexnpu run` starts private daemons, never a shared one's.
         (Path(tmp) / "run").mkdir()
-        r = subprocess.run(cmd, env=child_env(Path(tmp) / "run"), stdout=subprocess.PIPE, text=True, timeout=3600)
+        r = subprocess.run(
+            cmd, env=child_env(Path(tmp) / "run"), stdout=subprocess.PIPE, text=True, timeout=3600
+        )
         if r.returncode != 0 or not out.exists():
             raise RuntimeError(f"collective benchmark failed (exit {r.returncode})")
         res = json.loads(out.read_text())
@@ -67,14 +89,28 @@ def main(argv: list[str] | None = None) -> int:
         "target_small_latency_met": all(x["hccl_us"] <= x["gloo_us"] for x in small) if small else None,
         "all_correct": all(x["correct"] for x in rows),
     }
-    doc = {"benchmark": "collective", "op": "all_reduce sum float32", "ranks": res["ranks"],
-           "busbw_definition": "algbw * 2(n-1)/n (nccl-tests)", "rows": rows, "summary": summary}
+    doc = {
+        "benchmark": "collective",
+        "op": "all_reduce sum float32",
+        "ranks": res["ranks"],
+        "busbw_definition": "algbw * 2(n-1)/n (nccl-tests)",
+        "rows": rows,
+        "summary": summary,
+    }
     if a.json:
         dump_json(doc)
     else:
-        print_table(rows, [("bytes", "bytes", ""), ("hccl_us", "hccl us", ".1f"), ("gloo_us", "gloo us", ".1f"),
-                           ("hccl_busbw_GBps", "hccl busbw GB/s", ".3f"),
-                           ("gloo_busbw_GBps", "gloo busbw GB/s", ".3f"), ("busbw_ratio", "ratio", ".2f")],
-                    title=f"all_reduce, {res['ranks']} ranks")
+        print_table(
+            rows,
+            [
+                ("bytes", "bytes", ""),
+                ("hccl_us", "hccl us", ".1f"),
+                ("gloo_us", "gloo us", ".1f"),
+                ("hccl_busbw_GBps", "hccl busbw GB/s", ".3f"),
+                ("gloo_busbw_GBps", "gloo busbw GB/s", ".3f"),
+                ("busbw_ratio", "ratio", ".2f"),
+            ],
+            title=f"all_reduce, {res['ranks']} ranks",
+        )
         print(json.dumps(summary))
     return 0

@@ -11,6 +11,7 @@
    stream (event record + wait), per change.
 Prints what it measured; nothing is asserted (hardware figures for docs/scheduling.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,8 @@ def main(argv=None) -> int:
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    gemm = lambda: torch.mm(a, b)               # noqa: E731
-    copy = lambda: dst.copy_(src)               # noqa: E731
+    gemm = lambda: torch.mm(a, b)  # noqa: E731
+    copy = lambda: dst.copy_(src)  # noqa: E731
     full = torch.cuda.Stream()
     base = {"gemm_s": _time(gemm, full), "copy_s": _time(copy, full)}
     levels = {}
@@ -76,8 +77,11 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         together = (time.perf_counter() - t) / 5
         # disjoint SM sets: together ~ max(solo1, solo2); overlapping: closer to solo1 + solo2
-        pairs[f"{lvl}/8+{8 - lvl}/8"] = {"solo_s": [solo1, solo2], "together_s": together,
-                                         "disjoint": together < 1.15 * max(solo1, solo2)}
+        pairs[f"{lvl}/8+{8 - lvl}/8"] = {
+            "solo_s": [solo1, solo2],
+            "together_s": together,
+            "disjoint": together < 1.15 * max(solo1, solo2),
+        }
     small = torch.empty(1024, device="cuda")
     s1, s2 = ctxs[2][1], ctxs[6][1]
     n = 200
@@ -100,8 +104,15 @@ def main(argv=None) -> int:
         cur = nxt
     torch.cuda.synchronize()
     switching = (time.perf_counter() - t) / n
-    out = {"device": torch.cuda.get_device_name(0), "sms": sms, "whole_device": base, "levels": levels,
-           "pairs": pairs, "repartition_s": max(0.0, switching - same), "tiny_kernel_s": same}
+    out = {
+        "device": torch.cuda.get_device_name(0),
+        "sms": sms,
+        "whole_device": base,
+        "levels": levels,
+        "pairs": pairs,
+        "repartition_s": max(0.0, switching - same),
+        "tiny_kernel_s": same,
+    }
     if "--json" in argv:
         print(json.dumps(out, indent=1))
     else:

@@ -7,6 +7,7 @@ a bystander, and whether the daemon's memory comes back when clients go.
 
 Each starts its own cpu (or emu) daemon in a temporary runtime folder and prints one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,12 @@ from pathlib import Path
 
 def _start(rt: Path, *args: str) -> subprocess.Popen:
     env = dict(os.environ, FLEXNPU_RUNTIME_DIR=str(rt))
-    p = subprocess.Popen([sys.executable, "-m", "flexnpu", "daemon", "--runtime-dir", str(rt), *args],
-                         env=env, stdout=open(rt / "daemon.log", "wb"), stderr=subprocess.STDOUT)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "flexnpu", "daemon", "--runtime-dir", str(rt), *args],
+        env=env,
+        stdout=open(rt / "daemon.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
     t0 = time.monotonic()
     while not (rt / "npu0.sock").exists():
         if p.poll() is not None or time.monotonic() - t0 > 60:
@@ -96,14 +101,18 @@ def waiters(n: int) -> dict:
                 a = Client(0, path=path, sq_entries=8192, cq_entries=8192)
                 k = 32768
                 x = TensorRef(a.malloc(k * k * 2, sync=True), torch.bfloat16, (k, k), (k, 1), 0)
-                for _ in range(100):   # ~20 s of emulated kernels ahead of the record
-                    a.launch("aten::mm.default", (x, x), {},
-                             [(k * k * 2, TensorRef(a.alloc_handle(), torch.bfloat16, (k, k), (k, 1), 0))])
+                for _ in range(100):  # ~20 s of emulated kernels ahead of the record
+                    a.launch(
+                        "aten::mm.default",
+                        (x, x),
+                        {},
+                        [(k * k * 2, TensorRef(a.alloc_handle(), torch.bfloat16, (k, k), (k, 1), 0))],
+                    )
                 ev = a.create_event()
                 a.record_event(ev, 0)
                 attackers.append(a)
                 evs.append(ev)
-            kernels_only = _p50_ms(busy, 300)   # the same device load, no waiters yet
+            kernels_only = _p50_ms(busy, 300)  # the same device load, no waiters yet
             for a, ev in zip(attackers, evs):
                 for i in range(per):
                     rec = P.pack_sqe(P.Op.EVENT_SYNC, ev, user_data=i + 10, flags=P.FLAG_SYNC)
@@ -119,9 +128,14 @@ def waiters(n: int) -> dict:
         finally:
             p.terminate()
             p.wait(20)
-    return {"figure": "bystander nop p50 ms", "waiters_sent": n, "alone": base,
-            "with_attackers_kernels_only": kernels_only, "with_waiters": loaded,
-            "refused_so_far": accepted}
+    return {
+        "figure": "bystander nop p50 ms",
+        "waiters_sent": n,
+        "alone": base,
+        "with_attackers_kernels_only": kernels_only,
+        "with_waiters": loaded,
+        "refused_so_far": accepted,
+    }
 
 
 def rss(rounds: int, clients: int, mb: int) -> dict:
@@ -152,8 +166,12 @@ def rss(rounds: int, clients: int, mb: int) -> dict:
                     a = TensorRef(c.malloc(n * n * 4), torch.float32, (n, n), (n, 1), 0)
                     c.memset(a.handle, 0, 0, n * n * 4)
                     for _ in range(4):
-                        c.launch("aten::mm.default", (a, a), {},
-                                 [(n * n * 4, TensorRef(c.alloc_handle(), torch.float32, (n, n), (n, 1), 0))])
+                        c.launch(
+                            "aten::mm.default",
+                            (a, a),
+                            {},
+                            [(n * n * 4, TensorRef(c.alloc_handle(), torch.float32, (n, n), (n, 1), 0))],
+                        )
                     for h in hs[::2]:
                         c.free(h)
                     c.synchronize()
@@ -167,13 +185,21 @@ def rss(rounds: int, clients: int, mb: int) -> dict:
         finally:
             p.terminate()
             p.wait(20)
-    return {"figure": "idle daemon RSS MB after each round", "rounds": rounds, "clients": clients,
-            "rss_mb": out, "status_rss_mb": round(st.get("rss_bytes", 0) / 2**20, 1)}
+    return {
+        "figure": "idle daemon RSS MB after each round",
+        "rounds": rounds,
+        "clients": clients,
+        "rss_mb": out,
+        "status_rss_mb": round(st.get("rss_bytes", 0) / 2**20, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="flexnpu.bench.isolation", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="flexnpu.bench.isolation",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("idle")
     a.add_argument("--sessions", type=int, default=1000)

@@ -9,6 +9,7 @@ as one command. On the CPU there is no native graph, so the direct baseline of b
 direct eager execution (all direct runs pooled).
 Targets (issue 4): graph-replayed decode >= 0.97x direct; eager client cost <= 15 us per op.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,15 +21,27 @@ from pathlib import Path
 
 from ._common import child_env, dump_json, median, print_table, progress
 
-_RUNTIME_DIR: str | None = None     # private runtime folder of this invocation's embedded daemons
+_RUNTIME_DIR: str | None = None  # private runtime folder of this invocation's embedded daemons
 
 
 def _child(args: list[str], through_flexnpu: bool, backend: str) -> dict:
-    script = str(Path(__file__).with_name("_decode.py"))   # beside this file, installed or not
+    script = str(Path(__file__).with_name("_decode.py"))  # beside this file, installed or not
     if through_flexnpu:
         # each run gets a fresh embedded daemon that leaves right after it (as a first run would)
-        cmd = [sys.executable, "-m", "flexnpu", "run", "--backend", backend, "--idle-grace", "0", "--",
-               sys.executable, script, *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "flexnpu",
+            "run",
+            "--backend",
+            backend,
+            "--idle-grace",
+            "0",
+            "--",
+            sys.executable,
+            script,
+            *args,
+        ]
     else:
         cmd = [sys.executable, script, *args]
     r = subprocess.run(cmd, env=child_env(_RUNTIME_DIR), capture_output=True, text=True, timeout=600)
@@ -37,7 +50,7 @@ def _child(args: list[str], through_flexnpu: bool, backend: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-AGREE = 0.10          # direct runs must agree within this spread before ratios are trusted
+AGREE = 0.10  # direct runs must agree within this spread before ratios are trusted
 
 
 def spread(values: list[float]) -> float:
@@ -69,15 +82,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    ap = argparse.ArgumentParser(prog="flexnpu bench overhead", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="flexnpu bench overhead",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="smaller model, fewer steps (under a minute)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--backend", default="cpu", help="cpu|cuda (the direct device and the daemon's backend)")
     ap.add_argument("--repeat", type=int, default=None, help="repetitions at least (default 2 quick, 3)")
-    ap.add_argument("--max-repeat", type=int, default=None,
-                    help="repeat until the direct runs agree within 10%% or this many repetitions "
-                         "(default 3x --repeat); the spread is reported either way")
+    ap.add_argument(
+        "--max-repeat",
+        type=int,
+        default=None,
+        help="repeat until the direct runs agree within 10%% or this many repetitions "
+        "(default 3x --repeat); the spread is reported either way",
+    )
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--hidden", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
@@ -96,50 +116,82 @@ def _main(argv: list[str] | None) -> int:
     while r < reps or (r < max_reps and not settled(runs, native_graph)):
         r += 1
         for name, through, dev, mode in (
-                ("direct-eager", False, direct_dev, "eager"),
-                ("flexnpu-eager", True, "npu", "eager"),
-                ("direct-graph", False, direct_dev, "graph" if native_graph else "eager"),
-                ("flexnpu-graph", True, "npu", "graph")):
+            ("direct-eager", False, direct_dev, "eager"),
+            ("flexnpu-eager", True, "npu", "eager"),
+            ("direct-graph", False, direct_dev, "graph" if native_graph else "eager"),
+            ("flexnpu-graph", True, "npu", "graph"),
+        ):
             progress(f"[overhead] repetition {r}/{reps if r <= reps else max_reps}: {name}")
             res = _child(["--device", dev, "--mode", mode, *common], through, a.backend)
             runs.setdefault(name, []).append(res["tokens_per_s"])
             tokens.setdefault(name, set()).add(res["last_token"])
     progress("[overhead] eager client-side cost per op")
-    op_direct = _child(["--device", direct_dev, "--mode", "opcost"], False, a.backend)["eager_client_us_per_op"]
+    op_direct = _child(["--device", direct_dev, "--mode", "opcost"], False, a.backend)[
+        "eager_client_us_per_op"
+    ]
     op_flex = _child(["--device", "npu", "--mode", "opcost"], True, a.backend)["eager_client_us_per_op"]
     reps = r
     groups = direct_groups(runs, native_graph)
     # the baseline of each mode: without native graphs both modes compare with all direct runs
-    base = {name: median(groups[name] if native_graph else groups["direct"])
-            for name in ("direct-eager", "direct-graph")}
+    base = {
+        name: median(groups[name] if native_graph else groups["direct"])
+        for name in ("direct-eager", "direct-graph")
+    }
     results = []
     for name in ("direct-eager", "flexnpu-eager", "direct-graph", "flexnpu-graph"):
         tps = median(runs[name])
-        results.append({"name": name, "tokens_per_s": round(tps, 2),
-                        "ratio_vs_direct": round(tps / base["direct-graph" if name.endswith("graph") else "direct-eager"], 4),
-                        "spread_pct": round(100 * spread(runs[name]), 1)})
+        results.append(
+            {
+                "name": name,
+                "tokens_per_s": round(tps, 2),
+                "ratio_vs_direct": round(
+                    tps / base["direct-graph" if name.endswith("graph") else "direct-eager"], 4
+                ),
+                "spread_pct": round(100 * spread(runs[name]), 1),
+            }
+        )
     same = len(set().union(*tokens.values())) == 1
     caveats = []
     if not native_graph:
-        caveats.append("CPU has no native graphs: direct-graph is direct eager (both modes compare "
-                       "with the median of all direct runs)")
+        caveats.append(
+            "CPU has no native graphs: direct-graph is direct eager (both modes compare "
+            "with the median of all direct runs)"
+        )
     for g, v in groups.items():
         if spread(v) > AGREE:
-            caveats.append(f"{g} runs disagree by {100 * spread(v):.0f}% (> {100 * AGREE:.0f}%) after {reps} "
-                           f"repetitions: ratios are uncertain by about that much (busy machine?)")
-    out = {"results": results, "eager_client_us_per_op": round(op_flex, 2),
-           "direct_us_per_op": round(op_direct, 2), "backend": a.backend, "same_tokens": same,
-           "model": {"layers": layers, "hidden": hidden, "steps": steps}, "repetitions": reps,
-           "direct_spread_pct": {g: round(100 * spread(v), 1) for g, v in groups.items()},
-           "note": caveats[0] if not native_graph else None, "caveats": caveats}
+            caveats.append(
+                f"{g} runs disagree by {100 * spread(v):.0f}% (> {100 * AGREE:.0f}%) after {reps} "
+                f"repetitions: ratios are uncertain by about that much (busy machine?)"
+            )
+    out = {
+        "results": results,
+        "eager_client_us_per_op": round(op_flex, 2),
+        "direct_us_per_op": round(op_direct, 2),
+        "backend": a.backend,
+        "same_tokens": same,
+        "model": {"layers": layers, "hidden": hidden, "steps": steps},
+        "repetitions": reps,
+        "direct_spread_pct": {g: round(100 * spread(v), 1) for g, v in groups.items()},
+        "note": caveats[0] if not native_graph else None,
+        "caveats": caveats,
+    }
     if a.json:
         dump_json(out)
     else:
-        print_table(results, [("name", "run", ""), ("tokens_per_s", "tokens/s", ".2f"),
-                              ("ratio_vs_direct", "vs direct", ".3f"), ("spread_pct", "spread %", ".1f")],
-                    title=f"flexnpu bench overhead (backend {a.backend}, medians of {reps})")
-        print(f"eager client-side cost: {op_flex:.2f} us/op through FlexNPU ({op_direct:.2f} us/op direct); "
-              f"identical tokens: {same}")
+        print_table(
+            results,
+            [
+                ("name", "run", ""),
+                ("tokens_per_s", "tokens/s", ".2f"),
+                ("ratio_vs_direct", "vs direct", ".3f"),
+                ("spread_pct", "spread %", ".1f"),
+            ],
+            title=f"flexnpu bench overhead (backend {a.backend}, medians of {reps})",
+        )
+        print(
+            f"eager client-side cost: {op_flex:.2f} us/op through FlexNPU ({op_direct:.2f} us/op direct); "
+            f"identical tokens: {same}"
+        )
         for c in caveats:
             print(f"caveat: {c}")
     return 0 if same else 1

@@ -6,6 +6,7 @@ one-way throughput single and batched; the idle consumer's CPU use past its spin
 The flexnpu echo side is a Python process using the public API (the daemon's shape); c-floor
 is a pure C ping-pong over the same ring core. Each process is pinned to its own core.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MSG = 32
@@ -45,8 +46,12 @@ def _child_env() -> dict:
 
 
 def _spawn(kind: str, cpu: int, *args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flexnpu.bench._ringpeers", kind, str(cpu), *args],
-                            cwd=ROOT, env=_child_env(), pass_fds=pass_fds)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flexnpu.bench._ringpeers", kind, str(cpu), *args],
+        cwd=ROOT,
+        env=_child_env(),
+        pass_fds=pass_fds,
+    )
 
 
 def _rtt(fn: Callable[[], object], n: int) -> tuple[list[int], float]:
@@ -64,9 +69,13 @@ def _rtt(fn: Callable[[], object], n: int) -> tuple[list[int], float]:
 
 def _summary(name: str, lat: list[int], msgs_per_s: float, **extra: object) -> dict:
     lat = sorted(lat)
-    return {"name": name, "rtt_p50_us": lat[len(lat) // 2] / 1e3,
-            "rtt_p99_us": lat[min(len(lat) - 1, len(lat) * 99 // 100)] / 1e3,
-            "msgs_per_s": msgs_per_s, **extra}
+    return {
+        "name": name,
+        "rtt_p50_us": lat[len(lat) // 2] / 1e3,
+        "rtt_p99_us": lat[min(len(lat) - 1, len(lat) * 99 // 100)] / 1e3,
+        "msgs_per_s": msgs_per_s,
+        **extra,
+    }
 
 
 def _finish(p: subprocess.Popen, what: str) -> None:
@@ -82,8 +91,10 @@ def _finish(p: subprocess.Popen, what: str) -> None:
 
 # ------------------------------------------------------------------ peers
 
-def _rtt_and_stream(send: Callable[[bytes], object], recv: Callable[[], object], n: int,
-                    count: int) -> tuple[list[int], float]:
+
+def _rtt_and_stream(
+    send: Callable[[bytes], object], recv: Callable[[], object], n: int, count: int
+) -> tuple[list[int], float]:
     """Round-trip latencies of n messages, then the one-way rate of `count` messages that the
     peer acknowledges once (it learns the count from the stop record)."""
     msg = b"x" * MSG
@@ -127,8 +138,10 @@ def bench_pipe(n: int, count: int, cpus: tuple[int, int]) -> dict:
     os.close(w1)
     os.close(r2)
     _finish(p, "pipe")
-    return [_summary("pipe", lat, tp),
-            _summary("pipe-wake", lat_w, None, pause_between_calls_us=WAKE_PAUSE_NS / 1e3)]
+    return [
+        _summary("pipe", lat, tp),
+        _summary("pipe-wake", lat_w, None, pause_between_calls_us=WAKE_PAUSE_NS / 1e3),
+    ]
 
 
 def bench_socketpair(n: int, count: int, cpus: tuple[int, int]) -> dict:
@@ -187,14 +200,15 @@ def bench_zmq(n: int, count: int, cpus: tuple[int, int]) -> dict | None:
     s.close(linger=0)
     ctx.term()
     try:
-        os.unlink(addr[len("ipc://"):])
+        os.unlink(addr[len("ipc://") :])
     except OSError:
         pass
     return _summary("zmq", lat, tp)
 
 
-def bench_flexnpu(n: int, count: int, batched: int, n_wake: int, idle_s: float,
-                  cpus: tuple[int, int]) -> list[dict]:
+def bench_flexnpu(
+    n: int, count: int, batched: int, n_wake: int, idle_s: float, cpus: tuple[int, int]
+) -> list[dict]:
     import psutil
 
     from flexnpu.ring import Segment, call
@@ -260,11 +274,25 @@ def bench_flexnpu(n: int, count: int, batched: int, n_wake: int, idle_s: float,
     seg.close_notify()
     _finish(p, "flexnpu")
     seg.close()
-    out.append({"name": "flexnpu-batched", "rtt_p50_us": None, "rtt_p99_us": None,
-                "msgs_per_s": tp_batched, "batch": B})
-    out.append(_summary("flexnpu-wake", lat_w, None, idle_consumer_cpu_pct=idle_pct,
-                        futex_wakes_per_call=wakes_per_call,
-                        pause_between_calls_us=WAKE_PAUSE_NS / 1e3))
+    out.append(
+        {
+            "name": "flexnpu-batched",
+            "rtt_p50_us": None,
+            "rtt_p99_us": None,
+            "msgs_per_s": tp_batched,
+            "batch": B,
+        }
+    )
+    out.append(
+        _summary(
+            "flexnpu-wake",
+            lat_w,
+            None,
+            idle_consumer_cpu_pct=idle_pct,
+            futex_wakes_per_call=wakes_per_call,
+            pause_between_calls_us=WAKE_PAUSE_NS / 1e3,
+        )
+    )
     return out
 
 
@@ -275,13 +303,19 @@ def bench_c_floor(n: int, cpus: tuple[int, int]) -> dict | None:
     if exe is None:
         _log(f"c-floor skipped: {why}")
         return None
-    r = subprocess.run([exe, "floor", str(n), str(cpus[0]), str(cpus[1])], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [exe, "floor", str(n), str(cpus[0]), str(cpus[1])], capture_output=True, text=True, timeout=120
+    )
     if r.returncode != 0:
         raise RuntimeError(f"c-floor failed: {r.stderr}")
     d = json.loads(r.stdout)
-    return {"name": "c-floor", "rtt_p50_us": d["rtt_p50_ns"] / 1e3, "rtt_p99_us": d["rtt_p99_ns"] / 1e3,
-            "msgs_per_s": d["msgs_per_s"], "rtt_mean_us": d["rtt_mean_ns"] / 1e3}
+    return {
+        "name": "c-floor",
+        "rtt_p50_us": d["rtt_p50_ns"] / 1e3,
+        "rtt_p99_us": d["rtt_p99_ns"] / 1e3,
+        "msgs_per_s": d["msgs_per_s"],
+        "rtt_mean_us": d["rtt_mean_ns"] / 1e3,
+    }
 
 
 def _timer_overhead_ns() -> float:
@@ -302,7 +336,9 @@ def _median_rows(runs: list[list[dict]]) -> list[dict]:
     for name, rows in by.items():
         merged = dict(rows[0])
         for k, v in rows[0].items():
-            vals = [r[k] for r in rows if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+            vals = [
+                r[k] for r in rows if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
+            ]
             if vals and k != "batch":
                 merged[k] = statistics.median(vals)
         merged["runs"] = len(rows)
@@ -328,7 +364,7 @@ def _targets(rows: list[dict]) -> dict:
         t["batched_ge_20M_per_s"] = r["flexnpu-batched"]["msgs_per_s"] >= 20e6
     if "flexnpu-wake" in r and "pipe" in r:
         t["wake_not_slower_than_pipe"] = r["flexnpu-wake"]["rtt_p50_us"] <= r["pipe"]["rtt_p50_us"]
-        if "pipe-wake" in r:   # like for like: both echo sides asleep when the call arrives
+        if "pipe-wake" in r:  # like for like: both echo sides asleep when the call arrives
             t["wake_vs_pipe_wake"] = r["flexnpu-wake"]["rtt_p50_us"] / r["pipe-wake"]["rtt_p50_us"]
             t["wake_not_slower_than_pipe_wake"] = t["wake_vs_pipe_wake"] <= 1.0
         t["idle_consumer_cpu_pct"] = r["flexnpu-wake"].get("idle_consumer_cpu_pct")
@@ -343,11 +379,17 @@ def _fmt(v: object, scale: float = 1.0, nd: int = 2) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="flexnpu bench ring", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="flexnpu bench ring", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="fewer messages, one run (< 30 s)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    ap.add_argument("--repeat", type=int, default=None, help="runs per measurement (median reported; default 3, --quick 1)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="runs per measurement (median reported; default 3, --quick 1)",
+    )
     ap.add_argument("--only", default="", help="comma-separated subset of names to run")
     args = ap.parse_args(argv)
     repeat = args.repeat or (1 if args.quick else 3)
@@ -357,8 +399,19 @@ def main(argv: list[str] | None = None) -> int:
     want = lambda name: not only or name in only  # noqa: E731
     plan: list[tuple[str, Callable[[], object]]] = []
     if want("flexnpu") or want("flexnpu-batched") or want("flexnpu-wake"):
-        plan.append(("flexnpu", lambda: bench_flexnpu(int(100000 * sc), int(400000 * sc), int(10_000_000 * sc),
-                                                      int(1000 * sc), 1.0 if args.quick else 2.0, cpus)))
+        plan.append(
+            (
+                "flexnpu",
+                lambda: bench_flexnpu(
+                    int(100000 * sc),
+                    int(400000 * sc),
+                    int(10_000_000 * sc),
+                    int(1000 * sc),
+                    1.0 if args.quick else 2.0,
+                    cpus,
+                ),
+            )
+        )
     if want("c-floor"):
         plan.append(("c-floor", lambda: bench_c_floor(int(200000 * sc), cpus)))
     if want("pipe"):
@@ -383,18 +436,27 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             runs[i].extend(res if isinstance(res, list) else [res])
     rows = _median_rows(runs)
-    result = {"results": rows, "targets": _targets(rows), "cpus": list(cpus), "repeat": repeat,
-              "timer_overhead_ns": _timer_overhead_ns(), "message_bytes": MSG,
-              "elapsed_s": time.perf_counter() - t_start,
-              "note": "flexnpu echo side is a Python process using the public API; "
-                      "latencies include one perf_counter_ns() call (timer_overhead_ns)"}
+    result = {
+        "results": rows,
+        "targets": _targets(rows),
+        "cpus": list(cpus),
+        "repeat": repeat,
+        "timer_overhead_ns": _timer_overhead_ns(),
+        "message_bytes": MSG,
+        "elapsed_s": time.perf_counter() - t_start,
+        "note": "flexnpu echo side is a Python process using the public API; "
+        "latencies include one perf_counter_ns() call (timer_overhead_ns)",
+    }
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
     print(f"{'name':<16} {'rtt p50 us':>11} {'rtt p99 us':>11} {'msgs/s':>14}  extra")
     for r in rows:
-        extra = ", ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in r.items()
-                          if k not in ("name", "rtt_p50_us", "rtt_p99_us", "msgs_per_s", "runs"))
+        extra = ", ".join(
+            f"{k}={_fmt(v) if isinstance(v, float) else v}"
+            for k, v in r.items()
+            if k not in ("name", "rtt_p50_us", "rtt_p99_us", "msgs_per_s", "runs")
+        )
         mps = "-" if r["msgs_per_s"] is None else f"{r['msgs_per_s']:,.0f}"
         print(f"{r['name']:<16} {_fmt(r['rtt_p50_us']):>11} {_fmt(r['rtt_p99_us']):>11} {mps:>14}  {extra}")
     print("\ntargets:")

@@ -10,6 +10,7 @@ it rides on:
 
 The daemon zeroes on allocate (docs/security.md says why).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,7 @@ def measure(device: str, sizes: list[int], reps: int) -> list[dict]:
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     rows = []
     for n in sizes:
+
         def alloc_plain():
             torch.empty(n, dtype=torch.uint8, device=dev)
             sync()
@@ -53,18 +55,28 @@ def measure(device: str, sizes: list[int], reps: int) -> list[dict]:
             b.zero_()
             del b
             sync()
+
         a0, a1 = _time(alloc_plain, reps), _time(alloc_zero, reps)
         f0, f1 = _time(free_plain, reps), _time(free_zero, reps)
-        rows.append({"bytes": n, "alloc_us": round(a0, 2), "alloc_zeroed_us": round(a1, 2),
-                     "free_us": round(f0, 2), "free_zeroed_us": round(f1, 2),
-                     "zero_on_alloc_adds_us": round(a1 - a0, 2), "zero_on_free_adds_us": round(f1 - f0, 2),
-                     "zero_GBps": round(n / max(a1 - a0, 1e-3) / 1e3, 2)})
+        rows.append(
+            {
+                "bytes": n,
+                "alloc_us": round(a0, 2),
+                "alloc_zeroed_us": round(a1, 2),
+                "free_us": round(f0, 2),
+                "free_zeroed_us": round(f1, 2),
+                "zero_on_alloc_adds_us": round(a1 - a0, 2),
+                "zero_on_free_adds_us": round(f1 - f0, 2),
+                "zero_GBps": round(n / max(a1 - a0, 1e-3) / 1e3, 2),
+            }
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="flexnpu bench scrub", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="flexnpu bench scrub", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cpu", help="torch device to measure (cpu, cuda)")
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repetitions (< 10 s)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -74,10 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         dump_json({"device": args.device, "rows": rows})
     else:
-        print_table(rows, [("bytes", "bytes", "d"), ("alloc_us", "alloc us", ".1f"),
-                           ("alloc_zeroed_us", "alloc+zero us", ".1f"), ("free_us", "free us", ".1f"),
-                           ("free_zeroed_us", "zero+free us", ".1f"), ("zero_GBps", "zero GB/s", ".1f")],
-                    title=f"scrub cost on {args.device} (median of repetitions)")
+        print_table(
+            rows,
+            [
+                ("bytes", "bytes", "d"),
+                ("alloc_us", "alloc us", ".1f"),
+                ("alloc_zeroed_us", "alloc+zero us", ".1f"),
+                ("free_us", "free us", ".1f"),
+                ("free_zeroed_us", "zero+free us", ".1f"),
+                ("zero_GBps", "zero GB/s", ".1f"),
+            ],
+            title=f"scrub cost on {args.device} (median of repetitions)",
+        )
     return 0
 
 

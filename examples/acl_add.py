@@ -5,6 +5,7 @@ host with CANN, and under FlexNPU on any machine:
 
     flexnpu run -- python examples/acl_add.py
 """
+
 import sys
 
 import acl
@@ -45,15 +46,19 @@ def main():
         check("acl.rt.malloc", ret)
         dev.append(ptr)
     for ptr, arr in zip(dev, (x1, x2)):
-        check("acl.rt.memcpy", acl.rt.memcpy(ptr, nbytes, acl.util.numpy_to_ptr(arr), nbytes,
-                                             ACL_MEMCPY_HOST_TO_DEVICE))
+        check(
+            "acl.rt.memcpy",
+            acl.rt.memcpy(ptr, nbytes, acl.util.numpy_to_ptr(arr), nbytes, ACL_MEMCPY_HOST_TO_DEVICE),
+        )
 
     # describe the operands and run the Add operator
     descs = [acl.create_tensor_desc(ACL_FLOAT, shape, ACL_FORMAT_ND) for _ in range(3)]
     buffers = [acl.create_data_buffer(ptr, nbytes) for ptr in dev]
     attr = acl.op.create_attr()
-    check("acl.op.execute_v2", acl.op.execute_v2("Add", descs[:2], buffers[:2], descs[2:], buffers[2:],
-                                                 attr, stream))
+    check(
+        "acl.op.execute_v2",
+        acl.op.execute_v2("Add", descs[:2], buffers[:2], descs[2:], buffers[2:], attr, stream),
+    )
     check("acl.rt.synchronize_stream", acl.rt.synchronize_stream(stream))
 
     # bring the result back through pinned host memory and check it
@@ -78,8 +83,10 @@ def main():
     check("acl.rt.reset_device", acl.rt.reset_device(DEVICE_ID))
     check("acl.finalize", acl.finalize())
 
-    print(f"acl_add: Add of two {shape[0]}x{shape[1]} float32 arrays on device {DEVICE_ID}: "
-          f"{'PASS' if ok else 'FAIL'} (max abs error vs numpy {max_err:.3g})")
+    print(
+        f"acl_add: Add of two {shape[0]}x{shape[1]} float32 arrays on device {DEVICE_ID}: "
+        f"{'PASS' if ok else 'FAIL'} (max abs error vs numpy {max_err:.3g})"
+    )
     return 0 if ok else 1
 
 

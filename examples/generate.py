@@ -3,6 +3,7 @@
 An ordinary torch_npu program: it runs on a real Ascend host, on FlexNPU's virtual `npu` device
 under `flexnpu run -- python examples/generate.py`, and on the CPU when neither is present.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,16 @@ def build_model(layers: int, hidden: int, vocab: int, seed: int):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     return Qwen2ForCausalLM(cfg).eval()
 
 
@@ -43,10 +51,15 @@ def main() -> None:
     prompt = torch.randint(0, args.vocab, (1, args.prompt_len), generator=g)
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(prompt.to(DEVICE), attention_mask=torch.ones_like(prompt).to(DEVICE),
-                             max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            prompt.to(DEVICE),
+            attention_mask=torch.ones_like(prompt).to(DEVICE),
+            max_new_tokens=args.new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
     dt = time.perf_counter() - t0
-    tokens = out[0, args.prompt_len:].cpu().tolist()
+    tokens = out[0, args.prompt_len :].cpu().tolist()
     print(f"device: {DEVICE}")
     print(f"generated {len(tokens)} tokens in {dt:.2f} s ({len(tokens) / dt:.1f} tokens/s)")
     print("tokens:", " ".join(map(str, tokens)))

@@ -8,6 +8,7 @@ device) the same steps run in one process, and the tokens are the same.
 
     flexnpu run -- python examples/pd_handoff.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ class TinyDecoder:
 
     def __init__(self, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
-        w = lambda *s: (torch.randn(*s, generator=g) * HIDDEN ** -0.5).to(DEVICE)  # noqa: E731
+        w = lambda *s: (torch.randn(*s, generator=g) * HIDDEN**-0.5).to(DEVICE)  # noqa: E731
         self.emb, self.head = w(VOCAB, HIDDEN), w(VOCAB, HIDDEN)
         self.layers = [(w(3 * HIDDEN, HIDDEN), w(HIDDEN, HIDDEN), w(HIDDEN, HIDDEN)) for _ in range(LAYERS)]
         hd = HIDDEN // HEADS
@@ -60,7 +61,7 @@ def prefill(m: TinyDecoder, prompt: list[int]) -> int:
     tok = 0
     for pos, t in enumerate(prompt):
         tok = m.step(t, pos)
-    return tok              # the first generated token
+    return tok  # the first generated token
 
 
 def decode(m: TinyDecoder, first: int, start: int, n: int) -> list[int]:
@@ -77,13 +78,13 @@ def role_prefill(prompt: list[int]) -> None:
     decode_pid = int(sys.stdin.readline())
     kv = [torch.npu.ipc_export(t, pids=[decode_pid]) for t in m.k + m.v]
     print(json.dumps({"first": first, "kv": kv}), flush=True)
-    sys.stdin.readline()    # keep our tensors alive until decode has imported them
+    sys.stdin.readline()  # keep our tensors alive until decode has imported them
 
 
 def role_decode(start: int, n: int) -> None:
     print(os.getpid(), flush=True)
     msg = json.loads(sys.stdin.readline())
-    m = TinyDecoder()       # same weights (a real engine would import those too)
+    m = TinyDecoder()  # same weights (a real engine would import those too)
     shared = [torch.npu.ipc_import(d) for d in msg["kv"]]
     m.k, m.v = shared[:LAYERS], shared[LAYERS:]
     print(json.dumps(decode(m, msg["first"], start, n)), flush=True)
@@ -99,7 +100,7 @@ def main() -> None:
         return role_prefill(prompt)
     if args.role == "decode":
         return role_decode(len(prompt), args.new_tokens)
-    if DEVICE != "npu":     # no FlexNPU: both phases in this process
+    if DEVICE != "npu":  # no FlexNPU: both phases in this process
         m = TinyDecoder()
         tokens = decode(m, prefill(m, prompt), len(prompt), args.new_tokens)
         mode = "one process (cpu)"

@@ -1,4 +1,5 @@
 """FlexNPU: a transparent user-space virtualization layer for AI accelerators."""
+
 from __future__ import annotations
 
 import os as _os
@@ -21,16 +22,19 @@ _SRC_BENCH = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__
 
 class _SourceBenchFinder:
     @staticmethod
-    def find_spec(name: str, path: Sequence[str] | None = None, target: ModuleType | None = None,
-                  /) -> ModuleSpec | None:
+    def find_spec(
+        name: str, path: Sequence[str] | None = None, target: ModuleType | None = None, /
+    ) -> ModuleSpec | None:
         if name != "flexnpu.bench":
             return None
         from importlib.util import spec_from_file_location
 
-        return spec_from_file_location(name, _os.path.join(_SRC_BENCH, "__init__.py"),
-                                       submodule_search_locations=[_SRC_BENCH])
+        return spec_from_file_location(
+            name, _os.path.join(_SRC_BENCH, "__init__.py"), submodule_search_locations=[_SRC_BENCH]
+        )
 
 
 if _os.path.isfile(_os.path.join(_SRC_BENCH, "__init__.py")) and not _os.path.isdir(
-        _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "bench")):
+    _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "bench")
+):
     _sys.meta_path.insert(0, _SourceBenchFinder)

@@ -4,6 +4,7 @@ Subcommands are small modules; each exposes ``add_arguments(parser)`` and ``run(
 Benchmarks live in the checkout's top-level ``bench/`` folder, installed as ``flexnpu.bench``:
 ``flexnpu bench NAME`` runs ``bench/NAME.py``'s ``main(argv)``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "status": ("flexnpu.cmd_status", "list running daemons and their clients"),
     "service": ("flexnpu.cmd_service", "install systemd units for the daemons"),
     "k8s-device-plugin": ("flexnpu.k8s.plugin", "advertise shared devices to the kubelet (Kubernetes)"),
-    "install-torch-npu": ("flexnpu.cmd_install_torch_npu",
-                          "install the real torch_npu into an isolated folder for the native front end"),
+    "install-torch-npu": (
+        "flexnpu.cmd_install_torch_npu",
+        "install the real torch_npu into an isolated folder for the native front end",
+    ),
     "calibrate": ("flexnpu.cmd_calibrate", "fit the scheduler's cost model to this machine and save it"),
 }
 
@@ -37,7 +40,9 @@ def _bench_names() -> list[str]:
 def _run_bench(argv: list[str]) -> int:
     names = _bench_names()
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: flexnpu bench NAME [options]\n\nmicrobenchmarks and studies; each takes --help, --quick, --json\n")
+        print(
+            "usage: flexnpu bench NAME [options]\n\nmicrobenchmarks and studies; each takes --help, --quick, --json\n"
+        )
         for n in names:
             mod = importlib.import_module(f"flexnpu.bench.{n}")
             doc = (mod.__doc__ or "").strip().splitlines()
@@ -45,8 +50,11 @@ def _run_bench(argv: list[str]) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name in MOVED_FROM_BENCH:
-        print(f"flexnpu bench {name}: it writes runtime configuration, so it is a command now: "
-              f"run `{MOVED_FROM_BENCH[name]}{' ' if rest else ''}{' '.join(rest)}`", file=sys.stderr)
+        print(
+            f"flexnpu bench {name}: it writes runtime configuration, so it is a command now: "
+            f"run `{MOVED_FROM_BENCH[name]}{' ' if rest else ''}{' '.join(rest)}`",
+            file=sys.stderr,
+        )
         return 2
     if name not in names:
         print(f"flexnpu bench: unknown benchmark {name!r}; choose from: {', '.join(names)}", file=sys.stderr)
@@ -70,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     modules = {}
     for name, (modname, helptext) in SUBCOMMANDS.items():
         mod = importlib.import_module(modname)
-        p = sub.add_parser(name, help=helptext, description=(mod.__doc__ or helptext).strip(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=helptext,
+            description=(mod.__doc__ or helptext).strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         mod.add_arguments(p)
         modules[name] = mod
     args = parser.parse_args(argv)

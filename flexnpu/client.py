@@ -11,6 +11,7 @@ request is in the ring; their errors surface at the next synchronization of the 
 CUDA and AscendCL. Synchronous calls wait for their reply in C with the GIL released.
 The torch `npu` device and the `acl` module are built on this API.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -34,9 +35,9 @@ from .ring import PeerClosed, PeerDead, RingError, Segment, call as ring_call
 __all__ = ["Client", "get_client", "TensorRef", "FlexNPUError", "DaemonLost"]
 
 MAILBOX = 64 << 10
-DIRECT_COPY_MIN = 256 << 10       # H2D chunks at least this big skip the extra copy (sync, deferred)
+DIRECT_COPY_MIN = 256 << 10  # H2D chunks at least this big skip the extra copy (sync, deferred)
 RECLAIM_MARGIN = 2 * P.MAX_DRAIN_BATCH
-SPIN_S = 30e-6                    # waits for replies spin this long before they futex-sleep
+SPIN_S = 30e-6  # waits for replies spin this long before they futex-sleep
 _SQE_PACK = P.SQE.pack
 _ZEROS = [(0,) * (5 - i) for i in range(6)]
 
@@ -60,9 +61,9 @@ class _StagingRing:
 
     def __init__(self, base: int, size: int) -> None:
         self.base, self.size = base, size
-        self.head = 0                  # next free byte, relative to base
-        self.used = 0                  # bytes in the in-use span, skipped tails included
-        self.live: collections.deque[tuple[int, int]] = collections.deque()   # (push seq, bytes)
+        self.head = 0  # next free byte, relative to base
+        self.used = 0  # bytes in the in-use span, skipped tails included
+        self.live: collections.deque[tuple[int, int]] = collections.deque()  # (push seq, bytes)
 
     def alloc(self, n: int, seq: int) -> int | None:
         n = (n + 63) & ~63
@@ -70,7 +71,7 @@ class _StagingRing:
         if head + n <= size:
             start, cost = head, n
         else:
-            start, cost = 0, size - head + n      # skip the tail; freed with this entry
+            start, cost = 0, size - head + n  # skip the tail; freed with this entry
         if self.used + cost > size:
             return None
         self.live.append((seq, cost))
@@ -92,16 +93,30 @@ class _StagingRing:
 class Client:
     """One attachment of this process to one device's daemon. Thread-safe."""
 
-    def __init__(self, device_index: int = 0, *, path: str | None = None, phase: str | None = None,
-                 memory_limit: int | None = None, arena_bytes: int | None = None,
-                 sq_entries: int = 4096, cq_entries: int = 256, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        device_index: int = 0,
+        *,
+        path: str | None = None,
+        phase: str | None = None,
+        memory_limit: int | None = None,
+        arena_bytes: int | None = None,
+        sq_entries: int = 4096,
+        cq_entries: int = 256,
+        connect_timeout: float = 5.0,
+    ) -> None:
         self.device_index = device_index
         self.path = str(path or socket_path(device_index))
         self._lock = threading.RLock()
         self._closed = False
         arena = arena_bytes or _env_int("FLEXNPU_ARENA", 64 << 20)
-        self.seg = Segment.create(sq_entries=sq_entries, cq_entries=cq_entries,
-                                  sqe_size=P.SQE_SIZE, cqe_size=P.CQE_SIZE, arena_bytes=arena)
+        self.seg = Segment.create(
+            sq_entries=sq_entries,
+            cq_entries=cq_entries,
+            sqe_size=P.SQE_SIZE,
+            cqe_size=P.CQE_SIZE,
+            arena_bytes=arena,
+        )
         self._mbox = self.seg.alloc(MAILBOX)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(connect_timeout)
@@ -119,24 +134,36 @@ class Client:
         except (FileNotFoundError, ConnectionRefusedError) as e:
             self.seg.close()
             self.sock.close()
-            raise AttachError(f"no FlexNPU daemon serves device {device_index} (nothing listening at "
-                              f"{self.path}: {e.strerror}). Start one with `flexnpu daemon --device "
-                              f"{device_index}`, or run the program under `flexnpu run`, which starts "
-                              f"one when needed.") from None
+            raise AttachError(
+                f"no FlexNPU daemon serves device {device_index} (nothing listening at "
+                f"{self.path}: {e.strerror}). Start one with `flexnpu daemon --device "
+                f"{device_index}`, or run the program under `flexnpu run`, which starts "
+                f"one when needed."
+            ) from None
         except PermissionError:
             self.seg.close()
             self.sock.close()
-            raise AttachError(f"permission denied opening {self.path}: ask the administrator to add "
-                              f"your uid to the daemon's --allow-uid list or its socket group") from None
+            raise AttachError(
+                f"permission denied opening {self.path}: ask the administrator to add "
+                f"your uid to the daemon's --allow-uid list or its socket group"
+            ) from None
         from .control import recv_msg, send_msg
 
         phase = phase or os.environ.get("FLEXNPU_PHASE", "auto")
         if memory_limit is None and os.environ.get("FLEXNPU_CLIENT_MEMORY_LIMIT"):
             memory_limit = _env_int("FLEXNPU_CLIENT_MEMORY_LIMIT", 0) or None
         try:
-            send_msg(self.sock, {"op": "attach", "layout_version": P.LAYOUT_VERSION,
-                                 "mailbox": [self._mbox, MAILBOX], "phase": phase,
-                                 "memory_limit": memory_limit}, [self.seg.fd])
+            send_msg(
+                self.sock,
+                {
+                    "op": "attach",
+                    "layout_version": P.LAYOUT_VERSION,
+                    "mailbox": [self._mbox, MAILBOX],
+                    "phase": phase,
+                    "memory_limit": memory_limit,
+                },
+                [self.seg.fd],
+            )
             reply, fds = recv_msg(self.sock)
         except (OSError, ValueError) as e:
             self.seg.close()
@@ -147,8 +174,10 @@ class Client:
         if not reply.get("ok"):
             self.seg.close()
             self.sock.close()
-            raise AttachError(f"the daemon at {self.path} refused to attach this process: "
-                              f"{reply.get('error', 'no reason given')}")
+            raise AttachError(
+                f"the daemon at {self.path} refused to attach this process: "
+                f"{reply.get('error', 'no reason given')}"
+            )
         self.sock.settimeout(None)
         self.client_id = reply["client_id"]
         self.info: dict[str, Any] = reply.get("info", {})
@@ -168,7 +197,7 @@ class Client:
         self._graphs = itertools.count(1)
         self._comms = itertools.count(1)
         self._pushed = 0
-        self._staged: collections.deque[tuple[int, int]] = collections.deque()   # (push seq, offset)
+        self._staged: collections.deque[tuple[int, int]] = collections.deque()  # (push seq, offset)
         self._arena = self.seg.arena_view(0, self.seg.arena_size)
         stg = min(4 << 20, self.seg.arena_size // 8)
         self._stg = _StagingRing(self.seg.alloc(stg), stg)
@@ -178,13 +207,17 @@ class Client:
     # ================================================================== transport
     def _lost(self, e: BaseException) -> DaemonLost:
         why = "stopped" if isinstance(e, PeerClosed) else "died or closed the connection"
-        return DaemonLost(f"the FlexNPU daemon for device {self.device_index} (pid {self.daemon_pid}) {why}; "
-                          f"device state of this process is gone ({e})")
+        return DaemonLost(
+            f"the FlexNPU daemon for device {self.device_index} (pid {self.daemon_pid}) {why}; "
+            f"device state of this process is gone ({e})"
+        )
 
     def _check(self) -> None:
         if self._closed or self._forked:
             if self._forked:
-                raise FlexNPUError("a FlexNPU client cannot be used across fork(); call get_client() in the child")
+                raise FlexNPUError(
+                    "a FlexNPU client cannot be used across fork(); call get_client() in the child"
+                )
             raise FlexNPUError("this FlexNPU client is closed")
 
     def _push(self, rec: bytes) -> None:
@@ -203,13 +236,16 @@ class Client:
             raise self._lost(e) from None
         self._pushed += 1
 
-    def _sync(self, op: Op, *args: int, stream: int = 0, payload: tuple[int, int] = (0, 0),
-              flags: int = 0) -> tuple[int, int, str]:
+    def _sync(
+        self, op: Op, *args: int, stream: int = 0, payload: tuple[int, int] = (0, 0), flags: int = 0
+    ) -> tuple[int, int, str]:
         """One synchronous request: returns (value, aux, mailbox text) or raises its error."""
         with self._lock:
             self._check()
             ud = next(self._ud)
-            rec = _SQE_PACK(op, flags | FLAG_SYNC, stream, ud, payload[0], payload[1], *(args + _ZEROS[len(args)]))
+            rec = _SQE_PACK(
+                op, flags | FLAG_SYNC, stream, ud, payload[0], payload[1], *(args + _ZEROS[len(args)])
+            )
             try:
                 reply = ring_call(self.seg.sq, self.seg.cq, rec, None)
             except (PeerDead, PeerClosed) as e:
@@ -220,7 +256,11 @@ class Client:
             rud, status, mlen, value, aux = P.CQE.unpack(reply)
             if rud != ud:
                 raise DaemonLost(f"protocol error: reply {rud} for request {ud}")
-            text = bytes(self.seg.arena_view(self._mbox, min(mlen, MAILBOX))).decode(errors="replace") if mlen else ""
+            text = (
+                bytes(self.seg.arena_view(self._mbox, min(mlen, MAILBOX))).decode(errors="replace")
+                if mlen
+                else ""
+            )
             # Everything submitted before this request has been prepared: staged payloads are free.
             if self._stg.live:
                 self._stg.release_all()
@@ -238,9 +278,9 @@ class Client:
                 self._reclaim()
                 off = self._stg.alloc(n, self._pushed)
                 if off is None:
-                    self._sync(Op.NOP)   # barrier: the daemon has copied every earlier payload
+                    self._sync(Op.NOP)  # barrier: the daemon has copied every earlier payload
                     off = self._stg.alloc(n, self._pushed)
-                    assert off is not None   # n <= _stg_max and the barrier emptied the ring
+                    assert off is not None  # n <= _stg_max and the barrier emptied the ring
         else:
             self._reclaim()
             try:
@@ -250,7 +290,7 @@ class Client:
                 off = self.seg.alloc(n)
             self._staged.append((self._pushed, off))
         if n:
-            self._arena[off:off + n] = data
+            self._arena[off : off + n] = data
         return off
 
     def _reclaim(self) -> None:
@@ -368,24 +408,40 @@ class Client:
         pos = 0
         while pos < total or (total == 0 and pos == 0):
             n = min(chunk, total - pos)
-            part = mv[pos:pos + n]
+            part = mv[pos : pos + n]
             if n >= DIRECT_COPY_MIN:
                 with self._lock:
                     if not self._try_alloc(n):
-                        self._sync(Op.NOP)   # frees staged payloads
+                        self._sync(Op.NOP)  # frees staged payloads
                     off = self.seg.alloc(n)
                     try:
                         self.seg.arena_view(off, n)[:] = part
-                        self._sync(Op.MEMCPY_H2D, handle, offset + pos, n, stream=stream,
-                                   payload=(off, n), flags=FLAG_DEFERRED)
+                        self._sync(
+                            Op.MEMCPY_H2D,
+                            handle,
+                            offset + pos,
+                            n,
+                            stream=stream,
+                            payload=(off, n),
+                            flags=FLAG_DEFERRED,
+                        )
                     finally:
                         self.seg.free(off)
             else:
                 with self._lock:
                     self._check()
                     off = self._stage(part, n)
-                    self._push(pack_sqe(Op.MEMCPY_H2D, handle, offset + pos, n, stream=stream,
-                                        payload_off=off, payload_len=n))
+                    self._push(
+                        pack_sqe(
+                            Op.MEMCPY_H2D,
+                            handle,
+                            offset + pos,
+                            n,
+                            stream=stream,
+                            payload_off=off,
+                            payload_len=n,
+                        )
+                    )
             pos += n
             if total == 0:
                 break
@@ -412,16 +468,25 @@ class Client:
                     self._sync(Op.NOP)
                 off = self.seg.alloc(n)
                 try:
-                    self._sync(Op.MEMCPY_D2H, handle, offset + pos, n, stream=stream, payload=(off, n),
-                               flags=FLAG_DEFERRED)
-                    mv[pos:pos + n] = self.seg.arena_view(off, n)
+                    self._sync(
+                        Op.MEMCPY_D2H,
+                        handle,
+                        offset + pos,
+                        n,
+                        stream=stream,
+                        payload=(off, n),
+                        flags=FLAG_DEFERRED,
+                    )
+                    mv[pos : pos + n] = self.seg.arena_view(off, n)
                 finally:
                     self.seg.free(off)
             pos += n
         if total == 0:
             self._sync(Op.STREAM_SYNC, stream=stream)
 
-    def memcpy_d2d(self, dst: int, dst_off: int, src: int, src_off: int, nbytes: int, stream: int = 0) -> None:
+    def memcpy_d2d(
+        self, dst: int, dst_off: int, src: int, src_off: int, nbytes: int, stream: int = 0
+    ) -> None:
         self._async(Op.MEMCPY_D2D, dst, dst_off, src, src_off, nbytes, stream=stream)
 
     # -- host buffers in the shared arena (zero-copy host side, like aclrtMallocHost) ----------
@@ -433,8 +498,10 @@ class Client:
         with self._lock:
             self._reclaim()
             if self.seg.arena_free_bytes - max(nbytes, 1) < self._chunk() + 4096:
-                raise MemoryError(f"arena: {nbytes} bytes of host buffer would leave less than one copy "
-                                  f"chunk free ({self.seg.arena_free_bytes} bytes free)")
+                raise MemoryError(
+                    f"arena: {nbytes} bytes of host buffer would leave less than one copy "
+                    f"chunk free ({self.seg.arena_free_bytes} bytes free)"
+                )
             return self.seg.alloc(max(nbytes, 1))
 
     def host_free(self, offset: int) -> None:
@@ -450,26 +517,41 @@ class Client:
 
         return ctypes.addressof(ctypes.c_char.from_buffer(self.seg.arena_view(offset, 1)))
 
-    def memcpy_h2d_host(self, handle: int, offset: int, host_off: int, nbytes: int, stream: int = 0,
-                        sync: bool = True) -> None:
+    def memcpy_h2d_host(
+        self, handle: int, offset: int, host_off: int, nbytes: int, stream: int = 0, sync: bool = True
+    ) -> None:
         """Device <- arena host buffer. Async: the buffer must stay untouched until the stream syncs."""
         self._host_copy(Op.MEMCPY_H2D, handle, offset, host_off, nbytes, stream, sync)
 
-    def memcpy_d2h_host(self, handle: int, offset: int, host_off: int, nbytes: int, stream: int = 0,
-                        sync: bool = True) -> None:
+    def memcpy_d2h_host(
+        self, handle: int, offset: int, host_off: int, nbytes: int, stream: int = 0, sync: bool = True
+    ) -> None:
         """Arena host buffer <- device. Async: valid after the stream syncs."""
         self._host_copy(Op.MEMCPY_D2H, handle, offset, host_off, nbytes, stream, sync)
 
-    def _host_copy(self, op: Op, handle: int, offset: int, host_off: int, nbytes: int, stream: int,
-                   sync: bool) -> None:
+    def _host_copy(
+        self, op: Op, handle: int, offset: int, host_off: int, nbytes: int, stream: int, sync: bool
+    ) -> None:
         # FLAG_DEFERRED: the daemon touches the host buffer when the copy executes, not at drain
         if sync:
-            self._sync(op, handle, offset, nbytes, stream=stream, payload=(host_off, nbytes), flags=FLAG_DEFERRED)
+            self._sync(
+                op, handle, offset, nbytes, stream=stream, payload=(host_off, nbytes), flags=FLAG_DEFERRED
+            )
             return
         with self._lock:
             self._check()
-            self._push(pack_sqe(op, handle, offset, nbytes, stream=stream, flags=FLAG_DEFERRED,
-                                payload_off=host_off, payload_len=nbytes))
+            self._push(
+                pack_sqe(
+                    op,
+                    handle,
+                    offset,
+                    nbytes,
+                    stream=stream,
+                    flags=FLAG_DEFERRED,
+                    payload_off=host_off,
+                    payload_len=nbytes,
+                )
+            )
 
     def memory_stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = json.loads(self._sync(Op.MEM_STATS)[2])
@@ -493,8 +575,14 @@ class Client:
         return h, nbytes
 
     # ================================================================== operators and graphs
-    def launch(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any], outputs: list[tuple[int, TensorRef]],
-               stream: int = 0) -> None:
+    def launch(
+        self,
+        op: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        outputs: list[tuple[int, TensorRef]],
+        stream: int = 0,
+    ) -> None:
         payload = P.encode_launch(op, args, kwargs, outputs)
         with self._lock:
             self._check()
@@ -519,7 +607,9 @@ class Client:
         self._async(Op.GRAPH_DESTROY, graph)
 
     # ================================================================== collectives
-    def comm_init(self, comm_id: bytes, rank: int, size: int, devices: list[int], timeout_s: float = 1800.0) -> int:
+    def comm_init(
+        self, comm_id: bytes, rank: int, size: int, devices: list[int], timeout_s: float = 1800.0
+    ) -> int:
         """Join the communicator `comm_id` (16 bytes all ranks agree on) as `rank` of `size`;
         `devices[r]` is the daemon device of rank r. Returns this client's handle for it."""
         if len(comm_id) != P.COMM_ID_BYTES or len(devices) != size:
@@ -534,15 +624,36 @@ class Client:
     def comm_destroy(self, comm: int) -> None:
         self._async(Op.COMM_DESTROY, comm)
 
-    def collective(self, comm: int, kind: str, inp: TensorRef, out: TensorRef, op: str = "sum",
-                   root: int = 0, stream: int = 0) -> None:
+    def collective(
+        self,
+        comm: int,
+        kind: str,
+        inp: TensorRef,
+        out: TensorRef,
+        op: str = "sum",
+        root: int = 0,
+        stream: int = 0,
+    ) -> None:
         """Queue a collective on `stream` (asynchronous: errors surface at the next sync)."""
         payload = P.encode_launch(kind, (inp, out), {}, [])
         with self._lock:
             self._check()
             off = self._stage(payload, len(payload))
-            self._push(_SQE_PACK(Op.COLLECTIVE, 0, stream, 0, off, len(payload), comm,
-                                 P.COLL_KINDS.index(kind), P.REDUCE_OPS.index(op), root, 0))
+            self._push(
+                _SQE_PACK(
+                    Op.COLLECTIVE,
+                    0,
+                    stream,
+                    0,
+                    off,
+                    len(payload),
+                    comm,
+                    P.COLL_KINDS.index(kind),
+                    P.REDUCE_OPS.index(op),
+                    root,
+                    0,
+                )
+            )
 
     # ================================================================== lifecycle
     def close(self) -> None:
@@ -555,7 +666,7 @@ class Client:
             finally:
                 self.seg.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -563,7 +674,7 @@ class Client:
 
 
 _clients: dict[int, Client] = {}
-_all_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+_all_clients: weakref.WeakSet[Client] = weakref.WeakSet()
 _clients_lock = threading.Lock()
 
 

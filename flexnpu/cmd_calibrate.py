@@ -11,6 +11,7 @@ and learns one correction factor per op class (bounded EWMA of measured/predicte
 The corrections are written as JSON (default ~/.cache/flexnpu/corrections-<spec>.json, where the
 daemon looks for them) and can be loaded with flexnpu.sched.costmodel.load_corrections.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,11 @@ def _cases(torch: Any, quick: bool, dev: str) -> list[tuple[str, Callable[[], An
         ("aten::mm", lambda: torch.mm(a, b), [a, b]),
         ("aten::linear", lambda: F.linear(x, w), [x, w]),
         ("aten::bmm", lambda: torch.bmm(q[0], q[0].transpose(1, 2)), [q[0], q[0].transpose(1, 2)]),
-        ("aten::scaled_dot_product_attention", lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True),
-         [q, q, q]),
+        (
+            "aten::scaled_dot_product_attention",
+            lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True),
+            [q, q, q],
+        ),
         ("aten::_softmax", lambda: torch.softmax(x, -1), [x]),
         ("aten::layer_norm", lambda: F.layer_norm(x, (1024,)), [x]),
         ("aten::add", lambda: big + big, [big, big]),
@@ -70,7 +74,7 @@ def run(a: argparse.Namespace) -> int:
     spec = get_spec(a.spec)
     model = CostModel(spec, Corrections(alpha=0.3))
     reps = a.repeats or (5 if a.quick else 15)
-    sync = (torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None))
+    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
     rows = []
     for name, fn, ins in _cases(torch, a.quick, a.device):
         out = fn()
@@ -87,23 +91,41 @@ def run(a: argparse.Namespace) -> int:
         pred = model.roofline(cost)
         for t in times:
             model.observe(cost, t)
-        rows.append({"op": name, "class": cost.op_class, "flops": cost.flops, "bytes": cost.bytes,
-                     "predicted_ms": pred * 1e3, "measured_ms": med * 1e3, "ratio": med / pred})
+        rows.append(
+            {
+                "op": name,
+                "class": cost.op_class,
+                "flops": cost.flops,
+                "bytes": cost.bytes,
+                "predicted_ms": pred * 1e3,
+                "measured_ms": med * 1e3,
+                "ratio": med / pred,
+            }
+        )
     corr = model.corrections.to_dict()
     out_path = Path(a.out) if a.out else default_corrections_path(spec.name)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"spec": spec.name, "device": a.device, "torch": torch.__version__, "rows": rows, "corrections": corr,
-           "spec_figures": {"peak_flops": spec.peak_flops, "hbm_bw": spec.hbm_bw}}
+    doc = {
+        "spec": spec.name,
+        "device": a.device,
+        "torch": torch.__version__,
+        "rows": rows,
+        "corrections": corr,
+        "spec_figures": {"peak_flops": spec.peak_flops, "hbm_bw": spec.hbm_bw},
+    }
     out_path.write_text(json.dumps(doc, indent=1))
     if a.json:
         print(json.dumps(doc, indent=1))
         return 0
-    print(f"calibrate on torch {a.device} against spec {spec.name} "
-          f"(fp32 {spec.flops('float32')/1e9:.0f} GFLOP/s, {spec.hbm_bw/1e9:.0f} GB/s); median of {reps}")
+    print(
+        f"calibrate on torch {a.device} against spec {spec.name} "
+        f"(fp32 {spec.flops('float32') / 1e9:.0f} GFLOP/s, {spec.hbm_bw / 1e9:.0f} GB/s); median of {reps}"
+    )
     print(f"{'op':<36}{'class':<12}{'pred ms':>10}{'meas ms':>10}{'ratio':>8}")
     for r in rows:
-        print(f"{r['op']:<36}{r['class']:<12}{r['predicted_ms']:>10.3f}{r['measured_ms']:>10.3f}{r['ratio']:>8.2f}")
+        print(
+            f"{r['op']:<36}{r['class']:<12}{r['predicted_ms']:>10.3f}{r['measured_ms']:>10.3f}{r['ratio']:>8.2f}"
+        )
     print("corrections: " + ", ".join(f"{k} x{v:.2f}" for k, v in corr["factors"].items()))
     print(f"saved to {out_path}")
     return 0
-

@@ -9,6 +9,7 @@ overrides) is never the Python environment itself: torch auto-loads an installed
 every `import torch`, which fails on a machine without CANN. Only `flexnpu run --interpose
 native` puts the folder on the program's path, together with FlexNPU's AscendCL libraries.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
     target = args.target or native.torch_npu_dir()
     if args.check:
         ok = native.torch_npu_installed(target)
-        print(f"torch_npu {native.TORCH_NPU_VERSION} {'is' if ok else 'is not'} installed for FlexNPU in {target}")
+        print(
+            f"torch_npu {native.TORCH_NPU_VERSION} {'is' if ok else 'is not'} installed for FlexNPU in {target}"
+        )
         return 0 if ok else 1
     if native.torch_npu_installed(target) and not args.force:
         print(f"torch_npu {native.TORCH_NPU_VERSION} already installed for FlexNPU in {target}")
@@ -39,18 +42,32 @@ def run(args: argparse.Namespace) -> int:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Into a fresh folder first, then renamed: an interrupted install never looks complete.
     tmp = Path(tempfile.mkdtemp(prefix=".torch_npu-", dir=target.parent))
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp),
-           f"torch-npu=={native.TORCH_NPU_VERSION}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--target",
+        str(tmp),
+        f"torch-npu=={native.TORCH_NPU_VERSION}",
+    ]
     print("flexnpu: " + " ".join(cmd))
     rc = subprocess.call(cmd)
     if rc != 0 or not native.torch_npu_installed(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"flexnpu install-torch-npu: pip failed (exit {rc}); is the package index reachable? The native "
-              f"front end still serves plain AscendCL programs without it.", file=sys.stderr)
+        print(
+            f"flexnpu install-torch-npu: pip failed (exit {rc}); is the package index reachable? The native "
+            f"front end still serves plain AscendCL programs without it.",
+            file=sys.stderr,
+        )
         return rc or 1
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
-    print(f"flexnpu: torch_npu {native.TORCH_NPU_VERSION} installed for FlexNPU in {target}; use it with "
-          f"`flexnpu run --interpose native -- python app.py`")
+    print(
+        f"flexnpu: torch_npu {native.TORCH_NPU_VERSION} installed for FlexNPU in {target}; use it with "
+        f"`flexnpu run --interpose native -- python app.py`"
+    )
     return 0

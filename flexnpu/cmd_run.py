@@ -24,6 +24,7 @@ after its last client left. ^C and ^\\ reach the program from the terminal
 (once: they are not forwarded again); SIGTERM, SIGHUP, SIGUSR1/2 sent to `flexnpu run` are
 forwarded. The exit code is the program's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,30 +49,59 @@ GROUP_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # Defaults from the environment: a Kubernetes container gets them from the device plugin.
-    p.add_argument("--device", default=os.environ.get("FLEXNPU_DEVICES", "0"),
-                   help="physical device(s) the program sees as npu:0, npu:1, ... (e.g. 0 or 0,1; "
-                        "default $FLEXNPU_DEVICES, else 0)")
-    p.add_argument("--phase", default=os.environ.get("FLEXNPU_PHASE", "auto"), choices=("auto", "prefill", "decode"),
-                   help="phase hint for the scheduler (default $FLEXNPU_PHASE, else auto: inferred from "
-                        "the operators)")
-    p.add_argument("--daemon", default="auto", metavar="auto|PATH",
-                   help="auto: use the running daemon of each device, else start an embedded one; "
-                        "PATH: the runtime directory of the daemons to use (no embedded fallback)")
-    p.add_argument("--backend", default=os.environ.get("FLEXNPU_BACKEND", "auto"), type=check_backend,
-                   help=f"backend of an embedded daemon this run starts: {BACKEND_SYNTAX} (default auto; a "
-                        f"running daemon keeps its own)")
-    p.add_argument("--policy", default=DEFAULT_POLICY, type=policy_arg,
-                   help="scheduling policy of an embedded daemon this run starts (see flexnpu daemon --help)")
+    p.add_argument(
+        "--device",
+        default=os.environ.get("FLEXNPU_DEVICES", "0"),
+        help="physical device(s) the program sees as npu:0, npu:1, ... (e.g. 0 or 0,1; "
+        "default $FLEXNPU_DEVICES, else 0)",
+    )
+    p.add_argument(
+        "--phase",
+        default=os.environ.get("FLEXNPU_PHASE", "auto"),
+        choices=("auto", "prefill", "decode"),
+        help="phase hint for the scheduler (default $FLEXNPU_PHASE, else auto: inferred from the operators)",
+    )
+    p.add_argument(
+        "--daemon",
+        default="auto",
+        metavar="auto|PATH",
+        help="auto: use the running daemon of each device, else start an embedded one; "
+        "PATH: the runtime directory of the daemons to use (no embedded fallback)",
+    )
+    p.add_argument(
+        "--backend",
+        default=os.environ.get("FLEXNPU_BACKEND", "auto"),
+        type=check_backend,
+        help=f"backend of an embedded daemon this run starts: {BACKEND_SYNTAX} (default auto; a "
+        f"running daemon keeps its own)",
+    )
+    p.add_argument(
+        "--policy",
+        default=DEFAULT_POLICY,
+        type=policy_arg,
+        help="scheduling policy of an embedded daemon this run starts (see flexnpu daemon --help)",
+    )
     p.add_argument("--memory-limit", default=None, help="device memory limit for this program, e.g. 4GiB")
-    p.add_argument("--idle-grace", type=float, default=float(os.environ.get("FLEXNPU_IDLE_GRACE", 30)),
-                   metavar="SECONDS", help="an embedded daemon this run starts exits this long after its "
-                                           "last client left (default 30)")
-    p.add_argument("--interpose", default=os.environ.get("FLEXNPU_INTERPOSE", "auto"),
-                   choices=("auto", "native", "python"),
-                   help="front end: native AscendCL libraries, the Python hook, or auto (see above)")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="show the embedded daemon's log and, with the native front end, each unsupported "
-                        "AscendCL call (once, by name) and every error it returns")
+    p.add_argument(
+        "--idle-grace",
+        type=float,
+        default=float(os.environ.get("FLEXNPU_IDLE_GRACE", 30)),
+        metavar="SECONDS",
+        help="an embedded daemon this run starts exits this long after its last client left (default 30)",
+    )
+    p.add_argument(
+        "--interpose",
+        default=os.environ.get("FLEXNPU_INTERPOSE", "auto"),
+        choices=("auto", "native", "python"),
+        help="front end: native AscendCL libraries, the Python hook, or auto (see above)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show the embedded daemon's log and, with the native front end, each unsupported "
+        "AscendCL call (once, by name) and every error it returns",
+    )
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="the program and its arguments (after --)")
 
 
@@ -115,9 +145,13 @@ def native_env(env: dict[str, str], verbose: bool) -> None:
     from .hook.native.build import build
 
     libdir = str(build(quiet=True))
-    env["LD_LIBRARY_PATH"] = os.pathsep.join([libdir] + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        [libdir] + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else [])
+    )
     # LD_PRELOAD too: torch_npu looks functions up with dlsym(RTLD_DEFAULT, ...) when it is set
-    env["LD_PRELOAD"] = " ".join([os.path.join(libdir, native.CORE_LIB)] + ([env["LD_PRELOAD"]] if env.get("LD_PRELOAD") else []))
+    env["LD_PRELOAD"] = " ".join(
+        [os.path.join(libdir, native.CORE_LIB)] + ([env["LD_PRELOAD"]] if env.get("LD_PRELOAD") else [])
+    )
     if native.torch_npu_installed():
         tdir = str(native.torch_npu_dir())
         env["PYTHONPATH"] = os.pathsep.join([tdir] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
@@ -163,11 +197,13 @@ def hold(path: Path) -> Lease | None:
         s.close()
         raise SystemExit(f"flexnpu run: {e}") from None
     except (OSError, ConnectionError, ProtocolError):
-        s.close()               # it closed on us: a daemon that was leaving
+        s.close()  # it closed on us: a daemon that was leaving
         return None
     if not reply.get("ok"):
         s.close()
-        raise SystemExit(f"flexnpu run: the daemon at {path} refused us: {reply.get('error', 'no reason given')}")
+        raise SystemExit(
+            f"flexnpu run: the daemon at {path} refused us: {reply.get('error', 'no reason given')}"
+        )
     return Lease(s, reply)
 
 
@@ -178,11 +214,13 @@ def shared_daemons(devices: list[int], args: argparse.Namespace) -> tuple[Path, 
     if own != SYSTEM_RUNTIME_DIR and not os.environ.get("FLEXNPU_RUNTIME_DIR"):
         system = [d for d in devices if answers(socket_path(d, SYSTEM_RUNTIME_DIR))]
         if system and len(system) == len(devices):
-            return SYSTEM_RUNTIME_DIR, []          # the system daemons always win
+            return SYSTEM_RUNTIME_DIR, []  # the system daemons always win
         if system:
-            raise SystemExit(f"flexnpu run: devices {system} have system daemons in {SYSTEM_RUNTIME_DIR}, "
-                             f"{sorted(set(devices) - set(system))} do not; start them all "
-                             f"(systemctl start flexnpu@N) or use --device with the served ones")
+            raise SystemExit(
+                f"flexnpu run: devices {system} have system daemons in {SYSTEM_RUNTIME_DIR}, "
+                f"{sorted(set(devices) - set(system))} do not; start them all "
+                f"(systemctl start flexnpu@N) or use --device with the served ones"
+            )
     try:
         check_dir(own, create=True)
     except UnsafeRuntimeDir as e:
@@ -210,18 +248,33 @@ def _lease_or_start(device: int, rdir: Path, args: argparse.Namespace) -> Lease:
         if lease is not None:
             return lease
         try:
-            dp = DaemonProcess(device, rdir, ["--backend", args.backend, "--policy", args.policy,
-                                              "--exit-when-idle", str(args.idle_grace), "--embedded"])
+            dp = DaemonProcess(
+                device,
+                rdir,
+                [
+                    "--backend",
+                    args.backend,
+                    "--policy",
+                    args.policy,
+                    "--exit-when-idle",
+                    str(args.idle_grace),
+                    "--embedded",
+                ],
+            )
         except DaemonStartError as e:
             raise SystemExit(f"flexnpu run: the embedded daemon could not start: {e}") from None
         dp.release()
         if args.verbose:
-            print(f"flexnpu run: started the embedded daemon for device {device} (pid {dp.pid}); "
-                  f"its log: {dp.log}", file=sys.stderr)
+            print(
+                f"flexnpu run: started the embedded daemon for device {device} (pid {dp.pid}); "
+                f"its log: {dp.log}",
+                file=sys.stderr,
+            )
         lease = hold(sock)
         if lease is None:
-            raise SystemExit(f"flexnpu run: the embedded daemon for device {device} stopped at once:\n"
-                             f"{dp.log_text()}")
+            raise SystemExit(
+                f"flexnpu run: the embedded daemon for device {device} stopped at once:\n{dp.log_text()}"
+            )
         return lease
 
 
@@ -230,7 +283,10 @@ def run(args: argparse.Namespace) -> int:
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
-        print("flexnpu run: no program given; usage: flexnpu run [options] -- PROGRAM [ARGS...]", file=sys.stderr)
+        print(
+            "flexnpu run: no program given; usage: flexnpu run [options] -- PROGRAM [ARGS...]",
+            file=sys.stderr,
+        )
         return 2
     if shutil.which(cmd[0]) is None and not os.path.exists(cmd[0]):
         print(f"flexnpu run: {cmd[0]}: command not found", file=sys.stderr)
@@ -245,12 +301,17 @@ def run(args: argparse.Namespace) -> int:
             rdir = Path(args.daemon)
             for d in devices:
                 if not answers(socket_path(d, rdir)):
-                    print(f"flexnpu run: no daemon for device {d} answers at {socket_path(d, rdir)}", file=sys.stderr)
+                    print(
+                        f"flexnpu run: no daemon for device {d} answers at {socket_path(d, rdir)}",
+                        file=sys.stderr,
+                    )
                     return 2
         front = choose_front(args.interpose, cmd)
         root = str(Path(__file__).resolve().parent.parent)
         if front == "native":
-            env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+            env["PYTHONPATH"] = os.pathsep.join(
+                [root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+            )
             try:
                 native_env(env, args.verbose)
             except SystemExit as e:
@@ -258,7 +319,9 @@ def run(args: argparse.Namespace) -> int:
                 return 2
         else:
             boot = bootstrap_dir()
-            env["PYTHONPATH"] = os.pathsep.join([str(boot), root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(boot), root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+            )
         env["FLEXNPU_INTERPOSE"] = front
         env["FLEXNPU_RUNTIME_DIR"] = str(rdir)
         env["FLEXNPU_DEVICES"] = ",".join(map(str, devices))

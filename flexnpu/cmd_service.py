@@ -14,6 +14,7 @@ The unit is rendered from systemd/flexnpu@.service with the absolute path of thi
 executable (systemd needs one), DeviceAllow= lines for the accelerator device groups found in
 /proc/devices, and ProtectHome=read-only when Python or flexnpu live under /home or /root.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,31 +48,63 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # The settings file: key -> (option of `service install`, comment, example). `flexnpu daemon`
 # reads each variable as the default of the matching option (flexnpu/daemon/main.py).
 CONFIG_KEYS: dict[str, tuple[str, str, str]] = {
-    "FLEXNPU_BACKEND": ("backend", "Backend that executes device calls: auto (npu, else cuda, else cpu), "
-                        "cpu, cuda, npu, emu:<spec>[+cpu] (emulated 910b, 910c, h100, a100).", "auto"),
-    "FLEXNPU_POLICY": ("policy", "Scheduling policy: fifo (passthrough), priority, flex (prefill/decode "
-                       "co-location).", "fifo"),
-    "FLEXNPU_MEMORY_LIMIT": ("memory_limit", "Default device-memory limit per client, in bytes "
-                             "(512MiB, 8GiB, ... also accepted). Unset: no limit.", "8589934592"),
-    "FLEXNPU_MEMORY_LIMIT_MAX": ("memory_limit_max", "Highest limit a client may ask for at attach. "
-                                 "Unset: the default limit.", "17179869184"),
-    "FLEXNPU_ALLOW_UIDS": ("allow_uids", "Comma-separated uids allowed to attach (checked with "
-                           "SO_PEERCRED), or 'any'. Unset: root and the daemon's own uid only.", "0,1000"),
-    "FLEXNPU_SOCKET_MODE": ("socket_mode", "Octal file mode of the control sockets "
-                            "/run/flexnpu/npu<N>.sock; other users need 0666 (and FLEXNPU_ALLOW_UIDS).",
-                            "0660"),
+    "FLEXNPU_BACKEND": (
+        "backend",
+        "Backend that executes device calls: auto (npu, else cuda, else cpu), "
+        "cpu, cuda, npu, emu:<spec>[+cpu] (emulated 910b, 910c, h100, a100).",
+        "auto",
+    ),
+    "FLEXNPU_POLICY": (
+        "policy",
+        "Scheduling policy: fifo (passthrough), priority, flex (prefill/decode co-location).",
+        "fifo",
+    ),
+    "FLEXNPU_MEMORY_LIMIT": (
+        "memory_limit",
+        "Default device-memory limit per client, in bytes "
+        "(512MiB, 8GiB, ... also accepted). Unset: no limit.",
+        "8589934592",
+    ),
+    "FLEXNPU_MEMORY_LIMIT_MAX": (
+        "memory_limit_max",
+        "Highest limit a client may ask for at attach. Unset: the default limit.",
+        "17179869184",
+    ),
+    "FLEXNPU_ALLOW_UIDS": (
+        "allow_uids",
+        "Comma-separated uids allowed to attach (checked with "
+        "SO_PEERCRED), or 'any'. Unset: root and the daemon's own uid only.",
+        "0,1000",
+    ),
+    "FLEXNPU_SOCKET_MODE": (
+        "socket_mode",
+        "Octal file mode of the control sockets "
+        "/run/flexnpu/npu<N>.sock; other users need 0666 (and FLEXNPU_ALLOW_UIDS).",
+        "0660",
+    ),
     "FLEXNPU_LOG_LEVEL": ("log_level", "Log level: debug, info, warning, error.", "info"),
-    "FLEXNPU_METRICS_PORT": ("metrics_port", "Serve Prometheus metrics over HTTP: the daemon of device N "
-                             "listens on this port + N (see FLEXNPU_METRICS_ADDR). Unset: no metrics.", "9400"),
-    "FLEXNPU_METRICS_ADDR": ("metrics_addr", "Address of the metrics endpoint; 0.0.0.0 for a remote "
-                             "Prometheus (then also allow it in a unit drop-in: IPAddressAllow=).",
-                             "127.0.0.1"),
-    "FLEXNPU_DAEMON_ARGS": ("daemon_args", "Extra arguments appended to `flexnpu daemon --device N` "
-                            "(split on spaces by systemd).", "--backend cpu"),
+    "FLEXNPU_METRICS_PORT": (
+        "metrics_port",
+        "Serve Prometheus metrics over HTTP: the daemon of device N "
+        "listens on this port + N (see FLEXNPU_METRICS_ADDR). Unset: no metrics.",
+        "9400",
+    ),
+    "FLEXNPU_METRICS_ADDR": (
+        "metrics_addr",
+        "Address of the metrics endpoint; 0.0.0.0 for a remote "
+        "Prometheus (then also allow it in a unit drop-in: IPAddressAllow=).",
+        "127.0.0.1",
+    ),
+    "FLEXNPU_DAEMON_ARGS": (
+        "daemon_args",
+        "Extra arguments appended to `flexnpu daemon --device N` (split on spaces by systemd).",
+        "--backend cpu",
+    ),
 }
 
 
 # ---------------------------------------------------------------------------- helpers
+
 
 def _parse_devices(text: str) -> list[int] | None:
     """'0,1' -> [0, 1]; 'all' -> None (discover)."""
@@ -97,8 +130,9 @@ def _parse_devices(text: str) -> list[int] | None:
 def discover_devices(dev: Path = Path("/dev")) -> tuple[list[int], str]:
     """Device numbers from /dev/davinciN (Ascend) or else /dev/nvidiaN; ([], '') if neither."""
     for prefix, kind in (("davinci", "ascend"), ("nvidia", "nvidia")):
-        nums = sorted(int(p.name[len(prefix):]) for p in dev.glob(prefix + "*")
-                      if p.name[len(prefix):].isdigit())
+        nums = sorted(
+            int(p.name[len(prefix) :]) for p in dev.glob(prefix + "*") if p.name[len(prefix) :].isdigit()
+        )
         if nums:
             return nums, kind
     return [], ""
@@ -167,18 +201,23 @@ def _systemd_quote(word: str) -> str:
 
 def unit_source_dir() -> Path:
     """Where the shipped unit files are: the source tree, or share/flexnpu/systemd of the install."""
-    candidates = [Path(flexnpu.__file__).resolve().parent.parent / "systemd",
-                  Path(sys.prefix) / "share" / "flexnpu" / "systemd"]
+    candidates = [
+        Path(flexnpu.__file__).resolve().parent.parent / "systemd",
+        Path(sys.prefix) / "share" / "flexnpu" / "systemd",
+    ]
     for c in candidates:
         if (c / UNIT_NAME).is_file():
             return c
     raise FileNotFoundError("unit templates not found in " + " or ".join(map(str, candidates)))
 
 
-def render_unit(template: str, exec_cmd: list[str], *, extra_device_groups: Sequence[str] = (),
-                protect_home: str = "yes") -> str:
-    out = [f"{MARKER} {flexnpu.__version__}; change settings in /etc/flexnpu/flexnpu.conf",
-           "# or with a drop-in (systemctl edit flexnpu@.service) rather than editing this file."]
+def render_unit(
+    template: str, exec_cmd: list[str], *, extra_device_groups: Sequence[str] = (), protect_home: str = "yes"
+) -> str:
+    out = [
+        f"{MARKER} {flexnpu.__version__}; change settings in /etc/flexnpu/flexnpu.conf",
+        "# or with a drop-in (systemctl edit flexnpu@.service) rather than editing this file.",
+    ]
     exec_text = " ".join(_systemd_quote(w) for w in exec_cmd)
     seen_exec = False
     for line in template.splitlines():
@@ -236,11 +275,13 @@ def render_config(values: dict[str, str]) -> str:
         lines.append(f"# {comment}")
         lines.append(f"{key}={values[key]}" if values.get(key) else f"#{key}={example}")
         lines.append("")
-    lines += ["# Vendor runtime environment: systemd does not source Ascend's set_env.sh, so copy the",
-              "# variables it exports here, e.g.",
-              "#LD_LIBRARY_PATH=/usr/local/Ascend/driver/lib64/driver:/usr/local/Ascend/ascend-toolkit/latest/lib64",
-              "#ASCEND_TOOLKIT_HOME=/usr/local/Ascend/ascend-toolkit/latest",
-              "#ASCEND_OPP_PATH=/usr/local/Ascend/ascend-toolkit/latest/opp"]
+    lines += [
+        "# Vendor runtime environment: systemd does not source Ascend's set_env.sh, so copy the",
+        "# variables it exports here, e.g.",
+        "#LD_LIBRARY_PATH=/usr/local/Ascend/driver/lib64/driver:/usr/local/Ascend/ascend-toolkit/latest/lib64",
+        "#ASCEND_TOOLKIT_HOME=/usr/local/Ascend/ascend-toolkit/latest",
+        "#ASCEND_OPP_PATH=/usr/local/Ascend/ascend-toolkit/latest/opp",
+    ]
     others = {k: v for k, v in values.items() if k not in CONFIG_KEYS}
     if others:
         lines += ["", "# Other settings kept from the previous file:"]
@@ -255,7 +296,10 @@ def _validated_settings(args: argparse.Namespace) -> dict[str, str]:
         out["FLEXNPU_BACKEND"] = args.backend
     if args.policy:
         out["FLEXNPU_POLICY"] = args.policy
-    for opt, key in (("memory_limit", "FLEXNPU_MEMORY_LIMIT"), ("memory_limit_max", "FLEXNPU_MEMORY_LIMIT_MAX")):
+    for opt, key in (
+        ("memory_limit", "FLEXNPU_MEMORY_LIMIT"),
+        ("memory_limit_max", "FLEXNPU_MEMORY_LIMIT_MAX"),
+    ):
         text = getattr(args, opt)
         if text is not None:
             n = parse_bytes(text)  # 'none' unsets the key (rendered commented out)
@@ -273,6 +317,7 @@ def _validated_settings(args: argparse.Namespace) -> dict[str, str]:
                 uids.append(part)
             else:
                 import pwd
+
                 try:
                     uids.append(str(pwd.getpwnam(part).pw_uid))
                 except KeyError:
@@ -299,6 +344,7 @@ def _validated_settings(args: argparse.Namespace) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- actions
+
 
 @dataclass
 class Plan:
@@ -339,6 +385,7 @@ def _systemctl_allowed(plan: Plan) -> str | None:
 
 def _booted() -> bool:
     from flexnpu.daemon.systemd import booted
+
     return booted()
 
 
@@ -361,8 +408,9 @@ def install(args: argparse.Namespace) -> tuple[Plan, int]:
         devices, kind = discover_devices()
         if not devices:
             devices = [0]
-            plan.notes.append("no /dev/davinci* or /dev/nvidia* nodes found: installing device 0 "
-                              "(use --devices to choose)")
+            plan.notes.append(
+                "no /dev/davinci* or /dev/nvidia* nodes found: installing device 0 (use --devices to choose)"
+            )
         else:
             plan.notes.append(f"found {kind} devices {','.join(map(str, devices))}")
     plan.devices = devices
@@ -377,12 +425,18 @@ def install(args: argparse.Namespace) -> tuple[Plan, int]:
     protect_home = "yes"
     if _under_home([exec_cmd[0], sys.prefix, pkg_dir]):
         protect_home = "read-only"
-        plan.notes.append("Python or flexnpu is under a home directory: the unit uses "
-                          "ProtectHome=read-only instead of yes (install system-wide to tighten)")
+        plan.notes.append(
+            "Python or flexnpu is under a home directory: the unit uses "
+            "ProtectHome=read-only instead of yes (install system-wide to tighten)"
+        )
 
     src = unit_source_dir()
-    unit = render_unit((src / UNIT_NAME).read_text(), exec_cmd,
-                       extra_device_groups=discover_device_groups(), protect_home=protect_home)
+    unit = render_unit(
+        (src / UNIT_NAME).read_text(),
+        exec_cmd,
+        extra_device_groups=discover_device_groups(),
+        protect_home=protect_home,
+    )
     target = render_target((src / TARGET_NAME).read_text(), devices)
     unit_dir = root / UNIT_DIR
     _write(plan, unit_dir / UNIT_NAME, unit, args.dry_run)
@@ -396,8 +450,10 @@ def install(args: argparse.Namespace) -> tuple[Plan, int]:
     _write(plan, conf_path, render_config(values), args.dry_run)
 
     instances = [f"flexnpu@{d}.service" for d in devices]
-    plan.commands = [["systemctl", "daemon-reload"],
-                     ["systemctl", "enable", "--now", TARGET_NAME, *instances]]
+    plan.commands = [
+        ["systemctl", "daemon-reload"],
+        ["systemctl", "enable", "--now", TARGET_NAME, *instances],
+    ]
     rc = 0
     if args.enable:
         why_not = "--dry-run" if args.dry_run else _systemctl_allowed(plan)
@@ -418,11 +474,14 @@ def uninstall(args: argparse.Namespace) -> tuple[Plan, int]:
         targets.append(root / CONFIG_PATH)
     target_file = unit_dir / TARGET_NAME
     if target_file.is_file():
-        plan.devices = [int(m) for m in re.findall(r"^Wants=flexnpu@(\d+)\.service$",
-                                                   target_file.read_text(), re.M)]
+        plan.devices = [
+            int(m) for m in re.findall(r"^Wants=flexnpu@(\d+)\.service$", target_file.read_text(), re.M)
+        ]
     instances = [f"flexnpu@{d}.service" for d in plan.devices]
-    plan.commands = [["systemctl", "disable", "--now", TARGET_NAME, *instances],
-                     ["systemctl", "daemon-reload"]]
+    plan.commands = [
+        ["systemctl", "disable", "--now", TARGET_NAME, *instances],
+        ["systemctl", "daemon-reload"],
+    ]
     rc = 0
     if args.disable:
         why_not = "--dry-run" if args.dry_run else _systemctl_allowed(plan)
@@ -438,7 +497,9 @@ def uninstall(args: argparse.Namespace) -> tuple[Plan, int]:
             plan.files.append({"path": str(path), "action": "absent"})
             continue
         if MARKER not in path.read_text() and not args.force:
-            plan.files.append({"path": str(path), "action": "kept (not written by flexnpu; --force removes it)"})
+            plan.files.append(
+                {"path": str(path), "action": "kept (not written by flexnpu; --force removes it)"}
+            )
             rc = rc or 1
             continue
         if args.dry_run:
@@ -447,72 +508,137 @@ def uninstall(args: argparse.Namespace) -> tuple[Plan, int]:
             path.unlink()
             plan.files.append({"path": str(path), "action": "removed"})
     if args.disable and not args.dry_run and _systemctl_allowed(plan) is None and rc == 0:
-        plan.ran.append({"command": ["systemctl", "daemon-reload"],
-                         "rc": subprocess.run(["systemctl", "daemon-reload"], timeout=120).returncode})
+        plan.ran.append(
+            {
+                "command": ["systemctl", "daemon-reload"],
+                "rc": subprocess.run(["systemctl", "daemon-reload"], timeout=120).returncode,
+            }
+        )
     return plan, rc
 
 
 # ---------------------------------------------------------------------------- CLI
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="service_cmd", metavar="ACTION")
     sub.required = True
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--root", default="/", metavar="DIR",
-                        help="install into DIR/etc/... (an image or a test directory); default /")
+    common.add_argument(
+        "--root",
+        default="/",
+        metavar="DIR",
+        help="install into DIR/etc/... (an image or a test directory); default /",
+    )
     common.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
     common.add_argument("--json", action="store_true", help="print a JSON report instead of text")
-    common.add_argument("--force", action="store_true",
-                        help="install: rewrite the config from defaults; uninstall: remove files "
-                             "even if not written by flexnpu")
+    common.add_argument(
+        "--force",
+        action="store_true",
+        help="install: rewrite the config from defaults; uninstall: remove files "
+        "even if not written by flexnpu",
+    )
 
-    p = sub.add_parser("install", parents=[common], help="write the units and the config file",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--devices", default="all", metavar="LIST",
-                   help="device numbers (0,1 or 0-3) or 'all' = every /dev/davinciN or /dev/nvidiaN "
-                        "(device 0 if none); default all")
-    p.add_argument("--exec", metavar="CMD",
-                   help="command that runs flexnpu in the unit (absolute path first); default: the "
-                        "flexnpu script on PATH, else this Python with -m flexnpu")
-    p.add_argument("--backend", type=check_backend, metavar="BACKEND",
-                   help=f"FLEXNPU_BACKEND in the config: {BACKEND_SYNTAX} (what `flexnpu daemon` accepts)")
-    p.add_argument("--policy", type=policy_arg, help="FLEXNPU_POLICY: scheduling policy (fifo|priority|flex|partition[:ALPHA])")
-    p.add_argument("--memory-limit", metavar="SIZE",
-                   help="FLEXNPU_MEMORY_LIMIT: default device memory per client (e.g. 8GiB; none unsets)")
-    p.add_argument("--memory-limit-max", metavar="SIZE",
-                   help="FLEXNPU_MEMORY_LIMIT_MAX: highest limit a client may request")
-    p.add_argument("--allow-uids", metavar="LIST",
-                   help="FLEXNPU_ALLOW_UIDS: uids or user names allowed to attach, or 'any'")
+    p = sub.add_parser(
+        "install",
+        parents=[common],
+        help="write the units and the config file",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--devices",
+        default="all",
+        metavar="LIST",
+        help="device numbers (0,1 or 0-3) or 'all' = every /dev/davinciN or /dev/nvidiaN "
+        "(device 0 if none); default all",
+    )
+    p.add_argument(
+        "--exec",
+        metavar="CMD",
+        help="command that runs flexnpu in the unit (absolute path first); default: the "
+        "flexnpu script on PATH, else this Python with -m flexnpu",
+    )
+    p.add_argument(
+        "--backend",
+        type=check_backend,
+        metavar="BACKEND",
+        help=f"FLEXNPU_BACKEND in the config: {BACKEND_SYNTAX} (what `flexnpu daemon` accepts)",
+    )
+    p.add_argument(
+        "--policy",
+        type=policy_arg,
+        help="FLEXNPU_POLICY: scheduling policy (fifo|priority|flex|partition[:ALPHA])",
+    )
+    p.add_argument(
+        "--memory-limit",
+        metavar="SIZE",
+        help="FLEXNPU_MEMORY_LIMIT: default device memory per client (e.g. 8GiB; none unsets)",
+    )
+    p.add_argument(
+        "--memory-limit-max",
+        metavar="SIZE",
+        help="FLEXNPU_MEMORY_LIMIT_MAX: highest limit a client may request",
+    )
+    p.add_argument(
+        "--allow-uids",
+        metavar="LIST",
+        help="FLEXNPU_ALLOW_UIDS: uids or user names allowed to attach, or 'any'",
+    )
     p.add_argument("--socket-mode", metavar="MODE", help="FLEXNPU_SOCKET_MODE: octal, e.g. 0660")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="FLEXNPU_LOG_LEVEL")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="FLEXNPU_METRICS_PORT: Prometheus metrics of device N on PORT+N")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="FLEXNPU_METRICS_PORT: Prometheus metrics of device N on PORT+N",
+    )
     p.add_argument("--metrics-addr", metavar="ADDR", help="FLEXNPU_METRICS_ADDR (default 127.0.0.1)")
     p.add_argument("--daemon-args", metavar="ARGS", help="FLEXNPU_DAEMON_ARGS: extra daemon arguments")
-    p.add_argument("--enable", action=argparse.BooleanOptionalAction, default=False,
-                   help="also run systemctl daemon-reload and enable --now (only for --root / on a "
-                        "systemd host); default: only print the commands")
+    p.add_argument(
+        "--enable",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also run systemctl daemon-reload and enable --now (only for --root / on a "
+        "systemd host); default: only print the commands",
+    )
 
     u = sub.add_parser("uninstall", parents=[common], help="remove the units (and with --purge the config)")
     u.add_argument("--purge", action="store_true", help="also remove /etc/flexnpu/flexnpu.conf")
-    u.add_argument("--disable", action=argparse.BooleanOptionalAction, default=False,
-                   help="first run systemctl disable --now (only for --root / on a systemd host)")
+    u.add_argument(
+        "--disable",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="first run systemctl disable --now (only for --root / on a systemd host)",
+    )
 
 
 def _report(plan: Plan, rc: int, as_json: bool, verb: str) -> None:
     if as_json:
-        print(json.dumps({
-            "root": str(plan.root), "devices": plan.devices,
-            "files": [{"path": f["path"], "action": f["action"]} for f in plan.files],
-            "commands": plan.commands, "ran": plan.ran, "notes": plan.notes, "ok": rc == 0,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "root": str(plan.root),
+                    "devices": plan.devices,
+                    "files": [{"path": f["path"], "action": f["action"]} for f in plan.files],
+                    "commands": plan.commands,
+                    "ran": plan.ran,
+                    "notes": plan.notes,
+                    "ok": rc == 0,
+                },
+                indent=2,
+            )
+        )
         return
     for f in plan.files:
         print(f"{f['action']:>12}  {f['path']}")
     for n in plan.notes:
         print(f"note: {n}")
     for r in plan.ran:
-        print(f"ran: {shlex.join(r['command'])} -> rc {r['rc']}" + (f"\n{r['output']}" if r.get("output") else ""))
+        print(
+            f"ran: {shlex.join(r['command'])} -> rc {r['rc']}"
+            + (f"\n{r['output']}" if r.get("output") else "")
+        )
     if not plan.ran:
         print(f"to {verb}:" if plan.commands else "")
         for c in plan.commands:

@@ -11,6 +11,7 @@ connection but did not answer appears as {"device", "socket", "error", "clients"
 
 Exit status: 0, also when no daemon runs; with --device N, 1 if that daemon did not answer.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,6 @@ from pathlib import Path
 from flexnpu import paths
 from flexnpu.control import recv_msg, send_msg
 from flexnpu.units import format_bytes
-
 
 
 class StaleSocket(Exception):
@@ -48,13 +48,15 @@ def query(path: Path, timeout: float = 1.0) -> dict:
         reply, fds = recv_msg(s)
         for fd in fds:  # a status reply carries none; never leak what a confused peer sends
             os.close(fd)
-    except socket.timeout:
+    except TimeoutError:
         raise TimeoutError(f"no reply within {timeout:g} s") from None
     finally:
         s.close()
     if not reply.get("ok"):
-        raise RuntimeError(f"daemon refused status: {reply.get('error', 'no reason given')}"
-                           + (f" ({reply['code']})" if reply.get("code") else ""))
+        raise RuntimeError(
+            f"daemon refused status: {reply.get('error', 'no reason given')}"
+            + (f" ({reply['code']})" if reply.get("code") else "")
+        )
     daemon = reply.get("daemon")
     if not isinstance(daemon, dict):
         raise ValueError("reply has no daemon object")
@@ -90,9 +92,12 @@ def collect(runtime_dir: Path | list[Path], device: int | None = None, timeout: 
         except StaleSocket:
             return "stale", str(path)
         except PermissionError as e:
-            return "error", {"device": dev, "socket": str(path), "clients": [],
-                             "error": f"permission denied ({e.strerror}); check the socket mode "
-                                      "and allowed uids"}
+            return "error", {
+                "device": dev,
+                "socket": str(path),
+                "clients": [],
+                "error": f"permission denied ({e.strerror}); check the socket mode and allowed uids",
+            }
         except (OSError, ValueError, RuntimeError, ConnectionError) as e:
             if isinstance(e, OSError) and e.errno == errno.ECONNREFUSED:
                 return "stale", str(path)
@@ -101,16 +106,18 @@ def collect(runtime_dir: Path | list[Path], device: int | None = None, timeout: 
     if sockets:
         with ThreadPoolExecutor(max_workers=min(16, len(sockets))) as pool:
             for _kind, value in pool.map(one, sockets):
-                if isinstance(value, str):   # kind == "stale": the socket's path
+                if isinstance(value, str):  # kind == "stale": the socket's path
                     stale.append(value)
                 else:
                     daemons.append(value)
-    daemons.sort(key=lambda d: (d.get("device") if isinstance(d.get("device"), int) else 1 << 30,
-                                str(d.get("socket"))))
+    daemons.sort(
+        key=lambda d: (d.get("device") if isinstance(d.get("device"), int) else 1 << 30, str(d.get("socket")))
+    )
     return {"daemons": daemons, "stale": stale}
 
 
 # ---------------------------------------------------------------------------- formatting
+
 
 def human_duration(seconds: float | None) -> str:
     if seconds is None:
@@ -155,14 +162,26 @@ def format_text(report: dict, runtime_dir: Path | list[Path], width: int = 120) 
             if d.get("device_type") and d.get("device_type") != d.get("backend"):
                 backend += f" ({d['device_type']})"
             if d.get("embedded"):
-                backend += ", embedded"     # started by `flexnpu run`; exits when idle
-            rows.append([_g(d, "device"), backend, _g(d, "pid"), human_duration(d.get("uptime_s")),
-                         _g(d, "policy"), format_bytes(d.get("memory_limit_default")) if d.get("memory_limit_default") else "none",
-                         str(len(d.get("clients") or [])), _g(d, "ops_total"), _g(d, "version")])
+                backend += ", embedded"  # started by `flexnpu run`; exits when idle
+            rows.append(
+                [
+                    _g(d, "device"),
+                    backend,
+                    _g(d, "pid"),
+                    human_duration(d.get("uptime_s")),
+                    _g(d, "policy"),
+                    format_bytes(d.get("memory_limit_default")) if d.get("memory_limit_default") else "none",
+                    str(len(d.get("clients") or [])),
+                    _g(d, "ops_total"),
+                    _g(d, "version"),
+                ]
+            )
         dirs = sorted({str(Path(str(d.get("socket"))).parent) for d in daemons if d.get("socket")})
         lines.append(f"FlexNPU daemons in {', '.join(dirs) or where}")
-        lines += _table(["DEVICE", "BACKEND", "PID", "UPTIME", "POLICY", "CLIENT LIMIT", "CLIENTS",
-                         "OPS", "VERSION"], rows)
+        lines += _table(
+            ["DEVICE", "BACKEND", "PID", "UPTIME", "POLICY", "CLIENT LIMIT", "CLIENTS", "OPS", "VERSION"],
+            rows,
+        )
     for d in daemons:
         clients = d.get("clients") or []
         if "error" in d or not clients:
@@ -173,13 +192,24 @@ def format_text(report: dict, runtime_dir: Path | list[Path], width: int = 120) 
             limit = c.get("memory_limit")
             mem = format_bytes(c.get("memory_bytes")) + " / " + (format_bytes(limit) if limit else "no limit")
             ops = c.get("ops_per_s")
-            rows.append([_g(c, "pid"), _g(c, "uid"), _g(c, "phase"), mem,
-                         f"{ops:.1f}" if isinstance(ops, (int, float)) else "-",
-                         _g(c, "queue_depth"), _g(c, "streams"),
-                         # argv may hold newlines or tabs (python -c '...'): one table row each.
-                         " ".join(_g(c, "cmdline", "").split())])
-        table = _table(["PID", "UID", "PHASE", "MEMORY USED / LIMIT", "OPS/S", "QUEUE", "STREAMS",
-                        "COMMAND"], rows, indent="  ")
+            rows.append(
+                [
+                    _g(c, "pid"),
+                    _g(c, "uid"),
+                    _g(c, "phase"),
+                    mem,
+                    f"{ops:.1f}" if isinstance(ops, (int, float)) else "-",
+                    _g(c, "queue_depth"),
+                    _g(c, "streams"),
+                    # argv may hold newlines or tabs (python -c '...'): one table row each.
+                    " ".join(_g(c, "cmdline", "").split()),
+                ]
+            )
+        table = _table(
+            ["PID", "UID", "PHASE", "MEMORY USED / LIMIT", "OPS/S", "QUEUE", "STREAMS", "COMMAND"],
+            rows,
+            indent="  ",
+        )
         lines += [l if len(l) <= width else l[: width - 3] + "..." for l in table]
     if stale:
         lines += ["", "stale sockets (no daemon listening; remove them or restart the daemon):"]
@@ -189,15 +219,22 @@ def format_text(report: dict, runtime_dir: Path | list[Path], width: int = 120) 
 
 # ---------------------------------------------------------------------------- CLI
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true",
-                        help='print {"daemons": [...], "stale": [...]} as JSON')
-    parser.add_argument("--runtime-dir", metavar="DIR", type=Path,
-                        help="where the daemons' sockets are (default: FLEXNPU_RUNTIME_DIR if set, "
-                             "else /run/flexnpu, and for non-root users also $XDG_RUNTIME_DIR/flexnpu)")
+    parser.add_argument(
+        "--json", action="store_true", help='print {"daemons": [...], "stale": [...]} as JSON'
+    )
+    parser.add_argument(
+        "--runtime-dir",
+        metavar="DIR",
+        type=Path,
+        help="where the daemons' sockets are (default: FLEXNPU_RUNTIME_DIR if set, "
+        "else /run/flexnpu, and for non-root users also $XDG_RUNTIME_DIR/flexnpu)",
+    )
     parser.add_argument("--device", type=int, metavar="N", help="only the daemon of device N")
-    parser.add_argument("--timeout", type=float, default=1.0, metavar="S",
-                        help="seconds to wait for each daemon (default 1)")
+    parser.add_argument(
+        "--timeout", type=float, default=1.0, metavar="S", help="seconds to wait for each daemon (default 1)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -207,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         import shutil
+
         print(format_text(report, runtime_dir, width=max(80, shutil.get_terminal_size((120, 24)).columns)))
     if args.device is not None:
         answered = any("error" not in d for d in report["daemons"])

@@ -4,6 +4,7 @@ Only attach, status and detach travel here; the data path is the shared-memory r
 message is bounded (MAX_MSG) and parsed defensively: a connection that sends garbage is closed
 with an error reply, nothing else happens.
 """
+
 from __future__ import annotations
 
 import array
@@ -122,8 +123,8 @@ class MessageReader:
                 raise ProtocolError("control message too large")
             if len(self.buf) < 4 + n:
                 break
-            body = bytes(self.buf[4:4 + n])
-            del self.buf[:4 + n]
+            body = bytes(self.buf[4 : 4 + n])
+            del self.buf[: 4 + n]
             try:
                 obj = json.loads(body)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -7,6 +7,7 @@ the benchmarks and the tests.
 child_env() is the environment a subprocess needs to import this checkout (PYTHONPATH) and
 find the daemons of a runtime folder (FLEXNPU_RUNTIME_DIR).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,13 +17,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any
+from collections.abc import Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def child_env(runtime_dir: Path | str | None = None, base: dict[str, str] | None = None,
-              **extra: str) -> dict[str, str]:
+def child_env(
+    runtime_dir: Path | str | None = None, base: dict[str, str] | None = None, **extra: str
+) -> dict[str, str]:
     """Environment for a subprocess that must import this checkout and find the daemons in
     `runtime_dir` (when given); `extra` entries are set last."""
     env = dict(os.environ if base is None else base)
@@ -57,10 +60,10 @@ def _die_with_parent(then: Any = None) -> Any:
         import ctypes
 
         try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
-        if os.getppid() != ppid:      # the parent died before prctl took effect
+        if os.getppid() != ppid:  # the parent died before prctl took effect
             os.kill(os.getpid(), signal.SIGTERM)
         if then is not None:
             then()
@@ -81,9 +84,18 @@ class DaemonProcess:
     stderr. `detach`: a new session, so our terminal's ^C does not reach it (always true for
     daemons that outlive us)."""
 
-    def __init__(self, device: int, runtime_dir: Path | str, args: Sequence[str] = (), *,
-                 log: str | None = None, detach: bool = True, start_timeout: float | None = 60.0,
-                 env: dict[str, str] | None = None, preexec_fn: Any = None) -> None:
+    def __init__(
+        self,
+        device: int,
+        runtime_dir: Path | str,
+        args: Sequence[str] = (),
+        *,
+        log: str | None = None,
+        detach: bool = True,
+        start_timeout: float | None = 60.0,
+        env: dict[str, str] | None = None,
+        preexec_fn: Any = None,
+    ) -> None:
         self.device = device
         self.runtime_dir = Path(runtime_dir)
         self.socket = self.runtime_dir / f"npu{device}.sock"
@@ -92,15 +104,28 @@ class DaemonProcess:
         if log != "inherit":
             self._logf = open(self.log, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flexnpu", "daemon", "--device", str(device), "--runtime-dir",
-             str(self.runtime_dir), *args],
-            env=env if env is not None else child_env(self.runtime_dir), stdin=subprocess.DEVNULL,
-            stdout=self._logf or sys.stderr, stderr=subprocess.STDOUT, start_new_session=detach,
-            preexec_fn=preexec_fn if detach else _die_with_parent(preexec_fn))
+            [
+                sys.executable,
+                "-m",
+                "flexnpu",
+                "daemon",
+                "--device",
+                str(device),
+                "--runtime-dir",
+                str(self.runtime_dir),
+                *args,
+            ],
+            env=env if env is not None else child_env(self.runtime_dir),
+            stdin=subprocess.DEVNULL,
+            stdout=self._logf or sys.stderr,
+            stderr=subprocess.STDOUT,
+            start_new_session=detach,
+            preexec_fn=preexec_fn if detach else _die_with_parent(preexec_fn),
+        )
         if start_timeout is not None:
             self.wait_ready(start_timeout)
 
-    def wait_ready(self, timeout: float = 60.0) -> "DaemonProcess":
+    def wait_ready(self, timeout: float = 60.0) -> DaemonProcess:
         try:
             self._wait(timeout)
         except BaseException:
@@ -112,11 +137,15 @@ class DaemonProcess:
         deadline = time.monotonic() + timeout
         while not self._serving():
             if self.proc.poll() is not None:
-                raise DaemonStartError(f"the daemon for device {self.device} exited with status "
-                                       f"{self.proc.returncode}:\n{self.log_text()}")
+                raise DaemonStartError(
+                    f"the daemon for device {self.device} exited with status "
+                    f"{self.proc.returncode}:\n{self.log_text()}"
+                )
             if time.monotonic() > deadline:
-                raise DaemonStartError(f"the daemon for device {self.device} did not come up within "
-                                       f"{timeout:g} s:\n{self.log_text()}")
+                raise DaemonStartError(
+                    f"the daemon for device {self.device} did not come up within "
+                    f"{timeout:g} s:\n{self.log_text()}"
+                )
             time.sleep(0.02)
 
     def _serving(self) -> bool:
@@ -130,7 +159,7 @@ class DaemonProcess:
         except (OSError, ValueError, ConnectionError):
             return False
         if not reply.get("ok"):
-            return answers(self.socket)       # status not allowed for us: the socket answers
+            return answers(self.socket)  # status not allowed for us: the socket answers
         return reply["daemon"].get("pid") == self.proc.pid
 
     @property
@@ -168,7 +197,7 @@ class DaemonProcess:
             self._logf.close()
             self._logf = None
 
-    def __enter__(self) -> "DaemonProcess":
+    def __enter__(self) -> DaemonProcess:
         return self
 
     def __exit__(self, *_: object) -> None:

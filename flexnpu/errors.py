@@ -3,6 +3,7 @@
 The codes are part of the wire protocol (see flexnpu/protocol.py): a daemon answers a bad
 request with one of these, never by crashing or by silently ignoring it.
 """
+
 from __future__ import annotations
 
 from enum import IntEnum
@@ -10,19 +11,19 @@ from enum import IntEnum
 
 class Err(IntEnum):
     SUCCESS = 0
-    INVALID_ARGUMENT = 1     # malformed record or argument out of range
-    INVALID_HANDLE = 2       # handle unknown to this client (never another client's object)
-    OUT_OF_MEMORY = 3        # device memory or this client's limit exhausted
-    OP_NOT_SUPPORTED = 4     # the backend does not run this operator (or it is denied)
-    OP_FAILED = 5            # the operator raised on the device
-    PERMISSION_DENIED = 6    # IPC import without permission, uid not allowed, ...
-    NOT_FOUND = 7            # IPC key or graph unknown
-    BAD_STATE = 8            # e.g. replaying a graph still being captured
-    SHUTDOWN = 9             # the daemon is stopping
-    INTERNAL = 10            # a daemon bug; the daemon stays up and logs it
-    VERSION_MISMATCH = 11    # client and daemon speak different layout/protocol versions
-    UNSUPPORTED = 12         # the call exists but this backend cannot do it
-    COLLECTIVE_FAILED = 13   # a collective failed: a rank died, timed out or disagreed
+    INVALID_ARGUMENT = 1  # malformed record or argument out of range
+    INVALID_HANDLE = 2  # handle unknown to this client (never another client's object)
+    OUT_OF_MEMORY = 3  # device memory or this client's limit exhausted
+    OP_NOT_SUPPORTED = 4  # the backend does not run this operator (or it is denied)
+    OP_FAILED = 5  # the operator raised on the device
+    PERMISSION_DENIED = 6  # IPC import without permission, uid not allowed, ...
+    NOT_FOUND = 7  # IPC key or graph unknown
+    BAD_STATE = 8  # e.g. replaying a graph still being captured
+    SHUTDOWN = 9  # the daemon is stopping
+    INTERNAL = 10  # a daemon bug; the daemon stays up and logs it
+    VERSION_MISMATCH = 11  # client and daemon speak different layout/protocol versions
+    UNSUPPORTED = 12  # the call exists but this backend cannot do it
+    COLLECTIVE_FAILED = 13  # a collective failed: a rank died, timed out or disagreed
 
 
 class FlexNPUError(RuntimeError):
@@ -98,9 +99,20 @@ class AttachError(FlexNPUError):
 
 _BY_CODE: dict[Err, type[FlexNPUError]] = {
     cls.code: cls
-    for cls in (InvalidArgument, InvalidHandle, OutOfMemory, OpNotSupported, OpFailed,
-                PermissionDenied, NotFound, BadState, VersionMismatch, Unsupported, DaemonLost,
-                CollectiveError)
+    for cls in (
+        InvalidArgument,
+        InvalidHandle,
+        OutOfMemory,
+        OpNotSupported,
+        OpFailed,
+        PermissionDenied,
+        NotFound,
+        BadState,
+        VersionMismatch,
+        Unsupported,
+        DaemonLost,
+        CollectiveError,
+    )
 }
 
 

@@ -6,6 +6,7 @@ and reads a ``<N>`` syslog-priority prefix on each line. So in journald mode we 
 record such as a traceback, so the whole traceback is filed as an error). In a terminal we
 print ``2026-01-01 12:00:00.123 INFO flexnpu.daemon[123]: message``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,12 +14,16 @@ import os
 import sys
 from typing import TextIO
 
-__all__ = ["setup_logging", "journald_stderr", "JournaldFormatter", "TerminalFormatter",
-           "SYSLOG_PRIORITY"]
+__all__ = ["setup_logging", "journald_stderr", "JournaldFormatter", "TerminalFormatter", "SYSLOG_PRIORITY"]
 
 # syslog(3) priorities used by sd-daemon(3) prefixes.
-SYSLOG_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4,
-                   logging.INFO: 6, logging.DEBUG: 7}
+SYSLOG_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
 
 
 def _priority(levelno: int) -> int:
@@ -58,15 +63,18 @@ class JournaldFormatter(logging.Formatter):
 
 class TerminalFormatter(logging.Formatter):
     def __init__(self) -> None:
-        super().__init__("%(asctime)s.%(msecs)03d %(levelname)s %(name)s[%(process)d]: %(message)s",
-                         datefmt="%Y-%m-%d %H:%M:%S")
+        super().__init__(
+            "%(asctime)s.%(msecs)03d %(levelname)s %(name)s[%(process)d]: %(message)s",
+            datefmt="%Y-%m-%d %H:%M:%S",
+        )
 
 
 _HANDLER_TAG = "_flexnpu_handler"
 
 
-def setup_logging(level: int | str | None = None, *, journald: bool | None = None,
-                  stream: TextIO | None = None) -> logging.Handler:
+def setup_logging(
+    level: int | str | None = None, *, journald: bool | None = None, stream: TextIO | None = None
+) -> logging.Handler:
     """Configure the root logger to write to stderr (or ``stream``); idempotent.
 
     ``level``: a logging level or its name ("debug", "INFO"); None reads FLEXNPU_LOG_LEVEL,

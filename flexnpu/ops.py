@@ -22,16 +22,32 @@ Operators that draw random numbers are listed where they are otherwise safe but 
 backends that compute values (they would use the daemon's generator: results would not follow the
 app's seed and clients would shift each other's draws); the hook runs them on the host.
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 import torch
 
-__all__ = ["PLAIN", "INDEXED", "Rule", "ALLOW", "REFUSED", "UNINITIALIZED", "OpRefused", "parse_op_name",
-           "resolve", "rule_of", "is_allowed", "host_fallback_ok", "check_indices", "bind_args"]
+__all__ = [
+    "PLAIN",
+    "INDEXED",
+    "Rule",
+    "ALLOW",
+    "REFUSED",
+    "UNINITIALIZED",
+    "OpRefused",
+    "parse_op_name",
+    "resolve",
+    "rule_of",
+    "is_allowed",
+    "host_fallback_ok",
+    "check_indices",
+    "bind_args",
+]
 
 PLAIN, INDEXED = "plain", "indexed"
 
@@ -62,8 +78,8 @@ IndexCheck = Callable[[dict], Iterable[tuple[Any, int, bool, str]]]
 
 @dataclass(frozen=True)
 class Rule:
-    kind: str                           # PLAIN or INDEXED
-    indices: IndexCheck | None = None   # INDEXED: yields every index tensor with its valid range
+    kind: str  # PLAIN or INDEXED
+    indices: IndexCheck | None = None  # INDEXED: yields every index tensor with its valid range
 
 
 class IndexOutOfRange(IndexError):
@@ -72,7 +88,7 @@ class IndexOutOfRange(IndexError):
 
 def _dim_size(t: torch.Tensor, dim: int) -> int:
     if t.dim() == 0:
-        return 1   # torch treats a 0-d tensor as having one dimension of size 1 here
+        return 1  # torch treats a 0-d tensor as having one dimension of size 1 here
     if not -t.dim() <= dim < t.dim():
         raise IndexOutOfRange(f"dimension {dim} out of range for a {t.dim()}-d tensor")
     return t.size(dim)
@@ -82,12 +98,14 @@ def _along_dim(self_arg: str = "self", index_arg: str = "index", wrap: bool = Fa
     def check(b: dict):
         t = b[self_arg]
         yield b[index_arg], _dim_size(t, b["dim"]), wrap, f"{index_arg} (dimension {b['dim']})"
+
     return check
 
 
 def _flat(index_arg: str = "index") -> IndexCheck:
     def check(b: dict):
         yield b[index_arg], b["self"].numel(), True, index_arg
+
     return check
 
 
@@ -99,7 +117,7 @@ def _advanced(b: dict):
             d += 1
             continue
         if idx.dtype in (torch.bool, torch.uint8):
-            d += idx.dim()   # a mask consumes its own dims (0-d: none); torch checks its shape
+            d += idx.dim()  # a mask consumes its own dims (0-d: none); torch checks its shape
             continue
         if d >= t.dim():
             raise IndexOutOfRange(f"too many indices for a {t.dim()}-d tensor")
@@ -131,6 +149,7 @@ def _nll(class_dim: int) -> IndexCheck:
         # ignore_index entries are skipped by the kernel; every other target must name a class
         tgt = torch.where(tgt == ign, torch.zeros((), dtype=tgt.dtype, device=tgt.device), tgt)
         yield tgt, _classes(b, class_dim), False, "target"
+
     return check
 
 
@@ -141,12 +160,14 @@ def _max_pool_backward(spatial: int) -> IndexCheck:
         for s in x.shape[-spatial:]:
             n *= s
         yield b["indices"], n, False, "indices"
+
     return check
 
 
 def _targets(class_dim: int) -> IndexCheck:
     def check(b: dict):
         yield b["target"], _classes(b, class_dim), False, "target"
+
     return check
 
 
@@ -195,16 +216,18 @@ def check_indices(rule: Rule, opov: Any, args: tuple, kwargs: dict) -> None:
         if not isinstance(idx, torch.Tensor) or idx.numel() == 0:
             continue
         if idx.is_floating_point() or idx.is_complex():
-            continue   # the kernel refuses non-integer indices itself
+            continue  # the kernel refuses non-integer indices itself
         if idx.dtype == torch.bool:
-            continue   # masks: shape-checked by torch
+            continue  # masks: shape-checked by torch
         lo_hi = torch.aminmax(idx.reshape(-1))
         lo, hi = int(lo_hi.min.item()), int(lo_hi.max.item())
         low = -size if wrap else 0
         if lo < low or hi >= size:
             bad = lo if lo < low else hi
-            raise IndexOutOfRange(f"{opov._schema.name}: {what} holds {bad}, out of range for size {size}"
-                                  f" (valid: {low}..{size - 1})")
+            raise IndexOutOfRange(
+                f"{opov._schema.name}: {what} holds {bad}, out of range for size {size}"
+                f" (valid: {low}..{size - 1})"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,23 +326,38 @@ _foreach_log _foreach_max
 
 # name -> how to find the index tensors of a launch (bound by schema argument names).
 _INDEXED: dict[str, IndexCheck] = {
-    "index": _advanced, "_unsafe_index": _advanced, "index_put": _advanced, "_unsafe_index_put": _advanced,
+    "index": _advanced,
+    "_unsafe_index": _advanced,
+    "index_put": _advanced,
+    "_unsafe_index_put": _advanced,
     "_index_put_impl": _advanced,
-    "index_select": _along_dim(), "gather": _along_dim(),
-    "scatter": _along_dim(), "scatter_add": _along_dim(), "scatter_reduce": _along_dim(),
-    "index_add": _along_dim(), "index_copy": _along_dim(), "index_reduce": _along_dim(),
+    "index_select": _along_dim(),
+    "gather": _along_dim(),
+    "scatter": _along_dim(),
+    "scatter_add": _along_dim(),
+    "scatter_reduce": _along_dim(),
+    "index_add": _along_dim(),
+    "index_copy": _along_dim(),
+    "index_reduce": _along_dim(),
     "index_fill": _along_dim(wrap=True),
-    "take": _flat(), "put": _flat(),
-    "embedding": _embedding, "embedding_dense_backward": _embedding_backward,
+    "take": _flat(),
+    "put": _flat(),
+    "embedding": _embedding,
+    "embedding_dense_backward": _embedding_backward,
     "embedding_renorm": _embedding_renorm,
-    "nll_loss_forward": _nll(1), "nll_loss_backward": _nll(1),
-    "nll_loss2d_forward": _nll(1), "nll_loss2d_backward": _nll(1),
+    "nll_loss_forward": _nll(1),
+    "nll_loss_backward": _nll(1),
+    "nll_loss2d_forward": _nll(1),
+    "nll_loss2d_backward": _nll(1),
     "max_pool2d_with_indices_backward": _max_pool_backward(2),
     "max_pool3d_with_indices_backward": _max_pool_backward(3),
     "masked_scatter": _masked_scatter,
-    "multi_margin_loss": _targets(1), "multilabel_margin_loss_forward": _multilabel_targets,
-    "adaptive_max_pool2d_backward": _max_pool_backward(2), "adaptive_max_pool3d_backward": _max_pool_backward(3),
-    "max_unpool2d": _unpool, "max_unpool3d": _unpool,
+    "multi_margin_loss": _targets(1),
+    "multilabel_margin_loss_forward": _multilabel_targets,
+    "adaptive_max_pool2d_backward": _max_pool_backward(2),
+    "adaptive_max_pool3d_backward": _max_pool_backward(3),
+    "max_unpool2d": _unpool,
+    "max_unpool3d": _unpool,
 }
 
 
@@ -340,7 +378,8 @@ ALLOW: dict[str, Rule] = _build_allow()
 
 # Refused everywhere, including the hook's host fallback: files, printing, process-global state,
 # raw memory layout (views with arbitrary sizes/strides), storage re-pointing and resizing.
-REFUSED = frozenset(_names("""
+REFUSED = frozenset(
+    _names("""
 from_file _print set_ resize_ resize resize_as_ resize_as _resize_output_ _resize_output
 resize_as_sparse_ sparse_resize_ sparse_resize_and_clear_ as_strided as_strided_ as_strided_copy
 as_strided_scatter _reshape_alias _reshape_alias_copy set_data _set_grad_enabled
@@ -351,12 +390,30 @@ _assert_async _functional_assert_async sym_constrain_range _make_per_tensor_quan
 _make_per_channel_quantized_tensor _from_functional_tensor _to_functional_tensor _sync
 _propagate_xla_data _nnz lift_fresh _debug_has_internal_overlap _pin_memory pin_memory
 _unsafe_masked_index _unsafe_masked_index_put_accumulate
-"""))
+""")
+)
 # (_unsafe_masked_index*: index where a mask says so, out-of-range positions allowed elsewhere;
 # no front end launches them and their mask-aligned range is not checked here: refused.)
-_REFUSED_PREFIX = ("_nested", "_cufft", "_cudnn_rnn_flatten", "_foreach_copy", "_mps", "_cslt", "_sparse",
-                   "sparse_", "_to_sparse", "to_sparse", "_coalesce", "_mkldnn", "mkldnn", "quantize",
-                   "_fake_quantize", "fake_quantize", "_jagged", "_functionalize")
+_REFUSED_PREFIX = (
+    "_nested",
+    "_cufft",
+    "_cudnn_rnn_flatten",
+    "_foreach_copy",
+    "_mps",
+    "_cslt",
+    "_sparse",
+    "sparse_",
+    "_to_sparse",
+    "to_sparse",
+    "_coalesce",
+    "_mkldnn",
+    "mkldnn",
+    "quantize",
+    "_fake_quantize",
+    "fake_quantize",
+    "_jagged",
+    "_functionalize",
+)
 
 # Factories whose result torch leaves uninitialized: the daemon hands out a zeroed allocation
 # instead of running them (their memory would show whatever the daemon's heap held before).
@@ -382,17 +439,20 @@ def resolve(op: str, values: bool = True) -> tuple[Any, Rule]:
         raise OpRefused(f"unknown operator {op!r}")
     rule = ALLOW.get(name)
     if rule is None or name in REFUSED:
-        raise OpRefused(f"operator {op!r} is not allowed on FlexNPU (not on the daemon's allow list of "
-                        "operators it can run safely for a client)")
+        raise OpRefused(
+            f"operator {op!r} is not allowed on FlexNPU (not on the daemon's allow list of "
+            "operators it can run safely for a client)"
+        )
     tags = opov.tags
     if values and torch.Tag.nondeterministic_seeded in tags:
-        raise OpRefused(f"operator {op!r} is not allowed on FlexNPU: it would draw from the daemon's "
-                        "random generator (random numbers are generated on the host)")
+        raise OpRefused(
+            f"operator {op!r} is not allowed on FlexNPU: it would draw from the daemon's "
+            "random generator (random numbers are generated on the host)"
+        )
     # In-place metadata changes (squeeze_, t_, ...) would alter the daemon's cached views; the
     # hook applies them client-side.
     if torch.Tag.inplace_view in tags:
-        raise OpRefused(f"operator {op!r} is not allowed on FlexNPU: in-place view operators run "
-                        "client-side")
+        raise OpRefused(f"operator {op!r} is not allowed on FlexNPU: in-place view operators run client-side")
     if len(_resolved) > 8192:
         _resolved.clear()
     _resolved[(op, values)] = (opov, rule)

@@ -7,6 +7,7 @@ user or root (or a uid the user named in FLEXNPU_DAEMON_UID), and nobody else ca
 and a client sends nothing to a control socket before SO_PEERCRED shows the process behind it
 is one of those uids (check_peer).
 """
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ import socket
 import stat
 from pathlib import Path
 
-SYSTEM_RUNTIME_DIR = Path("/run/flexnpu")   # RuntimeDirectory= of flexnpu@.service (mode 0755)
+SYSTEM_RUNTIME_DIR = Path("/run/flexnpu")  # RuntimeDirectory= of flexnpu@.service (mode 0755)
 
 
 class UnsafeRuntimeDir(RuntimeError):
@@ -80,30 +81,41 @@ def check_dir(path: Path, create: bool = False) -> Path:
         except FileExistsError:
             pass
     st = os.lstat(path)
-    fix = (f"remove it (if it is not yours, someone may be impersonating FlexNPU) or set "
-           f"FLEXNPU_RUNTIME_DIR or XDG_RUNTIME_DIR to a folder of your own")
+    fix = (
+        "remove it (if it is not yours, someone may be impersonating FlexNPU) or set "
+        "FLEXNPU_RUNTIME_DIR or XDG_RUNTIME_DIR to a folder of your own"
+    )
     if stat.S_ISLNK(st.st_mode):
         raise UnsafeRuntimeDir(f"runtime folder {path} is a symbolic link; refusing to use it: {fix}")
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeRuntimeDir(f"runtime folder {path} is not a directory: {fix}")
     if st.st_uid not in trusted:
-        raise UnsafeRuntimeDir(f"runtime folder {path} belongs to {_owner(st.st_uid)}, not to you "
-                               f"(uid {os.geteuid()}) or root; refusing to use it: {fix}")
+        raise UnsafeRuntimeDir(
+            f"runtime folder {path} belongs to {_owner(st.st_uid)}, not to you "
+            f"(uid {os.geteuid()}) or root; refusing to use it: {fix}"
+        )
     if st.st_mode & 0o022:
-        raise UnsafeRuntimeDir(f"runtime folder {path} is writable by others (mode "
-                               f"{stat.S_IMODE(st.st_mode):04o}); refusing to use it: chmod 700 {path}, or {fix}")
+        raise UnsafeRuntimeDir(
+            f"runtime folder {path} is writable by others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); refusing to use it: chmod 700 {path}, or {fix}"
+        )
     tmp_default = path.name == f"flexnpu-{os.geteuid()}" and os.geteuid() != 0
     if tmp_default and (st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o700):
-        raise UnsafeRuntimeDir(f"runtime folder {path} must be yours with mode 0700 (it is "
-                               f"{_owner(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}): {fix}")
+        raise UnsafeRuntimeDir(
+            f"runtime folder {path} must be yours with mode 0700 (it is "
+            f"{_owner(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}): {fix}"
+        )
     for anc in path.parents:
         ast = os.stat(anc)
         if ast.st_uid not in trusted:
-            raise UnsafeRuntimeDir(f"runtime folder {path} lies in {anc}, which belongs to "
-                                   f"{_owner(ast.st_uid)}: {fix}")
+            raise UnsafeRuntimeDir(
+                f"runtime folder {path} lies in {anc}, which belongs to {_owner(ast.st_uid)}: {fix}"
+            )
         if ast.st_mode & 0o022 and not ast.st_mode & stat.S_ISVTX:
-            raise UnsafeRuntimeDir(f"runtime folder {path} lies in {anc}, which others can write "
-                                   f"(mode {stat.S_IMODE(ast.st_mode):04o}, not sticky): {fix}")
+            raise UnsafeRuntimeDir(
+                f"runtime folder {path} lies in {anc}, which others can write "
+                f"(mode {stat.S_IMODE(ast.st_mode):04o}, not sticky): {fix}"
+            )
     return path
 
 
@@ -117,7 +129,8 @@ def check_peer(sock: socket.socket, path: str | Path) -> int:
         raise UnsafeRuntimeDir(
             f"the process serving {path} (pid {pid}) runs as {_owner(uid)}, not as root or you "
             f"(uid {os.geteuid()}); refusing to send it anything. If you trust that daemon, set "
-            f"FLEXNPU_DAEMON_UID={uid}")
+            f"FLEXNPU_DAEMON_UID={uid}"
+        )
     return pid
 
 

@@ -19,6 +19,7 @@ attach) and its length put in msg_len.
 OPS below is the table: opcode, name, whether it is synchronous, the meaning of a0..a4, the
 payload kind and the reply. Both sides use it; nothing else defines the protocol.
 """
+
 from __future__ import annotations
 
 import struct
@@ -26,22 +27,22 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-LAYOUT_VERSION = 2          # bumped on any change to SQE/CQE/OPS; checked at attach
+LAYOUT_VERSION = 2  # bumped on any change to SQE/CQE/OPS; checked at attach
 SQE_SIZE = 64
 CQE_SIZE = 32
 SQE = struct.Struct("<HHIQII5Q")
 CQE = struct.Struct("<QiIQQ")
 assert SQE.size == SQE_SIZE and CQE.size == CQE_SIZE
 
-FLAG_SYNC = 0x1             # answer with a CQE
-FLAG_DEFERRED = 0x2         # MEMCPY_H2D/D2H: the arena buffer is a user-owned host buffer, read or
-                            # written when the copy executes (else H2D data is copied at drain time)
+FLAG_SYNC = 0x1  # answer with a CQE
+FLAG_DEFERRED = 0x2  # MEMCPY_H2D/D2H: the arena buffer is a user-owned host buffer, read or
+# written when the copy executes (else H2D data is copied at drain time)
 IPC_EXPORT_SAME_UID = 0x1  # IPC_EXPORT a1 flag: any process of the exporter's uid that knows the key may
-                            # import it (AscendCL's ACL_RT_IPC_MEM_EXPORT_FLAG_DISABLE_PID_VALIDATION)
-MAX_PAYLOAD = 64 << 20      # upper bound on one request's out-of-line data
-MAX_NAME = 256              # op names, keys
-MAX_DRAIN_BATCH = 64        # records the daemon pops from one SQ before preparing them; a client may
-                            # reuse a payload's arena space once the SQ head is this far past it
+# import it (AscendCL's ACL_RT_IPC_MEM_EXPORT_FLAG_DISABLE_PID_VALIDATION)
+MAX_PAYLOAD = 64 << 20  # upper bound on one request's out-of-line data
+MAX_NAME = 256  # op names, keys
+MAX_DRAIN_BATCH = 64  # records the daemon pops from one SQ before preparing them; a client may
+# reuse a payload's arena space once the SQ head is this far past it
 
 
 class Op(IntEnum):
@@ -83,19 +84,19 @@ class Op(IntEnum):
 
 class Payload(IntEnum):
     NONE = 0
-    BYTES = 1       # raw bytes copied out at drain time (host data for small H2D copies)
-    LAUNCH = 2      # encode_launch() format
-    PIDS = 3        # little-endian u32 array
-    ARENA = 4       # a host buffer in the arena the daemon reads/writes in stream order
+    BYTES = 1  # raw bytes copied out at drain time (host data for small H2D copies)
+    LAUNCH = 2  # encode_launch() format
+    PIDS = 3  # little-endian u32 array
+    ARENA = 4  # a host buffer in the arena the daemon reads/writes in stream order
 
 
 @dataclass(frozen=True)
 class OpSpec:
     op: Op
-    args: tuple[str, ...]          # names of a0..a4 in order
+    args: tuple[str, ...]  # names of a0..a4 in order
     payload: Payload
-    reply: str                     # meaning of CQE value/aux for sync replies
-    stream_ordered: bool           # executes in its stream's order (else at drain time)
+    reply: str  # meaning of CQE value/aux for sync replies
+    stream_ordered: bool  # executes in its stream's order (else at drain time)
     doc: str
 
 
@@ -105,50 +106,104 @@ def _s(op: Op, args: tuple[str, ...], payload: Payload, reply: str, ordered: boo
 
 N, B, L, P, A = Payload.NONE, Payload.BYTES, Payload.LAUNCH, Payload.PIDS, Payload.ARENA
 
-OPS: dict[Op, OpSpec] = {s.op: s for s in (
-    _s(Op.NOP, (), N, "-", True, "no-op (benchmarks, liveness)"),
-    _s(Op.DEVICE_INFO, (), N, "mailbox: JSON device description", False, "aclrtGetDeviceInfo"),
-    _s(Op.DEVICE_SYNC, (), N, "first async error of any stream", False, "aclrtSynchronizeDevice"),
-    _s(Op.STREAM_CREATE, ("stream_id", "priority"), N, "-", False, "aclrtCreateStreamWithConfig"),
-    _s(Op.STREAM_DESTROY, (), N, "-", True, "aclrtDestroyStream (after the stream's queued work)"),
-    _s(Op.STREAM_SYNC, (), N, "first async error of the stream", True, "aclrtSynchronizeStream"),
-    _s(Op.STREAM_QUERY, ("stream_id",), N, "value: 1 if the stream has no pending work", False, "aclrtStreamQuery"),
-    _s(Op.EVENT_CREATE, ("event_id", "flags"), N, "-", False, "aclrtCreateEvent"),
-    _s(Op.EVENT_DESTROY, ("event_id",), N, "-", False, "aclrtDestroyEvent"),
-    _s(Op.EVENT_RECORD, ("event_id",), N, "-", True, "aclrtRecordEvent"),
-    _s(Op.STREAM_WAIT_EVENT, ("event_id",), N, "-", True, "aclrtStreamWaitEvent"),
-    _s(Op.EVENT_SYNC, ("event_id",), N, "-", False, "aclrtSynchronizeEvent"),
-    _s(Op.EVENT_QUERY, ("event_id",), N, "value: 1 complete, 0 pending", False, "aclrtQueryEventStatus"),
-    _s(Op.EVENT_ELAPSED, ("start_id", "end_id"), N, "value: float64 bits, ms", False, "aclrtEventElapsedTime"),
-    _s(Op.MALLOC, ("handle", "nbytes"), N, "-", False, "aclrtMalloc (client-chosen handle)"),
-    _s(Op.FREE, ("handle",), N, "-", False, "aclrtFree"),
-    _s(Op.MEMSET, ("handle", "offset", "value", "nbytes"), N, "-", True, "aclrtMemsetAsync"),
-    _s(Op.MEMCPY_H2D, ("handle", "offset", "nbytes"), B, "-", True,
-       "aclrtMemcpy[Async] host->device; with FLAG_DEFERRED the payload is read at execution"),
-    _s(Op.MEMCPY_D2H, ("handle", "offset", "nbytes"), A, "-", True, "aclrtMemcpy[Async] device->host"),
-    _s(Op.MEMCPY_D2D, ("dst", "dst_offset", "src", "src_offset", "nbytes"), N, "-", True,
-       "aclrtMemcpyAsync device->device"),
-    _s(Op.MEM_STATS, (), N, "mailbox: JSON memory statistics", False, "aclrtGetMemInfo"),
-    _s(Op.IPC_EXPORT, ("handle", "flags"), N, "value: export key", False,
-       "aclrtIpcMemGetExportKey (flags: IPC_EXPORT_SAME_UID)"),
-    _s(Op.IPC_SET_PIDS, ("key",), P, "-", False, "aclrtIpcMemSetImportPid"),
-    _s(Op.IPC_IMPORT, ("key", "handle"), N, "value: nbytes", False, "aclrtIpcMemImportByKey"),
-    _s(Op.LAUNCH, (), L, "-", True, "operator launch (aclopExecuteV2 / an aten op)"),
-    _s(Op.GRAPH_BEGIN, ("graph_id",), N, "-", True, "begin capturing the stream into a graph"),
-    _s(Op.GRAPH_END, ("graph_id",), N, "value: ops captured", True, "end capture"),
-    _s(Op.GRAPH_REPLAY, ("graph_id",), N, "-", True, "replay a captured graph as one command"),
-    _s(Op.GRAPH_DESTROY, ("graph_id",), N, "-", False, "free a captured graph"),
-    _s(Op.SET_PHASE, ("phase", "stream_id"), N, "-", False, "phase hint for the stream's scheduler"),
-    _s(Op.STEP_MARK, (), N, "-", True, "an engine iteration (one output token) ends here on this stream: "
-       "the flex policy's TPOT clock; no barrier unless FLAG_SYNC; ignored while capturing"),
-    _s(Op.COMM_INIT, ("comm", "rank", "size", "timeout_ms"), B, "-", False,
-       "join communicator `comm` (client-chosen handle) as `rank` of `size`; payload: 16-byte unique "
-       "id + `size` u32 daemon device numbers, one per rank (HcclCommInitRootInfo)"),
-    _s(Op.COMM_DESTROY, ("comm",), N, "-", False, "leave a communicator (HcclCommDestroy)"),
-    _s(Op.COLLECTIVE, ("comm", "kind", "reduce_op", "root"), L, "-", True,
-       "a collective on `comm` in stream order; payload: encode_launch(kind name, (input, output)); "
-       "kind in COLL_KINDS, reduce_op in REDUCE_OPS, root a rank (broadcast)"),
-)}
+OPS: dict[Op, OpSpec] = {
+    s.op: s
+    for s in (
+        _s(Op.NOP, (), N, "-", True, "no-op (benchmarks, liveness)"),
+        _s(Op.DEVICE_INFO, (), N, "mailbox: JSON device description", False, "aclrtGetDeviceInfo"),
+        _s(Op.DEVICE_SYNC, (), N, "first async error of any stream", False, "aclrtSynchronizeDevice"),
+        _s(Op.STREAM_CREATE, ("stream_id", "priority"), N, "-", False, "aclrtCreateStreamWithConfig"),
+        _s(Op.STREAM_DESTROY, (), N, "-", True, "aclrtDestroyStream (after the stream's queued work)"),
+        _s(Op.STREAM_SYNC, (), N, "first async error of the stream", True, "aclrtSynchronizeStream"),
+        _s(
+            Op.STREAM_QUERY,
+            ("stream_id",),
+            N,
+            "value: 1 if the stream has no pending work",
+            False,
+            "aclrtStreamQuery",
+        ),
+        _s(Op.EVENT_CREATE, ("event_id", "flags"), N, "-", False, "aclrtCreateEvent"),
+        _s(Op.EVENT_DESTROY, ("event_id",), N, "-", False, "aclrtDestroyEvent"),
+        _s(Op.EVENT_RECORD, ("event_id",), N, "-", True, "aclrtRecordEvent"),
+        _s(Op.STREAM_WAIT_EVENT, ("event_id",), N, "-", True, "aclrtStreamWaitEvent"),
+        _s(Op.EVENT_SYNC, ("event_id",), N, "-", False, "aclrtSynchronizeEvent"),
+        _s(Op.EVENT_QUERY, ("event_id",), N, "value: 1 complete, 0 pending", False, "aclrtQueryEventStatus"),
+        _s(
+            Op.EVENT_ELAPSED,
+            ("start_id", "end_id"),
+            N,
+            "value: float64 bits, ms",
+            False,
+            "aclrtEventElapsedTime",
+        ),
+        _s(Op.MALLOC, ("handle", "nbytes"), N, "-", False, "aclrtMalloc (client-chosen handle)"),
+        _s(Op.FREE, ("handle",), N, "-", False, "aclrtFree"),
+        _s(Op.MEMSET, ("handle", "offset", "value", "nbytes"), N, "-", True, "aclrtMemsetAsync"),
+        _s(
+            Op.MEMCPY_H2D,
+            ("handle", "offset", "nbytes"),
+            B,
+            "-",
+            True,
+            "aclrtMemcpy[Async] host->device; with FLAG_DEFERRED the payload is read at execution",
+        ),
+        _s(Op.MEMCPY_D2H, ("handle", "offset", "nbytes"), A, "-", True, "aclrtMemcpy[Async] device->host"),
+        _s(
+            Op.MEMCPY_D2D,
+            ("dst", "dst_offset", "src", "src_offset", "nbytes"),
+            N,
+            "-",
+            True,
+            "aclrtMemcpyAsync device->device",
+        ),
+        _s(Op.MEM_STATS, (), N, "mailbox: JSON memory statistics", False, "aclrtGetMemInfo"),
+        _s(
+            Op.IPC_EXPORT,
+            ("handle", "flags"),
+            N,
+            "value: export key",
+            False,
+            "aclrtIpcMemGetExportKey (flags: IPC_EXPORT_SAME_UID)",
+        ),
+        _s(Op.IPC_SET_PIDS, ("key",), P, "-", False, "aclrtIpcMemSetImportPid"),
+        _s(Op.IPC_IMPORT, ("key", "handle"), N, "value: nbytes", False, "aclrtIpcMemImportByKey"),
+        _s(Op.LAUNCH, (), L, "-", True, "operator launch (aclopExecuteV2 / an aten op)"),
+        _s(Op.GRAPH_BEGIN, ("graph_id",), N, "-", True, "begin capturing the stream into a graph"),
+        _s(Op.GRAPH_END, ("graph_id",), N, "value: ops captured", True, "end capture"),
+        _s(Op.GRAPH_REPLAY, ("graph_id",), N, "-", True, "replay a captured graph as one command"),
+        _s(Op.GRAPH_DESTROY, ("graph_id",), N, "-", False, "free a captured graph"),
+        _s(Op.SET_PHASE, ("phase", "stream_id"), N, "-", False, "phase hint for the stream's scheduler"),
+        _s(
+            Op.STEP_MARK,
+            (),
+            N,
+            "-",
+            True,
+            "an engine iteration (one output token) ends here on this stream: "
+            "the flex policy's TPOT clock; no barrier unless FLAG_SYNC; ignored while capturing",
+        ),
+        _s(
+            Op.COMM_INIT,
+            ("comm", "rank", "size", "timeout_ms"),
+            B,
+            "-",
+            False,
+            "join communicator `comm` (client-chosen handle) as `rank` of `size`; payload: 16-byte unique "
+            "id + `size` u32 daemon device numbers, one per rank (HcclCommInitRootInfo)",
+        ),
+        _s(Op.COMM_DESTROY, ("comm",), N, "-", False, "leave a communicator (HcclCommDestroy)"),
+        _s(
+            Op.COLLECTIVE,
+            ("comm", "kind", "reduce_op", "root"),
+            L,
+            "-",
+            True,
+            "a collective on `comm` in stream order; payload: encode_launch(kind name, (input, output)); "
+            "kind in COLL_KINDS, reduce_op in REDUCE_OPS, root a rank (broadcast)",
+        ),
+    )
+}
 
 # Collectives (Op.COLLECTIVE): wire codes are indices. Stable: only append.
 COLL_KINDS = ("all_reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all")
@@ -159,8 +214,15 @@ MAX_COMM_SIZE = 4096
 PHASES = ("auto", "prefill", "decode")
 
 
-def pack_sqe(op: Op, *args: int, stream: int = 0, user_data: int = 0, flags: int = 0,
-             payload_off: int = 0, payload_len: int = 0) -> bytes:
+def pack_sqe(
+    op: Op,
+    *args: int,
+    stream: int = 0,
+    user_data: int = 0,
+    flags: int = 0,
+    payload_off: int = 0,
+    payload_len: int = 0,
+) -> bytes:
     a = list(args) + [0] * (5 - len(args))
     return SQE.pack(op, flags, stream, user_data, payload_off, payload_len, *a)
 
@@ -172,6 +234,7 @@ def pack_sqe(op: Op, *args: int, stream: int = 0, user_data: int = 0, flags: int
 # the daemon never unpickles or evaluates client data.
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class TensorRef:
     """A tensor argument on the wire: a strided view of one device allocation.
@@ -180,7 +243,7 @@ class TensorRef:
     """
 
     handle: int
-    dtype: Any            # torch.dtype
+    dtype: Any  # torch.dtype
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     offset: int = 0
@@ -192,14 +255,43 @@ class DecodeError(ValueError):
 
 # Wire codes of dtypes. Stable: only append.
 DTYPE_NAMES = (
-    "float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64",
-    "bool", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64",
+    "float32",
+    "float16",
+    "bfloat16",
+    "float64",
+    "int8",
+    "uint8",
+    "int16",
+    "int32",
+    "int64",
+    "bool",
+    "complex64",
+    "complex128",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "uint16",
+    "uint32",
+    "uint64",
 )
 LAYOUT_NAMES = ("strided", "sparse_coo")
 MEMFMT_NAMES = ("contiguous_format", "preserve_format", "channels_last", "channels_last_3d")
 
-_T_NONE, _T_FALSE, _T_TRUE, _T_INT, _T_FLOAT, _T_COMPLEX, _T_STR, _T_LIST, _T_TUPLE, \
-    _T_DTYPE, _T_DEVICE, _T_LAYOUT, _T_MEMFMT, _T_TENSOR = range(14)
+(
+    _T_NONE,
+    _T_FALSE,
+    _T_TRUE,
+    _T_INT,
+    _T_FLOAT,
+    _T_COMPLEX,
+    _T_STR,
+    _T_LIST,
+    _T_TUPLE,
+    _T_DTYPE,
+    _T_DEVICE,
+    _T_LAYOUT,
+    _T_MEMFMT,
+    _T_TENSOR,
+) = range(14)
 
 MAX_DEPTH = 8
 MAX_ITEMS = 4096
@@ -217,7 +309,7 @@ _H = struct.Struct("<H")
 _TENSOR_HEAD = struct.Struct("<IBB")
 _OUT_HEAD = struct.Struct("<Q")
 
-_dtype_code: dict[Any, int] | None = None      # torch.dtype -> wire code
+_dtype_code: dict[Any, int] | None = None  # torch.dtype -> wire code
 _dtype_by_code: list[Any] | None = None
 _layouts: list[Any] | None = None
 _memfmts: list[Any] | None = None
@@ -304,7 +396,7 @@ def _enc_torch(out: bytearray, v: Any) -> None:
     elif isinstance(v, torch.memory_format):
         out.append(_T_MEMFMT)
         out.append(MEMFMT_NAMES.index(str(v).split(".")[-1]))
-    elif isinstance(v, bool):   # numpy bools and friends
+    elif isinstance(v, bool):  # numpy bools and friends
         out.append(_T_TRUE if v else _T_FALSE)
     elif isinstance(v, int):
         _enc(out, int(v), 0)
@@ -314,7 +406,9 @@ def _enc_torch(out: bytearray, v: Any) -> None:
         raise TypeError(f"cannot send an argument of type {type(v).__name__} to a FlexNPU device")
 
 
-def encode_launch(op: str, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], outputs: list[tuple[int, TensorRef]]) -> bytes:
+def encode_launch(
+    op: str, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], outputs: list[tuple[int, TensorRef]]
+) -> bytes:
     """Serialize one operator launch. Raises TypeError for arguments that cannot travel."""
     out = bytearray()
     name = op.encode()
@@ -350,7 +444,7 @@ class _Reader:
         if n < 0 or p + n > len(self.buf):
             raise DecodeError("launch payload truncated")
         self.pos = p + n
-        return self.buf[p:p + n]
+        return self.buf[p : p + n]
 
     def u8(self) -> int:
         if self.pos >= len(self.buf):
@@ -385,15 +479,18 @@ class _Reader:
             if nd > MAX_NDIM:
                 raise DecodeError(f"tensor with {nd} dimensions")
             vals = struct.unpack(f"<{2 * nd + 1}q", self.take(8 * (2 * nd + 1)))
-            return TensorRef(handle, dtype_from_code(code), vals[:nd], vals[nd:2 * nd], vals[2 * nd])
+            return TensorRef(handle, dtype_from_code(code), vals[:nd], vals[nd : 2 * nd], vals[2 * nd])
         if t == _T_LIST or t == _T_TUPLE:
             n = self.u16()
             if n > MAX_ITEMS:
                 raise DecodeError("too many items")
             if n > self.budget or n > len(self.buf) - self.pos:
                 # each item needs a byte and a unit of budget: refuse before building anything
-                raise DecodeError(f"launch payload holds more than {MAX_LAUNCH_VALUES} values"
-                                  if n > self.budget else "launch payload truncated")
+                raise DecodeError(
+                    f"launch payload holds more than {MAX_LAUNCH_VALUES} values"
+                    if n > self.budget
+                    else "launch payload truncated"
+                )
             items = [self.value(depth + 1) for _ in range(n)]
             return items if t == _T_LIST else tuple(items)
         if t == _T_STR:
@@ -431,7 +528,7 @@ class Launch:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     outputs: list[tuple[int, TensorRef]]
-    values: int = 0   # values decoded (what holding this launch costs the daemon, roughly)
+    values: int = 0  # values decoded (what holding this launch costs the daemon, roughly)
 
 
 def decode_launch(buf: bytes, device: Any = None) -> Launch:

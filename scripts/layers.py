@@ -5,6 +5,7 @@ type-only cycle is still a cycle for a reader. Prints one summary line; exit 1 i
 
 usage: python3 scripts/layers.py [REPO_ROOT]
 """
+
 from __future__ import annotations
 
 import ast
@@ -21,7 +22,7 @@ LAYERS = {
     "daemon": 3,
     "hook": 3,
 }
-TOP = 4   # cli, cmd_*, bench, __main__: may import anything
+TOP = 4  # cli, cmd_*, bench, __main__: may import anything
 SIBLINGS_APART = ({"daemon", "hook"},)
 
 
@@ -79,7 +80,8 @@ def back_edges(g: dict[str, set[str]]) -> list[str]:
         for b in bs:
             ta, tb = top(a), top(b)
             if LAYERS.get(tb, TOP) > LAYERS.get(ta, TOP) or any(
-                    ta != tb and {ta, tb} <= apart for apart in SIBLINGS_APART):
+                ta != tb and {ta, tb} <= apart for apart in SIBLINGS_APART
+            ):
                 bad.append(f"{a}->{b}")
     return sorted(bad)
 

@@ -1,5 +1,6 @@
 """Shared helpers for the pyACL tests: a real CPU daemon per test module and a pyACL program
 style toolkit (the ``acl`` module object as `flexnpu run` provides it)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -63,9 +64,17 @@ def acl(acl_daemon):
 
 
 # ---- small pyACL-program helpers ------------------------------------------------------------
-NP_TO_ACL = {np.dtype("float32"): 0, np.dtype("float16"): 1, np.dtype("int8"): 2, np.dtype("int32"): 3,
-             np.dtype("uint8"): 4, np.dtype("int16"): 6, np.dtype("int64"): 9, np.dtype("float64"): 11,
-             np.dtype("bool"): 12}
+NP_TO_ACL = {
+    np.dtype("float32"): 0,
+    np.dtype("float16"): 1,
+    np.dtype("int8"): 2,
+    np.dtype("int32"): 3,
+    np.dtype("uint8"): 4,
+    np.dtype("int16"): 6,
+    np.dtype("int64"): 9,
+    np.dtype("float64"): 11,
+    np.dtype("bool"): 12,
+}
 
 
 def to_device(acl, arr: np.ndarray) -> int:
@@ -80,8 +89,9 @@ def to_device(acl, arr: np.ndarray) -> int:
 def from_device(acl, ptr: int, shape, dtype) -> np.ndarray:
     out = np.empty(shape, dtype)
     if out.nbytes:
-        assert acl.rt.memcpy(acl.util.numpy_to_ptr(out), out.nbytes, ptr, out.nbytes, 2) == 0, \
+        assert acl.rt.memcpy(acl.util.numpy_to_ptr(out), out.nbytes, ptr, out.nbytes, 2) == 0, (
             acl.get_recent_err_msg()
+        )
     return out
 
 
@@ -106,8 +116,15 @@ def run_op(acl, op_type, inputs, out_shapes, out_dtypes, attrs=None, stream=0):
     attr = acl.op.create_attr()
     for name, (kind, value) in (attrs or {}).items():
         assert getattr(acl.op, f"set_attr_{kind}")(attr, name, value) == 0
-    ret = acl.op.execute_v2(op_type, [d for d, _, _ in ins], [b for _, b, _ in ins],
-                            [d for d, _, _ in outs], [b for _, b, _ in outs], attr, stream)
+    ret = acl.op.execute_v2(
+        op_type,
+        [d for d, _, _ in ins],
+        [b for _, b, _ in ins],
+        [d for d, _, _ in outs],
+        [b for _, b, _ in outs],
+        attr,
+        stream,
+    )
     acl.op.destroy_attr(attr)
     if ret != 0:
         return ret, None

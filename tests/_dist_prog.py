@@ -11,6 +11,7 @@ OUTDIR/rank<R>.json. Modes:
   kill   ranks loop on all_reduce; the launcher SIGKILLs the last rank; the others record when
          and what they raised.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,14 @@ def launch(nproc: int, mode: str, outdir: str) -> int:
     s.close()
     procs = []
     for r in range(nproc):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
+        env = dict(
+            os.environ,
+            RANK=str(r),
+            WORLD_SIZE=str(nproc),
+            LOCAL_RANK=str(r),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
         procs.append(subprocess.Popen([sys.executable, __file__, "rank", mode, outdir], env=env))
     if mode == "kill":
         # Once every rank is looping on all_reduce, SIGKILL the last one (it shares a daemon with
@@ -73,7 +80,7 @@ def _same(a, b, dtype, what: str, fails: list, tol: float = 0.0) -> None:
     if dtype.is_floating_point:
         ok = a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=tol or 2e-2, atol=tol or 2e-2)
     else:
-        ok = a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))   # byte-exact
+        ok = a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # byte-exact
     if not ok:
         fails.append(f"{what}: hccl {a.flatten()[:6].tolist()} != gloo {b.flatten()[:6].tolist()}")
 
@@ -83,8 +90,16 @@ def check_layout(hccl, gloo, dev, tag: str, fails: list, counts: dict) -> None:
     import torch.distributed as dist
 
     R = dist.ReduceOp
-    ops = {"sum": R.SUM, "avg": R.AVG, "prod": R.PRODUCT, "min": R.MIN, "max": R.MAX, "band": R.BAND,
-           "bor": R.BOR, "bxor": R.BXOR}
+    ops = {
+        "sum": R.SUM,
+        "avg": R.AVG,
+        "prod": R.PRODUCT,
+        "min": R.MIN,
+        "max": R.MAX,
+        "band": R.BAND,
+        "bor": R.BOR,
+        "bxor": R.BXOR,
+    }
     n = dist.get_world_size(hccl)
     me = dist.get_rank(hccl)
     m = 1000 + 37
@@ -95,7 +110,7 @@ def check_layout(hccl, gloo, dev, tag: str, fails: list, counts: dict) -> None:
             if oname == "prod" and dtype.is_floating_point:
                 x = 1 + x.float().abs().clamp(max=1).to(dtype) / 4
             ref = x.clone()
-            if oname == "avg":          # gloo has no avg: its sum / n
+            if oname == "avg":  # gloo has no avg: its sum / n
                 dist.all_reduce(ref, op=R.SUM, group=gloo)
                 ref = (ref.double() / n).to(dtype)
             else:
@@ -140,8 +155,8 @@ def check_layout(hccl, gloo, dev, tag: str, fails: list, counts: dict) -> None:
         y = torch.empty(n * m, dtype=dtype, device=dev)
         dist.all_to_all_single(y, big.to(dev), group=hccl)
         _same(y, ref, dtype, f"{tag} all_to_all_single {dname}", fails)
-        ins = [(me + j) % 3 + 1 for j in range(n)]                 # rank me sends ins[j] rows to j
-        outs_n = [(j + me) % 3 + 1 for j in range(n)]              # ... and receives from j
+        ins = [(me + j) % 3 + 1 for j in range(n)]  # rank me sends ins[j] rows to j
+        outs_n = [(j + me) % 3 + 1 for j in range(n)]  # ... and receives from j
         src = _inputs(dtype, sum(ins) * 2, me, di + 300).view(-1, 2)
         ref = torch.empty(sum(outs_n), 2, dtype=dtype)
         dist.all_to_all_single(ref, src, outs_n, ins, group=gloo)
@@ -188,8 +203,8 @@ def tensor_parallel(group, dev, fails: list) -> None:
     torch.manual_seed(0)
     B, S, H, NH = 2, 8, 64, 4
     x = torch.randn(B, S, H)
-    wq, wk, wv, wo = (torch.randn(H, H) / H ** 0.5 for _ in range(4))
-    w1, w2 = torch.randn(H, 4 * H) / H ** 0.5, torch.randn(4 * H, H) / (4 * H) ** 0.5
+    wq, wk, wv, wo = (torch.randn(H, H) / H**0.5 for _ in range(4))
+    w1, w2 = torch.randn(H, 4 * H) / H**0.5, torch.randn(4 * H, H) / (4 * H) ** 0.5
     hd = H // NH
 
     def attn(x, wq, wk, wv, wo, nh):
@@ -227,7 +242,7 @@ def rank_check(outdir: str) -> dict:
     assert dist.get_backend() == "hccl"
     # A group keeps one device per rank (as with NCCL/HCCL): one group per layout.
     gloo = dist.new_group(backend="gloo")
-    world_one, world_spread = dist.new_group(), dist.new_group()          # hccl, the default backend
+    world_one, world_spread = dist.new_group(), dist.new_group()  # hccl, the default backend
     pair_one, pair_spread = dist.new_group([0, 1]), dist.new_group([0, 1])
     pair_gloo = dist.new_group([0, 1], backend="gloo")
     bad = dist.new_group([0, 1])
@@ -235,11 +250,15 @@ def rank_check(outdir: str) -> dict:
     counts: dict = {}
     ndev = torch.npu.device_count()
     spread = torch.device("npu", me % ndev)
-    layouts = [(f"{n} ranks on npu:0", world_one, gloo, torch.device("npu", 0)),
-               (f"{n} ranks on {ndev} devices", world_spread, gloo, spread)]
+    layouts = [
+        (f"{n} ranks on npu:0", world_one, gloo, torch.device("npu", 0)),
+        (f"{n} ranks on {ndev} devices", world_spread, gloo, spread),
+    ]
     if me < 2:
-        layouts += [("2 ranks on npu:0", pair_one, pair_gloo, torch.device("npu", 0)),
-                    (f"2 ranks on {min(2, ndev)} devices", pair_spread, pair_gloo, spread)]
+        layouts += [
+            ("2 ranks on npu:0", pair_one, pair_gloo, torch.device("npu", 0)),
+            (f"2 ranks on {min(2, ndev)} devices", pair_spread, pair_gloo, spread),
+        ]
     t0 = time.perf_counter()
     for tag, hg, gg, dev in layouts:
         check_layout(hg, gg, dev, tag, fails, counts)
@@ -260,18 +279,24 @@ def rank_check(outdir: str) -> dict:
         mismatch = "not in group"
     dist.barrier(group=gloo)
     dist.destroy_process_group()
-    return {"rank": me, "fails": fails, "counts": counts, "tp_ok": tp_ok, "mismatch": mismatch,
-            "seconds": round(t1 - t0, 2)}
+    return {
+        "rank": me,
+        "fails": fails,
+        "counts": counts,
+        "tp_ok": tp_ok,
+        "mismatch": mismatch,
+        "seconds": round(t1 - t0, 2),
+    }
 
 
 def rank_kill(outdir: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    dist.init_process_group("cpu:gloo,npu:hccl")      # the device-backend form
+    dist.init_process_group("cpu:gloo,npu:hccl")  # the device-backend form
     me, n = dist.get_rank(), dist.get_world_size()
     c = torch.full((4,), float(me))
-    dist.all_reduce(c)                                  # cpu tensors: gloo
+    dist.all_reduce(c)  # cpu tensors: gloo
     cpu_ok = c.tolist() == [float(sum(range(n)))] * 4
     dev = torch.device("npu", me % torch.npu.device_count())
     x = torch.ones(1 << 20, device=dev)
@@ -285,8 +310,15 @@ def rank_kill(outdir: str) -> dict:
             x.cpu()
             i += 1
     except Exception as e:  # noqa: BLE001 - what we wait for
-        return {"rank": me, "raised_at": time.time(), "error": f"{type(e).__name__}: {e}", "iterations": i,
-                "cpu_ok": cpu_ok, "npu_ok": npu_ok, "backend": str(dist.get_backend())}
+        return {
+            "rank": me,
+            "raised_at": time.time(),
+            "error": f"{type(e).__name__}: {e}",
+            "iterations": i,
+            "cpu_ok": cpu_ok,
+            "npu_ok": npu_ok,
+            "backend": str(dist.get_backend()),
+        }
 
 
 def main() -> int:

@@ -1,4 +1,5 @@
 """Shared setup for hook tests: a real CPU-backed daemon and the npu torch device in this process."""
+
 from __future__ import annotations
 
 import contextlib

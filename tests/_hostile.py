@@ -3,16 +3,18 @@
 An attacker is an ordinary `Client` whose segment a test also maps raw, so it can write ring
 indices and records exactly as a hostile process could (it owns that memory).
 """
+
 from __future__ import annotations
 
 import mmap
 import struct
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from flexnpu import protocol as P
 
-HEAD, TAIL = 0, 128   # offsets of a ring's index lines from its control block
+HEAD, TAIL = 0, 128  # offsets of a ring's index lines from its control block
 
 
 class Raw:

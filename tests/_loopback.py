@@ -8,6 +8,7 @@ records the commands of the capturing stream without running them; replay runs t
 End-to-end tests use the real client and daemon; this exists so pure hook logic (dispatch,
 caching, views, refcounting) can be tested quickly and without the daemon.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -93,6 +94,7 @@ class LoopbackClient:
             if t is None:
                 raise LoopbackError(f"free of invalid handle {handle}")
             self.allocated -= t.numel()
+
         self._cmd(None, do)
 
     def memcpy_h2d(self, handle: int, offset: int, data, stream: int = 0) -> None:
@@ -103,7 +105,8 @@ class LoopbackClient:
             if offset < 0 or offset + len(buf) > t.numel():
                 raise LoopbackError(f"memcpy_h2d out of range on handle {handle}")
             if buf:
-                t[offset:offset + len(buf)].copy_(torch.frombuffer(bytearray(buf), dtype=torch.uint8))
+                t[offset : offset + len(buf)].copy_(torch.frombuffer(bytearray(buf), dtype=torch.uint8))
+
         self._cmd(stream, do)
 
     def memcpy_d2h(self, handle: int, offset: int, nbytes: int, stream: int = 0) -> bytearray:
@@ -114,28 +117,33 @@ class LoopbackClient:
         t = self._resolve(handle)
         if offset < 0 or offset + nbytes > t.numel():
             raise LoopbackError(f"memcpy_d2h out of range on handle {handle}")
-        return bytearray(t[offset:offset + nbytes].numpy().tobytes())
+        return bytearray(t[offset : offset + nbytes].numpy().tobytes())
 
-    def memcpy_d2d(self, dst: int, dst_off: int, src: int, src_off: int, nbytes: int, stream: int = 0) -> None:
+    def memcpy_d2d(
+        self, dst: int, dst_off: int, src: int, src_off: int, nbytes: int, stream: int = 0
+    ) -> None:
         def do():
             d, s = self._resolve(dst), self._resolve(src)
-            d[dst_off:dst_off + nbytes].copy_(s[src_off:src_off + nbytes])
+            d[dst_off : dst_off + nbytes].copy_(s[src_off : src_off + nbytes])
+
         self._cmd(stream, do)
 
     def memset(self, handle: int, offset: int, value: int, nbytes: int, stream: int = 0) -> None:
-        self._cmd(stream, lambda: self._resolve(handle)[offset:offset + nbytes].fill_(value))
+        self._cmd(stream, lambda: self._resolve(handle)[offset : offset + nbytes].fill_(value))
 
     def launch(self, op: str, args: tuple, kwargs: dict, outputs: list, stream: int = 0) -> None:
         self.launches.append(op)
 
         def do():
             try:
-                bound = execute_launch(torch.device("cpu"), op, args, kwargs, outputs, self._resolve,
-                                       self._allocate)
+                bound = execute_launch(
+                    torch.device("cpu"), op, args, kwargs, outputs, self._resolve, self._allocate
+                )
             except Exception as e:
                 raise LoopbackError(f"{op}: {e}") from e
             for h, t in bound:
                 self._bind(h, t)
+
         self._cmd(stream, do)
 
     def _raise(self) -> None:
@@ -187,14 +195,19 @@ class LoopbackClient:
         def do():
             for fn, a in cmds:
                 fn(*a)
+
         self._cmd(stream, do)
 
     def graph_destroy(self, graph: int) -> None:
         self.graphs.pop(graph, None)
 
     def memory_stats(self) -> dict[str, Any]:
-        return {"allocated": self.allocated, "peak": self.peak, "limit": self.limit,
-                "reserved": self.allocated}
+        return {
+            "allocated": self.allocated,
+            "peak": self.peak,
+            "limit": self.limit,
+            "reserved": self.allocated,
+        }
 
     def set_phase(self, phase: str, stream: int | None = None) -> None:
         pass

@@ -1,5 +1,6 @@
 """Helpers for the native front end's tests: build the libraries, compile AscendCL C programs
 against the CANN headers of the real torch_npu wheel (skipping with a reason when absent)."""
+
 from __future__ import annotations
 
 import shutil
@@ -28,16 +29,31 @@ def wheel_headers() -> Path:
 
     inc = native.wheel_include_dir()
     if not (inc / "acl" / "acl.h").exists():
-        pytest.skip(f"the real torch_npu (with its AscendCL headers) is not installed for FlexNPU in "
-                    f"{native.torch_npu_dir()}: run `flexnpu install-torch-npu`")
+        pytest.skip(
+            f"the real torch_npu (with its AscendCL headers) is not installed for FlexNPU in "
+            f"{native.torch_npu_dir()}: run `flexnpu install-torch-npu`"
+        )
     return inc
 
 
 def compile_program(src: str, out: Path, extra: list[str] | None = None, libs: Path | None = None) -> Path:
     libs = libs or native_libs()
     inc = wheel_headers()
-    cmd = ["cc", "-O1", "-Wall", f"-I{inc}", "-o", str(out), str(HERE / "native" / src), f"-L{libs}",
-           "-lascendcl", "-lacl_op_compiler", f"-Wl,-rpath,{libs}", "-pthread", *(extra or [])]
+    cmd = [
+        "cc",
+        "-O1",
+        "-Wall",
+        f"-I{inc}",
+        "-o",
+        str(out),
+        str(HERE / "native" / src),
+        f"-L{libs}",
+        "-lascendcl",
+        "-lacl_op_compiler",
+        f"-Wl,-rpath,{libs}",
+        "-pthread",
+        *(extra or []),
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     return out

@@ -1,11 +1,12 @@
 """Child-process programs for the ring tests (run as: python tests/_ringchild.py MODE FD ...)."""
+
 import os
 import random
 import struct
 import sys
 import time
 
-from flexnpu.ring import PeerClosed, PeerDead, Segment
+from flexnpu.ring import Segment
 
 K = 0x9E3779B97F4A7C15
 M64 = (1 << 64) - 1
@@ -15,17 +16,16 @@ def producer(fd: int, total: int, seed: int) -> None:
     """Pushes `total` sequence-numbered, checksummed records in random batch sizes."""
     seg = Segment.attach(fd)
     seg.set_peer(pid=os.getppid())
-    sq = seg.cq                      # the attacher produces on cq
+    sq = seg.cq  # the attacher produces on cq
     rng = random.Random(seed)
     esz, cap = sq.entry_size, sq.capacity
     seq = 0
     while seq < total:
         n = min(total - seq, rng.choice((1, 2, 3, cap // 2 or 1, cap, rng.randint(1, cap))))
-        buf = b"".join(struct.pack("<QQ", s, (s * K) & M64).ljust(esz, b"\0")
-                       for s in range(seq, seq + n))
+        buf = b"".join(struct.pack("<QQ", s, (s * K) & M64).ljust(esz, b"\0") for s in range(seq, seq + n))
         done = 0
         while done < n:
-            k = sq.push_batch(memoryview(buf)[done * esz:], n - done)
+            k = sq.push_batch(memoryview(buf)[done * esz :], n - done)
             done += k
             if k == 0 and not sq.wait_space(10.0):
                 sys.exit("producer: timed out waiting for space")
@@ -45,7 +45,7 @@ def echo_random(fd: int, n: int, seed: int) -> None:
         r = seg.sq.pop()
         if rng.random() < 0.1:
             time.sleep(rng.random() * 0.0005)
-        seg.cq.push(r[:seg.cq.entry_size])
+        seg.cq.push(r[: seg.cq.entry_size])
 
 
 def stream_then_hang(fd: int) -> None:
@@ -81,5 +81,10 @@ def creator_stream(sockfd: int) -> None:
 
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    {"producer": producer, "echo_random": echo_random, "stream_then_hang": stream_then_hang,
-     "consumer_waits": consumer_waits, "creator_stream": creator_stream}[mode](*map(int, args))
+    {
+        "producer": producer,
+        "echo_random": echo_random,
+        "stream_then_hang": stream_then_hang,
+        "consumer_waits": consumer_waits,
+        "creator_stream": creator_stream,
+    }[mode](*map(int, args))

@@ -1,4 +1,5 @@
 """Shared fixtures: real daemons in real processes, each in its own runtime directory."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,12 @@ os.environ.setdefault("FLEXNPU_IDLE_GRACE", "2")
 
 
 def pytest_addoption(parser):
-    parser.addoption("--soak", action="store_true", default=False,
-                     help="run the adversarial suite (tests/test_adversary.py) for much longer")
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        default=False,
+        help="run the adversarial suite (tests/test_adversary.py) for much longer",
+    )
 
 
 class DaemonProc(DaemonProcess):

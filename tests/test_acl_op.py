@@ -1,4 +1,5 @@
 """acl.op.execute_v2 against a real CPU daemon: results match NumPy, mistakes give ACL codes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,9 +24,18 @@ def dev(acl):
     assert acl.finalize() == 0
 
 
-@pytest.mark.parametrize("op_type,fn", [("Add", np.add), ("Sub", np.subtract), ("Mul", np.multiply),
-                                        ("Div", np.divide), ("RealDiv", np.divide),
-                                        ("Maximum", np.maximum), ("Minimum", np.minimum)])
+@pytest.mark.parametrize(
+    "op_type,fn",
+    [
+        ("Add", np.add),
+        ("Sub", np.subtract),
+        ("Mul", np.multiply),
+        ("Div", np.divide),
+        ("RealDiv", np.divide),
+        ("Maximum", np.maximum),
+        ("Minimum", np.minimum),
+    ],
+)
 def test_binary_ops_match_numpy(dev, op_type, fn):
     a, b = f32(4, 5), f32(4, 5) + 3.0
     ret, (out,) = run_op(dev, op_type, [a, b], [(4, 5)], [np.float32])
@@ -50,8 +60,14 @@ def test_integer_div_truncates(dev):
 def test_matmul_transposes(dev, t1, t2):
     a = f32(6, 3) if t1 else f32(3, 6)
     b = f32(4, 6) if t2 else f32(6, 4)
-    ret, (out,) = run_op(dev, "MatMul", [a, b], [(3, 4)], [np.float32],
-                         {"transpose_x1": ("bool", t1), "transpose_x2": ("bool", t2)})
+    ret, (out,) = run_op(
+        dev,
+        "MatMul",
+        [a, b],
+        [(3, 4)],
+        [np.float32],
+        {"transpose_x1": ("bool", t1), "transpose_x2": ("bool", t2)},
+    )
     assert ret == 0
     np.testing.assert_allclose(out, (a.T if t1 else a) @ (b.T if t2 else b), rtol=1e-5, atol=1e-5)
 
@@ -78,15 +94,24 @@ def test_cast_relu_softmax_reduce(dev):
     ret, (out,) = run_op(dev, "SoftmaxV2", [x], [(3, 4)], [np.float32], {"axes": ("list_int", [0])})
     e = np.exp(x - x.max(0))
     assert ret == 0 and np.allclose(out, e / e.sum(0), atol=1e-6)
-    ret, (out,) = run_op(dev, "ReduceSum", [x, np.array([1], np.int64)], [(3, 1)], [np.float32],
-                         {"keep_dims": ("bool", True)})
+    ret, (out,) = run_op(
+        dev, "ReduceSum", [x, np.array([1], np.int64)], [(3, 1)], [np.float32], {"keep_dims": ("bool", True)}
+    )
     assert ret == 0 and np.allclose(out, x.sum(1, keepdims=True), atol=1e-5)
     ret, (out,) = run_op(dev, "ReduceSumD", [x], [()], [np.float32], {"axes": ("list_int", [0, 1])})
     assert ret == 0 and np.allclose(out, x.sum(), atol=1e-4)
 
 
-@pytest.mark.parametrize("op_type,fn", [("Exp", np.exp), ("Sqrt", lambda v: np.sqrt(np.abs(v))),
-                                        ("Abs", np.abs), ("Neg", np.negative), ("Tanh", np.tanh)])
+@pytest.mark.parametrize(
+    "op_type,fn",
+    [
+        ("Exp", np.exp),
+        ("Sqrt", lambda v: np.sqrt(np.abs(v))),
+        ("Abs", np.abs),
+        ("Neg", np.negative),
+        ("Tanh", np.tanh),
+    ],
+)
 def test_unary_ops(dev, op_type, fn):
     x = f32(17)
     if op_type == "Sqrt":
@@ -105,11 +130,18 @@ def test_data_movement_ops(dev):
     ret, (out,) = run_op(dev, "Reshape", [x, np.array([6, 4], np.int64)], [(6, 4)], [np.float32])
     assert ret == 0 and np.array_equal(out, x.reshape(6, 4))
     y = f32(2, 1, 4)
-    ret, (out,) = run_op(dev, "ConcatD", [x, y], [(2, 4, 4)], [np.float32],
-                         {"concat_dim": ("int", 1), "N": ("int", 2)})
+    ret, (out,) = run_op(
+        dev, "ConcatD", [x, y], [(2, 4, 4)], [np.float32], {"concat_dim": ("int", 1), "N": ("int", 2)}
+    )
     assert ret == 0 and np.array_equal(out, np.concatenate([x, y], 1))
-    ret, outs = run_op(dev, "SplitD", [x], [(2, 3, 2), (2, 3, 2)], [np.float32] * 2,
-                       {"split_dim": ("int", -1), "num_split": ("int", 2)})
+    ret, outs = run_op(
+        dev,
+        "SplitD",
+        [x],
+        [(2, 3, 2), (2, 3, 2)],
+        [np.float32] * 2,
+        {"split_dim": ("int", -1), "num_split": ("int", 2)},
+    )
     assert ret == 0 and np.array_equal(outs[0], x[..., :2]) and np.array_equal(outs[1], x[..., 2:])
     idx = np.array([2, 0, 2], np.int64)
     ret, (out,) = run_op(dev, "GatherV2", [x, idx, np.array([1], np.int32)], [(2, 3, 4)], [np.float32])
@@ -119,7 +151,7 @@ def test_data_movement_ops(dev):
 def test_operands_at_offsets_share_one_allocation(dev):
     acl = dev
     x = f32(64)
-    base = from_device.__globals__["to_device"](acl, x)   # one allocation holding a and b
+    base = from_device.__globals__["to_device"](acl, x)  # one allocation holding a and b
     da, ba, _ = tensor(acl, shape=(32,), dtype=np.float32, ptr=base)
     db, bb, _ = tensor(acl, shape=(32,), dtype=np.float32, ptr=base + 128)
     do, bo, po = tensor(acl, shape=(32,), dtype=np.float32)
@@ -164,7 +196,7 @@ def test_op_mistakes_give_acl_codes(dev):
 def test_device_side_failure_surfaces_at_synchronize(dev):
     acl = dev
     x = f32(2, 3)
-    bad_index = np.array([0, 99], np.int64)   # passes shape checks, fails when run
+    bad_index = np.array([0, 99], np.int64)  # passes shape checks, fails when run
     ret, _ = run_op(acl, "GatherV2", [x, bad_index, np.array([1], np.int32)], [(2, 2)], [np.float32])
     assert ret == C.ACL_ERROR_RT_AICORE_EXCEPTION
     # refused by the daemon's index check before it runs, reported like the device fault it prevents

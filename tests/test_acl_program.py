@@ -1,4 +1,5 @@
 """Whole pyACL programs in their own processes, models, and a daemon that goes away."""
+
 from __future__ import annotations
 
 import signal
@@ -21,15 +22,24 @@ def _example_env(runtime_dir) -> dict[str, str]:
 
 
 def test_example_acl_add_runs_unmodified(daemon):
-    p = subprocess.run(_example_cmd(), env=_example_env(daemon.runtime_dir), capture_output=True,
-                       text=True, timeout=120)
+    p = subprocess.run(
+        _example_cmd(), env=_example_env(daemon.runtime_dir), capture_output=True, text=True, timeout=120
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "PASS" in p.stdout
 
 
 def test_two_acl_programs_share_one_device(daemon):
-    procs = [subprocess.Popen(_example_cmd(), env=_example_env(daemon.runtime_dir), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            _example_cmd(),
+            env=_example_env(daemon.runtime_dir),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     for p in procs:
         out, _ = p.communicate(timeout=120)
         assert p.returncode == 0 and "PASS" in out, out

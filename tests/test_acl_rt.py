@@ -1,4 +1,5 @@
 """pyACL runtime (acl.rt, acl.util, descriptors) against a real CPU daemon."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -131,7 +132,7 @@ def test_bad_pointers_give_clear_errors(acl):
     assert acl.rt.memcpy(hp, 16, dev, 16, 2) == C.ACL_ERROR_RT_PARAM_INVALID
     assert "freed" in acl.get_recent_err_msg()
     assert acl.rt.free(dev) == C.ACL_ERROR_RT_PARAM_INVALID
-    assert acl.rt.free_host(hp) == C.ACL_ERROR_INVALID_PARAM   # not from malloc_host
+    assert acl.rt.free_host(hp) == C.ACL_ERROR_INVALID_PARAM  # not from malloc_host
     assert acl.rt.malloc(0, 0)[1] == C.ACL_ERROR_INVALID_PARAM
     assert acl.rt.malloc(16, 0xFFFF)[1] == C.ACL_ERROR_INVALID_PARAM
     assert acl.rt.memcpy(hp, 16, hp, 16, 9) == C.ACL_ERROR_INVALID_PARAM  # bad kind
@@ -150,7 +151,7 @@ def test_allocation_over_the_limit_is_reported(acl):
     b, ret = acl.rt.malloc(200 << 20, 0)
     assert (b, ret) == (0, C.ACL_ERROR_RT_MEMORY_ALLOCATION)
     assert "207001" in acl.get_recent_err_msg()
-    assert acl.rt.synchronize_device() == 0       # nothing left over for the next sync
+    assert acl.rt.synchronize_device() == 0  # nothing left over for the next sync
     assert acl.rt.free(a) == 0
 
 

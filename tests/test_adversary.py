@@ -16,11 +16,11 @@ launches use valid handles with adversarial shapes, strides, offsets and declare
 Default: a few examples, well under a minute. `pytest --soak tests/test_adversary.py` runs
 hundreds of longer ones.
 """
+
 from __future__ import annotations
 
 import os
 import random
-import struct
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from flexnpu import protocol as P
 from flexnpu.client import Client
@@ -39,19 +39,28 @@ from flexnpu.protocol import TensorRef
 from _hostile import HEAD, TAIL, Raw
 from conftest import DaemonProc
 
-MARK = b"\xb7BYSTANDER-DATA\xb7"      # 16 bytes opening every 64-byte block the bystander stores
+MARK = b"\xb7BYSTANDER-DATA\xb7"  # 16 bytes opening every 64-byte block the bystander stores
 LIMIT = 64 << 20
 HOST_LIMIT = 16 << 20
 BARRIER_UD = 0xFEEDFACE_00000000
-OPS = ("aten::add.Tensor", "aten::mul.Tensor", "aten::relu_.default", "aten::sum.default",
-       "aten::mm.default", "aten::copy_.default", "aten::fill_.Scalar", "aten::cat.default",
-       "aten::neg.default", "aten::clone.default")
+OPS = (
+    "aten::add.Tensor",
+    "aten::mul.Tensor",
+    "aten::relu_.default",
+    "aten::sum.default",
+    "aten::mm.default",
+    "aten::copy_.default",
+    "aten::fill_.Scalar",
+    "aten::cat.default",
+    "aten::neg.default",
+    "aten::clone.default",
+)
 
 
 def _marked(n: int, rng: random.Random) -> bytes:
     out = bytearray(rng.randbytes(n))
     for i in range(0, n - len(MARK) + 1, 64):
-        out[i:i + len(MARK)] = MARK
+        out[i : i + len(MARK)] = MARK
     return bytes(out)
 
 
@@ -60,8 +69,11 @@ class _World:
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="flexnpu-adv-"))
-        self.d = DaemonProc(self.dir, 0, ["--backend", "cpu", "--memory-limit", str(LIMIT),
-                                          "--client-host-memory", str(HOST_LIMIT)])
+        self.d = DaemonProc(
+            self.dir,
+            0,
+            ["--backend", "cpu", "--memory-limit", str(LIMIT), "--client-host-memory", str(HOST_LIMIT)],
+        )
         self.path = str(self.d.socket)
 
     def close(self) -> None:
@@ -72,7 +84,7 @@ class _World:
 
 
 WORLD: _World | None = None
-SCRUBS: bool | None = None     # does the daemon scrub memory that changes owner? (probed)
+SCRUBS: bool | None = None  # does the daemon scrub memory that changes owner? (probed)
 LEAKS: list = []
 
 
@@ -92,12 +104,12 @@ class Adversary(RuleBasedStateMachine):
         self.w = WORLD
         self.rng = random.Random()
         self.by = Client(0, path=self.w.path)
-        self.by_data: dict[int, bytes] = {}           # handle -> bytes it must hold
+        self.by_data: dict[int, bytes] = {}  # handle -> bytes it must hold
         self.by_bytes = 0
         self.by_stream = self.by.create_stream()
         self.att: Client | None = None
         self.raw: Raw | None = None
-        self.att_handles: dict[int, int] = {}        # handle -> nbytes (its own, as far as it knows)
+        self.att_handles: dict[int, int] = {}  # handle -> nbytes (its own, as far as it knows)
         self.att_new()
 
     # ------------------------------------------------------------------ attacker plumbing
@@ -177,9 +189,19 @@ class Adversary(RuleBasedStateMachine):
         assert self.by.memcpy_d2h(h, 0, len(self.by_data[h])) == self.by_data[h]
 
     # ------------------------------------------------------------------ attacker
-    @rule(recs=st.lists(st.tuples(st.sampled_from([int(o) for o in P.OPS] + [0, 5, 99, 0xFFFF]),
-                                  st.integers(0, 3), st.lists(st.integers(0, (1 << 64) - 1), min_size=5, max_size=5),
-                                  st.binary(max_size=256), st.integers(0, 2)), min_size=1, max_size=40))
+    @rule(
+        recs=st.lists(
+            st.tuples(
+                st.sampled_from([int(o) for o in P.OPS] + [0, 5, 99, 0xFFFF]),
+                st.integers(0, 3),
+                st.lists(st.integers(0, (1 << 64) - 1), min_size=5, max_size=5),
+                st.binary(max_size=256),
+                st.integers(0, 2),
+            ),
+            min_size=1,
+            max_size=40,
+        )
+    )
     def attacker_raw_records(self, recs):
         for op, flags, args, payload, sid_kind in recs:
             args = [a if self.rng.random() < 0.5 else a & 0xFFFF for a in args]
@@ -187,21 +209,27 @@ class Adversary(RuleBasedStateMachine):
                 args[0] = self.rng.choice(list(self.att_handles))
             sid = (0, 1, self.rng.randrange(1 << 32))[sid_kind]
             off = self.raw.payload(payload) if payload else self.rng.randrange(1 << 32)
-            rec = P.SQE.pack(op, flags, sid, self.rng.randrange(1 << 63), off, len(payload),
-                             *args)
+            rec = P.SQE.pack(op, flags, sid, self.rng.randrange(1 << 63), off, len(payload), *args)
             if not self.raw.push(rec, 2):
                 break
         self.barrier()
 
-    @rule(which=st.sampled_from(["sq_tail", "cq_head", "sq_head", "cq_tail"]),
-          value=st.integers(0, (1 << 32) - 1), pending=st.integers(0, 40))
+    @rule(
+        which=st.sampled_from(["sq_tail", "cq_head", "sq_head", "cq_tail"]),
+        value=st.integers(0, (1 << 32) - 1),
+        pending=st.integers(0, 40),
+    )
     def attacker_corrupts_its_ring(self, which, value, pending):
-        for i in range(pending):          # replies in flight while the index goes bad
+        for i in range(pending):  # replies in flight while the index goes bad
             self.raw.push(P.pack_sqe(P.Op.NOP, user_data=i + 1, flags=P.FLAG_SYNC), 1)
-        off = {"sq_tail": self.raw.sq_off + TAIL, "cq_head": self.raw.cq_off + HEAD,
-               "sq_head": self.raw.sq_off + HEAD, "cq_tail": self.raw.cq_off + TAIL}[which]
+        off = {
+            "sq_tail": self.raw.sq_off + TAIL,
+            "cq_head": self.raw.cq_off + HEAD,
+            "sq_head": self.raw.sq_off + HEAD,
+            "cq_tail": self.raw.cq_off + TAIL,
+        }[which]
         self.raw.u32(off, value)
-        self.bystander_check_some()        # the bystander keeps going meanwhile
+        self.bystander_check_some()  # the bystander keeps going meanwhile
         self.barrier()
 
     @rule(n=st.integers(0, 1 << 16), k=st.integers(1, 20))
@@ -221,8 +249,14 @@ class Adversary(RuleBasedStateMachine):
         self.att_call(a.synchronize)
         self.barrier()
 
-    @rule(steps=st.lists(st.sampled_from(["begin", "end", "record_sync", "record", "evsync", "launch",
-                                          "replay", "destroy", "wait"]), max_size=25))
+    @rule(
+        steps=st.lists(
+            st.sampled_from(
+                ["begin", "end", "record_sync", "record", "evsync", "launch", "replay", "destroy", "wait"]
+            ),
+            max_size=25,
+        )
+    )
     def attacker_abuses_events_and_graphs(self, steps):
         a = self.att
         s = self.att_call(a.create_stream) or 0
@@ -254,15 +288,22 @@ class Adversary(RuleBasedStateMachine):
                 self.att_call(a.graph_end_capture, g, s)
             self.barrier()
 
-    @rule(pids=st.lists(st.sampled_from(["bystander", "self", "daemon", "random", "dead"]), max_size=4),
-          keys=st.lists(st.integers(0, (1 << 63) - 1), max_size=4))
+    @rule(
+        pids=st.lists(st.sampled_from(["bystander", "self", "daemon", "random", "dead"]), max_size=4),
+        keys=st.lists(st.integers(0, (1 << 63) - 1), max_size=4),
+    )
     def attacker_plays_ipc(self, pids, keys):
         a = self.att
         h = self.att_call(a.malloc, 4096)
         key = self.att_call(a.ipc_export, h) if h else None
         if key:
-            choice = {"bystander": os.getpid(), "self": os.getpid(), "daemon": self.w.d.pid,
-                      "random": self.rng.randrange(1, 1 << 22), "dead": 0x3FFFFFFF}
+            choice = {
+                "bystander": os.getpid(),
+                "self": os.getpid(),
+                "daemon": self.w.d.pid,
+                "random": self.rng.randrange(1, 1 << 22),
+                "dead": 0x3FFFFFFF,
+            }
             self.att_call(a.ipc_set_pids, key, [choice[p] for p in pids])
             self.att_call(a.ipc_import, key)
             self.att_call(a.free, h)
@@ -271,9 +312,13 @@ class Adversary(RuleBasedStateMachine):
             self.att_call(a.ipc_import, k)
         self.barrier()
 
-    @rule(op=st.sampled_from(OPS), shape=st.lists(st.sampled_from([0, 1, 3, 64, 1 << 31, (1 << 62)]), max_size=3),
-          stride=st.lists(st.sampled_from([0, 1, -1, 7, 1 << 40, -(1 << 40)]), max_size=3),
-          offset=st.sampled_from([0, 1, 255, -1, 1 << 60]), declared=st.sampled_from([0, 1, 64, 1 << 20]))
+    @rule(
+        op=st.sampled_from(OPS),
+        shape=st.lists(st.sampled_from([0, 1, 3, 64, 1 << 31, (1 << 62)]), max_size=3),
+        stride=st.lists(st.sampled_from([0, 1, -1, 7, 1 << 40, -(1 << 40)]), max_size=3),
+        offset=st.sampled_from([0, 1, 255, -1, 1 << 60]),
+        declared=st.sampled_from([0, 1, 64, 1 << 20]),
+    )
     def attacker_launches_with_adversarial_layouts(self, op, shape, stride, offset, declared):
         a = self.att
         h = self.att_call(a.malloc, 1024)
@@ -283,8 +328,12 @@ class Adversary(RuleBasedStateMachine):
         x = TensorRef(h, torch.float32, tuple(shape[:n]), tuple(stride[:n]), offset)
         y = TensorRef(h, torch.float32, (16, 16), (16, 1), 0)
         out = TensorRef(a.alloc_handle(), torch.float32, tuple(shape[:n]), tuple(stride[:n]), 0)
-        args = {"aten::mm.default": (x, y), "aten::cat.default": ([x, y],), "aten::fill_.Scalar": (x, 1.5),
-                "aten::copy_.default": (y, x)}.get(op, (x, x) if op in ("aten::add.Tensor", "aten::mul.Tensor") else (x,))
+        args = {
+            "aten::mm.default": (x, y),
+            "aten::cat.default": ([x, y],),
+            "aten::fill_.Scalar": (x, 1.5),
+            "aten::copy_.default": (y, x),
+        }.get(op, (x, x) if op in ("aten::add.Tensor", "aten::mul.Tensor") else (x,))
         outs = [] if op.endswith("_.default") or op.endswith("_.Scalar") else [(declared, out)]
         self.att_call(a.launch, op, args, {}, outs)
         if outs:
@@ -354,24 +403,35 @@ def test_adversary(request):
     import faulthandler
     import sys
 
-    faulthandler.dump_traceback_later(900 if request.config.getoption("--soak") else 150,
-                                      file=sys.stderr)   # where it hangs, if it ever does
+    faulthandler.dump_traceback_later(
+        900 if request.config.getoption("--soak") else 150, file=sys.stderr
+    )  # where it hangs, if it ever does
     soak = request.config.getoption("--soak")
     WORLD = _World()
     try:
         global SCRUBS
         SCRUBS = _daemon_scrubs(WORLD.d.status())
         LEAKS.clear()
-        run_state_machine_as_test(Adversary, settings=settings(
-            max_examples=300 if soak else 6, stateful_step_count=60 if soak else 12, deadline=None,
-            suppress_health_check=list(HealthCheck), derandomize=not soak, print_blob=True))
+        run_state_machine_as_test(
+            Adversary,
+            settings=settings(
+                max_examples=300 if soak else 6,
+                stateful_step_count=60 if soak else 12,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+                derandomize=not soak,
+                print_blob=True,
+            ),
+        )
         assert WORLD.d.proc.poll() is None
-        c = Client(0, path=WORLD.path)      # still serving a newcomer
+        c = Client(0, path=WORLD.path)  # still serving a newcomer
         c.nop()
         c.close()
         if LEAKS:
-            pytest.xfail(f"the attacker read bystander bytes in {len(LEAKS)} fresh allocations: the "
-                         f"daemon does not scrub memory that changes owner yet (issue 9 item 3)")
+            pytest.xfail(
+                f"the attacker read bystander bytes in {len(LEAKS)} fresh allocations: the "
+                f"daemon does not scrub memory that changes owner yet (issue 9 item 3)"
+            )
     finally:
         faulthandler.cancel_dump_traceback_later()
         WORLD.close()

@@ -1,4 +1,5 @@
 """`bench overhead` repeats until the direct runs agree and prints its caveats (issue 15 item 4)."""
+
 from __future__ import annotations
 
 from flexnpu.bench import overhead
@@ -9,15 +10,16 @@ def test_spread_and_settling_rule():
     assert abs(overhead.spread([10.0, 50.0, 12.0]) - 40 / 12) < 1e-9
     runs = {"direct-eager": [100.0, 104.0], "direct-graph": [101.0, 103.0]}
     assert overhead.settled(runs, native_graph=False)
-    runs["direct-graph"].append(20.0)          # the 5x outlier the issue saw
+    runs["direct-graph"].append(20.0)  # the 5x outlier the issue saw
     assert not overhead.settled(runs, native_graph=False)
     assert not overhead.settled({"direct-eager": [100.0], "direct-graph": [100.0]}, native_graph=True)
 
 
 def test_tiny_run_reports_spread_and_caveats(capsys):
-    rc = overhead.main(["--quick", "--steps", "3", "--layers", "1", "--hidden", "64", "--repeat", "1",
-                        "--max-repeat", "1"])
+    rc = overhead.main(
+        ["--quick", "--steps", "3", "--layers", "1", "--hidden", "64", "--repeat", "1", "--max-repeat", "1"]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "spread %" in out and "medians of 1)" in out
-    assert "caveat: CPU has no native graphs" in out       # in the table output, not only in --json
+    assert "caveat: CPU has no native graphs" in out  # in the table output, not only in --json

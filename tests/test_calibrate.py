@@ -1,4 +1,5 @@
 """`flexnpu calibrate`: measured cost-model corrections, saved where the daemon loads them."""
+
 import json
 import os
 import subprocess
@@ -14,8 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _flexnpu(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flexnpu", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "flexnpu", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
 
 
 def test_calibrate_saves_corrections_the_daemons_cost_model_loads(tmp_path, monkeypatch):

@@ -1,15 +1,22 @@
 """Goodput search and the TTFT floor (flexnpu/sched/capacity.py)."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from flexnpu.sched.capacity import continuous_split_bound, requests_for, sustainable_rate, ttft_floor, ttft_floors
+from flexnpu.sched.capacity import (
+    continuous_split_bound,
+    requests_for,
+    sustainable_rate,
+    ttft_floor,
+    ttft_floors,
+)
 from flexnpu.sched.costmodel import CostModel
 from flexnpu.sched.models import QWEN25_7B
 from flexnpu.sched.policy import FlexPolicy
-from flexnpu.sched.sim import SimConfig, metrics, simulate
+from flexnpu.sched.sim import SimConfig, simulate
 from flexnpu.sched.specs import ASCEND_910B
 from flexnpu.sched.workload import Request, generate
 
@@ -26,7 +33,7 @@ def test_bisection_finds_the_crossing_within_its_resolution(threshold):
     assert res.bracketed
     assert res.max_rate <= threshold
     # resolution: the final bracket is (initial or expanded, at most 4x wide) ** (1 / 2**8)
-    assert res.max_rate >= threshold / 4 ** (1 / 2 ** 8) - 1e-12
+    assert res.max_rate >= threshold / 4 ** (1 / 2**8) - 1e-12
     assert all(a == (1.0 if r <= threshold else 0.5) for r, a in res.probes)
 
 
@@ -41,7 +48,7 @@ def test_bisection_reports_bounds_it_could_not_bracket():
 
 def test_probe_length_scales_with_rate_and_devices():
     assert requests_for(2.0, 4, 60) == 480
-    assert requests_for(0.01, 1, 10) == 100          # never fewer than the minimum
+    assert requests_for(0.01, 1, 10) == 100  # never fewer than the minimum
 
 
 def test_ttft_floor_is_a_lone_request_on_an_idle_device():
@@ -51,10 +58,14 @@ def test_ttft_floor_is_a_lone_request_on_an_idle_device():
         floor = ttft_floor(QWEN25_7B, CM, Request(0, 0.0, prompt, 4))
         assert floor > 0
         got = {}
-        for system, cfg in (("static-coloc", SimConfig(max_batched_tokens=8192)),
-                            ("static-coloc", SimConfig(max_batched_tokens=512)),
-                            ("decode-first", None), ("flexnpu", None), ("naive-coloc", None),
-                            ("static-partition", SimConfig(partition_alpha=0.75))):
+        for system, cfg in (
+            ("static-coloc", SimConfig(max_batched_tokens=8192)),
+            ("static-coloc", SimConfig(max_batched_tokens=512)),
+            ("decode-first", None),
+            ("flexnpu", None),
+            ("naive-coloc", None),
+            ("static-partition", SimConfig(partition_alpha=0.75)),
+        ):
             req = Request(0, 0.0, prompt, 4)
             simulate(system, QWEN25_7B, CM, [req], 1, 0, cfg)
             got[(system, cfg.max_batched_tokens if cfg else 0)] = req.ttft
@@ -69,8 +80,16 @@ def test_no_system_beats_the_floor_under_load():
     floors = ttft_floors(QWEN25_7B, CM, reqs0)
     for system in ("static-coloc", "flexnpu", "decode-first", "static-partition", "naive-coloc"):
         reqs = generate("chat", 12.0, 60, seed=3)
-        simulate(system, QWEN25_7B, CM, reqs, 2, 0, None,
-                 policy_factory=lambda: FlexPolicy(default_tpot_budget_s=0.05))
+        simulate(
+            system,
+            QWEN25_7B,
+            CM,
+            reqs,
+            2,
+            0,
+            None,
+            policy_factory=lambda: FlexPolicy(default_tpot_budget_s=0.05),
+        )
         assert all(r.ttft >= f * (1 - 1e-9) for r, f in zip(reqs, floors)), system
 
 

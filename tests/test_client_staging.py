@@ -1,4 +1,5 @@
 """The client's staging ring for small payloads: live payloads never overlap, space comes back."""
+
 from __future__ import annotations
 
 from hypothesis import given, settings
@@ -11,7 +12,7 @@ from flexnpu.client import _StagingRing
 @given(st.lists(st.tuples(st.integers(1, 3000), st.integers(0, 3)), min_size=1, max_size=200))
 def test_live_payloads_never_overlap(ops):
     ring = _StagingRing(4096, 16384)
-    live: list[tuple[int, int, int]] = []   # (seq, start, end)
+    live: list[tuple[int, int, int]] = []  # (seq, start, end)
     seq = 0
     for n, release in ops:
         off = ring.alloc(n, seq)
@@ -26,7 +27,7 @@ def test_live_payloads_never_overlap(ops):
             ring.release_before(cut)
             live = [x for x in live if x[0] >= cut]
     ring.release_all()
-    assert ring.alloc(16384, seq) == 4096      # everything came back
+    assert ring.alloc(16384, seq) == 4096  # everything came back
 
 
 def test_full_ring_refuses_instead_of_overwriting():

@@ -5,6 +5,7 @@ The client-level tests drive several Clients from this process (each Client is a
 attachment, i.e. a separate rank as far as the daemons know); the torch.distributed tests run
 unmodified multi-process programs under `flexnpu run` (tests/_dist_prog.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -65,11 +66,13 @@ def _ranks(devs: list[int], timeout_s: float = 30.0) -> tuple[list[Client], list
     return cs, [c.comm_init(cid, r, len(devs), devs, timeout_s) for r, c in enumerate(cs)]
 
 
-@pytest.mark.parametrize("devs", [[0, 0], [0, 1], [0, 1, 1, 0]], ids=["same-daemon", "two-daemons", "4-ranks"])
+@pytest.mark.parametrize(
+    "devs", [[0, 0], [0, 1], [0, 1, 1, 0]], ids=["same-daemon", "two-daemons", "4-ranks"]
+)
 def test_all_reduce_large_crosses_pipeline_chunks(two_daemons, devs):
     """More elements than one shared-memory slot holds: the chunked pipeline, exact for ints."""
     cs, hs = _ranks(devs)
-    n = 3_000_007                       # 24 MB of int64 per rank: three 8 MiB slots and a tail
+    n = 3_000_007  # 24 MB of int64 per rank: three 8 MiB slots and a tail
     xs = [torch.arange(n, dtype=torch.int64) * (r + 1) - r for r in range(len(cs))]
     refs = [_upload(c, x)[1] for c, x in zip(cs, xs)]
     for c, h, ref in zip(cs, hs, refs):
@@ -80,7 +83,9 @@ def test_all_reduce_large_crosses_pipeline_chunks(two_daemons, devs):
         assert torch.equal(_download(c, ref), want)
     for c in cs:
         c.close()
-    assert not [p for p in os.listdir("/dev/shm") if p.startswith("flexnpu-coll-")], "segment name left behind"
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith("flexnpu-coll-")], (
+        "segment name left behind"
+    )
 
 
 def test_membership_is_checked(two_daemons):
@@ -89,17 +94,17 @@ def test_membership_is_checked(two_daemons):
     h = a.comm_init(cid, 0, 2, [0, 1])
     _, ref = _upload(a, torch.ones(4))
     with pytest.raises(PermissionDenied, match="belongs to device 1"):
-        b.comm_init(cid, 1, 2, [0, 1])            # rank 1 is device 1's, not device 0's
+        b.comm_init(cid, 1, 2, [0, 1])  # rank 1 is device 1's, not device 0's
     with pytest.raises(PermissionDenied, match="already joined"):
         b.comm_init(cid, 0, 2, [0, 1])
     with pytest.raises(InvalidArgument, match="exists with 2 ranks"):
         b.comm_init(cid, 1, 3, [0, 0, 1])
     _, bref = _upload(b, torch.ones(4))
-    b.collective(h, "all_reduce", bref, bref)      # b never joined: a's handle means nothing to it
+    b.collective(h, "all_reduce", bref, bref)  # b never joined: a's handle means nothing to it
     with pytest.raises(InvalidHandle, match="only use communicators it joined"):
         b.synchronize()
     with pytest.raises(InvalidArgument):
-        a._sync(Op.COMM_INIT, 7, 0, 2, 1000, payload=(0, 3))     # payload too short
+        a._sync(Op.COMM_INIT, 7, 0, 2, 1000, payload=(0, 3))  # payload too short
     a.close()
     b.close()
 
@@ -111,18 +116,20 @@ def test_mismatch_and_bad_arguments_are_refused(two_daemons):
     cs[0].collective(hs[0], "all_reduce", f, f)
     cs[1].collective(hs[1], "all_reduce", i, i)
     for c in cs:
-        with pytest.raises(CollectiveError, match="ranks disagree.*float32.*int32|ranks disagree.*int32.*float32"):
+        with pytest.raises(
+            CollectiveError, match="ranks disagree.*float32.*int32|ranks disagree.*int32.*float32"
+        ):
             c.synchronize()
-    cs[0].collective(hs[0], "all_reduce", f, f)        # the communicator is unusable afterwards
+    cs[0].collective(hs[0], "all_reduce", f, f)  # the communicator is unusable afterwards
     with pytest.raises(CollectiveError):
         cs[0].synchronize()
     cs2, hs2 = _ranks([0, 1])
     g = _upload(cs2[0], torch.ones(8))[1]
-    cs2[0].collective(hs2[0], "all_reduce", g, g, "band")    # bitwise op on floats
+    cs2[0].collective(hs2[0], "all_reduce", g, g, "band")  # bitwise op on floats
     with pytest.raises(InvalidArgument, match="band needs an integer"):
         cs2[0].synchronize()
     out = _upload(cs2[0], torch.ones(3))[1]
-    cs2[0].collective(hs2[0], "all_gather", g, out)          # 2 x 8 elements do not fit in 3
+    cs2[0].collective(hs2[0], "all_gather", g, out)  # 2 x 8 elements do not fit in 3
     h1 = _upload(cs2[1], torch.ones(8))[1]
     o1 = _upload(cs2[1], torch.ones(16))[1]
     cs2[1].collective(hs2[1], "all_gather", h1, o1)
@@ -143,7 +150,7 @@ def test_hostile_collective_requests(two_daemons):
         c._push(pack_sqe(Op.COLLECTIVE, hs[0], 0, 0, 0, payload_off=off, payload_len=40))
     with pytest.raises(InvalidArgument, match="malformed collective"):
         c.synchronize()
-    c.collective(hs[0], "broadcast", x, x, root=5)       # root out of range
+    c.collective(hs[0], "broadcast", x, x, root=5)  # root out of range
     with pytest.raises(InvalidArgument, match="root 5 out of range"):
         c.synchronize()
     y = _upload(cs[1], torch.ones(8))[1]
@@ -153,9 +160,9 @@ def test_hostile_collective_requests(two_daemons):
     with pytest.raises(CollectiveError, match="contiguous"):
         cs[1].synchronize()
     with pytest.raises(CollectiveError, match="contiguous"):
-        c.synchronize()                                   # its partner's mistake fails it too
+        c.synchronize()  # its partner's mistake fails it too
     nop = Client(0)
-    nop.nop()                                             # the daemon serves everyone still
+    nop.nop()  # the daemon serves everyone still
     for cl in cs + [nop]:
         cl.close()
 
@@ -169,7 +176,7 @@ def test_slow_rank_does_not_block_the_daemon_and_times_out(two_daemons):
     other = Client(0)
     t0 = time.monotonic()
     for _ in range(20):
-        other.nop()                                  # served while rank 0's collective waits
+        other.nop()  # served while rank 0's collective waits
     served = time.monotonic() - t0
     with pytest.raises(CollectiveError, match="timed out.*rank\\(s\\) \\[1\\]"):
         cs[0].synchronize()
@@ -180,14 +187,14 @@ def test_slow_rank_does_not_block_the_daemon_and_times_out(two_daemons):
 
 
 def test_dead_peer_daemon_fails_the_collective(start_daemon):
-    d0, d1 = start_daemon(device=0), start_daemon(device=1)     # its own: one of them dies
+    d0, d1 = start_daemon(device=0), start_daemon(device=1)  # its own: one of them dies
     cs, hs = _ranks([0, 1], timeout_s=600)
     x = _upload(cs[0], torch.ones(16))[1]
     y = _upload(cs[1], torch.ones(16))[1]
     for c, h, r in zip(cs, hs, (x, y)):
         c.collective(h, "all_reduce", r, r)
-    cs[0].synchronize()                              # the shared segment is set up
-    cs[0].collective(hs[0], "all_reduce", x, x)      # rank 1 never arrives: its daemon dies
+    cs[0].synchronize()  # the shared segment is set up
+    cs[0].collective(hs[0], "all_reduce", x, x)  # rank 1 never arrives: its daemon dies
     time.sleep(0.2)
     t0 = time.monotonic()
     d1.stop(signal.SIGKILL)
@@ -199,8 +206,23 @@ def test_dead_peer_daemon_fails_the_collective(start_daemon):
 
 # ------------------------------------------------------------------ torch.distributed programs
 def _flexnpu_run(rdir: Path, nproc: int, mode: str, out: Path, timeout: float) -> None:
-    cmd = [sys.executable, "-m", "flexnpu", "run", "--daemon", str(rdir), "--device", "0,1", "--",
-           sys.executable, PROG, "launch", str(nproc), mode, str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flexnpu",
+        "run",
+        "--daemon",
+        str(rdir),
+        "--device",
+        "0,1",
+        "--",
+        sys.executable,
+        PROG,
+        "launch",
+        str(nproc),
+        mode,
+        str(out),
+    ]
     r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-4000:]
 
@@ -225,7 +247,11 @@ def test_hccl_backend_matches_gloo(two_daemons, tmp_path):
     assert res[0]["counts"]["all_reduce"] == 4 * (4 * 5 + 4 * 7) and res[2]["counts"]["send_recv"] == 2 * 8
     assert res[0]["tp_ok"] and res[1]["tp_ok"]
     for r in res[:2]:
-        assert "ranks disagree" in r["mismatch"] and "10 x float32" in r["mismatch"] and "11 x float32" in r["mismatch"]
+        assert (
+            "ranks disagree" in r["mismatch"]
+            and "10 x float32" in r["mismatch"]
+            and "11 x float32" in r["mismatch"]
+        )
 
 
 def test_rank_killed_mid_collective(two_daemons, tmp_path):
@@ -237,5 +263,5 @@ def test_rank_killed_mid_collective(two_daemons, tmp_path):
     for r in _results(tmp_path, [0, 1]):
         assert "CollectiveError" in r["error"] and "rank 2" in r["error"] and "exited" in r["error"], r
         assert r["iterations"] > 0
-        assert r["cpu_ok"] and r["npu_ok"], r        # "cpu:gloo,npu:hccl": cpu tensors go to gloo
+        assert r["cpu_ok"] and r["npu_ok"], r  # "cpu:gloo,npu:hccl": cpu tensors go to gloo
         assert r["raised_at"] - killed["at"] < 10.0, r

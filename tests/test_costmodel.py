@@ -2,8 +2,17 @@ import json
 
 import pytest
 
-from flexnpu.sched.costmodel import (CostModel, aten_cost, attention_cost, collective_cost, linear_cost,
-                                     load_corrections, matmul_cost, moe_cost, norm_cost)
+from flexnpu.sched.costmodel import (
+    CostModel,
+    aten_cost,
+    attention_cost,
+    collective_cost,
+    linear_cost,
+    load_corrections,
+    matmul_cost,
+    moe_cost,
+    norm_cost,
+)
 from flexnpu.sched.models import QWEN25_7B, step_kernels
 from flexnpu.sched.specs import SPECS, get_spec
 
@@ -22,12 +31,17 @@ def test_matmul_hand_computed():
     c = aten_cost("aten::mm", [((64, 128), "float32"), ((128, 32), "float32")], [((64, 32), "float32")])
     assert c.flops == 2 * 64 * 128 * 32
     assert c.bytes == 4 * (64 * 128 + 128 * 32 + 64 * 32)
-    a = aten_cost("aten.addmm.default", [((32,), "bf16"), ((64, 128), "bf16"), ((128, 32), "bf16")],
-                  [((64, 32), "bf16")])
+    a = aten_cost(
+        "aten.addmm.default",
+        [((32,), "bf16"), ((64, 128), "bf16"), ((128, 32), "bf16")],
+        [((64, 32), "bf16")],
+    )
     assert a.flops == 2 * 64 * 128 * 32 + 64 * 32 and a.op_class == "gemm"
     b = aten_cost("bmm", [((8, 16, 32), "float16"), ((8, 32, 4), "float16")], [((8, 16, 4), "float16")])
     assert b.flops == 2 * 8 * 16 * 32 * 4 and b.bytes == 2 * (8 * 16 * 32 + 8 * 32 * 4 + 8 * 16 * 4)
-    lin = aten_cost("linear", [((5, 7, 64), "bf16"), ((256, 64), "bf16"), ((256,), "bf16")], [((5, 7, 256), "bf16")])
+    lin = aten_cost(
+        "linear", [((5, 7, 64), "bf16"), ((256, 64), "bf16"), ((256,), "bf16")], [((5, 7, 256), "bf16")]
+    )
     assert lin.flops == 2 * 35 * 64 * 256 + 35 * 256
     assert linear_cost(35, 64, 256, "bf16").flops == 2 * 35 * 64 * 256
     assert matmul_cost(4, 4, 4, "float32", batch=2).bytes == 4 * 3 * 2 * 16
@@ -41,8 +55,12 @@ def test_attention_prefill_and_decode():
     # causal prefill of 4 tokens with nothing cached: visible keys 1+2+3+4 = 10 = 4 * 2.5
     p = attention_cost(1, 4, 4, 1, 1, 8, "float32", causal=True)
     assert p.flops == 2 * 10 * 16 + 5 * 10
-    s = aten_cost("aten::scaled_dot_product_attention", [((1, 1, 4, 8), "float32")] * 3,
-                  [((1, 1, 4, 8), "float32")], {"is_causal": True})
+    s = aten_cost(
+        "aten::scaled_dot_product_attention",
+        [((1, 1, 4, 8), "float32")] * 3,
+        [((1, 1, 4, 8), "float32")],
+        {"is_causal": True},
+    )
     assert s.flops == p.flops and s.op_class == "attention"
 
 
@@ -54,7 +72,9 @@ def test_moe_norm_collectives_views():
     assert norm_cost(4, 10, "float32").flops == 160
     ar = collective_cost("all_reduce", 1000, 4)
     assert ar.link_bytes == pytest.approx(1500) and ar.op_class == "collective"
-    assert aten_cost("all_to_all_single", [((250,), "float32")], [], {"group_size": 4}).link_bytes == pytest.approx(750)
+    assert aten_cost(
+        "all_to_all_single", [((250,), "float32")], [], {"group_size": 4}
+    ).link_bytes == pytest.approx(750)
     assert aten_cost("aten::view", [((4, 4), "float32")], [((16,), "float32")]).launches == 0
     e = aten_cost("aten::add.Tensor", [((10,), "float32"), ((10,), "float32")], [((10,), "float32")])
     assert e.flops == 10 and e.bytes == 120 and e.op_class == "elementwise"
@@ -83,7 +103,7 @@ def test_corrections_converge_bounded_and_roundtrip(tmp_path):
     assert cm.corrections.factor("gemm") == pytest.approx(2.0, rel=0.01)
     assert cm.predict(c) == pytest.approx(2 * pred, rel=0.01)
     cm.observe(c, 1e6)  # one absurd outlier moves the factor by at most alpha * log(max_ratio)
-    assert cm.corrections.factor("gemm") < 2.0 * 16 ** 0.2 + 1e-9
+    assert cm.corrections.factor("gemm") < 2.0 * 16**0.2 + 1e-9
     assert cm.corrections.factor("attention") == 1.0
     p = tmp_path / "c.json"
     p.write_text(json.dumps({"corrections": cm.corrections.to_dict()}))

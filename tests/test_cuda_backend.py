@@ -3,6 +3,7 @@
 Skips (with the reason) where no CUDA device is visible — on the project's CI machine always;
 scripts/device-check.sh runs it on a lent GPU machine.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -47,8 +48,19 @@ def test_generate_on_cuda_matches_cpu_tokens(tmp_path):
     env = child_env(tmp_path)
     run = lambda cmd: subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)  # noqa: E731
     plain = run([sys.executable, "examples/generate.py"])
-    flex = run([sys.executable, "-m", "flexnpu", "run", "--backend", "cuda", "--", sys.executable,
-                "examples/generate.py"])
+    flex = run(
+        [
+            sys.executable,
+            "-m",
+            "flexnpu",
+            "run",
+            "--backend",
+            "cuda",
+            "--",
+            sys.executable,
+            "examples/generate.py",
+        ]
+    )
     assert flex.returncode == 0, flex.stderr
     toks = lambda out: [ln for ln in out.splitlines() if ln.startswith("tokens:")]  # noqa: E731
     # random weights, greedy: GPU and CPU matmuls round differently, so compare the first tokens
@@ -67,6 +79,12 @@ def test_graph_replay_on_cuda(tmp_path):
             x.copy_(torch.randn(64, 64).npu()); g.replay()
             torch.testing.assert_close(y.cpu(), torch.relu(x.cpu() @ w.cpu()), rtol=1e-3, atol=1e-3)
         print("OK")""")
-    r = subprocess.run([sys.executable, "-m", "flexnpu", "run", "--backend", "cuda", "--", sys.executable,
-                        "-c", code], env=child_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "flexnpu", "run", "--backend", "cuda", "--", sys.executable, "-c", code],
+        env=child_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr

@@ -1,12 +1,12 @@
 """The daemon with real clients in real processes: memory, copies, streams, events, IPC,
 isolation, client death, daemon death, and hostile input."""
+
 from __future__ import annotations
 
 import mmap
 import os
 import random
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
@@ -16,15 +16,20 @@ import pytest
 
 from flexnpu import protocol as P
 from flexnpu.client import Client
-from flexnpu.errors import (AttachError, DaemonLost, InvalidArgument, InvalidHandle, NotFound,
-                            OutOfMemory, PermissionDenied)
+from flexnpu.errors import AttachError, DaemonLost, InvalidArgument, InvalidHandle, NotFound, OutOfMemory
 
 from conftest import child_env
 
 
 def run_py(code: str, runtime_dir, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=child_env(runtime_dir),
-                          capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=child_env(runtime_dir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def test_copies_in_all_directions(client):
@@ -66,10 +71,10 @@ def test_errors_are_clear_and_per_call(client):
     with pytest.raises(InvalidArgument, match="outside allocation of 16 bytes"):
         client.memcpy_d2h(h, 8, 16)
     client.free(h)
-    client.free(h)      # double free: async error, reported at the next sync
+    client.free(h)  # double free: async error, reported at the next sync
     with pytest.raises(InvalidHandle, match="already freed"):
         client.synchronize()
-    client.synchronize()   # the error was reported once; the client keeps working
+    client.synchronize()  # the error was reported once; the client keeps working
     assert client.memcpy_d2h(client.malloc(4), 0, 4) is not None
 
 
@@ -102,7 +107,8 @@ def test_ipc_export_import_is_zero_copy_and_pid_checked(daemon, runtime_dir):
     owner.memset(h, 0, 7, 1 << 20)
     key = owner.ipc_export(h)
     # a process not on the list is refused
-    r = run_py(f"""
+    r = run_py(
+        f"""
         from flexnpu.client import Client
         from flexnpu.errors import PermissionDenied
         c = Client(0)
@@ -110,7 +116,9 @@ def test_ipc_export_import_is_zero_copy_and_pid_checked(daemon, runtime_dir):
             c.ipc_import({key})
         except PermissionDenied as e:
             print("REFUSED", e)
-        """, runtime_dir)
+        """,
+        runtime_dir,
+    )
     assert "REFUSED" in r.stdout, r.stderr
     # an allowed process sees the owner's bytes and its writes are visible to the owner
     code = f"""
@@ -126,12 +134,18 @@ def test_ipc_export_import_is_zero_copy_and_pid_checked(daemon, runtime_dir):
         c.synchronize()
         print("OK", c.memory_stats()["allocated"])
         """
-    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=child_env(runtime_dir),
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=child_env(runtime_dir),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     pid = int(p.stdout.readline().split()[1])
     owner.ipc_set_pids(key, [pid])
     out, err = p.communicate("go\n", timeout=60)
-    assert "OK 0" in out, err      # imported memory is not charged to the importer
+    assert "OK 0" in out, err  # imported memory is not charged to the importer
     assert owner.memcpy_d2h(h, 0, 8) == b"\x09" * 4 + b"\x07" * 4
     with pytest.raises(NotFound):
         owner.ipc_import(12345)
@@ -152,9 +166,13 @@ def test_memory_limit_hits_only_the_offender(start_daemon):
     b.close()
 
 
-@pytest.mark.timing   # reclaimed within 1 s
+@pytest.mark.timing  # reclaimed within 1 s
 def test_killed_client_is_reclaimed_and_survivor_unaffected(daemon, runtime_dir):
-    victim = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+    victim = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent("""
         import sys
         from flexnpu.client import Client
         c = Client(0)
@@ -164,11 +182,16 @@ def test_killed_client_is_reclaimed_and_survivor_unaffected(daemon, runtime_dir)
         while True:
             for h in hs:
                 c.memset(h, 0, 3, 1 << 20)
-        """)], env=child_env(runtime_dir), stdout=subprocess.PIPE, text=True)
+        """),
+        ],
+        env=child_env(runtime_dir),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert victim.stdout.readline().strip() == "READY"
     survivor = Client(0)
     h = survivor.malloc(4096)
-    survivor.synchronize()       # the survivor is registered once it has been served
+    survivor.synchronize()  # the survivor is registered once it has been served
     st = daemon.status()
     assert len(st["clients"]) == 2
     assert sum(c["memory_bytes"] for c in st["clients"]) >= 32 << 20
@@ -188,7 +211,7 @@ def test_killed_client_is_reclaimed_and_survivor_unaffected(daemon, runtime_dir)
     survivor.close()
 
 
-@pytest.mark.timing   # DaemonLost within 2 s
+@pytest.mark.timing  # DaemonLost within 2 s
 def test_daemon_death_raises_daemon_lost_promptly(daemon):
     c = Client(0)
     h = c.malloc(64)
@@ -231,12 +254,12 @@ def test_garbage_on_the_control_socket_does_not_hurt(daemon):
         s.sendall(junk)
         s.close()
     silent = so.socket(so.AF_UNIX, so.SOCK_STREAM)
-    silent.connect(str(daemon.socket))      # connects and says nothing: must not block others
+    silent.connect(str(daemon.socket))  # connects and says nothing: must not block others
     c = Client(0)
     c.nop()
     assert daemon.status()["clients"]
     silent.settimeout(15)
-    assert silent.recv(1) == b""            # ... and is closed after the handshake timeout
+    assert silent.recv(1) == b""  # ... and is closed after the handshake timeout
     silent.close()
     # a flood of idle connections from one uid is refused beyond a bound; others still attach
     flood = []
@@ -272,9 +295,15 @@ def test_fuzzed_records_never_hurt_the_daemon_or_others(daemon):
     hg = good.malloc(256)
     rng = random.Random(1234)
     fuzzer = Client(0)
-    valid = [P.pack_sqe(op, *(rng.randrange(1 << 16) for _ in range(len(spec.args))),
-                        payload_off=rng.randrange(1 << 20), payload_len=rng.randrange(512))
-             for op, spec in P.OPS.items()]
+    valid = [
+        P.pack_sqe(
+            op,
+            *(rng.randrange(1 << 16) for _ in range(len(spec.args))),
+            payload_off=rng.randrange(1 << 20),
+            payload_len=rng.randrange(512),
+        )
+        for op, spec in P.OPS.items()
+    ]
     sq = fuzzer.seg.sq
     for i in range(6000):
         if i % 3 == 0:
@@ -283,7 +312,7 @@ def test_fuzzed_records_never_hurt_the_daemon_or_others(daemon):
             rec = bytearray(rng.choice(valid))
             for _ in range(rng.randint(1, 3)):
                 rec[rng.randrange(64)] ^= 1 << rng.randrange(8)
-        rec[2:4] = b"\0\0"    # never claim FLAG_SYNC: the fuzzer does not read completions
+        rec[2:4] = b"\0\0"  # never claim FLAG_SYNC: the fuzzer does not read completions
         if not sq.push(bytes(rec)):
             sq.push_wait(bytes(rec), 5)
         if i % 500 == 0:
@@ -295,7 +324,7 @@ def test_fuzzed_records_never_hurt_the_daemon_or_others(daemon):
     try:
         fuzzer.synchronize()
     except Exception:
-        pass     # whatever errors the garbage produced are its own
+        pass  # whatever errors the garbage produced are its own
     good.close()
     fuzzer.close()
 
@@ -306,7 +335,7 @@ def test_corrupt_ring_indices_disconnect_only_that_client(daemon):
     bad.nop()
     # Scribble over the SQ's control lines (right after the header page) as a hostile client would.
     m = mmap.mmap(bad.seg.fd, 0)
-    m[4096:4096 + 512] = b"\xff" * 512
+    m[4096 : 4096 + 512] = b"\xff" * 512
     m.close()
     t0 = time.monotonic()
     while time.monotonic() - t0 < 5:
@@ -340,7 +369,7 @@ def test_device_memory_is_shared_by_all_clients(start_daemon):
         b.malloc(32 << 20, sync=True)
     a.free(ha)
     a.synchronize()
-    b.malloc(32 << 20, sync=True)      # the space came back
+    b.malloc(32 << 20, sync=True)  # the space came back
     a.close()
     b.close()
 
@@ -387,12 +416,14 @@ def test_launches_on_two_streams_with_an_event_match_torch(client):
     client.launch("aten::mm.default", (ra, rb), {}, [(8 * 4 * 4, mm)], stream=s1)
     ev = client.create_event()
     client.record_event(ev, s1)
-    client.stream_wait_event(s2, ev)           # s2's work needs s1's product
+    client.stream_wait_event(s2, ev)  # s2's work needs s1's product
     out = TensorRef(client.alloc_handle(), torch.float32, (8, 4), (4, 1), 0)
     client.launch("aten::add.Tensor", (mm, mm), {"alpha": 2}, [(8 * 4 * 4, out)], stream=s2)
     client.launch("aten::relu_.default", (out,), {}, [], stream=s2)
     client.synchronize(s2)
-    got = np.frombuffer(client.memcpy_d2h(out.handle, 0, 8 * 4 * 4, stream=s2), dtype=np.float32).reshape(8, 4)
+    got = np.frombuffer(client.memcpy_d2h(out.handle, 0, 8 * 4 * 4, stream=s2), dtype=np.float32).reshape(
+        8, 4
+    )
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     want = torch.relu(torch.add(ta @ tb, ta @ tb, alpha=2)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -405,4 +436,4 @@ def test_freed_exports_cannot_keep_uncharged_memory_alive(client):
     client.synchronize()
     assert client.memory_stats()["allocated"] == 0
     with pytest.raises(NotFound):
-        client.ipc_import(key)       # the export went with the allocation
+        client.ipc_import(key)  # the export went with the allocation

@@ -5,6 +5,7 @@ cuts ahead of a flood, and the flex policy keeps a decode-phase client's iterati
 its budget while a prefill-phase client floods the device (fifo, the control, does not). On the
 cpu backend the policies must keep every ordering guarantee of the passthrough scheduler.
 """
+
 from __future__ import annotations
 
 import random
@@ -27,7 +28,7 @@ def high_priority_latency(start_daemon, policy: str) -> tuple[float, float]:
     d = start_daemon("--backend", "emu:910b", "--policy", policy)
     with Client(0) as lo, Client(0) as hi:
         flood, urgent = compute_bound(lo, 20), compute_bound(hi, 20)
-        s_hi = hi.create_stream(priority=-1)           # CUDA/ACL convention: lower = more urgent
+        s_hi = hi.create_stream(priority=-1)  # CUDA/ACL convention: lower = more urgent
         timed_sync(lo, flood.launch)
         timed_sync(hi, lambda: urgent.launch(s_hi), stream=s_hi)
         flood_streams = [lo.create_stream() for _ in range(3)]
@@ -36,7 +37,7 @@ def high_priority_latency(start_daemon, policy: str) -> tuple[float, float]:
                 flood.launch(fs)
         t = timed_sync(hi, lambda: urgent.launch(s_hi), stream=s_hi)
         t0 = time.perf_counter()
-        lo.synchronize()                               # the flood's remaining work
+        lo.synchronize()  # the flood's remaining work
         t_flood = time.perf_counter() - t0
         st = sched_status(d)["scheduler"]
         assert st["policy"] == policy
@@ -44,7 +45,7 @@ def high_priority_latency(start_daemon, policy: str) -> tuple[float, float]:
     return t, t_flood
 
 
-@pytest.mark.timing   # real-time emulated kernels: needs a machine that is not overloaded
+@pytest.mark.timing  # real-time emulated kernels: needs a machine that is not overloaded
 def test_priority_policy_runs_the_high_priority_stream_first(start_daemon):
     t_prio, flood_prio = high_priority_latency(start_daemon, "priority")
     t_fifo, _ = high_priority_latency(start_daemon, "fifo")
@@ -53,9 +54,10 @@ def test_priority_policy_runs_the_high_priority_stream_first(start_daemon):
     # stream priority itself (weight 2 against 3) -> 2/5, ~50 ms.
     # Noise only adds time: bound fifo from below by the model, and priority relative to fifo.
     assert t_fifo > 0.045, f"high-priority kernel took {t_fifo * 1e3:.1f} ms under fifo"
-    assert t_prio < 0.85 * t_fifo, \
+    assert t_prio < 0.85 * t_fifo, (
         f"high-priority kernel took {t_prio * 1e3:.1f} ms under priority vs {t_fifo * 1e3:.1f} ms under fifo"
-    assert flood_prio > 0.1    # the flood still runs its remaining work afterwards
+    )
+    assert flood_prio > 0.1  # the flood still runs its remaining work afterwards
 
 
 def decode_steps(start_daemon, policy: str, budget_ms: float) -> tuple[float, float, dict]:
@@ -68,6 +70,7 @@ def decode_steps(start_daemon, policy: str, budget_ms: float) -> tuple[float, fl
         def step():
             for _ in range(4):
                 dm.launch()
+
         solo = statistics.median(timed_sync(dec, step) for _ in range(3))
         steps: list[float] = []
 
@@ -79,15 +82,16 @@ def decode_steps(start_daemon, policy: str, budget_ms: float) -> tuple[float, fl
             for _ in range(24):
                 pm.launch()
             pre.synchronize(0)
+
         run_together(decode, prefill)
         st = sched_status(d)
     d.stop()
     return solo, statistics.median(steps[2:]), st
 
 
-@pytest.mark.timing   # real-time emulated kernels: needs a machine that is not overloaded
+@pytest.mark.timing  # real-time emulated kernels: needs a machine that is not overloaded
 def test_flex_keeps_decode_within_budget_while_prefill_floods(start_daemon):
-    budget_ms = 23.0     # the decode iteration alone: 4 x 5 ms memory-bound kernels
+    budget_ms = 23.0  # the decode iteration alone: 4 x 5 ms memory-bound kernels
     solo, fifo, _ = decode_steps(start_daemon, "fifo", budget_ms)
     solo2, flex, st = decode_steps(start_daemon, "flex", budget_ms)
     # Wall-clock noise on a shared machine only ever adds time, so compare against the model's
@@ -113,49 +117,53 @@ def test_set_phase_and_status_queue_depth(start_daemon):
         c.set_phase("prefill")
         for _ in range(6):
             mm.launch()
-        c.memory_stats()          # answered at drain time: the daemon has seen the launches
+        c.memory_stats()  # answered at drain time: the daemon has seen the launches
         st = sched_status(d)
         [s] = [s for s in st["scheduler"]["streams"] if s["client_id"] == c.client_id]
         assert s["phase"] == "prefill" and s["queued"] + s["inflight"] >= 4
         assert st["clients"][0]["phase"] == "prefill"
-        c.synchronize()                               # device sync waits for emulated kernels
+        c.synchronize()  # device sync waits for emulated kernels
         st = sched_status(d)
         [s] = [s for s in st["scheduler"]["streams"] if s["client_id"] == c.client_id]
         assert s["queued"] == 0 and s["inflight"] == 0
 
 
 def _stream_status(d, c: Client, sid: int) -> dict:
-    [s] = [s for s in sched_status(d)["scheduler"]["streams"] if s["client_id"] == c.client_id and s["stream"] == sid]
+    [s] = [
+        s
+        for s in sched_status(d)["scheduler"]["streams"]
+        if s["client_id"] == c.client_id and s["stream"] == sid
+    ]
     return s
 
 
-@pytest.mark.timing   # real-time emulated kernels: needs a machine that is not overloaded
+@pytest.mark.timing  # real-time emulated kernels: needs a machine that is not overloaded
 def test_step_marks_time_decode_iterations_without_syncs(start_daemon):
     d = start_daemon("--backend", "emu:910b", "--policy", "flex")
     with Client(0) as c:
         mm = memory_bound(c, 5)
         s = c.create_stream()
         c.set_phase("decode", s)
-        timed_sync(c, lambda: mm.launch(s), stream=s)        # one iteration, ended by the sync
+        timed_sync(c, lambda: mm.launch(s), stream=s)  # one iteration, ended by the sync
         base = _stream_status(d, c, s)["steps"]
-        for _ in range(6):                                   # an engine that never waits per token
+        for _ in range(6):  # an engine that never waits per token
             mm.launch(s)
             mm.launch(s)
             c.mark_step(s)
-        c.mark_step(s)                                       # a second mark with no kernel: no step
+        c.mark_step(s)  # a second mark with no kernel: no step
         c.synchronize(s)
         got = _stream_status(d, c, s)
         assert got["steps"] - base == 6
-        assert 9.0 <= got["last_step_ms"] <= 60.0            # two 5 ms kernels (+ queueing, noise)
+        assert 9.0 <= got["last_step_ms"] <= 60.0  # two 5 ms kernels (+ queueing, noise)
         # a mark that arrives after the iteration's last kernel finished still closes it there
         mm.launch(s)
         time.sleep(0.1)
         c.mark_step(s)
         mm.launch(s)
-        c.synchronize(s)                                     # the next iteration, ended by the sync
+        c.synchronize(s)  # the next iteration, ended by the sync
         late = _stream_status(d, c, s)
         assert late["steps"] - got["steps"] == 2
-        assert late["last_step_ms"] <= 60.0                  # not stretched over the 100 ms sleep
+        assert late["last_step_ms"] <= 60.0  # not stretched over the 100 ms sleep
 
 
 def test_step_marks_are_harmless_without_a_policy_and_while_capturing(start_daemon):
@@ -165,13 +173,13 @@ def test_step_marks_are_harmless_without_a_policy_and_while_capturing(start_daem
         s = c.create_stream()
         c.mark_step(s)
         g = c.graph_begin_capture(s)
-        c.mark_step(s)                                       # not captured: marks follow replays
+        c.mark_step(s)  # not captured: marks follow replays
         assert c.graph_end_capture(g, s) == 0
         c.synchronize(s)
-        c.mark_step(987654)                                  # async: reported at the next sync
+        c.mark_step(987654)  # async: reported at the next sync
         with pytest.raises(Exception, match="unknown stream 987654"):
             c.synchronize()
-        c.synchronize()                                      # reported once; the client goes on
+        c.synchronize()  # reported once; the client goes on
 
 
 @pytest.mark.parametrize("policy", ["priority", "flex"])
@@ -185,13 +193,13 @@ def test_policies_keep_stream_and_event_order_on_cpu(start_daemon, policy):
         c.memcpy_h2d(h, 0, data)
         ev = c.create_event()
         c.record_event(ev, 0)
-        c.stream_wait_event(s1, ev)                   # s1 copies only after stream 0's write
+        c.stream_wait_event(s1, ev)  # s1 copies only after stream 0's write
         c.memcpy_d2d(h2, 0, h, 0, len(data), stream=s1)
         c.memset(h2, 0, 0x5A, 100, stream=s1)
         c.synchronize(s1)
         out = c.memcpy_d2h(h2, 0, len(data))
         assert out[:100] == b"\x5a" * 100 and out[100:] == data[100:]
-        for i in range(50):                           # many small ordered commands
+        for i in range(50):  # many small ordered commands
             c.memset(h, i, i, 1)
         assert c.memcpy_d2h(h, 0, 50) == bytes(range(50))
         c.synchronize()
@@ -199,6 +207,7 @@ def test_policies_keep_stream_and_event_order_on_cpu(start_daemon, policy):
 
 
 # ---------------------------------------------------------------- core partitions (issue 14)
+
 
 def test_partition_policy_caps_a_phase_to_its_core_share(start_daemon):
     # partition:0.25: a prefill-phase client's compute-bound kernel runs on a quarter of the
@@ -238,11 +247,12 @@ def test_partition_capability_is_typed_not_by_class_name():
     # the cpu backend has the interface but not the mechanism: ordering only
     assert isinstance(cpu, Partitionable) and not partition_capable(cpu)
 
-    class Duck:      # any object with the interface and the flag qualifies
+    class Duck:  # any object with the interface and the flag qualifies
         partition_capable, partition_levels = True, 4
 
         def set_partition(self, shares):
             pass
+
     assert partition_capable(Duck()) and not partition_capable(object())
     s = emu.new_stream()
     emu.set_partition({s: 0.5})
@@ -264,7 +274,9 @@ def test_flex_on_cpu_orders_without_partitions(start_daemon):
     assert st["policy"] == "flex" and st["partition"] is False
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (green contexts)")
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a CUDA device (green contexts)"
+)
 def test_cuda_green_context_partition_keeps_stream_order():
     import torch
 
@@ -280,4 +292,4 @@ def test_cuda_green_context_partition_keeps_stream_order():
         with be.stream_context(s):
             x.add_(1)
     be.sync_stream(s)
-    assert float(x[0]) == 4.0       # every move kept the stream's order
+    assert float(x[0]) == 4.0  # every move kept the stream's order

@@ -1,4 +1,5 @@
 """Compiled graph replay (flexnpu/daemon/graphs.py) gives exactly what op-by-op replay gives."""
+
 from __future__ import annotations
 
 import torch
@@ -7,11 +8,11 @@ from _hookutil import npu  # noqa: F401  (fixture)
 
 
 def _step(x, w, cache, pos):
-    h = x @ w                          # mm: a fresh output consumed below as produced
-    ht = h.t()                         # a view of a graph temporary, read transposed
+    h = x @ w  # mm: a fresh output consumed below as produced
+    ht = h.t()  # a view of a graph temporary, read transposed
     y = torch.relu(ht.contiguous()).t() * 2
-    cache.index_copy_(0, pos, y[:1])   # in-place write into an allocation from outside the graph
-    return (y + cache.sum()).to(torch.float64), h.view(torch.int32)   # dtype change + reinterpreting view
+    cache.index_copy_(0, pos, y[:1])  # in-place write into an allocation from outside the graph
+    return (y + cache.sum()).to(torch.float64), h.view(torch.int32)  # dtype change + reinterpreting view
 
 
 def test_compiled_replay_matches_eager(npu):
@@ -21,12 +22,12 @@ def test_compiled_replay_matches_eager(npu):
     cache = torch.zeros(16, 8).npu()
     pos = torch.zeros(1, dtype=torch.long).npu()
     ref_cache = torch.zeros(16, 8)
-    _step(x, w, cache, pos)          # warm up
+    _step(x, w, cache, pos)  # warm up
     ref_cache.copy_(cache.cpu())
     g = torch.npu.NPUGraph()
     with torch.npu.graph(g):
         out, bits = _step(x, w, cache, pos)
-    ref_cache.copy_(cache.cpu())     # capture also ran once
+    ref_cache.copy_(cache.cpu())  # capture also ran once
     for i in range(1, 5):
         xi = torch.randn(4, 8)
         x.copy_(xi.npu())
@@ -40,4 +41,4 @@ def test_compiled_replay_matches_eager(npu):
 
     st = query(str(npu.client.path), {"op": "status"})["daemon"]
     me = [c for c in st["clients"] if c["client_id"] == npu.client.client_id][0]
-    assert me["graphs_compiled"] >= 1, me      # the straight-line path was taken, not the fallback
+    assert me["graphs_compiled"] >= 1, me  # the straight-line path was taken, not the fallback

@@ -1,6 +1,7 @@
 """Checkpoints of npu tensors are standard torch checkpoints (storages tagged ``npu:N``, as
 torch_npu writes them): FlexNPU -> plain torch, plain torch -> FlexNPU, torch_npu -> FlexNPU,
 with weights_only on and every kind of map_location."""
+
 from __future__ import annotations
 
 import copy
@@ -44,8 +45,14 @@ def two_npus(tmp_path_factory):
 def _reference() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
     base = torch.randn(4, 6, generator=g)
-    return {"w": base, "row": base[1], "col": base[:, 2], "half": torch.randn(3, generator=g).half(),
-            "ids": torch.arange(5), "flag": torch.tensor([True, False])}
+    return {
+        "w": base,
+        "row": base[1],
+        "col": base[:, 2],
+        "half": torch.randn(3, generator=g).half(),
+        "ids": torch.arange(5),
+        "flag": torch.tensor([True, False]),
+    }
 
 
 def _pickled_text(path) -> bytes:
@@ -57,7 +64,7 @@ def test_flexnpu_checkpoint_loads_in_plain_torch(two_npus, tmp_path):
     ref = _reference()
     torch.save(ref, tmp_path / "ref.pt")
     on = {k: v.to("npu:1") for k, v in ref.items()}
-    on["row"], on["col"] = on["w"][1], on["w"][:, 2]           # views of one allocation
+    on["row"], on["col"] = on["w"][1], on["w"][:, 2]  # views of one allocation
     torch.save(on, tmp_path / "ck.pt")
     pk = _pickled_text(tmp_path / "ck.pt")
     assert b"flexnpu" not in pk and b"npu:1" in pk and b"_rebuild_tensor_v2" in pk
@@ -74,20 +81,29 @@ def test_flexnpu_checkpoint_loads_in_plain_torch(two_npus, tmp_path):
         "    torch.load('ck.pt', weights_only=True)\n"
         "except RuntimeError as e:\n"
         "    print('no-map:', e)\n",
-        tmp_path)
+        tmp_path,
+    )
     # without map_location plain torch refuses exactly as it does for a torch_npu checkpoint
     assert "tagged with npu:1" in out
 
 
 def test_plain_torch_checkpoint_loads_onto_npu(two_npus, tmp_path):
-    _plain("import torch\n"
-           "m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))\n"
-           "torch.manual_seed(0); [p.data.normal_() for p in m.parameters()]\n"
-           "torch.save(m.state_dict(), 'cpu.pt')\n", tmp_path)
+    _plain(
+        "import torch\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))\n"
+        "torch.manual_seed(0); [p.data.normal_() for p in m.parameters()]\n"
+        "torch.save(m.state_dict(), 'cpu.pt')\n",
+        tmp_path,
+    )
     sd_cpu = torch.load(tmp_path / "cpu.pt", weights_only=True)
-    for ml, dev in (("npu", "npu:0"), ("npu:1", "npu:1"), (torch.device("npu", 1), "npu:1"),
-                    ({"cpu": "npu:1"}, "npu:1"), (lambda s, loc: s.npu(1), "npu:1"),
-                    (lambda s, loc: s.to(device="npu:0"), "npu:0")):
+    for ml, dev in (
+        ("npu", "npu:0"),
+        ("npu:1", "npu:1"),
+        (torch.device("npu", 1), "npu:1"),
+        ({"cpu": "npu:1"}, "npu:1"),
+        (lambda s, loc: s.npu(1), "npu:1"),
+        (lambda s, loc: s.to(device="npu:0"), "npu:0"),
+    ):
         sd = torch.load(tmp_path / "cpu.pt", map_location=ml, weights_only=True)
         for k, v in sd.items():
             assert str(v.device) == dev and torch.equal(v.cpu(), sd_cpu[k]), (ml, k)
@@ -102,17 +118,20 @@ def test_plain_torch_checkpoint_loads_onto_npu(two_npus, tmp_path):
 def test_torch_npu_style_checkpoint_loads_under_flexnpu(two_npus, tmp_path):
     # torch_npu saves through torch's own _save: every storage is recorded with location_tag(),
     # which torch_npu's PrivateUse1 registration answers with "npu:<index>"
-    _plain("import torch\n"
-           "torch.serialization.register_package(0, lambda s: 'npu:0', lambda s, loc: None)\n"
-           "g = torch.Generator().manual_seed(7)\n"
-           "base = torch.randn(4, 6, generator=g)\n"
-           "torch.save({'w': base, 'row': base[1], 'b': torch.arange(3.0)}, 'tnpu.pt')\n", tmp_path)
+    _plain(
+        "import torch\n"
+        "torch.serialization.register_package(0, lambda s: 'npu:0', lambda s, loc: None)\n"
+        "g = torch.Generator().manual_seed(7)\n"
+        "base = torch.randn(4, 6, generator=g)\n"
+        "torch.save({'w': base, 'row': base[1], 'b': torch.arange(3.0)}, 'tnpu.pt')\n",
+        tmp_path,
+    )
     assert b"npu:0" in _pickled_text(tmp_path / "tnpu.pt")
     base = torch.randn(4, 6, generator=torch.Generator().manual_seed(7))
-    sd = torch.load(tmp_path / "tnpu.pt", weights_only=True)       # default: back onto npu:0
+    sd = torch.load(tmp_path / "tnpu.pt", weights_only=True)  # default: back onto npu:0
     assert {str(v.device) for v in sd.values()} == {"npu:0"}
     assert torch.equal(sd["w"].cpu(), base) and torch.equal(sd["row"].cpu(), base[1])
-    assert sd["row"]._a is sd["w"]._a                               # shared storage stays shared
+    assert sd["row"]._a is sd["w"]._a  # shared storage stays shared
     sd["w"][1].fill_(5.0)
     assert sd["row"].tolist() == [5.0] * 6
     sd1 = torch.load(tmp_path / "tnpu.pt", map_location={"npu:0": "npu:1"}, weights_only=True)
@@ -155,9 +174,10 @@ def test_round_trip_under_flexnpu(two_npus, tmp_path):
 def test_checkpoint_of_earlier_flexnpu_versions_still_loads(two_npus, tmp_path):
     from flexnpu.hook.tensor import _restore_npu
 
-    class Old:     # how earlier versions pickled an npu tensor
+    class Old:  # how earlier versions pickled an npu tensor
         def __reduce_ex__(self, proto):
             return (_restore_npu, (torch.arange(3.0), 0))
+
     torch.save({"x": Old()}, tmp_path / "old.pt")
     x = torch.load(tmp_path / "old.pt", weights_only=True)["x"]
     assert str(x.device) == "npu:0" and x.tolist() == [0.0, 1.0, 2.0]

@@ -1,4 +1,5 @@
 """The torch `npu` device against a real daemon: ops, views, copies, errors, autograd, streams."""
+
 from __future__ import annotations
 
 import gc
@@ -24,8 +25,8 @@ def test_basic_ops_match_cpu(npu):
     assert x.tolist() == a.tolist()
     assert "device='npu:0'" in repr(x)
     assert torch.equal(torch.cat([x, x]).cpu(), torch.cat([a, a]))
-    assert torch.equal(x[x > 0].cpu(), a[a > 0])            # data-dependent shape: host path
-    assert torch.equal(x[:, 1:4][[0, 2]].cpu(), a[:, 1:4][[0, 2]])   # host index tensor, as on cuda
+    assert torch.equal(x[x > 0].cpu(), a[a > 0])  # data-dependent shape: host path
+    assert torch.equal(x[:, 1:4][[0, 2]].cpu(), a[:, 1:4][[0, 2]])  # host index tensor, as on cuda
 
 
 def test_factories(npu):
@@ -37,7 +38,7 @@ def test_factories(npu):
     torch.manual_seed(3)
     r = torch.randn(4, 4, device="npu")
     torch.manual_seed(3)
-    assert torch.equal(r.cpu(), torch.randn(4, 4))   # random numbers follow the app's seed
+    assert torch.equal(r.cpu(), torch.randn(4, 4))  # random numbers follow the app's seed
     e = torch.empty(0, device="npu")
     assert e.cpu().shape == (0,)
 
@@ -53,10 +54,12 @@ def test_views_do_not_launch(npu):
     assert c.launches == n0
     ref = torch.arange(24.0).view(4, 6).t()[1:3, ::2].unsqueeze(0).expand(2, -1, -1).transpose(0, 2)
     assert torch.equal(v.cpu(), ref)
-    assert torch.equal(s[2].cpu(), torch.arange(10.0, 15.0)) and torch.equal(u[1].cpu(), torch.arange(12.0, 24.0))
-    assert v._a is x._a                               # same allocation, no copy
+    assert torch.equal(s[2].cpu(), torch.arange(10.0, 15.0)) and torch.equal(
+        u[1].cpu(), torch.arange(12.0, 24.0)
+    )
+    assert v._a is x._a  # same allocation, no copy
     v2 = x.view(4, 6)
-    v2[1].fill_(-1)                                   # in-place through a view reaches the base
+    v2[1].fill_(-1)  # in-place through a view reaches the base
     assert x[6:12].tolist() == [-1.0] * 6
 
 
@@ -70,11 +73,11 @@ def test_inplace_and_out(npu):
     r = torch.mul(x, x, out=out)
     assert r is out and out.tolist() == [9.0] * 4
     small = torch.empty(0, device="npu")
-    r = torch.mul(x, x, out=small)          # out= resizes, as torch does
+    r = torch.mul(x, x, out=small)  # out= resizes, as torch does
     assert r is small and small.shape == (4,) and small.tolist() == [9.0] * 4
     y = torch.arange(3.0, device="npu")
     y.resize_(5)
-    assert y.shape == (5,) and y[:3].tolist() == [0.0, 1.0, 2.0]   # resize_ keeps the old elements
+    assert y.shape == (5,) and y[:3].tolist() == [0.0, 1.0, 2.0]  # resize_ keeps the old elements
     y.unsqueeze_(0).transpose_(0, 1)
     assert y.shape == (5, 1) and y[:3, 0].tolist() == [0.0, 1.0, 2.0]
 
@@ -88,15 +91,15 @@ def test_meta_cache_hits(npu):
         a * b
     assert T.stats["hits"] - h0 == 5 and T.stats["misses"] == m0
     a * 2.0
-    a * 3.0   # a different scalar value is a different key (values can change result dtypes)
+    a * 3.0  # a different scalar value is a different key (values can change result dtypes)
     assert T.stats["misses"] == m0 + 2
     m1 = T.stats["misses"]
     for lr in (0.1, 0.2, 0.3):
-        a.add_(b, alpha=-lr)      # in-place: scalar values do not split the cache
+        a.add_(b, alpha=-lr)  # in-place: scalar values do not split the cache
     assert T.stats["misses"] == m1 + 1
     c = torch.randn(3, 4, device="npu")[:, :3]
     m1 = T.stats["misses"]
-    a * c          # different strides: a new entry
+    a * c  # different strides: a new entry
     a * c
     assert T.stats["misses"] == m1 + 1
 
@@ -107,7 +110,7 @@ def test_mixing_devices_raises_torch_error(npu):
         x + torch.ones(3)
     with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device"):
         torch.mm(torch.ones(3, 3), torch.ones(3, 3, device="npu"))
-    assert (x + torch.tensor(2.0)).tolist() == [3.0] * 3   # 0-dim CPU scalars mix, as on cuda
+    assert (x + torch.tensor(2.0)).tolist() == [3.0] * 3  # 0-dim CPU scalars mix, as on cuda
 
 
 def test_unknown_and_denied_ops_name_the_op(npu):
@@ -122,9 +125,12 @@ def test_unknown_and_denied_ops_name_the_op(npu):
         torch.ops.aten._nested_tensor_from_mask(x, x.bool())
     # an op the daemon refuses at execution time surfaces at the next sync, naming the op
     from flexnpu.protocol import TensorRef
+
     c = npu.client
     h = c.alloc_handle()
-    c.launch("aten::from_file.default", ("/etc/hostname",), {}, [(8, TensorRef(h, torch.uint8, (8,), (1,), 0))])
+    c.launch(
+        "aten::from_file.default", ("/etc/hostname",), {}, [(8, TensorRef(h, torch.uint8, (8,), (1,), 0))]
+    )
     with pytest.raises(FlexNPUError, match="aten::from_file"):
         torch.npu.synchronize()
     del lib
@@ -135,8 +141,7 @@ def test_freed_handle_error(npu):
     handle = x._a.handle
     del x
     gc.collect()
-    torch.npu.synchronize()   # flushes the deferred free
-    from flexnpu.protocol import TensorRef
+    torch.npu.synchronize()  # flushes the deferred free
     with pytest.raises(FlexNPUError, match=str(handle)):
         npu.client.memcpy_d2h(handle, 0, 16)
 
@@ -149,7 +154,7 @@ def test_handles_freed_when_last_view_dies(npu):
     assert torch.npu.memory_allocated() == base_alloc + 4096
     del x
     gc.collect()
-    assert torch.npu.memory_allocated() == base_alloc + 4096   # the view keeps it
+    assert torch.npu.memory_allocated() == base_alloc + 4096  # the view keeps it
     assert v.sum().item() == 10
     del v
     gc.collect()
@@ -160,10 +165,12 @@ def test_handles_freed_when_last_view_dies(npu):
 
 def test_training_step_matches_cpu(npu):
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.LayerNorm(16),
-                              torch.nn.Linear(16, 4))
-    net_n = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.LayerNorm(16),
-                                torch.nn.Linear(16, 4)).npu()
+    net = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)
+    )
+    net_n = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)
+    ).npu()
     net_n.load_state_dict(net.state_dict())
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
     opt_n = torch.optim.AdamW(net_n.parameters(), lr=1e-2)
@@ -198,7 +205,7 @@ def test_torch_npu_module_surface(npu):
         x = torch.ones(1000, device="npu") * 3
         ev = m.Event(enable_timing=True)
         ev.record()
-        m.mark_step()                 # FlexNPU: iteration end on the current stream (not a barrier)
+        m.mark_step()  # FlexNPU: iteration end on the current stream (not a barrier)
     m.mark_step(s)
     m.current_stream().wait_event(ev)
     ev.synchronize()
@@ -227,7 +234,7 @@ def test_autocast_matches_cpu_autocast(npu):
     with torch.autocast("npu", dtype=torch.bfloat16):
         h_n = lin_n(x.npu())
         s_n = torch.softmax(h_n, -1)
-        r_n = h_n + 1            # not listed: follows its input
+        r_n = h_n + 1  # not listed: follows its input
     assert h_n.dtype == torch.bfloat16 and s_n.dtype == torch.float32 and r_n.dtype == torch.bfloat16
     # softmax runs in float32 as on CUDA (CPU autocast keeps it in bfloat16)
     assert torch.equal(h_n.cpu(), h) and torch.allclose(s_n.cpu(), torch.softmax(h.float(), -1))

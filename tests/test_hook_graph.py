@@ -1,4 +1,5 @@
 """NPU graphs against a real daemon: capture once, replay as one command, static tensors."""
+
 from __future__ import annotations
 
 import gc
@@ -18,7 +19,7 @@ def test_graph_replay_equals_eager(npu):
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).npu()
     static_x = torch.zeros(4, 16, device="npu")
     with torch.no_grad():
-        _step(model, static_x)           # warm-up (fills the meta cache; nothing special needed)
+        _step(model, static_x)  # warm-up (fills the meta cache; nothing special needed)
         torch.npu.synchronize()
         g = torch.npu.NPUGraph()
         with torch.npu.graph(g):
@@ -29,7 +30,7 @@ def test_graph_replay_equals_eager(npu):
             static_x.copy_(x)
             n0 = c.launches
             g.replay()
-            assert c.launches == n0          # replay is one command, not a launch per op
+            assert c.launches == n0  # replay is one command, not a launch per op
             with torch.no_grad():
                 eager = _step(model, x.npu()).cpu()
             assert torch.allclose(static_y.cpu(), eager, atol=1e-6), i
@@ -48,7 +49,7 @@ def test_host_reads_are_refused_during_capture(npu):
         with torch.npu.graph(g):
             (x * 2).sum().item()
     assert npu.capture is None
-    y = (x * 2).sum().item()      # the device works normally afterwards
+    y = (x * 2).sum().item()  # the device works normally afterwards
     assert y == 6.0
 
 

@@ -1,4 +1,5 @@
 """torch-level zero-copy sharing between two processes on one device (the KV hand-off path)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -41,10 +42,12 @@ CONSUMER = textwrap.dedent("""
 def test_ipc_export_import_between_processes(daemon, runtime_dir):
     env = child_env(runtime_dir, FLEXNPU_DEVICES="0")
     env["PYTHONPATH"] = str(ROOT / "flexnpu" / "hook" / "bootstrap") + ":" + env["PYTHONPATH"]
-    prod = subprocess.Popen([sys.executable, "-c", PRODUCER], env=env, text=True, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE)
-    cons = subprocess.Popen([sys.executable, "-c", CONSUMER], env=env, text=True, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE)
+    prod = subprocess.Popen(
+        [sys.executable, "-c", PRODUCER], env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    cons = subprocess.Popen(
+        [sys.executable, "-c", CONSUMER], env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     try:
         not_allowed = prod.stdout.readline()
         cons_pid = cons.stdout.readline().strip()
@@ -57,10 +60,10 @@ def test_ipc_export_import_between_processes(daemon, runtime_dir):
         cons.stdin.flush()
         assert cons.stdout.readline().strip() == "torch.Size([2, 3, 4]) 552.0"
         own = cons.stdout.readline().split()
-        assert own[0] == "own" and int(own[1]) < 4096      # imported memory is not a copy
+        assert own[0] == "own" and int(own[1]) < 4096  # imported memory is not a copy
         prod.stdin.write("go\n")
         prod.stdin.flush()
-        assert prod.stdout.readline().strip() == "[-1.0, -1.0, -1.0, -1.0]"   # the consumer's write
+        assert prod.stdout.readline().strip() == "[-1.0, -1.0, -1.0, -1.0]"  # the consumer's write
         prod.stdin.write("done\n")
         prod.stdin.flush()
         assert prod.wait(60) == 0 and cons.wait(60) == 0

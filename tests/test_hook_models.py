@@ -1,4 +1,5 @@
 """Hugging Face transformers models on the npu device (real daemon) match CPU exactly/closely."""
+
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,15 @@ transformers = pytest.importorskip("transformers")
 
 
 def _tiny(kind: str):
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    common = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     if kind == "llama":
         cfg = transformers.LlamaConfig(**common)
         cls = transformers.LlamaForCausalLM

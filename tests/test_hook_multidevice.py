@@ -1,4 +1,5 @@
 """Two virtual npu devices (FLEXNPU_DEVICES="0,1") served by two real daemons."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,7 +15,7 @@ def two_npus(tmp_path_factory):
     d = tmp_path_factory.mktemp("npu2-run")
     procs = [DaemonProc(d, 0, ["--backend", "cpu"]), DaemonProc(d, 1, ["--backend", "cpu"])]
     try:
-        with hook_env(d, "1,0"):      # npu:0 -> daemon device 1, npu:1 -> daemon device 0
+        with hook_env(d, "1,0"):  # npu:0 -> daemon device 1, npu:1 -> daemon device 0
             yield procs
     finally:
         for p in procs:
@@ -31,7 +32,7 @@ def test_two_devices(two_npus):
     assert (b * 2).device == torch.device("npu", 1)
     with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device.*npu:0.*npu:1"):
         a + b
-    c = a.to("npu:1")                      # device to device goes through the host
+    c = a.to("npu:1")  # device to device goes through the host
     assert c.device.index == 1 and torch.equal((c + b).cpu(), torch.arange(6.0) * 2)
     torch.npu.set_device(1)
     try:

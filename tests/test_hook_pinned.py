@@ -1,5 +1,6 @@
 """Pinned host memory for npu: blocks of the client's shared arena, zero-copy non_blocking
 uploads, truthful is_pinned, and a DataLoader(pin_memory=True, num_workers=2) training loop."""
+
 from __future__ import annotations
 
 import gc
@@ -19,21 +20,27 @@ def _in_arena(t: torch.Tensor, client) -> bool:
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_pin_memory_and_factories_use_the_arena(npu):
     c = npu.client
-    x = torch.randn(6, 4).t()                         # strides survive pinning, as in torch
+    x = torch.randn(6, 4).t()  # strides survive pinning, as in torch
     p = x.pin_memory()
     assert p.is_pinned() and not x.is_pinned() and torch.equal(p, x) and p.stride() == x.stride()
     assert _in_arena(p, c)
-    assert p.pin_memory() is p                        # already pinned: no copy
-    for t in (torch.empty(3, 4, pin_memory=True), torch.zeros(5, pin_memory=True),
-              torch.ones(2, 2, dtype=torch.float16, pin_memory=True), torch.tensor([1, 2], pin_memory=True),
-              torch.full((3,), 7, pin_memory=True), torch.empty_like(x, pin_memory=True)):
+    assert p.pin_memory() is p  # already pinned: no copy
+    for t in (
+        torch.empty(3, 4, pin_memory=True),
+        torch.zeros(5, pin_memory=True),
+        torch.ones(2, 2, dtype=torch.float16, pin_memory=True),
+        torch.tensor([1, 2], pin_memory=True),
+        torch.full((3,), 7, pin_memory=True),
+        torch.empty_like(x, pin_memory=True),
+    ):
         assert t.is_pinned() and _in_arena(t, c)
     assert torch.zeros(5, pin_memory=True).tolist() == [0.0] * 5
     assert not torch.zeros(3).is_pinned() and not torch.zeros(3, device="npu").is_pinned()
 
     @torch.jit.script
     def scripted(n: int):
-        return torch.zeros(n) + 1                     # the wrapped factory still compiles
+        return torch.zeros(n) + 1  # the wrapped factory still compiles
+
     assert scripted(2).tolist() == [1.0, 1.0]
     with pytest.raises(RuntimeError, match="only host"):
         torch.zeros(2, device="npu", pin_memory=True)
@@ -48,32 +55,32 @@ def test_non_blocking_upload_is_one_arena_command(npu, monkeypatch):
     p = src.pin_memory()
     y = p.to("npu", non_blocking=True)
     z = torch.empty(512, 256, device="npu")
-    z.copy_(p)                                        # blocking copy: also straight from the arena
+    z.copy_(p)  # blocking copy: also straight from the arena
     assert staged == []
     assert torch.equal(y.cpu(), src) and torch.equal(z.cpu(), src)
     q = torch.randn(512, 256)
-    q.to("npu")                                       # unpinned memory goes the ordinary way
+    q.to("npu")  # unpinned memory goes the ordinary way
     assert len(staged) == 1
 
 
 def test_block_outlives_its_in_flight_copy(npu):
     c = npu.client
     gc.collect()
-    torch.npu.synchronize()                           # earlier tests' dead blocks go back first
+    torch.npu.synchronize()  # earlier tests' dead blocks go back first
     free0 = c.seg.arena_free_bytes
     src = torch.arange(1 << 20, dtype=torch.float32)
     p = src.pin_memory()
     y = p.to("npu", non_blocking=True)
     del p
     gc.collect()
-    assert len(pinned._pending) == 1                  # not back in the arena until the copy is done
+    assert len(pinned._pending) == 1  # not back in the arena until the copy is done
     torch.npu.synchronize()
     assert pinned._pending == [] and c.seg.arena_free_bytes == free0
     assert torch.equal(y.cpu(), src)
 
 
 def test_oversized_pin_falls_back_truthfully(npu):
-    big = torch.zeros(npu.client.seg.arena_size // 4 + 1)   # more bytes than the arena holds
+    big = torch.zeros(npu.client.seg.arena_size // 4 + 1)  # more bytes than the arena holds
     with pytest.warns(UserWarning, match="FLEXNPU_ARENA"):
         pinned._warned = False
         p = big.pin_memory()
@@ -97,8 +104,14 @@ def _train(device: str, pin: bool, workers: int) -> tuple[list[float], dict]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    loader = torch.utils.data.DataLoader(_Data(), batch_size=16, shuffle=True, num_workers=workers,
-                                         pin_memory=pin, generator=torch.Generator().manual_seed(1))
+    loader = torch.utils.data.DataLoader(
+        _Data(),
+        batch_size=16,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=pin,
+        generator=torch.Generator().manual_seed(1),
+    )
     losses = []
     for _ in range(3):
         for xb, yb in loader:

@@ -1,5 +1,6 @@
 """Per-client failure isolation and per-client accounting in the daemon's loop (issue 9): a
 client that corrupts its own rings, floods waiters, sessions or decoder input costs itself only."""
+
 from __future__ import annotations
 
 import os
@@ -32,6 +33,7 @@ def _busy_launches(c: Client, n: int = 700):
         for _ in range(3):
             out = TensorRef(c.alloc_handle(), torch.float32, (n, n), (n, 1), 0)
             c.launch("aten::mm.default", (a, a), {}, [(n * n * 4, out)])
+
     return go
 
 
@@ -52,19 +54,21 @@ def test_scribbled_cq_head_disconnects_only_that_client(start_daemon, policy, pa
     ev = good.create_event()
     ud = 1
     if path == "flush":
-        for _ in range(40):                        # 16 fill the CQ, 24 wait in the daemon
-            raw.push(sync_nop(ud)); ud += 1
+        for _ in range(40):  # 16 fill the CQ, 24 wait in the daemon
+            raw.push(sync_nop(ud))
+            ud += 1
         assert wait_for(lambda: len(bad.seg.cq) == 16)
         time.sleep(0.2)
         raw.scribble_cq_head()
     else:
         busy = _busy_launches(bad)
-        for _ in range(16):                        # fill the CQ exactly
-            raw.push(sync_nop(ud)); ud += 1
+        for _ in range(16):  # fill the CQ exactly
+            raw.push(sync_nop(ud))
+            ud += 1
         assert wait_for(lambda: len(bad.seg.cq) == 16)
         raw.scribble_cq_head()
-        busy()                                    # the daemon is busy while the bystander queues ...
-        raw.push(sync_nop(ud))                     # ... and this reply meets the scribbled head
+        busy()  # the daemon is busy while the bystander queues ...
+        raw.push(sync_nop(ud))  # ... and this reply meets the scribbled head
     # the bystander's work queued behind device work on its own streams while the attack lands
     for i in range(50):
         good.memset(hb, i * 64, (i + 1) & 0xFF, 64, stream=s1)
@@ -77,7 +81,7 @@ def test_scribbled_cq_head_disconnects_only_that_client(start_daemon, policy, pa
     got = good.memcpy_d2h(hb, 0, 1 << 16)
     want = bytearray(1 << 16)
     for i in range(50):
-        want[i * 64:(i + 1) * 64] = bytes([(i + 1) & 0xFF]) * 64
+        want[i * 64 : (i + 1) * 64] = bytes([(i + 1) & 0xFF]) * 64
     want[4096:8192] = b"\xab" * 4096
     assert got == want
     assert d.proc.poll() is None
@@ -101,6 +105,7 @@ def _call_with_timeout(fn, timeout: float):
             box.append(None)
         except BaseException as e:  # noqa: BLE001
             box.append(e)
+
     t = threading.Thread(target=run, daemon=True)
     t.start()
     t.join(timeout)
@@ -150,7 +155,7 @@ def test_waiters_are_capped_per_client_and_complete(start_daemon):
     raw = Raw(bad)
     n = 32768
     a = TensorRef(bad.malloc(n * n * 2, sync=True), torch.bfloat16, (n, n), (n, 1), 0)
-    for _ in range(8):     # ~1-2 s of emulated kernels: the record waits behind them
+    for _ in range(8):  # ~1-2 s of emulated kernels: the record waits behind them
         out = TensorRef(bad.alloc_handle(), torch.bfloat16, (n, n), (n, 1), 0)
         bad.launch("aten::mm.default", (a, a), {}, [(n * n * 2, out)])
     ev = bad.create_event()
@@ -177,7 +182,7 @@ def test_sessions_are_capped_per_uid_with_the_reason(start_daemon):
         Client(0, arena_bytes=1 << 20)
     cs.pop().close()
     wait_for(lambda: False, 0.3)
-    c = wait_for(lambda: _try_attach(), 10)    # the slot came back
+    c = wait_for(lambda: _try_attach(), 10)  # the slot came back
     assert c is not None
     c.nop()
     for x in cs + [c]:
@@ -205,7 +210,7 @@ def test_out_of_descriptors_is_reported_as_such(start_daemon):
 
     d = start_daemon(preexec_fn=low_limits)
     st = d.status()
-    assert st["fd_limit"] == 96                     # soft raised to hard
+    assert st["fd_limit"] == 96  # soft raised to hard
     clients, err = [], None
     for _ in range(120):
         try:
@@ -216,12 +221,12 @@ def test_out_of_descriptors_is_reported_as_such(start_daemon):
     assert err is not None, "96 descriptors cannot serve 120 clients"
     assert "out of file descriptors" in err and "one message" not in err
     for c in clients:
-        c.nop()                                     # the attached ones still work
+        c.nop()  # the attached ones still work
     assert d.proc.poll() is None
     for c in clients:
         c.close()
     wait_for(lambda: len(d.status()["clients"]) == 0)
-    Client(0, arena_bytes=1 << 20).close()          # and descriptors come back
+    Client(0, arena_bytes=1 << 20).close()  # and descriptors come back
 
 
 def _p50_nop(c: Client, n: int = 400) -> float:
@@ -275,14 +280,16 @@ def _status_as_nobody(sock) -> dict:
     import json
     import subprocess
 
-    out = subprocess.run(["/usr/bin/python3", "-c", _STATUS_AS, str(sock)], capture_output=True,
-                         text=True, timeout=30, cwd="/")
+    out = subprocess.run(
+        ["/usr/bin/python3", "-c", _STATUS_AS, str(sock)], capture_output=True, text=True, timeout=30, cwd="/"
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"),
-                    reason="needs root to query as another uid")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"), reason="needs root to query as another uid"
+)
 def test_status_uses_the_attach_allow_list_and_redacts_command_lines():
     """Item 10: a uid that may not attach gets no status; one that may sees other users'
     clients without their command lines (they may hold secrets)."""
@@ -293,11 +300,20 @@ def test_status_uses_the_attach_allow_list_and_redacts_command_lines():
     from conftest import DaemonProc
 
     rt = Path(tempfile.mkdtemp(prefix="flexnpu-status-"))
-    os.chmod(rt, 0o755)                     # nobody must reach the socket (pytest's tmp is 0700)
+    os.chmod(rt, 0o755)  # nobody must reach the socket (pytest's tmp is 0700)
     try:
         for allow, may in ((["0"], False), (["0", "65534"], True)):
-            d = DaemonProc(rt, 0, ["--backend", "cpu", "--socket-mode", "0666",
-                                   *[x for u in allow for x in ("--allow-uid", u)]])
+            d = DaemonProc(
+                rt,
+                0,
+                [
+                    "--backend",
+                    "cpu",
+                    "--socket-mode",
+                    "0666",
+                    *[x for u in allow for x in ("--allow-uid", u)],
+                ],
+            )
             try:
                 c = Client(0, path=str(d.socket))
                 r = _status_as_nobody(d.socket)
@@ -309,7 +325,7 @@ def test_status_uses_the_attach_allow_list_and_redacts_command_lines():
                     mine = [x for x in r["daemon"]["clients"] if x["pid"] == os.getpid()]
                     assert mine and mine[0]["cmdline"] == "(another user's)"
                     own = [x for x in d.status()["clients"] if x["pid"] == os.getpid()]
-                    assert "pytest" in own[0]["cmdline"]          # root (the admin) sees it
+                    assert "pytest" in own[0]["cmdline"]  # root (the admin) sees it
                 c.close()
             finally:
                 d.stop()
@@ -346,8 +362,10 @@ def _spawn_with_pid(argv: list[str], pid: int, env: dict):
     return None
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK),
-                    reason="needs root to choose a child's pid")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK),
+    reason="needs root to choose a child's pid",
+)
 def test_ipc_grant_is_for_the_process_not_its_pid(daemon, runtime_dir):
     """Item 8: a grant names a process (pid + start time): after the allowed process exits, an
     unrelated process that gets the same pid cannot import."""
@@ -370,7 +388,7 @@ def test_ipc_grant_is_for_the_process_not_its_pid(daemon, runtime_dir):
         allowed.kill()
         allowed.wait()
         with pytest.raises(InvalidArgument, match="not a running process"):
-            owner.ipc_set_pids(key, [pid])            # a grant needs a live process
+            owner.ipc_set_pids(key, [pid])  # a grant needs a live process
         imp = _spawn_with_pid([sys.executable, "-c", _IMPORTER, str(key)], pid, env)
         if imp is not None:
             break
@@ -398,8 +416,12 @@ def test_idle_daemon_gives_memory_back_and_reports_rss(daemon):
             a = TensorRef(c.malloc(n * n * 4), torch.float32, (n, n), (n, 1), 0)
             c.memset(a.handle, 0, 0, n * n * 4)
             for _ in range(4):
-                c.launch("aten::mm.default", (a, a), {},
-                         [(n * n * 4, TensorRef(c.alloc_handle(), torch.float32, (n, n), (n, 1), 0))])
+                c.launch(
+                    "aten::mm.default",
+                    (a, a),
+                    {},
+                    [(n * n * 4, TensorRef(c.alloc_handle(), torch.float32, (n, n), (n, 1), 0))],
+                )
             for h in hs[::2]:
                 c.free(h)
             c.synchronize()
@@ -426,7 +448,7 @@ def test_launch_decoder_has_a_value_budget(daemon):
     hb = bystander.malloc(4096, sync=True)
     bystander.memset(hb, 0, 3, 4096)
     bad = Client(0)
-    bomb = ([[None] * 4096 for _ in range(1024)],)          # 4 M values in 4 MB
+    bomb = ([[None] * 4096 for _ in range(1024)],)  # 4 M values in 4 MB
     before = _rss(daemon.pid)
     t0 = time.monotonic()
     for _ in range(3):
@@ -453,12 +475,12 @@ def test_handles_and_captured_records_are_charged_to_the_client(start_daemon):
     bystander = Client(0)
     hb = bystander.malloc(4096, sync=True)
     bad = Client(0)
-    hs = [bad.malloc(0) for _ in range(12000)]                 # 12000 x 512 B > 4 MiB
+    hs = [bad.malloc(0) for _ in range(12000)]  # 12000 x 512 B > 4 MiB
     with pytest.raises(OutOfMemory, match="host memory budget"):
         bad.synchronize()
     st = {c["client_id"]: c for c in d.status()["clients"]}
     assert st[bad.client_id]["host_bytes"] <= 4 << 20
-    assert st[bystander.client_id]["host_bytes"] <= 4096       # one handle
+    assert st[bystander.client_id]["host_bytes"] <= 4096  # one handle
     for h in hs:
         try:
             bad.free(h)

@@ -1,6 +1,7 @@
 """The Kubernetes device plugin (issue 15 item 3) against an in-process fake kubelet: a real gRPC
 Registration server on a Unix socket, and the kubelet's side of ListAndWatch and Allocate as a
 gRPC client of the plugin, with the published v1beta1 API's generated stubs."""
+
 from __future__ import annotations
 
 import os
@@ -48,15 +49,24 @@ def _plugin_stub(kubelet_dir, endpoint):
     return ch, pb_grpc.DevicePluginStub(ch)
 
 
-def test_registers_lists_allocates_and_follows_daemon_health(start_daemon, runtime_dir, kubelet_dir, tmp_path):
+def test_registers_lists_allocates_and_follows_daemon_health(
+    start_daemon, runtime_dir, kubelet_dir, tmp_path
+):
     d0 = start_daemon(device=0)
     start_daemon(device=1)
     kubelet = FakeKubelet(kubelet_dir)
-    container_view = tmp_path / "container-run"          # where the container sees the sockets
+    container_view = tmp_path / "container-run"  # where the container sees the sockets
     container_view.mkdir()
-    cfg = PluginConfig(devices=[0, 1], slots=SLOTS, kubelet_dir=kubelet_dir, runtime_dir=runtime_dir,
-                       container_runtime_dir=container_view, slot_memory=64 << 20, phase="decode",
-                       health_interval=0.2)
+    cfg = PluginConfig(
+        devices=[0, 1],
+        slots=SLOTS,
+        kubelet_dir=kubelet_dir,
+        runtime_dir=runtime_dir,
+        container_runtime_dir=container_view,
+        slot_memory=64 << 20,
+        phase="decode",
+        health_interval=0.2,
+    )
     plugin = DevicePlugin(cfg)
     plugin.start()
     runner = threading.Thread(target=plugin.run_forever, daemon=True)
@@ -72,30 +82,52 @@ def test_registers_lists_allocates_and_follows_daemon_health(start_daemon, runti
 
         watch = stub.ListAndWatch(pb.Empty(), timeout=120)
         first = next(watch)
-        assert sorted(d.ID for d in first.devices) == sorted(f"npu{d}-slot{k}" for d in (0, 1) for k in range(SLOTS))
+        assert sorted(d.ID for d in first.devices) == sorted(
+            f"npu{d}-slot{k}" for d in (0, 1) for k in range(SLOTS)
+        )
         assert {d.health for d in first.devices} == {"Healthy"}
 
-        pref = stub.GetPreferredAllocation(pb.PreferredAllocationRequest(container_requests=[
-            pb.ContainerPreferredAllocationRequest(available_deviceIDs=["npu0-slot2", "npu1-slot0", "npu1-slot1", "npu1-slot2"],
-                                                   allocation_size=2)]), timeout=10)
+        pref = stub.GetPreferredAllocation(
+            pb.PreferredAllocationRequest(
+                container_requests=[
+                    pb.ContainerPreferredAllocationRequest(
+                        available_deviceIDs=["npu0-slot2", "npu1-slot0", "npu1-slot1", "npu1-slot2"],
+                        allocation_size=2,
+                    )
+                ]
+            ),
+            timeout=10,
+        )
         ids = list(pref.container_responses[0].deviceIDs)
-        assert len(ids) == 2 and len({parse_slot(i)[0] for i in ids}) == 1   # packed on one device
+        assert len(ids) == 2 and len({parse_slot(i)[0] for i in ids}) == 1  # packed on one device
 
-        resp = stub.Allocate(pb.AllocateRequest(container_requests=[
-            pb.ContainerAllocateRequest(devices_ids=["npu1-slot0", "npu1-slot2"])]), timeout=10)
+        resp = stub.Allocate(
+            pb.AllocateRequest(
+                container_requests=[pb.ContainerAllocateRequest(devices_ids=["npu1-slot0", "npu1-slot2"])]
+            ),
+            timeout=10,
+        )
         c = resp.container_responses[0]
-        assert dict(c.envs) == {"FLEXNPU_RUNTIME_DIR": str(container_view), "FLEXNPU_DEVICES": "1",
-                                "FLEXNPU_PHASE": "decode", "FLEXNPU_CLIENT_MEMORY_LIMIT": str(2 * (64 << 20))}
-        assert [(m.host_path, m.container_path) for m in c.mounts] == [(str(runtime_dir), str(container_view))]
+        assert dict(c.envs) == {
+            "FLEXNPU_RUNTIME_DIR": str(container_view),
+            "FLEXNPU_DEVICES": "1",
+            "FLEXNPU_PHASE": "decode",
+            "FLEXNPU_CLIENT_MEMORY_LIMIT": str(2 * (64 << 20)),
+        }
+        assert [(m.host_path, m.container_path) for m in c.mounts] == [
+            (str(runtime_dir), str(container_view))
+        ]
         assert not c.devices
         with pytest.raises(grpc.RpcError) as ei:
-            stub.Allocate(pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=["gpu0"])]),
-                          timeout=10)
+            stub.Allocate(
+                pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=["gpu0"])]),
+                timeout=10,
+            )
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
         _attach_like_a_container(c, container_view)
 
-        d0.stop()                                            # the daemon of device 0 dies
+        d0.stop()  # the daemon of device 0 dies
         update = next(watch)
         health = {d.ID: d.health for d in update.devices}
         assert {h for i, h in health.items() if i.startswith("npu0-")} == {"Unhealthy"}
@@ -130,10 +162,23 @@ def _attach_like_a_container(c, container_view) -> None:
     and, where possible, its own mount namespace with Allocate's mounts, attaches and works."""
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **dict(c.envs)}
     cmd = [sys.executable, "-c", PROBE]
-    if os.geteuid() == 0 and shutil.which("unshare") and \
-            subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0:
+    if (
+        os.geteuid() == 0
+        and shutil.which("unshare")
+        and subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
+    ):
         binds = " && ".join(f"mount --bind {m.host_path} {m.container_path}" for m in c.mounts)
-        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{binds} && exec "$@"', "sh", *cmd]
+        cmd = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f'{binds} && exec "$@"',
+            "sh",
+            *cmd,
+        ]
     else:
         # no mount namespace here: make the container path show the host folder another way
         os.rmdir(container_view)
@@ -143,4 +188,4 @@ def _attach_like_a_container(c, container_view) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     words = r.stdout.split()
     assert words[:3] == ["ATTACHED", "1", str(2 * (64 << 20))], r.stdout
-    assert not os.listdir(container_view)                    # the bind mount lived only in that namespace
+    assert not os.listdir(container_view)  # the bind mount lived only in that namespace

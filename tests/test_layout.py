@@ -1,4 +1,5 @@
 """The package layout: benchmarks install as flexnpu.bench, and the import graph has no cycle."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,12 @@ def test_bench_is_flexnpu_bench_from_this_checkout():
 
 
 def test_import_graph_has_no_cycle():
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "layers.py"), str(ROOT)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "layers.py"), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "cycles: 0 " in r.stdout, r.stdout
     # Back-edges: `make lint` fails on any; the hook's use of the daemon's operator allow-list
     # (hook.tensor -> daemon.backends.torch_exec) goes once flexnpu/ops.py holds the rules.

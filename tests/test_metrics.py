@@ -1,5 +1,6 @@
 """Prometheus metrics (issue 15 item 2): scrape a live daemon with two client processes and check
 the figures against `flexnpu status --json`."""
+
 from __future__ import annotations
 
 import json
@@ -47,23 +48,44 @@ def test_scrape_two_clients_matches_status(start_daemon):
     d = start_daemon("--metrics-port", "0")
     port = d.status()["metrics_port"]
     assert port
-    procs = [subprocess.Popen([sys.executable, "-c", CLIENT, phase, str(n)], env=child_env(d.runtime_dir),
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-             for phase, n in (("prefill", 1024), ("decode", 4096))]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLIENT, phase, str(n)],
+            env=child_env(d.runtime_dir),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for phase, n in (("prefill", 1024), ("decode", 4096))
+    ]
     try:
         for p in procs:
             assert p.stdout.readline().strip() == "READY"
         fams = _families(port)
-        st = json.loads(subprocess.run([sys.executable, "-m", "flexnpu", "status", "--json"],
-                                       env=child_env(d.runtime_dir), capture_output=True, text=True,
-                                       timeout=60, cwd=ROOT).stdout)["daemons"][0]
+        st = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "flexnpu", "status", "--json"],
+                env=child_env(d.runtime_dir),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=ROOT,
+            ).stdout
+        )["daemons"][0]
         clients = {c["pid"]: c for c in st["clients"]}
         assert len(clients) == 2
         assert _samples(fams, "flexnpu_clients")[0].value == 2
         assert _samples(fams, "flexnpu_device_memory_used_bytes")[0].value == st["device_memory_used"]
         mem = {int(s.labels["pid"]): s for s in _samples(fams, "flexnpu_client_memory_used_bytes")}
-        reqs = {int(s.labels["pid"]): s.value for s in _samples(fams, "flexnpu_client_requests", "flexnpu_client_requests_total")}
-        ops = {int(s.labels["pid"]): s.value for s in _samples(fams, "flexnpu_client_operators", "flexnpu_client_operators_total")}
+        reqs = {
+            int(s.labels["pid"]): s.value
+            for s in _samples(fams, "flexnpu_client_requests", "flexnpu_client_requests_total")
+        }
+        ops = {
+            int(s.labels["pid"]): s.value
+            for s in _samples(fams, "flexnpu_client_operators", "flexnpu_client_operators_total")
+        }
         assert set(mem) == set(clients) == {p.pid for p in procs}
         for pid, c in clients.items():
             assert mem[pid].value == c["memory_bytes"]
@@ -71,15 +93,21 @@ def test_scrape_two_clients_matches_status(start_daemon):
             assert mem[pid].labels["command"] == "python3 -c" or mem[pid].labels["command"].endswith(" -c")
             assert reqs[pid] == c["ops_total"]
             assert ops[pid] == 3
-        copied = {(int(s.labels["pid"]), s.labels["direction"]): s.value
-                  for s in _samples(fams, "flexnpu_client_copied_bytes", "flexnpu_client_copied_bytes_total")}
+        copied = {
+            (int(s.labels["pid"]), s.labels["direction"]): s.value
+            for s in _samples(fams, "flexnpu_client_copied_bytes", "flexnpu_client_copied_bytes_total")
+        }
         assert copied[(procs[0].pid, "h2d")] == 4096 and copied[(procs[0].pid, "d2h")] == 4096
         assert copied[(procs[1].pid, "h2d")] == 16384
-        lat_count = _samples(fams, "flexnpu_launch_latency_seconds", "flexnpu_launch_latency_seconds_count")[0].value
+        lat_count = _samples(fams, "flexnpu_launch_latency_seconds", "flexnpu_launch_latency_seconds_count")[
+            0
+        ].value
         assert lat_count == 6
-        steps = {s.labels["phase"]: s.value for s in
-                 _samples(fams, "flexnpu_step_seconds", "flexnpu_step_seconds_count")}
-        assert steps == {"prefill": 2, "decode": 2}     # 3 marks each: 2 intervals
+        steps = {
+            s.labels["phase"]: s.value
+            for s in _samples(fams, "flexnpu_step_seconds", "flexnpu_step_seconds_count")
+        }
+        assert steps == {"prefill": 2, "decode": 2}  # 3 marks each: 2 intervals
         busy = {s.labels["phase"] for s in _samples(fams, "flexnpu_device_busy_seconds")}
         assert {"prefill", "decode"} <= busy
         assert _samples(fams, "flexnpu_client_attaches", "flexnpu_client_attaches_total")[0].value == 2
@@ -95,8 +123,10 @@ def test_scrape_two_clients_matches_status(start_daemon):
             if _samples(fams, "flexnpu_clients")[0].value == 0:
                 break
             time.sleep(0.1)
-        gone = {s.labels["reason"]: s.value for s in
-                _samples(fams, "flexnpu_client_detaches", "flexnpu_client_detaches_total")}
+        gone = {
+            s.labels["reason"]: s.value
+            for s in _samples(fams, "flexnpu_client_detaches", "flexnpu_client_detaches_total")
+        }
         assert gone == {"exited": 2}
         # device totals keep what departed clients did
         assert _samples(fams, "flexnpu_operators", "flexnpu_operators_total")[0].value == 6
@@ -117,9 +147,24 @@ def test_metrics_port_in_use_is_a_clear_error(tmp_path):
     s.listen(1)
     port = s.getsockname()[1]
     try:
-        r = subprocess.run([sys.executable, "-m", "flexnpu", "daemon", "--backend", "cpu", "--runtime-dir",
-                            str(tmp_path), "--metrics-port", str(port)], env=child_env(tmp_path),
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flexnpu",
+                "daemon",
+                "--backend",
+                "cpu",
+                "--runtime-dir",
+                str(tmp_path),
+                "--metrics-port",
+                str(port),
+            ],
+            env=child_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         s.close()
     assert r.returncode == 1 and f"cannot serve metrics on 127.0.0.1:{port}" in r.stderr

@@ -1,9 +1,9 @@
 """The native AscendCL front end with plain C programs: compiled against the CANN headers the
 real torch_npu wheel ships, linked to FlexNPU's libascendcl.so, run unmodified under
 `flexnpu run` against a real daemon (tests/native/acl_runtime.c does the checking)."""
+
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from _native import FLEXNPU, ROOT, compile_program, flexnpu_run_cmd, run_env
+from _native import ROOT, compile_program, flexnpu_run_cmd, run_env
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,15 @@ def prog(tmp_path_factory):
 
 
 def _run(runtime_dir, *args, timeout=120, **kw):
-    return subprocess.run(flexnpu_run_cmd(runtime_dir, *args), env=run_env(runtime_dir), capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, **kw)
+    return subprocess.run(
+        flexnpu_run_cmd(runtime_dir, *args),
+        env=run_env(runtime_dir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        **kw,
+    )
 
 
 def test_c_program_runs_unmodified_with_correct_data_and_errors(daemon, runtime_dir, prog):
@@ -55,8 +62,15 @@ def test_unsupported_call_is_an_error_logged_once_by_name_with_v(daemon, runtime
 
 def test_daemon_loss_is_an_error_return_not_a_hang(start_daemon, runtime_dir, prog):
     d = start_daemon()
-    p = subprocess.Popen(flexnpu_run_cmd(runtime_dir, "--", prog, "loss"), env=run_env(runtime_dir),
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    p = subprocess.Popen(
+        flexnpu_run_cmd(runtime_dir, "--", prog, "loss"),
+        env=run_env(runtime_dir),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         assert p.stdout.readline().strip() == "READY"
         d.proc.kill()
@@ -67,7 +81,7 @@ def test_daemon_loss_is_an_error_return_not_a_hang(start_daemon, runtime_dir, pr
     finally:
         if p.poll() is None:
             p.kill()
-    assert "sync 507010" in out, out + err            # ACL_ERROR_RT_LOST_HEARTBEAT
+    assert "sync 507010" in out, out + err  # ACL_ERROR_RT_LOST_HEARTBEAT
     assert "memcpy 507010" in out, out + err
 
 
@@ -78,13 +92,19 @@ def test_sigkill_mid_copy_reclaims_memory_and_spares_other_clients(daemon, runti
     try:
         h = other.malloc(1 << 20, sync=True)
         other.memcpy_h2d(h, 0, bytes(range(256)) * 4096)
-        p = subprocess.Popen(flexnpu_run_cmd(runtime_dir, "--", prog, "spin"), env=run_env(runtime_dir),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                             start_new_session=True)
+        p = subprocess.Popen(
+            flexnpu_run_cmd(runtime_dir, "--", prog, "spin"),
+            env=run_env(runtime_dir),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            start_new_session=True,
+        )
         try:
             assert p.stdout.readline().strip() == "READY"
             deadline = time.monotonic() + 30
-            while True:   # wait until its copies are flowing and its 64 MiB are charged
+            while True:  # wait until its copies are flowing and its 64 MiB are charged
                 mine = [c for c in daemon.status()["clients"] if c["pid"] != os.getpid()]
                 if mine and mine[0]["memory_bytes"] >= 64 << 20 and mine[0]["ops_total"] > 5:
                     break
@@ -112,24 +132,38 @@ def test_ipc_export_import_between_two_processes_with_pid_allow_list(daemon, run
     # The importer must be named by pid before it imports: it waits for the key on stdin.
     import psutil
 
-    importer = subprocess.Popen(flexnpu_run_cmd(runtime_dir, "--", prog, "import", "-"), env=run_env(runtime_dir),
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=ROOT)
+    importer = subprocess.Popen(
+        flexnpu_run_cmd(runtime_dir, "--", prog, "import", "-"),
+        env=run_env(runtime_dir),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     deadline = time.monotonic() + 30
     while not psutil.Process(importer.pid).children():
         assert time.monotonic() < deadline and importer.poll() is None
         time.sleep(0.02)
     imp_pid = psutil.Process(importer.pid).children()[0].pid
-    exporter = subprocess.Popen(flexnpu_run_cmd(runtime_dir, "--", prog, "export", str(imp_pid)),
-                                env=run_env(runtime_dir), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    exporter = subprocess.Popen(
+        flexnpu_run_cmd(runtime_dir, "--", prog, "export", str(imp_pid)),
+        env=run_env(runtime_dir),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         line = exporter.stdout.readline().split()
         assert line and line[0] == "KEY", exporter.stderr.read() if exporter.poll() is not None else line
         key = line[1]
         # a process not on the allow-list is refused
         r = _run(runtime_dir, "--", prog, "import", key)
-        assert r.returncode == 2 and "IMPORT 207006" in r.stdout, r.stdout + r.stderr   # ACL_ERROR_RT_NO_PERMISSION
+        assert r.returncode == 2 and "IMPORT 207006" in r.stdout, (
+            r.stdout + r.stderr
+        )  # ACL_ERROR_RT_NO_PERMISSION
         out, err = importer.communicate(key + "\n", timeout=60)
         assert importer.returncode == 0 and out.strip().endswith("OK"), out + err
         eout, eerr = exporter.communicate("done\n", timeout=60)
@@ -151,9 +185,23 @@ def test_many_threads_one_device_under_thread_sanitizer(daemon, runtime_dir, tmp
     except SystemExit as e:
         pytest.skip(f"cannot build the library with -fsanitize=thread: {str(e)[-300:]}")
     exe = tmp_path / "acl_threads"
-    p = subprocess.run(["cc", "-O1", "-g", "-fsanitize=thread", "-pthread", "-o", str(exe),
-                        str(ROOT / "tests" / "native" / "acl_threads.c"), f"-L{libs}", "-lascendcl",
-                        f"-Wl,-rpath,{libs}"], capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            "cc",
+            "-O1",
+            "-g",
+            "-fsanitize=thread",
+            "-pthread",
+            "-o",
+            str(exe),
+            str(ROOT / "tests" / "native" / "acl_threads.c"),
+            f"-L{libs}",
+            "-lascendcl",
+            f"-Wl,-rpath,{libs}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if p.returncode:
         pytest.skip(f"cannot link with -fsanitize=thread (libtsan missing?): {p.stderr[-300:]}")
     env = run_env(runtime_dir)

@@ -2,6 +2,7 @@
 its C++ runtime, caching allocator and task queue run on FlexNPU's AscendCL libraries against a
 real daemon. Runtime half only (device, memory, copies, streams, events): operators are issue 12.
 Skips when the wheel is not installed for FlexNPU (`flexnpu install-torch-npu`)."""
+
 from __future__ import annotations
 
 import json
@@ -20,14 +21,23 @@ def _need_wheel():
     from flexnpu.hook import native
 
     if not native.torch_npu_installed():
-        pytest.skip(f"the real torch_npu is not installed for FlexNPU in {native.torch_npu_dir()}: "
-                    f"run `flexnpu install-torch-npu`")
+        pytest.skip(
+            f"the real torch_npu is not installed for FlexNPU in {native.torch_npu_dir()}: "
+            f"run `flexnpu install-torch-npu`"
+        )
     native_libs()
 
 
 def _native(runtime_dir, *args, timeout=300, **kw):
-    return subprocess.run(flexnpu_run_cmd(runtime_dir, "--interpose", "native", *args), env=run_env(runtime_dir),
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
+    return subprocess.run(
+        flexnpu_run_cmd(runtime_dir, "--interpose", "native", *args),
+        env=run_env(runtime_dir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        **kw,
+    )
 
 
 def test_device_memory_copies_of_every_dtype_pinned_streams_events(daemon, runtime_dir):
@@ -37,14 +47,26 @@ def test_device_memory_copies_of_every_dtype_pinned_streams_events(daemon, runti
 
 def test_main_environment_is_untouched(daemon, runtime_dir):
     """Only the native path sees the real torch_npu: plain `import torch` here does not load it."""
-    r = subprocess.run([sys.executable, "-c", "import torch, importlib.util; print(importlib.util.find_spec('torch_npu'))"],
-                       capture_output=True, text=True, timeout=120, env=run_env(runtime_dir), cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-c", "import torch, importlib.util; print(importlib.util.find_spec('torch_npu'))"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=run_env(runtime_dir),
+        cwd=ROOT,
+    )
     assert r.returncode == 0 and r.stdout.strip() == "None", r.stdout + r.stderr
 
 
 def _status(runtime_dir) -> dict:
-    out = subprocess.run(FLEXNPU + ["status", "--json", "--runtime-dir", str(runtime_dir)], capture_output=True,
-                         text=True, timeout=60, env=run_env(runtime_dir), cwd=ROOT)
+    out = subprocess.run(
+        FLEXNPU + ["status", "--json", "--runtime-dir", str(runtime_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=run_env(runtime_dir),
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
     (info,) = json.loads(out.stdout)["daemons"]
     return info
@@ -59,15 +81,21 @@ def _line(p, tag: str) -> list[str]:
 
 
 def test_memory_allocated_and_empty_cache_show_in_flexnpu_status(daemon, runtime_dir):
-    p = subprocess.Popen(flexnpu_run_cmd(runtime_dir, "--interpose", "native", "--", sys.executable, SCRIPT, "status"),
-                         env=run_env(runtime_dir), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    p = subprocess.Popen(
+        flexnpu_run_cmd(runtime_dir, "--interpose", "native", "--", sys.executable, SCRIPT, "status"),
+        env=run_env(runtime_dir),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         line = _line(p, "ALLOCATED")
         allocated, reserved = int(line[1]), int(line[2])
         assert allocated >= 64 << 20
         (c,) = _status(runtime_dir)["clients"]
-        assert c["memory_bytes"] == reserved, (c, reserved)   # the caching allocator's blocks, exactly
+        assert c["memory_bytes"] == reserved, (c, reserved)  # the caching allocator's blocks, exactly
         p.stdin.write("\n")
         p.stdin.flush()
         line = _line(p, "EMPTIED")
@@ -86,7 +114,7 @@ def test_exceeding_memory_limit_raises_torch_npus_own_oom(daemon, runtime_dir):
     r = _native(runtime_dir, "--memory-limit", "256MiB", "--", sys.executable, SCRIPT, "oom", str(512 << 20))
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert "OOM OutOfMemoryError NPU out of memory" in r.stdout, r.stdout
-    assert "256.00 MiB total capacity" in r.stdout   # aclrtGetMemInfo reports the client's quota
+    assert "256.00 MiB total capacity" in r.stdout  # aclrtGetMemInfo reports the client's quota
 
 
 def test_npu_tensor_shared_with_a_spawned_process_reads_identically(daemon, runtime_dir):
@@ -99,12 +127,19 @@ def test_npu_tensor_shared_with_a_spawned_process_reads_identically(daemon, runt
 def test_install_torch_npu_is_idempotent_and_checkable(tmp_path):
     from flexnpu.hook import native
 
-    r = subprocess.run(FLEXNPU + ["install-torch-npu"], capture_output=True, text=True, timeout=120,
-                       env=run_env(), cwd=ROOT)
+    r = subprocess.run(
+        FLEXNPU + ["install-torch-npu"], capture_output=True, text=True, timeout=120, env=run_env(), cwd=ROOT
+    )
     assert r.returncode == 0 and "already installed" in r.stdout, r.stdout + r.stderr
     assert str(native.torch_npu_dir()) in r.stdout
     env = run_env()
     env["FLEXNPU_TORCH_NPU_DIR"] = str(tmp_path / "nowhere")
-    r = subprocess.run(FLEXNPU + ["install-torch-npu", "--check"], capture_output=True, text=True, timeout=120,
-                       env=env, cwd=ROOT)
+    r = subprocess.run(
+        FLEXNPU + ["install-torch-npu", "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
     assert r.returncode == 1 and "is not installed" in r.stdout

@@ -4,6 +4,7 @@ operators do to memory, to other clients, and to the daemon's time.
 Unit tests run flexnpu.ops / torch_exec on real CPU torch; the rest attach real clients to a real
 daemon and send raw launches, the way a hostile client would.
 """
+
 from __future__ import annotations
 
 import re
@@ -24,28 +25,55 @@ CPU = torch.device("cpu")
 # item 1: the allow list
 
 # Tensor arguments whose *values* are positions in another tensor, by schema name ...
-_INDEX_ARG = re.compile(r"^(index|indices|indexes|idx|target|targets|offsets|lengths|input_lengths|"
-                        r"target_lengths|pivots|LU_pivots|segment_ids|sorted_indices|unsorted_indices|"
-                        r"batch_sizes|repeats|crow_indices|col_indices|ccol_indices|row_indices|"
-                        r"random_samples)$")
+_INDEX_ARG = re.compile(
+    r"^(index|indices|indexes|idx|target|targets|offsets|lengths|input_lengths|"
+    r"target_lengths|pivots|LU_pivots|segment_ids|sorted_indices|unsorted_indices|"
+    r"batch_sizes|repeats|crow_indices|col_indices|ccol_indices|row_indices|"
+    r"random_samples)$"
+)
 # ... and operators known to read positions or counts from a tensor whatever its argument is named.
-_KNOWN_INDEX_SEMANTICS = {"masked_scatter", "masked_scatter_", "embedding_dense_backward", "_unsafe_masked_index",
-                          "_unsafe_masked_index_put_accumulate", "repeat_interleave", "bincount", "histc"}
+_KNOWN_INDEX_SEMANTICS = {
+    "masked_scatter",
+    "masked_scatter_",
+    "embedding_dense_backward",
+    "_unsafe_masked_index",
+    "_unsafe_masked_index_put_accumulate",
+    "repeat_interleave",
+    "bincount",
+    "histc",
+}
 
 
 # Arguments with an index-like name that hold values, not positions: regression-loss targets are
 # float tensors of the input's shape (torch checks the shapes on the host).
-_VALUE_ARGS = {(n, "target") for n in ("mse_loss", "mse_loss_backward", "l1_loss", "smooth_l1_loss",
-                                       "smooth_l1_loss_backward", "huber_loss", "huber_loss_backward",
-                                       "binary_cross_entropy", "binary_cross_entropy_backward",
-                                       "binary_cross_entropy_with_logits", "soft_margin_loss",
-                                       "soft_margin_loss_backward", "kl_div")}
+_VALUE_ARGS = {
+    (n, "target")
+    for n in (
+        "mse_loss",
+        "mse_loss_backward",
+        "l1_loss",
+        "smooth_l1_loss",
+        "smooth_l1_loss_backward",
+        "huber_loss",
+        "huber_loss_backward",
+        "binary_cross_entropy",
+        "binary_cross_entropy_backward",
+        "binary_cross_entropy_with_logits",
+        "soft_margin_loss",
+        "soft_margin_loss_backward",
+        "kl_div",
+    )
+}
 
 
 def _tensor_typed(a) -> bool:
     t = str(a.type)
-    return t.startswith("Tensor") or t.startswith("Optional[Tensor]") or t.startswith("List[Tensor]") \
+    return (
+        t.startswith("Tensor")
+        or t.startswith("Optional[Tensor]")
+        or t.startswith("List[Tensor]")
         or t.startswith("List[Optional[Tensor]]")
+    )
 
 
 def test_every_allowed_operator_with_index_arguments_has_a_validator():
@@ -56,26 +84,44 @@ def test_every_allowed_operator_with_index_arguments_has_a_validator():
         assert packet is not None, f"allow list names {name}, which this torch does not have"
         for ov in packet.overloads():
             schema = getattr(packet, ov)._schema
-            idx_args = [a.name for a in schema.arguments if _tensor_typed(a) and _INDEX_ARG.match(a.name)
-                        and not a.is_out and (name.rstrip("_"), a.name) not in _VALUE_ARGS]
+            idx_args = [
+                a.name
+                for a in schema.arguments
+                if _tensor_typed(a)
+                and _INDEX_ARG.match(a.name)
+                and not a.is_out
+                and (name.rstrip("_"), a.name) not in _VALUE_ARGS
+            ]
             if idx_args or name in _KNOWN_INDEX_SEMANTICS:
                 checked += 1
                 if rule.kind != ops.INDEXED or rule.indices is None:
                     missing.append(f"{name}.{ov} ({', '.join(idx_args) or 'index semantics'})")
     assert not missing, "allowed operators with index inputs but no validator: " + "; ".join(missing)
-    assert checked >= 20   # the sweep really saw the indexing operators
+    assert checked >= 20  # the sweep really saw the indexing operators
 
 
 def test_refused_classes_and_random_operators():
-    for op in ("aten::resize_.default", "aten::resize.default", "aten::set_.source_Storage", "aten::as_strided.default",
-               "aten::from_file.default", "aten::_unsafe_set_version_counter.default", "aten::nonzero.default",
-               "aten::segment_reduce.default", "aten::_embedding_bag.default", "aten::bincount.default",
-               "aten::histc.default", "aten::linalg_lu_solve.default", "aten::squeeze_.dim",
-               "aten::_unsafe_masked_index.default", "aten::_unsafe_masked_index_put_accumulate.default"):
+    for op in (
+        "aten::resize_.default",
+        "aten::resize.default",
+        "aten::set_.source_Storage",
+        "aten::as_strided.default",
+        "aten::from_file.default",
+        "aten::_unsafe_set_version_counter.default",
+        "aten::nonzero.default",
+        "aten::segment_reduce.default",
+        "aten::_embedding_bag.default",
+        "aten::bincount.default",
+        "aten::histc.default",
+        "aten::linalg_lu_solve.default",
+        "aten::squeeze_.dim",
+        "aten::_unsafe_masked_index.default",
+        "aten::_unsafe_masked_index_put_accumulate.default",
+    ):
         assert not ops.is_allowed(op), op
-    sdpa = "aten::_scaled_dot_product_flash_attention_for_cpu.default"   # has a dropout argument
-    assert not ops.is_allowed(sdpa)                  # it would draw from the daemon's generator
-    assert ops.is_allowed(sdpa, values=False)        # shape-only emu runs nothing
+    sdpa = "aten::_scaled_dot_product_flash_attention_for_cpu.default"  # has a dropout argument
+    assert not ops.is_allowed(sdpa)  # it would draw from the daemon's generator
+    assert ops.is_allowed(sdpa, values=False)  # shape-only emu runs nothing
     assert not ops.is_allowed("aten::bernoulli.default", values=False)
     assert ops.is_allowed("aten::embedding_dense_backward.default")
     assert ops.rule_of("aten::index.Tensor").kind == ops.INDEXED
@@ -109,13 +155,14 @@ class Mem:
             if isinstance(x, (list, tuple)):
                 return type(x)(meta(v) for v in x)
             return x
+
         try:
             r = opov(*meta(args), **{k: meta(v) for k, v in (kwargs or {}).items()})
-        except Exception:   # noqa: BLE001 - meta may reject; then the launch has no outputs
+        except Exception:  # noqa: BLE001 - meta may reject; then the launch has no outputs
             r = None
         outs, h = [], 1000 + len(self.bufs)
         fresh = any(ret.alias_info is None for ret in opov._schema.returns)
-        for t in ([r] if isinstance(r, torch.Tensor) else list(r) if isinstance(r, tuple) else []):
+        for t in [r] if isinstance(r, torch.Tensor) else list(r) if isinstance(r, tuple) else []:
             if isinstance(t, torch.Tensor) and fresh:
                 n = t.numel() * t.dtype.itemsize
                 outs.append((n, TensorRef(h, t.dtype, tuple(t.shape), t.stride(), 0)))
@@ -133,80 +180,248 @@ def _i(*v):
 # One launch per INDEXED operator: (op, builder(mem, bad) -> (args, kwargs)); `bad` puts an index
 # out of range. In range it must run; out of range it must be refused before it runs.
 def _idx_cases():
-    x = torch.arange(12.).reshape(3, 4)
+    x = torch.arange(12.0).reshape(3, 4)
 
     def c(op, build):
         return pytest.param(op, build, id=op)
+
     return [
         c("aten::index.Tensor", lambda m, bad: ((m.put(1, x), [m.put(2, _i(5 if bad else 2))]), {})),
         c("aten::index.Tensor", lambda m, bad: ((m.put(1, x), [None, m.put(2, _i(-5 if bad else -4))]), {})),
         c("aten::_unsafe_index.Tensor", lambda m, bad: ((m.put(1, x), [m.put(2, _i(3 if bad else 0))]), {})),
-        c("aten::index_put.default", lambda m, bad: ((m.put(1, x), [m.put(2, _i(9 if bad else 1))],
-                                                      m.put(3, torch.ones(4))), {})),
-        c("aten::_unsafe_index_put.default", lambda m, bad: ((m.put(1, x), [m.put(2, _i(1 << 40 if bad else 1))],
-                                                              m.put(3, torch.ones(4)), True), {})),
-        c("aten::_index_put_impl_.default", lambda m, bad: ((m.put(1, x), [m.put(2, _i(3 if bad else 2))],
-                                                             m.put(3, torch.ones(4)), True, True), {})),
+        c(
+            "aten::index_put.default",
+            lambda m, bad: ((m.put(1, x), [m.put(2, _i(9 if bad else 1))], m.put(3, torch.ones(4))), {}),
+        ),
+        c(
+            "aten::_unsafe_index_put.default",
+            lambda m, bad: (
+                (m.put(1, x), [m.put(2, _i(1 << 40 if bad else 1))], m.put(3, torch.ones(4)), True),
+                {},
+            ),
+        ),
+        c(
+            "aten::_index_put_impl_.default",
+            lambda m, bad: (
+                (m.put(1, x), [m.put(2, _i(3 if bad else 2))], m.put(3, torch.ones(4)), True, True),
+                {},
+            ),
+        ),
         c("aten::index_select.default", lambda m, bad: ((m.put(1, x), 1, m.put(2, _i(4 if bad else 3))), {})),
-        c("aten::gather.default", lambda m, bad: ((m.put(1, x), 0, m.put(2, _i(0, 3 if bad else 2).reshape(1, 2))), {})),
-        c("aten::scatter.src", lambda m, bad: ((m.put(1, x), 0, m.put(2, _i(-1 if bad else 1).reshape(1, 1)),
-                                                m.put(3, torch.ones(1, 1))), {})),
-        c("aten::scatter_add.default", lambda m, bad: ((m.put(1, x), 1, m.put(2, _i(4 if bad else 3).reshape(1, 1)),
-                                                        m.put(3, torch.ones(1, 1))), {})),
-        c("aten::scatter_reduce.two", lambda m, bad: ((m.put(1, x), 0, m.put(2, _i(3 if bad else 0).reshape(1, 1)),
-                                                       m.put(3, torch.ones(1, 1)), "sum"), {})),
-        c("aten::index_add.default", lambda m, bad: ((m.put(1, x), 0, m.put(2, _i(3 if bad else 0)),
-                                                      m.put(3, torch.ones(1, 4))), {})),
-        c("aten::index_copy.default", lambda m, bad: ((m.put(1, x), 0, m.put(2, _i(-1 if bad else 2)),
-                                                       m.put(3, torch.ones(1, 4))), {})),
-        c("aten::index_reduce.default", lambda m, bad: ((m.put(1, x), 0, m.put(2, _i(3 if bad else 0)),
-                                                         m.put(3, torch.ones(1, 4)), "prod"), {})),
-        c("aten::index_fill.int_Scalar", lambda m, bad: ((m.put(1, x), 0, m.put(2, _i(-4 if bad else -3)), 1.0), {})),
+        c(
+            "aten::gather.default",
+            lambda m, bad: ((m.put(1, x), 0, m.put(2, _i(0, 3 if bad else 2).reshape(1, 2))), {}),
+        ),
+        c(
+            "aten::scatter.src",
+            lambda m, bad: (
+                (m.put(1, x), 0, m.put(2, _i(-1 if bad else 1).reshape(1, 1)), m.put(3, torch.ones(1, 1))),
+                {},
+            ),
+        ),
+        c(
+            "aten::scatter_add.default",
+            lambda m, bad: (
+                (m.put(1, x), 1, m.put(2, _i(4 if bad else 3).reshape(1, 1)), m.put(3, torch.ones(1, 1))),
+                {},
+            ),
+        ),
+        c(
+            "aten::scatter_reduce.two",
+            lambda m, bad: (
+                (
+                    m.put(1, x),
+                    0,
+                    m.put(2, _i(3 if bad else 0).reshape(1, 1)),
+                    m.put(3, torch.ones(1, 1)),
+                    "sum",
+                ),
+                {},
+            ),
+        ),
+        c(
+            "aten::index_add.default",
+            lambda m, bad: ((m.put(1, x), 0, m.put(2, _i(3 if bad else 0)), m.put(3, torch.ones(1, 4))), {}),
+        ),
+        c(
+            "aten::index_copy.default",
+            lambda m, bad: ((m.put(1, x), 0, m.put(2, _i(-1 if bad else 2)), m.put(3, torch.ones(1, 4))), {}),
+        ),
+        c(
+            "aten::index_reduce.default",
+            lambda m, bad: (
+                (m.put(1, x), 0, m.put(2, _i(3 if bad else 0)), m.put(3, torch.ones(1, 4)), "prod"),
+                {},
+            ),
+        ),
+        c(
+            "aten::index_fill.int_Scalar",
+            lambda m, bad: ((m.put(1, x), 0, m.put(2, _i(-4 if bad else -3)), 1.0), {}),
+        ),
         c("aten::take.default", lambda m, bad: ((m.put(1, x), m.put(2, _i(12 if bad else 11))), {})),
-        c("aten::put.default", lambda m, bad: ((m.put(1, x), m.put(2, _i(-13 if bad else -12)),
-                                                m.put(3, torch.ones(1))), {})),
+        c(
+            "aten::put.default",
+            lambda m, bad: ((m.put(1, x), m.put(2, _i(-13 if bad else -12)), m.put(3, torch.ones(1))), {}),
+        ),
         c("aten::embedding.default", lambda m, bad: ((m.put(1, x), m.put(2, _i(0, 3 if bad else 2))), {})),
-        c("aten::embedding_dense_backward.default",
-          lambda m, bad: ((m.put(1, torch.ones(2, 4)), m.put(2, _i(1, 1 << 20 if bad else 4)), 5, -1, True), {})),
-        c("aten::embedding_renorm_.default", lambda m, bad: ((m.put(1, x), m.put(2, _i(3 if bad else 1)), 1.0, 2.0), {})),
-        c("aten::nll_loss_forward.default", lambda m, bad: ((m.put(1, x), m.put(2, _i(0, -100, 4 if bad else 3)),
-                                                             None, 1, -100), {})),
-        c("aten::nll_loss_backward.default",
-          lambda m, bad: ((m.put(1, torch.tensor(1.)), m.put(2, x), m.put(3, _i(0, 1, -2 if bad else 2)), None, 1, -100,
-                           m.put(4, torch.tensor(3.))), {})),
-        c("aten::nll_loss2d_forward.default",
-          lambda m, bad: ((m.put(1, torch.zeros(1, 3, 2, 2)), m.put(2, _i(0, 1, 2, 3 if bad else 2).reshape(1, 2, 2)),
-                           None, 1, -100), {})),
-        c("aten::nll_loss2d_backward.default",
-          lambda m, bad: ((m.put(1, torch.tensor(1.)), m.put(2, torch.zeros(1, 3, 2, 2)),
-                           m.put(3, _i(0, 1, 2, 3 if bad else 2).reshape(1, 2, 2)), None, 1, -100,
-                           m.put(4, torch.tensor(4.))), {})),
-        c("aten::max_pool2d_with_indices_backward.default",
-          lambda m, bad: ((m.put(1, torch.ones(1, 1, 1, 1)), m.put(2, torch.zeros(1, 1, 2, 2)), [2, 2], [2, 2], [0, 0],
-                           [1, 1], False, m.put(3, _i(4 if bad else 3).reshape(1, 1, 1, 1))), {})),
-        c("aten::max_pool3d_with_indices_backward.default",
-          lambda m, bad: ((m.put(1, torch.ones(1, 1, 1, 1, 1)), m.put(2, torch.zeros(1, 1, 2, 2, 2)), [2, 2, 2],
-                           [2, 2, 2], [0, 0, 0], [1, 1, 1], False,
-                           m.put(3, _i(8 if bad else 7).reshape(1, 1, 1, 1, 1))), {})),
-        c("aten::max_unpool2d.default",
-          lambda m, bad: ((m.put(1, torch.ones(1, 1, 1, 1)), m.put(2, _i(4 if bad else 3).reshape(1, 1, 1, 1)),
-                           [2, 2]), {})),
-        c("aten::max_unpool3d.default",
-          lambda m, bad: ((m.put(1, torch.ones(1, 1, 1, 1, 1)), m.put(2, _i(8 if bad else 7).reshape(1, 1, 1, 1, 1)),
-                           [2, 2, 2], [1, 1, 1], [0, 0, 0]), {})),
-        c("aten::masked_scatter.default",
-          lambda m, bad: ((m.put(1, x), m.put(2, torch.ones(3, 4, dtype=torch.bool)),
-                           m.put(3, torch.ones(11 if bad else 12))), {})),
-        c("aten::multi_margin_loss.default", lambda m, bad: ((m.put(1, x), m.put(2, _i(0, 1, 4 if bad else 3))), {})),
-        c("aten::multilabel_margin_loss_forward.default",
-          lambda m, bad: ((m.put(1, x), m.put(2, _i(0, -1, 0, 0, 1, 2, -1, 0, 3, -2 if bad else 0, -1, 0).reshape(3, 4)),
-                           1), {})),
-        c("aten::adaptive_max_pool2d_backward.default",
-          lambda m, bad: ((m.put(1, torch.ones(1, 1, 1, 1)), m.put(2, torch.zeros(1, 1, 2, 2)),
-                           m.put(3, _i(4 if bad else 3).reshape(1, 1, 1, 1))), {})),
-        c("aten::adaptive_max_pool3d_backward.default",
-          lambda m, bad: ((m.put(1, torch.ones(1, 1, 1, 1, 1)), m.put(2, torch.zeros(1, 1, 2, 2, 2)),
-                           m.put(3, _i(8 if bad else 7).reshape(1, 1, 1, 1, 1))), {})),
+        c(
+            "aten::embedding_dense_backward.default",
+            lambda m, bad: (
+                (m.put(1, torch.ones(2, 4)), m.put(2, _i(1, 1 << 20 if bad else 4)), 5, -1, True),
+                {},
+            ),
+        ),
+        c(
+            "aten::embedding_renorm_.default",
+            lambda m, bad: ((m.put(1, x), m.put(2, _i(3 if bad else 1)), 1.0, 2.0), {}),
+        ),
+        c(
+            "aten::nll_loss_forward.default",
+            lambda m, bad: ((m.put(1, x), m.put(2, _i(0, -100, 4 if bad else 3)), None, 1, -100), {}),
+        ),
+        c(
+            "aten::nll_loss_backward.default",
+            lambda m, bad: (
+                (
+                    m.put(1, torch.tensor(1.0)),
+                    m.put(2, x),
+                    m.put(3, _i(0, 1, -2 if bad else 2)),
+                    None,
+                    1,
+                    -100,
+                    m.put(4, torch.tensor(3.0)),
+                ),
+                {},
+            ),
+        ),
+        c(
+            "aten::nll_loss2d_forward.default",
+            lambda m, bad: (
+                (
+                    m.put(1, torch.zeros(1, 3, 2, 2)),
+                    m.put(2, _i(0, 1, 2, 3 if bad else 2).reshape(1, 2, 2)),
+                    None,
+                    1,
+                    -100,
+                ),
+                {},
+            ),
+        ),
+        c(
+            "aten::nll_loss2d_backward.default",
+            lambda m, bad: (
+                (
+                    m.put(1, torch.tensor(1.0)),
+                    m.put(2, torch.zeros(1, 3, 2, 2)),
+                    m.put(3, _i(0, 1, 2, 3 if bad else 2).reshape(1, 2, 2)),
+                    None,
+                    1,
+                    -100,
+                    m.put(4, torch.tensor(4.0)),
+                ),
+                {},
+            ),
+        ),
+        c(
+            "aten::max_pool2d_with_indices_backward.default",
+            lambda m, bad: (
+                (
+                    m.put(1, torch.ones(1, 1, 1, 1)),
+                    m.put(2, torch.zeros(1, 1, 2, 2)),
+                    [2, 2],
+                    [2, 2],
+                    [0, 0],
+                    [1, 1],
+                    False,
+                    m.put(3, _i(4 if bad else 3).reshape(1, 1, 1, 1)),
+                ),
+                {},
+            ),
+        ),
+        c(
+            "aten::max_pool3d_with_indices_backward.default",
+            lambda m, bad: (
+                (
+                    m.put(1, torch.ones(1, 1, 1, 1, 1)),
+                    m.put(2, torch.zeros(1, 1, 2, 2, 2)),
+                    [2, 2, 2],
+                    [2, 2, 2],
+                    [0, 0, 0],
+                    [1, 1, 1],
+                    False,
+                    m.put(3, _i(8 if bad else 7).reshape(1, 1, 1, 1, 1)),
+                ),
+                {},
+            ),
+        ),
+        c(
+            "aten::max_unpool2d.default",
+            lambda m, bad: (
+                (m.put(1, torch.ones(1, 1, 1, 1)), m.put(2, _i(4 if bad else 3).reshape(1, 1, 1, 1)), [2, 2]),
+                {},
+            ),
+        ),
+        c(
+            "aten::max_unpool3d.default",
+            lambda m, bad: (
+                (
+                    m.put(1, torch.ones(1, 1, 1, 1, 1)),
+                    m.put(2, _i(8 if bad else 7).reshape(1, 1, 1, 1, 1)),
+                    [2, 2, 2],
+                    [1, 1, 1],
+                    [0, 0, 0],
+                ),
+                {},
+            ),
+        ),
+        c(
+            "aten::masked_scatter.default",
+            lambda m, bad: (
+                (
+                    m.put(1, x),
+                    m.put(2, torch.ones(3, 4, dtype=torch.bool)),
+                    m.put(3, torch.ones(11 if bad else 12)),
+                ),
+                {},
+            ),
+        ),
+        c(
+            "aten::multi_margin_loss.default",
+            lambda m, bad: ((m.put(1, x), m.put(2, _i(0, 1, 4 if bad else 3))), {}),
+        ),
+        c(
+            "aten::multilabel_margin_loss_forward.default",
+            lambda m, bad: (
+                (
+                    m.put(1, x),
+                    m.put(2, _i(0, -1, 0, 0, 1, 2, -1, 0, 3, -2 if bad else 0, -1, 0).reshape(3, 4)),
+                    1,
+                ),
+                {},
+            ),
+        ),
+        c(
+            "aten::adaptive_max_pool2d_backward.default",
+            lambda m, bad: (
+                (
+                    m.put(1, torch.ones(1, 1, 1, 1)),
+                    m.put(2, torch.zeros(1, 1, 2, 2)),
+                    m.put(3, _i(4 if bad else 3).reshape(1, 1, 1, 1)),
+                ),
+                {},
+            ),
+        ),
+        c(
+            "aten::adaptive_max_pool3d_backward.default",
+            lambda m, bad: (
+                (
+                    m.put(1, torch.ones(1, 1, 1, 1, 1)),
+                    m.put(2, torch.zeros(1, 1, 2, 2, 2)),
+                    m.put(3, _i(8 if bad else 7).reshape(1, 1, 1, 1, 1)),
+                ),
+                {},
+            ),
+        ),
     ]
 
 
@@ -214,13 +429,13 @@ def _idx_cases():
 def test_index_validators_refuse_out_of_range_before_running(op, build):
     good = Mem()
     args, kw = build(good, False)
-    good.run(op, args, kw)   # in range (negative where torch wraps): runs
+    good.run(op, args, kw)  # in range (negative where torch wraps): runs
     bad = Mem()
     args, kw = build(bad, True)
     before = {h: b.clone() for h, b in bad.bufs.items()}
     with pytest.raises(LaunchError, match="out of range"):
         bad.run(op, args, kw)
-    for h, b in bad.bufs.items():   # refused before it ran: nothing written
+    for h, b in bad.bufs.items():  # refused before it ran: nothing written
         assert torch.equal(b, before[h]), (op, h)
 
 
@@ -245,6 +460,7 @@ def test_every_indexed_operator_has_a_range_test():
 # ------------------------------------------------------------------------------------------
 # real daemon, raw launches
 
+
 def _put(c, t: torch.Tensor) -> TensorRef:
     t = t.contiguous()
     data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -257,7 +473,9 @@ def _put(c, t: torch.Tensor) -> TensorRef:
 def _get(c, ref: TensorRef, nbytes: int | None = None) -> torch.Tensor:
     n = nbytes if nbytes is not None else ref.dtype.itemsize * max(1, int(torch.Size(ref.shape).numel()))
     raw = bytes(c.memcpy_d2h(ref.handle, 0, n))
-    return torch.frombuffer(bytearray(raw), dtype=ref.dtype)[:torch.Size(ref.shape).numel()].reshape(ref.shape)
+    return torch.frombuffer(bytearray(raw), dtype=ref.dtype)[: torch.Size(ref.shape).numel()].reshape(
+        ref.shape
+    )
 
 
 def _out(c, dtype, shape) -> tuple[int, TensorRef]:
@@ -267,11 +485,11 @@ def _out(c, dtype, shape) -> tuple[int, TensorRef]:
 
 
 def _alive(c) -> None:
-    a = _put(c, torch.arange(4.))
+    a = _put(c, torch.arange(4.0))
     o = _out(c, torch.float32, (4,))
     c.launch("aten::mul.Tensor", (a, a), {}, [o])
     c.synchronize()
-    assert _get(c, o[1]).tolist() == [0., 1., 4., 9.]
+    assert _get(c, o[1]).tolist() == [0.0, 1.0, 4.0, 9.0]
 
 
 def test_embedding_backward_with_an_out_of_range_index_is_refused_daemon_survives(daemon):
@@ -286,16 +504,33 @@ def test_embedding_backward_with_an_out_of_range_index_is_refused_daemon_survive
         c.launch("aten::embedding_dense_backward.default", (grad, idx, 16, -1, True), {}, [o])
         with pytest.raises(FlexNPUError, match="out of range"):
             c.synchronize()
-        c.launch("aten::_unsafe_index.Tensor", (_put(c, torch.ones(4)), [_put(c, torch.tensor([1 << 30]))]), {},
-                 [_out(c, torch.float32, (1,))])
+        c.launch(
+            "aten::_unsafe_index.Tensor",
+            (_put(c, torch.ones(4)), [_put(c, torch.tensor([1 << 30]))]),
+            {},
+            [_out(c, torch.float32, (1,))],
+        )
         with pytest.raises(FlexNPUError, match="out of range"):
             c.synchronize()
         for op, args in [
-            ("aten::_unsafe_masked_index.default", (_put(c, torch.ones(4)), _put(c, torch.tensor([True])),
-                                                    [_put(c, torch.tensor([-(1 << 30)]))], 0.0)),
-            ("aten::_unsafe_masked_index_put_accumulate.default",
-             (_put(c, torch.ones(4)), _put(c, torch.tensor([True])), [_put(c, torch.tensor([1 << 30]))],
-              _put(c, torch.ones(1)))),
+            (
+                "aten::_unsafe_masked_index.default",
+                (
+                    _put(c, torch.ones(4)),
+                    _put(c, torch.tensor([True])),
+                    [_put(c, torch.tensor([-(1 << 30)]))],
+                    0.0,
+                ),
+            ),
+            (
+                "aten::_unsafe_masked_index_put_accumulate.default",
+                (
+                    _put(c, torch.ones(4)),
+                    _put(c, torch.tensor([True])),
+                    [_put(c, torch.tensor([1 << 30]))],
+                    _put(c, torch.ones(1)),
+                ),
+            ),
         ]:
             c.launch(op, args, {}, [_out(c, torch.float32, (1,) if "put" not in op else (4,))])
             with pytest.raises(OpNotSupported):
@@ -330,18 +565,22 @@ def test_index_tensors_changed_between_graph_replays_are_checked(daemon):
 # ------------------------------------------------------------------------------------------
 # item 2: outputs that alias inputs without saying so
 
+
 def _view_like_cases():
     """Allowed operators whose result may be (part of) an input although their schema declares a
     fresh tensor: (op, args builder, output shapes)."""
-    x = torch.arange(24.).reshape(4, 6)
+    x = torch.arange(24.0).reshape(4, 6)
     return [
         ("aten::_unsafe_view.default", lambda c: (_put(c, x), [6, 4]), [((6, 4), torch.float32)]),
         ("aten::type_as.default", lambda c: (_put(c, x), _put(c, torch.zeros(1))), [((4, 6), torch.float32)]),
         ("aten::lift.default", lambda c: (_put(c, x),), [((4, 6), torch.float32)]),
         ("aten::unsafe_chunk.default", lambda c: (_put(c, x), 2), [((2, 6), torch.float32)] * 2),
         ("aten::unsafe_split.Tensor", lambda c: (_put(c, x), 2), [((2, 6), torch.float32)] * 2),
-        ("aten::unsafe_split_with_sizes.default", lambda c: (_put(c, x), [1, 3]),
-         [((1, 6), torch.float32), ((3, 6), torch.float32)]),
+        (
+            "aten::unsafe_split_with_sizes.default",
+            lambda c: (_put(c, x), [1, 3]),
+            [((1, 6), torch.float32), ((3, 6), torch.float32)],
+        ),
     ]
 
 
@@ -367,9 +606,13 @@ def test_torch_empty_under_the_hook_shows_no_other_process_data(daemon, runtime_
 
     env = child_env(runtime_dir, FLEXNPU_DEVICES="0")
     env["PYTHONPATH"] = str(ROOT / "flexnpu" / "hook" / "bootstrap") + ":" + env["PYTHONPATH"]
-    w = subprocess.run([sys.executable, "-c", HOOK_WRITER], env=env, capture_output=True, text=True, timeout=300)
+    w = subprocess.run(
+        [sys.executable, "-c", HOOK_WRITER], env=env, capture_output=True, text=True, timeout=300
+    )
     assert "written" in w.stdout, w.stderr
-    r = subprocess.run([sys.executable, "-c", HOOK_READER], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", HOOK_READER], env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[-1] == "0", r.stdout
 
@@ -405,7 +648,7 @@ def test_outputs_own_their_memory_after_the_input_is_freed(start_daemon, op, bui
         junk = [_put(other, torch.full((4, 6), -7.0)) for _ in range(8)]
         other.synchronize()
         got = torch.cat([_get(c, r).reshape(-1) for _, r in outs])
-        assert torch.equal(got, want.reshape(-1)[:got.numel()]), (op, got)
+        assert torch.equal(got, want.reshape(-1)[: got.numel()]), (op, got)
         # and writing through the handle touches only this client's memory
         for _, r in outs:
             c.memset(r.handle, 0, 0xFF, 4)
@@ -417,6 +660,7 @@ def test_outputs_own_their_memory_after_the_input_is_freed(start_daemon, op, bui
 def test_no_bound_output_overlaps_an_input_for_aliasing_ops():
     """execute_launch level: for each view-like op, the buffer bound to the output shares no
     byte with any input allocation."""
+
     class FakeClient:
         def __init__(self):
             self.m = Mem()
@@ -445,8 +689,10 @@ def test_no_bound_output_overlaps_an_input_for_aliasing_ops():
             spans.append((lo, hi))
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("FLEXNPU_OPDB_SWEEP"),
-                    reason="minutes on a small machine: set FLEXNPU_OPDB_SWEEP=1 (needs expecttest)")
+@pytest.mark.skipif(
+    not __import__("os").environ.get("FLEXNPU_OPDB_SWEEP"),
+    reason="minutes on a small machine: set FLEXNPU_OPDB_SWEEP=1 (needs expecttest)",
+)
 def test_opinfo_sweep_no_allowed_op_binds_an_output_into_an_input():
     """Every aten call torch's OpInfo samples make (what the hook would launch), for every
     allowed op declared to return a fresh tensor: run through the executor, the buffers bound to
@@ -462,6 +708,7 @@ def test_opinfo_sweep_no_allowed_op_binds_an_output_into_an_input():
             r = func(*args, **(kwargs or {}))
             calls.append((func, args, kwargs or {}))
             return r
+
     for oi in op_db:
         try:
             samples = list(oi.sample_inputs("cpu", torch.float32, requires_grad=False))[:2]
@@ -490,6 +737,7 @@ def test_opinfo_sweep_no_allowed_op_binds_an_output_into_an_input():
             if isinstance(x, torch.device):
                 return CPU
             return x
+
         try:
             cargs, ckw = conv(args), {k: conv(v) for k, v in kwargs.items()}
         except Exception:  # noqa: BLE001 - dtypes the wire cannot carry
@@ -512,6 +760,7 @@ def test_opinfo_sweep_no_allowed_op_binds_an_output_into_an_input():
 
 # ------------------------------------------------------------------------------------------
 # item 3: scrubbing
+
 
 def test_fresh_memory_never_shows_another_clients_data(daemon):
     from flexnpu.client import Client
@@ -548,8 +797,11 @@ def test_fresh_memory_never_shows_another_clients_data(daemon):
 
 def test_resize_is_refused_by_the_daemon(client):
     x = _put(client, torch.ones(4))
-    for op, args in [("aten::resize_.default", (x, [1 << 20])), ("aten::resize.default", (x, [1 << 20])),
-                     ("aten::resize_as_.default", (x, _put(client, torch.ones(64))))]:
+    for op, args in [
+        ("aten::resize_.default", (x, [1 << 20])),
+        ("aten::resize.default", (x, [1 << 20])),
+        ("aten::resize_as_.default", (x, _put(client, torch.ones(64)))),
+    ]:
         outs = [] if op.endswith("_.default") else [_out(client, torch.float32, (1 << 20,))]
         client.launch(op, args, {}, outs)
         with pytest.raises(OpNotSupported, match="not allowed|not supported"):
@@ -560,9 +812,10 @@ def test_resize_is_refused_by_the_daemon(client):
 # ------------------------------------------------------------------------------------------
 # item 5: declared outputs must hold the operator's real result
 
+
 def test_stride0_output_declaration_is_refused_before_the_op_runs(client):
     x = _put(client, torch.ones(1))
-    big = TensorRef(x.handle, torch.float32, (1 << 15, 1 << 15), (0, 0), 0)   # 4 GiB as seen, 4 bytes held
+    big = TensorRef(x.handle, torch.float32, (1 << 15, 1 << 15), (0, 0), 0)  # 4 GiB as seen, 4 bytes held
     out = (8, TensorRef(client.alloc_handle(), torch.float32, (1 << 15, 1 << 15), (0, 0), 0))
     t0 = time.monotonic()
     client.launch("aten::neg.default", (big,), {}, [out])
@@ -570,7 +823,7 @@ def test_stride0_output_declaration_is_refused_before_the_op_runs(client):
         client.synchronize()
     assert client.memory_stats()["allocated"] < 1 << 20
     _alive(client)
-    assert time.monotonic() - t0 < 60   # refused, not computed (generous: shared machine)
+    assert time.monotonic() - t0 < 60  # refused, not computed (generous: shared machine)
 
 
 def test_graphs_charge_what_they_retain(start_daemon):
@@ -579,10 +832,10 @@ def test_graphs_charge_what_they_retain(start_daemon):
 
     start_daemon("--memory-limit", "8MiB")
     with Client(0) as c:
-        x = _put(c, torch.ones(1 << 18))     # 1 MiB
+        x = _put(c, torch.ones(1 << 18))  # 1 MiB
         graphs = []
         with pytest.raises(OutOfMemory):
-            for _ in range(16):              # each graph keeps a 1 MiB temporary after its free
+            for _ in range(16):  # each graph keeps a 1 MiB temporary after its free
                 g = c.graph_begin_capture()
                 o = _out(c, torch.float32, (1 << 18,))
                 c.launch("aten::neg.default", (x,), {}, [o])
@@ -590,7 +843,7 @@ def test_graphs_charge_what_they_retain(start_daemon):
                 c.free(o[1].handle)
                 c.synchronize()
                 graphs.append(g)
-                c.malloc(1)                  # a sync point that allocates: fails once the limit is hit
+                c.malloc(1)  # a sync point that allocates: fails once the limit is hit
         assert 5 <= len(graphs) <= 8
         used = c.memory_stats()["allocated"]
         assert used >= (1 << 20) * (len(graphs) + 1)
@@ -603,6 +856,7 @@ def test_graphs_charge_what_they_retain(start_daemon):
 # ------------------------------------------------------------------------------------------
 # item 6: one launch may not monopolise the device
 
+
 def test_huge_broadcast_reduction_is_refused_quickly(start_daemon):
     from flexnpu.client import Client
 
@@ -612,12 +866,14 @@ def test_huge_broadcast_reduction_is_refused_quickly(start_daemon):
         view = TensorRef(x.handle, torch.float32, (250000, 250000), (0, 0), 0)
         t0 = time.monotonic()
         c.launch("aten::sum.default", (view,), {}, [_out(c, torch.float32, ())])
-        with pytest.raises(InvalidArgument, match=r"aten::sum.default: this launch would read and write .* bytes"):
+        with pytest.raises(
+            InvalidArgument, match=r"aten::sum.default: this launch would read and write .* bytes"
+        ):
             c.synchronize()
         refused = time.monotonic() - t0
         t1 = time.monotonic()
         _alive(bystander)
-        assert refused < 10 * max(time.monotonic() - t1, 0.05) + 5   # not seconds of reduction
+        assert refused < 10 * max(time.monotonic() - t1, 0.05) + 5  # not seconds of reduction
 
 
 def test_launch_ceiling_flags(start_daemon):
@@ -626,10 +882,10 @@ def test_launch_ceiling_flags(start_daemon):
     start_daemon("--max-launch-gflop", "0.001", "--max-launch-bytes", "1MiB")
     with Client(0) as c:
         a = _put(c, torch.ones(128, 128))
-        c.launch("aten::mm.default", (a, a), {}, [_out(c, torch.float32, (128, 128))])   # 4.2 MFLOP
+        c.launch("aten::mm.default", (a, a), {}, [_out(c, torch.float32, (128, 128))])  # 4.2 MFLOP
         with pytest.raises(InvalidArgument, match="GFLOP.*--max-launch-gflop"):
             c.synchronize()
-        big = _put(c, torch.ones(1 << 18))       # 1 MiB in + 1 MiB out
+        big = _put(c, torch.ones(1 << 18))  # 1 MiB in + 1 MiB out
         c.launch("aten::neg.default", (big,), {}, [_out(c, torch.float32, (1 << 18,))])
         with pytest.raises(InvalidArgument, match="--max-launch-bytes"):
             c.synchronize()

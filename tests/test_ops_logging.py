@@ -1,4 +1,5 @@
 """Log format on stderr: journald priority prefixes under systemd, timestamps otherwise."""
+
 from __future__ import annotations
 
 import io
@@ -40,8 +41,13 @@ def test_journald_format_has_priorities_and_no_timestamp():
     except ValueError:
         log.exception("op failed")
     lines = buf.getvalue().splitlines()
-    assert lines[:5] == ["<7>flexnpu.daemon: dbg", "<6>flexnpu.daemon: client 7 attached",
-                         "<4>flexnpu.daemon: slow", "<3>flexnpu.daemon: bad", "<2>flexnpu.daemon: dead"]
+    assert lines[:5] == [
+        "<7>flexnpu.daemon: dbg",
+        "<6>flexnpu.daemon: client 7 attached",
+        "<4>flexnpu.daemon: slow",
+        "<3>flexnpu.daemon: bad",
+        "<2>flexnpu.daemon: dead",
+    ]
     # Every traceback line keeps the error priority, so journald files the whole record as one.
     tb = lines[5:]
     assert tb[0] == "<3>flexnpu.daemon: op failed" and len(tb) > 3
@@ -56,7 +62,9 @@ def test_terminal_format_and_level_filter():
     logging.getLogger("flexnpu.x").warning("shown")
     out = buf.getvalue()
     assert "hidden" not in out
-    assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{{3}} WARNING flexnpu\.x\[{os.getpid()}\]: shown\n", out)
+    assert re.fullmatch(
+        rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{{3}} WARNING flexnpu\.x\[{os.getpid()}\]: shown\n", out
+    )
 
 
 def test_idempotent_and_bad_level(monkeypatch):
@@ -105,7 +113,9 @@ def test_subprocess_autodetects_journal_stream(tmp_path):
             env.pop("JOURNAL_STREAM", None)
             if journal:
                 env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
-            subprocess.run([sys.executable, "-c", code], env=env, stderr=err, timeout=30, check=True, cwd=ROOT)
+            subprocess.run(
+                [sys.executable, "-c", code], env=env, stderr=err, timeout=30, check=True, cwd=ROOT
+            )
         out = path.read_text()
         if journal:
             assert out == "<4>flexnpu.daemon: device lost\n"

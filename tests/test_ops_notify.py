@@ -1,4 +1,5 @@
 """sd_notify and the watchdog against a real NOTIFY_SOCKET (a bound SOCK_DGRAM Unix socket)."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,13 @@ class NotifySocket:
         self.name = name
         self.sock.bind(b"\0" + name[1:].encode() if name.startswith("@") else name)
 
-    def messages(self, timeout: float, until: str | None = None, limit: int = 1000,
-                 proc: subprocess.Popen | None = None) -> list[str]:
+    def messages(
+        self,
+        timeout: float,
+        until: str | None = None,
+        limit: int = 1000,
+        proc: subprocess.Popen | None = None,
+    ) -> list[str]:
         """Datagrams received within ``timeout`` (stops early once one contains ``until``,
         or once ``proc`` has exited and nothing more is queued)."""
         out: list[str] = []
@@ -39,14 +45,13 @@ class NotifySocket:
             self.sock.settimeout(0.05 if exited else min(left, 0.25) if proc is not None else left)
             try:
                 out.append(self.sock.recv(4096).decode())
-            except socket.timeout:
+            except TimeoutError:
                 if exited or proc is None:
                     break
                 continue
             if until and until in out[-1]:
                 break
         return out
-
 
     def close(self) -> None:
         self.sock.close()
@@ -117,7 +122,7 @@ def test_watchdog_interval(monkeypatch):
 def test_tick_pings_at_half_interval(notify_path):
     wd = sd.Watchdog(interval=10.0)
     assert wd.enabled and wd.period == 5.0
-    assert wd.tick(now=100.0)          # first tick pings at once
+    assert wd.tick(now=100.0)  # first tick pings at once
     assert not wd.tick(now=104.9)
     assert wd.next_due(now=104.0) == pytest.approx(1.0)
     assert wd.tick(now=105.0)
@@ -128,7 +133,7 @@ def test_tick_pings_at_half_interval(notify_path):
     assert not disabled.start()
 
 
-@pytest.mark.timing   # sub-second watchdog windows
+@pytest.mark.timing  # sub-second watchdog windows
 def test_thread_pings_only_while_loop_beats(notify_path):
     wd = sd.Watchdog(interval=0.2)
     assert wd.start()
@@ -165,8 +170,14 @@ CHILD = textwrap.dedent("""
 
 
 def _spawn(code: str, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_subprocess_ready_watchdog_stopping_order(notify_path):
@@ -175,7 +186,10 @@ def test_subprocess_ready_watchdog_stopping_order(notify_path):
     p = _spawn(CHILD, env)
     try:
         first = notify_path.messages(20.0, until="READY=1")
-        assert first and first[-1].startswith("READY=1"), (first, p.stderr.read() if p.poll() is not None else "")
+        assert first and first[-1].startswith("READY=1"), (
+            first,
+            p.stderr.read() if p.poll() is not None else "",
+        )
         assert f"MAINPID={p.pid}" in first[-1]
         pings = notify_path.messages(0.5)
         assert pings.count("WATCHDOG=1") >= 2 and set(pings) == {"WATCHDOG=1"}
@@ -207,21 +221,29 @@ def test_subprocess_watchdog_pid_for_someone_else(notify_path):
 def test_real_daemon_notify_protocol(notify_path, tmp_path):
     """`flexnpu daemon` under a real NOTIFY_SOCKET: READY, WATCHDOG pings, STOPPING on SIGTERM."""
     from flexnpu import cmd_status
+
     rundir = Path(f"/tmp/fnpu-nd-{os.getpid()}")
     rundir.mkdir(exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), WATCHDOG_USEC="600000", FLEXNPU_RUNTIME_DIR=str(rundir))
     env.pop("WATCHDOG_PID", None)
     log = open(tmp_path / "daemon.log", "w+")
-    p = subprocess.Popen([sys.executable, "-m", "flexnpu", "daemon", "--device", "0", "--backend", "cpu"],
-                         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "flexnpu", "daemon", "--device", "0", "--backend", "cpu"],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         msgs = notify_path.messages(60.0, until="READY=1", proc=p)
         ready = [m for m in msgs if m.startswith("READY=1")]
         if not ready:
             p.kill()
             p.wait(10)
-            pytest.fail(f"daemon sent no READY=1 (got {msgs}, exit status {p.returncode}):\n"
-                        + (tmp_path / "daemon.log").read_text()[-3000:])
+            pytest.fail(
+                f"daemon sent no READY=1 (got {msgs}, exit status {p.returncode}):\n"
+                + (tmp_path / "daemon.log").read_text()[-3000:]
+            )
         assert not any("STOPPING=1" in m for m in msgs)
         # READY means the socket accepts clients now.
         report = cmd_status.collect(rundir, timeout=5.0)

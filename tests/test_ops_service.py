@@ -1,4 +1,5 @@
 """`flexnpu service install/uninstall` into a scratch root, and `systemd-analyze verify` of the result."""
+
 from __future__ import annotations
 
 import json
@@ -15,21 +16,33 @@ from flexnpu import cmd_service
 ROOT = Path(__file__).resolve().parents[1]
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(
-    ANALYZE is None, reason="systemd-analyze not installed; run scripts/ci-system-deps.sh as root")
+    ANALYZE is None, reason="systemd-analyze not installed; run scripts/ci-system-deps.sh as root"
+)
 
 
 def flexnpu_cli(*args: str, check_rc: int | None = 0) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "flexnpu", *args], capture_output=True, text=True,
-                       timeout=60, env=env, cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, "-m", "flexnpu", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+    )
     if check_rc is not None:
         assert p.returncode == check_rc, (p.returncode, p.stdout, p.stderr)
     return p
 
 
 def verify(*units: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([ANALYZE, "verify", "--man=no", *map(str, units)], capture_output=True,
-                          text=True, timeout=60, cwd=units[0].parent)
+    return subprocess.run(
+        [ANALYZE, "verify", "--man=no", *map(str, units)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=units[0].parent,
+    )
 
 
 def problems(p: subprocess.CompletedProcess) -> list[str]:
@@ -39,33 +52,70 @@ def problems(p: subprocess.CompletedProcess) -> list[str]:
 
 
 def test_install_writes_units_and_config(tmp_path):
-    p = flexnpu_cli("service", "install", "--root", str(tmp_path), "--devices", "0,1", "--policy", "flex",
-                    "--memory-limit", "8GiB", "--allow-uids", "0,1000", "--exec", sys.executable + " -m flexnpu",
-                    "--json")
+    p = flexnpu_cli(
+        "service",
+        "install",
+        "--root",
+        str(tmp_path),
+        "--devices",
+        "0,1",
+        "--policy",
+        "flex",
+        "--memory-limit",
+        "8GiB",
+        "--allow-uids",
+        "0,1000",
+        "--exec",
+        sys.executable + " -m flexnpu",
+        "--json",
+    )
     report = json.loads(p.stdout)
     unit_dir = tmp_path / "etc/systemd/system"
     assert report["devices"] == [0, 1]
     assert {f["path"]: f["action"] for f in report["files"]} == {
-        str(unit_dir / "flexnpu@.service"): "wrote", str(unit_dir / "flexnpu.target"): "wrote",
-        str(tmp_path / "etc/flexnpu/flexnpu.conf"): "wrote"}
-    assert report["commands"][-1] == ["systemctl", "enable", "--now", "flexnpu.target",
-                                      "flexnpu@0.service", "flexnpu@1.service"]
+        str(unit_dir / "flexnpu@.service"): "wrote",
+        str(unit_dir / "flexnpu.target"): "wrote",
+        str(tmp_path / "etc/flexnpu/flexnpu.conf"): "wrote",
+    }
+    assert report["commands"][-1] == [
+        "systemctl",
+        "enable",
+        "--now",
+        "flexnpu.target",
+        "flexnpu@0.service",
+        "flexnpu@1.service",
+    ]
     assert report["ran"] == []
 
     unit = (unit_dir / "flexnpu@.service").read_text()
     assert f"ExecStart={sys.executable} -m flexnpu daemon --device %i $FLEXNPU_DAEMON_ARGS" in unit
-    for line in ("Type=notify", "NotifyAccess=main", "Restart=on-failure", "RuntimeDirectory=flexnpu",
-                 "RuntimeDirectoryPreserve=yes", "EnvironmentFile=-/etc/flexnpu/flexnpu.conf",
-                 "KillSignal=SIGTERM", "NoNewPrivileges=yes", "ProtectSystem=strict",
-                 "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "IPAddressDeny=any",
-                 "IPAddressAllow=localhost", "DeviceAllow=char-nvidia* rw", "PrivateTmp=yes"):
+    for line in (
+        "Type=notify",
+        "NotifyAccess=main",
+        "Restart=on-failure",
+        "RuntimeDirectory=flexnpu",
+        "RuntimeDirectoryPreserve=yes",
+        "EnvironmentFile=-/etc/flexnpu/flexnpu.conf",
+        "KillSignal=SIGTERM",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        "IPAddressDeny=any",
+        "IPAddressAllow=localhost",
+        "DeviceAllow=char-nvidia* rw",
+        "PrivateTmp=yes",
+    ):
         assert f"\n{line}\n" in unit, line
     assert "\nMemoryDenyWriteExecute=" not in unit and "\nPrivateDevices=yes" not in unit
     target = (unit_dir / "flexnpu.target").read_text()
     assert "Wants=flexnpu@0.service\nWants=flexnpu@1.service\n" in target
 
     conf = cmd_service.read_config(tmp_path / "etc/flexnpu/flexnpu.conf")
-    assert conf == {"FLEXNPU_POLICY": "flex", "FLEXNPU_MEMORY_LIMIT": str(8 << 30), "FLEXNPU_ALLOW_UIDS": "0,1000"}
+    assert conf == {
+        "FLEXNPU_POLICY": "flex",
+        "FLEXNPU_MEMORY_LIMIT": str(8 << 30),
+        "FLEXNPU_ALLOW_UIDS": "0,1000",
+    }
 
 
 def test_reinstall_keeps_admin_settings_and_is_idempotent(tmp_path):
@@ -75,8 +125,11 @@ def test_reinstall_keeps_admin_settings_and_is_idempotent(tmp_path):
     conf.write_text(conf.read_text() + "LD_LIBRARY_PATH=/opt/vendor/lib\n")
     r = json.loads(flexnpu_cli(*args, "--log-level", "debug").stdout)
     values = cmd_service.read_config(conf)
-    assert values == {"FLEXNPU_POLICY": "priority", "FLEXNPU_LOG_LEVEL": "debug",
-                      "LD_LIBRARY_PATH": "/opt/vendor/lib"}
+    assert values == {
+        "FLEXNPU_POLICY": "priority",
+        "FLEXNPU_LOG_LEVEL": "debug",
+        "LD_LIBRARY_PATH": "/opt/vendor/lib",
+    }
     assert [f["action"] for f in r["files"]] == ["unchanged", "unchanged", "wrote"]
     r = json.loads(flexnpu_cli(*args).stdout)
     assert [f["action"] for f in r["files"]] == ["unchanged"] * 3
@@ -89,17 +142,22 @@ def test_dry_run_and_enable_never_touch_the_system(tmp_path):
     assert "would write" in p.stdout and "systemctl enable --now flexnpu.target flexnpu@2.service" in p.stdout
     assert not (tmp_path / "etc").exists()
     # --enable with an alternate root refuses to run systemctl and says so.
-    p = flexnpu_cli("service", "install", "--root", str(tmp_path), "--devices", "2", "--enable", "--json",
-                    check_rc=1)
+    p = flexnpu_cli(
+        "service", "install", "--root", str(tmp_path), "--devices", "2", "--enable", "--json", check_rc=1
+    )
     r = json.loads(p.stdout)
     assert r["ran"] == [] and any("not running systemctl for --root" in n for n in r["notes"])
 
 
 def test_bad_options_give_clear_errors(tmp_path):
-    for opts, msg in ((["--memory-limit", "lots"], "not a size"), (["--devices", "0,x"], "bad device number"),
-                      (["--socket-mode", "999"], "octal"), (["--exec", "flexnpu"], "absolute path"),
-                      (["--allow-uids", "no-such-user-xyz"], "no such user"),
-                      (["--memory-limit", "0"], "must be positive")):
+    for opts, msg in (
+        (["--memory-limit", "lots"], "not a size"),
+        (["--devices", "0,x"], "bad device number"),
+        (["--socket-mode", "999"], "octal"),
+        (["--exec", "flexnpu"], "absolute path"),
+        (["--allow-uids", "no-such-user-xyz"], "no such user"),
+        (["--memory-limit", "0"], "must be positive"),
+    ):
         p = flexnpu_cli("service", "install", "--root", str(tmp_path), *opts, check_rc=2)
         assert msg in p.stderr, (opts, p.stderr)
     assert not (tmp_path / "etc").exists()
@@ -109,8 +167,10 @@ def test_memory_limit_none_unsets_the_key(tmp_path):
     args = ("service", "install", "--root", str(tmp_path), "--devices", "0")
     flexnpu_cli(*args, "--memory-limit", "512MiB", "--memory-limit-max", "2GiB")
     conf = tmp_path / "etc/flexnpu/flexnpu.conf"
-    assert cmd_service.read_config(conf) == {"FLEXNPU_MEMORY_LIMIT": str(512 << 20),
-                                             "FLEXNPU_MEMORY_LIMIT_MAX": str(2 << 30)}
+    assert cmd_service.read_config(conf) == {
+        "FLEXNPU_MEMORY_LIMIT": str(512 << 20),
+        "FLEXNPU_MEMORY_LIMIT_MAX": str(2 << 30),
+    }
     flexnpu_cli(*args, "--memory-limit", "none")
     assert cmd_service.read_config(conf) == {"FLEXNPU_MEMORY_LIMIT_MAX": str(2 << 30)}
     assert "#FLEXNPU_MEMORY_LIMIT=" in conf.read_text()
@@ -121,8 +181,15 @@ def test_uninstall(tmp_path):
     p = flexnpu_cli("service", "uninstall", "--root", str(tmp_path), "--json")
     r = json.loads(p.stdout)
     assert r["devices"] == [0, 1, 2]
-    assert r["commands"][0] == ["systemctl", "disable", "--now", "flexnpu.target", "flexnpu@0.service",
-                                "flexnpu@1.service", "flexnpu@2.service"]
+    assert r["commands"][0] == [
+        "systemctl",
+        "disable",
+        "--now",
+        "flexnpu.target",
+        "flexnpu@0.service",
+        "flexnpu@1.service",
+        "flexnpu@2.service",
+    ]
     assert not (tmp_path / "etc/systemd/system/flexnpu@.service").exists()
     assert (tmp_path / "etc/flexnpu/flexnpu.conf").exists()  # kept without --purge
     flexnpu_cli("service", "uninstall", "--root", str(tmp_path), "--purge")
@@ -140,13 +207,15 @@ def test_device_group_discovery(tmp_path):
     # Real character devices under other names: the discovery reads major numbers via stat.
     dev = tmp_path / "dev"
     dev.mkdir()
-    (dev / "hisi_hdc").symlink_to("/dev/null")   # major 1 on Linux
+    (dev / "hisi_hdc").symlink_to("/dev/null")  # major 1 on Linux
     (dev / "davinci0").symlink_to("/dev/zero")
     (dev / "davinci1").symlink_to("/dev/zero")
     (dev / "davinci_manager").symlink_to("/dev/zero")
     (dev / "davinci_regular_file").write_text("not a device")
     proc = tmp_path / "devices"
-    proc.write_text("Character devices:\n  1 ascend-hdc\n 10 misc\n195 nvidia-frontend\n\nBlock devices:\n  1 ramdisk\n")
+    proc.write_text(
+        "Character devices:\n  1 ascend-hdc\n 10 misc\n195 nvidia-frontend\n\nBlock devices:\n  1 ramdisk\n"
+    )
     assert cmd_service.discover_device_groups(dev, proc) == ["char-ascend-hdc"]
     proc.write_text("Character devices:\n  1 davinci-cdev\n")  # covered by the unit's static glob
     assert cmd_service.discover_device_groups(dev, proc) == []
@@ -167,9 +236,14 @@ def test_rendered_units_pass_systemd_analyze_verify(tmp_path):
     # The same with host-discovered device groups and ProtectHome=read-only rendered in.
     extra = tmp_path / "extra"
     extra.mkdir()
-    (extra / "flexnpu@.service").write_text(cmd_service.render_unit(
-        (ROOT / "systemd/flexnpu@.service").read_text(), [sys.executable, "-m", "flexnpu"],
-        extra_device_groups=["char-ascend-hdc"], protect_home="read-only"))
+    (extra / "flexnpu@.service").write_text(
+        cmd_service.render_unit(
+            (ROOT / "systemd/flexnpu@.service").read_text(),
+            [sys.executable, "-m", "flexnpu"],
+            extra_device_groups=["char-ascend-hdc"],
+            protect_home="read-only",
+        )
+    )
     p = verify(extra / "flexnpu@3.service")
     assert p.returncode == 0 and problems(p) == [], p.stdout + p.stderr
 
@@ -184,7 +258,8 @@ def test_verify_catches_broken_units(tmp_path):
     out = "\n".join(problems(p))
     assert "sometimes" in out and "RestartEvery" in out
     (tmp_path / "flexnpu@.service").write_text(
-        cmd_service.render_unit((ROOT / "systemd/flexnpu@.service").read_text(), ["/nonexistent/flexnpu"]))
+        cmd_service.render_unit((ROOT / "systemd/flexnpu@.service").read_text(), ["/nonexistent/flexnpu"])
+    )
     p = verify(tmp_path / "flexnpu@0.service")
     assert p.returncode != 0 and "/nonexistent/flexnpu" in p.stdout + p.stderr
 

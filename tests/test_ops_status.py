@@ -1,4 +1,5 @@
 """`flexnpu status` against real Unix-socket peers speaking the control-socket framing (flexnpu/control.py)."""
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,7 @@ class PeerDaemon:
         while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -61,8 +62,12 @@ class PeerDaemon:
                         continue
                     if self.delay:
                         time.sleep(self.delay)
-                    body = self.reply if isinstance(self.reply, bytes) else \
-                        struct.pack("<I", len(json.dumps(self.reply).encode())) + json.dumps(self.reply).encode()
+                    body = (
+                        self.reply
+                        if isinstance(self.reply, bytes)
+                        else struct.pack("<I", len(json.dumps(self.reply).encode()))
+                        + json.dumps(self.reply).encode()
+                    )
                     conn.sendall(body)
                 except (OSError, ConnectionError):
                     pass
@@ -74,14 +79,37 @@ class PeerDaemon:
 
 
 def daemon_obj(device: int, sock: Path, clients: list[dict]) -> dict:
-    return {"device": device, "backend": "cpu", "device_type": "cpu", "pid": 4242 + device, "uid": 0,
-            "started_at": time.time() - 3700, "uptime_s": 3700.0, "policy": "flex", "socket": str(sock),
-            "version": "0.1.0", "memory_limit_default": 8 * GiB, "ops_total": 1234, "clients": clients}
+    return {
+        "device": device,
+        "backend": "cpu",
+        "device_type": "cpu",
+        "pid": 4242 + device,
+        "uid": 0,
+        "started_at": time.time() - 3700,
+        "uptime_s": 3700.0,
+        "policy": "flex",
+        "socket": str(sock),
+        "version": "0.1.0",
+        "memory_limit_default": 8 * GiB,
+        "ops_total": 1234,
+        "clients": clients,
+    }
 
 
-CLIENT = {"pid": 5001, "uid": 1000, "cmdline": "python app.py --model\nllama", "phase": "decode",
-          "memory_bytes": 3 * GiB // 2, "memory_peak_bytes": 2 * GiB, "memory_limit": 8 * GiB,
-          "ops_per_s": 1523.44, "ops_total": 99, "queue_depth": 3, "streams": 2, "attached_at": time.time()}
+CLIENT = {
+    "pid": 5001,
+    "uid": 1000,
+    "cmdline": "python app.py --model\nllama",
+    "phase": "decode",
+    "memory_bytes": 3 * GiB // 2,
+    "memory_peak_bytes": 2 * GiB,
+    "memory_limit": 8 * GiB,
+    "ops_per_s": 1523.44,
+    "ops_total": 99,
+    "queue_depth": 3,
+    "streams": 2,
+    "attached_at": time.time(),
+}
 
 
 @pytest.fixture
@@ -106,7 +134,9 @@ def _stale_socket(path: Path) -> None:
 
 def test_collect_daemons_clients_and_stale(rundir):
     d, peers = rundir
-    peers.append(PeerDaemon(d / "npu0.sock", {"ok": True, "daemon": daemon_obj(0, d / "npu0.sock", [CLIENT])}))
+    peers.append(
+        PeerDaemon(d / "npu0.sock", {"ok": True, "daemon": daemon_obj(0, d / "npu0.sock", [CLIENT])})
+    )
     peers.append(PeerDaemon(d / "npu1.sock", {"ok": True, "daemon": daemon_obj(1, d / "npu1.sock", [])}))
     _stale_socket(d / "npu2.sock")
     (d / "notasocket.txt").write_text("ignored")
@@ -150,26 +180,46 @@ def test_unresponsive_and_broken_daemons_are_reported_not_fatal(rundir):
 
 def test_cli_json_and_device_filter(rundir):
     d, peers = rundir
-    peers.append(PeerDaemon(d / "npu0.sock", {"ok": True, "daemon": daemon_obj(0, d / "npu0.sock", [CLIENT])}))
+    peers.append(
+        PeerDaemon(d / "npu0.sock", {"ok": True, "daemon": daemon_obj(0, d / "npu0.sock", [CLIENT])})
+    )
     _stale_socket(d / "npu1.sock")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "flexnpu", "status", "--json", "--runtime-dir", str(d)],
-                       capture_output=True, text=True, timeout=30, env=env, cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, "-m", "flexnpu", "status", "--json", "--runtime-dir", str(d)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        cwd=ROOT,
+    )
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert list(out) == ["daemons", "stale"]
     assert out["daemons"][0]["clients"][0]["pid"] == 5001
     assert out["stale"] == [str(d / "npu1.sock")]
 
-    p = subprocess.run([sys.executable, "-m", "flexnpu", "status", "--runtime-dir", str(d), "--device", "1"],
-                       capture_output=True, text=True, timeout=30, env=env, cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, "-m", "flexnpu", "status", "--runtime-dir", str(d), "--device", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        cwd=ROOT,
+    )
     assert p.returncode == 1 and "no answering daemon for device 1" in p.stderr
 
 
 def test_cli_no_daemons_exit_zero(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), FLEXNPU_RUNTIME_DIR=str(tmp_path / "none"))
-    p = subprocess.run([sys.executable, "-m", "flexnpu", "status"], capture_output=True, text=True,
-                       timeout=30, env=env, cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, "-m", "flexnpu", "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        cwd=ROOT,
+    )
     assert p.returncode == 0
     assert f"no FlexNPU daemons running in {tmp_path / 'none'}" in p.stdout
 
@@ -190,8 +240,14 @@ def test_real_daemon_and_client(start_daemon, runtime_dir):
         h = client.malloc(3 << 20)
         client.memcpy_h2d(h, 0, b"\x01" * (3 << 20))
         client.synchronize()
-        out = subprocess.run([sys.executable, "-m", "flexnpu", "status", "--json", "--runtime-dir", str(d)],
-                             capture_output=True, text=True, timeout=30, env=env, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-m", "flexnpu", "status", "--json", "--runtime-dir", str(d)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            cwd=ROOT,
+        )
         assert out.returncode == 0, out.stderr
         report = json.loads(out.stdout)
         assert report["stale"] == []
@@ -201,8 +257,14 @@ def test_real_daemon_and_client(start_daemon, runtime_dir):
         (me,) = info["clients"]
         assert me["pid"] == os.getpid() and me["uid"] == os.geteuid()
         assert me["memory_bytes"] >= 3 << 20 and me["memory_limit"] == 1 << 30
-        text = subprocess.run([sys.executable, "-m", "flexnpu", "status", "--runtime-dir", str(d)],
-                              capture_output=True, text=True, timeout=30, env=env, cwd=ROOT).stdout
+        text = subprocess.run(
+            [sys.executable, "-m", "flexnpu", "status", "--runtime-dir", str(d)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            cwd=ROOT,
+        ).stdout
         assert f"\n  {os.getpid()} " in text and "/ 1.0 GiB" in text, text
     assert daemon.stop() == 0
     # The daemon removed its socket: nothing running, nothing stale.

@@ -1,5 +1,6 @@
 """The daemon's policy names (flexnpu/daemon/policies.py) are the policies flexnpu.sched.policy
 implements, and every front end offers exactly those."""
+
 import argparse
 
 import pytest
@@ -30,9 +31,12 @@ def _policy_action(add_arguments, *sub: str) -> argparse.Action:
 
 
 def test_front_ends_accept_exactly_the_registered_policies():
-    for act in (_policy_action(daemon_main.add_arguments), _policy_action(cmd_run.add_arguments),
-                _policy_action(cmd_service.add_arguments, "install")):
-        assert act.type is policy_arg          # one parser for every front end
+    for act in (
+        _policy_action(daemon_main.add_arguments),
+        _policy_action(cmd_run.add_arguments),
+        _policy_action(cmd_service.add_arguments, "install"),
+    ):
+        assert act.type is policy_arg  # one parser for every front end
         for name in POLICY_NAMES:
             assert act.type(name) == name
         assert act.type("partition:0.25") == "partition:0.25"

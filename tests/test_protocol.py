@@ -1,4 +1,5 @@
 """The wire table and the launch codec: round trips, and garbage rejected cleanly."""
+
 from __future__ import annotations
 
 import random
@@ -22,23 +23,34 @@ def test_table_is_complete_and_records_fit():
 
 
 _scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1),
-    st.floats(allow_nan=False), st.text(max_size=20),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False),
+    st.text(max_size=20),
     st.sampled_from([torch.float32, torch.bfloat16, torch.int64, torch.bool]),
     st.sampled_from([torch.contiguous_format, torch.channels_last]),
 )
 _refs = st.builds(
     lambda h, nd, off, dt: TensorRef(h, dt, tuple(range(1, nd + 1)), tuple(range(nd, 0, -1)), off),
-    st.integers(1, 2**32 - 1), st.integers(0, 6), st.integers(0, 1000),
-    st.sampled_from([torch.float32, torch.float16, torch.int32]))
-_values = st.recursive(st.one_of(_scalars, _refs), lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.lists(inner, max_size=4).map(tuple)), max_leaves=12)
+    st.integers(1, 2**32 - 1),
+    st.integers(0, 6),
+    st.integers(0, 1000),
+    st.sampled_from([torch.float32, torch.float16, torch.int32]),
+)
+_values = st.recursive(
+    st.one_of(_scalars, _refs),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.lists(inner, max_size=4).map(tuple)),
+    max_leaves=12,
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(args=st.lists(_values, max_size=5).map(tuple),
-       kwargs=st.dictionaries(st.text(min_size=1, max_size=10), _values, max_size=3),
-       outs=st.lists(st.tuples(st.integers(0, 2**40), _refs), max_size=3))
+@given(
+    args=st.lists(_values, max_size=5).map(tuple),
+    kwargs=st.dictionaries(st.text(min_size=1, max_size=10), _values, max_size=3),
+    outs=st.lists(st.tuples(st.integers(0, 2**40), _refs), max_size=3),
+)
 def test_launch_round_trip(args, kwargs, outs):
     buf = P.encode_launch("aten::add.Tensor", args, kwargs, outs)
     got = P.decode_launch(buf)
@@ -49,8 +61,12 @@ def test_launch_round_trip(args, kwargs, outs):
 
 
 def test_device_arguments_are_replaced_by_the_daemon_device():
-    buf = P.encode_launch("aten::empty.memory_format", ([2, 3],), {"device": torch.device("npu", 3)
-                          if False else torch.device("cpu")}, [])
+    buf = P.encode_launch(
+        "aten::empty.memory_format",
+        ([2, 3],),
+        {"device": torch.device("npu", 3) if False else torch.device("cpu")},
+        [],
+    )
     got = P.decode_launch(buf, device="DAEMON")
     assert got.kwargs["device"] == "DAEMON"
 
@@ -71,9 +87,12 @@ def test_garbage_never_crashes_the_decoder(data):
 
 def test_bit_flipped_payloads_raise_decode_error_or_decode():
     rng = random.Random(1)
-    good = P.encode_launch("aten::mm", (TensorRef(1, torch.float32, (2, 3), (3, 1), 0),
-                                        TensorRef(2, torch.float32, (3, 4), (4, 1), 0)), {},
-                           [(32, TensorRef(3, torch.float32, (2, 4), (4, 1), 0))])
+    good = P.encode_launch(
+        "aten::mm",
+        (TensorRef(1, torch.float32, (2, 3), (3, 1), 0), TensorRef(2, torch.float32, (3, 4), (4, 1), 0)),
+        {},
+        [(32, TensorRef(3, torch.float32, (2, 4), (4, 1), 0))],
+    )
     for _ in range(3000):
         b = bytearray(good)
         for _ in range(rng.randint(1, 4)):

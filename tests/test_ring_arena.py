@@ -1,7 +1,7 @@
 """Property tests (hypothesis) for the arena allocator and record encoding."""
+
 from __future__ import annotations
 
-import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -11,10 +11,13 @@ from flexnpu.ring import Segment
 
 ARENA = 1 << 16
 
-ops = st.lists(st.one_of(
-    st.tuples(st.just("alloc"), st.integers(1, ARENA // 4), st.sampled_from([1, 8, 64, 256, 4096])),
-    st.tuples(st.just("free"), st.integers(0, 1000), st.just(0)),
-), max_size=120)
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("alloc"), st.integers(1, ARENA // 4), st.sampled_from([1, 8, 64, 256, 4096])),
+        st.tuples(st.just("free"), st.integers(0, 1000), st.just(0)),
+    ),
+    max_size=120,
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -34,7 +37,7 @@ def test_alloc_free_invariants(seq):
                 for o, n in live.items():
                     assert off + a <= o or o + n <= off, "overlap"
                 live[off] = a
-                seg.arena_view(off, a)[:] = bytes([len(live) % 256]) * a   # usable memory
+                seg.arena_view(off, a)[:] = bytes([len(live) % 256]) * a  # usable memory
             elif live:
                 off = sorted(live)[a % len(live)]
                 seg.free(off)
@@ -60,7 +63,7 @@ def test_bad_frees_are_rejected(offsets):
                 seg.free(o)
     seg.free(good)
     with pytest.raises(ValueError):
-        seg.free(good)   # double free
+        seg.free(good)  # double free
     seg.close()
 
 
@@ -93,4 +96,5 @@ def test_records_roundtrip_exactly(recs):
     out = bytearray(64 * len(recs))
     assert d.sq.pop_into(out, len(recs)) == len(recs)
     assert bytes(out) == packed
-    d.close(); c.close()
+    d.close()
+    c.close()

@@ -1,5 +1,6 @@
 """Single-process behaviour of the ring API: roles, full/empty, batches across wrap-around,
 arena views, fd passing, close/close_notify, wait_any."""
+
 from __future__ import annotations
 
 import array
@@ -12,8 +13,18 @@ import time
 import numpy as np
 import pytest
 
-from flexnpu.ring import (Doorbell, PeerClosed, RingCorrupt, RingError, Segment, call,
-                          have_futex_waitv, recv_fd, send_fd, wait_any)
+from flexnpu.ring import (
+    Doorbell,
+    PeerClosed,
+    RingCorrupt,
+    RingError,
+    Segment,
+    call,
+    have_futex_waitv,
+    recv_fd,
+    send_fd,
+    wait_any,
+)
 
 
 @pytest.fixture
@@ -38,7 +49,8 @@ def test_header_and_roles(pair):
         c.sq.pop()
     with pytest.raises(RingError, match="consumer"):
         d.sq.push(b"x")
-    c.beat(); d.beat()
+    c.beat()
+    d.beat()
     assert c.heartbeat == d.heartbeat == 2
 
 
@@ -74,23 +86,24 @@ def test_all_batch_sizes_wraparound(entries):
 
     for n in list(range(1, entries + 1)) * 3:  # every batch size, many wrap-arounds
         assert c.sq.push_batch(recs(n), n) == n
-        extra = c.sq.push_batch(recs(1), 1)    # fills the ring when there is room, else 0
+        extra = c.sq.push_batch(recs(1), 1)  # fills the ring when there is room, else 0
         if extra == 0:
             seq -= 1
-            assert n == entries                # the ring was full: nothing was taken
+            assert n == entries  # the ring was full: nothing was taken
         got = d.sq.pop_into(out, entries)
         assert got == n + extra
         for i in range(got):
             assert struct.unpack_from("<QQ", out, i * 16) == (expect, expect * 7919)
             expect += 1
     assert d.sq.pop() is None and expect == seq
-    d.close(); c.close()
+    d.close()
+    c.close()
 
 
 def test_batch_partial_fit(pair):
     c, d = pair
     assert c.sq.push_batch(b"\1" * 64 * 5, 5) == 5
-    assert c.sq.push_batch(b"\2" * 64 * 5, 5) == 3     # only 3 slots left: a prefix fits
+    assert c.sq.push_batch(b"\2" * 64 * 5, 5) == 3  # only 3 slots left: a prefix fits
     out = bytearray(64 * 8)
     assert d.sq.pop_into(out, 3) == 3
     assert d.sq.pop_into(out, 8) == 5
@@ -123,7 +136,7 @@ def test_close_is_safe_and_idempotent():
     a = c.arena_numpy(0, 16)
     c.close()
     c.close()
-    v[0] = 7            # views keep their own mapping alive past close()
+    v[0] = 7  # views keep their own mapping alive past close()
     assert a[0] == 7
     with pytest.raises(RingError, match="closed"):
         c.sq.push(b"x")
@@ -143,8 +156,8 @@ def test_arena_views_zero_copy(pair):
     a[:] = np.arange(1024, dtype=np.float32).reshape(32, 32)
     t = d.arena_torch(off, 4096, torch.float32, (32, 32))
     assert float(t.sum()) == float(a.sum())
-    t[0, 0] = -1.0                      # write through the daemon's view ...
-    assert a[0, 0] == -1.0              # ... shows in the client's array: zero copy
+    t[0, 0] = -1.0  # write through the daemon's view ...
+    assert a[0, 0] == -1.0  # ... shows in the client's array: zero copy
     assert bytes(d.arena_view(off, 4))[:4] == struct.pack("<f", -1.0)
     for bad in [(-1, 4), (0, c.arena_size + 1), (c.arena_size, 1), (2**62, 8)]:
         with pytest.raises(RingCorrupt):
@@ -177,7 +190,7 @@ def test_call_roundtrip_thread(pair):
     with pytest.raises(TimeoutError):
         call(c.sq, c.cq, b"nobody home", 0.05)
     with pytest.raises(RingError):
-        call(c.cq, c.sq, b"x", 0.01)   # wrong roles: the creator consumes cq
+        call(c.cq, c.sq, b"x", 0.01)  # wrong roles: the creator consumes cq
 
 
 @pytest.mark.parametrize("fallback", [False, True])
@@ -198,7 +211,7 @@ def test_wait_any(fallback):
     t = time.monotonic()
     assert wait_any(rings, 5.0, bell, fallback=fallback) is True
     assert time.monotonic() - t < 1.0
-    assert wait_any(rings, 0.01, bell, fallback=fallback) is False   # the ring was consumed
+    assert wait_any(rings, 0.01, bell, fallback=fallback) is False  # the ring was consumed
     assert wait_any([], 0.01, None) is False
     for s in atts + segs:
         s.close()
@@ -206,7 +219,7 @@ def test_wait_any(fallback):
 
 def test_wait_any_many_rings_sliced():
     segs = [Segment.create(sq_entries=1, cq_entries=1, arena_bytes=0) for _ in range(130)]
-    rings = [Segment.attach(s.fd).sq for s in segs]   # > 127: sliced fallback
+    rings = [Segment.attach(s.fd).sq for s in segs]  # > 127: sliced fallback
     threading.Timer(0.05, lambda: segs[129].sq.push(b"z")).start()
     t = time.monotonic()
     assert wait_any(rings, 5.0) is True
@@ -236,11 +249,21 @@ def test_send_recv_fd_and_garbage():
     a.close()
     with pytest.raises(EOFError):
         recv_fd(b)
-    b.close(); d.close(); seg.close(); os.close(r1); os.close(w1)
+    b.close()
+    d.close()
+    seg.close()
+    os.close(r1)
+    os.close(w1)
 
 
 def test_create_rejects_bad_sizes():
-    for kw in [dict(sq_entries=3), dict(cq_entries=0), dict(sqe_size=48), dict(cqe_size=4),
-               dict(sq_entries=1 << 21), dict(arena_bytes=-1)]:
+    for kw in [
+        dict(sq_entries=3),
+        dict(cq_entries=0),
+        dict(sqe_size=48),
+        dict(cqe_size=4),
+        dict(sq_entries=1 << 21),
+        dict(arena_bytes=-1),
+    ]:
         with pytest.raises(ValueError):
             Segment.create(**kw)

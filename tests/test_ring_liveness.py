@@ -1,5 +1,6 @@
 """A peer SIGKILLed mid-stream is reported as PeerDead within the documented bound, in both
 directions and with both liveness sources (pidfd, control-socket EOF)."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,9 @@ BOUND = 4 * LIVENESS_INTERVAL_S + 0.3
 
 def spawn(*args: object, fd: int) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.Popen([sys.executable, CHILD, *map(str, args)], env=env, pass_fds=(fd,),
-                         stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, CHILD, *map(str, args)], env=env, pass_fds=(fd,), stdout=subprocess.PIPE, text=True
+    )
     return p
 
 
@@ -40,6 +42,7 @@ def kill_later(p: subprocess.Popen, delay: float, box: list) -> threading.Timer:
     def k():
         box.append(time.monotonic())
         p.send_signal(signal.SIGKILL)
+
     t = threading.Timer(delay, k)
     t.start()
     return t
@@ -67,7 +70,9 @@ def test_attacher_detects_dead_creator_via_socket_eof():
         assert time.monotonic() - box[0] < BOUND
         seg.close()
     finally:
-        p.kill(); p.wait(); a.close()
+        p.kill()
+        p.wait()
+        a.close()
 
 
 def test_creator_detects_dead_producer_via_pidfd():
@@ -86,7 +91,9 @@ def test_creator_detects_dead_producer_via_pidfd():
             seg.cq.wait(None)
         assert time.monotonic() - box[0] < BOUND
     finally:
-        p.kill(); p.wait(); seg.close()
+        p.kill()
+        p.wait()
+        seg.close()
 
 
 def test_call_detects_dead_daemon_and_zombie_counts_as_dead():
@@ -99,13 +106,15 @@ def test_call_detects_dead_daemon_and_zombie_counts_as_dead():
         wait_ready(p)
         box: list = []
         t0 = time.monotonic()
-        os.kill(p.pid, signal.SIGKILL)   # no wait(): stays a zombie until the finally
+        os.kill(p.pid, signal.SIGKILL)  # no wait(): stays a zombie until the finally
         box.append(t0)
         with pytest.raises(PeerDead):
             call(seg.sq, seg.cq, b"request", 10.0)
         assert time.monotonic() - box[0] < BOUND
     finally:
-        p.kill(); p.wait(); seg.close()
+        p.kill()
+        p.wait()
+        seg.close()
 
 
 def test_producer_waiting_for_space_detects_dead_consumer():
@@ -123,13 +132,17 @@ def test_producer_waiting_for_space_detects_dead_consumer():
             seg.sq.push_wait(b"3", 10.0)
         assert time.monotonic() - box[0] < BOUND
     finally:
-        p.kill(); p.wait(); seg.close(); a.close(); b.close()
+        p.kill()
+        p.wait()
+        seg.close()
+        a.close()
+        b.close()
 
 
 def test_wait_without_dead_peer_times_out_normally():
     seg = Segment.create(arena_bytes=0)
     seg.set_peer(pid=os.getpid())
     t = time.monotonic()
-    assert seg.cq.wait(3 * LIVENESS_INTERVAL_S) is False   # several liveness checks, all alive
+    assert seg.cq.wait(3 * LIVENESS_INTERVAL_S) is False  # several liveness checks, all alive
     assert time.monotonic() - t >= 3 * LIVENESS_INTERVAL_S * 0.9
     seg.close()

@@ -1,5 +1,6 @@
 """Two real processes over one segment: order and checksums across wrap-around, full and
 empty rings and all batch sizes; sleep/wake with random pauses (a lost wake-up times out)."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,9 @@ M64 = (1 << 64) - 1
 
 def spawn(*args: object, fd: int) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.Popen([sys.executable, CHILD, *map(str, args)], env=env, pass_fds=(fd,),
-                            stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, CHILD, *map(str, args)], env=env, pass_fds=(fd,), stdout=subprocess.PIPE, text=True
+    )
 
 
 @pytest.mark.parametrize("cq_entries,total", [(16, 300_000), (1024, 2_000_000)])

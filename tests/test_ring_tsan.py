@@ -2,6 +2,7 @@
 batches and pauses, futex sleeps. Our stand-in for a weakly ordered CPU: a missing
 release/acquire pair is a data race on the slot bytes, which TSan reports. A second build
 with the ordering deliberately broken proves the check can fail."""
+
 from __future__ import annotations
 
 import shutil
@@ -19,9 +20,25 @@ def _built(extra: list[str] | None = None, tmp=None):
         pytest.skip("gcc not found")
     if extra:
         exe = str(tmp / "ringpp-broken")
-        p = subprocess.run(["gcc", "-O1", "-g", "-std=gnu11", "-pthread", "-fsanitize=thread",
-                            *extra, "-I", HERE, f"{HERE}/ringpp.c", "-o", exe],
-                           capture_output=True, text=True, timeout=120)
+        p = subprocess.run(
+            [
+                "gcc",
+                "-O1",
+                "-g",
+                "-std=gnu11",
+                "-pthread",
+                "-fsanitize=thread",
+                *extra,
+                "-I",
+                HERE,
+                f"{HERE}/ringpp.c",
+                "-o",
+                exe,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if p.returncode != 0:
             pytest.skip(f"cannot build with -fsanitize=thread (libtsan missing?): {p.stderr[-300:]}")
         return exe
@@ -33,8 +50,9 @@ def _built(extra: list[str] | None = None, tmp=None):
 
 def test_no_race_under_tsan():
     exe = _built()
-    p = subprocess.run([exe, "threads", "300000"], capture_output=True, text=True, timeout=120,
-                       env=SANITIZER_OPTS)
+    p = subprocess.run(
+        [exe, "threads", "300000"], capture_output=True, text=True, timeout=120, env=SANITIZER_OPTS
+    )
     assert "WARNING: ThreadSanitizer" not in p.stderr, p.stderr[:4000]
     assert p.returncode == 0, p.stdout + p.stderr[-2000:]
     assert '"producer_ok": 1, "consumer_ok": 1' in p.stdout
@@ -42,6 +60,7 @@ def test_no_race_under_tsan():
 
 def test_tsan_catches_broken_ordering(tmp_path):
     exe = _built(["-DFX_BROKEN_ORDERING"], tmp_path)
-    p = subprocess.run([exe, "threads", "100000"], capture_output=True, text=True, timeout=120,
-                       env=SANITIZER_OPTS)
+    p = subprocess.run(
+        [exe, "threads", "100000"], capture_output=True, text=True, timeout=120, env=SANITIZER_OPTS
+    )
     assert "WARNING: ThreadSanitizer: data race" in p.stderr

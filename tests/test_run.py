@@ -1,4 +1,5 @@
 """`flexnpu run` end to end: real programs, real embedded or running daemons."""
+
 from __future__ import annotations
 
 import os
@@ -9,7 +10,6 @@ import textwrap
 import time
 
 import psutil
-import pytest
 
 from conftest import ROOT, child_env
 
@@ -20,15 +20,30 @@ def flexnpu_run(args: list[str], runtime_dir=None, timeout: float = 300, **kw) -
     env = child_env(runtime_dir)
     if runtime_dir is None:
         env["FLEXNPU_RUNTIME_DIR"] = str(kw.pop("empty_dir"))
-    return subprocess.run(FLEXNPU + ["run", "--backend", "cpu", "--idle-grace", "1", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, **kw)
+    return subprocess.run(
+        FLEXNPU + ["run", "--backend", "cpu", "--idle-grace", "1", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        **kw,
+    )
 
 
 def test_exit_code_and_environment_pass_through(tmp_path):
-    r = flexnpu_run(["--", sys.executable, "-c", textwrap.dedent("""
+    r = flexnpu_run(
+        [
+            "--",
+            sys.executable,
+            "-c",
+            textwrap.dedent("""
         import os, sys
         print(os.environ["FLEXNPU_DEVICES"], os.environ["FLEXNPU_PHASE"])
-        sys.exit(7)""")], empty_dir=tmp_path)
+        sys.exit(7)"""),
+        ],
+        empty_dir=tmp_path,
+    )
     assert r.returncode == 7, r.stderr
     assert r.stdout.split() == ["0", "auto"]
 
@@ -36,21 +51,28 @@ def test_exit_code_and_environment_pass_through(tmp_path):
 def test_missing_program_and_bad_daemon_path_are_explained(tmp_path):
     r = flexnpu_run(["--", "no-such-program-xyz"], empty_dir=tmp_path)
     assert r.returncode == 127 and "command not found" in r.stderr
-    r = flexnpu_run(["--daemon", str(tmp_path / "nowhere"), "--", sys.executable, "-c", "pass"], empty_dir=tmp_path)
+    r = flexnpu_run(
+        ["--daemon", str(tmp_path / "nowhere"), "--", sys.executable, "-c", "pass"], empty_dir=tmp_path
+    )
     assert r.returncode == 2 and "no daemon for device 0" in r.stderr
 
 
 def test_embedded_daemon_starts_in_the_runtime_folder_and_exits_when_idle(tmp_path):
     code = "import os, time; print(os.environ['FLEXNPU_RUNTIME_DIR'], flush=True); time.sleep(0.5)"
     env = child_env(tmp_path)
-    p = subprocess.Popen(FLEXNPU + ["run", "--backend", "cpu", "--idle-grace", "0.5", "--", sys.executable, "-c", code],
-                         env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    p = subprocess.Popen(
+        FLEXNPU + ["run", "--backend", "cpu", "--idle-grace", "0.5", "--", sys.executable, "-c", code],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     rdir = p.stdout.readline().strip()
     assert rdir == str(tmp_path) and os.path.exists(os.path.join(rdir, "npu0.sock"))
     daemons = [c for c in psutil.Process(p.pid).children(recursive=True) if "daemon" in " ".join(c.cmdline())]
     assert len(daemons) == 1 and "--embedded" in daemons[0].cmdline()
     assert p.wait(60) == 0
-    daemons[0].wait(60)           # no client, no run holding it: it leaves after the grace
+    daemons[0].wait(60)  # no client, no run holding it: it leaves after the grace
     assert not os.path.exists(os.path.join(rdir, "npu0.sock"))
 
 
@@ -60,8 +82,13 @@ def test_signals_reach_the_program(tmp_path):
         signal.signal(signal.SIGTERM, lambda *a: sys.exit(3))
         print("ready", flush=True)
         time.sleep(60)""")
-    p = subprocess.Popen(FLEXNPU + ["run", "--backend", "cpu", "--", sys.executable, "-c", code],
-                         env=child_env(tmp_path), stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    p = subprocess.Popen(
+        FLEXNPU + ["run", "--backend", "cpu", "--", sys.executable, "-c", code],
+        env=child_env(tmp_path),
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     assert p.stdout.readline().strip() == "ready"
     p.send_signal(signal.SIGTERM)
     assert p.wait(60) == 3
@@ -88,8 +115,14 @@ def test_pyacl_example_runs_unmodified(tmp_path):
 
 
 def _plain_tokens() -> list[str]:
-    r = subprocess.run([sys.executable, "examples/generate.py"], env=child_env(), capture_output=True,
-                       text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "examples/generate.py"],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
     assert "device: cpu" in r.stdout
     return [ln for ln in r.stdout.splitlines() if ln.startswith("tokens:")]
@@ -105,8 +138,10 @@ def test_generate_example_gives_the_cpu_tokens(tmp_path):
 def test_two_programs_share_one_daemon(daemon, runtime_dir):
     env = child_env(runtime_dir)
     cmd = FLEXNPU + ["run", "--", sys.executable, "examples/generate.py", "--new-tokens", "12"]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
@@ -130,8 +165,15 @@ def test_daemon_gone_gives_a_clear_error(daemon, runtime_dir):
         except Exception as e:
             print("ERROR", type(e).__name__, e, flush=True)
             sys.exit(5)""")
-    p = subprocess.Popen(FLEXNPU + ["run", "--", sys.executable, "-c", code], env=child_env(runtime_dir),
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    p = subprocess.Popen(
+        FLEXNPU + ["run", "--", sys.executable, "-c", code],
+        env=child_env(runtime_dir),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     assert p.stdout.readline().strip() == "ready"
     os.kill(daemon.pid, signal.SIGKILL)
     daemon.proc.wait(10)
@@ -143,8 +185,14 @@ def test_daemon_gone_gives_a_clear_error(daemon, runtime_dir):
 
 
 def test_pd_handoff_example_shares_the_kv_cache(tmp_path):
-    plain = subprocess.run([sys.executable, "examples/pd_handoff.py"], env=child_env(), capture_output=True,
-                           text=True, timeout=300, cwd=ROOT)
+    plain = subprocess.run(
+        [sys.executable, "examples/pd_handoff.py"],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert plain.returncode == 0, plain.stderr
     r = flexnpu_run(["--", sys.executable, "examples/pd_handoff.py"], empty_dir=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -1,6 +1,7 @@
 """One daemon per device however started (issue 15 item 1): `flexnpu run` programs of one user
 share the embedded daemon in the user's runtime folder, which `flexnpu status` sees and which
 exits a grace period after its last client left. Real processes throughout."""
+
 from __future__ import annotations
 
 import json
@@ -26,10 +27,29 @@ c.close()
 
 def _runs(n: int, rdir, go, grace: float = 1.0) -> list[subprocess.Popen]:
     env = child_env(rdir)
-    return [subprocess.Popen(FLEXNPU + ["run", "--backend", "cpu", "--idle-grace", str(grace), "--",
-                                        sys.executable, "-c", PROGRAM, str(go)],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-            for _ in range(n)]
+    return [
+        subprocess.Popen(
+            FLEXNPU
+            + [
+                "run",
+                "--backend",
+                "cpu",
+                "--idle-grace",
+                str(grace),
+                "--",
+                sys.executable,
+                "-c",
+                PROGRAM,
+                str(go),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for _ in range(n)
+    ]
 
 
 def _attached_pids(procs: list[subprocess.Popen]) -> list[int]:
@@ -42,8 +62,14 @@ def _attached_pids(procs: list[subprocess.Popen]) -> list[int]:
 
 
 def _status(rdir) -> dict:
-    r = subprocess.run(FLEXNPU + ["status", "--json"], env=child_env(rdir), capture_output=True, text=True,
-                       timeout=60, cwd=ROOT)
+    r = subprocess.run(
+        FLEXNPU + ["status", "--json"],
+        env=child_env(rdir),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -76,8 +102,9 @@ def test_two_runs_share_one_embedded_daemon_that_exits_after_both(tmp_path):
         d = report["daemons"][0]
         assert d["embedded"] is True and d["pid"] == pids[0]
         assert len(d["clients"]) == 2
-        text = subprocess.run(FLEXNPU + ["status"], env=child_env(rdir), capture_output=True, text=True,
-                              timeout=60, cwd=ROOT).stdout
+        text = subprocess.run(
+            FLEXNPU + ["status"], env=child_env(rdir), capture_output=True, text=True, timeout=60, cwd=ROOT
+        ).stdout
         assert "embedded" in text
         _finish(procs, go)
     finally:
@@ -86,7 +113,7 @@ def test_two_runs_share_one_embedded_daemon_that_exits_after_both(tmp_path):
                 p.kill()
     daemon = psutil.Process(pids[0]) if psutil.pid_exists(pids[0]) else None
     if daemon is not None:
-        daemon.wait(60)       # the grace period is 1 s; the drain at exit takes a moment
+        daemon.wait(60)  # the grace period is 1 s; the drain at exit takes a moment
     assert not (rdir / "npu0.sock").exists()
     assert _status(rdir)["daemons"] == []
 
@@ -115,10 +142,22 @@ def test_later_run_reuses_the_daemon_within_its_grace(tmp_path):
     rdir = tmp_path / "run"
     env = child_env(rdir)
     code = "from flexnpu.client import Client; print(Client(0).daemon_pid)"
-    first = subprocess.run(FLEXNPU + ["run", "--backend", "cpu", "--idle-grace", "30", "--", sys.executable, "-c", code],
-                           env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    second = subprocess.run(FLEXNPU + ["run", "--backend", "cpu", "--", sys.executable, "-c", code],
-                            env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    first = subprocess.run(
+        FLEXNPU + ["run", "--backend", "cpu", "--idle-grace", "30", "--", sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    second = subprocess.run(
+        FLEXNPU + ["run", "--backend", "cpu", "--", sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert first.stdout.strip() == second.stdout.strip()
     for p in _daemons_serving(rdir):
@@ -143,11 +182,11 @@ def test_system_daemon_wins_over_an_embedded_one(tmp_path, monkeypatch):
         try:
             new = Client(0)
             assert new.daemon_pid == system.pid
-            h = old.malloc(64)                       # the old client is still served
+            h = old.malloc(64)  # the old client is still served
             old.memcpy_h2d(h, 0, b"\x07" * 64)
             assert old.memcpy_d2h(h, 0, 64) == b"\x07" * 64
             old.close()
-            emb.proc.wait(60)                        # retired: exits once its last client left
+            emb.proc.wait(60)  # retired: exits once its last client left
             new.close()
         finally:
             system.stop()

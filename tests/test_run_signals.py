@@ -5,6 +5,7 @@ must not deliver it a second time, or the program's `finally` is interrupted. Re
 new session on a pseudo-terminal whose ^C the kernel's tty driver turns into SIGINT, and a
 SIGINT sent to the process group as a shell's job control would.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -16,7 +17,6 @@ import sys
 import tempfile
 import termios
 import time
-from pathlib import Path
 
 import pytest
 
@@ -38,17 +38,22 @@ finally:
 
 def _start(cmd: list[str], env: dict, use_pty: bool) -> tuple[subprocess.Popen, int | None]:
     if not use_pty:
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
+        p = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         return p, None
     master, slave = pty.openpty()
 
-    def controlling_tty() -> None:     # new session, the pty as its controlling terminal
+    def controlling_tty() -> None:  # new session, the pty as its controlling terminal
         os.setsid()
         fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
 
-    p = subprocess.Popen(cmd, env=env, stdin=slave, stdout=slave, stderr=slave,
-                         preexec_fn=controlling_tty)
+    p = subprocess.Popen(cmd, env=env, stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_tty)
     os.close(slave)
     return p, master
 
@@ -76,15 +81,29 @@ def test_interrupt_reaches_program_once(daemon, tmp_path, how):
     env = child_env(daemon.runtime_dir)
     for i in range(3):
         marker = tmp_path / f"clean{i}"
-        p, master = _start([sys.executable, "-m", "flexnpu", "run", "--daemon", str(daemon.runtime_dir), "--",
-                            sys.executable, str(prog), str(marker)], env, use_pty=how == "tty")
+        p, master = _start(
+            [
+                sys.executable,
+                "-m",
+                "flexnpu",
+                "run",
+                "--daemon",
+                str(daemon.runtime_dir),
+                "--",
+                sys.executable,
+                str(prog),
+                str(marker),
+            ],
+            env,
+            use_pty=how == "tty",
+        )
         try:
             out = _read_until(p, master, b"READY")
             time.sleep(0.2)
             if how == "tty":
-                os.write(master, b"\x03")                # the tty driver sends SIGINT to the group
+                os.write(master, b"\x03")  # the tty driver sends SIGINT to the group
             else:
-                os.killpg(p.pid, signal.SIGINT)         # as a shell's job control would
+                os.killpg(p.pid, signal.SIGINT)  # as a shell's job control would
             rc = p.wait(60)
             if master is not None:
                 try:
@@ -103,7 +122,9 @@ def test_interrupt_reaches_program_once(daemon, tmp_path, how):
                 os.close(master)
             elif p.stdout:
                 p.stdout.close()
-        assert marker.exists() and marker.read_text() == "clean", f"run {i}: cleanup interrupted: {out[-2000:]!r}"
+        assert marker.exists() and marker.read_text() == "clean", (
+            f"run {i}: cleanup interrupted: {out[-2000:]!r}"
+        )
         assert rc in (1, 130), (rc, out[-2000:])
 
 
@@ -112,13 +133,27 @@ def test_sigterm_to_run_is_forwarded(daemon, tmp_path):
     prog.write_text(PROGRAM)
     marker = tmp_path / "clean"
     env = child_env(daemon.runtime_dir)
-    p, _ = _start([sys.executable, "-m", "flexnpu", "run", "--daemon", str(daemon.runtime_dir), "--",
-                   sys.executable, "-c",
-                   "import signal, sys; signal.signal(signal.SIGTERM, lambda *a: sys.exit(7)); " + PROGRAM.replace("\n", "\n"),
-                   str(marker)], env, use_pty=False)
+    p, _ = _start(
+        [
+            sys.executable,
+            "-m",
+            "flexnpu",
+            "run",
+            "--daemon",
+            str(daemon.runtime_dir),
+            "--",
+            sys.executable,
+            "-c",
+            "import signal, sys; signal.signal(signal.SIGTERM, lambda *a: sys.exit(7)); "
+            + PROGRAM.replace("\n", "\n"),
+            str(marker),
+        ],
+        env,
+        use_pty=False,
+    )
     try:
         _read_until(p, None, b"READY")
-        p.send_signal(signal.SIGTERM)                  # to flexnpu run alone, not the group
+        p.send_signal(signal.SIGTERM)  # to flexnpu run alone, not the group
         assert p.wait(60) == 7
     finally:
         if p.poll() is None:
@@ -138,12 +173,17 @@ def test_unexecutable_program_leaves_no_temp_folder(tmp_path):
     script.write_text("#!/bin/sh\necho hi\n")
     script.chmod(0o644)
     env = child_env(rdir, TMPDIR=str(tmp), FLEXNPU_BACKEND="cpu")
-    r = subprocess.run([sys.executable, "-m", "flexnpu", "run", "--", str(script)], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "flexnpu", "run", "--", str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 126, r.stdout + r.stderr
     assert "cannot start" in r.stderr
     assert [p.name for p in tmp.iterdir() if p.name.startswith("flexnpu-")] == []
-    deadline = time.monotonic() + 60          # the shared embedded daemon leaves after its grace
+    deadline = time.monotonic() + 60  # the shared embedded daemon leaves after its grace
     while list(rdir.glob("npu*.sock")) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not list(rdir.glob("npu*.sock"))

@@ -4,6 +4,7 @@ Real processes: a daemon asked to bind into a hostile folder, a client attaching
 daemon run under another uid, and a process whose effective uid is an unprivileged user looking
 for its default folder in a shared temp directory someone else pre-created.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, child_env
+from conftest import child_env
 
 NOBODY = 65534
 ATTACKER = 1000
@@ -39,15 +40,22 @@ def _as_nobody(code: str, tmpdir: Path) -> subprocess.CompletedProcess:
     for k in ("FLEXNPU_RUNTIME_DIR", "XDG_RUNTIME_DIR", "FLEXNPU_DAEMON_UID"):
         env.pop(k, None)
     env["TMPDIR"] = str(tmpdir)
-    prog = textwrap.dedent("""
+    prog = (
+        textwrap.dedent(
+            """
         import os, sys
         from flexnpu import paths
         os.setegid(%d); os.seteuid(%d)
         try:
-    """ % (NOBODY, NOBODY)) + textwrap.indent(textwrap.dedent(code), "    ") + textwrap.dedent("""
+    """
+            % (NOBODY, NOBODY)
+        )
+        + textwrap.indent(textwrap.dedent(code), "    ")
+        + textwrap.dedent("""
         except paths.UnsafeRuntimeDir as e:
             print("REFUSED", e); sys.exit(3)
     """)
+    )
     return subprocess.run([sys.executable, "-c", prog], env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -103,8 +111,13 @@ def test_daemon_refuses_to_bind_in_hostile_folder(shared_tmp):
     hostile.mkdir()
     os.chmod(hostile, 0o777)
     os.chown(hostile, ATTACKER, ATTACKER)
-    r = subprocess.run([sys.executable, "-m", "flexnpu", "daemon", "--backend", "cpu", "--runtime-dir",
-                        str(hostile)], env=child_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "flexnpu", "daemon", "--backend", "cpu", "--runtime-dir", str(hostile)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"belongs to uid {ATTACKER}" in r.stderr
     assert not list(hostile.iterdir())
@@ -142,8 +155,9 @@ def test_client_checks_daemon_credentials(tmp_path, monkeypatch, trusted):
     rdir = tmp_path / "run"
     rdir.mkdir(mode=0o755)
     sock = rdir / "npu0.sock"
-    fake = subprocess.Popen([sys.executable, "-c", FAKE_DAEMON, str(sock)], stdout=subprocess.PIPE,
-                            text=True, env=child_env())
+    fake = subprocess.Popen(
+        [sys.executable, "-c", FAKE_DAEMON, str(sock)], stdout=subprocess.PIPE, text=True, env=child_env()
+    )
     try:
         assert fake.stdout.readline().strip() == "LISTENING"
         monkeypatch.setenv("FLEXNPU_RUNTIME_DIR", str(rdir))
@@ -159,7 +173,7 @@ def test_client_checks_daemon_credentials(tmp_path, monkeypatch, trusted):
         fake.wait()
     got = int(out.split("GOT")[1])
     if trusted:
-        assert got > 0          # we named that uid, so the attach request went out
+        assert got > 0  # we named that uid, so the attach request went out
     else:
         assert got == 0, "the client sent bytes to a daemon run by another user"
         assert f"runs as uid {NOBODY}" in str(ei.value) and "FLEXNPU_DAEMON_UID" in str(ei.value)

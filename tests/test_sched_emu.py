@@ -5,10 +5,20 @@ from flexnpu.sched.emu import EmuDevice
 from flexnpu.sched.specs import DeviceSpec
 
 # A round-numbered device: 100 TFLOP/s, 1 TB/s, no efficiency losses, 0 launch, issue_frac 0.25
-SPEC = DeviceSpec("t", {"bfloat16": 100e12, "float32": 100e12}, 1e12, 64e9, 0.0, 1e11,
-                  gemm_eff=1.0, bw_eff=1.0, link_eff=1.0, issue_frac=0.25)
-COMPUTE = Cost(flops=100e9, bytes=100e6, op_class="gemm")       # 1 ms compute, 0.1 ms memory
-MEMORY = Cost(flops=1e9, bytes=1e9, op_class="attention")       # 0.01 ms compute, 1 ms memory
+SPEC = DeviceSpec(
+    "t",
+    {"bfloat16": 100e12, "float32": 100e12},
+    1e12,
+    64e9,
+    0.0,
+    1e11,
+    gemm_eff=1.0,
+    bw_eff=1.0,
+    link_eff=1.0,
+    issue_frac=0.25,
+)
+COMPUTE = Cost(flops=100e9, bytes=100e6, op_class="gemm")  # 1 ms compute, 0.1 ms memory
+MEMORY = Cost(flops=1e9, bytes=1e9, op_class="attention")  # 0.01 ms compute, 1 ms memory
 TOL = 1e-6  # exact model: the emulator must reproduce the closed-form numbers
 
 
@@ -64,8 +74,8 @@ def test_same_stream_is_serial_and_real_time_drive():
     k1 = d.submit("s", MEMORY, 100.0)
     k2 = d.submit("s", MEMORY, 100.0)
     assert d.next_event_time() == pytest.approx(100.001, rel=1e-12)
-    assert d.advance(100.0005) == []          # nothing due yet
-    k3 = d.submit("t", MEMORY, 100.0005)      # joins mid-flight: shares memory with k1
+    assert d.advance(100.0005) == []  # nothing due yet
+    k3 = d.submit("t", MEMORY, 100.0005)  # joins mid-flight: shares memory with k1
     done = d.advance(100.01)
     assert done[0] is k1 and set(done) == {k1, k2, k3}
     assert k2.started == pytest.approx(k1.finished) and k1.finished > 100.001  # slowed by k3
@@ -90,7 +100,7 @@ def test_core_share_is_a_hard_cap_even_on_an_idle_device():
     d.set_partition({"p": 0.5})
     k = d.submit("p", COMPUTE, 0.0)
     run(d)
-    assert k.finished == pytest.approx(2e-3, rel=TOL)     # half the cores: twice the time, alone
+    assert k.finished == pytest.approx(2e-3, rel=TOL)  # half the cores: twice the time, alone
     assert k.solo_s == pytest.approx(2e-3, rel=TOL)
 
 
@@ -124,7 +134,7 @@ def test_partitions_isolate_compute_and_share_bandwidth_work_conserving():
 
 def test_two_capped_streams_never_exceed_the_device():
     d = EmuDevice(NOSWITCH)
-    d.set_partition({"a": 0.8, "b": 0.8})   # oversubscribed shares still contend for one device
+    d.set_partition({"a": 0.8, "b": 0.8})  # oversubscribed shares still contend for one device
     a, b = d.submit("a", COMPUTE, 0.0), d.submit("b", COMPUTE, 0.0)
     run(d)
     assert a.finished == pytest.approx(2e-3, rel=TOL) and b.finished == pytest.approx(2e-3, rel=TOL)
@@ -133,10 +143,10 @@ def test_two_capped_streams_never_exceed_the_device():
 def test_share_applies_at_operator_boundaries_and_a_change_costs():
     spec = DeviceSpec(**{**SPEC.__dict__, "repartition_s": 50e-6})
     d = EmuDevice(spec)
-    k1 = d.submit("s", COMPUTE, 0.0)              # unpartitioned
-    d.set_partition({"s": 0.5})                   # while k1 runs: k1 keeps the whole device
+    k1 = d.submit("s", COMPUTE, 0.0)  # unpartitioned
+    d.set_partition({"s": 0.5})  # while k1 runs: k1 keeps the whole device
     k2 = d.submit("s", COMPUTE, 0.0)
-    k3 = d.submit("s", COMPUTE, 0.0)              # same share as k2: no further cost
+    k3 = d.submit("s", COMPUTE, 0.0)  # same share as k2: no further cost
     run(d)
     assert k1.duration == pytest.approx(1e-3, rel=TOL)
     assert k2.duration == pytest.approx(2e-3 + 50e-6, rel=TOL)

@@ -1,10 +1,18 @@
 import pytest
 
 from flexnpu.sched.costmodel import CostModel, attention_cost, matmul_cost
-from flexnpu.sched.policy import StaticPartitionPolicy, DeviceState, FlexPolicy, Op, Phase, StreamQueue, make_policy
+from flexnpu.sched.policy import (
+    StaticPartitionPolicy,
+    DeviceState,
+    FlexPolicy,
+    Op,
+    Phase,
+    StreamQueue,
+    make_policy,
+)
 from flexnpu.sched.specs import get_spec
 
-PRE = matmul_cost(2048, 3584, 3584, "bf16")                          # ~1000 FLOP/B
+PRE = matmul_cost(2048, 3584, 3584, "bf16")  # ~1000 FLOP/B
 DEC = attention_cost(32, 1, 2000, 28, 4, 128, "bf16", causal=False)  # ~5 FLOP/B
 
 
@@ -24,7 +32,7 @@ def test_fifo_is_arrival_order_and_respects_depth():
         q.push(Op(c, 0.0))
     out = p.select([a, b], d, 0.0)
     assert [x.queue.key for x in out] == ["a", "b", "a"]
-    assert p.select([a, b], d, 0.0) == []        # device queue full
+    assert p.select([a, b], d, 0.0) == []  # device queue full
     p.complete(out[0].op, d, 1.0)
     assert [x.queue.key for x in p.select([a, b], d, 1.0)] == ["b"]
 
@@ -109,13 +117,14 @@ def test_make_policy_rejects_unknown():
 
 # ---------------------------------------------------------------- core shares (the hardware lever)
 
+
 def test_flex_shares_only_while_both_phases_have_work():
     p = FlexPolicy()
-    assert p.shares(decode_busy=True, prefill_busy=False) == (None, None)    # whole device
+    assert p.shares(decode_busy=True, prefill_busy=False) == (None, None)  # whole device
     assert p.shares(decode_busy=False, prefill_busy=True) == (None, None)
     d, pre = p.shares(True, True)
-    assert d + pre == pytest.approx(1.0)                                     # conservation
-    assert FlexPolicy(partition=False).shares(True, True) == (None, None)    # cpu: ordering only
+    assert d + pre == pytest.approx(1.0)  # conservation
+    assert FlexPolicy(partition=False).shares(True, True) == (None, None)  # cpu: ordering only
     # decode alone on the device: its ops carry no share
     p2, dv = FlexPolicy(), dev()
     dq = StreamQueue("dec", phase="decode")
@@ -138,16 +147,16 @@ def test_flex_shares_stay_on_the_grid_and_within_floors():
         assert p.min_decode_share <= p.decode_share <= p.max_decode_share
         assert p.prefill_slots >= p.min_prefill_slots
     for key, share in seen:
-        assert share is not None and (share * 8) == pytest.approx(round(share * 8))   # 1/8 grid
-        assert 1 / 8 <= share <= 7 / 8                                                # neither starves
-    assert {s for k, s in seen if k == "dec"} >= {1 / 8, 7 / 8}   # both floors were reached
+        assert share is not None and (share * 8) == pytest.approx(round(share * 8))  # 1/8 grid
+        assert 1 / 8 <= share <= 7 / 8  # neither starves
+    assert {s for k, s in seen if k == "dec"} >= {1 / 8, 7 / 8}  # both floors were reached
 
 
 def test_static_partition_is_fixed_and_not_work_conserving():
     p, d = StaticPartitionPolicy(alpha=0.75), dev()
     pre, dec = StreamQueue("pre", phase="prefill"), StreamQueue("dec", phase="decode")
     fill(pre, PRE, 3)
-    out = p.select([pre], d, 0.0)          # prefill alone still runs on its 3/4
+    out = p.select([pre], d, 0.0)  # prefill alone still runs on its 3/4
     assert [x.share for x in out] == [0.75] * 3
     fill(dec, DEC, 2, t0=10)
     assert [x.share for x in p.select([pre, dec], d, 0.0)] == [0.25, 0.25]

@@ -2,6 +2,7 @@
 
 The end-to-end test runs the real benchmark (daemons, client processes, rings, the flex policy,
 IPC export/import) with a tiny request count; the router tests check the dispatch rule alone."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,14 @@ SYSTEMS = {"static-partition", "naive-coloc", "static-coloc", "flexnpu", "static
 
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_every_system_spans_the_same_devices(n):
-    for system, p in (("static-coloc", 0), ("flexnpu", 0), ("static-partition", 0), ("naive-coloc", 0),
-                      ("static-disagg", 1), ("static-disagg", n - 1)):
+    for system, p in (
+        ("static-coloc", 0),
+        ("flexnpu", 0),
+        ("static-partition", 0),
+        ("naive-coloc", 0),
+        ("static-disagg", 1),
+        ("static-disagg", n - 1),
+    ):
         engines, entry, decoders = plan_engines(system, n, p)
         assert sorted({e["device"] for e in engines}) == list(range(n)), system
     engines, _, _ = plan_engines("flexnpu", n, 0)
@@ -36,36 +43,57 @@ def test_every_system_spans_the_same_devices(n):
 def test_router_sends_to_the_least_loaded_device():
     _, entry, _ = plan_engines("flexnpu", 2, 0)
     r = Router(entry, [], {1: 4000, 2: 100, 3: 100, 4: 100})
-    assert r.pick_entry(1) == 0                 # tie: lowest device, its prefill instance
-    assert r.pick_entry(2) == 2                 # device 0 has 4000 prompt tokens queued
-    assert r.pick_entry(3) == 2                 # 164 + 164 < 4064
-    r.first(0, 1)                               # prompt 1 prefilled; it still decodes on device 0
+    assert r.pick_entry(1) == 0  # tie: lowest device, its prefill instance
+    assert r.pick_entry(2) == 2  # device 0 has 4000 prompt tokens queued
+    assert r.pick_entry(3) == 2  # 164 + 164 < 4064
+    r.first(0, 1)  # prompt 1 prefilled; it still decodes on device 0
     assert r._load(0) == 64
     assert r.pick_entry(4) == 0
-    r.done(1, 1)                                # finished by the decode instance of device 0
+    r.done(1, 1)  # finished by the decode instance of device 0
     assert r._load(0) == 164 and r._load(1) == 328
 
 
 def test_router_disagg_hands_off_to_the_emptiest_decoder():
     _, entry, decoders = plan_engines("static-disagg", 4, 2)
-    r = Router(entry, decoders, {i: 500 for i in range(5)})
+    r = Router(entry, decoders, dict.fromkeys(range(5), 500))
     assert [r.pick_entry(i) for i in range(3)] == [0, 1, 0]
-    r.first(0, 0)                               # handed off: no longer load on prefill device 0
+    r.first(0, 0)  # handed off: no longer load on prefill device 0
     assert r._load(0) == 564 and r._load(1) == 564
     assert r.pick_decoder(0) == 2 and r.pick_decoder(2) == 3 and r.pick_decoder(1) == 2
     r.done(2, 0)
     assert r.pick_decoder(3) == 2
 
 
-@pytest.mark.timing   # engines on real-time emulated devices
+@pytest.mark.timing  # engines on real-time emulated devices
 def test_realtime_bench_end_to_end():
     # seed 3: outputs <= 166 tokens keep the run short; prompts up to 4147 tokens still need
     # several 2048-token prefill chunks in static-coloc and flexnpu
     n_dev, n_req = 2, 4
-    proc = subprocess.run([sys.executable, "-m", "flexnpu", "bench", "serve", "--realtime", "--quick", "--json",
-                           "--devices", str(n_dev), "--requests", str(n_req), "--seed", "3", "--alphas", "0.75"],
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=900)   # a safety net: a busy shared host is slow
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flexnpu",
+            "bench",
+            "serve",
+            "--realtime",
+            "--quick",
+            "--json",
+            "--devices",
+            str(n_dev),
+            "--requests",
+            str(n_req),
+            "--seed",
+            "3",
+            "--alphas",
+            "0.75",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # a safety net: a busy shared host is slow
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["mode"] == "realtime" and out["emulated"] is True and out["devices"] == n_dev

@@ -56,20 +56,46 @@ def test_more_load_is_never_faster():
 
 def test_bench_serve_json_shape(capsys):
     from flexnpu.bench import serve
-    rc = serve.main(["--quick", "--json", "--workloads", "chat", "--devices", "2", "--capacity-duration", "4",
-                     "--jobs", "2", "--alphas", "0.75", "--coloc-budgets", "2048", "--flex-chunks", "1024"])
+
+    rc = serve.main(
+        [
+            "--quick",
+            "--json",
+            "--workloads",
+            "chat",
+            "--devices",
+            "2",
+            "--capacity-duration",
+            "4",
+            "--jobs",
+            "2",
+            "--alphas",
+            "0.75",
+            "--coloc-budgets",
+            "2048",
+            "--flex-chunks",
+            "1024",
+        ]
+    )
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["quick"] is True and doc["emulated"] is True
     systems = {r["system"] for r in doc["runs"]}
-    assert systems == {"static-partition", "naive-coloc", "static-coloc", "decode-first", "static-disagg", "flexnpu"}
+    assert systems == {
+        "static-partition",
+        "naive-coloc",
+        "static-coloc",
+        "decode-first",
+        "static-disagg",
+        "flexnpu",
+    }
     for r in doc["runs"]:
         assert r["emulated"] is True and r["workload"] == "chat"
         assert 0 <= r["slo_attainment"] <= 1
         for k in ("rate", "throughput_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"):
             assert r[k] > 0
-        assert 0 < r["ttft_floor_p50_ms"] <= r["ttft_p50_ms"]   # no system prefills faster than an idle device
-        assert r["run_lengths"] and r["duration_s"] == serve.RUN_DURATION_S["chat"][1]   # --quick: no doubling
+        assert 0 < r["ttft_floor_p50_ms"] <= r["ttft_p50_ms"]  # no system prefills faster than an idle device
+        assert r["run_lengths"] and r["duration_s"] == serve.RUN_DURATION_S["chat"][1]  # --quick: no doubling
     s = doc["summary"][0]
     assert s["best_disagg_split"] == "1:1"
     # every per-rate run is its system at the knob value with the best goodput
@@ -84,46 +110,66 @@ def test_bench_serve_json_shape(capsys):
     assert rows and {r["rate"] for r in rows} == {r["rate"] for r in doc["runs"]}
     for r in rows:
         assert r["alpha"] == 0.75
-        for k in ("ttft_p50_reduction_pct", "tpot_p50_change_pct", "throughput_ratio", "flex_slo_attainment",
-                  "baseline_slo_attainment", "both_attain_slo"):
+        for k in (
+            "ttft_p50_reduction_pct",
+            "tpot_p50_change_pct",
+            "throughput_ratio",
+            "flex_slo_attainment",
+            "baseline_slo_attainment",
+            "both_attain_slo",
+        ):
             assert k in r
-    assert s["disagg_continuous_bound_rate_per_device"] >= s["max_rate_per_device"]["static-disagg"] * (1 - 1e-9)
+    assert s["disagg_continuous_bound_rate_per_device"] >= s["max_rate_per_device"]["static-disagg"] * (
+        1 - 1e-9
+    )
 
 
 # ---- qualitative results of the serving study (docs/scheduling.md, "Serving study: findings")
 
+
 def test_decode_first_engine_onboards_by_tgi_rules():
     from flexnpu.sched.sim import DecodeFirstEngine, KVPool
     from flexnpu.sched.workload import Request
-    eng = DecodeFirstEngine(QWEN25_7B, KVPool(10**6), prefill_budget=4096, waiting_served_ratio=1.2,
-                            max_waiting_tokens=20)
+
+    eng = DecodeFirstEngine(
+        QWEN25_7B, KVPool(10**6), prefill_budget=4096, waiting_served_ratio=1.2, max_waiting_tokens=20
+    )
     first = [Request(i, 0.0, 100, 1000) for i in range(5)]
     for r in first:
         eng.add(r)
-    p = eng.plan()                               # nothing running: onboard immediately, whole prompts
+    p = eng.plan()  # nothing running: onboard immediately, whole prompts
     assert [n for _, n in p.chunks] == [100] * 5 and not p.decodes
     eng.finish(p, 0.1)
-    eng.add(Request(9, 0.1, 100, 10))            # 1 waiting < floor(1.2 * 5): waits behind decode
+    eng.add(Request(9, 0.1, 100, 10))  # 1 waiting < floor(1.2 * 5): waits behind decode
     for i in range(20):
         p = eng.plan()
         assert not p.chunks and len(p.decodes) == 5, i
         eng.finish(p, 0.2 + i)
-    p = eng.plan()                               # max_waiting_tokens reached: prefill pauses decode
+    p = eng.plan()  # max_waiting_tokens reached: prefill pauses decode
     assert [r.id for r, _ in p.chunks] == [9] and not p.decodes
     eng.finish(p, 30.0)
-    for i in range(6):                           # 6 >= floor(1.2 * 6) is false (7): still waits
+    for i in range(6):  # 6 >= floor(1.2 * 6) is false (7): still waits
         eng.add(Request(20 + i, 30.0, 100, 10))
     assert not eng.plan().chunks
-    eng.add(Request(30, 30.0, 100, 10))          # 7 waiting >= 7: onboard all of them at once
+    eng.add(Request(30, 30.0, 100, 10))  # 7 waiting >= 7: onboard all of them at once
     p = eng.plan()
     assert len(p.chunks) == 7
 
 
 def _run(system, wl, rate, n, n_dev=1, n_prefill=0, tpot=0.05, ttft=2.0, cfg=None):
     from flexnpu.sched.policy import FlexPolicy
+
     reqs = generate(wl, rate, n, seed=1)
-    simulate(system, QWEN25_7B, CM, reqs, n_dev, n_prefill, cfg,
-             policy_factory=lambda: FlexPolicy(default_tpot_budget_s=tpot))
+    simulate(
+        system,
+        QWEN25_7B,
+        CM,
+        reqs,
+        n_dev,
+        n_prefill,
+        cfg,
+        policy_factory=lambda: FlexPolicy(default_tpot_budget_s=tpot),
+    )
     return metrics(reqs, ttft, tpot)
 
 
@@ -134,9 +180,12 @@ def test_decode_first_ttft_grows_with_load():
 
 def test_flex_keeps_decode_near_its_tpot_budget_and_gives_prefill_the_rest():
     from flexnpu.sched.sim import SimConfig
+
     res = {}
     for budget in (0.015, 0.05):
-        m = res[budget] = _run("flexnpu", "long", 2.0, 30, tpot=budget, ttft=8.0, cfg=SimConfig(tpot_budget_s=budget))
+        m = res[budget] = _run(
+            "flexnpu", "long", 2.0, 30, tpot=budget, ttft=8.0, cfg=SimConfig(tpot_budget_s=budget)
+        )
         # AIMD reacts once per decode iteration, so the per-request mean may overshoot a little
         assert m["tpot_p50_ms"] <= 1.1 * budget * 1e3
         assert m["tpot_p99_ms"] <= 1.5 * budget * 1e3
@@ -147,6 +196,7 @@ def test_flex_keeps_decode_near_its_tpot_budget_and_gives_prefill_the_rest():
 
 
 # ---- mechanisms of the co-located systems (same P and D instances, different levers)
+
 
 @pytest.mark.parametrize("system", ["static-partition", "naive-coloc", "flexnpu", "decode-first"])
 def test_colocated_systems_end_to_end(system):
@@ -162,10 +212,15 @@ def test_static_partition_is_not_work_conserving_and_flex_is():
     from flexnpu.sched.capacity import ttft_floor
     from flexnpu.sched.sim import SimConfig
     from flexnpu.sched.workload import Request
+
     # one prompt on an idle device: prefill is compute-bound, so on a fixed 1/2 of the cores it
     # takes about twice the floor, while flex (and naive co-location) give it the whole device
     ttft = {}
-    for system, cfg in (("static-partition", SimConfig(partition_alpha=0.5)), ("flexnpu", None), ("naive-coloc", None)):
+    for system, cfg in (
+        ("static-partition", SimConfig(partition_alpha=0.5)),
+        ("flexnpu", None),
+        ("naive-coloc", None),
+    ):
         req = Request(0, 0.0, 1000, 4)
         simulate(system, QWEN25_7B, CM, [req], 1, 0, cfg)
         ttft[system] = req.ttft
@@ -178,12 +233,14 @@ def test_static_partition_is_not_work_conserving_and_flex_is():
 def test_colocated_devices_never_use_more_than_the_device():
     # conservation: integrated use of compute, bandwidth and link never exceeds elapsed time
     from flexnpu.sched import sim as simmod
+
     seen = []
     orig = simmod.FlexDevice.__init__
 
     def spy(self, *a, **kw):
         orig(self, *a, **kw)
         seen.append(self)
+
     simmod.FlexDevice.__init__ = spy
     try:
         for system in ("flexnpu", "static-partition", "naive-coloc"):

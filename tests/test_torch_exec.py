@@ -3,6 +3,7 @@
 Every argument is client-controlled: these tests send hostile views and outputs and check that
 the executor refuses them with a clear error before touching memory out of range.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -92,21 +93,24 @@ def test_result_aliasing_an_input_is_copied():
     assert m.bufs[2].data_ptr() != m.bufs[1].data_ptr()
 
 
-@pytest.mark.parametrize("ref,why", [
-    (TensorRef(1, torch.float32, (4,), (1,), 1), "beyond the allocation"),         # one past the end
-    (TensorRef(1, torch.float32, (2, 2), (3, 1), 0), "beyond the allocation"),     # strides reach out
-    (TensorRef(1, torch.float32, (2,), (-1,), 1), "negative"),                     # negative stride
-    (TensorRef(1, torch.float32, (4,), (1,), -1), "offset"),                       # negative offset
-    (TensorRef(1, torch.float32, (1 << 62,), (1,), 0), "out of range"),            # overflow bait
-    (TensorRef(1, torch.float32, (2, 2), (1 << 61, 1), 0), "not allowed"),         # stride overflow
-    (TensorRef(1, torch.float32, (2, 2), (1,), 0), "rank"),                        # rank mismatch
-    (TensorRef(1, torch.float64, (3,), (1,), 0), "beyond the allocation"),         # wider dtype
-    (TensorRef(1, torch.float32, (-1,), (1,), 0), "out of range"),                 # negative size
-    (TensorRef(1, torch.float32, (0,), (1,), 5), "offset"),                        # empty but past end
-])
+@pytest.mark.parametrize(
+    "ref,why",
+    [
+        (TensorRef(1, torch.float32, (4,), (1,), 1), "beyond the allocation"),  # one past the end
+        (TensorRef(1, torch.float32, (2, 2), (3, 1), 0), "beyond the allocation"),  # strides reach out
+        (TensorRef(1, torch.float32, (2,), (-1,), 1), "negative"),  # negative stride
+        (TensorRef(1, torch.float32, (4,), (1,), -1), "offset"),  # negative offset
+        (TensorRef(1, torch.float32, (1 << 62,), (1,), 0), "out of range"),  # overflow bait
+        (TensorRef(1, torch.float32, (2, 2), (1 << 61, 1), 0), "not allowed"),  # stride overflow
+        (TensorRef(1, torch.float32, (2, 2), (1,), 0), "rank"),  # rank mismatch
+        (TensorRef(1, torch.float64, (3,), (1,), 0), "beyond the allocation"),  # wider dtype
+        (TensorRef(1, torch.float32, (-1,), (1,), 0), "out of range"),  # negative size
+        (TensorRef(1, torch.float32, (0,), (1,), 5), "offset"),  # empty but past end
+    ],
+)
 def test_hostile_views_are_rejected(ref, why):
     m = Mem()
-    m.put(1, torch.zeros(4))   # 16 bytes
+    m.put(1, torch.zeros(4))  # 16 bytes
     before = m.bufs[1].clone()
     with pytest.raises(LaunchError, match=why):
         m.run("aten::neg_.default", (ref,), {}, [])
@@ -139,16 +143,33 @@ def test_outputs_must_match_what_the_op_returns():
         m.run("aten::neg.default", (ra,), {}, [(8, TensorRef(2, torch.float32, (4,), (1,), 0))])
     # a factory cannot be made to allocate more than it declares
     with pytest.raises(LaunchError, match="declared"):
-        m.run("aten::zeros.default", ([1 << 20],), {"dtype": torch.float32}, [out_ref(2, torch.float32, (4,))])
+        m.run(
+            "aten::zeros.default", ([1 << 20],), {"dtype": torch.float32}, [out_ref(2, torch.float32, (4,))]
+        )
     assert m.allocated == 0
 
 
 def test_op_names_and_allowlist():
-    assert is_op_allowed("aten::add.Tensor") and is_op_allowed("aten::mm") and is_op_allowed("aten::t.default")
-    for bad in ["aten::from_file.default", "aten::set_.source_Tensor", "aten::resize_.default",
-                "aten::_nested_view_from_buffer.default", "aten::normal_.default", "aten::bernoulli.default",
-                "aten::_print.default", "prims::add.default", "os::system", "aten::__class__",
-                "aten::add.__init__", "aten::no_such_op", "aten::add.NoSuchOverload", "", "aten::add.Tensor;x"]:
+    assert (
+        is_op_allowed("aten::add.Tensor") and is_op_allowed("aten::mm") and is_op_allowed("aten::t.default")
+    )
+    for bad in [
+        "aten::from_file.default",
+        "aten::set_.source_Tensor",
+        "aten::resize_.default",
+        "aten::_nested_view_from_buffer.default",
+        "aten::normal_.default",
+        "aten::bernoulli.default",
+        "aten::_print.default",
+        "prims::add.default",
+        "os::system",
+        "aten::__class__",
+        "aten::add.__init__",
+        "aten::no_such_op",
+        "aten::add.NoSuchOverload",
+        "",
+        "aten::add.Tensor;x",
+    ]:
         assert not is_op_allowed(bad), bad
     m = Mem()
     ra = m.put(1, torch.zeros(4))
@@ -164,8 +185,12 @@ def test_bad_argument_types_and_handles():
     with pytest.raises(LaunchError, match="unsupported argument type"):
         m.run("aten::add.Tensor", (ra, object()), {}, [out_ref(2, torch.float32, (4,))])
     with pytest.raises(KeyError):
-        m.run("aten::neg.default", (TensorRef(9, torch.float32, (4,), (1,), 0),), {},
-              [out_ref(2, torch.float32, (4,))])
+        m.run(
+            "aten::neg.default",
+            (TensorRef(9, torch.float32, (4,), (1,), 0),),
+            {},
+            [out_ref(2, torch.float32, (4,))],
+        )
 
 
 def test_device_args_are_rewritten_to_the_backend_device():
@@ -193,13 +218,19 @@ def test_cached_views_survive_out_resizing_and_inplace_view_ops_are_denied():
     a = m.put(1, torch.ones(4))
     big = m.put(2, torch.zeros(8))
     nb, ro = out_ref(3, torch.float32, (8,))
-    m.run("aten::clone.default", (big,), {}, [(nb, ro)])      # caches a view of handle 2 as (8,)
+    m.run("aten::clone.default", (big,), {}, [(nb, ro)])  # caches a view of handle 2 as (8,)
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m.run("aten::add.out", (a, a), {"out": big})            # torch shrinks `out` to (4,)
+        m.run("aten::add.out", (a, a), {"out": big})  # torch shrinks `out` to (4,)
     nb, ro = out_ref(4, torch.float32, (8,))
-    m.run("aten::clone.default", (big,), {}, [(nb, ro)])      # still the full (8,) view
+    m.run("aten::clone.default", (big,), {}, [(nb, ro)])  # still the full (8,) view
     assert m.read(ro).tolist() == [2.0] * 4 + [0.0] * 4
-    for op in ("aten::unsqueeze_.default", "aten::t_.default", "aten::squeeze_.dim", "aten::transpose_.default"):
+    for op in (
+        "aten::unsqueeze_.default",
+        "aten::t_.default",
+        "aten::squeeze_.dim",
+        "aten::transpose_.default",
+    ):
         assert not is_op_allowed(op), op

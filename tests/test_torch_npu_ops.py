@@ -1,5 +1,6 @@
 """torch_npu's fused operators (flexnpu/hook/torch_npu_ops.py) on the npu device against
 independent plain-torch references on the CPU: forward, and backward where torch_npu has one."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -40,6 +41,7 @@ def _grads_match(cpu_leaves, npu_leaves, tol=1e-4):
 
 # ------------------------------------------------------------------------------------- norms
 
+
 def _ref_rstd(x, nd):
     dims = tuple(range(x.dim() - nd, x.dim()))
     return 1 / torch.sqrt(x.float().pow(2).mean(dims, keepdim=True) + 1e-6)
@@ -77,6 +79,7 @@ def test_add_rms_norm(npu):
 
 # ------------------------------------------------------------------------------------ rotary
 
+
 def _ref_rope(x, cos, sin, mode):
     d = x.shape[-1]
     out = torch.empty_like(x)
@@ -84,9 +87,11 @@ def _ref_rope(x, cos, sin, mode):
         h = d // 2
         x1, x2 = x[..., :h], x[..., h:]
         out = torch.cat([x1 * cos[..., :h] - x2 * sin[..., :h], x2 * cos[..., h:] + x1 * sin[..., h:]], -1)
-    else:                          # pairs (2i, 2i+1) rotate together
+    else:  # pairs (2i, 2i+1) rotate together
         ev, od = x[..., 0::2], x[..., 1::2]
-        out = torch.stack([ev * cos[..., 0::2] - od * sin[..., 0::2], od * cos[..., 1::2] + ev * sin[..., 1::2]], -1)
+        out = torch.stack(
+            [ev * cos[..., 0::2] - od * sin[..., 0::2], od * cos[..., 1::2] + ev * sin[..., 1::2]], -1
+        )
         out = out.flatten(-2)
     return out
 
@@ -108,7 +113,7 @@ def test_rotary_mul(npu, mode):
 def test_rotary_mul_rotate_matrix(npu):
     x, c, s = _leaf(2, 4, 8), _leaf(2, 4, 8, seed=1), _leaf(2, 4, 8, seed=2)
     rot = torch.zeros(8, 8)
-    for i in range(4):               # x @ rot == cat(-x2, x1): the half rotation as a matrix
+    for i in range(4):  # x @ rot == cat(-x2, x1): the half rotation as a matrix
         rot[i + 4, i] = -1.0
         rot[i, i + 4] = 1.0
     y = tn.npu_rotary_mul(x.npu(), c.npu(), s.npu(), rotate=rot.npu())
@@ -142,6 +147,7 @@ def test_swiglu(npu):
 
 # --------------------------------------------------------------------------------- attention
 
+
 def _sdpa(q, k, v, scale, masked=None, pse=None):
     """Reference on (B, N, S, D) with True = masked, GQA by repetition."""
     rep = q.shape[1] // k.shape[1]
@@ -163,7 +169,7 @@ def test_fusion_attention_causal_bsnd_with_grad(npu):
     qc, qn = _pair(_leaf(B, Sq, N, D))
     kc, kn = _pair(_leaf(B, Sk, N, D, seed=1))
     vc, vn = _pair(_leaf(B, Sk, N, D, seed=2))
-    cmask = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), 1)   # transformers' compressed mask
+    cmask = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), 1)  # transformers' compressed mask
     scale = 1 / math.sqrt(D)
     outs = tn.npu_fusion_attention(qn, kn, vn, N, "BSND", atten_mask=cmask.npu(), scale=scale, sparse_mode=3)
     assert len(outs) == 7 and outs[4:] == (0, 0, 0)
@@ -180,7 +186,9 @@ def test_fusion_attention_causal_bsnd_with_grad(npu):
     (outs[0] * w.npu()).sum().backward()
     (ref * w).sum().backward()
     _grads_match([qc, kc, vc], [qn, kn, vn])
-    top_left = tn.npu_fusion_attention(qn, kn, vn, N, "BSND", atten_mask=cmask.npu(), scale=scale, sparse_mode=2)[0]
+    top_left = tn.npu_fusion_attention(
+        qn, kn, vn, N, "BSND", atten_mask=cmask.npu(), scale=scale, sparse_mode=2
+    )[0]
     _close(top_left, _bsnd(_sdpa(_bsnd(qc), _bsnd(kc), _bsnd(vc), scale, j > i)))
 
 
@@ -189,28 +197,51 @@ def test_fusion_attention_layouts_gqa_pse_band(npu):
     q, k, v = _leaf(B, N, S, D), _leaf(B, KV, S, D, seed=1), _leaf(B, KV, S, D, seed=2)
     pse = _leaf(1, N, S, S, seed=3)
     mask = _leaf(B, 1, S, S, seed=4) > 0.8
-    mask[..., 0] = False                               # no fully masked row
+    mask[..., 0] = False  # no fully masked row
     ref = _sdpa(q, k, v, 0.3, mask, pse)
-    out = tn.npu_fusion_attention(q.npu(), k.npu(), v.npu(), N, "BNSD", pse=pse.npu(), atten_mask=mask.npu(),
-                                  scale=0.3, sparse_mode=1)[0]
+    out = tn.npu_fusion_attention(
+        q.npu(), k.npu(), v.npu(), N, "BNSD", pse=pse.npu(), atten_mask=mask.npu(), scale=0.3, sparse_mode=1
+    )[0]
     _close(out, ref)
-    bsh = lambda t: t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)   # noqa: E731
-    out = tn.npu_fusion_attention(bsh(q).npu(), bsh(k).npu(), bsh(v).npu(), N, "BSH", pse=pse.npu(),
-                                  atten_mask=mask.npu(), scale=0.3)[0]
+    bsh = lambda t: t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)  # noqa: E731
+    out = tn.npu_fusion_attention(
+        bsh(q).npu(), bsh(k).npu(), bsh(v).npu(), N, "BSH", pse=pse.npu(), atten_mask=mask.npu(), scale=0.3
+    )[0]
     _close(out, bsh(ref))
-    sbh = lambda t: bsh(t).transpose(0, 1).contiguous()                     # noqa: E731
-    out = tn.npu_fusion_attention(sbh(q).npu(), sbh(k).npu(), sbh(v).npu(), N, "SBH", pse=pse.npu(),
-                                  atten_mask=mask.npu(), scale=0.3, sparse_mode=1)[0]
+    sbh = lambda t: bsh(t).transpose(0, 1).contiguous()  # noqa: E731
+    out = tn.npu_fusion_attention(
+        sbh(q).npu(),
+        sbh(k).npu(),
+        sbh(v).npu(),
+        N,
+        "SBH",
+        pse=pse.npu(),
+        atten_mask=mask.npu(),
+        scale=0.3,
+        sparse_mode=1,
+    )[0]
     _close(out, sbh(ref))
     # band (sparse_mode 4): keys within pre tokens before and next tokens after the diagonal
     i, j = torch.arange(S)[:, None], torch.arange(S)[None]
     band = (j - i > 1) | (j - i < -2)
-    out = tn.npu_fusion_attention(q.npu(), k.npu(), v.npu(), N, "BNSD", atten_mask=torch.ones(2048, 2048).bool().npu(),
-                                  scale=0.3, pre_tockens=2, next_tockens=1, sparse_mode=4)[0]
+    out = tn.npu_fusion_attention(
+        q.npu(),
+        k.npu(),
+        v.npu(),
+        N,
+        "BNSD",
+        atten_mask=torch.ones(2048, 2048).bool().npu(),
+        scale=0.3,
+        pre_tockens=2,
+        next_tockens=1,
+        sparse_mode=4,
+    )[0]
     _close(out, _sdpa(q, k, v, 0.3, band))
     # no atten_mask: full attention whatever the sparse mode says
-    _close(tn.npu_fusion_attention(q.npu(), k.npu(), v.npu(), N, "BNSD", scale=0.3, sparse_mode=3)[0],
-           _sdpa(q, k, v, 0.3))
+    _close(
+        tn.npu_fusion_attention(q.npu(), k.npu(), v.npu(), N, "BNSD", scale=0.3, sparse_mode=3)[0],
+        _sdpa(q, k, v, 0.3),
+    )
 
 
 def test_fusion_attention_tnd_varlen(npu):
@@ -221,12 +252,22 @@ def test_fusion_attention_tnd_varlen(npu):
     kc, kn = _pair(_leaf(10, N, D, seed=1))
     vc, vn = _pair(_leaf(10, N, D, seed=2))
     cmask = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), 1)
-    out = tn.npu_fusion_attention(qn, kn, vn, N, "TND", atten_mask=cmask.npu(), scale=0.5,
-                                  actual_seq_qlen=cq, actual_seq_kvlen=ck, sparse_mode=3)
+    out = tn.npu_fusion_attention(
+        qn,
+        kn,
+        vn,
+        N,
+        "TND",
+        atten_mask=cmask.npu(),
+        scale=0.5,
+        actual_seq_qlen=cq,
+        actual_seq_kvlen=ck,
+        sparse_mode=3,
+    )
     refs, q0, k0 = [], 0, 0
     for lq, lk in zip(lens_q, lens_k):
         i, j = torch.arange(lq)[:, None], torch.arange(lk)[None]
-        sub = lambda t, a, n: t[a:a + n].transpose(0, 1)[None]             # noqa: E731
+        sub = lambda t, a, n: t[a : a + n].transpose(0, 1)[None]  # noqa: E731
         r = _sdpa(sub(qc, q0, lq), sub(kc, k0, lk), sub(vc, k0, lk), 0.5, j > i + (lk - lq))
         refs.append(r[0].transpose(0, 1))
         q0, k0 = q0 + lq, k0 + lk
@@ -242,18 +283,41 @@ def test_prompt_flash_attention(npu):
     B, N, KV, S, D = 2, 4, 2, 6, 8
     q, k, v = _leaf(B, N, S, D), _leaf(B, KV, S, D, seed=1), _leaf(B, KV, S, D, seed=2)
     causal = torch.triu(torch.ones(S, S, dtype=torch.bool), 1)
-    bsh = lambda t: t.transpose(1, 2).reshape(B, S, -1)                      # noqa: E731
-    out = tn.npu_prompt_flash_attention(bsh(q).npu(), bsh(k).npu(), bsh(v).npu(), atten_mask=causal.npu(),
-                                        num_heads=N, num_key_value_heads=KV, scale_value=0.25, input_layout="BSH")
+    bsh = lambda t: t.transpose(1, 2).reshape(B, S, -1)  # noqa: E731
+    out = tn.npu_prompt_flash_attention(
+        bsh(q).npu(),
+        bsh(k).npu(),
+        bsh(v).npu(),
+        atten_mask=causal.npu(),
+        num_heads=N,
+        num_key_value_heads=KV,
+        scale_value=0.25,
+        input_layout="BSH",
+    )
     _close(out, bsh(_sdpa(q, k, v, 0.25, causal)))
-    out = tn.npu_prompt_flash_attention(q.npu(), k.npu(), v.npu(), num_heads=N, num_key_value_heads=KV,
-                                        scale_value=0.25, input_layout="BNSD_BSND")
+    out = tn.npu_prompt_flash_attention(
+        q.npu(),
+        k.npu(),
+        v.npu(),
+        num_heads=N,
+        num_key_value_heads=KV,
+        scale_value=0.25,
+        input_layout="BNSD_BSND",
+    )
     _close(out, _sdpa(q, k, v, 0.25).transpose(1, 2))
     # per-batch valid kv lengths mask the tail keys; query rows past actual_seq_lengths are zero
     kvlen = torch.arange(S)[None, None, None] >= torch.tensor([4, 6]).view(B, 1, 1, 1)
-    out = tn.npu_prompt_flash_attention(q.npu(), k.npu(), v.npu(), num_heads=N, num_key_value_heads=KV,
-                                        scale_value=0.25, input_layout="BNSD", actual_seq_lengths=[5, 6],
-                                        actual_seq_lengths_kv=[4, 6]).cpu()
+    out = tn.npu_prompt_flash_attention(
+        q.npu(),
+        k.npu(),
+        v.npu(),
+        num_heads=N,
+        num_key_value_heads=KV,
+        scale_value=0.25,
+        input_layout="BNSD",
+        actual_seq_lengths=[5, 6],
+        actual_seq_lengths_kv=[4, 6],
+    ).cpu()
     ref = _sdpa(q, k, v, 0.25, kvlen)
     _close(out[1], ref[1])
     _close(out[0, :, :5], ref[0, :, :5])
@@ -265,21 +329,43 @@ def test_incre_flash_attention(npu):
     q, k, v = _leaf(B, N, 1, D), _leaf(B, KV, S, D, seed=1), _leaf(B, KV, S, D, seed=2)
     lens = [9, 4, 6]
     masked = torch.arange(S)[None, None, None] >= torch.tensor(lens).view(B, 1, 1, 1)
-    bsh = lambda t: t.transpose(1, 2).reshape(B, t.shape[2], -1)             # noqa: E731
-    out = tn.npu_incre_flash_attention(bsh(q).npu(), bsh(k).npu(), bsh(v).npu(), actual_seq_lengths=lens,
-                                       num_heads=N, num_key_value_heads=KV, scale_value=1 / math.sqrt(D))
+    bsh = lambda t: t.transpose(1, 2).reshape(B, t.shape[2], -1)  # noqa: E731
+    out = tn.npu_incre_flash_attention(
+        bsh(q).npu(),
+        bsh(k).npu(),
+        bsh(v).npu(),
+        actual_seq_lengths=lens,
+        num_heads=N,
+        num_key_value_heads=KV,
+        scale_value=1 / math.sqrt(D),
+    )
     ref = _sdpa(q, k, v, 1 / math.sqrt(D), masked)
     _close(out, bsh(ref))
-    am = masked.view(B, 1, 1, S).to(torch.uint8)                            # 1 = masked, as torch_npu
-    out = tn.npu_incre_flash_attention(q.npu(), k.npu(), v.npu(), atten_mask=am.npu(), num_heads=N,
-                                       num_key_value_heads=KV, scale_value=1 / math.sqrt(D), input_layout="BNSD")
+    am = masked.view(B, 1, 1, S).to(torch.uint8)  # 1 = masked, as torch_npu
+    out = tn.npu_incre_flash_attention(
+        q.npu(),
+        k.npu(),
+        v.npu(),
+        atten_mask=am.npu(),
+        num_heads=N,
+        num_key_value_heads=KV,
+        scale_value=1 / math.sqrt(D),
+        input_layout="BNSD",
+    )
     _close(out, ref)
     with pytest.raises(NotImplementedError, match="block_table"):
-        tn.npu_incre_flash_attention(q.npu(), k.npu(), v.npu(), block_table=torch.zeros(1, 1, dtype=torch.int32),
-                                     num_heads=N, input_layout="BNSD")
+        tn.npu_incre_flash_attention(
+            q.npu(),
+            k.npu(),
+            v.npu(),
+            block_table=torch.zeros(1, 1, dtype=torch.int32),
+            num_heads=N,
+            input_layout="BNSD",
+        )
 
 
 # ------------------------------------------------------------------------------------ routing
+
 
 @pytest.mark.parametrize("shape", [(6, 8), (2, 3, 8)])
 def test_moe_gating_top_k_softmax(npu, shape):
@@ -292,7 +378,7 @@ def test_moe_gating_top_k_softmax(npu, shape):
     assert y.dtype == torch.float16 and idx.dtype == torch.int32 and row.dtype == torch.int32
     _close(y, ry.half(), 1e-3)
     ridx = ridx.to(torch.int32)
-    ridx[fin] = shape[-1]                              # finished rows route to expert E
+    ridx[fin] = shape[-1]  # finished rows route to expert E
     assert torch.equal(idx.cpu(), ridx)
     rows = fin.numel()
     ref_row = torch.arange(rows * 3, dtype=torch.int32).reshape(3, rows).t().reshape(*shape[:-1], 3)
@@ -301,13 +387,14 @@ def test_moe_gating_top_k_softmax(npu, shape):
 
 # ---------------------------------------------------------------------- format / dtype / layout
 
+
 def test_format_and_dtype_cast(npu):
     x = torch.randn(2, 3).npu()
     y = tn.npu_format_cast(x, 29)
     assert tn.get_npu_format(y) == 29 and tn.get_npu_format(x) == 2
     assert torch.equal(y.cpu(), x.cpu()) and y._a is x._a
     xc, xn = _pair(torch.tensor([0.0, 0.5, -1.25]))
-    h = tn.npu_dtype_cast(xn, 5)                       # c10 ScalarType 5 = float16
+    h = tn.npu_dtype_cast(xn, 5)  # c10 ScalarType 5 = float16
     assert h.dtype == torch.float16
     assert tn.npu_dtype_cast(xn, dtype=torch.int).cpu().tolist() == [0, 0, -1]
     (h.float() * 3).sum().backward()
@@ -336,6 +423,8 @@ def test_shim_exports_and_names_missing_ops(npu):
     for name in tn.__all__:
         assert getattr(mod, name) is getattr(tn, name)
     assert mod.npu is torch.npu
-    with pytest.raises(AttributeError, match=r"torch_npu\.npu_grouped_matmul is not provided under FlexNPU.*npu_rms_norm"):
+    with pytest.raises(
+        AttributeError, match=r"torch_npu\.npu_grouped_matmul is not provided under FlexNPU.*npu_rms_norm"
+    ):
         mod.npu_grouped_matmul
-    assert not hasattr(mod, "npu_mla_prolog")        # feature checks fall back cleanly
+    assert not hasattr(mod, "npu_mla_prolog")  # feature checks fall back cleanly

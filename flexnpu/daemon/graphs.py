@@ -19,6 +19,7 @@ every output for every operator. Compiling turns the graph into a straight-line 
 Anything the compiler does not handle makes it return None, and replay falls back to running
 the commands one by one, so compilation is an optimization, never a semantic change.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -45,15 +46,19 @@ class _Src:
         self.kind, self.ref, self.alloc, self.step, self.mutable = kind, ref, alloc, step, mutable
         self.cache_key: Any = None
         self.cache: Any = None
-        self.direct: bool | None = None   # producer's layout == consumer's view (same every replay)
+        self.direct: bool | None = None  # producer's layout == consumer's view (same every replay)
 
     def get(self, results: dict[int, torch.Tensor]) -> torch.Tensor:
         ref = self.ref
         if self.kind == _INTERNAL:
             t = results[id(self.alloc)]
             if self.direct is None:
-                self.direct = (t.dtype == ref.dtype and t.storage_offset() == ref.offset
-                               and tuple(t.shape) == ref.shape and tuple(t.stride()) == ref.stride)
+                self.direct = (
+                    t.dtype == ref.dtype
+                    and t.storage_offset() == ref.offset
+                    and tuple(t.shape) == ref.shape
+                    and tuple(t.stride()) == ref.stride
+                )
             if self.direct:
                 return t
             # read it as the producer's declared layout says, like any other consumer would
@@ -71,8 +76,15 @@ class _Src:
 class _Step:
     __slots__ = ("opov", "args", "kwargs", "outs", "flat_args", "slots", "nested", "op", "rule")
 
-    def __init__(self, opov: Any, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any], op: str = "",
-                 rule: Any = None) -> None:
+    def __init__(
+        self,
+        opov: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        outs: list[Any],
+        op: str = "",
+        rule: Any = None,
+    ) -> None:
         self.opov, self.args, self.kwargs, self.outs = opov, args, kwargs, outs
         self.op = op
         # INDEXED operators: the index tensors' contents may have changed since the capture
@@ -136,7 +148,7 @@ class CompiledGraph:
                 for al, t in zip(st.outs, flat):
                     span = _span(t)
                     if any(span[0] < hi and lo < span[1] for lo, hi in taken):
-                        t = t.clone()   # a view of memory it does not own: make it its own
+                        t = t.clone()  # a view of memory it does not own: make it its own
                         span = _span(t)
                     taken.append(span)
                     results[id(al)] = t
@@ -162,17 +174,18 @@ def compile_graph(cmds: list[Cmd], device: Any) -> CompiledGraph | None:
         except Exception:  # noqa: BLE001
             return None
         if opov._opname in ops.UNINITIALIZED:
-            return None   # the generic path hands out zeroed memory instead of running it
-        if outs and (not torch_exec._returns_fresh(opov)
-                     or any(r.alias_info is not None for r in opov._schema.returns)):
-            return None   # outputs that may alias inputs: the generic path copies them
+            return None  # the generic path hands out zeroed memory instead of running it
+        if outs and (
+            not torch_exec._returns_fresh(opov) or any(r.alias_info is not None for r in opov._schema.returns)
+        ):
+            return None  # outputs that may alias inputs: the generic path copies them
         mpos, mnames = torch_exec._mutable_args(opov)
 
         def make(ref: TensorRef, mutable: bool) -> _Src:
-            al = allocs[ref.handle]
+            al = allocs[ref.handle]  # noqa: B023 - make() is called within this iteration only
             if id(al) in produced:
                 if mutable:
-                    raise _Unsupported   # in-place writes into graph temporaries: generic path
+                    raise _Unsupported  # in-place writes into graph temporaries: generic path
                 return _Src(_INTERNAL, ref, al, 0, False)
             return _Src(_EXTERNAL, ref, al, 0, mutable)
 

@@ -12,6 +12,7 @@ interfaces). The concrete classes satisfy these structurally; nothing registers 
   scheduler touches.
 - ``DaemonServices``: what a session asks of the daemon that owns it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,9 +31,9 @@ class Backend(Protocol):
     """One device's executor. Buffers, streams and event tokens are opaque to the daemon: it
     only hands back what the backend gave it."""
 
-    name: str                   # shown in status and logs, e.g. "cpu", "emu:910b+cpu"
-    device_type: str            # "cpu" | "cuda" | "npu" | "emu"
-    device: torch.device        # where decoded launch arguments (dtypes, devices) are placed
+    name: str  # shown in status and logs, e.g. "cpu", "emu:910b+cpu"
+    device_type: str  # "cpu" | "cuda" | "npu" | "emu"
+    device: torch.device  # where decoded launch arguments (dtypes, devices) are placed
 
     # Capabilities: what the daemon may do beyond the command set every backend implements.
     #: launches run aten ops directly on this backend's torch tensors, with no per-kernel
@@ -53,8 +54,9 @@ class Backend(Protocol):
     def d2d(self, dst: Any, dst_off: int, src: Any, src_off: int, nbytes: int) -> None: ...
 
     # operators
-    def launch(self, launch: Launch, resolve: Callable[[int], Any],
-               allocate: Callable[[int], Any]) -> Sequence[tuple[int, Any]]: ...
+    def launch(
+        self, launch: Launch, resolve: Callable[[int], Any], allocate: Callable[[int], Any]
+    ) -> Sequence[tuple[int, Any]]: ...
     def op_allowed(self, op: str) -> bool: ...
 
     # streams and events
@@ -76,7 +78,7 @@ class CommandView(Protocol):
     sync: bool
     a: tuple[Any, ...]
     ready: Callable[[], bool] | None
-    cost: Any                   # the scheduler's annotation, cached across graph replays
+    cost: Any  # the scheduler's annotation, cached across graph replays
 
 
 class ClientView(Protocol):
@@ -125,24 +127,24 @@ class DaemonServices(Protocol):
     """What a session asks of the daemon that owns it (server.Daemon)."""
 
     device: int
-    batch: int                  # SQ records drained per session per round
+    batch: int  # SQ records drained per session per round
     inline: bool
     compile_graphs: bool
     policy_name: str
     log: logging.Logger
     device_memory: MemoryAccount
-    client_host_memory: int | None   # each client's budget for what it makes the daemon hold
+    client_host_memory: int | None  # each client's budget for what it makes the daemon hold
     exports: dict[int, IpcExport]
     # The daemon's parts that build on these interfaces are typed loosely here, so that the
     # interfaces stay below them in the import layering (scripts/layers.py).
-    metrics: Any                # metrics.DaemonMetrics
-    launch_limits: Any          # limits.LaunchLimits
-    collectives: Any            # collectives.Collectives
+    metrics: Any  # metrics.DaemonMetrics
+    launch_limits: Any  # limits.LaunchLimits
+    collectives: Any  # collectives.Collectives
     # the loop's work sets, which sessions add themselves to
-    doomed: set[Any]            # session.Session objects condemned: dropped at the next step of the loop
-    backlogged: set[Any]    # replies waiting for room in their CQ
-    waiting: set[Any]       # device syncs waiting for the client to go idle
-    fired: list[tuple[Any, Callable[[], None]]]   # event waiters whose event completed
+    doomed: set[Any]  # session.Session objects condemned: dropped at the next step of the loop
+    backlogged: set[Any]  # replies waiting for room in their CQ
+    waiting: set[Any]  # device syncs waiting for the client to go idle
+    fired: list[tuple[Any, Callable[[], None]]]  # event waiters whose event completed
 
     @property
     def backend(self) -> Backend: ...

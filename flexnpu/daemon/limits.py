@@ -13,6 +13,7 @@ memory; only broadcast views inflate past it), FLOPs = 1e6 GFLOP (a whole prefil
 is a few thousand GFLOP per matmul). Both are set by `flexnpu daemon --max-launch-gflop /
 --max-launch-bytes` (0 = no ceiling).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,11 +32,11 @@ class LaunchTooLarge(InvalidArgument):
 
 @dataclass(frozen=True)
 class LaunchLimits:
-    max_flop: float | None       # None = no ceiling
+    max_flop: float | None  # None = no ceiling
     max_bytes: float | None
 
     @classmethod
-    def make(cls, max_gflop: float | None, max_bytes: int | None, device_memory: int | None) -> "LaunchLimits":
+    def make(cls, max_gflop: float | None, max_bytes: int | None, device_memory: int | None) -> LaunchLimits:
         """Limits from the daemon's flags (None = default, 0 = none) and its device memory."""
         if max_gflop is None:
             max_gflop = DEFAULT_MAX_GFLOP
@@ -60,29 +61,35 @@ class LaunchLimits:
             return
         base = launch.op.partition("::")[2].partition(".")[0]
         if base.rstrip("_") not in _COMPUTE_HEAVY and nbytes <= self.max_flop:
-            return   # the cost model gives these at most one FLOP per element touched
+            return  # the cost model gives these at most one FLOP per element touched
         from .scheduling import command_cost
 
-        c = command_cost(cmd)   # kept on the command: the scheduler uses the same figure
+        c = command_cost(cmd)  # kept on the command: the scheduler uses the same figure
         if c.flops > self.max_flop:
-            raise LaunchTooLarge(f"{launch.op}: this launch would take {c.flops / 1e9:.4g} GFLOP, more than "
-                                 f"the daemon allows for one operator ({self.max_flop / 1e9:.4g} GFLOP, "
-                                 "--max-launch-gflop)")
+            raise LaunchTooLarge(
+                f"{launch.op}: this launch would take {c.flops / 1e9:.4g} GFLOP, more than "
+                f"the daemon allows for one operator ({self.max_flop / 1e9:.4g} GFLOP, "
+                "--max-launch-gflop)"
+            )
         if self.max_bytes is not None and c.bytes > self.max_bytes:
             raise self._too_many_bytes(launch.op, c.bytes)
 
     def _too_many_bytes(self, op: str, nbytes: float) -> LaunchTooLarge:
-        return LaunchTooLarge(f"{op}: this launch would read and write {nbytes:.4g} bytes (its tensors as the "
-                              f"operator sees them, broadcast views at full size), more than the daemon "
-                              f"allows for one operator ({self.max_bytes:.4g} bytes, --max-launch-bytes)")
+        return LaunchTooLarge(
+            f"{op}: this launch would read and write {nbytes:.4g} bytes (its tensors as the "
+            f"operator sees them, broadcast views at full size), more than the daemon "
+            f"allows for one operator ({self.max_bytes:.4g} bytes, --max-launch-bytes)"
+        )
 
 
-_COMPUTE_HEAVY = frozenset("""mm bmm addmm addbmm baddbmm matmul linear addmv mv dot vdot addr outer
+_COMPUTE_HEAVY = frozenset(
+    """mm bmm addmm addbmm baddbmm matmul linear addmv mv dot vdot addr outer
 _addmm_activation convolution _convolution convolution_backward _scaled_dot_product_flash_attention_for_cpu
 _scaled_dot_product_flash_attention_for_cpu_backward _scaled_dot_product_efficient_attention
 _scaled_dot_product_efficient_attention_backward _scaled_dot_product_flash_attention
 _scaled_dot_product_flash_attention_backward _scaled_dot_product_cudnn_attention
-_scaled_dot_product_cudnn_attention_backward _scaled_dot_product_fused_attention_overrideable""".split())
+_scaled_dot_product_cudnn_attention_backward _scaled_dot_product_fused_attention_overrideable""".split()
+)
 
 
 def _logical_bytes(launch: Any) -> int:
@@ -98,7 +105,7 @@ def _logical_bytes(launch: Any) -> int:
                     n *= d
                 total += max(0, int(n))
             except (TypeError, AttributeError, ValueError):
-                pass   # malformed: the backend's view checks report it
+                pass  # malformed: the backend's view checks report it
         elif isinstance(v, (list, tuple)):
             stack.extend(v)
     return total

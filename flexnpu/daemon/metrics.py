@@ -10,12 +10,14 @@ Names follow the Prometheus conventions: `flexnpu_` prefix, base units (`_bytes`
 `_total` on counters. Per-client series carry `client` (the daemon's client id), `pid`,
 `command` (program name only: full command lines may hold secrets) and `phase`.
 """
+
 from __future__ import annotations
 
 import bisect
 import logging
 import os
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from ..protocol import Op
 
@@ -26,8 +28,26 @@ DaemonLike = Any
 log = logging.getLogger("flexnpu.daemon")
 
 # launch -> complete: from 10 us (a CPU elementwise op) to 10 s (a huge prefill on a busy device)
-LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
-                   0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+LATENCY_BUCKETS = (
+    1e-5,
+    2.5e-5,
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    5e-2,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    10.0,
+)
 # engine iterations (TPOT for decode): 1 ms .. 10 s
 STEP_BUCKETS = (1e-3, 2.5e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2, 7.5e-2, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 10.0)
 
@@ -51,7 +71,7 @@ class FastHistogram:
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)     # last: +Inf
+        self.counts = [0] * (len(bounds) + 1)  # last: +Inf
         self.sum = 0.0
 
     def observe(self, v: float) -> None:
@@ -60,7 +80,7 @@ class FastHistogram:
 
     def buckets(self) -> list[tuple[str, int]]:
         out, acc = [], 0
-        counts = list(self.counts)                  # one snapshot
+        counts = list(self.counts)  # one snapshot
         for b, c in zip(self.bounds, counts):
             acc += c
             out.append((repr(float(b)), acc))
@@ -71,9 +91,13 @@ class FastHistogram:
 def reason_label(why: str) -> str:
     """A bounded label value for why a client left (the text itself may quote client data)."""
     w = why.lower()
-    for key, label in (("client exited", "exited"), ("daemon stopping", "daemon_stopping"),
-                       ("corrupt ring", "corrupt_ring"), ("completion ring", "cq_not_consumed"),
-                       ("internal error", "internal_error")):
+    for key, label in (
+        ("client exited", "exited"),
+        ("daemon stopping", "daemon_stopping"),
+        ("corrupt ring", "corrupt_ring"),
+        ("completion ring", "cq_not_consumed"),
+        ("internal error", "internal_error"),
+    ):
         if key in w:
             return label
     return "other"
@@ -85,15 +109,15 @@ class DaemonMetrics:
 
     def __init__(self) -> None:
         self.launch_latency = FastHistogram(LATENCY_BUCKETS)
-        self.step_seconds: dict[str, FastHistogram] = {}          # by phase
+        self.step_seconds: dict[str, FastHistogram] = {}  # by phase
         self.attaches = 0
-        self.refused: dict[str, int] = {}                         # by error code
-        self.detaches: dict[str, int] = {}                        # by reason label
+        self.refused: dict[str, int] = {}  # by error code
+        self.detaches: dict[str, int] = {}  # by reason label
         # counters of clients that left, so device totals never go down
         self.retired_requests = 0
         self.retired_launches = 0
         self.retired_copied: dict[str, int] = {"h2d": 0, "d2h": 0, "d2d": 0}
-        self.retired_busy: dict[str, float] = {}                  # device-busy seconds by phase
+        self.retired_busy: dict[str, float] = {}  # device-busy seconds by phase
         self.retired_overflows = 0
 
     def step(self, phase: str, seconds: float) -> None:
@@ -138,54 +162,72 @@ class DaemonCollector:
         self.d = daemon
 
     def describe(self) -> Iterable[Any]:
-        return []     # the families depend on live state; no up-front description
+        return []  # the families depend on live state; no up-front description
 
     def collect(self) -> Iterable[Any]:
         for _ in range(5):
             try:
                 return self._collect()
-            except RuntimeError:          # a dict changed size under us: take a new snapshot
+            except RuntimeError:  # a dict changed size under us: take a new snapshot
                 continue
         return []
 
     def _collect(self) -> list[Any]:
-        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                            HistogramMetricFamily)
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         d, m = self.d, self.d.metrics
         dev = str(d.device)
         sessions = list(d.sessions.values())
         out: list[Any] = []
 
-        info = GaugeMetricFamily("flexnpu_daemon_info", "Daemon identity (value 1)",
-                                 labels=["device", "backend", "policy", "embedded", "version"])
+        info = GaugeMetricFamily(
+            "flexnpu_daemon_info",
+            "Daemon identity (value 1)",
+            labels=["device", "backend", "policy", "embedded", "version"],
+        )
         from .. import __version__
+
         info.add_metric([dev, d.backend.name, d.policy_name, str(d.embedded).lower(), __version__], 1)
         out.append(info)
         g = GaugeMetricFamily("flexnpu_clients", "Clients attached", labels=["device"])
         g.add_metric([dev], len(sessions))
         out.append(g)
-        g = GaugeMetricFamily("flexnpu_device_memory_used_bytes", "Device memory held by all clients",
-                              labels=["device"])
+        g = GaugeMetricFamily(
+            "flexnpu_device_memory_used_bytes", "Device memory held by all clients", labels=["device"]
+        )
         g.add_metric([dev], d.device_memory.used)
         out.append(g)
         if d.device_memory.limit is not None:
-            g = GaugeMetricFamily("flexnpu_device_memory_limit_bytes", "Device memory all clients may hold",
-                                  labels=["device"])
+            g = GaugeMetricFamily(
+                "flexnpu_device_memory_limit_bytes", "Device memory all clients may hold", labels=["device"]
+            )
             g.add_metric([dev], d.device_memory.limit)
             out.append(g)
 
         cl = ["device", "client", "pid", "command", "phase"]
-        used = GaugeMetricFamily("flexnpu_client_memory_used_bytes", "Device memory a client holds", labels=cl)
-        limit = GaugeMetricFamily("flexnpu_client_memory_limit_bytes", "A client's device memory limit", labels=cl)
-        reqs = CounterMetricFamily("flexnpu_client_requests", "Requests a client submitted (ring records)", labels=cl)
-        launches = CounterMetricFamily("flexnpu_client_operators", "Operators (kernel launches) run for a client",
-                                       labels=cl)
-        copied = CounterMetricFamily("flexnpu_client_copied_bytes", "Bytes copied for a client",
-                                     labels=cl + ["direction"])
-        depth = GaugeMetricFamily("flexnpu_client_queue_depth", "Commands waiting in a client's streams", labels=cl)
-        overflow = CounterMetricFamily("flexnpu_client_ring_overflows",
-                                       "Completions that found the client's completion ring full", labels=cl)
+        used = GaugeMetricFamily(
+            "flexnpu_client_memory_used_bytes", "Device memory a client holds", labels=cl
+        )
+        limit = GaugeMetricFamily(
+            "flexnpu_client_memory_limit_bytes", "A client's device memory limit", labels=cl
+        )
+        reqs = CounterMetricFamily(
+            "flexnpu_client_requests", "Requests a client submitted (ring records)", labels=cl
+        )
+        launches = CounterMetricFamily(
+            "flexnpu_client_operators", "Operators (kernel launches) run for a client", labels=cl
+        )
+        copied = CounterMetricFamily(
+            "flexnpu_client_copied_bytes", "Bytes copied for a client", labels=cl + ["direction"]
+        )
+        depth = GaugeMetricFamily(
+            "flexnpu_client_queue_depth", "Commands waiting in a client's streams", labels=cl
+        )
+        overflow = CounterMetricFamily(
+            "flexnpu_client_ring_overflows",
+            "Completions that found the client's completion ring full",
+            labels=cl,
+        )
         busy = dict(m.retired_busy)
         tot_req, tot_launch, tot_over = m.retired_requests, m.retired_launches, m.retired_overflows
         tot_copy = dict(m.retired_copied)
@@ -208,44 +250,61 @@ class DaemonCollector:
                 busy[st.phase] = busy.get(st.phase, 0.0) + st.busy_s
         out += [used, limit, reqs, launches, copied, depth, overflow]
 
-        c = CounterMetricFamily("flexnpu_requests", "Requests of all clients, including departed ones", labels=["device"])
+        c = CounterMetricFamily(
+            "flexnpu_requests", "Requests of all clients, including departed ones", labels=["device"]
+        )
         c.add_metric([dev], tot_req)
         out.append(c)
         c = CounterMetricFamily("flexnpu_operators", "Operators run for all clients", labels=["device"])
         c.add_metric([dev], tot_launch)
         out.append(c)
-        c = CounterMetricFamily("flexnpu_copied_bytes", "Bytes copied for all clients", labels=["device", "direction"])
+        c = CounterMetricFamily(
+            "flexnpu_copied_bytes", "Bytes copied for all clients", labels=["device", "direction"]
+        )
         for k, v in tot_copy.items():
             c.add_metric([dev, k], v)
         out.append(c)
-        c = CounterMetricFamily("flexnpu_ring_overflows", "Completions that found a completion ring full",
-                                labels=["device"])
+        c = CounterMetricFamily(
+            "flexnpu_ring_overflows", "Completions that found a completion ring full", labels=["device"]
+        )
         c.add_metric([dev], tot_over)
         out.append(c)
         # share of the device per phase = rate(busy{phase}) / sum(rate(busy))
-        c = CounterMetricFamily("flexnpu_device_busy_seconds",
-                                "Time the daemon spent executing commands, by stream phase", labels=["device", "phase"])
+        c = CounterMetricFamily(
+            "flexnpu_device_busy_seconds",
+            "Time the daemon spent executing commands, by stream phase",
+            labels=["device", "phase"],
+        )
         for phase, v in sorted(busy.items()):
             c.add_metric([dev, phase], v)
         out.append(c)
         sched = d._scheduler_status()
         if "prefill_slots" in sched:
-            g = GaugeMetricFamily("flexnpu_scheduler_prefill_slots", "Flex policy: prefill slots per decode step",
-                                  labels=["device"])
+            g = GaugeMetricFamily(
+                "flexnpu_scheduler_prefill_slots",
+                "Flex policy: prefill slots per decode step",
+                labels=["device"],
+            )
             g.add_metric([dev], float(sched["prefill_slots"]))
             out.append(g)
-            g = GaugeMetricFamily("flexnpu_scheduler_decode_weight", "Flex policy: decode weight", labels=["device"])
+            g = GaugeMetricFamily(
+                "flexnpu_scheduler_decode_weight", "Flex policy: decode weight", labels=["device"]
+            )
             g.add_metric([dev], float(sched["decode_weight"]))
             out.append(g)
 
-        h = HistogramMetricFamily("flexnpu_launch_latency_seconds",
-                                  "Operator launch: arrival in the daemon to completion of its execution",
-                                  labels=["device"])
+        h = HistogramMetricFamily(
+            "flexnpu_launch_latency_seconds",
+            "Operator launch: arrival in the daemon to completion of its execution",
+            labels=["device"],
+        )
         h.add_metric([dev], m.launch_latency.buckets(), m.launch_latency.sum)
         out.append(h)
-        h = HistogramMetricFamily("flexnpu_step_seconds",
-                                  "Engine iteration time between step marks (decode: time per output token)",
-                                  labels=["device", "phase"])
+        h = HistogramMetricFamily(
+            "flexnpu_step_seconds",
+            "Engine iteration time between step marks (decode: time per output token)",
+            labels=["device", "phase"],
+        )
         for phase, hist in sorted(m.step_seconds.items()):
             h.add_metric([dev, phase], hist.buckets(), hist.sum)
         out.append(h)
@@ -253,12 +312,15 @@ class DaemonCollector:
         c = CounterMetricFamily("flexnpu_client_attaches", "Clients attached", labels=["device"])
         c.add_metric([dev], m.attaches)
         out.append(c)
-        c = CounterMetricFamily("flexnpu_client_detaches", "Clients that left, by reason", labels=["device", "reason"])
+        c = CounterMetricFamily(
+            "flexnpu_client_detaches", "Clients that left, by reason", labels=["device", "reason"]
+        )
         for reason, n in sorted(m.detaches.items()):
             c.add_metric([dev, reason], n)
         out.append(c)
-        c = CounterMetricFamily("flexnpu_client_attach_refusals", "Attaches refused, by error code",
-                                labels=["device", "code"])
+        c = CounterMetricFamily(
+            "flexnpu_client_attach_refusals", "Attaches refused, by error code", labels=["device", "code"]
+        )
         for code, n in sorted(m.refused.items()):
             c.add_metric([dev, code], n)
         out.append(c)
@@ -271,7 +333,7 @@ def serve(daemon: DaemonLike, port: int, addr: str = "127.0.0.1") -> Any:
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DaemonCollector(daemon))
-    ProcessCollector(registry=registry)        # RSS, CPU seconds, open fds of the daemon
+    ProcessCollector(registry=registry)  # RSS, CPU seconds, open fds of the daemon
     server, _thread = start_http_server(port, addr=addr, registry=registry)
     log.info("Prometheus metrics on http://%s:%d/metrics", addr, server.server_port)
     return server

@@ -4,18 +4,19 @@ A client never sees a pointer. It names objects by small integers in its own nam
 daemon maps them to real objects in that client's tables only, so one client cannot reach
 another's memory except through an IPC import the owner allowed.
 """
+
 from __future__ import annotations
 
 import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import InvalidHandle, OutOfMemory
 
 MAX_HANDLE = (1 << 32) - 1
-MAX_HANDLES = 1 << 21          # live handles per client: bounds the daemon's own memory per client
+MAX_HANDLES = 1 << 21  # live handles per client: bounds the daemon's own memory per client
 
 
 class Alloc:
@@ -26,14 +27,14 @@ class Alloc:
 
     __slots__ = ("nbytes", "buf", "owner", "tables", "graphs", "failed", "ref", "result", "__weakref__")
 
-    def __init__(self, nbytes: int, owner: "Any", buf: Any = None, ref: Any = None) -> None:
+    def __init__(self, nbytes: int, owner: Any, buf: Any = None, ref: Any = None) -> None:
         self.nbytes = nbytes
         self.buf = buf
-        self.owner = owner          # the MemoryAccount charged for it
-        self.tables = 0             # how many client tables reference it
-        self.graphs = 0             # how many captured graphs hold it (and replay into it)
+        self.owner = owner  # the MemoryAccount charged for it
+        self.tables = 0  # how many client tables reference it
+        self.graphs = 0  # how many captured graphs hold it (and replay into it)
         self.failed: str | None = None
-        self.ref = ref              # declared layout of a launch output (TensorRef)
+        self.ref = ref  # declared layout of a launch output (TensorRef)
         self.result: Any = None
 
     def set_result(self, t: Any) -> None:
@@ -49,9 +50,14 @@ class Alloc:
 
             r, ref = self.result, self.ref
             st = r.untyped_storage()
-            if (st.nbytes() == self.nbytes and r.dtype == ref.dtype and r.storage_offset() == ref.offset
-                    and tuple(r.stride()) == tuple(ref.stride) and is_dense(r)
-                    and r.numel() * r.dtype.itemsize == self.nbytes):
+            if (
+                st.nbytes() == self.nbytes
+                and r.dtype == ref.dtype
+                and r.storage_offset() == ref.offset
+                and tuple(r.stride()) == tuple(ref.stride)
+                and is_dense(r)
+                and r.numel() * r.dtype.itemsize == self.nbytes
+            ):
                 self.buf = torch.empty(0, dtype=torch.uint8, device=r.device).set_(st)
             else:
                 buf = torch.zeros(self.nbytes, dtype=torch.uint8, device=r.device)
@@ -69,7 +75,7 @@ class MemoryAccount:
     limit: int | None
     used: int = 0
     peak: int = 0
-    parent: "MemoryAccount | None" = None
+    parent: MemoryAccount | None = None
 
     def charge(self, nbytes: int) -> bool:
         if self.limit is not None and self.used + nbytes > self.limit:
@@ -88,8 +94,8 @@ class MemoryAccount:
             self.parent.uncharge(nbytes)
 
 
-HANDLE_COST = 512             # daemon memory one live handle costs (an Alloc, its dict slot, a
-                              # backend buffer object: 1 M malloc(0) handles held ~558 MB)
+HANDLE_COST = 512  # daemon memory one live handle costs (an Alloc, its dict slot, a
+# backend buffer object: 1 M malloc(0) handles held ~558 MB)
 
 
 class HandleTable:
@@ -97,7 +103,7 @@ class HandleTable:
     from their owner only when the last table lets go. Each entry is charged HANDLE_COST to
     `account` (the client's host budget): even size-0 allocations cost the daemon memory."""
 
-    def __init__(self, account: "MemoryAccount | None" = None) -> None:
+    def __init__(self, account: MemoryAccount | None = None) -> None:
         self._h: dict[int, Alloc] = {}
         self.account = account
 
@@ -115,8 +121,10 @@ class HandleTable:
         if len(self._h) >= MAX_HANDLES:
             raise OutOfMemory(f"too many live device handles in this client (limit {MAX_HANDLES})")
         if self.account is not None and not self.account.charge(HANDLE_COST):
-            raise OutOfMemory(f"this client's objects exceed its host memory budget of "
-                              f"{self.account.limit} bytes in the daemon ({len(self._h)} live handles)")
+            raise OutOfMemory(
+                f"this client's objects exceed its host memory budget of "
+                f"{self.account.limit} bytes in the daemon ({len(self._h)} live handles)"
+            )
         alloc.tables += 1
         self._h[h] = alloc
 
@@ -154,9 +162,9 @@ def _release(a: Alloc) -> None:
 
 @dataclass
 class EventState:
-    requested: int = 0           # records issued
-    completed: int = 0           # records executed
-    token: Any = None            # backend marker of the latest executed record
+    requested: int = 0  # records issued
+    completed: int = 0  # records executed
+    token: Any = None  # backend marker of the latest executed record
     # (target, done), by target
     waiters: collections.deque[tuple[int, Callable[[], None]]] = field(default_factory=collections.deque)
 
@@ -168,10 +176,10 @@ class StreamState:
     phase: str = "auto"
     device_stream: Any = None
     queue: collections.deque[Cmd] = field(default_factory=collections.deque)
-    error: tuple[int, str] | None = None     # first async error, reported at next sync
-    capturing: int = 0                       # graph id being captured, 0 if none
+    error: tuple[int, str] | None = None  # first async error, reported at next sync
+    capturing: int = 0  # graph id being captured, 0 if none
     ops_done: int = 0
-    busy_s: float = 0.0                      # measured execution time, for the scheduler
+    busy_s: float = 0.0  # measured execution time, for the scheduler
 
     def set_error(self, code: int, msg: str) -> None:
         if self.error is None:
@@ -186,13 +194,13 @@ class Graph:
     complete: bool = False
     # graphs.CompiledGraph, False (cannot be compiled) or None; Any because graphs builds on this module
     compiled: Any = None
-    retained: dict[int, Alloc] = field(default_factory=dict)   # id -> Alloc the graph's commands hold
+    retained: dict[int, Alloc] = field(default_factory=dict)  # id -> Alloc the graph's commands hold
 
     def retain(self, cmd: Any) -> None:
         """Hold (and keep charged) every allocation a captured command uses: replays write into
         them after the client may have freed its handles."""
         for x in cmd.a:
-            for al in (x.values() if isinstance(x, dict) else (x,)):
+            for al in x.values() if isinstance(x, dict) else (x,):
                 if isinstance(al, Alloc) and id(al) not in self.retained:
                     self.retained[id(al)] = al
                     al.graphs += 1
@@ -204,10 +212,11 @@ class Graph:
             if al.graphs == 0 and al.tables == 0:
                 al.owner.uncharge(al.nbytes)
         self.retained.clear()
-    held: int = 0                            # bytes of the client's host budget its records use
+
+    held: int = 0  # bytes of the client's host budget its records use
 
 
-MAX_IMPORT_PIDS = 4096       # processes one export may be granted to
+MAX_IMPORT_PIDS = 4096  # processes one export may be granted to
 
 
 def process_start_time(pid: int) -> int | None:
@@ -217,7 +226,7 @@ def process_start_time(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
-        return int(raw[raw.rindex(b")") + 2:].split()[19])
+        return int(raw[raw.rindex(b")") + 2 :].split()[19])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -229,7 +238,7 @@ class IpcExport:
     # pid -> start time of the process the owner allowed: a grant is for that process only,
     # not for whatever later gets the same pid, and goes when the process exits
     pids: dict[int, int] = field(default_factory=dict)
-    same_uid: int | None = None    # set: any process of this uid may import (key known = capability)
+    same_uid: int | None = None  # set: any process of this uid may import (key known = capability)
     created: float = field(default_factory=time.time)
 
     def grant(self, pid: int) -> bool:
@@ -244,7 +253,7 @@ class IpcExport:
         if granted is None:
             return False
         if start is None or granted != start or process_start_time(pid) != granted:
-            del self.pids[pid]       # that process is gone: its grant goes with it
+            del self.pids[pid]  # that process is gone: its grant goes with it
             return False
         return True
 
@@ -262,13 +271,13 @@ class Cmd:
     op: int
     user_data: int
     sync: bool
-    run: Callable[[Any, StreamState, "Cmd"], Any]   # (Session, its stream, this command)
+    run: Callable[[Any, StreamState, Cmd], Any]  # (Session, its stream, this command)
     a: tuple[Any, ...] = ()
-    ready: Callable[[], bool] | None = None   # None = always ready (only waits use it)
-    cost: Any = None                          # scheduler annotation (phase, predicted time)
-    undo: Callable[[], None] | None = None    # reverts the prepare step's effects if refused
-    t0: float = 0.0                           # perf_counter when drained (launch latency metric)
-    held: int = 0                             # host budget charged while it waits in a queue
+    ready: Callable[[], bool] | None = None  # None = always ready (only waits use it)
+    cost: Any = None  # scheduler annotation (phase, predicted time)
+    undo: Callable[[], None] | None = None  # reverts the prepare step's effects if refused
+    t0: float = 0.0  # perf_counter when drained (launch latency metric)
+    held: int = 0  # host budget charged while it waits in a queue
 
 
 def ready_buf(al: Alloc, h: int) -> Any:
@@ -277,6 +286,8 @@ def ready_buf(al: Alloc, h: int) -> Any:
     if al.buf is None and al.result is not None:
         return al.materialize()
     if al.buf is None:
-        raise InvalidHandle(f"device handle {h} was never produced (the operator that should have "
-                            f"written it failed{': ' + al.failed if al.failed else ''})")
+        raise InvalidHandle(
+            f"device handle {h} was never produced (the operator that should have "
+            f"written it failed{': ' + al.failed if al.failed else ''})"
+        )
     return al.buf

@@ -6,6 +6,7 @@ Each name is implemented by the policy class of the same name in flexnpu.sched.p
 (a test checks that the two agree). This module imports nothing heavy, so command-line parsers
 can offer the choices without loading the scheduler.
 """
+
 from __future__ import annotations
 
 import enum
@@ -25,10 +26,10 @@ DESCRIPTIONS: dict[PolicyName, str] = {
     PolicyName.FIFO: "arrival order (passthrough)",
     PolicyName.PRIORITY: "strict stream priority",
     PolicyName.FLEX: "prefill/decode co-location: decode streams keep their time-per-token budget, "
-                     "prefill fills the rest, with core shares changed at operator boundaries where the "
-                     "backend can partition (docs/scheduling.md)",
+    "prefill fills the rest, with core shares changed at operator boundaries where the "
+    "backend can partition (docs/scheduling.md)",
     PolicyName.PARTITION: "partition[:ALPHA], a static core split: prefill-phase streams on ALPHA "
-                          "(default 0.5) of the cores, the others on the rest",
+    "(default 0.5) of the cores, the others on the rest",
 }
 
 POLICY_NAMES: tuple[str, ...] = tuple(p.value for p in PolicyName)

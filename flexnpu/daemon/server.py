@@ -8,6 +8,7 @@ Threads:
            queued commands on the backend, posts completions, and sleeps in wait_any() when
            there is nothing to do.
 """
+
 from __future__ import annotations
 
 import errno
@@ -25,7 +26,6 @@ from typing import Any, cast
 
 from .. import __version__
 from .. import protocol as P
-from ..errors import Err
 from ..paths import check_dir, socket_path
 from ..ring import Doorbell, RingError, RingSet, Segment
 from ..control import MessageReader, ProtocolError, peer_credentials, send_msg
@@ -40,13 +40,13 @@ from .session import Session
 log = logging.getLogger("flexnpu.daemon")
 
 MAILBOX_MIN = 256
-HANDSHAKE_TIMEOUT_S = 5.0      # a connection must have sent its request by then
-MAX_PENDING_PER_UID = 16       # connections still in their handshake, per peer uid
-MAX_PENDING = 256              # ... and in all
-MAX_SESSIONS_PER_UID = 256     # attached clients per uid (--max-sessions-per-uid)
-CLIENT_HOST_MEMORY = 256 << 20   # daemon memory one client's objects may use (--client-host-memory)
-HOT_RINGS = 120                # rings woken by futex (the rest are polled): recently active first
-FD_RESERVE = 16                # descriptors kept free for the daemon's own use (status, logs)
+HANDSHAKE_TIMEOUT_S = 5.0  # a connection must have sent its request by then
+MAX_PENDING_PER_UID = 16  # connections still in their handshake, per peer uid
+MAX_PENDING = 256  # ... and in all
+MAX_SESSIONS_PER_UID = 256  # attached clients per uid (--max-sessions-per-uid)
+CLIENT_HOST_MEMORY = 256 << 20  # daemon memory one client's objects may use (--client-host-memory)
+HOT_RINGS = 120  # rings woken by futex (the rest are polled): recently active first
+FD_RESERVE = 16  # descriptors kept free for the daemon's own use (status, logs)
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -91,7 +91,7 @@ class _Trimmer:
                 self._fn = libc.malloc_trim
                 self._fn.argtypes = [ctypes.c_size_t]
             except (OSError, AttributeError):
-                self._fn = None   # not glibc
+                self._fn = None  # not glibc
         self.mark = 0
         self.due = False
         self.count = 0
@@ -125,7 +125,9 @@ def open_fds() -> int:
 
             return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         return -1
-IDLE_STARTUP_S = 10.0          # --exit-when-idle: the least wait for a new daemon's first client
+
+
+IDLE_STARTUP_S = 10.0  # --exit-when-idle: the least wait for a new daemon's first client
 
 
 def _cmdline(pid: int) -> str:
@@ -139,17 +141,30 @@ def _cmdline(pid: int) -> str:
 
 
 class Daemon:
-    def __init__(self, device: int, backend: Backend, *, runtime_dir: Path | None = None,
-                 policy: str = "fifo", memory_limit: int | None = None,
-                 memory_limit_max: int | None = None, device_memory: int | None = None,
-                 allow_uids: set[int] | None = None,
-                 socket_mode: int = 0o660, batch: int = P.MAX_DRAIN_BATCH, notify: Any = None,
-                 tpot_budget_s: float | None = None,
-                 max_sessions_per_uid: int = MAX_SESSIONS_PER_UID, exit_when_idle: float | None = None,
-                 embedded: bool = False, metrics_port: int | None = None,
-                 metrics_addr: str = "127.0.0.1", max_launch_gflop: float | None = None,
-                 max_launch_bytes: int | None = None,
-                 client_host_memory: int | None = CLIENT_HOST_MEMORY) -> None:
+    def __init__(
+        self,
+        device: int,
+        backend: Backend,
+        *,
+        runtime_dir: Path | None = None,
+        policy: str = "fifo",
+        memory_limit: int | None = None,
+        memory_limit_max: int | None = None,
+        device_memory: int | None = None,
+        allow_uids: set[int] | None = None,
+        socket_mode: int = 0o660,
+        batch: int = P.MAX_DRAIN_BATCH,
+        notify: Any = None,
+        tpot_budget_s: float | None = None,
+        max_sessions_per_uid: int = MAX_SESSIONS_PER_UID,
+        exit_when_idle: float | None = None,
+        embedded: bool = False,
+        metrics_port: int | None = None,
+        metrics_addr: str = "127.0.0.1",
+        max_launch_gflop: float | None = None,
+        max_launch_bytes: int | None = None,
+        client_host_memory: int | None = CLIENT_HOST_MEMORY,
+    ) -> None:
         self.device = device
         self.client_host_memory = client_host_memory
         self.fd_limit = raise_fd_limit()[0]
@@ -161,7 +176,7 @@ class Daemon:
         # holder (a `flexnpu run` waiting for its program to attach) left; None: never.
         self.exit_when_idle = exit_when_idle
         self.embedded = embedded
-        self._conns = 0                       # attached clients + holders (control thread only)
+        self._conns = 0  # attached clients + holders (control thread only)
         self._ever_connected = False
         self._idle_since = time.monotonic()
         self._sock_ino: int | None = None
@@ -173,8 +188,9 @@ class Daemon:
         self.scheduler = make_scheduler(policy, self, tpot_budget_s)
         self.inline = getattr(self.scheduler, "inline", False)
         # Straight-line compiled graph replay needs a backend that executes aten ops itself.
-        self.compile_graphs = backend.supports_compiled_graphs and os.environ.get(
-            "FLEXNPU_COMPILE_GRAPHS", "1") != "0"
+        self.compile_graphs = (
+            backend.supports_compiled_graphs and os.environ.get("FLEXNPU_COMPILE_GRAPHS", "1") != "0"
+        )
         self.memory_limit = memory_limit
         # What all clients together may hold: the device's memory, or for the cpu backend half of
         # the host's RAM (a client must not make the host kill the daemon that serves everyone).
@@ -185,18 +201,18 @@ class Daemon:
         # per-launch work ceiling (None = default, 0 = none): one operator must not monopolise
         self.launch_limits = LaunchLimits.make(max_launch_gflop, max_launch_bytes, device_memory)
         self.memory_limit_max = memory_limit_max
-        self.allow_uids = allow_uids          # None = anyone who can open the socket
+        self.allow_uids = allow_uids  # None = anyone who can open the socket
         self.socket_mode = socket_mode
         self.path = socket_path(device, runtime_dir)
         self.sessions: dict[int, Session] = {}
-        self.doomed: set[Session] = set()        # condemned: drop at the next step of the loop
-        self.backlogged: set[Session] = set()    # replies waiting for room in their CQ
-        self.waiting: set[Session] = set()       # device syncs waiting for the client to go idle
-        self.fired: list[tuple[Session, Callable[[], None]]] = []   # event waiters whose event completed
-        self._ringset: RingSet | None = None     # every client's SQ, rebuilt when clients change
-        self._order: list[Session] = []          # sessions in _ringset order (recently active first)
+        self.doomed: set[Session] = set()  # condemned: drop at the next step of the loop
+        self.backlogged: set[Session] = set()  # replies waiting for room in their CQ
+        self.waiting: set[Session] = set()  # device syncs waiting for the client to go idle
+        self.fired: list[tuple[Session, Callable[[], None]]] = []  # event waiters whose event completed
+        self._ringset: RingSet | None = None  # every client's SQ, rebuilt when clients change
+        self._order: list[Session] = []  # sessions in _ringset order (recently active first)
         self._uid_sessions: dict[int, int] = {}  # control thread: attached sessions per uid
-        self._cid_uid: dict[int, int] = {}       # control thread: cid -> uid of attached sessions
+        self._cid_uid: dict[int, int] = {}  # control thread: cid -> uid of attached sessions
         self._fd_reserve: int | None = None
         self.trimmer = _Trimmer()
         self.exports: dict[int, IpcExport] = {}
@@ -222,7 +238,7 @@ class Daemon:
             try:
                 probe.connect(str(self.path))
             except (ConnectionRefusedError, FileNotFoundError):
-                self.path.unlink()   # stale socket of a dead daemon
+                self.path.unlink()  # stale socket of a dead daemon
             else:
                 probe.close()
                 if not self._displace_embedded():
@@ -252,7 +268,9 @@ class Daemon:
             except OSError as e:
                 self._unlink_socket()
                 s.close()
-                raise RuntimeError(f"cannot serve metrics on {self.metrics_addr}:{self.metrics_port}: {e}") from None
+                raise RuntimeError(
+                    f"cannot serve metrics on {self.metrics_addr}:{self.metrics_port}: {e}"
+                ) from None
 
     def _displace_embedded(self) -> bool:
         """A system daemon always wins over an embedded one (`flexnpu run`'s) at its path: ask
@@ -272,8 +290,13 @@ class Daemon:
         deadline = time.monotonic() + 10
         while self.path.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        log.warning("the embedded daemon pid %s for device %d retired in our favour; it serves its %d "
-                    "clients until they leave", other.get("pid"), self.device, len(other.get("clients", [])))
+        log.warning(
+            "the embedded daemon pid %s for device %d retired in our favour; it serves its %d "
+            "clients until they leave",
+            other.get("pid"),
+            self.device,
+            len(other.get("clients", [])),
+        )
         return not self.path.exists()
 
     def request_stop(self, *_: Any) -> None:
@@ -290,8 +313,14 @@ class Daemon:
         self._idle_since = time.monotonic()
         self._ctl_thread = threading.Thread(target=self._control_loop, name="flexnpu-control", daemon=True)
         self._ctl_thread.start()
-        log.info("serving device %d with backend %s (%s) at %s, policy %s", self.device,
-                 self.backend.name, self.backend_info.get("name"), self.path, self.policy_name)
+        log.info(
+            "serving device %d with backend %s (%s) at %s, policy %s",
+            self.device,
+            self.backend.name,
+            self.backend_info.get("name"),
+            self.path,
+            self.policy_name,
+        )
         if self.notify:
             self.notify.ready(f"serving device {self.device} ({self.backend.name})")
         try:
@@ -345,7 +374,7 @@ class Daemon:
             self._unlink_socket()
             self._sock_ino = None
             if self._listener is not None:
-                self._listener.close()        # refuse the backlog now, not after the drain
+                self._listener.close()  # refuse the backlog now, not after the drain
             self._stop.set()
             self._doorbell.ring()
 
@@ -381,7 +410,7 @@ class Daemon:
                     self.notify.tick()
             if got or ran or self.fired:
                 continue
-            self.trimmer.maybe(self.device_memory.used)   # idle now: a good time to give memory back
+            self.trimmer.maybe(self.device_memory.used)  # idle now: a good time to give memory back
             timeout = self.scheduler.idle_timeout()
             self._rings().wait(timeout if timeout is not None else 0.5, self._doorbell)
 
@@ -401,7 +430,7 @@ class Daemon:
         now = time.monotonic()
         ready = rs.ready()
         if len(ready) > 1:
-            ready.sort(key=lambda i: order[i].cid)   # in attach order, as clients always were
+            ready.sort(key=lambda i: order[i].cid)  # in attach order, as clients always were
         for i in ready:
             s = order[i]
             if s.kill is not None or s.dead:
@@ -412,7 +441,7 @@ class Daemon:
                 s.last_active = now
                 cold = cold or i >= HOT_RINGS
         if cold:
-            self._ringset = None   # a client beyond the futex-woken rings became busy: reorder
+            self._ringset = None  # a client beyond the futex-woken rings became busy: reorder
         return got
 
     def _drain(self, s: Session) -> int:
@@ -476,13 +505,13 @@ class Daemon:
                     self._drop(s, "client exited")
 
     def _drop(self, s: Session, why: str) -> None:
-        self._ringset = None       # before the segment is unmapped: the set points into it
+        self._ringset = None  # before the segment is unmapped: the set points into it
         self.sessions.pop(s.cid, None)
         self.doomed.discard(s)
         self.backlogged.discard(s)
         self.waiting.discard(s)
         for key in [k for k, e in self.exports.items() if e.owner_client == s.cid]:
-            del self.exports[key]   # importers keep their references; new imports are refused
+            del self.exports[key]  # importers keep their references; new imports are refused
         used = s.mem.used
         self.metrics.detached(s, why)
         s.close()
@@ -504,7 +533,7 @@ class Daemon:
                 if same_uid:
                     e.same_uid = s.uid
                 return key
-        key = secrets.randbits(63) | 1   # unguessable: a key alone is not a capability without the pid list
+        key = secrets.randbits(63) | 1  # unguessable: a key alone is not a capability without the pid list
         self.exports[key] = IpcExport(alloc, s.cid, same_uid=s.uid if same_uid else None)
         return key
 
@@ -512,7 +541,7 @@ class Daemon:
         """The daemon's state. For `viewer` (a uid) other than root and the daemon's own uid,
         other users' command lines are redacted: they may hold secrets."""
         admin = viewer is None or viewer in (0, os.geteuid())
-        for _ in range(5):   # sessions change under us (main thread); retry a torn snapshot
+        for _ in range(5):  # sessions change under us (main thread); retry a torn snapshot
             try:
                 clients = [s.status() for s in list(self.sessions.values())]
                 if not admin:
@@ -525,26 +554,40 @@ class Daemon:
         else:
             clients = []
         return {
-            "device": self.device, "backend": self.backend.name,
-            "device_type": self.backend_info.get("device_type"), "name": self.backend_info.get("name"),
+            "device": self.device,
+            "backend": self.backend.name,
+            "device_type": self.backend_info.get("device_type"),
+            "name": self.backend_info.get("name"),
             "scrub": self.backend_info.get("scrub"),
-            "pid": os.getpid(), "uid": os.geteuid(), "started_at": self.started_at,
-            "uptime_s": round(time.time() - self.started_at, 3), "policy": self.policy_name,
-            "socket": str(self.path), "version": __version__, "layout_version": P.LAYOUT_VERSION,
-            "memory_limit_default": self.memory_limit, "device_memory_limit": self.device_memory.limit,
-            "fd_limit": self.fd_limit, "open_fds": open_fds(), "rss_bytes": rss_bytes(),
-            "malloc_trims": self.trimmer.count, "malloc_trim_s": round(self.trimmer.seconds, 4),
+            "pid": os.getpid(),
+            "uid": os.geteuid(),
+            "started_at": self.started_at,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "policy": self.policy_name,
+            "socket": str(self.path),
+            "version": __version__,
+            "layout_version": P.LAYOUT_VERSION,
+            "memory_limit_default": self.memory_limit,
+            "device_memory_limit": self.device_memory.limit,
+            "fd_limit": self.fd_limit,
+            "open_fds": open_fds(),
+            "rss_bytes": rss_bytes(),
+            "malloc_trims": self.trimmer.count,
+            "malloc_trim_s": round(self.trimmer.seconds, 4),
             "max_sessions_per_uid": self.max_sessions_per_uid,
-            "device_memory_used": self.device_memory.used, "ops_total": sum(c["ops_total"] for c in clients),
-            "clients": clients, "scheduler": self._scheduler_status(),
-            "embedded": self.embedded, "exit_when_idle_s": self.exit_when_idle,
+            "device_memory_used": self.device_memory.used,
+            "ops_total": sum(c["ops_total"] for c in clients),
+            "clients": clients,
+            "scheduler": self._scheduler_status(),
+            "embedded": self.embedded,
+            "exit_when_idle_s": self.exit_when_idle,
             "holders": max(0, self._conns - len(clients)),
             "metrics_port": self._metrics_server.server_port if self._metrics_server is not None else None,
             "communicators": self.collectives.status(),
         }
 
     def _scheduler_status(self) -> dict[str, Any]:
-        for _ in range(5):   # the main thread mutates the queues; retry a torn snapshot
+        for _ in range(5):  # the main thread mutates the queues; retry a torn snapshot
             try:
                 return self.scheduler.status()
             except RuntimeError:
@@ -573,14 +616,17 @@ class Daemon:
             now = time.monotonic()
             for conn, (uid, t0, reader) in list(self._handshakes.items()):
                 if now - t0 > HANDSHAKE_TIMEOUT_S:
-                    log.info("closing a connection from uid %d that sent no request in %.0f s", uid,
-                             HANDSHAKE_TIMEOUT_S)
+                    log.info(
+                        "closing a connection from uid %d that sent no request in %.0f s",
+                        uid,
+                        HANDSHAKE_TIMEOUT_S,
+                    )
                     self._close_conn(sel, conn, reader)
             for key, _ in events:
                 kind, state = key.data
                 if kind == "wake":
                     return
-                sock = cast(socket.socket, key.fileobj)   # every other registration is a socket
+                sock = cast(socket.socket, key.fileobj)  # every other registration is a socket
                 try:
                     if kind == "listen":
                         self._accept(sel)
@@ -615,8 +661,9 @@ class Daemon:
             busy = sum(1 for u, _, _ in self._handshakes.values() if u == uid)
             if busy >= MAX_PENDING_PER_UID or len(self._handshakes) >= MAX_PENDING:
                 # Bounded per uid, so one user's idle connections cannot use up the daemon's fds.
-                self._reply_blocking(conn, {"ok": False, "code": "EBUSY",
-                                            "error": "too many connections in their handshake"})
+                self._reply_blocking(
+                    conn, {"ok": False, "code": "EBUSY", "error": "too many connections in their handshake"}
+                )
                 conn.close()
                 continue
             conn.setblocking(False)
@@ -637,8 +684,9 @@ class Daemon:
         except OSError:
             conn = None
         if conn is not None:
-            log.warning("refused a connection: the daemon is out of file descriptors (limit %d)",
-                        self.fd_limit)
+            log.warning(
+                "refused a connection: the daemon is out of file descriptors (limit %d)", self.fd_limit
+            )
             self._reply_blocking(conn, {"ok": False, "code": "EMFILE", "error": self._no_fds_text()})
             conn.close()
         try:
@@ -647,8 +695,10 @@ class Daemon:
             self._fd_reserve = None
 
     def _no_fds_text(self) -> str:
-        return (f"the daemon is out of file descriptors ({open_fds()} open, limit {self.fd_limit}); "
-                f"raise its RLIMIT_NOFILE (LimitNOFILE= in the unit) or lower --max-sessions-per-uid")
+        return (
+            f"the daemon is out of file descriptors ({open_fds()} open, limit {self.fd_limit}); "
+            f"raise its RLIMIT_NOFILE (LimitNOFILE= in the unit) or lower --max-sessions-per-uid"
+        )
 
     def _close_conn(self, sel: selectors.BaseSelector, conn: socket.socket, reader: MessageReader) -> None:
         self._handshakes.pop(conn, None)
@@ -695,8 +745,14 @@ class Daemon:
                 uid = self._handshakes.get(conn, (-1,))[0]
                 if self.allow_uids is not None and uid not in self.allow_uids:
                     # the same list as attach: who may not use the device may not watch it
-                    self._reply_blocking(conn, {"ok": False, "code": "EPERM",
-                                                "error": f"uid {uid} may not use device {self.device}"})
+                    self._reply_blocking(
+                        conn,
+                        {
+                            "ok": False,
+                            "code": "EPERM",
+                            "error": f"uid {uid} may not use device {self.device}",
+                        },
+                    )
                 else:
                     self._reply_blocking(conn, {"ok": True, "daemon": self.status(uid)})
                 self._close_conn(sel, conn, reader)
@@ -706,15 +762,23 @@ class Daemon:
                     os.close(fd)
                 _pid, uid, _gid = peer_credentials(conn)
                 if uid not in (0, os.geteuid()):
-                    self._reply_blocking(conn, {"ok": False, "error": "only root or the daemon's user may "
-                                                "retire it", "code": "EPERM"})
+                    self._reply_blocking(
+                        conn,
+                        {
+                            "ok": False,
+                            "error": "only root or the daemon's user may retire it",
+                            "code": "EPERM",
+                        },
+                    )
                     self._close_conn(sel, conn, reader)
                     return
-                log.info("retiring in favour of a system daemon: no new clients; exiting when the "
-                         "current ones have left")
+                log.info(
+                    "retiring in favour of a system daemon: no new clients; exiting when the "
+                    "current ones have left"
+                )
                 self._unlink_socket()
                 self._sock_ino = None
-                assert self._listener is not None   # set while the control thread runs
+                assert self._listener is not None  # set while the control thread runs
                 sel.unregister(self._listener)
                 self._listener.close()
                 self.exit_when_idle = 0.0
@@ -742,14 +806,23 @@ class Daemon:
         daemon does not leave between the run's start and its program's attach."""
         _pid, uid, _gid = peer_credentials(conn)
         if self.allow_uids is not None and uid not in self.allow_uids:
-            self._reply_blocking(conn, {"ok": False, "error": f"uid {uid} may not use device {self.device}",
-                                        "code": "EPERM"})
+            self._reply_blocking(
+                conn, {"ok": False, "error": f"uid {uid} may not use device {self.device}", "code": "EPERM"}
+            )
             return self._close_conn(sel, conn, reader)
         self._handshakes.pop(conn, None)
         sel.unregister(conn)
         reader.close()
-        self._reply_blocking(conn, {"ok": True, "daemon_pid": os.getpid(), "backend": self.backend.name,
-                                    "policy": self.policy_name, "embedded": self.embedded})
+        self._reply_blocking(
+            conn,
+            {
+                "ok": True,
+                "daemon_pid": os.getpid(),
+                "backend": self.backend.name,
+                "policy": self.policy_name,
+                "embedded": self.embedded,
+            },
+        )
         conn.setblocking(False)
         self._conn_added()
         sel.register(conn, selectors.EVENT_READ, ("hold", None))
@@ -766,8 +839,9 @@ class Daemon:
         conn.close()
         self._conn_gone()
 
-    def _attach(self, sel: selectors.BaseSelector, conn: socket.socket, msg: dict[str, Any],
-                fds: list[int]) -> None:
+    def _attach(
+        self, sel: selectors.BaseSelector, conn: socket.socket, msg: dict[str, Any], fds: list[int]
+    ) -> None:
         def refuse(text: str, code: str) -> None:
             for fd in fds:
                 try:
@@ -783,11 +857,17 @@ class Daemon:
         if self.allow_uids is not None and uid not in self.allow_uids:
             return refuse(f"uid {uid} may not use device {self.device}", "EPERM")
         if msg.get("layout_version") != P.LAYOUT_VERSION:
-            return refuse(f"protocol version {msg.get('layout_version')!r} does not match the daemon's "
-                          f"{P.LAYOUT_VERSION}; upgrade the client or the daemon", "EVERSION")
+            return refuse(
+                f"protocol version {msg.get('layout_version')!r} does not match the daemon's "
+                f"{P.LAYOUT_VERSION}; upgrade the client or the daemon",
+                "EVERSION",
+            )
         if self._uid_sessions.get(uid, 0) >= self.max_sessions_per_uid:
-            return refuse(f"uid {uid} already has {self._uid_sessions[uid]} clients attached to device "
-                          f"{self.device} (the daemon's --max-sessions-per-uid); close some first", "EUSERS")
+            return refuse(
+                f"uid {uid} already has {self._uid_sessions[uid]} clients attached to device "
+                f"{self.device} (the daemon's --max-sessions-per-uid); close some first",
+                "EUSERS",
+            )
         if open_fds() >= self.fd_limit - FD_RESERVE:
             # refused while a few are left, so the daemon can still accept and explain
             return refuse(self._no_fds_text(), "EMFILE")
@@ -805,8 +885,12 @@ class Daemon:
         finally:
             os.close(fd)
         mbox = msg.get("mailbox")
-        if (not isinstance(mbox, list) or len(mbox) != 2 or not all(type(x) is int for x in mbox)
-                or mbox[1] < MAILBOX_MIN):
+        if (
+            not isinstance(mbox, list)
+            or len(mbox) != 2
+            or not all(type(x) is int for x in mbox)
+            or mbox[1] < MAILBOX_MIN
+        ):
             seg.close()
             return refuse("attach needs a mailbox [offset, length] in the arena", "EINVAL")
         try:
@@ -830,9 +914,18 @@ class Daemon:
         try:
             conn.setblocking(True)
             conn.settimeout(2.0)
-            send_msg(conn, {"ok": True, "client_id": cid, "device": self.device,
-                            "info": self.backend_info, "memory_limit": limit, "policy": self.policy_name,
-                            "daemon_pid": os.getpid()})
+            send_msg(
+                conn,
+                {
+                    "ok": True,
+                    "client_id": cid,
+                    "device": self.device,
+                    "info": self.backend_info,
+                    "memory_limit": limit,
+                    "policy": self.policy_name,
+                    "daemon_pid": os.getpid(),
+                },
+            )
             conn.setblocking(False)
         except OSError:
             sess.close()
@@ -853,7 +946,7 @@ class Daemon:
         except OSError:
             data = b""
         if data:
-            return   # attached clients have nothing more to say on the control socket
+            return  # attached clients have nothing more to say on the control socket
         try:
             sel.unregister(conn)
         except (KeyError, ValueError):

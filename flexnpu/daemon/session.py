@@ -6,26 +6,46 @@ from under queued work) and either answers at once or queues a command on the st
 runs when the scheduler picks that command. Anything a client sends that is wrong becomes an
 error for that client only.
 """
+
 from __future__ import annotations
 
 import json
-import secrets
 import struct
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 from .. import protocol as P
-from ..errors import (BadState, Err, FlexNPUError, error_for, InvalidArgument, InvalidHandle, NotFound,
-                      OpNotSupported, OutOfMemory, PermissionDenied, code_of)
+from ..errors import (
+    BadState,
+    FlexNPUError,
+    error_for,
+    InvalidArgument,
+    InvalidHandle,
+    NotFound,
+    OpNotSupported,
+    OutOfMemory,
+    PermissionDenied,
+    code_of,
+)
 from ..protocol import Op
 from ..ring import RingError
 from .metrics import COPY_DIRECTION, copied_bytes
-from .objects import (MAX_IMPORT_PIDS, Alloc, Cmd, EventState, Graph, HandleTable, IpcExport, MemoryAccount,
-                      StreamState, process_start_time, ready_buf)
+from .objects import (
+    MAX_IMPORT_PIDS,
+    Alloc,
+    Cmd,
+    EventState,
+    Graph,
+    HandleTable,
+    MemoryAccount,
+    StreamState,
+    process_start_time,
+    ready_buf,
+)
 
 if TYPE_CHECKING:
-    from .interfaces import DaemonServices as Daemon   # the daemon as a session sees it
+    from .interfaces import DaemonServices as Daemon  # the daemon as a session sees it
 
 MAX_ALLOC = 1 << 44
 MAX_STREAMS = 1024
@@ -33,15 +53,24 @@ MAX_EVENTS = 1 << 16
 MAX_GRAPHS = 4096
 MAX_PENDING_REPLIES = 4096
 MAX_GRAPH_OPS = 1 << 20
-MAX_WAITERS = 4096             # unanswered DEVICE_SYNC/EVENT_SYNC per client
-MAX_QUEUED = 1 << 18           # commands waiting in one stream: bounds a blocked stream's memory
+MAX_WAITERS = 4096  # unanswered DEVICE_SYNC/EVENT_SYNC per client
+MAX_QUEUED = 1 << 18  # commands waiting in one stream: bounds a blocked stream's memory
 # What a client's bad request or a failing operator may raise; anything else is logged as a bug.
-_EXPECTED = (FlexNPUError, ValueError, TypeError, KeyError, IndexError, MemoryError,
-             NotImplementedError, RuntimeError, OverflowError)
+_EXPECTED = (
+    FlexNPUError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    MemoryError,
+    NotImplementedError,
+    RuntimeError,
+    OverflowError,
+)
 
 
-CMD_COST = 256          # daemon memory of one prepared command (Cmd, closures, queue slot)
-VALUE_COST = 96         # ... plus per decoded launch value (TensorRef, ints, lists)
+CMD_COST = 256  # daemon memory of one prepared command (Cmd, closures, queue slot)
+VALUE_COST = 96  # ... plus per decoded launch value (TensorRef, ints, lists)
 
 
 def held_bytes(cmd: Cmd) -> int:
@@ -50,13 +79,24 @@ def held_bytes(cmd: Cmd) -> int:
     if cmd.op == Op.LAUNCH:
         n += VALUE_COST * cmd.a[0].values
     elif cmd.op == Op.MEMCPY_H2D and isinstance(cmd.a[3], bytes):
-        n += len(cmd.a[3])     # host data copied out at drain time
+        n += len(cmd.a[3])  # host data copied out at drain time
     return n
 
 
 class Session:
-    def __init__(self, daemon: "Daemon", cid: int, seg: Any, conn: Any, pid: int, uid: int,
-                 mailbox: tuple[int, int], memory_limit: int | None, phase: str, cmdline: str) -> None:
+    def __init__(
+        self,
+        daemon: Daemon,
+        cid: int,
+        seg: Any,
+        conn: Any,
+        pid: int,
+        uid: int,
+        mailbox: tuple[int, int],
+        memory_limit: int | None,
+        phase: str,
+        cmdline: str,
+    ) -> None:
         self.daemon = daemon
         self.cid = cid
         self.seg = seg
@@ -66,8 +106,8 @@ class Session:
         self.mailbox = mailbox
         self.phase = phase
         self.attached_at = time.time()
-        self.last_active = time.monotonic()    # last drain that found records (ring order)
-        self.start_time = process_start_time(pid)   # with pid: this process, not a later one
+        self.last_active = time.monotonic()  # last drain that found records (ring order)
+        self.start_time = process_start_time(pid)  # with pid: this process, not a later one
         self.mem = MemoryAccount(memory_limit, parent=daemon.device_memory)
         # What this client makes the daemon hold besides device memory (handles, queued and
         # captured commands, copied-out payloads): bounded per client (--client-host-memory).
@@ -76,23 +116,23 @@ class Session:
         self.streams: dict[int, StreamState] = {0: self._new_stream(0, 0)}
         self.events: dict[int, EventState] = {}
         self.graphs: dict[int, Graph] = {}
-        self.error: tuple[int, str] | None = None      # async error not tied to a stream
+        self.error: tuple[int, str] | None = None  # async error not tied to a stream
         # device syncs waiting for this client's work to finish (event syncs wait on their event)
         self.waiters: list[tuple[Callable[[], bool], Callable[[], None]]] = []
-        self.n_waiters = 0               # all waiters of this client, event syncs included
+        self.n_waiters = 0  # all waiters of this client, event syncs included
         self.pending_replies: list[bytes] = []
-        self.held: list[tuple[Any, ...]] | None = None   # replies kept until an emulated kernel completes
+        self.held: list[tuple[Any, ...]] | None = None  # replies kept until an emulated kernel completes
         self.ops_total = 0
         self.ops_rate = 0.0
         self._rate_mark = (time.monotonic(), 0)
         self.dead = False
-        self.kill: str | None = None     # set when the client must be disconnected (misbehaving)
+        self.kill: str | None = None  # set when the client must be disconnected (misbehaving)
         self.rec_buf = bytearray(P.SQE_SIZE * daemon.batch)
         # metrics (flexnpu/daemon/metrics.py reads them at scrape time)
         self.launches = 0
         self.copied = {"h2d": 0, "d2h": 0, "d2d": 0}
         self.cq_overflows = 0
-        self.last_mark: dict[int, float] = {}    # stream -> perf_counter of its last STEP_MARK
+        self.last_mark: dict[int, float] = {}  # stream -> perf_counter of its last STEP_MARK
         self._drain_t = 0.0
 
     # ------------------------------------------------------------------ helpers
@@ -157,8 +197,9 @@ class Session:
         code = code_of(exc)
         msg = str(exc) or type(exc).__name__
         if not isinstance(exc, _EXPECTED):
-            self.daemon.log.error("client %d: unexpected %s: %s", self.pid, type(exc).__name__, msg,
-                                  exc_info=exc)
+            self.daemon.log.error(
+                "client %d: unexpected %s: %s", self.pid, type(exc).__name__, msg, exc_info=exc
+            )
         if sync:
             self.reply(user_data, code, msg=msg)
         elif stream is not None:
@@ -194,10 +235,14 @@ class Session:
         if not self.mem.charge(nbytes):
             dev = self.daemon.device_memory
             if self.mem.limit is not None and self.mem.used + nbytes > self.mem.limit:
-                raise OutOfMemory(f"device memory limit of this client exceeded: {self.mem.used} bytes in use, "
-                                  f"{nbytes} requested, limit {self.mem.limit}")
-            raise OutOfMemory(f"device out of memory: {dev.used} of {dev.limit} bytes in use by all clients, "
-                              f"{nbytes} requested")
+                raise OutOfMemory(
+                    f"device memory limit of this client exceeded: {self.mem.used} bytes in use, "
+                    f"{nbytes} requested, limit {self.mem.limit}"
+                )
+            raise OutOfMemory(
+                f"device out of memory: {dev.used} of {dev.limit} bytes in use by all clients, "
+                f"{nbytes} requested"
+            )
         return Alloc(nbytes, self.mem)
 
     # ------------------------------------------------------------------ drain
@@ -254,8 +299,10 @@ class Session:
                 self.execute(st, cmd)
             else:
                 if len(st.queue) >= MAX_QUEUED:
-                    raise BadState(f"stream {sid} has {MAX_QUEUED} commands waiting (is it blocked on an "
-                                   f"event that is never recorded?)")
+                    raise BadState(
+                        f"stream {sid} has {MAX_QUEUED} commands waiting (is it blocked on an "
+                        f"event that is never recorded?)"
+                    )
                 n = held_bytes(cmd)
                 self._charge_host(n, "queued commands")
                 cmd.held = n
@@ -274,9 +321,11 @@ class Session:
     # ------------------------------------------------------------------ execute
     def _charge_host(self, n: int, what: str) -> None:
         if not self.host.charge(n):
-            raise OutOfMemory(f"this client's {what} exceed its host memory budget in the daemon "
-                              f"({self.host.used} of {self.host.limit} bytes in use; synchronize, or "
-                              f"destroy graphs, handles or events it no longer needs)")
+            raise OutOfMemory(
+                f"this client's {what} exceed its host memory budget in the daemon "
+                f"({self.host.used} of {self.host.limit} bytes in use; synchronize, or "
+                f"destroy graphs, handles or events it no longer needs)"
+            )
 
     def execute(self, st: StreamState, cmd: Cmd) -> None:
         """Run one prepared command. Never raises: whatever goes wrong is this client's error
@@ -371,7 +420,7 @@ class Session:
         """Reclaim everything this client owned."""
         self.dead = True
         try:
-            self.daemon.collectives.session_closed(self)   # its ranks fail their communicators
+            self.daemon.collectives.session_closed(self)  # its ranks fail their communicators
         except Exception as e:  # noqa: BLE001 - reclaiming the rest must still happen
             self.daemon.log.error("client %d: leaving its communicators failed: %s", self.pid, e)
         self.handles.clear()
@@ -391,13 +440,24 @@ class Session:
 
     def status(self) -> dict[str, Any]:
         return {
-            "client_id": self.cid, "pid": self.pid, "uid": self.uid, "cmdline": self.cmdline,
-            "phase": self.phase, "memory_bytes": self.mem.used, "memory_peak_bytes": self.mem.peak,
-            "memory_limit": self.mem.limit, "ops_per_s": round(self.ops_rate, 1),
-            "host_bytes": self.host.used, "host_limit": self.host.limit,
-            "ops_total": self.ops_total, "queue_depth": self.queue_depth(),
-            "streams": len(self.streams), "handles": len(self.handles), "attached_at": self.attached_at,
-            "graphs": len(self.graphs), "graphs_compiled": sum(1 for g in self.graphs.values() if g.compiled),
+            "client_id": self.cid,
+            "pid": self.pid,
+            "uid": self.uid,
+            "cmdline": self.cmdline,
+            "phase": self.phase,
+            "memory_bytes": self.mem.used,
+            "memory_peak_bytes": self.mem.peak,
+            "memory_limit": self.mem.limit,
+            "ops_per_s": round(self.ops_rate, 1),
+            "host_bytes": self.host.used,
+            "host_limit": self.host.limit,
+            "ops_total": self.ops_total,
+            "queue_depth": self.queue_depth(),
+            "streams": len(self.streams),
+            "handles": len(self.handles),
+            "attached_at": self.attached_at,
+            "graphs": len(self.graphs),
+            "graphs_compiled": sum(1 for g in self.graphs.values() if g.compiled),
         }
 
 
@@ -405,7 +465,7 @@ class Session:
 # Each: (session, stream|None, user_data, sync, payload_off, payload_len, args, flags) -> Cmd|None.
 # Returning None means it was answered (or needed no answer) at once. The stream is None only
 # for requests that are not stream-ordered (P.OPS[op].stream_ordered).
-Args = tuple[int, ...]     # a0..a4 of the record
+Args = tuple[int, ...]  # a0..a4 of the record
 Handler = Callable[[Session, StreamState | None, int, bool, int, int, Args, int], Cmd | None]
 
 
@@ -414,13 +474,15 @@ def _run_nop(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, None)
 
 
-def _p_nop(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-           a: Args, flags: int) -> Cmd:
+def _p_nop(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> Cmd:
     return Cmd(Op.NOP, ud, sync, _run_nop)
 
 
-def _p_device_info(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                   a: Args, flags: int) -> None:
+def _p_device_info(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> None:
     info = dict(s.daemon.backend_info)
     info.update(device=s.daemon.device, policy=s.daemon.policy_name, memory_limit=s.mem.limit)
     s.reply_json(ud, info)
@@ -430,8 +492,9 @@ def _all_idle(s: Session) -> bool:
     return all(not q.queue for q in s.streams.values()) and not s.daemon.scheduler.busy(s)
 
 
-def _p_device_sync(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                   a: Args, flags: int) -> None:
+def _p_device_sync(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> None:
     def done() -> None:
         s.daemon.backend.synchronize()
         err = s.error
@@ -440,13 +503,15 @@ def _p_device_sync(s: Session, st: StreamState | None, ud: int, sync: bool, poff
             q.error = None
         s.error = None
         s.reply(ud, err[0] if err else 0, msg=err[1] if err else "")
+
     s.add_waiter()
     s.waiters.append((lambda: _all_idle(s), done))
     s.daemon.waiting.add(s)
 
 
-def _p_stream_create(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                     a: Args, flags: int) -> None:
+def _p_stream_create(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> None:
     sid, prio = a[0], a[1]
     if not 0 < sid < 1 << 32:
         raise InvalidArgument(f"stream id {sid} out of range")
@@ -462,14 +527,15 @@ def _p_stream_create(s: Session, st: StreamState | None, ud: int, sync: bool, po
 
 def _run_stream_destroy(s: Session, st: StreamState, c: Cmd) -> None:
     s.daemon.backend.sync_stream(st.device_stream)
-    s.streams.pop(st.sid, None)   # the scheduler drops a stream once it is gone from the table
+    s.streams.pop(st.sid, None)  # the scheduler drops a stream once it is gone from the table
     if c.sync:
         s.reply(c.user_data)
 
 
-def _p_stream_destroy(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                      a: Args, flags: int) -> Cmd:
-    assert st is not None   # stream-ordered: prepare resolved it
+def _p_stream_destroy(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> Cmd:
+    assert st is not None  # stream-ordered: prepare resolved it
     if st.sid == 0:
         raise InvalidArgument("the default stream cannot be destroyed")
     return Cmd(Op.STREAM_DESTROY, ud, sync, _run_stream_destroy)
@@ -480,13 +546,15 @@ def _run_stream_sync(s: Session, st: StreamState, c: Cmd) -> None:
     s.reply_sync(c.user_data, st)
 
 
-def _p_stream_sync(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                   a: Args, flags: int) -> Cmd:
+def _p_stream_sync(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> Cmd:
     return Cmd(Op.STREAM_SYNC, ud, True, _run_stream_sync)
 
 
-def _p_stream_query(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                    a: Args, flags: int) -> None:
+def _p_stream_query(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> None:
     target = s.stream(a[0])
     s.reply(ud, 0, int(not target.queue))
 
@@ -498,8 +566,9 @@ def _event(s: Session, eid: int) -> EventState:
     return ev
 
 
-def _p_event_create(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                    a: Args, flags: int) -> None:
+def _p_event_create(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> None:
     eid = a[0]
     if not 0 < eid < 1 << 32 or eid in s.events:
         raise InvalidHandle(f"event id {eid} invalid or in use")
@@ -510,8 +579,9 @@ def _p_event_create(s: Session, st: StreamState | None, ud: int, sync: bool, pof
         s.reply(ud)
 
 
-def _p_event_destroy(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                     a: Args, flags: int) -> None:
+def _p_event_destroy(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> None:
     _event(s, a[0])
     del s.events[a[0]]
     if sync:
@@ -522,17 +592,18 @@ def _run_event_record(s: Session, st: StreamState, c: Cmd) -> None:
     ev: EventState = c.a[0]
     try:
         ev.token = s.daemon.backend.record_event(st.device_stream)
-    finally:   # a failed record still completes: its error goes to the stream, nobody hangs
+    finally:  # a failed record still completes: its error goes to the stream, nobody hangs
         if c.a[1] > ev.completed:
             ev.completed = c.a[1]
             if ev.waiters:
                 s.fire_event(ev)
-    if c.sync:   # every FLAG_SYNC request is answered exactly once
+    if c.sync:  # every FLAG_SYNC request is answered exactly once
         s.reply_sync(c.user_data, st)
 
 
-def _p_event_record(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                    a: Args, flags: int) -> Cmd:
+def _p_event_record(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> Cmd:
     ev = _event(s, a[0])
     ev.requested += 1
     n = ev.requested
@@ -540,6 +611,7 @@ def _p_event_record(s: Session, st: StreamState | None, ud: int, sync: bool, pof
     def undo() -> None:
         if ev.requested == n:
             ev.requested -= 1
+
     return Cmd(Op.EVENT_RECORD, ud, sync, _run_event_record, (ev, n), undo=undo)
 
 
@@ -551,16 +623,17 @@ def _run_wait_event(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _p_stream_wait_event(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                         a: Args, flags: int) -> Cmd:
+def _p_stream_wait_event(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> Cmd:
     ev = _event(s, a[0])
     target = ev.requested  # waits for the latest record issued before this call, as in CUDA
-    return Cmd(Op.STREAM_WAIT_EVENT, ud, sync, _run_wait_event, (ev,),
-               ready=lambda: ev.completed >= target)
+    return Cmd(Op.STREAM_WAIT_EVENT, ud, sync, _run_wait_event, (ev,), ready=lambda: ev.completed >= target)
 
 
-def _p_event_sync(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                  a: Args, flags: int) -> None:
+def _p_event_sync(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> None:
     ev = _event(s, a[0])
     target = ev.requested
     s.add_waiter()
@@ -569,21 +642,24 @@ def _p_event_sync(s: Session, st: StreamState | None, ud: int, sync: bool, poff:
         if ev.token is not None:
             s.daemon.backend.event_sync(ev.token)
         s.reply(ud)
+
     # Kept on the event, in target order (targets only grow): the record that reaches the
     # target fires it, so waiting costs nothing per loop however many waiters there are.
     ev.waiters.append((target, done))
     s.fire_event(ev)
 
 
-def _p_event_query(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                   a: Args, flags: int) -> None:
+def _p_event_query(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> None:
     ev = _event(s, a[0])
     done = ev.completed >= ev.requested and (ev.token is None or s.daemon.backend.event_done(ev.token))
     s.reply(ud, 0, int(done))
 
 
-def _p_event_elapsed(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                     a: Args, flags: int) -> None:
+def _p_event_elapsed(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> None:
     e0, e1 = _event(s, a[0]), _event(s, a[1])
     if e0.token is None or e1.token is None or e0.completed < e0.requested or e1.completed < e1.requested:
         raise BadState("elapsed time needs two completed events")
@@ -591,8 +667,9 @@ def _p_event_elapsed(s: Session, st: StreamState | None, ud: int, sync: bool, po
     s.reply(ud, 0, struct.unpack("<Q", struct.pack("<d", ms))[0])
 
 
-def _p_malloc(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-              a: Args, flags: int) -> None:
+def _p_malloc(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> None:
     h, nbytes = a[0], a[1]
     if h in s.handles:
         raise InvalidHandle(f"handle {h} is already in use")
@@ -607,8 +684,9 @@ def _p_malloc(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int
         s.reply(ud)
 
 
-def _p_free(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-            a: Args, flags: int) -> None:
+def _p_free(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> None:
     al = s.handles.remove(a[0])
     # Its exports go too: otherwise the registry would keep memory alive that nobody is charged
     # for. Processes that already imported it keep it (and it stays charged to its owner).
@@ -625,8 +703,9 @@ def _run_memset(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _p_memset(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-              a: Args, flags: int) -> Cmd:
+def _p_memset(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> Cmd:
     al = s.alloc_of(a[0])
     s._bounds(al, a[1], a[3], "memset")
     return Cmd(Op.MEMSET, ud, sync, _run_memset, (al, a[0], a[1], a[2], a[3]))
@@ -639,15 +718,16 @@ def _run_h2d(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _p_h2d(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-           a: Args, flags: int) -> Cmd:
+def _p_h2d(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> Cmd:
     al = s.alloc_of(a[0])
     n = a[2]
     s._bounds(al, a[1], n, "memcpy host->device")
     if plen != n:
         raise InvalidArgument("memcpy host->device: payload length differs from the copy size")
     view = s._payload(poff, plen)
-    src = view if (flags & P.FLAG_DEFERRED) else bytes(view)   # copied out now unless deferred
+    src = view if (flags & P.FLAG_DEFERRED) else bytes(view)  # copied out now unless deferred
     return Cmd(Op.MEMCPY_H2D, ud, sync, _run_h2d, (al, a[0], a[1], src))
 
 
@@ -659,8 +739,9 @@ def _run_d2h(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _p_d2h(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-           a: Args, flags: int) -> Cmd:
+def _p_d2h(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> Cmd:
     al = s.alloc_of(a[0])
     n = a[2]
     s._bounds(al, a[1], n, "memcpy device->host")
@@ -676,24 +757,36 @@ def _run_d2d(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _p_d2d(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-           a: Args, flags: int) -> Cmd:
+def _p_d2d(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> Cmd:
     dal, sal = s.alloc_of(a[0]), s.alloc_of(a[2])
     s._bounds(dal, a[1], a[4], "memcpy device->device (destination)")
     s._bounds(sal, a[3], a[4], "memcpy device->device (source)")
     return Cmd(Op.MEMCPY_D2D, ud, sync, _run_d2d, (dal, a[0], a[1], sal, a[2], a[3], a[4]))
 
 
-def _p_mem_stats(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                 a: Args, flags: int) -> None:
-    s.reply_json(ud, {"allocated": s.mem.used, "peak": s.mem.peak, "limit": s.mem.limit,
-                      "reserved": s.mem.used, "handles": len(s.handles),
-                      "host_bytes": s.host.used, "host_limit": s.host.limit,
-                      "total": s.daemon.backend_info.get("total_memory")})
+def _p_mem_stats(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> None:
+    s.reply_json(
+        ud,
+        {
+            "allocated": s.mem.used,
+            "peak": s.mem.peak,
+            "limit": s.mem.limit,
+            "reserved": s.mem.used,
+            "handles": len(s.handles),
+            "host_bytes": s.host.used,
+            "host_limit": s.host.limit,
+            "total": s.daemon.backend_info.get("total_memory"),
+        },
+    )
 
 
-def _p_ipc_export(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                  a: Args, flags: int) -> None:
+def _p_ipc_export(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> None:
     al = s.alloc_of(a[0])
     if a[1] & ~P.IPC_EXPORT_SAME_UID:
         raise InvalidArgument(f"unknown IPC export flags {a[1]:#x}")
@@ -701,8 +794,9 @@ def _p_ipc_export(s: Session, st: StreamState | None, ud: int, sync: bool, poff:
     s.reply(ud, 0, key)
 
 
-def _p_ipc_set_pids(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                    a: Args, flags: int) -> None:
+def _p_ipc_set_pids(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> None:
     if plen % 4 or plen > 4 * 4096:
         raise InvalidArgument("pid list must be at most 4096 u32 values")
     pids = struct.unpack(f"<{plen // 4}I", bytes(s._payload(poff, plen)))
@@ -718,14 +812,17 @@ def _p_ipc_set_pids(s: Session, st: StreamState | None, ud: int, sync: bool, pof
     if missing:
         # a grant names a running process; one for a pid that is not running would go to
         # whichever process gets that pid next
-        raise InvalidArgument(f"pid {missing[0]} is not a running process; "
-                              f"{len(pids) - len(missing)} of {len(pids)} pids granted")
+        raise InvalidArgument(
+            f"pid {missing[0]} is not a running process; "
+            f"{len(pids) - len(missing)} of {len(pids)} pids granted"
+        )
     if sync:
         s.reply(ud)
 
 
-def _p_ipc_import(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                  a: Args, flags: int) -> None:
+def _p_ipc_import(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> None:
     key, h = a[0], a[1]
     exp = s.daemon.exports.get(key)
     if exp is None:
@@ -764,7 +861,7 @@ def _run_launch(s: Session, st: StreamState, c: Cmd) -> None:
         actual = buf.numel() * buf.element_size()
         if actual != al.nbytes and al.tables:
             al.owner.uncharge(al.nbytes)
-            al.owner.charge(actual)   # may exceed the limit by rounding only: never refuse here
+            al.owner.charge(actual)  # may exceed the limit by rounding only: never refuse here
             al.nbytes = actual
         al.buf = buf
         al.result = None
@@ -773,9 +870,10 @@ def _run_launch(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _p_launch(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-              a: Args, flags: int) -> Cmd:
-    payload = bytes(s._payload(poff, plen))            # copy out before parsing
+def _p_launch(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> Cmd:
+    payload = bytes(s._payload(poff, plen))  # copy out before parsing
     try:
         launch = P.decode_launch(payload, s.daemon.backend.device)
     except P.DecodeError as e:
@@ -807,6 +905,7 @@ def _p_launch(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int
         for h in created:
             if h in s.handles and s.handles.get(h) is outs[h]:
                 s.handles.remove(h)
+
     cmd = Cmd(Op.LAUNCH, ud, sync, _run_launch, (launch, allocs, outs), undo=undo)
     try:
         s.daemon.launch_limits.check(cmd)
@@ -833,9 +932,10 @@ def _run_graph_mark(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st, c.a[1] if len(c.a) > 1 else 0)
 
 
-def _p_graph_begin(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                   a: Args, flags: int) -> Cmd:
-    assert st is not None   # stream-ordered: prepare resolved it
+def _p_graph_begin(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> Cmd:
+    assert st is not None  # stream-ordered: prepare resolved it
     gid = a[0]
     if st.capturing:
         raise BadState(f"stream {st.sid} is already capturing graph {st.capturing}")
@@ -852,12 +952,14 @@ def _p_graph_begin(s: Session, st: StreamState | None, ud: int, sync: bool, poff
         g = s.graphs.pop(gid, None)
         if g is not None:
             s.host.uncharge(g.held)
+
     return Cmd(Op.GRAPH_BEGIN, ud, sync, _run_graph_mark, (gid,), undo=undo)
 
 
-def _p_graph_end(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                 a: Args, flags: int) -> Cmd:
-    assert st is not None   # stream-ordered: prepare resolved it
+def _p_graph_end(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> Cmd:
+    assert st is not None  # stream-ordered: prepare resolved it
     gid = a[0]
     if st.capturing != gid:
         raise BadState(f"stream {st.sid} is not capturing graph {gid}")
@@ -886,8 +988,9 @@ def _run_graph_replay(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _p_graph_replay(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                    a: Args, flags: int) -> Cmd:
+def _p_graph_replay(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> Cmd:
     g = s.graphs.get(a[0])
     if g is None:
         raise NotFound(f"unknown graph {a[0]}")
@@ -896,8 +999,9 @@ def _p_graph_replay(s: Session, st: StreamState | None, ud: int, sync: bool, pof
     return Cmd(Op.GRAPH_REPLAY, ud, sync, _run_graph_replay, (g,))
 
 
-def _p_graph_destroy(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                     a: Args, flags: int) -> None:
+def _p_graph_destroy(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> None:
     g = s.graphs.get(a[0])
     if g is None:
         raise NotFound(f"unknown graph {a[0]}")
@@ -910,9 +1014,10 @@ def _p_graph_destroy(s: Session, st: StreamState | None, ud: int, sync: bool, po
         s.reply(ud)
 
 
-def _p_step_mark(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                 a: Args, flags: int) -> Cmd | None:
-    assert st is not None   # stream-ordered: prepare resolved it
+def _p_step_mark(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> Cmd | None:
+    assert st is not None  # stream-ordered: prepare resolved it
     # A graph replays kernels, not iteration boundaries: the engine marks after the replay.
     if st.capturing:
         if sync:
@@ -926,8 +1031,9 @@ def _p_step_mark(s: Session, st: StreamState | None, ud: int, sync: bool, poff: 
     return Cmd(Op.STEP_MARK, ud, sync, _run_nop)
 
 
-def _p_set_phase(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                 a: Args, flags: int) -> None:
+def _p_set_phase(
+    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
+) -> None:
     if a[0] >= len(P.PHASES):
         raise InvalidArgument(f"unknown phase code {a[0]}")
     phase = P.PHASES[a[0]]
@@ -945,17 +1051,37 @@ def _p_set_phase(s: Session, st: StreamState | None, ud: int, sync: bool, poff: 
 
 
 _PREPARE: dict[int, Handler] = {
-    Op.NOP: _p_nop, Op.DEVICE_INFO: _p_device_info, Op.DEVICE_SYNC: _p_device_sync,
-    Op.STREAM_CREATE: _p_stream_create, Op.STREAM_DESTROY: _p_stream_destroy,
-    Op.STREAM_SYNC: _p_stream_sync, Op.STREAM_QUERY: _p_stream_query, Op.EVENT_CREATE: _p_event_create,
-    Op.EVENT_DESTROY: _p_event_destroy, Op.EVENT_RECORD: _p_event_record,
-    Op.STREAM_WAIT_EVENT: _p_stream_wait_event, Op.EVENT_SYNC: _p_event_sync,
-    Op.EVENT_QUERY: _p_event_query, Op.EVENT_ELAPSED: _p_event_elapsed, Op.MALLOC: _p_malloc,
-    Op.FREE: _p_free, Op.MEMSET: _p_memset, Op.MEMCPY_H2D: _p_h2d, Op.MEMCPY_D2H: _p_d2h,
-    Op.MEMCPY_D2D: _p_d2d, Op.MEM_STATS: _p_mem_stats, Op.IPC_EXPORT: _p_ipc_export,
-    Op.IPC_SET_PIDS: _p_ipc_set_pids, Op.IPC_IMPORT: _p_ipc_import, Op.LAUNCH: _p_launch,
-    Op.GRAPH_BEGIN: _p_graph_begin, Op.GRAPH_END: _p_graph_end, Op.GRAPH_REPLAY: _p_graph_replay,
-    Op.GRAPH_DESTROY: _p_graph_destroy, Op.SET_PHASE: _p_set_phase, Op.STEP_MARK: _p_step_mark,
+    Op.NOP: _p_nop,
+    Op.DEVICE_INFO: _p_device_info,
+    Op.DEVICE_SYNC: _p_device_sync,
+    Op.STREAM_CREATE: _p_stream_create,
+    Op.STREAM_DESTROY: _p_stream_destroy,
+    Op.STREAM_SYNC: _p_stream_sync,
+    Op.STREAM_QUERY: _p_stream_query,
+    Op.EVENT_CREATE: _p_event_create,
+    Op.EVENT_DESTROY: _p_event_destroy,
+    Op.EVENT_RECORD: _p_event_record,
+    Op.STREAM_WAIT_EVENT: _p_stream_wait_event,
+    Op.EVENT_SYNC: _p_event_sync,
+    Op.EVENT_QUERY: _p_event_query,
+    Op.EVENT_ELAPSED: _p_event_elapsed,
+    Op.MALLOC: _p_malloc,
+    Op.FREE: _p_free,
+    Op.MEMSET: _p_memset,
+    Op.MEMCPY_H2D: _p_h2d,
+    Op.MEMCPY_D2H: _p_d2h,
+    Op.MEMCPY_D2D: _p_d2d,
+    Op.MEM_STATS: _p_mem_stats,
+    Op.IPC_EXPORT: _p_ipc_export,
+    Op.IPC_SET_PIDS: _p_ipc_set_pids,
+    Op.IPC_IMPORT: _p_ipc_import,
+    Op.LAUNCH: _p_launch,
+    Op.GRAPH_BEGIN: _p_graph_begin,
+    Op.GRAPH_END: _p_graph_end,
+    Op.GRAPH_REPLAY: _p_graph_replay,
+    Op.GRAPH_DESTROY: _p_graph_destroy,
+    Op.SET_PHASE: _p_set_phase,
+    Op.STEP_MARK: _p_step_mark,
 }
 from .collectives import PREPARE as _COLLECTIVE_PREPARE  # noqa: E402 - collectives.py imports Cmd from here
 

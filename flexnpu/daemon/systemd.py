@@ -9,6 +9,7 @@ Protocol (sd_notify(3)): one datagram per message on the AF_UNIX SOCK_DGRAM sock
 $NOTIFY_SOCKET; a name starting with '@' is in the abstract namespace. The payload is
 newline-separated KEY=VALUE assignments.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,13 +17,22 @@ import os
 import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "notify", "ready", "stopping", "reloading", "watchdog", "status", "extend_timeout",
-    "watchdog_interval", "Watchdog", "Notifier", "booted",
+    "notify",
+    "ready",
+    "stopping",
+    "reloading",
+    "watchdog",
+    "status",
+    "extend_timeout",
+    "watchdog_interval",
+    "Watchdog",
+    "Notifier",
+    "booted",
 ]
 
 
@@ -141,8 +151,7 @@ class Watchdog:
       by systemd instead of being kept alive by a healthy thread.
     """
 
-    def __init__(self, interval: float | None = None, *,
-                 send: Callable[[], bool] = watchdog) -> None:
+    def __init__(self, interval: float | None = None, *, send: Callable[[], bool] = watchdog) -> None:
         self.interval = watchdog_interval() if interval is None else interval
         self._send = send
         self._last_ping = 0.0  # monotonic; 0 = never, so the first tick pings at once
@@ -205,8 +214,7 @@ class Watchdog:
             now = time.monotonic()
             if now - self._last_beat > self.interval:
                 # The loop stalled: stay silent so systemd's watchdog fires and restarts us.
-                log.warning("daemon loop silent for %.1fs; withholding watchdog ping",
-                            now - self._last_beat)
+                log.warning("daemon loop silent for %.1fs; withholding watchdog ping", now - self._last_beat)
                 continue
             if now - self._last_ping >= period:
                 self._last_ping = now
@@ -225,8 +233,9 @@ class Notifier:
     def __init__(self, watchdog: Watchdog | None = None) -> None:
         self.watchdog = watchdog or Watchdog()
         if self.watchdog.enabled:
-            log.info("systemd watchdog: %.1fs, pinging every %.1fs", self.watchdog.interval,
-                     self.watchdog.period)
+            log.info(
+                "systemd watchdog: %.1fs, pinging every %.1fs", self.watchdog.interval, self.watchdog.period
+            )
 
     def ready(self, status_text: str | None = None) -> bool:
         sent = ready(status_text)

@@ -6,6 +6,7 @@ for ``import torch``; the npu device is registered right after torch finishes im
 programs that never import torch never pay for it. ``install_torch_device()`` registers the
 device immediately (tests, the ``torch_npu`` shim).
 """
+
 from __future__ import annotations
 
 import importlib.abc
@@ -68,7 +69,7 @@ def install_torch_device() -> None:
         try:
             from flexnpu.hook import distributed
 
-            distributed.register()          # torch.distributed backend "hccl" / "npu:hccl"
+            distributed.register()  # torch.distributed backend "hccl" / "npu:hccl"
         except Exception as e:  # noqa: BLE001 - torch built without distributed: no collectives
             sys.stderr.write(f"flexnpu: the hccl torch.distributed backend is not available: {e}\n")
 

@@ -5,6 +5,7 @@ Used by ``flexnpu bench overhead`` (bench/overhead.py) and runnable on its own:
 ``flexnpu run``, or FLEXNPU_RUNTIME_DIR pointing at one). Decode uses a tiny Qwen2-style model
 with a static KV cache, so one decode step has fixed shapes and can be captured as an NPU graph.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,10 @@ def eager_us_per_op(n: int = 2000, repeats: int = 5, null_client: bool = False) 
             client.append((t1 - t0) / n * 1e6)
             total.append((t2 - t0) / n * 1e6)
         del y
-        return {"client_us_per_op": statistics.median(client), "with_execution_us_per_op": statistics.median(total)}
+        return {
+            "client_us_per_op": statistics.median(client),
+            "with_execution_us_per_op": statistics.median(total),
+        }
     finally:
         if null_client:
             runtime.set_client_factory(saved)
@@ -93,13 +97,22 @@ class _NullClient:
 def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 128, vocab: int = 1000):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(cfg).eval()
 
 
-def decode(model, device: str, mode: str = "eager", prompt_len: int = 16, new_tokens: int = 32) -> dict[str, Any]:
+def decode(
+    model, device: str, mode: str = "eager", prompt_len: int = 16, new_tokens: int = 32
+) -> dict[str, Any]:
     """Greedy decode with a static KV cache; ``mode`` is ``eager`` or ``graph`` (npu only).
 
     Returns tokens/s over the decode steps (prefill excluded) and the generated tokens.
@@ -107,18 +120,29 @@ def decode(model, device: str, mode: str = "eager", prompt_len: int = 16, new_to
     from transformers import StaticCache
 
     m = copy.deepcopy(model).to(device)
-    prompt = torch.randint(0, m.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(
+        0, m.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
         cache = StaticCache(config=m.config, max_cache_len=prompt_len + new_tokens + 1)
-        out = m(input_ids=prompt.to(device), past_key_values=cache,
-                cache_position=torch.arange(prompt_len, device=device), use_cache=True)
+        out = m(
+            input_ids=prompt.to(device),
+            past_key_values=cache,
+            cache_position=torch.arange(prompt_len, device=device),
+            use_cache=True,
+        )
         ids = out.logits[:, -1:].argmax(-1)
         pos = torch.tensor([prompt_len], device=device)
         toks = [int(ids.item())]
 
         def step():
-            logits = m(input_ids=ids, past_key_values=cache, cache_position=pos,
-                       position_ids=pos.unsqueeze(0), use_cache=True).logits
+            logits = m(
+                input_ids=ids,
+                past_key_values=cache,
+                cache_position=pos,
+                position_ids=pos.unsqueeze(0),
+                use_cache=True,
+            ).logits
             ids.copy_(logits[:, -1:].argmax(-1))
             pos.add_(1)
 
@@ -147,8 +171,11 @@ def decode(model, device: str, mode: str = "eager", prompt_len: int = 16, new_to
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flexnpu.hook.measure", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m flexnpu.hook.measure",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="fewer ops and tokens")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
@@ -162,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     eager = decode(model, "npu", "eager", new_tokens=n_tok)
     graph = decode(model, "npu", "graph", new_tokens=n_tok)
     res["decode"] = {
-        "direct_cpu": direct["tokens_per_s"], "npu_eager": eager["tokens_per_s"], "npu_graph": graph["tokens_per_s"],
+        "direct_cpu": direct["tokens_per_s"],
+        "npu_eager": eager["tokens_per_s"],
+        "npu_graph": graph["tokens_per_s"],
         "tokens_match": direct["tokens"] == eager["tokens"] == graph["tokens"],
     }
     if args.json:
@@ -170,10 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         e, r, d = res["eager_hook_only"], res["eager_real_client"], res["decode"]
         print(f"eager op, hook only:        {e['client_us_per_op']:.1f} us")
-        print(f"eager op, hook + client:    {r['client_us_per_op']:.1f} us (incl. daemon execution "
-              f"{r['with_execution_us_per_op']:.1f} us)")
-        print(f"decode tokens/s: direct cpu {d['direct_cpu']:.1f}, npu eager {d['npu_eager']:.1f}, "
-              f"npu graph {d['npu_graph']:.1f}; tokens match: {d['tokens_match']}")
+        print(
+            f"eager op, hook + client:    {r['client_us_per_op']:.1f} us (incl. daemon execution "
+            f"{r['with_execution_us_per_op']:.1f} us)"
+        )
+        print(
+            f"decode tokens/s: direct cpu {d['direct_cpu']:.1f}, npu eager {d['npu_eager']:.1f}, "
+            f"npu graph {d['npu_graph']:.1f}; tokens match: {d['tokens_match']}"
+        )
     return 0 if res["decode"]["tokens_match"] else 1
 
 

@@ -5,10 +5,12 @@ device (shared by all threads, so autograd's device thread launches on the strea
 pass used, as with CUDA's current stream for a device). ``NPUGraph`` records the launches of a
 capture once in the daemon and replays them with one command.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import os
 
@@ -17,13 +19,45 @@ import torch
 from flexnpu.hook import runtime
 
 __all__ = [
-    "is_available", "is_initialized", "init", "device_count", "current_device", "set_device", "device",
-    "synchronize", "Stream", "Event", "current_stream", "default_stream", "set_stream", "stream",
-    "memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved",
-    "mem_get_info", "empty_cache", "reset_peak_memory_stats", "memory_stats", "NPUGraph", "graph",
-    "get_device_name", "get_device_properties", "manual_seed", "manual_seed_all", "seed", "initial_seed",
-    "get_rng_state", "set_rng_state", "is_bf16_supported", "get_amp_supported_dtype", "set_phase", "mark_step",
-    "ipc_export", "ipc_allow", "ipc_import",
+    "is_available",
+    "is_initialized",
+    "init",
+    "device_count",
+    "current_device",
+    "set_device",
+    "device",
+    "synchronize",
+    "Stream",
+    "Event",
+    "current_stream",
+    "default_stream",
+    "set_stream",
+    "stream",
+    "memory_allocated",
+    "max_memory_allocated",
+    "memory_reserved",
+    "max_memory_reserved",
+    "mem_get_info",
+    "empty_cache",
+    "reset_peak_memory_stats",
+    "memory_stats",
+    "NPUGraph",
+    "graph",
+    "get_device_name",
+    "get_device_properties",
+    "manual_seed",
+    "manual_seed_all",
+    "seed",
+    "initial_seed",
+    "get_rng_state",
+    "set_rng_state",
+    "is_bf16_supported",
+    "get_amp_supported_dtype",
+    "set_phase",
+    "mark_step",
+    "ipc_export",
+    "ipc_allow",
+    "ipc_import",
 ]
 
 
@@ -102,7 +136,7 @@ def synchronize(device: Any = None) -> None:
     d.client.synchronize()
     from flexnpu.hook.pinned import reap
 
-    reap()          # every asynchronous copy from pinned memory has completed: free dead blocks
+    reap()  # every asynchronous copy from pinned memory has completed: free dead blocks
 
 
 class Stream:
@@ -112,21 +146,23 @@ class Stream:
         self._dev = _dev(device)
         self.device = torch.device("npu", self._dev.index)
         self.priority = priority
-        self.npu_stream = self.stream_id = _id if _id is not None else self._dev.client.create_stream(priority)
+        self.npu_stream = self.stream_id = (
+            _id if _id is not None else self._dev.client.create_stream(priority)
+        )
         self._owned = _id is None
 
     def synchronize(self) -> None:
         self._dev.flush_frees()
         self._dev.client.synchronize(self.stream_id)
 
-    def wait_event(self, event: "Event") -> None:
+    def wait_event(self, event: Event) -> None:
         event._ensure(self._dev)
         self._dev.client.stream_wait_event(self.stream_id, event._id)
 
-    def wait_stream(self, stream: "Stream") -> None:
+    def wait_stream(self, stream: Stream) -> None:
         self.wait_event(stream.record_event())
 
-    def record_event(self, event: "Event | None" = None) -> "Event":
+    def record_event(self, event: Event | None = None) -> Event:
         event = event or Event()
         event.record(self)
         return event
@@ -227,7 +263,7 @@ class Event:
             return True
         return bool(q(self._id))
 
-    def elapsed_time(self, end_event: "Event") -> float:
+    def elapsed_time(self, end_event: Event) -> float:
         if self._dev is None or end_event._dev is None:
             raise RuntimeError("both events must be recorded before elapsed_time")
         return float(self._dev.client.event_elapsed_ms(self._id, end_event._id))
@@ -241,6 +277,7 @@ class Event:
 
 
 # -- memory -----------------------------------------------------------------------------------
+
 
 def memory_allocated(device: Any = None) -> int:
     """Bytes held by this process's live npu tensors (client-side count, no round trip)."""
@@ -349,8 +386,14 @@ def ipc_export(t: torch.Tensor, pids: Any = ()) -> str:
     key = d.client.ipc_export(t._a.handle)
     if pids:
         d.client.ipc_set_pids(key, [int(p) for p in pids])
-    layout = {"key": key, "device": d.daemon_index, "dtype": str(t.dtype).split(".")[-1],
-              "shape": list(t.shape), "stride": list(t.stride()), "offset": t.storage_offset()}
+    layout = {
+        "key": key,
+        "device": d.daemon_index,
+        "dtype": str(t.dtype).split(".")[-1],
+        "shape": list(t.shape),
+        "stride": list(t.stride()),
+        "offset": t.storage_offset(),
+    }
     import json
 
     return _IPC_PREFIX + json.dumps(layout, separators=(",", ":"))
@@ -361,7 +404,7 @@ def _ipc_layout(desc: str) -> dict:
 
     if not isinstance(desc, str) or not desc.startswith(_IPC_PREFIX):
         raise ValueError("not a FlexNPU IPC descriptor (expected the string ipc_export returned)")
-    return json.loads(desc[len(_IPC_PREFIX):])
+    return json.loads(desc[len(_IPC_PREFIX) :])
 
 
 def ipc_allow(desc: str, pids: Any) -> None:
@@ -374,8 +417,10 @@ def _dev_for_daemon(daemon_index: int) -> runtime.Device:
     for d in runtime.devices():
         if d.daemon_index == daemon_index:
             return d
-    raise RuntimeError(f"this process has no npu device served by daemon device {daemon_index} "
-                       f"(FLEXNPU_DEVICES={os.environ.get('FLEXNPU_DEVICES', '0')!r})")
+    raise RuntimeError(
+        f"this process has no npu device served by daemon device {daemon_index} "
+        f"(FLEXNPU_DEVICES={os.environ.get('FLEXNPU_DEVICES', '0')!r})"
+    )
 
 
 def ipc_import(desc: str) -> torch.Tensor:
@@ -390,6 +435,7 @@ def ipc_import(desc: str) -> torch.Tensor:
 
 
 # -- random numbers: generated on the host (see tensor.py), so they follow the CPU generator ----
+
 
 def manual_seed(seed: int) -> None:
     pass
@@ -416,6 +462,7 @@ def set_rng_state(state: torch.Tensor, device: Any = None) -> None:
 
 
 # -- graphs -----------------------------------------------------------------------------------
+
 
 class NPUGraph:
     """Capture a sequence of npu launches once; ``replay()`` re-runs them as one command.
@@ -453,7 +500,7 @@ class NPUGraph:
 
     def replay(self) -> None:
         d = self._dev
-        if self._graph is None or d is None:   # _dev is set whenever _graph is
+        if self._graph is None or d is None:  # _dev is set whenever _graph is
             raise RuntimeError("replay() before a capture")
         if d.pending:
             d.flush_frees()
@@ -491,8 +538,13 @@ class graph:
     does, so work queued before the capture is not recorded.
     """
 
-    def __init__(self, npu_graph: NPUGraph, pool: Any = None, stream: Stream | None = None,
-                 capture_error_mode: str = "global"):
+    def __init__(
+        self,
+        npu_graph: NPUGraph,
+        pool: Any = None,
+        stream: Stream | None = None,
+        capture_error_mode: str = "global",
+    ):
         self.g = npu_graph
         self.stream = stream
         self._ctx: contextlib.AbstractContextManager[None] | None = None
@@ -511,6 +563,6 @@ class graph:
         try:
             self.g.capture_end()
         finally:
-            assert self._ctx is not None   # set by __enter__
+            assert self._ctx is not None  # set by __enter__
             self._ctx.__exit__(*exc)
         return False

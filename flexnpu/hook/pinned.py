@@ -18,6 +18,7 @@ it asynchronously have completed (an event recorded after each such copy). When 
 hold a block (it keeps one copy chunk free for ordinary copies), the tensor is an ordinary host
 copy and ``is_pinned()`` says False; raise the arena with ``FLEXNPU_ARENA`` for big pinned batches.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,9 +32,11 @@ import torch
 
 from flexnpu.hook import runtime
 
-_lock = threading.RLock()    # (re-entered when a block dies while it is held)
-_live: "weakref.WeakValueDictionary[int, _Block]" = weakref.WeakValueDictionary()   # addr -> block; the tensor owns it
-_pending: list[tuple[Any, int, int]] = []       # (client, arena offset, event or 0) to free
+_lock = threading.RLock()  # (re-entered when a block dies while it is held)
+_live: weakref.WeakValueDictionary[int, _Block] = (
+    weakref.WeakValueDictionary()
+)  # addr -> block; the tensor owns it
+_pending: list[tuple[Any, int, int]] = []  # (client, arena offset, event or 0) to free
 _warned = False
 
 
@@ -55,7 +58,7 @@ class _Block:
     def __del__(self) -> None:
         try:
             with _lock:
-                _pending.append((self.client, self.off, self.event))   # freed by reap(), never here
+                _pending.append((self.client, self.off, self.event))  # freed by reap(), never here
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
@@ -109,8 +112,11 @@ def pin(t: torch.Tensor, device: Any = None) -> torch.Tensor:
     except MemoryError as e:
         if not _warned:
             _warned = True
-            warnings.warn(f"FlexNPU: pinned memory falls back to ordinary host memory ({e}); "
-                          "set FLEXNPU_ARENA larger for zero-copy transfers of this size", stacklevel=3)
+            warnings.warn(
+                f"FlexNPU: pinned memory falls back to ordinary host memory ({e}); "
+                "set FLEXNPU_ARENA larger for zero-copy transfers of this size",
+                stacklevel=3,
+            )
         out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype)
         out.copy_(t)
         return out
@@ -125,10 +131,10 @@ def pin(t: torch.Tensor, device: Any = None) -> torch.Tensor:
     return out
 
 
-def lookup(ptr: int, nbytes: int, dev: runtime.Device) -> "_Block | None":
+def lookup(ptr: int, nbytes: int, dev: runtime.Device) -> _Block | None:
     """The live block of ``dev``'s current client holding [ptr, ptr + nbytes), if any."""
     with _lock:
-        for b in list(_live.values()):     # a handful of live batches in practice
+        for b in list(_live.values()):  # a handful of live batches in practice
             if b.addr <= ptr and ptr + nbytes <= b.addr + b.nbytes:
                 return b if b.client is dev._client else None
     return None
@@ -158,8 +164,9 @@ def copy_to_device(dst, src: torch.Tensor, non_blocking: bool) -> bool:
         dev.flush_frees()
     c = dev.client
     off = b.off + (ptr - b.addr)
-    c.memcpy_h2d_host(dst._a.handle, dst.storage_offset() * dst.element_size(), off, n, dev.stream,
-                      sync=not non_blocking)
+    c.memcpy_h2d_host(
+        dst._a.handle, dst.storage_offset() * dst.element_size(), off, n, dev.stream, sync=not non_blocking
+    )
     if non_blocking:
         # the block must outlive the copy: its release waits for this event
         if not b.event:
@@ -170,6 +177,7 @@ def copy_to_device(dst, src: torch.Tensor, non_blocking: bool) -> bool:
 
 # ------------------------------------------------------------------------------ registration
 
+
 def _pin_memory_kernel(self: torch.Tensor, device: Any = None) -> torch.Tensor:
     return pin(self, device)
 
@@ -178,8 +186,22 @@ def _is_pinned_kernel(self: torch.Tensor, device: Any = None) -> bool:
     return self.numel() > 0 and is_pinned_ptr(self.data_ptr())
 
 
-FACTORIES = ("empty", "empty_like", "empty_strided", "zeros", "zeros_like", "ones", "ones_like", "full",
-             "full_like", "tensor", "rand", "randn", "randint", "arange")
+FACTORIES = (
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "zeros",
+    "zeros_like",
+    "ones",
+    "ones_like",
+    "full",
+    "full_like",
+    "tensor",
+    "rand",
+    "randn",
+    "randint",
+    "arange",
+)
 
 
 def _wrap_factory(name: str):
@@ -194,6 +216,7 @@ def _wrap_factory(name: str):
                 raise RuntimeError(f"torch.{name}: only host (cpu) tensors can be pinned, got device={dev}")
             return pin(orig(*args, **kwargs))
         return orig(*args, **kwargs)
+
     factory.__flexnpu_orig__ = orig  # type: ignore[attr-defined]  # our tag: the unwrapped factory
     return factory
 
@@ -213,4 +236,4 @@ def install(alib) -> None:
         setattr(torch, name, wrapped)
         op = _builtins._find_builtin(orig)
         if op is not None:
-            _builtins._register_builtin(wrapped, op)   # TorchScript keeps compiling torch.<name>
+            _builtins._register_builtin(wrapped, op)  # TorchScript keeps compiling torch.<name>

@@ -4,11 +4,13 @@ Virtual device ``npu:i`` maps to daemon device ``FLEXNPU_DEVICES.split(",")[i]``
 A client is attached lazily, on the first command for that device, so importing torch under
 ``flexnpu run`` costs no round trip until the program actually uses an npu.
 """
+
 from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 if TYPE_CHECKING:  # pragma: no cover
     from flexnpu.client import Client
@@ -29,7 +31,9 @@ def device_map() -> list[int]:
     try:
         out = [int(x) for x in raw.split(",") if x.strip() != ""]
     except ValueError:
-        raise RuntimeError(f"FLEXNPU_DEVICES={raw!r}: expected a comma-separated list of device numbers") from None
+        raise RuntimeError(
+            f"FLEXNPU_DEVICES={raw!r}: expected a comma-separated list of device numbers"
+        ) from None
     if not out or any(d < 0 for d in out):
         raise RuntimeError(f"FLEXNPU_DEVICES={raw!r}: expected a comma-separated list of device numbers")
     return out
@@ -38,8 +42,20 @@ def device_map() -> list[int]:
 class Device:
     """One virtual npu device: its client plus the hook's bookkeeping for it."""
 
-    __slots__ = ("index", "daemon_index", "_client", "pending", "pending_bytes", "flush_due", "allocated",
-                 "peak", "stream", "capture", "lock", "phase_set")
+    __slots__ = (
+        "index",
+        "daemon_index",
+        "_client",
+        "pending",
+        "pending_bytes",
+        "flush_due",
+        "allocated",
+        "peak",
+        "stream",
+        "capture",
+        "lock",
+        "phase_set",
+    )
 
     def __init__(self, index: int, daemon_index: int):
         self.index = index
@@ -50,9 +66,9 @@ class Device:
         self.pending: list[int] = []
         self.pending_bytes = 0
         self.flush_due = False
-        self.allocated = 0             # bytes held by live npu tensors of this process
+        self.allocated = 0  # bytes held by live npu tensors of this process
         self.peak = 0
-        self.stream = 0                # current stream id (client stream handle; 0 = default)
+        self.stream = 0  # current stream id (client stream handle; 0 = default)
         # the npu_module.NPUGraph being captured, if any (Any: npu_module sits above this module)
         self.capture: Any = None
         self.lock = threading.Lock()
@@ -68,6 +84,7 @@ class Device:
                         self._client = _client_factory(self.daemon_index)
                     else:
                         from flexnpu.client import get_client
+
                         self._client = get_client(self.daemon_index)
                     phase = os.environ.get("FLEXNPU_PHASE")
                     if phase and phase != "auto":
@@ -117,8 +134,10 @@ def get(index: int | None) -> Device:
     if index is None:
         index = current_index()
     if index < 0 or index >= len(devs):
-        raise RuntimeError(f"npu:{index} is not available: this process has {len(devs)} npu device(s) "
-                           f"(FLEXNPU_DEVICES={os.environ.get('FLEXNPU_DEVICES', '0')!r})")
+        raise RuntimeError(
+            f"npu:{index} is not available: this process has {len(devs)} npu device(s) "
+            f"(FLEXNPU_DEVICES={os.environ.get('FLEXNPU_DEVICES', '0')!r})"
+        )
     return devs[index]
 
 

@@ -24,6 +24,7 @@ How it hooks into torch (all public registration points of ``torch.serialization
   way; torch's generated versions would allocate through a PrivateUse1 allocator Python cannot
   provide.
 """
+
 from __future__ import annotations
 
 import collections
@@ -37,12 +38,13 @@ import torch
 from flexnpu.hook import runtime
 
 _LOCATION = re.compile(r"^npu(?::(\d+))?$")
-_FAKE_PTR_BASE = 0xF1E0 << 44      # data pointers of npu storages are tokens, never dereferenced
+_FAKE_PTR_BASE = 0xF1E0 << 44  # data pointers of npu storages are tokens, never dereferenced
 _tokens = itertools.count(1)
 _installed = False
 
 
 # ------------------------------------------------------------------------------------- saving
+
 
 def _host_storage(t) -> torch.UntypedStorage:
     """A host copy of the allocation behind npu tensor ``t`` (one per allocation while in use)."""
@@ -62,7 +64,7 @@ def _host_storage(t) -> torch.UntypedStorage:
         dev.client.memcpy_d2h_into(a.handle, 0, memoryview(buf), dev.stream)
     s = torch.frombuffer(buf, dtype=torch.uint8).untyped_storage() if a.nbytes else torch.UntypedStorage(0)
     s._flexnpu_location = f"npu:{dev.index}"  # type: ignore[attr-defined]  # our tag on torch's storage
-    a.saved = weakref.ref(s)   # dies with the pickler's reference: the next save reads afresh
+    a.saved = weakref.ref(s)  # dies with the pickler's reference: the next save reads afresh
     return s
 
 
@@ -76,13 +78,24 @@ def reduce_tensor(t, proto: int):
     # (a weak reference: a cycle would keep the host copy, and a.saved, alive past this save)
     wtyped = weakref.ref(typed)
     typed.__reduce_ex__ = lambda proto: _reduce_storage(wtyped())  # type: ignore[method-assign]  # this instance only
-    args: tuple[Any, ...] = (typed, t.storage_offset(), tuple(t.size()), t.stride(), t.requires_grad,
-            collections.OrderedDict())
+    args: tuple[Any, ...] = (
+        typed,
+        t.storage_offset(),
+        tuple(t.size()),
+        t.stride(),
+        t.requires_grad,
+        collections.OrderedDict(),
+    )
     if getattr(t, "_is_param", False):
         # nn.Parameter on npu: rebuild the tensor, then the parameter, as torch pickles parameters
-        inner: tuple[Any, ...] = (torch._utils._rebuild_tensor_v2, (typed, t.storage_offset(), tuple(t.size()), t.stride(),
-                                                    False, collections.OrderedDict()))
-        return (torch._utils._rebuild_parameter, (_Reduced(*inner), t.requires_grad, collections.OrderedDict()))
+        inner: tuple[Any, ...] = (
+            torch._utils._rebuild_tensor_v2,
+            (typed, t.storage_offset(), tuple(t.size()), t.stride(), False, collections.OrderedDict()),
+        )
+        return (
+            torch._utils._rebuild_parameter,
+            (_Reduced(*inner), t.requires_grad, collections.OrderedDict()),
+        )
     return (torch._utils._rebuild_tensor_v2, args)
 
 
@@ -111,6 +124,7 @@ def _location_tag(storage) -> str | None:
 
 
 # ------------------------------------------------------------------------------------ loading
+
 
 def _index_of(location: str) -> int | None:
     m = _LOCATION.match(location)
@@ -167,8 +181,9 @@ def set_from_storage(t, storage, offset: int, size, stride) -> Any:
 
     a = getattr(storage, "_flexnpu_alloc", None)
     if a is None:
-        raise NotImplementedError("set_: re-pointing an npu tensor at storage that FlexNPU did not create "
-                                  "is not supported")
+        raise NotImplementedError(
+            "set_: re-pointing an npu tensor at storage that FlexNPU did not create is not supported"
+        )
     if a.dev is not t._a.dev:
         raise RuntimeError(f"set_: the storage is on npu:{a.dev.index}, the tensor on npu:{t._a.dev.index}")
     size = tuple(int(s) for s in size)
@@ -184,6 +199,7 @@ def set_from_storage(t, storage, offset: int, size, stride) -> Any:
 
 
 # ------------------------------------------------------------------------ storage .npu()/.to()
+
 
 def _storage_npu(self, device=None, non_blocking=False, **_: Any):
     idx = None
@@ -208,6 +224,7 @@ def _guard_storage_constructor() -> None:
                 host.fill_(0)
             return npu_storage_from_host(host, torch.device(dev).index)
         return base_new(cls, *args, **kwargs)
+
     torch.UntypedStorage.__new__ = __new__  # type: ignore[method-assign]  # patching torch is the point
 
 
@@ -229,6 +246,7 @@ def install() -> None:
         if d.type == "cpu" and getattr(self, "_flexnpu_alloc", None) is not None:
             return storage_to_host(self)
         return orig_to(self, device=device, non_blocking=non_blocking)
+
     to.__doc__ = orig_to.__doc__
     torch.storage._StorageBase.to = to  # type: ignore[method-assign]  # patching torch is the point
     orig_cpu = torch.storage._StorageBase.cpu
@@ -237,6 +255,7 @@ def install() -> None:
         if getattr(self, "_flexnpu_alloc", None) is not None:
             return storage_to_host(self)
         return orig_cpu(self)
+
     cpu.__doc__ = orig_cpu.__doc__
     torch.storage._StorageBase.cpu = cpu  # type: ignore[method-assign]  # patching torch is the point
     _guard_storage_constructor()

@@ -19,6 +19,7 @@ Factories (``torch.empty/zeros/randn(..., device="npu")``) reach the PrivateUse1
 fallback (no npu tensor is involved yet, so there is no Python dispatch key), which allocates
 with ``client.malloc`` and hands the rest (fill, arange, ...) to the same launch path.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,7 @@ class Alloc:
         self.dev = dev
         self.handle = handle
         self.nbytes = nbytes
-        self.saved = None       # weakref to the host copy a torch.save in progress made
+        self.saved = None  # weakref to the host copy a torch.save in progress made
         self.graph = dev.capture  # allocations made during capture live as long as the graph
         dev.allocated += nbytes
         if dev.allocated > dev.peak:
@@ -56,9 +57,9 @@ class Alloc:
             d.allocated -= self.nbytes
             g = self.graph
             if g is None or (g._graph is None and d.capture is not g):
-                g = d.capture           # (a graph that was reset no longer holds its memory)
+                g = d.capture  # (a graph that was reset no longer holds its memory)
             if g is not None:
-                g._held.append(self.handle)   # the graph replays commands that use it
+                g._held.append(self.handle)  # the graph replays commands that use it
             else:
                 d.pending.append(self.handle)  # never call the client from a destructor
                 d.pending_bytes += self.nbytes
@@ -123,8 +124,10 @@ class NPUTensor(torch.Tensor):
 
     def numpy(self, *, force: bool = False):
         if not force:
-            raise TypeError(f"can't convert {self.device} device type tensor to numpy. Use Tensor.cpu() to "
-                            "copy the tensor to host memory first.")
+            raise TypeError(
+                f"can't convert {self.device} device type tensor to numpy. Use Tensor.cpu() to "
+                "copy the tensor to host memory first."
+            )
         return to_cpu(self.detach()).numpy()
 
     def __format__(self, spec: str) -> str:
@@ -169,8 +172,17 @@ _WRAPPER_STORAGE = 1 << 48
 
 
 def _make(cls, shape, strides, storage_offset, dtype, device):
-    return _make_raw(cls, shape, strides=strides, storage_offset=storage_offset, dtype=dtype, device=device,
-                     storage_size=_WRAPPER_STORAGE)
+    return _make_raw(
+        cls,
+        shape,
+        strides=strides,
+        storage_offset=storage_offset,
+        dtype=dtype,
+        device=device,
+        storage_size=_WRAPPER_STORAGE,
+    )
+
+
 _torch_devices: dict[int, torch.device] = {}
 
 
@@ -182,8 +194,15 @@ def _tdev(index: int) -> torch.device:
 
 
 def wrap(alloc: Alloc, shape, stride, offset: int, dtype: torch.dtype) -> NPUTensor:
-    t = _make_raw(NPUTensor, shape, strides=stride, storage_offset=offset, dtype=dtype,
-                  device=_tdev(alloc.dev.index), storage_size=_WRAPPER_STORAGE)
+    t = _make_raw(
+        NPUTensor,
+        shape,
+        strides=stride,
+        storage_offset=offset,
+        dtype=dtype,
+        device=_tdev(alloc.dev.index),
+        storage_size=_WRAPPER_STORAGE,
+    )
     t._a = alloc
     t._rk = None
     return t
@@ -239,8 +258,10 @@ def _make_rk(t: NPUTensor) -> tuple:
 
 def _check_not_capturing(dev: runtime.Device, what: str) -> None:
     if dev.capture is not None:
-        raise RuntimeError(f"{what} needs the tensor's values on the host, which is not permitted "
-                           "while capturing an NPU graph (keep host reads out of the captured region)")
+        raise RuntimeError(
+            f"{what} needs the tensor's values on the host, which is not permitted "
+            "while capturing an NPU graph (keep host reads out of the captured region)"
+        )
 
 
 def to_cpu(t: NPUTensor) -> torch.Tensor:
@@ -265,8 +286,9 @@ def _host_bytes(c: torch.Tensor):
     return c.view(torch.uint8).numpy() if c.numel() else b""
 
 
-def to_npu(c: torch.Tensor, dev: runtime.Device, dtype: torch.dtype | None = None,
-           non_blocking: bool = False) -> NPUTensor:
+def to_npu(
+    c: torch.Tensor, dev: runtime.Device, dtype: torch.dtype | None = None, non_blocking: bool = False
+) -> NPUTensor:
     """Upload a host tensor into a fresh npu allocation (contiguous)."""
     from flexnpu.hook.pinned import copy_to_device
 
@@ -274,7 +296,7 @@ def to_npu(c: torch.Tensor, dev: runtime.Device, dtype: torch.dtype | None = Non
         c = c.to(dtype)
     c = c.detach().contiguous()
     t = new_empty(dev, c.shape, c.dtype)
-    if c.numel() and not copy_to_device(t, c, non_blocking):   # pinned memory: straight from the arena
+    if c.numel() and not copy_to_device(t, c, non_blocking):  # pinned memory: straight from the arena
         dev.client.memcpy_h2d(t._a.handle, 0, _host_bytes(c), dev.stream)
     return t
 
@@ -282,7 +304,7 @@ def to_npu(c: torch.Tensor, dev: runtime.Device, dtype: torch.dtype | None = Non
 def _copy_from_host(dst: NPUTensor, src: torch.Tensor, non_blocking: bool = False) -> NPUTensor:
     from flexnpu.hook.pinned import copy_to_device
 
-    if copy_to_device(dst, src, non_blocking):   # pinned host memory: no staging copy
+    if copy_to_device(dst, src, non_blocking):  # pinned host memory: no staging copy
         return dst
     src = src.detach().to(dst.dtype).expand(dst.shape)
     dev = dst._a.dev
@@ -290,8 +312,9 @@ def _copy_from_host(dst: NPUTensor, src: torch.Tensor, non_blocking: bool = Fals
         if dst.numel():
             if dev.flush_due:
                 dev.flush_frees()
-            dev.client.memcpy_h2d(dst._a.handle, dst.storage_offset() * dst.dtype.itemsize,
-                                  _host_bytes(src), dev.stream)
+            dev.client.memcpy_h2d(
+                dst._a.handle, dst.storage_offset() * dst.dtype.itemsize, _host_bytes(src), dev.stream
+            )
         return dst
     tmp = to_npu(src, dev)
     dispatch(aten.copy_.default, (dst, tmp), {})
@@ -309,15 +332,19 @@ class OpInfo:
         self.name = f"{func.namespace}::{func._opname}.{func._overloadname}"
         self.special = _SPECIAL.get(func)
         schema = func._schema
-        self.mutable = tuple(i for i, a in enumerate(schema.arguments)
-                             if a.alias_info is not None and a.alias_info.is_write)
+        self.mutable = tuple(
+            i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write
+        )
         tags = func.tags
         # Plain in-place ops (x.add_(y, alpha=lr), x.fill_(v), ...) return `self` whatever the
         # values of their scalar arguments, so scalars key the cache by type only: a changing
         # learning rate or fill value does not cost a meta run per call.
-        self.value_free = (func._opname.endswith("_") and self.mutable == (0,)
-                           and all(r.alias_info is not None for r in schema.returns)
-                           and torch.Tag.inplace_view not in tags)
+        self.value_free = (
+            func._opname.endswith("_")
+            and self.mutable == (0,)
+            and all(r.alias_info is not None for r in schema.returns)
+            and torch.Tag.inplace_view not in tags
+        )
         self.cpu = False
         self.allowed = func.namespace == "aten" and oprules.is_allowed(self.name)
         # the host fallback runs in this process: any aten op but the refused class
@@ -349,7 +376,9 @@ def _info(func) -> OpInfo:
 
 
 def _mixed_devices(a: str, b: str) -> RuntimeError:
-    return RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, {a} and {b}!")
+    return RuntimeError(
+        f"Expected all tensors to be on the same device, but found at least two devices, {a} and {b}!"
+    )
 
 
 class _Walk:
@@ -507,8 +536,15 @@ def dispatch(func, args, kwargs):
         tdev = _tdev(dev.index)
         for dt, sh, st, of, nb, kp in news:
             h = c.alloc_handle()
-            t = _make_raw(NPUTensor, sh, strides=st, storage_offset=of, dtype=dt, device=tdev,
-                          storage_size=_WRAPPER_STORAGE)
+            t = _make_raw(
+                NPUTensor,
+                sh,
+                strides=st,
+                storage_offset=of,
+                dtype=dt,
+                device=tdev,
+                storage_size=_WRAPPER_STORAGE,
+            )
             t._a = Alloc(dev, h, nb)
             ref = TensorRef(h, dt, sh, st, of)
             t._rk = (ref, kp)
@@ -527,10 +563,13 @@ def dispatch(func, args, kwargs):
 
 def _denied(info: OpInfo) -> NotImplementedError:
     if not info.name.startswith("aten::"):
-        return NotImplementedError(f"operator {info.name} is not supported on npu: FlexNPU runs aten "
-                                   "operators only")
-    return NotImplementedError(f"operator {info.name} is not supported on npu: the FlexNPU daemon does "
-                               "not allow it (it touches files, global state or raw memory layout)")
+        return NotImplementedError(
+            f"operator {info.name} is not supported on npu: FlexNPU runs aten operators only"
+        )
+    return NotImplementedError(
+        f"operator {info.name} is not supported on npu: the FlexNPU daemon does "
+        "not allow it (it touches files, global state or raw memory layout)"
+    )
 
 
 def _build(tmpl, made, flat):
@@ -542,8 +581,15 @@ def _build(tmpl, made, flat):
     if kind == "view":
         _, p, dt, sh, st, of = tmpl
         src = flat[p]
-        t = _make_raw(NPUTensor, sh, strides=st, storage_offset=of, dtype=dt, device=src.device,
-                      storage_size=_WRAPPER_STORAGE)
+        t = _make_raw(
+            NPUTensor,
+            sh,
+            strides=st,
+            storage_offset=of,
+            dtype=dt,
+            device=src.device,
+            storage_size=_WRAPPER_STORAGE,
+        )
         t._a = src._a
         t._rk = None
         return t
@@ -576,6 +622,7 @@ def _meta_mapper(w: _Walk):
         if isinstance(a, torch.device):
             return torch.device("meta")
         return a
+
     return conv, metas
 
 
@@ -595,7 +642,10 @@ def _infer(func, args, kwargs, w: _Walk, info: OpInfo):
     except Exception as e:  # noqa: BLE001
         msg = str(e).lower()
         if any(s in msg for s in _META_UNSUPPORTED) or type(e).__name__ in (
-                "DynamicOutputShapeException", "DataDependentOutputException", "UnsupportedOperatorException"):
+            "DynamicOutputShapeException",
+            "DataDependentOutputException",
+            "UnsupportedOperatorException",
+        ):
             return None
         raise
     in_storage: dict[int, int] = {}
@@ -618,8 +668,16 @@ def _infer(func, args, kwargs, w: _Walk, info: OpInfo):
                 kinds.add("view")
                 return ("view", vp, x.dtype, tuple(x.shape), tuple(x.stride()), x.storage_offset())
             sh, st, of = tuple(x.shape), tuple(x.stride()), x.storage_offset()
-            news.append((x.dtype, sh, st, of, _extent_nbytes(sh, st, of, x.dtype.itemsize),  # type: ignore[arg-type]  # of: SymInt only when traced
-                         (x.dtype, sh, st, of)))
+            news.append(
+                (
+                    x.dtype,
+                    sh,
+                    st,
+                    of,
+                    _extent_nbytes(sh, st, of, x.dtype.itemsize),  # type: ignore[arg-type]  # of: SymInt only when traced
+                    (x.dtype, sh, st, of),
+                )
+            )
             kinds.add("new")
             return ("new", len(news) - 1)
         if isinstance(x, (list, tuple)):
@@ -628,8 +686,10 @@ def _infer(func, args, kwargs, w: _Walk, info: OpInfo):
 
     t = tmpl(r)
     if "new" in kinds and len(kinds) > 1:
-        raise NotImplementedError(f"{info.name}: ops returning both fresh tensors and aliases of their "
-                                  "inputs are not supported on npu")
+        raise NotImplementedError(
+            f"{info.name}: ops returning both fresh tensors and aliases of their "
+            "inputs are not supported on npu"
+        )
     if t == ("new", 0):
         t = 0  # the common case: one fresh tensor
     # views and identity returns need no device work; fresh outputs and mutations do
@@ -690,8 +750,11 @@ def _cpu_fallback(func, args, kwargs, info: OpInfo, upload: bool = True):
         r = func(*cargs, **ckwargs)
     except Exception as e:
         if info.name.split("::")[1].split(".")[0] not in str(e):
-            raise type(e)(f"{info.name} on npu: {e}") if type(e) in (RuntimeError, ValueError, TypeError,
-                                                                        NotImplementedError) else e
+            raise (
+                type(e)(f"{info.name} on npu: {e}")
+                if type(e) in (RuntimeError, ValueError, TypeError, NotImplementedError)
+                else e
+            )
         raise
     # mutated arguments go back to the device
     schema_args = func._schema.arguments
@@ -712,6 +775,7 @@ def _cpu_fallback(func, args, kwargs, info: OpInfo, upload: bool = True):
             out = [up(v) for v in x]
             return out if isinstance(x, list) else tuple(out)
         return x
+
     return up(r)
 
 
@@ -780,8 +844,11 @@ def _false(func, args, kwargs, info):
 def _inplace_view(func, args, kwargs, info):
     """squeeze_/unsqueeze_/transpose_/as_strided_/...: new metadata, same allocation."""
     t = args[0]
-    m = torch.empty(max(_extent_nbytes(t.shape, t.stride(), t.storage_offset(), 1), t.storage_offset()),
-                    dtype=t.dtype, device="meta").as_strided(tuple(t.shape), t.stride(), t.storage_offset())
+    m = torch.empty(
+        max(_extent_nbytes(t.shape, t.stride(), t.storage_offset(), 1), t.storage_offset()),
+        dtype=t.dtype,
+        device="meta",
+    ).as_strided(tuple(t.shape), t.stride(), t.storage_offset())
     margs = (m,) + tuple(args[1:])
     func(*margs, **kwargs)
     with torch._C._DisableTorchDispatch():
@@ -859,8 +926,12 @@ def _empty_memory_format(func, args, kwargs, info):
     mf = kwargs.get("memory_format")
     stride = None
     if mf == torch.channels_last and len(size) == 4:
-        stride = torch.empty(0, device="meta").new_empty(size, device="meta").to(
-            memory_format=torch.channels_last).stride()
+        stride = (
+            torch.empty(0, device="meta")
+            .new_empty(size, device="meta")
+            .to(memory_format=torch.channels_last)
+            .stride()
+        )
     return new_empty(dev, size, dtype, stride)
 
 
@@ -896,6 +967,8 @@ _SPECIAL: dict[Any, Any] = {
     aten.empty.memory_format: _empty_memory_format,
     aten.empty_strided.default: _empty_strided,
 }
+
+
 # ops returning host values that depend only on shapes (safe to compute on the meta device)
 def _ops(*names: str) -> frozenset:
     out = set()
@@ -907,12 +980,23 @@ def _ops(*names: str) -> frozenset:
     return frozenset(out)
 
 
-_SHAPE_ONLY = _ops("is_same_size", "_has_compatible_shallow_copy_type", "sym_size.int", "sym_stride.int",
-                   "sym_numel", "sym_storage_offset", "dim", "size.int", "stride.int", "is_contiguous",
-                   "is_contiguous.memory_format")
+_SHAPE_ONLY = _ops(
+    "is_same_size",
+    "_has_compatible_shallow_copy_type",
+    "sym_size.int",
+    "sym_stride.int",
+    "sym_numel",
+    "sym_storage_offset",
+    "dim",
+    "size.int",
+    "stride.int",
+    "is_contiguous",
+    "is_contiguous.memory_format",
+)
 # ops whose index arguments may live on the host, as with CUDA
-_CPU_INDEX_OK = frozenset({aten.index.Tensor, aten.index_put_.default, aten.index_put.default,
-                           aten._index_put_impl_.default})
+_CPU_INDEX_OK = frozenset(
+    {aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
+)
 
 
 def backend_fallback(op, *args, **kwargs):
@@ -920,8 +1004,18 @@ def backend_fallback(op, *args, **kwargs):
     return dispatch(op, args, kwargs)
 
 
-EXPLICIT_KERNELS = ("empty.memory_format", "empty_strided", "copy_", "_copy_from", "_copy_from_and_resize",
-                    "_to_copy", "_local_scalar_dense", "fill_.Scalar", "zero_", "resize_")
+EXPLICIT_KERNELS = (
+    "empty.memory_format",
+    "empty_strided",
+    "copy_",
+    "_copy_from",
+    "_copy_from_and_resize",
+    "_to_copy",
+    "_local_scalar_dense",
+    "fill_.Scalar",
+    "zero_",
+    "resize_",
+)
 
 
 def kernel_for(name: str):
@@ -930,5 +1024,6 @@ def kernel_for(name: str):
 
     def kernel(*args, **kwargs):
         return dispatch(op, args, kwargs)
+
     kernel.__name__ = f"npu_{packet}"
     return kernel

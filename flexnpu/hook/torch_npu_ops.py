@@ -6,19 +6,30 @@ and the torch_npu API docs); docs/torch_npu_ops.md has the table and what each o
 Every function here is exported by the ``torch_npu`` shim FlexNPU puts on the path; a
 ``torch_npu.npu_*`` name that is not here raises an AttributeError naming it.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 INT_MAX = 2147483647
 
 __all__ = [
-    "npu_rms_norm", "npu_add_rms_norm", "npu_rotary_mul", "npu_apply_rotary_pos_emb", "npu_swiglu",
-    "npu_fusion_attention", "npu_incre_flash_attention", "npu_prompt_flash_attention",
-    "npu_moe_gating_top_k_softmax", "npu_format_cast", "npu_format_cast_", "get_npu_format",
-    "npu_dtype_cast", "npu_confusion_transpose",
+    "npu_rms_norm",
+    "npu_add_rms_norm",
+    "npu_rotary_mul",
+    "npu_apply_rotary_pos_emb",
+    "npu_swiglu",
+    "npu_fusion_attention",
+    "npu_incre_flash_attention",
+    "npu_prompt_flash_attention",
+    "npu_moe_gating_top_k_softmax",
+    "npu_format_cast",
+    "npu_format_cast_",
+    "get_npu_format",
+    "npu_dtype_cast",
+    "npu_confusion_transpose",
 ]
 
 
@@ -28,13 +39,16 @@ def _unsupported(op: str, what: str) -> NotImplementedError:
 
 # --------------------------------------------------------------------------------- norms
 
+
 def npu_rms_norm(self: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-6):
     """-> (y, rstd). Normalizes over the trailing ``gamma.dim()`` dims; rstd is float32 with
     those dims kept as 1 (torch_npu's shape), and carries no gradient."""
     dims = tuple(range(self.dim() - gamma.dim(), self.dim()))
-    if not dims or tuple(self.shape[-gamma.dim():]) != tuple(gamma.shape):
-        raise ValueError(f"npu_rms_norm: gamma of shape {tuple(gamma.shape)} must match the trailing dims "
-                         f"of x {tuple(self.shape)}")
+    if not dims or tuple(self.shape[-gamma.dim() :]) != tuple(gamma.shape):
+        raise ValueError(
+            f"npu_rms_norm: gamma of shape {tuple(gamma.shape)} must match the trailing dims "
+            f"of x {tuple(self.shape)}"
+        )
     xf = self.float()
     rstd = torch.rsqrt(xf.pow(2).mean(dim=dims, keepdim=True) + epsilon)
     y = (xf * rstd * gamma.float()).to(self.dtype)
@@ -52,6 +66,7 @@ def npu_add_rms_norm(x1: torch.Tensor, x2: torch.Tensor, gamma: torch.Tensor, ep
 
 # -------------------------------------------------------------------------------- rotary
 
+
 def _rotate(x: torch.Tensor, mode: str, op: str) -> torch.Tensor:
     if mode == "half":
         x1, x2 = x.chunk(2, dim=-1)
@@ -62,15 +77,26 @@ def _rotate(x: torch.Tensor, mode: str, op: str) -> torch.Tensor:
     raise _unsupported(op, f"rotary_mode={mode!r}")
 
 
-def npu_rotary_mul(self: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, rotary_mode: str = "half",
-                   rotate: torch.Tensor | None = None) -> torch.Tensor:
+def npu_rotary_mul(
+    self: torch.Tensor,
+    r1: torch.Tensor,
+    r2: torch.Tensor,
+    rotary_mode: str = "half",
+    rotate: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x * r1 + rotate(x) * r2 (RoPE); ``rotate`` (D x D) replaces the rotation by x @ rotate."""
     rot = torch.matmul(self, rotate) if rotate is not None else _rotate(self, rotary_mode, "npu_rotary_mul")
     return self * r1 + rot * r2
 
 
-def npu_apply_rotary_pos_emb(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                             layout: str = "BSND", rotary_mode: str = "half"):
+def npu_apply_rotary_pos_emb(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    layout: str = "BSND",
+    rotary_mode: str = "half",
+):
     """RoPE on query and key in place (cos/sin broadcast as laid out); returns (query, key).
     If cos/sin are narrower than D, only the first cos.shape[-1] features rotate."""
     if layout.upper() not in ("BSND", "SBND", "BNSD", "TND"):
@@ -85,6 +111,7 @@ def npu_apply_rotary_pos_emb(query: torch.Tensor, key: torch.Tensor, cos: torch.
 
 # ------------------------------------------------------------------------------ activations
 
+
 def npu_swiglu(self: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """silu(A) * B where A, B are the two halves of x along ``dim`` (computed in float32)."""
     a, b = self.chunk(2, dim=dim)
@@ -92,6 +119,7 @@ def npu_swiglu(self: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- attention
+
 
 def _to_bnsd(t: torch.Tensor, layout: str, heads: int, op: str) -> torch.Tensor:
     if layout == "BNSD":
@@ -129,11 +157,20 @@ def _band(sq: int, sk: int, pre: int, nxt: int, shift: int, device) -> torch.Ten
     return (rel > nxt) | (rel < -pre)
 
 
-def _sparse_mask(op: str, atten_mask, sparse_mode: int, pre: int, nxt: int, sq: int, sk: int, device,
-                 default_band: bool = True):
+def _sparse_mask(
+    op: str,
+    atten_mask,
+    sparse_mode: int,
+    pre: int,
+    nxt: int,
+    sq: int,
+    sk: int,
+    device,
+    default_band: bool = True,
+):
     """The boolean mask (True = masked) the sparse mode describes, broadcastable to (B, N, Sq, Skv)."""
     if atten_mask is None:
-        return None   # torch_npu: without atten_mask, sparse_mode/pre/next do not apply (full attention)
+        return None  # torch_npu: without atten_mask, sparse_mode/pre/next do not apply (full attention)
     if sparse_mode in (0, 1):
         m = atten_mask.to(torch.bool)
         if m.dim() == 2:
@@ -144,11 +181,11 @@ def _sparse_mask(op: str, atten_mask, sparse_mode: int, pre: int, nxt: int, sq: 
         if sparse_mode == 0 and default_band and (pre < sq or nxt < sk):
             m = m | _band(sq, sk, min(pre, INT_MAX), min(nxt, INT_MAX), 0, device)
         return m
-    if sparse_mode == 2:        # causal, aligned top-left
+    if sparse_mode == 2:  # causal, aligned top-left
         return _band(sq, sk, INT_MAX, 0, 0, device)
-    if sparse_mode == 3:        # causal, aligned bottom-right
+    if sparse_mode == 3:  # causal, aligned bottom-right
         return _band(sq, sk, INT_MAX, 0, sk - sq, device)
-    if sparse_mode == 4:        # band between pre and next tokens, aligned bottom-right
+    if sparse_mode == 4:  # band between pre and next tokens, aligned bottom-right
         return _band(sq, sk, pre, nxt, sk - sq, device)
     raise _unsupported(op, f"sparse_mode={sparse_mode} (prefix/varlen-split modes)")
 
@@ -156,9 +193,11 @@ def _sparse_mask(op: str, atten_mask, sparse_mode: int, pre: int, nxt: int, sq: 
 def _attend(q, k, v, scale: float, mask, pse=None, keep_prob: float = 1.0):
     """softmax(scale * q k^T + pse, masked) v on (B, N, S, D) tensors, in float32.
     Returns (out in q.dtype, row max, row sum of exp) ; fully masked rows give zeros."""
-    if k.shape[1] != q.shape[1]:               # grouped-query attention
+    if k.shape[1] != q.shape[1]:  # grouped-query attention
         if q.shape[1] % k.shape[1]:
-            raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+            raise ValueError(
+                f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})"
+            )
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
@@ -182,7 +221,7 @@ def _segments(cum: Sequence[int], total: int, op: str, name: str) -> list[tuple[
     start = 0
     for c in cum:
         c = int(c)
-        if c == 0 and out:            # trailing batches that do not take part
+        if c == 0 and out:  # trailing batches that do not take part
             out.append((start, start))
             continue
         if c < start or c > total:
@@ -192,11 +231,32 @@ def _segments(cum: Sequence[int], total: int, op: str, name: str) -> list[tuple[
     return out
 
 
-def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None,
-                         atten_mask=None, scale=1.0, keep_prob=1.0, pre_tockens=INT_MAX,
-                         next_tockens=INT_MAX, inner_precise=0, prefix=None, actual_seq_qlen=None,
-                         actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False,
-                         softmax_layout="", sink=None, dropout_mask=None, seed=0, offset=0):
+def npu_fusion_attention(
+    query,
+    key,
+    value,
+    head_num,
+    input_layout,
+    pse=None,
+    padding_mask=None,
+    atten_mask=None,
+    scale=1.0,
+    keep_prob=1.0,
+    pre_tockens=INT_MAX,
+    next_tockens=INT_MAX,
+    inner_precise=0,
+    prefix=None,
+    actual_seq_qlen=None,
+    actual_seq_kvlen=None,
+    sparse_mode=0,
+    gen_mask_parallel=True,
+    sync=False,
+    softmax_layout="",
+    sink=None,
+    dropout_mask=None,
+    seed=0,
+    offset=0,
+):
     """torch_npu's training attention. Layouts BSH/SBH/BSND/BNSD and TND (varlen, cumulative
     actual_seq_qlen/kvlen); atten_mask True = masked; sparse_mode 0-4; pse added to the scaled
     scores; GQA. Returns (attention_out, softmax_max, softmax_sum, softmax_out, seed, offset,
@@ -207,16 +267,38 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
         raise _unsupported(op, "padding_mask/prefix/sink/dropout_mask")
     layout = input_layout.upper()
     if layout == "TND":
-        return _fusion_attention_tnd(query, key, value, head_num, pse, atten_mask, scale, keep_prob,
-                                     pre_tockens, next_tockens, actual_seq_qlen, actual_seq_kvlen, sparse_mode)
-    q, k, v = (_to_bnsd(t, layout, head_num if t is query else _kv_heads(t, layout, query, head_num), op)
-               for t in (query, key, value))
+        return _fusion_attention_tnd(
+            query,
+            key,
+            value,
+            head_num,
+            pse,
+            atten_mask,
+            scale,
+            keep_prob,
+            pre_tockens,
+            next_tockens,
+            actual_seq_qlen,
+            actual_seq_kvlen,
+            sparse_mode,
+        )
+    q, k, v = (
+        _to_bnsd(t, layout, head_num if t is query else _kv_heads(t, layout, query, head_num), op)
+        for t in (query, key, value)
+    )
     sq, sk = q.shape[2], k.shape[2]
     mask = _sparse_mask(op, atten_mask, sparse_mode, pre_tockens, next_tockens, sq, sk, q.device)
     out, mx, sm = _attend(q, k, v, scale, mask, pse, keep_prob)
     b, n = q.shape[0], q.shape[1]
-    return (_from_bnsd(out, layout), mx.expand(b, n, sq, 8).contiguous(), sm.expand(b, n, sq, 8).contiguous(),
-            torch.empty(0, dtype=query.dtype, device=query.device), 0, 0, 0)
+    return (
+        _from_bnsd(out, layout),
+        mx.expand(b, n, sq, 8).contiguous(),
+        sm.expand(b, n, sq, 8).contiguous(),
+        torch.empty(0, dtype=query.dtype, device=query.device),
+        0,
+        0,
+        0,
+    )
 
 
 def _kv_heads(t, layout: str, query, head_num: int) -> int:
@@ -227,8 +309,9 @@ def _kv_heads(t, layout: str, query, head_num: int) -> int:
     return head_num
 
 
-def _fusion_attention_tnd(query, key, value, head_num, pse, atten_mask, scale, keep_prob, pre, nxt,
-                          qlen, kvlen, sparse_mode):
+def _fusion_attention_tnd(
+    query, key, value, head_num, pse, atten_mask, scale, keep_prob, pre, nxt, qlen, kvlen, sparse_mode
+):
     op = "npu_fusion_attention"
     if qlen is None or kvlen is None:
         raise ValueError(f"{op}: input_layout='TND' needs actual_seq_qlen and actual_seq_kvlen")
@@ -242,7 +325,7 @@ def _fusion_attention_tnd(query, key, value, head_num, pse, atten_mask, scale, k
     for (q0, q1), (k0, k1) in zip(qs, ks):
         if q1 == q0:
             continue
-        q = query[q0:q1].transpose(0, 1).unsqueeze(0)        # (1, N, s, D)
+        q = query[q0:q1].transpose(0, 1).unsqueeze(0)  # (1, N, s, D)
         k = key[k0:k1].transpose(0, 1).unsqueeze(0)
         v = value[k0:k1].transpose(0, 1).unsqueeze(0)
         mask = _sparse_mask(op, atten_mask, sparse_mode, pre, nxt, q1 - q0, k1 - k0, query.device)
@@ -252,13 +335,20 @@ def _fusion_attention_tnd(query, key, value, head_num, pse, atten_mask, scale, k
         sms.append(sm[0])
     out = torch.cat(outs, 0) if outs else query.new_zeros(0, *query.shape[1:-1], value.shape[-1])
     t_used = out.shape[0]
-    if t_used < query.shape[0]:                                # rows past the last batch
+    if t_used < query.shape[0]:  # rows past the last batch
         out = torch.cat([out, out.new_zeros(query.shape[0] - t_used, *out.shape[1:])], 0)
     n = query.shape[1]
     mx = torch.cat(mxs, 1) if mxs else query.new_zeros(n, 0, 1, dtype=torch.float32)
     sm = torch.cat(sms, 1) if sms else query.new_zeros(n, 0, 1, dtype=torch.float32)
-    return (out, mx.expand(n, mx.shape[1], 8).contiguous(), sm.expand(n, sm.shape[1], 8).contiguous(),
-            torch.empty(0, dtype=query.dtype, device=query.device), 0, 0, 0)
+    return (
+        out,
+        mx.expand(n, mx.shape[1], 8).contiguous(),
+        sm.expand(n, sm.shape[1], 8).contiguous(),
+        torch.empty(0, dtype=query.dtype, device=query.device),
+        0,
+        0,
+        0,
+    )
 
 
 def _lengths(lens, batch: int, op: str, name: str) -> list[int] | None:
@@ -285,26 +375,60 @@ def _check_unquantized(op: str, **kw) -> None:
         raise _unsupported(op, "quantization / paged-KV arguments (" + ", ".join(used) + ")")
 
 
-def npu_prompt_flash_attention(query, key, value, *, padding_mask=None, atten_mask=None, pse_shift=None,
-                               actual_seq_lengths=None, deq_scale1=None, quant_scale1=None, deq_scale2=None,
-                               quant_scale2=None, quant_offset2=None, num_heads=1, scale_value=1.0,
-                               pre_tokens=INT_MAX, next_tokens=0, input_layout="BSH", num_key_value_heads=0,
-                               actual_seq_lengths_kv=None, sparse_mode=0):
+def npu_prompt_flash_attention(
+    query,
+    key,
+    value,
+    *,
+    padding_mask=None,
+    atten_mask=None,
+    pse_shift=None,
+    actual_seq_lengths=None,
+    deq_scale1=None,
+    quant_scale1=None,
+    deq_scale2=None,
+    quant_scale2=None,
+    quant_offset2=None,
+    num_heads=1,
+    scale_value=1.0,
+    pre_tokens=INT_MAX,
+    next_tokens=0,
+    input_layout="BSH",
+    num_key_value_heads=0,
+    actual_seq_lengths_kv=None,
+    sparse_mode=0,
+):
     """Prefill attention: softmax(scale * Q K^T + pse_shift, atten_mask) V with layouts
     BSH/BSND/BNSD/BNSD_BSND/TND; atten_mask True/1 = masked; sparse_mode 0-4; GQA via
     num_key_value_heads; per-batch valid lengths of query (rows past it are zero) and key/value."""
     op = "npu_prompt_flash_attention"
-    _check_unquantized(op, deq_scale1=deq_scale1, quant_scale1=quant_scale1, deq_scale2=deq_scale2,
-                       quant_scale2=quant_scale2, quant_offset2=quant_offset2)
+    _check_unquantized(
+        op,
+        deq_scale1=deq_scale1,
+        quant_scale1=quant_scale1,
+        deq_scale2=deq_scale2,
+        quant_scale2=quant_scale2,
+        quant_offset2=quant_offset2,
+    )
     layout = input_layout.upper()
     kvh = num_key_value_heads or num_heads
     if layout == "TND":
         if actual_seq_lengths is None or actual_seq_lengths_kv is None:
             raise ValueError(f"{op}: input_layout='TND' needs actual_seq_lengths and actual_seq_lengths_kv")
-        return npu_fusion_attention(query, key, value, num_heads, "TND", atten_mask=atten_mask, scale=scale_value,
-                                    pre_tockens=pre_tokens, next_tockens=next_tokens,
-                                    actual_seq_qlen=list(actual_seq_lengths),
-                                    actual_seq_kvlen=list(actual_seq_lengths_kv), sparse_mode=sparse_mode)[0]
+        return npu_fusion_attention(
+            query,
+            key,
+            value,
+            num_heads,
+            "TND",
+            atten_mask=atten_mask,
+            scale=scale_value,
+            pre_tockens=pre_tokens,
+            next_tockens=next_tokens,
+            actual_seq_qlen=list(actual_seq_lengths),
+            actual_seq_kvlen=list(actual_seq_lengths_kv),
+            sparse_mode=sparse_mode,
+        )[0]
     in_layout, out_layout = ("BNSD", "BSND") if layout == "BNSD_BSND" else (layout, layout)
     q = _to_bnsd(query, in_layout, num_heads, op)
     k = _to_bnsd(key, in_layout, kvh, op)
@@ -322,24 +446,53 @@ def npu_prompt_flash_attention(query, key, value, *, padding_mask=None, atten_ma
     out, _, _ = _attend(q, k, v, scale_value, mask, pse_shift)
     q_lens = _lengths(actual_seq_lengths, b, op, "actual_seq_lengths")
     if q_lens is not None:
-        rows = torch.arange(sq, device=q.device).view(1, 1, -1, 1) < torch.tensor(q_lens, device=q.device).view(-1, 1, 1, 1)
+        rows = torch.arange(sq, device=q.device).view(1, 1, -1, 1) < torch.tensor(
+            q_lens, device=q.device
+        ).view(-1, 1, 1, 1)
         out = out * rows.to(out.dtype)
     return _from_bnsd(out, out_layout)
 
 
-def npu_incre_flash_attention(query, key, value, *, padding_mask=None, atten_mask=None, pse_shift=None,
-                              actual_seq_lengths=None, antiquant_scale=None, antiquant_offset=None,
-                              block_table=None, dequant_scale1=None, quant_scale1=None, dequant_scale2=None,
-                              quant_scale2=None, quant_offset2=None, kv_padding_size=None, num_heads=1,
-                              scale_value=1.0, input_layout="BSH", num_key_value_heads=0, block_size=0,
-                              inner_precise=1):
+def npu_incre_flash_attention(
+    query,
+    key,
+    value,
+    *,
+    padding_mask=None,
+    atten_mask=None,
+    pse_shift=None,
+    actual_seq_lengths=None,
+    antiquant_scale=None,
+    antiquant_offset=None,
+    block_table=None,
+    dequant_scale1=None,
+    quant_scale1=None,
+    dequant_scale2=None,
+    quant_scale2=None,
+    quant_offset2=None,
+    kv_padding_size=None,
+    num_heads=1,
+    scale_value=1.0,
+    input_layout="BSH",
+    num_key_value_heads=0,
+    block_size=0,
+    inner_precise=1,
+):
     """Decode attention (one query token per batch): softmax(scale * q K^T + pse_shift, atten_mask) V
     over the first actual_seq_lengths[b] keys; layouts BSH/BSND/BNSD; GQA via num_key_value_heads."""
     op = "npu_incre_flash_attention"
-    _check_unquantized(op, antiquant_scale=antiquant_scale, antiquant_offset=antiquant_offset,
-                       block_table=block_table, dequant_scale1=dequant_scale1, quant_scale1=quant_scale1,
-                       dequant_scale2=dequant_scale2, quant_scale2=quant_scale2, quant_offset2=quant_offset2,
-                       kv_padding_size=kv_padding_size)
+    _check_unquantized(
+        op,
+        antiquant_scale=antiquant_scale,
+        antiquant_offset=antiquant_offset,
+        block_table=block_table,
+        dequant_scale1=dequant_scale1,
+        quant_scale1=quant_scale1,
+        dequant_scale2=dequant_scale2,
+        quant_scale2=quant_scale2,
+        quant_offset2=quant_offset2,
+        kv_padding_size=kv_padding_size,
+    )
     if isinstance(key, (list, tuple)):
         key, value = torch.cat(list(key), 0), torch.cat(list(value), 0)
     layout = input_layout.upper()
@@ -366,6 +519,7 @@ def npu_incre_flash_attention(query, key, value, *, padding_mask=None, atten_mas
 
 # ---------------------------------------------------------------------------------- MoE routing
 
+
 def npu_moe_gating_top_k_softmax(x: torch.Tensor, finished: torch.Tensor | None = None, k: int = 1):
     """-> (y, expert_idx, row_idx): top-k of softmax(x) over experts (y in x's dtype, indices
     int32); rows marked ``finished`` get expert index E (= number of experts); row_idx[r, j] = j*R + r
@@ -381,7 +535,9 @@ def npu_moe_gating_top_k_softmax(x: torch.Tensor, finished: torch.Tensor | None 
     if finished is not None:
         idx = torch.where(finished.to(torch.bool).unsqueeze(-1), torch.full_like(idx, e), idx)
     rows = x.numel() // e
-    row_idx = torch.arange(rows * k, dtype=torch.int32, device=x.device).view(k, rows).t().reshape(*x.shape[:-1], k)
+    row_idx = (
+        torch.arange(rows * k, dtype=torch.int32, device=x.device).view(k, rows).t().reshape(*x.shape[:-1], k)
+    )
     return y.to(x.dtype), idx, row_idx.contiguous()
 
 
@@ -409,9 +565,20 @@ def get_npu_format(t: torch.Tensor) -> int:
 
 
 # c10::ScalarType numbering, which torch_npu's integer dtype arguments use
-_SCALAR_TYPES = {0: torch.uint8, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.int64,
-                 5: torch.float16, 6: torch.float32, 7: torch.float64, 9: torch.complex64,
-                 10: torch.complex128, 11: torch.bool, 15: torch.bfloat16}
+_SCALAR_TYPES = {
+    0: torch.uint8,
+    1: torch.int8,
+    2: torch.int16,
+    3: torch.int32,
+    4: torch.int64,
+    5: torch.float16,
+    6: torch.float32,
+    7: torch.float64,
+    9: torch.complex64,
+    10: torch.complex128,
+    11: torch.bool,
+    15: torch.bfloat16,
+}
 
 
 def _dtype(d) -> torch.dtype:
@@ -428,10 +595,10 @@ def npu_dtype_cast(self: torch.Tensor, dtype, input_dtype=None) -> torch.Tensor:
     return self.to(_dtype(dtype))
 
 
-def npu_confusion_transpose(self: torch.Tensor, perm: Sequence[int], shape: Sequence[int],
-                            transpose_first: bool) -> torch.Tensor:
+def npu_confusion_transpose(
+    self: torch.Tensor, perm: Sequence[int], shape: Sequence[int], transpose_first: bool
+) -> torch.Tensor:
     """permute-then-reshape (transpose_first) or reshape-then-permute, contiguous result."""
     if transpose_first:
         return self.permute(*perm).reshape(*shape).contiguous()
     return self.reshape(*shape).permute(*perm).contiguous()
-

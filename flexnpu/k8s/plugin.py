@@ -16,6 +16,7 @@ with the kubelet's Registration service at <folder>/kubelet.sock, streams ListAn
 whenever a daemon's health changes (a daemon that stops answering makes its slots Unhealthy),
 and registers again when the kubelet restarts (which removes plugin sockets).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,8 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from ..paths import SYSTEM_RUNTIME_DIR
 from ..units import parse_bytes
@@ -43,8 +45,9 @@ def _stubs() -> tuple[Any, Any]:
 
         from . import api_pb2, api_pb2_grpc
     except ImportError as e:
-        raise SystemExit(f"flexnpu k8s-device-plugin needs grpcio and protobuf ({e}); "
-                         f"pip install 'flexnpu[k8s]'") from None
+        raise SystemExit(
+            f"flexnpu k8s-device-plugin needs grpcio and protobuf ({e}); pip install 'flexnpu[k8s]'"
+        ) from None
     return api_pb2, api_pb2_grpc
 
 
@@ -55,9 +58,9 @@ class PluginConfig:
     resource: str = "flexnpu.io/npu"
     kubelet_dir: Path = Path(KUBELET_DIR)
     endpoint: str = "flexnpu-npu.sock"
-    runtime_dir: Path = SYSTEM_RUNTIME_DIR          # the daemons' sockets on the node
-    container_runtime_dir: Path = SYSTEM_RUNTIME_DIR   # where a container sees them
-    slot_memory: int | None = None                  # device memory per slot (limit = slots x this)
+    runtime_dir: Path = SYSTEM_RUNTIME_DIR  # the daemons' sockets on the node
+    container_runtime_dir: Path = SYSTEM_RUNTIME_DIR  # where a container sees them
+    slot_memory: int | None = None  # device memory per slot (limit = slots x this)
     phase: str = "auto"
     health_interval: float = 2.0
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -117,9 +120,12 @@ class DevicePluginServicer:
 
     def _device_list(self) -> Any:
         pb = self.pb
-        return pb.ListAndWatchResponse(devices=[
-            pb.Device(ID=sid, health=HEALTHY if self.health.get(parse_slot(sid)[0]) else UNHEALTHY)
-            for sid in self.cfg.slot_ids()])
+        return pb.ListAndWatchResponse(
+            devices=[
+                pb.Device(ID=sid, health=HEALTHY if self.health.get(parse_slot(sid)[0]) else UNHEALTHY)
+                for sid in self.cfg.slot_ids()
+            ]
+        )
 
     # -------------------------------------------------------------- rpc
     def GetDevicePluginOptions(self, request: Any, context: Any) -> Any:
@@ -156,9 +162,13 @@ class DevicePluginServicer:
             fits = sorted((d for d in free if len(free[d]) >= need), key=lambda d: (len(free[d]), d))
             order = fits[:1] if fits else sorted(free, key=lambda d: (-len(free[d]), d))
             for dev in order:
-                take = sorted(free[dev], key=parse_slot)[:need - (len(chosen) - len(req.must_include_deviceIDs))]
+                take = sorted(free[dev], key=parse_slot)[
+                    : need - (len(chosen) - len(req.must_include_deviceIDs))
+                ]
                 chosen += take
-            out.append(pb.ContainerPreferredAllocationResponse(deviceIDs=chosen[:max(req.allocation_size, 0)]))
+            out.append(
+                pb.ContainerPreferredAllocationResponse(deviceIDs=chosen[: max(req.allocation_size, 0)])
+            )
         return pb.PreferredAllocationResponse(container_responses=out)
 
     def Allocate(self, request: Any, context: Any) -> Any:
@@ -177,16 +187,27 @@ class DevicePluginServicer:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown slot npu{d}-slot{k}")
                 per_device[d] = per_device.get(d, 0) + 1
             devices = sorted(per_device)
-            envs = {"FLEXNPU_RUNTIME_DIR": str(cfg.container_runtime_dir),
-                    "FLEXNPU_DEVICES": ",".join(map(str, devices)),
-                    "FLEXNPU_PHASE": cfg.phase, **cfg.extra_env}
+            envs = {
+                "FLEXNPU_RUNTIME_DIR": str(cfg.container_runtime_dir),
+                "FLEXNPU_DEVICES": ",".join(map(str, devices)),
+                "FLEXNPU_PHASE": cfg.phase,
+                **cfg.extra_env,
+            }
             if cfg.slot_memory:
                 # a client's limit covers its slots on one device (the most it holds on any)
                 envs["FLEXNPU_CLIENT_MEMORY_LIMIT"] = str(cfg.slot_memory * max(per_device.values()))
-            mounts = [pb.Mount(container_path=str(cfg.container_runtime_dir), host_path=str(cfg.runtime_dir),
-                               read_only=False)]
-            out.append(pb.ContainerAllocateResponse(envs=envs, mounts=mounts,
-                                                    annotations={"flexnpu.io/slots": ",".join(req.devices_ids)}))
+            mounts = [
+                pb.Mount(
+                    container_path=str(cfg.container_runtime_dir),
+                    host_path=str(cfg.runtime_dir),
+                    read_only=False,
+                )
+            ]
+            out.append(
+                pb.ContainerAllocateResponse(
+                    envs=envs, mounts=mounts, annotations={"flexnpu.io/slots": ",".join(req.devices_ids)}
+                )
+            )
         return pb.AllocateResponse(container_responses=out)
 
     def PreStartContainer(self, request: Any, context: Any) -> Any:
@@ -221,11 +242,22 @@ class DevicePlugin:
         kubelet = self.cfg.kubelet_dir / "kubelet.sock"
         with grpc.insecure_channel(f"unix://{kubelet}") as ch:
             stub = self.pb_grpc.RegistrationStub(ch)
-            stub.Register(self.pb.RegisterRequest(
-                version=API_VERSION, endpoint=self.cfg.endpoint, resource_name=self.cfg.resource,
-                options=self.pb.DevicePluginOptions(get_preferred_allocation_available=True)), timeout=timeout)
-        log.info("registered %s (%d devices x %d slots) with the kubelet at %s", self.cfg.resource,
-                 len(self.cfg.devices), self.cfg.slots, kubelet)
+            stub.Register(
+                self.pb.RegisterRequest(
+                    version=API_VERSION,
+                    endpoint=self.cfg.endpoint,
+                    resource_name=self.cfg.resource,
+                    options=self.pb.DevicePluginOptions(get_preferred_allocation_available=True),
+                ),
+                timeout=timeout,
+            )
+        log.info(
+            "registered %s (%d devices x %d slots) with the kubelet at %s",
+            self.cfg.resource,
+            len(self.cfg.devices),
+            self.cfg.slots,
+            kubelet,
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -253,25 +285,55 @@ class DevicePlugin:
 
 # ---------------------------------------------------------------------------- CLI
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     env = os.environ.get
-    p.add_argument("--devices", default=env("FLEXNPU_K8S_DEVICES", "0"),
-                   help="physical devices to advertise, e.g. 0,1 (default 0)")
-    p.add_argument("--slots", type=int, default=int(env("FLEXNPU_K8S_SLOTS", "4")),
-                   help="virtual slots per device (default 4)")
-    p.add_argument("--resource", default=env("FLEXNPU_K8S_RESOURCE", "flexnpu.io/npu"),
-                   help="extended resource name (default flexnpu.io/npu)")
-    p.add_argument("--kubelet-dir", type=Path, default=Path(env("FLEXNPU_K8S_KUBELET_DIR", KUBELET_DIR)),
-                   help=f"the kubelet's device-plugin folder (default {KUBELET_DIR})")
+    p.add_argument(
+        "--devices",
+        default=env("FLEXNPU_K8S_DEVICES", "0"),
+        help="physical devices to advertise, e.g. 0,1 (default 0)",
+    )
+    p.add_argument(
+        "--slots",
+        type=int,
+        default=int(env("FLEXNPU_K8S_SLOTS", "4")),
+        help="virtual slots per device (default 4)",
+    )
+    p.add_argument(
+        "--resource",
+        default=env("FLEXNPU_K8S_RESOURCE", "flexnpu.io/npu"),
+        help="extended resource name (default flexnpu.io/npu)",
+    )
+    p.add_argument(
+        "--kubelet-dir",
+        type=Path,
+        default=Path(env("FLEXNPU_K8S_KUBELET_DIR", KUBELET_DIR)),
+        help=f"the kubelet's device-plugin folder (default {KUBELET_DIR})",
+    )
     p.add_argument("--endpoint", default="flexnpu-npu.sock", help="this plugin's socket name in that folder")
-    p.add_argument("--runtime-dir", type=Path, default=Path(env("FLEXNPU_RUNTIME_DIR", str(SYSTEM_RUNTIME_DIR))),
-                   help="the daemons' runtime folder on the node (default /run/flexnpu)")
-    p.add_argument("--container-runtime-dir", type=Path, default=None,
-                   help="where containers see it (default: the same path)")
-    p.add_argument("--slot-memory", default=env("FLEXNPU_K8S_SLOT_MEMORY"),
-                   help="device memory per slot, e.g. 16GiB: a container's limit is its slots x this")
-    p.add_argument("--phase", default=env("FLEXNPU_K8S_PHASE", "auto"), choices=("auto", "prefill", "decode"),
-                   help="FLEXNPU_PHASE given to containers (a pod's own env wins)")
+    p.add_argument(
+        "--runtime-dir",
+        type=Path,
+        default=Path(env("FLEXNPU_RUNTIME_DIR", str(SYSTEM_RUNTIME_DIR))),
+        help="the daemons' runtime folder on the node (default /run/flexnpu)",
+    )
+    p.add_argument(
+        "--container-runtime-dir",
+        type=Path,
+        default=None,
+        help="where containers see it (default: the same path)",
+    )
+    p.add_argument(
+        "--slot-memory",
+        default=env("FLEXNPU_K8S_SLOT_MEMORY"),
+        help="device memory per slot, e.g. 16GiB: a container's limit is its slots x this",
+    )
+    p.add_argument(
+        "--phase",
+        default=env("FLEXNPU_K8S_PHASE", "auto"),
+        choices=("auto", "prefill", "decode"),
+        help="FLEXNPU_PHASE given to containers (a pod's own env wins)",
+    )
     p.add_argument("--health-interval", type=float, default=2.0, help="seconds between daemon health checks")
     p.add_argument("--log-level", default=env("FLEXNPU_LOG_LEVEL", "info"))
 
@@ -280,14 +342,23 @@ def config_from_args(args: argparse.Namespace) -> PluginConfig:
     try:
         devices = sorted({int(x) for x in str(args.devices).split(",") if x.strip()})
     except ValueError:
-        raise SystemExit(f"flexnpu k8s-device-plugin: --devices takes numbers like 0,1, not {args.devices!r}") from None
+        raise SystemExit(
+            f"flexnpu k8s-device-plugin: --devices takes numbers like 0,1, not {args.devices!r}"
+        ) from None
     if not devices or args.slots < 1:
         raise SystemExit("flexnpu k8s-device-plugin: needs at least one device and one slot")
-    return PluginConfig(devices=devices, slots=args.slots, resource=args.resource, kubelet_dir=args.kubelet_dir,
-                        endpoint=args.endpoint, runtime_dir=args.runtime_dir,
-                        container_runtime_dir=args.container_runtime_dir or args.runtime_dir,
-                        slot_memory=parse_bytes(args.slot_memory) if args.slot_memory else None,
-                        phase=args.phase, health_interval=args.health_interval)
+    return PluginConfig(
+        devices=devices,
+        slots=args.slots,
+        resource=args.resource,
+        kubelet_dir=args.kubelet_dir,
+        endpoint=args.endpoint,
+        runtime_dir=args.runtime_dir,
+        container_runtime_dir=args.container_runtime_dir or args.runtime_dir,
+        slot_memory=parse_bytes(args.slot_memory) if args.slot_memory else None,
+        phase=args.phase,
+        health_interval=args.health_interval,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,12 +5,24 @@ client), data arena. The client creates it and sends the fd over the control soc
 (send_fd / recv_fd); the daemon attaches. All index and flag accesses are C11 atomics in C
 (ring.c); waits spin briefly, then futex-sleep with the GIL released. See docs/ring.md.
 """
+
 from .errors import PeerClosed, PeerDead, RingCorrupt, RingError
 from .fdpass import recv_fd, send_fd
-from .segment import (LIVENESS_INTERVAL_S, Doorbell, Ring, RingSet, Segment, call, have_futex_waitv,
-                      wait_any)
+from .segment import LIVENESS_INTERVAL_S, Doorbell, Ring, RingSet, Segment, call, have_futex_waitv, wait_any
 
 __all__ = [
-    "RingError", "RingCorrupt", "PeerDead", "PeerClosed", "Segment", "Ring", "RingSet", "call", "Doorbell",
-    "wait_any", "have_futex_waitv", "send_fd", "recv_fd", "LIVENESS_INTERVAL_S",
+    "RingError",
+    "RingCorrupt",
+    "PeerDead",
+    "PeerClosed",
+    "Segment",
+    "Ring",
+    "RingSet",
+    "call",
+    "Doorbell",
+    "wait_any",
+    "have_futex_waitv",
+    "send_fd",
+    "recv_fd",
+    "LIVENESS_INTERVAL_S",
 ]

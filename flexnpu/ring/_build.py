@@ -1,4 +1,5 @@
 """cffi (API mode) builder for the ring's C core. Invoked by setup.py's cffi_modules."""
+
 import os
 
 from cffi import FFI
@@ -16,8 +17,11 @@ ffibuilder.cdef(_cdef)
 ffibuilder.set_source(
     "flexnpu.ring._core",
     '#include "ring.h"\n',
-    sources=[os.path.join("flexnpu", "ring", "ring.c"), os.path.join("flexnpu", "ring", "pyfast.c"),
-             os.path.join("flexnpu", "ring", "coll.c")],
+    sources=[
+        os.path.join("flexnpu", "ring", "ring.c"),
+        os.path.join("flexnpu", "ring", "pyfast.c"),
+        os.path.join("flexnpu", "ring", "coll.c"),
+    ],
     include_dirs=[HERE],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
     # pyfast.c uses the full CPython API (METH_FASTCALL types), so no abi3 tag.

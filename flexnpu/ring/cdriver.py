@@ -1,5 +1,6 @@
 """Build the pure-C ring driver (ringpp.c) on demand: the benchmark's c-floor and the
 ThreadSanitizer test use it. Needs gcc; returns None (with the reason) when it cannot build."""
+
 from __future__ import annotations
 
 import hashlib

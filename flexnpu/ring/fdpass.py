@@ -5,6 +5,7 @@ of SCM_RIGHTS messages and fds may arrive (or garbage, or a truncated control bu
 exactly one fd and close every other one we were handed, so a hostile peer cannot leak fds
 into us.
 """
+
 from __future__ import annotations
 
 import array
@@ -48,6 +49,8 @@ def recv_fd(sock: socket.socket, bufsize: int = 4096) -> tuple[bytes, int]:
                 pass
         if not data and not fds:
             raise EOFError("control socket closed by the peer")
-        raise ValueError(f"expected exactly one fd with the message, got {len(fds)}"
-                         + (" (control data truncated)" if msg_flags & 0x8 else ""))
+        raise ValueError(
+            f"expected exactly one fd with the message, got {len(fds)}"
+            + (" (control data truncated)" if msg_flags & 0x8 else "")
+        )
     return data, fds[0]

@@ -4,6 +4,7 @@ Python never touches a shared index: every push/pop/wait is one call into C, whe
 indices are C11 atomics. cffi (API mode) releases the GIL around every call, so waits in C
 never block other Python threads.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -56,7 +57,7 @@ class Ring:
     RingCorrupt as their names say.
     """
 
-    def __init__(self, seg: "Segment", ptr: Any, name: str) -> None:
+    def __init__(self, seg: Segment, ptr: Any, name: str) -> None:
         self._r = ptr
         self._seg = seg  # keeps the mapping alive while the Ring is reachable
         self.name = name
@@ -97,7 +98,8 @@ class Ring:
             raise RingCorrupt(
                 f"{self.name} ring corrupt: shared head={snap[2]} tail={snap[3]} (our index "
                 f"{snap[0]}, last peer index {snap[1]}), tail-head exceeds capacity "
-                f"{self.capacity} ({what}); the peer scribbled on the ring, refusing to follow it")
+                f"{self.capacity} ({what}); the peer scribbled on the ring, refusing to follow it"
+            )
         if rc == _EPEERDEAD:
             raise PeerDead(f"peer died while waiting on the {self.name} ring ({what})")
         if rc == _ECLOSED:
@@ -216,8 +218,9 @@ class Doorbell:
         lib.fx_doorbell_ring(self._d)
 
 
-def wait_any(rings: list[Ring], timeout: float | None, doorbell: Doorbell | None = None, *,
-             fallback: bool = False) -> bool:
+def wait_any(
+    rings: list[Ring], timeout: float | None, doorbell: Doorbell | None = None, *, fallback: bool = False
+) -> bool:
     """Consumer side of many rings: spin briefly, announce sleep on each, seq_cst fence, recheck
     all, then futex_waitv on all sleep words plus the doorbell. Beyond 127 rings, where
     futex_waitv is missing, or with ``fallback=True``, sliced waits (0.2 -> 10 ms) are used.
@@ -254,7 +257,7 @@ class RingSet:
                 raise r._closed_error("RingSet")
             r._check_role(False, "RingSet")
         self.rings = list(rings)
-        self._keep = [r._seg for r in self.rings]   # keeps each mapping alive (unless closed: rebuild then)
+        self._keep = [r._seg for r in self.rings]  # keeps each mapping alive (unless closed: rebuild then)
         self._arr = ffi.new("fx_ring *[]", [r._r for r in self.rings]) if self.rings else ffi.NULL
         self._out = ffi.new("uint32_t[]", max(1, len(self.rings)))
 
@@ -310,18 +313,29 @@ class Segment:
         # past close(), so a stale view can never touch unmapped memory.
         self._mm: mmap.mmap | None = None
         if self.arena_size:
-            self._mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
-                                 mmap.PROT_READ | mmap.PROT_WRITE)
-            self._arena = memoryview(self._mm)[self.arena_offset:self.arena_offset + self.arena_size]
+            self._mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._arena = memoryview(self._mm)[self.arena_offset : self.arena_offset + self.arena_size]
         else:
             self._arena = memoryview(bytearray(0))
 
     @classmethod
-    def create(cls, *, sq_entries: int = 1024, cq_entries: int = 1024, sqe_size: int = 64,
-               cqe_size: int = 32, arena_bytes: int = 16 << 20) -> "Segment":
+    def create(
+        cls,
+        *,
+        sq_entries: int = 1024,
+        cq_entries: int = 1024,
+        sqe_size: int = 64,
+        cqe_size: int = 32,
+        arena_bytes: int = 16 << 20,
+    ) -> Segment:
         """Create a new segment (client side): a sealed memfd with the header filled in."""
-        for name, v in (("sq_entries", sq_entries), ("cq_entries", cq_entries),
-                        ("sqe_size", sqe_size), ("cqe_size", cqe_size), ("arena_bytes", arena_bytes)):
+        for name, v in (
+            ("sq_entries", sq_entries),
+            ("cq_entries", cq_entries),
+            ("sqe_size", sqe_size),
+            ("cqe_size", cqe_size),
+            ("arena_bytes", arena_bytes),
+        ):
             if not isinstance(v, int) or v < 0 or v >= 1 << 63:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         err = ffi.new("char[]", lib.FX_ERRMSG_LEN)
@@ -332,7 +346,7 @@ class Segment:
         return cls(p, _token=_PRIVATE)
 
     @classmethod
-    def attach(cls, fd: int) -> "Segment":
+    def attach(cls, fd: int) -> Segment:
         """Attach to a segment received from a client (daemon side). ``fd`` is dup'ed (the caller
         still owns it). The header is copied out and validated against the memfd's real size and
         seals; a bad one raises RingCorrupt. Records this process as the attacher."""
@@ -346,9 +360,11 @@ class Segment:
 
     def __repr__(self) -> str:
         side = "creator" if self.is_creator else "attacher"
-        return (f"<Segment {side} fd={self.fd} size={self.size} sq={self.sq.capacity}x"
-                f"{self.sq.entry_size} cq={self.cq.capacity}x{self.cq.entry_size} "
-                f"arena={self.arena_size}{' closed' if self._closed else ''}>")
+        return (
+            f"<Segment {side} fd={self.fd} size={self.size} sq={self.sq.capacity}x"
+            f"{self.sq.entry_size} cq={self.cq.capacity}x{self.cq.entry_size} "
+            f"arena={self.arena_size}{' closed' if self._closed else ''}>"
+        )
 
     def _live(self) -> Any:
         if self._closed:
@@ -394,19 +410,25 @@ class Segment:
 
     # ---- arena
     def _check_range(self, offset: int, nbytes: int) -> None:
-        if not (isinstance(offset, int) and isinstance(nbytes, int)) or offset < 0 or nbytes < 0 \
-                or offset + nbytes > self.arena_size:
-            raise RingCorrupt(f"arena range offset={offset} nbytes={nbytes} is outside the "
-                              f"{self.arena_size}-byte arena")
+        if (
+            not (isinstance(offset, int) and isinstance(nbytes, int))
+            or offset < 0
+            or nbytes < 0
+            or offset + nbytes > self.arena_size
+        ):
+            raise RingCorrupt(
+                f"arena range offset={offset} nbytes={nbytes} is outside the {self.arena_size}-byte arena"
+            )
 
     def arena_view(self, offset: int, nbytes: int) -> memoryview:
         """Writable zero-copy view of arena bytes [offset, offset+nbytes); bounds-checked."""
         self._live()
         self._check_range(offset, nbytes)
-        return self._arena[offset:offset + nbytes]
+        return self._arena[offset : offset + nbytes]
 
-    def arena_numpy(self, offset: int, nbytes: int, dtype: Any = "uint8",
-                    shape: tuple[int, ...] | None = None) -> "numpy.ndarray":
+    def arena_numpy(
+        self, offset: int, nbytes: int, dtype: Any = "uint8", shape: tuple[int, ...] | None = None
+    ) -> numpy.ndarray:
         """Zero-copy numpy array over the arena."""
         import numpy as np
 
@@ -416,8 +438,9 @@ class Segment:
         a = np.frombuffer(self.arena_view(offset, nbytes), dtype=dt)
         return a if shape is None else a.reshape(shape)
 
-    def arena_torch(self, offset: int, nbytes: int, dtype: Any,
-                    shape: tuple[int, ...] | None = None) -> "torch.Tensor":
+    def arena_torch(
+        self, offset: int, nbytes: int, dtype: Any, shape: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
         """Zero-copy torch tensor over the arena (torch imported lazily)."""
         import torch
 
@@ -442,9 +465,11 @@ class Segment:
             raise ValueError(f"align must be a power of two <= 4096, got {align!r}")
         off: int = lib.fx_arena_alloc(self._live(), nbytes, align)
         if off == -1:
-            raise MemoryError(f"arena full: cannot allocate {nbytes} bytes (align {align}); "
-                              f"{self.arena_free_bytes} bytes free, largest block "
-                              f"{lib.fx_arena_largest_free(self._s)}")
+            raise MemoryError(
+                f"arena full: cannot allocate {nbytes} bytes (align {align}); "
+                f"{self.arena_free_bytes} bytes free, largest block "
+                f"{lib.fx_arena_largest_free(self._s)}"
+            )
         if off < 0:
             raise ValueError(f"bad allocation request nbytes={nbytes} align={align}")
         return off
@@ -486,7 +511,7 @@ class Segment:
         lib.fx_seg_close(self._s)
         self._s = None
 
-    def __enter__(self) -> "Segment":
+    def __enter__(self) -> Segment:
         return self
 
     def __exit__(self, *exc: object) -> None:

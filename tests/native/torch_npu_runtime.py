@@ -7,6 +7,7 @@ Only the runtime half is exercised: no operators run on the device (that is the 
     python torch_npu_runtime.py oom BYTES # allocate beyond --memory-limit
     python torch_npu_runtime.py share     # an npu tensor sent to a spawned process (torch_npu's IPC)
 """
+
 import sys
 
 import torch
@@ -27,9 +28,25 @@ def check() -> None:
     assert e.device.type == "npu" and e.shape == (3, 4)
 
     g = torch.Generator().manual_seed(0)
-    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8, torch.int16,
-              torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128, torch.uint16,
-              torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2]
+    dtypes = [
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float64,
+        torch.int8,
+        torch.uint8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.bool,
+        torch.complex64,
+        torch.complex128,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+    ]
     for dt in dtypes:
         for n in (0, 1, 1000, (3 << 20) + 17):
             itemsize = torch.empty((), dtype=dt).element_size()
@@ -127,5 +144,6 @@ def share() -> None:
 
 
 if __name__ == "__main__":
-    {"check": lambda: check(), "status": status, "oom": lambda: oom(int(sys.argv[2])),
-     "share": share}[sys.argv[1]]()
+    {"check": lambda: check(), "status": status, "oom": lambda: oom(int(sys.argv[2])), "share": share}[
+        sys.argv[1]
+    ]()

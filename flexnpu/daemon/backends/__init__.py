@@ -3,6 +3,7 @@
 BACKEND_KINDS and check_backend() are the one list of what --backend accepts: `flexnpu daemon`,
 `flexnpu run` and `flexnpu service install` all validate with it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,10 @@ def check_backend(text: str) -> str:
     name, plus, extra = rest.partition("+")
     specs = sorted(SPECS)
     if not name or ALIASES.get(name.lower(), name.lower()) not in SPECS:
-        raise argparse.ArgumentTypeError(f"backend emu needs an accelerator spec: emu:<spec>[+cpu] with "
-                                         f"<spec> one of {', '.join(specs)} (got {text!r})")
+        raise argparse.ArgumentTypeError(
+            f"backend emu needs an accelerator spec: emu:<spec>[+cpu] with "
+            f"<spec> one of {', '.join(specs)} (got {text!r})"
+        )
     if plus and extra != "cpu":
         raise argparse.ArgumentTypeError(f"emu backend: only '+cpu' may follow the spec, not '+{extra}'")
     return text

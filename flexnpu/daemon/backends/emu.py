@@ -17,12 +17,14 @@ Two modes:
 - with values (`emu:910b+cpu`): every data effect runs on the cpu TorchBackend; only the timing
   is emulated (a command completes at its emulated finish, after its cpu execution).
 """
+
 from __future__ import annotations
 
 import contextlib
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 
@@ -63,6 +65,7 @@ class EmuStream:
 
 
 # ------------------------------------------------------------------ shape-only launch checks
+
 
 def _view_end(ref: TensorRef) -> int:
     """Bytes a view reaches into its allocation (0 for an empty view); raises on bad geometry."""
@@ -120,8 +123,9 @@ class _MetaOutputs:
         self._cache: dict[Any, Any] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, op: str, args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> tuple[tuple[torch.dtype, tuple[int, ...], int], ...]:
+    def __call__(
+        self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[torch.dtype, tuple[int, ...], int], ...]:
         key = (op, _key(args), _key(kwargs))
         hit: tuple[tuple[torch.dtype, tuple[int, ...], int], ...] | Exception | None = self._cache.get(key)
         if hit is None:
@@ -138,7 +142,9 @@ class _MetaOutputs:
                 hit = tuple(flat)
             except Exception as e:  # noqa: BLE001 - any failure means the launch is malformed
                 first = str(e).splitlines()[0] if str(e) else ""
-                hit = ValueError(f"{op}: cannot infer the outputs of this launch ({type(e).__name__}: {first})")
+                hit = ValueError(
+                    f"{op}: cannot infer the outputs of this launch ({type(e).__name__}: {first})"
+                )
             with self._lock:
                 if len(self._cache) >= self.MAX:
                     self._cache.clear()
@@ -169,12 +175,13 @@ def _refs(v: Any, out: list[TensorRef]) -> list[TensorRef]:
 
 # ------------------------------------------------------------------ the backend
 
+
 class EmuBackend:
     """Backend interface of TorchBackend; timing lives in ``self.emu`` (driven by the scheduler)."""
 
     device_type = "emu"
-    partition_capable = True       # flexnpu.daemon.backends.partition.Partitionable
-    partition_levels = 0           # any share: the emulator's cap is continuous
+    partition_capable = True  # flexnpu.daemon.backends.partition.Partitionable
+    partition_levels = 0  # any share: the emulator's cap is continuous
     # every kernel's time comes from self.emu, so a graph must replay command by command
     supports_compiled_graphs = False
 
@@ -184,7 +191,7 @@ class EmuBackend:
             raise ValueError(f"emu needs an accelerator spec ({', '.join(sorted(SPECS))}), not {spec_name!r}")
         self.values = values
         self.name = f"emu:{self.spec.name}" + ("+cpu" if values else "")
-        self.model = CostModel(self.spec)          # ground truth of the emulation: uncorrected
+        self.model = CostModel(self.spec)  # ground truth of the emulation: uncorrected
         self.emu = EmuDevice(self.model, now=time.monotonic())
         self.index = index
         self._cpu = None
@@ -196,11 +203,18 @@ class EmuBackend:
         self._meta = _MetaOutputs()
 
     def info(self) -> dict[str, Any]:
-        return {"backend": self.name, "device_type": "emu", "name": f"emulated {self.spec.name}",
-                "spec": self.spec.name, "emulated": True, "values": self.values,
-                "total_memory": int(self.spec.mem_bytes), "torch": torch.__version__,
-                # values live in the cpu backend (zeroed on allocation); shape-only holds no data
-                "scrub": "allocate" if self._cpu else "no data"}
+        return {
+            "backend": self.name,
+            "device_type": "emu",
+            "name": f"emulated {self.spec.name}",
+            "spec": self.spec.name,
+            "emulated": True,
+            "values": self.values,
+            "total_memory": int(self.spec.mem_bytes),
+            "torch": torch.__version__,
+            # values live in the cpu backend (zeroed on allocation); shape-only holds no data
+            "scrub": "allocate" if self._cpu else "no data",
+        }
 
     def set_partition(self, shares: Any) -> None:
         """Core share per EmuStream: the compute cap of its kernels submitted from now on."""
@@ -227,41 +241,52 @@ class EmuBackend:
             self._cpu.d2h(buf, offset, nbytes, dst)
             return
         mv = memoryview(dst).cast("B")
-        for pos in range(0, nbytes, len(_ZEROS)):   # no values: the host sees zeros
+        for pos in range(0, nbytes, len(_ZEROS)):  # no values: the host sees zeros
             n = min(len(_ZEROS), nbytes - pos)
-            mv[pos:pos + n] = _ZEROS[:n]
+            mv[pos : pos + n] = _ZEROS[:n]
 
     def d2d(self, dst: Any, dst_off: int, src: Any, src_off: int, nbytes: int) -> None:
         if self._cpu:
             self._cpu.d2d(dst, dst_off, src, src_off, nbytes)
 
     # -- operators ---------------------------------------------------------------------------
-    def launch(self, launch: Launch, resolve: Callable[[int], Any],
-               allocate: Callable[[int], Any]) -> list[tuple[int, Any]]:
+    def launch(
+        self, launch: Launch, resolve: Callable[[int], Any], allocate: Callable[[int], Any]
+    ) -> list[tuple[int, Any]]:
         if self._cpu:
             return self._cpu.launch(launch, resolve, allocate)
         for ref in _refs((launch.args, launch.kwargs), []):
             buf = resolve(ref.handle)
             end = _view_end(ref)
             if end > buf.nbytes:
-                raise ValueError(f"{launch.op}: handle {ref.handle}: view {ref.dtype} shape {ref.shape} "
-                                 f"stride {ref.stride} offset {ref.offset} reaches byte {end}, beyond the "
-                                 f"allocation of {buf.nbytes} bytes")
+                raise ValueError(
+                    f"{launch.op}: handle {ref.handle}: view {ref.dtype} shape {ref.shape} "
+                    f"stride {ref.stride} offset {ref.offset} reaches byte {end}, beyond the "
+                    f"allocation of {buf.nbytes} bytes"
+                )
         expected = self._meta(launch.op, tuple(launch.args), dict(launch.kwargs))
         outs = launch.outputs
         if outs and len(outs) != len(expected):
-            raise ValueError(f"{launch.op}: {len(outs)} outputs declared, the op returns {len(expected)} tensors")
+            raise ValueError(
+                f"{launch.op}: {len(outs)} outputs declared, the op returns {len(expected)} tensors"
+            )
         bound = []
         for i, ((nbytes, ref), (dtype, shape, need)) in enumerate(zip(outs, expected)):
             if ref.dtype != dtype or tuple(ref.shape) != shape:
-                raise ValueError(f"{launch.op}: output {i} declared {ref.dtype} {tuple(ref.shape)} but the op "
-                                 f"returns {dtype} {shape}")
+                raise ValueError(
+                    f"{launch.op}: output {i} declared {ref.dtype} {tuple(ref.shape)} but the op "
+                    f"returns {dtype} {shape}"
+                )
             if _view_end(ref) > nbytes or need > nbytes:
-                raise ValueError(f"{launch.op}: output {i} declared with {nbytes} bytes but the op's result "
-                                 f"{dtype} {shape} takes {max(need, _view_end(ref))} bytes")
+                raise ValueError(
+                    f"{launch.op}: output {i} declared with {nbytes} bytes but the op's result "
+                    f"{dtype} {shape} takes {max(need, _view_end(ref))} bytes"
+                )
             if any(sz > 1 and st == 0 for sz, st in zip(ref.shape, ref.stride)):
-                raise ValueError(f"{launch.op}: output {i} declared with a zero stride: outputs must not "
-                                 "overlap themselves")
+                raise ValueError(
+                    f"{launch.op}: output {i} declared with a zero stride: outputs must not "
+                    "overlap themselves"
+                )
             bound.append((ref.handle, ShapeOnlyBuffer(nbytes)))
         return bound
 
@@ -281,7 +306,7 @@ class EmuBackend:
         return contextlib.nullcontext()
 
     def sync_stream(self, stream: Any) -> None:
-        pass   # the scheduler runs a stream's later commands only after its kernels completed
+        pass  # the scheduler runs a stream's later commands only after its kernels completed
 
     def synchronize(self) -> None:
         pass
@@ -306,8 +331,10 @@ def make_emu_backend(spec: str, index: int = 0) -> EmuBackend:
     """`emu:<spec>` (shape-only) or `emu:<spec>+cpu` (values on the cpu backend)."""
     _, _, rest = spec.partition(":")
     if not rest:
-        raise ValueError(f"--backend emu needs a device spec, e.g. emu:910b (choose from "
-                         f"{', '.join(sorted(SPECS))}; add +cpu for values)")
+        raise ValueError(
+            f"--backend emu needs a device spec, e.g. emu:910b (choose from "
+            f"{', '.join(sorted(SPECS))}; add +cpu for values)"
+        )
     name, plus, extra = rest.partition("+")
     if plus and extra != "cpu":
         raise ValueError(f"emu backend: only '+cpu' may follow the spec, not '+{extra}'")

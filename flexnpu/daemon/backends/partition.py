@@ -20,15 +20,17 @@ Per backend (docs/scheduling.md, "Core partitions on hardware"):
 The capability is a typed interface plus a run-time flag (a cuda backend on a driver without
 green contexts has the method but not the capability), never a class-name check.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+from collections.abc import Mapping
 
 
 @runtime_checkable
 class Partitionable(Protocol):
-    partition_capable: bool       # the mechanism works here (checked when the backend starts)
-    partition_levels: int         # distinct shares the hardware offers (cores, SMs, share grid)
+    partition_capable: bool  # the mechanism works here (checked when the backend starts)
+    partition_levels: int  # distinct shares the hardware offers (cores, SMs, share grid)
 
     def set_partition(self, shares: Mapping[Any, float | None]) -> None:
         """Core share per device stream, for its operators launched from now on."""

@@ -4,12 +4,14 @@ Device memory is a flat uint8 tensor per allocation; tensors are views built on 
 code path is the same for all three device types; only stream/event objects and
 synchronization differ, and those come from torch's device-generic interfaces.
 """
+
 from __future__ import annotations
 
 import contextlib
 import time
 import warnings
-from typing import Any, Callable, cast
+from typing import Any, cast
+from collections.abc import Callable
 
 import torch
 
@@ -38,8 +40,8 @@ def detect(requested: str = "auto") -> str:
 class TorchBackend:
     """Executes the daemon's commands on one torch device."""
 
-    supports_compiled_graphs = True   # launches are plain aten calls on this device's tensors
-    emu = None                        # a real device: no emulated clock for the scheduler to drive
+    supports_compiled_graphs = True  # launches are plain aten calls on this device's tensors
+    emu = None  # a real device: no emulated clock for the scheduler to drive
 
     def __init__(self, device_type: str = "cpu", index: int = 0) -> None:
         if device_type == "npu":
@@ -57,13 +59,13 @@ class TorchBackend:
             self._mod.set_device(index)
         # The exec module belongs to the hook side's contract (aten launches); imported lazily so
         # the daemon starts even if a client never launches.
-        self._exec: Any = None   # the torch_exec module once imported
+        self._exec: Any = None  # the torch_exec module once imported
         # Core partitions (flexnpu.daemon.backends.partition): the capability is probed here.
         self.partition_capable = False
         self.partition_levels = 0
         self.partition_error: str | None = None
-        self._eff: dict[int, Any] = {}        # id(client device stream) -> stream its work runs on now
-        self._green: dict[int, Any] = {}      # cuda: share level -> (green context, its stream)
+        self._eff: dict[int, Any] = {}  # id(client device stream) -> stream its work runs on now
+        self._green: dict[int, Any] = {}  # cuda: share level -> (green context, its stream)
         self._npu_cores: tuple[int, int] | None = None
         if device_type == "cuda":
             self._probe_green_contexts(index)
@@ -71,7 +73,7 @@ class TorchBackend:
             self._probe_stream_limit()
 
     # -- core partitions ---------------------------------------------------------------------
-    GREEN_LEVELS = 8   # cuda: green contexts at 1/8 .. 7/8 of the SMs (the flex policy's share grid)
+    GREEN_LEVELS = 8  # cuda: green contexts at 1/8 .. 7/8 of the SMs (the flex policy's share grid)
 
     def _probe_green_contexts(self, index: int) -> None:
         try:
@@ -94,7 +96,7 @@ class TorchBackend:
     def _probe_stream_limit(self) -> None:
         try:
             probe = self._mod.Stream(device=self.device)
-            lim = self._mod.get_stream_limit(probe)   # hardware defaults: all cores
+            lim = self._mod.get_stream_limit(probe)  # hardware defaults: all cores
             cube = int(lim.get("cube_core_num", lim.get("cube_num", 0)))
             vec = int(lim.get("vector_core_num", lim.get("vector_num", 0)))
             if cube <= 0 or vec <= 0:
@@ -123,7 +125,11 @@ class TorchBackend:
                 continue
             # cuda: move the stream's later work to the green context of its level, ordered
             # after everything it already queued (event record + wait: the cost of a change)
-            lvl = None if share is None or share >= 1.0 else min(self.GREEN_LEVELS - 1, max(1, round(share * self.GREEN_LEVELS)))
+            lvl = (
+                None
+                if share is None or share >= 1.0
+                else min(self.GREEN_LEVELS - 1, max(1, round(share * self.GREEN_LEVELS)))
+            )
             target = stream if lvl is None else self._green[lvl][1]
             cur = self._eff.get(id(stream), stream)
             if target is cur:
@@ -143,8 +149,12 @@ class TorchBackend:
     # -- description -------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         # "scrub": when memory that may have held another client's data is cleared (see alloc)
-        d: dict[str, Any] = {"backend": self.name, "device_type": self.device_type,
-                             "torch": torch.__version__, "scrub": "allocate"}
+        d: dict[str, Any] = {
+            "backend": self.name,
+            "device_type": self.device_type,
+            "torch": torch.__version__,
+            "scrub": "allocate",
+        }
         if self._mod is not None:
             props = self._mod.get_device_properties(self.device)
             d["name"] = getattr(props, "name", self.device_type)
@@ -167,35 +177,39 @@ class TorchBackend:
         own heap), so it is scrubbed when it changes owner, i.e. on allocation (docs/security.md
         says why on allocation rather than on free)."""
         buf = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
-        if self._mod is not None and self._mod.current_stream(self.device) == self._mod.default_stream(self.device):
+        if self._mod is not None and self._mod.current_stream(self.device) == self._mod.default_stream(
+            self.device
+        ):
             # Outside a client stream (malloc): the memset must be done before any client stream
             # touches the block. Launch outputs are allocated on their stream, already in order.
             self._mod.current_stream(self.device).synchronize()
         return buf
 
     def memset(self, buf: torch.Tensor, offset: int, value: int, nbytes: int) -> None:
-        buf[offset:offset + nbytes].fill_(value & 0xFF)
+        buf[offset : offset + nbytes].fill_(value & 0xFF)
 
     def h2d(self, buf: torch.Tensor, offset: int, src: Any) -> None:
         host = torch.frombuffer(src, dtype=torch.uint8) if len(src) else torch.empty(0, dtype=torch.uint8)
-        buf[offset:offset + host.numel()].copy_(host, non_blocking=False)
+        buf[offset : offset + host.numel()].copy_(host, non_blocking=False)
 
     def d2h(self, buf: torch.Tensor, offset: int, nbytes: int, dst: Any) -> None:
         if nbytes:
-            torch.frombuffer(dst, dtype=torch.uint8).copy_(buf[offset:offset + nbytes])
+            torch.frombuffer(dst, dtype=torch.uint8).copy_(buf[offset : offset + nbytes])
 
     def d2d(self, dst: torch.Tensor, dst_off: int, src: torch.Tensor, src_off: int, nbytes: int) -> None:
-        dst[dst_off:dst_off + nbytes].copy_(src[src_off:src_off + nbytes])
+        dst[dst_off : dst_off + nbytes].copy_(src[src_off : src_off + nbytes])
 
     # -- operators ---------------------------------------------------------------------------
-    def launch(self, launch: Launch, resolve: Callable[[int], torch.Tensor],
-               allocate: Callable[[int], torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+    def launch(
+        self, launch: Launch, resolve: Callable[[int], torch.Tensor], allocate: Callable[[int], torch.Tensor]
+    ) -> list[tuple[int, torch.Tensor]]:
         if self._exec is None:
             from . import torch_exec
 
             self._exec = torch_exec
         bound: list[tuple[int, torch.Tensor]] = self._exec.execute_launch(
-            self.device, launch.op, launch.args, launch.kwargs, launch.outputs, resolve, allocate)
+            self.device, launch.op, launch.args, launch.kwargs, launch.outputs, resolve, allocate
+        )
         return bound
 
     def op_allowed(self, op: str) -> bool:

@@ -17,9 +17,11 @@ Everything in it is client-controlled, so before touching memory this module:
   or another output, whatever the operator's schema says (a non-owning view must never outlive
   the launch, and every handle owns the storage it points into).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.types import Storage
@@ -36,6 +38,7 @@ aten = torch.ops.aten
 # and small enough that torch's int64 arithmetic on it cannot overflow.
 _MAX_DIM_VALUE = 1 << 48
 _MAX_NDIM = 64
+
 
 class LaunchError(ValueError):
     """A launch the backend refuses (bad op, bad view, mismatched outputs); message names the op."""
@@ -98,12 +101,17 @@ def check_view_bounds(ref: TensorRef, nbytes: int) -> None:
     if end > nbytes:
         raise LaunchError(
             f"handle {ref.handle}: view {dtype} shape {shape} stride {stride} offset {offset} reaches "
-            f"byte {end}, beyond the allocation of {nbytes} bytes")
+            f"byte {end}, beyond the allocation of {nbytes} bytes"
+        )
 
 
 def _raw_storage(alloc: torch.Tensor, handle: int) -> Storage:
-    if not isinstance(alloc, torch.Tensor) or alloc.dtype != torch.uint8 or alloc.dim() != 1 \
-            or not alloc.is_contiguous():
+    if (
+        not isinstance(alloc, torch.Tensor)
+        or alloc.dtype != torch.uint8
+        or alloc.dim() != 1
+        or not alloc.is_contiguous()
+    ):
         raise LaunchError(f"handle {handle}: backend storage must be a contiguous 1-D uint8 tensor")
     # Non-owning and non-resizable, spanning exactly this allocation: as_strided tricks inside an
     # operator see only these bytes, and resize attempts fail instead of reallocating.
@@ -179,8 +187,9 @@ class _Ctx:
         if isinstance(x, TensorRef):
             a = self.alloc(x.handle)
             return build_view(x, a) if fresh else _cached_view(x, a)
-        if x is None or isinstance(x, (bool, int, float, complex, str, torch.dtype, torch.layout,
-                                       torch.memory_format)):
+        if x is None or isinstance(
+            x, (bool, int, float, complex, str, torch.dtype, torch.layout, torch.memory_format)
+        ):
             return x
         if isinstance(x, torch.device):
             return self.device  # the client's "npu" is whatever device this backend runs
@@ -207,8 +216,18 @@ _OutputMeta = tuple[torch.dtype, tuple[int, ...], int]
 _meta_cache: dict[tuple[Any, ...], tuple[_OutputMeta, ...] | Exception] = {}
 
 
-_SCALARS = (type(None), bool, int, float, complex, str, torch.dtype, torch.layout, torch.memory_format,
-            torch.device)
+_SCALARS = (
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    torch.dtype,
+    torch.layout,
+    torch.memory_format,
+    torch.device,
+)
 
 
 def _meta_key(x: Any, depth: int = 0) -> Any:
@@ -280,8 +299,9 @@ def _extent(t: torch.Tensor) -> int:
     return (last + 1) * t.dtype.itemsize
 
 
-def _expected_outputs(op: str, opov: Any, args: Sequence[Any], kwargs: dict[str, Any],
-                      key: tuple[Any, ...]) -> tuple[_OutputMeta, ...]:
+def _expected_outputs(
+    op: str, opov: Any, args: Sequence[Any], kwargs: dict[str, Any], key: tuple[Any, ...]
+) -> tuple[_OutputMeta, ...]:
     """(dtype, shape, bytes) of each tensor the op returns, from meta inference (cached)."""
     hit = _meta_cache.get(key)
     if hit is None:
@@ -289,14 +309,16 @@ def _expected_outputs(op: str, opov: Any, args: Sequence[Any], kwargs: dict[str,
             mkw = {k: _to_meta(v) for k, v in kwargs.items()}
             dpos = _device_arg(opov)
             if dpos is not None and dpos >= len(args) and "device" not in mkw:
-                mkw["device"] = torch.device("meta")   # a factory: infer it on meta, not in host RAM
+                mkw["device"] = torch.device("meta")  # a factory: infer it on meta, not in host RAM
             r = opov(*_to_meta(args), **mkw)
             flat: list[torch.Tensor] = []
             _flatten_tensors(r, flat)
             hit = tuple((t.dtype, tuple(t.shape), _extent(t)) for t in flat)
         except Exception as e:  # noqa: BLE001 - any failure means "cannot validate"
-            hit = LaunchError(f"{op}: cannot infer the outputs of this launch ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})")
+            hit = LaunchError(
+                f"{op}: cannot infer the outputs of this launch ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''})"
+            )
         if len(_meta_cache) >= _META_CACHE_MAX:
             _meta_cache.clear()
         _meta_cache[key] = hit
@@ -309,8 +331,9 @@ def _expected_outputs(op: str, opov: Any, args: Sequence[Any], kwargs: dict[str,
 _validated: set[tuple[Any, ...]] = set()
 
 
-def _validate_outputs(op: str, opov: Any, args: Sequence[Any], kwargs: dict[str, Any],
-                      outputs: Sequence[Any]) -> None:
+def _validate_outputs(
+    op: str, opov: Any, args: Sequence[Any], kwargs: dict[str, Any], outputs: Sequence[Any]
+) -> None:
     key = _launch_key(op, args, kwargs)
     try:
         sig = (key, tuple((nb, r.dtype, r.shape, r.stride, r.offset) for nb, r in outputs))
@@ -347,22 +370,33 @@ def _check_outputs(op: str, outputs: Sequence[Any], expected: tuple[_OutputMeta,
         if type(nbytes) is not int or nbytes < 0 or not isinstance(ref, TensorRef):
             raise LaunchError(f"{op}: output {i} must be (nbytes >= 0, TensorRef)")
         if ref.dtype != dtype or tuple(ref.shape) != shape:
-            raise LaunchError(f"{op}: output {i} declared {ref.dtype} {tuple(ref.shape)} but the op "
-                              f"returns {dtype} {shape}")
+            raise LaunchError(
+                f"{op}: output {i} declared {ref.dtype} {tuple(ref.shape)} but the op returns {dtype} {shape}"
+            )
         check_view_bounds(ref, nbytes)
         # The operator materialises its result at its own layout before it is bound: the client
         # pays for that, not for a declared layout that folds it into a few bytes (stride 0).
         if need > nbytes:
-            raise LaunchError(f"{op}: output {i} declared with {nbytes} bytes but the op's result "
-                              f"{dtype} {shape} takes {need} bytes")
+            raise LaunchError(
+                f"{op}: output {i} declared with {nbytes} bytes but the op's result "
+                f"{dtype} {shape} takes {need} bytes"
+            )
         if any(sz > 1 and st == 0 for sz, st in zip(ref.shape, ref.stride)):
-            raise LaunchError(f"{op}: output {i} declared with a zero stride {tuple(ref.stride)}: outputs "
-                              "must not overlap themselves")
+            raise LaunchError(
+                f"{op}: output {i} declared with a zero stride {tuple(ref.stride)}: outputs "
+                "must not overlap themselves"
+            )
 
 
-def execute_launch(device: torch.device, op: str, args: Sequence[Any], kwargs: dict[str, Any],
-                   outputs: Sequence[Any], resolve: Callable[[int], torch.Tensor],
-                   allocate: Callable[[int], torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+def execute_launch(
+    device: torch.device,
+    op: str,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    outputs: Sequence[Any],
+    resolve: Callable[[int], torch.Tensor],
+    allocate: Callable[[int], torch.Tensor],
+) -> list[tuple[int, torch.Tensor]]:
     """Run one launch; return ``[(handle, uint8_storage_tensor)]`` to bind, one per output.
 
     ``resolve(handle)`` gives the contiguous 1-D uint8 tensor of an allocation the client owns
@@ -402,13 +436,14 @@ def execute_launch(device: torch.device, op: str, args: Sequence[Any], kwargs: d
     bound: list[tuple[int, torch.Tensor]] = []
     for (nbytes, ref), r in zip(outputs, flat):
         buf = _bind(op, ctx, nbytes, ref, r, allocate)
-        ctx.in_ptrs.append((buf.data_ptr(), buf.data_ptr() + buf.numel()))   # outputs must not share
+        ctx.in_ptrs.append((buf.data_ptr(), buf.data_ptr() + buf.numel()))  # outputs must not share
         bound.append((ref.handle, buf))
     return bound
 
 
-def validate_indices(op: str, opov: Any, rule: ops.Rule, args: tuple[Any, ...],
-                     kwargs: dict[str, Any]) -> None:
+def validate_indices(
+    op: str, opov: Any, rule: ops.Rule, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
     """Refuse the launch unless every index tensor is in range (before anything runs)."""
     try:
         ops.check_indices(rule, opov, args, kwargs)
@@ -439,8 +474,9 @@ def _overlaps(ptr: int, end: int, ranges: list[tuple[int, int]]) -> bool:
     return any(ptr < hi and lo < end for lo, hi in ranges)
 
 
-def _bind(op: str, ctx: _Ctx, nbytes: int, ref: TensorRef, r: torch.Tensor,
-          allocate: Callable[[int], torch.Tensor]) -> torch.Tensor:
+def _bind(
+    op: str, ctx: _Ctx, nbytes: int, ref: TensorRef, r: torch.Tensor, allocate: Callable[[int], torch.Tensor]
+) -> torch.Tensor:
     if r.device != ctx.device:
         raise LaunchError(f"{op}: result on {r.device}, expected {ctx.device}")
     st = r.untyped_storage()
@@ -450,9 +486,15 @@ def _bind(op: str, ctx: _Ctx, nbytes: int, ref: TensorRef, r: torch.Tensor,
     # densely (no bytes the operator left unwritten). Anything else is copied into a fresh,
     # zeroed allocation.
     aliases = _overlaps(ptr, ptr + st.nbytes(), ctx.in_ptrs) if st.nbytes() else False
-    if (not aliases and st.nbytes() == nbytes and tuple(r.stride()) == tuple(ref.stride)
-            and r.storage_offset() == ref.offset and r.dtype == ref.dtype
-            and r.numel() * r.dtype.itemsize == nbytes and is_dense(r)):
+    if (
+        not aliases
+        and st.nbytes() == nbytes
+        and tuple(r.stride()) == tuple(ref.stride)
+        and r.storage_offset() == ref.offset
+        and r.dtype == ref.dtype
+        and r.numel() * r.dtype.itemsize == nbytes
+        and is_dense(r)
+    ):
         return torch.empty(0, dtype=torch.uint8, device=ctx.device).set_(st)
     buf = _fresh(op, nbytes, allocate)
     view = build_view(ref, buf)

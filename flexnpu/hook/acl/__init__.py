@@ -4,6 +4,7 @@ Under ``flexnpu run`` the bootstrap directory provides a top-level ``acl`` modul
 (flexnpu/hook/bootstrap/acl.py) that re-exports this package, so unmodified pyACL programs
 (``import acl; acl.rt.malloc(...)``) run against a FlexNPU daemon. See docs/acl.md.
 """
+
 from __future__ import annotations
 
 import sys

@@ -1,12 +1,14 @@
 """How pyACL calls fail: an ACL error code returned in the call's usual return shape, plus a
 message kept for acl.get_recent_err_msg() and logged (logger ``flexnpu.acl``) so a program that
 only prints the code still leaves a readable reason on stderr."""
+
 from __future__ import annotations
 
 import functools
 import logging
 import threading
-from typing import Any, Callable, Generic, ParamSpec, Protocol, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar
+from collections.abc import Callable
 
 from . import constants as C
 

@@ -3,6 +3,7 @@
 None of these touch the device; they only describe operands for acl.op.execute_v2, exactly as
 aclTensorDesc / aclDataBuffer / aclopAttr do in AscendCL.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ class TensorDesc:
     dims: list[int]
     fmt: int
     name: str = ""
-    const: bytes | None = None          # acl.set_tensor_const
+    const: bytes | None = None  # acl.set_tensor_const
     placement: int = C.ACL_MEMTYPE_DEVICE
 
     @property
@@ -47,7 +48,7 @@ class DataBuffer:
 
 @dataclass
 class OpAttr:
-    values: dict[str, tuple[str, Any]] = field(default_factory=dict)   # name -> (kind, value)
+    values: dict[str, tuple[str, Any]] = field(default_factory=dict)  # name -> (kind, value)
 
 
 DESCS: HandleTable[TensorDesc] = HandleTable("tensor desc", 0xD5, C.ACL_ERROR_INVALID_PARAM)
@@ -63,7 +64,8 @@ def validate_dims(dims: Any) -> list[int]:
         if not isinstance(d, int) or isinstance(d, bool):
             raise TypeError(f"dims must be ints, got {d!r}")
         if d < 0:
-            raise AclFail(C.ACL_ERROR_INVALID_PARAM,
-                          f"dims {dims}: dynamic (negative) dimensions are not supported")
+            raise AclFail(
+                C.ACL_ERROR_INVALID_PARAM, f"dims {dims}: dynamic (negative) dimensions are not supported"
+            )
         out.append(d)
     return out

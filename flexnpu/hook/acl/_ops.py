@@ -9,13 +9,15 @@ Before anything is sent, every call is dry-run on torch's meta device (cached pe
 shape, dtype and attribute mistakes come back synchronously as ACL_ERROR_OP_* codes, exactly
 where a program checks them, instead of as an asynchronous device failure.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -25,11 +27,21 @@ from ._errors import AclFail
 from ._objects import TensorDesc
 
 ACL_TO_TORCH: dict[int, torch.dtype] = {
-    C.ACL_FLOAT: torch.float32, C.ACL_FLOAT16: torch.float16, C.ACL_INT8: torch.int8,
-    C.ACL_INT32: torch.int32, C.ACL_UINT8: torch.uint8, C.ACL_INT16: torch.int16,
-    C.ACL_UINT16: torch.uint16, C.ACL_UINT32: torch.uint32, C.ACL_INT64: torch.int64,
-    C.ACL_UINT64: torch.uint64, C.ACL_DOUBLE: torch.float64, C.ACL_BOOL: torch.bool,
-    C.ACL_COMPLEX64: torch.complex64, C.ACL_COMPLEX128: torch.complex128, C.ACL_BF16: torch.bfloat16,
+    C.ACL_FLOAT: torch.float32,
+    C.ACL_FLOAT16: torch.float16,
+    C.ACL_INT8: torch.int8,
+    C.ACL_INT32: torch.int32,
+    C.ACL_UINT8: torch.uint8,
+    C.ACL_INT16: torch.int16,
+    C.ACL_UINT16: torch.uint16,
+    C.ACL_UINT32: torch.uint32,
+    C.ACL_INT64: torch.int64,
+    C.ACL_UINT64: torch.uint64,
+    C.ACL_DOUBLE: torch.float64,
+    C.ACL_BOOL: torch.bool,
+    C.ACL_COMPLEX64: torch.complex64,
+    C.ACL_COMPLEX128: torch.complex128,
+    C.ACL_BF16: torch.bfloat16,
 }
 
 
@@ -46,25 +58,26 @@ class Operand:
     """One tensor operand: where it lives (handle/offset on a device, or host bytes) and the
     view (shape/stride in elements) the lowering wants of it."""
 
-    role: str                   # "input 0", "output 1": for messages
+    role: str  # "input 0", "output 1": for messages
     desc: TensorDesc
     dtype: torch.dtype
     shape: tuple[int, ...]
     stride: tuple[int, ...]
-    offset: int                 # in elements
-    handle: int | None = None   # client handle when on the device
-    host: bytes | None = None   # bytes when host-resident (const / host placement)
+    offset: int  # in elements
+    handle: int | None = None  # client handle when on the device
+    host: bytes | None = None  # bytes when host-resident (const / host placement)
     reader: Callable[[], bytes] | None = None  # reads device bytes (for axes-like operands)
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
 
-    def view(self, shape: tuple[int, ...], stride: tuple[int, ...], offset: int | None = None) -> "Operand":
-        return dataclasses.replace(self, shape=tuple(shape), stride=tuple(stride),
-                                   offset=self.offset if offset is None else offset)
+    def view(self, shape: tuple[int, ...], stride: tuple[int, ...], offset: int | None = None) -> Operand:
+        return dataclasses.replace(
+            self, shape=tuple(shape), stride=tuple(stride), offset=self.offset if offset is None else offset
+        )
 
-    def t(self) -> "Operand":
+    def t(self) -> Operand:
         """Swap the last two dimensions (a transposed view, no data movement)."""
         if self.ndim < 2:
             raise AclFail(C.ACL_ERROR_OP_INPUT_NOT_MATCH, f"{self.role} needs >= 2 dims to transpose")
@@ -72,20 +85,22 @@ class Operand:
         s[-1], s[-2], st[-1], st[-2] = s[-2], s[-1], st[-2], st[-1]
         return self.view(tuple(s), tuple(st))
 
-    def permute(self, perm: list[int]) -> "Operand":
+    def permute(self, perm: list[int]) -> Operand:
         n = self.ndim
         perm = [p + n if p < 0 else p for p in perm]
         if sorted(perm) != list(range(n)):
             raise AclFail(C.ACL_ERROR_OP_INPUT_NOT_MATCH, f"perm {perm} is not a permutation of {n} dims")
         return self.view(tuple(self.shape[p] for p in perm), tuple(self.stride[p] for p in perm))
 
-    def reshaped(self, shape: tuple[int, ...]) -> "Operand":
+    def reshaped(self, shape: tuple[int, ...]) -> Operand:
         if math.prod(shape) != math.prod(self.shape):
-            raise AclFail(C.ACL_ERROR_OP_OUTPUT_NOT_MATCH,
-                          f"cannot view {self.role} of shape {list(self.shape)} as {list(shape)}")
+            raise AclFail(
+                C.ACL_ERROR_OP_OUTPUT_NOT_MATCH,
+                f"cannot view {self.role} of shape {list(self.shape)} as {list(shape)}",
+            )
         return self.view(shape, contiguous_strides(shape))
 
-    def narrow(self, dim: int, start: int, length: int) -> "Operand":
+    def narrow(self, dim: int, start: int, length: int) -> Operand:
         s = list(self.shape)
         s[dim] = length
         return self.view(tuple(s), self.stride, self.offset + start * self.stride[dim])
@@ -113,15 +128,17 @@ class Attrs:
         k, v = self.values[name]
         ok = k == kind or (kind == "float" and k == "int") or (kind == "int" and k == "bool")
         if not ok:
-            raise AclFail(C.ACL_ERROR_OP_ATTR_NOT_MATCH,
-                          f"{self.op_type}: attribute {name!r} must be set with acl.op.set_attr_{kind}, "
-                          f"not set_attr_{k}")
+            raise AclFail(
+                C.ACL_ERROR_OP_ATTR_NOT_MATCH,
+                f"{self.op_type}: attribute {name!r} must be set with acl.op.set_attr_{kind}, "
+                f"not set_attr_{k}",
+            )
         return v
 
 
 @dataclass(frozen=True)
 class OpSpec:
-    n_in: tuple[int, int]       # min, max inputs (max -1: unbounded)
+    n_in: tuple[int, int]  # min, max inputs (max -1: unbounded)
     n_out: tuple[int, int]
     lower: Callable[[list[Operand], list[Operand], Attrs], list[Call]]
 
@@ -131,11 +148,15 @@ OPS: dict[str, OpSpec] = {}
 
 def op(*names: str, n_in: int | tuple[int, int] = 1, n_out: int | tuple[int, int] = 1):
     def reg(fn: Callable) -> Callable:
-        spec = OpSpec(n_in if isinstance(n_in, tuple) else (n_in, n_in),
-                      n_out if isinstance(n_out, tuple) else (n_out, n_out), fn)
+        spec = OpSpec(
+            n_in if isinstance(n_in, tuple) else (n_in, n_in),
+            n_out if isinstance(n_out, tuple) else (n_out, n_out),
+            fn,
+        )
         for n in names:
             OPS[n] = spec
         return fn
+
     return reg
 
 
@@ -147,6 +168,7 @@ def _axis(a: int, ndim: int, role: str = "axis") -> int:
 
 # ---- elementwise ---------------------------------------------------------------------------
 
+
 def _binary(aten: str, **kw: Any) -> Callable:
     return lambda i, o, a: [(aten, (i[0], i[1]), {**kw, "out": o[0]})]
 
@@ -155,14 +177,24 @@ def _unary(aten: str, *extra: Any, **kw: Any) -> Callable:
     return lambda i, o, a: [(aten, (i[0], *extra), {**kw, "out": o[0]})]
 
 
-for _names, _aten in [(("Add", "AddV2"), "aten::add.out"), (("Sub",), "aten::sub.out"),
-                      (("Mul",), "aten::mul.out"), (("RealDiv",), "aten::div.out"),
-                      (("Maximum",), "aten::maximum.out"), (("Minimum",), "aten::minimum.out"),
-                      (("Pow",), "aten::pow.Tensor_Tensor_out"), (("FloorMod",), "aten::remainder.Tensor_out"),
-                      (("Equal",), "aten::eq.Tensor_out"), (("NotEqual",), "aten::ne.Tensor_out"),
-                      (("Less",), "aten::lt.Tensor_out"), (("LessEqual",), "aten::le.Tensor_out"),
-                      (("Greater",), "aten::gt.Tensor_out"), (("GreaterEqual",), "aten::ge.Tensor_out"),
-                      (("LogicalAnd",), "aten::logical_and.out"), (("LogicalOr",), "aten::logical_or.out")]:
+for _names, _aten in [
+    (("Add", "AddV2"), "aten::add.out"),
+    (("Sub",), "aten::sub.out"),
+    (("Mul",), "aten::mul.out"),
+    (("RealDiv",), "aten::div.out"),
+    (("Maximum",), "aten::maximum.out"),
+    (("Minimum",), "aten::minimum.out"),
+    (("Pow",), "aten::pow.Tensor_Tensor_out"),
+    (("FloorMod",), "aten::remainder.Tensor_out"),
+    (("Equal",), "aten::eq.Tensor_out"),
+    (("NotEqual",), "aten::ne.Tensor_out"),
+    (("Less",), "aten::lt.Tensor_out"),
+    (("LessEqual",), "aten::le.Tensor_out"),
+    (("Greater",), "aten::gt.Tensor_out"),
+    (("GreaterEqual",), "aten::ge.Tensor_out"),
+    (("LogicalAnd",), "aten::logical_and.out"),
+    (("LogicalOr",), "aten::logical_or.out"),
+]:
     op(*_names, n_in=2)(_binary(_aten))
 
 op("FloorDiv", n_in=2)(_binary("aten::div.out_mode", rounding_mode="floor"))
@@ -181,11 +213,26 @@ def _sqdiff(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
     return [("aten::sub.out", (i[0], i[1]), {"out": o[0]}), ("aten::mul.out", (o[0], o[0]), {"out": o[0]})]
 
 
-for _name, _aten in [("Exp", "exp"), ("Log", "log"), ("Sqrt", "sqrt"), ("Rsqrt", "rsqrt"),
-                     ("Abs", "abs"), ("Neg", "neg"), ("Reciprocal", "reciprocal"), ("Square", "square"),
-                     ("Sin", "sin"), ("Cos", "cos"), ("Tanh", "tanh"), ("Sigmoid", "sigmoid"),
-                     ("Floor", "floor"), ("Ceil", "ceil"), ("Round", "round"), ("Sign", "sign"),
-                     ("Erf", "erf"), ("LogicalNot", "logical_not")]:
+for _name, _aten in [
+    ("Exp", "exp"),
+    ("Log", "log"),
+    ("Sqrt", "sqrt"),
+    ("Rsqrt", "rsqrt"),
+    ("Abs", "abs"),
+    ("Neg", "neg"),
+    ("Reciprocal", "reciprocal"),
+    ("Square", "square"),
+    ("Sin", "sin"),
+    ("Cos", "cos"),
+    ("Tanh", "tanh"),
+    ("Sigmoid", "sigmoid"),
+    ("Floor", "floor"),
+    ("Ceil", "ceil"),
+    ("Round", "round"),
+    ("Sign", "sign"),
+    ("Erf", "erf"),
+    ("LogicalNot", "logical_not"),
+]:
     op(_name)(_unary(f"aten::{_aten}.out"))
 
 op("Relu")(_unary("aten::clamp_min.out", 0))
@@ -203,9 +250,11 @@ def _swish(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
     scale = a.get("scale", "float", 1.0)
     if scale == 1.0:
         return [("aten::silu.out", (i[0],), {"out": o[0]})]
-    return [("aten::mul.Scalar_out", (i[0], scale), {"out": o[0]}),
-            ("aten::sigmoid.out", (o[0],), {"out": o[0]}),
-            ("aten::mul.out", (i[0], o[0]), {"out": o[0]})]
+    return [
+        ("aten::mul.Scalar_out", (i[0], scale), {"out": o[0]}),
+        ("aten::sigmoid.out", (o[0],), {"out": o[0]}),
+        ("aten::mul.out", (i[0], o[0]), {"out": o[0]}),
+    ]
 
 
 @op("Muls")
@@ -225,8 +274,10 @@ def _axpy(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
 
 def _same_shape(x: Operand, y: Operand) -> None:
     if x.shape != y.shape:
-        raise AclFail(C.ACL_ERROR_OP_OUTPUT_NOT_MATCH,
-                      f"{y.role} has shape {list(y.shape)} but {x.role} has {list(x.shape)}")
+        raise AclFail(
+            C.ACL_ERROR_OP_OUTPUT_NOT_MATCH,
+            f"{y.role} has shape {list(y.shape)} but {x.role} has {list(x.shape)}",
+        )
 
 
 @op("Identity")
@@ -239,8 +290,10 @@ def _identity(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
 def _cast(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
     dst = a.get("dst_type", "int", o[0].desc.dtype)
     if dst != o[0].desc.dtype:
-        raise AclFail(C.ACL_ERROR_OP_ATTR_NOT_MATCH,
-                      f"Cast: dst_type {dst} differs from the output descriptor's type {o[0].desc.dtype}")
+        raise AclFail(
+            C.ACL_ERROR_OP_ATTR_NOT_MATCH,
+            f"Cast: dst_type {dst} differs from the output descriptor's type {o[0].desc.dtype}",
+        )
     _same_shape(i[0], o[0])
     return [("aten::copy_", (o[0], i[0]), {})]
 
@@ -264,7 +317,9 @@ def _ones(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
 def _fill(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
     dims = [int(d) for d in i[0].values()]
     if tuple(dims) != o[0].shape:
-        raise AclFail(C.ACL_ERROR_OP_OUTPUT_NOT_MATCH, f"Fill: dims {dims} != output shape {list(o[0].shape)}")
+        raise AclFail(
+            C.ACL_ERROR_OP_OUTPUT_NOT_MATCH, f"Fill: dims {dims} != output shape {list(o[0].shape)}"
+        )
     value = i[1]
     if value.desc.numel != 1:
         raise AclFail(C.ACL_ERROR_OP_INPUT_NOT_MATCH, "Fill: value must hold exactly one element")
@@ -275,12 +330,15 @@ def _fill(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
 
 # ---- matrix products -----------------------------------------------------------------------
 
+
 @op("MatMul", "MatMulV2", n_in=(2, 3))
 def _matmul(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
     x1, x2 = i[0], i[1]
     if x1.ndim != 2 or x2.ndim != 2:
-        raise AclFail(C.ACL_ERROR_OP_INPUT_NOT_MATCH,
-                      f"MatMul takes 2-D inputs, got {list(x1.shape)} and {list(x2.shape)} (use BatchMatMul)")
+        raise AclFail(
+            C.ACL_ERROR_OP_INPUT_NOT_MATCH,
+            f"MatMul takes 2-D inputs, got {list(x1.shape)} and {list(x2.shape)} (use BatchMatMul)",
+        )
     if a.get("transpose_x1", "bool", False):
         x1 = x1.t()
     if a.get("transpose_x2", "bool", False):
@@ -305,12 +363,14 @@ def _bmm(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
 
 # ---- softmax and reductions ----------------------------------------------------------------
 
+
 def _softmax_like(aten: str) -> Callable:
     def lower(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
         axes = a.get("axes", "list_int", [-1])
         if len(axes) != 1:
             raise AclFail(C.ACL_ERROR_OP_ATTR_NOT_MATCH, f"softmax over {len(axes)} axes is not supported")
         return [(aten, (i[0], _axis(axes[0], i[0].ndim), False), {"out": o[0]})]
+
     return lower
 
 
@@ -334,6 +394,7 @@ def _reduce(aten: str, with_dtype: bool, axes_from_attr: bool) -> Callable:
         if with_dtype:
             kwargs["dtype"] = None
         return [(aten, args, kwargs)]
+
     return lower
 
 
@@ -348,6 +409,7 @@ op("ReduceMinD")(_reduce("aten::amin.out", False, True))
 
 
 # ---- data movement -------------------------------------------------------------------------
+
 
 @op("Transpose", n_in=2)
 def _transpose(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
@@ -393,22 +455,28 @@ def _split_d(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
     dim = _axis(a.get("split_dim", "int", 0), x.ndim, "split_dim")
     n = a.get("num_split", "int", len(o))
     if n != len(o) or x.shape[dim] % n:
-        raise AclFail(C.ACL_ERROR_OP_OUTPUT_NOT_MATCH,
-                      f"SplitD: {len(o)} outputs cannot split dim {dim} of size {x.shape[dim]} into {n}")
+        raise AclFail(
+            C.ACL_ERROR_OP_OUTPUT_NOT_MATCH,
+            f"SplitD: {len(o)} outputs cannot split dim {dim} of size {x.shape[dim]} into {n}",
+        )
     step = x.shape[dim] // n
     return [("aten::copy_", (o[k], x.narrow(dim, k * step, step)), {}) for k in range(n)]
 
 
 def _slice(x: Operand, o: Operand, offsets: list[int], size: list[int], op_type: str) -> list[Call]:
     if len(offsets) != x.ndim or len(size) != x.ndim:
-        raise AclFail(C.ACL_ERROR_OP_INPUT_NOT_MATCH,
-                      f"{op_type}: offsets {offsets} and size {size} need one entry per dim of {list(x.shape)}")
+        raise AclFail(
+            C.ACL_ERROR_OP_INPUT_NOT_MATCH,
+            f"{op_type}: offsets {offsets} and size {size} need one entry per dim of {list(x.shape)}",
+        )
     v = x
     for d, (off, n) in enumerate(zip(offsets, size)):
         n = x.shape[d] - off if n == -1 else n
         if off < 0 or n < 0 or off + n > x.shape[d]:
-            raise AclFail(C.ACL_ERROR_OP_INPUT_NOT_MATCH,
-                          f"{op_type}: [{off}, {off + n}) is outside dim {d} of size {x.shape[d]}")
+            raise AclFail(
+                C.ACL_ERROR_OP_INPUT_NOT_MATCH,
+                f"{op_type}: [{off}, {off + n}) is outside dim {d} of size {x.shape[d]}",
+            )
         v = v.narrow(d, off, n)
     return [("aten::copy_", (o, v), {})]
 
@@ -435,6 +503,7 @@ def _gather(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
 
 
 # ---- meta validation -----------------------------------------------------------------------
+
 
 def resolve_aten(name: str) -> Any:
     ns, _, rest = name.partition("::")
@@ -490,9 +559,11 @@ def meta_check(op_type: str, calls: list[Call]) -> None:
             err = AclFail(C.ACL_ERROR_OP_INPUT_NOT_MATCH, f"{op_type} ({name}): {e}")
             break
         if expect is not None and tuple(made[id(out)].shape) != expect:
-            err = AclFail(C.ACL_ERROR_OP_OUTPUT_NOT_MATCH,
-                          f"{op_type}: output descriptor has shape {list(expect)} but the result has "
-                          f"shape {list(made[id(out)].shape)}")
+            err = AclFail(
+                C.ACL_ERROR_OP_OUTPUT_NOT_MATCH,
+                f"{op_type}: output descriptor has shape {list(expect)} but the result has "
+                f"shape {list(made[id(out)].shape)}",
+            )
             break
     if len(_checked) > 4096:
         _checked.clear()

@@ -11,12 +11,14 @@ instead of silently aliasing a newer allocation.
 Contexts, streams, events, tensor descriptors, data buffers and op attributes are opaque ints
 with a per-kind tag in bits 48..55, so passing one kind where another is expected is caught.
 """
+
 from __future__ import annotations
 
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
+from collections.abc import Callable
 
 from . import constants as C
 from ._errors import AclFail
@@ -51,13 +53,18 @@ class HandleTable(Generic[T]):
     def get(self, h: Any) -> T:
         obj = self._objs.get(h) if isinstance(h, int) else None
         if obj is None:
-            raise AclFail(self._missing_code, f"{h!r} is not a live {self.kind}"
-                          + (" (it was destroyed)" if self.was_issued(h) else ""))
+            raise AclFail(
+                self._missing_code,
+                f"{h!r} is not a live {self.kind}" + (" (it was destroyed)" if self.was_issued(h) else ""),
+            )
         return obj
 
     def was_issued(self, h: Any) -> bool:
-        return isinstance(h, int) and (h >> _TAG_SHIFT) == (self._base >> _TAG_SHIFT) \
+        return (
+            isinstance(h, int)
+            and (h >> _TAG_SHIFT) == (self._base >> _TAG_SHIFT)
             and 0 < (h & ((1 << _TAG_SHIFT) - 1)) < self._next
+        )
 
     def alive(self, h: Any) -> bool:
         return h in self._objs
@@ -77,7 +84,7 @@ class HandleTable(Generic[T]):
 class DevAlloc:
     slot: int
     device: int
-    handle: int       # FlexNPU client handle
+    handle: int  # FlexNPU client handle
     size: int
 
     @property
@@ -93,13 +100,13 @@ class Context:
 @dataclass
 class Stream:
     device: int
-    sid: int          # client stream id (0 = the device's default stream)
+    sid: int  # client stream id (0 = the device's default stream)
 
 
 @dataclass
 class Event:
     device: int
-    eid: int          # client event id
+    eid: int  # client event id
     recorded: bool = False
 
 
@@ -148,8 +155,10 @@ class Runtime:
         try:
             client = self.client_factory(device)
         except Exception as e:  # noqa: BLE001 - any attach failure means "no such device"
-            raise AclFail(C.ACL_ERROR_RT_INVALID_DEVICEID,
-                          f"cannot attach to the FlexNPU daemon of device {device}: {e}") from e
+            raise AclFail(
+                C.ACL_ERROR_RT_INVALID_DEVICEID,
+                f"cannot attach to the FlexNPU daemon of device {device}: {e}",
+            ) from e
         st = DeviceState(device, client)
         self.devices[device] = st
         return st
@@ -157,8 +166,10 @@ class Runtime:
     def current_context(self) -> int:
         ctx = getattr(self._tls, "ctx", 0) or self._last_ctx
         if not ctx or not self.contexts.alive(ctx):
-            raise AclFail(C.ACL_ERROR_RT_CONTEXT_NULL,
-                          "no current context: call acl.rt.set_device or acl.rt.set_context first")
+            raise AclFail(
+                C.ACL_ERROR_RT_CONTEXT_NULL,
+                "no current context: call acl.rt.set_device or acl.rt.set_context first",
+            )
         return ctx
 
     def set_current_context(self, ctx: int) -> None:
@@ -171,8 +182,10 @@ class Runtime:
     def device_state(self, device: int) -> DeviceState:
         st = self.devices.get(device)
         if st is None or st.refcount <= 0:
-            raise AclFail(C.ACL_ERROR_RT_INVALID_DEVICEID,
-                          f"device {device} is not open: call acl.rt.set_device({device}) first")
+            raise AclFail(
+                C.ACL_ERROR_RT_INVALID_DEVICEID,
+                f"device {device} is not open: call acl.rt.set_device({device}) first",
+            )
         return st
 
     def client(self, device: int | None = None) -> Any:
@@ -200,20 +213,24 @@ class Runtime:
         if not isinstance(ptr, int) or isinstance(ptr, bool):
             raise AclFail(C.ACL_ERROR_INVALID_PARAM, f"{what} must be an int, got {type(ptr).__name__}")
         if not is_device_ptr(ptr):
-            raise AclFail(C.ACL_ERROR_INVALID_PARAM,
-                          f"{what} {ptr:#x} is not device memory from acl.rt.malloc")
+            raise AclFail(
+                C.ACL_ERROR_INVALID_PARAM, f"{what} {ptr:#x} is not device memory from acl.rt.malloc"
+            )
         slot = (ptr - DEV_TAG) >> SLOT_SHIFT
         off = ptr & OFFSET_MASK
         alloc = self.allocs.get(slot)
         if alloc is None:
             freed = 0 < slot < MAX_SLOT
-            raise AclFail(C.ACL_ERROR_RT_PARAM_INVALID,
-                          f"{what} {ptr:#x} does not point into live device memory"
-                          + (" (it was freed with acl.rt.free, or never allocated)" if freed else ""))
+            raise AclFail(
+                C.ACL_ERROR_RT_PARAM_INVALID,
+                f"{what} {ptr:#x} does not point into live device memory"
+                + (" (it was freed with acl.rt.free, or never allocated)" if freed else ""),
+            )
         if nbytes < 0 or off + nbytes > alloc.size:
-            raise AclFail(C.ACL_ERROR_RT_PARAM_INVALID,
-                          f"{what} {ptr:#x}: bytes [{off}, {off + nbytes}) exceed its allocation of "
-                          f"{alloc.size} bytes")
+            raise AclFail(
+                C.ACL_ERROR_RT_PARAM_INVALID,
+                f"{what} {ptr:#x}: bytes [{off}, {off + nbytes}) exceed its allocation of {alloc.size} bytes",
+            )
         return alloc, off
 
     def reset(self) -> None:

@@ -1,4 +1,5 @@
 """Top-level ``acl.*`` functions: init/finalize, tensor descriptors, data buffers, misc."""
+
 from __future__ import annotations
 
 import ctypes
@@ -68,6 +69,7 @@ def float_to_float16(value: float) -> int:
 
 # --- data buffers ------------------------------------------------------------------------------
 
+
 def create_data_buffer(data: int, size: int) -> int:
     if not isinstance(data, int) or not isinstance(size, int) or size < 0 or data < 0:
         raise TypeError("acl.create_data_buffer args parse failed: (data: int, size: int)")
@@ -102,6 +104,7 @@ def update_data_buffer(data_buffer: int, data: int, size: int) -> int:
 
 
 # --- tensor descriptors --------------------------------------------------------------------------
+
 
 def create_tensor_desc(data_type: int, dims: list, format: int) -> int:  # noqa: A002 - pyACL's name
     if not isinstance(data_type, int) or not isinstance(format, int):
@@ -206,5 +209,6 @@ def set_tensor_place_ment(desc: int, mem_type: int) -> int:
 
 
 def __getattr__(name: str) -> Any:
-    raise AttributeError(f"acl.{name} is not implemented by FlexNPU's pyACL layer "
-                         "(see docs/acl.md for the supported API)")
+    raise AttributeError(
+        f"acl.{name} is not implemented by FlexNPU's pyACL layer (see docs/acl.md for the supported API)"
+    )

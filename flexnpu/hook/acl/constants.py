@@ -5,6 +5,7 @@ error_codes/rt_error_codes.h in the CANN runtime repository); docs/acl.md cites 
 pyACL itself exports no constants: programs define their own (e.g. a sample's
 ``constant.py``), so these live here for FlexNPU's code, tests and examples.
 """
+
 from __future__ import annotations
 
 # --- aclError (acl_base_rt.h) -------------------------------------------------------------
@@ -76,11 +77,21 @@ ACL_BF16 = 27
 
 # aclDataType -> (numpy dtype name, bytes per element). bf16 has no numpy type: None.
 DTYPE_INFO: dict[int, tuple[str | None, int]] = {
-    ACL_FLOAT: ("float32", 4), ACL_FLOAT16: ("float16", 2), ACL_INT8: ("int8", 1),
-    ACL_INT32: ("int32", 4), ACL_UINT8: ("uint8", 1), ACL_INT16: ("int16", 2),
-    ACL_UINT16: ("uint16", 2), ACL_UINT32: ("uint32", 4), ACL_INT64: ("int64", 8),
-    ACL_UINT64: ("uint64", 8), ACL_DOUBLE: ("float64", 8), ACL_BOOL: ("bool", 1),
-    ACL_COMPLEX64: ("complex64", 8), ACL_COMPLEX128: ("complex128", 16), ACL_BF16: (None, 2),
+    ACL_FLOAT: ("float32", 4),
+    ACL_FLOAT16: ("float16", 2),
+    ACL_INT8: ("int8", 1),
+    ACL_INT32: ("int32", 4),
+    ACL_UINT8: ("uint8", 1),
+    ACL_INT16: ("int16", 2),
+    ACL_UINT16: ("uint16", 2),
+    ACL_UINT32: ("uint32", 4),
+    ACL_INT64: ("int64", 8),
+    ACL_UINT64: ("uint64", 8),
+    ACL_DOUBLE: ("float64", 8),
+    ACL_BOOL: ("bool", 1),
+    ACL_COMPLEX64: ("complex64", 8),
+    ACL_COMPLEX128: ("complex128", 16),
+    ACL_BF16: (None, 2),
 }
 
 # --- aclFormat -----------------------------------------------------------------------------
@@ -97,9 +108,19 @@ ACL_FORMAT_NCDHW = 30
 ACL_FORMAT_NC = 35
 ACL_FORMAT_NCL = 47
 # Layouts that are plain row-major arrays; fractal/5-D packed layouts are not supported.
-PLAIN_FORMATS = frozenset({ACL_FORMAT_UNDEFINED, ACL_FORMAT_NCHW, ACL_FORMAT_NHWC, ACL_FORMAT_ND,
-                           ACL_FORMAT_HWCN, ACL_FORMAT_NDHWC, ACL_FORMAT_NCDHW, ACL_FORMAT_NC,
-                           ACL_FORMAT_NCL})
+PLAIN_FORMATS = frozenset(
+    {
+        ACL_FORMAT_UNDEFINED,
+        ACL_FORMAT_NCHW,
+        ACL_FORMAT_NHWC,
+        ACL_FORMAT_ND,
+        ACL_FORMAT_HWCN,
+        ACL_FORMAT_NDHWC,
+        ACL_FORMAT_NCDHW,
+        ACL_FORMAT_NC,
+        ACL_FORMAT_NCL,
+    }
+)
 
 # --- aclMemType (tensor placement) ---------------------------------------------------------
 ACL_MEMTYPE_DEVICE = 0
@@ -126,14 +147,19 @@ ACL_MEM_TYPE_LOW_BAND_WIDTH = 0x0100
 ACL_MEM_TYPE_HIGH_BAND_WIDTH = 0x1000
 ACL_MEM_ACCESS_USER_SPACE_READONLY = 0x100000
 _POLICY_BASE = 0xFF
-_POLICY_FLAGS = ACL_MEM_TYPE_LOW_BAND_WIDTH | ACL_MEM_TYPE_HIGH_BAND_WIDTH | ACL_MEM_ACCESS_USER_SPACE_READONLY
+_POLICY_FLAGS = (
+    ACL_MEM_TYPE_LOW_BAND_WIDTH | ACL_MEM_TYPE_HIGH_BAND_WIDTH | ACL_MEM_ACCESS_USER_SPACE_READONLY
+)
 
 
 def valid_malloc_policy(policy: int) -> bool:
     """Placement policies only steer page size / HBM vs DDR on real hardware; any documented
     combination is accepted (the daemon's backend chooses placement), garbage is not."""
-    return policy >= 0 and (policy & _POLICY_BASE) <= ACL_MEM_MALLOC_HUGE1G_ONLY_P2P \
+    return (
+        policy >= 0
+        and (policy & _POLICY_BASE) <= ACL_MEM_MALLOC_HUGE1G_ONLY_P2P
         and (policy & ~(_POLICY_BASE | _POLICY_FLAGS)) == 0
+    )
 
 
 # --- aclrtMemAttr (get_mem_info) -----------------------------------------------------------
@@ -153,7 +179,7 @@ ACL_DEVICE = 0
 ACL_HOST = 1
 
 # --- event / stream status -----------------------------------------------------------------
-ACL_EVENT_STATUS_COMPLETE = 0          # acl.rt.query_event (deprecated API)
+ACL_EVENT_STATUS_COMPLETE = 0  # acl.rt.query_event (deprecated API)
 ACL_EVENT_STATUS_NOT_READY = 1
 ACL_EVENT_RECORDED_STATUS_NOT_READY = 0  # acl.rt.query_event_status
 ACL_EVENT_RECORDED_STATUS_COMPLETE = 1

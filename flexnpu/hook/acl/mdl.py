@@ -5,6 +5,7 @@ FlexNPU backends execute aten operators through the daemon; none of them can run
 saying so (a missing file still reports ACL_ERROR_INVALID_FILE first, as AscendCL does).
 Programs can use acl.op.execute_v2 or the torch ``npu`` device instead.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,10 @@ from typing import Any
 from . import constants as C
 from ._errors import AclFail, acl_api
 
-_WHY = ("FlexNPU cannot execute offline .om models: its daemon backends run aten operators "
-        "(use acl.op.execute_v2, or the torch 'npu' device, instead)")
+_WHY = (
+    "FlexNPU cannot execute offline .om models: its daemon backends run aten operators "
+    "(use acl.op.execute_v2, or the torch 'npu' device, instead)"
+)
 
 
 def _unsupported(what: str) -> AclFail:
@@ -35,8 +38,9 @@ def load_from_file(model_path: str) -> tuple[int, int]:
 
 
 @acl_api("acl.mdl.load_from_file_with_mem", fail=(0,))
-def load_from_file_with_mem(model_path: str, work_ptr: int, work_size: int,
-                            weight_ptr: int, weight_size: int) -> tuple[int, int]:
+def load_from_file_with_mem(
+    model_path: str, work_ptr: int, work_size: int, weight_ptr: int, weight_size: int
+) -> tuple[int, int]:
     _check_file(model_path)
     raise _unsupported(f"loading {model_path!r}")
 
@@ -47,8 +51,9 @@ def load_from_mem(model: int, model_size: int) -> tuple[int, int]:
 
 
 @acl_api("acl.mdl.load_from_mem_with_mem", fail=(0,))
-def load_from_mem_with_mem(model: int, model_size: int, work_ptr: int, work_size: int,
-                           weight_ptr: int, weight_size: int) -> tuple[int, int]:
+def load_from_mem_with_mem(
+    model: int, model_size: int, work_ptr: int, work_size: int, weight_ptr: int, weight_size: int
+) -> tuple[int, int]:
     raise _unsupported("loading a model from memory")
 
 

@@ -3,6 +3,7 @@
 the DVPP calls themselves). Image/video processing calls (vpc, jpegd, venc, ...) are not provided
 and say so by name.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,7 +17,7 @@ _DVPP: set[int] = set()
 
 @acl_api("acl.media.dvpp_malloc", fail=(0,))
 def dvpp_malloc(size: int) -> tuple[int, int]:
-    ptr, _ = rt.malloc.__wrapped__(size, C.ACL_MEM_MALLOC_HUGE_FIRST)   # raises AclFail with the code
+    ptr, _ = rt.malloc.__wrapped__(size, C.ACL_MEM_MALLOC_HUGE_FIRST)  # raises AclFail with the code
     _DVPP.add(ptr)
     return ptr, C.ACL_SUCCESS
 
@@ -24,13 +25,17 @@ def dvpp_malloc(size: int) -> tuple[int, int]:
 @acl_api("acl.media.dvpp_free")
 def dvpp_free(dev_ptr: int) -> int:
     if not isinstance(dev_ptr, int) or dev_ptr not in _DVPP:
-        raise AclFail(C.ACL_ERROR_INVALID_PARAM,
-                      f"{dev_ptr!r} is not memory from acl.media.dvpp_malloc (or was already freed)")
+        raise AclFail(
+            C.ACL_ERROR_INVALID_PARAM,
+            f"{dev_ptr!r} is not memory from acl.media.dvpp_malloc (or was already freed)",
+        )
     _DVPP.discard(dev_ptr)
     return rt.free.__wrapped__(dev_ptr)
 
 
 def __getattr__(name: str) -> Any:
-    raise AttributeError(f"acl.media.{name} is not implemented by FlexNPU's pyACL layer: FlexNPU has no "
-                         "DVPP media engine (image/video processing); acl.media.dvpp_malloc/dvpp_free "
-                         "give plain device memory (see docs/acl.md)")
+    raise AttributeError(
+        f"acl.media.{name} is not implemented by FlexNPU's pyACL layer: FlexNPU has no "
+        "DVPP media engine (image/video processing); acl.media.dvpp_malloc/dvpp_free "
+        "give plain device memory (see docs/acl.md)"
+    )

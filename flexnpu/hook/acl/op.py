@@ -2,6 +2,7 @@
 
 Operator types are lowered to aten calls in ``_ops``; see docs/acl.md for the supported list.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -41,20 +42,31 @@ def _as_list(values: Any, conv: type) -> list:
     return [conv(v) for v in values]
 
 
-set_attr_bool = acl_api("acl.op.set_attr_bool")(lambda attr, name, value: _set(attr, name, "bool", bool(value)))
+set_attr_bool = acl_api("acl.op.set_attr_bool")(
+    lambda attr, name, value: _set(attr, name, "bool", bool(value))
+)
 set_attr_int = acl_api("acl.op.set_attr_int")(lambda attr, name, value: _set(attr, name, "int", int(value)))
-set_attr_float = acl_api("acl.op.set_attr_float")(lambda attr, name, value: _set(attr, name, "float", float(value)))
-set_attr_string = acl_api("acl.op.set_attr_string")(lambda attr, name, value: _set(attr, name, "string", str(value)))
+set_attr_float = acl_api("acl.op.set_attr_float")(
+    lambda attr, name, value: _set(attr, name, "float", float(value))
+)
+set_attr_string = acl_api("acl.op.set_attr_string")(
+    lambda attr, name, value: _set(attr, name, "string", str(value))
+)
 set_attr_list_bool = acl_api("acl.op.set_attr_list_bool")(
-    lambda attr, name, values: _set(attr, name, "list_bool", _as_list(values, bool)))
+    lambda attr, name, values: _set(attr, name, "list_bool", _as_list(values, bool))
+)
 set_attr_list_int = acl_api("acl.op.set_attr_list_int")(
-    lambda attr, name, values: _set(attr, name, "list_int", _as_list(values, int)))
+    lambda attr, name, values: _set(attr, name, "list_int", _as_list(values, int))
+)
 set_attr_list_float = acl_api("acl.op.set_attr_list_float")(
-    lambda attr, name, values: _set(attr, name, "list_float", _as_list(values, float)))
+    lambda attr, name, values: _set(attr, name, "list_float", _as_list(values, float))
+)
 set_attr_list_string = acl_api("acl.op.set_attr_list_string")(
-    lambda attr, name, values: _set(attr, name, "list_string", _as_list(values, str)))
+    lambda attr, name, values: _set(attr, name, "list_string", _as_list(values, str))
+)
 set_attr_list_list_int = acl_api("acl.op.set_attr_list_list_int")(
-    lambda attr, name, values: _set(attr, name, "list_list_int", [_as_list(v, int) for v in values]))
+    lambda attr, name, values: _set(attr, name, "list_list_int", [_as_list(v, int) for v in values])
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,35 +80,51 @@ def _operand(role: str, desc_h: Any, buf_h: Any, device: int, is_output: bool) -
     if dtype is None:
         raise AclFail(C.ACL_ERROR_UNSUPPORTED_DATA_TYPE, f"{role}: data type {desc.dtype} is not supported")
     if desc.fmt not in C.PLAIN_FORMATS:
-        raise AclFail(C.ACL_ERROR_FORMAT_NOT_MATCH,
-                      f"{role}: format {desc.fmt} is a packed device layout; FlexNPU supports plain "
-                      "row-major formats (ND, NCHW, NHWC, ...)")
+        raise AclFail(
+            C.ACL_ERROR_FORMAT_NOT_MATCH,
+            f"{role}: format {desc.fmt} is a packed device layout; FlexNPU supports plain "
+            "row-major formats (ND, NCHW, NHWC, ...)",
+        )
     shape = tuple(desc.dims)
     base = Operand(role, desc, dtype, shape, contiguous_strides(shape), 0)
     nbytes = desc.nbytes
     if desc.const is not None and not is_output:
         return Operand(**{**base.__dict__, "host": desc.const})
     if buf.size < nbytes:
-        raise AclFail(C.ACL_ERROR_INVALID_PARAM,
-                      f"{role}: data buffer holds {buf.size} bytes, its descriptor needs {nbytes}")
+        raise AclFail(
+            C.ACL_ERROR_INVALID_PARAM,
+            f"{role}: data buffer holds {buf.size} bytes, its descriptor needs {nbytes}",
+        )
     if is_device_ptr(buf.addr):
         alloc, off = RT.resolve(buf.addr, nbytes, f"{role} buffer")
         if alloc.device != device:
-            raise AclFail(C.ACL_ERROR_RT_STREAM_CONTEXT,
-                          f"{role} is memory of device {alloc.device}, the stream belongs to device {device}")
+            raise AclFail(
+                C.ACL_ERROR_RT_STREAM_CONTEXT,
+                f"{role} is memory of device {alloc.device}, the stream belongs to device {device}",
+            )
         if off % max(desc.itemsize, 1):
-            raise AclFail(C.ACL_ERROR_MEMORY_ADDRESS_UNALIGNED,
-                          f"{role}: address {buf.addr:#x} is not aligned to its {desc.itemsize}-byte elements")
+            raise AclFail(
+                C.ACL_ERROR_MEMORY_ADDRESS_UNALIGNED,
+                f"{role}: address {buf.addr:#x} is not aligned to its {desc.itemsize}-byte elements",
+            )
         client = RT.device_state(device).client
 
         def read(handle: int = alloc.handle, o: int = off, n: int = nbytes) -> bytes:
             return bytes(client.memcpy_d2h(handle, o, n))
 
-        return Operand(**{**base.__dict__, "offset": off // max(desc.itemsize, 1),
-                          "handle": alloc.handle, "reader": read})
+        return Operand(
+            **{
+                **base.__dict__,
+                "offset": off // max(desc.itemsize, 1),
+                "handle": alloc.handle,
+                "reader": read,
+            }
+        )
     if is_output:
-        raise AclFail(C.ACL_ERROR_INVALID_PARAM,
-                      f"{role}: outputs must be device memory from acl.rt.malloc, got {buf.addr:#x}")
+        raise AclFail(
+            C.ACL_ERROR_INVALID_PARAM,
+            f"{role}: outputs must be device memory from acl.rt.malloc, got {buf.addr:#x}",
+        )
     if buf.addr < 4096 and nbytes:
         raise AclFail(C.ACL_ERROR_INVALID_PARAM, f"{role}: null data buffer address")
     # Host-resident input (ACL_MEMTYPE_HOST placement, or a host pointer): usable as values.
@@ -106,9 +134,11 @@ def _operand(role: str, desc_h: Any, buf_h: Any, device: int, is_output: bool) -
 def _to_wire(x: Any, op_type: str) -> Any:
     if isinstance(x, Operand):
         if x.handle is None:
-            raise AclFail(C.ACL_ERROR_INVALID_PARAM,
-                          f"{op_type}: {x.role} is host memory; tensor operands must be device memory "
-                          "(acl.rt.malloc + acl.rt.memcpy)")
+            raise AclFail(
+                C.ACL_ERROR_INVALID_PARAM,
+                f"{op_type}: {x.role} is host memory; tensor operands must be device memory "
+                "(acl.rt.malloc + acl.rt.memcpy)",
+            )
         return TensorRef(x.handle, x.dtype, x.shape, x.stride, x.offset)
     if isinstance(x, list):
         return [_to_wire(v, op_type) for v in x]
@@ -126,28 +156,34 @@ def _check_count(kind: str, n: int, bounds: tuple[int, int], op_type: str, code:
         raise AclFail(code, f"{op_type} takes {want} {kind}, got {n}")
 
 
-def _execute(op_type: Any, input_desc: Any, inputs: Any, output_desc: Any, outputs: Any,
-             attr: Any, stream: Any) -> int:
+def _execute(
+    op_type: Any, input_desc: Any, inputs: Any, output_desc: Any, outputs: Any, attr: Any, stream: Any
+) -> int:
     if not isinstance(op_type, str):
         raise TypeError("acl.op.execute_v2 args parse failed: op_type must be a str")
     for arg in (input_desc, inputs, output_desc, outputs):
         if not isinstance(arg, list):
             raise TypeError("argument 2, 3, 4, or 5 is not list")
     if len(input_desc) != len(inputs) or len(output_desc) != len(outputs):
-        raise AclFail(C.ACL_ERROR_INVALID_PARAM,
-                      f"{op_type}: {len(input_desc)} input descs for {len(inputs)} inputs, "
-                      f"{len(output_desc)} output descs for {len(outputs)} outputs")
+        raise AclFail(
+            C.ACL_ERROR_INVALID_PARAM,
+            f"{op_type}: {len(input_desc)} input descs for {len(inputs)} inputs, "
+            f"{len(output_desc)} output descs for {len(outputs)} outputs",
+        )
     spec = OPS.get(op_type)
     if spec is None:
-        raise AclFail(C.ACL_ERROR_OP_NOT_FOUND,
-                      f"operator type {op_type!r} is not supported by FlexNPU (supported: "
-                      f"{', '.join(sorted(OPS))})")
+        raise AclFail(
+            C.ACL_ERROR_OP_NOT_FOUND,
+            f"operator type {op_type!r} is not supported by FlexNPU (supported: {', '.join(sorted(OPS))})",
+        )
     _check_count("inputs", len(inputs), spec.n_in, op_type, C.ACL_ERROR_OP_INPUT_NOT_MATCH)
     _check_count("outputs", len(outputs), spec.n_out, op_type, C.ACL_ERROR_OP_OUTPUT_NOT_MATCH)
     attrs = Attrs(op_type, {} if attr in (0, None) else ATTRS.get(attr).values)
     s = RT.stream(stream)
     ins = [_operand(f"input {k}", d, b, s.device, False) for k, (d, b) in enumerate(zip(input_desc, inputs))]
-    outs = [_operand(f"output {k}", d, b, s.device, True) for k, (d, b) in enumerate(zip(output_desc, outputs))]
+    outs = [
+        _operand(f"output {k}", d, b, s.device, True) for k, (d, b) in enumerate(zip(output_desc, outputs))
+    ]
     calls = spec.lower(ins, outs, attrs)
     meta_check(op_type, calls)
     client = RT.device_state(s.device).client
@@ -189,7 +225,7 @@ def create_handle(op_type: str, input_desc: list, output_desc: list, attr: int) 
     _check_count("inputs", len(input_desc), spec.n_in, op_type, C.ACL_ERROR_OP_INPUT_NOT_MATCH)
     _check_count("outputs", len(output_desc), spec.n_out, op_type, C.ACL_ERROR_OP_OUTPUT_NOT_MATCH)
     for d in input_desc + output_desc:
-        DESCS.get(d)                      # an invalid descriptor fails here, as at handle creation
+        DESCS.get(d)  # an invalid descriptor fails here, as at handle creation
     if attr not in (0, None):
         ATTRS.get(attr)
     h = next(_next_handle)
@@ -238,5 +274,6 @@ def supported_op_types() -> list[str]:
 
 
 def __getattr__(name: str) -> Any:
-    raise AttributeError(f"acl.op.{name} is not implemented by FlexNPU's pyACL layer "
-                         "(see docs/acl.md for the supported API)")
+    raise AttributeError(
+        f"acl.op.{name} is not implemented by FlexNPU's pyACL layer (see docs/acl.md for the supported API)"
+    )

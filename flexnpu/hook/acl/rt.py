@@ -4,6 +4,7 @@ Signatures and return shapes follow pyACL (``ret`` or ``(value, ret)``); see doc
 Everything lowers to the FlexNPU client of the device: device memory is a daemon allocation,
 streams and events are daemon streams and events.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -12,8 +13,7 @@ from typing import Any
 
 from . import constants as C
 from ._errors import AclFail, acl_api
-from ._runtime import (RT, Context, DevAlloc, Event, Stream, check_host_ptr, check_size,
-                       is_device_ptr)
+from ._runtime import RT, Context, DevAlloc, Event, Stream, check_host_ptr, check_size, is_device_ptr
 
 # ---------------------------------------------------------------------------------------------
 # devices and contexts
@@ -58,8 +58,9 @@ def reset_device(device_id: int) -> int:
     with RT.lock:
         st = RT.devices.get(device_id)
         if st is None or st.refcount <= 0:
-            raise AclFail(C.ACL_ERROR_RT_INVALID_DEVICEID,
-                          f"device {device_id} was not set with acl.rt.set_device")
+            raise AclFail(
+                C.ACL_ERROR_RT_INVALID_DEVICEID, f"device {device_id} was not set with acl.rt.set_device"
+            )
         st.refcount -= 1
         if st.refcount == 0:
             _release_device(st)
@@ -71,8 +72,9 @@ def reset_device_force(device_id: int) -> int:
     with RT.lock:
         st = RT.devices.get(device_id)
         if st is None or st.refcount <= 0:
-            raise AclFail(C.ACL_ERROR_RT_INVALID_DEVICEID,
-                          f"device {device_id} was not set with acl.rt.set_device")
+            raise AclFail(
+                C.ACL_ERROR_RT_INVALID_DEVICEID, f"device {device_id} was not set with acl.rt.set_device"
+            )
         st.refcount = 0
         _release_device(st)
     return C.ACL_SUCCESS
@@ -89,9 +91,11 @@ def get_device_count() -> tuple[int, int]:
 
     devices = {d for d, _ in list_sockets()} | {d for d, st in RT.devices.items()}
     if not devices:
-        raise AclFail(C.ACL_ERROR_RT_NO_DEVICE,
-                      "no FlexNPU daemon is running (no control socket found); start one with "
-                      "`flexnpu daemon` or run the program under `flexnpu run`")
+        raise AclFail(
+            C.ACL_ERROR_RT_NO_DEVICE,
+            "no FlexNPU daemon is running (no control socket found); start one with "
+            "`flexnpu daemon` or run the program under `flexnpu run`",
+        )
     # Device ids are dense in AscendCL: count up to the highest served id.
     return max(devices) + 1, C.ACL_SUCCESS
 
@@ -119,9 +123,11 @@ def destroy_context(context: int) -> int:
         ctx = RT.contexts.get(context)
         st = RT.devices[ctx.device]
         if context == st.default_ctx:
-            raise AclFail(C.ACL_ERROR_RT_PARAM_INVALID,
-                          "the default context of a device is released by acl.rt.reset_device, "
-                          "not acl.rt.destroy_context")
+            raise AclFail(
+                C.ACL_ERROR_RT_PARAM_INVALID,
+                "the default context of a device is released by acl.rt.reset_device, "
+                "not acl.rt.destroy_context",
+            )
         RT.contexts.pop(context)
         st.refcount -= 1
         if st.refcount == 0:
@@ -205,7 +211,8 @@ def synchronize_device() -> int:
 
 
 synchronize_device_with_timeout = acl_api("acl.rt.synchronize_device_with_timeout")(
-    lambda timeout: synchronize_device.__wrapped__())
+    lambda timeout: synchronize_device.__wrapped__()
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +232,8 @@ def create_event_with_flag(flag: int) -> tuple[int, int]:
 
 
 create_event_ex_with_flag = acl_api("acl.rt.create_event_ex_with_flag", fail=(0,))(
-    create_event_with_flag.__wrapped__)
+    create_event_with_flag.__wrapped__
+)
 
 
 @acl_api("acl.rt.destroy_event")
@@ -237,8 +245,10 @@ def destroy_event(event: int) -> int:
 
 def _same_device(e: Event, s: Stream) -> None:
     if e.device != s.device:
-        raise AclFail(C.ACL_ERROR_RT_STREAM_CONTEXT,
-                      f"event of device {e.device} used with a stream of device {s.device}")
+        raise AclFail(
+            C.ACL_ERROR_RT_STREAM_CONTEXT,
+            f"event of device {e.device} used with a stream of device {s.device}",
+        )
 
 
 @acl_api("acl.rt.record_event")
@@ -291,7 +301,8 @@ def synchronize_event(event: int) -> int:
 
 
 synchronize_event_with_timeout = acl_api("acl.rt.synchronize_event_with_timeout")(
-    lambda event, timeout: synchronize_event.__wrapped__(event))
+    lambda event, timeout: synchronize_event.__wrapped__(event)
+)
 
 
 @acl_api("acl.rt.stream_wait_event")
@@ -335,8 +346,10 @@ def malloc(size: int, policy: int) -> tuple[int, int]:
     st = RT.device_state(dev)
     total = _device_total(st.client)
     if total and size > total:
-        raise AclFail(C.ACL_ERROR_RT_MEMORY_ALLOCATION,
-                      f"cannot allocate {size} bytes: device {dev} has {total} bytes in total")
+        raise AclFail(
+            C.ACL_ERROR_RT_MEMORY_ALLOCATION,
+            f"cannot allocate {size} bytes: device {dev} has {total} bytes in total",
+        )
     slot = RT.new_slot()
     # Synchronous, as aclrtMalloc is: an over-limit allocation fails here with its ACL code.
     handle = st.client.malloc(size, sync=True)
@@ -353,9 +366,11 @@ malloc_cached = acl_api("acl.rt.malloc_cached", fail=(0,))(malloc.__wrapped__)
 def free(dev_ptr: int) -> int:
     alloc, off = RT.resolve(dev_ptr, 0)
     if off:
-        raise AclFail(C.ACL_ERROR_RT_PARAM_INVALID,
-                      f"{dev_ptr:#x} is {off} bytes into an allocation; acl.rt.free takes the address "
-                      "acl.rt.malloc returned")
+        raise AclFail(
+            C.ACL_ERROR_RT_PARAM_INVALID,
+            f"{dev_ptr:#x} is {off} bytes into an allocation; acl.rt.free takes the address "
+            "acl.rt.malloc returned",
+        )
     del RT.allocs[alloc.slot]
     RT.device_state(alloc.device).client.free(alloc.handle)
     return C.ACL_SUCCESS
@@ -368,9 +383,9 @@ class _HostBlock:
 
     def __init__(self, size: int, client: Any | None, device: int | None) -> None:
         self.size = size
-        self.client: Any = None               # the device's Client (when off is set)
+        self.client: Any = None  # the device's Client (when off is set)
         self.device: int | None = None
-        self.off: int | None = None           # arena offset, or None: private memory in map
+        self.off: int | None = None  # arena offset, or None: private memory in map
         self.map: mmap.mmap | None = None
         if client is not None:
             try:
@@ -387,7 +402,11 @@ class _HostBlock:
 
     def arena_offset(self, ptr: int, n: int, device: int) -> int | None:
         """Arena offset of [ptr, ptr + n) if it lies in this block, in `device`'s arena."""
-        if self.off is None or device != self.device or not (self.addr <= ptr and ptr + n <= self.addr + self.size):
+        if (
+            self.off is None
+            or device != self.device
+            or not (self.addr <= ptr and ptr + n <= self.addr + self.size)
+        ):
             return None
         return self.off + (ptr - self.addr)
 
@@ -396,7 +415,7 @@ class _HostBlock:
         if self.off is not None:
             self.client.host_free(self.off)
         else:
-            assert self.map is not None   # off is None: the block lives in map
+            assert self.map is not None  # off is None: the block lives in map
             self.map.close()
 
 
@@ -404,7 +423,7 @@ _HOST: dict[int, _HostBlock] = {}
 
 
 def _host_block(ptr: int, n: int) -> _HostBlock | None:
-    for b in _HOST.values():   # few blocks in practice; programs reuse their staging buffers
+    for b in _HOST.values():  # few blocks in practice; programs reuse their staging buffers
         if b.addr <= ptr and ptr + n <= b.addr + b.size:
             return b
     return None
@@ -424,7 +443,7 @@ def malloc_host(size: int) -> tuple[int, int]:
     try:
         dev = RT.current_device()
         client = RT.device_state(dev).client
-    except AclFail:             # no device open yet: private host memory
+    except AclFail:  # no device open yet: private host memory
         dev, client = None, None
     block = _HostBlock(size, client, dev)
     _HOST[block.addr] = block
@@ -435,8 +454,10 @@ def malloc_host(size: int) -> tuple[int, int]:
 def free_host(host_ptr: int) -> int:
     block = _HOST.pop(host_ptr, None) if isinstance(host_ptr, int) else None
     if block is None:
-        raise AclFail(C.ACL_ERROR_INVALID_PARAM,
-                      f"{host_ptr!r} is not memory from acl.rt.malloc_host (or was already freed)")
+        raise AclFail(
+            C.ACL_ERROR_INVALID_PARAM,
+            f"{host_ptr!r} is not memory from acl.rt.malloc_host (or was already freed)",
+        )
     block.close()
     return C.ACL_SUCCESS
 
@@ -469,18 +490,20 @@ def _memcpy(dst: int, dest_max: int, src: int, count: int, kind: int, stream: An
         sid = s.sid
         for a in (d_alloc, s_alloc):
             if a is not None and a.device != s.device and not (d_alloc and s_alloc):
-                raise AclFail(C.ACL_ERROR_RT_STREAM_CONTEXT,
-                              f"memory of device {a.device} copied on a stream of device {s.device}")
+                raise AclFail(
+                    C.ACL_ERROR_RT_STREAM_CONTEXT,
+                    f"memory of device {a.device} copied on a stream of device {s.device}",
+                )
     if count == 0:
         return C.ACL_SUCCESS
     if d_alloc is None and s_alloc is None:
         ctypes.memmove(dst, src, count)
     elif s_alloc is None:
-        assert d_alloc is not None   # not both None (above)
+        assert d_alloc is not None  # not both None (above)
         client = RT.device_state(d_alloc.device).client
         block = _host_block(src, count)
         arena = block.arena_offset(src, count, d_alloc.device) if block else None
-        if arena is not None:   # zero-copy: the daemon reads the malloc_host buffer itself
+        if arena is not None:  # zero-copy: the daemon reads the malloc_host buffer itself
             client.memcpy_h2d_host(d_alloc.handle, d_off, arena, count, stream=sid, sync=wait)
         else:
             client.memcpy_h2d(d_alloc.handle, d_off, _host_view(src, count), stream=sid)
@@ -490,7 +513,7 @@ def _memcpy(dst: int, dest_max: int, src: int, count: int, kind: int, stream: An
         client = RT.device_state(s_alloc.device).client
         block = _host_block(dst, count)
         arena = block.arena_offset(dst, count, s_alloc.device) if block else None
-        if arena is not None:   # zero-copy: the daemon writes the malloc_host buffer itself
+        if arena is not None:  # zero-copy: the daemon writes the malloc_host buffer itself
             client.memcpy_d2h_host(s_alloc.handle, s_off, arena, count, stream=sid, sync=wait)
         else:
             client.memcpy_d2h_into(s_alloc.handle, s_off, _host_view(dst, count), stream=sid)
@@ -530,8 +553,10 @@ def _memset(ptr: int, max_count: int, value: int, count: int, stream: Any, wait:
         alloc, off = RT.resolve(ptr, count, "dev_ptr")
         s = RT.stream(stream) if stream not in (0, None) else Stream(alloc.device, 0)
         if s.device != alloc.device:
-            raise AclFail(C.ACL_ERROR_RT_STREAM_CONTEXT,
-                          f"memory of device {alloc.device} set on a stream of device {s.device}")
+            raise AclFail(
+                C.ACL_ERROR_RT_STREAM_CONTEXT,
+                f"memory of device {alloc.device} set on a stream of device {s.device}",
+            )
         if count:
             client = RT.device_state(alloc.device).client
             client.memset(alloc.handle, off, byte, count, stream=s.sid)
@@ -566,5 +591,6 @@ def get_mem_info(attr: int) -> tuple[int, int, int]:
 
 
 def __getattr__(name: str) -> Any:
-    raise AttributeError(f"acl.rt.{name} is not implemented by FlexNPU's pyACL layer "
-                         "(see docs/acl.md for the supported API)")
+    raise AttributeError(
+        f"acl.rt.{name} is not implemented by FlexNPU's pyACL layer (see docs/acl.md for the supported API)"
+    )

@@ -1,5 +1,6 @@
 """``acl.util``: host pointer helpers. Host pointers are real addresses of this process;
 device pointers (from acl.rt.malloc) are not host-readable and are refused with a clear error."""
+
 from __future__ import annotations
 
 import ctypes
@@ -23,8 +24,9 @@ def _host_only(ptr: Any, fn: str) -> int:
     if not isinstance(ptr, int) or isinstance(ptr, bool):
         raise TypeError(f"acl.util.{fn} args parse failed: ptr must be an int")
     if is_device_ptr(ptr):
-        raise ValueError(f"acl.util.{fn}: {ptr:#x} is device memory; copy it to the host with "
-                         "acl.rt.memcpy first")
+        raise ValueError(
+            f"acl.util.{fn}: {ptr:#x} is device memory; copy it to the host with acl.rt.memcpy first"
+        )
     if ptr < 4096:
         raise ValueError(f"acl.util.{fn}: {ptr:#x} is not a valid host address")
     return ptr
@@ -34,8 +36,10 @@ def numpy_to_ptr(data: np.ndarray) -> int:
     if not isinstance(data, np.ndarray):
         raise ValueError("needs an ndarray as argument")
     if not data.flags["C_CONTIGUOUS"]:
-        warnings.warn("The input ndarray is discontiguous. Please use "
-                      "acl.util.numpy_contiguous_to_ptr instead.", stacklevel=2)
+        warnings.warn(
+            "The input ndarray is discontiguous. Please use acl.util.numpy_contiguous_to_ptr instead.",
+            stacklevel=2,
+        )
     return int(data.ctypes.data)
 
 
@@ -78,5 +82,6 @@ def ptr_to_bytes(ptr: int, size: int) -> bytes:
 
 
 def __getattr__(name: str) -> Any:
-    raise AttributeError(f"acl.util.{name} is not implemented by FlexNPU's pyACL layer "
-                         "(see docs/acl.md for the supported API)")
+    raise AttributeError(
+        f"acl.util.{name} is not implemented by FlexNPU's pyACL layer (see docs/acl.md for the supported API)"
+    )

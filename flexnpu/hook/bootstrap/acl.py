@@ -2,6 +2,7 @@
 
 All logic lives in flexnpu.hook.acl; this file only makes it importable as ``acl``.
 """
+
 import sys as _sys
 
 from flexnpu.hook.acl import populate as _populate

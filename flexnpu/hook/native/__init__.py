@@ -5,6 +5,7 @@ C programs run through FlexNPU unmodified. See docs/native.md.
 This module only answers where things are; build.py compiles the libraries and
 install_torch_npu.py fetches the real torch_npu wheel into its isolated folder.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,9 +21,16 @@ HERE = Path(__file__).resolve().parent
 # implementation (C programs link -lascendcl and the linker resolves only direct dependencies);
 # the others are thin shells depending on it, so a dlsym on any of them finds every symbol.
 CORE_LIB = "libascendcl.so"
-SHELL_LIBS = ("libacl_op_compiler.so", "libhccl.so", "libge_runner.so",
-              "libgraph.so", "libacl_tdt_channel.so", "libopapi.so", "libruntime.so",
-              "libatb.so")
+SHELL_LIBS = (
+    "libacl_op_compiler.so",
+    "libhccl.so",
+    "libge_runner.so",
+    "libgraph.so",
+    "libacl_tdt_channel.so",
+    "libopapi.so",
+    "libruntime.so",
+    "libatb.so",
+)
 
 
 def lib_dir() -> Path:

@@ -6,6 +6,7 @@ libraries call (``flexnpu.hook.torch_npu_ops``; table in docs/torch_npu_ops.md),
 ops so they run through the daemon like everything else. Any other ``torch_npu.npu_*`` raises an
 AttributeError that names it (so ``hasattr`` feature checks still fall back cleanly).
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,5 +27,6 @@ def __getattr__(name: str):
         raise AttributeError(
             f"torch_npu.{name} is not provided under FlexNPU: its torch_npu imitation implements "
             f"{', '.join(_ops.__all__)} (see docs/torch_npu_ops.md); use plain torch ops instead, "
-            f"or ask for {name} to be added")
+            f"or ask for {name} to be added"
+        )
     raise AttributeError(f"module 'torch_npu' has no attribute {name!r}")
