@@ -16,9 +16,10 @@ install:
 	$(PY) -m flexnpu install-torch-npu || echo "warning: torch_npu not installed for FlexNPU (no network?); native torch_npu tests will skip"
 	@if [ "$$(id -u)" = 0 ] && [ -x scripts/ci-system-deps.sh ]; then scripts/ci-system-deps.sh || true; fi
 
-# Everything: the suite, then the tests that assert wall-clock behaviour, alone so that the
-# rest of the suite does not load the machine under them.
-test: install
+# Everything: lint, layering and types first (seconds), then the suite, then the tests that
+# assert wall-clock behaviour, alone so that the rest of the suite does not load the machine
+# under them.
+test: install lint typecheck
 	$(PY) -m pytest -q --timeout=600 -m "not timing"
 	$(PY) -m pytest -q --timeout=600 -m timing
 
@@ -26,7 +27,6 @@ test: install
 check:
 	$(PY) -m pytest -q --timeout=300 -m "not slow and not timing"
 
-# Not yet part of `make test`.
 lint: layers
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

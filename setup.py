@@ -51,8 +51,8 @@ setup(
             "pytest-timeout>=2",
             "pyzmq>=25",
             "expecttest>=0.1",
-            "ruff>=0.6",
-            "mypy>=1.10",
+            "ruff>=0.17,<0.18",  # the formatter's output is pinned by its minor version
+            "mypy>=2.4,<2.5",
             "types-grpcio>=1.85",
         ],
     },

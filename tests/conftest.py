@@ -14,6 +14,26 @@ ROOT = Path(__file__).resolve().parent.parent
 # Embedded daemons that `flexnpu run` starts in tests leave soon after their last client.
 os.environ.setdefault("FLEXNPU_IDLE_GRACE", "2")
 
+# The smallest whole `flexnpu bench serve` run that still exercises every system and knob search
+# (one workload, two devices, one value per knob): tests of its output share it.
+QUICK_SERVE_ARGS = [
+    "--quick",
+    "--workloads",
+    "chat",
+    "--devices",
+    "2",
+    "--capacity-duration",
+    "4",
+    "--jobs",
+    "2",
+    "--alphas",
+    "0.75",
+    "--coloc-budgets",
+    "2048",
+    "--flex-chunks",
+    "1024",
+]
+
 
 def pytest_addoption(parser):
     parser.addoption(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from conftest import QUICK_SERVE_ARGS
 from flexnpu.bench import serve
 
 
@@ -35,25 +36,7 @@ def test_verdicts_take_the_worst_rate():
 
 
 def test_quick_run_prints_verdict_lines_last(capsys):
-    rc = serve.main(
-        [
-            "--quick",
-            "--workloads",
-            "chat",
-            "--devices",
-            "2",
-            "--capacity-duration",
-            "4",
-            "--jobs",
-            "2",
-            "--alphas",
-            "0.75",
-            "--coloc-budgets",
-            "2048",
-            "--flex-chunks",
-            "1024",
-        ]
-    )
+    rc = serve.main(QUICK_SERVE_ARGS)
     assert rc == 0
     out = capsys.readouterr().out.rstrip().splitlines()
     start = out.index("verdict (emulated):")

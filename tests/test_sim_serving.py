@@ -55,28 +55,10 @@ def test_more_load_is_never_faster():
 
 
 def test_bench_serve_json_shape(capsys):
+    from conftest import QUICK_SERVE_ARGS
     from flexnpu.bench import serve
 
-    rc = serve.main(
-        [
-            "--quick",
-            "--json",
-            "--workloads",
-            "chat",
-            "--devices",
-            "2",
-            "--capacity-duration",
-            "4",
-            "--jobs",
-            "2",
-            "--alphas",
-            "0.75",
-            "--coloc-budgets",
-            "2048",
-            "--flex-chunks",
-            "1024",
-        ]
-    )
+    rc = serve.main([*QUICK_SERVE_ARGS, "--json"])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["quick"] is True and doc["emulated"] is True
