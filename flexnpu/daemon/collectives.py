@@ -93,8 +93,9 @@ def _combine(op: int, acc: torch.Tensor, x: torch.Tensor) -> None:
         acc.bitwise_xor_(x)
 
 
-_BINARY: dict[int, Callable[..., torch.Tensor]] = {SUM: torch.add, AVG: torch.add, PROD: torch.mul, MIN: torch.minimum, MAX: torch.maximum,
-           BAND: torch.bitwise_and, BOR: torch.bitwise_or, BXOR: torch.bitwise_xor}
+_BINARY: dict[int, Callable[..., torch.Tensor]] = {
+    SUM: torch.add, AVG: torch.add, PROD: torch.mul, MIN: torch.minimum, MAX: torch.maximum,
+    BAND: torch.bitwise_and, BOR: torch.bitwise_or, BXOR: torch.bitwise_xor}
 
 
 def _reduce_into(op: int, out: torch.Tensor, xs: list[torch.Tensor]) -> None:

@@ -194,7 +194,8 @@ class PolicyScheduler:
         self.policy = make_policy(policy, **kw)
         self.name = policy
         self.shares: dict[tuple[int, int], float | None] = {}   # share last set per stream
-        model = (CostModel(be.spec) if self.emu is not None   # type: ignore[attr-defined]  # emu backend: has one
+        # (an emulated device: the emu backend, which has a spec the Backend protocol does not name)
+        model = (CostModel(be.spec) if self.emu is not None   # type: ignore[attr-defined]
                  else local_cost_model(be))
         # A shallow device queue: kernels wait in the policy's queues, where the policy can still
         # reorder them. Two per stream keep the next kernel queued on the device while one

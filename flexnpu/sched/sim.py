@@ -498,7 +498,7 @@ def metrics(requests: list[Request], ttft_slo_s: float, tpot_slo_s: float) -> di
     t0 = min(r.arrival for r in requests)
     t1 = max(r.finish for r in done if r.finish is not None)   # (all of them; narrows for mypy)
     toks = sum(r.output for r in done)
-    ttft = [r.ttft for r in done if r.ttft is not None]   # (all of them: a finished request has a first token)
+    ttft = [r.ttft for r in done if r.ttft is not None]   # (all: a finished request has a first token)
     tpot = [r.tpot for r in done if r.tpot is not None]
     ok = sum(1 for r in done if r.ttft is not None and r.ttft <= ttft_slo_s
              and (r.tpot is None or r.tpot <= tpot_slo_s))
