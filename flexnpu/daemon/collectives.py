@@ -93,8 +93,9 @@ def _combine(op: int, acc: torch.Tensor, x: torch.Tensor) -> None:
         acc.bitwise_xor_(x)
 
 
-_BINARY = {SUM: torch.add, AVG: torch.add, PROD: torch.mul, MIN: torch.minimum, MAX: torch.maximum,
-           BAND: torch.bitwise_and, BOR: torch.bitwise_or, BXOR: torch.bitwise_xor}
+_BINARY: dict[int, Callable[..., torch.Tensor]] = {
+    SUM: torch.add, AVG: torch.add, PROD: torch.mul, MIN: torch.minimum, MAX: torch.maximum,
+    BAND: torch.bitwise_and, BOR: torch.bitwise_or, BXOR: torch.bitwise_xor}
 
 
 def _reduce_into(op: int, out: torch.Tensor, xs: list[torch.Tensor]) -> None:
@@ -144,8 +145,8 @@ class Part:
         return (f"{P.COLL_KINDS[self.kind]}(input {self.inp.numel()} x {str(self.dtype).replace('torch.', '')}"
                 f", op {P.REDUCE_OPS[self.op]}, root {self.root})")
 
-    def key(self) -> tuple:
-        k = (self.kind, self.dtype, self.inp.numel())
+    def key(self) -> tuple[int | torch.dtype, ...]:
+        k: tuple[int | torch.dtype, ...] = (self.kind, self.dtype, self.inp.numel())
         if self.kind in (ALL_REDUCE, REDUCE_SCATTER):
             k += (self.op,)
         if self.kind == BROADCAST:
@@ -188,7 +189,7 @@ class ShmLink:
     is unlinked as soon as every daemon has mapped it, so nothing is left in /dev/shm."""
 
     def __init__(self, comm_id: bytes, n_daemons: int, me: int, slot: int) -> None:
-        import posix_ipc
+        import posix_ipc  # type: ignore[import-not-found]  # C extension, ships no type stubs
 
         from ..ring._core import ffi, lib
 
@@ -289,12 +290,12 @@ class ShmLink:
         """May this daemon write its buffer of `step` now (no waiting)?"""
         if step <= 2:
             return True
-        rc = self.lib.fx_coll_wait(self.base, self._offs_consumed, self._npeers, step - 2, self.base + _H_ABORT,
+        rc: int = self.lib.fx_coll_wait(self.base, self._offs_consumed, self._npeers, step - 2, self.base + _H_ABORT,
                                    self.base + _H_BELL, self.base + _H_SLEEPERS, 0.0, 0)
         return rc == 1
 
     def peers_posted(self, step: int, spin_s: float) -> bool:
-        rc = self.lib.fx_coll_wait(self.base, self._offs_posted, self._npeers, step, self.base + _H_ABORT,
+        rc: int = self.lib.fx_coll_wait(self.base, self._offs_posted, self._npeers, step, self.base + _H_ABORT,
                                    self.base + _H_BELL, self.base + _H_SLEEPERS, spin_s, int(spin_s * 1e9))
         return rc == 1
 
@@ -339,7 +340,7 @@ class Comm:
         self.error: str | None = None
         self.link: ShmLink | None = None
         self._link_lock = threading.Lock()
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[Instance | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.done_count = 0
 
@@ -516,14 +517,13 @@ class Comm:
             return self.link
 
     def _plan(self, inst: Instance) -> "_Plan":
-        self._ensure_link()
-        return _Plan(self, inst)
+        return _Plan(self, inst, self._ensure_link())
 
     def _run_shared(self, inst: Instance, plan: "_Plan | None" = None, first: int = 0) -> None:
         """Ranks on several daemons: exchange chunks through the shared segment. With `first`
         = 1 the first step was already posted (by the main thread's fast path)."""
         plan = plan or self._plan(inst)
-        link, deadline, alive = self.link, inst.deadline, self._alive
+        link, deadline, alive = plan.link, inst.deadline, self._alive
         for c in range(plan.steps):
             if c >= first:
                 link.step += 1
@@ -542,7 +542,7 @@ class Comm:
                 self._run_local(inst)
                 return True
             plan = self._plan(inst)
-            link = self.link
+            link = plan.link
             if plan.steps != 1 or not link.ready_for(link.step + 1):
                 return False
             link.step += 1
@@ -570,9 +570,8 @@ class Comm:
 class _Plan:
     """How one instance moves through the shared segment: chunk size, descriptor, roles."""
 
-    def __init__(self, comm: Comm, inst: Instance) -> None:
-        self.comm, self.inst = comm, inst
-        link = comm.link
+    def __init__(self, comm: Comm, inst: Instance, link: ShmLink) -> None:
+        self.comm, self.inst, self.link = comm, inst, link   # link: comm.link, which is set by now
         self.parts = parts = comm._parts(inst)
         p0 = self.p0 = parts[0]
         self.kind, self.op, self.n = p0.kind, p0.op, comm.size
@@ -598,7 +597,7 @@ class _Plan:
 
     def post(self, c: int, t: int) -> None:
         """Write this daemon's contribution for chunk c into its buffer of step t; publish it."""
-        link, cap = self.comm.link, self.cap
+        link, cap = self.link, self.cap
         lo, hi = c * cap, min(self.m, (c + 1) * cap)
         mine = self._view(link.buffer(link.me, t))
         for a in range(lo, hi, PIECE):
@@ -618,7 +617,7 @@ class _Plan:
 
     def read(self, c: int, t: int) -> None:
         """Every daemon posted chunk c (step t): check agreement, read into the local outputs."""
-        comm, link, cap = self.comm, self.comm.link, self.cap
+        comm, link, cap = self.comm, self.link, self.cap
         lo, hi = c * cap, min(self.m, (c + 1) * cap)
         if c == 0:
             for d in range(len(comm.daemons)):
@@ -669,7 +668,7 @@ class _Plan:
                                 bufs[d][j * cap + a - base:j * cap + b - base])
 
 
-def _desc_text(d: tuple) -> str:
+def _desc_text(d: tuple[int, ...]) -> str:
     kind, op, root, dt, m = d
     name = P.COLL_KINDS[kind] if kind < len(P.COLL_KINDS) else f"kind {kind}"
     dtn = P.DTYPE_NAMES[dt] if dt < len(P.DTYPE_NAMES) else f"dtype {dt}"
@@ -817,14 +816,16 @@ def _check_sizes(kind: int, size: int, inp: torch.Tensor, out: torch.Tensor) -> 
                               f"do not fit")
 
 
-def _p_comm_init(s, st, ud, sync, poff, plen, a, flags):
+def _p_comm_init(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                 a: tuple[int, ...], flags: int) -> None:
     payload = bytes(s._payload(poff, plen))
     s.daemon.collectives.join(s, a[0], a[1], a[2], a[3], payload)
     if sync:
         s.reply(ud)
 
 
-def _p_comm_destroy(s, st, ud, sync, poff, plen, a, flags):
+def _p_comm_destroy(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                    a: tuple[int, ...], flags: int) -> None:
     s.daemon.collectives.leave(s, a[0])
     if sync:
         s.reply(ud)
@@ -841,9 +842,10 @@ def _run_collective(s: "Session", st: StreamState, c: Any) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _p_collective(s, st, ud, sync, poff, plen, a, flags):
-
-    m = s.daemon.collectives.member(s, a[0])
+def _p_collective(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
+                  a: tuple[int, ...], flags: int) -> Cmd:
+    assert st is not None   # stream-ordered: prepare resolved it
+    m: Membership = s.daemon.collectives.member(s, a[0])
     kind, op, root = a[1], a[2], a[3]
     if not 0 <= kind < len(P.COLL_KINDS):
         raise InvalidArgument(f"unknown collective kind {kind}")
@@ -911,5 +913,7 @@ def _cost(kind: int, ref: P.TensorRef, size: int) -> Any:
         return collective_cost(name, float(n * ref.dtype.itemsize), size, "int8")
 
 
-PREPARE: dict[int, Callable] = {Op.COMM_INIT: _p_comm_init, Op.COMM_DESTROY: _p_comm_destroy,
-                                Op.COLLECTIVE: _p_collective}
+# (session, stream|None, user_data, sync, payload_off, payload_len, args, flags) -> Cmd|None
+PREPARE: dict[int, Callable[[Session, StreamState | None, int, bool, int, int, tuple[int, ...], int],
+                            Cmd | None]] = {
+    Op.COMM_INIT: _p_comm_init, Op.COMM_DESTROY: _p_comm_destroy, Op.COLLECTIVE: _p_collective}

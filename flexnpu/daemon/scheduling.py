@@ -7,7 +7,7 @@ returns how many ran; `idle_timeout()` says how long the loop may sleep when not
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .. import protocol as P
 from ..protocol import Op
@@ -16,10 +16,13 @@ from ..sched.costmodel import (COPY, ELEMENTWISE, Cost, CostModel, aten_cost, co
 from ..sched.policy import (DeviceState, FlexPolicy, Op as PolicyOp, Phase, StaticPartitionPolicy, StreamQueue,
                             make_policy)
 from ..sched.specs import get_spec
-from .backends.partition import partition_capable
+from .backends.partition import Partitionable, partition_capable
 from .interfaces import Backend, ClientView, Scheduler, SchedulerHost
 from .objects import StreamState
 from .policies import parse_policy
+
+if TYPE_CHECKING:
+    from ..sched.emu import EmuDevice
 
 ROUND_QUANTUM = 64   # commands one stream may run per round before others get a turn
 
@@ -75,7 +78,7 @@ class FifoScheduler:
 _DEVICE_OPS = frozenset({Op.LAUNCH, Op.MEMSET, Op.MEMCPY_H2D, Op.MEMCPY_D2H, Op.MEMCPY_D2D, Op.GRAPH_REPLAY})
 
 
-def _tensor_meta(v: Any, out: list) -> list:
+def _tensor_meta(v: Any, out: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
     if isinstance(v, P.TensorRef):
         out.append((v.shape, v.dtype))
     elif isinstance(v, (list, tuple)):
@@ -86,8 +89,9 @@ def _tensor_meta(v: Any, out: list) -> list:
 
 def command_cost(cmd: Any) -> Cost:
     """Cost of one queued device command (cached on the command: graphs replay it)."""
-    if cmd.cost is not None:
-        return cmd.cost
+    cached: Cost | None = cmd.cost
+    if cached is not None:
+        return cached
     op = cmd.op
     if op == Op.LAUNCH:
         launch = cmd.a[0]
@@ -116,7 +120,7 @@ def command_cost(cmd: Any) -> Cost:
     return c
 
 
-def _nbytes(shape: tuple, dtype: Any) -> int:
+def _nbytes(shape: tuple[int, ...], dtype: Any) -> int:
     n = 1
     for x in shape:
         n *= max(0, int(x))
@@ -148,7 +152,7 @@ class _Inflight:
 
     __slots__ = ("op", "s", "st", "held")
 
-    def __init__(self, op: PolicyOp, s: Any, st: Any, held: list) -> None:
+    def __init__(self, op: PolicyOp, s: Any, st: Any, held: list[tuple[Any, ...]]) -> None:
         self.op, self.s, self.st, self.held = op, s, st, held
 
 
@@ -178,7 +182,7 @@ class PolicyScheduler:
                  alpha: float | None = None) -> None:
         self.daemon = daemon
         be = daemon.backend
-        self.emu = getattr(be, "emu", None)
+        self.emu: EmuDevice | None = getattr(be, "emu", None)
         self.partition = partition_capable(be)
         kw: dict[str, Any] = {}
         if policy == "flex":
@@ -190,7 +194,9 @@ class PolicyScheduler:
         self.policy = make_policy(policy, **kw)
         self.name = policy
         self.shares: dict[tuple[int, int], float | None] = {}   # share last set per stream
-        model = CostModel(be.spec) if self.emu is not None else local_cost_model(be)
+        # (an emulated device: the emu backend, which has a spec the Backend protocol does not name)
+        model = (CostModel(be.spec) if self.emu is not None   # type: ignore[attr-defined]
+                 else local_cost_model(be))
         # A shallow device queue: kernels wait in the policy's queues, where the policy can still
         # reorder them. Two per stream keep the next kernel queued on the device while one
         # runs, so stream-ordered kernels chain without gaps from the loop's wake-up latency.
@@ -210,7 +216,8 @@ class PolicyScheduler:
 
     # ------------------------------------------------------------------ the round
     def run_round(self) -> int:
-        n = self._completions() if self.emu is not None else 0
+        emu = self.emu
+        n = self._completions(emu) if emu is not None else 0
         if self.active:
             n += self._pump()
         n += self._dispatch()
@@ -299,13 +306,13 @@ class PolicyScheduler:
         for d in self.policy.select(queues, self.state, now):
             n += 1
             s, st, cmd = d.op.tag
-            key = d.queue.key
+            key: tuple[int, int] = d.queue.key  # type: ignore[assignment]  # our queues: (client, stream)
             if s.dead or s.streams.get(st.sid) is not st:
                 self.policy.complete(d.op, self.state, now)
                 continue
             if self.partition and self.shares.get(key, None) != d.share:
                 # the lever: applies to this command and the stream's later ones
-                self.daemon.backend.set_partition({st.device_stream: d.share})
+                cast(Partitionable, self.daemon.backend).set_partition({st.device_stream: d.share})
                 self.shares[key] = d.share
             if self.emu is None:
                 t0 = time.monotonic()
@@ -326,13 +333,14 @@ class PolicyScheduler:
             self.inflight[key] = self.inflight.get(key, 0) + 1
         return n
 
-    def _completions(self) -> int:
-        done = self.emu.advance(max(time.monotonic(), self.emu.now))
+    def _completions(self, emu: EmuDevice) -> int:
+        done = emu.advance(max(time.monotonic(), emu.now))
         for k in done:
             f: _Inflight = k.tag
-            key = f.op.stream
+            key: tuple[int, int] = f.op.stream
             self.inflight[key] = max(0, self.inflight.get(key, 0) - 1)
-            self.policy.complete(f.op, self.state, k.finished)   # emu is ground truth: no correction
+            # emu is ground truth: no correction (k.finished is set: advance() returns finished kernels)
+            self.policy.complete(f.op, self.state, k.finished)  # type: ignore[arg-type]
             s, st = f.s, f.st
             if s.dead:
                 if not self.inflight[key] and key not in self.streams:

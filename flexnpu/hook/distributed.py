@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import _create_work_from_future
+# (not in torch's stubs)
+from torch._C._distributed_c10d import _create_work_from_future  # type: ignore[attr-defined]
 from torch.futures import Future
 
 from flexnpu import protocol as P
@@ -58,7 +59,13 @@ def _is_npu(t: torch.Tensor) -> bool:
     return t.device.type == "npu"
 
 
-class ProcessGroupHCCL(dist.ProcessGroup):
+# We implement the backend side of ProcessGroup: c10d calls these methods with (tensors, options),
+# a protocol torch's stubs (the user-facing overloads, a (store, rank, size) constructor) do not
+# describe, so the base is typed loosely.
+_ProcessGroup: Any = dist.ProcessGroup
+
+
+class ProcessGroupHCCL(_ProcessGroup):
     """A torch.distributed process group whose npu collectives run in the FlexNPU daemons."""
 
     def __init__(self, store: Any, rank: int, size: int, timeout: timedelta) -> None:
@@ -70,7 +77,7 @@ class ProcessGroupHCCL(dist.ProcessGroup):
         self._created = 0
         self._last_dev: runtime.Device | None = None
         self._pair_count: dict[int, int] = {}
-        self._gloo = None
+        self._gloo: dist.ProcessGroupGloo | None = None
         self._blocking = os.environ.get("FLEXNPU_BLOCKING_WAIT", "0") == "1"
 
     def getBackendName(self) -> str:
@@ -150,7 +157,8 @@ class ProcessGroupHCCL(dist.ProcessGroup):
             comm = self._comm(dev)
         if dev.flush_due:
             dev.flush_frees()
-        dev.client.collective(comm, kind, ref_of(inp), ref_of(out), op, root, dev.stream)
+        dev.client.collective(comm, kind, ref_of(inp), ref_of(out), op, root,  # type: ignore[arg-type]
+                              dev.stream)   # (npu tensors, as _device_of checked: NPUTensors)
         if target is not None:
             target.copy_(out)
         if self._blocking:
@@ -195,10 +203,12 @@ class ProcessGroupHCCL(dist.ProcessGroup):
 
     all_gather_single = _allgather_base
 
-    def allgather_coalesced(self, output_lists, inputs, opts=None):
+    def allgather_coalesced(self, output_lists: list[list[torch.Tensor]], inputs: list[torch.Tensor],
+                            opts: Any = None) -> Any:
         return self.allgather(output_lists, inputs, opts)
 
-    def allgather_into_tensor_coalesced(self, outputs, inputs, opts=None):
+    def allgather_into_tensor_coalesced(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor],
+                                        opts: Any = None) -> Any:
         for o, i in zip(outputs, inputs):
             self._allgather_base(o, i, opts)
         return _done(outputs)
@@ -223,7 +233,8 @@ class ProcessGroupHCCL(dist.ProcessGroup):
 
     reduce_scatter_single = _reduce_scatter_base
 
-    def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts=None):
+    def reduce_scatter_tensor_coalesced(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor],
+                                        opts: Any = None) -> Any:
         for o, i in zip(outputs, inputs):
             self._reduce_scatter_base(o, i, opts)
         return _done(outputs)
@@ -292,7 +303,7 @@ class ProcessGroupHCCL(dist.ProcessGroup):
             self._run("broadcast", t, t, root=1 - me, comm=h)
         return _done(tensors)
 
-    def recv_anysource(self, tensors, tag=0):
+    def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> Any:
         raise NotImplementedError("recv from any source is not supported by the FlexNPU hccl backend")
 
     def reduce(self, tensors: list[torch.Tensor], opts: Any) -> Any:
@@ -307,7 +318,7 @@ class ProcessGroupHCCL(dist.ProcessGroup):
                 self._run("all_reduce", tmp, tmp, op)
         return _done(tensors)
 
-    def gather(self, output_lists, inputs, opts):
+    def gather(self, output_lists: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any) -> Any:
         if inputs and not _is_npu(inputs[0]):
             return self._gloo_pg().gather(output_lists, inputs, opts)
         inp = inputs[0]
@@ -318,7 +329,7 @@ class ProcessGroupHCCL(dist.ProcessGroup):
                 o.copy_(flat[i * inp.numel():(i + 1) * inp.numel()].view(o.shape))
         return _done(output_lists)
 
-    def scatter(self, outputs, input_lists, opts):
+    def scatter(self, outputs: list[torch.Tensor], input_lists: list[list[torch.Tensor]], opts: Any) -> Any:
         if outputs and not _is_npu(outputs[0]):
             return self._gloo_pg().scatter(outputs, input_lists, opts)
         out = outputs[0]

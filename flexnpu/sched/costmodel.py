@@ -282,9 +282,11 @@ def aten_cost(op: str, inputs: Sequence[Any], outputs: Sequence[Any] = (),
         if len(mats) < 2:
             raise ValueError(f"{op}: expected two matrix operands, got {len(mats)} tensors")
         a = _shape(mats[0])
+        assert a is not None   # `ins` holds only tensors that have a shape
         k = a[-1] if a else 1
         if out_numel == 0:  # outputs not given: infer numel from operands
             b = _shape(mats[1])
+            assert b is not None
             if name == "linear":
                 out_numel = _numel(a[:-1]) * b[0]
             else:
@@ -296,14 +298,15 @@ def aten_cost(op: str, inputs: Sequence[Any], outputs: Sequence[Any] = (),
         return Cost(flops, io_bytes, 0.0, GEMM, dt)
     if name in _SDPA or name in ("npu_fusion_attention", "npu_prompt_flash_attention",
                                  "npu_incre_flash_attention", "npu_fused_infer_attention_score"):
-        q, k, v = (_shape(t) for t in ins[:3])
-        if len(q) != 4 or len(k) != 4:
-            raise ValueError(f"{op}: expected 4-D (batch, heads, seq, dim) q/k/v, got {q}, {k}")
-        b, h, L, d = q
-        hk, S = k[1], k[2]
-        dv = v[3] if v and len(v) == 4 else d
+        qs, ks, vs = (_shape(t) for t in ins[:3])
+        assert qs is not None and ks is not None   # `ins` holds only tensors that have a shape
+        if len(qs) != 4 or len(ks) != 4:
+            raise ValueError(f"{op}: expected 4-D (batch, heads, seq, dim) q/k/v, got {qs}, {ks}")
+        batch, h, L, d = qs
+        hk, S = ks[1], ks[2]
+        dv = vs[3] if vs and len(vs) == 4 else d
         causal = bool(attrs.get("is_causal", False))
-        c = attention_cost(b, L, S, h, hk, d, dt, causal=causal, v_head_dim=dv)
+        c = attention_cost(batch, L, S, h, hk, d, dt, causal=causal, v_head_dim=dv)
         # use the real tensor bytes when given (strided / padded caches)
         return Cost(c.flops, max(c.bytes, io_bytes), 0.0, ATTENTION, dt)
     if name in _SOFTMAX:
@@ -315,9 +318,11 @@ def aten_cost(op: str, inputs: Sequence[Any], outputs: Sequence[Any] = (),
         return Cost(per * n, io_bytes, 0.0, NORM, dt)
     if name in ("embedding", "embedding_bag"):
         w = ins[0]
+        ws = _shape(w)
+        assert ws is not None   # `ins` holds only tensors that have a shape
         e = dtype_bytes(_dtype(w))
-        rows = out_numel // max(1, _shape(w)[-1]) if outs else _numel(_shape(ins[1]))
-        by = 2.0 * rows * _shape(w)[-1] * e + (_nbytes(ins[1]) if len(ins) > 1 else 0)
+        rows = out_numel // max(1, ws[-1]) if outs else _numel(_shape(ins[1]))
+        by = 2.0 * rows * ws[-1] * e + (_nbytes(ins[1]) if len(ins) > 1 else 0)
         return Cost(0.0, by, 0.0, EMBEDDING, _dtype(w))
     if name in _COPIES:
         src = ins[-1] if name in ("copy", "_copy_from", "_copy_from_and_resize") else ins[0]

@@ -196,6 +196,7 @@ def step_kernels(m: ModelShape, chunks: Sequence[tuple[int, int]] = (), decode_c
         nm = nl - nd
         body = [dense.scaled(nd, 1)] if nd else []
         if nm:
+            assert moe is not None   # nm > 0 only for MoE models
             body.append(moe.scaled(nm, 1))
         b = total(body)
         out.append(Cost(b.flops, b.bytes, b.link_bytes, b.op_class, b.dtype, 1))

@@ -177,6 +177,7 @@ class Policy(ABC):
             device.model.observe(op.cost, now - started)
         self.on_complete(op, q, device, now)
         if closed:
+            assert q is not None   # only a queue's step can close
             self.on_step(q, device, now)
 
     def end_step(self, q: StreamQueue, device: DeviceState, at: float) -> None:
@@ -321,7 +322,8 @@ class FlexPolicy(Policy):
 
     def select(self, queues, device, now):
         out: list[Dispatch] = []
-        dec, pre = [], []
+        dec: list[StreamQueue] = []
+        pre: list[StreamQueue] = []
         for q in queues:
             (dec if self._phase(q, device) is Phase.DECODE else pre).append(q)
         decode_busy = any(q.ops or q.inflight for q in dec)

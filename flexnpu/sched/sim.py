@@ -32,6 +32,7 @@ daemons and calls back on completion).
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -223,7 +224,8 @@ class DecodeFirstEngine(BatchEngine):
         self.since_onboard = 0
 
     def _onboard(self, min_size: int) -> StepPlan | None:
-        picked, tokens, reserved = [], 0, 0
+        picked: list[Request] = []
+        tokens, reserved = 0, 0
         for r in self.waiting:
             if len(self.running) + len(picked) >= self.max_seqs:
                 break
@@ -342,7 +344,7 @@ class FlexDevice:
                 finished_steps.append(op.tag)
         for name in finished_steps:
             if self.overhead > 0:
-                self.loop.at(now + self.overhead, lambda n=name: self._step_done(n))
+                self.loop.at(now + self.overhead, functools.partial(self._step_done, name))
             else:
                 self._step_done(name, kick=False)
         if finished_steps and self.overhead <= 0:
@@ -390,6 +392,7 @@ def simulate(system: str, model: ModelShape, cm: CostModel, requests: list[Reque
     loop = EventLoop()
     cap = model.kv_capacity_tokens(cm.spec.mem_bytes)
     busy = [0.0]
+    devs: list[EngineDevice] | list[FlexDevice]
     if system == "static-coloc":
         devs = [EngineDevice(loop, cm, BatchEngine(model, KVPool(cap), True, True, cfg.max_batched_tokens,
                                                    cfg.max_seqs, cfg.slices), cfg.step_overhead_s)
@@ -404,7 +407,7 @@ def simulate(system: str, model: ModelShape, cm: CostModel, requests: list[Reque
 
         route = _least_loaded(devs)
     elif system in ("flexnpu", "static-partition", "naive-coloc"):
-        devs = []
+        fdevs: list[FlexDevice] = []
         for _ in range(n_devices):
             pool = KVPool(cap)
             dec = BatchEngine(model, pool, False, True, cfg.max_seqs, cfg.max_seqs, cfg.slices)
@@ -420,10 +423,11 @@ def simulate(system: str, model: ModelShape, cm: CostModel, requests: list[Reque
             else:
                 pol = FifoPolicy()
             fd = FlexDevice(loop, cm, {"decode": dec, "prefill": pre}, pol, cfg.tpot_budget_s, cfg.step_overhead_s)
-            devs.append(fd)
+            fdevs.append(fd)
+        devs = fdevs
 
         def route(r: Request) -> None:
-            d = min(devs, key=lambda d: d.engines["prefill"].load() + d.engines["decode"].load())
+            d = min(fdevs, key=lambda d: d.engines["prefill"].load() + d.engines["decode"].load())
             d.engines["prefill"].add(r)
             d.kick()
     elif system == "static-disagg":
@@ -467,7 +471,7 @@ def simulate(system: str, model: ModelShape, cm: CostModel, requests: list[Reque
         raise ValueError(f"unknown system {system!r}")
 
     for r in requests:
-        loop.at(r.arrival, lambda r=r: route(r))
+        loop.at(r.arrival, functools.partial(route, r))
     loop.run()
     unfinished = sum(1 for r in requests if r.finish is None)
     if unfinished:
@@ -492,11 +496,12 @@ def percentile(xs: list[float], p: float) -> float:
 def metrics(requests: list[Request], ttft_slo_s: float, tpot_slo_s: float) -> dict:
     done = [r for r in requests if r.finish is not None]
     t0 = min(r.arrival for r in requests)
-    t1 = max(r.finish for r in done)
+    t1 = max(r.finish for r in done if r.finish is not None)   # (all of them; narrows for mypy)
     toks = sum(r.output for r in done)
-    ttft = [r.ttft for r in done]
+    ttft = [r.ttft for r in done if r.ttft is not None]   # (all: a finished request has a first token)
     tpot = [r.tpot for r in done if r.tpot is not None]
-    ok = sum(1 for r in done if r.ttft <= ttft_slo_s and (r.tpot is None or r.tpot <= tpot_slo_s))
+    ok = sum(1 for r in done if r.ttft is not None and r.ttft <= ttft_slo_s
+             and (r.tpot is None or r.tpot <= tpot_slo_s))
     return {"throughput_tok_s": toks / (t1 - t0), "completed": len(done),
             "ttft_p50_ms": percentile(ttft, 50) * 1e3, "ttft_p99_ms": percentile(ttft, 99) * 1e3,
             "tpot_p50_ms": percentile(tpot, 50) * 1e3, "tpot_p99_ms": percentile(tpot, 99) * 1e3,
