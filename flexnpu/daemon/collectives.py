@@ -23,6 +23,7 @@ worker rings the daemon's doorbell when it finishes. Failures make the communica
 timeout, or ranks that disagree on the collective, its shape, dtype or reduction. Every rank then
 gets a CollectiveError at its stream's next synchronization, within about a second.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,7 +34,8 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 
@@ -51,12 +53,12 @@ log = logging.getLogger("flexnpu.daemon.collectives")
 
 MAX_COMMS_PER_CLIENT = 256
 MAX_COMMS = 1024
-MAX_SHARED_COMMS = 64             # communicators spanning several daemons (each maps a shared segment)
-MAX_PENDING_INSTANCES = 4096      # per communicator: collectives issued ahead of the slowest rank
+MAX_SHARED_COMMS = 64  # communicators spanning several daemons (each maps a shared segment)
+MAX_PENDING_INSTANCES = 4096  # per communicator: collectives issued ahead of the slowest rank
 MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 24 * 3600.0
-SLOT_BYTES = int(os.environ.get("FLEXNPU_COLL_SLOT", str(8 << 20)))   # one pipeline buffer
-SPIN_NS = 50_000                  # cross-daemon waits spin this long before sleeping on the futex
-LIVENESS_SLICE_S = 0.05           # a waiting worker checks peer daemons this often
+SLOT_BYTES = int(os.environ.get("FLEXNPU_COLL_SLOT", str(8 << 20)))  # one pipeline buffer
+SPIN_NS = 50_000  # cross-daemon waits spin this long before sleeping on the futex
+LIVENESS_SLICE_S = 0.05  # a waiting worker checks peer daemons this often
 # Collectives this small (elements per rank) run in the main loop when nothing must wait: a thread
 # hop costs more than the work. At most ATen's grain size, so their ops stay serial: an OpenMP
 # parallel region entered from the loop's thread stalls for tens of ms on a loaded host.
@@ -64,7 +66,7 @@ INLINE_ELEMENTS = int(os.environ.get("FLEXNPU_COLL_INLINE", "32768"))
 # The shared path may work through each chunk in pieces (FLEXNPU_COLL_PIECE elements; 32768 =
 # ATen's grain size keeps every op on one core). Default: whole chunks, which measured faster here.
 PIECE = int(os.environ.get("FLEXNPU_COLL_PIECE", str(1 << 40)))
-INLINE_WAIT_S = 30e-6             # ... which spins this long for the other daemons' posts
+INLINE_WAIT_S = 30e-6  # ... which spins this long for the other daemons' posts
 
 ALL_REDUCE, BROADCAST, ALL_GATHER, REDUCE_SCATTER, ALL_TO_ALL = range(len(P.COLL_KINDS))
 SUM, AVG, PROD, MIN, MAX, BAND, BOR, BXOR = range(len(P.REDUCE_OPS))
@@ -75,7 +77,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ====================================================================== reductions
 def _combine(op: int, acc: torch.Tensor, x: torch.Tensor) -> None:
     """acc = acc (op) x, in place."""
-    if x.device != acc.device:      # device allocations against the host segment (cuda/npu backends)
+    if x.device != acc.device:  # device allocations against the host segment (cuda/npu backends)
         x = x.to(acc.device)
     if op in (SUM, AVG):
         acc.add_(x) if acc.dtype != torch.bool else acc.logical_or_(x)
@@ -94,15 +96,22 @@ def _combine(op: int, acc: torch.Tensor, x: torch.Tensor) -> None:
 
 
 _BINARY: dict[int, Callable[..., torch.Tensor]] = {
-    SUM: torch.add, AVG: torch.add, PROD: torch.mul, MIN: torch.minimum, MAX: torch.maximum,
-    BAND: torch.bitwise_and, BOR: torch.bitwise_or, BXOR: torch.bitwise_xor}
+    SUM: torch.add,
+    AVG: torch.add,
+    PROD: torch.mul,
+    MIN: torch.minimum,
+    MAX: torch.maximum,
+    BAND: torch.bitwise_and,
+    BOR: torch.bitwise_or,
+    BXOR: torch.bitwise_xor,
+}
 
 
 def _reduce_into(op: int, out: torch.Tensor, xs: list[torch.Tensor]) -> None:
     """out = xs[0] (op) xs[1] (op) ... in this order, so every daemon gets the same bits. `out`
     may be xs[0] itself (in-place all_reduce) but no other x."""
     if len(xs) >= 2 and out.dtype != torch.bool and all(x.device == out.device for x in xs[:2]):
-        _BINARY[op](xs[0], xs[1], out=out)      # one pass over both instead of a copy, then the op
+        _BINARY[op](xs[0], xs[1], out=out)  # one pass over both instead of a copy, then the op
         rest = xs[2:]
     else:
         if out.data_ptr() != xs[0].data_ptr():
@@ -142,8 +151,10 @@ class Part:
     out: torch.Tensor
 
     def describe(self) -> str:
-        return (f"{P.COLL_KINDS[self.kind]}(input {self.inp.numel()} x {str(self.dtype).replace('torch.', '')}"
-                f", op {P.REDUCE_OPS[self.op]}, root {self.root})")
+        return (
+            f"{P.COLL_KINDS[self.kind]}(input {self.inp.numel()} x {str(self.dtype).replace('torch.', '')}"
+            f", op {P.REDUCE_OPS[self.op]}, root {self.root})"
+        )
 
     def key(self) -> tuple[int | torch.dtype, ...]:
         k: tuple[int | torch.dtype, ...] = (self.kind, self.dtype, self.inp.numel())
@@ -160,22 +171,22 @@ class Instance:
     deadline: float
     parts: dict[int, Part] = field(default_factory=dict)
     submitted: bool = False
-    plan: Any = None              # set once the main thread has posted its first step
+    plan: Any = None  # set once the main thread has posted its first step
     done: bool = False
     error: str | None = None
 
 
 # ====================================================================== the shared segment
 _U64 = struct.Struct("<Q")
-_DESC = struct.Struct("<QQQQQ")       # kind, op, root, dtype code, per-rank input elements
-MAX_DAEMONS = 16                        # devices one communicator may span (one host)
+_DESC = struct.Struct("<QQQQQ")  # kind, op, root, dtype code, per-rank input elements
+MAX_DAEMONS = 16  # devices one communicator may span (one host)
 _H_MAGIC, _H_ATTACHED, _H_ABORT, _H_CLAIM, _H_BELL, _H_SLEEPERS, _H_MSG = 0, 128, 256, 384, 512, 640, 768
 _MSG_BYTES = 1024
-_BLOCKS = 2048                          # per daemon: pid, posted, consumed, one 128-byte line each
+_BLOCKS = 2048  # per daemon: pid, posted, consumed, one 128-byte line each
 _BLOCK = 384
-_DATA = 32768                           # page-aligned start of the buffers
-_BUF_HEAD = 128                         # each buffer starts with its step's descriptor
-SHM_MAGIC = 0x4C4C4F43504E5846          # "FXNPCOLL"
+_DATA = 32768  # page-aligned start of the buffers
+_BUF_HEAD = 128  # each buffer starts with its step's descriptor
+SHM_MAGIC = 0x4C4C4F43504E5846  # "FXNPCOLL"
 
 
 def shm_name(comm_id: bytes) -> str:
@@ -203,8 +214,10 @@ class ShmLink:
             if st.st_size == 0:
                 os.ftruncate(shm.fd, self.size)
             elif st.st_size != self.size:
-                raise CollectiveError(f"communicator segment {self.name} has {st.st_size} bytes, expected "
-                                      f"{self.size}: the daemons disagree about the communicator")
+                raise CollectiveError(
+                    f"communicator segment {self.name} has {st.st_size} bytes, expected "
+                    f"{self.size}: the daemons disagree about the communicator"
+                )
             self.mm = mmap.mmap(shm.fd, self.size)
         finally:
             shm.close_fd()
@@ -246,19 +259,20 @@ class ShmLink:
     def aborted(self) -> str | None:
         if not self.lib.fx_shm_load(self.base + _H_ABORT):
             return None
-        raw = bytes(self.mm[_H_MSG:_H_MSG + _MSG_BYTES]).split(b"\0", 1)[0]
+        raw = bytes(self.mm[_H_MSG : _H_MSG + _MSG_BYTES]).split(b"\0", 1)[0]
         return raw.decode(errors="replace") or "aborted by another daemon"
 
     def abort(self, why: str) -> None:
         """First reason wins; it is written before the flag is released."""
         if self.lib.fx_shm_cas(self.base + _H_CLAIM, 0, 1):
-            data = why.encode()[:_MSG_BYTES - 1] + b"\0"
-            self.mm[_H_MSG:_H_MSG + len(data)] = data
+            data = why.encode()[: _MSG_BYTES - 1] + b"\0"
+            self.mm[_H_MSG : _H_MSG + len(data)] = data
         self.lib.fx_coll_post(self.base + _H_ABORT, 1, self.base + _H_BELL, self.base + _H_SLEEPERS)
 
     def _post(self, word: int, v: int) -> None:
-        self.lib.fx_coll_post(self.base + self._blk(self.me) + word, v, self.base + _H_BELL,
-                              self.base + _H_SLEEPERS)
+        self.lib.fx_coll_post(
+            self.base + self._blk(self.me) + word, v, self.base + _H_BELL, self.base + _H_SLEEPERS
+        )
 
     def _wait(self, offs: Any, target: int, deadline: float, alive: Callable[[], str | None]) -> None:
         lib = self.lib
@@ -266,9 +280,17 @@ class ShmLink:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise CollectiveError("collective timed out waiting for another device's daemon")
-            rc = lib.fx_coll_wait(self.base, offs, self._npeers, target, self.base + _H_ABORT,
-                                  self.base + _H_BELL, self.base + _H_SLEEPERS, min(left, LIVENESS_SLICE_S),
-                                  SPIN_NS)
+            rc = lib.fx_coll_wait(
+                self.base,
+                offs,
+                self._npeers,
+                target,
+                self.base + _H_ABORT,
+                self.base + _H_BELL,
+                self.base + _H_SLEEPERS,
+                min(left, LIVENESS_SLICE_S),
+                SPIN_NS,
+            )
             if rc == 1:
                 return
             if rc == lib.FX_COLL_ABORTED:
@@ -280,23 +302,41 @@ class ShmLink:
     # -- one pipeline step ---------------------------------------------------------------------
     def buffer(self, d: int, step: int) -> torch.Tensor:
         off = _DATA + (d * 2 + step % 2) * self.slot
-        return self.buf[off + _BUF_HEAD:off + self.slot]
+        return self.buf[off + _BUF_HEAD : off + self.slot]
 
     def desc(self, d: int, step: int) -> bytes:
         off = _DATA + (d * 2 + step % 2) * self.slot
-        return bytes(self.mm[off:off + _DESC.size])
+        return bytes(self.mm[off : off + _DESC.size])
 
     def ready_for(self, step: int) -> bool:
         """May this daemon write its buffer of `step` now (no waiting)?"""
         if step <= 2:
             return True
-        rc: int = self.lib.fx_coll_wait(self.base, self._offs_consumed, self._npeers, step - 2, self.base + _H_ABORT,
-                                   self.base + _H_BELL, self.base + _H_SLEEPERS, 0.0, 0)
+        rc: int = self.lib.fx_coll_wait(
+            self.base,
+            self._offs_consumed,
+            self._npeers,
+            step - 2,
+            self.base + _H_ABORT,
+            self.base + _H_BELL,
+            self.base + _H_SLEEPERS,
+            0.0,
+            0,
+        )
         return rc == 1
 
     def peers_posted(self, step: int, spin_s: float) -> bool:
-        rc: int = self.lib.fx_coll_wait(self.base, self._offs_posted, self._npeers, step, self.base + _H_ABORT,
-                                   self.base + _H_BELL, self.base + _H_SLEEPERS, spin_s, int(spin_s * 1e9))
+        rc: int = self.lib.fx_coll_wait(
+            self.base,
+            self._offs_posted,
+            self._npeers,
+            step,
+            self.base + _H_ABORT,
+            self.base + _H_BELL,
+            self.base + _H_SLEEPERS,
+            spin_s,
+            int(spin_s * 1e9),
+        )
         return rc == 1
 
     def begin(self, step: int, deadline: float, alive: Callable[[], str | None]) -> torch.Tensor:
@@ -308,7 +348,7 @@ class ShmLink:
     def post(self, step: int, desc: bytes | None) -> None:
         if desc is not None:
             off = _DATA + (self.me * 2 + step % 2) * self.slot
-            self.mm[off:off + len(desc)] = desc
+            self.mm[off : off + len(desc)] = desc
         self._post(128, step)
 
     def gather(self, step: int, deadline: float, alive: Callable[[], str | None]) -> None:
@@ -322,8 +362,9 @@ class ShmLink:
 class Comm:
     """One communicator as seen by one daemon: its local ranks, their instances, its worker."""
 
-    def __init__(self, colls: "Collectives", comm_id: bytes, size: int, devmap: tuple[int, ...],
-                 timeout_s: float) -> None:
+    def __init__(
+        self, colls: Collectives, comm_id: bytes, size: int, devmap: tuple[int, ...], timeout_s: float
+    ) -> None:
         self.colls = colls
         self.id = comm_id
         self.size = size
@@ -334,8 +375,8 @@ class Comm:
         self.me = self.daemons.index(dev)
         self.ranks_of = [[r for r in range(size) if devmap[r] == d] for d in self.daemons]
         self.local = self.ranks_of[self.me]
-        self.members: dict[int, tuple[int, int]] = {}      # rank -> (client id, pid)
-        self.next_k: dict[int, int] = {r: 0 for r in self.local}
+        self.members: dict[int, tuple[int, int]] = {}  # rank -> (client id, pid)
+        self.next_k: dict[int, int] = dict.fromkeys(self.local, 0)
         self.instances: dict[int, Instance] = {}
         self.error: str | None = None
         self.link: ShmLink | None = None
@@ -365,8 +406,10 @@ class Comm:
             first = inst.parts[self.local[0]]
             for p in inst.parts.values():
                 if p.key() != first.key():
-                    self.abort(f"ranks disagree on collective #{k}: rank {first.rank} called "
-                               f"{first.describe()}, rank {p.rank} called {p.describe()}")
+                    self.abort(
+                        f"ranks disagree on collective #{k}: rank {first.rank} called "
+                        f"{first.describe()}, rank {p.rank} called {p.describe()}"
+                    )
                     return inst
             inst.submitted = True
             if first.inp.numel() <= INLINE_ELEMENTS and self.try_inline(inst):
@@ -383,7 +426,7 @@ class Comm:
             self.instances.pop(inst.k, None)
             return True
         if inst.submitted:
-            return False          # the worker finishes it, bounded by its deadline and peer checks
+            return False  # the worker finishes it, bounded by its deadline and peer checks
         if self.error is not None:
             self._fail(inst, self.error)
             return True
@@ -394,8 +437,10 @@ class Comm:
                 return True
         if time.monotonic() > inst.deadline:
             missing = sorted(set(self.local) - set(inst.parts))
-            self.abort(f"{self.label}: collective #{inst.k} timed out after {self.timeout_s:g} s "
-                       f"waiting for rank(s) {missing} to call it")
+            self.abort(
+                f"{self.label}: collective #{inst.k} timed out after {self.timeout_s:g} s "
+                f"waiting for rank(s) {missing} to call it"
+            )
             return True
         return False
 
@@ -406,7 +451,7 @@ class Comm:
             log.warning("%s aborted: %s", self.label, why)
         if len(self.daemons) > 1:
             try:
-                self._ensure_link().abort(why)     # the other daemons' ranks must hear it too
+                self._ensure_link().abort(why)  # the other daemons' ranks must hear it too
             except Exception as e:  # noqa: BLE001 - they will time out instead
                 log.warning("%s: cannot tell the other devices: %s", self.label, e)
         for inst in list(self.instances.values()):
@@ -431,8 +476,9 @@ class Comm:
     # -- worker thread -------------------------------------------------------------------------
     def _start_worker(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name=f"flexnpu-coll-{self.id.hex()[:8]}",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._work, name=f"flexnpu-coll-{self.id.hex()[:8]}", daemon=True
+            )
             self._thread.start()
 
     def _work(self) -> None:
@@ -446,7 +492,7 @@ class Comm:
                 if len(self.daemons) == 1:
                     self._run_local(inst)
                 elif inst.plan is not None:
-                    self._run_shared(inst, inst.plan, first=1)     # the main thread posted step 1
+                    self._run_shared(inst, inst.plan, first=1)  # the main thread posted step 1
                 else:
                     self._run_shared(inst)
             except Exception as e:  # noqa: BLE001 - every failure becomes the ranks' error
@@ -483,7 +529,7 @@ class Comm:
             m = p0.inp.numel()
             for p in parts:
                 for q in parts:
-                    dst = p.out[q.rank * m:(q.rank + 1) * m]
+                    dst = p.out[q.rank * m : (q.rank + 1) * m]
                     if dst.data_ptr() != q.inp.data_ptr():
                         dst.copy_(q.inp)
         elif kind == REDUCE_SCATTER:
@@ -491,7 +537,7 @@ class Comm:
             # Reduce into a temporary first: an output may alias its own rank's input.
             res = [torch.empty_like(p.out) for p in parts]
             for i, p in enumerate(parts):
-                _reduce_into(op, res[i], [q.inp[p.rank * m:(p.rank + 1) * m] for q in parts])
+                _reduce_into(op, res[i], [q.inp[p.rank * m : (p.rank + 1) * m] for q in parts])
                 _finish(op, res[i], n)
             for i, p in enumerate(parts):
                 p.out.copy_(res[i])
@@ -499,7 +545,7 @@ class Comm:
             m = p0.inp.numel() // n
             for p in parts:
                 for q in parts:
-                    p.out[q.rank * m:(q.rank + 1) * m].copy_(q.inp[p.rank * m:(p.rank + 1) * m])
+                    p.out[q.rank * m : (q.rank + 1) * m].copy_(q.inp[p.rank * m : (p.rank + 1) * m])
 
     def _alive(self) -> str | None:
         if self.error is not None:
@@ -511,15 +557,15 @@ class Comm:
         return None
 
     def _ensure_link(self) -> ShmLink:
-        with self._link_lock:          # the main thread (abort, fast path) and the worker both may
+        with self._link_lock:  # the main thread (abort, fast path) and the worker both may
             if self.link is None:
                 self.link = ShmLink(self.id, len(self.daemons), self.me, SLOT_BYTES)
             return self.link
 
-    def _plan(self, inst: Instance) -> "_Plan":
+    def _plan(self, inst: Instance) -> _Plan:
         return _Plan(self, inst, self._ensure_link())
 
-    def _run_shared(self, inst: Instance, plan: "_Plan | None" = None, first: int = 0) -> None:
+    def _run_shared(self, inst: Instance, plan: _Plan | None = None, first: int = 0) -> None:
         """Ranks on several daemons: exchange chunks through the shared segment. With `first`
         = 1 the first step was already posted (by the main thread's fast path)."""
         plan = plan or self._plan(inst)
@@ -571,19 +617,24 @@ class _Plan:
     """How one instance moves through the shared segment: chunk size, descriptor, roles."""
 
     def __init__(self, comm: Comm, inst: Instance, link: ShmLink) -> None:
-        self.comm, self.inst, self.link = comm, inst, link   # link: comm.link, which is set by now
+        self.comm, self.inst, self.link = comm, inst, link  # link: comm.link, which is set by now
         self.parts = parts = comm._parts(inst)
         p0 = self.p0 = parts[0]
         self.kind, self.op, self.n = p0.kind, p0.op, comm.size
         self.isz = p0.dtype.itemsize
-        self.m = m = p0.inp.numel()                          # per-rank input elements
+        self.m = m = p0.inp.numel()  # per-rank input elements
         kind = self.kind
         self.pieces = max(len(r) for r in comm.ranks_of) if kind in (ALL_GATHER, ALL_TO_ALL) else 1
-        cap = (link.slot - _BUF_HEAD) // (self.isz * self.pieces)     # elements per piece per step
+        cap = (link.slot - _BUF_HEAD) // (self.isz * self.pieces)  # elements per piece per step
         self.cap = cap = max(1, cap - cap % 64) if cap > 64 else max(1, cap)
         self.steps = max(1, -(-m // cap))
-        self.desc = _DESC.pack(kind, self.op if kind in (ALL_REDUCE, REDUCE_SCATTER) else 0,
-                               p0.root if kind == BROADCAST else 0, P.DTYPE_NAMES.index(str(p0.dtype)[6:]), m)
+        self.desc = _DESC.pack(
+            kind,
+            self.op if kind in (ALL_REDUCE, REDUCE_SCATTER) else 0,
+            p0.root if kind == BROADCAST else 0,
+            P.DTYPE_NAMES.index(str(p0.dtype)[6:]),
+            m,
+        )
         self.root_d = comm.daemons.index(comm.devmap[p0.root]) if kind == BROADCAST else -1
         self.src = None
         if kind == BROADCAST and self.root_d == comm.me:
@@ -593,7 +644,7 @@ class _Plan:
                     p.out.copy_(self.src)
 
     def _view(self, raw: torch.Tensor) -> torch.Tensor:
-        return raw[:self.pieces * self.cap * self.isz].view(self.p0.dtype)
+        return raw[: self.pieces * self.cap * self.isz].view(self.p0.dtype)
 
     def post(self, c: int, t: int) -> None:
         """Write this daemon's contribution for chunk c into its buffer of step t; publish it."""
@@ -607,13 +658,13 @@ class _Plan:
     def _post_range(self, mine: torch.Tensor, lo: int, hi: int, base: int) -> None:
         kind, parts, cap = self.kind, self.parts, self.cap
         if kind in (ALL_REDUCE, REDUCE_SCATTER):
-            _reduce_into(self.op, mine[lo - base:hi - base], [p.inp[lo:hi] for p in parts])
+            _reduce_into(self.op, mine[lo - base : hi - base], [p.inp[lo:hi] for p in parts])
         elif kind == BROADCAST:
             if self.src is not None:
-                mine[lo - base:hi - base].copy_(self.src[lo:hi])
+                mine[lo - base : hi - base].copy_(self.src[lo:hi])
         else:
             for j, p in enumerate(parts):
-                mine[j * cap + lo - base:j * cap + hi - base].copy_(p.inp[lo:hi])
+                mine[j * cap + lo - base : j * cap + hi - base].copy_(p.inp[lo:hi])
 
     def read(self, c: int, t: int) -> None:
         """Every daemon posted chunk c (step t): check agreement, read into the local outputs."""
@@ -626,7 +677,8 @@ class _Plan:
                     raise CollectiveError(
                         f"ranks disagree on collective #{self.inst.k}: device {comm.daemons[comm.me]}'s ranks "
                         f"called {_desc_text(_DESC.unpack(self.desc))}, device {comm.daemons[d]}'s ranks called "
-                        f"{_desc_text(theirs)}")
+                        f"{_desc_text(theirs)}"
+                    )
         bufs = [self._view(link.buffer(d, t)) for d in range(len(comm.daemons))]
         for a in range(lo, hi, PIECE):
             self._read_range(bufs, a, min(hi, a + PIECE), lo)
@@ -635,7 +687,7 @@ class _Plan:
         comm, kind, parts, cap, m, op, n = self.comm, self.kind, self.parts, self.cap, self.m, self.op, self.n
         if kind == ALL_REDUCE:
             out0 = self.p0.out[lo:hi]
-            _reduce_into(op, out0, [b[lo - base:hi - base] for b in bufs])
+            _reduce_into(op, out0, [b[lo - base : hi - base] for b in bufs])
             _finish(op, out0, n)
             for p in parts[1:]:
                 p.out[lo:hi].copy_(out0)
@@ -644,28 +696,29 @@ class _Plan:
             for p in parts:
                 a, b = max(lo, p.rank * mo), min(hi, (p.rank + 1) * mo)
                 if a < b:
-                    dst = p.out[a - p.rank * mo:b - p.rank * mo]
-                    _reduce_into(op, dst, [x[a - base:b - base] for x in bufs])
+                    dst = p.out[a - p.rank * mo : b - p.rank * mo]
+                    _reduce_into(op, dst, [x[a - base : b - base] for x in bufs])
                     _finish(op, dst, n)
         elif kind == BROADCAST:
             if self.root_d != comm.me:
                 for p in parts:
-                    p.out[lo:hi].copy_(bufs[self.root_d][lo - base:hi - base])
+                    p.out[lo:hi].copy_(bufs[self.root_d][lo - base : hi - base])
         elif kind == ALL_GATHER:
             for d, ranks in enumerate(comm.ranks_of):
                 for j, g in enumerate(ranks):
-                    piece = bufs[d][j * cap + lo - base:j * cap + hi - base]
+                    piece = bufs[d][j * cap + lo - base : j * cap + hi - base]
                     for p in parts:
-                        p.out[g * m + lo:g * m + hi].copy_(piece)
-        else:   # ALL_TO_ALL: rank p's block g = rank g's block p
+                        p.out[g * m + lo : g * m + hi].copy_(piece)
+        else:  # ALL_TO_ALL: rank p's block g = rank g's block p
             mb = m // n
             for d, ranks in enumerate(comm.ranks_of):
                 for j, g in enumerate(ranks):
                     for p in parts:
                         a, b = max(lo, p.rank * mb), min(hi, (p.rank + 1) * mb)
                         if a < b:
-                            p.out[g * mb + a - p.rank * mb:g * mb + b - p.rank * mb].copy_(
-                                bufs[d][j * cap + a - base:j * cap + b - base])
+                            p.out[g * mb + a - p.rank * mb : g * mb + b - p.rank * mb].copy_(
+                                bufs[d][j * cap + a - base : j * cap + b - base]
+                            )
 
 
 def _desc_text(d: tuple[int, ...]) -> str:
@@ -695,16 +748,16 @@ class Membership:
 class Collectives:
     """All communicators of one daemon, and each client's handles to the ones it joined."""
 
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.comms: dict[bytes, Comm] = {}
-        self.clients: dict[int, dict[int, Membership]] = {}   # client id -> handle -> membership
+        self.clients: dict[int, dict[int, Membership]] = {}  # client id -> handle -> membership
 
     def wake(self) -> None:
         """From a worker thread: let the main loop look at finished collectives."""
         self.daemon._doorbell.ring()
 
-    def join(self, s: "Session", handle: int, rank: int, size: int, timeout_ms: int, payload: bytes) -> None:
+    def join(self, s: Session, handle: int, rank: int, size: int, timeout_ms: int, payload: bytes) -> None:
         mine = self.clients.setdefault(s.cid, {})
         if not 0 < handle < 1 << 32 or handle in mine:
             raise InvalidHandle(f"communicator handle {handle} invalid or in use")
@@ -715,12 +768,16 @@ class Collectives:
         if not 0 <= rank < size:
             raise InvalidArgument(f"rank {rank} out of range for a communicator of {size}")
         if len(payload) != P.COMM_ID_BYTES + 4 * size:
-            raise InvalidArgument("communicator init: payload must be a 16-byte id and one u32 device per rank")
-        comm_id = bytes(payload[:P.COMM_ID_BYTES])
-        devmap = struct.unpack(f"<{size}I", payload[P.COMM_ID_BYTES:])
+            raise InvalidArgument(
+                "communicator init: payload must be a 16-byte id and one u32 device per rank"
+            )
+        comm_id = bytes(payload[: P.COMM_ID_BYTES])
+        devmap = struct.unpack(f"<{size}I", payload[P.COMM_ID_BYTES :])
         if devmap[rank] != self.daemon.device:
-            raise PermissionDenied(f"rank {rank} of this communicator belongs to device {devmap[rank]}, "
-                                   f"not to device {self.daemon.device} that this client is attached to")
+            raise PermissionDenied(
+                f"rank {rank} of this communicator belongs to device {devmap[rank]}, "
+                f"not to device {self.daemon.device} that this client is attached to"
+            )
         if len(set(devmap)) > MAX_DAEMONS:
             raise InvalidArgument(f"a communicator may span at most {MAX_DAEMONS} devices")
         timeout = min(MAX_TIMEOUT_S, max(MIN_TIMEOUT_S, timeout_ms / 1000.0))
@@ -728,43 +785,53 @@ class Collectives:
         if comm is None:
             if len(self.comms) >= MAX_COMMS:
                 raise InvalidArgument(f"too many communicators on this device (limit {MAX_COMMS})")
-            if len(set(devmap)) > 1 and sum(len(c.daemons) > 1 for c in self.comms.values()) >= MAX_SHARED_COMMS:
+            if (
+                len(set(devmap)) > 1
+                and sum(len(c.daemons) > 1 for c in self.comms.values()) >= MAX_SHARED_COMMS
+            ):
                 # each maps a host shared segment of 2 x FLEXNPU_COLL_SLOT bytes per device
-                raise InvalidArgument(f"too many communicators spanning devices on this device (limit "
-                                      f"{MAX_SHARED_COMMS})")
+                raise InvalidArgument(
+                    f"too many communicators spanning devices on this device (limit {MAX_SHARED_COMMS})"
+                )
             comm = Comm(self, comm_id, size, tuple(devmap), timeout)
             self.comms[comm_id] = comm
         elif comm.size != size or comm.devmap != tuple(devmap):
-            raise InvalidArgument(f"{comm.label} exists with {comm.size} ranks on devices {list(comm.devmap)}; "
-                                  f"this rank was created with {size} ranks on devices {list(devmap)}")
+            raise InvalidArgument(
+                f"{comm.label} exists with {comm.size} ranks on devices {list(comm.devmap)}; "
+                f"this rank was created with {size} ranks on devices {list(devmap)}"
+            )
         if rank in comm.members:
-            raise PermissionDenied(f"rank {rank} of {comm.label} was already joined (by pid "
-                                   f"{comm.members[rank][1]})")
+            raise PermissionDenied(
+                f"rank {rank} of {comm.label} was already joined (by pid {comm.members[rank][1]})"
+            )
         if comm.error is not None:
             raise CollectiveError(f"{comm.label} was aborted: {comm.error}")
         comm.members[rank] = (s.cid, s.pid)
         mine[handle] = Membership(comm, rank)
 
-    def leave(self, s: "Session", handle: int) -> None:
+    def leave(self, s: Session, handle: int) -> None:
         m = self.clients.get(s.cid, {}).pop(handle, None)
         if m is None:
             raise NotFound(f"unknown communicator handle {handle}")
         m.comm.leave(m.rank)
         self._maybe_drop(m.comm)
 
-    def member(self, s: "Session", handle: int) -> Membership:
+    def member(self, s: Session, handle: int) -> Membership:
         m = self.clients.get(s.cid, {}).get(handle)
         if m is None:
-            raise InvalidHandle(f"unknown communicator handle {handle} (a client may only use communicators it "
-                                f"joined)")
+            raise InvalidHandle(
+                f"unknown communicator handle {handle} (a client may only use communicators it joined)"
+            )
         return m
 
-    def session_closed(self, s: "Session") -> None:
+    def session_closed(self, s: Session) -> None:
         """A client went away: its ranks are gone, so every communicator it was in fails."""
         for m in (self.clients.pop(s.cid, None) or {}).values():
             m.comm.leave(m.rank)
-            if m.comm.members or len(m.comm.daemons) > 1:    # someone may still wait for this rank
-                m.comm.abort(f"{m.comm.label}: rank {m.rank} (pid {s.pid}, device {self.daemon.device}) exited")
+            if m.comm.members or len(m.comm.daemons) > 1:  # someone may still wait for this rank
+                m.comm.abort(
+                    f"{m.comm.label}: rank {m.rank} (pid {s.pid}, device {self.daemon.device}) exited"
+                )
             self._maybe_drop(m.comm)
 
     def _maybe_drop(self, comm: Comm) -> None:
@@ -786,9 +853,19 @@ class Collectives:
             return []
 
     def _status(self) -> list[dict[str, Any]]:
-        return [{"id": c.id.hex()[:8], "size": c.size, "devices": c.daemons, "local_ranks": c.local,
-                 "joined": sorted(c.members), "completed": c.done_count, "pending": len(c.instances),
-                 "error": c.error} for c in list(self.comms.values())]
+        return [
+            {
+                "id": c.id.hex()[:8],
+                "size": c.size,
+                "devices": c.daemons,
+                "local_ranks": c.local,
+                "joined": sorted(c.members),
+                "completed": c.done_count,
+                "pending": len(c.instances),
+                "error": c.error,
+            }
+            for c in list(self.comms.values())
+        ]
 
 
 # ====================================================================== request handlers
@@ -809,29 +886,51 @@ def _flat(ref: P.TensorRef, al: Any, h: int) -> torch.Tensor:
 
 def _check_sizes(kind: int, size: int, inp: torch.Tensor, out: torch.Tensor) -> None:
     ni, no = inp.numel(), out.numel()
-    ok = {ALL_REDUCE: no == ni, BROADCAST: no == ni, ALL_GATHER: no == ni * size,
-          REDUCE_SCATTER: ni == no * size, ALL_TO_ALL: ni == no and ni % size == 0}[kind]
+    ok = {
+        ALL_REDUCE: no == ni,
+        BROADCAST: no == ni,
+        ALL_GATHER: no == ni * size,
+        REDUCE_SCATTER: ni == no * size,
+        ALL_TO_ALL: ni == no and ni % size == 0,
+    }[kind]
     if not ok:
-        raise InvalidArgument(f"{P.COLL_KINDS[kind]} on {size} ranks: input of {ni} and output of {no} elements "
-                              f"do not fit")
+        raise InvalidArgument(
+            f"{P.COLL_KINDS[kind]} on {size} ranks: input of {ni} and output of {no} elements do not fit"
+        )
 
 
-def _p_comm_init(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                 a: tuple[int, ...], flags: int) -> None:
+def _p_comm_init(
+    s: Session,
+    st: StreamState | None,
+    ud: int,
+    sync: bool,
+    poff: int,
+    plen: int,
+    a: tuple[int, ...],
+    flags: int,
+) -> None:
     payload = bytes(s._payload(poff, plen))
     s.daemon.collectives.join(s, a[0], a[1], a[2], a[3], payload)
     if sync:
         s.reply(ud)
 
 
-def _p_comm_destroy(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                    a: tuple[int, ...], flags: int) -> None:
+def _p_comm_destroy(
+    s: Session,
+    st: StreamState | None,
+    ud: int,
+    sync: bool,
+    poff: int,
+    plen: int,
+    a: tuple[int, ...],
+    flags: int,
+) -> None:
     s.daemon.collectives.leave(s, a[0])
     if sync:
         s.reply(ud)
 
 
-def _run_collective(s: "Session", st: StreamState, c: Any) -> None:
+def _run_collective(s: Session, st: StreamState, c: Any) -> None:
     state = c.a[1]
     inst: Instance | None = state["inst"]
     if state.get("error") or inst is None:
@@ -842,9 +941,17 @@ def _run_collective(s: "Session", st: StreamState, c: Any) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _p_collective(s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int,
-                  a: tuple[int, ...], flags: int) -> Cmd:
-    assert st is not None   # stream-ordered: prepare resolved it
+def _p_collective(
+    s: Session,
+    st: StreamState | None,
+    ud: int,
+    sync: bool,
+    poff: int,
+    plen: int,
+    a: tuple[int, ...],
+    flags: int,
+) -> Cmd:
+    assert st is not None  # stream-ordered: prepare resolved it
     m: Membership = s.daemon.collectives.member(s, a[0])
     kind, op, root = a[1], a[2], a[3]
     if not 0 <= kind < len(P.COLL_KINDS):
@@ -855,8 +962,12 @@ def _p_collective(s: Session, st: StreamState | None, ud: int, sync: bool, poff:
         launch = P.decode_launch(bytes(s._payload(poff, plen)), s.daemon.backend.device)
     except P.DecodeError as e:
         raise InvalidArgument(f"malformed collective: {e}") from None
-    if (len(launch.args) != 2 or not all(isinstance(x, P.TensorRef) for x in launch.args)
-            or launch.kwargs or launch.outputs):
+    if (
+        len(launch.args) != 2
+        or not all(isinstance(x, P.TensorRef) for x in launch.args)
+        or launch.kwargs
+        or launch.outputs
+    ):
         raise InvalidArgument("a collective takes exactly an input and an output tensor")
     iref, oref = launch.args
     if iref.dtype != oref.dtype:
@@ -890,13 +1001,14 @@ def _p_collective(s: Session, st: StreamState | None, ud: int, sync: bool, poff:
                 err = f"rank {m.rank}: {e}"
                 inp = out = torch.empty(0, dtype=iref.dtype)
             if err is not None:
-                comm.abort(err)       # first, so the peers see this reason rather than a mismatch
+                comm.abort(err)  # first, so the peers see this reason rather than a mismatch
             part = Part(m.rank, kind, op, root, iref.dtype, inp, out)
             inst = state["inst"] = comm.arrive(part)
         return comm.poll(inst)
 
-    return Cmd(Op.COLLECTIVE, ud, sync, _run_collective, (m, state), ready=ready,
-               cost=_cost(kind, iref, comm.size))
+    return Cmd(
+        Op.COLLECTIVE, ud, sync, _run_collective, (m, state), ready=ready, cost=_cost(kind, iref, comm.size)
+    )
 
 
 def _cost(kind: int, ref: P.TensorRef, size: int) -> Any:
@@ -905,15 +1017,20 @@ def _cost(kind: int, ref: P.TensorRef, size: int) -> Any:
     n = 1
     for d in ref.shape:
         n *= max(0, d)
-    name = {ALL_REDUCE: "all_reduce", ALL_GATHER: "all_gather", REDUCE_SCATTER: "reduce_scatter",
-            BROADCAST: "all_gather", ALL_TO_ALL: "all_to_all"}[kind]
+    name = {
+        ALL_REDUCE: "all_reduce",
+        ALL_GATHER: "all_gather",
+        REDUCE_SCATTER: "reduce_scatter",
+        BROADCAST: "all_gather",
+        ALL_TO_ALL: "all_to_all",
+    }[kind]
     try:
         return collective_cost(name, float(n * ref.dtype.itemsize), size, str(ref.dtype))
-    except ValueError:      # a dtype the cost model has no entry for (bool, uint16, ...)
+    except ValueError:  # a dtype the cost model has no entry for (bool, uint16, ...)
         return collective_cost(name, float(n * ref.dtype.itemsize), size, "int8")
 
 
 # (session, stream|None, user_data, sync, payload_off, payload_len, args, flags) -> Cmd|None
-PREPARE: dict[int, Callable[[Session, StreamState | None, int, bool, int, int, tuple[int, ...], int],
-                            Cmd | None]] = {
-    Op.COMM_INIT: _p_comm_init, Op.COMM_DESTROY: _p_comm_destroy, Op.COLLECTIVE: _p_collective}
+PREPARE: dict[
+    int, Callable[[Session, StreamState | None, int, bool, int, int, tuple[int, ...], int], Cmd | None]
+] = {Op.COMM_INIT: _p_comm_init, Op.COMM_DESTROY: _p_comm_destroy, Op.COLLECTIVE: _p_collective}

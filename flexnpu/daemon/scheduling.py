@@ -4,6 +4,7 @@ A scheduler sees every (session, stream) queue. `run_round()` executes some read
 returns how many ran; `idle_timeout()` says how long the loop may sleep when nothing is ready
 (None = until a request arrives).
 """
+
 from __future__ import annotations
 
 import time
@@ -11,10 +12,26 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .. import protocol as P
 from ..protocol import Op
-from ..sched.costmodel import (COPY, ELEMENTWISE, Cost, CostModel, aten_cost, copy_cost,
-                               default_corrections_path, load_corrections, total)
-from ..sched.policy import (DeviceState, FlexPolicy, Op as PolicyOp, Phase, StaticPartitionPolicy, StreamQueue,
-                            make_policy)
+from ..sched.costmodel import (
+    COPY,
+    ELEMENTWISE,
+    Cost,
+    CostModel,
+    aten_cost,
+    copy_cost,
+    default_corrections_path,
+    load_corrections,
+    total,
+)
+from ..sched.policy import (
+    DeviceState,
+    FlexPolicy,
+    Op as PolicyOp,
+    Phase,
+    StaticPartitionPolicy,
+    StreamQueue,
+    make_policy,
+)
 from ..sched.specs import get_spec
 from .backends.partition import Partitionable, partition_capable
 from .interfaces import Backend, ClientView, Scheduler, SchedulerHost
@@ -24,7 +41,7 @@ from .policies import parse_policy
 if TYPE_CHECKING:
     from ..sched.emu import EmuDevice
 
-ROUND_QUANTUM = 64   # commands one stream may run per round before others get a turn
+ROUND_QUANTUM = 64  # commands one stream may run per round before others get a turn
 
 
 class FifoScheduler:
@@ -32,11 +49,11 @@ class FifoScheduler:
 
     name = "fifo"
 
-    inline = True   # commands may run at drain time when nothing is queued ahead of them
+    inline = True  # commands may run at drain time when nothing is queued ahead of them
 
     def __init__(self, daemon: SchedulerHost) -> None:
         self.daemon = daemon
-        self.active: dict[tuple[int, int], tuple[Any, Any]] = {}   # queues with work, by (client, stream)
+        self.active: dict[tuple[int, int], tuple[Any, Any]] = {}  # queues with work, by (client, stream)
 
     def activate(self, s: ClientView, st: StreamState) -> None:
         self.active[(s.cid, st.sid)] = (s, st)
@@ -105,7 +122,7 @@ def command_cost(cmd: Any) -> Cost:
             # malformed for the cost model (execution will report the real error): read+write
             c = Cost(0.0, float(sum(_nbytes(s, d) for s, d in ins + outs)), 0.0, ELEMENTWISE)
     elif op == Op.MEMCPY_H2D:
-        c = copy_cost(len(cmd.a[3]), remote=True)       # host link: charged at the spec's link rate
+        c = copy_cost(len(cmd.a[3]), remote=True)  # host link: charged at the spec's link rate
     elif op == Op.MEMCPY_D2H:
         c = copy_cost(cmd.a[3], remote=True)
     elif op == Op.MEMCPY_D2D:
@@ -178,8 +195,13 @@ class PolicyScheduler:
 
     inline = False
 
-    def __init__(self, daemon: SchedulerHost, policy: str, tpot_budget_s: float | None = None,
-                 alpha: float | None = None) -> None:
+    def __init__(
+        self,
+        daemon: SchedulerHost,
+        policy: str,
+        tpot_budget_s: float | None = None,
+        alpha: float | None = None,
+    ) -> None:
         self.daemon = daemon
         be = daemon.backend
         self.emu: EmuDevice | None = getattr(be, "emu", None)
@@ -193,10 +215,9 @@ class PolicyScheduler:
             kw["alpha"] = alpha
         self.policy = make_policy(policy, **kw)
         self.name = policy
-        self.shares: dict[tuple[int, int], float | None] = {}   # share last set per stream
+        self.shares: dict[tuple[int, int], float | None] = {}  # share last set per stream
         # (an emulated device: the emu backend, which has a spec the Backend protocol does not name)
-        model = (CostModel(be.spec) if self.emu is not None   # type: ignore[attr-defined]
-                 else local_cost_model(be))
+        model = CostModel(be.spec) if self.emu is not None else local_cost_model(be)  # type: ignore[attr-defined]
         # A shallow device queue: kernels wait in the policy's queues, where the policy can still
         # reorder them. Two per stream keep the next kernel queued on the device while one
         # runs, so stream-ordered kernels chain without gaps from the loop's wake-up latency.
@@ -226,11 +247,12 @@ class PolicyScheduler:
     def _queue(self, key: tuple[int, int], st: Any) -> StreamQueue:
         q = self.queues.get(key)
         if q is None:
-            q = self.queues[key] = StreamQueue(key, _phase(st.phase), -st.priority,
-                                               max_inflight=self.per_stream_inflight)
+            q = self.queues[key] = StreamQueue(
+                key, _phase(st.phase), -st.priority, max_inflight=self.per_stream_inflight
+            )
             self.inflight[key] = 0
         else:
-            q.phase = _phase(st.phase)   # SET_PHASE may have changed it
+            q.phase = _phase(st.phase)  # SET_PHASE may have changed it
         return q
 
     def _pump(self) -> int:
@@ -258,7 +280,7 @@ class PolicyScheduler:
                     continue
                 if q.ops or self.inflight.get(key):
                     if cmd.sync and key in self.last_op:
-                        self.last_op[key].step_end = True   # the client waits here: an iteration ends
+                        self.last_op[key].step_end = True  # the client waits here: an iteration ends
                     break
                 if cmd.op == Op.STEP_MARK:
                     self._mark_step(key, q)
@@ -291,9 +313,9 @@ class PolicyScheduler:
         """STEP_MARK: the last device command before it ends an iteration."""
         op = self.last_op.pop(key, None)
         if op is None:
-            return                      # no kernel since the previous mark
+            return  # no kernel since the previous mark
         if op.finished is None:
-            op.step_end = True          # closes the iteration when it completes
+            op.step_end = True  # closes the iteration when it completes
         else:
             self.policy.end_step(q, self.state, op.finished)
 
@@ -328,8 +350,14 @@ class PolicyScheduler:
             finally:
                 held, s.held = s.held, None
             w = d.weight if self.name == "priority" else d.weight * 2.0 ** (-st.priority)
-            self.emu.submit(key, d.op.cost, max(now, self.emu.now), weight=w,
-                            tag=_Inflight(d.op, s, st, held), share=getattr(st.device_stream, "share", None))
+            self.emu.submit(
+                key,
+                d.op.cost,
+                max(now, self.emu.now),
+                weight=w,
+                tag=_Inflight(d.op, s, st, held),
+                share=getattr(st.device_stream, "share", None),
+            )
             self.inflight[key] = self.inflight.get(key, 0) + 1
         return n
 
@@ -374,21 +402,35 @@ class PolicyScheduler:
             pair = self.streams.get((cid, sid))
             waiting = len(pair[1].queue) if pair else 0
             phase = _phase(pair[1].phase) if pair else q.phase
-            streams.append({"client_id": cid, "stream": sid, "phase": phase.value,
-                            "effective_phase": q.effective_phase(ridge).value, "priority": q.priority,
-                            "queued": len(q.ops) + waiting, "inflight": self.inflight.get((cid, sid), 0),
-                            "steps": q.steps,
-                            "last_step_ms": None if q.last_step_time is None else round(q.last_step_time * 1e3, 3)})
+            streams.append(
+                {
+                    "client_id": cid,
+                    "stream": sid,
+                    "phase": phase.value,
+                    "effective_phase": q.effective_phase(ridge).value,
+                    "priority": q.priority,
+                    "queued": len(q.ops) + waiting,
+                    "inflight": self.inflight.get((cid, sid), 0),
+                    "steps": q.steps,
+                    "last_step_ms": None if q.last_step_time is None else round(q.last_step_time * 1e3, 3),
+                }
+            )
         out: dict[str, Any] = {"policy": self.name, "streams": streams, "inflight": len(self.state.inflight)}
         out["partition"] = self.partition
         if isinstance(self.policy, FlexPolicy):
-            out.update(prefill_slots=self.policy.prefill_slots, decode_share=self.policy.decode_share,
-                       adjustments=self.policy.adjustments)
+            out.update(
+                prefill_slots=self.policy.prefill_slots,
+                decode_share=self.policy.decode_share,
+                adjustments=self.policy.adjustments,
+            )
         if isinstance(self.policy, StaticPartitionPolicy):
             out["alpha"] = self.policy.alpha
         if self.emu is not None:
-            out["emulated"] = {"spec": self.emu.spec.name, "completed": self.emu.completed_count,
-                               "utilization": [round(x, 3) for x in self.emu.utilization()]}
+            out["emulated"] = {
+                "spec": self.emu.spec.name,
+                "completed": self.emu.completed_count,
+                "utilization": [round(x, 3) for x in self.emu.utilization()],
+            }
         return out
 
 

@@ -15,6 +15,7 @@ through the group's store (env://, tcp://, file:// all work). send/recv use a tw
 communicator per pair of ranks, created on their first exchange. CPU tensors go to a gloo
 process group made on first use with the same store, so ``"hccl"`` alone also serves them.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 # (not in torch's stubs)
 from torch._C._distributed_c10d import _create_work_from_future  # type: ignore[attr-defined]
 from torch.futures import Future
@@ -40,9 +42,17 @@ def _reduce_name(op: Any) -> str:
     global _REDUCE
     if _REDUCE is None:
         R = dist.ReduceOp
-        _REDUCE = {R.SUM: "sum", R.AVG: "avg", R.PRODUCT: "prod", R.MIN: "min", R.MAX: "max",
-                   R.BAND: "band", R.BOR: "bor", R.BXOR: "bxor"}
-    op = getattr(op, "op", op)          # options carry a ReduceOp; the table is keyed by its RedOpType
+        _REDUCE = {
+            R.SUM: "sum",
+            R.AVG: "avg",
+            R.PRODUCT: "prod",
+            R.MIN: "min",
+            R.MAX: "max",
+            R.BAND: "band",
+            R.BOR: "bor",
+            R.BXOR: "bxor",
+        }
+    op = getattr(op, "op", op)  # options carry a ReduceOp; the table is keyed by its RedOpType
     try:
         return _REDUCE[op]
     except (KeyError, TypeError):
@@ -71,9 +81,11 @@ class ProcessGroupHCCL(_ProcessGroup):
     def __init__(self, store: Any, rank: int, size: int, timeout: timedelta) -> None:
         super().__init__(rank, size)
         self._store = store
-        self._timeout_s = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout or 1800)
-        self._comms: dict[int, int] = {}          # npu index -> communicator handle of that client
-        self._pairs: dict[tuple[int, int], tuple[int, int]] = {}   # (npu, peer) -> (handle, pair rank)
+        self._timeout_s = (
+            timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout or 1800)
+        )
+        self._comms: dict[int, int] = {}  # npu index -> communicator handle of that client
+        self._pairs: dict[tuple[int, int], tuple[int, int]] = {}  # (npu, peer) -> (handle, pair rank)
         self._created = 0
         self._last_dev: runtime.Device | None = None
         self._pair_count: dict[int, int] = {}
@@ -105,7 +117,9 @@ class ProcessGroupHCCL(_ProcessGroup):
             key = f"flexnpu/comm/{self._created}"
             self._created += 1
             cid, devs = self._rendezvous(key, self.rank(), self.size(), dev)
-            h = self._comms[dev.index] = dev.client.comm_init(cid, self.rank(), self.size(), devs, self._timeout_s)
+            h = self._comms[dev.index] = dev.client.comm_init(
+                cid, self.rank(), self.size(), devs, self._timeout_s
+            )
         return h
 
     def _pair(self, dev: runtime.Device, peer: int) -> tuple[int, int]:
@@ -115,16 +129,21 @@ class ProcessGroupHCCL(_ProcessGroup):
         if got is None:
             lo, hi = sorted((self.rank(), peer))
             me = 0 if self.rank() == lo else 1
-            nth = self._pair_count.get(peer, 0)     # same count on both sides: they pair up in order
+            nth = self._pair_count.get(peer, 0)  # same count on both sides: they pair up in order
             self._pair_count[peer] = nth + 1
             cid, devs = self._rendezvous(f"flexnpu/p2p/{lo}-{hi}/{nth}", me, 2, dev)
-            got = self._pairs[(dev.index, peer)] = (dev.client.comm_init(cid, me, 2, devs, self._timeout_s), me)
+            got = self._pairs[(dev.index, peer)] = (
+                dev.client.comm_init(cid, me, 2, devs, self._timeout_s),
+                me,
+            )
         return got
 
     def _gloo_pg(self) -> Any:
         if self._gloo is None:
             store = dist.PrefixStore("flexnpu-gloo/", self._store)
-            self._gloo = dist.ProcessGroupGloo(store, self.rank(), self.size(), timedelta(seconds=self._timeout_s))
+            self._gloo = dist.ProcessGroupGloo(
+                store, self.rank(), self.size(), timedelta(seconds=self._timeout_s)
+            )
         return self._gloo
 
     # ------------------------------------------------------------------ one collective
@@ -140,8 +159,15 @@ class ProcessGroupHCCL(_ProcessGroup):
                 raise ValueError(f"hccl collective tensors on different devices: npu:{idx} and {t.device}")
         return runtime.get(idx)
 
-    def _run(self, kind: str, inp: torch.Tensor, out: torch.Tensor, op: str = "sum", root: int = 0,
-             comm: int | None = None) -> None:
+    def _run(
+        self,
+        kind: str,
+        inp: torch.Tensor,
+        out: torch.Tensor,
+        op: str = "sum",
+        root: int = 0,
+        comm: int | None = None,
+    ) -> None:
         from flexnpu.hook.tensor import ref_of
 
         dev = self._device_of([inp, out])
@@ -157,8 +183,9 @@ class ProcessGroupHCCL(_ProcessGroup):
             comm = self._comm(dev)
         if dev.flush_due:
             dev.flush_frees()
-        dev.client.collective(comm, kind, ref_of(inp), ref_of(out), op, root,  # type: ignore[arg-type]
-                              dev.stream)   # (npu tensors, as _device_of checked: NPUTensors)
+        # inp and out are npu tensors (NPUTensor), as _device_of checked
+        i_ref, o_ref = ref_of(inp), ref_of(out)  # type: ignore[arg-type]
+        dev.client.collective(comm, kind, i_ref, o_ref, op, root, dev.stream)
         if target is not None:
             target.copy_(out)
         if self._blocking:
@@ -183,7 +210,9 @@ class ProcessGroupHCCL(_ProcessGroup):
             self._run("broadcast", t, t, root=opts.rootRank)
         return _done(tensors)
 
-    def allgather(self, output_lists: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None) -> Any:
+    def allgather(
+        self, output_lists: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Any:
         if inputs and not _is_npu(inputs[0]):
             return self._gloo_pg().allgather(output_lists, inputs, opts)
         for outs, inp in zip(output_lists, inputs):
@@ -192,7 +221,7 @@ class ProcessGroupHCCL(_ProcessGroup):
             flat = torch.empty((self.size() * inp.numel(),), dtype=inp.dtype, device=inp.device)
             self._run("all_gather", inp, flat)
             for i, o in enumerate(outs):
-                o.copy_(flat[i * inp.numel():(i + 1) * inp.numel()].view(o.shape))
+                o.copy_(flat[i * inp.numel() : (i + 1) * inp.numel()].view(o.shape))
         return _done(output_lists)
 
     def _allgather_base(self, output: torch.Tensor, inp: torch.Tensor, opts: Any = None) -> Any:
@@ -203,17 +232,21 @@ class ProcessGroupHCCL(_ProcessGroup):
 
     all_gather_single = _allgather_base
 
-    def allgather_coalesced(self, output_lists: list[list[torch.Tensor]], inputs: list[torch.Tensor],
-                            opts: Any = None) -> Any:
+    def allgather_coalesced(
+        self, output_lists: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Any:
         return self.allgather(output_lists, inputs, opts)
 
-    def allgather_into_tensor_coalesced(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor],
-                                        opts: Any = None) -> Any:
+    def allgather_into_tensor_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Any:
         for o, i in zip(outputs, inputs):
             self._allgather_base(o, i, opts)
         return _done(outputs)
 
-    def reduce_scatter(self, outputs: list[torch.Tensor], input_lists: list[list[torch.Tensor]], opts: Any = None) -> Any:
+    def reduce_scatter(
+        self, outputs: list[torch.Tensor], input_lists: list[list[torch.Tensor]], opts: Any = None
+    ) -> Any:
         if outputs and not _is_npu(outputs[0]):
             return self._gloo_pg().reduce_scatter(outputs, input_lists, opts)
         op = _reduce_name(opts.reduceOp if opts is not None else dist.ReduceOp.SUM)
@@ -233,14 +266,21 @@ class ProcessGroupHCCL(_ProcessGroup):
 
     reduce_scatter_single = _reduce_scatter_base
 
-    def reduce_scatter_tensor_coalesced(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor],
-                                        opts: Any = None) -> Any:
+    def reduce_scatter_tensor_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Any:
         for o, i in zip(outputs, inputs):
             self._reduce_scatter_base(o, i, opts)
         return _done(outputs)
 
-    def alltoall_base(self, output: torch.Tensor, inp: torch.Tensor, output_split_sizes: list[int],
-                      input_split_sizes: list[int], opts: Any = None) -> Any:
+    def alltoall_base(
+        self,
+        output: torch.Tensor,
+        inp: torch.Tensor,
+        output_split_sizes: list[int],
+        input_split_sizes: list[int],
+        opts: Any = None,
+    ) -> Any:
         if not _is_npu(inp):
             return self._gloo_pg().alltoall_base(output, inp, output_split_sizes, input_split_sizes, opts)
         n = self.size()
@@ -262,14 +302,14 @@ class ProcessGroupHCCL(_ProcessGroup):
         off = 0
         for j, k in enumerate(ins):
             if k:
-                send[j * big:j * big + k].copy_(inp[off:off + k])
+                send[j * big : j * big + k].copy_(inp[off : off + k])
             off += k
         recv = torch.empty_like(send)
         self._run("all_to_all", send, recv)
         off = 0
         for j, k in enumerate(outs):
             if k:
-                output[off:off + k].copy_(recv[j * big:j * big + k])
+                output[off : off + k].copy_(recv[j * big : j * big + k])
             off += k
         return _done([output])
 
@@ -277,11 +317,13 @@ class ProcessGroupHCCL(_ProcessGroup):
         if inputs and not _is_npu(inputs[0]):
             return self._gloo_pg().alltoall(outputs, inputs, opts)
         flat_in = torch.cat([t.reshape(-1) for t in inputs])
-        flat_out = torch.empty((sum(t.numel() for t in outputs),), dtype=outputs[0].dtype, device=outputs[0].device)
+        flat_out = torch.empty(
+            (sum(t.numel() for t in outputs),), dtype=outputs[0].dtype, device=outputs[0].device
+        )
         self.alltoall_base(flat_out, flat_in, [t.numel() for t in outputs], [t.numel() for t in inputs], opts)
         off = 0
         for t in outputs:
-            t.copy_(flat_out[off:off + t.numel()].view(t.shape))
+            t.copy_(flat_out[off : off + t.numel()].view(t.shape))
             off += t.numel()
         return _done(outputs)
 
@@ -326,7 +368,7 @@ class ProcessGroupHCCL(_ProcessGroup):
         self._run("all_gather", inp, flat)
         if self.rank() == opts.rootRank:
             for i, o in enumerate(output_lists[0]):
-                o.copy_(flat[i * inp.numel():(i + 1) * inp.numel()].view(o.shape))
+                o.copy_(flat[i * inp.numel() : (i + 1) * inp.numel()].view(o.shape))
         return _done(output_lists)
 
     def scatter(self, outputs: list[torch.Tensor], input_lists: list[list[torch.Tensor]], opts: Any) -> Any:
@@ -339,14 +381,14 @@ class ProcessGroupHCCL(_ProcessGroup):
         else:
             flat = torch.empty((self.size() * n,), dtype=out.dtype, device=out.device)
         self._run("broadcast", flat, flat, root=opts.rootRank)
-        out.copy_(flat[self.rank() * n:(self.rank() + 1) * n].view(out.shape))
+        out.copy_(flat[self.rank() * n : (self.rank() + 1) * n].view(out.shape))
         return _done(outputs)
 
     def barrier(self, opts: Any = None) -> Any:
-        dev = self._last_dev or runtime.get(None)     # the group's device, else the current one
+        dev = self._last_dev or runtime.get(None)  # the group's device, else the current one
         t = torch.zeros((1,), dtype=torch.int32, device=torch.device("npu", dev.index))
         self._run("all_reduce", t, t)
-        dev.client.synchronize(dev.stream)      # a barrier blocks the host, as ProcessGroupHCCL's does
+        dev.client.synchronize(dev.stream)  # a barrier blocks the host, as ProcessGroupHCCL's does
         return _done([t])
 
 

@@ -12,11 +12,12 @@ The TTFT floor of a request is its prompt's prefill on an otherwise idle device 
 kernels' solo times, as one engine iteration). No scheduler can beat it, so
 ``1 - floor / baseline_ttft`` bounds the TTFT reduction any system can show over a baseline.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from flexnpu.sched.costmodel import CostModel
 from flexnpu.sched.models import ModelShape, step_kernels
@@ -30,17 +31,26 @@ def requests_for(rate: float, n_devices: int, duration_s: float, min_requests: i
 
 @dataclass
 class CapacityResult:
-    max_rate: float                  # req/s per device at which the target was still met (0: never)
-    probes: list[tuple[float, float]] = field(default_factory=list)   # (rate, attainment) tried
-    bracketed: bool = True           # False: the search hit its bounds (max_rate is a bound)
+    max_rate: float  # req/s per device at which the target was still met (0: never)
+    probes: list[tuple[float, float]] = field(default_factory=list)  # (rate, attainment) tried
+    bracketed: bool = True  # False: the search hit its bounds (max_rate is a bound)
 
     def as_dict(self) -> dict:
-        return {"max_rate_per_device": self.max_rate, "bracketed": self.bracketed,
-                "probes": [{"rate_per_device": r, "slo_attainment": a} for r, a in self.probes]}
+        return {
+            "max_rate_per_device": self.max_rate,
+            "bracketed": self.bracketed,
+            "probes": [{"rate_per_device": r, "slo_attainment": a} for r, a in self.probes],
+        }
 
 
-def sustainable_rate(attainment: Callable[[float], float], lo: float, hi: float, steps: int = 6,
-                     target: float = 0.9, max_expand: int = 4) -> CapacityResult:
+def sustainable_rate(
+    attainment: Callable[[float], float],
+    lo: float,
+    hi: float,
+    steps: int = 6,
+    target: float = 0.9,
+    max_expand: int = 4,
+) -> CapacityResult:
     """Highest rate with ``attainment(rate) >= target``, by geometric bisection of [lo, hi].
 
     SLO attainment falls with load (more load is never faster: tests check it), so the search

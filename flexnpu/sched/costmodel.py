@@ -10,6 +10,7 @@ Two entry points feed the same ``Cost`` record:
 ``max(compute, memory, link) + launches * launch_s``, times a per-op-class correction learnt
 online from measured times (bounded EWMA of measured/predicted).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,14 +19,22 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
 
 from flexnpu.sched.specs import DeviceSpec, canonical_dtype, dtype_bytes
 
 # Op classes. Matrix-engine classes run on tensor/cube units; the rest on vector units.
 GEMM, ATTENTION, MOE = "gemm", "attention", "moe"
 ELEMENTWISE, NORM, SOFTMAX, EMBEDDING, COPY, COLLECTIVE, VIEW = (
-    "elementwise", "norm", "softmax", "embedding", "copy", "collective", "view")
+    "elementwise",
+    "norm",
+    "softmax",
+    "embedding",
+    "copy",
+    "collective",
+    "view",
+)
 MATRIX_CLASSES = frozenset({GEMM, ATTENTION, MOE})
 OP_CLASSES = (GEMM, ATTENTION, MOE, ELEMENTWISE, NORM, SOFTMAX, EMBEDDING, COPY, COLLECTIVE, VIEW)
 
@@ -33,9 +42,10 @@ OP_CLASSES = (GEMM, ATTENTION, MOE, ELEMENTWISE, NORM, SOFTMAX, EMBEDDING, COPY,
 @dataclass(frozen=True)
 class Cost:
     """Work of one kernel (or an aggregate of kernels of one class)."""
+
     flops: float = 0.0
-    bytes: float = 0.0            # device-memory bytes read + written
-    link_bytes: float = 0.0       # bytes over the inter-device link (collectives, remote copies)
+    bytes: float = 0.0  # device-memory bytes read + written
+    link_bytes: float = 0.0  # bytes over the inter-device link (collectives, remote copies)
     op_class: str = ELEMENTWISE
     dtype: str = "bfloat16"
     launches: int = 1
@@ -45,15 +55,30 @@ class Cost:
         """Arithmetic intensity, FLOP per byte (inf for pure compute)."""
         return self.flops / self.bytes if self.bytes else math.inf
 
-    def __add__(self, other: "Cost") -> "Cost":
-        cls = self.op_class if self.op_class == other.op_class else (
-            self.op_class if self.flops + self.bytes >= other.flops + other.bytes else other.op_class)
-        return Cost(self.flops + other.flops, self.bytes + other.bytes,
-                    self.link_bytes + other.link_bytes, cls, self.dtype, self.launches + other.launches)
+    def __add__(self, other: Cost) -> Cost:
+        cls = (
+            self.op_class
+            if self.op_class == other.op_class
+            else (self.op_class if self.flops + self.bytes >= other.flops + other.bytes else other.op_class)
+        )
+        return Cost(
+            self.flops + other.flops,
+            self.bytes + other.bytes,
+            self.link_bytes + other.link_bytes,
+            cls,
+            self.dtype,
+            self.launches + other.launches,
+        )
 
-    def scaled(self, k: float, launches: int | None = None) -> "Cost":
-        return Cost(self.flops * k, self.bytes * k, self.link_bytes * k, self.op_class, self.dtype,
-                    self.launches if launches is None else launches)
+    def scaled(self, k: float, launches: int | None = None) -> Cost:
+        return Cost(
+            self.flops * k,
+            self.bytes * k,
+            self.link_bytes * k,
+            self.op_class,
+            self.dtype,
+            self.launches if launches is None else launches,
+        )
 
 
 def total(costs: Iterable[Cost]) -> Cost:
@@ -65,8 +90,16 @@ def total(costs: Iterable[Cost]) -> Cost:
 
 # ---------------------------------------------------------------- high-level pieces
 
-def matmul_cost(m: int, n: int, k: int, dtype: str = "bfloat16", batch: int = 1,
-                bias: bool = False, weight_shared: bool = False) -> Cost:
+
+def matmul_cost(
+    m: int,
+    n: int,
+    k: int,
+    dtype: str = "bfloat16",
+    batch: int = 1,
+    bias: bool = False,
+    weight_shared: bool = False,
+) -> Cost:
     """C[b,m,n] = A[b,m,k] @ B[b,k,n] (+bias). weight_shared: one B for all batches (linear)."""
     e = dtype_bytes(dtype)
     flops = 2.0 * batch * m * n * k + (batch * m * n if bias else 0)
@@ -79,9 +112,18 @@ def linear_cost(tokens: int, in_f: int, out_f: int, dtype: str = "bfloat16", bia
     return matmul_cost(tokens, out_f, in_f, dtype, bias=bias, weight_shared=True)
 
 
-def attention_cost(batch: int, q_len: int, kv_len: int, n_heads: int, n_kv_heads: int,
-                   head_dim: int, dtype: str = "bfloat16", causal: bool = True,
-                   v_head_dim: int | None = None, kv_bytes_per_token: float | None = None) -> Cost:
+def attention_cost(
+    batch: int,
+    q_len: int,
+    kv_len: int,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    dtype: str = "bfloat16",
+    causal: bool = True,
+    v_head_dim: int | None = None,
+    kv_bytes_per_token: float | None = None,
+) -> Cost:
     """Fused (flash-style) attention of q_len new queries over kv_len cached keys per sequence.
 
     Prefill: q_len = prompt chunk, kv_len = tokens before it + chunk, causal.
@@ -109,8 +151,16 @@ def expected_distinct_experts(assignments: float, n_experts: int) -> float:
     return n_experts * (1.0 - (1.0 - 1.0 / n_experts) ** assignments)
 
 
-def moe_cost(tokens: int, hidden: int, inter: int, n_experts: int, top_k: int,
-             dtype: str = "bfloat16", gated: bool = True, router: bool = True) -> Cost:
+def moe_cost(
+    tokens: int,
+    hidden: int,
+    inter: int,
+    n_experts: int,
+    top_k: int,
+    dtype: str = "bfloat16",
+    gated: bool = True,
+    router: bool = True,
+) -> Cost:
     """Routed experts: top-k routing, one gated MLP (gate, up, down) GEMM set per hit expert.
 
     Weights are read once per expert that receives at least one token (a balanced router is
@@ -129,11 +179,13 @@ def moe_cost(tokens: int, hidden: int, inter: int, n_experts: int, top_k: int,
     return Cost(flops, by, 0.0, MOE, canonical_dtype(dtype))
 
 
-def elementwise_cost(numel: int, n_inputs: int = 1, dtype: str = "bfloat16",
-                     flops_per_elem: float = 1.0, n_outputs: int = 1) -> Cost:
+def elementwise_cost(
+    numel: int, n_inputs: int = 1, dtype: str = "bfloat16", flops_per_elem: float = 1.0, n_outputs: int = 1
+) -> Cost:
     e = dtype_bytes(dtype)
-    return Cost(flops_per_elem * numel, e * numel * (n_inputs + n_outputs), 0.0, ELEMENTWISE,
-                canonical_dtype(dtype))
+    return Cost(
+        flops_per_elem * numel, e * numel * (n_inputs + n_outputs), 0.0, ELEMENTWISE, canonical_dtype(dtype)
+    )
 
 
 def norm_cost(rows: int, hidden: int, dtype: str = "bfloat16", kind: str = "rms") -> Cost:
@@ -171,8 +223,12 @@ def collective_cost(kind: str, nbytes: float, n_devices: int, dtype: str = "bflo
     n = max(1, n_devices)
     if n == 1:
         return Cost(0.0, 0.0, 0.0, COLLECTIVE, canonical_dtype(dtype), launches=0)
-    frac = {"all_reduce": 2.0 * (n - 1) / n, "all_gather": (n - 1) / n,
-            "reduce_scatter": (n - 1) / n, "all_to_all": (n - 1) / n}
+    frac = {
+        "all_reduce": 2.0 * (n - 1) / n,
+        "all_gather": (n - 1) / n,
+        "reduce_scatter": (n - 1) / n,
+        "all_to_all": (n - 1) / n,
+    }
     if kind not in frac:
         raise ValueError(f"unknown collective {kind!r}; choose from {sorted(frac)}")
     link = frac[kind] * nbytes
@@ -182,6 +238,7 @@ def collective_cost(kind: str, nbytes: float, n_devices: int, dtype: str = "bflo
 
 
 # ---------------------------------------------------------------- aten launches
+
 
 def _shape(t: Any) -> tuple[int, ...] | None:
     if t is None:
@@ -219,25 +276,46 @@ def _nbytes(t: Any) -> float:
         return float(_numel(s) * 4)
 
 
-_VIEWS = frozenset("view reshape _reshape_alias permute transpose t expand expand_as as_strided "
-                   "slice select unsqueeze squeeze _unsafe_view detach alias narrow unflatten "
-                   "flatten view_as split chunk unbind".split())
+_VIEWS = frozenset(
+    "view reshape _reshape_alias permute transpose t expand expand_as as_strided "
+    "slice select unsqueeze squeeze _unsafe_view detach alias narrow unflatten "
+    "flatten view_as split chunk unbind".split()
+)
 _COPIES = frozenset("copy _copy_from _copy_from_and_resize clone contiguous _to_copy to".split())
 _SOFTMAX = frozenset("softmax _softmax log_softmax _log_softmax _safe_softmax".split())
-_NORMS = {"layer_norm": "layer", "native_layer_norm": "layer", "rms_norm": "rms",
-          "_fused_rms_norm": "rms", "npu_rms_norm": "rms", "group_norm": "layer",
-          "native_group_norm": "layer", "batch_norm": "layer", "native_batch_norm": "layer"}
-_SDPA = frozenset("scaled_dot_product_attention _scaled_dot_product_flash_attention "
-                  "_scaled_dot_product_efficient_attention _scaled_dot_product_cudnn_attention "
-                  "_scaled_dot_product_attention_math _scaled_dot_product_fused_attention_overrideable "
-                  "_scaled_dot_product_flash_attention_for_cpu".split())
-_COLLECTIVES = {"all_reduce": "all_reduce", "allreduce": "all_reduce", "all_gather": "all_gather",
-                "all_gather_into_tensor": "all_gather", "reduce_scatter": "reduce_scatter",
-                "reduce_scatter_tensor": "reduce_scatter", "all_to_all": "all_to_all",
-                "all_to_all_single": "all_to_all", "alltoall": "all_to_all"}
-_ZERO_FLOP = frozenset("fill zero zeros empty empty_strided new_empty zeros_like ones_like "
-                       "full index_select gather scatter cat stack index index_put masked_fill "
-                       "where".split())
+_NORMS = {
+    "layer_norm": "layer",
+    "native_layer_norm": "layer",
+    "rms_norm": "rms",
+    "_fused_rms_norm": "rms",
+    "npu_rms_norm": "rms",
+    "group_norm": "layer",
+    "native_group_norm": "layer",
+    "batch_norm": "layer",
+    "native_batch_norm": "layer",
+}
+_SDPA = frozenset(
+    "scaled_dot_product_attention _scaled_dot_product_flash_attention "
+    "_scaled_dot_product_efficient_attention _scaled_dot_product_cudnn_attention "
+    "_scaled_dot_product_attention_math _scaled_dot_product_fused_attention_overrideable "
+    "_scaled_dot_product_flash_attention_for_cpu".split()
+)
+_COLLECTIVES = {
+    "all_reduce": "all_reduce",
+    "allreduce": "all_reduce",
+    "all_gather": "all_gather",
+    "all_gather_into_tensor": "all_gather",
+    "reduce_scatter": "reduce_scatter",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "all_to_all": "all_to_all",
+    "all_to_all_single": "all_to_all",
+    "alltoall": "all_to_all",
+}
+_ZERO_FLOP = frozenset(
+    "fill zero zeros empty empty_strided new_empty zeros_like ones_like "
+    "full index_select gather scatter cat stack index index_put masked_fill "
+    "where".split()
+)
 
 
 def normalize_op_name(op: str) -> str:
@@ -245,7 +323,7 @@ def normalize_op_name(op: str) -> str:
     s = op.strip()
     for pre in ("aten::", "aten.", "torch.ops.aten.", "_c10d_functional.", "c10d::", "npu::", "npu."):
         if s.startswith(pre):
-            s = s[len(pre):]
+            s = s[len(pre) :]
     if "." in s:
         s = s.split(".", 1)[0]
     if s.endswith("_") and not s.startswith("_") or (s.endswith("_") and s.rstrip("_") in _COPIES):
@@ -253,8 +331,9 @@ def normalize_op_name(op: str) -> str:
     return s
 
 
-def aten_cost(op: str, inputs: Sequence[Any], outputs: Sequence[Any] = (),
-              attrs: Mapping[str, Any] | None = None) -> Cost:
+def aten_cost(
+    op: str, inputs: Sequence[Any], outputs: Sequence[Any] = (), attrs: Mapping[str, Any] | None = None
+) -> Cost:
     """Cost of one aten launch from its name and tensor metadata.
 
     inputs/outputs: tensors, or anything with .shape/.dtype, or (shape, dtype) pairs, or
@@ -282,7 +361,7 @@ def aten_cost(op: str, inputs: Sequence[Any], outputs: Sequence[Any] = (),
         if len(mats) < 2:
             raise ValueError(f"{op}: expected two matrix operands, got {len(mats)} tensors")
         a = _shape(mats[0])
-        assert a is not None   # `ins` holds only tensors that have a shape
+        assert a is not None  # `ins` holds only tensors that have a shape
         k = a[-1] if a else 1
         if out_numel == 0:  # outputs not given: infer numel from operands
             b = _shape(mats[1])
@@ -293,13 +372,20 @@ def aten_cost(op: str, inputs: Sequence[Any], outputs: Sequence[Any] = (),
                 batch = _numel(a[:-2]) if len(a) > 2 else 1
                 out_numel = batch * (a[-2] if len(a) > 1 else 1) * (b[-1] if len(b) > 1 else 1)
             io_bytes += out_numel * dtype_bytes(dt)
-        flops = 2.0 * out_numel * k + (out_numel if name in ("addmm", "baddbmm", "addbmm", "addmv")
-                                       or (name == "linear" and len(ins) > 2) else 0)
+        flops = 2.0 * out_numel * k + (
+            out_numel
+            if name in ("addmm", "baddbmm", "addbmm", "addmv") or (name == "linear" and len(ins) > 2)
+            else 0
+        )
         return Cost(flops, io_bytes, 0.0, GEMM, dt)
-    if name in _SDPA or name in ("npu_fusion_attention", "npu_prompt_flash_attention",
-                                 "npu_incre_flash_attention", "npu_fused_infer_attention_score"):
+    if name in _SDPA or name in (
+        "npu_fusion_attention",
+        "npu_prompt_flash_attention",
+        "npu_incre_flash_attention",
+        "npu_fused_infer_attention_score",
+    ):
         qs, ks, vs = (_shape(t) for t in ins[:3])
-        assert qs is not None and ks is not None   # `ins` holds only tensors that have a shape
+        assert qs is not None and ks is not None  # `ins` holds only tensors that have a shape
         if len(qs) != 4 or len(ks) != 4:
             raise ValueError(f"{op}: expected 4-D (batch, heads, seq, dim) q/k/v, got {qs}, {ks}")
         batch, h, L, d = qs
@@ -319,7 +405,7 @@ def aten_cost(op: str, inputs: Sequence[Any], outputs: Sequence[Any] = (),
     if name in ("embedding", "embedding_bag"):
         w = ins[0]
         ws = _shape(w)
-        assert ws is not None   # `ins` holds only tensors that have a shape
+        assert ws is not None  # `ins` holds only tensors that have a shape
         e = dtype_bytes(_dtype(w))
         rows = out_numel // max(1, ws[-1]) if outs else _numel(_shape(ins[1]))
         by = 2.0 * rows * ws[-1] * e + (_nbytes(ins[1]) if len(ins) > 1 else 0)
@@ -335,11 +421,14 @@ def aten_cost(op: str, inputs: Sequence[Any], outputs: Sequence[Any] = (),
         if _COLLECTIVES[name] == "all_gather" and outs:
             nb = _nbytes(outs[0])
         return collective_cost(_COLLECTIVES[name], nb, n, dt)
-    flops = 0.0 if name in _ZERO_FLOP else float(max(out_numel, max((_numel(_shape(t)) for t in ins), default=0)))
+    flops = (
+        0.0 if name in _ZERO_FLOP else float(max(out_numel, max((_numel(_shape(t)) for t in ins), default=0)))
+    )
     return Cost(flops, io_bytes, 0.0, ELEMENTWISE, dt)
 
 
 # ---------------------------------------------------------------- roofline + correction
+
 
 class Corrections:
     """Per-op-class multiplicative correction, measured/predicted, learnt online.
@@ -349,8 +438,13 @@ class Corrections:
     wreck the model, and the factor itself bounded to the same range. Thread-safe.
     """
 
-    def __init__(self, alpha: float = 0.2, max_ratio: float = 16.0,
-                 factors: Mapping[str, float] | None = None, counts: Mapping[str, int] | None = None):
+    def __init__(
+        self,
+        alpha: float = 0.2,
+        max_ratio: float = 16.0,
+        factors: Mapping[str, float] | None = None,
+        counts: Mapping[str, int] | None = None,
+    ):
         if not 0 < alpha <= 1:
             raise ValueError("alpha must be in (0, 1]")
         self.alpha, self.max_ratio = alpha, max_ratio
@@ -376,21 +470,28 @@ class Corrections:
             # first observations weigh more so a fresh model converges quickly
             a = max(self.alpha, 1.0 / (n + 1))
             cur = self._log.get(op_class, 0.0)
-            self._log[op_class] = max(-math.log(self.max_ratio),
-                                      min(math.log(self.max_ratio), (1 - a) * cur + a * lr))
+            self._log[op_class] = max(
+                -math.log(self.max_ratio), min(math.log(self.max_ratio), (1 - a) * cur + a * lr)
+            )
             self._n[op_class] = n + 1
             return math.exp(self._log[op_class])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "max_ratio": self.max_ratio,
-                "factors": {k: math.exp(v) for k, v in sorted(self._log.items())},
-                "counts": dict(sorted(self._n.items()))}
+        return {
+            "alpha": self.alpha,
+            "max_ratio": self.max_ratio,
+            "factors": {k: math.exp(v) for k, v in sorted(self._log.items())},
+            "counts": dict(sorted(self._n.items())),
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Corrections":
-        return cls(float(d.get("alpha", 0.2)), float(d.get("max_ratio", 16.0)),
-                   {k: float(v) for k, v in d.get("factors", {}).items()},
-                   {k: int(v) for k, v in d.get("counts", {}).items()})
+    def from_dict(cls, d: Mapping[str, Any]) -> Corrections:
+        return cls(
+            float(d.get("alpha", 0.2)),
+            float(d.get("max_ratio", 16.0)),
+            {k: float(v) for k, v in d.get("factors", {}).items()},
+            {k: int(v) for k, v in d.get("counts", {}).items()},
+        )
 
 
 def default_corrections_path(spec_name: str) -> Path:

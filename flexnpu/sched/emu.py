@@ -37,12 +37,14 @@ Time is whatever the caller says ``now`` is: the serving simulator passes virtua
 daemon's ``emu:<spec>`` backend passes ``time.monotonic()`` and sleeps until
 ``next_event_time()``. Nothing here reads a clock.
 """
+
 from __future__ import annotations
 
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Any
+from collections.abc import Hashable
 
 from flexnpu.sched.costmodel import Cost, CostModel
 from flexnpu.sched.specs import DeviceSpec
@@ -56,18 +58,18 @@ class EmuKernel:
     id: int
     stream: Hashable
     cost: Cost
-    demand: tuple[float, float, float]   # device-seconds of compute, memory, link at full rate
-    solo_s: float                        # roofline + launch on an idle device (corrected)
+    demand: tuple[float, float, float]  # device-seconds of compute, memory, link at full rate
+    solo_s: float  # roofline + launch on an idle device (corrected)
     launch_s: float
     weight: float
     submitted: float
     tag: Any = None
-    started: float | None = None         # became head of its stream (launch begins)
-    ready_at: float | None = None        # launch latency over, consuming resources from here
+    started: float | None = None  # became head of its stream (launch begins)
+    ready_at: float | None = None  # launch latency over, consuming resources from here
     finished: float | None = None
-    remaining: float = 1.0               # fraction of work left
-    rate: float = 0.0                    # progress per second under the current allocation
-    share: float | None = None           # core share (hard compute cap); None = whole device
+    remaining: float = 1.0  # fraction of work left
+    rate: float = 0.0  # progress per second under the current allocation
+    share: float | None = None  # core share (hard compute cap); None = whole device
 
     @property
     def duration(self) -> float | None:
@@ -83,7 +85,7 @@ class EmuKernel:
 class _Stream:
     queue: deque = field(default_factory=deque)
     weight: float = 1.0
-    share: float | None = None       # core share applied to kernels submitted from now on
+    share: float | None = None  # core share applied to kernels submitted from now on
     last_share: float | None = None  # share of the stream's previous kernel (a change costs)
     repartitions: int = 0
 
@@ -108,7 +110,7 @@ class EmuDevice:
         self._streams: dict[Hashable, _Stream] = {}
         self._ids = itertools.count(1)
         self._dirty = True
-        self._next_t: float | None = None   # next_event_time() cache: valid while not dirty
+        self._next_t: float | None = None  # next_event_time() cache: valid while not dirty
         self._pending: list[EmuKernel] = []
         self.busy_time = [0.0, 0.0, 0.0]  # integrated resource use, for utilisation reports
         self.completed_count = 0
@@ -135,8 +137,15 @@ class EmuDevice:
         st = self._streams.get(stream)
         return 0 if st is None else st.repartitions
 
-    def submit(self, stream: Hashable, cost: Cost, now: float, weight: float | None = None,
-               tag: Any = None, share: float | None = -1.0) -> EmuKernel:
+    def submit(
+        self,
+        stream: Hashable,
+        cost: Cost,
+        now: float,
+        weight: float | None = None,
+        tag: Any = None,
+        share: float | None = -1.0,
+    ) -> EmuKernel:
         """Enqueue a kernel on `stream` at time `now` (>= the device's clock). Completions due
         before `now` are processed first (collect them with the next ``advance``). `share`: this
         kernel's core share (default: the stream's partition; None: no limit)."""
@@ -154,8 +163,18 @@ class EmuDevice:
             st.repartitions += 1
             st.last_share = sh
         solo = max(comp, mem, link) if sh is None else max(demand[0] / sh, mem, link)
-        k = EmuKernel(next(self._ids), stream, cost, demand, solo + launch, launch,
-                      st.weight if weight is None else float(weight), self.now, tag, share=sh)
+        k = EmuKernel(
+            next(self._ids),
+            stream,
+            cost,
+            demand,
+            solo + launch,
+            launch,
+            st.weight if weight is None else float(weight),
+            self.now,
+            tag,
+            share=sh,
+        )
         st.queue.append(k)
         if len(st.queue) == 1:
             self._start(k, self.now)
@@ -201,8 +220,9 @@ class EmuDevice:
             probe._advance_to(t)
         return target.finished
 
-    def clone(self) -> "EmuDevice":
+    def clone(self) -> EmuDevice:
         import copy
+
         # the cost model (with its lock) is shared: a probe only reads it
         return copy.deepcopy(self, memo={id(self.model): self.model, id(self.spec): self.spec})
 
@@ -254,7 +274,11 @@ class EmuDevice:
         g, lim, doms = {}, {}, {}
         for k in active:
             dom = doms[k.id] = max(k.demand)
-            g[k.id] = (k.weight * k.demand[0] / dom, k.weight * k.demand[1] / dom, k.weight * k.demand[2] / dom)
+            g[k.id] = (
+                k.weight * k.demand[0] / dom,
+                k.weight * k.demand[1] / dom,
+                k.weight * k.demand[2] / dom,
+            )
             if k.share is not None and k.demand[0] > _EPS:
                 lim[k.id] = k.share / g[k.id][0]
         while active:

@@ -17,6 +17,7 @@ One interface for the daemon (real time) and the serving simulator (virtual time
 with nothing new is cheap and harmless. Stream order is kept: ops of one stream are handed out
 in push order. See docs/scheduling.md.
 """
+
 from __future__ import annotations
 
 import enum
@@ -25,7 +26,8 @@ import math
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Iterable
+from typing import Any
+from collections.abc import Hashable
 
 from flexnpu.sched.costmodel import Cost, CostModel
 
@@ -33,7 +35,7 @@ from flexnpu.sched.costmodel import Cost, CostModel
 class Phase(str, enum.Enum):
     PREFILL = "prefill"
     DECODE = "decode"
-    AUTO = "auto"       # infer from arithmetic intensity of recent ops
+    AUTO = "auto"  # infer from arithmetic intensity of recent ops
 
 
 _op_ids = itertools.count(1)
@@ -42,22 +44,29 @@ _op_ids = itertools.count(1)
 @dataclass(eq=False)
 class Op:
     """One launched operator waiting in (or dispatched from) a stream queue."""
+
     cost: Cost
     enqueued: float
-    tag: Any = None             # the caller's handle (daemon: launch record; simulator: kernel)
-    step_end: bool = False      # engine hint: last op of an iteration (one output token)
+    tag: Any = None  # the caller's handle (daemon: launch record; simulator: kernel)
+    step_end: bool = False  # engine hint: last op of an iteration (one output token)
     id: int = field(default_factory=lambda: next(_op_ids))
-    stream: Any = None          # set by StreamQueue.push
+    stream: Any = None  # set by StreamQueue.push
     dispatched: float | None = None
-    finished: float | None = None   # set by Policy.complete
-    predicted_s: float = 0.0    # corrected solo time, set at dispatch
+    finished: float | None = None  # set by Policy.complete
+    predicted_s: float = 0.0  # corrected solo time, set at dispatch
 
 
 class StreamQueue:
     """Per-stream FIFO of ops plus what the scheduler knows about the stream."""
 
-    def __init__(self, key: Hashable, phase: Phase | str = Phase.AUTO, priority: int = 0,
-                 tpot_budget_s: float | None = None, max_inflight: int = 64):
+    def __init__(
+        self,
+        key: Hashable,
+        phase: Phase | str = Phase.AUTO,
+        priority: int = 0,
+        tpot_budget_s: float | None = None,
+        max_inflight: int = 64,
+    ):
         self.key = key
         self.phase = Phase(phase)
         self.priority = int(priority)
@@ -68,10 +77,10 @@ class StreamQueue:
         # aggregate intensity of recent ops: EWMAs of flops and bytes (time-weighted in effect)
         self._ew_flops = 0.0
         self._ew_bytes = 0.0
-        self.step_start: float | None = None   # first dispatch of the current iteration
+        self.step_start: float | None = None  # first dispatch of the current iteration
         self.step_time_ewma: float | None = None
         self.last_step_time: float | None = None
-        self.step_pred = 0.0                   # sum of solo predictions of the current iteration
+        self.step_pred = 0.0  # sum of solo predictions of the current iteration
         self.last_step_pred: float | None = None
         self.steps = 0
 
@@ -110,8 +119,9 @@ class StreamQueue:
 @dataclass
 class DeviceState:
     """What the policy may know about the device: its cost model and what is in flight."""
+
     model: CostModel
-    max_inflight: int = 64          # device queue depth the policy may fill
+    max_inflight: int = 64  # device queue depth the policy may fill
     inflight: dict[int, Op] = field(default_factory=dict)
 
     @property
@@ -127,7 +137,7 @@ class DeviceState:
 class Dispatch:
     op: Op
     queue: StreamQueue
-    weight: float = 1.0   # stream priority (CUDA/Ascend stream priority; emu: DRF weight)
+    weight: float = 1.0  # stream priority (CUDA/Ascend stream priority; emu: DRF weight)
     # Core share the op runs on: the fraction of the device's compute units its stream is
     # limited to (Ascend set_stream_limit, CUDA green context), None = the whole device. Set
     # per op because hardware applies a partition to operators launched after the change.
@@ -148,8 +158,9 @@ class Policy(ABC):
         """A time at which select() may decide differently without any new event."""
         return None
 
-    def _take(self, q: StreamQueue, device: DeviceState, now: float, weight: float = 1.0,
-              share: float | None = None) -> Dispatch:
+    def _take(
+        self, q: StreamQueue, device: DeviceState, now: float, weight: float = 1.0, share: float | None = None
+    ) -> Dispatch:
         op = q.ops.popleft()
         op.dispatched = now
         op.predicted_s = device.model.predict(op.cost)
@@ -177,7 +188,7 @@ class Policy(ABC):
             device.model.observe(op.cost, now - started)
         self.on_complete(op, q, device, now)
         if closed:
-            assert q is not None   # only a queue's step can close
+            assert q is not None  # only a queue's step can close
             self.on_step(q, device, now)
 
     def end_step(self, q: StreamQueue, device: DeviceState, at: float) -> None:
@@ -207,6 +218,7 @@ class Policy(ABC):
 
 class FifoPolicy(Policy):
     """Passthrough baseline: dispatch everything in arrival order, up to the device queue depth."""
+
     name = "fifo"
 
     def select(self, queues, device, now):
@@ -224,6 +236,7 @@ class PriorityPolicy(Policy):
     """Strict stream priority, non-preemptive at kernel granularity: a lower-priority stream's
     op is dispatched only while no higher-priority stream has ops pending. Dispatches carry
     weight ``base ** (priority - lowest)`` so backends with stream priorities (and emu) favour them."""
+
     name = "priority"
 
     def __init__(self, base: float = 4.0):
@@ -279,14 +292,26 @@ class FlexPolicy(Policy):
     granularity; the engine decides the chunking, the policy only gates and partitions.
     The constants were tuned on the chat workload only (docs/scheduling.md).
     """
+
     name = "flex"
 
-    def __init__(self, default_tpot_budget_s: float = 0.05, max_prefill_slots: int = 4,
-                 decode_share: float = 0.5, low: float = 0.7, high: float = 0.8,
-                 phase_threshold: float = 0.5, max_slowdown: float | None = None,
-                 min_prefill_slots: int = 1, share_step: float = 1 / 8,
-                 min_decode_share: float = 1 / 8, max_decode_share: float = 7 / 8,
-                 share_up: float = 2.0, share_down: float = 1.25, partition: bool = True):
+    def __init__(
+        self,
+        default_tpot_budget_s: float = 0.05,
+        max_prefill_slots: int = 4,
+        decode_share: float = 0.5,
+        low: float = 0.7,
+        high: float = 0.8,
+        phase_threshold: float = 0.5,
+        max_slowdown: float | None = None,
+        min_prefill_slots: int = 1,
+        share_step: float = 1 / 8,
+        min_decode_share: float = 1 / 8,
+        max_decode_share: float = 7 / 8,
+        share_up: float = 2.0,
+        share_down: float = 1.25,
+        partition: bool = True,
+    ):
         super().__init__()
         if not 0 < min_decode_share <= max_decode_share < 1:
             raise ValueError("need 0 < min_decode_share <= max_decode_share < 1")
@@ -297,13 +322,13 @@ class FlexPolicy(Policy):
         self.min_decode_share, self.max_decode_share = min_decode_share, max_decode_share
         self.decode_share = min(max_decode_share, max(min_decode_share, decode_share))
         self.share_up, self.share_down = share_up, share_down
-        self.partition = partition      # False: ordering/gating only (cpu backend)
+        self.partition = partition  # False: ordering/gating only (cpu backend)
         self.low, self.high = low, high
         self.phase_threshold = phase_threshold
         self.max_slowdown = max_slowdown
         self.min_prefill_slots = min_prefill_slots
         self.adjustments = 0
-        self._decode_seen: float | None = None   # last completion of a decode op
+        self._decode_seen: float | None = None  # last completion of a decode op
 
     def _phase(self, q: StreamQueue, device: DeviceState) -> Phase:
         return q.effective_phase(device.ridge, self.phase_threshold)
@@ -329,8 +354,9 @@ class FlexPolicy(Policy):
         decode_busy = any(q.ops or q.inflight for q in dec)
         prefill_busy = any(q.ops or q.inflight for q in pre)
         # (the daemon passes only queues with work: an idle decode stream is not in `queues`)
-        recent = (self._decode_seen is not None
-                  and now - self._decode_seen <= max((self.budget(q) for q in dec), default=self.default_tpot_budget_s))
+        recent = self._decode_seen is not None and now - self._decode_seen <= max(
+            (self.budget(q) for q in dec), default=self.default_tpot_budget_s
+        )
         d_share, p_share = self.shares(decode_busy or recent, prefill_busy)
         # decode first, in arrival order across decode streams
         while len(device.inflight) < device.max_inflight:
@@ -341,7 +367,9 @@ class FlexPolicy(Policy):
             out.append(self._take(q, device, now, 1.0, d_share))
         slots = math.inf if not decode_busy else int(self.prefill_slots)
         pre_inflight = sum(q.inflight for q in pre)
-        while len(device.inflight) < device.max_inflight and pre_inflight < max(slots, 0 if decode_busy else 1):
+        while len(device.inflight) < device.max_inflight and pre_inflight < max(
+            slots, 0 if decode_busy else 1
+        ):
             ready = [q for q in pre if q.can_dispatch]
             if not ready:
                 break
@@ -381,6 +409,7 @@ class StaticPartitionPolicy(Policy):
     Prefill streams always run on ``alpha`` of the compute units and decode streams on
     ``1 - alpha``, busy or not (the split is not work-conserving: an idle part's cores stay
     idle); within each part ops go in arrival order, with no gating between the parts."""
+
     name = "partition"
 
     def __init__(self, alpha: float = 0.5, phase_threshold: float = 0.5):
@@ -402,8 +431,12 @@ class StaticPartitionPolicy(Policy):
         return out
 
 
-POLICIES = {"fifo": FifoPolicy, "priority": PriorityPolicy, "flex": FlexPolicy,
-            "partition": StaticPartitionPolicy}
+POLICIES = {
+    "fifo": FifoPolicy,
+    "priority": PriorityPolicy,
+    "flex": FlexPolicy,
+    "partition": StaticPartitionPolicy,
+}
 
 
 def make_policy(name: str, **kwargs: Any) -> Policy:

@@ -30,6 +30,7 @@ and a device only ``run_step(engine, costs, done_callback)``; ``EngineDevice`` a
 ``FlexDevice`` are the virtual-time implementations (a real-time one submits the same kernels to
 daemons and calls back on completion).
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,13 +39,22 @@ import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable
 
 from flexnpu.sched.costmodel import Cost, CostModel
 from flexnpu.sched.emu import EmuDevice
 from flexnpu.sched.models import ModelShape, step_kernels
-from flexnpu.sched.policy import (DeviceState, FifoPolicy, FlexPolicy, Op, Phase, Policy, StaticPartitionPolicy,
-                                  StreamQueue)
+from flexnpu.sched.policy import (
+    DeviceState,
+    FifoPolicy,
+    FlexPolicy,
+    Op,
+    Phase,
+    Policy,
+    StaticPartitionPolicy,
+    StreamQueue,
+)
 from flexnpu.sched.workload import Request
 
 
@@ -88,7 +98,7 @@ class KVPool:
 
 @dataclass
 class StepPlan:
-    chunks: list[tuple[Request, int]] = field(default_factory=list)   # (request, tokens this step)
+    chunks: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens this step)
     decodes: list[Request] = field(default_factory=list)
 
 
@@ -99,11 +109,19 @@ class BatchEngine:
     Callbacks: on_prefilled(req, now) when a prompt completes in a prefill-only engine.
     """
 
-    def __init__(self, model: ModelShape, pool: KVPool, do_prefill: bool = True, do_decode: bool = True,
-                 max_batched_tokens: int = 2048, max_seqs: int = 256, slices: int = 2,
-                 on_prefilled: Callable[[Request, float], None] | None = None,
-                 on_finished: Callable[[Request, float], None] | None = None,
-                 reserve_output: bool = True):
+    def __init__(
+        self,
+        model: ModelShape,
+        pool: KVPool,
+        do_prefill: bool = True,
+        do_decode: bool = True,
+        max_batched_tokens: int = 2048,
+        max_seqs: int = 256,
+        slices: int = 2,
+        on_prefilled: Callable[[Request, float], None] | None = None,
+        on_finished: Callable[[Request, float], None] | None = None,
+        reserve_output: bool = True,
+    ):
         self.model, self.pool = model, pool
         self.do_prefill, self.do_decode = do_prefill, do_decode
         self.budget, self.max_seqs, self.slices = max_batched_tokens, max_seqs, slices
@@ -115,8 +133,11 @@ class BatchEngine:
 
     def load(self) -> float:
         """Routing signal: outstanding work in tokens (prompt still to prefill + decode seqs)."""
-        return (sum(r.prompt - r.prefilled for r in self.waiting) + sum(r.prompt - r.prefilled for r in self.running)
-                + 64 * (len(self.running) + len(self.waiting)))
+        return (
+            sum(r.prompt - r.prefilled for r in self.waiting)
+            + sum(r.prompt - r.prefilled for r in self.running)
+            + 64 * (len(self.running) + len(self.waiting))
+        )
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -170,9 +191,13 @@ class BatchEngine:
 
     def costs(self, p: StepPlan) -> list[Cost]:
         finishing = sum(1 for r, n in p.chunks if r.prefilled + n >= r.prompt)
-        return step_kernels(self.model, [(n, r.prefilled) for r, n in p.chunks],
-                            [r.context for r in p.decodes], self.slices,
-                            logits_rows=len(p.decodes) + finishing)
+        return step_kernels(
+            self.model,
+            [(n, r.prefilled) for r, n in p.chunks],
+            [r.context for r in p.decodes],
+            self.slices,
+            logits_rows=len(p.decodes) + finishing,
+        )
 
     def finish(self, p: StepPlan, now: float) -> None:
         for r in p.decodes:
@@ -216,9 +241,17 @@ class DecodeFirstEngine(BatchEngine):
     ratio default to 0.3; pass it to model that).
     """
 
-    def __init__(self, model: ModelShape, pool: KVPool, prefill_budget: int = 4096, max_seqs: int = 256,
-                 slices: int = 2, waiting_served_ratio: float = 1.2, max_waiting_tokens: int = 20,
-                 on_finished: Callable[[Request, float], None] | None = None):
+    def __init__(
+        self,
+        model: ModelShape,
+        pool: KVPool,
+        prefill_budget: int = 4096,
+        max_seqs: int = 256,
+        slices: int = 2,
+        waiting_served_ratio: float = 1.2,
+        max_waiting_tokens: int = 20,
+        on_finished: Callable[[Request, float], None] | None = None,
+    ):
         super().__init__(model, pool, True, True, prefill_budget, max_seqs, slices, on_finished=on_finished)
         self.ratio, self.max_waiting_tokens = waiting_served_ratio, max_waiting_tokens
         self.since_onboard = 0
@@ -285,17 +318,25 @@ class EngineDevice:
             self.engine.busy = False
             self.engine.finish(p, self.loop.now)
             self.kick()
+
         self.loop.at(self.loop.now + dt, done)
 
 
 class FlexDevice:
     """A device with a prefill engine and a decode engine sharing one EmuDevice under a Policy."""
 
-    def __init__(self, loop: EventLoop, cm: CostModel, engines: dict[str, BatchEngine], policy: Policy,
-                 tpot_budget_s: float, step_overhead_s: float = 0.0):
+    def __init__(
+        self,
+        loop: EventLoop,
+        cm: CostModel,
+        engines: dict[str, BatchEngine],
+        policy: Policy,
+        tpot_budget_s: float,
+        step_overhead_s: float = 0.0,
+    ):
         self.loop, self.policy = loop, policy
-        self.emu = EmuDevice(CostModel(cm.spec))           # ground truth: uncorrected
-        self.state = DeviceState(CostModel(cm.spec))       # the policy's view
+        self.emu = EmuDevice(CostModel(cm.spec))  # ground truth: uncorrected
+        self.state = DeviceState(CostModel(cm.spec))  # the policy's view
         self.engines = engines
         self.overhead = step_overhead_s
         self.queues = {
@@ -362,48 +403,78 @@ class FlexDevice:
 
 @dataclass
 class SimConfig:
-    max_batched_tokens: int = 2048     # vLLM V1 default for online serving on <70 GiB cards
-    max_seqs: int = 256                # vLLM default max_num_seqs
-    prefill_budget: int = 8192         # prefill-only engines (disagg) batch larger
-    flex_prefill_chunk: int = 1024     # FlexNPU prefill engine chunk: best goodput of 512/1024/2048 (docs/scheduling.md)
-    flex_prefill_slices: int = 2       # FlexNPU prefill kernels per iteration (layer groups): gate granularity
+    max_batched_tokens: int = 2048  # vLLM V1 default for online serving on <70 GiB cards
+    max_seqs: int = 256  # vLLM default max_num_seqs
+    prefill_budget: int = 8192  # prefill-only engines (disagg) batch larger
+    flex_prefill_chunk: int = (
+        1024  # FlexNPU prefill engine chunk: best goodput of 512/1024/2048 (docs/scheduling.md)
+    )
+    flex_prefill_slices: int = 2  # FlexNPU prefill kernels per iteration (layer groups): gate granularity
     slices: int = 2
     decode_first_prefill_tokens: int = 4096  # TGI --max-batch-prefill-tokens default
-    waiting_served_ratio: float = 1.2        # TGI --waiting-served-ratio default (v1.x-v2.x)
-    max_waiting_tokens: int = 20             # TGI --max-waiting-tokens default
+    waiting_served_ratio: float = 1.2  # TGI --waiting-served-ratio default (v1.x-v2.x)
+    max_waiting_tokens: int = 20  # TGI --max-waiting-tokens default
     tpot_budget_s: float = 0.05
     step_overhead_s: float = 0.0
-    partition_alpha: float = 0.5       # static-partition: prefill instance's core share
-
+    partition_alpha: float = 0.5  # static-partition: prefill instance's core share
 
 
 def _least_loaded(devs: list) -> Any:
     """The router of single-engine devices: each request to the least loaded engine."""
+
     def route(r: Request) -> None:
         d = min(devs, key=lambda d: d.engine.load())
         d.engine.add(r)
         d.kick()
+
     return route
 
-def simulate(system: str, model: ModelShape, cm: CostModel, requests: list[Request], n_devices: int,
-             n_prefill: int = 0, cfg: SimConfig | None = None, policy_factory: Callable[[], Policy] | None = None) -> dict:
+
+def simulate(
+    system: str,
+    model: ModelShape,
+    cm: CostModel,
+    requests: list[Request],
+    n_devices: int,
+    n_prefill: int = 0,
+    cfg: SimConfig | None = None,
+    policy_factory: Callable[[], Policy] | None = None,
+) -> dict:
     """Run one system over `requests` (mutated in place) on n_devices; returns run statistics."""
     cfg = cfg or SimConfig()
     loop = EventLoop()
     cap = model.kv_capacity_tokens(cm.spec.mem_bytes)
-    busy = [0.0]
     devs: list[EngineDevice] | list[FlexDevice]
     if system == "static-coloc":
-        devs = [EngineDevice(loop, cm, BatchEngine(model, KVPool(cap), True, True, cfg.max_batched_tokens,
-                                                   cfg.max_seqs, cfg.slices), cfg.step_overhead_s)
-                for _ in range(n_devices)]
+        devs = [
+            EngineDevice(
+                loop,
+                cm,
+                BatchEngine(model, KVPool(cap), True, True, cfg.max_batched_tokens, cfg.max_seqs, cfg.slices),
+                cfg.step_overhead_s,
+            )
+            for _ in range(n_devices)
+        ]
 
         route = _least_loaded(devs)
     elif system in ("decode-first", "static-coloc-decode-first"):
-        devs = [EngineDevice(loop, cm, DecodeFirstEngine(model, KVPool(cap), cfg.decode_first_prefill_tokens,
-                                                         cfg.max_seqs, cfg.slices, cfg.waiting_served_ratio,
-                                                         cfg.max_waiting_tokens), cfg.step_overhead_s)
-                for _ in range(n_devices)]
+        devs = [
+            EngineDevice(
+                loop,
+                cm,
+                DecodeFirstEngine(
+                    model,
+                    KVPool(cap),
+                    cfg.decode_first_prefill_tokens,
+                    cfg.max_seqs,
+                    cfg.slices,
+                    cfg.waiting_served_ratio,
+                    cfg.max_waiting_tokens,
+                ),
+                cfg.step_overhead_s,
+            )
+            for _ in range(n_devices)
+        ]
 
         route = _least_loaded(devs)
     elif system in ("flexnpu", "static-partition", "naive-coloc"):
@@ -413,16 +484,31 @@ def simulate(system: str, model: ModelShape, cm: CostModel, requests: list[Reque
             dec = BatchEngine(model, pool, False, True, cfg.max_seqs, cfg.max_seqs, cfg.slices)
 
             def handoff(r: Request, now: float, dec=dec) -> None:
-                dec.add(r)          # zero-copy: same device, same KV reservation
-            pre = BatchEngine(model, pool, True, False, cfg.flex_prefill_chunk, cfg.max_seqs, cfg.flex_prefill_slices,
-                              on_prefilled=handoff)
+                dec.add(r)  # zero-copy: same device, same KV reservation
+
+            pre = BatchEngine(
+                model,
+                pool,
+                True,
+                False,
+                cfg.flex_prefill_chunk,
+                cfg.max_seqs,
+                cfg.flex_prefill_slices,
+                on_prefilled=handoff,
+            )
             if system == "flexnpu":
-                pol = policy_factory() if policy_factory else FlexPolicy(default_tpot_budget_s=cfg.tpot_budget_s)
+                pol = (
+                    policy_factory()
+                    if policy_factory
+                    else FlexPolicy(default_tpot_budget_s=cfg.tpot_budget_s)
+                )
             elif system == "static-partition":
                 pol = StaticPartitionPolicy(cfg.partition_alpha)
             else:
                 pol = FifoPolicy()
-            fd = FlexDevice(loop, cm, {"decode": dec, "prefill": pre}, pol, cfg.tpot_budget_s, cfg.step_overhead_s)
+            fd = FlexDevice(
+                loop, cm, {"decode": dec, "prefill": pre}, pol, cfg.tpot_budget_s, cfg.step_overhead_s
+            )
             fdevs.append(fd)
         devs = fdevs
 
@@ -438,7 +524,10 @@ def simulate(system: str, model: ModelShape, cm: CostModel, requests: list[Reque
         kv_bw = cm.spec.link_bw * cm.spec.link_eff
 
         def to_decode(r: Request, now: float) -> None:
-            i = min(range(len(dec_devs)), key=lambda i: dec_devs[i].engine.load() + len(dec_devs[i].engine.running))
+            i = min(
+                range(len(dec_devs)),
+                key=lambda i: dec_devs[i].engine.load() + len(dec_devs[i].engine.running),
+            )
             start = max(now, link_free[i])
             t = start + r.prompt * model.kv_bytes_per_token / kv_bw
             link_free[i] = t
@@ -446,11 +535,28 @@ def simulate(system: str, model: ModelShape, cm: CostModel, requests: list[Reque
             def arrive(i=i, r=r) -> None:
                 dec_devs[i].engine.add(r)
                 dec_devs[i].kick()
+
             loop.at(t, arrive)
-        pre_devs = [EngineDevice(loop, cm, BatchEngine(model, KVPool(cap), True, False, cfg.prefill_budget,
-                                                       cfg.max_seqs, cfg.slices, on_prefilled=to_decode,
-                                                       reserve_output=False), cfg.step_overhead_s)
-                    for _ in range(n_prefill)]
+
+        pre_devs = [
+            EngineDevice(
+                loop,
+                cm,
+                BatchEngine(
+                    model,
+                    KVPool(cap),
+                    True,
+                    False,
+                    cfg.prefill_budget,
+                    cfg.max_seqs,
+                    cfg.slices,
+                    on_prefilled=to_decode,
+                    reserve_output=False,
+                ),
+                cfg.step_overhead_s,
+            )
+            for _ in range(n_prefill)
+        ]
 
         # a prefill device frees the prompt's KV once it has been sent; approximated as at send
         for d in pre_devs:
@@ -460,10 +566,17 @@ def simulate(system: str, model: ModelShape, cm: CostModel, requests: list[Reque
             def sent(r: Request, now: float, eng=eng, orig=orig) -> None:
                 eng.pool.release(r.prompt)
                 orig(r, now)
+
             eng.on_prefilled = sent
-        dec_devs += [EngineDevice(loop, cm, BatchEngine(model, KVPool(cap), False, True, cfg.max_seqs,
-                                                        cfg.max_seqs, cfg.slices), cfg.step_overhead_s)
-                     for _ in range(n_devices - n_prefill)]
+        dec_devs += [
+            EngineDevice(
+                loop,
+                cm,
+                BatchEngine(model, KVPool(cap), False, True, cfg.max_seqs, cfg.max_seqs, cfg.slices),
+                cfg.step_overhead_s,
+            )
+            for _ in range(n_devices - n_prefill)
+        ]
         devs = pre_devs + dec_devs
 
         route = _least_loaded(pre_devs)
@@ -478,7 +591,7 @@ def simulate(system: str, model: ModelShape, cm: CostModel, requests: list[Reque
         raise RuntimeError(f"{system}: {unfinished} requests never finished (KV capacity too small?)")
     out = {"events": loop.events, "end": loop.now}
     flex_devs = [d for d in devs if isinstance(d, FlexDevice)]
-    if flex_devs:   # partition changes (each cost spec.repartition_s of launch latency)
+    if flex_devs:  # partition changes (each cost spec.repartition_s of launch latency)
         out["repartitions"] = sum(d.emu.repartitions(k) for d in flex_devs for k in d.queues)
     return out
 
@@ -496,13 +609,21 @@ def percentile(xs: list[float], p: float) -> float:
 def metrics(requests: list[Request], ttft_slo_s: float, tpot_slo_s: float) -> dict:
     done = [r for r in requests if r.finish is not None]
     t0 = min(r.arrival for r in requests)
-    t1 = max(r.finish for r in done if r.finish is not None)   # (all of them; narrows for mypy)
+    t1 = max(r.finish for r in done if r.finish is not None)  # (all of them; narrows for mypy)
     toks = sum(r.output for r in done)
-    ttft = [r.ttft for r in done if r.ttft is not None]   # (all: a finished request has a first token)
+    ttft = [r.ttft for r in done if r.ttft is not None]  # (all: a finished request has a first token)
     tpot = [r.tpot for r in done if r.tpot is not None]
-    ok = sum(1 for r in done if r.ttft is not None and r.ttft <= ttft_slo_s
-             and (r.tpot is None or r.tpot <= tpot_slo_s))
-    return {"throughput_tok_s": toks / (t1 - t0), "completed": len(done),
-            "ttft_p50_ms": percentile(ttft, 50) * 1e3, "ttft_p99_ms": percentile(ttft, 99) * 1e3,
-            "tpot_p50_ms": percentile(tpot, 50) * 1e3, "tpot_p99_ms": percentile(tpot, 99) * 1e3,
-            "slo_attainment": ok / len(requests)}
+    ok = sum(
+        1
+        for r in done
+        if r.ttft is not None and r.ttft <= ttft_slo_s and (r.tpot is None or r.tpot <= tpot_slo_s)
+    )
+    return {
+        "throughput_tok_s": toks / (t1 - t0),
+        "completed": len(done),
+        "ttft_p50_ms": percentile(ttft, 50) * 1e3,
+        "ttft_p99_ms": percentile(ttft, 99) * 1e3,
+        "tpot_p50_ms": percentile(tpot, 50) * 1e3,
+        "tpot_p99_ms": percentile(tpot, 99) * 1e3,
+        "slo_attainment": ok / len(requests),
+    }

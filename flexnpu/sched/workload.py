@@ -12,6 +12,7 @@ system serves the identical work. Length statistics (lognormal, clipped):
   chosen to represent the class, not fitted to a specific trace.
 The lognormal sigmas (spread) are ESTIMATES as well.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,15 +37,17 @@ class WorkloadSpec:
     name: str
     prompt: LengthDist
     output: LengthDist
-    kind: str   # balanced | prefill-heavy | decode-heavy
+    kind: str  # balanced | prefill-heavy | decode-heavy
 
 
 WORKLOADS = {
     "chat": WorkloadSpec("chat", LengthDist(1020, 0.8, 16, 8192), LengthDist(129, 0.9, 4, 1024), "balanced"),
-    "long": WorkloadSpec("long", LengthDist(6000, 0.5, 1024, 16384), LengthDist(200, 0.6, 16, 1024),
-                         "prefill-heavy"),
-    "reasoning": WorkloadSpec("reasoning", LengthDist(300, 0.7, 16, 4096), LengthDist(1500, 0.6, 64, 4096),
-                              "decode-heavy"),
+    "long": WorkloadSpec(
+        "long", LengthDist(6000, 0.5, 1024, 16384), LengthDist(200, 0.6, 16, 1024), "prefill-heavy"
+    ),
+    "reasoning": WorkloadSpec(
+        "reasoning", LengthDist(300, 0.7, 16, 4096), LengthDist(1500, 0.6, 64, 4096), "decode-heavy"
+    ),
 }
 
 
