@@ -3,7 +3,7 @@
 Every figure carries its source. "Dense" peak figures are used (no 2:4 sparsity): LLM serving
 kernels are dense. Where a vendor does not publish a figure, the value is marked ESTIMATE with
 the reasoning. Achievable fractions of peak (``gemm_eff``, ``bw_eff``) are ESTIMATES for
-well-tuned kernels; ``flexnpu bench calibrate`` replaces guesswork with measured corrections
+well-tuned kernels; ``flexnpu calibrate`` replaces guesswork with measured corrections
 on a backend that is actually present.
 """
 
@@ -217,7 +217,7 @@ CPU_ESTIMATE = DeviceSpec(
     issue_frac=0.5,
     sources={
         "all": "ESTIMATE: conservative figure for a few x86 cores (AVX2 FMA, DDR4); "
-        "use cpu_spec(measure=True) or `flexnpu bench calibrate` for this machine"
+        "use cpu_spec(measure=True) or `flexnpu calibrate` for this machine"
     },
 )
 
