@@ -156,7 +156,7 @@ def format_text(report: dict, runtime_dir: Path | list[Path], width: int = 120) 
         rows = []
         for d in daemons:
             if "error" in d:
-                rows.append([_g(d, "device"), "?", "-", "-", "-", "-", "-", "-", f"error: {d['error']}"])
+                rows.append([_g(d, "device"), "?", "-", "-", "-", "-", "-", "-", "-", f"error: {d['error']}"])
                 continue
             backend = _g(d, "backend")
             if d.get("device_type") and d.get("device_type") != d.get("backend"):
@@ -169,6 +169,7 @@ def format_text(report: dict, runtime_dir: Path | list[Path], width: int = 120) 
                     backend,
                     _g(d, "pid"),
                     human_duration(d.get("uptime_s")),
+                    format_bytes(d["rss_bytes"]) if d.get("rss_bytes") else "-",  # the daemon's host memory
                     _g(d, "policy"),
                     format_bytes(d.get("memory_limit_default")) if d.get("memory_limit_default") else "none",
                     str(len(d.get("clients") or [])),
@@ -179,7 +180,18 @@ def format_text(report: dict, runtime_dir: Path | list[Path], width: int = 120) 
         dirs = sorted({str(Path(str(d.get("socket"))).parent) for d in daemons if d.get("socket")})
         lines.append(f"FlexNPU daemons in {', '.join(dirs) or where}")
         lines += _table(
-            ["DEVICE", "BACKEND", "PID", "UPTIME", "POLICY", "CLIENT LIMIT", "CLIENTS", "OPS", "VERSION"],
+            [
+                "DEVICE",
+                "BACKEND",
+                "PID",
+                "UPTIME",
+                "RSS",
+                "POLICY",
+                "CLIENT LIMIT",
+                "CLIENTS",
+                "OPS",
+                "VERSION",
+            ],
             rows,
         )
     for d in daemons:

@@ -92,6 +92,7 @@ def daemon_obj(device: int, sock: Path, clients: list[dict]) -> dict:
         "version": "0.1.0",
         "memory_limit_default": 8 * GiB,
         "ops_total": 1234,
+        "rss_bytes": 300 << 20,
         "clients": clients,
     }
 
@@ -152,6 +153,7 @@ def test_collect_daemons_clients_and_stale(rundir):
     assert "1.5 GiB / 8.0 GiB" in text
     assert "python app.py --model llama" in text and "decode" in text and "1523.4" in text
     assert "1h01m" in text  # uptime 3700 s
+    assert "RSS" in text and "300.0 MiB" in text  # the daemon's own host memory
     assert "stale sockets" in text and str(d / "npu2.sock") in text
 
 
