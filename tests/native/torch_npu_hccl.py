@@ -57,11 +57,22 @@ def rank(r: int, n: int, devs: str, checks: str, port: int) -> None:
                 (dist.ReduceOp.MIN, lambda xs: torch.stack(xs).amin(0)),
                 (dist.ReduceOp.PRODUCT, lambda xs: torch.stack(xs).prod(0)),
             ):
-                for dt in (torch.float32, torch.int32, torch.int64, torch.bfloat16, torch.float16, torch.int8):
+                for dt in (
+                    torch.float32,
+                    torch.int32,
+                    torch.int64,
+                    torch.bfloat16,
+                    torch.float16,
+                    torch.int8,
+                ):
                     xs = [b.to(dt) for b in base]
                     t = on(xs[r])
                     dist.all_reduce(t, op=op)
                     check(f"all_reduce {op} {dt}", t, fold(xs).to(dt))
+        elif c == "avg":  # HCCL has no avg: torch_npu sums, then divides with an operator
+            t = on(base[r])
+            dist.all_reduce(t, op=dist.ReduceOp.AVG)
+            check("all_reduce avg", t, sum(base) / n)
         elif c == "all_gather":
             t = on(base[r])
             big = on(torch.zeros(6 * n))
@@ -131,7 +142,10 @@ def rank(r: int, n: int, devs: str, checks: str, port: int) -> None:
                 t.cpu()
                 torch.npu.synchronize()
             except Exception as e:  # noqa: BLE001 - what torch_npu raises for the failed stream
-                print(f"rank {r} failed after {time.time() - t0:.1f}s: {str(e).splitlines()[0][:200]}", flush=True)
+                print(
+                    f"rank {r} failed after {time.time() - t0:.1f}s: {str(e).splitlines()[0][:200]}",
+                    flush=True,
+                )
                 os._exit(0)
             raise AssertionError(f"rank {r}: a collective with a dead rank succeeded")
         else:
