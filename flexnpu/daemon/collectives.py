@@ -54,6 +54,7 @@ log = logging.getLogger("flexnpu.daemon.collectives")
 MAX_COMMS_PER_CLIENT = 256
 MAX_COMMS = 1024
 MAX_SHARED_COMMS = 64  # communicators spanning several daemons (each maps a shared segment)
+MAX_PENDING_JOINS = 256  # joins by id alone whose device map is still being exchanged (a thread each)
 MAX_PENDING_INSTANCES = 4096  # per communicator: collectives issued ahead of the slowest rank
 MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 24 * 3600.0
 SLOT_BYTES = int(os.environ.get("FLEXNPU_COLL_SLOT", str(8 << 20)))  # one pipeline buffer
@@ -954,6 +955,11 @@ class Collectives:
             comm_id = bytes(payload)
             if len(self.comms) + self.pending >= MAX_COMMS:
                 raise InvalidArgument(f"too many communicators on this device (limit {MAX_COMMS})")
+            if self.pending >= MAX_PENDING_JOINS:
+                raise InvalidArgument(
+                    f"too many communicators on this device wait for their first collective "
+                    f"(limit {MAX_PENDING_JOINS})"
+                )
             known = self.comms.get(comm_id)
             if known is not None and rank in known.members:
                 raise PermissionDenied(f"rank {rank} of {known.label} was already joined")
