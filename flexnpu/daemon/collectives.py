@@ -31,6 +31,7 @@ import mmap
 import os
 import queue
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,11 @@ INLINE_ELEMENTS = int(os.environ.get("FLEXNPU_COLL_INLINE", "32768"))
 # ATen's grain size keeps every op on one core). Default: whole chunks, which measured faster here.
 PIECE = int(os.environ.get("FLEXNPU_COLL_PIECE", str(1 << 40)))
 INLINE_WAIT_S = 30e-6  # ... which spins this long for the other daemons' posts
+# A collective handed to a worker thread waits for the GIL while the main loop runs Python code:
+# up to the interpreter's switch interval (5 ms by default), which dominated small-message latency
+# on a loaded host (median 2-5 ms -> 0.9-1.6 ms for 4 KiB, see docs/collectives.md). Once a daemon
+# runs collective workers it switches threads this often instead.
+SWITCH_INTERVAL_S = float(os.environ.get("FLEXNPU_COLL_SWITCH_S", "0.0002"))
 
 ALL_REDUCE, BROADCAST, ALL_GATHER, REDUCE_SCATTER, ALL_TO_ALL = range(len(P.COLL_KINDS))
 SUM, AVG, PROD, MIN, MAX, BAND, BOR, BXOR = range(len(P.REDUCE_OPS))
@@ -642,6 +648,8 @@ class Comm:
     # -- worker thread -------------------------------------------------------------------------
     def _start_worker(self) -> None:
         if self._thread is None:
+            if 0 < SWITCH_INTERVAL_S < sys.getswitchinterval():
+                sys.setswitchinterval(SWITCH_INTERVAL_S)
             self._thread = threading.Thread(
                 target=self._work, name=f"flexnpu-coll-{self.id.hex()[:8]}", daemon=True
             )
