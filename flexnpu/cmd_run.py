@@ -116,13 +116,10 @@ def _devices(text: str) -> list[int]:
 
 
 def _links_ascendcl(path: str) -> bool:
-    """True for an ELF executable that names libascendcl.so (a plain AscendCL program)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-            return head == b"\x7fELF" and b"libascendcl.so" in f.read(64 << 20)
-    except OSError:
-        return False
+    """True for an ELF executable whose dynamic section names libascendcl.so (an AscendCL program)."""
+    from .elf import needed_libraries
+
+    return any(n == "libascendcl.so" or n.startswith("libascendcl.so.") for n in needed_libraries(path))
 
 
 def choose_front(mode: str, cmd: list[str]) -> str:

@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from .protocol import TensorRef
+
 __all__ = [
     "PLAIN",
     "INDEXED",
@@ -47,6 +49,7 @@ __all__ = [
     "host_fallback_ok",
     "check_indices",
     "bind_args",
+    "tensor_refs",
 ]
 
 PLAIN, INDEXED = "plain", "indexed"
@@ -476,3 +479,19 @@ def host_fallback_ok(name: str) -> bool:
     """May the hook run this aten op on the app's own host (values it needs from the device,
     data-dependent shapes, random numbers)? Everything but the REFUSED class."""
     return not (name in REFUSED or name.startswith(_REFUSED_PREFIX))
+
+
+def tensor_refs(*values: Any) -> list[TensorRef]:
+    """Every TensorRef in decoded launch values (nested lists, tuples and dict values), in no
+    particular order: what a launch touches, for handle resolution and accounting."""
+    out: list[TensorRef] = []
+    stack: list[Any] = list(values)
+    while stack:
+        v = stack.pop()
+        if isinstance(v, TensorRef):
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+    return out

@@ -43,6 +43,7 @@ import torch
 from .. import protocol as P
 from ..errors import BadState, CollectiveError, InvalidArgument, InvalidHandle, NotFound, PermissionDenied
 from ..protocol import Op
+from . import requests as R
 from .objects import Cmd, StreamState, ready_buf
 
 # The daemon (server.Daemon) and its sessions (session.Session) create and call this module, so
@@ -1179,35 +1180,17 @@ def _check_sizes(kind: int, size: int, inp: torch.Tensor, out: torch.Tensor) -> 
         )
 
 
-def _p_comm_init(
-    s: Session,
-    st: StreamState | None,
-    ud: int,
-    sync: bool,
-    poff: int,
-    plen: int,
-    a: tuple[int, ...],
-    flags: int,
-) -> None:
-    payload = bytes(s._payload(poff, plen))
-    s.daemon.collectives.join(s, a[0], a[1], a[2], a[3], payload)
-    if sync:
-        s.reply(ud)
+def _p_comm_init(s: Session, st: StreamState | None, r: R.CommInit) -> None:
+    payload = bytes(s._payload(r.payload_offset, r.payload_len))
+    s.daemon.collectives.join(s, r.comm, r.rank, r.size, r.timeout_ms, payload)
+    if r.sync:
+        s.reply(r.user_data)
 
 
-def _p_comm_destroy(
-    s: Session,
-    st: StreamState | None,
-    ud: int,
-    sync: bool,
-    poff: int,
-    plen: int,
-    a: tuple[int, ...],
-    flags: int,
-) -> None:
-    s.daemon.collectives.leave(s, a[0])
-    if sync:
-        s.reply(ud)
+def _p_comm_destroy(s: Session, st: StreamState | None, r: R.CommDestroy) -> None:
+    s.daemon.collectives.leave(s, r.comm)
+    if r.sync:
+        s.reply(r.user_data)
 
 
 def _run_collective(s: Session, st: StreamState, c: Any) -> None:
@@ -1221,25 +1204,16 @@ def _run_collective(s: Session, st: StreamState, c: Any) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _p_collective(
-    s: Session,
-    st: StreamState | None,
-    ud: int,
-    sync: bool,
-    poff: int,
-    plen: int,
-    a: tuple[int, ...],
-    flags: int,
-) -> Cmd:
+def _p_collective(s: Session, st: StreamState | None, r: R.Collective) -> Cmd:
     assert st is not None  # stream-ordered: prepare resolved it
-    m: Membership = s.daemon.collectives.member(s, a[0])
-    kind, op, root = a[1], a[2], a[3]
+    m: Membership = s.daemon.collectives.member(s, r.comm)
+    kind, op, root = r.kind, r.reduce_op, r.root
     if not 0 <= kind < len(P.COLL_KINDS):
         raise InvalidArgument(f"unknown collective kind {kind}")
     if st.capturing:
         raise BadState("collectives cannot be captured into a graph")
     try:
-        launch = P.decode_launch(bytes(s._payload(poff, plen)), s.daemon.backend.device)
+        launch = P.decode_launch(bytes(s._payload(r.payload_offset, r.payload_len)), s.daemon.backend.device)
     except P.DecodeError as e:
         raise InvalidArgument(f"malformed collective: {e}") from None
     if (
@@ -1296,7 +1270,13 @@ def _p_collective(
         return comm.poll(inst)
 
     return Cmd(
-        Op.COLLECTIVE, ud, sync, _run_collective, (m, state), ready=ready, cost=_cost(kind, iref, size)
+        Op.COLLECTIVE,
+        r.user_data,
+        r.sync,
+        _run_collective,
+        (m, state),
+        ready=ready,
+        cost=_cost(kind, iref, size),
     )
 
 
@@ -1319,7 +1299,9 @@ def _cost(kind: int, ref: P.TensorRef, size: int) -> Any:
         return collective_cost(name, float(n * ref.dtype.itemsize), size, "int8")
 
 
-# (session, stream|None, user_data, sync, payload_off, payload_len, args, flags) -> Cmd|None
-PREPARE: dict[
-    int, Callable[[Session, StreamState | None, int, bool, int, int, tuple[int, ...], int], Cmd | None]
-] = {Op.COMM_INIT: _p_comm_init, Op.COMM_DESTROY: _p_comm_destroy, Op.COLLECTIVE: _p_collective}
+# the handlers of the collective opcodes (flexnpu/daemon/handlers/ dispatches to them)
+PREPARE: dict[Op, Any] = {
+    Op.COMM_INIT: _p_comm_init,
+    Op.COMM_DESTROY: _p_comm_destroy,
+    Op.COLLECTIVE: _p_collective,
+}

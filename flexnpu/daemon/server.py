@@ -35,6 +35,7 @@ from .metrics import DaemonMetrics
 from .objects import IpcExport, MemoryAccount
 from .collectives import Collectives
 from .scheduling import make_scheduler
+from .handlers import TABLE as HANDLERS
 from .session import Session
 
 log = logging.getLogger("flexnpu.daemon")
@@ -907,7 +908,9 @@ class Daemon:
         cid = self._next_cid
         self._next_cid += 1
         try:
-            sess = Session(self, cid, seg, conn, pid, uid, (mbox[0], mbox[1]), limit, phase, _cmdline(pid))
+            sess = Session(
+                self, cid, seg, conn, pid, uid, (mbox[0], mbox[1]), limit, phase, _cmdline(pid), HANDLERS
+            )
         except Exception as e:  # noqa: BLE001
             seg.close()
             return refuse(f"cannot create session: {e}", "EINTERNAL")

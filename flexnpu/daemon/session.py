@@ -1,38 +1,35 @@
 """One attached client: its segment, its object tables, and the handling of its requests.
 
 Requests are handled in two steps. `prepare` runs when the daemon drains the client's SQ: it
-copies and validates the record, resolves handles to objects (so later frees cannot pull memory
-from under queued work) and either answers at once or queues a command on the stream. `execute`
-runs when the scheduler picks that command. Anything a client sends that is wrong becomes an
+turns the record into a typed request (requests.py) and hands it to the opcode's handler
+(handlers/), which validates it, resolves handles to objects (so later frees cannot pull memory
+from under queued work) and either answers at once or returns a command, which `prepare` queues
+on the stream (or records into the graph the stream captures). `execute` runs when the scheduler
+picks that command. Anything a client sends that is wrong becomes an
 error for that client only.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 import time
 from typing import TYPE_CHECKING, Any
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .. import protocol as P
 from ..errors import (
+    Err,
     BadState,
     FlexNPUError,
-    error_for,
     InvalidArgument,
     InvalidHandle,
-    NotFound,
-    OpNotSupported,
     OutOfMemory,
-    PermissionDenied,
     code_of,
 )
 from ..protocol import Op
 from ..ring import RingError
 from .metrics import COPY_DIRECTION, copied_bytes
 from .objects import (
-    MAX_IMPORT_PIDS,
     Alloc,
     Cmd,
     EventState,
@@ -41,33 +38,24 @@ from .objects import (
     MemoryAccount,
     StreamState,
     process_start_time,
-    ready_buf,
 )
 
 if TYPE_CHECKING:
     from .interfaces import DaemonServices as Daemon  # the daemon as a session sees it
 
 MAX_ALLOC = 1 << 44
-MAX_STREAMS = 1024
-MAX_EVENTS = 1 << 16
-MAX_GRAPHS = 4096
 MAX_PENDING_REPLIES = 4096
 MAX_GRAPH_OPS = 1 << 20
 MAX_WAITERS = 4096  # unanswered DEVICE_SYNC/EVENT_SYNC per client
 MAX_QUEUED = 1 << 18  # commands waiting in one stream: bounds a blocked stream's memory
-# What a client's bad request or a failing operator may raise; anything else is logged as a bug.
-_EXPECTED = (
-    FlexNPUError,
-    ValueError,
-    TypeError,
-    KeyError,
-    IndexError,
-    MemoryError,
-    NotImplementedError,
-    RuntimeError,
-    OverflowError,
-)
+# What a client's bad request or a failing operator raises: the project's own errors (handlers
+# and backends turn every foreseeable failure into one, with a message for the client) and host
+# memory exhaustion. Anything else is a daemon bug: logged with its traceback, reported as INTERNAL.
+_EXPECTED = (FlexNPUError, MemoryError)
 
+
+# (prepare function, request type, stream ordered?) per raw opcode: flexnpu/daemon/handlers/
+DispatchEntry = tuple[Callable[..., "Cmd | None"], Callable[..., Any], bool]
 
 CMD_COST = 256  # daemon memory of one prepared command (Cmd, closures, queue slot)
 VALUE_COST = 96  # ... plus per decoded launch value (TensorRef, ints, lists)
@@ -96,8 +84,10 @@ class Session:
         memory_limit: int | None,
         phase: str,
         cmdline: str,
+        handlers: Sequence[DispatchEntry | None],
     ) -> None:
         self.daemon = daemon
+        self.handlers = handlers  # handlers.TABLE: passed in, so this module never imports them
         self.cid = cid
         self.seg = seg
         self.conn = conn
@@ -194,11 +184,20 @@ class Session:
         self.reply(user_data, 0, msg=json.dumps(obj))
 
     def fail(self, user_data: int, sync: bool, stream: StreamState | None, exc: BaseException) -> None:
-        code = code_of(exc)
         msg = str(exc) or type(exc).__name__
-        if not isinstance(exc, _EXPECTED):
+        if isinstance(exc, _EXPECTED):
+            code = code_of(exc)
+        else:
             self.daemon.log.error(
-                "client %d: unexpected %s: %s", self.pid, type(exc).__name__, msg, exc_info=exc
+                "client %d: internal error (a daemon bug): %s: %s",
+                self.pid,
+                type(exc).__name__,
+                msg,
+                exc_info=exc,
+            )
+            code, msg = (
+                Err.INTERNAL,
+                f"internal error in the daemon ({type(exc).__name__}: {msg}); see its log",
             )
         if sync:
             self.reply(user_data, code, msg=msg)
@@ -265,10 +264,11 @@ class Session:
         st: StreamState | None = None
         cmd: Cmd | None = None
         try:
-            entry = _HANDLERS[op] if op < len(_HANDLERS) else None
+            table = self.handlers
+            entry = table[op] if op < len(table) else None
             if entry is None:
                 raise InvalidArgument(f"unknown opcode {op}")
-            handler, ordered = entry
+            handler, request_type, ordered = entry
             if ordered:
                 st = self.streams.get(sid)
                 if st is None:
@@ -277,7 +277,7 @@ class Session:
                     # refused before the handler runs, so a refused command leaves no trace
                     # (an EVENT_RECORD counted but never run would make its event never complete)
                     raise BadState(f"{Op(op).name} is not allowed while stream {sid} is being captured")
-            cmd = handler(self, st, ud, sync, poff, plen, (a0, a1, a2, a3, a4), flags)
+            cmd = handler(self, st, request_type(ud, sync, poff, plen, flags, (a0, a1, a2, a3, a4)))
             if cmd is None:
                 return
             cmd.t0 = self._drain_t
@@ -461,637 +461,5 @@ class Session:
         }
 
 
-# ====================================================================== request handlers
-# Each: (session, stream|None, user_data, sync, payload_off, payload_len, args, flags) -> Cmd|None.
-# Returning None means it was answered (or needed no answer) at once. The stream is None only
-# for requests that are not stream-ordered (P.OPS[op].stream_ordered).
-Args = tuple[int, ...]  # a0..a4 of the record
-Handler = Callable[[Session, StreamState | None, int, bool, int, int, Args, int], Cmd | None]
-
-
-def _run_nop(s: Session, st: StreamState, c: Cmd) -> None:
-    if c.sync:
-        s.reply_sync(c.user_data, None)
-
-
-def _p_nop(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> Cmd:
-    return Cmd(Op.NOP, ud, sync, _run_nop)
-
-
-def _p_device_info(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> None:
-    info = dict(s.daemon.backend_info)
-    info.update(device=s.daemon.device, policy=s.daemon.policy_name, memory_limit=s.mem.limit)
-    s.reply_json(ud, info)
-
-
-def _all_idle(s: Session) -> bool:
-    return all(not q.queue for q in s.streams.values()) and not s.daemon.scheduler.busy(s)
-
-
-def _p_device_sync(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> None:
-    def done() -> None:
-        s.daemon.backend.synchronize()
-        err = s.error
-        for q in s.streams.values():
-            err = err or q.error
-            q.error = None
-        s.error = None
-        s.reply(ud, err[0] if err else 0, msg=err[1] if err else "")
-
-    s.add_waiter()
-    s.waiters.append((lambda: _all_idle(s), done))
-    s.daemon.waiting.add(s)
-
-
-def _p_stream_create(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> None:
-    sid, prio = a[0], a[1]
-    if not 0 < sid < 1 << 32:
-        raise InvalidArgument(f"stream id {sid} out of range")
-    if sid in s.streams:
-        raise InvalidHandle(f"stream {sid} already exists")
-    if len(s.streams) >= MAX_STREAMS:
-        raise InvalidArgument(f"too many streams (limit {MAX_STREAMS})")
-    prio = struct.unpack("<q", struct.pack("<Q", prio))[0]
-    s.streams[sid] = s._new_stream(sid, max(-8, min(8, prio)))
-    if sync:
-        s.reply(ud)
-
-
-def _run_stream_destroy(s: Session, st: StreamState, c: Cmd) -> None:
-    s.daemon.backend.sync_stream(st.device_stream)
-    s.streams.pop(st.sid, None)  # the scheduler drops a stream once it is gone from the table
-    if c.sync:
-        s.reply(c.user_data)
-
-
-def _p_stream_destroy(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> Cmd:
-    assert st is not None  # stream-ordered: prepare resolved it
-    if st.sid == 0:
-        raise InvalidArgument("the default stream cannot be destroyed")
-    return Cmd(Op.STREAM_DESTROY, ud, sync, _run_stream_destroy)
-
-
-def _run_stream_sync(s: Session, st: StreamState, c: Cmd) -> None:
-    s.daemon.backend.sync_stream(st.device_stream)
-    s.reply_sync(c.user_data, st)
-
-
-def _p_stream_sync(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> Cmd:
-    return Cmd(Op.STREAM_SYNC, ud, True, _run_stream_sync)
-
-
-def _p_stream_query(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> None:
-    target = s.stream(a[0])
-    s.reply(ud, 0, int(not target.queue))
-
-
-def _event(s: Session, eid: int) -> EventState:
-    ev = s.events.get(eid)
-    if ev is None:
-        raise InvalidHandle(f"unknown event {eid}")
-    return ev
-
-
-def _p_event_create(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> None:
-    eid = a[0]
-    if not 0 < eid < 1 << 32 or eid in s.events:
-        raise InvalidHandle(f"event id {eid} invalid or in use")
-    if len(s.events) >= MAX_EVENTS:
-        raise InvalidArgument("too many events")
-    s.events[eid] = EventState()
-    if sync:
-        s.reply(ud)
-
-
-def _p_event_destroy(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> None:
-    _event(s, a[0])
-    del s.events[a[0]]
-    if sync:
-        s.reply(ud)
-
-
-def _run_event_record(s: Session, st: StreamState, c: Cmd) -> None:
-    ev: EventState = c.a[0]
-    try:
-        ev.token = s.daemon.backend.record_event(st.device_stream)
-    finally:  # a failed record still completes: its error goes to the stream, nobody hangs
-        if c.a[1] > ev.completed:
-            ev.completed = c.a[1]
-            if ev.waiters:
-                s.fire_event(ev)
-    if c.sync:  # every FLAG_SYNC request is answered exactly once
-        s.reply_sync(c.user_data, st)
-
-
-def _p_event_record(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> Cmd:
-    ev = _event(s, a[0])
-    ev.requested += 1
-    n = ev.requested
-
-    def undo() -> None:
-        if ev.requested == n:
-            ev.requested -= 1
-
-    return Cmd(Op.EVENT_RECORD, ud, sync, _run_event_record, (ev, n), undo=undo)
-
-
-def _run_wait_event(s: Session, st: StreamState, c: Cmd) -> None:
-    ev: EventState = c.a[0]
-    if ev.token is not None:
-        s.daemon.backend.wait_event(st.device_stream, ev.token)
-    if c.sync:
-        s.reply_sync(c.user_data, st)
-
-
-def _p_stream_wait_event(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> Cmd:
-    ev = _event(s, a[0])
-    target = ev.requested  # waits for the latest record issued before this call, as in CUDA
-    return Cmd(Op.STREAM_WAIT_EVENT, ud, sync, _run_wait_event, (ev,), ready=lambda: ev.completed >= target)
-
-
-def _p_event_sync(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> None:
-    ev = _event(s, a[0])
-    target = ev.requested
-    s.add_waiter()
-
-    def done() -> None:
-        if ev.token is not None:
-            s.daemon.backend.event_sync(ev.token)
-        s.reply(ud)
-
-    # Kept on the event, in target order (targets only grow): the record that reaches the
-    # target fires it, so waiting costs nothing per loop however many waiters there are.
-    ev.waiters.append((target, done))
-    s.fire_event(ev)
-
-
-def _p_event_query(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> None:
-    ev = _event(s, a[0])
-    done = ev.completed >= ev.requested and (ev.token is None or s.daemon.backend.event_done(ev.token))
-    s.reply(ud, 0, int(done))
-
-
-def _p_event_elapsed(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> None:
-    e0, e1 = _event(s, a[0]), _event(s, a[1])
-    if e0.token is None or e1.token is None or e0.completed < e0.requested or e1.completed < e1.requested:
-        raise BadState("elapsed time needs two completed events")
-    ms = s.daemon.backend.elapsed_ms(e0.token, e1.token)
-    s.reply(ud, 0, struct.unpack("<Q", struct.pack("<d", ms))[0])
-
-
-def _p_malloc(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> None:
-    h, nbytes = a[0], a[1]
-    if h in s.handles:
-        raise InvalidHandle(f"handle {h} is already in use")
-    al = s.new_alloc(nbytes)
-    try:
-        al.buf = s.daemon.backend.alloc(nbytes)
-        s.handles.add(h, al)
-    except BaseException:
-        s.mem.uncharge(nbytes)
-        raise
-    if sync:
-        s.reply(ud)
-
-
-def _p_free(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> None:
-    al = s.handles.remove(a[0])
-    # Its exports go too: otherwise the registry would keep memory alive that nobody is charged
-    # for. Processes that already imported it keep it (and it stays charged to its owner).
-    for key in [k for k, e in s.daemon.exports.items() if e.alloc is al and e.owner_client == s.cid]:
-        del s.daemon.exports[key]
-    if sync:
-        s.reply(ud)
-
-
-def _run_memset(s: Session, st: StreamState, c: Cmd) -> None:
-    al, h, off, val, n = c.a
-    s.daemon.backend.memset(ready_buf(al, h), off, val, n)
-    if c.sync:
-        s.reply_sync(c.user_data, st)
-
-
-def _p_memset(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> Cmd:
-    al = s.alloc_of(a[0])
-    s._bounds(al, a[1], a[3], "memset")
-    return Cmd(Op.MEMSET, ud, sync, _run_memset, (al, a[0], a[1], a[2], a[3]))
-
-
-def _run_h2d(s: Session, st: StreamState, c: Cmd) -> None:
-    al, h, off, src = c.a
-    s.daemon.backend.h2d(ready_buf(al, h), off, src)
-    if c.sync:
-        s.reply_sync(c.user_data, st)
-
-
-def _p_h2d(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> Cmd:
-    al = s.alloc_of(a[0])
-    n = a[2]
-    s._bounds(al, a[1], n, "memcpy host->device")
-    if plen != n:
-        raise InvalidArgument("memcpy host->device: payload length differs from the copy size")
-    view = s._payload(poff, plen)
-    src = view if (flags & P.FLAG_DEFERRED) else bytes(view)  # copied out now unless deferred
-    return Cmd(Op.MEMCPY_H2D, ud, sync, _run_h2d, (al, a[0], a[1], src))
-
-
-def _run_d2h(s: Session, st: StreamState, c: Cmd) -> None:
-    al, h, off, n, dst = c.a
-    s.daemon.backend.d2h(ready_buf(al, h), off, n, dst)
-    if c.sync:
-        s.daemon.backend.sync_stream(st.device_stream)
-        s.reply_sync(c.user_data, st)
-
-
-def _p_d2h(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> Cmd:
-    al = s.alloc_of(a[0])
-    n = a[2]
-    s._bounds(al, a[1], n, "memcpy device->host")
-    if plen != n:
-        raise InvalidArgument("memcpy device->host: destination length differs from the copy size")
-    return Cmd(Op.MEMCPY_D2H, ud, sync, _run_d2h, (al, a[0], a[1], n, s._payload(poff, plen)))
-
-
-def _run_d2d(s: Session, st: StreamState, c: Cmd) -> None:
-    dal, dh, doff, sal, sh, soff, n = c.a
-    s.daemon.backend.d2d(ready_buf(dal, dh), doff, ready_buf(sal, sh), soff, n)
-    if c.sync:
-        s.reply_sync(c.user_data, st)
-
-
-def _p_d2d(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> Cmd:
-    dal, sal = s.alloc_of(a[0]), s.alloc_of(a[2])
-    s._bounds(dal, a[1], a[4], "memcpy device->device (destination)")
-    s._bounds(sal, a[3], a[4], "memcpy device->device (source)")
-    return Cmd(Op.MEMCPY_D2D, ud, sync, _run_d2d, (dal, a[0], a[1], sal, a[2], a[3], a[4]))
-
-
-def _p_mem_stats(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> None:
-    s.reply_json(
-        ud,
-        {
-            "allocated": s.mem.used,
-            "peak": s.mem.peak,
-            "limit": s.mem.limit,
-            "reserved": s.mem.used,
-            "handles": len(s.handles),
-            "host_bytes": s.host.used,
-            "host_limit": s.host.limit,
-            "total": s.daemon.backend_info.get("total_memory"),
-        },
-    )
-
-
-def _p_ipc_export(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> None:
-    al = s.alloc_of(a[0])
-    if a[1] & ~P.IPC_EXPORT_SAME_UID:
-        raise InvalidArgument(f"unknown IPC export flags {a[1]:#x}")
-    key = s.daemon.export(s, a[0], al, same_uid=bool(a[1] & P.IPC_EXPORT_SAME_UID))
-    s.reply(ud, 0, key)
-
-
-def _p_ipc_set_pids(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> None:
-    if plen % 4 or plen > 4 * 4096:
-        raise InvalidArgument("pid list must be at most 4096 u32 values")
-    pids = struct.unpack(f"<{plen // 4}I", bytes(s._payload(poff, plen)))
-    exp = s.daemon.exports.get(a[0])
-    if exp is None or exp.owner_client != s.cid:
-        raise NotFound(f"no export with key {a[0]:#x} owned by this client")
-    exp.prune()
-    missing = [p for p in pids if p not in exp.pids and not exp.grant(p)]
-    if len(exp.pids) > MAX_IMPORT_PIDS:
-        for p in pids:
-            exp.pids.pop(p, None)
-        raise InvalidArgument(f"an export may be granted to at most {MAX_IMPORT_PIDS} processes")
-    if missing:
-        # a grant names a running process; one for a pid that is not running would go to
-        # whichever process gets that pid next
-        raise InvalidArgument(
-            f"pid {missing[0]} is not a running process; "
-            f"{len(pids) - len(missing)} of {len(pids)} pids granted"
-        )
-    if sync:
-        s.reply(ud)
-
-
-def _p_ipc_import(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> None:
-    key, h = a[0], a[1]
-    exp = s.daemon.exports.get(key)
-    if exp is None:
-        raise NotFound(f"no exported device memory with key {key:#x}")
-    if exp.owner_client != s.cid and not exp.allows(s.pid, s.start_time) and exp.same_uid != s.uid:
-        raise PermissionDenied(f"pid {s.pid} is not on the import list of key {key:#x}")
-    s.handles.add(h, exp.alloc)
-    s.reply(ud, 0, exp.alloc.nbytes)
-
-
-def _run_launch(s: Session, st: StreamState, c: Cmd) -> None:
-    launch, allocs, outs = c.a
-    be = s.daemon.backend
-
-    def resolve(h: int) -> Any:
-        al = allocs.get(h)
-        if al is None:
-            raise InvalidHandle(f"{launch.op}: device handle {h} is not an input of this launch")
-        return ready_buf(al, h)
-
-    def allocate(nbytes: int) -> Any:
-        return be.alloc(nbytes)
-
-    try:
-        results = be.launch(launch, resolve, allocate)
-    except Exception as e:
-        for al in outs.values():
-            al.failed = f"{launch.op}: {e}"
-        if isinstance(e, FlexNPUError):
-            raise
-        raise error_for(code_of(e), f"{launch.op} failed on the device: {e}") from e
-    for h, buf in results:
-        al = outs.get(h)
-        if al is None:
-            continue
-        actual = buf.numel() * buf.element_size()
-        if actual != al.nbytes and al.tables:
-            al.owner.uncharge(al.nbytes)
-            al.owner.charge(actual)  # may exceed the limit by rounding only: never refuse here
-            al.nbytes = actual
-        al.buf = buf
-        al.result = None
-        al.failed = None
-    if c.sync:
-        s.reply_sync(c.user_data, st)
-
-
-def _p_launch(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> Cmd:
-    payload = bytes(s._payload(poff, plen))  # copy out before parsing
-    try:
-        launch = P.decode_launch(payload, s.daemon.backend.device)
-    except P.DecodeError as e:
-        raise InvalidArgument(f"malformed launch: {e}") from None
-    if not s.daemon.backend.op_allowed(launch.op):
-        raise OpNotSupported(f"operator {launch.op} is not supported by the {s.daemon.backend.name} backend")
-    allocs: dict[int, Alloc] = {}
-    for ref in _tensor_refs(launch.args, launch.kwargs):
-        if ref.handle not in allocs:
-            allocs[ref.handle] = s.alloc_of(ref.handle)
-    outs: dict[int, Alloc] = {}
-    created: list[int] = []
-    try:
-        for nbytes, ref in launch.outputs:
-            h = ref.handle
-            if h in outs or h in allocs:
-                raise InvalidHandle(f"{launch.op}: output handle {h} is not fresh")
-            al = s.new_alloc(nbytes)
-            al.ref = ref
-            s.handles.add(h, al)
-            created.append(h)
-            outs[h] = al
-    except BaseException:
-        for h in created:
-            s.handles.remove(h)
-        raise
-
-    def undo() -> None:
-        for h in created:
-            if h in s.handles and s.handles.get(h) is outs[h]:
-                s.handles.remove(h)
-
-    cmd = Cmd(Op.LAUNCH, ud, sync, _run_launch, (launch, allocs, outs), undo=undo)
-    try:
-        s.daemon.launch_limits.check(cmd)
-    except BaseException:
-        undo()
-        raise
-    return cmd
-
-
-def _tensor_refs(args: Any, kwargs: dict[str, Any]) -> list[P.TensorRef]:
-    out: list[P.TensorRef] = []
-    stack: list[Any] = [args, list(kwargs.values())]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, P.TensorRef):
-            out.append(v)
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
-    return out
-
-
-def _run_graph_mark(s: Session, st: StreamState, c: Cmd) -> None:
-    if c.sync:
-        s.reply_sync(c.user_data, st, c.a[1] if len(c.a) > 1 else 0)
-
-
-def _p_graph_begin(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> Cmd:
-    assert st is not None  # stream-ordered: prepare resolved it
-    gid = a[0]
-    if st.capturing:
-        raise BadState(f"stream {st.sid} is already capturing graph {st.capturing}")
-    if not 0 < gid < 1 << 32 or gid in s.graphs:
-        raise InvalidHandle(f"graph id {gid} invalid or in use")
-    if len(s.graphs) >= MAX_GRAPHS:
-        raise InvalidArgument("too many graphs")
-    s.graphs[gid] = Graph(gid, st.sid)
-    st.capturing = gid
-
-    def undo() -> None:
-        if st.capturing == gid:
-            st.capturing = 0
-        g = s.graphs.pop(gid, None)
-        if g is not None:
-            s.host.uncharge(g.held)
-
-    return Cmd(Op.GRAPH_BEGIN, ud, sync, _run_graph_mark, (gid,), undo=undo)
-
-
-def _p_graph_end(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> Cmd:
-    assert st is not None  # stream-ordered: prepare resolved it
-    gid = a[0]
-    if st.capturing != gid:
-        raise BadState(f"stream {st.sid} is not capturing graph {gid}")
-    g = s.graphs[gid]
-    g.complete = True
-    st.capturing = 0
-    return Cmd(Op.GRAPH_END, ud, sync, _run_graph_mark, (gid, len(g.ops)))
-
-
-def _run_graph_replay(s: Session, st: StreamState, c: Cmd) -> None:
-    g: Graph = c.a[0]
-    if g.compiled is None and s.daemon.compile_graphs:
-        from .graphs import compile_graph
-
-        g.compiled = compile_graph(g.ops, s.daemon.backend.device) or False
-    if g.compiled:
-        try:
-            g.compiled.run()
-        except Exception as e:
-            raise error_for(code_of(e), f"graph {g.gid} replay failed: {e}") from e
-    else:
-        for cmd in g.ops:
-            cmd.run(s, st, cmd)
-    st.ops_done += len(g.ops)
-    if c.sync:
-        s.reply_sync(c.user_data, st)
-
-
-def _p_graph_replay(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> Cmd:
-    g = s.graphs.get(a[0])
-    if g is None:
-        raise NotFound(f"unknown graph {a[0]}")
-    if not g.complete:
-        raise BadState(f"graph {a[0]} is still being captured")
-    return Cmd(Op.GRAPH_REPLAY, ud, sync, _run_graph_replay, (g,))
-
-
-def _p_graph_destroy(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> None:
-    g = s.graphs.get(a[0])
-    if g is None:
-        raise NotFound(f"unknown graph {a[0]}")
-    if not g.complete:
-        raise BadState(f"graph {a[0]} is still being captured")
-    del s.graphs[a[0]]
-    g.release()
-    s.host.uncharge(g.held)
-    if sync:
-        s.reply(ud)
-
-
-def _p_step_mark(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> Cmd | None:
-    assert st is not None  # stream-ordered: prepare resolved it
-    # A graph replays kernels, not iteration boundaries: the engine marks after the replay.
-    if st.capturing:
-        if sync:
-            s.reply(ud)
-        return None
-    now = time.perf_counter()
-    last = s.last_mark.get(st.sid)
-    s.last_mark[st.sid] = now
-    if last is not None:
-        s.daemon.metrics.step(st.phase if st.phase != "auto" else s.phase, now - last)
-    return Cmd(Op.STEP_MARK, ud, sync, _run_nop)
-
-
-def _p_set_phase(
-    s: Session, st: StreamState | None, ud: int, sync: bool, poff: int, plen: int, a: Args, flags: int
-) -> None:
-    if a[0] >= len(P.PHASES):
-        raise InvalidArgument(f"unknown phase code {a[0]}")
-    phase = P.PHASES[a[0]]
-    target = s.streams.get(a[1]) if a[1] else None
-    if a[1] and target is None:
-        raise InvalidHandle(f"unknown stream {a[1]}")
-    if target is None:
-        s.phase = phase
-        for q in s.streams.values():
-            q.phase = phase
-    else:
-        target.phase = phase
-    if sync:
-        s.reply(ud)
-
-
-_PREPARE: dict[int, Handler] = {
-    Op.NOP: _p_nop,
-    Op.DEVICE_INFO: _p_device_info,
-    Op.DEVICE_SYNC: _p_device_sync,
-    Op.STREAM_CREATE: _p_stream_create,
-    Op.STREAM_DESTROY: _p_stream_destroy,
-    Op.STREAM_SYNC: _p_stream_sync,
-    Op.STREAM_QUERY: _p_stream_query,
-    Op.EVENT_CREATE: _p_event_create,
-    Op.EVENT_DESTROY: _p_event_destroy,
-    Op.EVENT_RECORD: _p_event_record,
-    Op.STREAM_WAIT_EVENT: _p_stream_wait_event,
-    Op.EVENT_SYNC: _p_event_sync,
-    Op.EVENT_QUERY: _p_event_query,
-    Op.EVENT_ELAPSED: _p_event_elapsed,
-    Op.MALLOC: _p_malloc,
-    Op.FREE: _p_free,
-    Op.MEMSET: _p_memset,
-    Op.MEMCPY_H2D: _p_h2d,
-    Op.MEMCPY_D2H: _p_d2h,
-    Op.MEMCPY_D2D: _p_d2d,
-    Op.MEM_STATS: _p_mem_stats,
-    Op.IPC_EXPORT: _p_ipc_export,
-    Op.IPC_SET_PIDS: _p_ipc_set_pids,
-    Op.IPC_IMPORT: _p_ipc_import,
-    Op.LAUNCH: _p_launch,
-    Op.GRAPH_BEGIN: _p_graph_begin,
-    Op.GRAPH_END: _p_graph_end,
-    Op.GRAPH_REPLAY: _p_graph_replay,
-    Op.GRAPH_DESTROY: _p_graph_destroy,
-    Op.SET_PHASE: _p_set_phase,
-    Op.STEP_MARK: _p_step_mark,
-}
-from .collectives import PREPARE as _COLLECTIVE_PREPARE  # noqa: E402 - collectives.py imports Cmd from here
-
-_PREPARE.update(_COLLECTIVE_PREPARE)
-assert set(_PREPARE) == set(P.OPS), "every opcode in the wire table needs a handler"
-
 # Synchronous stream-ordered requests that are fine while the stream captures.
 _SYNC_IN_CAPTURE = frozenset({Op.GRAPH_END, Op.STEP_MARK})
-
-# opcode -> (handler, stream ordered?), indexed by the raw u16 so dispatch needs no enum lookup
-_HANDLERS: list[tuple[Handler, bool] | None] = [None] * (max(_PREPARE) + 1)
-for _op, _fn in _PREPARE.items():
-    _HANDLERS[_op] = (_fn, P.OPS[Op(_op)].stream_ordered)

@@ -161,18 +161,6 @@ def _meta_extent(t: torch.Tensor) -> int:
     return (last + 1) * t.dtype.itemsize
 
 
-def _refs(v: Any, out: list[TensorRef]) -> list[TensorRef]:
-    if isinstance(v, TensorRef):
-        out.append(v)
-    elif isinstance(v, (list, tuple)):
-        for x in v:
-            _refs(x, out)
-    elif isinstance(v, dict):
-        for x in v.values():
-            _refs(x, out)
-    return out
-
-
 # ------------------------------------------------------------------ the backend
 
 
@@ -255,7 +243,7 @@ class EmuBackend:
     ) -> list[tuple[int, Any]]:
         if self._cpu:
             return self._cpu.launch(launch, resolve, allocate)
-        for ref in _refs((launch.args, launch.kwargs), []):
+        for ref in ops.tensor_refs(launch.args, launch.kwargs):
             buf = resolve(ref.handle)
             end = _view_end(ref)
             if end > buf.nbytes:
