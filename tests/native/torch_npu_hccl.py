@@ -107,6 +107,17 @@ def rank(r: int, n: int, devs: str, checks: str, port: int) -> None:
                 dist.recv(t, src=0)
                 check("recv from 0", t, base[r] * 10)
                 dist.send(on(base[r] + 1), dst=0)
+        elif c == "batch_p2p":  # every rank sends to and receives from every other, in one batch
+            ops, bufs = [], {}
+            for q in range(n):
+                if q != r:
+                    bufs[q] = on(torch.zeros(6))
+                    ops.append(dist.P2POp(dist.isend, on(base[r] + 100 * q), q))
+                    ops.append(dist.P2POp(dist.irecv, bufs[q], q))
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()
+            for q, b in bufs.items():
+                check(f"batch recv from {q}", b, base[q] + 100 * r)
         elif c == "all_to_all":
             inp = torch.arange(2 * n, dtype=torch.int32) + 100 * r
             out = on(torch.zeros(2 * n, dtype=torch.int32))
