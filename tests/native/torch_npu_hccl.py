@@ -89,6 +89,12 @@ def rank(r: int, n: int, devs: str, checks: str, port: int) -> None:
             out = on(torch.zeros(4, dtype=torch.int64))
             dist.reduce_scatter_tensor(out, on(full[r]))
             check("reduce_scatter_tensor", out, sum(full)[4 * r : 4 * r + 4])
+        elif c == "reduce":  # in place; only the destination's tensor changes (HcclReduce)
+            for dst in range(n):
+                t = on(base[r].to(torch.int64))
+                dist.reduce(t, dst=dst, op=dist.ReduceOp.MAX)
+                want = torch.stack(base).amax(0).to(torch.int64) if r == dst else base[r].to(torch.int64)
+                check(f"reduce to {dst}", t, want)
         elif c == "broadcast":
             for root in range(n):
                 t = on(base[r].clone())

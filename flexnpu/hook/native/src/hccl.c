@@ -422,6 +422,37 @@ FX_API HcclResult HcclAllReduce(void *sendBuf, void *recvBuf, uint64_t count, Hc
                       "HcclAllReduce");
 }
 
+/* Only the root's receive buffer is written, as in HCCL: the other ranks reduce into a scratch
+ * allocation, freed at once (the daemon holds an allocation a queued collective uses until it
+ * has run). */
+FX_API HcclResult HcclReduce(void *sendBuf, void *recvBuf, uint64_t count, HcclDataType dataType, HcclReduceOp op,
+                             uint32_t root, HcclComm comm, aclrtStream stream) {
+    const char *what = "HcclReduce";
+    struct hcomm h;
+    HcclResult r = get(comm, &h, what);
+    if (r) return r;
+    int rop = reduce_code(op), code, isz;
+    if (rop < 0) return herr(HCCL_E_PARA, what, "unknown reduce op");
+    if (root >= h.size) return herr(HCCL_E_PARA, what, "root out of range");
+    if (dtype_code(dataType, &code, &isz)) return herr(HCCL_E_NOT_SUPPORT, what, "data type not supported");
+    if (h.rank == root || count == 0)
+        return collective(&h, h.handle, FXP_COLL_ALL_REDUCE, rop, 0, sendBuf, count, recvBuf, count, dataType, stream,
+                          what);
+    extern aclError aclrtMalloc(void **devPtr, size_t size, int policy);
+    extern aclError aclrtFree(void *devPtr);
+    aclError rc;
+    struct fx_dev *cur = fx_cur(&rc);
+    if (!cur) return to_hccl(rc);
+    if (cur->index != h.dev)
+        return herr(HCCL_E_PARA, what, "the calling thread's current device is not the communicator's");
+    if (count > (UINT64_MAX >> 4) / (uint64_t)isz) return herr(HCCL_E_PARA, what, "count too large");
+    void *scratch = NULL;
+    if ((rc = aclrtMalloc(&scratch, count * (uint64_t)isz, 0))) return to_hccl(rc);
+    r = collective(&h, h.handle, FXP_COLL_ALL_REDUCE, rop, 0, sendBuf, count, scratch, count, dataType, stream, what);
+    aclrtFree(scratch);
+    return r;
+}
+
 FX_API HcclResult HcclBroadcast(void *buf, uint64_t count, HcclDataType dataType, uint32_t root, HcclComm comm,
                                 aclrtStream stream) {
     struct hcomm h;
