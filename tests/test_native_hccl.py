@@ -136,3 +136,23 @@ def test_what_needs_operators(two_daemons):
             "the native front end runs no operators yet (issue 12): barrier and list all_gather wait for it"
         )
     _ok(_launch(two_daemons, "0,1", 2, "0,1", NEED_OPERATORS + ",avg"), 2)
+
+
+def test_bench_collective_native_row(two_daemons):
+    """`flexnpu bench collective --native`: the real torch_npu's ranks against gloo, results correct
+    (its own daemons: the benchmark never uses a shared runtime directory)."""
+    import json
+
+    r = subprocess.run(
+        [sys.executable, "-m", "flexnpu", "bench", "collective", "--native", "--json"]
+        + ["--max-bytes", "16384", "--iters", "3"],
+        env=run_env(None),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    doc = json.loads(r.stdout)
+    assert doc["front"] == "native (real torch_npu)" and [x["bytes"] for x in doc["rows"]] == [4096, 16384]
+    assert doc["summary"]["all_correct"], doc
