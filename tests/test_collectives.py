@@ -111,6 +111,7 @@ def test_device_map_exchanged_by_the_daemons(two_daemons, devs):
     )
 
 
+@pytest.mark.timing  # the exit is seen within 10 s
 def test_device_map_exchange_refuses_and_fails_cleanly(two_daemons):
     a, b = Client(0), Client(1)
     cid = secrets.token_bytes(16)

@@ -117,6 +117,7 @@ def test_four_ranks_on_two_devices(two_daemons):
     )
 
 
+@pytest.mark.timing  # the others fail within 10 s
 @pytest.mark.parametrize("n,devs", [(2, "0,1"), (3, "0,1,0")], ids=["2-ranks", "3-ranks"])
 def test_rank_killed_mid_collective_fails_the_others_fast(two_daemons, n, devs):
     r = _launch(two_daemons, "0,1", n, devs, "die")
