@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--max-bytes", type=int, default=None, help="largest message (default 256 MiB)")
     ap.add_argument("--iters", type=int, default=None, help="repetitions of small messages (default 50)")
+    ap.add_argument(
+        "--native",
+        action="store_true",
+        help="the ranks run the REAL torch_npu on the native front end (its ProcessGroupHCCL over "
+        "FlexNPU's HCCL C API) instead of FlexNPU's Python hccl backend",
+    )
     a = ap.parse_args(argv)
     top = a.max_bytes or ((16 << 20) if a.quick else (256 << 20))
     sizes = []
@@ -60,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             "cpu",
             "--device",
             devices,
+            "--interpose",
+            "native" if a.native else "python",
             "--",
             sys.executable,
             "-c",
@@ -73,9 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"[collective] {a.ranks} ranks on devices {devices}, {len(sizes)} sizes up to {top} B")
         # A runtime directory of its own: `flexnpu run` starts private daemons, never a shared one's.
         (Path(tmp) / "run").mkdir()
-        r = subprocess.run(
-            cmd, env=child_env(Path(tmp) / "run"), stdout=subprocess.PIPE, text=True, timeout=3600
-        )
+        env = child_env(Path(tmp) / "run", FLEXNPU_BENCH_NATIVE="1" if a.native else "0")
+        r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=3600)
         if r.returncode != 0 or not out.exists():
             raise RuntimeError(f"collective benchmark failed (exit {r.returncode})")
         res = json.loads(out.read_text())
@@ -92,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "collective",
         "op": "all_reduce sum float32",
+        "front": "native (real torch_npu)" if a.native else "python",
         "ranks": res["ranks"],
         "busbw_definition": "algbw * 2(n-1)/n (nccl-tests)",
         "rows": rows,

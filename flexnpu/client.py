@@ -608,13 +608,15 @@ class Client:
 
     # ================================================================== collectives
     def comm_init(
-        self, comm_id: bytes, rank: int, size: int, devices: list[int], timeout_s: float = 1800.0
+        self, comm_id: bytes, rank: int, size: int, devices: list[int] | None, timeout_s: float = 1800.0
     ) -> int:
         """Join the communicator `comm_id` (16 bytes all ranks agree on) as `rank` of `size`;
-        `devices[r]` is the daemon device of rank r. Returns this client's handle for it."""
-        if len(comm_id) != P.COMM_ID_BYTES or len(devices) != size:
-            raise InvalidArgument("comm_init needs a 16-byte id and one device per rank")
-        payload = bytes(comm_id) + struct.pack(f"<{size}I", *devices)
+        `devices[r]` is the daemon device of rank r, or None: the daemons exchange the map among
+        themselves (as for the native HcclCommInitRootInfo) and the first collective waits for
+        every rank to join. Returns this client's handle for it."""
+        if len(comm_id) != P.COMM_ID_BYTES or (devices is not None and len(devices) != size):
+            raise InvalidArgument("comm_init needs a 16-byte id and one device per rank (or none)")
+        payload = bytes(comm_id) + (b"" if devices is None else struct.pack(f"<{size}I", *devices))
         h = next(self._comms)
         with self._lock:
             off = self._stage(payload, len(payload))

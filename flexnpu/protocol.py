@@ -190,7 +190,8 @@ OPS: dict[Op, OpSpec] = {
             "-",
             False,
             "join communicator `comm` (client-chosen handle) as `rank` of `size`; payload: 16-byte unique "
-            "id + `size` u32 daemon device numbers, one per rank (HcclCommInitRootInfo)",
+            "id + `size` u32 daemon device numbers, one per rank; or the id alone: the daemons exchange "
+            "the device map themselves and the first collective waits for it (HcclCommInitRootInfo)",
         ),
         _s(Op.COMM_DESTROY, ("comm",), N, "-", False, "leave a communicator (HcclCommDestroy)"),
         _s(

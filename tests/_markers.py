@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 
 # fixtures that start a daemon process (directly or through start_daemon)
-DAEMON_FIXTURES = frozenset({"start_daemon", "daemon", "client", "npu", "two_npus", "acl_daemon", "acl"})
+DAEMON_FIXTURES = frozenset(
+    {"start_daemon", "daemon", "client", "npu", "two_npus", "acl_daemon", "acl", "two_daemons"}
+)
 
 # whole modules: programs in subprocesses, C builds, stress runs
 SLOW_MODULES = frozenset(

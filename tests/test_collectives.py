@@ -88,6 +88,67 @@ def test_all_reduce_large_crosses_pipeline_chunks(two_daemons, devs):
     )
 
 
+@pytest.mark.parametrize(
+    "devs", [[0, 0], [0, 1], [1, 0, 0, 1]], ids=["same-daemon", "two-daemons", "4-ranks"]
+)
+def test_device_map_exchanged_by_the_daemons(two_daemons, devs):
+    """A join with the id alone (the native HcclCommInitRootInfo): the daemons exchange the rank ->
+    device map in a host rendezvous segment; joining never blocks, the first collective waits."""
+    cs = [Client(d) for d in devs]
+    cid = secrets.token_bytes(16)
+    hs = [c.comm_init(cid, r, len(devs), None, 30.0) for r, c in enumerate(cs)]
+    xs = [torch.arange(10, dtype=torch.int32) + r for r in range(len(cs))]
+    refs = [_upload(c, x)[1] for c, x in zip(cs, xs)]
+    for c, h, ref in zip(cs, hs, refs):
+        c.collective(h, "all_reduce", ref, ref, "max")
+    for c, ref in zip(cs, refs):
+        c.synchronize()
+        assert torch.equal(_download(c, ref), xs[-1])
+    for c in cs:
+        c.close()
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith("flexnpu-rdv-")], (
+        "rendezvous name left behind"
+    )
+
+
+@pytest.mark.timing  # the exit is seen within 10 s
+def test_device_map_exchange_refuses_and_fails_cleanly(two_daemons):
+    a, b = Client(0), Client(1)
+    cid = secrets.token_bytes(16)
+    ha = a.comm_init(cid, 0, 3, None, 30.0)
+    with pytest.raises(PermissionDenied, match="already joined"):
+        b.comm_init(cid, 0, 3, None, 30.0)  # rank 0 is taken (by another daemon's client)
+    with pytest.raises(InvalidArgument, match="created with 2 ranks, another with 3"):
+        b.comm_init(cid, 1, 2, None, 30.0)
+    hb = b.comm_init(cid, 1, 3, None, 30.0)
+    x = _upload(a, torch.ones(4))[1]
+    y = _upload(b, torch.ones(4))[1]
+    a.collective(ha, "all_reduce", x, x)
+    b.collective(hb, "all_reduce", y, y)
+    c = Client(0)
+    hc = c.comm_init(cid, 2, 3, None, 30.0)
+    t0 = time.monotonic()
+    c.close()  # rank 2 exits before its first collective: the others fail, at once
+    for cl in (a, b):
+        with pytest.raises(CollectiveError, match="rank 2 .*exited"):
+            cl.synchronize()
+    assert time.monotonic() - t0 < 10
+    del hc
+    # a rank that never joins: the first collective fails at the communicator's timeout
+    cid2 = secrets.token_bytes(16)
+    h2 = a.comm_init(cid2, 0, 2, None, 1.5)
+    a.collective(h2, "all_reduce", x, x)
+    with pytest.raises(CollectiveError, match=r"timed out.*\(1 of 2 joined\)"):
+        a.synchronize()
+    nop = Client(1)
+    nop.nop()
+    for cl in (a, b, nop):
+        cl.close()
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith("flexnpu-rdv-")], (
+        "rendezvous name left behind"
+    )
+
+
 def test_membership_is_checked(two_daemons):
     a, b = Client(0), Client(0)
     cid = secrets.token_bytes(16)

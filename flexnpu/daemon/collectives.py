@@ -31,6 +31,7 @@ import mmap
 import os
 import queue
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ log = logging.getLogger("flexnpu.daemon.collectives")
 MAX_COMMS_PER_CLIENT = 256
 MAX_COMMS = 1024
 MAX_SHARED_COMMS = 64  # communicators spanning several daemons (each maps a shared segment)
+MAX_PENDING_JOINS = 256  # joins by id alone whose device map is still being exchanged (a thread each)
 MAX_PENDING_INSTANCES = 4096  # per communicator: collectives issued ahead of the slowest rank
 MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 24 * 3600.0
 SLOT_BYTES = int(os.environ.get("FLEXNPU_COLL_SLOT", str(8 << 20)))  # one pipeline buffer
@@ -68,6 +70,11 @@ INLINE_ELEMENTS = int(os.environ.get("FLEXNPU_COLL_INLINE", "32768"))
 # ATen's grain size keeps every op on one core). Default: whole chunks, which measured faster here.
 PIECE = int(os.environ.get("FLEXNPU_COLL_PIECE", str(1 << 40)))
 INLINE_WAIT_S = 30e-6  # ... which spins this long for the other daemons' posts
+# A collective handed to a worker thread waits for the GIL while the main loop runs Python code:
+# up to the interpreter's switch interval (5 ms by default), which dominated small-message latency
+# on a loaded host (median 2-5 ms -> 0.9-1.6 ms for 4 KiB, see docs/collectives.md). Once a daemon
+# runs collective workers it switches threads this often instead.
+SWITCH_INTERVAL_S = float(os.environ.get("FLEXNPU_COLL_SWITCH_S", "0.0002"))
 
 ALL_REDUCE, BROADCAST, ALL_GATHER, REDUCE_SCATTER, ALL_TO_ALL = range(len(P.COLL_KINDS))
 SUM, AVG, PROD, MIN, MAX, BAND, BOR, BXOR = range(len(P.REDUCE_OPS))
@@ -359,6 +366,171 @@ class ShmLink:
         self._post(256, step)
 
 
+# ====================================================================== the device-map rendezvous
+_R_MAGIC, _R_SIZE, _R_COUNT, _R_BELL, _R_SLEEPERS, _R_ABORT, _R_CLAIM, _R_POKE = (
+    0,
+    128,
+    256,
+    384,
+    512,
+    640,
+    768,
+    896,
+)
+_R_MSG, _R_SLOTS = 1024, 4096
+RDV_BYTES = _R_SLOTS + 8 * P.MAX_COMM_SIZE
+RDV_MAGIC = 0x5644524C4C4F4358  # "XCOLLRDV"
+
+
+def rdv_name(comm_id: bytes) -> str:
+    return "/flexnpu-rdv-" + comm_id.hex()
+
+
+class Rendezvous:
+    """Where the daemons of a communicator learn its rank -> device map when the ranks only share
+    a root info (the native HcclCommInitRootInfo: 16 bytes, no store to exchange devices through).
+
+    One host segment per communicator id (posix shm, mode 0600, fixed size): each daemon claims
+    the slot of each rank it serves (compare-and-swap: a rank is claimed once), the size word
+    (first writer sets it, the others must agree), and counts the joins; the daemon whose join
+    completes the count unlinks the name (every rank's daemon has mapped it by then). A waiting
+    daemon does not block: a small thread sleeps on the segment's futex and rings the daemon's
+    doorbell when the map is complete, aborted or late; the first collective resolves it."""
+
+    def __init__(self, comm_id: bytes, size: int, rank: int, device: int, deadline: float) -> None:
+        import posix_ipc
+
+        from ..ring._core import ffi, lib
+
+        self.lib, self.ffi = lib, ffi
+        self.id, self.size, self.rank, self.deadline = comm_id, size, rank, deadline
+        self.name = rdv_name(comm_id)
+        shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREAT, mode=0o600)
+        try:
+            st = os.fstat(shm.fd)
+            if st.st_size == 0:
+                os.ftruncate(shm.fd, RDV_BYTES)
+            elif st.st_size != RDV_BYTES:
+                raise InvalidArgument(
+                    f"rendezvous segment {self.name} has {st.st_size} bytes, not {RDV_BYTES}"
+                )
+            self.mm: mmap.mmap | None = mmap.mmap(shm.fd, RDV_BYTES)
+        finally:
+            shm.close_fd()
+        self._view = torch.frombuffer(self.mm, dtype=torch.uint8)
+        self.base = self._view.data_ptr()
+        self._offs = ffi.new("uint32_t[]", [_R_COUNT])
+        self._cancel = self._watching = False
+        self._lock = threading.Lock()
+        try:
+            lib.fx_shm_cas(self.base + _R_MAGIC, 0, RDV_MAGIC)
+            if lib.fx_shm_load(self.base + _R_MAGIC) != RDV_MAGIC:
+                raise InvalidArgument(f"rendezvous segment {self.name} is not one")
+            lib.fx_shm_cas(self.base + _R_SIZE, 0, size)
+            theirs = lib.fx_shm_load(self.base + _R_SIZE)
+            if theirs != size:
+                raise InvalidArgument(
+                    f"communicator {comm_id.hex()[:8]}: this rank was created with {size} ranks, "
+                    f"another with {theirs}"
+                )
+            if self.aborted():
+                raise CollectiveError(f"communicator {comm_id.hex()[:8]} was aborted: {self.aborted()}")
+            if not lib.fx_shm_cas(self.base + _R_SLOTS + 8 * rank, 0, device + 1):
+                raise PermissionDenied(f"rank {rank} of communicator {comm_id.hex()[:8]} was already joined")
+            if lib.fx_shm_fetch_add(self.base + _R_COUNT, 1) + 1 >= size:
+                self.unlink()
+            lib.fx_coll_post(self.base + _R_POKE, 1, self.base + _R_BELL, self.base + _R_SLEEPERS)
+        except BaseException:
+            self.close()
+            raise
+
+    def complete(self) -> bool:
+        return self.mm is not None and self.lib.fx_shm_load(self.base + _R_COUNT) >= self.size
+
+    def aborted(self) -> str | None:
+        if self.mm is None or not self.lib.fx_shm_load(self.base + _R_ABORT):
+            return None
+        raw = bytes(self.mm[_R_MSG : _R_MSG + _MSG_BYTES]).split(b"\0", 1)[0]
+        return raw.decode(errors="replace") or "aborted"
+
+    def devmap(self) -> tuple[int, ...]:
+        vals = struct.unpack_from(f"<{self.size}Q", self.mm or b"", _R_SLOTS)
+        if any(v == 0 or v > 1 << 32 for v in vals):
+            raise CollectiveError("communicator rendezvous incomplete")
+        return tuple(v - 1 for v in vals)
+
+    def abort(self, why: str) -> None:
+        if self.mm is None:
+            return
+        if self.lib.fx_shm_cas(self.base + _R_CLAIM, 0, 1):
+            data = why.encode()[: _MSG_BYTES - 1] + b"\0"
+            self.mm[_R_MSG : _R_MSG + len(data)] = data
+        self.lib.fx_coll_post(self.base + _R_ABORT, 1, self.base + _R_BELL, self.base + _R_SLEEPERS)
+        self.unlink()
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        """Ring `wake` once the map is complete, aborted or past the deadline (a thread; the
+        mapping is released by whichever of it and close() comes last)."""
+
+        def run() -> None:
+            try:
+                while not self._cancel:
+                    left = self.deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    rc = self.lib.fx_coll_wait(
+                        self.base,
+                        self._offs,
+                        1,
+                        self.size,
+                        self.base + _R_ABORT,
+                        self.base + _R_BELL,
+                        self.base + _R_SLEEPERS,
+                        min(left, 0.25),
+                        0,
+                    )
+                    if rc != 0:
+                        break
+                if not self._cancel:
+                    wake()
+            finally:
+                with self._lock:
+                    self._watching = False
+                    if self._cancel:
+                        self._release()
+
+        with self._lock:
+            self._watching = True
+        threading.Thread(target=run, name=f"flexnpu-rdv-{self.id.hex()[:8]}", daemon=True).start()
+
+    def unlink(self) -> None:
+        try:
+            import posix_ipc
+
+            posix_ipc.unlink_shared_memory(self.name)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    def close(self) -> None:
+        """Done with it (resolved, failed, or the rank left)."""
+        if self.mm is not None and (time.monotonic() > self.deadline or self.aborted()):
+            self.unlink()  # nobody completes it any more
+        with self._lock:
+            self._cancel = True
+            if not self._watching:
+                self._release()
+
+    def _release(self) -> None:
+        if self.mm is None:
+            return
+        mm, self.mm = self.mm, None
+        try:
+            del self._view
+            mm.close()
+        except Exception:  # noqa: BLE001 - a view may still exist; the mapping dies with it
+            pass
+
+
 # ====================================================================== the communicator
 class Comm:
     """One communicator as seen by one daemon: its local ranks, their instances, its worker."""
@@ -477,6 +649,8 @@ class Comm:
     # -- worker thread -------------------------------------------------------------------------
     def _start_worker(self) -> None:
         if self._thread is None:
+            if 0 < SWITCH_INTERVAL_S < sys.getswitchinterval():
+                sys.setswitchinterval(SWITCH_INTERVAL_S)
             self._thread = threading.Thread(
                 target=self._work, name=f"flexnpu-coll-{self.id.hex()[:8]}", daemon=True
             )
@@ -729,6 +903,10 @@ def _desc_text(d: tuple[int, ...]) -> str:
     return f"{name}(input {m} x {dtn}, op {P.REDUCE_OPS[op] if op < len(P.REDUCE_OPS) else op}, root {root})"
 
 
+def _timeout_s(timeout_ms: int) -> float:
+    return min(MAX_TIMEOUT_S, max(MIN_TIMEOUT_S, timeout_ms / 1000.0))
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -742,8 +920,19 @@ def _pid_alive(pid: int) -> bool:
 # ====================================================================== the daemon's registry
 @dataclass(slots=True)
 class Membership:
-    comm: Comm
+    """A client's handle to a communicator. `comm` is None while the device map is still being
+    exchanged (`rdv`, a join with the id alone): the first collective resolves it."""
+
+    comm: Comm | None
     rank: int
+    size: int = 0
+    rdv: Rendezvous | None = None
+    timeout_ms: int = 0
+    error: str | None = None  # the exchange failed: every collective on the handle does
+
+    def resolved(self) -> Comm:
+        assert self.comm is not None, "resolve the rendezvous first"
+        return self.comm
 
 
 class Collectives:
@@ -753,6 +942,7 @@ class Collectives:
         self.daemon = daemon
         self.comms: dict[bytes, Comm] = {}
         self.clients: dict[int, dict[int, Membership]] = {}  # client id -> handle -> membership
+        self.pending = 0  # joins whose device map is still being exchanged (Rendezvous)
 
     def wake(self) -> None:
         """From a worker thread: let the main loop look at finished collectives."""
@@ -768,12 +958,38 @@ class Collectives:
             raise InvalidArgument(f"communicator size {size} out of range 1..{P.MAX_COMM_SIZE}")
         if not 0 <= rank < size:
             raise InvalidArgument(f"rank {rank} out of range for a communicator of {size}")
+        if len(payload) == P.COMM_ID_BYTES:
+            # The id alone (the native HcclCommInitRootInfo): the daemons exchange the device map
+            # among themselves; the first collective waits for it (this call never blocks).
+            comm_id = bytes(payload)
+            if len(self.comms) + self.pending >= MAX_COMMS:
+                raise InvalidArgument(f"too many communicators on this device (limit {MAX_COMMS})")
+            if self.pending >= MAX_PENDING_JOINS:
+                raise InvalidArgument(
+                    f"too many communicators on this device wait for their first collective "
+                    f"(limit {MAX_PENDING_JOINS})"
+                )
+            known = self.comms.get(comm_id)
+            if known is not None and rank in known.members:
+                raise PermissionDenied(f"rank {rank} of {known.label} was already joined")
+            deadline = time.monotonic() + _timeout_s(timeout_ms)
+            rdv = Rendezvous(comm_id, size, rank, self.daemon.device, deadline)
+            mine[handle] = Membership(None, rank, size, rdv, timeout_ms)
+            self.pending += 1
+            rdv.watch(self.wake)
+            return
         if len(payload) != P.COMM_ID_BYTES + 4 * size:
             raise InvalidArgument(
-                "communicator init: payload must be a 16-byte id and one u32 device per rank"
+                "communicator init: payload must be a 16-byte id and one u32 device per rank, or the id alone"
             )
         comm_id = bytes(payload[: P.COMM_ID_BYTES])
         devmap = struct.unpack(f"<{size}I", payload[P.COMM_ID_BYTES :])
+        mine[handle] = Membership(self._enter(s, comm_id, rank, size, tuple(devmap), timeout_ms), rank, size)
+
+    def _enter(
+        self, s: Session, comm_id: bytes, rank: int, size: int, devmap: tuple[int, ...], timeout_ms: int
+    ) -> Comm:
+        """Join rank `rank` to the communicator with this id and device map (creating it here)."""
         if devmap[rank] != self.daemon.device:
             raise PermissionDenied(
                 f"rank {rank} of this communicator belongs to device {devmap[rank]}, "
@@ -781,7 +997,7 @@ class Collectives:
             )
         if len(set(devmap)) > MAX_DAEMONS:
             raise InvalidArgument(f"a communicator may span at most {MAX_DAEMONS} devices")
-        timeout = min(MAX_TIMEOUT_S, max(MIN_TIMEOUT_S, timeout_ms / 1000.0))
+        timeout = _timeout_s(timeout_ms)
         comm = self.comms.get(comm_id)
         if comm is None:
             if len(self.comms) >= MAX_COMMS:
@@ -808,14 +1024,73 @@ class Collectives:
         if comm.error is not None:
             raise CollectiveError(f"{comm.label} was aborted: {comm.error}")
         comm.members[rank] = (s.cid, s.pid)
-        mine[handle] = Membership(comm, rank)
+        return comm
+
+    def resolve(self, s: Session, m: Membership) -> bool:
+        """Main thread: finish a join whose device map was being exchanged. True once `m.comm` is
+        set; False while ranks are missing; raises CollectiveError if it failed or timed out."""
+        if m.comm is not None:
+            return True
+        rdv = m.rdv
+        if rdv is None:
+            raise CollectiveError(m.error or "communicator initialisation failed")
+        why = rdv.aborted()
+        if why is None and not rdv.complete():
+            if time.monotonic() <= rdv.deadline:
+                return False
+            why = (
+                f"communicator {rdv.id.hex()[:8]}: timed out after {_timeout_s(m.timeout_ms):g} s waiting "
+                f"for its other ranks to join ({self._joined(rdv)} of {rdv.size} joined)"
+            )
+            rdv.abort(why)
+        if why is not None:
+            m.error = why
+            self._settle(m)
+            raise CollectiveError(why)
+        try:
+            m.comm = self._enter(s, rdv.id, m.rank, m.size, rdv.devmap(), m.timeout_ms)
+        except Exception as e:
+            m.error = f"rank {m.rank}: {e}"
+            rdv.abort(m.error)
+            self._settle(m)
+            raise
+        self._settle(m)
+        return True
+
+    @staticmethod
+    def _joined(rdv: Rendezvous) -> int:
+        return int(rdv.lib.fx_shm_load(rdv.base + _R_COUNT)) if rdv.mm is not None else 0
+
+    def _settle(self, m: Membership) -> None:
+        if m.rdv is not None:
+            m.rdv.close()
+            m.rdv = None
+            self.pending -= 1
 
     def leave(self, s: Session, handle: int) -> None:
         m = self.clients.get(s.cid, {}).pop(handle, None)
         if m is None:
             raise NotFound(f"unknown communicator handle {handle}")
-        m.comm.leave(m.rank)
-        self._maybe_drop(m.comm)
+        self._drop_member(s, m, None)
+
+    def _drop_member(self, s: Session, m: Membership, why: str | None) -> None:
+        """`m`'s rank leaves (why: its client exited, which fails the communicator for all)."""
+        if m.comm is None and m.rdv is not None:
+            if m.rdv.complete() and why is not None:
+                try:  # the others may have resolved already: fail them through the communicator
+                    self.resolve(s, m)
+                except Exception:  # noqa: BLE001 - it failed anyway, and told the others
+                    pass
+            if m.comm is None and m.rdv is not None:
+                m.rdv.abort(why or f"rank {m.rank} left before its communicator was used")
+                self._settle(m)
+        comm = m.comm
+        if comm is None:
+            return
+        comm.leave(m.rank)
+        if why is not None and (comm.members or len(comm.daemons) > 1):  # someone may still wait for it
+            comm.abort(why)
+        self._maybe_drop(comm)
 
     def member(self, s: Session, handle: int) -> Membership:
         m = self.clients.get(s.cid, {}).get(handle)
@@ -828,12 +1103,12 @@ class Collectives:
     def session_closed(self, s: Session) -> None:
         """A client went away: its ranks are gone, so every communicator it was in fails."""
         for m in (self.clients.pop(s.cid, None) or {}).values():
-            m.comm.leave(m.rank)
-            if m.comm.members or len(m.comm.daemons) > 1:  # someone may still wait for this rank
-                m.comm.abort(
-                    f"{m.comm.label}: rank {m.rank} (pid {s.pid}, device {self.daemon.device}) exited"
-                )
-            self._maybe_drop(m.comm)
+            label = (
+                m.comm.label if m.comm is not None else f"communicator {m.rdv.id.hex()[:8] if m.rdv else '?'}"
+            )
+            self._drop_member(
+                s, m, f"{label}: rank {m.rank} (pid {s.pid}, device {self.daemon.device}) exited"
+            )
 
     def _maybe_drop(self, comm: Comm) -> None:
         if not comm.members:
@@ -841,6 +1116,11 @@ class Collectives:
             comm.close()
 
     def close(self) -> None:
+        for mine in self.clients.values():
+            for m in mine.values():
+                if m.rdv is not None:
+                    m.rdv.abort("the daemon is stopping")
+                    self._settle(m)
         for comm in list(self.comms.values()):
             comm.abort("the daemon is stopping")
             comm.close()
@@ -946,9 +1226,12 @@ def _p_collective(s: Session, st: StreamState | None, r: R.Collective) -> Cmd:
     iref, oref = launch.args
     if iref.dtype != oref.dtype:
         raise InvalidArgument(f"collective input is {iref.dtype} but output is {oref.dtype}")
-    comm = m.comm
-    if kind == BROADCAST and not 0 <= root < comm.size:
-        raise InvalidArgument(f"broadcast root {root} out of range for {comm.size} ranks")
+    colls = s.daemon.collectives
+    size = m.size
+    if m.error is not None:
+        raise CollectiveError(m.error)
+    if kind == BROADCAST and not 0 <= root < size:
+        raise InvalidArgument(f"broadcast root {root} out of range for {size} ranks")
     if kind in (ALL_REDUCE, REDUCE_SCATTER):
         check_reduce(op, iref.dtype)
     ial, oal = s.alloc_of(iref.handle), s.alloc_of(oref.handle)
@@ -959,17 +1242,23 @@ def _p_collective(s: Session, st: StreamState | None, r: R.Collective) -> Cmd:
             return _advance()
         except Exception as e:  # noqa: BLE001 - never let one client's collective break the loop
             state["error"] = f"rank {m.rank}: {type(e).__name__}: {e}"
-            comm.abort(state["error"])
+            if m.comm is not None:
+                m.comm.abort(state["error"])
+            elif m.rdv is not None:
+                m.rdv.abort(state["error"])
             return True
 
     def _advance() -> bool:
         inst = state["inst"]
+        if inst is None and not colls.resolve(s, m):
+            return False  # the other ranks' daemons have not all joined yet (native root info)
+        comm = m.resolved()
         if inst is None:
             # Everything before this command on the stream has run: its inputs are final.
             s.daemon.backend.sync_stream(st.device_stream)
             try:
                 inp, out = _flat(iref, ial, iref.handle), _flat(oref, oal, oref.handle)
-                _check_sizes(kind, comm.size, inp, out)
+                _check_sizes(kind, size, inp, out)
                 err = None
             except Exception as e:  # noqa: BLE001 - this rank's mistake fails the communicator
                 err = f"rank {m.rank}: {e}"
@@ -987,7 +1276,7 @@ def _p_collective(s: Session, st: StreamState | None, r: R.Collective) -> Cmd:
         _run_collective,
         (m, state),
         ready=ready,
-        cost=_cost(kind, iref, comm.size),
+        cost=_cost(kind, iref, size),
     )
 
 

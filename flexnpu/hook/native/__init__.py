@@ -24,6 +24,7 @@ CORE_LIB = "libascendcl.so"
 SHELL_LIBS = (
     "libacl_op_compiler.so",
     "libhccl.so",
+    "libhcomm.so",  # HcclGroupStart/End (torch_npu looks them up there)
     "libge_runner.so",
     "libgraph.so",
     "libacl_tdt_channel.so",

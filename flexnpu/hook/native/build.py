@@ -78,6 +78,17 @@ def proto_header() -> str:
     lines += [f"#define FXOP_{op.name} {int(op)}" for op in P.Op]
     lines.append("")
     lines += [f"#define FXE_{e.name} {int(e)}" for e in Err]
+    # collectives (hccl.c): the kinds, reduce ops, dtype codes and the launch-codec tags it encodes
+    lines.append("")
+    lines += [f"#define FXP_COLL_{k.upper()} {i}" for i, k in enumerate(P.COLL_KINDS)]
+    lines += [f"#define FXP_REDUCE_{k.upper()} {i}" for i, k in enumerate(P.REDUCE_OPS)]
+    lines += [f"#define FXP_DTYPE_{k.upper()} {i}" for i, k in enumerate(P.DTYPE_NAMES)]
+    lines += [
+        f"#define FXP_COMM_ID_BYTES {P.COMM_ID_BYTES}",
+        f"#define FXP_MAX_COMM_SIZE {P.MAX_COMM_SIZE}",
+        f"#define FXP_T_TUPLE {P._T_TUPLE}",
+        f"#define FXP_T_TENSOR {P._T_TENSOR}",
+    ]
     lines += (
         ["", "struct fx_sqe {"]
         + [f"    {t} {n};" for t, n in sqe]

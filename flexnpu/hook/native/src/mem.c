@@ -660,3 +660,19 @@ FX_API aclError aclrtMemSetPidToShareableHandle(uint64_t shareableHandle, int32_
     (void)shareableHandle; (void)pid; (void)pidNum;
     return VMM_UNSUPPORTED("aclrtMemSetPidToShareableHandle");
 }
+
+/* ------------------------------------------------------------------ for hccl.c */
+/* A device buffer of n bytes at p: its device, allocation handle and offset, or an error if it is
+ * not inside one live allocation (HCCL buffers are native device addresses, as on hardware). */
+aclError fx_dev_addr(const void *p, uint64_t n, struct fx_dev **d, uint64_t *handle, uint64_t *off, const char *what) {
+    struct ptr o;
+    classify(p, &o);
+    if (o.kind != P_DEV && o.kind != P_BADDEV)
+        return fx_err(ACL_ERROR_INVALID_PARAM, "%s: %p is not a device address", what, p);
+    aclError rc = dev_range(&o, p, n, what);
+    if (rc) return rc;
+    *d = o.d;
+    *handle = o.handle;
+    *off = o.off;
+    return ACL_SUCCESS;
+}
