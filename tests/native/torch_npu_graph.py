@@ -34,6 +34,18 @@ def copies() -> None:
         assert torch.equal(got, x), (i, got[:4], x[:4])
     g.reset()
     torch.npu.synchronize()
+
+    # FlexNPU's phase hints from Python through ctypes (docs/native.md)
+    import ctypes
+
+    acl = ctypes.CDLL("libascendcl.so")
+    assert acl.flexnpuSetPhase(b"decode", None) == 0
+    assert acl.flexnpuSetPhase(b"bogus", None) == 100000  # ACL_ERROR_INVALID_PARAM
+    stream = ctypes.c_void_p(torch.npu.current_stream().npu_stream)
+    for _ in range(3):
+        static_in.copy_(pinned, non_blocking=True)
+        assert acl.flexnpuMarkStep(stream) == 0
+    torch.npu.synchronize()
     print("OK")
 
 
