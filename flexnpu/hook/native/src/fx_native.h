@@ -123,4 +123,7 @@ aclError fx_stream_id(struct fx_dev *d, aclrtStream s, uint32_t *sid);   /* NULL
 /* mem.c */
 void fx_mem_forget_device(int dev);
 void fx_mem_after_fork(void);
+aclError fx_mem_lookup(const void *addr, struct fx_dev **d, uint64_t *handle, uint64_t *off, uint64_t *avail,
+                       const char *what);
+aclError fx_stream_dev_pub(aclrtStream s, struct fx_dev **d, uint32_t *sid);
 #endif
