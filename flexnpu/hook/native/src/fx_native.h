@@ -130,4 +130,7 @@ uint32_t fx_graph_capturing(int dev, uint32_t sid);   /* graph id the stream cap
 /* mem.c */
 void fx_mem_forget_device(int dev);
 void fx_mem_after_fork(void);
+aclError fx_mem_lookup(const void *addr, struct fx_dev **d, uint64_t *handle, uint64_t *off, uint64_t *avail,
+                       const char *what);
+aclError fx_stream_dev_pub(aclrtStream s, struct fx_dev **d, uint32_t *sid);
 #endif

@@ -660,3 +660,21 @@ FX_API aclError aclrtMemSetPidToShareableHandle(uint64_t shareableHandle, int32_
     (void)shareableHandle; (void)pid; (void)pidNum;
     return VMM_UNSUPPORTED("aclrtMemSetPidToShareableHandle");
 }
+
+/* ------------------------------------------------------------------ operator arguments */
+/* A device address named by an operator argument -> its device, allocation handle and offset
+ * (launch_enc.c turns it into a TensorRef; the daemon checks the view against the allocation). */
+aclError fx_mem_lookup(const void *addr, struct fx_dev **d, uint64_t *handle, uint64_t *off, uint64_t *avail,
+                       const char *what) {
+    struct ptr p;
+    classify(addr, &p);
+    if (p.kind == P_HOST || p.kind == P_ARENA)
+        return fx_err(ACL_ERROR_INVALID_PARAM, "%s: tensor data %p is not device memory", what, addr);
+    aclError rc = dev_range(&p, addr, 0, what);
+    if (rc) return rc;
+    *d = p.d;
+    *handle = p.handle;
+    *off = p.off;
+    *avail = p.avail;
+    return ACL_SUCCESS;
+}
