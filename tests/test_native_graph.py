@@ -158,3 +158,13 @@ def test_torch_npu_npugraph_of_copies_replayed_50_times(_wheel, daemon, runtime_
         runtime_dir, "--interpose", "native", "--", sys.executable, TORCH_NPU_GRAPH, "copies", timeout=600
     )
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr[-4000:]
+
+
+def test_torch_npu_npugraph_of_a_decode_step_replayed_50_times_equals_eager(_wheel, daemon, runtime_dir):
+    """A decode step of a small transformer layer (embedding, RMSNorm, attention over a KV
+    cache, SwiGLU-style MLP, argmax) captured with torch.npu.graph: its aclnn launches replay
+    50 times with new tokens, equal to eager and to the CPU."""
+    r = _run(
+        runtime_dir, "--interpose", "native", "--", sys.executable, TORCH_NPU_GRAPH, "decode", timeout=600
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr[-4000:]

@@ -65,7 +65,8 @@ class OpDef:
     fn: Callable[[Args], None]
     writes: frozenset[str]
     optional: frozenset[str]
-    attrs: dict[str, str] = field(default_factory=dict)  # keyword attributes: name -> kind
+    attrs: dict[str, str] = field(default_factory=dict)  # keyword attributes: name -> kind; "*": any
+    # other name, of that kind, gathered in args["*"] (aclop: attributes of free form)
     indices: IndexCheck | None = None
 
 
@@ -283,6 +284,10 @@ def execute(
             a[name] = conv.value(v, kind, name)
     for k, v in kwargs.items():
         akind = d.attrs.get(k) if isinstance(k, str) else None
+        if akind is None and isinstance(k, str) and "*" in d.attrs:
+            # free-form attributes (aclop: any name): gathered apart, so no name shadows a parameter
+            a.setdefault("*", {})[k] = None if v is None else conv.value(v, d.attrs["*"], k)
+            continue
         if akind is None:
             raise LaunchError(f"{op}: unknown attribute {k!r}")
         a[k] = None if v is None else conv.value(v, akind, k)
@@ -297,6 +302,7 @@ def execute(
 def _load() -> None:
     # one import per API module; each registers its operators
     from . import aclnn  # noqa: F401
+    from . import aclop  # noqa: F401
 
 
 _load()
