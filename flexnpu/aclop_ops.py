@@ -317,6 +317,11 @@ def _binary(aten: str, **kw: Any) -> Callable:
     return lambda i, o, a: [(aten, (i[0], i[1]), {**kw, "out": o[0]})]
 
 
+def _binary_self(aten: str) -> Callable:
+    """x OP x (IsNan: x != x)."""
+    return lambda i, o, a: [(aten, (i[0], i[0]), {"out": o[0]})]
+
+
 def _unary(aten: str, *extra: Any, **kw: Any) -> Callable:
     return lambda i, o, a: [(aten, (i[0], *extra), {**kw, "out": o[0]})]
 
@@ -376,12 +381,55 @@ for _name, _aten in [
     ("Sign", "sign"),
     ("Erf", "erf"),
     ("LogicalNot", "logical_not"),
+    # what torch_npu sends through aclopCompileAndExecute for functions without an aclnn kernel
+    ("Asin", "asin"),
+    ("Acos", "acos"),
+    ("Atan", "atan"),
+    ("Asinh", "asinh"),
+    ("Acosh", "acosh"),
+    ("Atanh", "atanh"),
+    ("Sinh", "sinh"),
+    ("Cosh", "cosh"),
+    ("Tan", "tan"),
+    ("Erfc", "erfc"),
+    ("Erfinv", "erfinv"),
+    ("Expm1", "expm1"),
+    ("Log1p", "log1p"),
+    ("Digamma", "digamma"),
+    ("Lgamma", "lgamma"),
+    ("Trunc", "trunc"),
+    ("Mish", "mish"),
+    ("HardSwish", "hardswish"),
+    ("HardSigmoid", "hardsigmoid"),
 ]:
     op(_name)(_unary(f"aten::{_aten}.out"))
 
-op("Relu")(_unary("aten::clamp_min.out", 0))
-op("Relu6")(_unary("aten::clamp.out", 0, 6))
-op("Gelu")(_unary("aten::gelu.out", approximate="tanh"))  # CANN Gelu is the tanh form
+op("Atan2", n_in=2)(_binary("aten::atan2.out"))
+op("Hypot", n_in=2)(_binary("aten::hypot.out"))
+op("IsNan")(_binary_self("aten::ne.Tensor_out"))
+
+
+@op("FastGelu")
+def _fast_gelu(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    # CANN: x / (1 + exp(-1.702|x|)) * exp(0.851(x - |x|)), which is x * sigmoid(1.702 x)
+    return [
+        ("aten::mul.Scalar_out", (i[0], 1.702), {"out": o[0]}),
+        ("aten::sigmoid.out", (o[0],), {"out": o[0]}),
+        ("aten::mul.out", (i[0], o[0]), {"out": o[0]}),
+    ]
+
+
+@op("Softplus")
+def _softplus(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    beta, threshold = a.get("beta", "float", 1.0), a.get("threshold", "float", 20.0)
+    return [("aten::softplus.out", (i[0], beta, threshold), {"out": o[0]})]
+
+
+@op("Elu")
+def _elu(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
+    alpha = a.get("alpha", "float", 1.0)
+    scale, input_scale = a.get("scale", "float", 1.0), a.get("input_scale", "float", 1.0)
+    return [("aten::elu.out", (i[0], alpha, scale, input_scale), {"out": o[0]})]
 
 
 @op("LeakyRelu")

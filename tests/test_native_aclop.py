@@ -102,3 +102,44 @@ def _raw_launch(client, payload: bytes) -> None:
     from flexnpu import protocol as P
 
     client._async(P.Op.LAUNCH, payload=payload)
+
+
+# ------------------------------------------------------------------ the real torch_npu
+TORCH_NPU_ACLOP = str(ROOT / "tests" / "native" / "torch_npu_aclop.py")
+
+
+@pytest.fixture
+def _wheel():
+    from flexnpu.hook import native
+
+    if not native.torch_npu_installed():
+        pytest.skip(
+            f"the real torch_npu is not installed for FlexNPU in {native.torch_npu_dir()}: "
+            f"run `flexnpu install-torch-npu`"
+        )
+
+
+def _torch_npu(runtime_dir, mode):
+    import sys
+
+    return subprocess.run(
+        flexnpu_run_cmd(runtime_dir, "--interpose", "native", "--", sys.executable, TORCH_NPU_ACLOP, mode),
+        env=run_env(runtime_dir),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+
+
+def test_torch_npu_functions_without_aclnn_kernels_run_through_aclop(_wheel, daemon, runtime_dir):
+    r = _torch_npu(runtime_dir, "check")
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr[-4000:]
+
+
+def test_torch_npu_operator_outside_the_table_is_its_error_with_the_op_named(_wheel, daemon, runtime_dir):
+    r = _torch_npu(runtime_dir, "missing")
+    assert "REFUSED" in r.stdout, r.stdout + r.stderr[-4000:]
+    line = r.stdout.strip().splitlines()[-1]
+    assert "aclop::Iou" in line and "100024" in line, line  # ACL_ERROR_OP_NOT_FOUND
+    assert daemon.proc.poll() is None
