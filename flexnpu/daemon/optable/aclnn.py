@@ -24,8 +24,6 @@ from . import Args, LaunchError, put, register
 
 aten = torch.ops.aten
 
-_INDEX_DTYPES = (torch.int64, torch.int32)
-
 
 def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True if the two views may touch the same bytes (same storage, overlapping spans)."""
@@ -684,6 +682,13 @@ def _norm(a: Args) -> None:
     put(a["out"], torch.linalg.vector_norm(x, a["pScalar"], _dims(x, a["dim"]), keepdim=a["keepdim"]))
 
 
+@register("aclnn::LinalgVectorNorm", writes=["out"])
+def _vector_norm(a: Args) -> None:
+    x = a["self"]
+    r = torch.linalg.vector_norm(x, a["ord"], _dims(x, a["dims"]), keepdim=a["keepDims"], dtype=a["dtype"])
+    put(a["out"], r)
+
+
 @register("aclnn::Topk", writes=["valuesOut", "indicesOut"])
 def _topk(a: Args) -> None:
     x, k, dim = a["self"], a["k"], a["dim"]
@@ -798,6 +803,44 @@ def _layer_norm_bw(a: Args) -> None:
             put(a[name], v, name)
 
 
+def _swiglu_halves(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if _dim_size(x, dim) % 2:
+        raise LaunchError(f"SwiGlu: dimension {dim} of {tuple(x.shape)} is not even")
+    a, b = x.chunk(2, dim)
+    return a, b
+
+
+@register("aclnn::SwiGlu", writes=["out"])
+def _swiglu(a: Args) -> None:
+    x1, x2 = _swiglu_halves(a["x"], a["dim"])
+    put(a["out"], (F.silu(x1.float()) * x2.float()).to(a["x"].dtype))
+
+
+@register("aclnn::SwiGluGrad", writes=["out"])
+def _swiglu_grad(a: Args) -> None:
+    with torch.enable_grad():
+        x = a["x"].detach().float().requires_grad_()
+        x1, x2 = _swiglu_halves(x, a["dim"])
+        (g,) = torch.autograd.grad(F.silu(x1) * x2, (x,), a["yGrad"].float())
+    put(a["out"], g)
+
+
+@register("aclnn::RotaryPositionEmbedding", writes=["out"])
+def _rotary(a: Args) -> None:
+    x, cos, sin, mode = a["x"], a["cos"], a["sin"], a["mode"]
+    if x.dim() == 0 or x.size(-1) % 2:
+        raise LaunchError(f"RotaryPositionEmbedding: last dimension of {tuple(x.shape)} is not even")
+    if mode == 0:  # rotate_half
+        x1, x2 = x.chunk(2, -1)
+        rot = torch.cat((-x2, x1), -1)
+    elif mode == 1:  # interleaved pairs
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        rot = torch.stack((-x2, x1), -1).flatten(-2)
+    else:
+        raise LaunchError(f"RotaryPositionEmbedding: mode {mode} is not supported")
+    put(a["out"], x * cos + rot * sin)
+
+
 def _nll_indices(a: Args) -> Iterable[tuple[torch.Tensor, int, bool, str]]:
     x, tgt = a["self"], a["target"]
     classes = int(x.size(0) if x.dim() == 1 else x.size(1)) if x.dim() else 0
@@ -874,6 +917,9 @@ def _advanced(a: Args, self_arg: str = "self") -> Iterable[tuple[torch.Tensor, i
     """x[i0, i1, ...]: integer index k indexes dimension k; a mask consumes mask.dim() dims."""
     t, d = a[self_arg], 0
     for idx in a["indices"]:
+        if _is_full_slice(idx):
+            d += 1
+            continue
         if idx.dtype in (torch.bool, torch.uint8):
             d += idx.dim()
             continue
@@ -883,9 +929,13 @@ def _advanced(a: Args, self_arg: str = "self") -> Iterable[tuple[torch.Tensor, i
         d += 1
 
 
+def _is_full_slice(i: torch.Tensor) -> bool:
+    # torch_npu's index lists hold an empty 1-d tensor (of self's dtype) for a full slice ":"
+    return i.dim() == 1 and i.numel() == 0
+
+
 def _index_list(idx: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    # An empty index tensor stands for a full slice ":" in torch_npu's index lists
-    return [None if (i.dim() == 1 and i.numel() == 0 and i.dtype in _INDEX_DTYPES) else i for i in idx]
+    return [None if _is_full_slice(i) else i for i in idx]
 
 
 @register("aclnn::Index", writes=["out"], indices=_advanced)
@@ -913,34 +963,38 @@ def _scatter_add(a: Args) -> None:
 _SCATTER_REDUCE = {0: None, 1: "add", 2: "multiply"}
 
 
-@register("aclnn::Scatter", writes=["out"], indices=_scatter_indices)
-def _scatter(a: Args) -> None:
+def _scatter_into(x: torch.Tensor, a: Args, src: Any, op: str) -> torch.Tensor:
     red = a["reduce"]
     if red not in _SCATTER_REDUCE:
-        raise LaunchError(f"Scatter: unknown reduce {red}")
+        raise LaunchError(f"{op}: unknown reduce {red}")
     r = _SCATTER_REDUCE[red]
-    x = a["self"]
-    res = (
-        torch.scatter(x, a["dim"], a["index"], a["src"])
-        if r is None
-        else torch.scatter(x, a["dim"], a["index"], a["src"], reduce=r)
-    )
-    put(a["out"], res)
+    if r is None:
+        return torch.scatter(x, a["dim"], a["index"], src)
+    return torch.scatter(x, a["dim"], a["index"], src, reduce=r)
+
+
+def _scatter_self_indices(a: Args) -> Iterable[tuple[torch.Tensor, int, bool, str]]:
+    yield a["index"], _dim_size(a["selfRef"], a["dim"]), False, "index"
+
+
+@register("aclnn::Scatter", writes=["out"], indices=_scatter_indices)
+def _scatter(a: Args) -> None:
+    put(a["out"], _scatter_into(a["self"], a, a["src"], "Scatter"))
 
 
 @register("aclnn::ScatterValue", writes=["out"], indices=_scatter_indices)
 def _scatter_value(a: Args) -> None:
-    red = a["reduce"]
-    if red not in _SCATTER_REDUCE:
-        raise LaunchError(f"ScatterValue: unknown reduce {red}")
-    r = _SCATTER_REDUCE[red]
-    x = a["self"]
-    res = (
-        torch.scatter(x, a["dim"], a["index"], a["value"])
-        if r is None
-        else torch.scatter(x, a["dim"], a["index"], a["value"], reduce=r)
-    )
-    put(a["out"], res)
+    put(a["out"], _scatter_into(a["self"], a, a["value"], "ScatterValue"))
+
+
+@register("aclnn::InplaceScatter", writes=["selfRef"], indices=_scatter_self_indices)
+def _iscatter(a: Args) -> None:
+    put(a["selfRef"], _scatter_into(a["selfRef"], a, a["src"], "InplaceScatter"), "selfRef")
+
+
+@register("aclnn::InplaceScatterValue", writes=["selfRef"], indices=_scatter_self_indices)
+def _iscatter_value(a: Args) -> None:
+    put(a["selfRef"], _scatter_into(a["selfRef"], a, a["value"], "InplaceScatterValue"), "selfRef")
 
 
 @register("aclnn::InplaceIndexCopy", writes=["selfRef"], indices=_along("selfRef", "index"))
