@@ -254,18 +254,24 @@ def _rsub(x: Any, y: Any, alpha: Any = 1) -> torch.Tensor:
     return torch.rsub(x, y, alpha=alpha)
 
 
-for _n, _f in (("Add", torch.add), ("Sub", torch.sub), ("Rsub", _rsub)):
-    _reg_alpha(_n, _f, False)
-    _reg_alpha(_n + "s", _f, False)
-for _n, _f in (("Add", torch.add), ("Sub", torch.sub)):
-    _reg_alpha("Inplace" + _n, _f, True)
-    _reg_alpha("Inplace" + _n + "s", _f, True)
+_ALPHA_OPS: tuple[tuple[str, Callable[..., torch.Tensor]], ...] = (
+    ("Add", torch.add),
+    ("Sub", torch.sub),
+    ("Rsub", _rsub),
+)
+for _an, _af in _ALPHA_OPS:
+    _reg_alpha(_an, _af, False)
+    _reg_alpha(_an + "s", _af, False)
+    if _an != "Rsub":
+        _reg_alpha("Inplace" + _an, _af, True)
+        _reg_alpha("Inplace" + _an + "s", _af, True)
 
-for _n, _f in (("Mul", torch.mul), ("Div", torch.div)):
-    _reg_binary(_n, _f)
-    _reg_binary(_n + "s", _f)
-    _reg_inplace_binary("Inplace" + _n, _f)
-    _reg_inplace_binary("Inplace" + _n + "s", _f)
+_MULDIV: tuple[tuple[str, Callable[..., torch.Tensor]], ...] = (("Mul", torch.mul), ("Div", torch.div))
+for _mn, _mf in _MULDIV:
+    _reg_binary(_mn, _mf)
+    _reg_binary(_mn + "s", _mf)
+    _reg_inplace_binary("Inplace" + _mn, _mf)
+    _reg_inplace_binary("Inplace" + _mn + "s", _mf)
 
 _DIV_MODES = {0: None, 1: "trunc", 2: "floor"}
 
@@ -487,7 +493,8 @@ def _eye(a: Args) -> None:
     put(out, torch.eye(a["n"], a["m"], dtype=out.dtype, device=out.device))
 
 
-for _n, _f in (("Triu", torch.triu), ("Tril", torch.tril)):
+_TRI: tuple[tuple[str, Callable[..., torch.Tensor]], ...] = (("Triu", torch.triu), ("Tril", torch.tril))
+for _tn, _tf in _TRI:
 
     def _mk(f: Callable[..., torch.Tensor], name: str) -> None:
         @register(f"aclnn::{name}", writes=["out"])
@@ -498,7 +505,7 @@ for _n, _f in (("Triu", torch.triu), ("Tril", torch.tril)):
         def _iop(a: Args) -> None:
             put(a["selfRef"], f(a["selfRef"], a["diagonal"]), "selfRef")
 
-    _mk(_f, _n)
+    _mk(_tf, _tn)
 
 
 # ------------------------------------------------------------------ shape
