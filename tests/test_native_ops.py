@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from conftest import DaemonProc
-from _native import ROOT, flexnpu_run_cmd, native_libs, run_env
+from _native import ROOT, compile_program, flexnpu_run_cmd, native_libs, run_env
 
 from flexnpu import aclnn_api
 from flexnpu.protocol import TensorRef
@@ -109,6 +109,19 @@ def test_libopapi_exports_both_phases_of_every_operator():
         getattr(lib, sym)
 
 
+def test_c_program_runs_aclnn_add_and_mm_through_dlopen_libopapi(rt, tmp_path):
+    prog = compile_program("aclnn_add.c", tmp_path / "aclnn_add", extra=["-ldl", "-lm"])
+    r = subprocess.run(
+        flexnpu_run_cmd(rt, "--", str(prog)),
+        env=run_env(rt),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "OK", r.stdout + r.stderr
+
+
 # ------------------------------------------------------------------ the real torch_npu
 def test_operators_match_cpu(rt):
     r = _native(rt, "ops")
@@ -140,6 +153,16 @@ def test_unsupported_operator_raises_torch_npu_error_naming_it(rt):
     assert res["raised"], res
     assert res["op"].lower() in res["error"].lower(), res
     assert res["after"] == res["after_cpu"], res  # the process and the device still work
+
+
+def test_bench_overhead_native_generate_rows(rt):
+    _need_wheel()
+    native_libs()
+    from flexnpu.bench import overhead
+
+    (row,) = overhead._native_generate(True, 1, "cpu", "on")
+    assert row["same_tokens"], row
+    assert row["tokens_per_s"] > 0 and row["direct_tokens_per_s"] > 0 and row["ratio_vs_direct"] > 0, row
 
 
 # ------------------------------------------------------------------ hostile launches
