@@ -289,6 +289,13 @@ SIGNATURE_TEXT: tuple[str, ...] = (
     "IndexAdd(const aclTensor *self, int64_t dim, const aclTensor *index, const aclTensor *source, "
     "const aclScalar *alpha, aclTensor *out)",
     "MaskedSelect(const aclTensor *self, const aclTensor *mask, aclTensor *out)",
+    # -- random numbers: torch_npu passes its generator's Philox (seed, offset) with every call
+    "Multinomial(const aclTensor *self, int64_t numsamples, bool replacement, uint64_t seed, uint64_t offset, "
+    "aclTensor *out)",
+    "InplaceUniform(aclTensor *selfRef, double from, double to, uint64_t seed, uint64_t offset)",
+    "InplaceNormal(aclTensor *selfRef, float mean, float std, int64_t seed, int64_t offset)",
+    "InplaceRandom(aclTensor *selfRef, int64_t from, int64_t to, uint64_t seed, uint64_t offset)",
+    "InplaceBernoulli(aclTensor *selfRef, const aclScalar *prob, uint64_t seed, uint64_t offset)",
     # -- fused attention (torch_npu's scaled_dot_product_attention / npu_fusion_attention)
     "FlashAttentionScore(const aclTensor *query, const aclTensor *key, const aclTensor *value, "
     "const aclTensor *realShiftOptional, const aclTensor *dropMaskOptional, const aclTensor *paddingMaskOptional, "

@@ -148,6 +148,16 @@ def test_training_step_matches_cpu(rt):
     assert res["grad_rel_err"] < 1e-3, res
 
 
+def test_random_operators_follow_the_apps_seed_and_sampling_generate_runs(rt):
+    (res,) = _json_lines(_native(rt, "sample"))
+    assert res["same_seed_same_draws"] and res["never_zero_prob"], res
+    lo, hi = res["uniform_range"]
+    assert 2.0 <= lo < hi <= 3.0, res
+    mean, std = res["normal_mean_std"]
+    assert abs(mean - 1.0) < 0.05 and abs(std - 0.5) < 0.05, res
+    assert res["sampled_generate_repeatable"] and res["sampled_len"] == 11, res
+
+
 def test_unsupported_operator_raises_torch_npu_error_naming_it(rt):
     (res,) = _json_lines(_native(rt, "unsupported"))
     assert res["raised"], res

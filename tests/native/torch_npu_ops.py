@@ -365,6 +365,33 @@ def fused_npu_ops(dev: str) -> Any:
     return [rms, rstd, rot, swi]
 
 
+def sample() -> dict[str, Any]:
+    """Random operators: they follow torch.npu.manual_seed (same seed, same draws) and have the
+    right distribution shape; the draws themselves are not the CPU's."""
+    torch.npu.manual_seed(123)
+    probs = torch.tensor([[0.0, 0.2, 0.8], [1.0, 0.0, 0.0]]).npu()
+    m1 = torch.multinomial(probs, 50, replacement=True).cpu()
+    u1 = torch.empty(1000, device="npu").uniform_(2.0, 3.0).cpu()
+    n1 = torch.empty(4000, device="npu").normal_(1.0, 0.5).cpu()
+    torch.npu.manual_seed(123)
+    m2 = torch.multinomial(probs, 50, replacement=True).cpu()
+    u2 = torch.empty(1000, device="npu").uniform_(2.0, 3.0).cpu()
+    model = tiny_model("llama").to("npu")
+    ids = torch.randint(0, 128, (1, 5), generator=_g(1)).npu()
+    torch.npu.manual_seed(7)
+    s1 = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=20, top_p=0.9).cpu()
+    torch.npu.manual_seed(7)
+    s2 = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=20, top_p=0.9).cpu()
+    return {
+        "same_seed_same_draws": bool(torch.equal(m1, m2) and torch.equal(u1, u2)),
+        "never_zero_prob": bool((m1[0] != 0).all() and (m1[1] == 0).all()),
+        "uniform_range": [u1.min().item(), u1.max().item()],
+        "normal_mean_std": [n1.mean().item(), n1.std().item()],
+        "sampled_generate_repeatable": bool(torch.equal(s1, s2)),
+        "sampled_len": int(s1.shape[1]),
+    }
+
+
 # ------------------------------------------------------------------ main
 def _compare(name: str, fn: Callable[[str], Any]) -> dict[str, Any]:
     try:
@@ -471,6 +498,9 @@ def main(argv: list[str]) -> int:
         names = argv[2:] or list(CHECKS)
         for n in names:
             print(json.dumps(_compare(n, CHECKS[n])), flush=True)
+        return 0
+    if mode == "sample":
+        print(json.dumps(sample()), flush=True)
         return 0
     if mode == "unsupported":
         print(json.dumps(unsupported()), flush=True)

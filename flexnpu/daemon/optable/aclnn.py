@@ -1236,3 +1236,50 @@ def _flash_attention_grad(a: Args) -> None:
     put(a["dqOut"], dq, "dqOut")
     put(a["dkOut"], dk, "dkOut")
     put(a["dvOut"], dv, "dvOut")
+
+
+# ------------------------------------------------------------------ random numbers
+# torch_npu advances its own generator's Philox state and passes (seed, offset) with each call,
+# so draws follow the application's torch.npu.manual_seed and never the daemon's generator, and
+# the same (seed, offset) gives the same numbers. They are not the numbers Ascend hardware
+# draws (its Philox kernels are not reproduced), nor the CPU's.
+def _generator(device: torch.device, seed: int, offset: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(((seed & 0xFFFFFFFFFFFFFFFF) * 0x9E3779B97F4A7C15 + offset) & 0x7FFFFFFFFFFFFFFF)
+    return g
+
+
+@register("aclnn::Multinomial", writes=["out"])
+def _multinomial(a: Args) -> None:
+    x, n, out = a["self"], a["numsamples"], a["out"]
+    if x.dim() not in (1, 2) or n <= 0:
+        raise LaunchError(f"Multinomial: {n} samples from a {x.dim()}-d tensor")
+    _expect_shape("Multinomial", out, (*x.shape[:-1], n))
+    g = _generator(x.device, a["seed"], a["offset"])
+    put(out, torch.multinomial(x.float(), n, a["replacement"], generator=g))
+
+
+@register("aclnn::InplaceUniform", writes=["selfRef"])
+def _uniform(a: Args) -> None:
+    t = a["selfRef"]
+    t.uniform_(a["from"], a["to"], generator=_generator(t.device, a["seed"], a["offset"]))
+
+
+@register("aclnn::InplaceNormal", writes=["selfRef"])
+def _normal(a: Args) -> None:
+    t = a["selfRef"]
+    t.normal_(a["mean"], a["std"], generator=_generator(t.device, a["seed"], a["offset"]))
+
+
+@register("aclnn::InplaceRandom", writes=["selfRef"])
+def _random(a: Args) -> None:
+    t = a["selfRef"]
+    t.random_(a["from"], a["to"], generator=_generator(t.device, a["seed"], a["offset"]))
+
+
+@register("aclnn::InplaceBernoulli", writes=["selfRef"])
+def _bernoulli(a: Args) -> None:
+    t, p = a["selfRef"], a["prob"]
+    if not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise LaunchError(f"InplaceBernoulli: probability {p!r} out of [0, 1]")
+    t.bernoulli_(float(p), generator=_generator(t.device, a["seed"], a["offset"]))
