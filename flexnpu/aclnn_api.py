@@ -237,6 +237,8 @@ SIGNATURE_TEXT: tuple[str, ...] = (
     "Std(const aclTensor *self, const aclIntArray *dim, int64_t correction, bool keepdim, aclTensor *out)",
     "VarMean(const aclTensor *self, const aclIntArray *dim, int64_t correction, bool keepdim, aclTensor *varOut, "
     "aclTensor *meanOut)",
+    "LinalgVectorNorm(const aclTensor *self, const aclScalar *ord, const aclIntArray *dims, bool keepDims, "
+    "aclDataType dtype, aclTensor *out)",
     "Norm(const aclTensor *self, const aclScalar *pScalar, const aclIntArray *dim, bool keepdim, aclTensor *out)",
     "Topk(const aclTensor *self, int64_t k, int64_t dim, bool largest, bool sorted, aclTensor *valuesOut, "
     "aclTensor *indicesOut)",
@@ -257,6 +259,10 @@ SIGNATURE_TEXT: tuple[str, ...] = (
     "LayerNormBackward(const aclTensor *gradOut, const aclTensor *input, const aclIntArray *normalizedShape, "
     "const aclTensor *mean, const aclTensor *rstd, const aclTensor *weightOptional, const aclTensor *biasOptional, "
     "const aclBoolArray *outputMask, aclTensor *gradInputOut, aclTensor *gradWeightOut, aclTensor *gradBiasOut)",
+    "SwiGlu(const aclTensor *x, int64_t dim, aclTensor *out)",
+    "SwiGluGrad(const aclTensor *yGrad, const aclTensor *x, int64_t dim, aclTensor *out)",
+    "RotaryPositionEmbedding(const aclTensor *x, const aclTensor *cos, const aclTensor *sin, int64_t mode, "
+    "aclTensor *out)",
     "NLLLoss(const aclTensor *self, const aclTensor *target, const aclTensor *weight, int64_t reduction, "
     "int64_t ignoreIndex, aclTensor *out, aclTensor *totalWeightOut)",
     "NLLLossBackward(const aclTensor *gradOutput, const aclTensor *self, const aclTensor *target, "
@@ -275,11 +281,21 @@ SIGNATURE_TEXT: tuple[str, ...] = (
     "aclTensor *out)",
     "ScatterValue(const aclTensor *self, int64_t dim, const aclTensor *index, const aclScalar *value, "
     "int64_t reduce, aclTensor *out)",
+    "InplaceScatter(aclTensor *selfRef, int64_t dim, const aclTensor *index, const aclTensor *src, int64_t reduce)",
+    "InplaceScatterValue(aclTensor *selfRef, int64_t dim, const aclTensor *index, const aclScalar *value, "
+    "int64_t reduce)",
     "InplaceIndexCopy(aclTensor *selfRef, int64_t dim, const aclTensor *index, const aclTensor *source)",
     "InplaceIndexFill(aclTensor *selfRef, int64_t dim, const aclTensor *index, const aclScalar *value)",
     "IndexAdd(const aclTensor *self, int64_t dim, const aclTensor *index, const aclTensor *source, "
     "const aclScalar *alpha, aclTensor *out)",
     "MaskedSelect(const aclTensor *self, const aclTensor *mask, aclTensor *out)",
+    # -- random numbers: torch_npu passes its generator's Philox (seed, offset) with every call
+    "Multinomial(const aclTensor *self, int64_t numsamples, bool replacement, uint64_t seed, uint64_t offset, "
+    "aclTensor *out)",
+    "InplaceUniform(aclTensor *selfRef, double from, double to, uint64_t seed, uint64_t offset)",
+    "InplaceNormal(aclTensor *selfRef, float mean, float std, int64_t seed, int64_t offset)",
+    "InplaceRandom(aclTensor *selfRef, int64_t from, int64_t to, uint64_t seed, uint64_t offset)",
+    "InplaceBernoulli(aclTensor *selfRef, const aclScalar *prob, uint64_t seed, uint64_t offset)",
     # -- fused attention (torch_npu's scaled_dot_product_attention / npu_fusion_attention)
     "FlashAttentionScore(const aclTensor *query, const aclTensor *key, const aclTensor *value, "
     "const aclTensor *realShiftOptional, const aclTensor *dropMaskOptional, const aclTensor *paddingMaskOptional, "

@@ -105,6 +105,293 @@ def matmul(dev: str) -> Any:
     return [a @ b, a.t().t() @ b, x3 @ y3, x3 @ b, torch.matmul(a, b[:, 0])]
 
 
+@check
+def unary(dev: str) -> Any:
+    x = rand(3, 8).to(dev)
+    p = x.abs() + 0.5
+    s = strided(rand(3, 8, seed=3), dev)
+    out = [
+        x.abs(),
+        -x,
+        x.exp(),
+        p.log(),
+        p.sqrt(),
+        p.rsqrt(),
+        p.reciprocal(),
+        x.sin(),
+        x.cos(),
+        x.tanh(),
+        x.sigmoid(),
+        torch.nn.functional.silu(x),
+        torch.nn.functional.gelu(x),
+        torch.relu(x),
+        x.floor(),
+        x.ceil(),
+        x.round(),
+        x.sign(),
+        torch.erf(x),
+        s.exp(),
+        s.neg(),
+        torch.nn.functional.silu(s),
+    ]
+    y = x.clone()
+    y.exp_()
+    z = s.clone()
+    z.sigmoid_()
+    return out + [y, z]
+
+
+@check
+def compare_logical(dev: str) -> Any:
+    a, b = both(dev, rand(4, 5), rand(4, 5, seed=1))
+    m = a > 0
+    return [
+        a == b,
+        a != 0,
+        a < b,
+        a <= 0.1,
+        a > b,
+        a >= 0,
+        m & (b > 0),
+        m | (b > 0),
+        ~m,
+        torch.logical_not(m),
+        torch.maximum(a, b),
+        torch.minimum(a, b),
+        torch.where(m, a, b),
+        torch.where(m, a, 0.0),
+        a.masked_fill(m, -1.0),
+        a.masked_fill(~m, float("-inf")).clamp(min=-5),
+        a.clamp(-0.5, 0.5),
+        a.pow(2),
+        a.abs().pow(0.5),
+        torch.pow(2.0, a),
+    ]
+
+
+@check
+def reductions(dev: str) -> Any:
+    x = rand(3, 4, 5).to(dev)
+    s = strided(rand(4, 6, seed=4), dev)
+    i = torch.arange(12, dtype=torch.int64).reshape(3, 4).to(dev)
+    return [
+        x.sum(),
+        x.sum(-1),
+        x.sum((0, 2), keepdim=True),
+        x.mean(-1),
+        x.mean(),
+        x.amax(1),
+        x.max(),
+        x.max(-1).values,
+        x.max(-1).indices,
+        x.argmax(-1),
+        x.argmax(),
+        x.min(0).values,
+        x.argmin(1),
+        s.sum(0),
+        s.mean(1),
+        i.sum(),
+        i.sum(0),
+        (x > 0).any(),
+        (x > 0).all(-1),
+        (x > 0).any(1),
+        x.cumsum(1),
+        i.cumsum(0),
+        x.prod(-1),
+        x.std(-1),
+        x.var(0),
+        torch.logsumexp(x, -1),
+        torch.norm(x, dim=-1),
+    ]
+
+
+@check
+def softmax_norms(dev: str) -> Any:
+    x = rand(2, 3, 8).to(dev)
+    w, b = both(dev, rand(8, seed=5), rand(8, seed=6))
+    s = strided(rand(3, 8, seed=7), dev)
+    return [
+        torch.softmax(x, -1),
+        torch.log_softmax(x, -1),
+        torch.softmax(x, 1),
+        torch.softmax(s, -1),
+        torch.nn.functional.layer_norm(x, (8,), w, b),
+        torch.nn.functional.layer_norm(x, (8,)),
+        torch.nn.functional.rms_norm(x, (8,), w, 1e-6),
+    ]
+
+
+@check
+def indexing(dev: str) -> Any:
+    w = rand(10, 4).to(dev)
+    idx = torch.tensor([[1, 3, 9], [0, 0, 2]]).to(dev)
+    x = rand(5, 6).to(dev)
+    j = torch.tensor([4, 0, 2]).to(dev)
+    g = torch.tensor([[0, 5], [1, 1], [2, 3], [0, 0], [5, 4]]).to(dev)
+    y = torch.zeros(5, 6, device=dev)
+    y.scatter_(1, g, x[:, :2])
+    z = torch.zeros(5, 6, device=dev).scatter_add(1, g, x[:, :2])
+    m = x > 0
+    q = x.clone()
+    q[j] = 0.5
+    r = x.clone()
+    r[:, 1] = rand(5, seed=9).to(dev)
+    return [
+        torch.nn.functional.embedding(idx, w),
+        x.index_select(0, j),
+        x.index_select(1, j),
+        x[j],
+        x[:, j],
+        x.gather(1, g),
+        y,
+        z,
+        q,
+        r,
+        x[1:4:2, ::3],
+        x[-1],
+        x[j, j],
+    ]
+
+
+@check
+def shapes(dev: str) -> Any:
+    a, b = both(dev, rand(2, 3), rand(2, 3, seed=1))
+    s = strided(rand(2, 3, seed=2), dev)
+    return [
+        torch.cat([a, b], 0),
+        torch.cat([a, b, s], 1),
+        torch.stack([a, b]),
+        torch.stack([a, s], -1),
+        a.t().contiguous(),
+        a.unsqueeze(0).expand(4, 2, 3).contiguous(),
+        a.repeat(2, 2),
+        a.flip(1),
+        torch.nn.functional.pad(a, (1, 2), value=3.0),
+        torch.triu(rand(4, 4).to(dev)),
+        torch.tril(rand(4, 4).to(dev), -1),
+        a.transpose(0, 1) * 2,
+        a.reshape(3, 2) + 0,
+        torch.roll(a, 1, 1),
+    ]
+
+
+@check
+def factories(dev: str) -> Any:
+    return [
+        torch.arange(10, device=dev),
+        torch.arange(1, 7, 2, device=dev, dtype=torch.float32),
+        torch.arange(0.0, 1.0, 0.25, device=dev),
+        torch.full((2, 3), -2, device=dev),
+        torch.zeros(3, dtype=torch.int32, device=dev),
+        torch.ones(2, 2, dtype=torch.bool, device=dev),
+        torch.linspace(0, 1, 5, device=dev),
+        torch.eye(3, device=dev),
+        torch.ones(3, 3, device=dev).triu(1).bool(),
+    ]
+
+
+@check
+def topk_sort(dev: str) -> Any:
+    x = rand(3, 10).to(dev)
+    v, i = torch.topk(x, 4, dim=-1)
+    v2, i2 = torch.topk(x, 2, dim=0, largest=False)
+    sv, si = torch.sort(x, -1, descending=True)
+    return [v, i, v2, i2, sv, si, torch.argsort(x, -1)]
+
+
+@check
+def casts(dev: str) -> Any:
+    x = (rand(3, 4) * 10).to(dev)
+    return [
+        x.int(),
+        x.long(),
+        x.half(),
+        x.bfloat16(),
+        (x > 0).float(),
+        x.to(torch.int8),
+        strided(rand(3, 4), dev).half(),
+    ]
+
+
+@check
+def matmul_family(dev: str) -> Any:
+    a, b = both(dev, rand(4, 6), rand(6, 5, seed=1))
+    c = rand(5, seed=2).to(dev)
+    x, y = both(dev, rand(3, 4, 6), rand(3, 6, 5, seed=1))
+    lin = torch.nn.functional.linear(a, rand(5, 6, seed=3).to(dev), c)
+    return [
+        torch.mm(a, b),
+        torch.bmm(x, y),
+        torch.addmm(c, a, b),
+        torch.addmm(c, a, b, beta=0.5, alpha=2),
+        torch.baddbmm(rand(3, 4, 5).to(dev), x, y),
+        lin,
+        torch.mv(a, rand(6).to(dev)),
+        torch.dot(c, c),
+        a.t() @ a,
+        (a.half() @ b.half()).float(),
+        strided(rand(4, 6), dev) @ b,
+    ]
+
+
+@check
+def attention(dev: str) -> Any:
+    q, k, v = both(dev, rand(1, 4, 6, 8), rand(1, 2, 6, 8, seed=1), rand(1, 2, 6, 8, seed=2))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    mask = torch.ones(6, 6, dtype=torch.bool).tril().to(dev)
+    return [
+        sdpa(q, k, v, is_causal=True, enable_gqa=True),
+        sdpa(q, k, v, enable_gqa=True),
+        sdpa(q, k, v, attn_mask=mask, enable_gqa=True),
+        sdpa(q[:, :, -1:], k, v, enable_gqa=True),
+    ]
+
+
+@check
+def fused_npu_ops(dev: str) -> Any:
+    """torch_npu's fused operators against their reference formulas on the CPU."""
+    x, g = both(dev, rand(2, 3, 8), rand(8, seed=1))
+    cos, sin = both(dev, rand(1, 3, 8, seed=2), rand(1, 3, 8, seed=3))
+    if dev == "cpu":
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        rms = x * rstd * g
+        x1, x2 = x.chunk(2, -1)
+        rot = x * cos + torch.cat((-x2, x1), -1) * sin
+        swi = torch.nn.functional.silu(x1) * x2
+        return [rms, rstd, rot, swi]
+    rms, rstd = torch_npu.npu_rms_norm(x, g, 1e-6)
+    rot = torch_npu.npu_rotary_mul(x, cos, sin)
+    swi = torch_npu.npu_swiglu(x, -1)
+    return [rms, rstd, rot, swi]
+
+
+def sample() -> dict[str, Any]:
+    """Random operators: they follow torch.npu.manual_seed (same seed, same draws) and have the
+    right distribution shape; the draws themselves are not the CPU's."""
+    torch.npu.manual_seed(123)
+    probs = torch.tensor([[0.0, 0.2, 0.8], [1.0, 0.0, 0.0]]).npu()
+    m1 = torch.multinomial(probs, 50, replacement=True).cpu()
+    u1 = torch.empty(1000, device="npu").uniform_(2.0, 3.0).cpu()
+    n1 = torch.empty(4000, device="npu").normal_(1.0, 0.5).cpu()
+    torch.npu.manual_seed(123)
+    m2 = torch.multinomial(probs, 50, replacement=True).cpu()
+    u2 = torch.empty(1000, device="npu").uniform_(2.0, 3.0).cpu()
+    model = tiny_model("llama").to("npu")
+    ids = torch.randint(0, 128, (1, 5), generator=_g(1)).npu()
+    torch.npu.manual_seed(7)
+    s1 = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=20, top_p=0.9).cpu()
+    torch.npu.manual_seed(7)
+    s2 = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=20, top_p=0.9).cpu()
+    return {
+        "same_seed_same_draws": bool(torch.equal(m1, m2) and torch.equal(u1, u2)),
+        "never_zero_prob": bool((m1[0] != 0).all() and (m1[1] == 0).all()),
+        "uniform_range": [u1.min().item(), u1.max().item()],
+        "normal_mean_std": [n1.mean().item(), n1.std().item()],
+        "sampled_generate_repeatable": bool(torch.equal(s1, s2)),
+        "sampled_len": int(s1.shape[1]),
+    }
+
+
 # ------------------------------------------------------------------ main
 def _compare(name: str, fn: Callable[[str], Any]) -> dict[str, Any]:
     try:
@@ -124,7 +411,12 @@ def _compare(name: str, fn: Callable[[str], Any]) -> dict[str, Any]:
                 assert torch.equal(g, w), f"result {i}: values differ"
         return {"check": name, "ok": True}
     except Exception as e:  # noqa: BLE001 - reported to the test
-        return {"check": name, "ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-1500:]}
+        return {
+            "check": name,
+            "ok": False,
+            "error": f"{type(e).__name__}: {e}",
+            "tb": traceback.format_exc()[-1500:],
+        }
 
 
 def tiny_model(kind: str) -> Any:
@@ -175,7 +467,28 @@ def train(kind: str) -> dict[str, Any]:
         err = ((g - want[n]).abs().max() / (want[n].abs().max() + 1e-6)).item()
         if err > worst:
             worst, worst_name = err, n
-    return {"model": kind, "loss_cpu": loss_cpu, "loss_npu": out.loss.item(), "grad_rel_err": worst, "worst": worst_name}
+    return {
+        "model": kind,
+        "loss_cpu": loss_cpu,
+        "loss_npu": out.loss.item(),
+        "grad_rel_err": worst,
+        "worst": worst_name,
+    }
+
+
+def unsupported() -> dict[str, Any]:
+    """bitwise_left_shift: torch_npu has only an aclnn path for it (aclnnLeftShift), which
+    FlexNPU's operator table does not have."""
+    a = torch.arange(4, dtype=torch.int32)
+    res: dict[str, Any] = {"op": "LeftShift", "raised": False, "error": ""}
+    try:
+        torch.bitwise_left_shift(a.to("npu"), a.to("npu"))
+        torch.npu.synchronize()
+    except RuntimeError as e:
+        res["raised"], res["error"] = True, str(e)[:2000]
+    res["after"] = (a.to("npu") * 3 + 1).cpu().tolist()
+    res["after_cpu"] = (a * 3 + 1).tolist()
+    return res
 
 
 def main(argv: list[str]) -> int:
@@ -185,6 +498,12 @@ def main(argv: list[str]) -> int:
         names = argv[2:] or list(CHECKS)
         for n in names:
             print(json.dumps(_compare(n, CHECKS[n])), flush=True)
+        return 0
+    if mode == "sample":
+        print(json.dumps(sample()), flush=True)
+        return 0
+    if mode == "unsupported":
+        print(json.dumps(unsupported()), flush=True)
         return 0
     if mode == "generate":
         print(json.dumps(generate(argv[2])), flush=True)

@@ -12,8 +12,8 @@ a name gets its meaning, in one place per operator:
   be in range before anything runs, as ops.INDEXED operators are for aten launches);
 * ``execute(device, op, args, kwargs, resolve)`` checks a decoded launch against that
   declaration (arity, kind of every value, NULL only where optional), builds every tensor as a
-  bounds-checked view of the client's allocation (backends.torch_exec.build_view: a view can
-  reach nothing outside its allocation and cannot resize it), checks index ranges, and runs it.
+  bounds-checked view of the client's allocation (backends.torch_exec.build_view, cached: a
+  view can reach nothing outside its allocation and cannot resize it), checks index ranges, and runs it.
 
 Every byte of a launch is client-controlled: anything that does not fit the declaration raises
 LaunchError (a ValueError: INVALID_ARGUMENT on the wire) naming the operator; an unknown name
@@ -36,7 +36,7 @@ import torch
 from ... import aclnn_api as api
 from ...errors import OpNotSupported
 from ...protocol import TensorRef
-from ..backends.torch_exec import IndexRangeError, LaunchError, build_view
+from ..backends.torch_exec import IndexRangeError, LaunchError, cached_view
 
 __all__ = [
     "OpDef",
@@ -153,7 +153,9 @@ class _Conv:
             a = self.allocs.get(v.handle)
             if a is None:
                 a = self.allocs[v.handle] = self.resolve(v.handle)
-            return build_view(v, a)
+            # Views are cached by (allocation pointer and size, layout): entries only read their
+            # arguments or write their data (copy_, fill_, index_put_), never their metadata.
+            return cached_view(v, a)
         if isinstance(v, tuple) and len(v) == 3 and v[0] == "empty":
             # a tensor without storage (no elements): only its dtype and shape travel
             dtype, shape = v[1], v[2]

@@ -24,8 +24,6 @@ from . import Args, LaunchError, put, register
 
 aten = torch.ops.aten
 
-_INDEX_DTYPES = (torch.int64, torch.int32)
-
 
 def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True if the two views may touch the same bytes (same storage, overlapping spans)."""
@@ -256,18 +254,24 @@ def _rsub(x: Any, y: Any, alpha: Any = 1) -> torch.Tensor:
     return torch.rsub(x, y, alpha=alpha)
 
 
-for _n, _f in (("Add", torch.add), ("Sub", torch.sub), ("Rsub", _rsub)):
-    _reg_alpha(_n, _f, False)
-    _reg_alpha(_n + "s", _f, False)
-for _n, _f in (("Add", torch.add), ("Sub", torch.sub)):
-    _reg_alpha("Inplace" + _n, _f, True)
-    _reg_alpha("Inplace" + _n + "s", _f, True)
+_ALPHA_OPS: tuple[tuple[str, Callable[..., torch.Tensor]], ...] = (
+    ("Add", torch.add),
+    ("Sub", torch.sub),
+    ("Rsub", _rsub),
+)
+for _an, _af in _ALPHA_OPS:
+    _reg_alpha(_an, _af, False)
+    _reg_alpha(_an + "s", _af, False)
+    if _an != "Rsub":
+        _reg_alpha("Inplace" + _an, _af, True)
+        _reg_alpha("Inplace" + _an + "s", _af, True)
 
-for _n, _f in (("Mul", torch.mul), ("Div", torch.div)):
-    _reg_binary(_n, _f)
-    _reg_binary(_n + "s", _f)
-    _reg_inplace_binary("Inplace" + _n, _f)
-    _reg_inplace_binary("Inplace" + _n + "s", _f)
+_MULDIV: tuple[tuple[str, Callable[..., torch.Tensor]], ...] = (("Mul", torch.mul), ("Div", torch.div))
+for _mn, _mf in _MULDIV:
+    _reg_binary(_mn, _mf)
+    _reg_binary(_mn + "s", _mf)
+    _reg_inplace_binary("Inplace" + _mn, _mf)
+    _reg_inplace_binary("Inplace" + _mn + "s", _mf)
 
 _DIV_MODES = {0: None, 1: "trunc", 2: "floor"}
 
@@ -489,7 +493,8 @@ def _eye(a: Args) -> None:
     put(out, torch.eye(a["n"], a["m"], dtype=out.dtype, device=out.device))
 
 
-for _n, _f in (("Triu", torch.triu), ("Tril", torch.tril)):
+_TRI: tuple[tuple[str, Callable[..., torch.Tensor]], ...] = (("Triu", torch.triu), ("Tril", torch.tril))
+for _tn, _tf in _TRI:
 
     def _mk(f: Callable[..., torch.Tensor], name: str) -> None:
         @register(f"aclnn::{name}", writes=["out"])
@@ -500,7 +505,7 @@ for _n, _f in (("Triu", torch.triu), ("Tril", torch.tril)):
         def _iop(a: Args) -> None:
             put(a["selfRef"], f(a["selfRef"], a["diagonal"]), "selfRef")
 
-    _mk(_f, _n)
+    _mk(_tf, _tn)
 
 
 # ------------------------------------------------------------------ shape
@@ -684,6 +689,13 @@ def _norm(a: Args) -> None:
     put(a["out"], torch.linalg.vector_norm(x, a["pScalar"], _dims(x, a["dim"]), keepdim=a["keepdim"]))
 
 
+@register("aclnn::LinalgVectorNorm", writes=["out"])
+def _vector_norm(a: Args) -> None:
+    x = a["self"]
+    r = torch.linalg.vector_norm(x, a["ord"], _dims(x, a["dims"]), keepdim=a["keepDims"], dtype=a["dtype"])
+    put(a["out"], r)
+
+
 @register("aclnn::Topk", writes=["valuesOut", "indicesOut"])
 def _topk(a: Args) -> None:
     x, k, dim = a["self"], a["k"], a["dim"]
@@ -798,6 +810,44 @@ def _layer_norm_bw(a: Args) -> None:
             put(a[name], v, name)
 
 
+def _swiglu_halves(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if _dim_size(x, dim) % 2:
+        raise LaunchError(f"SwiGlu: dimension {dim} of {tuple(x.shape)} is not even")
+    a, b = x.chunk(2, dim)
+    return a, b
+
+
+@register("aclnn::SwiGlu", writes=["out"])
+def _swiglu(a: Args) -> None:
+    x1, x2 = _swiglu_halves(a["x"], a["dim"])
+    put(a["out"], (F.silu(x1.float()) * x2.float()).to(a["x"].dtype))
+
+
+@register("aclnn::SwiGluGrad", writes=["out"])
+def _swiglu_grad(a: Args) -> None:
+    with torch.enable_grad():
+        x = a["x"].detach().float().requires_grad_()
+        x1, x2 = _swiglu_halves(x, a["dim"])
+        (g,) = torch.autograd.grad(F.silu(x1) * x2, (x,), a["yGrad"].float())
+    put(a["out"], g)
+
+
+@register("aclnn::RotaryPositionEmbedding", writes=["out"])
+def _rotary(a: Args) -> None:
+    x, cos, sin, mode = a["x"], a["cos"], a["sin"], a["mode"]
+    if x.dim() == 0 or x.size(-1) % 2:
+        raise LaunchError(f"RotaryPositionEmbedding: last dimension of {tuple(x.shape)} is not even")
+    if mode == 0:  # rotate_half
+        x1, x2 = x.chunk(2, -1)
+        rot = torch.cat((-x2, x1), -1)
+    elif mode == 1:  # interleaved pairs
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        rot = torch.stack((-x2, x1), -1).flatten(-2)
+    else:
+        raise LaunchError(f"RotaryPositionEmbedding: mode {mode} is not supported")
+    put(a["out"], x * cos + rot * sin)
+
+
 def _nll_indices(a: Args) -> Iterable[tuple[torch.Tensor, int, bool, str]]:
     x, tgt = a["self"], a["target"]
     classes = int(x.size(0) if x.dim() == 1 else x.size(1)) if x.dim() else 0
@@ -874,6 +924,9 @@ def _advanced(a: Args, self_arg: str = "self") -> Iterable[tuple[torch.Tensor, i
     """x[i0, i1, ...]: integer index k indexes dimension k; a mask consumes mask.dim() dims."""
     t, d = a[self_arg], 0
     for idx in a["indices"]:
+        if _is_full_slice(idx):
+            d += 1
+            continue
         if idx.dtype in (torch.bool, torch.uint8):
             d += idx.dim()
             continue
@@ -883,9 +936,13 @@ def _advanced(a: Args, self_arg: str = "self") -> Iterable[tuple[torch.Tensor, i
         d += 1
 
 
+def _is_full_slice(i: torch.Tensor) -> bool:
+    # torch_npu's index lists hold an empty 1-d tensor (of self's dtype) for a full slice ":"
+    return i.dim() == 1 and i.numel() == 0
+
+
 def _index_list(idx: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    # An empty index tensor stands for a full slice ":" in torch_npu's index lists
-    return [None if (i.dim() == 1 and i.numel() == 0 and i.dtype in _INDEX_DTYPES) else i for i in idx]
+    return [None if _is_full_slice(i) else i for i in idx]
 
 
 @register("aclnn::Index", writes=["out"], indices=_advanced)
@@ -913,34 +970,38 @@ def _scatter_add(a: Args) -> None:
 _SCATTER_REDUCE = {0: None, 1: "add", 2: "multiply"}
 
 
-@register("aclnn::Scatter", writes=["out"], indices=_scatter_indices)
-def _scatter(a: Args) -> None:
+def _scatter_into(x: torch.Tensor, a: Args, src: Any, op: str) -> torch.Tensor:
     red = a["reduce"]
     if red not in _SCATTER_REDUCE:
-        raise LaunchError(f"Scatter: unknown reduce {red}")
+        raise LaunchError(f"{op}: unknown reduce {red}")
     r = _SCATTER_REDUCE[red]
-    x = a["self"]
-    res = (
-        torch.scatter(x, a["dim"], a["index"], a["src"])
-        if r is None
-        else torch.scatter(x, a["dim"], a["index"], a["src"], reduce=r)
-    )
-    put(a["out"], res)
+    if r is None:
+        return torch.scatter(x, a["dim"], a["index"], src)
+    return torch.scatter(x, a["dim"], a["index"], src, reduce=r)
+
+
+def _scatter_self_indices(a: Args) -> Iterable[tuple[torch.Tensor, int, bool, str]]:
+    yield a["index"], _dim_size(a["selfRef"], a["dim"]), False, "index"
+
+
+@register("aclnn::Scatter", writes=["out"], indices=_scatter_indices)
+def _scatter(a: Args) -> None:
+    put(a["out"], _scatter_into(a["self"], a, a["src"], "Scatter"))
 
 
 @register("aclnn::ScatterValue", writes=["out"], indices=_scatter_indices)
 def _scatter_value(a: Args) -> None:
-    red = a["reduce"]
-    if red not in _SCATTER_REDUCE:
-        raise LaunchError(f"ScatterValue: unknown reduce {red}")
-    r = _SCATTER_REDUCE[red]
-    x = a["self"]
-    res = (
-        torch.scatter(x, a["dim"], a["index"], a["value"])
-        if r is None
-        else torch.scatter(x, a["dim"], a["index"], a["value"], reduce=r)
-    )
-    put(a["out"], res)
+    put(a["out"], _scatter_into(a["self"], a, a["value"], "ScatterValue"))
+
+
+@register("aclnn::InplaceScatter", writes=["selfRef"], indices=_scatter_self_indices)
+def _iscatter(a: Args) -> None:
+    put(a["selfRef"], _scatter_into(a["selfRef"], a, a["src"], "InplaceScatter"), "selfRef")
+
+
+@register("aclnn::InplaceScatterValue", writes=["selfRef"], indices=_scatter_self_indices)
+def _iscatter_value(a: Args) -> None:
+    put(a["selfRef"], _scatter_into(a["selfRef"], a, a["value"], "InplaceScatterValue"), "selfRef")
 
 
 @register("aclnn::InplaceIndexCopy", writes=["selfRef"], indices=_along("selfRef", "index"))
@@ -1175,3 +1236,50 @@ def _flash_attention_grad(a: Args) -> None:
     put(a["dqOut"], dq, "dqOut")
     put(a["dkOut"], dk, "dkOut")
     put(a["dvOut"], dv, "dvOut")
+
+
+# ------------------------------------------------------------------ random numbers
+# torch_npu advances its own generator's Philox state and passes (seed, offset) with each call,
+# so draws follow the application's torch.npu.manual_seed and never the daemon's generator, and
+# the same (seed, offset) gives the same numbers. They are not the numbers Ascend hardware
+# draws (its Philox kernels are not reproduced), nor the CPU's.
+def _generator(device: torch.device, seed: int, offset: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(((seed & 0xFFFFFFFFFFFFFFFF) * 0x9E3779B97F4A7C15 + offset) & 0x7FFFFFFFFFFFFFFF)
+    return g
+
+
+@register("aclnn::Multinomial", writes=["out"])
+def _multinomial(a: Args) -> None:
+    x, n, out = a["self"], a["numsamples"], a["out"]
+    if x.dim() not in (1, 2) or n <= 0:
+        raise LaunchError(f"Multinomial: {n} samples from a {x.dim()}-d tensor")
+    _expect_shape("Multinomial", out, (*x.shape[:-1], n))
+    g = _generator(x.device, a["seed"], a["offset"])
+    put(out, torch.multinomial(x.float(), n, a["replacement"], generator=g))
+
+
+@register("aclnn::InplaceUniform", writes=["selfRef"])
+def _uniform(a: Args) -> None:
+    t = a["selfRef"]
+    t.uniform_(a["from"], a["to"], generator=_generator(t.device, a["seed"], a["offset"]))
+
+
+@register("aclnn::InplaceNormal", writes=["selfRef"])
+def _normal(a: Args) -> None:
+    t = a["selfRef"]
+    t.normal_(a["mean"], a["std"], generator=_generator(t.device, a["seed"], a["offset"]))
+
+
+@register("aclnn::InplaceRandom", writes=["selfRef"])
+def _random(a: Args) -> None:
+    t = a["selfRef"]
+    t.random_(a["from"], a["to"], generator=_generator(t.device, a["seed"], a["offset"]))
+
+
+@register("aclnn::InplaceBernoulli", writes=["selfRef"])
+def _bernoulli(a: Args) -> None:
+    t, p = a["selfRef"], a["prob"]
+    if not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise LaunchError(f"InplaceBernoulli: probability {p!r} out of [0, 1]")
+    t.bernoulli_(float(p), generator=_generator(t.device, a["seed"], a["offset"]))
