@@ -432,6 +432,11 @@ def _elu(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
     return [("aten::elu.out", (i[0], alpha, scale, input_scale), {"out": o[0]})]
 
 
+op("Relu")(_unary("aten::clamp_min.out", 0))
+op("Relu6")(_unary("aten::clamp.out", 0, 6))
+op("Gelu")(_unary("aten::gelu.out", approximate="tanh"))  # CANN Gelu is the tanh form
+
+
 @op("LeakyRelu")
 def _leaky(i: list[Operand], o: list[Operand], a: Attrs) -> list[Call]:
     return [("aten::leaky_relu.out", (i[0], a.get("negative_slope", "float", 0.0)), {"out": o[0]})]
