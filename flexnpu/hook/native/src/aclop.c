@@ -667,6 +667,8 @@ static char *seen[SEEN_CAP];
 static int nseen;
 static pthread_mutex_t seen_lock = PTHREAD_MUTEX_INITIALIZER;
 
+void fx_aclop_after_fork(void) { pthread_mutex_init(&seen_lock, NULL); }
+
 static int was_seen(const char *op) {
     pthread_mutex_lock(&seen_lock);
     int r = 0;

@@ -92,6 +92,7 @@ static void after_fork_child(void) {
     }
     fx_mem_after_fork();
     fx_graph_after_fork();
+    fx_aclop_after_fork();
     t_dev = -1;
 }
 

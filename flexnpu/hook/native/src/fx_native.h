@@ -125,6 +125,7 @@ aclError fx_stream_id(struct fx_dev *d, aclrtStream s, uint32_t *sid);   /* NULL
 /* graph.c */
 void fx_graph_forget_device(int dev);
 void fx_graph_after_fork(void);
+void fx_aclop_after_fork(void);   /* aclop.c */
 uint32_t fx_graph_capturing(int dev, uint32_t sid);   /* graph id the stream captures into, 0 none */
 
 /* mem.c */

@@ -54,8 +54,11 @@ void fx_graph_forget_device(int dev) {
     pthread_mutex_unlock(&g_lock);
 }
 
+static pthread_mutex_t a_lock;   /* stream attributes, below */
+
 void fx_graph_after_fork(void) {
     pthread_mutex_init(&g_lock, NULL);
+    pthread_mutex_init(&a_lock, NULL);
     for (int i = 0; i < FX_MAX_DEVICES; i++) {
         free(gdevs[i].cap);
         fx_idset_clear(&gdevs[i].live);
@@ -281,7 +284,7 @@ FX_API aclError aclmdlRIDestroy(void *modelRI) {
 struct sattr { int dev; uint32_t sid; uint32_t attr; uint32_t v[4]; };
 static struct sattr *attrs;
 static size_t nattrs, capattrs;
-static pthread_mutex_t a_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t a_lock = PTHREAD_MUTEX_INITIALIZER;   /* also declared above */
 
 static aclError attr_check(aclrtStream stream, uint32_t attr, const void *value, const char *what,
                            struct fx_dev **d, uint32_t *sid) {
