@@ -50,6 +50,59 @@ def _child(args: list[str], through_flexnpu: bool, backend: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _native_generate(quick: bool, reps: int, backend: str, mode: str) -> list[dict] | str:
+    """HuggingFace greedy generate() (dynamic KV cache) through the native front end, i.e. the
+    real torch_npu on FlexNPU's AscendCL libraries (docs/native_ops.md), against the same
+    program run directly on the backend device: one row per model, medians of `reps`."""
+    from flexnpu.hook import native
+
+    if mode == "off":
+        return "skipped (--native off)"
+    if not native.torch_npu_installed():
+        if mode == "on":
+            raise RuntimeError("--native on: the real torch_npu is not installed (flexnpu install-torch-npu)")
+        return "skipped: the real torch_npu is not installed for FlexNPU (flexnpu install-torch-npu)"
+    script = str(Path(__file__).with_name("_native_generate.py"))
+    models = [("tiny", 2, 64)] + ([] if quick else [("hidden-1024", 4, 1024)])
+    tokens = "16" if quick else "32"
+    rows = []
+    for label, layers, hidden in models:
+        args = ["--layers", str(layers), "--hidden", str(hidden), "--tokens", tokens]
+        tps: dict[str, list[float]] = {"direct": [], "native": []}
+        last: set[int] = set()
+        for r in range(reps):
+            for name in ("direct", "native"):
+                progress(f"[overhead] native generate {label} repetition {r + 1}/{reps}: {name}")
+                cmd = [sys.executable, script, "--device", backend if name == "direct" else "npu", *args]
+                if name == "native":
+                    cmd = [
+                        sys.executable, "-m", "flexnpu", "run", "--interpose", "native", "--backend", backend,
+                        "--idle-grace", "0", "--", *cmd,
+                    ]  # fmt: skip
+                p = subprocess.run(
+                    cmd, env=child_env(_RUNTIME_DIR), capture_output=True, text=True, timeout=900
+                )
+                if p.returncode != 0:
+                    raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+                res = json.loads(p.stdout.strip().splitlines()[-1])
+                tps[name].append(res["tokens_per_s"])
+                last.add(res["last_token"])
+        d, n = median(tps["direct"]), median(tps["native"])
+        rows.append(
+            {
+                "name": f"native-hf-generate-{label}",
+                "model": {"layers": layers, "hidden": hidden, "new_tokens": int(tokens)},
+                "tokens_per_s": round(n, 2),
+                "direct_tokens_per_s": round(d, 2),
+                "ratio_vs_direct": round(n / d, 4) if d else None,
+                "spread_pct": round(100 * spread(tps["native"]), 1),
+                "direct_spread_pct": round(100 * spread(tps["direct"]), 1),
+                "same_tokens": len(last) == 1,
+            }
+        )
+    return rows
+
+
 AGREE = 0.10  # direct runs must agree within this spread before ratios are trusted
 
 
@@ -98,6 +151,12 @@ def _main(argv: list[str] | None) -> int:
         help="repeat until the direct runs agree within 10%% or this many repetitions "
         "(default 3x --repeat); the spread is reported either way",
     )
+    ap.add_argument(
+        "--native",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="HF generate() rows through the native front end (the real torch_npu); auto: when installed",
+    )
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--hidden", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
@@ -130,6 +189,7 @@ def _main(argv: list[str] | None) -> int:
         "eager_client_us_per_op"
     ]
     op_flex = _child(["--device", "npu", "--mode", "opcost"], True, a.backend)["eager_client_us_per_op"]
+    native_rows = _native_generate(a.quick, reps, a.backend, a.native)
     reps = r
     groups = direct_groups(runs, native_graph)
     # the baseline of each mode: without native graphs both modes compare with all direct runs
@@ -174,6 +234,7 @@ def _main(argv: list[str] | None) -> int:
         "direct_spread_pct": {g: round(100 * spread(v), 1) for g, v in groups.items()},
         "note": caveats[0] if not native_graph else None,
         "caveats": caveats,
+        "native_generate": native_rows,
     }
     if a.json:
         dump_json(out)
@@ -192,6 +253,20 @@ def _main(argv: list[str] | None) -> int:
             f"eager client-side cost: {op_flex:.2f} us/op through FlexNPU ({op_direct:.2f} us/op direct); "
             f"identical tokens: {same}"
         )
+        if isinstance(native_rows, list):
+            print_table(
+                native_rows,
+                [
+                    ("name", "run", ""),
+                    ("tokens_per_s", "tokens/s", ".2f"),
+                    ("direct_tokens_per_s", "direct", ".2f"),
+                    ("ratio_vs_direct", "vs direct", ".3f"),
+                    ("same_tokens", "same tokens", ""),
+                ],
+                title="HF generate() through the native front end (real torch_npu)",
+            )
+        else:
+            print(f"native generate: {native_rows}")
         for c in caveats:
             print(f"caveat: {c}")
     return 0 if same else 1

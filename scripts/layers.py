@@ -17,7 +17,20 @@ from collections import defaultdict
 # and lower ones, and daemon/ and hook/ (same layer) never import each other
 LAYERS = {
     **dict.fromkeys(
-        ("ring", "errors", "units", "paths", "logging_setup", "protocol", "control", "ops", "elf"), 0
+        (
+            "ring",
+            "errors",
+            "units",
+            "paths",
+            "logging_setup",
+            "protocol",
+            "control",
+            "ops",
+            "aclnn_api",
+            "aclop_ops",
+            "elf",
+        ),
+        0,
     ),
     "sched": 1,
     "client": 2,

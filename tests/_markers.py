@@ -30,6 +30,7 @@ SLOW_MODULES = frozenset(
         "test_ring_liveness",
         "test_ops_notify",
         "test_ops_logging",
+        "test_native_ops",
     }
 )
 

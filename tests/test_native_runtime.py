@@ -55,7 +55,7 @@ def test_allocation_beyond_the_quota_is_acl_memory_allocation(daemon, runtime_di
 def test_unsupported_call_is_an_error_logged_once_by_name_with_v(daemon, runtime_dir, prog):
     r = _run(runtime_dir, "-v", "--", prog, "unsupported")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stderr.count("unsupported AscendCL call aclopCompileAndExecute") == 1
+    assert r.stderr.count("unsupported AscendCL call aclrtBinaryLoadFromData") == 1
     quiet = _run(runtime_dir, "--", prog, "unsupported")
     assert quiet.returncode == 0 and "unsupported AscendCL call" not in quiet.stderr
 

@@ -21,6 +21,10 @@ from ...protocol import Launch
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
+# Launch names of the native front end's operator APIs (flexnpu/daemon/optable)
+_ASCEND_PREFIXES = ("aclnn::", "aclop::")
+
+
 def detect(requested: str = "auto") -> str:
     """Resolve `auto` to the best device type present: npu (torch_npu) > cuda > cpu."""
     if requested != "auto":
@@ -203,6 +207,12 @@ class TorchBackend:
     def launch(
         self, launch: Launch, resolve: Callable[[int], torch.Tensor], allocate: Callable[[int], torch.Tensor]
     ) -> list[tuple[int, torch.Tensor]]:
+        if launch.op.startswith(_ASCEND_PREFIXES):
+            # an operator of the native front end: the Ascend operator table (no fresh outputs)
+            from .. import optable
+
+            optable.execute(self.device, launch.op, launch.args, launch.kwargs, launch.outputs, resolve)
+            return []
         if self._exec is None:
             from . import torch_exec
 
@@ -213,6 +223,10 @@ class TorchBackend:
         return bound
 
     def op_allowed(self, op: str) -> bool:
+        if op.startswith(_ASCEND_PREFIXES):
+            from .. import optable
+
+            return optable.is_supported(op)
         if self._exec is None:
             from . import torch_exec
 

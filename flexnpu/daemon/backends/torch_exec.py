@@ -30,7 +30,7 @@ from flexnpu import ops
 from flexnpu.errors import OpFailed
 from flexnpu.protocol import TensorRef
 
-__all__ = ["execute_launch", "is_op_allowed", "LaunchError", "build_view", "check_view_bounds"]
+__all__ = ["execute_launch", "is_op_allowed", "LaunchError", "build_view", "cached_view", "check_view_bounds"]
 
 aten = torch.ops.aten
 
@@ -137,7 +137,8 @@ _VIEW_CACHE_MAX = 4096
 _view_cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
 
-def _cached_view(ref: TensorRef, alloc: torch.Tensor) -> torch.Tensor:
+def cached_view(ref: TensorRef, alloc: torch.Tensor) -> torch.Tensor:
+    """build_view, cached: for arguments whose metadata the operator does not change."""
     key = (alloc.data_ptr(), alloc.numel(), ref.dtype, ref.shape, ref.stride, ref.offset, alloc.device)
     try:
         v = _view_cache.get(key)
@@ -186,7 +187,7 @@ class _Ctx:
     def convert(self, x: Any, depth: int = 0, fresh: bool = True) -> Any:
         if isinstance(x, TensorRef):
             a = self.alloc(x.handle)
-            return build_view(x, a) if fresh else _cached_view(x, a)
+            return build_view(x, a) if fresh else cached_view(x, a)
         if x is None or isinstance(
             x, (bool, int, float, complex, str, torch.dtype, torch.layout, torch.memory_format)
         ):

@@ -1,6 +1,9 @@
 """``acl.op``: single-operator execution (acl.op.execute_v2) and operator attributes.
 
-Operator types are lowered to aten calls in ``_ops``; see docs/acl.md for the supported list.
+An operator launch is one ``aclop::<OpType>`` LAUNCH, executed by the daemon's operator table
+(flexnpu/daemon/optable/aclop.py), which lowers it with flexnpu/aclop_ops.py. The same lowering
+runs here first, on torch's meta device, so that operand and attribute mistakes come back
+synchronously as ACL_ERROR_OP_* codes where the program checks them. See docs/acl.md.
 """
 
 from __future__ import annotations
@@ -11,7 +14,16 @@ from typing import Any
 from . import constants as C
 from ._errors import AclFail, acl_api
 from ._objects import ATTRS, BUFFERS, DESCS, OpAttr
-from ._ops import ACL_TO_TORCH, OPS, Attrs, Operand, contiguous_strides, meta_check
+from flexnpu.aclop_ops import (
+    ACL_TO_TORCH,
+    MAX_HOST_VALUES,
+    OPS,
+    AclopError,
+    Attrs,
+    Operand,
+    contiguous_strides,
+)
+from flexnpu.aclop_ops import lower as lower_op
 from ._runtime import RT, is_device_ptr
 from flexnpu.protocol import TensorRef
 
@@ -73,6 +85,23 @@ set_attr_list_list_int = acl_api("acl.op.set_attr_list_list_int")(
 # execution
 
 
+def _host_values(role: str, desc: Any, raw: bytes) -> tuple[Any, ...]:
+    np_dtype = C.DTYPE_INFO[desc.dtype][0]
+    if np_dtype is None:
+        raise AclFail(
+            C.ACL_ERROR_OP_INPUT_NOT_MATCH, f"{role}: host values of data type {desc.dtype} cannot be read"
+        )
+    if desc.numel > MAX_HOST_VALUES:
+        raise AclFail(
+            C.ACL_ERROR_INVALID_PARAM,
+            f"{role}: a host-resident input holds at most {MAX_HOST_VALUES} values (it has {desc.numel}); "
+            "put larger operands in device memory",
+        )
+    import numpy as np
+
+    return tuple(np.frombuffer(raw, dtype=np_dtype, count=desc.numel).tolist())
+
+
 def _operand(role: str, desc_h: Any, buf_h: Any, device: int, is_output: bool) -> Operand:
     desc = DESCS.get(desc_h)
     buf = BUFFERS.get(buf_h)
@@ -86,10 +115,10 @@ def _operand(role: str, desc_h: Any, buf_h: Any, device: int, is_output: bool) -
             "row-major formats (ND, NCHW, NHWC, ...)",
         )
     shape = tuple(desc.dims)
-    base = Operand(role, desc, dtype, shape, contiguous_strides(shape), 0)
+    strides = contiguous_strides(shape)
     nbytes = desc.nbytes
     if desc.const is not None and not is_output:
-        return Operand(**{**base.__dict__, "host": desc.const})
+        return Operand(role, dtype, shape, strides, 0, host=_host_values(role, desc, desc.const))
     if buf.size < nbytes:
         raise AclFail(
             C.ACL_ERROR_INVALID_PARAM,
@@ -109,16 +138,11 @@ def _operand(role: str, desc_h: Any, buf_h: Any, device: int, is_output: bool) -
             )
         client = RT.device_state(device).client
 
-        def read(handle: int = alloc.handle, o: int = off, n: int = nbytes) -> bytes:
-            return bytes(client.memcpy_d2h(handle, o, n))
+        def read(handle: int = alloc.handle, o: int = off, n: int = nbytes) -> list[Any]:
+            return list(_host_values(role, desc, bytes(client.memcpy_d2h(handle, o, n))))
 
         return Operand(
-            **{
-                **base.__dict__,
-                "offset": off // max(desc.itemsize, 1),
-                "handle": alloc.handle,
-                "reader": read,
-            }
+            role, dtype, shape, strides, off // max(desc.itemsize, 1), ref=alloc.handle, reader=read
         )
     if is_output:
         raise AclFail(
@@ -128,32 +152,15 @@ def _operand(role: str, desc_h: Any, buf_h: Any, device: int, is_output: bool) -
     if buf.addr < 4096 and nbytes:
         raise AclFail(C.ACL_ERROR_INVALID_PARAM, f"{role}: null data buffer address")
     # Host-resident input (ACL_MEMTYPE_HOST placement, or a host pointer): usable as values.
-    return Operand(**{**base.__dict__, "host": ctypes.string_at(buf.addr, nbytes) if nbytes else b""})
+    raw = ctypes.string_at(buf.addr, nbytes) if nbytes else b""
+    return Operand(role, dtype, shape, strides, 0, host=_host_values(role, desc, raw))
 
 
-def _to_wire(x: Any, op_type: str) -> Any:
-    if isinstance(x, Operand):
-        if x.handle is None:
-            raise AclFail(
-                C.ACL_ERROR_INVALID_PARAM,
-                f"{op_type}: {x.role} is host memory; tensor operands must be device memory "
-                "(acl.rt.malloc + acl.rt.memcpy)",
-            )
-        return TensorRef(x.handle, x.dtype, x.shape, x.stride, x.offset)
-    if isinstance(x, list):
-        return [_to_wire(v, op_type) for v in x]
-    if isinstance(x, tuple):
-        return tuple(_to_wire(v, op_type) for v in x)
-    if isinstance(x, dict):
-        return {k: _to_wire(v, op_type) for k, v in x.items()}
-    return x
-
-
-def _check_count(kind: str, n: int, bounds: tuple[int, int], op_type: str, code: int) -> None:
-    lo, hi = bounds
-    if n < lo or (hi >= 0 and n > hi):
-        want = f"{lo}" if lo == hi else f"{lo}..{'any' if hi < 0 else hi}"
-        raise AclFail(code, f"{op_type} takes {want} {kind}, got {n}")
+def _to_wire(x: Operand) -> Any:
+    """An operand of an ``aclop::`` launch: a TensorRef, or a host operand's [dtype, shape, values]."""
+    if x.ref is None:
+        return [x.dtype, list(x.shape), list(x.host or ())]
+    return TensorRef(x.ref, x.dtype, x.shape, x.stride, x.offset)
 
 
 def _execute(
@@ -170,26 +177,25 @@ def _execute(
             f"{op_type}: {len(input_desc)} input descs for {len(inputs)} inputs, "
             f"{len(output_desc)} output descs for {len(outputs)} outputs",
         )
-    spec = OPS.get(op_type)
-    if spec is None:
+    if op_type not in OPS:
         raise AclFail(
             C.ACL_ERROR_OP_NOT_FOUND,
             f"operator type {op_type!r} is not supported by FlexNPU (supported: {', '.join(sorted(OPS))})",
         )
-    _check_count("inputs", len(inputs), spec.n_in, op_type, C.ACL_ERROR_OP_INPUT_NOT_MATCH)
-    _check_count("outputs", len(outputs), spec.n_out, op_type, C.ACL_ERROR_OP_OUTPUT_NOT_MATCH)
-    attrs = Attrs(op_type, {} if attr in (0, None) else ATTRS.get(attr).values)
+    values = {} if attr in (0, None) else ATTRS.get(attr).values
     s = RT.stream(stream)
     ins = [_operand(f"input {k}", d, b, s.device, False) for k, (d, b) in enumerate(zip(input_desc, inputs))]
     outs = [
         _operand(f"output {k}", d, b, s.device, True) for k, (d, b) in enumerate(zip(output_desc, outputs))
     ]
-    calls = spec.lower(ins, outs, attrs)
-    meta_check(op_type, calls)
+    try:
+        lower_op(op_type, ins, outs, Attrs(op_type, values))
+    except AclopError as e:
+        raise AclFail(e.code, str(e)) from None
     client = RT.device_state(s.device).client
-    wire = [(name, _to_wire(args, op_type), _to_wire(kwargs, op_type)) for name, args, kwargs in calls]
-    for name, args, kwargs in wire:
-        client.launch(name, args, kwargs, [], stream=s.sid)
+    kwargs = {name: v for name, (_kind, v) in values.items()}
+    wire = ([_to_wire(x) for x in ins], [_to_wire(x) for x in outs])
+    client.launch(f"aclop::{op_type}", wire, kwargs, [], stream=s.sid)
     return C.ACL_SUCCESS
 
 
@@ -222,8 +228,12 @@ def create_handle(op_type: str, input_desc: list, output_desc: list, attr: int) 
     spec = OPS.get(op_type)
     if spec is None:
         raise AclFail(C.ACL_ERROR_OP_NOT_FOUND, f"operator type {op_type!r} is not supported by FlexNPU")
-    _check_count("inputs", len(input_desc), spec.n_in, op_type, C.ACL_ERROR_OP_INPUT_NOT_MATCH)
-    _check_count("outputs", len(output_desc), spec.n_out, op_type, C.ACL_ERROR_OP_OUTPUT_NOT_MATCH)
+    for kind, n, (lo, hi), code in (
+        ("inputs", len(input_desc), spec.n_in, C.ACL_ERROR_OP_INPUT_NOT_MATCH),
+        ("outputs", len(output_desc), spec.n_out, C.ACL_ERROR_OP_OUTPUT_NOT_MATCH),
+    ):
+        if n < lo or (hi >= 0 and n > hi):
+            raise AclFail(code, f"{op_type} takes {lo if lo == hi else f'{lo}..{hi}'} {kind}, got {n}")
     for d in input_desc + output_desc:
         DESCS.get(d)  # an invalid descriptor fails here, as at handle creation
     if attr not in (0, None):

@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 
 TORCH_NPU_VERSION = "2.13.0"
-# The operator half (aclnn/aclop, issue 12) is not implemented yet: until it is, `flexnpu run
-# --interpose auto` keeps Python programs on the Python front end, which runs operators.
+# The aclnn operators run (docs/native_ops.md), but not yet everything a program may use (the
+# aclop fallback path, random operators, data-dependent shapes): until they do, `flexnpu run
+# --interpose auto` keeps Python programs on the Python front end, which runs them all.
 RUNS_OPERATORS = False
 HERE = Path(__file__).resolve().parent
 

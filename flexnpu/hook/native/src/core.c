@@ -91,6 +91,8 @@ static void after_fork_child(void) {
         d->stg_cap = d->stg_n = d->stg_head = 0;
     }
     fx_mem_after_fork();
+    fx_graph_after_fork();
+    fx_aclop_after_fork();
     t_dev = -1;
 }
 
@@ -139,6 +141,11 @@ aclError fx_from_wire(int status, const char *msg, const char *what) {
     default: code = ACL_ERROR_RT_INTERNAL_ERROR; break;
     }
     return fx_err(code, "%s: %s (%s)", what, msg && *msg ? msg : "failed", fx_err_name(status));
+}
+
+void fx_err_restore(const char *full) {
+    snprintf(t_err, sizeof t_err, "%s", full);
+    t_err_set = full[0] != 0;
 }
 
 FX_API const char *aclGetRecentErrMsg(void) {
@@ -409,6 +416,7 @@ void fx_detach(struct fx_dev *d) {
     /* caller holds d->lock */
     atomic_store(&d->state, 0);
     fx_mem_forget_device(d->index);
+    fx_graph_forget_device(d->index);
     if (d->seg) fx_seg_close(d->seg);
     if (d->sock >= 0) close(d->sock);
     d->seg = NULL;

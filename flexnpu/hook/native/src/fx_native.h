@@ -116,13 +116,23 @@ aclError fxn_push(struct fx_dev *d, struct fx_sqe *e);
 int64_t fx_stage_locked(struct fx_dev *d, const void *src, uint64_t n);   /* arena offset or -1 */
 void fx_reclaim_locked(struct fx_dev *d);
 int fx_json_int(const char *json, const char *key, int64_t *out);        /* top-level key */
+void fx_err_restore(const char *full);   /* put back a message taken with aclGetRecentErrMsg */
+const char *aclGetRecentErrMsg(void);
 
 /* stream.c */
 aclError fx_stream_id(struct fx_dev *d, aclrtStream s, uint32_t *sid);   /* NULL = default stream */
 
+/* graph.c */
+void fx_graph_forget_device(int dev);
+void fx_graph_after_fork(void);
+void fx_aclop_after_fork(void);   /* aclop.c */
+uint32_t fx_graph_capturing(int dev, uint32_t sid);   /* graph id the stream captures into, 0 none */
+
 /* mem.c */
 void fx_mem_forget_device(int dev);
 void fx_mem_after_fork(void);
+aclError fx_mem_lookup(const void *addr, struct fx_dev **d, uint64_t *handle, uint64_t *off, uint64_t *avail,
+                       const char *what);
 aclError fx_dev_addr(const void *p, uint64_t n, struct fx_dev **d, uint64_t *handle, uint64_t *off, const char *what);
-aclError fx_stream_dev_pub(aclrtStream s, struct fx_dev **d, uint32_t *sid);   /* stream.c */
+aclError fx_stream_dev_pub(aclrtStream s, struct fx_dev **d, uint32_t *sid);
 #endif

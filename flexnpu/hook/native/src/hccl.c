@@ -303,18 +303,18 @@ FX_API HcclResult HcclCommResume(HcclComm comm) { (void)comm; return HCCL_SUCCES
 /* ------------------------------------------------------------------ one collective */
 static int dtype_code(HcclDataType t, int *code, int *size) {
     switch (t) {
-    case 0: *code = FXP_DTYPE_INT8; *size = 1; return 0;
-    case 1: *code = FXP_DTYPE_INT16; *size = 2; return 0;
-    case 2: *code = FXP_DTYPE_INT32; *size = 4; return 0;
-    case 3: *code = FXP_DTYPE_FLOAT16; *size = 2; return 0;
-    case 4: *code = FXP_DTYPE_FLOAT32; *size = 4; return 0;
-    case 5: *code = FXP_DTYPE_INT64; *size = 8; return 0;
-    case 6: *code = FXP_DTYPE_UINT64; *size = 8; return 0;
-    case 7: *code = FXP_DTYPE_UINT8; *size = 1; return 0;
-    case 8: *code = FXP_DTYPE_UINT16; *size = 2; return 0;
-    case 9: *code = FXP_DTYPE_UINT32; *size = 4; return 0;
-    case 10: *code = FXP_DTYPE_FLOAT64; *size = 8; return 0;
-    case 11: *code = FXP_DTYPE_BFLOAT16; *size = 2; return 0;
+    case 0: *code = FXDT_int8; *size = 1; return 0;
+    case 1: *code = FXDT_int16; *size = 2; return 0;
+    case 2: *code = FXDT_int32; *size = 4; return 0;
+    case 3: *code = FXDT_float16; *size = 2; return 0;
+    case 4: *code = FXDT_float32; *size = 4; return 0;
+    case 5: *code = FXDT_int64; *size = 8; return 0;
+    case 6: *code = FXDT_uint64; *size = 8; return 0;
+    case 7: *code = FXDT_uint8; *size = 1; return 0;
+    case 8: *code = FXDT_uint16; *size = 2; return 0;
+    case 9: *code = FXDT_uint32; *size = 4; return 0;
+    case 10: *code = FXDT_float64; *size = 8; return 0;
+    case 11: *code = FXDT_bfloat16; *size = 2; return 0;
     default: return -1;
     }
 }
@@ -330,7 +330,7 @@ static int reduce_code(HcclReduceOp op) {
 }
 
 static uint8_t *put_tensor(uint8_t *p, uint64_t handle, int dtype, uint64_t n, uint64_t off_elems) {
-    *p++ = FXP_T_TENSOR;
+    *p++ = FXT_TENSOR;
     uint32_t h32 = (uint32_t)handle;
     memcpy(p, &h32, 4); p += 4;
     *p++ = (uint8_t)dtype;
@@ -381,7 +381,7 @@ static HcclResult collective(struct hcomm *h, uint32_t handle, int kind, int op,
     uint16_t nl = (uint16_t)strlen(name);
     memcpy(p, &nl, 2); p += 2;
     memcpy(p, name, nl); p += nl;
-    *p++ = FXP_T_TUPLE;
+    *p++ = FXT_TUPLE;
     uint16_t two = 2, zero = 0;
     memcpy(p, &two, 2); p += 2;
     p = put_tensor(p, bi.handle, code, nin, bi.off / (uint64_t)isz);

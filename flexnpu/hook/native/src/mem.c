@@ -676,3 +676,21 @@ aclError fx_dev_addr(const void *p, uint64_t n, struct fx_dev **d, uint64_t *han
     *off = o.off;
     return ACL_SUCCESS;
 }
+
+/* ------------------------------------------------------------------ operator arguments */
+/* A device address named by an operator argument -> its device, allocation handle and offset
+ * (launch_enc.c turns it into a TensorRef; the daemon checks the view against the allocation). */
+aclError fx_mem_lookup(const void *addr, struct fx_dev **d, uint64_t *handle, uint64_t *off, uint64_t *avail,
+                       const char *what) {
+    struct ptr p;
+    classify(addr, &p);
+    if (p.kind == P_HOST || p.kind == P_ARENA)
+        return fx_err(ACL_ERROR_INVALID_PARAM, "%s: tensor data %p is not device memory", what, addr);
+    aclError rc = dev_range(&p, addr, 0, what);
+    if (rc) return rc;
+    *d = p.d;
+    *handle = p.handle;
+    *off = p.off;
+    *avail = p.avail;
+    return ACL_SUCCESS;
+}

@@ -180,12 +180,3 @@ FX_API aclError aclrtSetOpWaitTimeout(uint32_t timeout) { (void)timeout; return 
 
 /* no callbacks are ever queued, so there is nothing to report */
 FX_API aclError aclrtProcessReport(int32_t timeout) { (void)timeout; return ACL_SUCCESS; }
-
-/* graph capture (aclmdlRI) is not offered: every stream reports "not capturing" */
-FX_API aclError aclmdlRICaptureGetInfo(aclrtStream stream, int *status, void **modelRI) {
-    (void)stream;
-    if (!status) return fx_err(ACL_ERROR_INVALID_PARAM, "aclmdlRICaptureGetInfo: status is NULL");
-    *status = 0;   /* ACL_MODEL_RI_CAPTURE_STATUS_NONE */
-    if (modelRI) *modelRI = NULL;
-    return ACL_SUCCESS;
-}

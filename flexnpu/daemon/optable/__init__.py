@@ -1,0 +1,310 @@
+"""One operator table: Ascend operator names -> backend operations on torch tensors.
+
+The native front end (flexnpu/hook/native) turns every operator call of an Ascend program into
+one LAUNCH record named after the Ascend API it came from: ``aclnn::Xxx`` for the two-phase
+aclnn API (positional arguments in the order of flexnpu/aclnn_api.py), ``aclop::<OpType>`` for
+aclopCompileAndExecute and friends (attributes as keyword arguments). This package is where such
+a name gets its meaning, in one place per operator:
+
+* ``register(op, params, writes=..., attrs=..., indices=...)`` declares an operator: its
+  positional parameters and their kinds (the kinds of flexnpu/aclnn_api.py), which parameters
+  it writes, which keyword attributes it accepts, and which tensors hold *positions* (checked to
+  be in range before anything runs, as ops.INDEXED operators are for aten launches);
+* ``execute(device, op, args, kwargs, resolve)`` checks a decoded launch against that
+  declaration (arity, kind of every value, NULL only where optional), builds every tensor as a
+  bounds-checked view of the client's allocation (backends.torch_exec.build_view, cached: a
+  view can reach nothing outside its allocation and cannot resize it), checks index ranges, and runs it.
+
+Every byte of a launch is client-controlled: anything that does not fit the declaration raises
+LaunchError (a ValueError: INVALID_ARGUMENT on the wire) naming the operator; an unknown name
+raises OpNotSupported naming it. Operators write their results with ``put`` (shape-checked copy
+into the caller's tensor), so an output that overlaps an input reads the input first, as the
+Ascend kernels do.
+
+Entries live in per-API modules: aclnn.py (the aclnn operators) and, from the aclop side,
+aclop.py. Importing this package registers all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+from ... import aclnn_api as api
+from ...errors import OpNotSupported
+from ...protocol import TensorRef
+from ..backends.torch_exec import IndexRangeError, LaunchError, cached_view
+
+__all__ = [
+    "OpDef",
+    "Args",
+    "register",
+    "lookup",
+    "is_supported",
+    "execute",
+    "put",
+    "LaunchError",
+    "TABLE",
+]
+
+Args = dict[str, Any]
+# index checks: args -> [(index tensor, size of the indexed extent, negatives wrap?, what)]
+IndexCheck = Callable[[Args], Iterable[tuple[torch.Tensor, int, bool, str]]]
+
+# Largest number of elements an "empty" tensor placeholder may describe (it must have none)
+_MAX_DIM = 1 << 48
+
+
+@dataclass(frozen=True)
+class OpDef:
+    op: str
+    params: tuple[tuple[str, str], ...]  # (name, kind) of each positional argument
+    fn: Callable[[Args], None]
+    writes: frozenset[str]
+    optional: frozenset[str]
+    attrs: dict[str, str] = field(default_factory=dict)  # keyword attributes: name -> kind; "*": any
+    # other name, of that kind, gathered in args["*"] (aclop: attributes of free form)
+    indices: IndexCheck | None = None
+
+
+TABLE: dict[str, OpDef] = {}
+
+
+def register(
+    op: str,
+    params: Sequence[tuple[str, str]] | None = None,
+    *,
+    writes: Iterable[str] = (),
+    optional: Iterable[str] = (),
+    attrs: dict[str, str] | None = None,
+    indices: IndexCheck | None = None,
+) -> Callable[[Callable[[Args], None]], Callable[[Args], None]]:
+    """Decorator: ``fn(args)`` runs ``op``. For ``aclnn::Xxx`` the parameters default to the
+    signature in flexnpu/aclnn_api.py."""
+    if params is None:
+        if not op.startswith("aclnn::"):
+            raise ValueError(f"{op}: parameters must be given")
+        sig = api.SIGNATURES[op.removeprefix("aclnn::")]
+        params = [(p.name, p.kind) for p in sig.params]
+    names = {n for n, _ in params}
+    for n in (*writes, *optional):
+        if n not in names:
+            raise ValueError(f"{op}: {n!r} is not a parameter")
+
+    def deco(fn: Callable[[Args], None]) -> Callable[[Args], None]:
+        if op in TABLE:
+            raise ValueError(f"{op} registered twice")
+        TABLE[op] = OpDef(
+            op, tuple(params), fn, frozenset(writes), frozenset(optional), dict(attrs or {}), indices
+        )
+        return fn
+
+    return deco
+
+
+def lookup(op: str) -> OpDef:
+    d = TABLE.get(op) if isinstance(op, str) else None
+    if d is None:
+        raise OpNotSupported(f"operator {op} is not supported by FlexNPU")
+    return d
+
+
+def is_supported(op: str) -> bool:
+    return isinstance(op, str) and op in TABLE
+
+
+def put(out: torch.Tensor, value: torch.Tensor | float | int | bool, what: str = "out") -> None:
+    """Write ``value`` into the caller's tensor ``out`` (dtype cast as the Ascend kernels do);
+    the shapes must agree (a scalar fills)."""
+    if isinstance(value, torch.Tensor):
+        if tuple(value.shape) != tuple(out.shape):
+            raise LaunchError(
+                f"{what} has shape {tuple(out.shape)} but the result has shape {tuple(value.shape)}"
+            )
+        out.copy_(value)
+    else:
+        out.fill_(value)
+
+
+# ------------------------------------------------------------------ checking and converting
+_SCALAR_TYPES = (bool, int, float, complex)
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+class _Conv:
+    __slots__ = ("op", "device", "resolve", "allocs")
+
+    def __init__(self, op: str, device: torch.device, resolve: Callable[[int], torch.Tensor]) -> None:
+        self.op = op
+        self.device = device
+        self.resolve = resolve
+        self.allocs: dict[int, torch.Tensor] = {}
+
+    def tensor(self, v: Any, name: str) -> torch.Tensor:
+        if isinstance(v, TensorRef):
+            if type(v.handle) is not int or v.handle <= 0:
+                raise LaunchError(f"{self.op}: {name}: invalid handle {v.handle!r}")
+            a = self.allocs.get(v.handle)
+            if a is None:
+                a = self.allocs[v.handle] = self.resolve(v.handle)
+            # Views are cached by (allocation pointer and size, layout): entries only read their
+            # arguments or write their data (copy_, fill_, index_put_), never their metadata.
+            return cached_view(v, a)
+        if isinstance(v, tuple) and len(v) == 3 and v[0] == "empty":
+            # a tensor without storage (no elements): only its dtype and shape travel
+            dtype, shape = v[1], v[2]
+            if (
+                not isinstance(dtype, torch.dtype)
+                or not isinstance(shape, list)
+                or len(shape) > 16
+                or not all(_is_int(s) and 0 <= s <= _MAX_DIM for s in shape)
+                or 0 not in shape
+            ):
+                raise LaunchError(f"{self.op}: {name}: malformed empty tensor {v!r}")
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        raise LaunchError(f"{self.op}: {name} must be a tensor, got {type(v).__name__}")
+
+    def value(self, v: Any, kind: str, name: str) -> Any:
+        op = self.op
+        if kind == api.TENSOR:
+            return self.tensor(v, name)
+        if kind == api.SCALAR:
+            if type(v) not in _SCALAR_TYPES:
+                raise LaunchError(f"{op}: {name} must be a scalar, got {type(v).__name__}")
+            return v
+        if kind in (api.INT_ARRAY, api.FLOAT_ARRAY, api.BOOL_ARRAY, api.TENSOR_LIST, api.SCALAR_LIST):
+            if not isinstance(v, list):
+                raise LaunchError(f"{op}: {name} must be a list, got {type(v).__name__}")
+            if kind == api.TENSOR_LIST:
+                return [self.tensor(x, f"{name}[{i}]") for i, x in enumerate(v)]
+            ok: Callable[[Any], bool] = {
+                api.INT_ARRAY: _is_int,
+                api.FLOAT_ARRAY: lambda x: type(x) in (float, int),
+                api.BOOL_ARRAY: lambda x: type(x) is bool,
+                api.SCALAR_LIST: lambda x: type(x) in _SCALAR_TYPES,
+            }[kind]
+            if not all(ok(x) for x in v):
+                raise LaunchError(f"{op}: {name} holds values of the wrong type for a {kind}")
+            return v
+        if kind == api.INT:
+            if not _is_int(v):
+                raise LaunchError(f"{op}: {name} must be an int, got {type(v).__name__}")
+            return v
+        if kind == api.FLOAT:
+            if type(v) not in (float, int):
+                raise LaunchError(f"{op}: {name} must be a float, got {type(v).__name__}")
+            return float(v)
+        if kind == api.BOOL:
+            if type(v) is not bool:
+                raise LaunchError(f"{op}: {name} must be a bool, got {type(v).__name__}")
+            return v
+        if kind == api.DTYPE:
+            if not isinstance(v, torch.dtype):
+                raise LaunchError(f"{op}: {name} must be a dtype, got {type(v).__name__}")
+            return v
+        if kind == api.STR:
+            if not isinstance(v, str):
+                raise LaunchError(f"{op}: {name} must be a string, got {type(v).__name__}")
+            return v
+        if kind == "any":  # aclop attributes of free form: plain values only
+            return self.plain(v, name, 0)
+        raise LaunchError(f"{op}: parameter {name} has unknown kind {kind}")  # a table bug
+
+    def plain(self, v: Any, name: str, depth: int) -> Any:
+        if v is None or type(v) in (bool, int, float, str) or isinstance(v, torch.dtype):
+            return v
+        if isinstance(v, list) and depth < 3:
+            return [self.plain(x, name, depth + 1) for x in v]
+        if isinstance(v, TensorRef):
+            return self.tensor(v, name)
+        raise LaunchError(f"{self.op}: {name}: unsupported value of type {type(v).__name__}")
+
+
+def _check_indices(d: OpDef, a: Args) -> None:
+    if d.indices is None:
+        return
+    try:
+        for idx, size, wrap, what in d.indices(a):
+            if idx is None:
+                continue
+            if not isinstance(idx, torch.Tensor) or idx.dtype not in (
+                torch.int64,
+                torch.int32,
+                torch.int16,
+                torch.int8,
+                torch.uint8,
+            ):
+                raise LaunchError(f"{d.op}: {what} must be an integer tensor")
+            if idx.numel() == 0:
+                continue
+            lo, hi = int(idx.min()), int(idx.max())
+            if hi >= size or lo < (-size if wrap else 0):
+                raise IndexRangeError(
+                    f"{d.op}: {what} holds {lo if lo < (-size if wrap else 0) else hi}, out of range "
+                    f"for an extent of {size}"
+                )
+    except (LaunchError, IndexRangeError):
+        raise
+    except (IndexError, KeyError, TypeError, RuntimeError) as e:
+        raise LaunchError(f"{d.op}: {e}") from None
+
+
+def execute(
+    device: torch.device,
+    op: str,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    outputs: Sequence[Any],
+    resolve: Callable[[int], torch.Tensor],
+) -> None:
+    """Run one launch of a table operator. ``resolve(handle)`` gives the 1-D uint8 tensor of an
+    allocation the client owns. Raises OpNotSupported (unknown name) or LaunchError (a launch
+    that does not fit the operator's declaration); the operator's own errors propagate."""
+    d = lookup(op)
+    if outputs:
+        raise LaunchError(f"{op} writes the tensors it is given: launch it with no fresh outputs")
+    if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
+        raise LaunchError(f"{op}: arguments must be a tuple and attributes a dict")
+    if len(args) != len(d.params):
+        raise LaunchError(
+            f"{op} takes {len(d.params)} arguments ({', '.join(n for n, _ in d.params)}), got {len(args)}"
+        )
+    conv = _Conv(op, device, resolve)
+    a: Args = {}
+    for (name, kind), v in zip(d.params, args):
+        if v is None:
+            if name not in d.optional:
+                raise LaunchError(f"{op}: {name} must not be NULL")
+            a[name] = None
+        else:
+            a[name] = conv.value(v, kind, name)
+    for k, v in kwargs.items():
+        akind = d.attrs.get(k) if isinstance(k, str) else None
+        if akind is None and isinstance(k, str) and "*" in d.attrs:
+            # free-form attributes (aclop: any name): gathered apart, so no name shadows a parameter
+            a.setdefault("*", {})[k] = None if v is None else conv.value(v, d.attrs["*"], k)
+            continue
+        if akind is None:
+            raise LaunchError(f"{op}: unknown attribute {k!r}")
+        a[k] = None if v is None else conv.value(v, akind, k)
+    for name in d.writes:
+        t = a.get(name)
+        if isinstance(t, torch.Tensor) and any(n > 1 and st == 0 for n, st in zip(t.shape, t.stride())):
+            raise LaunchError(f"{op}: {name} is written but overlaps itself (stride {tuple(t.stride())})")
+    _check_indices(d, a)
+    d.fn(a)
+
+
+def _load() -> None:
+    # one import per API module; each registers its operators
+    from . import aclnn  # noqa: F401
+    from . import aclop  # noqa: F401
+
+
+_load()
