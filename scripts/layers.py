@@ -16,7 +16,9 @@ from collections import defaultdict
 # layer of a module by its first component under flexnpu; a module may import its own layer
 # and lower ones, and daemon/ and hook/ (same layer) never import each other
 LAYERS = {
-    **dict.fromkeys(("ring", "errors", "units", "paths", "logging_setup", "protocol", "control", "ops", "aclnn_api"), 0),
+    **dict.fromkeys(
+        ("ring", "errors", "units", "paths", "logging_setup", "protocol", "control", "ops", "aclnn_api"), 0
+    ),
     "sched": 1,
     "client": 2,
     "daemon": 3,
