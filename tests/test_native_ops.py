@@ -135,7 +135,7 @@ def test_operators_match_cpu(rt):
     assert len(results) >= 10 and r.returncode == 0, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "gpt2"])
 def test_generate_greedy_identical_to_cpu(rt, model):
     (res,) = _json_lines(_native(rt, "generate", model))
     assert res["npu"] == res["cpu"], res
