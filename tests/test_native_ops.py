@@ -135,7 +135,7 @@ def test_operators_match_cpu(rt):
     assert len(results) >= 10 and r.returncode == 0, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "gpt2"])
 def test_generate_greedy_identical_to_cpu(rt, model):
     (res,) = _json_lines(_native(rt, "generate", model))
     assert res["npu"] == res["cpu"], res
@@ -250,3 +250,21 @@ def test_hostile_aclnn_launches_get_clear_errors_and_the_daemon_survives(rt):
         c.synchronize()
         got = torch.frombuffer(bytearray(c.memcpy_d2h(ho, 0, 48)), dtype=torch.float32).reshape(3, 4)
         assert torch.equal(got, x + 2 * x)
+
+
+def test_aclnn_matmul_launches_are_costed_in_flops_against_the_daemon_ceiling():
+    """A stride-0 view makes a big matmul out of a few bytes: the per-launch FLOP ceiling
+    (--max-launch-gflop) must see aclnn::Mm as a matmul, not as an elementwise op."""
+    from types import SimpleNamespace
+
+    from flexnpu.daemon.limits import LaunchLimits, LaunchTooLarge
+    from flexnpu.protocol import Launch, Op
+
+    big = TensorRef(1, torch.float32, (2000, 2000), (0, 0), 0)
+    out = TensorRef(2, torch.float32, (2000, 2000), (2000, 1), 0)
+    launch = Launch("aclnn::Mm", (big, big, out, 0), {}, [])
+    limits = LaunchLimits.make(1.0, None, None)  # 1 GFLOP per launch; the Mm asks for 16
+    with pytest.raises(LaunchTooLarge, match="GFLOP"):
+        limits.check(SimpleNamespace(op=Op.LAUNCH, a=(launch, {}, {}), cost=None))
+    small = Launch("aclnn::Mm", (TensorRef(1, torch.float32, (20, 20), (0, 0), 0),) * 2 + (out, 0), {}, [])
+    limits.check(SimpleNamespace(op=Op.LAUNCH, a=(small, {}, {}), cost=None))

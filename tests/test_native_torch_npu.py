@@ -1,6 +1,6 @@
 """The REAL torch_npu (2.13.0, from its isolated folder) under `flexnpu run --interpose native`:
 its C++ runtime, caching allocator and task queue run on FlexNPU's AscendCL libraries against a
-real daemon. Runtime half only (device, memory, copies, streams, events): operators are issue 12.
+real daemon. Runtime half (device, memory, copies, streams, events); operators: tests/test_native_ops.py.
 Skips when the wheel is not installed for FlexNPU (`flexnpu install-torch-npu`)."""
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import InvalidArgument
 from ..protocol import TensorRef
+from ..sched.costmodel import normalize_op_name
 
 DEFAULT_MAX_GFLOP = 1e6
 DEFAULT_BYTES_PER_DEVICE_BYTE = 4
@@ -59,8 +60,8 @@ class LaunchLimits:
             raise self._too_many_bytes(launch.op, nbytes)
         if self.max_flop is None:
             return
-        base = launch.op.partition("::")[2].partition(".")[0]
-        if base.rstrip("_") not in _COMPUTE_HEAVY and nbytes <= self.max_flop:
+        base = normalize_op_name(launch.op)
+        if base not in _COMPUTE_HEAVY and nbytes <= self.max_flop:
             return  # the cost model gives these at most one FLOP per element touched
         from .scheduling import command_cost
 

@@ -318,9 +318,24 @@ _ZERO_FLOP = frozenset(
 )
 
 
+# aclnn operators (the native front end, flexnpu/aclnn_api.py) costed as their aten equivalents
+_ACLNN_AS_ATEN = {
+    "Mm": "mm",
+    "Matmul": "matmul",
+    "BatchMatMul": "bmm",
+    "Addmm": "addmm",
+    "InplaceAddmm": "addmm",
+    "Baddbmm": "baddbmm",
+    "Mv": "mv",
+    "Dot": "dot",
+}
+
+
 def normalize_op_name(op: str) -> str:
-    """'aten::addmm', 'aten.addmm.default', 'addmm_' -> 'addmm'."""
+    """'aten::addmm', 'aten.addmm.default', 'addmm_' -> 'addmm'; 'aclnn::Mm' -> 'mm'."""
     s = op.strip()
+    if s.startswith("aclnn::"):
+        return _ACLNN_AS_ATEN.get(s[7:], s[7:])
     for pre in ("aten::", "aten.", "torch.ops.aten.", "_c10d_functional.", "c10d::", "npu::", "npu."):
         if s.startswith(pre):
             s = s[len(pre) :]

@@ -423,6 +423,11 @@ def tiny_model(kind: str) -> Any:
     """A tiny decoder-only model with random (seeded) weights, on the CPU."""
     import transformers as tf
 
+    if kind == "gpt2":  # LayerNorm, GELU (tanh form), Conv1D = addmm, learned positions
+        torch.manual_seed(0)
+        return tf.GPT2LMHeadModel(
+            tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+        ).eval()
     cfg_cls, model_cls = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),

@@ -1,6 +1,6 @@
 """Run by tests/test_native_torch_npu.py under `flexnpu run --interpose native`: the REAL
 torch_npu (its C++ runtime, caching allocator and task queue) on FlexNPU's AscendCL libraries.
-Only the runtime half is exercised: no operators run on the device (that is the aclnn half).
+Only the runtime half is exercised here; operators: tests/native/torch_npu_ops.py.
 
     python torch_npu_runtime.py check     # everything below, prints OK
     python torch_npu_runtime.py status    # allocate, report, wait for stdin, empty_cache, report

@@ -282,6 +282,11 @@ def execute(
             if name not in d.optional:
                 raise LaunchError(f"{op}: {name} must not be NULL")
             a[name] = None
+            continue
+        if kind == api.TENSOR and type(v) is TensorRef:  # the common case, kept short
+            if name in d.writes and any(n > 1 and st == 0 for n, st in zip(v.shape, v.stride)):
+                raise LaunchError(f"{op}: {name} is written but overlaps itself (stride {v.stride})")
+            a[name] = conv.tensor(v, name)
         else:
             a[name] = conv.value(v, kind, name)
     for k, v in kwargs.items():
@@ -293,10 +298,6 @@ def execute(
         if akind is None:
             raise LaunchError(f"{op}: unknown attribute {k!r}")
         a[k] = None if v is None else conv.value(v, akind, k)
-    for name in d.writes:
-        t = a.get(name)
-        if isinstance(t, torch.Tensor) and any(n > 1 and st == 0 for n, st in zip(t.shape, t.stride())):
-            raise LaunchError(f"{op}: {name} is written but overlaps itself (stride {tuple(t.stride())})")
     _check_indices(d, a)
     d.fn(a)
 
