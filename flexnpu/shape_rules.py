@@ -15,6 +15,9 @@ which stays the reference: tests/test_shape_rules.py checks every rule against i
 sample (broadcasting, 0-d, empty, size-1 dims with odd strides, strided inputs that must fall
 back).
 
+The outputs' layout in memory is meta's; only the strides of size-1 dims, which address no
+memory, may differ (torch's own kernels disagree about those).
+
 Both sides use it with wire arguments (``TensorRef`` in place of tensors): the hook to size the
 outputs it allocates, the daemon to check a launch's declared outputs. The daemon's answer is
 its own computation, never the client's, so its allocation and bounds checks keep their force.
@@ -51,6 +54,111 @@ def _contiguous(r: TensorRef) -> bool:
     """Exactly the strides of a fresh contiguous tensor, size-1 dims included: torch's
     is_contiguous() ignores those, but TensorIterator orders output dims by them."""
     return r.stride == contiguous_strides(r.shape)
+
+
+def _contig_like(shape: Sequence[int], stride: Sequence[int], order: Sequence[int]) -> bool:
+    """torch's contiguity test for a memory format whose dims, fastest first, are ``order``:
+    dims of size 1 may have any stride."""
+    acc = 1
+    for d in order:
+        n = shape[d]
+        if n != 1:
+            if stride[d] != acc:
+                return False
+            acc *= n
+    return True
+
+
+def _dense(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """torch's is_non_overlapping_and_dense()."""
+    nd = len(shape)
+    if nd == 1:
+        return shape[0] < 2 or stride[0] == 1
+    need = 1
+    for d in sorted((d for d in range(nd) if shape[d] >= 2), key=lambda d: stride[d]):
+        if stride[d] != need:
+            return False
+        need *= shape[d]
+    return True
+
+
+_CL = {4: (1, 3, 2, 0), 5: (1, 4, 3, 2, 0)}  # channels-last dim order, fastest first
+
+
+def _strides_like_cl(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """c10's is_channels_last_strides_2d/3d (what suggest_memory_format() asks)."""
+    nd = len(shape)
+    if nd not in _CL or stride[1] == 0:
+        return False
+    lo = 0
+    for d in _CL[nd]:
+        if shape[d] == 0 or stride[d] < lo:
+            return False
+        if d == 0 and lo == stride[1]:
+            return False
+        lo = stride[d]
+        if shape[d] > 1:
+            lo *= shape[d]
+    return True
+
+
+def _iter_strides(shape: tuple[int, ...], ops: Sequence[TensorRef]) -> tuple[int, ...] | None:
+    """The strides TensorIterator gives the fresh output of an elementwise op over ``ops``
+    (at/native/TensorIterator.cpp: the fast setup when all inputs have the output's shape,
+    else the output's dims ordered like the inputs' strides), or None where channels-last
+    formats could be involved."""
+    nd = len(shape)
+    if all(o.shape == shape for o in ops):
+        if all(_contiguous(o) for o in ops):
+            return contiguous_strides(shape)
+        if nd in _CL and all(_contig_like(shape, o.stride, _CL[nd]) for o in ops):
+            return None  # channels-last fast setup: meta decides
+        if all(_dense(shape, o.stride) for o in ops) and all(o.stride == ops[0].stride for o in ops):
+            return ops[0].stride
+    if nd <= 1:
+        return contiguous_strides(shape)
+    if 0 in shape:
+        return None
+    sb = []
+    for o in ops:
+        off = nd - len(o.shape)
+        st = [0] * nd
+        for i, (n, s) in enumerate(zip(o.shape, o.stride)):
+            st[off + i] = 0 if (n == 1 and shape[off + i] != 1) else s
+        sb.append(st)
+
+    def should_swap(d0: int, d1: int) -> int:
+        for st in sb:
+            s0, s1 = st[d0], st[d1]
+            if s0 == 0 or s1 == 0:
+                continue
+            if s0 < s1:
+                return -1
+            if s0 > s1:
+                return 1
+            if shape[d0] > shape[d1]:
+                return 1
+        return 0
+
+    rev = list(range(nd - 1, -1, -1))
+    perm = list(rev)  # fastest dim first
+    for i in range(1, nd):
+        d1 = i
+        for d0 in range(i - 1, -1, -1):
+            c = should_swap(perm[d0], perm[d1])
+            if c > 0:
+                perm[d0], perm[d1] = perm[d1], perm[d0]
+                d1 = d0
+            elif c < 0:
+                break
+    if perm == rev:
+        return contiguous_strides(shape)
+    out = [0] * nd
+    acc = 1
+    for d in perm:
+        out[d] = acc
+        acc *= shape[d]
+    return tuple(out)
 
 
 def _out(dtype: torch.dtype, shape: Sequence[int]) -> Out:
@@ -113,7 +221,7 @@ def _common_dtype(tensors: Sequence[TensorRef], scalars: Sequence[Any]) -> torch
 def _pointwise(
     tensors: Sequence[TensorRef], scalars: Sequence[Any], out_dtype: torch.dtype | None
 ) -> Out | None:
-    if not tensors or any(type(t) is not TensorRef or not _contiguous(t) for t in tensors):
+    if not tensors or any(type(t) is not TensorRef for t in tensors):
         return None
     dt = _common_dtype(tensors, scalars)
     if dt is None:
@@ -121,7 +229,8 @@ def _pointwise(
     shape = _broadcast([t.shape for t in tensors])
     if shape is None:
         return None
-    return _out(out_dtype or dt, shape)
+    st = _iter_strides(shape, tensors)
+    return None if st is None else (out_dtype or dt, shape, st)
 
 
 _COMPARE = torch.bool
@@ -175,11 +284,12 @@ def _where(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
     c, a, b = args
     if not all(type(t) is TensorRef for t in args) or c.dtype != torch.bool:
         return None
-    r = _pointwise([a, b], [], None)
-    if r is None or not _contiguous(c):
-        return None
+    dt = _common_dtype([a, b], [])
     shape = _broadcast([c.shape, a.shape, b.shape])
-    return None if shape is None else _out(r[0], shape)
+    if dt is None or shape is None:
+        return None
+    st = _iter_strides(shape, [c, a, b])
+    return None if st is None else (dt, shape, st)
 
 
 def _masked_fill_scalar(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
@@ -237,8 +347,12 @@ def _cat(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
     if type(ts) not in (list, tuple) or not ts or not all(type(t) is TensorRef for t in ts):
         return None
     nd = len(ts[0].shape)
-    if nd == 0 or any(len(t.shape) != nd or not _contiguous(t) for t in ts):
+    if nd == 0 or any(len(t.shape) != nd for t in ts):
         return None  # 0-d refused, legacy 1-D empty tensors skipped: meta decides
+    if nd in _CL and all(_strides_like_cl(t.shape, t.stride) for t in ts):
+        return None  # channels-last inputs keep their format: meta decides
+    # else cat's output is contiguous (compute_output_memory_format: any input whose strides
+    # do not suggest channels-last makes it so)
     dt = ts[0].dtype
     if any(t.dtype != dt for t in ts):
         return None
