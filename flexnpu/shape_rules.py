@@ -7,13 +7,13 @@ sides of the ring. The rules here derive the one fresh output of those operators
 arguments' dtypes, shapes and strides in microseconds, and are size-generic: a new sequence
 length costs no meta call.
 
-A rule covers only the cases whose answer is certain: every tensor argument contiguous (with the
-standard strides, size-1 dims included), dtypes
-that need no promotion beyond "all the same" (Python scalars of a lower or equal category),
-plain arguments. Anything else returns None and the caller falls back to meta inference,
-which stays the reference: tests/test_shape_rules.py checks every rule against it on a broad
-sample (broadcasting, 0-d, empty, size-1 dims with odd strides, strided inputs that must fall
-back).
+A rule covers only the cases whose answer is certain: dtypes that need no promotion beyond "all
+the same" (Python scalars of a lower or equal category), plain arguments, and layouts it can
+derive (elementwise outputs ordered like their inputs' strides as TensorIterator does, cat,
+softmax and reductions of contiguous inputs; channels-last and empty corner cases decline).
+Anything else returns None and the caller falls back to meta inference, which stays the
+reference: tests/test_shape_rules.py checks every rule against it on a broad sample
+(broadcasting, 0-d, empty, permuted and gapped strides, size-1 dims with odd strides).
 
 The outputs' layout in memory is meta's; only the strides of size-1 dims, which address no
 memory, may differ (torch's own kernels disagree about those).
