@@ -32,7 +32,7 @@ import torch
 
 from flexnpu.protocol import TensorRef
 
-__all__ = ["infer", "Out"]
+__all__ = ["infer", "covered", "contiguous_strides", "Out"]
 
 aten = torch.ops.aten
 
