@@ -8,6 +8,12 @@ they never agreed. Graph mode captures one decode step with torch.npu.NPUGraph a
 as one command. On the CPU there is no native graph, so the direct baseline of both modes is
 direct eager execution (all direct runs pooled).
 Targets (issue 4): graph-replayed decode >= 0.97x direct; eager client cost <= 15 us per op.
+
+HF generate rows (bench/_hfgen.py): HuggingFace `generate()` with its default dynamic KV cache on
+examples/generate.py's default model and on a 4-layer, 1024-wide one, eager, every shape new
+(what users run: shapes change every token). added_us_per_op = (time per token through FlexNPU
+- direct) / the program's aten operators per token (counted directly with a dispatch mode).
+Targets (issue 13): >= 0.2x (default model) and >= 0.6x (1024 wide), <= 20 us added per op.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ from ._common import child_env, dump_json, median, print_table, progress
 _RUNTIME_DIR: str | None = None  # private runtime folder of this invocation's embedded daemons
 
 
-def _child(args: list[str], through_flexnpu: bool, backend: str) -> dict:
-    script = str(Path(__file__).with_name("_decode.py"))  # beside this file, installed or not
+def _child(args: list[str], through_flexnpu: bool, backend: str, script_name: str = "_decode.py") -> dict:
+    script = str(Path(__file__).with_name(script_name))  # beside this file, installed or not
     if through_flexnpu:
         # each run gets a fresh embedded daemon that leaves right after it (as a first run would)
         cmd = [
@@ -160,6 +166,10 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--hidden", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument(
+        "--hf-tokens", type=int, default=None, help="tokens per HF generate run (default 16 quick, 32)"
+    )
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF generate runs")
     a = ap.parse_args(argv)
     layers = a.layers or 4
     hidden = a.hidden or (512 if a.quick else 1024)
@@ -211,6 +221,12 @@ def _main(argv: list[str] | None) -> int:
             }
         )
     same = len(set().union(*tokens.values())) == 1
+    hf = (
+        []
+        if a.no_hf
+        else hf_generate_rows(a.backend, a.hf_tokens or (16 if a.quick else 32), reps if not a.quick else 1)
+    )
+    same = same and all(row["same_tokens"] for row in hf)
     caveats = []
     if not native_graph:
         caveats.append(
@@ -225,6 +241,7 @@ def _main(argv: list[str] | None) -> int:
             )
     out = {
         "results": results,
+        "hf_generate": hf,
         "eager_client_us_per_op": round(op_flex, 2),
         "direct_us_per_op": round(op_direct, 2),
         "backend": a.backend,
@@ -253,6 +270,8 @@ def _main(argv: list[str] | None) -> int:
             f"eager client-side cost: {op_flex:.2f} us/op through FlexNPU ({op_direct:.2f} us/op direct); "
             f"identical tokens: {same}"
         )
+        if hf:
+            print_hf_table(hf)
         if isinstance(native_rows, list):
             print_table(
                 native_rows,
@@ -270,3 +289,54 @@ def _main(argv: list[str] | None) -> int:
         for c in caveats:
             print(f"caveat: {c}")
     return 0 if same else 1
+
+
+# ---- HF generate (dynamic cache, eager): the loop users run --------------------------------
+
+
+def hf_generate_rows(backend: str, tokens: int, reps: int) -> list[dict]:
+    """Direct and FlexNPU children alternate ``reps`` times; one row per model (medians)."""
+    direct: list[dict] = []
+    flex: list[dict] = []
+    args = ["--tokens", str(tokens)]
+    for r in range(reps):
+        progress(f"[overhead] HF generate, repetition {r + 1}/{reps}: direct")
+        direct.append(_child(["--device", backend, *args], False, backend, "_hfgen.py"))
+        progress(f"[overhead] HF generate, repetition {r + 1}/{reps}: through FlexNPU")
+        flex.append(_child(["--device", "npu", *args], True, backend, "_hfgen.py"))
+    rows = []
+    for name in direct[0]:
+        d = median([x[name]["tokens_per_s"] for x in direct])
+        f = median([x[name]["tokens_per_s"] for x in flex])
+        ops = direct[0][name]["ops_per_token"]
+        rows.append(
+            {
+                "name": f"hf-generate-{name}",
+                "layers": direct[0][name]["layers"],
+                "hidden": direct[0][name]["hidden"],
+                "tokens": tokens,
+                "direct_tokens_per_s": round(d, 2),
+                "flexnpu_tokens_per_s": round(f, 2),
+                "ratio_vs_direct": round(f / d, 4),
+                "ops_per_token": round(ops, 1),
+                "ops_per_token_npu": round(flex[0][name]["ops_per_token"], 1),
+                "added_us_per_op": round((1 / f - 1 / d) / ops * 1e6, 1),
+                "spread_pct": round(100 * spread([x[name]["tokens_per_s"] for x in flex]), 1),
+                "same_tokens": len({tuple(x[name]["last_tokens"]) for x in direct + flex}) == 1,
+            }
+        )
+    return rows
+
+
+def print_hf_table(rows: list[dict]) -> None:
+    print_table(
+        rows,
+        [
+            ("name", "HF generate (dynamic cache)", ""),
+            ("direct_tokens_per_s", "direct tok/s", ".1f"),
+            ("flexnpu_tokens_per_s", "flexnpu tok/s", ".1f"),
+            ("ratio_vs_direct", "vs direct", ".3f"),
+            ("ops_per_token", "ops/token", ".0f"),
+            ("added_us_per_op", "added us/op", ".1f"),
+        ],
+    )

@@ -308,6 +308,8 @@ _F64 = struct.Struct("<d")
 _C128 = struct.Struct("<dd")
 _H = struct.Struct("<H")
 _TENSOR_HEAD = struct.Struct("<IBB")
+# sizes, strides and offset of a tensor of each rank (precompiled: a launch carries several)
+_DIMS = [struct.Struct(f"<{2 * nd + 1}q") for nd in range(MAX_NDIM + 1)]
 _OUT_HEAD = struct.Struct("<Q")
 
 _dtype_code: dict[Any, int] | None = None  # torch.dtype -> wire code
@@ -361,7 +363,10 @@ def _enc(out: bytearray, v: Any, depth: int) -> None:
         nd = len(v.shape)
         out.append(_T_TENSOR)
         out += _TENSOR_HEAD.pack(v.handle, dtype_code(v.dtype), nd)
-        out += struct.pack(f"<{2 * nd + 1}q", *v.shape, *v.stride, v.offset)
+        if nd <= MAX_NDIM:
+            out += _DIMS[nd].pack(*v.shape, *v.stride, v.offset)
+        else:  # the daemon refuses it; send it anyway so that it reports why
+            out += struct.pack(f"<{2 * nd + 1}q", *v.shape, *v.stride, v.offset)
     elif t is list or t is tuple:
         if len(v) > MAX_ITEMS:
             raise TypeError("too many launch arguments")
@@ -476,10 +481,18 @@ class _Reader:
         if t == _T_FLOAT:
             return _F64.unpack(self.take(8))[0]
         if t == _T_TENSOR:
-            handle, code, nd = _TENSOR_HEAD.unpack(self.take(_TENSOR_HEAD.size))
+            buf, p = self.buf, self.pos
+            if p + 6 > len(buf):
+                raise DecodeError("launch payload truncated")
+            handle, code, nd = _TENSOR_HEAD.unpack_from(buf, p)
             if nd > MAX_NDIM:
                 raise DecodeError(f"tensor with {nd} dimensions")
-            vals = struct.unpack(f"<{2 * nd + 1}q", self.take(8 * (2 * nd + 1)))
+            dims = _DIMS[nd]
+            end = p + 6 + dims.size
+            if end > len(buf):
+                raise DecodeError("launch payload truncated")
+            vals = dims.unpack_from(buf, p + 6)
+            self.pos = end
             return TensorRef(handle, dtype_from_code(code), vals[:nd], vals[nd : 2 * nd], vals[2 * nd])
         if t == _T_LIST or t == _T_TUPLE:
             n = self.u16()

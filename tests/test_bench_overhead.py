@@ -18,9 +18,21 @@ def test_spread_and_settling_rule():
 def test_tiny_run_reports_spread_and_caveats(capsys):
     rc = overhead.main(
         ["--quick", "--steps", "3", "--layers", "1", "--hidden", "64", "--repeat", "1", "--max-repeat", "1"]
-        + ["--native", "off"]  # the native generate rows: tests/test_native_ops.py
+        + ["--native", "off", "--no-hf"]  # the generate() rows have their own tests
     )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "spread %" in out and "medians of 1)" in out
     assert "caveat: CPU has no native graphs" in out  # in the table output, not only in --json
+
+
+def test_hf_generate_child_counts_ops_and_times_new_shapes():
+    """The HF generate rows' child (bench/_hfgen.py): tokens/s over shapes no warm-up saw, and
+    the aten operators per token from a dispatch mode (what added_us_per_op divides by)."""
+    pytest = __import__("pytest")
+    pytest.importorskip("transformers")
+    from flexnpu.bench import _hfgen
+
+    r = _hfgen.run("cpu", layers=1, hidden=64, tokens=3, repeat=1)
+    assert r["tokens_per_s"] > 0 and len(r["last_tokens"]) == 3
+    assert 20 < r["ops_per_token"] < 400  # one layer: tens of operators per token

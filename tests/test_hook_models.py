@@ -66,3 +66,49 @@ def test_training_step_matches_cpu(npu):
         opt_n.zero_grad()
     for p, pn in zip(model.parameters(), model_n.parameters()):
         assert torch.allclose(pn.detach().cpu(), p.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_decode_step_round_trips_and_meta_calls(npu, monkeypatch):
+    """HF generate with the default dynamic cache (shapes change every token, issue 13): one
+    synchronous round trip per token (transformers' stopping check reads a flag on the host),
+    and the operators shape_rules covers never reach the meta device for new shapes."""
+    from flexnpu import shape_rules
+    from flexnpu.hook import tensor as T
+
+    model = _tiny("qwen2").to("npu")
+    c = npu.client
+    syncs = [0]
+    real_sync = c._sync
+
+    def counting_sync(*a, **k):
+        syncs[0] += 1
+        return real_sync(*a, **k)
+
+    metas: list[str] = []
+    real_infer = T._infer
+
+    def counting_infer(func, args, kwargs, w, info):
+        if shape_rules.covered(func):
+            metas.append(info.name)
+        return real_infer(func, args, kwargs, w, info)
+
+    monkeypatch.setattr(c, "_sync", counting_sync)
+    monkeypatch.setattr(T, "_infer", counting_infer)
+    g = torch.Generator().manual_seed(2)
+
+    def gen(plen: int, n: int) -> None:
+        ids = torch.randint(0, 128, (1, plen), generator=g).npu()
+        model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False
+        )
+
+    gen(5, 2)  # first-use work (weights' metadata, the first launch plans) out of the count
+    counts = []
+    for plen, n in ((9, 6), (17, 12)):  # prompt lengths and cache sizes no earlier run had
+        syncs[0] = 0
+        metas.clear()
+        gen(plen, n)
+        counts.append((syncs[0], len(metas), list(metas)))
+    (s1, m1, _), (s2, m2, names) = counts
+    assert (s2 - s1) / 6 <= 1.0, counts  # per extra token: at most the stopping check
+    assert m2 / 12 <= 1.0, names  # ~10 per token before the rules

@@ -27,13 +27,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from flexnpu import ops as oprules
+from flexnpu import shape_rules
 from flexnpu.hook import runtime
 from flexnpu.protocol import TensorRef
 
 aten = torch.ops.aten
 _OpOverload = torch._ops.OpOverload
 
-stats = {"hits": 0, "misses": 0, "cpu_fallbacks": 0}
+stats = {"hits": 0, "misses": 0, "rules": 0, "cpu_fallbacks": 0}
 
 
 class Alloc:
@@ -511,7 +512,7 @@ def dispatch(func, args, kwargs):
     ckey = (func, *key)
     spec = _cache.get(ckey)
     if spec is None:
-        spec = _infer(func, args, kwargs, w, info)
+        spec = _by_rule(func, wargs, wkwargs) or _infer(func, args, kwargs, w, info)
         if spec is None:  # no meta kernel / data-dependent: run it on the host
             return _cpu_fallback(func, args, kwargs, info)
         if len(_cache) >= _CACHE_MAX:
@@ -624,6 +625,16 @@ def _meta_mapper(w: _Walk):
         return a
 
     return conv, metas
+
+
+def _by_rule(func, wargs, wkwargs):
+    """The spec of a fresh-output op from flexnpu.shape_rules (size-generic, no meta call)."""
+    r = shape_rules.infer(func, wargs, wkwargs)
+    if r is None:
+        return None
+    stats["rules"] += 1
+    dt, sh, st = r
+    return (0, ((dt, sh, st, 0, _extent_nbytes(sh, st, 0, dt.itemsize), (dt, sh, st, 0)),), True)
 
 
 _META_UNSUPPORTED = ("meta", "data-dependent", "data dependent", "dynamic", "symbolic")

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.types import Storage
 
-from flexnpu import ops
+from flexnpu import ops, shape_rules
 from flexnpu.errors import OpFailed
 from flexnpu.protocol import TensorRef
 
@@ -303,29 +303,44 @@ def _extent(t: torch.Tensor) -> int:
 def _expected_outputs(
     op: str, opov: Any, args: Sequence[Any], kwargs: dict[str, Any], key: tuple[Any, ...]
 ) -> tuple[_OutputMeta, ...]:
-    """(dtype, shape, bytes) of each tensor the op returns, from meta inference (cached)."""
+    """(dtype, shape, bytes) of each tensor the op returns (cached): by the daemon's own
+    size-generic rule where flexnpu.shape_rules has one, else from meta inference."""
     hit = _meta_cache.get(key)
     if hit is None:
-        try:
-            mkw = {k: _to_meta(v) for k, v in kwargs.items()}
-            dpos = _device_arg(opov)
-            if dpos is not None and dpos >= len(args) and "device" not in mkw:
-                mkw["device"] = torch.device("meta")  # a factory: infer it on meta, not in host RAM
-            r = opov(*_to_meta(args), **mkw)
-            flat: list[torch.Tensor] = []
-            _flatten_tensors(r, flat)
-            hit = tuple((t.dtype, tuple(t.shape), _extent(t)) for t in flat)
-        except Exception as e:  # noqa: BLE001 - any failure means "cannot validate"
-            hit = LaunchError(
-                f"{op}: cannot infer the outputs of this launch ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''})"
-            )
+        ruled = shape_rules.infer(opov, args, kwargs)
+        if ruled is not None:
+            dt, sh, _ = ruled
+            n = 1
+            for v in sh:
+                n *= v
+            hit = ((dt, sh, n * dt.itemsize),)  # rules give contiguous outputs: extent = size
+        else:
+            hit = _meta_outputs(op, opov, args, kwargs)
         if len(_meta_cache) >= _META_CACHE_MAX:
             _meta_cache.clear()
         _meta_cache[key] = hit
     if isinstance(hit, Exception):
         raise LaunchError(str(hit))
     return hit
+
+
+def _meta_outputs(
+    op: str, opov: Any, args: Sequence[Any], kwargs: dict[str, Any]
+) -> tuple[_OutputMeta, ...] | Exception:
+    try:
+        mkw = {k: _to_meta(v) for k, v in kwargs.items()}
+        dpos = _device_arg(opov)
+        if dpos is not None and dpos >= len(args) and "device" not in mkw:
+            mkw["device"] = torch.device("meta")  # a factory: infer it on meta, not in host RAM
+        r = opov(*_to_meta(args), **mkw)
+        flat: list[torch.Tensor] = []
+        _flatten_tensors(r, flat)
+        return tuple((t.dtype, tuple(t.shape), _extent(t)) for t in flat)
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot validate"
+        return LaunchError(
+            f"{op}: cannot infer the outputs of this launch ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        )
 
 
 # (launch key, declared output layouts) pairs already validated: skips re-checking on repeats.

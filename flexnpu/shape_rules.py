@@ -1,0 +1,570 @@
+"""Output metadata of common aten operators by rule, without running them on the meta device.
+
+torch's meta functions for elementwise operators, ``cat``, softmax and reductions are Python
+(torch._refs / _prims_common) and cost 0.3-30 ms per call; an eager decode loop whose shapes
+change every token (a growing KV cache) paid that for about ten operators per token on both
+sides of the ring. The rules here derive the one fresh output of those operators from the
+arguments' dtypes, shapes and strides in microseconds, and are size-generic: a new sequence
+length costs no meta call.
+
+A rule covers only the cases whose answer is certain: dtypes that need no promotion beyond "all
+the same" (Python scalars of a lower or equal category), plain arguments, and layouts it can
+derive (elementwise outputs ordered like their inputs' strides as TensorIterator does, cat,
+softmax and reductions of contiguous inputs; channels-last and empty corner cases decline).
+Anything else returns None and the caller falls back to meta inference, which stays the
+reference: tests/test_shape_rules.py checks every rule against it on a broad sample
+(broadcasting, 0-d, empty, permuted and gapped strides, size-1 dims with odd strides).
+
+The outputs' layout in memory is meta's; only the strides of size-1 dims, which address no
+memory, may differ (torch's own kernels disagree about those).
+
+Both sides use it with wire arguments (``TensorRef`` in place of tensors): the hook to size the
+outputs it allocates, the daemon to check a launch's declared outputs. The daemon's answer is
+its own computation, never the client's, so its allocation and bounds checks keep their force.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from collections.abc import Callable, Sequence
+
+import torch
+
+from flexnpu.protocol import TensorRef
+
+__all__ = ["infer", "covered", "contiguous_strides", "Out"]
+
+aten = torch.ops.aten
+
+# (dtype, shape, stride) of the one fresh output
+Out = tuple[torch.dtype, tuple[int, ...], tuple[int, ...]]
+Rule = Callable[[Sequence[Any], dict[str, Any]], "Out | None"]
+
+
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    out = [1] * len(shape)
+    acc = 1
+    for i in range(len(shape) - 1, -1, -1):
+        out[i] = acc
+        acc *= max(shape[i], 1)
+    return tuple(out)
+
+
+def _contiguous(r: TensorRef) -> bool:
+    """Exactly the strides of a fresh contiguous tensor, size-1 dims included: torch's
+    is_contiguous() ignores those, but TensorIterator orders output dims by them."""
+    return r.stride == contiguous_strides(r.shape)
+
+
+def _contig_like(shape: Sequence[int], stride: Sequence[int], order: Sequence[int]) -> bool:
+    """torch's contiguity test for a memory format whose dims, fastest first, are ``order``:
+    dims of size 1 may have any stride."""
+    acc = 1
+    for d in order:
+        n = shape[d]
+        if n != 1:
+            if stride[d] != acc:
+                return False
+            acc *= n
+    return True
+
+
+def _dense(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """torch's is_non_overlapping_and_dense()."""
+    nd = len(shape)
+    if nd == 1:
+        return shape[0] < 2 or stride[0] == 1
+    need = 1
+    for d in sorted((d for d in range(nd) if shape[d] >= 2), key=lambda d: stride[d]):
+        if stride[d] != need:
+            return False
+        need *= shape[d]
+    return True
+
+
+_CL = {4: (1, 3, 2, 0), 5: (1, 4, 3, 2, 0)}  # channels-last dim order, fastest first
+
+
+def _strides_like_cl(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """c10's is_channels_last_strides_2d/3d (what suggest_memory_format() asks)."""
+    nd = len(shape)
+    if nd not in _CL or stride[1] == 0:
+        return False
+    lo = 0
+    for d in _CL[nd]:
+        if shape[d] == 0 or stride[d] < lo:
+            return False
+        if d == 0 and lo == stride[1]:
+            return False
+        lo = stride[d]
+        if shape[d] > 1:
+            lo *= shape[d]
+    return True
+
+
+def _iter_strides(shape: tuple[int, ...], ops: Sequence[TensorRef]) -> tuple[int, ...] | None:
+    """The strides TensorIterator gives the fresh output of an elementwise op over ``ops``
+    (at/native/TensorIterator.cpp: the fast setup when all inputs have the output's shape,
+    else the output's dims ordered like the inputs' strides), or None where channels-last
+    formats could be involved."""
+    nd = len(shape)
+    if all(o.shape == shape for o in ops):
+        if all(_contiguous(o) for o in ops):
+            return contiguous_strides(shape)
+        if nd in _CL and all(_contig_like(shape, o.stride, _CL[nd]) for o in ops):
+            return None  # channels-last fast setup: meta decides
+        if all(_dense(shape, o.stride) for o in ops) and all(o.stride == ops[0].stride for o in ops):
+            return ops[0].stride
+    if nd <= 1:
+        return contiguous_strides(shape)
+    if 0 in shape:
+        return None
+    sb = []
+    for o in ops:
+        off = nd - len(o.shape)
+        st = [0] * nd
+        for i, (n, s) in enumerate(zip(o.shape, o.stride)):
+            st[off + i] = 0 if (n == 1 and shape[off + i] != 1) else s
+        sb.append(st)
+
+    def should_swap(d0: int, d1: int) -> int:
+        for st in sb:
+            s0, s1 = st[d0], st[d1]
+            if s0 == 0 or s1 == 0:
+                continue
+            if s0 < s1:
+                return -1
+            if s0 > s1:
+                return 1
+            if shape[d0] > shape[d1]:
+                return 1
+        return 0
+
+    rev = list(range(nd - 1, -1, -1))
+    perm = list(rev)  # fastest dim first
+    for i in range(1, nd):
+        d1 = i
+        for d0 in range(i - 1, -1, -1):
+            c = should_swap(perm[d0], perm[d1])
+            if c > 0:
+                perm[d0], perm[d1] = perm[d1], perm[d0]
+                d1 = d0
+            elif c < 0:
+                break
+    if perm == rev:
+        return contiguous_strides(shape)
+    out = [0] * nd
+    acc = 1
+    for d in perm:
+        out[d] = acc
+        acc *= shape[d]
+    return tuple(out)
+
+
+def _out(dtype: torch.dtype, shape: Sequence[int]) -> Out:
+    sh = tuple(shape)
+    return (dtype, sh, contiguous_strides(sh))
+
+
+def _broadcast(shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...] | None:
+    nd = max(len(s) for s in shapes)
+    out = [1] * nd
+    for s in shapes:
+        off = nd - len(s)
+        for i, n in enumerate(s):
+            j = off + i
+            if n == out[j] or n == 1:
+                continue
+            if out[j] == 1:
+                out[j] = n
+            else:
+                return None  # not broadcastable: let meta produce torch's error
+    return tuple(out)
+
+
+# categories of type promotion: a scalar of a higher category changes the result's dtype
+def _category(dt: torch.dtype) -> int:
+    if dt == torch.bool:
+        return 0
+    if dt.is_complex:
+        return 3
+    if dt.is_floating_point:
+        return 2
+    return 1
+
+
+def _scalar_category(v: Any) -> int | None:
+    tp = type(v)
+    if tp is bool:
+        return 0
+    if tp is int:
+        return 1
+    if tp is float:
+        return 2
+    return None
+
+
+def _common_dtype(tensors: Sequence[TensorRef], scalars: Sequence[Any]) -> torch.dtype | None:
+    """The result dtype when no promotion is needed: all tensors one dtype, scalars no higher."""
+    dt = tensors[0].dtype
+    for t in tensors[1:]:
+        if t.dtype != dt:
+            return None
+    cat = _category(dt)
+    for s in scalars:
+        c = _scalar_category(s)
+        if c is None or c > cat:
+            return None
+    return dt
+
+
+def _pointwise(
+    tensors: Sequence[TensorRef], scalars: Sequence[Any], out_dtype: torch.dtype | None
+) -> Out | None:
+    if not tensors or any(type(t) is not TensorRef for t in tensors):
+        return None
+    dt = _common_dtype(tensors, scalars)
+    if dt is None:
+        return None
+    shape = _broadcast([t.shape for t in tensors])
+    if shape is None:
+        return None
+    st = _iter_strides(shape, tensors)
+    return None if st is None else (out_dtype or dt, shape, st)
+
+
+_COMPARE = torch.bool
+
+
+def _binary(kind: str) -> Rule:
+    """self (Tensor) op other (Tensor or Scalar) [, alpha]: same-dtype elementwise."""
+
+    def rule(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+        if len(args) != 2 or kwargs.keys() - {"alpha"}:
+            return None
+        a, b = args
+        if type(a) is not TensorRef:
+            return None
+        alpha = kwargs.get("alpha")
+        scalars = [] if alpha is None else [alpha]
+        tensors = [a]
+        if type(b) is TensorRef:
+            tensors.append(b)
+        else:
+            scalars.append(b)
+        dt = _common_dtype(tensors, scalars)
+        if dt is None:
+            return None
+        if kind == "float" and not dt.is_floating_point:
+            return None  # true division of integers gives floats: meta knows which
+        if kind == "arith" and dt == torch.bool:
+            return None  # bool arithmetic promotes or refuses: meta decides
+        return _pointwise(tensors, scalars, _COMPARE if kind == "compare" else None)
+
+    return rule
+
+
+def _unary(floating_only: bool) -> Rule:
+    def rule(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+        if len(args) != 1 or kwargs:
+            return None
+        a = args[0]
+        if type(a) is not TensorRef:
+            return None
+        if floating_only and not a.dtype.is_floating_point:
+            return None
+        return _pointwise([a], [], None)
+
+    return rule
+
+
+def _where(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+    if len(args) != 3 or kwargs:
+        return None
+    c, a, b = args
+    if not all(type(t) is TensorRef for t in args) or c.dtype != torch.bool:
+        return None
+    dt = _common_dtype([a, b], [])
+    shape = _broadcast([c.shape, a.shape, b.shape])
+    if dt is None or shape is None:
+        return None
+    st = _iter_strides(shape, [c, a, b])
+    return None if st is None else (dt, shape, st)
+
+
+def _masked_fill_scalar(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+    if len(args) != 3 or kwargs:
+        return None
+    a, mask, v = args
+    if type(a) is not TensorRef or type(mask) is not TensorRef or mask.dtype != torch.bool:
+        return None
+    if not (_contiguous(a) and _contiguous(mask)):
+        return None
+    c = _scalar_category(v)
+    if c is None or c > _category(a.dtype):
+        return None
+    shape = _broadcast([a.shape, mask.shape])
+    if shape != a.shape:
+        return None  # masked_fill does not broadcast self
+    return _out(a.dtype, a.shape)
+
+
+def _pow_tensor_scalar(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+    if len(args) != 2 or kwargs or type(args[0]) is not TensorRef:
+        return None
+    a, e = args
+    if not a.dtype.is_floating_point or _scalar_category(e) not in (1, 2):
+        return None
+    return _pointwise([a], [], None)
+
+
+def _clone(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+    if len(args) != 1 or kwargs.keys() - {"memory_format"} or type(args[0]) is not TensorRef:
+        return None
+    a = args[0]
+    mf = kwargs.get("memory_format")
+    if mf is None or mf == torch.preserve_format:
+        return _out(a.dtype, a.shape) if _contiguous(a) else None
+    if mf == torch.contiguous_format:
+        return _out(a.dtype, a.shape)
+    return None
+
+
+def _wrap_dim(d: Any, nd: int) -> int | None:
+    if type(d) is not int:
+        return None
+    n = max(nd, 1)
+    if not -n <= d < n:
+        return None
+    return d + n if d < 0 else d
+
+
+def _cat(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+    if kwargs or not 1 <= len(args) <= 2:
+        return None
+    ts = args[0]
+    dim = args[1] if len(args) > 1 else 0
+    if type(ts) not in (list, tuple) or not ts or not all(type(t) is TensorRef for t in ts):
+        return None
+    nd = len(ts[0].shape)
+    if nd == 0 or any(len(t.shape) != nd for t in ts):
+        return None  # 0-d refused, legacy 1-D empty tensors skipped: meta decides
+    if nd in _CL and all(_strides_like_cl(t.shape, t.stride) for t in ts):
+        return None  # channels-last inputs keep their format: meta decides
+    # else cat's output is contiguous (compute_output_memory_format: any input whose strides
+    # do not suggest channels-last makes it so)
+    dt = ts[0].dtype
+    if any(t.dtype != dt for t in ts):
+        return None
+    d = _wrap_dim(dim, nd)
+    if d is None:
+        return None
+    shape = list(ts[0].shape)
+    total = 0
+    for t in ts:
+        for i in range(nd):
+            if i != d and t.shape[i] != shape[i]:
+                return None
+        total += t.shape[d]
+    shape[d] = total
+    return _out(dt, shape)
+
+
+def _matmul_shapes(a: TensorRef, b: TensorRef, batched: bool) -> tuple[int, ...] | None:
+    nd = 3 if batched else 2
+    if len(a.shape) != nd or len(b.shape) != nd or a.dtype != b.dtype:
+        return None
+    if batched and a.shape[0] != b.shape[0]:
+        return None
+    if a.shape[-1] != b.shape[-2]:
+        return None
+    return (*a.shape[:-1], b.shape[-1])
+
+
+def _mm(batched: bool) -> Rule:
+    def rule(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+        if len(args) != 2 or kwargs or not all(type(t) is TensorRef for t in args):
+            return None
+        a, b = args
+        if not a.dtype.is_floating_point:
+            return None
+        shape = _matmul_shapes(a, b, batched)
+        return None if shape is None else _out(a.dtype, shape)
+
+    return rule
+
+
+def _addmm(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+    if len(args) != 3 or kwargs.keys() - {"beta", "alpha"} or not all(type(t) is TensorRef for t in args):
+        return None
+    bias, a, b = args
+    if not a.dtype.is_floating_point or bias.dtype != a.dtype:
+        return None
+    if any(_scalar_category(v) not in (1, 2) for v in kwargs.values()):
+        return None
+    shape = _matmul_shapes(a, b, False)
+    if shape is None or _broadcast([bias.shape, shape]) != shape:
+        return None
+    return _out(a.dtype, shape)
+
+
+def _softmax(kind: str) -> Rule:
+    """_softmax(self, dim, half_to_float) / _safe_softmax(self, dim, dtype=None)."""
+
+    def rule(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+        if type(args[0]) is not TensorRef if args else True:
+            return None
+        a = args[0]
+        if not a.dtype.is_floating_point or not _contiguous(a) or len(args) < 2:
+            return None
+        if _wrap_dim(args[1], len(a.shape)) is None:
+            return None
+        if kind == "_softmax":
+            if len(args) != 3 or kwargs or args[2] is not False:
+                return None
+        else:
+            dtype = args[2] if len(args) > 2 else kwargs.get("dtype")
+            if len(args) > 3 or kwargs.keys() - {"dtype"} or dtype not in (None, a.dtype):
+                return None
+        return _out(a.dtype, a.shape)
+
+    return rule
+
+
+def _reduce_dims(a: TensorRef, dims: Any, keepdim: Any) -> tuple[int, ...] | None:
+    nd = len(a.shape)
+    if type(keepdim) is not bool:
+        return None
+    if dims is None or (type(dims) in (list, tuple) and len(dims) == 0):
+        return None  # all-dims reductions: meta decides (their shapes have corner cases)
+    if type(dims) is int:
+        dims = [dims]
+    if type(dims) not in (list, tuple):
+        return None
+    ds = set()
+    for d in dims:
+        w = _wrap_dim(d, nd)
+        if w is None or w in ds:
+            return None
+        ds.add(w)
+    if nd == 0:
+        return None
+    if 0 in a.shape:
+        return None  # empty inputs: identity or error, and torch's odd strides for empty results
+    return tuple((1 if i in ds else n) for i, n in enumerate(a.shape) if keepdim or i not in ds)
+
+
+def _reduction(kind: str) -> Rule:
+    """mean.dim / sum.dim_IntList (self, dim, keepdim=False, *, dtype=None), amax (self, dim, keepdim)."""
+
+    def rule(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+        if (
+            not args
+            or type(args[0]) is not TensorRef
+            or len(args) > 3
+            or kwargs.keys() - {"keepdim", "dtype"}
+        ):
+            return None
+        a = args[0]
+        if not _contiguous(a):
+            return None
+        dims = args[1] if len(args) > 1 else kwargs.get("dim")
+        keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+        if kwargs.get("dtype") is not None:
+            return None
+        if kind in ("mean", "sum") and not a.dtype.is_floating_point:
+            return None  # sum of ints widens to int64, mean of ints refuses: meta decides
+        if kind == "amax" and a.dtype == torch.bool:
+            return None
+        shape = _reduce_dims(a, dims, keepdim)
+        return None if shape is None else _out(a.dtype, shape)
+
+    return rule
+
+
+def _embedding(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+    if len(args) < 2 or len(args) > 5 or kwargs or not all(type(t) is TensorRef for t in args[:2]):
+        return None
+    w, idx = args[0], args[1]
+    if len(w.shape) != 2 or idx.dtype not in (torch.int64, torch.int32):
+        return None
+    return _out(w.dtype, (*idx.shape, w.shape[1]))
+
+
+_RULES: dict[Any, Rule] = {}
+
+
+def _add(names: str, rule: Rule) -> None:
+    for n in names.split():
+        packet, _, overload = n.partition(".")
+        op = getattr(getattr(aten, packet, None), overload or "default", None)
+        if op is not None:
+            _RULES[op] = rule
+
+
+_add("add.Tensor add.Scalar sub.Tensor sub.Scalar mul.Tensor mul.Scalar", _binary("arith"))
+_add("maximum.default minimum.default", _binary("same"))
+_add("div.Tensor div.Scalar", _binary("float"))
+_add(
+    "eq.Tensor eq.Scalar ne.Tensor ne.Scalar lt.Tensor lt.Scalar le.Tensor le.Scalar "
+    "gt.Tensor gt.Scalar ge.Tensor ge.Scalar",
+    _binary("compare"),
+)
+_add(
+    "neg.default rsqrt.default sqrt.default exp.default log.default cos.default sin.default "
+    "tanh.default sigmoid.default silu.default gelu.default relu.default reciprocal.default "
+    "erf.default abs.default",
+    _unary(True),
+)
+_add("where.self", _where)
+_add("masked_fill.Scalar", _masked_fill_scalar)
+_add("pow.Tensor_Scalar", _pow_tensor_scalar)
+_add("clone.default", _clone)
+_add("cat.default", _cat)
+_add("mm.default", _mm(False))
+_add("bmm.default", _mm(True))
+_add("addmm.default", _addmm)
+_add("_softmax.default", _softmax("_softmax"))
+_add("_safe_softmax.default", _softmax("_safe_softmax"))
+_add("mean.dim", _reduction("mean"))
+_add("sum.dim_IntList", _reduction("sum"))
+_add("amax.default", _reduction("amax"))
+_add("embedding.default", _embedding)
+
+
+def _sane(args: Sequence[Any], depth: int = 0) -> bool:
+    """Every tensor argument has as many strides as sizes, all non-negative ints (the daemon
+    decodes whatever a client sent: nonsense goes to the checks that report it)."""
+    for a in args:
+        if type(a) is TensorRef:
+            sh, st = a.shape, a.stride
+            if type(sh) is not tuple or type(st) is not tuple or len(sh) != len(st):
+                return False
+            for v in sh:
+                if type(v) is not int or v < 0:
+                    return False
+            for v in st:
+                if type(v) is not int or v < 0:
+                    return False
+            if not isinstance(a.dtype, torch.dtype):
+                return False
+        elif type(a) in (list, tuple):
+            if depth > 2 or not _sane(a, depth + 1):
+                return False
+    return True
+
+
+def infer(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+    """(dtype, shape, stride) of the one fresh output of ``func`` on wire arguments, or None when
+    no rule covers this call (the caller then asks the meta device)."""
+    rule = _RULES.get(func)
+    if rule is None or not _sane(args) or not _sane(tuple(kwargs.values())):
+        return None
+    try:
+        return rule(args, kwargs)
+    except (TypeError, ValueError, AttributeError, IndexError):
+        return None  # odd arguments: meta inference reports them properly
+
+
+def covered(func: Any) -> bool:
+    return func in _RULES

@@ -1,0 +1,195 @@
+"""flexnpu.shape_rules: every rule gives what meta inference gives, or declines (issue 13)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from flexnpu import shape_rules
+from flexnpu.protocol import TensorRef
+
+aten = torch.ops.aten
+
+
+def ref(shape, dtype=torch.float32, stride=None, offset=0):
+    st = shape_rules.contiguous_strides(shape) if stride is None else tuple(stride)
+    return TensorRef(1, dtype, tuple(shape), st, offset)
+
+
+def meta(x):
+    if isinstance(x, TensorRef):
+        need = x.offset + 1 + sum((s - 1) * st for s, st in zip(x.shape, x.stride) if s > 0)
+        if any(s == 0 for s in x.shape):
+            need = x.offset
+        return torch.empty(need, dtype=x.dtype, device="meta").as_strided(x.shape, x.stride, x.offset)
+    if isinstance(x, list):
+        return [meta(v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(meta(v) for v in x)
+    return x
+
+
+def check(func, *args, **kwargs):
+    """The rule's answer equals meta's; returns whether a rule answered."""
+    got = shape_rules.infer(func, args, kwargs)
+    try:
+        r = func(*meta(args), **{k: meta(v) for k, v in kwargs.items()})
+    except Exception:  # noqa: BLE001 - torch refuses: the rule must have declined too
+        assert got is None, (func, args, kwargs, got)
+        return False
+    if got is None:
+        return False
+    assert isinstance(r, torch.Tensor)
+    # strides of size-1 dims address no memory (torch itself is not consistent about them)
+    want = (r.dtype, tuple(r.shape), _norm(r.shape, r.stride()))
+    assert (got[0], got[1], _norm(got[1], got[2])) == want, (func, args, kwargs, got, r.stride())
+    return True
+
+
+def _norm(shape, stride):
+    return tuple(None if n == 1 else s for n, s in zip(shape, stride))
+
+
+SHAPES = [(), (0,), (1,), (5,), (3, 1), (1, 4), (3, 4), (2, 0, 4), (2, 3, 4), (1, 3, 1), (2, 1, 4, 1)]
+DTYPES = [torch.float32, torch.float16, torch.int64, torch.bool]
+
+
+def test_binary_broadcasting_dtypes_and_scalars():
+    answered = 0
+    for op in (
+        aten.add.Tensor,
+        aten.mul.Tensor,
+        aten.sub.Tensor,
+        aten.div.Tensor,
+        aten.eq.Tensor,
+        aten.lt.Tensor,
+        aten.maximum.default,
+    ):
+        for sa, sb in itertools.product(SHAPES, SHAPES):
+            for da, db in (
+                (torch.float32, torch.float32),
+                (torch.int64, torch.int64),
+                (torch.float32, torch.int64),
+                (torch.bool, torch.bool),
+                (torch.float16, torch.float32),
+            ):
+                answered += check(op, ref(sa, da), ref(sb, db))
+    for op in (
+        aten.add.Scalar,
+        aten.mul.Scalar,
+        aten.div.Scalar,
+        aten.eq.Scalar,
+        aten.gt.Scalar,
+        aten.add.Tensor,
+        aten.mul.Tensor,
+    ):
+        for s, d, v in itertools.product(SHAPES, DTYPES, (2, 0.5, True)):
+            if op in (aten.add.Tensor, aten.mul.Tensor):
+                continue
+            answered += check(op, ref(s, d), v)
+    for s, d in itertools.product(SHAPES, DTYPES):
+        answered += check(aten.add.Tensor, ref(s, d), ref(s, d), alpha=2)
+        answered += check(aten.add.Tensor, ref(s, d), ref(s, d), alpha=0.5)
+    assert answered > 300  # the rules do cover the common cases
+
+
+def test_strided_inputs_fall_back_or_agree():
+    """TensorIterator orders the output's dims by the inputs' strides (size-1 dims included):
+    the rule reproduces it for permuted, gapped and broadcast inputs, or declines."""
+    rnd = random.Random(0)
+    answered = 0
+    for _ in range(300):
+        nd = rnd.randint(1, 4)
+        shape = tuple(rnd.choice((1, 2, 3)) for _ in range(nd))
+        perm = list(range(nd))
+        rnd.shuffle(perm)
+        base = shape_rules.contiguous_strides([shape[p] for p in perm])
+        stride = [0] * nd
+        for i, p in enumerate(perm):
+            stride[p] = base[i]
+        # size-1 dims may carry any stride; contiguity must ignore them like torch does
+        stride = [st if n != 1 else rnd.choice((st, 7, 0)) for n, st in zip(shape, stride)]
+        a = ref(shape, stride=stride, offset=rnd.choice((0, 3)))
+        b = ref(shape[rnd.randint(0, nd - 1) :])
+        gapped = ref(shape, stride=[st * 2 for st in stride])  # a slice with holes
+        answered += check(aten.add.Tensor, a, b)
+        answered += check(aten.mul.Tensor, b, a)
+        answered += check(aten.mul.Tensor, a, a)
+        answered += check(aten.add.Tensor, gapped, a)
+        answered += check(aten.neg.default, a)
+        answered += check(aten.neg.default, gapped)
+        answered += check(aten.where.self, ref(shape[-1:], torch.bool), a, b)
+        answered += check(aten.cat.default, [a, gapped], -1)
+        check(aten.clone.default, a)
+        check(aten.clone.default, a, memory_format=torch.contiguous_format)
+        check(aten._softmax.default, a, -1, False)
+        check(aten.mean.dim, a, [-1], True)
+        check(aten.cat.default, [a, a], 0)
+    assert answered > 1500  # of 2400: strided inputs are covered, not just declined
+
+
+def test_unary_where_masked_fill_pow():
+    for s, d in itertools.product(SHAPES, DTYPES):
+        for op in (
+            aten.neg.default,
+            aten.rsqrt.default,
+            aten.silu.default,
+            aten.cos.default,
+            aten.abs.default,
+        ):
+            check(op, ref(s, d))
+        check(aten.pow.Tensor_Scalar, ref(s, d), 2)
+        check(aten.pow.Tensor_Scalar, ref(s, d), 0.5)
+        for s2 in SHAPES:
+            check(aten.where.self, ref(s2, torch.bool), ref(s, d), ref(s, d))
+            check(aten.masked_fill.Scalar, ref(s, d), ref(s2, torch.bool), -1.0)
+            check(aten.masked_fill.Scalar, ref(s, d), ref(s2, torch.bool), 0)
+    assert check(aten.where.self, ref((1, 4), torch.bool), ref((3, 1)), ref((3, 4)))
+    assert check(aten.masked_fill.Scalar, ref((3, 4)), ref((1, 4), torch.bool), float("-inf"))
+
+
+def test_cat_matmul_softmax_reductions_embedding():
+    assert check(aten.cat.default, [ref((1, 2, 5, 8)), ref((1, 2, 1, 8))], -2)
+    assert check(aten.cat.default, [ref((1, 2, 5, 8)), ref((1, 2, 1, 8))], 2)
+    assert check(aten.cat.default, [ref((4,)), ref((0,))])
+    # the KV cache: the old cache (contiguous) and the new keys (a transposed view)
+    new_k = ref((1, 2, 1, 32), stride=(64, 32, 64, 1))
+    assert check(aten.cat.default, [ref((1, 2, 17, 32)), new_k], -2)
+    assert check(aten.cat.default, [new_k, new_k], -2)
+    cl = ref((2, 3, 4, 5), stride=(60, 1, 15, 3))  # channels-last
+    check(aten.cat.default, [cl, cl], 1)
+    check(aten.cat.default, [cl, ref((2, 3, 4, 5))], 1)
+    check(aten.cat.default, [ref((4, 2)), ref((0,))])  # legacy empty: meta decides
+    check(aten.cat.default, [ref((4, 2)), ref((4, 3))], 0)  # mismatch: torch refuses
+    check(aten.cat.default, [ref((4, 2)), ref((4, 2), torch.float16)], 0)
+    check(aten.cat.default, [ref(())], 0)
+    assert check(aten.mm.default, ref((1, 128)), ref((128, 384)))
+    check(aten.mm.default, ref((1, 128)), ref((127, 384)))
+    assert check(aten.bmm.default, ref((8, 1, 32)), ref((8, 32, 17)))
+    assert check(aten.addmm.default, ref((384,)), ref((1, 128)), ref((128, 384)))
+    assert check(aten.addmm.default, ref((1, 384)), ref((3, 128)), ref((128, 384)), beta=0.5)
+    check(aten.mm.default, ref((2, 3), torch.int64), ref((3, 2), torch.int64))
+    for s in SHAPES:
+        for dim in (0, -1, 1, 5):
+            check(aten._softmax.default, ref(s), dim, False)
+            check(aten._safe_softmax.default, ref(s), dim)
+            check(aten._safe_softmax.default, ref(s), dim, torch.float32)
+            for keep in (True, False):
+                check(aten.mean.dim, ref(s), [dim], keep)
+                check(aten.sum.dim_IntList, ref(s), [dim], keep)
+                check(aten.sum.dim_IntList, ref(s, torch.int64), [dim], keep)
+                check(aten.amax.default, ref(s), [dim], keep)
+                check(aten.mean.dim, ref(s), [0, dim], keep)
+    assert check(aten.mean.dim, ref((1, 5, 128)), [-1], True)
+    assert check(aten.embedding.default, ref((1000, 128)), ref((1, 7), torch.int64))
+    assert check(aten.embedding.default, ref((1000, 128)), ref((), torch.int64))
+
+
+@pytest.mark.parametrize("bad", [(-1, 3), (3,)])
+def test_hostile_shapes_decline(bad):
+    r = TensorRef(1, torch.float32, bad, (3, 1), 0)
+    assert shape_rules.infer(aten.neg.default, (r,), {}) is None
+    assert shape_rules.infer(aten.cat.default, ([r, r], 0), {}) is None
