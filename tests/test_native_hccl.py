@@ -128,14 +128,9 @@ def test_rank_killed_mid_collective_fails_the_others_fast(two_daemons, n, devs):
 
 
 def test_what_needs_operators(two_daemons):
-    """barrier (torch_npu allreduces an at::ones tensor) and all_gather into a list (it copies the
-    flat result with an operator) need the operator half of the native front end."""
-    from flexnpu.hook import native
-
-    if not native.RUNS_OPERATORS:
-        pytest.skip(
-            "the native front end runs no operators yet (issue 12): barrier and list all_gather wait for it"
-        )
+    """barrier (torch_npu allreduces an at::ones tensor), all_gather into a list (it copies the
+    flat result with an operator) and all_reduce(AVG) (it divides with one) go through the
+    operator half of the native front end (aclnn) as well as the collectives."""
     _ok(_launch(two_daemons, "0,1", 2, "0,1", NEED_OPERATORS + ",avg"), 2)
 
 
