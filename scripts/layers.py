@@ -29,6 +29,7 @@ LAYERS = {
             "aclnn_api",
             "aclop_ops",
             "elf",
+            "shape_rules",
         ),
         0,
     ),
