@@ -232,7 +232,17 @@ def test_bad_partition_policies_are_refused():
 
     assert parse_policy("partition:0.75") == ("partition", 0.75)
     assert parse_policy("flex") == ("flex", None)
-    for bad in ("partition:1.5", "partition:0", "partition:x", "flex:0.5", "drf"):
+    assert parse_policy("flex:0.05") == ("flex", 0.05)  # the TPOT-keeping variant's slack
+    for bad in (
+        "partition:1.5",
+        "partition:0",
+        "partition:x",
+        "flex:-0.1",
+        "flex:nan",
+        "flex:x",
+        "fifo:1",
+        "drf",
+    ):
         with pytest.raises(ValueError):
             parse_policy(bad)
 

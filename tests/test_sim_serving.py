@@ -70,7 +70,15 @@ def test_bench_serve_json_shape(capsys):
         "decode-first",
         "static-disagg",
         "flexnpu",
+        "flexnpu-tpot",
     }
+    # one summary per FlexNPU system, each compared with every baseline
+    assert [x["flex_system"] for x in doc["summary"]] == ["flexnpu", "flexnpu-tpot"]
+    assert (
+        doc["summary"][1]["vs_static_partition"]
+        and "flexnpu-tpot" in doc["summary"][1]["max_rate_per_device"]
+    )
+    assert any(v["where"].startswith("flexnpu-tpot: ") for v in doc["verdicts"])
     for r in doc["runs"]:
         assert r["emulated"] is True and r["workload"] == "chat"
         assert 0 <= r["slo_attainment"] <= 1
