@@ -15,6 +15,10 @@ Systems (``system`` in --json):
   there is); also reported: the continuous-split bound (flexnpu/sched/capacity.py).
 - flexnpu: the two instances under the flex policy (ordering/gating and core shares changed at
   operator boundaries). Knob: the prefill instance's chunk.
+- flexnpu-tpot: the flex policy's TPOT-keeping variant (FlexPolicy.tpot_slack =
+  FLEX_TPOT_SLACK, tuned on chat only): decode's core share never drops below the share that
+  keeps its iteration within 1 + slack of its whole-device time; prefill gets the rest. Knob:
+  the prefill instance's chunk. Compared with every baseline like flexnpu (its own summary).
 
 Every system's knob is searched over the same number of values (three each; static-disagg: every
 split) and every comparison uses each system at its best value: the one with the highest goodput
@@ -69,7 +73,19 @@ SLO_ATTAINMENT = 0.9
 
 # The systems in report order, and each one's knob: (SimConfig field, values searched). The same
 # number of values for every system (static-disagg: every split of the device group).
-SYSTEMS = ("static-partition", "naive-coloc", "static-coloc", "decode-first", "static-disagg", "flexnpu")
+SYSTEMS = (
+    "static-partition",
+    "naive-coloc",
+    "static-coloc",
+    "decode-first",
+    "static-disagg",
+    "flexnpu",
+    "flexnpu-tpot",
+)
+FLEX_SYSTEMS = ("flexnpu", "flexnpu-tpot")  # the systems compared with every baseline
+# flexnpu-tpot's decode-floor slack (FlexPolicy.tpot_slack): tuned on chat only, at 8 req/s per
+# device, 10 s of arrivals, chunk 1024 (docs/scheduling.md); reported unchanged on the others
+FLEX_TPOT_SLACK = 0.05
 KNOBS = {
     "static-partition": ("partition_alpha", (0.625, 0.75, 0.875)),
     "naive-coloc": ("flex_prefill_chunk", (512, 1024, 2048)),
@@ -77,6 +93,7 @@ KNOBS = {
     "decode-first": ("waiting_served_ratio", (0.3, 1.2, 2.4)),
     "static-disagg": ("prefill_devices", None),
     "flexnpu": ("flex_prefill_chunk", (512, 1024, 2048)),
+    "flexnpu-tpot": ("flex_prefill_chunk", (512, 1024, 2048)),
 }
 # Probe effort, (full, --quick): seconds of arrivals per goodput probe, bisection steps, seeds
 # averaged per probe, per-rate base run length and how often it may double.
@@ -201,6 +218,8 @@ def estimate_split(model_name, spec, workload, n_dev, decode_batch=64):
 def _config(task: dict) -> tuple[SimConfig, int]:
     """The SimConfig and static-disagg split of a task's system at its knob value."""
     cfg = SimConfig(tpot_budget_s=task["slo"]["tpot"])
+    if task["system"] == "flexnpu-tpot":
+        cfg.flex_tpot_slack = FLEX_TPOT_SLACK
     field, value = task["knob"], task["value"]
     if field == "prefill_devices":
         return cfg, int(value)
@@ -213,7 +232,8 @@ def _simulate(task: dict, rate: float, duration_s: float, seed: int):
     n_dev = task["devices"]
     reqs = generate(task["workload"], rate * n_dev, requests_for(rate, n_dev, duration_s), seed)
     cfg, n_prefill = _config(task)
-    st = simulate(task["system"], model, cm, reqs, n_dev, n_prefill, cfg)
+    system = "flexnpu" if task["system"] == "flexnpu-tpot" else task["system"]  # (cfg has the slack)
+    st = simulate(system, model, cm, reqs, n_dev, n_prefill, cfg)
     return reqs, st
 
 
@@ -328,6 +348,7 @@ def knob_values(system, a, n_dev, splits):
         "static-partition": a.alphas,
         "static-coloc": a.coloc_budgets,
         "flexnpu": a.flex_chunks,
+        "flexnpu-tpot": a.flex_chunks,
         "naive-coloc": a.flex_chunks,
     }.get(system)
     if over:
@@ -343,7 +364,7 @@ def capacity_group(base, systems, a, n_dev, splits, jobs):
         for v in knob_values(s, a, n_dev, splits)
     ]
     tasks.sort(
-        key=lambda t: t["system"] not in ("flexnpu", "static-partition", "naive-coloc")
+        key=lambda t: t["system"] not in ("flexnpu", "flexnpu-tpot", "static-partition", "naive-coloc")
     )  # slowest first
     out = []
     with _pool(jobs) as ex:
@@ -410,27 +431,29 @@ def vs_one(f, c):
     }
 
 
-def summarize(runs, workload, cap, scale=1.0):
-    """Compare FlexNPU with every baseline: per rate (TTFT, TPOT, throughput) and goodput."""
+def summarize(runs, workload, cap, scale=1.0, flex_system="flexnpu"):
+    """Compare a FlexNPU system (flexnpu or flexnpu-tpot) with every baseline: per rate (TTFT,
+    TPOT, throughput) and goodput."""
     wl = [r for r in runs if r["workload"] == workload]
     cw = [r for r in cap if r["workload"] == workload]
     by = {}
     for r in wl:
         by.setdefault(r["system"], {})[r["rate"]] = r
     best = {s: _best(cw, s) for s in SYSTEMS if _best(cw, s)}
-    flex = by.get("flexnpu", {})
+    flex = by.get(flex_system, {})
     kind = WORKLOADS[workload].kind
     out = {
         "workload": workload,
+        "flex_system": flex_system,
         "kind": kind,
         "best_knob": {s: {"knob": KNOBS[s][0], "value": b["value"]} for s, b in best.items()},
         "max_rate_per_device": {s: b["max_rate_per_device"] for s, b in best.items()},
         "goodput_tok_s": {s: b["goodput_tok_s"] * scale for s, b in best.items()},
         "disagg_target_pct": 5.0 if kind == "balanced" else 26.0,
     }
-    fx = best.get("flexnpu")
+    fx = best.get(flex_system)
     for s, b in best.items():
-        if s == "flexnpu" or fx is None:
+        if s in FLEX_SYSTEMS or fx is None:
             continue
         key = s.replace("-", "_")
         out[f"flex_vs_{key}_goodput_pct"] = (
@@ -489,19 +512,22 @@ def deployment_split(summaries, capacity):
     (a secondary figure; the headline uses each mix's own best split)."""
     for bal in [s for s in summaries if s["kind"] == "balanced" and "best_disagg_unit_prefill_devices" in s]:
         p_ = bal["best_disagg_unit_prefill_devices"]
+        fs = bal.get("flex_system", "flexnpu")
         for s in summaries:
             if s["workload"] == bal["workload"] or s.get("cluster") != bal.get("cluster"):
+                continue
+            if s.get("flex_system", "flexnpu") != fs:
                 continue
             d = [
                 c
                 for c in capacity
                 if c["workload"] == s["workload"] and c["system"] == "static-disagg" and c["value"] == p_
             ]
-            if not d or not d[0]["max_rate_per_device"] or "flexnpu" not in s["max_rate_per_device"]:
+            if not d or not d[0]["max_rate_per_device"] or fs not in s["max_rate_per_device"]:
                 continue
             s["balanced_mix_split"] = bal["best_disagg_split"]
             s["flex_vs_disagg_at_balanced_mix_split_pct"] = 100 * (
-                s["max_rate_per_device"]["flexnpu"] / d[0]["max_rate_per_device"] - 1
+                s["max_rate_per_device"][fs] / d[0]["max_rate_per_device"] - 1
             )
 
 
@@ -537,6 +563,8 @@ def print_table(runs, summaries, header, quick):
             f"  {s['workload']:<10} {s['kind']:<14} goodput, req/s/device at >= {SLO_ATTAINMENT:.0%} SLO attainment: "
             + ", ".join(parts)
         )
+        fs = s.get("flex_system", "flexnpu")
+        print(f"  {'':<25} [{fs} against every baseline]")
         if "best_disagg_split" in s:
             print(
                 f"  {'':<25} -> flex vs disagg {s['flex_vs_static_disagg_goodput_pct']:+.1f}% at the real split "
@@ -555,6 +583,8 @@ def print_table(runs, summaries, header, quick):
                 f"{s['flex_vs_disagg_at_balanced_mix_split_pct']:+.1f}%"
             )
         for sy in SYSTEMS:
+            if sy in FLEX_SYSTEMS:
+                continue
             for pr in s.get(f"vs_{sy.replace('-', '_')}", []):
                 ok = "" if pr["both_attain_slo"] else "  [not comparable: an SLO attainment < 90%]"
                 print(
@@ -580,6 +610,8 @@ def verdicts(summaries: list[dict]) -> list[dict]:
     out = []
     for s in summaries:
         where = s["workload"] + (f" @{s['cluster']} devices" if "cluster" in s else "")
+        if s.get("flex_system", "flexnpu") != "flexnpu":
+            where = f"{s['flex_system']}: {where}"
         g = s.get("flex_vs_static_disagg_goodput_pct", s.get("flex_vs_disagg_pct"))
         if g is not None:
             out.append(
@@ -731,10 +763,12 @@ def run_realtime(a, model_name, spec, t0) -> int:
             )
             return 2
     n_dev = a.devices or 2
-    systems = a.systems.split(",") if a.systems else [s for s in SYSTEMS if s != "decode-first"]
-    if "decode-first" in systems or any(s not in SYSTEMS for s in systems):
+    # (flexnpu-tpot: simulated study only so far; the daemon runs it as --policy flex:SLACK)
+    rt_systems = [s for s in SYSTEMS if s not in ("decode-first", "flexnpu-tpot")]
+    systems = a.systems.split(",") if a.systems else rt_systems
+    if any(s not in rt_systems for s in systems):
         print(
-            f"flexnpu bench serve: --realtime systems: {', '.join(s for s in SYSTEMS if s != 'decode-first')}",
+            f"flexnpu bench serve: --realtime systems: {', '.join(rt_systems)}",
             file=sys.stderr,
         )
         return 2
@@ -1018,12 +1052,16 @@ def main(argv=None) -> int:
                         )
                     scaled.append(rr)
                 runs += scaled
-                sc = summarize(scaled, w, cap, scale=k)
-                sc["cluster"] = cl
-                summaries.append(sc)
+                for fs in [f for f in FLEX_SYSTEMS if f in systems] or ["flexnpu"]:
+                    sc = summarize(scaled, w, cap, scale=k, flex_system=fs)
+                    sc["cluster"] = cl
+                    summaries.append(sc)
         else:
             runs += group
-            summaries.append(summarize(group, w, cap))
+            summaries += [
+                summarize(group, w, cap, flex_system=fs)
+                for fs in [f for f in FLEX_SYSTEMS if f in systems] or ["flexnpu"]
+            ]
     deployment_split(summaries, capacity)
     if a.plot:
         plot(runs, a.plot)

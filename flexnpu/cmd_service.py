@@ -568,7 +568,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--policy",
         type=policy_arg,
-        help="FLEXNPU_POLICY: scheduling policy (fifo|priority|flex|partition[:ALPHA])",
+        help="FLEXNPU_POLICY: scheduling policy (fifo|priority|flex[:SLACK]|partition[:ALPHA])",
     )
     p.add_argument(
         "--memory-limit",

@@ -232,7 +232,17 @@ def test_bad_partition_policies_are_refused():
 
     assert parse_policy("partition:0.75") == ("partition", 0.75)
     assert parse_policy("flex") == ("flex", None)
-    for bad in ("partition:1.5", "partition:0", "partition:x", "flex:0.5", "drf"):
+    assert parse_policy("flex:0.05") == ("flex", 0.05)  # the TPOT-keeping variant's slack
+    for bad in (
+        "partition:1.5",
+        "partition:0",
+        "partition:x",
+        "flex:-0.1",
+        "flex:nan",
+        "flex:x",
+        "fifo:1",
+        "drf",
+    ):
         with pytest.raises(ValueError):
             parse_policy(bad)
 
@@ -293,3 +303,22 @@ def test_cuda_green_context_partition_keeps_stream_order():
             x.add_(1)
     be.sync_stream(s)
     assert float(x[0]) == 4.0  # every move kept the stream's order
+
+
+def test_flex_tpot_variant_in_the_daemon_sets_its_decode_floor(start_daemon):
+    # --policy flex:SLACK: the decode floor comes from the cost model of the decode stream's
+    # kernels (not from timing): memory-bound decode on the 910B spec needs 1/4 of the cores
+    d = start_daemon("--backend", "emu:910b", "--policy", "flex:0.05")
+    with Client(0, phase="decode") as dec, Client(0, phase="prefill") as pre:
+        dm, pm = memory_bound(dec, 2), compute_bound(pre, 5)
+        for _ in range(4):
+            pm.launch()
+        for _ in range(3):
+            dm.launch()
+            dm.launch()
+            dec.synchronize(0)  # the sync ends a decode iteration
+        pre.synchronize(0)
+        sc = sched_status(d)["scheduler"]
+    d.stop()
+    assert sc["policy"] == "flex" and sc["partition"] is True
+    assert sc["tpot_slack"] == 0.05 and sc["decode_floor"] == 0.25

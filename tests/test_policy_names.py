@@ -40,7 +40,8 @@ def test_front_ends_accept_exactly_the_registered_policies():
         for name in POLICY_NAMES:
             assert act.type(name) == name
         assert act.type("partition:0.25") == "partition:0.25"
-        for bad in ("fair", "flex:0.5", "partition:2", ""):
+        assert act.type("flex:0.05") == "flex:0.05"  # the TPOT-keeping variant's slack
+        for bad in ("fair", "flex:-0.5", "fifo:0.5", "partition:2", ""):
             with pytest.raises(argparse.ArgumentTypeError):
                 act.type(bad)
 

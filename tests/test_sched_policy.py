@@ -162,3 +162,95 @@ def test_static_partition_is_fixed_and_not_work_conserving():
     assert [x.share for x in p.select([pre, dec], d, 0.0)] == [0.25, 0.25]
     with pytest.raises(ValueError):
         StaticPartitionPolicy(alpha=1.0)
+
+
+# ---------------------------------------------------------------- TPOT-keeping variant (decode floor)
+
+
+def _decode_iteration(p, d, pre, dec, cost, t, n=2, dt=0.001):
+    """One decode iteration of n ops beside busy prefill: returns the decode ops' shares."""
+    fill(dec, cost, n, t0=t, step=n)
+    shares = []
+    for x in p.select([pre, dec], d, t):
+        if x.queue is dec:
+            shares.append(x.share)
+            p.complete(x.op, d, t + dt)
+    return shares
+
+
+def _floor_by_hand(cost, d, slack, step=1 / 8):
+    """The smallest grid share whose emulated time is within 1 + slack of the whole device's."""
+    comp, mem, link = d.model.work(cost)
+    need = max(comp, d.model.spec.issue_frac * mem)
+    for k in range(1, 8):
+        if max(need / (k * step), mem, link) <= (1 + slack) * max(need, mem, link) + 1e-15:
+            return k * step
+    return 7 * step
+
+
+def test_flex_tpot_variant_keeps_decode_on_its_bandwidth_floor():
+    # fast decode iterations drive the AIMD share to its 1/8 floor; the variant's decode floor
+    # (memory-bound decode needs issue_frac = 1/4 of the cores for the whole HBM bandwidth) holds
+    p, d = FlexPolicy(default_tpot_budget_s=0.050, tpot_slack=0.05), dev()
+    pre, dec = StreamQueue("pre", phase="prefill"), StreamQueue("dec", phase="decode")
+    fill(pre, PRE, 400)
+    assert p.decode_floor is None  # no decode iteration measured yet
+    t, shares = 0.0, []
+    for _ in range(30):
+        shares += _decode_iteration(p, d, pre, dec, DEC, t)
+        t += 0.002
+    assert p.decode_share == p.min_decode_share == 1 / 8  # the AIMD alone would give decode 1/8
+    assert d.model.spec.issue_frac == 0.25 and p.decode_floor == 0.25 == _floor_by_hand(DEC, d, 0.05)
+    assert all(s >= 0.25 for s in shares[2:]) and shares[-1] == 0.25  # once measured, never below
+    d_share, p_share = p.shares(True, True)
+    assert (d_share, p_share) == (0.25, 0.75)  # prefill gets the rest (conservation)
+    # the default policy (no slack) spends that slack on prefill: 1/8
+    p0, d0 = FlexPolicy(default_tpot_budget_s=0.050), dev()
+    pre0, dec0 = StreamQueue("pre", phase="prefill"), StreamQueue("dec", phase="decode")
+    fill(pre0, PRE, 400)
+    for i in range(30):
+        _decode_iteration(p0, d0, pre0, dec0, DEC, 0.002 * i)
+    assert p0.decode_floor is None and p0.shares(True, True) == (0.125, 0.875)
+
+
+def test_flex_tpot_floor_follows_the_decode_batch_and_the_slack():
+    d = dev()
+    big = matmul_cost(256, 3584, 37888, "bf16")  # a large decode batch's FFN: ~200 FLOP/B, compute-heavy
+    for slack in (0.0, 0.05, 0.5, 1.0):
+        floors = []
+        for cost in (DEC, big):
+            p = FlexPolicy(tpot_slack=slack)
+            pre, dec = StreamQueue("pre", phase="prefill"), StreamQueue("dec", phase="decode")
+            fill(pre, PRE, 10)
+            _decode_iteration(p, d, pre, dec, cost, 0.0)
+            assert p.decode_floor == min(_floor_by_hand(cost, d, slack), 7 / 8)
+            floors.append(p.decode_floor)
+        assert floors[1] >= floors[0]  # more compute per byte: decode needs more cores
+    # a larger slack never raises the floor; the floor never takes prefill's last grid step
+    fl = []
+    for slack in (0.0, 0.05, 0.5, 1.0, 3.0):
+        p = FlexPolicy(tpot_slack=slack)
+        pre, dec = StreamQueue("pre", phase="prefill"), StreamQueue("dec", phase="decode")
+        fill(pre, PRE, 10)
+        _decode_iteration(p, d, pre, dec, big, 0.0)
+        fl.append(p.decode_floor)
+    assert fl == sorted(fl, reverse=True) and max(fl) <= 7 / 8 and min(fl) >= 1 / 8
+    with pytest.raises(ValueError):
+        FlexPolicy(tpot_slack=-0.1)
+
+
+def test_flex_tpot_floor_keeps_the_largest_decode_stream_and_no_share_when_alone():
+    d = dev()
+    big = matmul_cost(256, 3584, 37888, "bf16")
+    p = FlexPolicy(tpot_slack=0.05)
+    pre = StreamQueue("pre", phase="prefill")
+    small_q, big_q = StreamQueue("d1", phase="decode"), StreamQueue("d2", phase="decode")
+    fill(pre, PRE, 10)
+    _decode_iteration(p, d, pre, big_q, big, 0.0)
+    hi = p.decode_floor
+    _decode_iteration(p, d, pre, small_q, DEC, 0.01)
+    assert p.decode_floor == hi > _floor_by_hand(DEC, d, 0.05)  # the small stream does not lower it
+    # decode alone on the device: whole device, the floor does not impose a share
+    q = StreamQueue("d3", phase="decode")
+    fill(q, DEC, 2)
+    assert [x.share for x in p.select([q], dev(), 1.0)] == [None, None]

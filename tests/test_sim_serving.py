@@ -70,7 +70,15 @@ def test_bench_serve_json_shape(capsys):
         "decode-first",
         "static-disagg",
         "flexnpu",
+        "flexnpu-tpot",
     }
+    # one summary per FlexNPU system, each compared with every baseline
+    assert [x["flex_system"] for x in doc["summary"]] == ["flexnpu", "flexnpu-tpot"]
+    assert (
+        doc["summary"][1]["vs_static_partition"]
+        and "flexnpu-tpot" in doc["summary"][1]["max_rate_per_device"]
+    )
+    assert any(v["where"].startswith("flexnpu-tpot: ") for v in doc["verdicts"])
     for r in doc["runs"]:
         assert r["emulated"] is True and r["workload"] == "chat"
         assert 0 <= r["slo_attainment"] <= 1
@@ -233,3 +241,39 @@ def test_colocated_devices_never_use_more_than_the_device():
             assert dev.emu.now <= st["end"] + 1e-9
     finally:
         simmod.FlexDevice.__init__ = orig
+
+
+def test_flex_tpot_variant_submits_decode_on_its_floor_and_conserves_cores():
+    # the variant in the simulator: whenever decode and prefill kernels are submitted with
+    # shares, decode's is at least the policy's decode floor at that moment and the two sum to
+    # the whole device; the device never does more than elapsed time allows
+    from flexnpu.sched import sim as simmod
+    from flexnpu.sched.sim import SimConfig
+
+    seen, subs = [], []
+    orig_init, orig_submit = simmod.FlexDevice.__init__, EmuDevice.submit
+
+    def spy(self, *a, **kw):
+        orig_init(self, *a, **kw)
+        seen.append(self)
+
+    def submit(self, stream, cost, now, weight=None, tag=None, share=-1.0):
+        pol = seen[-1].policy
+        subs.append((stream, share, pol.decode_floor))
+        return orig_submit(self, stream, cost, now, weight=weight, tag=tag, share=share)
+
+    simmod.FlexDevice.__init__ = spy
+    EmuDevice.submit = submit
+    try:
+        reqs = generate("chat", 8.0, 60, seed=3)
+        st = simulate("flexnpu", QWEN25_7B, CM, reqs, 1, 0, SimConfig(flex_tpot_slack=0.05))
+    finally:
+        simmod.FlexDevice.__init__, EmuDevice.submit = orig_init, orig_submit
+    dev = seen[-1]
+    assert dev.policy.tpot_slack == 0.05 and dev.policy.decode_floor is not None
+    dec = [(s, f) for k, s, f in subs if k == "decode" and s is not None and f is not None]
+    pre = {s for k, s, f in subs if k == "prefill" and s is not None}
+    assert dec and all(s >= f - 1e-12 for s, f in dec)  # never below the floor in force
+    assert {1.0 - s for s, _ in dec} >= pre  # every prefill share is decode's complement
+    assert all(b <= dev.emu.now * (1 + 1e-9) for b in dev.emu.busy_time)
+    assert st["end"] >= dev.emu.now - 1e-9 and all(r.finish is not None for r in reqs)

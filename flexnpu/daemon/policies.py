@@ -10,6 +10,7 @@ can offer the choices without loading the scheduler.
 from __future__ import annotations
 
 import enum
+import math
 
 
 class PolicyName(str, enum.Enum):
@@ -27,7 +28,8 @@ DESCRIPTIONS: dict[PolicyName, str] = {
     PolicyName.PRIORITY: "strict stream priority",
     PolicyName.FLEX: "prefill/decode co-location: decode streams keep their time-per-token budget, "
     "prefill fills the rest, with core shares changed at operator boundaries where the "
-    "backend can partition (docs/scheduling.md)",
+    "backend can partition; flex:SLACK keeps decode's core share at least what keeps its "
+    "iteration within 1+SLACK of its whole-device time (docs/scheduling.md)",
     PolicyName.PARTITION: "partition[:ALPHA], a static core split: prefill-phase streams on ALPHA "
     "(default 0.5) of the cores, the others on the rest",
 }
@@ -42,22 +44,28 @@ def describe() -> str:
 
 
 def parse_policy(spec: str) -> tuple[str, float | None]:
-    """`fifo|priority|flex|partition[:ALPHA]` -> (name, alpha). partition:ALPHA is the static
-    core split: prefill-phase streams on ALPHA of the cores, the others on 1 - ALPHA."""
+    """`fifo|priority|flex[:SLACK]|partition[:ALPHA]` -> (name, argument). partition:ALPHA is
+    the static core split: prefill-phase streams on ALPHA of the cores, the others on 1 - ALPHA.
+    flex:SLACK is the TPOT-keeping flex variant (FlexPolicy.tpot_slack, SLACK >= 0)."""
     name, _, arg = spec.partition(":")
     if name not in POLICY_NAMES:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
-    if arg and name != PolicyName.PARTITION.value:
+    if arg and name not in (PolicyName.PARTITION.value, PolicyName.FLEX.value):
         raise ValueError(f"policy {name} takes no argument")
-    alpha = None
+    value = None
     if arg:
+        what = "partition:ALPHA" if name == PolicyName.PARTITION.value else "flex:SLACK"
         try:
-            alpha = float(arg)
+            value = float(arg)
         except ValueError:
-            raise ValueError(f"partition:ALPHA needs a number, not {arg!r}") from None
-        if not 0 < alpha < 1:
-            raise ValueError(f"partition alpha must be in (0, 1), not {alpha}")
-    return name, alpha
+            raise ValueError(f"{what} needs a number, not {arg!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{what} needs a finite number, not {arg!r}")
+        if name == PolicyName.PARTITION.value and not 0 < value < 1:
+            raise ValueError(f"partition alpha must be in (0, 1), not {value}")
+        if name == PolicyName.FLEX.value and value < 0:
+            raise ValueError(f"flex slack must be >= 0, not {value}")
+    return name, value
 
 
 def policy_arg(spec: str) -> str:

@@ -211,6 +211,8 @@ class PolicyScheduler:
             kw["partition"] = self.partition
             if tpot_budget_s:
                 kw["default_tpot_budget_s"] = tpot_budget_s
+            if alpha is not None:  # flex:SLACK (parse_policy): the TPOT-keeping variant
+                kw["tpot_slack"] = alpha
         if policy == "partition" and alpha is not None:
             kw["alpha"] = alpha
         self.policy = make_policy(policy, **kw)
@@ -422,6 +424,8 @@ class PolicyScheduler:
                 prefill_slots=self.policy.prefill_slots,
                 decode_share=self.policy.decode_share,
                 adjustments=self.policy.adjustments,
+                tpot_slack=self.policy.tpot_slack,
+                decode_floor=self.policy.decode_floor,
             )
         if isinstance(self.policy, StaticPartitionPolicy):
             out["alpha"] = self.policy.alpha

@@ -288,6 +288,13 @@ class FlexPolicy(Policy):
     prefill cannot starve) and grow the decode share by ``share_up`` (cap ``max_decode_share``,
     so prefill keeps cores); below ``low`` x budget: add a slot and shrink the decode share by
     ``share_down`` (floor ``min_decode_share``), so prefill takes the slack.
+    TPOT-keeping variant (``tpot_slack`` set, e.g. 0.05): the decode share never drops below
+    the *decode floor*, the smallest grid share on which the cost model predicts decode's last
+    iteration within ``1 + tpot_slack`` of its whole-device time (``decode_floor``): on a share
+    s a kernel needs max(max(compute, issue_frac x memory) / s, memory, link) (emu.py's model:
+    memory traffic needs cores to issue it), so a memory-bound decode iteration keeps its
+    whole-device speed from about issue_frac of the cores up and prefill gets the rest. Without
+    it (the default) the AIMD spends decode's slack below the TPOT budget on prefill.
     Prefill work should arrive chunked (a few layers per op) so that the gate has kernel-level
     granularity; the engine decides the chunking, the policy only gates and partitions.
     The constants were tuned on the chat workload only (docs/scheduling.md).
@@ -311,8 +318,11 @@ class FlexPolicy(Policy):
         share_up: float = 2.0,
         share_down: float = 1.25,
         partition: bool = True,
+        tpot_slack: float | None = None,
     ):
         super().__init__()
+        if tpot_slack is not None and not 0 <= tpot_slack:
+            raise ValueError(f"tpot_slack must be >= 0, not {tpot_slack}")
         if not 0 < min_decode_share <= max_decode_share < 1:
             raise ValueError("need 0 < min_decode_share <= max_decode_share < 1")
         self.default_tpot_budget_s = default_tpot_budget_s
@@ -329,6 +339,13 @@ class FlexPolicy(Policy):
         self.min_prefill_slots = min_prefill_slots
         self.adjustments = 0
         self._decode_seen: float | None = None  # last completion of a decode op
+        self.tpot_slack = tpot_slack
+        # decode floor: per decode stream, the predicted time of the current iteration on each
+        # grid share (index k: share (k+1) x share_step); the floor from the last closed one
+        self._levels = max(1, round(1 / share_step))
+        self._iter_at_share: dict[Hashable, list[float]] = {}
+        self._floors: dict[Hashable, float] = {}  # per decode stream; the policy keeps the largest
+        self.decode_floor: float | None = None
 
     def _phase(self, q: StreamQueue, device: DeviceState) -> Phase:
         return q.effective_phase(device.ridge, self.phase_threshold)
@@ -342,6 +359,8 @@ class FlexPolicy(Policy):
         if not (self.partition and decode_busy and prefill_busy):
             return None, None
         d = _quantize(self.decode_share, self.share_step)
+        if self.decode_floor is not None:
+            d = max(d, self.decode_floor)
         d = min(d, 1.0 - self.share_step)
         return d, 1.0 - d
 
@@ -364,6 +383,8 @@ class FlexPolicy(Policy):
             if not ready:
                 break
             q = min(ready, key=lambda q: q.ops[0].id)
+            if self.tpot_slack is not None:
+                self._account_floor(q, q.ops[0].cost, device)
             out.append(self._take(q, device, now, 1.0, d_share))
         slots = math.inf if not decode_busy else int(self.prefill_slots)
         pre_inflight = sum(q.inflight for q in pre)
@@ -379,11 +400,34 @@ class FlexPolicy(Policy):
             pre_inflight += 1
         return out
 
+    def _account_floor(self, q: StreamQueue, cost: Cost, device: DeviceState) -> None:
+        """Add a decode op's predicted time on every grid share to its iteration's totals."""
+        comp, mem, link = device.model.work(cost)
+        spec = device.model.spec
+        need = max(comp, spec.issue_frac * mem)  # compute units' work, incl. issuing memory traffic
+        fixed = max(mem, link)  # what more cores cannot shorten
+        lat = cost.launches * spec.launch_s
+        acc = self._iter_at_share.setdefault(q.key, [0.0] * self._levels)
+        for k in range(self._levels):
+            acc[k] += max(need / ((k + 1) * self.share_step), fixed) + lat
+
+    def _close_floor(self, q: StreamQueue) -> None:
+        acc = self._iter_at_share.pop(q.key, None)
+        if not acc or acc[-1] <= 0 or self.tpot_slack is None:
+            return
+        target = (1.0 + self.tpot_slack) * acc[-1]  # acc[-1]: the whole device
+        k = next(k for k in range(self._levels) if acc[k] <= target + 1e-15)
+        # (prefill keeps at least one grid step: the floor is capped like the AIMD share)
+        self._floors[q.key] = min((k + 1) * self.share_step, 1.0 - self.share_step)
+        self.decode_floor = max(self._floors.values())
+
     def on_step(self, queue, device, now):
         if queue.last_step_time is None:
             return
         if self._phase(queue, device) is not Phase.DECODE:
             return
+        if self.tpot_slack is not None:
+            self._close_floor(queue)
         budget = self.budget(queue)
         t = queue.last_step_time
         if t > self.high * budget:

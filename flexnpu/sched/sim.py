@@ -417,6 +417,9 @@ class SimConfig:
     tpot_budget_s: float = 0.05
     step_overhead_s: float = 0.0
     partition_alpha: float = 0.5  # static-partition: prefill instance's core share
+    # flexnpu's TPOT-keeping variant: the decode share's floor keeps decode's iteration within
+    # 1 + slack of its whole-device time (FlexPolicy.tpot_slack); None: the default policy
+    flex_tpot_slack: float | None = None
 
 
 def _least_loaded(devs: list) -> Any:
@@ -500,7 +503,7 @@ def simulate(
                 pol = (
                     policy_factory()
                     if policy_factory
-                    else FlexPolicy(default_tpot_budget_s=cfg.tpot_budget_s)
+                    else FlexPolicy(default_tpot_budget_s=cfg.tpot_budget_s, tpot_slack=cfg.flex_tpot_slack)
                 )
             elif system == "static-partition":
                 pol = StaticPartitionPolicy(cfg.partition_alpha)
