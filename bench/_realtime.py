@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flexnpu.sched.systems import System
 from flexnpu.daemon_process import DaemonProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -382,25 +383,27 @@ class Router:
 
 # ---------------------------------------------------------------- one system run
 
-COLOCATED = ("flexnpu", "static-partition", "naive-coloc")  # a prefill + a decode instance per device
+COLOCATED = tuple(
+    s for s in System if s.colocated and s != System.FLEXNPU_TPOT
+)  # P + D per device; tpot: simulator only
 
 
 def daemon_policy(system: str, alpha: float = 0.5) -> str:
     """The daemon --policy a system runs under."""
-    return {"flexnpu": "flex", "static-partition": f"partition:{alpha}"}.get(system, "fifo")
+    return {System.FLEXNPU: "flex", System.STATIC_PARTITION: f"partition:{alpha}"}.get(system, "fifo")
 
 
 def plan_engines(
     system: str, n_devices: int, n_prefill: int
 ) -> tuple[list[dict], list[list[int]], list[int]]:
     """Engines of a system on n_devices: [{role, device}], the router's entry targets, decoders."""
-    if system == "static-coloc":
+    if system == System.STATIC_COLOC:
         engines = [{"role": "coloc", "device": d} for d in range(n_devices)]
         return engines, [[d] for d in range(n_devices)], []
     if system in COLOCATED:
         engines = [{"role": r, "device": d} for d in range(n_devices) for r in ("prefill", "decode")]
         return engines, [[2 * d, 2 * d + 1] for d in range(n_devices)], []
-    if system == "static-disagg":
+    if system == System.STATIC_DISAGG:
         if not 0 < n_prefill < n_devices:
             raise ValueError(f"static-disagg needs 0 < prefill devices < {n_devices}, not {n_prefill}")
         engines = [{"role": "prefill" if d < n_prefill else "decode", "device": d} for d in range(n_devices)]
@@ -462,7 +465,7 @@ def run_system(
     from flexnpu.sched.sim import metrics
     from flexnpu.sched.workload import Request
 
-    if n_devices < 2 and system == "static-disagg":
+    if n_devices < 2 and system == System.STATIC_DISAGG:
         raise ValueError("static-disagg needs at least 2 devices (a prefill and a decode device)")
     engines, entry, decoders = plan_engines(system, n_devices, n_prefill)
     policy = daemon_policy(system, alpha)
@@ -487,8 +490,8 @@ def run_system(
             "deadline_s": deadline_s,
         }
         budget = {
-            "static-coloc": {"coloc": cfg.max_batched_tokens},
-            "static-disagg": {"prefill": cfg.prefill_budget, "decode": cfg.max_seqs},
+            System.STATIC_COLOC: {"coloc": cfg.max_batched_tokens},
+            System.STATIC_DISAGG: {"prefill": cfg.prefill_budget, "decode": cfg.max_seqs},
         }.get(system, {"prefill": cfg.flex_prefill_chunk, "decode": cfg.max_seqs})
         events, ready, go = ctx.Queue(), ctx.Queue(), ctx.Queue()
         inboxes = [ctx.Queue() for _ in engines]
@@ -505,7 +508,7 @@ def run_system(
                 role=e["role"],
                 device=e["device"],
                 budget=budget[e["role"]],
-                kv_link=system == "static-disagg",
+                kv_link=system == System.STATIC_DISAGG,
             )
             pr = ctx.Process(target=engine_main, args=(ecfg, qss[i], events, ready, go), daemon=True)
             pr.start()
@@ -551,7 +554,7 @@ def run_system(
     m = metrics(out, slo["ttft"], slo["tpot"])
     m["system"] = system
     m["dispatch"] = "least-loaded"
-    if system == "static-partition":
+    if system == System.STATIC_PARTITION:
         m["alpha"] = alpha
     if system in COLOCATED:
         per_dev = []
@@ -572,7 +575,7 @@ def run_system(
             "importer_allocated_bytes": max(p["importer_allocated_bytes"] for p in per_dev),
             "per_device": per_dev,
         }
-    if system == "static-disagg":
+    if system == System.STATIC_DISAGG:
         from flexnpu.sched.specs import get_spec
 
         s = get_spec(spec_name)
@@ -636,10 +639,10 @@ def _route(
 def best_split(runs: list[dict], attainment: float = 0.9) -> int:
     """static-disagg's split to compare: highest throughput among its runs at >= `attainment` SLO
     attainment (best over rates), ties to the lower TTFT p50; the simulated mode's rule."""
-    splits = sorted({r["prefill_devices"] for r in runs if r["system"] == "static-disagg"})
+    splits = sorted({r["prefill_devices"] for r in runs if r["system"] == System.STATIC_DISAGG})
 
     def key(p: int) -> tuple:
-        rs = [r for r in runs if r.get("prefill_devices") == p and r["system"] == "static-disagg"]
+        rs = [r for r in runs if r.get("prefill_devices") == p and r["system"] == System.STATIC_DISAGG]
         ok = [r["throughput_tok_s"] for r in rs if r["slo_attainment"] >= attainment]
         return (max(ok) if ok else 0.0, -sum(r["ttft_p50_ms"] for r in rs))
 
@@ -648,12 +651,12 @@ def best_split(runs: list[dict], attainment: float = 0.9) -> int:
 
 def best_alpha(runs: list[dict], attainment: float = 0.9) -> float | None:
     """static-partition's alpha to compare, by best_split's rule."""
-    alphas = sorted({r["alpha"] for r in runs if r["system"] == "static-partition"})
+    alphas = sorted({r["alpha"] for r in runs if r["system"] == System.STATIC_PARTITION})
     if not alphas:
         return None
 
     def key(a: float) -> tuple:
-        rs = [r for r in runs if r["system"] == "static-partition" and r["alpha"] == a]
+        rs = [r for r in runs if r["system"] == System.STATIC_PARTITION and r["alpha"] == a]
         ok = [r["throughput_tok_s"] for r in rs if r["slo_attainment"] >= attainment]
         return (max(ok) if ok else 0.0, -sum(r["ttft_p50_ms"] for r in rs))
 

@@ -53,6 +53,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 from ._common import progress
+from flexnpu.sched.systems import System
 from flexnpu.sched.capacity import continuous_split_bound, requests_for, sustainable_rate, ttft_floors
 from flexnpu.sched.costmodel import CostModel
 from flexnpu.sched.models import MODELS, step_kernels
@@ -74,26 +75,26 @@ SLO_ATTAINMENT = 0.9
 # The systems in report order, and each one's knob: (SimConfig field, values searched). The same
 # number of values for every system (static-disagg: every split of the device group).
 SYSTEMS = (
-    "static-partition",
-    "naive-coloc",
-    "static-coloc",
-    "decode-first",
-    "static-disagg",
-    "flexnpu",
-    "flexnpu-tpot",
+    System.STATIC_PARTITION,
+    System.NAIVE_COLOC,
+    System.STATIC_COLOC,
+    System.DECODE_FIRST,
+    System.STATIC_DISAGG,
+    System.FLEXNPU,
+    System.FLEXNPU_TPOT,
 )
-FLEX_SYSTEMS = ("flexnpu", "flexnpu-tpot")  # the systems compared with every baseline
+FLEX_SYSTEMS = (System.FLEXNPU, System.FLEXNPU_TPOT)  # the systems compared with every baseline
 # flexnpu-tpot's decode-floor slack (FlexPolicy.tpot_slack): tuned on chat only, at 8 req/s per
 # device, 10 s of arrivals, chunk 1024 (docs/scheduling.md); reported unchanged on the others
 FLEX_TPOT_SLACK = 0.05
 KNOBS = {
-    "static-partition": ("partition_alpha", (0.625, 0.75, 0.875)),
-    "naive-coloc": ("flex_prefill_chunk", (512, 1024, 2048)),
-    "static-coloc": ("max_batched_tokens", (512, 1024, 2048)),
-    "decode-first": ("waiting_served_ratio", (0.3, 1.2, 2.4)),
-    "static-disagg": ("prefill_devices", None),
-    "flexnpu": ("flex_prefill_chunk", (512, 1024, 2048)),
-    "flexnpu-tpot": ("flex_prefill_chunk", (512, 1024, 2048)),
+    System.STATIC_PARTITION: ("partition_alpha", (0.625, 0.75, 0.875)),
+    System.NAIVE_COLOC: ("flex_prefill_chunk", (512, 1024, 2048)),
+    System.STATIC_COLOC: ("max_batched_tokens", (512, 1024, 2048)),
+    System.DECODE_FIRST: ("waiting_served_ratio", (0.3, 1.2, 2.4)),
+    System.STATIC_DISAGG: ("prefill_devices", None),
+    System.FLEXNPU: ("flex_prefill_chunk", (512, 1024, 2048)),
+    System.FLEXNPU_TPOT: ("flex_prefill_chunk", (512, 1024, 2048)),
 }
 # Probe effort, (full, --quick): seconds of arrivals per goodput probe, bisection steps, seeds
 # averaged per probe, per-rate base run length and how often it may double.
@@ -218,7 +219,7 @@ def estimate_split(model_name, spec, workload, n_dev, decode_batch=64):
 def _config(task: dict) -> tuple[SimConfig, int]:
     """The SimConfig and static-disagg split of a task's system at its knob value."""
     cfg = SimConfig(tpot_budget_s=task["slo"]["tpot"])
-    if task["system"] == "flexnpu-tpot":
+    if task["system"] == System.FLEXNPU_TPOT:
         cfg.flex_tpot_slack = FLEX_TPOT_SLACK
     field, value = task["knob"], task["value"]
     if field == "prefill_devices":
@@ -232,7 +233,9 @@ def _simulate(task: dict, rate: float, duration_s: float, seed: int):
     n_dev = task["devices"]
     reqs = generate(task["workload"], rate * n_dev, requests_for(rate, n_dev, duration_s), seed)
     cfg, n_prefill = _config(task)
-    system = "flexnpu" if task["system"] == "flexnpu-tpot" else task["system"]  # (cfg has the slack)
+    system = (
+        System.FLEXNPU if task["system"] == System.FLEXNPU_TPOT else task["system"]
+    )  # (cfg has the slack)
     st = simulate(system, model, cm, reqs, n_dev, n_prefill, cfg)
     return reqs, st
 
@@ -264,7 +267,7 @@ def _capacity_task(task: dict) -> dict:
     res = sustainable_rate(attainment, task["lo"], task["hi"], task["steps"], SLO_ATTAINMENT)
     mean_out = sum(r.output for r in generate(task["workload"], 1.0, 4000, task["seed"])) / 4000
     out = dict(task, **res.as_dict(), key=f"{task['system']} {knob_label(task['system'], task['value'])}")
-    if task["system"] == "static-disagg":
+    if task["system"] == System.STATIC_DISAGG:
         out["prefill_devices"] = task["value"]
     out["goodput_tok_s"] = res.max_rate * task["devices"] * mean_out
     out["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -323,9 +326,9 @@ def _run_task(task: dict) -> dict:
     )
     if "repartitions" in st:  # core-share changes per second per device (each costs spec.repartition_s)
         m["repartitions_per_s_per_device"] = st["repartitions"] / max(st["end"], 1e-9) / n_dev
-    if task["system"] == "static-disagg":
+    if task["system"] == System.STATIC_DISAGG:
         m["prefill_devices"], m["decode_devices"] = task["value"], n_dev - task["value"]
-    if task["system"] == "static-partition":
+    if task["system"] == System.STATIC_PARTITION:
         m["alpha"] = task["value"]
     return m
 
@@ -342,17 +345,17 @@ def _pool(jobs):
 
 
 def knob_values(system, a, n_dev, splits):
-    if system == "static-disagg":
+    if system == System.STATIC_DISAGG:
         return list(splits or range(1, n_dev))
     over = {
-        "static-partition": a.alphas,
-        "static-coloc": a.coloc_budgets,
-        "flexnpu": a.flex_chunks,
-        "flexnpu-tpot": a.flex_chunks,
-        "naive-coloc": a.flex_chunks,
+        System.STATIC_PARTITION: a.alphas,
+        System.STATIC_COLOC: a.coloc_budgets,
+        System.FLEXNPU: a.flex_chunks,
+        System.FLEXNPU_TPOT: a.flex_chunks,
+        System.NAIVE_COLOC: a.flex_chunks,
     }.get(system)
     if over:
-        return [float(x) if system == "static-partition" else int(x) for x in over.split(",") if x]
+        return [float(x) if system == System.STATIC_PARTITION else int(x) for x in over.split(",") if x]
     return list(KNOBS[system][1])
 
 
@@ -364,7 +367,10 @@ def capacity_group(base, systems, a, n_dev, splits, jobs):
         for v in knob_values(s, a, n_dev, splits)
     ]
     tasks.sort(
-        key=lambda t: t["system"] not in ("flexnpu", "flexnpu-tpot", "static-partition", "naive-coloc")
+        key=lambda t: (
+            t["system"]
+            not in (System.FLEXNPU, System.FLEXNPU_TPOT, System.STATIC_PARTITION, System.NAIVE_COLOC)
+        )
     )  # slowest first
     out = []
     with _pool(jobs) as ex:
@@ -431,7 +437,7 @@ def vs_one(f, c):
     }
 
 
-def summarize(runs, workload, cap, scale=1.0, flex_system="flexnpu"):
+def summarize(runs, workload, cap, scale=1.0, flex_system=System.FLEXNPU):
     """Compare a FlexNPU system (flexnpu or flexnpu-tpot) with every baseline: per rate (TTFT,
     TPOT, throughput) and goodput."""
     wl = [r for r in runs if r["workload"] == workload]
@@ -465,15 +471,15 @@ def summarize(runs, workload, cap, scale=1.0, flex_system="flexnpu"):
             out[f"vs_{key}"] = [
                 dict(
                     vs_one(flex[rate], by[s][rate]),
-                    **({"alpha": b["value"]} if s == "static-partition" else {}),
+                    **({"alpha": b["value"]} if s == System.STATIC_PARTITION else {}),
                 )
                 for rate in sorted(flex)
                 if rate in by[s]
             ]
-    dis = [r for r in cw if r["system"] == "static-disagg"]
+    dis = [r for r in cw if r["system"] == System.STATIC_DISAGG]
     if dis and fx is not None:
         k = round(scale)
-        bd = best["static-disagg"]
+        bd = best[System.STATIC_DISAGG]
         n = bd["devices"]
         out["best_disagg_split"] = f"{bd['value'] * k}:{(n - bd['value']) * k}"
         out["best_disagg_unit_prefill_devices"] = bd["value"]
@@ -512,16 +518,16 @@ def deployment_split(summaries, capacity):
     (a secondary figure; the headline uses each mix's own best split)."""
     for bal in [s for s in summaries if s["kind"] == "balanced" and "best_disagg_unit_prefill_devices" in s]:
         p_ = bal["best_disagg_unit_prefill_devices"]
-        fs = bal.get("flex_system", "flexnpu")
+        fs = bal.get("flex_system", System.FLEXNPU)
         for s in summaries:
             if s["workload"] == bal["workload"] or s.get("cluster") != bal.get("cluster"):
                 continue
-            if s.get("flex_system", "flexnpu") != fs:
+            if s.get("flex_system", System.FLEXNPU) != fs:
                 continue
             d = [
                 c
                 for c in capacity
-                if c["workload"] == s["workload"] and c["system"] == "static-disagg" and c["value"] == p_
+                if c["workload"] == s["workload"] and c["system"] == System.STATIC_DISAGG and c["value"] == p_
             ]
             if not d or not d[0]["max_rate_per_device"] or fs not in s["max_rate_per_device"]:
                 continue
@@ -563,7 +569,7 @@ def print_table(runs, summaries, header, quick):
             f"  {s['workload']:<10} {s['kind']:<14} goodput, req/s/device at >= {SLO_ATTAINMENT:.0%} SLO attainment: "
             + ", ".join(parts)
         )
-        fs = s.get("flex_system", "flexnpu")
+        fs = s.get("flex_system", System.FLEXNPU)
         print(f"  {'':<25} [{fs} against every baseline]")
         if "best_disagg_split" in s:
             print(
@@ -610,7 +616,7 @@ def verdicts(summaries: list[dict]) -> list[dict]:
     out = []
     for s in summaries:
         where = s["workload"] + (f" @{s['cluster']} devices" if "cluster" in s else "")
-        if s.get("flex_system", "flexnpu") != "flexnpu":
+        if s.get("flex_system", System.FLEXNPU) != System.FLEXNPU:
             where = f"{s['flex_system']}: {where}"
         g = s.get("flex_vs_static_disagg_goodput_pct", s.get("flex_vs_disagg_pct"))
         if g is not None:
@@ -623,7 +629,7 @@ def verdicts(summaries: list[dict]) -> list[dict]:
                     "met": g >= s["disagg_target_pct"],
                 }
             )
-        for key, lab in (("vs_static_partition", "static-partition"),):
+        for key, lab in (("vs_static_partition", System.STATIC_PARTITION),):
             rates = [pr for pr in s.get(key) or [] if pr.get("both_attain_slo", True)]
             if not rates:
                 if s.get(key):
@@ -719,11 +725,11 @@ RT_REQUESTS_PER_DEVICE = (8, 20)  # (--quick, full)
 def rt_summary(runs, workload):
     """The simulated mode's comparison keys for a real-time group (no decode-first baseline here)."""
     wl = [r for r in runs if r["workload"] == workload]
-    flex = {r["rate"]: r for r in wl if r["system"] == "flexnpu"}
-    col = {r["rate"]: r for r in wl if r["system"] == "static-coloc"}
-    dis = {r["rate"]: r for r in wl if r["system"] == "static-disagg" and r.get("best_split")}
-    par = {r["rate"]: r for r in wl if r["system"] == "static-partition" and r.get("best_alpha")}
-    nai = {r["rate"]: r for r in wl if r["system"] == "naive-coloc"}
+    flex = {r["rate"]: r for r in wl if r["system"] == System.FLEXNPU}
+    col = {r["rate"]: r for r in wl if r["system"] == System.STATIC_COLOC}
+    dis = {r["rate"]: r for r in wl if r["system"] == System.STATIC_DISAGG and r.get("best_split")}
+    par = {r["rate"]: r for r in wl if r["system"] == System.STATIC_PARTITION and r.get("best_alpha")}
+    nai = {r["rate"]: r for r in wl if r["system"] == System.NAIVE_COLOC}
     tf, tc, td, tp = (slo_throughput(list(d.values())) for d in (flex, col, dis, par))
     rb = next(iter(dis.values()), None)
     kind = WORKLOADS[workload].kind
@@ -733,10 +739,10 @@ def rt_summary(runs, workload):
         "best_disagg_split": f"{rb['prefill_devices']}:{rb['decode_devices']}" if rb else None,
         "best_alpha": next(iter(par.values()))["alpha"] if par else None,
         "slo_throughput_tok_s": {
-            "flexnpu": tf,
-            "static-coloc": tc,
-            "static-disagg": td,
-            "static-partition": tp,
+            System.FLEXNPU: tf,
+            System.STATIC_COLOC: tc,
+            System.STATIC_DISAGG: td,
+            System.STATIC_PARTITION: tp,
         },
         "flex_vs_disagg_pct": (100 * (tf / td - 1)) if td else math.inf,
         "flex_vs_coloc_pct": (100 * (tf / tc - 1)) if tc else math.inf,
@@ -764,7 +770,7 @@ def run_realtime(a, model_name, spec, t0) -> int:
             return 2
     n_dev = a.devices or 2
     # (flexnpu-tpot: simulated study only so far; the daemon runs it as --policy flex:SLACK)
-    rt_systems = [s for s in SYSTEMS if s not in ("decode-first", "flexnpu-tpot")]
+    rt_systems = [s for s in SYSTEMS if s not in (System.DECODE_FIRST, System.FLEXNPU_TPOT)]
     systems = a.systems.split(",") if a.systems else rt_systems
     if any(s not in rt_systems for s in systems):
         print(
@@ -772,7 +778,7 @@ def run_realtime(a, model_name, spec, t0) -> int:
             file=sys.stderr,
         )
         return 2
-    if n_dev < (2 if "static-disagg" in systems else 1):
+    if n_dev < (2 if System.STATIC_DISAGG in systems else 1):
         print(
             "flexnpu bench serve: --realtime needs --devices >= 2 with static-disagg (a prefill and a decode "
             "device, and every system gets the same count)",
@@ -808,11 +814,11 @@ def _rt_groups(a, model_name, spec, wls, n_dev, n_req, kv_tokens, cfg, runs, sum
             p0 = estimate_split(model_name, spec, w, n_dev)
             splits = [p_ for p_ in (p0 - 1, p0, p0 + 1) if 0 < p_ < n_dev]
         group = []
-        alphas = knob_values("static-partition", a, n_dev, None)
+        alphas = knob_values(System.STATIC_PARTITION, a, n_dev, None)
         plan = (
-            [("static-partition", 0, al) for al in alphas]
-            + [("naive-coloc", 0, 0.5), ("static-coloc", 0, 0.5), ("flexnpu", 0, 0.5)]
-            + [("static-disagg", p_, 0.5) for p_ in splits]
+            [(System.STATIC_PARTITION, 0, al) for al in alphas]
+            + [(System.NAIVE_COLOC, 0, 0.5), (System.STATIC_COLOC, 0, 0.5), (System.FLEXNPU, 0, 0.5)]
+            + [(System.STATIC_DISAGG, p_, 0.5) for p_ in splits]
         )
         plan = [x for x in plan if x[0] in a.systems_rt]
         for system, p_, alpha in plan:
@@ -862,14 +868,14 @@ def _rt_groups(a, model_name, spec, wls, n_dev, n_req, kv_tokens, cfg, runs, sum
                     }
                 )
                 group.append(m)
-        if "static-disagg" in a.systems_rt:
+        if System.STATIC_DISAGG in a.systems_rt:
             best = best_split(group, SLO_ATTAINMENT)
             for r in group:
-                if r["system"] == "static-disagg":
+                if r["system"] == System.STATIC_DISAGG:
                     r["best_split"] = r["prefill_devices"] == best
         best_a = best_alpha(group, SLO_ATTAINMENT)
         for r in group:
-            if r["system"] == "static-partition":
+            if r["system"] == System.STATIC_PARTITION:
                 r["best_alpha"] = r["alpha"] == best_a
         runs += group
         summaries.append(rt_summary(group, w))
@@ -909,9 +915,9 @@ def _rt_report(a, runs, summaries, model_name, spec, n_dev, n_req, t0) -> int:
     for r in runs:
         split = (
             f"{r['prefill_devices']}:{r['decode_devices']}"
-            if r["system"] == "static-disagg"
+            if r["system"] == System.STATIC_DISAGG
             else f"a{r['alpha']}"
-            if r["system"] == "static-partition"
+            if r["system"] == System.STATIC_PARTITION
             else "-"
         )
         mark = "*" if r.get("best_split") or r.get("best_alpha") else ""
@@ -1045,14 +1051,14 @@ def main(argv=None) -> int:
                         throughput_tok_s=r["throughput_tok_s"] * k,
                         unit_devices=n_dev,
                     )
-                    if rr["system"] == "static-disagg":
+                    if rr["system"] == System.STATIC_DISAGG:
                         rr["prefill_devices"], rr["decode_devices"] = (
                             r["prefill_devices"] * k,
                             r["decode_devices"] * k,
                         )
                     scaled.append(rr)
                 runs += scaled
-                for fs in [f for f in FLEX_SYSTEMS if f in systems] or ["flexnpu"]:
+                for fs in [f for f in FLEX_SYSTEMS if f in systems] or [System.FLEXNPU]:
                     sc = summarize(scaled, w, cap, scale=k, flex_system=fs)
                     sc["cluster"] = cl
                     summaries.append(sc)
@@ -1060,7 +1066,7 @@ def main(argv=None) -> int:
             runs += group
             summaries += [
                 summarize(group, w, cap, flex_system=fs)
-                for fs in [f for f in FLEX_SYSTEMS if f in systems] or ["flexnpu"]
+                for fs in [f for f in FLEX_SYSTEMS if f in systems] or [System.FLEXNPU]
             ]
     deployment_split(summaries, capacity)
     if a.plot:

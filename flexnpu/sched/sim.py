@@ -55,6 +55,7 @@ from flexnpu.sched.policy import (
     StaticPartitionPolicy,
     StreamQueue,
 )
+from flexnpu.sched.systems import System, parse_system
 from flexnpu.sched.workload import Request
 
 
@@ -444,11 +445,12 @@ def simulate(
     policy_factory: Callable[[], Policy] | None = None,
 ) -> dict:
     """Run one system over `requests` (mutated in place) on n_devices; returns run statistics."""
+    system = parse_system(system)
     cfg = cfg or SimConfig()
     loop = EventLoop()
     cap = model.kv_capacity_tokens(cm.spec.mem_bytes)
     devs: list[EngineDevice] | list[FlexDevice]
-    if system == "static-coloc":
+    if system == System.STATIC_COLOC:
         devs = [
             EngineDevice(
                 loop,
@@ -460,7 +462,7 @@ def simulate(
         ]
 
         route = _least_loaded(devs)
-    elif system in ("decode-first", "static-coloc-decode-first"):
+    elif system == System.DECODE_FIRST:
         devs = [
             EngineDevice(
                 loop,
@@ -480,7 +482,7 @@ def simulate(
         ]
 
         route = _least_loaded(devs)
-    elif system in ("flexnpu", "static-partition", "naive-coloc"):
+    elif system.colocated:
         fdevs: list[FlexDevice] = []
         for _ in range(n_devices):
             pool = KVPool(cap)
@@ -499,13 +501,13 @@ def simulate(
                 cfg.flex_prefill_slices,
                 on_prefilled=handoff,
             )
-            if system == "flexnpu":
+            if system in (System.FLEXNPU, System.FLEXNPU_TPOT):  # the variant: cfg.flex_tpot_slack
                 pol = (
                     policy_factory()
                     if policy_factory
                     else FlexPolicy(default_tpot_budget_s=cfg.tpot_budget_s, tpot_slack=cfg.flex_tpot_slack)
                 )
-            elif system == "static-partition":
+            elif system == System.STATIC_PARTITION:
                 pol = StaticPartitionPolicy(cfg.partition_alpha)
             else:
                 pol = FifoPolicy()
@@ -519,7 +521,7 @@ def simulate(
             d = min(fdevs, key=lambda d: d.engines["prefill"].load() + d.engines["decode"].load())
             d.engines["prefill"].add(r)
             d.kick()
-    elif system == "static-disagg":
+    elif system == System.STATIC_DISAGG:
         if not 0 < n_prefill < n_devices:
             raise ValueError("static-disagg needs 0 < n_prefill < n_devices")
         dec_devs: list[EngineDevice] = []
