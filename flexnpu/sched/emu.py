@@ -333,11 +333,16 @@ class EmuDevice:
             if k.rate == float("inf"):
                 k.remaining = 0.0
             elif k.rate > 0:
+                # its finish time as next_event_time computes it: reached when not after t. On
+                # a clock far from zero (time.monotonic() on a host up for hours) a remainder
+                # below the clock's resolution gives now + remaining / rate == now, dt == 0, and
+                # nothing would ever move it: the real-time driver spun forever.
+                finish = self.now + k.remaining / k.rate
                 k.remaining -= k.rate * dt
                 for r in range(3):
                     self.busy_time[r] += k.rate * k.demand[r] * dt
                 # float dust: what is left would finish within a picosecond
-                if k.remaining <= 1e-9 or k.remaining / k.rate < 1e-12:
+                if finish <= t or k.remaining <= 1e-9 or k.remaining / k.rate < 1e-12:
                     k.remaining = 0.0
         self.now = max(self.now, t)
 
