@@ -68,3 +68,16 @@ def flexnpu_run_cmd(runtime_dir: Path, *args: str) -> list[str]:
 
 
 __all__ = ["ROOT", "compile_program", "native_libs", "wheel_headers", "run_env", "flexnpu_run_cmd", "FLEXNPU"]
+
+
+def run_flexnpu(runtime_dir: Path, *args: str, timeout: float = 180, **kw) -> subprocess.CompletedProcess:
+    """`flexnpu run <args>` against the daemons of runtime_dir, output captured as text."""
+    return subprocess.run(
+        flexnpu_run_cmd(runtime_dir, *args),
+        env=run_env(runtime_dir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        **kw,
+    )

@@ -19,8 +19,10 @@ def test_every_opcode_has_a_typed_request_named_from_the_wire_table():
         cls = REQUEST_TYPES[op]
         assert tuple(n.removesuffix("_") for n in cls.field_names()) == spec.args, op.name
         words = tuple(range(100, 105))
-        r = cls(7, True, 1, 2, 3, words)
-        assert (r.user_data, r.sync, r.payload_offset, r.payload_len, r.flags) == (7, True, 1, 2, 3)
+        r = cls((int(op), P.FLAG_SYNC | P.FLAG_DEFERRED, 9, 7, 1, 2, *words))  # as unpacked from the SQ
+        assert (r.user_data, r.sync, r.payload_offset, r.payload_len) == (7, True, 1, 2)
+        assert r.flags == P.FLAG_SYNC | P.FLAG_DEFERRED
+        assert not cls((int(op), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)).sync
         for i, name in enumerate(cls.field_names()):
             assert getattr(r, name) == words[i]
 

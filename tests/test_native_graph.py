@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from _native import FLEXNPU, ROOT, compile_program, flexnpu_run_cmd, native_libs, run_env
+from _native import run_flexnpu as _run, FLEXNPU, ROOT, compile_program, flexnpu_run_cmd, native_libs, run_env
 
 TORCH_NPU_GRAPH = str(ROOT / "tests" / "native" / "torch_npu_graph.py")
 
@@ -18,18 +18,6 @@ TORCH_NPU_GRAPH = str(ROOT / "tests" / "native" / "torch_npu_graph.py")
 @pytest.fixture(scope="module")
 def prog(tmp_path_factory):
     return str(compile_program("acl_graph.c", tmp_path_factory.mktemp("graph") / "acl_graph"))
-
-
-def _run(runtime_dir, *args, timeout=180, **kw):
-    return subprocess.run(
-        flexnpu_run_cmd(runtime_dir, *args),
-        env=run_env(runtime_dir),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        **kw,
-    )
 
 
 def test_capture_replay_50_times_reads_new_inputs_and_errors(daemon, runtime_dir, prog):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from _native import ROOT, compile_program, flexnpu_run_cmd, run_env
+from _native import run_flexnpu, ROOT, compile_program, flexnpu_run_cmd, run_env
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +21,7 @@ def prog(tmp_path_factory):
 
 
 def _run(runtime_dir, *args, timeout=120, **kw):
-    return subprocess.run(
-        flexnpu_run_cmd(runtime_dir, *args),
-        env=run_env(runtime_dir),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        **kw,
-    )
+    return run_flexnpu(runtime_dir, *args, timeout=timeout, **kw)
 
 
 def test_c_program_runs_unmodified_with_correct_data_and_errors(daemon, runtime_dir, prog):

@@ -6,66 +6,65 @@ handler code reads `r.stream_id`, never `a[0]`. The classes are written out (so 
 see every field) and checked against the wire table at import: a renamed, reordered or missing
 argument fails loudly instead of silently reading the wrong slot.
 
-Construction is one slotted object per record (the daemon's hot path); fields are descriptors
-over the raw argument tuple, so nothing is copied or converted until a handler reads it.
+A request is the unpacked record itself (a tuple subclass: one C call to make, on the daemon's
+hot path); fields are C-level getters over it, so nothing is copied or converted until read.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, overload
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import protocol as P
 from ..protocol import Op
 
 __all__ = ["Request", "REQUEST_TYPES"]
 
-
-class _Arg:
-    """Slot `index` of the record's arguments, as an int attribute of the request."""
-
-    __slots__ = ("index", "name")
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.name = ""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    @overload
-    def __get__(self, obj: None, owner: type | None = None) -> _Arg: ...
-    @overload
-    def __get__(self, obj: Request, owner: type | None = None) -> int: ...
-    def __get__(self, obj: Request | None, owner: type | None = None) -> int | _Arg:
-        return self if obj is None else obj.args[self.index]
+_ARG0 = 6  # index of a0 in a submission record (protocol.SQE field order)
 
 
-class Request:
-    """One decoded submission record: what every handler gets besides its named arguments."""
+class _ArgProperty(property):
+    """Argument word `index` of the record, as an int attribute (a C-level getter: the daemon
+    reads these on its hot path)."""
 
-    __slots__ = ("user_data", "sync", "payload_offset", "payload_len", "flags", "args")
+    index: int
+
+
+def _arg(index: int) -> Any:  # Any: type checkers see the field as the int it returns
+    prop = _ArgProperty(itemgetter(_ARG0 + index))
+    prop.index = index
+    return prop
+
+
+class Request(tuple):  # type: ignore[type-arg]  # the record's own 11 integers
+    """One submission record, exactly as unpacked from the SQ (protocol.SQE: opcode, flags,
+    stream, user_data, payload offset, payload length, a0..a4), seen through named fields.
+
+    A tuple subclass, so making one is a single C call over the unpacked record (no per-field
+    copies on the daemon's hot path)."""
+
+    __slots__ = ()
     op: ClassVar[Op]
 
-    def __init__(
-        self,
-        user_data: int,
-        sync: bool,
-        payload_offset: int,
-        payload_len: int,
-        flags: int,
-        args: tuple[int, ...],
-    ) -> None:
-        self.user_data = user_data  # echoed in the reply (CQE) so the client can match it
-        self.sync = sync  # FLAG_SYNC: the client waits for a reply
-        self.payload_offset = payload_offset  # out-of-line data in the client's arena, if any
-        self.payload_len = payload_len
-        self.flags = flags
-        self.args = args  # the raw a0..a4; read them through the named fields
+    if TYPE_CHECKING:
+        flags: int  # the record's flags (FLAG_SYNC, FLAG_DEFERRED)
+        user_data: int  # echoed in the reply (CQE) so the client can match it
+        payload_offset: int  # out-of-line data in the client's arena, if any
+        payload_len: int
+
+        @property
+        def sync(self) -> bool: ...  # FLAG_SYNC: the client waits for a reply
+    else:
+        flags = property(itemgetter(1))
+        user_data = property(itemgetter(3))
+        payload_offset = property(itemgetter(4))
+        payload_len = property(itemgetter(5))
+        sync = property(lambda self: self[1] & P.FLAG_SYNC != 0)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        fields = [v for k in dir(cls) if isinstance(v := getattr(cls, k), _Arg)]
-        return tuple(f.name for f in sorted(fields, key=lambda f: f.index))
+        fields = [(v.index, k) for k in dir(cls) if isinstance(v := getattr(cls, k), _ArgProperty)]
+        return tuple(name for _, name in sorted(fields))
 
 
 # --------------------------------------------------------------------------- device, streams, events
@@ -87,8 +86,8 @@ class DeviceSync(Request):
 class StreamCreate(Request):
     __slots__ = ()
     op = Op.STREAM_CREATE
-    stream_id = _Arg(0)
-    priority = _Arg(1)
+    stream_id = _arg(0)
+    priority = _arg(1)
 
 
 class StreamDestroy(Request):
@@ -104,100 +103,100 @@ class StreamSync(Request):
 class StreamQuery(Request):
     __slots__ = ()
     op = Op.STREAM_QUERY
-    stream_id = _Arg(0)
+    stream_id = _arg(0)
 
 
 class EventCreate(Request):
     __slots__ = ()
     op = Op.EVENT_CREATE
-    event_id = _Arg(0)
-    flags_ = _Arg(1)  # the event's creation flags; `flags` is the record's own
+    event_id = _arg(0)
+    flags_ = _arg(1)  # the event's creation flags; `flags` is the record's own
 
 
 class EventDestroy(Request):
     __slots__ = ()
     op = Op.EVENT_DESTROY
-    event_id = _Arg(0)
+    event_id = _arg(0)
 
 
 class EventRecord(Request):
     __slots__ = ()
     op = Op.EVENT_RECORD
-    event_id = _Arg(0)
+    event_id = _arg(0)
 
 
 class StreamWaitEvent(Request):
     __slots__ = ()
     op = Op.STREAM_WAIT_EVENT
-    event_id = _Arg(0)
+    event_id = _arg(0)
 
 
 class EventSync(Request):
     __slots__ = ()
     op = Op.EVENT_SYNC
-    event_id = _Arg(0)
+    event_id = _arg(0)
 
 
 class EventQuery(Request):
     __slots__ = ()
     op = Op.EVENT_QUERY
-    event_id = _Arg(0)
+    event_id = _arg(0)
 
 
 class EventElapsed(Request):
     __slots__ = ()
     op = Op.EVENT_ELAPSED
-    start_id = _Arg(0)
-    end_id = _Arg(1)
+    start_id = _arg(0)
+    end_id = _arg(1)
 
 
 # --------------------------------------------------------------------------- memory and IPC
 class Malloc(Request):
     __slots__ = ()
     op = Op.MALLOC
-    handle = _Arg(0)
-    nbytes = _Arg(1)
+    handle = _arg(0)
+    nbytes = _arg(1)
 
 
 class Free(Request):
     __slots__ = ()
     op = Op.FREE
-    handle = _Arg(0)
+    handle = _arg(0)
 
 
 class Memset(Request):
     __slots__ = ()
     op = Op.MEMSET
-    handle = _Arg(0)
-    offset = _Arg(1)
-    value = _Arg(2)
-    nbytes = _Arg(3)
+    handle = _arg(0)
+    offset = _arg(1)
+    value = _arg(2)
+    nbytes = _arg(3)
 
 
 class MemcpyH2D(Request):
     __slots__ = ()
     op = Op.MEMCPY_H2D
-    handle = _Arg(0)
-    offset = _Arg(1)
-    nbytes = _Arg(2)
+    handle = _arg(0)
+    offset = _arg(1)
+    nbytes = _arg(2)
 
 
 class MemcpyD2H(Request):
     __slots__ = ()
     op = Op.MEMCPY_D2H
-    handle = _Arg(0)
-    offset = _Arg(1)
-    nbytes = _Arg(2)
+    handle = _arg(0)
+    offset = _arg(1)
+    nbytes = _arg(2)
 
 
 class MemcpyD2D(Request):
     __slots__ = ()
     op = Op.MEMCPY_D2D
-    dst = _Arg(0)
-    dst_offset = _Arg(1)
-    src = _Arg(2)
-    src_offset = _Arg(3)
-    nbytes = _Arg(4)
+    dst = _arg(0)
+    dst_offset = _arg(1)
+    src = _arg(2)
+    src_offset = _arg(3)
+    nbytes = _arg(4)
 
 
 class MemStats(Request):
@@ -208,21 +207,21 @@ class MemStats(Request):
 class IpcExport(Request):
     __slots__ = ()
     op = Op.IPC_EXPORT
-    handle = _Arg(0)
-    flags_ = _Arg(1)  # IPC_EXPORT_* flags; `flags` is the record's own
+    handle = _arg(0)
+    flags_ = _arg(1)  # IPC_EXPORT_* flags; `flags` is the record's own
 
 
 class IpcSetPids(Request):
     __slots__ = ()
     op = Op.IPC_SET_PIDS
-    key = _Arg(0)
+    key = _arg(0)
 
 
 class IpcImport(Request):
     __slots__ = ()
     op = Op.IPC_IMPORT
-    key = _Arg(0)
-    handle = _Arg(1)
+    key = _arg(0)
+    handle = _arg(1)
 
 
 # --------------------------------------------------------------------------- operators and graphs
@@ -234,33 +233,33 @@ class Launch(Request):
 class GraphBegin(Request):
     __slots__ = ()
     op = Op.GRAPH_BEGIN
-    graph_id = _Arg(0)
+    graph_id = _arg(0)
 
 
 class GraphEnd(Request):
     __slots__ = ()
     op = Op.GRAPH_END
-    graph_id = _Arg(0)
+    graph_id = _arg(0)
 
 
 class GraphReplay(Request):
     __slots__ = ()
     op = Op.GRAPH_REPLAY
-    graph_id = _Arg(0)
+    graph_id = _arg(0)
 
 
 class GraphDestroy(Request):
     __slots__ = ()
     op = Op.GRAPH_DESTROY
-    graph_id = _Arg(0)
+    graph_id = _arg(0)
 
 
 # --------------------------------------------------------------------------- scheduling hints
 class SetPhase(Request):
     __slots__ = ()
     op = Op.SET_PHASE
-    phase = _Arg(0)
-    stream_id = _Arg(1)
+    phase = _arg(0)
+    stream_id = _arg(1)
 
 
 class StepMark(Request):
@@ -272,25 +271,25 @@ class StepMark(Request):
 class CommInit(Request):
     __slots__ = ()
     op = Op.COMM_INIT
-    comm = _Arg(0)
-    rank = _Arg(1)
-    size = _Arg(2)
-    timeout_ms = _Arg(3)
+    comm = _arg(0)
+    rank = _arg(1)
+    size = _arg(2)
+    timeout_ms = _arg(3)
 
 
 class CommDestroy(Request):
     __slots__ = ()
     op = Op.COMM_DESTROY
-    comm = _Arg(0)
+    comm = _arg(0)
 
 
 class Collective(Request):
     __slots__ = ()
     op = Op.COLLECTIVE
-    comm = _Arg(0)
-    kind = _Arg(1)
-    reduce_op = _Arg(2)
-    root = _Arg(3)
+    comm = _arg(0)
+    kind = _arg(1)
+    reduce_op = _arg(2)
+    root = _arg(3)
 
 
 def _wire_name(field: str) -> str:

@@ -259,7 +259,7 @@ class Session:
     def prepare(self, rec: tuple[int, ...]) -> None:
         if self.kill is not None:
             return
-        op, flags, sid, ud, poff, plen, a0, a1, a2, a3, a4 = rec
+        op, flags, sid, ud = rec[0], rec[1], rec[2], rec[3]
         sync = flags & P.FLAG_SYNC != 0
         st: StreamState | None = None
         cmd: Cmd | None = None
@@ -277,7 +277,7 @@ class Session:
                     # refused before the handler runs, so a refused command leaves no trace
                     # (an EVENT_RECORD counted but never run would make its event never complete)
                     raise BadState(f"{Op(op).name} is not allowed while stream {sid} is being captured")
-            cmd = handler(self, st, request_type(ud, sync, poff, plen, flags, (a0, a1, a2, a3, a4)))
+            cmd = handler(self, st, request_type(rec))
             if cmd is None:
                 return
             cmd.t0 = self._drain_t
