@@ -72,7 +72,7 @@ def test_decode_step_round_trips_and_meta_calls(npu, monkeypatch):
     """HF generate with the default dynamic cache (shapes change every token, issue 13): one
     synchronous round trip per token (transformers' stopping check reads a flag on the host),
     and the operators shape_rules covers never reach the meta device for new shapes."""
-    from flexnpu import shape_rules
+    from flexnpu.ops import shape_rules
     from flexnpu.hook import tensor as T
 
     model = _tiny("qwen2").to("npu")

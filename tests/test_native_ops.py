@@ -29,7 +29,7 @@ import torch
 from conftest import DaemonProc
 from _native import ROOT, compile_program, flexnpu_run_cmd, native_libs, run_env
 
-from flexnpu import aclnn_api
+from flexnpu.ops import aclnn_api
 from flexnpu.protocol import TensorRef
 
 SCRIPT = str(ROOT / "tests" / "native" / "torch_npu_ops.py")

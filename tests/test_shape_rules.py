@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from flexnpu import shape_rules
+from flexnpu.ops import shape_rules
 from flexnpu.protocol import TensorRef
 
 aten = torch.ops.aten

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from flexnpu import ops as oprules
-from flexnpu import shape_rules
+from flexnpu.ops import shape_rules
 from flexnpu.hook import runtime
 from flexnpu.protocol import TensorRef
 

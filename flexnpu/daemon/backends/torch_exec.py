@@ -26,7 +26,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.types import Storage
 
-from flexnpu import ops, shape_rules
+from flexnpu import ops
+from flexnpu.ops import shape_rules
 from flexnpu.errors import OpFailed
 from flexnpu.protocol import TensorRef
 

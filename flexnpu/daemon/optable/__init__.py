@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from ... import aclnn_api as api
+from ...ops import aclnn_api as api
 from ...errors import OpNotSupported
 from ...protocol import TensorRef
 from ..backends.torch_exec import IndexRangeError, LaunchError, cached_view

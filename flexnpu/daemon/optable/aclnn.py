@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ... import aclnn_api as api
+from ...ops import aclnn_api as api
 from . import Args, LaunchError, put, register
 
 aten = torch.ops.aten

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ... import aclop_ops as T
+from ...ops import aclop_ops as T
 from ... import ops
 from ..backends.torch_exec import LaunchError, validate_indices
 from ..backends.torch_exec import _resolve as resolve_aten

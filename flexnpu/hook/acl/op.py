@@ -14,7 +14,7 @@ from typing import Any
 from . import constants as C
 from ._errors import AclFail, acl_api
 from ._objects import ATTRS, BUFFERS, DESCS, OpAttr
-from flexnpu.aclop_ops import (
+from flexnpu.ops.aclop_ops import (
     ACL_TO_TORCH,
     MAX_HOST_VALUES,
     OPS,
@@ -23,7 +23,7 @@ from flexnpu.aclop_ops import (
     Operand,
     contiguous_strides,
 )
-from flexnpu.aclop_ops import lower as lower_op
+from flexnpu.ops.aclop_ops import lower as lower_op
 from ._runtime import RT, is_device_ptr
 from flexnpu.protocol import TensorRef
 

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .protocol import TensorRef
+from ..protocol import TensorRef
 
 __all__ = [
     "PLAIN",
