@@ -41,7 +41,11 @@ def test_quick_run_prints_verdict_lines_last(capsys):
     out = capsys.readouterr().out.rstrip().splitlines()
     start = out.index("verdict (emulated):")
     lines = out[start + 1 : -2]  # then a blank line and the wall time
-    assert len(lines) in (2, 4), lines  # goodput + (TTFT, TPOT, throughput vs static partition, or "no rate")
+    # per flex system (flexnpu, flexnpu-tpot): goodput + (TTFT, TPOT, throughput vs static
+    # partition, or "no rate"); the variant's lines carry its name
+    n_flex = len(serve.FLEX_SYSTEMS)
+    assert len(lines) in (2 * n_flex, 4 * n_flex), lines
+    assert sum("flexnpu-tpot:" in line for line in lines) == len(lines) // n_flex, lines
     for line in lines:
         word = line.split()[0]
         assert word in ("MET", "NOT") and " target " in line, line
