@@ -25,21 +25,18 @@ PROMPT = 16
 
 
 def build_model(layers: int, hidden: int, seed: int = 0) -> Any:
-    """examples/generate.py's model (same configuration)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """examples/generate.py's model: its own build_model, loaded from the checkout, so the
+    benchmark measures exactly what the main example runs."""
+    import importlib.util
+    from pathlib import Path
 
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=hidden * 3,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
+    path = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
+    spec = importlib.util.spec_from_file_location("_flexnpu_example_generate", path)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise FileNotFoundError(f"{path}: the HF generate rows need a FlexNPU checkout (examples/)")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example.build_model(layers, hidden, VOCAB, seed)
 
 
 def _sync(device: str) -> None:

@@ -81,3 +81,17 @@ def run_flexnpu(runtime_dir: Path, *args: str, timeout: float = 180, **kw) -> su
         cwd=ROOT,
         **kw,
     )
+
+
+def spawn_flexnpu(runtime_dir: Path, *args: str) -> subprocess.Popen:
+    """`flexnpu run <args>` started in the background, stdin/stdout/stderr piped as text: for
+    programs a test talks to while they run."""
+    return subprocess.Popen(
+        flexnpu_run_cmd(runtime_dir, *args),
+        env=run_env(runtime_dir),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from _native import run_flexnpu as _run, FLEXNPU, ROOT, compile_program, flexnpu_run_cmd, native_libs, run_env
+from _native import spawn_flexnpu, run_flexnpu as _run, FLEXNPU, ROOT, compile_program, native_libs, run_env
 
 TORCH_NPU_GRAPH = str(ROOT / "tests" / "native" / "torch_npu_graph.py")
 
@@ -47,15 +47,7 @@ def _client_of(runtime_dir, pid):
 
 def test_phase_from_flexnpu_run_and_from_the_c_api(start_daemon, runtime_dir, prog):
     start_daemon("--metrics-port", "0")
-    p = subprocess.Popen(
-        flexnpu_run_cmd(runtime_dir, "--phase", "decode", "--", prog, "phase"),
-        env=run_env(runtime_dir),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    p = spawn_flexnpu(runtime_dir, "--phase", "decode", "--", prog, "phase")
     try:
         assert p.stdout.readline().strip() == "READY", p.stderr.read()
         pid = _program_pid(p.pid)
@@ -80,15 +72,7 @@ def test_step_marks_from_c_reach_the_schedulers_clock(start_daemon, runtime_dir,
 
     d = start_daemon("--metrics-port", "0")
     port = d.status()["metrics_port"]
-    p = subprocess.Popen(
-        flexnpu_run_cmd(runtime_dir, "--", prog, "phase"),
-        env=run_env(runtime_dir),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    p = spawn_flexnpu(runtime_dir, "--", prog, "phase")
     try:
         assert p.stdout.readline().strip() == "READY", p.stderr.read()
         p.stdin.write("go\n")

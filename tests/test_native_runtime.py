@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from _native import run_flexnpu, ROOT, compile_program, flexnpu_run_cmd, run_env
+from _native import spawn_flexnpu, run_flexnpu, ROOT, compile_program, flexnpu_run_cmd, run_env
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +54,7 @@ def test_unsupported_call_is_an_error_logged_once_by_name_with_v(daemon, runtime
 
 def test_daemon_loss_is_an_error_return_not_a_hang(start_daemon, runtime_dir, prog):
     d = start_daemon()
-    p = subprocess.Popen(
-        flexnpu_run_cmd(runtime_dir, "--", prog, "loss"),
-        env=run_env(runtime_dir),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    p = spawn_flexnpu(runtime_dir, "--", prog, "loss")
     try:
         assert p.stdout.readline().strip() == "READY"
         d.proc.kill()
@@ -124,29 +116,13 @@ def test_ipc_export_import_between_two_processes_with_pid_allow_list(daemon, run
     # The importer must be named by pid before it imports: it waits for the key on stdin.
     import psutil
 
-    importer = subprocess.Popen(
-        flexnpu_run_cmd(runtime_dir, "--", prog, "import", "-"),
-        env=run_env(runtime_dir),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    importer = spawn_flexnpu(runtime_dir, "--", prog, "import", "-")
     deadline = time.monotonic() + 30
     while not psutil.Process(importer.pid).children():
         assert time.monotonic() < deadline and importer.poll() is None
         time.sleep(0.02)
     imp_pid = psutil.Process(importer.pid).children()[0].pid
-    exporter = subprocess.Popen(
-        flexnpu_run_cmd(runtime_dir, "--", prog, "export", str(imp_pid)),
-        env=run_env(runtime_dir),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    exporter = spawn_flexnpu(runtime_dir, "--", prog, "export", str(imp_pid))
     try:
         line = exporter.stdout.readline().split()
         assert line and line[0] == "KEY", exporter.stderr.read() if exporter.poll() is not None else line

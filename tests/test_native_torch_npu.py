@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from _native import FLEXNPU, ROOT, flexnpu_run_cmd, native_libs, run_env
+from _native import spawn_flexnpu, FLEXNPU, ROOT, flexnpu_run_cmd, native_libs, run_env
 
 SCRIPT = str(ROOT / "tests" / "native" / "torch_npu_runtime.py")
 
@@ -81,15 +81,7 @@ def _line(p, tag: str) -> list[str]:
 
 
 def test_memory_allocated_and_empty_cache_show_in_flexnpu_status(daemon, runtime_dir):
-    p = subprocess.Popen(
-        flexnpu_run_cmd(runtime_dir, "--interpose", "native", "--", sys.executable, SCRIPT, "status"),
-        env=run_env(runtime_dir),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    p = spawn_flexnpu(runtime_dir, "--interpose", "native", "--", sys.executable, SCRIPT, "status")
     try:
         line = _line(p, "ALLOCATED")
         allocated, reserved = int(line[1]), int(line[2])
