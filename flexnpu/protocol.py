@@ -536,6 +536,18 @@ class _Reader:
         raise DecodeError(f"unknown argument tag {t}")
 
 
+def split_launch(buf: bytes) -> tuple[bytes, tuple[int, ...]] | None:
+    """(structure, handles) of a launch payload: the payload with every tensor's handle zeroed,
+    and the handles in payload order (the order decode_launch meets TensorRefs: args depth
+    first, then kwargs, then outputs). Two payloads with equal structure decode to the same
+    launch up to which allocations they name. None if the payload is malformed or names more
+    than 256 tensors (decode_launch then says what is wrong). One C pass (ring/pyfast.c)."""
+    from .ring.segment import launch_split
+
+    r: tuple[bytes, tuple[int, ...]] | None = launch_split(buf)
+    return r
+
+
 @dataclass(slots=True)
 class Launch:
     op: str

@@ -71,6 +71,17 @@ class Backend(Protocol):
     def elapsed_ms(self, start: Any, end: Any) -> float: ...
 
 
+class PlanningBackend(Backend, Protocol):
+    """A backend that can run launches from cached plans (handlers/launch.py). Optional: the
+    daemon looks for a ``plans`` attribute; a backend without one runs every launch generically."""
+
+    plans: dict[bytes, Any]  # launch structure (protocol.split_launch) -> plan, None or False
+    PLAN_CACHE_MAX: int
+
+    def make_plan(self, launch: Launch) -> Any: ...  # None: this launch has no plan
+    def run_plan(self, plan: Any, bufs: Any, handles: Any, allocate: Callable[[int], Any]) -> list[Any]: ...
+
+
 class CommandView(Protocol):
     """A validated request waiting in its stream's queue (session.Cmd), as the scheduler sees it."""
 

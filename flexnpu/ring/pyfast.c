@@ -13,6 +13,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 #include <time.h>
 #include "ring.h"
 
@@ -204,6 +205,113 @@ static PyTypeObject FastRingType = {
 static PyMethodDef call_def = {"call", (PyCFunction)(void (*)(void))py_call, METH_FASTCALL,
                                "call(sq, cq, rec, timeout) -> bytes"};
 
+
+/* ---- launch_split: the daemon's launch plan cache key (flexnpu/daemon/handlers/launch.py) ----
+ * Walks a LAUNCH payload (protocol.py's codec) and returns (key, handles): key is the payload
+ * with every tensor's 4-byte handle zeroed, handles the handles in payload order. Two launches
+ * with equal keys differ only in which allocations they name, so the daemon validates the
+ * structure once and reuses it. Any payload this walker does not accept gives None: the
+ * Python decoder then runs and reports what is wrong. The walk reads tags and lengths only,
+ * never handle bytes, so equal keys always yield handles at the same positions. */
+enum { T_NONE, T_FALSE, T_TRUE, T_INT, T_FLOAT, T_COMPLEX, T_STR, T_LIST, T_TUPLE, T_DTYPE, T_DEVICE,
+       T_LAYOUT, T_MEMFMT, T_TENSOR };
+#define SPLIT_MAX_DEPTH 8      /* protocol.MAX_DEPTH */
+#define SPLIT_MAX_ITEMS 4096   /* protocol.MAX_ITEMS */
+#define SPLIT_MAX_NDIM 16      /* protocol.MAX_NDIM */
+#define SPLIT_MAX_VALUES 32768 /* protocol.MAX_LAUNCH_VALUES */
+#define SPLIT_MAX_HANDLES 256  /* more tensors than this: no plan (the slow path handles it) */
+
+struct split {
+    const uint8_t *b;
+    uint8_t *key;
+    Py_ssize_t n, pos;
+    long budget;
+    uint32_t h[SPLIT_MAX_HANDLES];
+    int nh;
+};
+
+static int sp_take(struct split *s, Py_ssize_t k) {
+    if (k < 0 || k > s->n - s->pos) return -1;
+    s->pos += k;
+    return 0;
+}
+
+static int sp_u16(struct split *s, unsigned *v) {
+    if (s->n - s->pos < 2) return -1;
+    *v = (unsigned)s->b[s->pos] | ((unsigned)s->b[s->pos + 1] << 8);
+    s->pos += 2;
+    return 0;
+}
+
+static int sp_value(struct split *s, int depth) {
+    if (depth > SPLIT_MAX_DEPTH || --s->budget < 0 || s->pos >= s->n) return -1;
+    unsigned t = s->b[s->pos++], k;
+    switch (t) {
+    case T_NONE: case T_FALSE: case T_TRUE: case T_DEVICE: return 0;
+    case T_INT: case T_FLOAT: return sp_take(s, 8);
+    case T_COMPLEX: return sp_take(s, 16);
+    case T_DTYPE: case T_LAYOUT: case T_MEMFMT: return sp_take(s, 1);
+    case T_STR: return sp_u16(s, &k) ? -1 : sp_take(s, k);
+    case T_LIST: case T_TUPLE:
+        if (sp_u16(s, &k) || k > SPLIT_MAX_ITEMS) return -1;
+        for (unsigned i = 0; i < k; i++)
+            if (sp_value(s, depth + 1)) return -1;
+        return 0;
+    case T_TENSOR: {
+        if (s->n - s->pos < 6 || s->nh >= SPLIT_MAX_HANDLES) return -1;
+        unsigned nd = s->b[s->pos + 5];
+        if (nd > SPLIT_MAX_NDIM) return -1;
+        uint32_t h;
+        memcpy(&h, s->b + s->pos, 4);   /* little-endian hosts only (x86-64, aarch64) */
+        s->h[s->nh++] = h;
+        memset(s->key + s->pos, 0, 4);
+        s->pos += 6;
+        return sp_take(s, (Py_ssize_t)(2 * nd + 1) * 8);
+    }
+    default: return -1;
+    }
+}
+
+static PyObject *py_launch_split(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 1 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "launch_split(payload: bytes)");
+        return NULL;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    PyObject *key = PyBytes_FromStringAndSize(PyBytes_AS_STRING(args[0]), n);
+    if (!key) return NULL;
+    struct split *s = PyMem_Malloc(sizeof *s);
+    if (!s) { Py_DECREF(key); return PyErr_NoMemory(); }
+    s->b = (const uint8_t *)PyBytes_AS_STRING(args[0]);
+    s->key = (uint8_t *)PyBytes_AS_STRING(key);   /* fresh, not yet shared: writable */
+    s->n = n; s->pos = 0; s->budget = SPLIT_MAX_VALUES; s->nh = 0;
+    unsigned k, i;
+    int bad = sp_u16(s, &k) || sp_take(s, k) || sp_value(s, 0) || sp_u16(s, &k) || k > SPLIT_MAX_ITEMS;
+    for (i = 0; !bad && i < k; i++) bad = sp_value(s, 1) || sp_value(s, 1);
+    bad = bad || sp_u16(s, &k) || k > SPLIT_MAX_ITEMS;
+    for (i = 0; !bad && i < k; i++) bad = sp_take(s, 8) || sp_value(s, 0);
+    if (bad || s->pos != s->n) {
+        PyMem_Free(s);
+        Py_DECREF(key);
+        Py_RETURN_NONE;
+    }
+    PyObject *hs = PyTuple_New(s->nh);
+    for (int j = 0; hs && j < s->nh; j++) {
+        PyObject *v = PyLong_FromUnsignedLong(s->h[j]);
+        if (!v) { Py_CLEAR(hs); break; }
+        PyTuple_SET_ITEM(hs, j, v);
+    }
+    PyMem_Free(s);
+    if (!hs) { Py_DECREF(key); return NULL; }
+    PyObject *res = PyTuple_Pack(2, key, hs);
+    Py_DECREF(key);
+    Py_DECREF(hs);
+    return res;
+}
+
+static PyMethodDef split_def = {"launch_split", (PyCFunction)(void (*)(void))py_launch_split, METH_FASTCALL,
+                                "launch_split(payload) -> (key, handles) | None"};
+
 /* Called through cffi (which released the GIL) with id(namespace_dict). */
 int fx_py_install(uintptr_t dict_addr) {
     PyGILState_STATE g = PyGILState_Ensure();
@@ -215,6 +323,9 @@ int fx_py_install(uintptr_t dict_addr) {
     if (PyDict_SetItemString(d, "FastRing", (PyObject *)&FastRingType) < 0) goto out;
     f = PyCFunction_New(&call_def, NULL);
     if (!f || PyDict_SetItemString(d, "call", f) < 0) goto out;
+    Py_CLEAR(f);
+    f = PyCFunction_New(&split_def, NULL);
+    if (!f || PyDict_SetItemString(d, "launch_split", f) < 0) goto out;
     rc = 0;
 out:
     Py_XDECREF(f);

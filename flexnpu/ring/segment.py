@@ -38,6 +38,7 @@ if lib.fx_py_install(id(_fast)) != 0:  # id() is the object's address in CPython
     raise ImportError("flexnpu.ring: cannot install the C fast path")
 _FastRing = _fast["FastRing"]
 _fast_call = _fast["call"]
+launch_split = _fast["launch_split"]  # protocol.split_launch: the codec's structure/handle split
 _CLOSEDRC, _ROLERC = 100, 101
 
 

@@ -86,6 +86,7 @@ class TorchBackend:
         # The exec module belongs to the hook side's contract (aten launches); imported lazily so
         # the daemon starts even if a client never launches.
         self._exec: Any = None  # the torch_exec module once imported
+        self.plans: dict[bytes, Any] = {}  # launch structure (protocol.split_launch) -> plan
         # Core partitions (flexnpu.daemon.backends.partition): the capability is probed here.
         self.partition_capable = False
         self.partition_levels = 0
@@ -242,6 +243,25 @@ class TorchBackend:
         bound: list[tuple[int, torch.Tensor]] = self._exec.execute_launch(
             self.device, launch.op, launch.args, launch.kwargs, launch.outputs, resolve, allocate
         )
+        return bound
+
+    # Launch plans (torch_exec.make_plan): the daemon keeps them per structure in `plans`.
+    PLAN_CACHE_MAX = 4096
+
+    def make_plan(self, launch: Launch) -> Any:
+        """A reusable, validated plan of `launch` (None: run it the generic way, always)."""
+        if launch.op.startswith(_ASCEND_PREFIXES):
+            return None
+        if self._exec is None:
+            from . import torch_exec
+
+            self._exec = torch_exec
+        return self._exec.make_plan(self.device, launch)
+
+    def run_plan(
+        self, plan: Any, bufs: Any, handles: Any, allocate: Callable[[int], torch.Tensor]
+    ) -> list[torch.Tensor]:
+        bound: list[torch.Tensor] = self._exec.run_plan(self.device, plan, bufs, handles, allocate)
         return bound
 
     def op_allowed(self, op: str) -> bool:

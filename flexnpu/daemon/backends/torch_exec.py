@@ -31,7 +31,17 @@ from flexnpu.ops import shape_rules
 from flexnpu.errors import OpFailed
 from flexnpu.protocol import TensorRef
 
-__all__ = ["execute_launch", "is_op_allowed", "LaunchError", "build_view", "cached_view", "check_view_bounds"]
+__all__ = [
+    "execute_launch",
+    "LaunchPlan",
+    "make_plan",
+    "run_plan",
+    "is_op_allowed",
+    "LaunchError",
+    "build_view",
+    "cached_view",
+    "check_view_bounds",
+]
 
 aten = torch.ops.aten
 
@@ -452,7 +462,7 @@ def execute_launch(
     _flatten_tensors(result, flat)
     bound: list[tuple[int, torch.Tensor]] = []
     for (nbytes, ref), r in zip(outputs, flat):
-        buf = _bind(op, ctx, nbytes, ref, r, allocate)
+        buf = _bind(op, ctx.device, ctx.in_ptrs, nbytes, ref, r, allocate)
         ctx.in_ptrs.append((buf.data_ptr(), buf.data_ptr() + buf.numel()))  # outputs must not share
         bound.append((ref.handle, buf))
     return bound
@@ -492,17 +502,23 @@ def _overlaps(ptr: int, end: int, ranges: list[tuple[int, int]]) -> bool:
 
 
 def _bind(
-    op: str, ctx: _Ctx, nbytes: int, ref: TensorRef, r: torch.Tensor, allocate: Callable[[int], torch.Tensor]
+    op: str,
+    device: torch.device,
+    in_ptrs: list[tuple[int, int]],
+    nbytes: int,
+    ref: TensorRef,
+    r: torch.Tensor,
+    allocate: Callable[[int], torch.Tensor],
 ) -> torch.Tensor:
-    if r.device != ctx.device:
-        raise LaunchError(f"{op}: result on {r.device}, expected {ctx.device}")
+    if r.device != device:
+        raise LaunchError(f"{op}: result on {r.device}, expected {device}")
     st = r.untyped_storage()
     ptr = st.data_ptr()
     # The storage is bound as the handle's own only if the operator made it: it overlaps no input
     # (whatever the schema says about aliasing) and no other output, and the result covers it
     # densely (no bytes the operator left unwritten). Anything else is copied into a fresh,
     # zeroed allocation.
-    aliases = _overlaps(ptr, ptr + st.nbytes(), ctx.in_ptrs) if st.nbytes() else False
+    aliases = _overlaps(ptr, ptr + st.nbytes(), in_ptrs) if st.nbytes() else False
     if (
         not aliases
         and st.nbytes() == nbytes
@@ -512,8 +528,187 @@ def _bind(
         and r.numel() * r.dtype.itemsize == nbytes
         and is_dense(r)
     ):
-        return torch.empty(0, dtype=torch.uint8, device=ctx.device).set_(st)
+        return torch.empty(0, dtype=torch.uint8, device=device).set_(st)
     buf = _fresh(op, nbytes, allocate)
     view = build_view(ref, buf)
     view.copy_(r)
     return buf
+
+
+# ---- launch plans ------------------------------------------------------------------------------
+# A plan is everything about a launch that does not depend on which allocations it names: the
+# operator, its arguments with each tensor replaced by a slot (the k-th handle of the payload,
+# protocol.split_launch), the outputs' layouts, all validated once (allow list, argument types,
+# output metadata against the operator's own inference). The daemon keys plans on the payload's
+# structure (handles zeroed), so a launch whose structure it has seen costs a dict lookup plus
+# what truly depends on the handles: resolving them, bounds-checking each view against its
+# allocation (cached_view: a view is checked when first built for a pointer, size and layout),
+# index ranges, running the operator and binding its results.
+
+
+class _Slot:
+    __slots__ = ("k", "ref", "mutable")
+
+    def __init__(self, k: int, ref: TensorRef, mutable: bool) -> None:
+        self.k, self.ref, self.mutable = k, ref, mutable
+
+
+class LaunchPlan:
+    __slots__ = (
+        "op",
+        "opov",
+        "rule",
+        "args",
+        "kwargs",
+        "flat",
+        "n_in",
+        "outputs",
+        "values",
+        "cost",
+        "uninit",
+    )
+
+    def __init__(self, op: str, opov: Any, rule: ops.Rule) -> None:
+        self.op, self.opov, self.rule = op, opov, rule
+        self.args: list[Any] = []
+        self.kwargs: dict[str, Any] = {}
+        self.flat = True  # no tensor inside a list argument: args fill by position
+        self.n_in = 0  # input tensor slots; the outputs' handles follow them in the payload
+        self.outputs: list[tuple[int, TensorRef]] = []
+        self.values = 0  # what holding one of its commands costs (session.held_bytes)
+        self.cost: Any = None  # the scheduler's cost of one launch (the same for every launch of it)
+        self.uninit = opov._opname in ops.UNINITIALIZED
+
+
+class _NoPlan(Exception):
+    pass
+
+
+def make_plan(device: torch.device, launch: Any) -> LaunchPlan | None:
+    """The plan of a decoded launch, or None if it has none (the generic path then runs it, and
+    reports whatever is wrong with it): validation errors are never raised from here."""
+    op, args, kwargs, outputs = launch.op, launch.args, launch.kwargs, launch.outputs
+    try:
+        opov, rule = _resolve(op)
+        if _returns_fresh(opov):
+            _validate_outputs(op, opov, tuple(args), kwargs, outputs)
+        elif outputs:
+            return None
+        plan = LaunchPlan(op, opov, rule)
+        mpos, mnames = _mutable_args(opov)
+        k = 0
+
+        def tpl(x: Any, depth: int, mutable: bool) -> Any:
+            nonlocal k
+            if type(x) is TensorRef:
+                check_view_bounds(x, _MAX_DIM_VALUE)  # well-formed; sizes are checked per launch
+                k += 1
+                if depth > 1:
+                    plan.flat = False
+                return _Slot(k - 1, x, mutable)
+            if x is None or type(x) in _SCALARS:
+                return device if isinstance(x, torch.device) else x
+            if type(x) is list or type(x) is tuple:
+                if depth > 4:
+                    raise _NoPlan
+                out = [tpl(v, depth + 1, mutable) for v in x]
+                return out if type(x) is list else tuple(out)
+            raise _NoPlan
+
+        plan.args = [tpl(a, 1, i in mpos) for i, a in enumerate(args)]
+        plan.kwargs = {kk: tpl(v, 1, kk in mnames) for kk, v in kwargs.items()}
+        if any(type(v) is not _Slot and _has_slot(v) for v in plan.kwargs.values()):
+            plan.flat = False
+        plan.n_in = k
+        plan.outputs = list(outputs)
+        plan.values = launch.values
+        return plan
+    except (LaunchError, _NoPlan, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _has_slot(x: Any) -> bool:
+    if type(x) is _Slot:
+        return True
+    if type(x) is list or type(x) is tuple:
+        return any(_has_slot(v) for v in x)
+    return False
+
+
+def _fill(x: Any, views: list[torch.Tensor]) -> Any:
+    if type(x) is _Slot:
+        return views[x.k]
+    if type(x) is list:
+        return [_fill(v, views) for v in x]
+    if type(x) is tuple:
+        return tuple(_fill(v, views) for v in x)
+    return x
+
+
+def _slot_views(
+    plan: LaunchPlan, slots: Any, bufs: Sequence[torch.Tensor], handles: Sequence[int], out: list[Any]
+) -> None:
+    for sl in slots:
+        if type(sl) is _Slot:
+            buf = bufs[sl.k]
+            try:
+                out[sl.k] = build_view(sl.ref, buf) if sl.mutable else cached_view(sl.ref, buf)
+            except LaunchError:
+                # the message names the handle of this launch, not the plan's first one
+                ref = sl.ref
+                build_view(TensorRef(handles[sl.k], ref.dtype, ref.shape, ref.stride, ref.offset), buf)
+                raise
+        elif type(sl) is list or type(sl) is tuple:
+            _slot_views(plan, sl, bufs, handles, out)
+        elif type(sl) is dict:
+            _slot_views(plan, sl.values(), bufs, handles, out)
+
+
+def run_plan(
+    device: torch.device,
+    plan: LaunchPlan,
+    bufs: Sequence[torch.Tensor],
+    handles: Sequence[int],
+    allocate: Callable[[int], torch.Tensor],
+) -> list[torch.Tensor]:
+    """Run one launch of ``plan``: ``bufs[k]`` is the allocation of its k-th input slot (named by
+    ``handles[k]``). Returns the buffer to bind to each declared output, in order."""
+    for b in bufs:
+        if type(b) is not torch.Tensor or b.dtype != torch.uint8 or b.dim() != 1:
+            raise LaunchError(f"{plan.op}: backend storage must be a contiguous 1-D uint8 tensor")
+    views: list[Any] = [None] * plan.n_in
+    _slot_views(plan, plan.args, bufs, handles, views)
+    if plan.kwargs:
+        _slot_views(plan, plan.kwargs.values(), bufs, handles, views)
+    if plan.uninit:
+        return [_fresh(plan.op, nbytes, allocate) for nbytes, _ in plan.outputs]
+    if plan.flat:
+        args = [views[a.k] if type(a) is _Slot else a for a in plan.args]
+        kwargs = (
+            {k: (views[v.k] if type(v) is _Slot else v) for k, v in plan.kwargs.items()}
+            if plan.kwargs
+            else {}
+        )
+    else:
+        args = _fill(plan.args, views)
+        kwargs = {k: _fill(v, views) for k, v in plan.kwargs.items()}
+    if plan.rule.kind == ops.INDEXED:
+        validate_indices(plan.op, plan.opov, plan.rule, tuple(args), kwargs)
+    result = plan.opov(*args, **kwargs)
+    if not plan.outputs:
+        return []
+    flat: list[torch.Tensor] = []
+    _flatten_tensors(result, flat)
+    in_ptrs: list[tuple[int, int]] = []
+    seen: set[int] = set()
+    for b in bufs:
+        p = b.data_ptr()
+        if p not in seen:
+            seen.add(p)
+            in_ptrs.append((p, p + b.numel()))
+    bound: list[torch.Tensor] = []
+    for (nbytes, ref), r in zip(plan.outputs, flat):
+        buf = _bind(plan.op, device, in_ptrs, nbytes, ref, r, allocate)
+        in_ptrs.append((buf.data_ptr(), buf.data_ptr() + buf.numel()))  # outputs must not share
+        bound.append(buf)
+    return bound

@@ -1,20 +1,52 @@
 """Operator launches: decode the payload, resolve every tensor handle at prepare time (so a later
 free cannot pull memory from under queued work), bind fresh outputs, run on the backend.
+
+A launch whose structure (the payload with its handles zeroed, protocol.split_launch) the daemon
+has validated before takes the planned path: the backend's plan replaces decoding, the output
+checks and the cost model, and only what depends on the handles runs per launch.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ... import protocol as P
 from ...errors import FlexNPUError, InvalidArgument, InvalidHandle, OpNotSupported, code_of, error_for
 from ...ops import tensor_refs
 from ...protocol import Op
 from .. import requests as R
+from ...ring.segment import launch_split  # protocol.split_launch, without its wrapper's cost
 from ..objects import Alloc, Cmd, StreamState, ready_buf
+from ..scheduling import command_cost
 
 if TYPE_CHECKING:
+    from ..interfaces import PlanningBackend
     from ..session import Session
+
+# Launch payloads up to this size are split for the plan cache (the key is the payload itself).
+PLAN_MAX_PAYLOAD = 4096
+
+
+def _failed(launch_op: str, outs: dict[int, Alloc], e: Exception) -> Exception:
+    for al in outs.values():
+        al.failed = f"{launch_op}: {e}"
+    if isinstance(e, FlexNPUError):
+        return e
+    return error_for(code_of(e), f"{launch_op} failed on the device: {e}")
+
+
+def _bind_result(outs: dict[int, Alloc], h: int, buf: Any) -> None:
+    al = outs.get(h)
+    if al is None:
+        return
+    actual = buf.numel() * buf.element_size()
+    if actual != al.nbytes and al.tables:
+        al.owner.uncharge(al.nbytes)
+        al.owner.charge(actual)  # may exceed the limit by rounding only: never refuse here
+        al.nbytes = actual
+    al.buf = buf
+    al.result = None
+    al.failed = None
 
 
 def _run_launch(s: Session, st: StreamState, c: Cmd) -> None:
@@ -33,48 +65,41 @@ def _run_launch(s: Session, st: StreamState, c: Cmd) -> None:
     try:
         results = be.launch(launch, resolve, allocate)
     except Exception as e:
-        for al in outs.values():
-            al.failed = f"{launch.op}: {e}"
-        if isinstance(e, FlexNPUError):
-            raise
-        raise error_for(code_of(e), f"{launch.op} failed on the device: {e}") from e
+        raise _failed(launch.op, outs, e) from e
     for h, buf in results:
-        al = outs.get(h)
-        if al is None:
-            continue
-        actual = buf.numel() * buf.element_size()
-        if actual != al.nbytes and al.tables:
-            al.owner.uncharge(al.nbytes)
-            al.owner.charge(actual)  # may exceed the limit by rounding only: never refuse here
-            al.nbytes = actual
-        al.buf = buf
-        al.result = None
-        al.failed = None
+        _bind_result(outs, h, buf)
     if c.sync:
         s.reply_sync(c.user_data, st)
 
 
-def _p_launch(s: Session, st: StreamState | None, r: R.Launch) -> Cmd:
-    payload = bytes(s._payload(r.payload_offset, r.payload_len))  # copy out before parsing
+def _run_planned(s: Session, st: StreamState, c: Cmd) -> None:
+    plan, handles, allocs, outs = c.a
+    be = cast("PlanningBackend", s.daemon.backend)  # only such a backend made the plan
+    n = plan.n_in
     try:
-        launch = P.decode_launch(payload, s.daemon.backend.device)
-    except P.DecodeError as e:
-        raise InvalidArgument(f"malformed launch: {e}") from None
-    if not s.daemon.backend.op_allowed(launch.op):
-        raise OpNotSupported(f"operator {launch.op} is not supported by the {s.daemon.backend.name} backend")
-    allocs: dict[int, Alloc] = {}
-    for ref in tensor_refs(launch.args, launch.kwargs):
-        if ref.handle not in allocs:
-            allocs[ref.handle] = s.alloc_of(ref.handle)
+        bufs = [ready_buf(allocs[h], h) for h in handles[:n]]
+        results = be.run_plan(plan, bufs, handles, be.alloc)
+    except Exception as e:
+        raise _failed(plan.op, outs, e) from e
+    for h, buf in zip(handles[n:], results):
+        _bind_result(outs, h, buf)
+    if c.sync:
+        s.reply_sync(c.user_data, st)
+
+
+def _new_outputs(
+    s: Session, op: str, outputs: Any, handle_of: Any, inputs: Any
+) -> tuple[dict[int, Alloc], list[int]]:
+    """Fresh allocations for a launch's declared outputs, entered in the client's table."""
     outs: dict[int, Alloc] = {}
     created: list[int] = []
     try:
-        for nbytes, ref in launch.outputs:
-            h = ref.handle
-            if h in outs or h in allocs:
-                raise InvalidHandle(f"{launch.op}: output handle {h} is not fresh")
+        for i, (nbytes, ref) in enumerate(outputs):
+            h = handle_of(i, ref)
+            if h in outs or h in inputs:
+                raise InvalidHandle(f"{op}: output handle {h} is not fresh")
             al = s.new_alloc(nbytes)
-            al.ref = ref
+            al.ref = ref  # its declared layout (only the layout is read)
             s.handles.add(h, al)
             created.append(h)
             outs[h] = al
@@ -82,19 +107,97 @@ def _p_launch(s: Session, st: StreamState | None, r: R.Launch) -> Cmd:
         for h in created:
             s.handles.remove(h)
         raise
+    return outs, created
 
+
+def _undo(s: Session, created: list[int], outs: dict[int, Alloc]) -> Any:
     def undo() -> None:
         for h in created:
             if h in s.handles and s.handles.get(h) is outs[h]:
                 s.handles.remove(h)
 
+    return undo
+
+
+def _p_planned(s: Session, r: R.Launch, plan: Any, handles: tuple[int, ...]) -> Cmd:
+    """A launch whose structure has a plan: only what depends on its handles is left to check."""
+    n = plan.n_in
+    allocs: dict[int, Alloc] = {}
+    alloc_of = s.alloc_of
+    for h in handles[:n]:
+        if h not in allocs:
+            allocs[h] = alloc_of(h)
+    outs, created = _new_outputs(s, plan.op, plan.outputs, lambda i, _ref: handles[n + i], allocs)
+    cmd = Cmd(
+        Op.LAUNCH,
+        r.user_data,
+        r.sync,
+        _run_planned,
+        (plan, handles, allocs, outs),
+        undo=_undo(s, created, outs),
+    )
+    cmd.cost = plan.cost  # the launch limits and the cost model depend only on the structure
+    return cmd
+
+
+def _p_launch(s: Session, st: StreamState | None, r: R.Launch) -> Cmd:
+    payload = bytes(s._payload(r.payload_offset, r.payload_len))  # copy out before parsing
+    be = s.daemon.backend
+    # structure -> its plan; None: seen once; False: it has none
+    plans: dict[bytes, Any] | None = getattr(be, "plans", None)
+    split = None
+    # Captured streams take the generic path: graph compilation reads the decoded launch.
+    if plans is not None and st is not None and not st.capturing and len(payload) <= PLAN_MAX_PAYLOAD:
+        split = launch_split(payload)
+        if split is not None:
+            plan = plans.get(split[0])
+            if plan:
+                return _p_planned(s, r, plan, split[1])
+    try:
+        launch = P.decode_launch(payload, be.device)
+    except P.DecodeError as e:
+        raise InvalidArgument(f"malformed launch: {e}") from None
+    if not be.op_allowed(launch.op):
+        raise OpNotSupported(f"operator {launch.op} is not supported by the {be.name} backend")
+    allocs: dict[int, Alloc] = {}
+    for ref in tensor_refs(launch.args, launch.kwargs):
+        if ref.handle not in allocs:
+            allocs[ref.handle] = s.alloc_of(ref.handle)
+    outs, created = _new_outputs(s, launch.op, launch.outputs, lambda _i, ref: ref.handle, allocs)
+    undo = _undo(s, created, outs)
     cmd = Cmd(Op.LAUNCH, r.user_data, r.sync, _run_launch, (launch, allocs, outs), undo=undo)
     try:
         s.daemon.launch_limits.check(cmd)
     except BaseException:
         undo()
         raise
+    if split is not None:
+        _remember_plan(be, plans, split, launch, cmd)  # type: ignore[arg-type]  # plans is set with split
     return cmd
+
+
+def _remember_plan(
+    be: Any, plans: dict[bytes, Any], split: tuple[bytes, tuple[int, ...]], launch: Any, cmd: Cmd
+) -> None:
+    """Validate `launch`'s structure when it comes a second time and keep it: later launches of
+    that structure take _p_planned. A launch that cannot have a plan keeps taking this path
+    (which reports its errors)."""
+    key = split[0]
+    if plans.get(key, 0) is False:
+        return  # no plan for this structure (see below)
+    if key not in plans:
+        # Seen once: remember only that. Structures that never come back (an attention whose
+        # sequence length grows every token) then cost a set entry, not a plan and a cost model.
+        if len(plans) >= be.PLAN_CACHE_MAX:
+            plans.clear()
+        plans[key] = None
+        return
+    plan = be.make_plan(launch)
+    if plan is None or plan.n_in + len(plan.outputs) != len(split[1]):
+        plans[key] = False
+        return
+    plan.cost = command_cost(cmd)  # cached on cmd too: the scheduler reads the same object
+    plans[key] = plan
 
 
 PREPARE: dict[Op, Any] = {

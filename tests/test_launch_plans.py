@@ -1,0 +1,187 @@
+"""Launch plans (daemon/handlers/launch.py, torch_exec.make_plan/run_plan): a launch whose
+structure the daemon has validated before runs from its cached plan. What depends on the handles
+must still be checked on every launch: that each handle is the client's, that each view fits
+the allocation it names now, index ranges, fresh outputs.
+
+protocol.split_launch is checked against decode_launch; the rest attaches real clients to a real
+daemon (cpu backend) and repeats one structure with different handles.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from flexnpu import protocol as P
+from flexnpu.errors import FlexNPUError, InvalidHandle
+from flexnpu.protocol import TensorRef
+
+from test_op_safety import _alive, _get, _out, _put
+
+
+def _dfs(x, out: list[int]) -> list[int]:
+    if isinstance(x, TensorRef):
+        out.append(x.handle)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            _dfs(v, out)
+    return out
+
+
+def _refs_in_payload_order(launch: P.Launch) -> list[int]:
+    out = _dfs(launch.args, [])
+    for v in launch.kwargs.values():
+        _dfs(v, out)
+    return out + [r.handle for _, r in launch.outputs]
+
+
+def _payloads() -> list[bytes]:
+    a = TensorRef(5, torch.float32, (2, 3), (3, 1), 0)
+    b = TensorRef(7, torch.float16, (4,), (1,), 2)
+    o = TensorRef(9, torch.float32, (2, 3), (3, 1), 0)
+    return [
+        P.encode_launch("aten::add.Tensor", (a, b), {"alpha": 2}, [(24, o)]),
+        P.encode_launch("aten::cat.default", ([a, b, a], 0), {}, [(24, o)]),
+        P.encode_launch(
+            "aten::x", (None, True, 1.5, 3, "s", complex(1, 2), torch.float32, torch.device("cpu")), {}, []
+        ),
+        P.encode_launch("aten::y", ((a, [b, (a,)]),), {"k": [a, None], "m": torch.strided}, [(4, o), (8, b)]),
+        P.encode_launch("aten::z", (), {}, []),
+    ]
+
+
+def test_split_matches_decode_and_zeroes_only_handles():
+    for pl in _payloads():
+        split = P.split_launch(pl)
+        assert split is not None
+        key, handles = split
+        launch = P.decode_launch(pl, torch.device("cpu"))
+        assert list(handles) == _refs_in_payload_order(launch)
+        assert len(key) == len(pl)
+        diff = [i for i in range(len(pl)) if key[i] != pl[i]]
+        assert all(key[i] == 0 for i in diff)
+        # the same structure naming other allocations: same key, the new handles
+        renamed = P.encode_launch(
+            launch.op,
+            _rename(launch.args),
+            {k: _rename(v) for k, v in launch.kwargs.items()},
+            [(n, _rename(r)) for n, r in launch.outputs],
+        )
+        k2, h2 = P.split_launch(renamed)  # type: ignore[misc]
+        assert k2 == key
+        assert list(h2) == [h + 1000 for h in handles]
+
+
+def _rename(x):
+    if isinstance(x, TensorRef):
+        return TensorRef(x.handle + 1000, x.dtype, x.shape, x.stride, x.offset)
+    if isinstance(x, list):
+        return [_rename(v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_rename(v) for v in x)
+    return x
+
+
+def test_split_refuses_what_decode_refuses_and_never_crashes():
+    rng = random.Random(7)
+    for pl in _payloads():
+        for cut in range(len(pl)):
+            assert P.split_launch(pl[:cut]) is None  # every truncation
+        assert P.split_launch(pl + b"\0") is None  # trailing bytes
+        for _ in range(300):  # random corruption: either refused, or a payload decode accepts too
+            b = bytearray(pl)
+            for _ in range(rng.randint(1, 4)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            split = P.split_launch(bytes(b))
+            if split is not None:
+                try:
+                    launch = P.decode_launch(bytes(b))
+                except P.DecodeError:
+                    continue  # e.g. a bad dtype code: decode reports it; a plan is made only after decode
+                assert list(split[1]) == _refs_in_payload_order(launch)
+    deep = b"\x01\x00x" + b"\x08\x01\x00" * 20 + b"\x00" + b"\x00\x00\x00\x00"
+    assert P.split_launch(deep) is None  # nesting beyond MAX_DEPTH
+    many = P.encode_launch(
+        "aten::cat.default", ([TensorRef(i + 1, torch.float32, (1,), (1,), 0) for i in range(300)],), {}, []
+    )
+    assert P.split_launch(many) is None  # more tensors than a plan takes: the generic path
+    with pytest.raises(TypeError):
+        P.split_launch(bytearray(b"x"))  # type: ignore[arg-type]
+
+
+def _launch_mul(c, a: TensorRef, b: TensorRef) -> TensorRef:
+    o = _out(c, torch.float32, a.shape)
+    c.launch("aten::mul.Tensor", (a, b), {}, [o])
+    return o[1]
+
+
+def test_repeated_structure_gives_right_results_with_new_handles(client):
+    for i in range(6):  # first: generic; second: plan made; then planned
+        x = torch.arange(6.0).reshape(2, 3) + i
+        a, b = _put(client, x), _put(client, x + 1)
+        o = _launch_mul(client, a, b)
+        client.synchronize()
+        assert torch.equal(_get(client, o), x * (x + 1))
+        for h in (a.handle, b.handle, o.handle):
+            client.free(h)
+
+
+def test_planned_launch_checks_each_view_against_the_allocation_it_names_now(client):
+    a = _put(client, torch.ones(64))
+    for _ in range(3):
+        _launch_mul(client, a, a)
+    client.synchronize()
+    small = _put(client, torch.ones(4))  # same structure, but the handle names 16 bytes
+    ref = TensorRef(small.handle, torch.float32, (64,), (1,), 0)
+    _launch_mul(client, ref, ref)
+    with pytest.raises(FlexNPUError, match=f"handle {small.handle}.*beyond the allocation"):
+        client.synchronize()
+    _alive(client)
+
+
+def test_planned_launch_refuses_freed_foreign_and_reused_handles(daemon):
+    from flexnpu.client import Client
+
+    with Client(0) as owner, Client(0) as other:
+        a = _put(owner, torch.ones(8))
+        for _ in range(3):
+            _launch_mul(owner, a, a)
+        owner.synchronize()
+        # another client sends the same structure naming the owner's handle: not in its table
+        _launch_mul(other, a, a)
+        with pytest.raises(InvalidHandle):
+            other.synchronize()
+        # a freed handle
+        owner.free(a.handle)
+        _launch_mul(owner, a, a)
+        with pytest.raises(InvalidHandle):
+            owner.synchronize()
+        # an output handle that is not fresh (it names a live input)
+        b = _put(owner, torch.ones(8))
+        for _ in range(2):
+            _launch_mul(owner, b, b)
+        owner.synchronize()
+        owner.launch("aten::mul.Tensor", (b, b), {}, [(32, b)])
+        with pytest.raises(InvalidHandle, match="not fresh"):
+            owner.synchronize()
+        assert torch.equal(_get(owner, b), torch.ones(8))  # untouched
+        _alive(owner)
+        _alive(other)
+    assert daemon.proc.poll() is None
+
+
+def test_planned_index_launches_still_check_index_ranges(client):
+    src = _put(client, torch.arange(8.0))
+    for i in range(3):
+        idx = _put(client, torch.tensor([i, 7]))
+        o = _out(client, torch.float32, (2,))
+        client.launch("aten::index_select.default", (src, 0, idx), {}, [o])
+        client.synchronize()
+        assert _get(client, o[1]).tolist() == [float(i), 7.0]
+    bad = _put(client, torch.tensor([1, 1 << 40]))
+    client.launch("aten::index_select.default", (src, 0, bad), {}, [_out(client, torch.float32, (2,))])
+    with pytest.raises(FlexNPUError, match="out of range"):
+        client.synchronize()
+    _alive(client)
