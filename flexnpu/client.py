@@ -394,6 +394,12 @@ class Client:
     def free(self, handle: int) -> None:
         self._async(Op.FREE, handle)
 
+    def free_many(self, handles: list[int]) -> None:
+        """Free many handles with one record per 4096 (what deferred frees are flushed with)."""
+        for i in range(0, len(handles), 4096):
+            part = handles[i : i + 4096]
+            self._async(Op.FREE_MANY, payload=struct.pack(f"<{len(part)}I", *part))
+
     def memset(self, handle: int, offset: int, value: int, nbytes: int, stream: int = 0) -> None:
         self._async(Op.MEMSET, handle, offset, value & 0xFF, nbytes, stream=stream)
 

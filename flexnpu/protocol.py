@@ -67,6 +67,7 @@ class Op(IntEnum):
     MEMCPY_D2H = 34
     MEMCPY_D2D = 35
     MEM_STATS = 36
+    FREE_MANY = 37
     IPC_EXPORT = 40
     IPC_SET_PIDS = 41
     IPC_IMPORT = 42
@@ -88,6 +89,7 @@ class Payload(IntEnum):
     LAUNCH = 2  # encode_launch() format
     PIDS = 3  # little-endian u32 array
     ARENA = 4  # a host buffer in the arena the daemon reads/writes in stream order
+    HANDLES = 5  # little-endian u32 array of device handles
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ def _s(op: Op, args: tuple[str, ...], payload: Payload, reply: str, ordered: boo
     return OpSpec(op, args, payload, reply, ordered, doc)
 
 
-N, B, L, P, A = Payload.NONE, Payload.BYTES, Payload.LAUNCH, Payload.PIDS, Payload.ARENA
+N, B, L, P, A, H = Payload.NONE, Payload.BYTES, Payload.LAUNCH, Payload.PIDS, Payload.ARENA, Payload.HANDLES
 
 OPS: dict[Op, OpSpec] = {
     s.op: s
@@ -139,6 +141,14 @@ OPS: dict[Op, OpSpec] = {
         ),
         _s(Op.MALLOC, ("handle", "nbytes"), N, "-", False, "aclrtMalloc (client-chosen handle)"),
         _s(Op.FREE, ("handle",), N, "-", False, "aclrtFree"),
+        _s(
+            Op.FREE_MANY,
+            (),
+            H,
+            "first handle not freed (unknown), if any",
+            False,
+            "aclrtFree of up to 4096 handles in one record (a front end's deferred frees)",
+        ),
         _s(Op.MEMSET, ("handle", "offset", "value", "nbytes"), N, "-", True, "aclrtMemsetAsync"),
         _s(
             Op.MEMCPY_H2D,

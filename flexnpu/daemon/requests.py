@@ -164,6 +164,11 @@ class Free(Request):
     handle = _arg(0)
 
 
+class FreeMany(Request):
+    __slots__ = ()
+    op = Op.FREE_MANY
+
+
 class Memset(Request):
     __slots__ = ()
     op = Op.MEMSET

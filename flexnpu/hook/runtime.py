@@ -102,13 +102,11 @@ class Device:
         self.pending_bytes = 0
         if not pending:
             return
-        c = self.client
-        while pending:
-            try:
-                h = pending.pop()
-            except IndexError:
-                break
-            c.free(h)
+        # Destructors on other threads may append meanwhile: take what is there, atomically.
+        n = len(pending)
+        batch = pending[:n]
+        del pending[:n]
+        self.client.free_many(batch)
 
 
 FREE_BATCH = 64

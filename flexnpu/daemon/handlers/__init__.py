@@ -10,7 +10,7 @@ the others). Whatever it raises becomes that client's error (Session.prepare/Ses
 | --- | --- |
 | device.py | NOP, DEVICE_INFO, DEVICE_SYNC, MEM_STATS, SET_PHASE, STEP_MARK |
 | streams.py | STREAM_*, EVENT_*, STREAM_WAIT_EVENT |
-| memory.py | MALLOC, FREE, MEMSET, MEMCPY_*, IPC_* |
+| memory.py | MALLOC, FREE, FREE_MANY, MEMSET, MEMCPY_*, IPC_* |
 | launch.py | LAUNCH |
 | capture.py | GRAPH_* |
 | ../collectives.py | COMM_INIT, COMM_DESTROY, COLLECTIVE (next to the engine they drive) |

@@ -32,12 +32,38 @@ def _p_malloc(s: Session, st: StreamState | None, r: R.Malloc) -> None:
         s.reply(r.user_data)
 
 
-def _p_free(s: Session, st: StreamState | None, r: R.Free) -> None:
-    al = s.handles.remove(r.handle)
+def _free(s: Session, h: int) -> None:
+    al = s.handles.remove(h)
     # Its exports go too: otherwise the registry would keep memory alive that nobody is charged
     # for. Processes that already imported it keep it (and it stays charged to its owner).
-    for key in [k for k, e in s.daemon.exports.items() if e.alloc is al and e.owner_client == s.cid]:
-        del s.daemon.exports[key]
+    if s.daemon.exports:
+        for key in [k for k, e in s.daemon.exports.items() if e.alloc is al and e.owner_client == s.cid]:
+            del s.daemon.exports[key]
+
+
+def _p_free(s: Session, st: StreamState | None, r: R.Free) -> None:
+    _free(s, r.handle)
+    if r.sync:
+        s.reply(r.user_data)
+
+
+MAX_FREE_MANY = 4096
+
+
+def _p_free_many(s: Session, st: StreamState | None, r: R.FreeMany) -> None:
+    """Every handle of the list is freed; an unknown one is reported (the first), after the rest
+    are freed, as separate FREEs would each have been."""
+    n = r.payload_len
+    if n % 4 or n > 4 * MAX_FREE_MANY:
+        raise InvalidArgument(f"free list must be at most {MAX_FREE_MANY} u32 handles")
+    bad: InvalidHandle | None = None
+    for h in struct.unpack(f"<{n // 4}I", bytes(s._payload(r.payload_offset, n))):
+        try:
+            _free(s, h)
+        except InvalidHandle as e:
+            bad = bad or e
+    if bad is not None:
+        raise bad
     if r.sync:
         s.reply(r.user_data)
 
@@ -162,6 +188,7 @@ def _p_ipc_import(s: Session, st: StreamState | None, r: R.IpcImport) -> None:
 PREPARE: dict[Op, Any] = {
     Op.MALLOC: _p_malloc,
     Op.FREE: _p_free,
+    Op.FREE_MANY: _p_free_many,
     Op.MEMSET: _p_memset,
     Op.MEMCPY_H2D: _p_h2d,
     Op.MEMCPY_D2H: _p_d2h,
