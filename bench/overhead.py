@@ -149,13 +149,13 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller model, fewer steps (under a minute)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--backend", default="cpu", help="cpu|cuda (the direct device and the daemon's backend)")
-    ap.add_argument("--repeat", type=int, default=None, help="repetitions at least (default 2 quick, 3)")
+    ap.add_argument("--repeat", type=int, default=None, help="repetitions at least (default 1 quick, 3)")
     ap.add_argument(
         "--max-repeat",
         type=int,
         default=None,
         help="repeat until the direct runs agree within 10%% or this many repetitions "
-        "(default 3x --repeat); the spread is reported either way",
+        "(default 3x --repeat; --quick: --repeat); the spread is reported either way",
     )
     ap.add_argument(
         "--native",
@@ -174,13 +174,14 @@ def _main(argv: list[str] | None) -> int:
     layers = a.layers or 4
     hidden = a.hidden or (512 if a.quick else 1024)
     steps = a.steps or (20 if a.quick else 60)
-    reps = a.repeat or (2 if a.quick else 3)
+    reps = a.repeat or (1 if a.quick else 3)
     direct_dev = a.backend
     common = ["--steps", str(steps), "--layers", str(layers), "--hidden", str(hidden)]
     native_graph = a.backend == "cuda"
     runs: dict[str, list[float]] = {}
     tokens: dict[str, set] = {}
-    max_reps = max(reps, a.max_repeat or 3 * reps)
+    # --quick keeps to its repetitions (under a minute); a full run repeats until direct agrees
+    max_reps = max(reps, a.max_repeat or (reps if a.quick else 3 * reps))
     r = 0
     while r < reps or (r < max_reps and not settled(runs, native_graph)):
         r += 1
