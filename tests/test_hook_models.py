@@ -112,3 +112,44 @@ def test_decode_step_round_trips_and_meta_calls(npu, monkeypatch):
     (s1, m1, _), (s2, m2, names) = counts
     assert (s2 - s1) / 6 <= 1.0, counts  # per extra token: at most the stopping check
     assert m2 / 12 <= 1.0, names  # ~10 per token before the rules
+
+
+def test_sdpa_reaches_the_daemon_whole_without_grad_and_decomposed_with_it(npu, monkeypatch):
+    """scaled_dot_product_attention is one launch (the backend's fused kernel) when nothing needs
+    its gradient; with a gradient or dropout it keeps torch's math form, which autograd and the
+    host's random generator need."""
+    import torch.nn.functional as F
+
+    c = npu.client
+    launched: list[str] = []
+    real_launch = c.launch
+
+    def counting_launch(op, *a, **k):
+        launched.append(op)
+        return real_launch(op, *a, **k)
+
+    monkeypatch.setattr(c, "launch", counting_launch)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, s, n, 8, generator=g).transpose(1, 2) for s, n in ((3, 4), (5, 2), (5, 2)))
+    mask = torch.randn(1, 1, 3, 5, generator=g)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    with torch.no_grad():
+        got = F.scaled_dot_product_attention(q.npu(), k.npu(), v.npu(), attn_mask=mask.npu(), enable_gqa=True)
+    torch.testing.assert_close(got.cpu(), want)
+    assert launched.count("aten::scaled_dot_product_attention.default") == 1
+    assert "aten::bmm.default" not in launched and "aten::_safe_softmax.default" not in launched
+
+    launched.clear()
+    qg, qc = q.clone().npu().requires_grad_(), q.clone().requires_grad_()
+    F.scaled_dot_product_attention(
+        qg, k.npu(), v.npu(), attn_mask=mask.npu(), enable_gqa=True
+    ).sum().backward()
+    F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, enable_gqa=True).sum().backward()
+    torch.testing.assert_close(qg.grad.cpu(), qc.grad)
+    assert "aten::scaled_dot_product_attention.default" not in launched
+
+    launched.clear()
+    with torch.no_grad():
+        out = F.scaled_dot_product_attention(q.npu(), k.npu(), v.npu(), dropout_p=0.5, enable_gqa=True)
+    assert out.shape == (1, 4, 3, 8)
+    assert "aten::scaled_dot_product_attention.default" not in launched  # dropout: host random

@@ -185,3 +185,19 @@ def test_planned_index_launches_still_check_index_ranges(client):
     with pytest.raises(FlexNPUError, match="out of range"):
         client.synchronize()
     _alive(client)
+
+
+def test_daemon_refuses_sdpa_with_dropout_from_a_raw_client(client):
+    """The daemon allows scaled_dot_product_attention only without dropout (its random numbers
+    would come from the daemon's generator): checked on every launch, planned or not."""
+    q = _put(client, torch.ones(1, 2, 3, 4))
+    for dropout in (0.0, 0.0, 0.0, 0.5):
+        o = _out(client, torch.float32, (1, 2, 3, 4))
+        client.launch("aten::scaled_dot_product_attention.default", (q, q, q, None, dropout), {}, [o])
+        if dropout:
+            with pytest.raises(FlexNPUError, match="dropout_p=0.5 is not allowed"):
+                client.synchronize()
+        else:
+            client.synchronize()
+            assert torch.allclose(_get(client, o[1]), torch.ones(1, 2, 3, 4))
+    _alive(client)

@@ -188,6 +188,30 @@ def test_cat_matmul_softmax_reductions_embedding():
     assert check(aten.embedding.default, ref((1000, 128)), ref((), torch.int64))
 
 
+def test_scaled_dot_product_attention():
+    sdpa = aten.scaled_dot_product_attention.default
+    q, k, v = ref((1, 4, 1, 32)), ref((1, 4, 17, 32)), ref((1, 4, 17, 16))
+    assert check(sdpa, q, k, v)
+    assert check(sdpa, q, k, v, ref((1, 1, 1, 17)))  # HF's additive mask, broadcast over heads
+    assert check(sdpa, q, k, v, ref((1, 4, 1, 17), torch.bool))
+    assert check(sdpa, q, k, v, attn_mask=ref((1, 1, 1, 17)), dropout_p=0.0, scale=0.125, is_causal=False)
+    assert check(sdpa, ref((2, 4, 9, 32)), ref((2, 4, 9, 32)), ref((2, 4, 9, 32)), None, 0.0, True)
+    assert check(sdpa, ref((1, 4, 1, 32), stride=(128, 32, 128, 1)), k, v)  # a transposed view
+    for bad in (
+        (q, ref((1, 4, 17, 31)), v),  # head dims differ
+        (q, k, ref((1, 4, 16, 16))),  # key and value lengths differ
+        (q, k, v, ref((1, 1, 1, 5))),  # mask does not broadcast
+        (q, ref((1, 4, 17, 32), torch.float16), v),
+    ):
+        assert not check(sdpa, *bad)
+    assert shape_rules.infer(sdpa, (q, k, v), {"dropout_p": 0.1}) is None  # random: never a rule
+    # grouped heads (Qwen2, Llama: fewer key/value heads than query heads)
+    assert check(sdpa, ref((1, 8, 1, 32)), ref((1, 2, 17, 32)), ref((1, 2, 17, 16)), enable_gqa=True)
+    assert check(sdpa, q, k, v, ref((1, 1, 1, 17)), 0.0, False, scale=0.5, enable_gqa=True)
+    assert not check(sdpa, ref((1, 6, 1, 32)), ref((1, 4, 17, 32)), ref((1, 4, 17, 16)), enable_gqa=True)
+    assert not check(sdpa, ref((1, 8, 1, 32)), ref((1, 2, 17, 32)), ref((1, 2, 17, 16)))
+
+
 @pytest.mark.parametrize("bad", [(-1, 3), (3,)])
 def test_hostile_shapes_decline(bad):
     r = TensorRef(1, torch.float32, bad, (3, 1), 0)

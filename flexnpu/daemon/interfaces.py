@@ -79,7 +79,10 @@ class PlanningBackend(Backend, Protocol):
     PLAN_CACHE_MAX: int
 
     def make_plan(self, launch: Launch) -> Any: ...  # None: this launch has no plan
-    def run_plan(self, plan: Any, bufs: Any, handles: Any, allocate: Callable[[int], Any]) -> list[Any]: ...
+    # -> [(buffer, tensor over it in the declared layout)] per output; hints: Alloc.view of each input
+    def run_plan(
+        self, plan: Any, bufs: Any, handles: Any, allocate: Callable[[int], Any], hints: Any
+    ) -> list[tuple[Any, Any]]: ...
 
 
 class CommandView(Protocol):

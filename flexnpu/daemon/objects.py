@@ -25,7 +25,18 @@ class Alloc:
     A compiled graph replay leaves its outputs as `result` tensors (set_result); the byte view
     `buf` is made from it only when something reads the allocation (materialize)."""
 
-    __slots__ = ("nbytes", "buf", "owner", "tables", "graphs", "failed", "ref", "result", "__weakref__")
+    __slots__ = (
+        "nbytes",
+        "buf",
+        "owner",
+        "tables",
+        "graphs",
+        "failed",
+        "ref",
+        "result",
+        "view",
+        "__weakref__",
+    )
 
     def __init__(self, nbytes: int, owner: Any, buf: Any = None, ref: Any = None) -> None:
         self.nbytes = nbytes
@@ -36,6 +47,10 @@ class Alloc:
         self.failed: str | None = None
         self.ref = ref  # declared layout of a launch output (TensorRef)
         self.result: Any = None
+        # (buf, layout, tensor): the result tensor the operator that produced `buf` returned, laid
+        # out as declared; a planned launch reading it with that layout uses it as its view
+        # (valid while `buf` is that same object)
+        self.view: Any = None
 
     def set_result(self, t: Any) -> None:
         self.result = t

@@ -425,6 +425,28 @@ UNINITIALIZED = frozenset(_names("empty empty_like empty_strided new_empty new_e
 _resolved: dict[tuple[str, bool], tuple[Any, Rule]] = {}
 
 
+# Operators tagged random only for one argument: allowed when that argument asks for no
+# randomness (the daemon checks it on every launch: check_not_random).
+# name -> (argument name, position, the value that draws nothing)
+SEEDED_ONLY_WITH: dict[str, tuple[str, int, Any]] = {
+    "scaled_dot_product_attention": ("dropout_p", 4, 0.0),
+}
+
+
+def check_not_random(opov: Any, args: Any, kwargs: dict[str, Any]) -> None:
+    """Raise OpRefused if a launch of an operator of SEEDED_ONLY_WITH asks for randomness."""
+    spec = SEEDED_ONLY_WITH.get(opov._opname)
+    if spec is None:
+        return
+    name, pos, ok = spec
+    v = args[pos] if len(args) > pos else kwargs.get(name, ok)
+    if v != ok or type(v) not in (int, float):
+        raise OpRefused(
+            f"{opov._opname} with {name}={v!r} is not allowed on FlexNPU: it would draw from "
+            "the daemon's random generator (random numbers are generated on the host)"
+        )
+
+
 def resolve(op: str, values: bool = True) -> tuple[Any, Rule]:
     """(OpOverload, Rule) of an allowed "aten::name.overload", or raise OpRefused.
 
@@ -447,7 +469,7 @@ def resolve(op: str, values: bool = True) -> tuple[Any, Rule]:
             "operators it can run safely for a client)"
         )
     tags = opov.tags
-    if values and torch.Tag.nondeterministic_seeded in tags:
+    if values and torch.Tag.nondeterministic_seeded in tags and name not in SEEDED_ONLY_WITH:
         raise OpRefused(
             f"operator {op!r} is not allowed on FlexNPU: it would draw from the daemon's "
             "random generator (random numbers are generated on the host)"

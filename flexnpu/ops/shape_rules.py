@@ -491,6 +491,54 @@ def _embedding(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
     return _out(w.dtype, (*idx.shape, w.shape[1]))
 
 
+_SDPA_KW = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _sdpa(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+    """scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+    is_causal=False, *, scale=None, enable_gqa=False) without dropout: the output has the query's
+    dtype and leading shape and the value's last dimension (the math form's contiguous layout)."""
+    if len(args) < 3 or len(args) > 6 or kwargs.keys() - set(_SDPA_KW):
+        return None
+    kw = dict(zip(_SDPA_KW, args[3:]))
+    if kw.keys() & kwargs.keys():
+        return None
+    kw.update(kwargs)
+    q, k, v = args[:3]
+    if not (type(q) is TensorRef and type(k) is TensorRef and type(v) is TensorRef):
+        return None
+    if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype:
+        return None
+    if kw.get("dropout_p", 0.0) not in (0, 0.0) or type(kw.get("is_causal", False)) is not bool:
+        return None
+    if kw.get("scale") is not None and type(kw["scale"]) is not float:
+        return None
+    gqa = kw.get("enable_gqa", False)
+    if type(gqa) is not bool:
+        return None
+    nd = len(q.shape)
+    if nd < 2 or len(k.shape) != nd or len(v.shape) != nd or k.shape[:-2] != v.shape[:-2]:
+        return None
+    if gqa and nd >= 3:
+        # grouped heads: the query's head count is a multiple of the key's
+        if q.shape[:-3] != k.shape[:-3] or k.shape[-3] == 0 or q.shape[-3] % k.shape[-3]:
+            return None
+    elif q.shape[:-2] != k.shape[:-2]:
+        return None  # broadcast batch dims: meta decides
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or 0 in q.shape or 0 in k.shape:
+        return None
+    mask = kw.get("attn_mask")
+    if mask is not None:
+        if type(mask) is not TensorRef or mask.dtype not in (torch.bool, q.dtype):
+            return None
+        if kw.get("is_causal", False):
+            return None  # torch refuses both
+        want = (*q.shape[:-1], k.shape[-2])
+        if _broadcast([mask.shape, want]) != want:
+            return None
+    return _out(q.dtype, (*q.shape[:-1], v.shape[-1]))
+
+
 _RULES: dict[Any, Rule] = {}
 
 
@@ -530,6 +578,7 @@ _add("mean.dim", _reduction("mean"))
 _add("sum.dim_IntList", _reduction("sum"))
 _add("amax.default", _reduction("amax"))
 _add("embedding.default", _embedding)
+_add("scaled_dot_product_attention.default", _sdpa)
 
 
 def _sane(args: Sequence[Any], depth: int = 0) -> bool:

@@ -262,9 +262,11 @@ class TorchBackend:
         return self._exec.make_plan(self.device, launch)
 
     def run_plan(
-        self, plan: Any, bufs: Any, handles: Any, allocate: Callable[[int], torch.Tensor]
-    ) -> list[torch.Tensor]:
-        bound: list[torch.Tensor] = self._exec.run_plan(self.device, plan, bufs, handles, allocate)
+        self, plan: Any, bufs: Any, handles: Any, allocate: Callable[[int], torch.Tensor], hints: Any
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        bound: list[tuple[torch.Tensor, torch.Tensor]] = self._exec.run_plan(
+            self.device, plan, bufs, handles, allocate, hints
+        )
         return bound
 
     def op_allowed(self, op: str) -> bool:

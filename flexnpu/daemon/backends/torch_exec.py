@@ -72,6 +72,13 @@ def _resolve(op: str) -> tuple[Any, ops.Rule]:
         raise LaunchError(str(e)) from None
 
 
+def _check_not_random(opov: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+    try:
+        ops.check_not_random(opov, args, kwargs)
+    except ops.OpRefused as e:
+        raise LaunchError(str(e)) from None
+
+
 def is_op_allowed(op: str) -> bool:
     """True if ``op`` ("aten::name.overload") is an aten operator a client may launch (flexnpu.ops)."""
     return ops.is_allowed(op, values=True)
@@ -438,6 +445,7 @@ def execute_launch(
         raise LaunchError(f"{op}: keyword names must be strings")
     if not isinstance(outputs, (tuple, list)):
         raise LaunchError(f"{op}: outputs must be a list")
+    _check_not_random(opov, args, kwargs)
     if _returns_fresh(opov):
         _validate_outputs(op, opov, tuple(args), kwargs, outputs)
     elif outputs:
@@ -462,7 +470,7 @@ def execute_launch(
     _flatten_tensors(result, flat)
     bound: list[tuple[int, torch.Tensor]] = []
     for (nbytes, ref), r in zip(outputs, flat):
-        buf = _bind(op, ctx.device, ctx.in_ptrs, nbytes, ref, r, allocate)
+        buf = _bind(op, ctx.device, ctx.in_ptrs, nbytes, ref, r, allocate)[0]
         ctx.in_ptrs.append((buf.data_ptr(), buf.data_ptr() + buf.numel()))  # outputs must not share
         bound.append((ref.handle, buf))
     return bound
@@ -498,7 +506,10 @@ def is_dense(t: torch.Tensor) -> bool:
 
 
 def _overlaps(ptr: int, end: int, ranges: list[tuple[int, int]]) -> bool:
-    return any(ptr < hi and lo < end for lo, hi in ranges)
+    for lo, hi in ranges:  # a plain loop: a generator per bound output cost more than the test
+        if ptr < hi and lo < end:
+            return True
+    return False
 
 
 def _bind(
@@ -509,7 +520,9 @@ def _bind(
     ref: TensorRef,
     r: torch.Tensor,
     allocate: Callable[[int], torch.Tensor],
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The buffer to bind for result ``r`` of a declared output, and a tensor over it with the
+    declared layout (``r`` itself when its storage is bound as is)."""
     if r.device != device:
         raise LaunchError(f"{op}: result on {r.device}, expected {device}")
     st = r.untyped_storage()
@@ -528,11 +541,11 @@ def _bind(
         and r.numel() * r.dtype.itemsize == nbytes
         and is_dense(r)
     ):
-        return torch.empty(0, dtype=torch.uint8, device=device).set_(st)
+        return torch.empty(0, dtype=torch.uint8, device=device).set_(st), r
     buf = _fresh(op, nbytes, allocate)
     view = build_view(ref, buf)
     view.copy_(r)
-    return buf
+    return buf, view
 
 
 # ---- launch plans ------------------------------------------------------------------------------
@@ -547,10 +560,16 @@ def _bind(
 
 
 class _Slot:
-    __slots__ = ("k", "ref", "mutable")
+    __slots__ = ("k", "ref", "mutable", "key")
 
     def __init__(self, k: int, ref: TensorRef, mutable: bool) -> None:
         self.k, self.ref, self.mutable = k, ref, mutable
+        self.key = layout_key(ref)
+
+
+def layout_key(ref: TensorRef) -> tuple[Any, ...]:
+    """What a view's layout is made of (Alloc.view keeps it next to its tensor)."""
+    return (ref.dtype, ref.shape, ref.stride, ref.offset)
 
 
 class LaunchPlan:
@@ -563,6 +582,7 @@ class LaunchPlan:
         "flat",
         "n_in",
         "outputs",
+        "out_keys",
         "values",
         "cost",
         "uninit",
@@ -575,6 +595,7 @@ class LaunchPlan:
         self.flat = True  # no tensor inside a list argument: args fill by position
         self.n_in = 0  # input tensor slots; the outputs' handles follow them in the payload
         self.outputs: list[tuple[int, TensorRef]] = []
+        self.out_keys: list[tuple[Any, ...]] = []  # layout_key of each output
         self.values = 0  # what holding one of its commands costs (session.held_bytes)
         self.cost: Any = None  # the scheduler's cost of one launch (the same for every launch of it)
         self.uninit = opov._opname in ops.UNINITIALIZED
@@ -590,6 +611,7 @@ def make_plan(device: torch.device, launch: Any) -> LaunchPlan | None:
     op, args, kwargs, outputs = launch.op, launch.args, launch.kwargs, launch.outputs
     try:
         opov, rule = _resolve(op)
+        _check_not_random(opov, args, kwargs)  # the values are part of the structure
         if _returns_fresh(opov):
             _validate_outputs(op, opov, tuple(args), kwargs, outputs)
         elif outputs:
@@ -621,6 +643,7 @@ def make_plan(device: torch.device, launch: Any) -> LaunchPlan | None:
             plan.flat = False
         plan.n_in = k
         plan.outputs = list(outputs)
+        plan.out_keys = [layout_key(r) for _, r in outputs]
         plan.values = launch.values
         return plan
     except (LaunchError, _NoPlan, TypeError, ValueError, AttributeError):
@@ -646,11 +669,22 @@ def _fill(x: Any, views: list[torch.Tensor]) -> Any:
 
 
 def _slot_views(
-    plan: LaunchPlan, slots: Any, bufs: Sequence[torch.Tensor], handles: Sequence[int], out: list[Any]
+    plan: LaunchPlan,
+    slots: Any,
+    bufs: Sequence[torch.Tensor],
+    handles: Sequence[int],
+    out: list[Any],
+    hints: Sequence[Any],
 ) -> None:
     for sl in slots:
         if type(sl) is _Slot:
             buf = bufs[sl.k]
+            if not sl.mutable:
+                h = hints[sl.k]
+                # the producer's own result over this very buffer, in the layout asked for
+                if h is not None and h[0] is buf and h[1] == sl.key:
+                    out[sl.k] = h[2]
+                    continue
             try:
                 out[sl.k] = build_view(sl.ref, buf) if sl.mutable else cached_view(sl.ref, buf)
             except LaunchError:
@@ -659,9 +693,7 @@ def _slot_views(
                 build_view(TensorRef(handles[sl.k], ref.dtype, ref.shape, ref.stride, ref.offset), buf)
                 raise
         elif type(sl) is list or type(sl) is tuple:
-            _slot_views(plan, sl, bufs, handles, out)
-        elif type(sl) is dict:
-            _slot_views(plan, sl.values(), bufs, handles, out)
+            _slot_views(plan, sl, bufs, handles, out, hints)
 
 
 def run_plan(
@@ -670,18 +702,24 @@ def run_plan(
     bufs: Sequence[torch.Tensor],
     handles: Sequence[int],
     allocate: Callable[[int], torch.Tensor],
-) -> list[torch.Tensor]:
+    hints: Sequence[Any],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Run one launch of ``plan``: ``bufs[k]`` is the allocation of its k-th input slot (named by
-    ``handles[k]``). Returns the buffer to bind to each declared output, in order."""
+    ``handles[k]``), ``hints[k]`` its Alloc.view. Returns, for each declared output in order,
+    the buffer to bind and a tensor over it in the declared layout (for Alloc.view)."""
     for b in bufs:
         if type(b) is not torch.Tensor or b.dtype != torch.uint8 or b.dim() != 1:
             raise LaunchError(f"{plan.op}: backend storage must be a contiguous 1-D uint8 tensor")
     views: list[Any] = [None] * plan.n_in
-    _slot_views(plan, plan.args, bufs, handles, views)
+    _slot_views(plan, plan.args, bufs, handles, views, hints)
     if plan.kwargs:
-        _slot_views(plan, plan.kwargs.values(), bufs, handles, views)
+        _slot_views(plan, plan.kwargs.values(), bufs, handles, views, hints)
     if plan.uninit:
-        return [_fresh(plan.op, nbytes, allocate) for nbytes, _ in plan.outputs]
+        out = []
+        for nbytes, ref in plan.outputs:
+            b = _fresh(plan.op, nbytes, allocate)
+            out.append((b, build_view(ref, b)))
+        return out
     if plan.flat:
         args = [views[a.k] if type(a) is _Slot else a for a in plan.args]
         kwargs = (
@@ -706,9 +744,9 @@ def run_plan(
         if p not in seen:
             seen.add(p)
             in_ptrs.append((p, p + b.numel()))
-    bound: list[torch.Tensor] = []
+    bound: list[tuple[torch.Tensor, torch.Tensor]] = []
     for (nbytes, ref), r in zip(plan.outputs, flat):
-        buf = _bind(plan.op, device, in_ptrs, nbytes, ref, r, allocate)
+        buf, view = _bind(plan.op, device, in_ptrs, nbytes, ref, r, allocate)
         in_ptrs.append((buf.data_ptr(), buf.data_ptr() + buf.numel()))  # outputs must not share
-        bound.append(buf)
+        bound.append((buf, view))
     return bound

@@ -77,12 +77,16 @@ def _run_planned(s: Session, st: StreamState, c: Cmd) -> None:
     be = cast("PlanningBackend", s.daemon.backend)  # only such a backend made the plan
     n = plan.n_in
     try:
-        bufs = [ready_buf(allocs[h], h) for h in handles[:n]]
-        results = be.run_plan(plan, bufs, handles, be.alloc)
+        ins = [allocs[h] for h in handles[:n]]
+        bufs = [ready_buf(al, h) for al, h in zip(ins, handles)]
+        results = be.run_plan(plan, bufs, handles, be.alloc, [al.view for al in ins])
     except Exception as e:
         raise _failed(plan.op, outs, e) from e
-    for h, buf in zip(handles[n:], results):
+    for h, (buf, view), key in zip(handles[n:], results, plan.out_keys):
         _bind_result(outs, h, buf)
+        al = outs.get(h)
+        if al is not None:
+            al.view = (buf, key, view)
     if c.sync:
         s.reply_sync(c.user_data, st)
 
