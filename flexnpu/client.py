@@ -589,7 +589,10 @@ class Client:
         outputs: list[tuple[int, TensorRef]],
         stream: int = 0,
     ) -> None:
-        payload = P.encode_launch(op, args, kwargs, outputs)
+        self.launch_payload(P.encode_launch(op, args, kwargs, outputs), stream)
+
+    def launch_payload(self, payload: bytes | bytearray, stream: int = 0) -> None:
+        """Submit an encoded launch (protocol.encode_launch / fill_launch)."""
         with self._lock:
             self._check()
             n = len(payload)

@@ -355,7 +355,8 @@ def dtype_from_code(code: int) -> Any:
     return _dtype_by_code[code]  # type: ignore[index]
 
 
-def _enc(out: bytearray, v: Any, depth: int) -> None:
+def _enc(out: bytearray, v: Any, depth: int, hpos: list[int] | None = None) -> None:
+    """Append value ``v``; ``hpos`` (if given) collects the offset of each tensor's handle."""
     if depth > MAX_DEPTH:
         raise TypeError("launch arguments nest too deeply")
     t = type(v)
@@ -372,6 +373,8 @@ def _enc(out: bytearray, v: Any, depth: int) -> None:
     elif t is TensorRef:
         nd = len(v.shape)
         out.append(_T_TENSOR)
+        if hpos is not None:
+            hpos.append(len(out))
         out += _TENSOR_HEAD.pack(v.handle, dtype_code(v.dtype), nd)
         if nd <= MAX_NDIM:
             out += _DIMS[nd].pack(*v.shape, *v.stride, v.offset)
@@ -383,7 +386,7 @@ def _enc(out: bytearray, v: Any, depth: int) -> None:
         out.append(_T_LIST if t is list else _T_TUPLE)
         out += _H.pack(len(v))
         for x in v:
-            _enc(out, x, depth + 1)
+            _enc(out, x, depth + 1, hpos)
     elif t is str:
         b = v.encode()
         if len(b) > MAX_NAME:
@@ -426,22 +429,58 @@ def encode_launch(
     op: str, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], outputs: list[tuple[int, TensorRef]]
 ) -> bytes:
     """Serialize one operator launch. Raises TypeError for arguments that cannot travel."""
+    return bytes(_encode_launch(op, args, kwargs, outputs, None))
+
+
+def encode_launch_template(
+    op: str, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], outputs: list[tuple[int, TensorRef]]
+) -> tuple[bytes, tuple[int, ...]]:
+    """encode_launch, plus the offset of each tensor's handle in payload order (args depth
+    first, kwargs, outputs): fill_launch() then encodes the same launch naming other handles
+    without walking its arguments again."""
+    hpos: list[int] = []
+    payload = bytes(_encode_launch(op, args, kwargs, outputs, hpos))
+    return payload, tuple(hpos)
+
+
+_U32 = struct.Struct("<I")
+
+
+def fill_launch(template: tuple[bytes, tuple[int, ...]], handles: Any) -> bytearray:
+    """The payload of encode_launch_template's launch with its tensors naming ``handles``."""
+    payload, offsets = template
+    if len(handles) != len(offsets):
+        raise ValueError(f"launch template has {len(offsets)} tensors, {len(handles)} handles given")
+    b = bytearray(payload)
+    pack = _U32.pack_into
+    for off, h in zip(offsets, handles):
+        pack(b, off, h)
+    return b
+
+
+def _encode_launch(
+    op: str,
+    args: tuple[Any, ...] | list[Any],
+    kwargs: dict[str, Any],
+    outputs: list[tuple[int, TensorRef]],
+    hpos: list[int] | None,
+) -> bytearray:
     out = bytearray()
     name = op.encode()
     if len(name) > MAX_NAME:
         raise TypeError("operator name too long")
     out += _H.pack(len(name))
     out += name
-    _enc(out, tuple(args), 0)
+    _enc(out, tuple(args), 0, hpos)
     out += _H.pack(len(kwargs))
     for k, v in kwargs.items():
         _enc(out, k, 0)
-        _enc(out, v, 1)
+        _enc(out, v, 1, hpos)
     out += _H.pack(len(outputs))
     for nbytes, ref in outputs:
         out += _OUT_HEAD.pack(nbytes)
-        _enc(out, ref, 0)
-    return bytes(out)
+        _enc(out, ref, 0, hpos)
+    return out
 
 
 class _Reader:

@@ -97,6 +97,12 @@ class LoopbackClient:
 
         self._cmd(None, do)
 
+    def launch_payload(self, payload, stream: int = 0) -> None:
+        from flexnpu import protocol as P
+
+        l = P.decode_launch(bytes(payload), torch.device("cpu"))
+        self.launch(l.op, l.args, l.kwargs, l.outputs, stream)
+
     def free_many(self, handles: list[int]) -> None:
         for h in handles:  # through free(): tests count frees there
             self.free(h)

@@ -120,15 +120,17 @@ def test_sdpa_reaches_the_daemon_whole_without_grad_and_decomposed_with_it(npu, 
     host's random generator need."""
     import torch.nn.functional as F
 
+    from flexnpu import protocol as P
+
     c = npu.client
     launched: list[str] = []
-    real_launch = c.launch
+    real_launch = c.launch_payload
 
-    def counting_launch(op, *a, **k):
-        launched.append(op)
-        return real_launch(op, *a, **k)
+    def counting_launch(payload, *a, **k):
+        launched.append(P.decode_launch(bytes(payload)).op)
+        return real_launch(payload, *a, **k)
 
-    monkeypatch.setattr(c, "launch", counting_launch)
+    monkeypatch.setattr(c, "launch_payload", counting_launch)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, s, n, 8, generator=g).transpose(1, 2) for s, n in ((3, 4), (5, 2), (5, 2)))
     mask = torch.randn(1, 1, 3, 5, generator=g)

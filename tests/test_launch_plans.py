@@ -201,3 +201,22 @@ def test_daemon_refuses_sdpa_with_dropout_from_a_raw_client(client):
             client.synchronize()
             assert torch.allclose(_get(client, o[1]), torch.ones(1, 2, 3, 4))
     _alive(client)
+
+
+def test_launch_template_fills_to_the_same_payload_as_encoding():
+    """The client's encoded-launch cache (hook/tensor.py _enc_cache): a template filled with
+    other handles is byte for byte what encode_launch gives for those handles."""
+    for pl in _payloads():
+        launch = P.decode_launch(pl, torch.device("cpu"))
+        tpl = P.encode_launch_template(launch.op, launch.args, launch.kwargs, launch.outputs)
+        assert tpl[0] == pl
+        hs = [h + 1000 for h in _refs_in_payload_order(launch)]
+        renamed = P.encode_launch(
+            launch.op,
+            _rename(launch.args),
+            {k: _rename(v) for k, v in launch.kwargs.items()},
+            [(n, _rename(r)) for n, r in launch.outputs],
+        )
+        assert bytes(P.fill_launch(tpl, hs)) == renamed
+        with pytest.raises(ValueError):
+            P.fill_launch(tpl, hs + [1])

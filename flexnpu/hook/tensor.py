@@ -29,7 +29,7 @@ import torch
 from flexnpu import ops as oprules
 from flexnpu.ops import shape_rules
 from flexnpu.hook import runtime
-from flexnpu.protocol import TensorRef
+from flexnpu.protocol import TensorRef, encode_launch, encode_launch_template, fill_launch
 
 aten = torch.ops.aten
 _OpOverload = torch._ops.OpOverload
@@ -430,7 +430,7 @@ class _Walk:
         if tp is NPUTensor:
             return self.tensor(a)
         if tp is int or tp is float or tp is bool:
-            self.key.append((tp, a))
+            self.key.append((tp, a if (a or tp is not float) else str(a)))  # -0.0: see dispatch
             return a
         if a is None:
             self.key.append(None)
@@ -446,6 +446,9 @@ class _Walk:
             if a.type == "npu" and self.dev is None:
                 self.dev = runtime.get(a.index)
             self.key.append(a)
+            return a
+        if tp is complex:
+            self.key.append((tp, repr(a)))  # signed zeros differ on the wire
             return a
         if isinstance(a, (torch.dtype, torch.layout, torch.memory_format, str, complex)):
             self.key.append((tp, a))
@@ -493,7 +496,8 @@ def dispatch(func, args, kwargs):
         elif tp is int or tp is float or tp is bool:
             key.append(tp)
             if not value_free:
-                key.append(a)
+                # -0.0 == 0.0, but the payload (_enc_cache) tells them apart
+                key.append(a if (a or tp is not float) else str(a))
             wargs.append(a)
         else:
             w.dev = dev
@@ -554,15 +558,42 @@ def dispatch(func, args, kwargs):
             t._rk = (ref, kp)
             made.append(t)
             outs.append((nb, ref))
-        c.launch(info.name, tuple(wargs), wkwargs, outs, dev.stream)
+        _launch(c, info, ckey, wargs, wkwargs, outs, flat, dev.stream)
         if tmpl == 0:
             return made[0]
         return _build(tmpl, made, flat)
     if launch:
         if not info.allowed:
             raise _denied(info)
-        c.launch(info.name, tuple(wargs), wkwargs, [], dev.stream)
+        _launch(c, info, ckey, wargs, wkwargs, [], flat, dev.stream)
     return _build(tmpl, (), flat)
+
+
+# Encoded launches per spec key: the key holds everything the payload holds but the handles
+# (the op, every tensor's layout, every scalar's type and value), so a launch whose key was seen
+# is the cached payload with its handles written in (protocol.fill_launch), not a new encoding.
+# Not for value_free ops, whose keys leave scalar values out.
+_enc_cache: dict[tuple, tuple[bytes, tuple[int, ...]]] = {}
+
+
+def _launch(
+    c, info: OpInfo, ckey: tuple, wargs: list, wkwargs: dict, outs: list, flat: list, stream: int
+) -> None:
+    if info.value_free:
+        c.launch_payload(encode_launch(info.name, tuple(wargs), wkwargs, outs), stream)
+        return
+    tpl = _enc_cache.get(ckey)
+    if tpl is None:
+        tpl = encode_launch_template(info.name, tuple(wargs), wkwargs, outs)
+        if len(_enc_cache) >= _CACHE_MAX:
+            _enc_cache.clear()
+        _enc_cache[ckey] = tpl
+        c.launch_payload(tpl[0], stream)
+        return
+    handles = [t._a.handle for t in flat]
+    for _, ref in outs:
+        handles.append(ref.handle)
+    c.launch_payload(fill_launch(tpl, handles), stream)
 
 
 def _denied(info: OpInfo) -> NotImplementedError:
