@@ -218,13 +218,7 @@ def _extent_nbytes(shape, stride, offset: int, itemsize: int) -> int:
     return (last + 1) * itemsize
 
 
-def _contig_strides(shape) -> tuple[int, ...]:
-    out = [1] * len(shape)
-    acc = 1
-    for i in range(len(shape) - 1, -1, -1):
-        out[i] = acc
-        acc *= max(shape[i], 1)
-    return tuple(out)
+_contig_strides = shape_rules.contiguous_strides
 
 
 def new_empty(dev: runtime.Device, shape, dtype: torch.dtype, stride=None) -> NPUTensor:
