@@ -161,7 +161,8 @@ def _main(argv: list[str] | None) -> int:
         "--native",
         choices=("auto", "on", "off"),
         default="auto",
-        help="HF generate() rows through the native front end (the real torch_npu); auto: when installed",
+        help="HF generate() rows through the native front end (the real torch_npu); auto: when "
+        "installed, except with --quick (its minute has no room for them; --native on adds them)",
     )
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--hidden", type=int, default=None)
@@ -200,7 +201,11 @@ def _main(argv: list[str] | None) -> int:
         "eager_client_us_per_op"
     ]
     op_flex = _child(["--device", "npu", "--mode", "opcost"], True, a.backend)["eager_client_us_per_op"]
-    native_rows = _native_generate(a.quick, reps, a.backend, a.native)
+    native_rows = (
+        "skipped in --quick (add --native on)"
+        if a.quick and a.native == "auto"
+        else _native_generate(a.quick, reps, a.backend, a.native)
+    )
     reps = r
     groups = direct_groups(runs, native_graph)
     # the baseline of each mode: without native graphs both modes compare with all direct runs
