@@ -47,15 +47,11 @@ def two_daemons(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("coll-run")
     procs = [DaemonProc(d, 0, ["--backend", "cpu"]), DaemonProc(d, 1, ["--backend", "cpu"])]
-    old = os.environ.get("FLEXNPU_RUNTIME_DIR")
-    os.environ["FLEXNPU_RUNTIME_DIR"] = str(d)
     try:
-        yield procs
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FLEXNPU_RUNTIME_DIR", str(d))
+            yield procs
     finally:
-        if old is None:
-            os.environ.pop("FLEXNPU_RUNTIME_DIR", None)
-        else:
-            os.environ["FLEXNPU_RUNTIME_DIR"] = old
         for p in procs:
             p.stop()
 

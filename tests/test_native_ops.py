@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,15 +50,11 @@ def rt(tmp_path_factory):
     d = tmp_path_factory.mktemp("ops") / "run"
     d.mkdir()
     proc = DaemonProc(d, 0, ["--backend", "cpu"])
-    old = os.environ.get("FLEXNPU_RUNTIME_DIR")
-    os.environ["FLEXNPU_RUNTIME_DIR"] = str(d)
     try:
-        yield d
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FLEXNPU_RUNTIME_DIR", str(d))
+            yield d
     finally:
-        if old is None:
-            os.environ.pop("FLEXNPU_RUNTIME_DIR", None)
-        else:
-            os.environ["FLEXNPU_RUNTIME_DIR"] = old
         proc.stop()
 
 

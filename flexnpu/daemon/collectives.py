@@ -53,6 +53,17 @@ Session = Any
 
 log = logging.getLogger("flexnpu.daemon.collectives")
 
+
+def _unlink_shm(name: str) -> None:
+    """Remove a posix shared-memory name; one already gone is fine."""
+    try:
+        import posix_ipc  # type: ignore[import-not-found]  # C extension, ships no type stubs
+
+        posix_ipc.unlink_shared_memory(name)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+
+
 MAX_COMMS_PER_CLIENT = 256
 MAX_COMMS = 1024
 MAX_SHARED_COMMS = 64  # communicators spanning several daemons (each maps a shared segment)
@@ -208,7 +219,7 @@ class ShmLink:
     is unlinked as soon as every daemon has mapped it, so nothing is left in /dev/shm."""
 
     def __init__(self, comm_id: bytes, n_daemons: int, me: int, slot: int) -> None:
-        import posix_ipc  # type: ignore[import-not-found]  # C extension, ships no type stubs
+        import posix_ipc
 
         from ..ring._core import ffi, lib
 
@@ -245,12 +256,7 @@ class ShmLink:
         return _BLOCKS + d * _BLOCK
 
     def unlink(self) -> None:
-        try:
-            import posix_ipc
-
-            posix_ipc.unlink_shared_memory(self.name)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        _unlink_shm(self.name)
 
     def close(self) -> None:
         self.unlink()
@@ -504,12 +510,7 @@ class Rendezvous:
         threading.Thread(target=run, name=f"flexnpu-rdv-{self.id.hex()[:8]}", daemon=True).start()
 
     def unlink(self) -> None:
-        try:
-            import posix_ipc
-
-            posix_ipc.unlink_shared_memory(self.name)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        _unlink_shm(self.name)
 
     def close(self) -> None:
         """Done with it (resolved, failed, or the rank left)."""

@@ -344,9 +344,9 @@ class OpInfo:
         self.allowed = func.namespace == "aten" and oprules.is_allowed(self.name)
         # the host fallback runs in this process: any aten op but the refused class
         self.host_ok = func.namespace == "aten" and oprules.host_fallback_ok(func._opname)
-        if torch.Tag.nondeterministic_seeded in tags and func is not _SDPA_OP:
-            # (scaled_dot_product_attention is seeded for its dropout only, and reaches this
-            # dispatch without dropout: sdpa_autograd_kernel)
+        if torch.Tag.nondeterministic_seeded in tags and func._opname not in oprules.SEEDED_ONLY_WITH:
+            # (ops random for one argument only reach this dispatch without asking for randomness:
+            # scaled_dot_product_attention's dropout keeps its math form, sdpa_autograd_kernel)
             self.cpu = True  # random numbers come from the app's own (host) generator
             self.host_ok = func.namespace == "aten"
         elif any(not _is_tensor_type(r.type) for r in schema.returns) and func not in _SHAPE_ONLY:
@@ -361,7 +361,6 @@ def _is_tensor_type(t) -> bool:
 
 
 _infos: dict[Any, OpInfo] = {}
-_SDPA_OP = aten.scaled_dot_product_attention.default
 _cache: dict[tuple, Any] = {}
 _CACHE_MAX = 1 << 15
 
@@ -1043,14 +1042,21 @@ def backend_fallback(op, *args, **kwargs):
     return dispatch(op, args, kwargs)
 
 
+_SDPA_OP = aten.scaled_dot_product_attention.default
+
+
 def sdpa_autograd_kernel(*args, **kwargs):
     """AutogradPrivateUse1 kernel of scaled_dot_product_attention. torch decomposes the op into
     its math form above every backend; that is what autograd needs, so it stays the path when a
     gradient is recorded or dropout is asked for (random numbers come from the app's generator,
     on the host). Otherwise the op goes below autograd whole, to this device's dispatch, and
     the daemon runs it as one launch with its backend's fused kernel."""
-    dropout = args[4] if len(args) > 4 else kwargs.get("dropout_p", 0.0)
-    if dropout or (
+    try:
+        oprules.check_not_random(_SDPA_OP, args, kwargs)  # what the daemon will accept
+        random = False
+    except oprules.OpRefused:
+        random = True
+    if random or (
         torch.is_grad_enabled()
         and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*args[:4], kwargs.get("attn_mask")))
     ):

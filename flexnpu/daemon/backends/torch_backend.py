@@ -227,6 +227,14 @@ class TorchBackend:
         dst[dst_off : dst_off + nbytes].copy_(src[src_off : src_off + nbytes])
 
     # -- operators ---------------------------------------------------------------------------
+    def _torch_exec(self) -> Any:
+        """The torch_exec module, imported on first use."""
+        if self._exec is None:
+            from . import torch_exec
+
+            self._exec = torch_exec
+        return self._exec
+
     def launch(
         self, launch: Launch, resolve: Callable[[int], torch.Tensor], allocate: Callable[[int], torch.Tensor]
     ) -> list[tuple[int, torch.Tensor]]:
@@ -236,11 +244,7 @@ class TorchBackend:
 
             optable.execute(self.device, launch.op, launch.args, launch.kwargs, launch.outputs, resolve)
             return []
-        if self._exec is None:
-            from . import torch_exec
-
-            self._exec = torch_exec
-        bound: list[tuple[int, torch.Tensor]] = self._exec.execute_launch(
+        bound: list[tuple[int, torch.Tensor]] = self._torch_exec().execute_launch(
             self.device, launch.op, launch.args, launch.kwargs, launch.outputs, resolve, allocate
         )
         return bound
@@ -255,11 +259,7 @@ class TorchBackend:
             # their offsets (part of the structure key) change from step to step and the same
             # structure rarely comes back (measured: 10% of aclnn launches would hit).
             return None
-        if self._exec is None:
-            from . import torch_exec
-
-            self._exec = torch_exec
-        return self._exec.make_plan(self.device, launch)
+        return self._torch_exec().make_plan(self.device, launch)
 
     def run_plan(
         self, plan: Any, bufs: Any, handles: Any, allocate: Callable[[int], torch.Tensor], hints: Any
@@ -274,11 +274,7 @@ class TorchBackend:
             from .. import optable
 
             return optable.is_supported(op)
-        if self._exec is None:
-            from . import torch_exec
-
-            self._exec = torch_exec
-        return bool(self._exec.is_op_allowed(op))
+        return bool(self._torch_exec().is_op_allowed(op))
 
     # -- streams and events ------------------------------------------------------------------
     def new_stream(self, priority: int = 0) -> Any:

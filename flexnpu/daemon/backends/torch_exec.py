@@ -669,7 +669,6 @@ def _fill(x: Any, views: list[torch.Tensor]) -> Any:
 
 
 def _slot_views(
-    plan: LaunchPlan,
     slots: Any,
     bufs: Sequence[torch.Tensor],
     handles: Sequence[int],
@@ -693,7 +692,7 @@ def _slot_views(
                 build_view(TensorRef(handles[sl.k], ref.dtype, ref.shape, ref.stride, ref.offset), buf)
                 raise
         elif type(sl) is list or type(sl) is tuple:
-            _slot_views(plan, sl, bufs, handles, out, hints)
+            _slot_views(sl, bufs, handles, out, hints)
 
 
 def run_plan(
@@ -709,9 +708,9 @@ def run_plan(
     the buffer to bind and a tensor over it in the declared layout (for Alloc.view)."""
     # (bufs are the backend's own allocations; a view built over one checks it: _raw_storage)
     views: list[Any] = [None] * plan.n_in
-    _slot_views(plan, plan.args, bufs, handles, views, hints)
+    _slot_views(plan.args, bufs, handles, views, hints)
     if plan.kwargs:
-        _slot_views(plan, plan.kwargs.values(), bufs, handles, views, hints)
+        _slot_views(plan.kwargs.values(), bufs, handles, views, hints)
     if plan.uninit:
         out = []
         for nbytes, ref in plan.outputs:

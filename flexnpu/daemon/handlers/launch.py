@@ -35,10 +35,10 @@ def _failed(launch_op: str, outs: dict[int, Alloc], e: Exception) -> Exception:
     return error_for(code_of(e), f"{launch_op} failed on the device: {e}")
 
 
-def _bind_result(outs: dict[int, Alloc], h: int, buf: Any) -> None:
+def _bind_result(outs: dict[int, Alloc], h: int, buf: Any) -> Alloc | None:
     al = outs.get(h)
     if al is None:
-        return
+        return None
     actual = buf.numel() * buf.element_size()
     if actual != al.nbytes and al.tables:
         al.owner.uncharge(al.nbytes)
@@ -47,6 +47,7 @@ def _bind_result(outs: dict[int, Alloc], h: int, buf: Any) -> None:
     al.buf = buf
     al.result = None
     al.failed = None
+    return al
 
 
 def _run_launch(s: Session, st: StreamState, c: Cmd) -> None:
@@ -83,8 +84,7 @@ def _run_planned(s: Session, st: StreamState, c: Cmd) -> None:
     except Exception as e:
         raise _failed(plan.op, outs, e) from e
     for h, (buf, view), key in zip(handles[n:], results, plan.out_keys):
-        _bind_result(outs, h, buf)
-        al = outs.get(h)
+        al = _bind_result(outs, h, buf)
         if al is not None:
             al.view = (buf, key, view)
     if c.sync:
