@@ -84,6 +84,48 @@ def test_all_reduce_large_crosses_pipeline_chunks(two_daemons, devs):
     )
 
 
+def _comm_status(d, cid: bytes) -> dict:
+    from flexnpu.control import query
+
+    comms = query(str(d.socket), {"op": "status"})["daemon"]["communicators"]
+    return next(c for c in comms if c["id"] == cid.hex()[:8])
+
+
+def test_small_collectives_across_daemons_run_in_the_main_loop(two_daemons):
+    """A small collective whose peer daemon has not posted yet waits in the daemon's main loop,
+    which sleeps on the communicator segment's bell as well as on its rings: no worker thread
+    (a GIL hand-off and a doorbell wake per collective). Rank 1 comes late on purpose, so
+    rank 0's daemon really waits; results are exact, and a large one still uses the worker."""
+    cs = [Client(0), Client(1)]
+    cid = secrets.token_bytes(16)
+    hs = [c.comm_init(cid, r, 2, [0, 1], 30.0) for r, c in enumerate(cs)]
+    xs = [torch.arange(100, dtype=torch.int64) * (r + 1) for r in range(2)]
+    refs = [_upload(c, x)[1] for c, x in zip(cs, xs)]
+    rounds = 20
+    for i in range(rounds):
+        cs[0].collective(hs[0], "all_reduce", refs[0], refs[0], "sum")
+        if i % 4 == 0:
+            time.sleep(0.02)  # rank 0's daemon has posted and waits in its loop
+        cs[1].collective(hs[1], "all_reduce", refs[1], refs[1], "sum")
+        cs[0].nop()  # the daemon still serves its clients while it waits
+    want = (xs[0] + xs[1]) * 2 ** (rounds - 1)
+    for c, ref in zip(cs, refs):
+        c.synchronize()
+        assert torch.equal(_download(c, ref), want)
+    for d in two_daemons:
+        st = _comm_status(d, cid)
+        assert st["completed"] == rounds and st["by_worker"] == 0, st
+    big = [_upload(c, torch.ones(1 << 20))[1] for c in cs]  # beyond the in-loop size
+    for c, h, ref in zip(cs, hs, big):
+        c.collective(h, "all_reduce", ref, ref, "sum")
+    for c, ref in zip(cs, big):
+        c.synchronize()
+        assert torch.equal(_download(c, ref), torch.full((1 << 20,), 2.0))
+    assert _comm_status(two_daemons[0], cid)["by_worker"] == 1
+    for c in cs:
+        c.close()
+
+
 @pytest.mark.parametrize(
     "devs", [[0, 0], [0, 1], [1, 0, 0, 1]], ids=["same-daemon", "two-daemons", "4-ranks"]
 )

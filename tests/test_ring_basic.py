@@ -267,3 +267,56 @@ def test_create_rejects_bad_sizes():
     ]:
         with pytest.raises(ValueError):
             Segment.create(**kw)
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_doorbell_watches_another_processes_bell(fallback):
+    """wait_any also wakes when a watched shared word ("bell", a collective segment's) changes:
+    a post from another process (fx_coll_post: bump the bell, wake if sleepers announced) ends
+    the wait; the change is consumed; an unwatched bell no longer wakes it."""
+    import mmap
+
+    from flexnpu.ring._core import lib
+
+    if not fallback and not have_futex_waitv():
+        pytest.skip("futex_waitv not available on this kernel")
+    mm = mmap.mmap(-1, 4096)  # MAP_SHARED | MAP_ANONYMOUS: the forked child posts into it
+    base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+    word, bell, sleepers = base, base + 128, base + 256
+    d = Doorbell()
+    assert d.watch(bell, sleepers) and d.watch(bell, sleepers)  # a second watch is a no-op
+    assert d.watching == 1
+    assert wait_any([], 0.02, d, fallback=fallback) is False
+
+    def post_later(delay: float) -> int:
+        pid = os.fork()
+        if pid == 0:  # the child: only the C call, then out
+            time.sleep(delay)
+            lib.fx_coll_post(word, 1, bell, sleepers)
+            os._exit(0)
+        return pid
+
+    pid = post_later(0.1)
+    t = time.monotonic()
+    assert wait_any([], 5.0, d, fallback=fallback) is True
+    assert 0.05 < time.monotonic() - t < 2.0
+    os.waitpid(pid, 0)
+    assert wait_any([], 0.02, d, fallback=fallback) is False  # the change was seen
+    assert lib.fx_shm_load(sleepers) == 0  # the sleep announcement was withdrawn
+    d.unwatch(bell)
+    assert d.watching == 0
+    pid = post_later(0.0)
+    os.waitpid(pid, 0)
+    assert wait_any([], 0.05, d, fallback=fallback) is False  # no longer watched
+
+
+def test_doorbell_watch_list_is_bounded():
+    import mmap
+
+    mm = mmap.mmap(-1, 4096)
+    base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+    d = Doorbell()
+    got = [d.watch(base + 8 * i, base + 2048) for i in range(12)]
+    assert got == [True] * 8 + [False] * 4
+    d.unwatch(base)
+    assert d.watch(base + 8 * 11, base + 2048)

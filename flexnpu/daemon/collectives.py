@@ -31,6 +31,7 @@ import mmap
 import os
 import queue
 import struct
+from collections import deque
 import sys
 import threading
 import time
@@ -69,6 +70,7 @@ MAX_COMMS = 1024
 MAX_SHARED_COMMS = 64  # communicators spanning several daemons (each maps a shared segment)
 MAX_PENDING_JOINS = 256  # joins by id alone whose device map is still being exchanged (a thread each)
 MAX_PENDING_INSTANCES = 4096  # per communicator: collectives issued ahead of the slowest rank
+DECODE_CACHE_MAX = 1024  # decoded collective payloads kept per daemon
 MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 24 * 3600.0
 SLOT_BYTES = int(os.environ.get("FLEXNPU_COLL_SLOT", str(8 << 20)))  # one pipeline buffer
 SPIN_NS = 50_000  # cross-daemon waits spin this long before sleeping on the futex
@@ -80,7 +82,8 @@ INLINE_ELEMENTS = int(os.environ.get("FLEXNPU_COLL_INLINE", "32768"))
 # The shared path may work through each chunk in pieces (FLEXNPU_COLL_PIECE elements; 32768 =
 # ATen's grain size keeps every op on one core). Default: whole chunks, which measured faster here.
 PIECE = int(os.environ.get("FLEXNPU_COLL_PIECE", str(1 << 40)))
-INLINE_WAIT_S = 30e-6  # ... which spins this long for the other daemons' posts
+# ... which spins this long for the other daemons' posts, then waits for them in the main loop
+INLINE_WAIT_S = float(os.environ.get("FLEXNPU_COLL_INLINE_WAIT_US", "30")) * 1e-6
 # A collective handed to a worker thread waits for the GIL while the main loop runs Python code:
 # up to the interpreter's switch interval (5 ms by default), which dominated small-message latency
 # on a loaded host (median 2-5 ms -> 0.9-1.6 ms for 4 KiB, see docs/collectives.md). Once a daemon
@@ -558,6 +561,14 @@ class Comm:
         self._q: queue.SimpleQueue[Instance | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.done_count = 0
+        # One-step collectives the main loop posted whose peers had not posted yet: the loop
+        # keeps them (no thread hop) and sleeps on the segment's bell as well as on its rings.
+        self.waiting: Instance | None = None
+        self._watched = 0  # the bell's address while the daemon's doorbell watches it
+        self._next_liveness = 0.0
+        self._backlog: deque[Instance] = deque()  # submitted while an earlier one still runs
+        self._to_worker = 0  # instances handed to the worker (main thread counts) ...
+        self._worker_done = 0  # ... and those it finished (worker counts): one writer each
 
     @property
     def label(self) -> str:
@@ -586,16 +597,70 @@ class Comm:
                     )
                     return inst
             inst.submitted = True
-            if first.inp.numel() <= INLINE_ELEMENTS and self.try_inline(inst):
+            if self.waiting is not None or self._backlog:
+                self._backlog.append(inst)  # collectives of one communicator run in order
+            else:
+                self._start(inst)
+        return inst
+
+    def _start(self, inst: Instance) -> None:
+        """Run a submitted instance: here in the loop when it is small and nothing of this
+        communicator is in the worker, else in the worker (in order behind what it has)."""
+        first = inst.parts[self.local[0]]
+        if self._to_worker == self._worker_done and first.inp.numel() <= INLINE_ELEMENTS:
+            r = self.try_inline(inst)
+            if r is True:
                 inst.done = True
                 self.done_count += 1
-                return inst
-            self._start_worker()
-            self._q.put(inst)
-        return inst
+                return
+            if r is None:
+                self.waiting = inst
+                return
+        self._to_worker += 1
+        self._start_worker()
+        self._q.put(inst)
+
+    def _poll_waiting(self, inst: Instance) -> None:
+        """Main thread: has the instance this loop posted seen every peer's post? Then read,
+        finish, and start what waits behind it. Bounded like the worker's waits: the deadline,
+        an abort, and the peer daemons' liveness every LIVENESS_SLICE_S."""
+        plan = inst.plan
+        link = plan.link
+        try:
+            if not link.peers_posted(link.step, 0.0):
+                why = link.aborted() or self.error
+                now = time.monotonic()
+                if why is None and now > inst.deadline:
+                    why = "collective timed out waiting for another device's daemon"
+                if why is None and now >= self._next_liveness:
+                    self._next_liveness = now + LIVENESS_SLICE_S
+                    why = self._alive()
+                if why is None:
+                    return
+                raise CollectiveError(why)
+            plan.read(0, link.step)
+            link.consumed(link.step)
+        except Exception as e:  # noqa: BLE001 - as in the worker
+            self._failed(inst, e)
+        self._end_wait()
+        inst.done = True
+        self.done_count += 1
+        while self._backlog and self.waiting is None:
+            nxt = self._backlog.popleft()
+            self._start(nxt)
+            if nxt.done:  # finished at once: its ranks' commands see it at their next poll
+                self.colls.wake()
+
+    def _end_wait(self) -> None:
+        self.waiting = None
+        if self._watched:
+            self.colls.unwatch(self._watched)
+            self._watched = 0
 
     def poll(self, inst: Instance) -> bool:
         """Has this instance finished (done or failed)? Checks deadlines of local waits."""
+        if inst is self.waiting:
+            self._poll_waiting(inst)
         if inst.done:
             self.instances.pop(inst.k, None)
             return True
@@ -642,6 +707,9 @@ class Comm:
         self.members.pop(rank, None)
 
     def close(self) -> None:
+        if self.waiting is not None:  # its ranks are gone (the communicator closes with them)
+            self._fail(self.waiting, self.error or f"{self.label} closed")
+        self._end_wait()  # before the segment can be unmapped
         if self._thread is not None:
             self._q.put(None)
         elif self.link is not None:
@@ -675,6 +743,7 @@ class Comm:
                 self._failed(inst, e)
             inst.done = True
             self.done_count += 1
+            self._worker_done += 1
             self.colls.wake()
         if self.link is not None:
             self.link.close()
@@ -755,10 +824,11 @@ class Comm:
             plan.read(c, link.step)
             link.consumed(link.step)
 
-    def try_inline(self, inst: Instance) -> bool:
-        """Main thread, small collectives: run the instance here if that needs no waiting (a
-        thread hop costs more than the work). True if it finished; False if the worker must
-        take it (from the start, or after the post if `inst.posted`)."""
+    def try_inline(self, inst: Instance) -> bool | None:
+        """Main thread, small collectives: run the instance here (a thread hop costs more than
+        the work). True if it finished; None if it posted and now waits for the other daemons'
+        posts in the loop (`waiting`); False if the worker must take it (from the start, or
+        after the post if `inst.plan` is set)."""
         try:
             if len(self.daemons) == 1:
                 self._run_local(inst)
@@ -771,7 +841,15 @@ class Comm:
             plan.post(0, link.step)
             inst.plan = plan
             if not link.peers_posted(link.step, INLINE_WAIT_S):
-                return False
+                bell = link.base + _H_BELL
+                if not self.colls.watch(bell, link.base + _H_SLEEPERS):
+                    return False  # the doorbell watches enough segments: the worker waits
+                self._watched = bell
+                # a post after the spin but before the watch took its snapshot is seen here
+                if not link.peers_posted(link.step, 0.0):
+                    self._next_liveness = time.monotonic() + LIVENESS_SLICE_S
+                    return None
+                self._end_wait()
             plan.read(0, link.step)
             link.consumed(link.step)
             return True
@@ -944,10 +1022,48 @@ class Collectives:
         self.comms: dict[bytes, Comm] = {}
         self.clients: dict[int, dict[int, Membership]] = {}  # client id -> handle -> membership
         self.pending = 0  # joins whose device map is still being exchanged (Rendezvous)
+        self._decoded: dict[bytes, tuple[P.TensorRef, P.TensorRef]] = {}
+        self.watching = 0  # communicators whose collective the main loop waits for (see Comm.waiting)
 
     def wake(self) -> None:
         """From a worker thread: let the main loop look at finished collectives."""
         self.daemon._doorbell.ring()
+
+    def decode(self, payload: bytes) -> tuple[P.TensorRef, P.TensorRef]:
+        """A collective's payload -> its (input, output) references, checked. A pure function of
+        the bytes, so it is cached by them: a program repeats the same few collectives."""
+        got = self._decoded.get(payload)
+        if got is not None:
+            return got
+        try:
+            launch = P.decode_launch(payload, self.daemon.backend.device)
+        except P.DecodeError as e:
+            raise InvalidArgument(f"malformed collective: {e}") from None
+        if (
+            len(launch.args) != 2
+            or not all(isinstance(x, P.TensorRef) for x in launch.args)
+            or launch.kwargs
+            or launch.outputs
+        ):
+            raise InvalidArgument("a collective takes exactly an input and an output tensor")
+        iref, oref = launch.args
+        if iref.dtype != oref.dtype:
+            raise InvalidArgument(f"collective input is {iref.dtype} but output is {oref.dtype}")
+        if len(self._decoded) >= DECODE_CACHE_MAX:
+            self._decoded.clear()
+        got = self._decoded[payload] = (iref, oref)
+        return got
+
+    # Main thread only (the doorbell's watch list belongs to the thread that waits on it).
+    def watch(self, bell: int, sleepers: int) -> bool:
+        if not self.daemon._doorbell.watch(bell, sleepers):
+            return False
+        self.watching += 1
+        return True
+
+    def unwatch(self, bell: int) -> None:
+        self.daemon._doorbell.unwatch(bell)
+        self.watching -= 1
 
     def join(self, s: Session, handle: int, rank: int, size: int, timeout_ms: int, payload: bytes) -> None:
         mine = self.clients.setdefault(s.cid, {})
@@ -1143,6 +1259,7 @@ class Collectives:
                 "local_ranks": c.local,
                 "joined": sorted(c.members),
                 "completed": c.done_count,
+                "by_worker": c._worker_done,  # the rest ran in the main loop (small ones)
                 "pending": len(c.instances),
                 "error": c.error,
             }
@@ -1152,7 +1269,8 @@ class Collectives:
 
 # ====================================================================== request handlers
 def _flat(ref: P.TensorRef, al: Any, h: int) -> torch.Tensor:
-    from .backends.torch_exec import build_view
+    # cached: collectives change their buffers' data, never a view's metadata (see cached_view)
+    from .backends.torch_exec import cached_view
 
     n = 1
     for d in ref.shape:
@@ -1163,7 +1281,7 @@ def _flat(ref: P.TensorRef, al: Any, h: int) -> torch.Tensor:
             raise InvalidArgument("collective buffers must be contiguous")
         expect *= d
     flat = P.TensorRef(ref.handle, ref.dtype, (n,), (1,), ref.offset)
-    return build_view(flat, ready_buf(al, h))
+    return cached_view(flat, ready_buf(al, h))
 
 
 def _check_sizes(kind: int, size: int, inp: torch.Tensor, out: torch.Tensor) -> None:
@@ -1213,21 +1331,8 @@ def _p_collective(s: Session, st: StreamState | None, r: R.Collective) -> Cmd:
         raise InvalidArgument(f"unknown collective kind {kind}")
     if st.capturing:
         raise BadState("collectives cannot be captured into a graph")
-    try:
-        launch = P.decode_launch(bytes(s._payload(r.payload_offset, r.payload_len)), s.daemon.backend.device)
-    except P.DecodeError as e:
-        raise InvalidArgument(f"malformed collective: {e}") from None
-    if (
-        len(launch.args) != 2
-        or not all(isinstance(x, P.TensorRef) for x in launch.args)
-        or launch.kwargs
-        or launch.outputs
-    ):
-        raise InvalidArgument("a collective takes exactly an input and an output tensor")
-    iref, oref = launch.args
-    if iref.dtype != oref.dtype:
-        raise InvalidArgument(f"collective input is {iref.dtype} but output is {oref.dtype}")
     colls = s.daemon.collectives
+    iref, oref = colls.decode(bytes(s._payload(r.payload_offset, r.payload_len)))
     size = m.size
     if m.error is not None:
         raise CollectiveError(m.error)

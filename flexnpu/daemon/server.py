@@ -33,7 +33,7 @@ from .interfaces import Backend
 from .limits import LaunchLimits
 from .metrics import DaemonMetrics
 from .objects import IpcExport, MemoryAccount
-from .collectives import Collectives
+from .collectives import LIVENESS_SLICE_S, Collectives
 from .scheduling import make_scheduler
 from .handlers import TABLE as HANDLERS
 from .session import Session
@@ -413,7 +413,10 @@ class Daemon:
                 continue
             self.trimmer.maybe(self.device_memory.used)  # idle now: a good time to give memory back
             timeout = self.scheduler.idle_timeout()
-            self._rings().wait(timeout if timeout is not None else 0.5, self._doorbell)
+            timeout = 0.5 if timeout is None else timeout
+            if self.collectives.watching:  # a collective waits in the loop: check its peers' liveness
+                timeout = min(timeout, LIVENESS_SLICE_S)
+            self._rings().wait(timeout, self._doorbell)
 
     def _rings(self) -> RingSet:
         if self._ringset is None:

@@ -91,7 +91,14 @@ struct fx_seg {
     uint64_t arena_off, arena_size;   /* validated copies */
 };
 
-struct fx_doorbell { au32 word; };
+/* The doorbell also watches a few shared futex words ("bells") of other processes: wait_any
+ * returns when one of them changed since it was last seen, and sleeps on them with futex_waitv.
+ * A bell's poster wakes only if its `sleepers` count is non-zero, which wait_any raises around its
+ * sleep (Dekker with the poster's increment of the bell, as coll.c does). The list belongs to the
+ * thread that calls wait_any: watch, unwatch and wait_any are never called concurrently. */
+#define FX_DOORBELL_WATCHES 8
+struct fx_watch { au32 *bell; au32 *sleepers; uint32_t seen; };
+struct fx_doorbell { au32 word; uint32_t nwatch; struct fx_watch w[FX_DOORBELL_WATCHES]; };
 
 uint32_t fx_layout_version(void) { return FX_LAYOUT_VERSION; }
 int64_t fx_liveness_ns_default(void) { return DEFAULT_LIVENESS_NS; }
@@ -755,8 +762,49 @@ void fx_doorbell_ring(fx_doorbell *d) {
         syscall(SYS_futex, (uint32_t *)&d->word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
 }
 
+int fx_doorbell_watch(fx_doorbell *d, uintptr_t bell, uintptr_t sleepers) {
+    for (uint32_t i = 0; i < d->nwatch; i++)
+        if ((uintptr_t)d->w[i].bell == bell) return 0;
+    if (d->nwatch >= FX_DOORBELL_WATCHES) return -1;
+    struct fx_watch *w = &d->w[d->nwatch];
+    w->bell = (au32 *)bell;
+    w->sleepers = (au32 *)sleepers;
+    /* taken before the caller's own check of what the bell announces, so a post between that
+     * check and the next wait still shows as a change */
+    w->seen = atomic_load_explicit(w->bell, memory_order_acquire);
+    d->nwatch++;
+    return 0;
+}
+
+void fx_doorbell_unwatch(fx_doorbell *d, uintptr_t bell) {
+    for (uint32_t i = 0; i < d->nwatch; i++)
+        if ((uintptr_t)d->w[i].bell == bell) {
+            d->w[i] = d->w[--d->nwatch];
+            return;
+        }
+}
+
+uint32_t fx_doorbell_nwatch(fx_doorbell *d) { return d->nwatch; }
+
+static int watch_changed(fx_doorbell *d) {
+    int hit = 0;
+    for (uint32_t i = 0; i < d->nwatch; i++) {
+        uint32_t v = atomic_load_explicit(d->w[i].bell, memory_order_acquire);
+        if (v != d->w[i].seen) { d->w[i].seen = v; hit = 1; }
+    }
+    return hit;
+}
+
+static void watch_sleepers(fx_doorbell *d, int delta) {
+    for (uint32_t i = 0; i < (d ? d->nwatch : 0); i++) {
+        if (delta > 0) atomic_fetch_add_explicit(d->w[i].sleepers, 1, memory_order_relaxed);
+        else atomic_fetch_sub_explicit(d->w[i].sleepers, 1, memory_order_relaxed);
+    }
+}
+
 static int any_ready(fx_ring **rings, uint32_t n, fx_doorbell *d) {
     if (d && atomic_exchange_explicit(&d->word, 0, memory_order_acquire)) return 1;
+    if (d && d->nwatch && watch_changed(d)) return 1;
     for (uint32_t i = 0; i < n; i++) {
         fx_ring *r = rings[i];
         int64_t k = cons_avail(r, 1);
@@ -783,11 +831,13 @@ int fx_wait_any(fx_ring **rings, uint32_t n, double timeout, fx_doorbell *d, int
      * rechecking every ring between slices: a busy client is woken at once however many idle
      * ones are attached, an idle one within a slice of becoming busy. */
     int use_waitv = !force_fallback && fx_have_futex_waitv();
-    uint32_t nwait = n + (d ? 1 : 0) <= 128 ? n : 128 - (d ? 1 : 0);
+    uint32_t extra = d ? 1 + d->nwatch : 0;
+    uint32_t nwait = n + extra <= 128 ? n : 128 - extra;
     int sliced = nwait < n;
     struct futex_waitv_k stackv[128];
     int64_t slice_ns = 200000;   /* fallback: sliced waits, growing to 10 ms */
     int rc = FX_TIMEOUT;
+    watch_sleepers(d, +1);
     for (;;) {
         for (uint32_t i = 0; i < n; i++) atomic_store_explicit(rings[i]->cons_sleep, 1, memory_order_relaxed);
         atomic_thread_fence(memory_order_seq_cst);
@@ -803,6 +853,10 @@ int fx_wait_any(fx_ring **rings, uint32_t n, double timeout, fx_doorbell *d, int
             if (d) {
                 stackv[k].val = 0; stackv[k].uaddr = (uintptr_t)&d->word;
                 stackv[k].flags = FUTEX2_SIZE_U32 | FUTEX2_PRIVATE; stackv[k].reserved = 0; k++;
+                for (uint32_t i = 0; i < d->nwatch; i++) {   /* other processes' bells: shared */
+                    stackv[k].val = d->w[i].seen; stackv[k].uaddr = (uintptr_t)d->w[i].bell;
+                    stackv[k].flags = FUTEX2_SIZE_U32; stackv[k].reserved = 0; k++;
+                }
             }
             struct timespec ts, *tp = NULL;
             int64_t until = deadline;
@@ -824,6 +878,8 @@ int fx_wait_any(fx_ring **rings, uint32_t n, double timeout, fx_doorbell *d, int
                 break;
             }
         } else {
+            /* without futex_waitv a watched bell is seen between slices: keep them short */
+            if (d && d->nwatch && slice_ns > 1000000) slice_ns = 1000000;
             int64_t sl = slice_ns < deadline - now ? slice_ns : deadline - now;
             struct timespec ts = {sl / 1000000000LL, sl % 1000000000LL};
             long r;
@@ -837,6 +893,7 @@ int fx_wait_any(fx_ring **rings, uint32_t n, double timeout, fx_doorbell *d, int
             if (slice_ns < 10000000) slice_ns *= 2;
         }
     }
+    watch_sleepers(d, -1);
     for (uint32_t i = 0; i < n; i++) atomic_store_explicit(rings[i]->cons_sleep, 0, memory_order_relaxed);
     return rc;
 }

@@ -131,6 +131,11 @@ int fx_call(fx_ring *sq, fx_ring *cq, const char *rec, uint32_t len, char *out,
 fx_doorbell *fx_doorbell_new(void);
 void fx_doorbell_free(fx_doorbell *d);
 void fx_doorbell_ring(fx_doorbell *d);
+/* watch another process's futex word (a collective segment's bell, its sleepers count): wait_any
+ * returns when it changes. 0 ok (or already watched), -1 the list is full. */
+int fx_doorbell_watch(fx_doorbell *d, uintptr_t bell, uintptr_t sleepers);
+void fx_doorbell_unwatch(fx_doorbell *d, uintptr_t bell);
+uint32_t fx_doorbell_nwatch(fx_doorbell *d);
 int fx_wait_any(fx_ring **rings, uint32_t n, double timeout, fx_doorbell *d, int force_fallback);
 int fx_have_futex_waitv(void);
 /* consumers only: indices (into out, n entries) of rings with records, corrupt or closed */

@@ -218,6 +218,20 @@ class Doorbell:
     def ring(self) -> None:
         lib.fx_doorbell_ring(self._d)
 
+    def watch(self, bell: int, sleepers: int) -> bool:
+        """Also wake wait_any when the shared u32 at address `bell` (in a mapping another process
+        posts to, e.g. a collective segment) changes; `sleepers` is the count its posters read
+        before waking. Only the thread that calls wait_any may watch and unwatch, and a mapping
+        must be unwatched before it is unmapped. False if the watch list is full."""
+        return bool(lib.fx_doorbell_watch(self._d, bell, sleepers) == 0)
+
+    def unwatch(self, bell: int) -> None:
+        lib.fx_doorbell_unwatch(self._d, bell)
+
+    @property
+    def watching(self) -> int:
+        return int(lib.fx_doorbell_nwatch(self._d))
+
 
 def wait_any(
     rings: list[Ring], timeout: float | None, doorbell: Doorbell | None = None, *, fallback: bool = False
