@@ -203,6 +203,7 @@ class Client:
         self._stg = _StagingRing(self.seg.alloc(stg), stg)
         self._stg_max = stg // 4
         self.launches = 0
+        self._coll_templates: dict[tuple[Any, ...], tuple[bytes, tuple[int, ...]]] = {}
 
     # ================================================================== transport
     def _lost(self, e: BaseException) -> DaemonLost:
@@ -646,7 +647,24 @@ class Client:
         stream: int = 0,
     ) -> None:
         """Queue a collective on `stream` (asynchronous: errors surface at the next sync)."""
-        payload = P.encode_launch(kind, (inp, out), {}, [])
+        # a program repeats a few collectives on buffers of a few layouts: encode each layout once
+        key = (
+            kind,
+            inp.dtype,
+            inp.shape,
+            inp.stride,
+            inp.offset,
+            out.dtype,
+            out.shape,
+            out.stride,
+            out.offset,
+        )
+        tpl = self._coll_templates.get(key)
+        if tpl is None:
+            if len(self._coll_templates) >= 256:
+                self._coll_templates.clear()
+            tpl = self._coll_templates[key] = P.encode_launch_template(kind, (inp, out), {}, [])
+        payload = P.fill_launch(tpl, (inp.handle, out.handle))
         with self._lock:
             self._check()
             off = self._stage(payload, len(payload))
