@@ -21,7 +21,7 @@ from _native import ROOT, compile_program, flexnpu_run_cmd, native_libs, run_env
 
 PROG = str(ROOT / "tests" / "native" / "torch_npu_hccl.py")
 COPY_ONLY = (
-    "all_reduce,all_gather,reduce_scatter,reduce,broadcast,send_recv,batch_p2p,all_to_all,all_to_all_v"
+    "all_reduce,all_gather,reduce_scatter,reduce,broadcast,scatter,send_recv,batch_p2p,all_to_all,all_to_all_v"
 )
 NEED_OPERATORS = "barrier,all_gather_list"  # at::ones (barrier), the list copy after all_gather
 
@@ -111,7 +111,7 @@ def test_four_ranks_on_two_devices(two_daemons):
             "0,1",
             4,
             "0,1,1,0",
-            "reduce_scatter,reduce,broadcast,send_recv,batch_p2p,all_to_all_v",
+            "reduce_scatter,reduce,broadcast,scatter,send_recv,batch_p2p,all_to_all_v",
         ),
         4,
     )

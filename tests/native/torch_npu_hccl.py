@@ -100,6 +100,12 @@ def rank(r: int, n: int, devs: str, checks: str, port: int) -> None:
                 t = on(base[r].clone())
                 dist.broadcast(t, src=root)
                 check(f"broadcast from {root}", t, base[root])
+        elif c == "scatter":  # HcclScatter
+            for root in range(n):
+                t = on(torch.zeros(6))
+                blocks = [on(base[q] + 100 * root) for q in range(n)] if r == root else None
+                dist.scatter(t, blocks, src=root)
+                check(f"scatter from {root}", t, base[r] + 100 * root)
         elif c == "send_recv":
             if r == 0:
                 for q in range(1, n):

@@ -702,6 +702,43 @@ FX_API HcclResult HcclAlltoAllV(const void *sendBuf, const void *sendCounts, con
     return r;
 }
 
+/* Scatter: the root's send buffer holds `count` elements per rank, in rank order; rank j
+ * receives block j. The root sends each other rank its block over the pair's communicator (the
+ * global pair order, as the grouped point-to-point) and copies its own on the device; the other
+ * ranks receive one block. torch_npu's ProcessGroupHCCL::scatter calls it. */
+FX_API HcclResult HcclScatter(void *sendBuf, void *recvBuf, uint64_t count, HcclDataType dataType, uint32_t root,
+                              HcclComm comm, aclrtStream stream) {
+    const char *what = "HcclScatter";
+    struct hcomm h;
+    HcclResult r = get(comm, &h, what);
+    if (r) return r;
+    if (root >= h.size) return herr(HCCL_E_PARA, what, "root out of range");
+    int code, isz;
+    if (dtype_code(dataType, &code, &isz)) return herr(HCCL_E_NOT_SUPPORT, what, "data type not supported");
+    if (count == 0) return HCCL_SUCCESS;
+    if (!recvBuf || (h.rank == root && !sendBuf)) return HCCL_E_PTR;
+    if (count > (UINT64_MAX >> 8) / (uint64_t)isz / h.size) return herr(HCCL_E_PARA, what, "count too large");
+    uint64_t bytes = count * (uint64_t)isz;
+    if (h.rank != root) {
+        struct p2p_op op = {0, recvBuf, count, dataType, root, h.rank, comm, stream, 0};
+        return issue_sorted(&op, 1, what);
+    }
+    struct p2p_op *ops = calloc(h.size, sizeof *ops);
+    if (!ops) return HCCL_E_MEMORY;
+    size_t n = 0;
+    for (uint32_t j = 0; j < h.size; j++)
+        if (j != root)
+            ops[n] = (struct p2p_op){1, (uint8_t *)sendBuf + j * bytes, count, dataType, j, h.rank, comm, stream, n},
+            n++;
+    extern aclError aclrtMemcpyAsync(void *dst, size_t destMax, const void *src, size_t count, int kind,
+                                     aclrtStream stream);
+    aclError rc = aclrtMemcpyAsync(recvBuf, bytes, (const uint8_t *)sendBuf + root * bytes, bytes, FX_MEMCPY_D2D,
+                                   stream);
+    r = rc ? to_hccl(rc) : issue_sorted(ops, n, what);
+    free(ops);
+    return r;
+}
+
 /* Root-info based configuration knobs HCCL exposes globally: accepted, nothing to configure. */
 FX_API HcclResult HcclSetConfig(int config, HcclConfigValue configValue) {
     (void)config; (void)configValue;
