@@ -20,9 +20,7 @@ import pytest
 from _native import ROOT, compile_program, flexnpu_run_cmd, native_libs, run_env
 
 PROG = str(ROOT / "tests" / "native" / "torch_npu_hccl.py")
-COPY_ONLY = (
-    "all_reduce,all_gather,reduce_scatter,reduce,broadcast,scatter,send_recv,batch_p2p,all_to_all,all_to_all_v"
-)
+COPY_ONLY = "all_reduce,all_gather,reduce_scatter,reduce,broadcast,scatter,send_recv,batch_p2p,all_to_all,all_to_all_v"
 NEED_OPERATORS = "barrier,all_gather_list"  # at::ones (barrier), the list copy after all_gather
 
 
@@ -97,7 +95,7 @@ def _ok(r, n: int) -> None:
 @pytest.mark.parametrize("visible,devs", [("0,1", "0,1"), ("0", "0,0")], ids=["two-devices", "one-device"])
 def test_collectives_of_real_torch_npu(two_daemons, visible, devs):
     """all_reduce (sum/max/min/prod x 6 dtypes), all_gather_into_tensor, reduce_scatter_tensor,
-    broadcast from every root, send/recv both ways, batch_isend_irecv (every rank sends and
+    broadcast and scatter from every root, send/recv both ways, batch_isend_irecv (every rank sends and
     receives at once), all_to_all_single even and uneven: exact."""
     _ok(_launch(two_daemons, visible, 2, devs, COPY_ONLY), 2)
 
