@@ -14,7 +14,11 @@ every output for every operator. Compiling turns the graph into a straight-line 
 - a result is kept only if it owns its storage: one whose storage overlaps an input or another
   output of its step (schemas do not declare every alias: ``_unsafe_view``, ``type_as``,
   ``lift``, ``unsafe_split`` ...) is copied, so no Alloc ever points into memory it does not
-  hold a reference to.
+  hold a reference to. A step proved to own its results (OWNED_PROOFS replays) skips the check;
+- a consumer reading a graph result in another layout (a view op on the client) restrides the
+  result tensor when it is exactly the allocation's bytes, instead of viewing its byte buffer;
+- views of allocations mutated in place are kept too, and rebuilt if an operator changed their
+  metadata.
 
 Anything the compiler does not handle makes it return None, and replay falls back to running
 the commands one by one, so compilation is an optimization, never a semantic change.
@@ -40,13 +44,15 @@ _INTERNAL, _EXTERNAL = 0, 1
 class _Src:
     """Where a tensor argument comes from at replay time."""
 
-    __slots__ = ("kind", "ref", "alloc", "step", "mutable", "cache_key", "cache", "direct")
+    __slots__ = ("kind", "ref", "alloc", "step", "mutable", "cache_key", "cache", "direct", "ptr", "restride")
 
     def __init__(self, kind: int, ref: TensorRef, alloc: Any, step: int, mutable: bool) -> None:
         self.kind, self.ref, self.alloc, self.step, self.mutable = kind, ref, alloc, step, mutable
         self.cache_key: Any = None
         self.cache: Any = None
         self.direct: bool | None = None  # producer's layout == consumer's view (same every replay)
+        self.ptr = 0  # the cached view's data pointer when it was handed out
+        self.restride: bool | None = None  # an internal result read in another layout: as_strided?
 
     def get(self, results: dict[int, torch.Tensor]) -> torch.Tensor:
         ref = self.ref
@@ -61,20 +67,38 @@ class _Src:
                 )
             if self.direct:
                 return t
+            al = self.alloc
+            if self.restride is None:  # decided once: the producer's result is laid out alike every replay
+                self.restride = al.result is t and t.dtype == ref.dtype and al.result_is_buffer()
+            if self.restride and al.result is t:
+                # the result's storage is the allocation as declared: the consumer's view is a
+                # restride of it (its bounds against the allocation were checked at capture)
+                restrided: torch.Tensor = t.as_strided(ref.shape, ref.stride, ref.offset)
+                return restrided
             # read it as the producer's declared layout says, like any other consumer would
-            return torch_exec.build_view(ref, self.alloc.materialize())
+            return torch_exec.build_view(ref, al.materialize())
         buf = self.alloc.materialize()
-        if self.mutable:
-            return torch_exec.build_view(ref, buf)
+        v: torch.Tensor = self.cache
         if self.cache_key is not buf:
-            self.cache = torch_exec.build_view(ref, buf)
+            v = self.cache = torch_exec.build_view(ref, buf)
             self.cache_key = buf
-        cached: torch.Tensor = self.cache
-        return cached
+        elif self.mutable and (
+            v.data_ptr() != self.ptr or v.shape != ref.shape or v.stride() != ref.stride
+        ):  # an operator changed the view's metadata (an out= resize): view the allocation again
+            v = self.cache = torch_exec.build_view(ref, buf)
+        self.ptr = v.data_ptr()
+        return v
+
+
+# Whether an operator's result aliases its inputs follows from the operator and its arguments'
+# layouts, dtypes and devices, which are the same in every replay of a graph (values never decide
+# it): a step whose results owned their storage in this many replays is not checked again; one
+# that ever needed a copy is checked on every replay.
+OWNED_PROOFS = 2
 
 
 class _Step:
-    __slots__ = ("opov", "args", "kwargs", "outs", "flat_args", "slots", "nested", "op", "rule")
+    __slots__ = ("opov", "args", "kwargs", "outs", "flat_args", "slots", "nested", "op", "rule", "owned")
 
     def __init__(
         self,
@@ -95,6 +119,7 @@ class _Step:
         self.flat_args = list(args)
         self.slots = [(i, a) for i, a in enumerate(args) if type(a) is _Src]
         self.nested = [(i, a) for i, a in enumerate(args) if type(a) in (list, tuple)]
+        self.owned = 0  # replays whose results owned their storage; -1: one needed a copy
 
 
 def _template(x: Any, srcs: list[_Src], make: Callable[[TensorRef, bool], _Src], mutable: bool) -> Any:
@@ -140,6 +165,12 @@ class CompiledGraph:
             if st.outs:
                 flat: list[torch.Tensor] = []
                 torch_exec._flatten_tensors(r, flat)
+                if st.owned >= OWNED_PROOFS:
+                    for al, t in zip(st.outs, flat):
+                        results[id(al)] = t
+                        al.set_result(t)
+                    continue
+                cloned = False
                 ins: list[torch.Tensor] = []
                 torch_exec._flatten_tensors(args, ins)
                 if kw:
@@ -150,9 +181,11 @@ class CompiledGraph:
                     if any(span[0] < hi and lo < span[1] for lo, hi in taken):
                         t = t.clone()  # a view of memory it does not own: make it its own
                         span = _span(t)
+                        cloned = True
                     taken.append(span)
                     results[id(al)] = t
                     al.set_result(t)
+                st.owned = -1 if cloned or st.owned < 0 else st.owned + 1
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:

@@ -56,24 +56,33 @@ class Alloc:
         self.result = t
         self.buf = None
 
+    def result_is_buffer(self) -> bool:
+        """Is the pending result tensor exactly the allocation's bytes, laid out as declared (its
+        storage is the allocation's size and it covers it densely)? Then any view of the
+        allocation is a view of that storage."""
+        from .backends.torch_exec import is_dense
+
+        r, ref = self.result, self.ref
+        return bool(
+            r is not None
+            and r.untyped_storage().nbytes() == self.nbytes
+            and r.dtype == ref.dtype
+            and r.storage_offset() == ref.offset
+            and tuple(r.stride()) == tuple(ref.stride)
+            and is_dense(r)
+            and r.numel() * r.dtype.itemsize == self.nbytes
+        )
+
     def materialize(self) -> Any:
         """The allocation's bytes as a 1-D uint8 tensor, laid out as declared."""
         if self.buf is None and self.result is not None:
             import torch
 
-            from .backends.torch_exec import build_view, is_dense
+            from .backends.torch_exec import build_view
 
             r, ref = self.result, self.ref
-            st = r.untyped_storage()
-            if (
-                st.nbytes() == self.nbytes
-                and r.dtype == ref.dtype
-                and r.storage_offset() == ref.offset
-                and tuple(r.stride()) == tuple(ref.stride)
-                and is_dense(r)
-                and r.numel() * r.dtype.itemsize == self.nbytes
-            ):
-                self.buf = torch.empty(0, dtype=torch.uint8, device=r.device).set_(st)
+            if self.result_is_buffer():
+                self.buf = torch.empty(0, dtype=torch.uint8, device=r.device).set_(r.untyped_storage())
             else:
                 buf = torch.zeros(self.nbytes, dtype=torch.uint8, device=r.device)
                 build_view(ref, buf).copy_(r)

@@ -222,8 +222,11 @@ def check_indices(rule: Rule, opov: Any, args: tuple, kwargs: dict) -> None:
             continue  # the kernel refuses non-integer indices itself
         if idx.dtype == torch.bool:
             continue  # masks: shape-checked by torch
-        lo_hi = torch.aminmax(idx.reshape(-1))
-        lo, hi = int(lo_hi.min.item()), int(lo_hi.max.item())
+        if idx.numel() == 1:  # a decode step's position: one read, no reduction
+            lo = hi = int(idx.item())
+        else:
+            lo_hi = torch.aminmax(idx.reshape(-1))
+            lo, hi = int(lo_hi.min.item()), int(lo_hi.max.item())
         low = -size if wrap else 0
         if lo < low or hi >= size:
             bad = lo if lo < low else hi
