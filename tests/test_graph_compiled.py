@@ -45,3 +45,4 @@ def test_compiled_replay_matches_eager(npu):
     st = query(str(npu.client.path), {"op": "status"})["daemon"]
     me = [c for c in st["clients"] if c["client_id"] == npu.client.client_id][0]
     assert me["graphs_compiled"] >= 1, me  # the straight-line path was taken, not the fallback
+    assert me["graphs_traced"] >= 1, me  # ... and later replays ran as a traced TorchScript graph

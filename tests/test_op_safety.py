@@ -562,6 +562,55 @@ def test_index_tensors_changed_between_graph_replays_are_checked(daemon):
     assert daemon.proc.poll() is None
 
 
+def test_index_tensors_are_checked_before_a_traced_replay(daemon):
+    """Replays after the first few run as a traced TorchScript graph (graphs._Traced): the index
+    tensors the client may rewrite are range-checked before it runs, so a bad one fails the
+    replay with nothing written, and the daemon keeps serving."""
+    from flexnpu.client import Client
+    from flexnpu.control import query
+
+    with Client(0) as c:
+        w = _put(c, torch.arange(32.0).reshape(8, 4))
+        idx = _put(c, torch.tensor([2, 5]))
+        cache = _put(c, torch.zeros(4, 4))
+        pos = _put(c, torch.tensor([0]))
+        rows, twice = _out(c, torch.float32, (2, 4)), _out(c, torch.float32, (2, 4))
+        row0 = TensorRef(twice[1].handle, torch.float32, (1, 4), (4, 1), 0)  # a graph result, re-viewed
+        g = c.graph_begin_capture()
+        c.launch("aten::index_select.default", (w, 0, idx), {}, [rows])
+        c.launch("aten::mul.Tensor", (rows[1], 2.0), {}, [twice])
+        c.launch("aten::index_copy_.default", (cache, 0, pos, row0), {}, [])
+        c.graph_end_capture(g)
+        for p in range(4):
+            c.memcpy_h2d(pos.handle, 0, struct.pack("<q", p))
+            c.graph_replay(g)
+        c.synchronize()
+        want = torch.arange(32.0).reshape(8, 4)[[2]] * 2
+        assert torch.equal(_get(c, cache), want.expand(4, 4))
+        st = query(str(daemon.socket), {"op": "status"})["daemon"]
+        me = [x for x in st["clients"] if x["client_id"] == c.client_id][0]
+        assert me["graphs_traced"] == 1, me
+        before = _get(c, cache).clone()
+        c.memcpy_h2d(idx.handle, 0, struct.pack("<qq", 2, 99))  # out of range for 8 rows
+        c.memcpy_h2d(pos.handle, 0, struct.pack("<q", 1))
+        c.memcpy_h2d(w.handle, 0, torch.full((8, 4), 7.0).numpy().tobytes())
+        c.graph_replay(g)
+        with pytest.raises(FlexNPUError, match="holds 99, out of range for size 8"):  # our check's words
+            c.synchronize()
+        assert torch.equal(_get(c, cache), before)  # checked before anything ran
+        c.memcpy_h2d(pos.handle, 0, struct.pack("<q", 9))  # the in-place target's index, too
+        c.memcpy_h2d(idx.handle, 0, struct.pack("<qq", 2, 5))
+        c.graph_replay(g)
+        with pytest.raises(FlexNPUError, match="holds 9, out of range for size 4"):
+            c.synchronize()
+        c.memcpy_h2d(pos.handle, 0, struct.pack("<q", 3))
+        c.graph_replay(g)
+        c.synchronize()
+        assert _get(c, cache)[3].tolist() == [14.0] * 4  # the new weights, through the traced graph
+        _alive(c)
+    assert daemon.proc.poll() is None
+
+
 # ------------------------------------------------------------------------------------------
 # item 2: outputs that alias inputs without saying so
 

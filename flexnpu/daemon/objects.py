@@ -60,7 +60,7 @@ class Alloc:
         """Is the pending result tensor exactly the allocation's bytes, laid out as declared (its
         storage is the allocation's size and it covers it densely)? Then any view of the
         allocation is a view of that storage."""
-        from .backends.torch_exec import is_dense
+        from .backends.torch_exec import is_dense, same_strides
 
         r, ref = self.result, self.ref
         return bool(
@@ -68,7 +68,8 @@ class Alloc:
             and r.untyped_storage().nbytes() == self.nbytes
             and r.dtype == ref.dtype
             and r.storage_offset() == ref.offset
-            and tuple(r.stride()) == tuple(ref.stride)
+            and tuple(r.shape) == tuple(ref.shape)
+            and same_strides(ref.shape, r.stride(), ref.stride)
             and is_dense(r)
             and r.numel() * r.dtype.itemsize == self.nbytes
         )

@@ -458,6 +458,7 @@ class Session:
             "attached_at": self.attached_at,
             "graphs": len(self.graphs),
             "graphs_compiled": sum(1 for g in self.graphs.values() if g.compiled),
+            "graphs_traced": sum(1 for g in self.graphs.values() if g.compiled and g.compiled.traced),
         }
 
 

@@ -493,6 +493,14 @@ def _fresh(op: str, nbytes: int, allocate: Callable[[int], torch.Tensor]) -> tor
     return buf
 
 
+def same_strides(shape: Any, a: Any, b: Any) -> bool:
+    """Do strides a and b lay out `shape` alike? A dimension of size 1 is never stepped along,
+    so its stride is free (operators leave all sorts there)."""
+    if len(a) != len(b):
+        return False
+    return all(x == y or n == 1 for n, x, y in zip(shape, a, b))
+
+
 def is_dense(t: torch.Tensor) -> bool:
     """Every element of the span from its first to its last element is one element of ``t``."""
     if t.is_contiguous():
