@@ -287,18 +287,39 @@ class _Traced:
                         outs.append(t)
             return tuple(outs)
 
-        # Index checks of INDEXED steps, from outside the graph: results inside it are stood in
-        # for by meta tensors of their shape (a check that needs a result's values cannot be
-        # made this way, and the graph is then not traced).
+        # Index checks of INDEXED steps, from outside the graph: every index tensor must be one
+        # of the outside views (an index computed inside the graph cannot be checked before it
+        # runs, and such a graph is not traced); the indexed sizes are fixed by the layouts.
         checks: list[tuple[Any, ...]] = []
-        for st in steps:
-            if st.rule is not None:
+        try:
+            for st in steps:
+                if st.rule is None:
+                    continue
                 stand = {
                     id(x): torch.empty_strided(x.ref.shape, x.ref.stride, dtype=x.ref.dtype, device="meta")
                     for x in _srcs(list(st.args) + list(st.kwargs.values()))
                     if x.kind == _INTERNAL
                 }
-                checks.append((st, stand))
+
+                def arg(x: Any, stand: dict[int, torch.Tensor] = stand) -> Any:
+                    t = type(x)
+                    if t is _Src:
+                        return views[pos[id(x)]] if x.kind == _EXTERNAL else stand[id(x)]
+                    if t is list:
+                        return [arg(y) for y in x]
+                    if t is tuple:
+                        return tuple([arg(y) for y in x])
+                    return x
+
+                args = tuple([arg(a) for a in st.args])
+                kw = {k: arg(a) for k, a in st.kwargs.items()}
+                for idx, size, wrap, what in ops.index_args(st.rule, st.opov, args, kw):
+                    at = next((i for i, v in enumerate(views) if v is idx), None)
+                    if at is None:
+                        return None
+                    checks.append((st.op, st.opov._schema.name, at, size, wrap, what))
+        except Exception:  # noqa: BLE001 - a rule that needs more than layouts: keep the step loop
+            return None
         traced = _Traced(None, ext, out_allocs, checks)
         try:
             traced.check(views)
@@ -313,22 +334,11 @@ class _Traced:
         return traced
 
     def check(self, views: list[torch.Tensor]) -> None:
-        pos = {id(x): i for i, x in enumerate(self.ext)}
-
-        def v(x: Any, stand: dict[int, torch.Tensor]) -> Any:
-            t = type(x)
-            if t is _Src:
-                return views[pos[id(x)]] if x.kind == _EXTERNAL else stand[id(x)]
-            if t is list:
-                return [v(y, stand) for y in x]
-            if t is tuple:
-                return tuple([v(y, stand) for y in x])
-            return x
-
-        for st, stand in self.checks:
-            args = tuple([v(a, stand) for a in st.args])
-            kw = {k: v(a, stand) for k, a in st.kwargs.items()}
-            torch_exec.validate_indices(st.op, st.opov, st.rule, args, kw)
+        for op, name, at, size, wrap, what in self.checks:
+            try:
+                ops.check_index_range(name, views[at], size, wrap, what)
+            except ops.IndexOutOfRange as e:
+                raise torch_exec.IndexRangeError(f"{op}: {e}") from None
 
     def run(self) -> None:
         views = [x.get({}) for x in self.ext]  # the allocations as they are now

@@ -214,26 +214,41 @@ def check_indices(rule: Rule, opov: Any, args: tuple, kwargs: dict) -> None:
     on a GPU/NPU that synchronizes with the stream, which is the price of not faulting)."""
     if rule.indices is None:
         return
-    bound = bind_args(opov, args, kwargs)
-    for idx, size, wrap, what in rule.indices(bound):
+    for idx, size, wrap, what in index_args(rule, opov, args, kwargs):
+        check_index_range(opov._schema.name, idx, size, wrap, what)
+
+
+def index_args(rule: Rule, opov: Any, args: tuple, kwargs: dict) -> list[tuple[torch.Tensor, int, bool, str]]:
+    """The index tensors of a launch whose values need a range check: (tensor, size of the
+    indexed dimension, negative indices allowed, what it is)."""
+    if rule.indices is None:
+        return []
+    out = []
+    for idx, size, wrap, what in rule.indices(bind_args(opov, args, kwargs)):
         if not isinstance(idx, torch.Tensor) or idx.numel() == 0:
             continue
         if idx.is_floating_point() or idx.is_complex():
             continue  # the kernel refuses non-integer indices itself
         if idx.dtype == torch.bool:
             continue  # masks: shape-checked by torch
-        if idx.numel() == 1:  # a decode step's position: one read, no reduction
-            lo = hi = int(idx.item())
-        else:
-            lo_hi = torch.aminmax(idx.reshape(-1))
-            lo, hi = int(lo_hi.min.item()), int(lo_hi.max.item())
-        low = -size if wrap else 0
-        if lo < low or hi >= size:
-            bad = lo if lo < low else hi
-            raise IndexOutOfRange(
-                f"{opov._schema.name}: {what} holds {bad}, out of range for size {size}"
-                f" (valid: {low}..{size - 1})"
-            )
+        out.append((idx, size, wrap, what))
+    return out
+
+
+def check_index_range(name: str, idx: torch.Tensor, size: int, wrap: bool, what: str) -> None:
+    """Raise IndexOutOfRange unless every value of the integer tensor `idx` indexes a dimension
+    of `size` (from -size when `wrap`)."""
+    if idx.numel() == 1:  # a decode step's position: one read, no reduction
+        lo = hi = int(idx.item())
+    else:
+        lo_hi = torch.aminmax(idx.reshape(-1))
+        lo, hi = int(lo_hi.min.item()), int(lo_hi.max.item())
+    low = -size if wrap else 0
+    if lo < low or hi >= size:
+        bad = lo if lo < low else hi
+        raise IndexOutOfRange(
+            f"{name}: {what} holds {bad}, out of range for size {size} (valid: {low}..{size - 1})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
