@@ -70,16 +70,33 @@ def _native_generate(quick: bool, reps: int, backend: str, mode: str) -> list[di
         return "skipped: the real torch_npu is not installed for FlexNPU (flexnpu install-torch-npu)"
     script = str(Path(__file__).with_name("_native_generate.py"))
     models = [("tiny", 2, 64)] + ([] if quick else [("hidden-1024", 4, 1024)])
+    # ... and the static decoder (bench/_decode.py) captured with the real torch_npu's NPUGraph
+    # and replayed, against direct eager (the CPU has no graphs), as the main graph row
+    models.append(("graph", 4, 512 if quick else 1024))
     tokens = "16" if quick else "32"
     rows = []
     for label, layers, hidden in models:
         args = ["--layers", str(layers), "--hidden", str(hidden), "--tokens", tokens]
+        if label == "graph":
+            args = ["--layers", str(layers), "--hidden", str(hidden), "--steps", "20" if quick else "60"]
         tps: dict[str, list[float]] = {"direct": [], "native": []}
         last: set[int] = set()
         for r in range(reps):
             for name in ("direct", "native"):
-                progress(f"[overhead] native generate {label} repetition {r + 1}/{reps}: {name}")
-                cmd = [sys.executable, script, "--device", backend if name == "direct" else "npu", *args]
+                progress(f"[overhead] native {label} repetition {r + 1}/{reps}: {name}")
+                if label == "graph":
+                    mode = ["--mode", "eager" if name == "direct" else "graph"]
+                    prog = str(Path(__file__).with_name("_decode.py"))
+                    cmd = [
+                        sys.executable,
+                        prog,
+                        "--device",
+                        backend if name == "direct" else "npu",
+                        *args,
+                        *mode,
+                    ]
+                else:
+                    cmd = [sys.executable, script, "--device", backend if name == "direct" else "npu", *args]
                 if name == "native":
                     cmd = [
                         sys.executable, "-m", "flexnpu", "run", "--interpose", "native", "--backend", backend,
@@ -96,8 +113,9 @@ def _native_generate(quick: bool, reps: int, backend: str, mode: str) -> list[di
         d, n = median(tps["direct"]), median(tps["native"])
         rows.append(
             {
-                "name": f"native-hf-generate-{label}",
-                "model": {"layers": layers, "hidden": hidden, "new_tokens": int(tokens)},
+                "name": f"native-hf-generate-{label}" if label != "graph" else "native-decode-graph",
+                "model": {"layers": layers, "hidden": hidden}
+                | ({"steps": int(args[-1])} if label == "graph" else {"new_tokens": int(tokens)}),
                 "tokens_per_s": round(n, 2),
                 "direct_tokens_per_s": round(d, 2),
                 "ratio_vs_direct": round(n / d, 4) if d else None,
@@ -288,7 +306,7 @@ def _main(argv: list[str] | None) -> int:
                     ("ratio_vs_direct", "vs direct", ".3f"),
                     ("same_tokens", "same tokens", ""),
                 ],
-                title="HF generate() through the native front end (real torch_npu)",
+                title="through the native front end (real torch_npu): HF generate(), eager; the static decoder, NPUGraph",
             )
         else:
             print(f"native generate: {native_rows}")

@@ -154,7 +154,7 @@ class CompiledGraph:
         self.replays = 0
         self.traced: _Traced | None | bool = None  # None: not tried yet; False: not traceable
 
-    def run(self) -> None:
+    def run(self, s: Any = None, st: Any = None) -> None:
         t = self.traced
         if t:
             assert isinstance(t, _Traced)
@@ -364,8 +364,85 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return (p, p + st.nbytes()) if st.nbytes() else (0, 0)
 
 
-def compile_graph(cmds: list[Cmd], device: Any) -> CompiledGraph | None:
+# ------------------------------------------------------------------ graphs of the native front end
+ASCEND_PREFIXES = ("aclnn::", "aclop::")
+
+
+class _AscendStep:
+    """One operator of the native front end (optable): it writes the tensors it is given, so
+    there is nothing to bind. Its converted arguments (views of the allocations, checked against
+    the operator's declaration) are kept while every allocation keeps its buffer; the index
+    ranges are checked on every run."""
+
+    __slots__ = ("cmd", "device", "allocs", "bufs", "d", "a")
+
+    def __init__(self, cmd: Cmd, device: Any) -> None:
+        self.cmd, self.device = cmd, device
+        self.allocs: list[tuple[int, Any]] = list(cmd.a[1].items())  # (handle, Alloc)
+        self.bufs: list[Any] = []
+        self.d: Any = None
+        self.a: Any = None
+
+    def run(self) -> None:
+        from .objects import ready_buf
+        from . import optable
+
+        if self.a is None or any(al.buf is not b for (_, al), b in zip(self.allocs, self.bufs)):
+            launch, allocs, _ = self.cmd.a
+
+            def resolve(h: int) -> Any:
+                al = allocs.get(h)
+                if al is None:
+                    raise torch_exec.LaunchError(
+                        f"{launch.op}: device handle {h} is not an input of this launch"
+                    )
+                return ready_buf(al, h)
+
+            self.a = None
+            self.d, a = optable.prepare(
+                self.device, launch.op, launch.args, launch.kwargs, launch.outputs, resolve
+            )
+            self.bufs = [al.buf for _, al in self.allocs]
+            self.a = a
+        optable.check_indices(self.d, self.a)
+        self.d.fn(dict(self.a))  # a fresh dict: an entry may keep notes in it
+
+
+class CompiledAscendGraph:
+    """A graph of the native front end: its operators with their arguments converted once;
+    other commands (device copies, memsets) run as recorded."""
+
+    traced = False
+
+    def __init__(self, steps: list[Any]) -> None:
+        self.steps = steps
+
+    def run(self, s: Any = None, st: Any = None) -> None:
+        for step in self.steps:
+            if type(step) is _AscendStep:
+                step.run()
+            else:
+                step.run(s, st, step)
+
+
+def _compile_ascend(cmds: list[Cmd], device: Any) -> CompiledAscendGraph | None:
+    steps: list[Any] = []
+    for cmd in cmds:
+        if cmd.op == Op.LAUNCH:
+            if not cmd.a[0].op.startswith(ASCEND_PREFIXES):
+                return None  # aten launches mixed in: their results are bound lazily (generic path)
+            steps.append(_AscendStep(cmd, device))
+        elif cmd.op in (Op.MEMCPY_D2D, Op.MEMSET):
+            steps.append(cmd)
+        else:
+            return None
+    return CompiledAscendGraph(steps) if any(type(x) is _AscendStep for x in steps) else None
+
+
+def compile_graph(cmds: list[Cmd], device: Any) -> CompiledGraph | CompiledAscendGraph | None:
     """A compiled program for the graph's commands, or None if any command needs the generic path."""
+    if any(c.op == Op.LAUNCH and c.a[0].op.startswith(ASCEND_PREFIXES) for c in cmds):
+        return _compile_ascend(cmds, device)
     steps: list[_Step] = []
     produced: set[int] = set()
     for cmd in cmds:

@@ -93,6 +93,15 @@ def decode() -> None:
         assert torch.equal(out_x.cpu(), eager_x.cpu()), i
         assert torch.allclose(out_x.cpu(), cpu_x, atol=1e-4, rtol=1e-4), i
         tok = (cpu_tok + i) % vocab
+    # the daemon compiled the graph (graphs.CompiledAscendGraph), not the op-by-op fallback
+    import os
+
+    from flexnpu.control import query
+    from flexnpu.paths import socket_path
+
+    st = query(str(socket_path(0)), {"op": "status"})["daemon"]
+    me = [c for c in st["clients"] if c["pid"] == os.getpid()]
+    assert me and me[0]["graphs_compiled"] == 1, me
     print("OK")
 
 

@@ -63,7 +63,7 @@ def _run_graph_replay(s: Session, st: StreamState, c: Cmd) -> None:
         g.compiled = compile_graph(g.ops, s.daemon.backend.device) or False
     if g.compiled:
         try:
-            g.compiled.run()
+            g.compiled.run(s, st)
         except Exception as e:
             raise error_for(code_of(e), f"graph {g.gid} replay failed: {e}") from e
     else:

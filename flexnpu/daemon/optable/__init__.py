@@ -45,6 +45,8 @@ __all__ = [
     "lookup",
     "is_supported",
     "execute",
+    "prepare",
+    "check_indices",
     "put",
     "LaunchError",
     "TABLE",
@@ -226,7 +228,7 @@ class _Conv:
         raise LaunchError(f"{self.op}: {name}: unsupported value of type {type(v).__name__}")
 
 
-def _check_indices(d: OpDef, a: Args) -> None:
+def check_indices(d: OpDef, a: Args) -> None:
     if d.indices is None:
         return
     try:
@@ -266,6 +268,23 @@ def execute(
     """Run one launch of a table operator. ``resolve(handle)`` gives the 1-D uint8 tensor of an
     allocation the client owns. Raises OpNotSupported (unknown name) or LaunchError (a launch
     that does not fit the operator's declaration); the operator's own errors propagate."""
+    d, a = prepare(device, op, args, kwargs, outputs, resolve)
+    check_indices(d, a)
+    d.fn(a)
+
+
+def prepare(
+    device: torch.device,
+    op: str,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    outputs: Sequence[Any],
+    resolve: Callable[[int], torch.Tensor],
+) -> tuple[OpDef, Args]:
+    """Check a launch against its operator's declaration and convert its arguments (tensors:
+    views of the client's allocations as ``resolve`` gives them now). The result depends on the
+    launch and those allocations only, so a captured graph keeps it while they keep their
+    buffers; the index ranges (values) are checked by ``check_indices`` before every run."""
     d = lookup(op)
     if outputs:
         raise LaunchError(f"{op} writes the tensors it is given: launch it with no fresh outputs")
@@ -298,8 +317,7 @@ def execute(
         if akind is None:
             raise LaunchError(f"{op}: unknown attribute {k!r}")
         a[k] = None if v is None else conv.value(v, akind, k)
-    _check_indices(d, a)
-    d.fn(a)
+    return d, a
 
 
 def _load() -> None:
