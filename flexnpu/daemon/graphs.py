@@ -35,7 +35,9 @@ import torch
 
 from .. import ops
 from ..protocol import Op, TensorRef
+from . import optable
 from .backends import torch_exec
+from .objects import ready_buf
 
 if TYPE_CHECKING:
     from .objects import Cmd
@@ -384,9 +386,6 @@ class _AscendStep:
         self.a: Any = None
 
     def run(self) -> None:
-        from .objects import ready_buf
-        from . import optable
-
         if self.a is None or any(al.buf is not b for (_, al), b in zip(self.allocs, self.bufs)):
             launch, allocs, _ = self.cmd.a
 
