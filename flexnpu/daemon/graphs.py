@@ -232,54 +232,35 @@ class _Traced:
         ext: list[_Src] = []
         pos: dict[int, int] = {}
 
-        def collect(x: Any) -> None:
-            t = type(x)
-            if t is _Src:
+        out_allocs = [al for st in steps for al in st.outs]
+        if not out_allocs or any(st.outs and st.owned < OWNED_PROOFS for st in steps):
+            return None
+        for st in steps:
+            for x in _srcs([*st.args, *st.kwargs.values()]):
                 if x.kind == _EXTERNAL:
                     if id(x) not in pos:
                         pos[id(x)] = len(ext)
                         ext.append(x)
                 elif not (x.direct or x.restride):
-                    raise _Unsupported  # a result re-viewed through its bytes: not a plain op chain
-            elif t is list or t is tuple:
-                for v in x:
-                    collect(v)
-
-        out_allocs = [al for st in steps for al in st.outs]
-        if not out_allocs or any(st.outs and st.owned < OWNED_PROOFS for st in steps):
-            return None
-        try:
-            for st in steps:
-                for a in st.args:
-                    collect(a)
-                for v in st.kwargs.values():
-                    collect(v)
-        except _Unsupported:
-            return None
-        views = [x.get({}) for x in ext]
+                    return None  # a result re-viewed through its bytes: not a plain op chain
+        views = [x.get(_NO_RESULTS) for x in ext]
         copied = sum(v.untyped_storage().nbytes() for x, v in zip(ext, views) if x.mutable)
         if copied > TRACE_COPY_MAX:
             return None
 
-        def val(x: Any, xs: tuple[torch.Tensor, ...], results: dict[int, torch.Tensor]) -> Any:
-            t = type(x)
-            if t is _Src:
+        def program(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            results: dict[int, torch.Tensor] = {}
+            outs: list[torch.Tensor] = []
+
+            def val(x: _Src) -> torch.Tensor:
                 if x.kind == _EXTERNAL:
                     return xs[pos[id(x)]]
                 r = results[id(x.alloc)]
                 return r if x.direct else r.as_strided(x.ref.shape, x.ref.stride, x.ref.offset)
-            if t is list:
-                return [val(v, xs, results) for v in x]
-            if t is tuple:
-                return tuple([val(v, xs, results) for v in x])
-            return x
 
-        def program(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            results: dict[int, torch.Tensor] = {}
-            outs: list[torch.Tensor] = []
             for st in steps:
-                args = [val(a, xs, results) for a in st.args]
-                kw = {k: val(v, xs, results) for k, v in st.kwargs.items()}
+                args = [_map_srcs(a, val) for a in st.args]
+                kw = {k: _map_srcs(v, val) for k, v in st.kwargs.items()}
                 r = st.opov(*args, **kw)
                 if st.outs:
                     flat: list[torch.Tensor] = []
@@ -297,24 +278,15 @@ class _Traced:
             for st in steps:
                 if st.rule is None:
                     continue
-                stand = {
-                    id(x): torch.empty_strided(x.ref.shape, x.ref.stride, dtype=x.ref.dtype, device="meta")
-                    for x in _srcs(list(st.args) + list(st.kwargs.values()))
-                    if x.kind == _INTERNAL
-                }
 
-                def arg(x: Any, stand: dict[int, torch.Tensor] = stand) -> Any:
-                    t = type(x)
-                    if t is _Src:
-                        return views[pos[id(x)]] if x.kind == _EXTERNAL else stand[id(x)]
-                    if t is list:
-                        return [arg(y) for y in x]
-                    if t is tuple:
-                        return tuple([arg(y) for y in x])
-                    return x
+                def arg(x: _Src) -> torch.Tensor:
+                    if x.kind == _EXTERNAL:
+                        return views[pos[id(x)]]
+                    r = x.ref  # a result inside the graph: only its layout is known here
+                    return torch.empty_strided(r.shape, r.stride, dtype=r.dtype, device="meta")
 
-                args = tuple([arg(a) for a in st.args])
-                kw = {k: arg(a) for k, a in st.kwargs.items()}
+                args = tuple([_map_srcs(a, arg) for a in st.args])
+                kw = {k: _map_srcs(a, arg) for k, a in st.kwargs.items()}
                 for idx, size, wrap, what in ops.index_args(st.rule, st.opov, args, kw):
                     at = next((i for i, v in enumerate(views) if v is idx), None)
                     if at is None:
@@ -343,7 +315,7 @@ class _Traced:
                 raise torch_exec.IndexRangeError(f"{op}: {e}") from None
 
     def run(self) -> None:
-        views = [x.get({}) for x in self.ext]  # the allocations as they are now
+        views = [x.get(_NO_RESULTS) for x in self.ext]  # the allocations as they are now
         if self.checks:
             self.check(views)
         with torch.jit.optimized_execution(False):
@@ -352,12 +324,28 @@ class _Traced:
             al.set_result(t)
 
 
+_NO_RESULTS: dict[int, torch.Tensor] = {}  # what an outside view's get() is given (it reads none)
+
+
 def _srcs(x: Any) -> list[_Src]:
+    """The sources in an argument template, nested lists and tuples included."""
     if type(x) is _Src:
         return [x]
     if type(x) in (list, tuple):
         return [s for v in x for s in _srcs(v)]
     return []
+
+
+def _map_srcs(x: Any, f: Callable[[_Src], Any]) -> Any:
+    """The argument template with each source replaced by f(source)."""
+    t = type(x)
+    if t is _Src:
+        return f(x)
+    if t is list:
+        return [_map_srcs(v, f) for v in x]
+    if t is tuple:
+        return tuple([_map_srcs(v, f) for v in x])
+    return x
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
