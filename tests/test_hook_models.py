@@ -114,12 +114,8 @@ def test_decode_step_round_trips_and_meta_calls(npu, monkeypatch):
     assert m2 / 12 <= 1.0, names  # ~10 per token before the rules
 
 
-def test_sdpa_reaches_the_daemon_whole_without_grad_and_decomposed_with_it(npu, monkeypatch):
-    """scaled_dot_product_attention is one launch (the backend's fused kernel) when nothing needs
-    its gradient; with a gradient or dropout it keeps torch's math form, which autograd and the
-    host's random generator need."""
-    import torch.nn.functional as F
-
+def _count_launches(npu, monkeypatch) -> list[str]:
+    """The operators of every launch the client sends from now on (decoded from its payloads)."""
     from flexnpu import protocol as P
 
     c = npu.client
@@ -131,6 +127,41 @@ def test_sdpa_reaches_the_daemon_whole_without_grad_and_decomposed_with_it(npu, 
         return real_launch(payload, *a, **k)
 
     monkeypatch.setattr(c, "launch_payload", counting_launch)
+    return launched
+
+
+def test_linear_reaches_the_daemon_whole_without_grad_and_decomposed_with_it(npu, monkeypatch):
+    """linear is one dispatch and one launch when nothing needs its gradient (instead of a
+    transpose, views and addmm/mm through the front end); with a gradient it keeps torch's
+    decomposition, which autograd differentiates."""
+    import torch.nn.functional as F
+
+    launched = _count_launches(npu, monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(2, 3, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(6, generator=g)
+    for args in ((x, w, b), (x, w), (x[0, 0], w, b), (x.transpose(0, 1), w, b)):
+        launched.clear()
+        with torch.no_grad():
+            got = F.linear(*(t.npu() for t in args))
+        torch.testing.assert_close(got.cpu(), F.linear(*args))
+        assert launched.count("aten::linear.default") == 1, launched
+        assert not {"aten::addmm.default", "aten::mm.default"} & set(launched)
+
+    launched.clear()
+    wg, wc = w.clone().npu().requires_grad_(), w.clone().requires_grad_()
+    F.linear(x.npu(), wg, b.npu()).sum().backward()
+    F.linear(x, wc, b).sum().backward()
+    torch.testing.assert_close(wg.grad.cpu(), wc.grad)
+    assert "aten::linear.default" not in launched
+
+
+def test_sdpa_reaches_the_daemon_whole_without_grad_and_decomposed_with_it(npu, monkeypatch):
+    """scaled_dot_product_attention is one launch (the backend's fused kernel) when nothing needs
+    its gradient; with a gradient or dropout it keeps torch's math form, which autograd and the
+    host's random generator need."""
+    import torch.nn.functional as F
+
+    launched = _count_launches(npu, monkeypatch)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, s, n, 8, generator=g).transpose(1, 2) for s, n in ((3, 4), (5, 2), (5, 2)))
     mask = torch.randn(1, 1, 3, 5, generator=g)

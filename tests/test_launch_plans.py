@@ -172,6 +172,28 @@ def test_planned_launch_refuses_freed_foreign_and_reused_handles(daemon):
     assert daemon.proc.poll() is None
 
 
+@pytest.mark.parametrize("planned", [False, True])
+def test_refused_output_handle_leaves_memory_accounting_unchanged(client, planned):
+    """An output handle the client's table refuses (it names another live allocation) fails the
+    launch and gives back what was charged for the output: nothing leaks per refused launch."""
+    a = _put(client, torch.ones(16))
+    taken = _put(client, torch.zeros(16))
+    if planned:  # the same structure twice first: the refused launch then takes the planned path
+        for _ in range(2):
+            _launch_mul(client, a, a)
+        client.synchronize()
+    used = client.memory_stats()["allocated"]
+    for _ in range(3):
+        client.launch(
+            "aten::mul.Tensor", (a, a), {}, [(64, TensorRef(taken.handle, torch.float32, (16,), (1,), 0))]
+        )
+        with pytest.raises(InvalidHandle, match="already in use"):
+            client.synchronize()
+    assert client.memory_stats()["allocated"] == used
+    assert torch.equal(_get(client, taken), torch.zeros(16))
+    _alive(client)
+
+
 def test_planned_index_launches_still_check_index_ranges(client):
     src = _put(client, torch.arange(8.0))
     for i in range(3):

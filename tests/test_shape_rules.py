@@ -188,6 +188,22 @@ def test_cat_matmul_softmax_reductions_embedding():
     assert check(aten.embedding.default, ref((1000, 128)), ref((), torch.int64))
 
 
+def test_linear():
+    linear = aten.linear.default
+    x, w, b = ref((1, 5, 16)), ref((8, 16)), ref((8,))
+    assert check(linear, x, w, b)
+    assert check(linear, x, w)
+    assert check(linear, ref((16,)), w, b)
+    assert check(linear, ref((2, 3, 4, 16)), w, None)
+    for bad in (
+        (x, ref((8, 15)), b),  # in_features differ
+        (x, w, ref((7,))),  # bias size
+        (x, ref((8, 16), torch.float16), b),
+        (ref((1, 5, 16), stride=(80, 1, 5)), w, b),  # not contiguous: meta decides the strides
+    ):
+        assert shape_rules.infer(linear, bad, {}) is None
+
+
 def test_scaled_dot_product_attention():
     sdpa = aten.scaled_dot_product_attention.default
     q, k, v = ref((1, 4, 1, 32)), ref((1, 4, 17, 32)), ref((1, 4, 17, 16))

@@ -63,6 +63,8 @@ def install_torch_device() -> None:
         # scaled_dot_product_attention reaches the daemon whole when nothing needs its gradient
         # (one launch, and the backend's fused kernel, instead of ~10 launches of the math form).
         alib.impl("scaled_dot_product_attention", tensor.sdpa_autograd_kernel, "AutogradPrivateUse1")
+        # linear likewise (one dispatch and one launch instead of a transpose, views and addmm)
+        alib.impl("linear", tensor.linear_autograd_kernel, "AutogradPrivateUse1")
         autocast.register(lib, alib)
         pinned.install(alib)
         _state["lib"] = (lib, alib)  # registrations live as long as these objects

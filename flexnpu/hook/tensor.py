@@ -1065,6 +1065,22 @@ def sdpa_autograd_kernel(*args, **kwargs):
         return _SDPA_OP(*args, **kwargs)
 
 
+_LINEAR_OP = aten.linear.default
+
+
+def linear_autograd_kernel(*args, **kwargs):
+    """AutogradPrivateUse1 kernel of linear. torch decomposes linear above every backend into a
+    transpose, views and addmm/mm (four dispatches through this front end for one launch); when
+    no gradient is recorded it goes below autograd whole instead: one dispatch, one launch, the
+    daemon's backend decomposes it natively. With a gradient, the decomposition autograd needs."""
+    if torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (*args, *kwargs.values())
+    ):
+        return _LINEAR_OP.decompose(*args, **kwargs)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _LINEAR_OP(*args, **kwargs)
+
+
 EXPLICIT_KERNELS = (
     "empty.memory_format",
     "empty_strided",

@@ -408,6 +408,24 @@ def _addmm(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
     return _out(a.dtype, shape)
 
 
+def _linear(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+    """linear(input, weight, bias=None) of a contiguous input: (*input[:-1], out_features),
+    contiguous. Other layouts go to meta inference (the matmul path's strides vary)."""
+    if kwargs or not 2 <= len(args) <= 3:
+        return None
+    x, w = args[0], args[1]
+    b = args[2] if len(args) == 3 else None
+    if type(x) is not TensorRef or type(w) is not TensorRef or not (b is None or type(b) is TensorRef):
+        return None
+    if not x.dtype.is_floating_point or w.dtype != x.dtype or len(w.shape) != 2 or not x.shape:
+        return None
+    if x.shape[-1] != w.shape[1] or not _contiguous(x):
+        return None
+    if b is not None and (b.dtype != x.dtype or b.shape != (w.shape[0],)):
+        return None
+    return _out(x.dtype, (*x.shape[:-1], w.shape[0]))
+
+
 def _softmax(kind: str) -> Rule:
     """_softmax(self, dim, half_to_float) / _safe_softmax(self, dim, dtype=None)."""
 
@@ -572,6 +590,7 @@ _add("cat.default", _cat)
 _add("mm.default", _mm(False))
 _add("bmm.default", _mm(True))
 _add("addmm.default", _addmm)
+_add("linear.default", _linear)
 _add("_softmax.default", _softmax("_softmax"))
 _add("_safe_softmax.default", _softmax("_safe_softmax"))
 _add("mean.dim", _reduction("mean"))

@@ -3,11 +3,14 @@ free cannot pull memory from under queued work), bind fresh outputs, run on the 
 
 A launch whose structure (the payload with its handles zeroed, protocol.split_launch) the daemon
 has validated before takes the planned path: the backend's plan replaces decoding, the output
-checks and the cost model, and only what depends on the handles runs per launch.
+checks and the cost model, and only what depends on the handles runs per launch. On a daemon
+that runs commands in arrival order, a planned launch with nothing queued ahead of it runs at
+once (_run_now), without the queued command's object, undo closure and bookkeeping.
 """
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, cast
 
 from ... import protocol as P
@@ -73,6 +76,14 @@ def _run_launch(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st)
 
 
+def _bind_planned(outs: dict[int, Alloc], out_handles: Any, results: Any, keys: Any) -> None:
+    """Bind a planned launch's results; each keeps its result tensor as its producer's view."""
+    for h, (buf, view), key in zip(out_handles, results, keys):
+        al = _bind_result(outs, h, buf)
+        if al is not None:
+            al.view = (buf, key, view)
+
+
 def _run_planned(s: Session, st: StreamState, c: Cmd) -> None:
     plan, handles, allocs, outs = c.a
     be = cast("PlanningBackend", s.daemon.backend)  # only such a backend made the plan
@@ -83,12 +94,79 @@ def _run_planned(s: Session, st: StreamState, c: Cmd) -> None:
         results = be.run_plan(plan, bufs, handles, be.alloc, [al.view for al in ins])
     except Exception as e:
         raise _failed(plan.op, outs, e) from e
-    for h, (buf, view), key in zip(handles[n:], results, plan.out_keys):
-        al = _bind_result(outs, h, buf)
-        if al is not None:
-            al.view = (buf, key, view)
+    _bind_planned(outs, handles[n:], results, plan.out_keys)
     if c.sync:
         s.reply_sync(c.user_data, st)
+
+
+def _run_now(s: Session, st: StreamState, r: R.Launch, plan: Any, handles: tuple[int, ...]) -> None:
+    """A planned launch with nothing queued ahead of it on a daemon that runs commands in arrival
+    order (Session.prepare's inline case): checked and run in one pass, without the command, undo
+    and stream bookkeeping a queued launch needs. Same checks, same errors, same accounting as
+    _p_planned + Session.execute + _run_planned."""
+    if s.dead:
+        return
+    n = plan.n_in
+    get = s.handles.get
+    ins = [get(h) for h in handles[:n]]  # InvalidHandle (another client's, freed): nothing made yet
+    outs = _planned_outputs(s, plan, handles)
+    t = perf_counter()
+    try:
+        try:
+            bufs = [ready_buf(al, h) for al, h in zip(ins, handles)]
+            hints = [al.view for al in ins]
+            be = cast("PlanningBackend", s.daemon.backend)
+            if st.device_stream is None:
+                results = be.run_plan(plan, bufs, handles, be.alloc, hints)
+            else:
+                with be.stream_context(st.device_stream):
+                    results = be.run_plan(plan, bufs, handles, be.alloc, hints)
+        except Exception as e:  # noqa: BLE001 - the client's error, reported like a queued launch's
+            s.fail(r.user_data, r.sync, st, _failed(plan.op, outs, e))
+        else:
+            _bind_planned(outs, handles[n:], results, plan.out_keys)
+            if r.sync:
+                s.reply_sync(r.user_data, st)
+    except Exception as e:  # noqa: BLE001 - reporting failed: drop this client alone (as execute)
+        s.daemon.log.error("client %d: cannot report an error: %s", s.pid, e, exc_info=e)
+        s.condemn(f"internal error: {e}")
+    t1 = perf_counter()
+    st.busy_s += t1 - t
+    st.ops_done += 1
+    s.launches += 1
+    s.daemon.metrics.launch_latency.observe(t1 - s._drain_t)
+
+
+def _planned_outputs(s: Session, plan: Any, handles: tuple[int, ...]) -> dict[int, Alloc]:
+    """_new_outputs for a planned launch: its output handles follow its n_in input handles."""
+    n = plan.n_in
+    outs: dict[int, Alloc] = {}
+    ins = handles[:n]
+    table = s.handles
+    try:
+        for i, (nbytes, ref) in enumerate(plan.outputs):
+            h = handles[n + i]
+            if h in outs or h in ins:
+                raise InvalidHandle(f"{plan.op}: output handle {h} is not fresh")
+            al = s.new_alloc(nbytes)
+            al.ref = ref
+            _enter(table, h, al)
+            outs[h] = al
+    except BaseException:
+        for h in outs:
+            table.remove(h)
+        raise
+    return outs
+
+
+def _enter(table: Any, h: int, al: Alloc) -> None:
+    """Put a new allocation in the client's table; if the table refuses it (handle in use or out
+    of range, too many handles), give back what new_alloc charged for it."""
+    try:
+        table.add(h, al)
+    except BaseException:
+        al.owner.uncharge(al.nbytes)
+        raise
 
 
 def _new_outputs(
@@ -104,7 +182,7 @@ def _new_outputs(
                 raise InvalidHandle(f"{op}: output handle {h} is not fresh")
             al = s.new_alloc(nbytes)
             al.ref = ref  # its declared layout (only the layout is read)
-            s.handles.add(h, al)
+            _enter(s.handles, h, al)
             created.append(h)
             outs[h] = al
     except BaseException:
@@ -131,7 +209,8 @@ def _p_planned(s: Session, r: R.Launch, plan: Any, handles: tuple[int, ...]) -> 
     for h in handles[:n]:
         if h not in allocs:
             allocs[h] = alloc_of(h)
-    outs, created = _new_outputs(s, plan.op, plan.outputs, lambda i, _ref: handles[n + i], allocs)
+    outs = _planned_outputs(s, plan, handles)
+    created = list(outs)
     cmd = Cmd(
         Op.LAUNCH,
         r.user_data,
@@ -144,7 +223,7 @@ def _p_planned(s: Session, r: R.Launch, plan: Any, handles: tuple[int, ...]) -> 
     return cmd
 
 
-def _p_launch(s: Session, st: StreamState | None, r: R.Launch) -> Cmd:
+def _p_launch(s: Session, st: StreamState | None, r: R.Launch) -> Cmd | None:
     payload = bytes(s._payload(r.payload_offset, r.payload_len))  # copy out before parsing
     be = s.daemon.backend
     # structure -> its plan; None: seen once; False: it has none
@@ -156,6 +235,9 @@ def _p_launch(s: Session, st: StreamState | None, r: R.Launch) -> Cmd:
         if split is not None:
             plan = plans.get(split[0])
             if plan:
+                if s.daemon.inline and not st.queue:
+                    _run_now(s, st, r, plan, split[1])
+                    return None
                 return _p_planned(s, r, plan, split[1])
     try:
         launch = P.decode_launch(payload, be.device)
