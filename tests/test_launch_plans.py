@@ -128,6 +128,23 @@ def test_repeated_structure_gives_right_results_with_new_handles(client):
             client.free(h)
 
 
+def test_planned_launches_with_tensor_lists_and_tensor_keywords_give_right_results(client):
+    """Plans whose tensors sit in a list (cat: filled by walking the template) or in keyword
+    arguments (clamp's min/max: filled by name) bind each handle of each launch to its own slot."""
+    for i in range(4):
+        x, lo, hi = torch.arange(6.0) - i, torch.full((6,), -1.0 - i), torch.full((6,), 2.0 + i)
+        a, b, c = _put(client, x), _put(client, lo), _put(client, hi)
+        cat = _out(client, torch.float32, (18,))
+        client.launch("aten::cat.default", ([a, c, b], 0), {}, [cat])
+        clamp = _out(client, torch.float32, (6,))
+        client.launch("aten::clamp.Tensor", (a,), {"min": b, "max": c}, [clamp])
+        client.synchronize()
+        assert torch.equal(_get(client, cat[1]), torch.cat([x, hi, lo]))
+        assert torch.equal(_get(client, clamp[1]), torch.clamp(x, min=lo, max=hi))
+        for h in (a.handle, b.handle, c.handle, cat[1].handle, clamp[1].handle):
+            client.free(h)
+
+
 def test_planned_launch_checks_each_view_against_the_allocation_it_names_now(client):
     a = _put(client, torch.ones(64))
     for _ in range(3):

@@ -535,14 +535,15 @@ def _bind(
         raise LaunchError(f"{op}: result on {r.device}, expected {device}")
     st = r.untyped_storage()
     ptr = st.data_ptr()
+    size = st.nbytes()
     # The storage is bound as the handle's own only if the operator made it: it overlaps no input
     # (whatever the schema says about aliasing) and no other output, and the result covers it
     # densely (no bytes the operator left unwritten). Anything else is copied into a fresh,
     # zeroed allocation.
-    aliases = _overlaps(ptr, ptr + st.nbytes(), in_ptrs) if st.nbytes() else False
+    aliases = _overlaps(ptr, ptr + size, in_ptrs) if size else False
     if (
         not aliases
-        and st.nbytes() == nbytes
+        and size == nbytes
         and tuple(r.stride()) == tuple(ref.stride)
         and r.storage_offset() == ref.offset
         and r.dtype == ref.dtype
@@ -594,6 +595,13 @@ class LaunchPlan:
         "values",
         "cost",
         "uninit",
+        "slots",
+        "static",
+        "arg_at",
+        "kw_static",
+        "kw_at",
+        "call",
+        "indexed",
     )
 
     def __init__(self, op: str, opov: Any, rule: ops.Rule) -> None:
@@ -607,6 +615,28 @@ class LaunchPlan:
         self.values = 0  # what holding one of its commands costs (session.held_bytes)
         self.cost: Any = None  # the scheduler's cost of one launch (the same for every launch of it)
         self.uninit = opov._opname in ops.UNINITIALIZED
+        # What run_plan needs in the order it needs it (_finish): every slot in payload order;
+        # for flat plans the arguments with None where a slot goes, and where each slot goes.
+        self.slots: list[_Slot] = []
+        self.static: list[Any] = []
+        self.arg_at: tuple[tuple[int, int], ...] = ()
+        self.kw_static: dict[str, Any] = {}
+        self.kw_at: tuple[tuple[str, int], ...] = ()
+        self.call = opov._op  # OpOverload.__call__ is exactly this call, one Python frame more
+        self.indexed = rule.kind == ops.INDEXED
+
+    def _finish(self) -> None:
+        found: list[_Slot] = []
+        _collect_slots(self.args, found)
+        _collect_slots(list(self.kwargs.values()), found)
+        self.slots = sorted(found, key=lambda sl: sl.k)
+        if [sl.k for sl in self.slots] != list(range(self.n_in)):
+            raise _NoPlan  # every handle of the payload has exactly one slot
+        if self.flat:
+            self.static = [None if type(a) is _Slot else a for a in self.args]
+            self.arg_at = tuple((i, a.k) for i, a in enumerate(self.args) if type(a) is _Slot)
+            self.kw_static = {k: v for k, v in self.kwargs.items() if type(v) is not _Slot}
+            self.kw_at = tuple((k, v.k) for k, v in self.kwargs.items() if type(v) is _Slot)
 
 
 class _NoPlan(Exception):
@@ -653,9 +683,18 @@ def make_plan(device: torch.device, launch: Any) -> LaunchPlan | None:
         plan.outputs = list(outputs)
         plan.out_keys = [layout_key(r) for _, r in outputs]
         plan.values = launch.values
+        plan._finish()
         return plan
     except (LaunchError, _NoPlan, TypeError, ValueError, AttributeError):
         return None
+
+
+def _collect_slots(x: Any, out: list[_Slot]) -> None:
+    for v in x:
+        if type(v) is _Slot:
+            out.append(v)
+        elif type(v) is list or type(v) is tuple:
+            _collect_slots(v, out)
 
 
 def _has_slot(x: Any) -> bool:
@@ -676,31 +715,24 @@ def _fill(x: Any, views: list[torch.Tensor]) -> Any:
     return x
 
 
-def _slot_views(
-    slots: Any,
-    bufs: Sequence[torch.Tensor],
-    handles: Sequence[int],
-    out: list[Any],
-    hints: Sequence[Any],
-) -> None:
-    for sl in slots:
-        if type(sl) is _Slot:
-            buf = bufs[sl.k]
-            if not sl.mutable:
-                h = hints[sl.k]
-                # the producer's own result over this very buffer, in the layout asked for
-                if h is not None and h[0] is buf and h[1] == sl.key:
-                    out[sl.k] = h[2]
-                    continue
-            try:
-                out[sl.k] = build_view(sl.ref, buf) if sl.mutable else cached_view(sl.ref, buf)
-            except LaunchError:
-                # the message names the handle of this launch, not the plan's first one
-                ref = sl.ref
-                build_view(TensorRef(handles[sl.k], ref.dtype, ref.shape, ref.stride, ref.offset), buf)
-                raise
-        elif type(sl) is list or type(sl) is tuple:
-            _slot_views(sl, bufs, handles, out, hints)
+def _slot_view(sl: _Slot, buf: torch.Tensor, handles: Sequence[int]) -> torch.Tensor:
+    """The view of slot `sl` over `buf`, bounds-checked (cached unless the operator writes it)."""
+    try:
+        if sl.mutable:
+            return build_view(sl.ref, buf)
+        key = (buf.data_ptr(), buf.numel(), sl.key)
+        v = _view_cache.get(key)
+        if v is None:
+            v = build_view(sl.ref, buf)
+            if len(_view_cache) >= _VIEW_CACHE_MAX:
+                _view_cache.clear()
+            _view_cache[key] = v
+        return v
+    except LaunchError:
+        # the message names the handle of this launch, not the plan's first one
+        ref = sl.ref
+        build_view(TensorRef(handles[sl.k], ref.dtype, ref.shape, ref.stride, ref.offset), buf)
+        raise
 
 
 def run_plan(
@@ -715,10 +747,18 @@ def run_plan(
     ``handles[k]``), ``hints[k]`` its Alloc.view. Returns, for each declared output in order,
     the buffer to bind and a tensor over it in the declared layout (for Alloc.view)."""
     # (bufs are the backend's own allocations; a view built over one checks it: _raw_storage)
+    # The hot path of eager decoding: per launch, only what depends on its handles.
     views: list[Any] = [None] * plan.n_in
-    _slot_views(plan.args, bufs, handles, views, hints)
-    if plan.kwargs:
-        _slot_views(plan.kwargs.values(), bufs, handles, views, hints)
+    for sl in plan.slots:
+        k = sl.k
+        buf = bufs[k]
+        if not sl.mutable:
+            h = hints[k]
+            # the producer's own result over this very buffer, in the layout asked for
+            if h is not None and h[0] is buf and h[1] == sl.key:
+                views[k] = h[2]
+                continue
+        views[k] = _slot_view(sl, buf, handles)
     if plan.uninit:
         out = []
         for nbytes, ref in plan.outputs:
@@ -726,29 +766,31 @@ def run_plan(
             out.append((b, build_view(ref, b)))
         return out
     if plan.flat:
-        args = [views[a.k] if type(a) is _Slot else a for a in plan.args]
-        kwargs = (
-            {k: (views[v.k] if type(v) is _Slot else v) for k, v in plan.kwargs.items()}
-            if plan.kwargs
-            else {}
-        )
+        args = plan.static.copy()
+        for i, k in plan.arg_at:
+            args[i] = views[k]
+        kwargs = plan.kw_static
+        if plan.kw_at:
+            kwargs = dict(kwargs)
+            for name, k in plan.kw_at:
+                kwargs[name] = views[k]
     else:
         args = _fill(plan.args, views)
         kwargs = {k: _fill(v, views) for k, v in plan.kwargs.items()}
-    if plan.rule.kind == ops.INDEXED:
+    if plan.indexed:
         validate_indices(plan.op, plan.opov, plan.rule, tuple(args), kwargs)
-    result = plan.opov(*args, **kwargs)
+    result = plan.call(*args, **kwargs)
     if not plan.outputs:
         return []
-    flat: list[torch.Tensor] = []
-    _flatten_tensors(result, flat)
-    in_ptrs: list[tuple[int, int]] = []
-    seen: set[int] = set()
-    for b in bufs:
-        p = b.data_ptr()
-        if p not in seen:
-            seen.add(p)
-            in_ptrs.append((p, p + b.numel()))
+    in_ptrs = [(p, p + b.numel()) for b in bufs for p in (b.data_ptr(),)]
+    if type(result) is torch.Tensor or isinstance(result, torch.Tensor):
+        if len(plan.outputs) == 1:
+            nbytes, ref = plan.outputs[0]
+            return [_bind(plan.op, device, in_ptrs, nbytes, ref, result, allocate)]
+        flat: list[torch.Tensor] = [result]
+    else:
+        flat = []
+        _flatten_tensors(result, flat)
     bound: list[tuple[torch.Tensor, torch.Tensor]] = []
     for (nbytes, ref), r in zip(plan.outputs, flat):
         buf, view = _bind(plan.op, device, in_ptrs, nbytes, ref, r, allocate)
