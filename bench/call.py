@@ -8,6 +8,9 @@ Front `native` (issue 11; needs cc): a C program calling FlexNPU's libascendcl.s
 native-sync-call (aclrtSynchronizeStream on an idle stream) and native-async-copy (client cost
 of a 256-byte aclrtMemcpyAsync from pageable memory; -pinned: from aclrtMallocHost memory).
 Targets: native sync within 1.5x of the Python client's sync call and <= 5 us; async <= 1 us p50.
+torch-subclass-op (issue 13): a mul on a wrapper tensor subclass whose __torch_dispatch__ only
+makes its output (torch's own cost for a device implemented in Python: the floor under any
+Python front end's per-operator cost, FlexNPU's included).
 planned-launch-1-client (issue 13): one client streams real operator launches (a 128-element
 add with a fresh output, outputs freed in FREE_MANY batches, as the eager front end does) from
 cached encodings; after the first two the daemon runs them from its launch plan, and it is the
@@ -41,6 +44,37 @@ def _sync_call(n: int) -> dict:
     c.close()
     us = [x / 1000 for x in lat]
     return {"name": "sync-call", "p50_us": median(us), "p99_us": pct(us, 99), "ops_per_s": 1e6 / median(us)}
+
+
+def _subclass_floor(n: int) -> dict:
+    """p50 of one operator on a do-nothing __torch_dispatch__ wrapper subclass (no grad)."""
+    import torch
+
+    make = torch.Tensor._make_wrapper_subclass
+    meta = torch.device("meta")
+
+    class Floor(torch.Tensor):
+        __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def,override]
+            return make(Floor, (1, 1, 128), strides=(128, 128, 1), dtype=torch.float32, device=meta)
+
+    a = make(Floor, (1, 1, 128), strides=(128, 128, 1), dtype=torch.float32, device=meta)
+    lat = []
+    pc = time.perf_counter_ns
+    with torch.no_grad():
+        for _ in range(n):
+            t = pc()
+            a * a
+            lat.append(pc() - t)
+    us = [x / 1000 for x in lat]
+    return {
+        "name": "torch-subclass-op",
+        "p50_us": median(us),
+        "p99_us": pct(us, 99),
+        "ops_per_s": 1e6 / median(us),
+    }
 
 
 def _async_launch(n: int) -> list[dict]:
@@ -308,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_socket_call(n))
             progress("[call] async launch (client side)")
             rows += _async_launch(n)
+            rows.append(_subclass_floor(n // 4))
             progress("[call] native front (C program on libascendcl.so)")
             rows += _native_calls(n, str(rdir))
             progress("[call] daemon throughput, 1 and 4 clients")
