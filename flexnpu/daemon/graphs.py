@@ -26,6 +26,7 @@ the commands one by one, so compilation is an optimization, never a semantic cha
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -38,6 +39,8 @@ from ..protocol import Op, TensorRef
 from . import optable
 from .backends import torch_exec
 from .objects import ready_buf
+
+log = logging.getLogger("flexnpu.daemon.graphs")
 
 if TYPE_CHECKING:
     from .objects import Cmd
@@ -397,19 +400,189 @@ class _AscendStep:
 
 class CompiledAscendGraph:
     """A graph of the native front end: its operators with their arguments converted once;
-    other commands (device copies, memsets) run as recorded."""
-
-    traced = False
+    other commands (device copies, memsets) run as recorded. After TRACE_AFTER replays a graph
+    of operators only is traced (_TracedAscend) and replays in TorchScript's interpreter."""
 
     def __init__(self, steps: list[Any]) -> None:
         self.steps = steps
+        self.replays = 0
+        self.traced: _TracedAscend | None | bool = None  # None: not tried yet; False: not traceable
 
     def run(self, s: Any = None, st: Any = None) -> None:
+        t = self.traced
+        if t:
+            assert isinstance(t, _TracedAscend)
+            if t.current():
+                t.run()
+                return
+            self.traced, self.replays = None, 0  # an allocation changed its buffer: convert again
         for step in self.steps:
             if type(step) is _AscendStep:
                 step.run()
             else:
                 step.run(s, st, step)
+        self.replays += 1
+        if self.traced is None and self.replays >= TRACE_AFTER and TRACE:
+            self.traced = _TracedAscend.build(self.steps) or False
+
+
+class _TracedAscend:
+    """A native graph's operators as one traced TorchScript function of the views its steps
+    were converted to. The steps' table functions are first recorded as the aten operators
+    they run, with every size a constant (make_fx on real tensors: a graph's shapes are fixed),
+    then that straight-line graph is traced to TorchScript. Traced only when that cannot change
+    what a replay does: every step is a table operator (no device copies or memsets between
+    them), no recorded operator reads a tensor's value on the host (the value would be frozen
+    into the graph) or draws random numbers, the tracer warned of nothing, and every index
+    tensor a step range-checks is read-only in the graph (so checking all of them before the
+    replay checks what each step reads). The trace runs execute the program on copies of the
+    storages it writes, so tracing changes nothing; replays run it on the views themselves, in
+    program order (no optimisation passes), while every allocation keeps the buffer the views
+    were built on."""
+
+    __slots__ = ("fn", "inputs", "checked", "held")
+
+    def __init__(self, fn: Any, inputs: list[torch.Tensor], checked: list[Any], held: list[Any]) -> None:
+        self.fn, self.inputs, self.checked, self.held = fn, inputs, checked, held
+
+    def current(self) -> bool:
+        return all(al.buf is b for al, b in self.held)
+
+    def run(self) -> None:
+        for step in self.checked:
+            optable.check_indices(step.d, step.a)
+        with torch.jit.optimized_execution(False):
+            self.fn(*self.inputs)
+
+    @staticmethod
+    def build(steps: list[Any]) -> _TracedAscend | None:
+        if not steps or any(type(x) is not _AscendStep or x.a is None for x in steps):
+            return _untraced("device copies or memsets between its operators")
+        inputs: list[torch.Tensor] = []
+        pos: dict[int, int] = {}
+
+        def take(v: Any) -> None:
+            if isinstance(v, torch.Tensor):
+                if id(v) not in pos:
+                    pos[id(v)] = len(inputs)
+                    inputs.append(v)
+            elif type(v) is list or type(v) is tuple:
+                for u in v:
+                    take(u)
+
+        written: list[torch.Tensor] = []
+        for x in steps:
+            for v in x.a.values():
+                take(v)
+            for name in x.d.writes:
+                _tensors(x.a.get(name), written)
+        spans = [_extent(t) for t in written]
+        checked = []
+        for x in steps:
+            if x.d.indices is None:
+                continue
+            for idx, *_ in x.d.indices(x.a):
+                if isinstance(idx, torch.Tensor):
+                    lo, hi = _extent(idx)
+                    if any(lo < b and a < hi for a, b in spans):
+                        return _untraced("an index tensor the graph itself writes")
+            checked.append(x)
+        # the trace run works on copies of every storage the graph writes, viewed alike
+        copies: dict[int, Any] = {}
+        for t in written:
+            st = t.untyped_storage()
+            if st.data_ptr() not in copies:
+                copies[st.data_ptr()] = st
+        if sum(st.nbytes() for st in copies.values()) > TRACE_COPY_MAX:
+            return _untraced("the storages it writes exceed TRACE_COPY_MAX")
+        copies = {p: st.clone() for p, st in copies.items()}
+
+        def rebase(t: torch.Tensor) -> torch.Tensor:
+            st = copies.get(t.untyped_storage().data_ptr())
+            if st is None:
+                return t
+            return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+                st, t.storage_offset(), t.shape, t.stride()
+            )
+
+        def program(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            def sub(v: Any) -> Any:
+                if isinstance(v, torch.Tensor):
+                    return xs[pos[id(v)]]
+                if type(v) is list:
+                    return [sub(u) for u in v]
+                if type(v) is tuple:
+                    return tuple(sub(u) for u in v)
+                return v
+
+            for x in steps:
+                x.d.fn({k: sub(v) for k, v in x.a.items()})
+            return tuple(xs[pos[id(t)]] for t in written[:1])
+
+        try:
+            for x in checked:
+                optable.check_indices(x.d, x.a)
+            examples = tuple(rebase(t) for t in inputs)
+            # First the aten operators the steps run, with every size a constant (the graph's
+            # shapes are fixed), as an FX graph: a value read on the host shows as a node.
+            from torch.fx.experimental.proxy_tensor import make_fx
+
+            gm = make_fx(program, tracing_mode="real")(*examples)
+            for node in gm.graph.nodes:
+                if node.op == "call_function" and _reads_or_draws(node.target):
+                    return _untraced(f"{node.target} reads a value on the host or draws random numbers")
+            # then that straight-line graph as TorchScript (C++ interpreter, no Python per op)
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                fn = torch.jit.trace(  # type: ignore[no-untyped-call]  # untyped in torch
+                    gm, tuple(rebase(t) for t in inputs), check_trace=False, strict=False
+                )
+            warned = [w for w in seen if issubclass(w.category, torch.jit.TracerWarning)]
+            if warned:
+                w = warned[0]
+                return _untraced(f"the tracer warned at {w.filename}:{w.lineno} ({w.message})")
+            if not written:
+                return _untraced("it writes nothing")
+        except Exception as e:  # noqa: BLE001 - anything the tracer cannot take keeps the step loop
+            return _untraced(f"the tracer refused it ({type(e).__name__}: {e})")
+        held = [(al, b) for x in steps for (_, al), b in zip(x.allocs, x.bufs)]
+        return _TracedAscend(fn, inputs, checked, held)
+
+
+def _untraced(why: str) -> _TracedAscend | None:
+    """No trace (say why in the debug log): the graph keeps its step-by-step replay."""
+    log.debug("native graph replays step by step: %s", why)
+    return None
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes a view can touch: from its first element to just past its last."""
+    if t.numel() == 0:
+        return (0, 0)
+    p = t.data_ptr()
+    last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    return (p, p + (last + 1) * t.element_size())
+
+
+def _tensors(v: Any, out: list[torch.Tensor]) -> None:
+    if isinstance(v, torch.Tensor):
+        out.append(v)
+    elif type(v) is list or type(v) is tuple:
+        for u in v:
+            _tensors(u, out)
+
+
+_HOST_READS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "tolist"})
+
+
+def _reads_or_draws(target: Any) -> bool:
+    """Does this operator of a traced graph read a tensor's value on the host (the value would
+    be frozen into the graph) or draw random numbers?"""
+    if not isinstance(target, torch._ops.OpOverload):
+        return True  # a Python function in the graph: nothing to vouch for it
+    if target._opname in _HOST_READS:
+        return True
+    return torch.Tag.nondeterministic_seeded in target.tags
 
 
 def _compile_ascend(cmds: list[Cmd], device: Any) -> CompiledAscendGraph | None:

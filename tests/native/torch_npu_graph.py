@@ -4,6 +4,7 @@ on FlexNPU's AscendCL libraries.
 
     python torch_npu_graph.py copies    # a graph of device copies, replayed 50 times; prints OK
     python torch_npu_graph.py decode    # a captured decode step replayed 50 times equals eager
+    python torch_npu_graph.py lookup    # an index the graph computes is read anew on every replay
 """
 
 import sys
@@ -93,7 +94,7 @@ def decode() -> None:
         assert torch.equal(out_x.cpu(), eager_x.cpu()), i
         assert torch.allclose(out_x.cpu(), cpu_x, atol=1e-4, rtol=1e-4), i
         tok = (cpu_tok + i) % vocab
-    # the daemon compiled the graph (graphs.CompiledAscendGraph), not the op-by-op fallback
+    # the daemon compiled the graph (graphs.CompiledAscendGraph), not the op-by-op fallback,
     import os
 
     from flexnpu.control import query
@@ -102,8 +103,48 @@ def decode() -> None:
     st = query(str(socket_path(0)), {"op": "status"})["daemon"]
     me = [c for c in st["clients"] if c["pid"] == os.getpid()]
     assert me and me[0]["graphs_compiled"] == 1, me
+    # ... and after two replays it ran as one traced TorchScript function (graphs._TracedAscend)
+    assert me[0]["graphs_traced"] == 1, me
+    print("OK")
+
+
+def lookup() -> None:
+    """A captured step whose lookup index the graph itself computes (argmax, then an index):
+    checking that index before the replay would check a stale value, so the daemon does not
+    trace this graph (graphs._TracedAscend); it is compiled and replays step by step, reading
+    each replay's new input."""
+    torch.npu.set_device(0)
+    vocab = 64
+    logits = torch.zeros(1, vocab).to("npu")
+    table = (torch.arange(vocab, dtype=torch.float32) * 2).to("npu")
+
+    def step():
+        tok = torch.argmax(logits, -1)
+        return tok, table[tok]
+
+    s = torch.npu.Stream()
+    s.wait_stream(torch.npu.current_stream())
+    with torch.npu.stream(s):
+        step()
+    torch.npu.current_stream().wait_stream(s)
+    g = torch.npu.NPUGraph()
+    with torch.npu.graph(g):
+        tok, picked = step()
+    for i in range(30):
+        want = (7 * i + 3) % vocab
+        logits.copy_(torch.nn.functional.one_hot(torch.tensor([want]), vocab).float().to("npu"))
+        g.replay()
+        assert int(tok.cpu()) == want and float(picked.cpu()) == 2.0 * want, (i, tok.cpu(), picked.cpu())
+    import os
+
+    from flexnpu.control import query
+    from flexnpu.paths import socket_path
+
+    st = query(str(socket_path(0)), {"op": "status"})["daemon"]
+    me = [c for c in st["clients"] if c["pid"] == os.getpid()]
+    assert me and me[0]["graphs_compiled"] == 1 and me[0]["graphs_traced"] == 0, me
     print("OK")
 
 
 if __name__ == "__main__":
-    {"copies": copies, "decode": decode}[sys.argv[1]]()
+    {"copies": copies, "decode": decode, "lookup": lookup}[sys.argv[1]]()
