@@ -159,9 +159,15 @@ def cached_view(ref: TensorRef, alloc: torch.Tensor) -> torch.Tensor:
     """build_view, cached: for arguments whose metadata the operator does not change."""
     key = (alloc.data_ptr(), alloc.numel(), ref.dtype, ref.shape, ref.stride, ref.offset, alloc.device)
     try:
-        v = _view_cache.get(key)
+        return _keyed_view(key, ref, alloc)
     except TypeError:  # unhashable junk in the ref: let build_view produce the proper error
         return build_view(ref, alloc)
+
+
+def _keyed_view(key: Any, ref: TensorRef, alloc: torch.Tensor) -> torch.Tensor:
+    """The cached view under `key` (pointer, size and layout of `ref` over `alloc`), built and
+    kept on first use."""
+    v = _view_cache.get(key)
     if v is None:
         v = build_view(ref, alloc)
         if len(_view_cache) >= _VIEW_CACHE_MAX:
@@ -720,14 +726,7 @@ def _slot_view(sl: _Slot, buf: torch.Tensor, handles: Sequence[int]) -> torch.Te
     try:
         if sl.mutable:
             return build_view(sl.ref, buf)
-        key = (buf.data_ptr(), buf.numel(), sl.key)
-        v = _view_cache.get(key)
-        if v is None:
-            v = build_view(sl.ref, buf)
-            if len(_view_cache) >= _VIEW_CACHE_MAX:
-                _view_cache.clear()
-            _view_cache[key] = v
-        return v
+        return _keyed_view((buf.data_ptr(), buf.numel(), sl.key), sl.ref, buf)
     except LaunchError:
         # the message names the handle of this launch, not the plan's first one
         ref = sl.ref
