@@ -7,6 +7,7 @@ under `flexnpu run -- python examples/generate.py`, and on the CPU when neither 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = ap.parse_args()
 
     model = build_model(args.layers, args.hidden, args.vocab, args.seed).to(DEVICE)
@@ -60,6 +62,11 @@ def main() -> None:
         )
     dt = time.perf_counter() - t0
     tokens = out[0, args.prompt_len :].cpu().tolist()
+    if args.json:
+        print(
+            json.dumps({"device": DEVICE, "seconds": dt, "tokens_per_s": len(tokens) / dt, "tokens": tokens})
+        )
+        return
     print(f"device: {DEVICE}")
     print(f"generated {len(tokens)} tokens in {dt:.2f} s ({len(tokens) / dt:.1f} tokens/s)")
     print("tokens:", " ".join(map(str, tokens)))

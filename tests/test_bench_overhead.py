@@ -36,3 +36,17 @@ def test_hf_generate_child_counts_ops_and_times_new_shapes():
     r = _hfgen.run("cpu", layers=1, hidden=64, tokens=3, repeat=1)
     assert r["tokens_per_s"] > 0 and len(r["last_tokens"]) == 3
     assert 20 < r["ops_per_token"] < 400  # one layer: tens of operators per token
+
+
+def test_first_run_row_runs_the_main_example_cold_on_both_sides(tmp_path, monkeypatch):
+    """The first-run row: examples/generate.py --json directly (CPU) and under `flexnpu run`
+    (the npu device of a fresh embedded daemon), the same greedy tokens on both."""
+    pytest = __import__("pytest")
+    pytest.importorskip("transformers")
+    monkeypatch.setattr(overhead, "_RUNTIME_DIR", str(tmp_path))
+    row = overhead.first_run_row("cpu", 1)
+    assert isinstance(row, dict), row
+    assert row["flexnpu_device"] == "npu" and row["tokens"] == 24
+    assert row["same_tokens"]
+    assert row["direct_tokens_per_s"] > 0 and row["flexnpu_tokens_per_s"] > 0
+    assert "cpu backend only" in overhead.first_run_row("cuda", 1)

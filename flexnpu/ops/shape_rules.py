@@ -7,6 +7,13 @@ sides of the ring. The rules here derive the one fresh output of those operators
 arguments' dtypes, shapes and strides in microseconds, and are size-generic: a new sequence
 length costs no meta call.
 
+They also keep a process from paying torch's first meta call: most meta functions are wrapped
+in ``torch._disable_dynamo``, whose first call imports ``torch._dynamo`` (1.8 s on the 2-core
+VM). The main example met it in both the client and the daemon at its first cumsum, and ran
+its 24 tokens at 12 tokens/s instead of 50-70 (a direct CPU run: 260). So every operator a
+transformers ``generate()`` launches has a rule (tests/test_hook_models.py checks that the
+example imports no torch._dynamo).
+
 A rule covers only the cases whose answer is certain: dtypes that need no promotion beyond "all
 the same" (Python scalars of a lower or equal category), plain arguments, and layouts it can
 derive (elementwise outputs ordered like their inputs' strides as TensorIterator does, cat,
@@ -264,7 +271,42 @@ def _binary(kind: str) -> Rule:
     return rule
 
 
-def _unary(floating_only: bool) -> Rule:
+def _bitwise(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+    """bitwise and / or / xor of integer or bool tensors (.Tensor), or of one and a Python int
+    or bool (.Scalar). A bool tensor with an integer one gives the integer dtype whichever is
+    0-d (a stopping criterion's `unfinished & ~done`)."""
+    if len(args) != 2 or kwargs or type(args[0]) is not TensorRef:
+        return None
+    a, b = args
+    if type(b) is TensorRef:
+        tensors = [a, b]
+        if a.dtype != b.dtype and torch.bool in (a.dtype, b.dtype):
+            other = b.dtype if a.dtype == torch.bool else a.dtype
+            if other.is_floating_point or other.is_complex:
+                return None
+            shape = _broadcast([a.shape, b.shape])
+            if shape is None:
+                return None
+            st = _iter_strides(shape, tensors)
+            return None if st is None else (other, shape, st)
+        scalars: list[Any] = []
+    else:
+        tensors, scalars = [a], [b]
+    dt = _common_dtype(tensors, scalars)
+    if dt is None or dt.is_floating_point or dt.is_complex:
+        return None  # promotion, or floats (which bitwise operators refuse): meta says how
+    return _pointwise(tensors, scalars, None)
+
+
+def _bitwise_tensor(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+    return _bitwise(args, kwargs) if len(args) == 2 and type(args[1]) is TensorRef else None
+
+
+def _bitwise_scalar(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+    return _bitwise(args, kwargs) if len(args) == 2 and type(args[1]) is not TensorRef else None
+
+
+def _unary(floating_only: bool, bits: bool = False) -> Rule:
     def rule(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
         if len(args) != 1 or kwargs:
             return None
@@ -272,6 +314,8 @@ def _unary(floating_only: bool) -> Rule:
         if type(a) is not TensorRef:
             return None
         if floating_only and not a.dtype.is_floating_point:
+            return None
+        if bits and (a.dtype.is_floating_point or a.dtype.is_complex):
             return None
         return _pointwise([a], [], None)
 
@@ -346,6 +390,14 @@ def _cat(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
     dim = args[1] if len(args) > 1 else 0
     if type(ts) not in (list, tuple) or not ts or not all(type(t) is TensorRef for t in ts):
         return None
+    dt = ts[0].dtype
+    if any(t.dtype != dt for t in ts):
+        return None
+    # torch skips 1-D empty inputs (the legacy "no tensor yet": transformers' DynamicCache
+    # starts from one) when another input has more dimensions
+    kept = [t for t in ts if t.shape != (0,)]
+    if kept and len(kept) < len(ts) and len(kept[0].shape) > 1:
+        ts = kept
     nd = len(ts[0].shape)
     if nd == 0 or any(len(t.shape) != nd for t in ts):
         return None  # 0-d refused, legacy 1-D empty tensors skipped: meta decides
@@ -353,9 +405,6 @@ def _cat(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
         return None  # channels-last inputs keep their format: meta decides
     # else cat's output is contiguous (compute_output_memory_format: any input whose strides
     # do not suggest channels-last makes it so)
-    dt = ts[0].dtype
-    if any(t.dtype != dt for t in ts):
-        return None
     d = _wrap_dim(dim, nd)
     if d is None:
         return None
@@ -409,8 +458,9 @@ def _addmm(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
 
 
 def _linear(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
-    """linear(input, weight, bias=None) of a contiguous input: (*input[:-1], out_features),
-    contiguous. Other layouts go to meta inference (the matmul path's strides vary)."""
+    """linear(input, weight, bias=None) of a contiguous input (size-1 dims may have any stride:
+    transformers' lm_head reads hidden_states[:, -1:, :]): (*input[:-1], out_features),
+    contiguous. Other layouts go to meta inference."""
     if kwargs or not 2 <= len(args) <= 3:
         return None
     x, w = args[0], args[1]
@@ -419,7 +469,7 @@ def _linear(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
         return None
     if not x.dtype.is_floating_point or w.dtype != x.dtype or len(w.shape) != 2 or not x.shape:
         return None
-    if x.shape[-1] != w.shape[1] or not _contiguous(x):
+    if x.shape[-1] != w.shape[1] or not _contig_like(x.shape, x.stride, range(len(x.shape) - 1, -1, -1)):
         return None
     if b is not None and (b.dtype != x.dtype or b.shape != (w.shape[0],)):
         return None
@@ -496,6 +546,54 @@ def _reduction(kind: str) -> Rule:
             return None
         shape = _reduce_dims(a, dims, keepdim)
         return None if shape is None else _out(a.dtype, shape)
+
+    return rule
+
+
+def _cumulative(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+    """cumsum / cumprod (self, dim, *, dtype=None): integers and bools accumulate in int64."""
+    if len(args) != 2 or kwargs.keys() - {"dtype"} or type(args[0]) is not TensorRef:
+        return None
+    a = args[0]
+    if not _contiguous(a) or _wrap_dim(args[1], len(a.shape)) is None:
+        return None
+    dt = kwargs.get("dtype")
+    if dt is None:
+        dt = a.dtype if (a.dtype.is_floating_point or a.dtype.is_complex) else torch.int64
+    elif not isinstance(dt, torch.dtype):
+        return None
+    return _out(dt, a.shape)
+
+
+def _whole(kind: str) -> Rule:
+    """Reductions of every element to a 0-d result: all / any (bool, uint8 stays uint8),
+    max / min (the input's dtype; empty inputs refuse); and argmax / argmin (self, dim=None,
+    keepdim=False), int64, over everything or one dim."""
+
+    def rule(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+        if not args or type(args[0]) is not TensorRef:
+            return None
+        a = args[0]
+        if kind == "arg":
+            if kwargs or len(args) > 3 or a.dtype.is_complex or a.dtype == torch.bool:
+                return None
+            dim = args[1] if len(args) > 1 else None
+            keep = args[2] if len(args) > 2 else False
+            if type(keep) is not bool or 0 in a.shape:
+                return None
+            if dim is None:
+                return _out(torch.int64, tuple(1 for _ in a.shape) if keep else ())
+            if not _contiguous(a):
+                return None
+            shape = _reduce_dims(a, dim, keep)  # the greedy pick: argmax(logits[:, -1], -1)
+            return None if shape is None else _out(torch.int64, shape)
+        if len(args) != 1 or kwargs:
+            return None
+        if kind == "logical":
+            return _out(torch.uint8 if a.dtype == torch.uint8 else torch.bool, ())
+        if 0 in a.shape or a.dtype.is_complex:
+            return None  # max of nothing refuses: meta says how
+        return _out(a.dtype, ())
 
     return rule
 
@@ -582,6 +680,13 @@ _add(
     "erf.default abs.default",
     _unary(True),
 )
+_add("bitwise_and.Tensor bitwise_or.Tensor bitwise_xor.Tensor", _bitwise_tensor)
+_add("bitwise_and.Scalar bitwise_or.Scalar bitwise_xor.Scalar", _bitwise_scalar)
+_add("bitwise_not.default", _unary(False, bits=True))
+_add("cumsum.default cumprod.default", _cumulative)
+_add("all.default any.default", _whole("logical"))
+_add("max.default min.default", _whole("value"))
+_add("argmax.default argmin.default", _whole("arg"))
 _add("where.self", _where)
 _add("masked_fill.Scalar", _masked_fill_scalar)
 _add("pow.Tensor_Scalar", _pow_tensor_scalar)
