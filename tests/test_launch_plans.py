@@ -145,6 +145,32 @@ def test_planned_launches_with_tensor_lists_and_tensor_keywords_give_right_resul
             client.free(h)
 
 
+def test_pending_planned_results_read_in_place_relaid_and_by_copy_give_right_results(client):
+    """A planned launch leaves its result pending (no byte buffer) until something needs its
+    bytes. Each way of reading one must see the values: another planned launch through the
+    result itself (twice in one launch), a view in another layout, an in-place write, the same
+    allocation read and then written by one launch (mul.out(y, x, out=y)), a copy to the host."""
+    for i in range(5):  # the first two make the plans, the rest run from them
+        x = torch.arange(6.0).reshape(2, 3) + i
+        a = _put(client, x)
+        y = [_launch_mul(client, a, a) for _ in range(4)]
+        z = _launch_mul(client, y[0], y[0])
+        relaid = TensorRef(y[1].handle, torch.float32, (3, 2), (2, 1), 0)
+        t = _out(client, torch.float32, (3, 2))
+        client.launch("aten::add.Tensor", (relaid, 1.0), {}, [t])
+        client.launch("aten::mul_.Tensor", (y[2], a), {}, [])
+        client.launch("aten::mul.out", (y[3], a), {"out": y[3]}, [])
+        client.synchronize()
+        sq = x * x
+        assert torch.equal(_get(client, z), sq * sq)
+        assert torch.equal(_get(client, t[1]), sq.reshape(3, 2) + 1)
+        assert torch.equal(_get(client, y[2]), sq * x)
+        assert torch.equal(_get(client, y[3]), sq * x)
+        assert torch.equal(_get(client, y[1]), sq)
+        for h in (a.handle, z.handle, t[1].handle, *(r.handle for r in y)):
+            client.free(h)
+
+
 def test_planned_launch_checks_each_view_against_the_allocation_it_names_now(client):
     a = _put(client, torch.ones(64))
     for _ in range(3):

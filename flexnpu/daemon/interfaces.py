@@ -79,7 +79,8 @@ class PlanningBackend(Backend, Protocol):
     PLAN_CACHE_MAX: int
 
     def make_plan(self, launch: Launch) -> Any: ...  # None: this launch has no plan
-    # -> [(buffer, tensor over it in the declared layout)] per output; hints: Alloc.view of each input
+    # -> [(buffer, tensor over it in the declared layout)] per output (buffer None: the tensor is
+    # the output's pending result, Alloc.set_result); hints: Alloc.view of each input
     def run_plan(
         self, plan: Any, bufs: Any, handles: Any, allocate: Callable[[int], Any], hints: Any
     ) -> list[tuple[Any, Any]]: ...

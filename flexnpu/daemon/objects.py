@@ -49,7 +49,9 @@ class Alloc:
         self.result: Any = None
         # (buf, layout, tensor): the result tensor the operator that produced `buf` returned, laid
         # out as declared; a planned launch reading it with that layout uses it as its view
-        # (valid while `buf` is that same object)
+        # (valid while `buf` is that same object). A planned launch's output is left pending
+        # (buf None, result the tensor, view (tensor, layout, tensor)) until something needs
+        # its bytes: materialize then keeps the view under the new buf.
         self.view: Any = None
 
     def set_result(self, t: Any) -> None:
@@ -84,6 +86,10 @@ class Alloc:
             r, ref = self.result, self.ref
             if self.result_is_buffer():
                 self.buf = torch.empty(0, dtype=torch.uint8, device=r.device).set_(r.untyped_storage())
+                v = self.view
+                if v is not None and v[0] is r:
+                    # a planned launch's result: r stays a valid view of the same bytes
+                    self.view = (self.buf, v[1], v[2])
             else:
                 buf = torch.zeros(self.nbytes, dtype=torch.uint8, device=r.device)
                 build_view(ref, buf).copy_(r)

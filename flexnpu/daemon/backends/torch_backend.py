@@ -263,8 +263,8 @@ class TorchBackend:
 
     def run_plan(
         self, plan: Any, bufs: Any, handles: Any, allocate: Callable[[int], torch.Tensor], hints: Any
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        bound: list[tuple[torch.Tensor, torch.Tensor]] = self._exec.run_plan(
+    ) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        bound: list[tuple[torch.Tensor | None, torch.Tensor]] = self._exec.run_plan(
             self.device, plan, bufs, handles, allocate, hints
         )
         return bound

@@ -20,7 +20,7 @@ Everything in it is client-controlled, so before touching memory this module:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 from collections.abc import Callable, Sequence
 
 import torch
@@ -476,7 +476,7 @@ def execute_launch(
     _flatten_tensors(result, flat)
     bound: list[tuple[int, torch.Tensor]] = []
     for (nbytes, ref), r in zip(outputs, flat):
-        buf = _bind(op, ctx.device, ctx.in_ptrs, nbytes, ref, r, allocate)[0]
+        buf = cast(torch.Tensor, _bind(op, ctx.device, ctx.in_ptrs, nbytes, ref, r, allocate)[0])
         ctx.in_ptrs.append((buf.data_ptr(), buf.data_ptr() + buf.numel()))  # outputs must not share
         bound.append((ref.handle, buf))
     return bound
@@ -534,9 +534,13 @@ def _bind(
     ref: TensorRef,
     r: torch.Tensor,
     allocate: Callable[[int], torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
+    pending: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The buffer to bind for result ``r`` of a declared output, and a tensor over it with the
-    declared layout (``r`` itself when its storage is bound as is)."""
+    declared layout (``r`` itself when its storage is bound as is). With ``pending``, a result
+    whose storage is bound as is comes back as (None, r): the caller keeps r as the allocation's
+    pending result (Alloc.set_result) and its byte buffer is made only if something needs it
+    (a planned launch reads r itself as its view; wrapping the storage costs 3 us a launch)."""
     if r.device != device:
         raise LaunchError(f"{op}: result on {r.device}, expected {device}")
     st = r.untyped_storage()
@@ -556,6 +560,8 @@ def _bind(
         and r.numel() * r.dtype.itemsize == nbytes
         and is_dense(r)
     ):
+        if pending:
+            return None, r
         return torch.empty(0, dtype=torch.uint8, device=device).set_(st), r
     buf = _fresh(op, nbytes, allocate)
     view = build_view(ref, buf)
@@ -741,10 +747,12 @@ def run_plan(
     handles: Sequence[int],
     allocate: Callable[[int], torch.Tensor],
     hints: Sequence[Any],
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
     """Run one launch of ``plan``: ``bufs[k]`` is the allocation of its k-th input slot (named by
     ``handles[k]``), ``hints[k]`` its Alloc.view. Returns, for each declared output in order,
-    the buffer to bind and a tensor over it in the declared layout (for Alloc.view)."""
+    the buffer to bind and a tensor over it in the declared layout (for Alloc.view); buffer None:
+    the tensor is the allocation's pending result (_bind). An input's buffer may itself be a
+    pending result if its slot reads it through its hint (handlers/launch.py _run_now)."""
     # (bufs are the backend's own allocations; a view built over one checks it: _raw_storage)
     # The hot path of eager decoding: per launch, only what depends on its handles.
     views: list[Any] = [None] * plan.n_in
@@ -759,7 +767,7 @@ def run_plan(
                 continue
         views[k] = _slot_view(sl, buf, handles)
     if plan.uninit:
-        out = []
+        out: list[tuple[torch.Tensor | None, torch.Tensor]] = []
         for nbytes, ref in plan.outputs:
             b = _fresh(plan.op, nbytes, allocate)
             out.append((b, build_view(ref, b)))
@@ -781,18 +789,20 @@ def run_plan(
     result = plan.call(*args, **kwargs)
     if not plan.outputs:
         return []
-    in_ptrs = [(p, p + b.numel()) for b in bufs for p in (b.data_ptr(),)]
+    # (an input's buffer may be a pending result, not bytes: nbytes covers both, see _bind)
+    in_ptrs = [(p, p + b.nbytes) for b in bufs for p in (b.data_ptr(),)]
     if type(result) is torch.Tensor or isinstance(result, torch.Tensor):
         if len(plan.outputs) == 1:
             nbytes, ref = plan.outputs[0]
-            return [_bind(plan.op, device, in_ptrs, nbytes, ref, result, allocate)]
+            return [_bind(plan.op, device, in_ptrs, nbytes, ref, result, allocate, True)]
         flat: list[torch.Tensor] = [result]
     else:
         flat = []
         _flatten_tensors(result, flat)
-    bound: list[tuple[torch.Tensor, torch.Tensor]] = []
+    bound: list[tuple[torch.Tensor | None, torch.Tensor]] = []
     for (nbytes, ref), r in zip(plan.outputs, flat):
-        buf, view = _bind(plan.op, device, in_ptrs, nbytes, ref, r, allocate)
-        in_ptrs.append((buf.data_ptr(), buf.data_ptr() + buf.numel()))  # outputs must not share
-        bound.append((buf, view))
+        ob, view = _bind(plan.op, device, in_ptrs, nbytes, ref, r, allocate, True)
+        b = view if ob is None else ob
+        in_ptrs.append((b.data_ptr(), b.data_ptr() + b.nbytes))  # outputs must not share
+        bound.append((ob, view))
     return bound

@@ -77,8 +77,18 @@ def _run_launch(s: Session, st: StreamState, c: Cmd) -> None:
 
 
 def _bind_planned(outs: dict[int, Alloc], out_handles: Any, results: Any, keys: Any) -> None:
-    """Bind a planned launch's results; each keeps its result tensor as its producer's view."""
+    """Bind a planned launch's results; each keeps its result tensor as its producer's view.
+    A result whose storage is exactly the allocation stays pending (buffer None from run_plan):
+    the next planned launch reads the tensor itself, and ready_buf makes its bytes if needed."""
     for h, (buf, view), key in zip(out_handles, results, keys):
+        if buf is None:
+            al = outs.get(h)
+            if al is not None:  # same size as declared (run_plan checked): no accounting change
+                al.result = view
+                al.buf = None
+                al.failed = None
+                al.view = (view, key, view)
+            continue
         al = _bind_result(outs, h, buf)
         if al is not None:
             al.view = (buf, key, view)
@@ -114,11 +124,27 @@ def _run_now(s: Session, st: StreamState, r: R.Launch, plan: Any, handles: tuple
     try:
         try:
             bufs = []
-            hints = []
-            for al, h in zip(ins, handles):
+            made = False
+            for al, h, sl in zip(ins, handles, plan.slots):
                 b = al.buf
-                bufs.append(b if b is not None else ready_buf(al, h))
-                hints.append(al.view)
+                if b is None:
+                    # a pending result read through its own view needs no bytes (_bind_planned)
+                    res, v = al.result, al.view
+                    if (
+                        res is not None
+                        and v is not None
+                        and v[0] is res
+                        and not sl.mutable
+                        and v[1] == sl.key
+                    ):
+                        b = res
+                    else:
+                        b = ready_buf(al, h)
+                        made = True
+                bufs.append(b)
+            if made:  # an allocation read twice may have been given its bytes after its first read
+                bufs = [al.buf if al.buf is not None else b for al, b in zip(ins, bufs)]
+            hints = [al.view for al in ins]
             be: PlanningBackend = s.daemon.backend  # type: ignore[assignment]  # it made the plan
             if st.device_stream is None:
                 results = be.run_plan(plan, bufs, handles, be.alloc, hints)
