@@ -84,11 +84,12 @@ class Alloc:
             from .backends.torch_exec import build_view
 
             r, ref = self.result, self.ref
-            if self.result_is_buffer():
+            v = self.view
+            planned = v is not None and v[0] is r  # run_plan checked what result_is_buffer checks
+            if planned or self.result_is_buffer():
                 self.buf = torch.empty(0, dtype=torch.uint8, device=r.device).set_(r.untyped_storage())
-                v = self.view
-                if v is not None and v[0] is r:
-                    # a planned launch's result: r stays a valid view of the same bytes
+                if planned:
+                    # r stays a valid view of the same bytes
                     self.view = (self.buf, v[1], v[2])
             else:
                 buf = torch.zeros(self.nbytes, dtype=torch.uint8, device=r.device)

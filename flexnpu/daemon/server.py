@@ -12,6 +12,7 @@ Threads:
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import queue
@@ -312,6 +313,11 @@ class Daemon:
         if self._listener is None:
             self.bind()
         self._idle_since = time.monotonic()
+        # What exists now (torch, the backend, these tables: ~220k objects) lives as long as the
+        # daemon. Out of the collector's reach, a full collection no longer rescans it (~70 ms
+        # each, measured, several times a minute under eager decoding: a stall in mid-launch).
+        gc.collect()
+        gc.freeze()
         self._ctl_thread = threading.Thread(target=self._control_loop, name="flexnpu-control", daemon=True)
         self._ctl_thread.start()
         log.info(
