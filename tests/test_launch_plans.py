@@ -285,3 +285,24 @@ def test_launch_template_fills_to_the_same_payload_as_encoding():
         assert bytes(P.fill_launch(tpl, hs)) == renamed
         with pytest.raises(ValueError):
             P.fill_launch(tpl, hs + [1])
+
+
+def test_a_full_plan_cache_drops_structures_seen_once_before_plans():
+    """A growing cache adds structures seen once every token; when the plan cache is full they
+    go, and the repeating structures keep their plans (launch._evict)."""
+    from types import SimpleNamespace
+
+    from flexnpu.daemon.handlers import launch
+
+    be = SimpleNamespace(PLAN_CACHE_MAX=8)
+    plans = {b"hot%d" % i: object() for i in range(3)}
+    plans[b"never"] = False  # a structure with no plan: remembered as such
+    for i in range(20):
+        launch._remember_plan(be, plans, (b"once%d" % i, ()), None, None)
+        assert len(plans) <= be.PLAN_CACHE_MAX
+        assert all(plans[b"hot%d" % j] is not None for j in range(3))
+    assert plans[b"never"] is False and plans[b"once19"] is None
+    # plans alone past half the cache: everything goes (nothing else to drop)
+    plans = {b"p%d" % i: object() for i in range(8)}
+    launch._remember_plan(be, plans, (b"new", ()), None, None)
+    assert plans == {b"new": None}

@@ -304,7 +304,7 @@ def _remember_plan(
         # Seen once: remember only that. Structures that never come back (an attention whose
         # sequence length grows every token) then cost a set entry, not a plan and a cost model.
         if len(plans) >= be.PLAN_CACHE_MAX:
-            plans.clear()
+            _evict(plans, be.PLAN_CACHE_MAX)
         plans[key] = None
         return
     plan = be.make_plan(launch)
@@ -313,6 +313,19 @@ def _remember_plan(
         return
     plan.cost = command_cost(cmd)  # cached on cmd too: the scheduler reads the same object
     plans[key] = plan
+
+
+def _evict(plans: dict[bytes, Any], limit: int) -> None:
+    """Make room in a full plan cache. The entries of structures seen only once go first: a
+    decode loop whose cache grows adds ~10 of them a token, and clearing everything with them
+    would make each of its ~150 repeating structures take the generic path twice again every
+    few hundred tokens. Only if plans alone fill half the cache does everything go."""
+    once = [k for k, v in plans.items() if v is None]
+    if len(plans) - len(once) > limit // 2:
+        plans.clear()
+        return
+    for k in once:
+        del plans[k]
 
 
 PREPARE: dict[Op, Any] = {
