@@ -84,8 +84,7 @@ def _bind_planned(outs: dict[int, Alloc], out_handles: Any, results: Any, keys: 
         if buf is None:
             al = outs.get(h)
             if al is not None:  # same size as declared (run_plan checked): no accounting change
-                al.result = view
-                al.buf = None
+                al.set_result(view)
                 al.failed = None
                 al.view = (view, key, view)
             continue
