@@ -15,10 +15,11 @@ examples/generate.py's default model and on a 4-layer, 1024-wide one, eager, eve
 - direct) / the program's aten operators per token (counted directly with a dispatch mode).
 Targets (issue 13): >= 0.2x (default model) and >= 0.6x (1024 wide), <= 20 us added per op.
 
-first-run row: the README's main job as a user first meets it, `examples/generate.py` (its own
-timer around its one generate() call, the first in the process: every shape, plan and first
-call is cold) directly and under `flexnpu run` with a fresh embedded daemon (cpu backend only:
-the example runs on the CPU when not under FlexNPU).
+first-run row (full runs; --quick skips it to stay under a minute): the README's main job as a
+user first meets it, `examples/generate.py` (its own timer around its one generate() call, the
+first in the process: every shape, plan and first call is cold) directly and under `flexnpu run`
+with a fresh embedded daemon (cpu backend only: the example runs on the CPU when not under
+FlexNPU).
 """
 
 from __future__ import annotations
@@ -257,7 +258,14 @@ def _main(argv: list[str] | None) -> int:
         else hf_generate_rows(a.backend, a.hf_tokens or (16 if a.quick else 32), reps if not a.quick else 1)
     )
     same = same and all(row["same_tokens"] for row in hf)
-    first = first_run_row(a.backend, 1 if a.quick else reps) if not a.no_hf else None
+    # two cold runs of the example (~20 s): no room in --quick's minute
+    first = (
+        None
+        if a.no_hf
+        else "skipped in --quick (a full run measures it)"
+        if a.quick
+        else first_run_row(a.backend, reps)
+    )
     if isinstance(first, dict):
         same = same and first["same_tokens"]
     caveats = []
