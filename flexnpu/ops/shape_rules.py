@@ -11,8 +11,8 @@ They also keep a process from paying torch's first meta call: most meta function
 in ``torch._disable_dynamo``, whose first call imports ``torch._dynamo`` (1.8 s on the 2-core
 VM). The main example met it in both the client and the daemon at its first cumsum, and ran
 its 24 tokens at 12 tokens/s instead of 50-70 (a direct CPU run: 260). So every operator a
-transformers ``generate()`` launches has a rule (tests/test_hook_models.py checks that the
-example imports no torch._dynamo).
+transformers ``generate()`` launches has a rule (tests/test_shape_rules.py traces the main
+example's ``generate()`` and checks each of its computing operators' rule against meta).
 
 A rule covers only the cases whose answer is certain: dtypes that need no promotion beyond "all
 the same" (Python scalars of a lower or equal category), plain arguments, and layouts it can
@@ -231,13 +231,16 @@ def _pointwise(
     if not tensors or any(type(t) is not TensorRef for t in tensors):
         return None
     dt = _common_dtype(tensors, scalars)
-    if dt is None:
-        return None
+    return None if dt is None else _elementwise(tensors, out_dtype or dt)
+
+
+def _elementwise(tensors: Sequence[TensorRef], dtype: torch.dtype) -> Out | None:
+    """The output of an elementwise operator of dtype ``dtype`` over broadcast ``tensors``."""
     shape = _broadcast([t.shape for t in tensors])
     if shape is None:
         return None
     st = _iter_strides(shape, tensors)
-    return None if st is None else (out_dtype or dt, shape, st)
+    return None if st is None else (dtype, shape, st)
 
 
 _COMPARE = torch.bool
@@ -284,11 +287,7 @@ def _bitwise(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
             other = b.dtype if a.dtype == torch.bool else a.dtype
             if other.is_floating_point or other.is_complex:
                 return None
-            shape = _broadcast([a.shape, b.shape])
-            if shape is None:
-                return None
-            st = _iter_strides(shape, tensors)
-            return None if st is None else (other, shape, st)
+            return _elementwise(tensors, other)
         scalars: list[Any] = []
     else:
         tensors, scalars = [a], [b]
@@ -565,30 +564,34 @@ def _cumulative(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
     return _out(dt, a.shape)
 
 
+def _arg_reduction(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+    """argmax / argmin (self, dim=None, keepdim=False): int64, over everything or one dim (the
+    greedy pick: argmax(logits[:, -1], -1))."""
+    if not args or type(args[0]) is not TensorRef or kwargs or len(args) > 3:
+        return None
+    a = args[0]
+    if a.dtype.is_complex or a.dtype == torch.bool:
+        return None
+    dim = args[1] if len(args) > 1 else None
+    keep = args[2] if len(args) > 2 else False
+    if type(keep) is not bool or 0 in a.shape:
+        return None
+    if dim is None:
+        return _out(torch.int64, tuple(1 for _ in a.shape) if keep else ())
+    if not _contiguous(a):
+        return None
+    shape = _reduce_dims(a, dim, keep)
+    return None if shape is None else _out(torch.int64, shape)
+
+
 def _whole(kind: str) -> Rule:
     """Reductions of every element to a 0-d result: all / any (bool, uint8 stays uint8),
-    max / min (the input's dtype; empty inputs refuse); and argmax / argmin (self, dim=None,
-    keepdim=False), int64, over everything or one dim."""
+    max / min (the input's dtype; empty inputs refuse)."""
 
     def rule(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
-        if not args or type(args[0]) is not TensorRef:
+        if len(args) != 1 or kwargs or type(args[0]) is not TensorRef:
             return None
         a = args[0]
-        if kind == "arg":
-            if kwargs or len(args) > 3 or a.dtype.is_complex or a.dtype == torch.bool:
-                return None
-            dim = args[1] if len(args) > 1 else None
-            keep = args[2] if len(args) > 2 else False
-            if type(keep) is not bool or 0 in a.shape:
-                return None
-            if dim is None:
-                return _out(torch.int64, tuple(1 for _ in a.shape) if keep else ())
-            if not _contiguous(a):
-                return None
-            shape = _reduce_dims(a, dim, keep)  # the greedy pick: argmax(logits[:, -1], -1)
-            return None if shape is None else _out(torch.int64, shape)
-        if len(args) != 1 or kwargs:
-            return None
         if kind == "logical":
             return _out(torch.uint8 if a.dtype == torch.uint8 else torch.bool, ())
         if 0 in a.shape or a.dtype.is_complex:
@@ -686,7 +689,7 @@ _add("bitwise_not.default", _unary(False, bits=True))
 _add("cumsum.default cumprod.default", _cumulative)
 _add("all.default any.default", _whole("logical"))
 _add("max.default min.default", _whole("value"))
-_add("argmax.default argmin.default", _whole("arg"))
+_add("argmax.default argmin.default", _arg_reduction)
 _add("where.self", _where)
 _add("masked_fill.Scalar", _masked_fill_scalar)
 _add("pow.Tensor_Scalar", _pow_tensor_scalar)
