@@ -152,6 +152,11 @@ def native_env(env: dict[str, str], verbose: bool) -> None:
     if native.torch_npu_installed():
         tdir = str(native.torch_npu_dir())
         env["PYTHONPATH"] = os.pathsep.join([tdir] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    # torch_npu's task queue moves each operator launch to a worker thread because the real
+    # CANN launch path is slow on the host; ours only encodes a record and pushes it onto the
+    # ring, which is itself the queue. The extra thread hop per operator then costs more than it
+    # hides (measured on the HF generate rows: docs/native_ops.md). A value the user set wins.
+    env.setdefault("TASK_QUEUE_ENABLE", "0")
     if verbose:
         env["FLEXNPU_NATIVE_VERBOSE"] = "1"
 

@@ -597,6 +597,15 @@ def split_launch(buf: bytes) -> tuple[bytes, tuple[int, ...]] | None:
     return r
 
 
+def split_launch_offsets(buf: bytes) -> tuple[bytes, tuple[int, ...], tuple[int, ...]] | None:
+    """split_launch, with every tensor's storage offset zeroed in the structure too and returned
+    apart, in the same order as the handles: (structure, handles, offsets)."""
+    from .ring.segment import launch_split
+
+    r: tuple[bytes, tuple[int, ...], tuple[int, ...]] | None = launch_split(buf, True)
+    return r
+
+
 @dataclass(slots=True)
 class Launch:
     op: str

@@ -21,20 +21,21 @@ from flexnpu.protocol import TensorRef
 from test_op_safety import _alive, _get, _out, _put
 
 
-def _dfs(x, out: list[int]) -> list[int]:
+def _dfs(x, out: list[int], field: str) -> list[int]:
     if isinstance(x, TensorRef):
-        out.append(x.handle)
+        out.append(getattr(x, field))
     elif isinstance(x, (list, tuple)):
         for v in x:
-            _dfs(v, out)
+            _dfs(v, out, field)
     return out
 
 
-def _refs_in_payload_order(launch: P.Launch) -> list[int]:
-    out = _dfs(launch.args, [])
+def _refs_in_payload_order(launch: P.Launch, field: str = "handle") -> list[int]:
+    """Each tensor's `field` in payload order: args depth first, then kwargs, then outputs."""
+    out = _dfs(launch.args, [], field)
     for v in launch.kwargs.values():
-        _dfs(v, out)
-    return out + [r.handle for _, r in launch.outputs]
+        _dfs(v, out, field)
+    return out + [getattr(r, field) for _, r in launch.outputs]
 
 
 def _payloads() -> list[bytes]:
@@ -74,13 +75,14 @@ def test_split_matches_decode_and_zeroes_only_handles():
         assert list(h2) == [h + 1000 for h in handles]
 
 
-def _rename(x):
+def _rename(x, shift: int = 0):
+    """x with every tensor's handle + 1000 and its offset + shift."""
     if isinstance(x, TensorRef):
-        return TensorRef(x.handle + 1000, x.dtype, x.shape, x.stride, x.offset)
+        return TensorRef(x.handle + 1000, x.dtype, x.shape, x.stride, x.offset + shift)
     if isinstance(x, list):
-        return [_rename(v) for v in x]
+        return [_rename(v, shift) for v in x]
     if isinstance(x, tuple):
-        return tuple(_rename(v) for v in x)
+        return tuple(_rename(v, shift) for v in x)
     return x
 
 
@@ -306,3 +308,108 @@ def test_a_full_plan_cache_drops_structures_seen_once_before_plans():
     plans = {b"p%d" % i: object() for i in range(8)}
     launch._remember_plan(be, plans, (b"new", ()), None, None)
     assert plans == {b"new": None}
+
+
+# ------------------------------------------------------------------ the native front end's plans
+def test_split_with_offsets_zeroes_handles_and_offsets_and_returns_both():
+    """The native front end's tensors are views into its allocator's blocks: their plans key on
+    the structure without offsets (protocol.split_launch_offsets), and each launch's offsets come
+    back in payload order next to its handles."""
+    pls = _payloads() + [
+        P.encode_launch(
+            "aclnn::Add",
+            (
+                TensorRef(3, torch.float32, (2, 3), (3, 1), 17),
+                TensorRef(3, torch.float32, (3,), (1,), 99),
+                1.0,
+            )
+            + (TensorRef(4, torch.float32, (2, 3), (3, 1), 5),),
+            {},
+            [],
+        )
+    ]
+    for pl in pls:
+        key, handles, offsets = P.split_launch_offsets(pl)  # type: ignore[misc]
+        launch = P.decode_launch(pl, torch.device("cpu"))
+        assert list(handles) == _refs_in_payload_order(launch)
+        assert list(offsets) == _refs_in_payload_order(launch, "offset")
+        assert P.split_launch(pl)[1] == handles  # type: ignore[index]
+        diff = [i for i in range(len(pl)) if key[i] != pl[i]]
+        assert all(key[i] == 0 for i in diff)
+        moved = P.encode_launch(
+            launch.op,
+            _rename(launch.args, 7),
+            {k: _rename(v, 7) for k, v in launch.kwargs.items()},
+            [(n, _rename(r, 7)) for n, r in launch.outputs],
+        )
+        k2, h2, o2 = P.split_launch_offsets(moved)  # type: ignore[misc]
+        assert k2 == key and list(h2) == [h + 1000 for h in handles]
+        assert list(o2) == [o + 7 for o in offsets]
+        if offsets:  # without offsets in the key, the moved launch has the same structure
+            assert P.split_launch(moved)[0] != P.split_launch(pl)[0]  # type: ignore[index]
+        for cut in range(len(pl)):
+            assert P.split_launch_offsets(pl[:cut]) is None
+
+
+def test_table_plan_checks_once_what_the_structure_fixes_and_per_launch_what_it_does_not():
+    """optable.make_plan runs the declaration's checks once; TablePlan.run builds each view at
+    the launch's own offset, bounds-checked against the allocation it is given."""
+    from flexnpu.daemon import optable
+    from flexnpu.daemon.backends.torch_exec import LaunchError
+
+    dev = torch.device("cpu")
+    ref = TensorRef(1, torch.float32, (2, 3), (3, 1), 0)
+    plan = optable.make_plan(dev, "aclnn::Add", (ref, ref, 2.0, ref), {}, [])
+    assert plan is not None and plan.n_in == 3 and not plan.outputs
+    # what the generic path refuses gets no plan (that path then reports it)
+    assert optable.make_plan(dev, "aclnn::Add", (ref, ref, ref), {}, []) is None  # arity
+    assert optable.make_plan(dev, "aclnn::Add", (ref, 3, 1, ref), {}, []) is None  # kind
+    assert optable.make_plan(dev, "aclnn::NoSuchOp", (ref,), {}, []) is None
+    overlapping = TensorRef(1, torch.float32, (2, 3), (0, 1), 0)
+    assert optable.make_plan(dev, "aclnn::Adds", (ref, 1, 1, overlapping), {}, []) is None
+    assert optable.make_plan(dev, "aclnn::Add", (ref, ref, 1, ref), {}, [(24, ref)]) is None  # fresh outputs
+    buf = torch.zeros(64 * 4, dtype=torch.uint8)
+    flat = buf.view(torch.float32)
+    flat[:30] = torch.arange(30.0)
+    for x, y, o in ((0, 6, 40), (12, 18, 50), (3, 24, 58)):  # one plan, other offsets each time
+        plan.run([buf, buf, buf], (1, 1, 1), (x, y, o))
+        want = flat[x : x + 6] + 2 * flat[y : y + 6]
+        assert torch.equal(flat[o : o + 6], want)
+    with pytest.raises(LaunchError, match="handle 9: .*beyond the allocation"):
+        plan.run([buf, buf, buf], (1, 1, 9), (0, 6, 59))  # 59 + 6 elements > 64
+    with pytest.raises(LaunchError, match="offset -1"):
+        plan.run([buf, buf, buf], (1, 1, 1), (-1, 6, 40))
+
+
+def test_table_operator_launches_repeat_their_structure_at_new_offsets(daemon):
+    """A client of the native front end repeats one aclnn structure at other offsets of one
+    allocation (as torch_npu's caching allocator does): every launch is right, every bound is
+    checked against the offset it names, and another client's handle is refused."""
+    from flexnpu.client import Client
+
+    with Client(0) as c, Client(0) as other:
+        data = torch.arange(64.0)
+        h = c.malloc(64 * 4, sync=True)
+        c.memcpy_h2d(h, 0, data.numpy().tobytes())
+
+        def add(cl, hx: int, x: int, y: int, o: int) -> None:
+            t = lambda off: TensorRef(hx, torch.float32, (2, 3), (3, 1), off)  # noqa: E731
+            cl.launch("aclnn::Add", (t(x), t(y), 2.0, t(o)), {}, [])
+
+        for i, (x, y, o) in enumerate(((0, 6, 40), (1, 7, 46), (2, 8, 52), (3, 9, 58), (4, 10, 34))):
+            add(c, h, x, y, o)
+            c.synchronize()
+            got = torch.frombuffer(bytearray(c.memcpy_d2h(h, 0, 256)), dtype=torch.float32)
+            assert torch.equal(got[o : o + 6], data[x : x + 6] + 2 * data[y : y + 6]), i
+            data = got.clone()
+        add(c, h, 0, 6, 59)  # past the end: refused, nothing written
+        with pytest.raises(FlexNPUError, match="beyond the allocation"):
+            c.synchronize()
+        add(other, h, 0, 6, 40)  # the owner's handle from another client
+        with pytest.raises(InvalidHandle):
+            other.synchronize()
+        got = torch.frombuffer(bytearray(c.memcpy_d2h(h, 0, 256)), dtype=torch.float32)
+        assert torch.equal(got, data)
+        _alive(c)
+        _alive(other)
+    assert daemon.proc.poll() is None

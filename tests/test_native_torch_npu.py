@@ -28,10 +28,10 @@ def _need_wheel():
     native_libs()
 
 
-def _native(runtime_dir, *args, timeout=300, **kw):
+def _native(runtime_dir, *args, timeout=300, env=None, **kw):
     return subprocess.run(
         flexnpu_run_cmd(runtime_dir, "--interpose", "native", *args),
-        env=run_env(runtime_dir),
+        env=env or run_env(runtime_dir),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -42,6 +42,20 @@ def _native(runtime_dir, *args, timeout=300, **kw):
 
 def test_device_memory_copies_of_every_dtype_pinned_streams_events(daemon, runtime_dir):
     r = _native(runtime_dir, "--", sys.executable, SCRIPT, "check")
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr[-4000:]
+
+
+def test_task_queue_is_off_by_default_and_a_users_setting_wins(daemon, runtime_dir):
+    """`flexnpu run` turns torch_npu's task queue off (the ring is the queue: cmd_run.native_env);
+    a program that sets TASK_QUEUE_ENABLE itself keeps its value, and the queue works on our
+    libraries too."""
+    show = [sys.executable, "-c", "import os; print('TQ', os.environ.get('TASK_QUEUE_ENABLE'))"]
+    r = _native(runtime_dir, "--", *show)
+    assert r.returncode == 0 and "TQ 0" in r.stdout, r.stdout + r.stderr[-2000:]
+    env = run_env(runtime_dir) | {"TASK_QUEUE_ENABLE": "2"}
+    r = _native(runtime_dir, "--", *show, env=env)
+    assert "TQ 2" in r.stdout, r.stdout + r.stderr[-2000:]
+    r = _native(runtime_dir, "--", sys.executable, SCRIPT, "check", env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr[-4000:]
 
 

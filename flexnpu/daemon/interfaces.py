@@ -84,6 +84,9 @@ class PlanningBackend(Backend, Protocol):
     def run_plan(
         self, plan: Any, bufs: Any, handles: Any, allocate: Callable[[int], Any], hints: Any
     ) -> list[tuple[Any, Any]]: ...
+    # a plan of the native front end's operators (aclnn::/aclop::): no fresh outputs, and each
+    # tensor's storage offset comes with the launch (protocol.split_launch_offsets)
+    def run_table_plan(self, plan: Any, bufs: Any, handles: Any, offsets: Any) -> None: ...
 
 
 class CommandView(Protocol):

@@ -212,7 +212,10 @@ static PyMethodDef call_def = {"call", (PyCFunction)(void (*)(void))py_call, MET
  * with equal keys differ only in which allocations they name, so the daemon validates the
  * structure once and reuses it. Any payload this walker does not accept gives None: the
  * Python decoder then runs and reports what is wrong. The walk reads tags and lengths only,
- * never handle bytes, so equal keys always yield handles at the same positions. */
+ * never handle or offset bytes, so equal keys always yield them at the same positions.
+ * launch_split(payload, True) also zeroes each tensor's storage offset and returns
+ * (key, handles, offsets): the native front end's tensors are views into its allocator's
+ * blocks, whose offsets change from step to step while the rest of the structure repeats. */
 enum { T_NONE, T_FALSE, T_TRUE, T_INT, T_FLOAT, T_COMPLEX, T_STR, T_LIST, T_TUPLE, T_DTYPE, T_DEVICE,
        T_LAYOUT, T_MEMFMT, T_TENSOR };
 #define SPLIT_MAX_DEPTH 8      /* protocol.MAX_DEPTH */
@@ -227,7 +230,8 @@ struct split {
     Py_ssize_t n, pos;
     long budget;
     uint32_t h[SPLIT_MAX_HANDLES];
-    int nh;
+    int64_t off[SPLIT_MAX_HANDLES];
+    int nh, zero_off;
 };
 
 static int sp_take(struct split *s, Py_ssize_t k) {
@@ -263,20 +267,29 @@ static int sp_value(struct split *s, int depth) {
         if (nd > SPLIT_MAX_NDIM) return -1;
         uint32_t h;
         memcpy(&h, s->b + s->pos, 4);   /* little-endian hosts only (x86-64, aarch64) */
-        s->h[s->nh++] = h;
         memset(s->key + s->pos, 0, 4);
         s->pos += 6;
-        return sp_take(s, (Py_ssize_t)(2 * nd + 1) * 8);
+        Py_ssize_t at = s->pos + (Py_ssize_t)(2 * nd) * 8;   /* the offset follows sizes, strides */
+        if (sp_take(s, (Py_ssize_t)(2 * nd + 1) * 8)) return -1;
+        s->off[s->nh] = 0;
+        if (s->zero_off) {
+            memcpy(&s->off[s->nh], s->b + at, 8);
+            memset(s->key + at, 0, 8);
+        }
+        s->h[s->nh++] = h;
+        return 0;
     }
     default: return -1;
     }
 }
 
 static PyObject *py_launch_split(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 1 || !PyBytes_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "launch_split(payload: bytes)");
+    if (nargs < 1 || nargs > 2 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "launch_split(payload: bytes, offsets: bool = False)");
         return NULL;
     }
+    int zero_off = nargs == 2 ? PyObject_IsTrue(args[1]) : 0;
+    if (zero_off < 0) return NULL;
     Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
     PyObject *key = PyBytes_FromStringAndSize(PyBytes_AS_STRING(args[0]), n);
     if (!key) return NULL;
@@ -284,7 +297,7 @@ static PyObject *py_launch_split(PyObject *self, PyObject *const *args, Py_ssize
     if (!s) { Py_DECREF(key); return PyErr_NoMemory(); }
     s->b = (const uint8_t *)PyBytes_AS_STRING(args[0]);
     s->key = (uint8_t *)PyBytes_AS_STRING(key);   /* fresh, not yet shared: writable */
-    s->n = n; s->pos = 0; s->budget = SPLIT_MAX_VALUES; s->nh = 0;
+    s->n = n; s->pos = 0; s->budget = SPLIT_MAX_VALUES; s->nh = 0; s->zero_off = zero_off;
     unsigned k, i;
     int bad = sp_u16(s, &k) || sp_take(s, k) || sp_value(s, 0) || sp_u16(s, &k) || k > SPLIT_MAX_ITEMS;
     for (i = 0; !bad && i < k; i++) bad = sp_value(s, 1) || sp_value(s, 1);
@@ -296,21 +309,26 @@ static PyObject *py_launch_split(PyObject *self, PyObject *const *args, Py_ssize
         Py_RETURN_NONE;
     }
     PyObject *hs = PyTuple_New(s->nh);
+    PyObject *os = zero_off ? PyTuple_New(s->nh) : NULL;
+    if (zero_off && !os) Py_CLEAR(hs);
     for (int j = 0; hs && j < s->nh; j++) {
         PyObject *v = PyLong_FromUnsignedLong(s->h[j]);
-        if (!v) { Py_CLEAR(hs); break; }
+        PyObject *o = zero_off ? PyLong_FromLongLong(s->off[j]) : NULL;
+        if (!v || (zero_off && !o)) { Py_XDECREF(v); Py_XDECREF(o); Py_CLEAR(hs); break; }
         PyTuple_SET_ITEM(hs, j, v);
+        if (zero_off) PyTuple_SET_ITEM(os, j, o);
     }
     PyMem_Free(s);
-    if (!hs) { Py_DECREF(key); return NULL; }
-    PyObject *res = PyTuple_Pack(2, key, hs);
+    if (!hs) { Py_DECREF(key); Py_XDECREF(os); return NULL; }
+    PyObject *res = zero_off ? PyTuple_Pack(3, key, hs, os) : PyTuple_Pack(2, key, hs);
     Py_DECREF(key);
     Py_DECREF(hs);
+    Py_XDECREF(os);
     return res;
 }
 
 static PyMethodDef split_def = {"launch_split", (PyCFunction)(void (*)(void))py_launch_split, METH_FASTCALL,
-                                "launch_split(payload) -> (key, handles) | None"};
+                                "launch_split(payload, offsets=False) -> (key, handles[, offsets]) | None"};
 
 /* Called through cffi (which released the GIL) with id(namespace_dict). */
 int fx_py_install(uintptr_t dict_addr) {

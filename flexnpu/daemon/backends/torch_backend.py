@@ -24,6 +24,19 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 # Launch names of the native front end's operator APIs (flexnpu/daemon/optable)
 _ASCEND_PREFIXES = ("aclnn::", "aclop::")
+_optable_mod: Any = None
+
+
+def _optable() -> Any:
+    """The operator table, imported on first use (a function-level import costs the import
+    machinery on every call: measured 6% of a native client's daemon time when it sat in
+    op_allowed)."""
+    global _optable_mod
+    if _optable_mod is None:
+        from .. import optable
+
+        _optable_mod = optable
+    return _optable_mod
 
 
 def detect(requested: str = "auto") -> str:
@@ -240,9 +253,7 @@ class TorchBackend:
     ) -> list[tuple[int, torch.Tensor]]:
         if launch.op.startswith(_ASCEND_PREFIXES):
             # an operator of the native front end: the Ascend operator table (no fresh outputs)
-            from .. import optable
-
-            optable.execute(self.device, launch.op, launch.args, launch.kwargs, launch.outputs, resolve)
+            _optable().execute(self.device, launch.op, launch.args, launch.kwargs, launch.outputs, resolve)
             return []
         bound: list[tuple[int, torch.Tensor]] = self._torch_exec().execute_launch(
             self.device, launch.op, launch.args, launch.kwargs, launch.outputs, resolve, allocate
@@ -255,11 +266,13 @@ class TorchBackend:
     def make_plan(self, launch: Launch) -> Any:
         """A reusable, validated plan of `launch` (None: run it the generic way, always)."""
         if launch.op.startswith(_ASCEND_PREFIXES):
-            # Not yet: the native front end's tensors are views into the allocator's blocks, so
-            # their offsets (part of the structure key) change from step to step and the same
-            # structure rarely comes back (measured: 10% of aclnn launches would hit).
-            return None
+            # the native front end's operators: their structure leaves out tensor offsets
+            # (protocol.split_launch_offsets), which each launch brings to run_table_plan
+            return _optable().make_plan(self.device, launch.op, launch.args, launch.kwargs, launch.outputs)
         return self._torch_exec().make_plan(self.device, launch)
+
+    def run_table_plan(self, plan: Any, bufs: Any, handles: Any, offsets: Any) -> None:
+        plan.run(bufs, handles, offsets)
 
     def run_plan(
         self, plan: Any, bufs: Any, handles: Any, allocate: Callable[[int], torch.Tensor], hints: Any
@@ -271,9 +284,7 @@ class TorchBackend:
 
     def op_allowed(self, op: str) -> bool:
         if op.startswith(_ASCEND_PREFIXES):
-            from .. import optable
-
-            return optable.is_supported(op)
+            return bool(_optable().is_supported(op))
         return bool(self._torch_exec().is_op_allowed(op))
 
     # -- streams and events ------------------------------------------------------------------

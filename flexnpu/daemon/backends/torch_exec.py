@@ -170,10 +170,18 @@ def _keyed_view(key: Any, ref: TensorRef, alloc: torch.Tensor) -> torch.Tensor:
     v = _view_cache.get(key)
     if v is None:
         v = build_view(ref, alloc)
-        if len(_view_cache) >= _VIEW_CACHE_MAX:
-            _view_cache.clear()
-        _view_cache[key] = v
+        keep_view(key, v)
     return v
+
+
+# For callers that build their own keys (optable's plans); the dict is cleared, never rebound.
+lookup_view = _view_cache.get
+
+
+def keep_view(key: Any, v: torch.Tensor) -> None:
+    if len(_view_cache) >= _VIEW_CACHE_MAX:
+        _view_cache.clear()
+    _view_cache[key] = v
 
 
 _mutable_cache: dict[Any, tuple[frozenset[int], frozenset[str]]] = {}
@@ -689,7 +697,7 @@ def make_plan(device: torch.device, launch: Any) -> LaunchPlan | None:
 
         plan.args = [tpl(a, 1, i in mpos) for i, a in enumerate(args)]
         plan.kwargs = {kk: tpl(v, 1, kk in mnames) for kk, v in kwargs.items()}
-        if any(type(v) is not _Slot and _has_slot(v) for v in plan.kwargs.values()):
+        if any(type(v) is not _Slot and has_slot(v) for v in plan.kwargs.values()):
             plan.flat = False
         plan.n_in = k
         plan.outputs = list(outputs)
@@ -709,21 +717,27 @@ def _collect_slots(x: Any, out: list[_Slot]) -> None:
             _collect_slots(v, out)
 
 
-def _has_slot(x: Any) -> bool:
-    if type(x) is _Slot:
+def has_slot(x: Any, slot: type = _Slot) -> bool:
+    """Whether a plan's argument template (lists, tuples, dicts) holds a tensor slot."""
+    if type(x) is slot:
         return True
     if type(x) is list or type(x) is tuple:
-        return any(_has_slot(v) for v in x)
+        return any(has_slot(v, slot) for v in x)
+    if type(x) is dict:
+        return any(has_slot(v, slot) for v in x.values())
     return False
 
 
-def _fill(x: Any, views: list[torch.Tensor]) -> Any:
-    if type(x) is _Slot:
-        return views[x.k]
+def fill_slots(x: Any, views: list[torch.Tensor], slot: type = _Slot) -> Any:
+    """A plan's argument template with each slot replaced by its view (views[slot.k])."""
+    if type(x) is slot:
+        return views[x.k]  # type: ignore[attr-defined]  # a slot type: it has k
     if type(x) is list:
-        return [_fill(v, views) for v in x]
+        return [fill_slots(v, views, slot) for v in x]
     if type(x) is tuple:
-        return tuple(_fill(v, views) for v in x)
+        return tuple(fill_slots(v, views, slot) for v in x)
+    if type(x) is dict:
+        return {k: fill_slots(v, views, slot) for k, v in x.items()}
     return x
 
 
@@ -782,8 +796,8 @@ def run_plan(
             for name, k in plan.kw_at:
                 kwargs[name] = views[k]
     else:
-        args = _fill(plan.args, views)
-        kwargs = {k: _fill(v, views) for k, v in plan.kwargs.items()}
+        args = fill_slots(plan.args, views)
+        kwargs = {k: fill_slots(v, views) for k, v in plan.kwargs.items()}
     if plan.indexed:
         validate_indices(plan.op, plan.opov, plan.rule, tuple(args), kwargs)
     result = plan.call(*args, **kwargs)

@@ -157,8 +157,17 @@ def _run_now(s: Session, st: StreamState, r: R.Launch, plan: Any, handles: tuple
             if r[1] & P.FLAG_SYNC:
                 s.reply_sync(r[3], st)
     except Exception as e:  # noqa: BLE001 - reporting failed: drop this client alone (as execute)
-        s.daemon.log.error("client %d: cannot report an error: %s", s.pid, e, exc_info=e)
-        s.condemn(f"internal error: {e}")
+        _cannot_report(s, e)
+    _ran(s, st, t)
+
+
+def _cannot_report(s: Session, e: Exception) -> None:
+    s.daemon.log.error("client %d: cannot report an error: %s", s.pid, e, exc_info=e)
+    s.condemn(f"internal error: {e}")
+
+
+def _ran(s: Session, st: StreamState, t: float) -> None:
+    """What Session.execute counts for a launch that ran at once (since `t`)."""
     t1 = perf_counter()
     st.busy_s += t1 - t
     st.ops_done += 1
@@ -251,6 +260,61 @@ def _p_planned(s: Session, r: R.Launch, plan: Any, handles: tuple[int, ...]) -> 
     return cmd
 
 
+_TABLE_PREFIXES = (b"aclnn::", b"aclop::")
+
+
+def _run_table_planned(s: Session, st: StreamState, c: Cmd) -> None:
+    plan, handles, offsets, allocs = c.a
+    be = cast("PlanningBackend", s.daemon.backend)  # only such a backend made the plan
+    try:
+        bufs = [ready_buf(al, h) for al, h in zip(allocs, handles)]
+        be.run_table_plan(plan, bufs, handles, offsets)
+    except Exception as e:
+        raise _failed(plan.op, {}, e) from e
+    if c.sync:
+        s.reply_sync(c.user_data, st)
+
+
+def _p_table_planned(
+    s: Session, r: R.Launch, plan: Any, handles: tuple[int, ...], offsets: tuple[int, ...]
+) -> Cmd:
+    """_p_planned for a table operator's plan: every tensor is an input (it writes the ones it
+    is given), each at the offset this launch names."""
+    alloc_of = s.alloc_of
+    allocs = [alloc_of(h) for h in handles]
+    cmd = Cmd(Op.LAUNCH, r.user_data, r.sync, _run_table_planned, (plan, handles, offsets, allocs))
+    cmd.cost = plan.cost
+    return cmd
+
+
+def _run_table_now(
+    s: Session, st: StreamState, r: R.Launch, plan: Any, handles: tuple[int, ...], offsets: tuple[int, ...]
+) -> None:
+    """_run_now for a table operator's plan (the native front end's eager hot path)."""
+    if s.dead:
+        return
+    get = s.handles.get
+    ins = [get(h) for h in handles]  # InvalidHandle (another client's, freed): nothing ran
+    t = perf_counter()
+    try:
+        try:
+            bufs = [al.buf if al.buf is not None else ready_buf(al, h) for al, h in zip(ins, handles)]
+            be: PlanningBackend = s.daemon.backend  # type: ignore[assignment]  # it made the plan
+            if st.device_stream is None:
+                be.run_table_plan(plan, bufs, handles, offsets)
+            else:
+                with be.stream_context(st.device_stream):
+                    be.run_table_plan(plan, bufs, handles, offsets)
+        except Exception as e:  # noqa: BLE001 - the client's error, reported like a queued launch's
+            s.fail(r.user_data, r.sync, st, _failed(plan.op, {}, e))
+        else:
+            if r[1] & P.FLAG_SYNC:
+                s.reply_sync(r[3], st)
+    except Exception as e:  # noqa: BLE001 - reporting failed: drop this client alone (as execute)
+        _cannot_report(s, e)
+    _ran(s, st, t)
+
+
 def _p_launch(s: Session, st: StreamState | None, r: R.Launch) -> Cmd | None:
     payload = bytes(s._payload(r.payload_offset, r.payload_len))  # copy out before parsing
     be = s.daemon.backend
@@ -259,10 +323,18 @@ def _p_launch(s: Session, st: StreamState | None, r: R.Launch) -> Cmd | None:
     split = None
     # Captured streams take the generic path: graph compilation reads the decoded launch.
     if plans is not None and st is not None and not st.capturing and len(payload) <= PLAN_MAX_PAYLOAD:
-        split = launch_split(payload)
+        # the op name's first bytes (after its u16 length): the native front end's operators
+        # key their plans without tensor offsets (protocol.split_launch_offsets)
+        table = payload[2:9] in _TABLE_PREFIXES
+        split = launch_split(payload, table)
         if split is not None:
             plan = plans.get(split[0])
             if plan:
+                if table:
+                    if s.daemon.inline and not st.queue:
+                        _run_table_now(s, st, r, plan, split[1], split[2])
+                        return None
+                    return _p_table_planned(s, r, plan, split[1], split[2])
                 if s.daemon.inline and not st.queue:
                     _run_now(s, st, r, plan, split[1])
                     return None

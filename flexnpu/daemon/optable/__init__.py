@@ -27,6 +27,7 @@ aclop.py. Importing this package registers all of them.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Callable, Iterable, Sequence
@@ -36,7 +37,17 @@ import torch
 from ...ops import aclnn_api as api
 from ...errors import OpNotSupported
 from ...protocol import TensorRef
-from ..backends.torch_exec import IndexRangeError, LaunchError, cached_view
+from ..backends.torch_exec import (
+    IndexRangeError,
+    LaunchError,
+    build_view,
+    cached_view,
+    check_view_bounds,
+    fill_slots,
+    has_slot,
+    keep_view,
+    lookup_view,
+)
 
 __all__ = [
     "OpDef",
@@ -46,6 +57,8 @@ __all__ = [
     "is_supported",
     "execute",
     "prepare",
+    "make_plan",
+    "TablePlan",
     "check_indices",
     "put",
     "LaunchError",
@@ -294,7 +307,12 @@ def prepare(
         raise LaunchError(
             f"{op} takes {len(d.params)} arguments ({', '.join(n for n, _ in d.params)}), got {len(args)}"
         )
-    conv = _Conv(op, device, resolve)
+    return d, _convert(d, op, args, kwargs, _Conv(op, device, resolve))
+
+
+def _convert(d: OpDef, op: str, args: Sequence[Any], kwargs: dict[str, Any], conv: _Conv) -> Args:
+    """prepare's checks and conversions, with `conv` turning each tensor reference into what
+    the caller needs (a view now, or a plan's slot)."""
     a: Args = {}
     for (name, kind), v in zip(d.params, args):
         if v is None:
@@ -317,7 +335,144 @@ def prepare(
         if akind is None:
             raise LaunchError(f"{op}: unknown attribute {k!r}")
         a[k] = None if v is None else conv.value(v, akind, k)
-    return d, a
+    return a
+
+
+# ------------------------------------------------------------------ plans
+class _NoPlan(Exception):
+    """This launch's structure gets no plan (the generic path runs it)."""
+
+
+class Slot:
+    """The k-th tensor of a planned launch (payload order): its layout without the storage
+    offset, which each launch brings (the native front end's tensors are views into the
+    allocator's blocks, so the offset changes while everything else repeats)."""
+
+    __slots__ = ("k", "dtype", "shape", "stride", "layout", "itemsize", "reach", "empty")
+
+    def __init__(self, k: int, ref: TensorRef) -> None:
+        self.k = k
+        self.dtype, self.shape, self.stride = ref.dtype, ref.shape, ref.stride
+        # the view cache key's layout part: one small int per distinct layout (hashing ints is
+        # what a per-launch key can afford; a tuple of dtype and tuples is hashed anew each time)
+        self.layout = _layout_id((ref.dtype, ref.shape, ref.stride))
+        self.itemsize = ref.dtype.itemsize
+        self.empty = 0 in ref.shape
+        # elements from the first to the last one the view touches (check_view_bounds' `last`)
+        self.reach = sum((n - 1) * st for n, st in zip(ref.shape, ref.stride) if n > 1)
+
+    def view(self, buf: torch.Tensor, handle: int, offset: int) -> torch.Tensor:
+        """This slot's view of allocation `buf` at `offset`, bounds-checked (what
+        backends.torch_exec.cached_view gives for the full reference; its errors too)."""
+        nbytes = buf.numel()
+        end = (offset if self.empty else offset + self.reach + 1) * self.itemsize
+        ref = None
+        if type(offset) is not int or offset < 0 or offset > _MAX_DIM or end > nbytes:
+            ref = TensorRef(handle, self.dtype, self.shape, self.stride, offset)
+            build_view(ref, buf)  # raises LaunchError naming the handle and the bounds
+        # (no device in the key: every buffer is the one backend device's)
+        key = (buf.data_ptr(), nbytes, self.layout, offset)
+        v = lookup_view(key)
+        if v is None:
+            v = build_view(ref or TensorRef(handle, self.dtype, self.shape, self.stride, offset), buf)
+            keep_view(key, v)
+        return v
+
+
+_layouts: dict[tuple[Any, ...], int] = {}
+_next_layout = itertools.count()
+
+
+def _layout_id(layout: tuple[Any, ...]) -> int:
+    """An int per layout, never reused (so a cached view is never found under another layout)."""
+    i = _layouts.get(layout)
+    if i is None:
+        if len(_layouts) >= 1 << 16:  # a bound on what hostile clients can make the daemon keep
+            _layouts.clear()
+        i = _layouts[layout] = next(_next_layout)
+    return i
+
+
+class _SlotConv(_Conv):
+    """prepare's converter for a plan: each tensor reference becomes a Slot, checked for
+    everything but the bounds, which depend on the allocation and offset of each launch."""
+
+    __slots__ = ("slots",)
+
+    def __init__(self, op: str, device: torch.device) -> None:
+        super().__init__(op, device, _no_resolve)
+        self.slots: list[Slot] = []
+
+    def tensor(self, v: Any, name: str) -> Any:
+        if type(v) is not TensorRef:
+            raise _NoPlan  # storage-less placeholders and malformed values: the generic path
+        if type(v.handle) is not int or v.handle <= 0:
+            raise LaunchError(f"{self.op}: {name}: invalid handle {v.handle!r}")
+        check_view_bounds(v, 1 << 62)  # well-formed; each launch checks its own bounds
+        sl = Slot(len(self.slots), v)
+        self.slots.append(sl)
+        return sl
+
+
+def _no_resolve(h: int) -> torch.Tensor:
+    raise AssertionError("a plan resolves no handle")
+
+
+class TablePlan:
+    """A validated launch structure of a table operator: the declaration's checks ran once
+    (make_plan); per launch only the views (bounds, from each tensor's allocation and offset),
+    the index ranges and the operator itself run. Fields n_in/outputs/cost are what
+    handlers/launch.py reads of every plan."""
+
+    __slots__ = ("op", "d", "n_in", "outputs", "cost", "fixed", "top", "nested", "slots")
+
+    def __init__(self, d: OpDef, a: Args, slots: list[Slot]) -> None:
+        self.op, self.d, self.slots = d.op, d, slots
+        self.n_in = len(slots)
+        self.outputs: tuple[Any, ...] = ()  # table operators write the tensors they are given
+        self.cost: Any = None
+        self.top: list[tuple[str, int]] = []  # parameter -> slot index
+        self.nested: list[tuple[str, Any]] = []  # parameter -> a list/dict template with slots
+        self.fixed: Args = {}
+        for name, v in a.items():
+            if type(v) is Slot:
+                self.top.append((name, v.k))
+            elif has_slot(v, Slot):
+                self.nested.append((name, v))
+            else:
+                self.fixed[name] = v
+
+    def run(self, bufs: Sequence[torch.Tensor], handles: Sequence[int], offsets: Sequence[int]) -> None:
+        """One launch: ``bufs[k]`` is the allocation named by ``handles[k]``, its tensor at
+        element offset ``offsets[k]``."""
+        views = [sl.view(bufs[sl.k], handles[sl.k], offsets[sl.k]) for sl in self.slots]
+        a = self.fixed.copy()
+        for name, k in self.top:
+            a[name] = views[k]
+        for name, tpl in self.nested:
+            a[name] = fill_slots(tpl, views, Slot)
+        d = self.d
+        if d.indices is not None:
+            check_indices(d, a)
+        d.fn(a)
+
+
+def make_plan(
+    device: torch.device, op: str, args: Sequence[Any], kwargs: dict[str, Any], outputs: Any
+) -> TablePlan | None:
+    """The plan of a decoded launch of a table operator, or None: it has none (the generic
+    path then runs it and reports whatever is wrong with it; nothing is raised from here)."""
+    d = TABLE.get(op) if isinstance(op, str) else None
+    if d is None or outputs or not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
+        return None
+    if len(args) != len(d.params):
+        return None
+    conv = _SlotConv(op, device)
+    try:
+        a = _convert(d, op, args, kwargs, conv)
+    except (_NoPlan, LaunchError):
+        return None
+    return TablePlan(d, a, conv.slots)
 
 
 def _load() -> None:
