@@ -265,3 +265,43 @@ def test_aclnn_matmul_launches_are_costed_in_flops_against_the_daemon_ceiling():
         limits.check(SimpleNamespace(op=Op.LAUNCH, a=(launch, {}, {}), cost=None))
     small = Launch("aclnn::Mm", (TensorRef(1, torch.float32, (20, 20), (0, 0), 0),) * 2 + (out, 0), {}, [])
     limits.check(SimpleNamespace(op=Op.LAUNCH, a=(small, {}, {}), cost=None))
+
+
+def test_aclnn_flash_attention_entry_matches_softmax_attention():
+    """The daemon's FlashAttentionScore entry against plain softmax attention: a decode step
+    with nothing masked (its fast path), a causal mask, a narrow band, and a fully masked row
+    (zeros, not NaN); softmax max/sum are written to every slot of their last dim."""
+    from flexnpu.daemon.optable import TABLE
+
+    d = TABLE["aclnn::FlashAttentionScore"]
+    g = torch.Generator().manual_seed(0)
+
+    def run(s1, s2, mask=None, pre=2147483647, nxt=2147483647, n=2, dim=16):
+        q, k, v = (torch.randn(1, n, s, dim, generator=g) for s in (s1, s2, s2))
+        a = {p: None for p, _ in d.params}
+        a.update(query=q, key=k, value=v, prefixOptional=[], scaleValue=dim**-0.5, keepProb=1.0)
+        a.update(preTokens=pre, nextTokens=nxt, headNum=n, inputLayout="BNSD", innerPrecise=0, sparseMode=0)
+        a.update(attenMaskOptional=mask, softmaxOutOut=torch.empty(0))
+        a.update(softmaxMaxOut=torch.empty(1, n, s1, 8), softmaxSumOut=torch.empty(1, n, s1, 8))
+        a["attentionOutOut"] = torch.empty(1, n, s1, dim)
+        d.fn(a)
+        s = (q @ k.transpose(-1, -2)) * dim**-0.5
+        i, j = torch.arange(s1).unsqueeze(1), torch.arange(s2).unsqueeze(0)
+        keep = torch.ones(s1, s2, dtype=torch.bool) if mask is None else ~mask
+        keep = keep & (j <= i + nxt) & (j >= i - pre)
+        s = s.masked_fill(~keep, float("-inf"))
+        want = torch.nan_to_num(torch.softmax(s, -1)) @ v
+        assert torch.allclose(a["attentionOutOut"], want, atol=1e-5), (s1, s2)
+        mx = s.amax(-1).masked_fill(s.amax(-1).isinf(), 0)
+        assert torch.allclose(a["softmaxMaxOut"], mx.unsqueeze(-1).expand(1, n, s1, 8))
+        sm = torch.exp(s - mx.unsqueeze(-1)).sum(-1)
+        assert torch.allclose(a["softmaxSumOut"], sm.unsqueeze(-1).expand(1, n, s1, 8), atol=1e-5)
+        return a["attentionOutOut"]
+
+    run(1, 9)  # a decode step
+    run(5, 5, mask=torch.ones(5, 5, dtype=torch.bool).triu(1))  # causal prefill
+    run(6, 6, pre=1, nxt=0)  # a band
+    full = torch.zeros(3, 4, dtype=torch.bool)
+    full[1] = True  # row 1 may attend nothing
+    out = run(3, 4, mask=full)
+    assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))

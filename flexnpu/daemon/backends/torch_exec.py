@@ -139,11 +139,29 @@ def _raw_storage(alloc: torch.Tensor, handle: int) -> Storage:
 def build_view(ref: TensorRef, alloc: torch.Tensor) -> torch.Tensor:
     """A tensor viewing ``alloc`` (uint8 storage of the allocation) as ``ref`` says, bounds-checked."""
     check_view_bounds(ref, alloc.numel())
-    st = _raw_storage(alloc, ref.handle)
-    t = torch.empty(0, dtype=ref.dtype, device=alloc.device)
-    if ref.dtype.itemsize == 1 or alloc.data_ptr() % ref.dtype.itemsize == 0:
-        return t.set_(st, ref.offset, ref.shape, ref.stride)
-    raise LaunchError(f"handle {ref.handle}: allocation not aligned for {ref.dtype}")
+    return _base(alloc, ref.dtype, ref.handle).as_strided(ref.shape, ref.stride, ref.offset)
+
+
+# One flat tensor of each dtype over each allocation (its raw storage, _raw_storage), keyed like
+# the view cache below by pointer and size: a view is then one as_strided of it (~3 us), not a
+# storage and a set_ (~8 us). as_strided checks the view against that storage too.
+_BASES_MAX = 1024
+_bases: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+
+
+def _base(alloc: torch.Tensor, dtype: torch.dtype, handle: int) -> torch.Tensor:
+    ptr, nbytes = alloc.data_ptr(), alloc.numel()
+    key = (ptr, nbytes, dtype)
+    b = _bases.get(key)
+    if b is None or alloc.dtype is not torch.uint8:
+        st = _raw_storage(alloc, handle)  # (checks what an allocation must be: raises if not)
+        if dtype.itemsize != 1 and ptr % dtype.itemsize:
+            raise LaunchError(f"handle {handle}: allocation not aligned for {dtype}")
+        b = torch.empty(0, dtype=dtype, device=alloc.device).set_(st, 0, (nbytes // dtype.itemsize,), (1,))
+        if len(_bases) >= _BASES_MAX:
+            _bases.clear()
+        _bases[key] = b
+    return b
 
 
 # Views of allocations, keyed by (data pointer, allocation size, layout). A view is only a pointer

@@ -1114,6 +1114,8 @@ def _fa_dims(a: Args) -> tuple[str, int, int, int]:
 def _fa_keep(a: Args, b: int, n: int, s1: int, s2: int, device: torch.device) -> torch.Tensor | None:
     """[B|1, N|1, S1, S2] bool: True where a query position may attend a key position."""
     mode, pre, nxt = a["sparseMode"], a["preTokens"], a["nextTokens"]
+    if mode in (0, 1) and (mode == 1 or a["attenMaskOptional"] is None) and pre >= s1 + s2 and nxt >= s1 + s2:
+        return None  # nothing masked (a decode step's usual case): no index grids to build
     i = torch.arange(s1, device=device).unsqueeze(1)
     j = torch.arange(s2, device=device).unsqueeze(0)
     keep: torch.Tensor | None = None
@@ -1159,10 +1161,10 @@ def _fa_forward(
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     mx = s.amax(-1, keepdim=True)
-    mx = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
+    mx = mx.masked_fill(mx.isinf(), 0.0)  # a fully masked row: exp gives zeros, not NaN
     e = torch.exp(s - mx)
     sm = e.sum(-1, keepdim=True)
-    p = e / torch.where(sm == 0, torch.ones_like(sm), sm)
+    p = e / sm.masked_fill(sm == 0, 1.0)
     return p @ v.float(), mx.squeeze(-1), sm.squeeze(-1)
 
 
@@ -1191,11 +1193,11 @@ def _flash_attention(a: Args) -> None:
     for name, val in (("softmaxMaxOut", mx), ("softmaxSumOut", sm)):
         t = a[name]
         if t.numel():
-            if t.dim() != 4 or tuple(t.shape[:3]) != tuple(val.shape):
+            if t.dim() != 4 or t.shape[:3] != val.shape:
                 raise LaunchError(
                     f"FlashAttentionScore: {name} has shape {tuple(t.shape)}, expected {tuple(val.shape)} + [8]"
                 )
-            put(t, val.unsqueeze(-1).expand(t.shape), name)
+            t.copy_(val.unsqueeze(-1))  # the same value in each of the last dim's slots
 
 
 @register(
