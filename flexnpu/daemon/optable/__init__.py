@@ -135,7 +135,7 @@ def put(out: torch.Tensor, value: torch.Tensor | float | int | bool, what: str =
     """Write ``value`` into the caller's tensor ``out`` (dtype cast as the Ascend kernels do);
     the shapes must agree (a scalar fills)."""
     if isinstance(value, torch.Tensor):
-        if tuple(value.shape) != tuple(out.shape):
+        if value.shape != out.shape:
             raise LaunchError(
                 f"{what} has shape {tuple(out.shape)} but the result has shape {tuple(value.shape)}"
             )
