@@ -381,11 +381,15 @@ def test_table_plan_checks_once_what_the_structure_fixes_and_per_launch_what_it_
         plan.run([buf, buf, buf], (1, 1, 1), (-1, 6, 40))
 
 
-def test_table_operator_launches_repeat_their_structure_at_new_offsets(daemon):
+@pytest.mark.parametrize("policy", ["fifo", "priority"])
+def test_table_operator_launches_repeat_their_structure_at_new_offsets(start_daemon, policy):
     """A client of the native front end repeats one aclnn structure at other offsets of one
     allocation (as torch_npu's caching allocator does): every launch is right, every bound is
-    checked against the offset it names, and another client's handle is refused."""
+    checked against the offset it names, and another client's handle is refused. fifo runs a
+    planned launch at once; priority queues every command (a planned one is a queued command)."""
     from flexnpu.client import Client
+
+    daemon = start_daemon("--policy", policy)
 
     with Client(0) as c, Client(0) as other:
         data = torch.arange(64.0)

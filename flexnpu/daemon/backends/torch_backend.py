@@ -268,7 +268,9 @@ class TorchBackend:
         if launch.op.startswith(_ASCEND_PREFIXES):
             # the native front end's operators: their structure leaves out tensor offsets
             # (protocol.split_launch_offsets), which each launch brings to run_table_plan
-            return _optable().make_plan(self.device, launch.op, launch.args, launch.kwargs, launch.outputs)
+            return _optable().make_plan(
+                self.device, launch.op, launch.args, launch.kwargs, launch.outputs, launch.values
+            )
         return self._torch_exec().make_plan(self.device, launch)
 
     def run_table_plan(self, plan: Any, bufs: Any, handles: Any, offsets: Any) -> None:

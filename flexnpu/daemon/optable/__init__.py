@@ -424,13 +424,14 @@ class TablePlan:
     the index ranges and the operator itself run. Fields n_in/outputs/cost are what
     handlers/launch.py reads of every plan."""
 
-    __slots__ = ("op", "d", "n_in", "outputs", "cost", "fixed", "top", "nested", "slots")
+    __slots__ = ("op", "d", "n_in", "outputs", "cost", "values", "fixed", "top", "nested", "slots")
 
-    def __init__(self, d: OpDef, a: Args, slots: list[Slot]) -> None:
+    def __init__(self, d: OpDef, a: Args, slots: list[Slot], values: int) -> None:
         self.op, self.d, self.slots = d.op, d, slots
         self.n_in = len(slots)
         self.outputs: tuple[Any, ...] = ()  # table operators write the tensors they are given
         self.cost: Any = None
+        self.values = values  # what holding one of its commands costs (session.held_bytes)
         self.top: list[tuple[str, int]] = []  # parameter -> slot index
         self.nested: list[tuple[str, Any]] = []  # parameter -> a list/dict template with slots
         self.fixed: Args = {}
@@ -458,10 +459,16 @@ class TablePlan:
 
 
 def make_plan(
-    device: torch.device, op: str, args: Sequence[Any], kwargs: dict[str, Any], outputs: Any
+    device: torch.device,
+    op: str,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    outputs: Any,
+    values: int = 0,
 ) -> TablePlan | None:
     """The plan of a decoded launch of a table operator, or None: it has none (the generic
-    path then runs it and reports whatever is wrong with it; nothing is raised from here)."""
+    path then runs it and reports whatever is wrong with it; nothing is raised from here).
+    ``values``: the decoded launch's value count (protocol.Launch.values)."""
     d = TABLE.get(op) if isinstance(op, str) else None
     if d is None or outputs or not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
         return None
@@ -472,7 +479,7 @@ def make_plan(
         a = _convert(d, op, args, kwargs, conv)
     except (_NoPlan, LaunchError):
         return None
-    return TablePlan(d, a, conv.slots)
+    return TablePlan(d, a, conv.slots, values)
 
 
 def _load() -> None:
