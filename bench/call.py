@@ -15,6 +15,9 @@ planned-launch-1-client (issue 13): one client streams real operator launches (a
 add with a fresh output, outputs freed in FREE_MANY batches, as the eager front end does) from
 cached encodings; after the first two the daemon runs them from its launch plan, and it is the
 slower side, so 1e6 / ops_per_s is the daemon's cost per planned launch, operator included.
+planned-table-launch-1-client (issue 12): the same for the native front end's operators: an
+`aclnn::Add` of 128 elements whose output moves among offsets of one allocation, as torch_npu's
+caching allocator hands out views of its blocks (plans keyed without offsets, docs/native_ops.md).
 """
 
 from __future__ import annotations
@@ -145,7 +148,19 @@ print(time.perf_counter() - t, flush=True)
 """
 
 
-_PLANNED_WORKER = """
+# The end of each operator-launch worker (which defines run(k)): warm up, say ready, wait for
+# the go, then time n launches on the worker's own clock.
+_TIMED_RUN = """
+run(1000)
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+sys.stdin.readline()
+t = time.perf_counter()
+run(n)
+print(time.perf_counter() - t, flush=True)
+"""
+
+_PLANNED_WORKER = (
+    """
 import sys, time, torch
 from flexnpu import protocol as P
 from flexnpu.client import Client
@@ -167,13 +182,30 @@ def run(k):
             outs = []
     c.free_many(outs)
     c.synchronize()
-run(1000)
-sys.stdout.write("ready\\n"); sys.stdout.flush()
-sys.stdin.readline()
-t = time.perf_counter()
-run(n)
-print(time.perf_counter() - t, flush=True)
 """
+    + _TIMED_RUN
+)
+
+
+_TABLE_WORKER = (
+    """
+import sys, time, torch
+from flexnpu import protocol as P
+from flexnpu.client import Client
+from flexnpu.protocol import TensorRef
+n = int(sys.argv[1])
+c = Client(0)
+h = c.malloc(512 * 8, sync=True)
+ref = lambda off: TensorRef(h, torch.float32, (1, 1, 128), (128, 128, 1), off)
+# one structure, the output at six offsets: encoded once each, so the client is not the slow side
+pls = [P.encode_launch("aclnn::Add", (ref(0), ref(128), 1.0, ref(256 + 128 * i)), {}, []) for i in range(6)]
+def run(k):
+    for i in range(k):
+        c.launch_payload(pls[i % 6])
+    c.synchronize()
+"""
+    + _TIMED_RUN
+)
 
 
 def _throughput(clients: int, n: int, rdir: str, worker: str = _WORKER, name: str = "launch") -> dict:
@@ -201,7 +233,7 @@ def _throughput(clients: int, n: int, rdir: str, worker: str = _WORKER, name: st
     wall = time.perf_counter() - t0
     for p in procs:
         p.wait(120)
-    if worker is _PLANNED_WORKER:
+    if worker is _PLANNED_WORKER or worker is _TABLE_WORKER:
         wall = max(took)  # the worker's own clock: its interpreter's exit (torch) is no launch
     return {
         "name": f"{name}-{clients}-client{'s' if clients > 1 else ''}",
@@ -351,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_throughput(4, n // 2, str(rdir)))
             progress("[call] planned operator launches, 1 client")
             rows.append(_throughput(1, n // 5, str(rdir), _PLANNED_WORKER, "planned-launch"))
+            progress("[call] planned native-front (aclnn) launches, 1 client")
+            rows.append(_throughput(1, n // 5, str(rdir), _TABLE_WORKER, "planned-table-launch"))
             _pin_daemon_apart(True)
             for row in rows:
                 runs.setdefault(row["name"], []).append(row)
@@ -370,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "planned-launch-1-client" in by:
         ratios["daemon_us_per_planned_launch"] = round(1e6 / by["planned-launch-1-client"]["ops_per_s"], 2)
+    if "planned-table-launch-1-client" in by:
+        ratios["daemon_us_per_planned_table_launch"] = round(
+            1e6 / by["planned-table-launch-1-client"]["ops_per_s"], 2
+        )
     if "native-sync-call" in by:
         ratios["native_sync_over_python_sync_p50"] = round(
             by["native-sync-call"]["p50_us"] / by["sync-call"]["p50_us"], 3
@@ -393,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         if "daemon_us_per_planned_launch" in ratios:
             print(f"daemon cost per planned operator launch: {ratios['daemon_us_per_planned_launch']} us")
+        if "daemon_us_per_planned_table_launch" in ratios:
+            us = ratios["daemon_us_per_planned_table_launch"]
+            print(f"daemon cost per planned aclnn launch (native front end): {us} us")
         if "native_sync_over_python_sync_p50" in ratios:
             print(f"native sync / Python client sync (p50): {ratios['native_sync_over_python_sync_p50']}x")
     return 0

@@ -417,3 +417,12 @@ def test_table_operator_launches_repeat_their_structure_at_new_offsets(start_dae
         _alive(c)
         _alive(other)
     assert daemon.proc.poll() is None
+
+
+def test_bench_call_planned_table_worker_runs_its_launches(daemon, runtime_dir):
+    """`flexnpu bench call`'s planned-table-launch row: its worker's aclnn launches at moving
+    offsets all succeed (a failed one would raise at its synchronize, and no time is printed)."""
+    from flexnpu.bench.call import _TABLE_WORKER, _throughput
+
+    row = _throughput(1, 300, str(runtime_dir), _TABLE_WORKER, "planned-table-launch")
+    assert row["name"] == "planned-table-launch-1-client" and row["ops_per_s"] > 0
