@@ -298,7 +298,7 @@ def _run_table_now(
     t = perf_counter()
     try:
         try:
-            bufs = [al.buf if al.buf is not None else ready_buf(al, h) for al, h in zip(ins, handles)]
+            bufs = [ready_buf(al, h) for al, h in zip(ins, handles)]
             be: PlanningBackend = s.daemon.backend  # type: ignore[assignment]  # it made the plan
             if st.device_stream is None:
                 be.run_table_plan(plan, bufs, handles, offsets)

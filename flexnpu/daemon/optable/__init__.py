@@ -366,15 +366,14 @@ class Slot:
         backends.torch_exec.cached_view gives for the full reference; its errors too)."""
         nbytes = buf.numel()
         end = (offset if self.empty else offset + self.reach + 1) * self.itemsize
-        ref = None
         if type(offset) is not int or offset < 0 or offset > _MAX_DIM or end > nbytes:
-            ref = TensorRef(handle, self.dtype, self.shape, self.stride, offset)
-            build_view(ref, buf)  # raises LaunchError naming the handle and the bounds
+            # out of bounds: build_view raises the LaunchError naming the handle and the bounds
+            return build_view(TensorRef(handle, self.dtype, self.shape, self.stride, offset), buf)
         # (no device in the key: every buffer is the one backend device's)
         key = (buf.data_ptr(), nbytes, self.layout, offset)
         v = lookup_view(key)
         if v is None:
-            v = build_view(ref or TensorRef(handle, self.dtype, self.shape, self.stride, offset), buf)
+            v = build_view(TensorRef(handle, self.dtype, self.shape, self.stride, offset), buf)
             keep_view(key, v)
         return v
 

@@ -1114,14 +1114,14 @@ def _fa_dims(a: Args) -> tuple[str, int, int, int]:
 def _fa_keep(a: Args, b: int, n: int, s1: int, s2: int, device: torch.device) -> torch.Tensor | None:
     """[B|1, N|1, S1, S2] bool: True where a query position may attend a key position."""
     mode, pre, nxt = a["sparseMode"], a["preTokens"], a["nextTokens"]
-    if mode in (0, 1) and (mode == 1 or a["attenMaskOptional"] is None) and pre >= s1 + s2 and nxt >= s1 + s2:
-        return None  # nothing masked (a decode step's usual case): no index grids to build
+    if mode == 1 or (mode == 0 and a["attenMaskOptional"] is None and pre >= s1 + s2 and nxt >= s1 + s2):
+        return None  # nothing masked (mode 0: a decode step's usual case): no index grids to build
     i = torch.arange(s1, device=device).unsqueeze(1)
     j = torch.arange(s2, device=device).unsqueeze(0)
     keep: torch.Tensor | None = None
-    if mode in (0, 1):
+    if mode == 0:  # (mode 1 masks nothing: returned above)
         m = a["attenMaskOptional"]
-        if m is not None and mode == 0:
+        if m is not None:
             if m.dtype not in (torch.bool, torch.uint8) or m.dim() not in (2, 4):
                 raise LaunchError("FlashAttentionScore: attenMask must be a 2-d or 4-d bool/uint8 tensor")
             if tuple(m.shape[-2:]) != (s1, s2):
@@ -1129,7 +1129,7 @@ def _fa_keep(a: Args, b: int, n: int, s1: int, s2: int, device: torch.device) ->
                     f"FlashAttentionScore: attenMask {tuple(m.shape)} for [S1, S2] = [{s1}, {s2}]"
                 )
             keep = ~m.bool()  # Ascend masks mark what may NOT be attended
-        if mode == 0 and (pre < s1 + s2 or nxt < s1 + s2):
+        if pre < s1 + s2 or nxt < s1 + s2:
             band = (j <= i + nxt) & (j >= i - pre)
             keep = band if keep is None else keep & band
     elif mode == 2:  # causal, aligned top-left
