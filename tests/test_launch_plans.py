@@ -10,6 +10,7 @@ daemon (cpu backend) and repeats one structure with different handles.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -379,6 +380,108 @@ def test_table_plan_checks_once_what_the_structure_fixes_and_per_launch_what_it_
         plan.run([buf, buf, buf], (1, 1, 9), (0, 6, 59))  # 59 + 6 elements > 64
     with pytest.raises(LaunchError, match="offset -1"):
         plan.run([buf, buf, buf], (1, 1, 1), (-1, 6, 40))
+
+
+def test_table_plan_writes_results_in_place_only_where_that_equals_put():
+    """A plan of a register_value entry (Add here) writes its result straight into the
+    destination (torch's out=) once its first launch shows the result has the destination's
+    dtype and shape, and falls back to compute-then-put whenever the destination shares bytes
+    with an input at that launch's offsets (out= would read what it already wrote)."""
+    from flexnpu.daemon import optable
+
+    dev = torch.device("cpu")
+    ref = TensorRef(1, torch.float32, (6,), (1,), 0)
+    plan = optable.make_plan(dev, "aclnn::Add", (ref, ref, 2.0, ref), {}, [])
+    assert plan is not None and plan.direct is None  # not decided before a launch
+    buf = torch.zeros(64 * 4, dtype=torch.uint8)
+    flat = buf.view(torch.float32)
+    for i, (x, y, o) in enumerate(((0, 6, 40), (12, 18, 50), (3, 24, 5), (30, 31, 34), (0, 6, 0))):
+        flat[:] = torch.arange(64.0) * 0.5 - 7
+        want = flat[x : x + 6] + 2 * flat[y : y + 6]  # computed before anything is written
+        if i == 2:  # out [5, 11) overlaps self [3, 9): the fallback must read self first
+            assert plan._overlaps([buf] * 3, (x, y, o))
+        plan.run([buf, buf, buf], (1, 1, 1), (x, y, o))
+        assert plan.direct is True
+        assert torch.equal(flat[o : o + 6], want), (x, y, o)
+    # (30, 31, 34): self and other overlap each other but not out: out= is right there
+    assert not plan._overlaps([buf] * 3, (30, 31, 40)) and plan._overlaps([buf] * 3, (30, 31, 35))
+    # separate allocations never overlap, whatever the offsets
+    other = torch.zeros(64 * 4, dtype=torch.uint8)
+    assert not plan._overlaps([buf, buf, other], (0, 6, 0))
+
+    # int32 + int32 into a float32 destination: the result's dtype is not the destination's,
+    # so this plan keeps put (which casts), and its results stay right
+    iref = TensorRef(1, torch.int32, (4,), (1,), 0)
+    fref = TensorRef(2, torch.float32, (4,), (1,), 0)
+    mixed = optable.make_plan(dev, "aclnn::Add", (iref, iref, 1, fref), {}, [])
+    ibuf, fbuf = (
+        torch.arange(8, dtype=torch.int32).view(torch.uint8).clone(),
+        torch.zeros(16, dtype=torch.uint8),
+    )
+    for _ in range(2):
+        mixed.run([ibuf, ibuf, fbuf], (1, 1, 2), (0, 4, 0))
+        assert mixed.direct is False
+        assert torch.equal(fbuf.view(torch.float32), torch.tensor([4.0, 6.0, 8.0, 10.0]))
+
+
+def _value_args(d: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """Arguments for a register_value entry: small tensors of `dtype` (positive, so every
+    unary function is in its domain), shapes that fit the matrix products."""
+    g = torch.Generator().manual_seed(hash(d.op) % 1000)
+
+    def t(*shape: int) -> torch.Tensor:
+        return (torch.rand(*shape, generator=g) * 3 + 0.25).to(dtype)
+
+    name = d.op.removeprefix("aclnn::")
+    mats = {"Matmul": ((3, 4), (4, 5)), "Mm": ((3, 4), (4, 5)), "BatchMatMul": ((2, 3, 4), (2, 4, 5))}
+    a: dict[str, Any] = {}
+    tensors = iter(mats.get(name, ((3, 4), (3, 4))))
+    for pname, kind in d.params:
+        if pname == d.dest:
+            continue
+        if kind == "tensor":
+            a[pname] = t(*next(tensors))
+        elif kind == "tensor_list":
+            a[pname] = [t(3, 4), t(2, 4)]
+        elif kind == "scalar":
+            a[pname] = 2 if not dtype.is_floating_point else 1.5
+        elif kind == "int":
+            a[pname] = 0
+        elif kind == "int_array":
+            a[pname] = [1]
+        elif kind == "bool":
+            a[pname] = True
+        elif kind == "dtype":
+            a[pname] = torch.float32
+        else:
+            raise AssertionError(f"{d.op}: no test value for a {kind}")
+    return a
+
+
+def test_every_in_place_value_entry_matches_its_computed_result_bit_for_bit():
+    """register_value's contract, checked for every entry that has one: value(args, out) writes
+    exactly what value(args, None) returns (the plan's in-place path equals put's)."""
+    from flexnpu.daemon import optable
+
+    checked = []
+    for op, d in sorted(optable.TABLE.items()):
+        if d.value is None:
+            continue
+        for dtype in (torch.float32, torch.int32):
+            a = _value_args(d, dtype)
+            try:
+                want = d.value(a, None)
+            except (RuntimeError, TypeError):
+                continue  # not defined for this dtype (bitwise ops on floats, ...)
+            out = torch.full_like(want, 7) if want.dtype != torch.bool else torch.zeros_like(want)
+            got = d.value(a, out)
+            assert got is out or got.data_ptr() == out.data_ptr(), op
+            torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True, msg=op)
+            checked.append((op, dtype))
+    ops = {op for op, _ in checked}
+    assert (
+        len(ops) >= 70 and {"aclnn::Matmul", "aclnn::Cat", "aclnn::Mean", "aclnn::Silu", "aclnn::Mul"} <= ops
+    )
 
 
 @pytest.mark.parametrize("policy", ["fifo", "priority"])

@@ -19,7 +19,9 @@ Every byte of a launch is client-controlled: anything that does not fit the decl
 LaunchError (a ValueError: INVALID_ARGUMENT on the wire) naming the operator; an unknown name
 raises OpNotSupported naming it. Operators write their results with ``put`` (shape-checked copy
 into the caller's tensor), so an output that overlaps an input reads the input first, as the
-Ascend kernels do.
+Ascend kernels do. Entries declared with ``register_value`` can also write in place (torch's
+``out=``): a plan does so when its result has the destination's dtype and shape and, at each
+launch, the destination shares no bytes with an input (TablePlan.run).
 
 Entries live in per-API modules: aclnn.py (the aclnn operators) and, from the aclop side,
 aclop.py. Importing this package registers all of them.
@@ -28,7 +30,7 @@ aclop.py. Importing this package registers all of them.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from collections.abc import Callable, Iterable, Sequence
 
@@ -53,6 +55,7 @@ __all__ = [
     "OpDef",
     "Args",
     "register",
+    "register_value",
     "lookup",
     "is_supported",
     "execute",
@@ -83,6 +86,12 @@ class OpDef:
     attrs: dict[str, str] = field(default_factory=dict)  # keyword attributes: name -> kind; "*": any
     # other name, of that kind, gathered in args["*"] (aclop: attributes of free form)
     indices: IndexCheck | None = None
+    # Entries declared with register_value: `value(args, None)` returns what the entry writes
+    # into parameter `dest`; `value(args, t)` writes it into tensor `t` itself (torch's out=).
+    # A plan whose result matches its destination's dtype and shape uses the second form and
+    # saves the result's allocation and put's copy (TablePlan.run).
+    value: Callable[[Args, torch.Tensor | None], Any] | None = None
+    dest: str = ""
 
 
 TABLE: dict[str, OpDef] = {}
@@ -118,6 +127,25 @@ def register(
         return fn
 
     return deco
+
+
+def register_value(
+    op: str,
+    value: Callable[[Args, torch.Tensor | None], Any],
+    *,
+    dest: str = "out",
+    indices: IndexCheck | None = None,
+) -> None:
+    """Declare an aclnn operator whose entry is ``put(args[dest], value(args, None))`` and
+    whose ``value(args, out)`` computes the same result straight into ``out`` (one torch call
+    with ``out=``). The two must agree bit for bit when ``out`` has the result's dtype and
+    shape (test_optable_values checks every such entry)."""
+
+    def fn(a: Args) -> None:
+        put(a[dest], value(a, None), dest)
+
+    register(op, writes=[dest], indices=indices)(fn)
+    TABLE[op] = replace(TABLE[op], value=value, dest=dest)
 
 
 def lookup(op: str) -> OpDef:
@@ -404,7 +432,12 @@ class _SlotConv(_Conv):
 
     def tensor(self, v: Any, name: str) -> Any:
         if type(v) is not TensorRef:
-            raise _NoPlan  # storage-less placeholders and malformed values: the generic path
+            if type(v) is tuple and len(v) == 3 and v[0] == "empty":
+                # A tensor without storage (torch_npu's softmaxOut of FlashAttentionScore): no
+                # bytes, so nothing per launch; its checked, element-less tensor is part of the
+                # plan (entries never change a tensor's metadata, and it has no data to write).
+                return super().tensor(v, name)
+            raise _NoPlan  # malformed values: the generic path reports them
         if type(v.handle) is not int or v.handle <= 0:
             raise LaunchError(f"{self.op}: {name}: invalid handle {v.handle!r}")
         check_view_bounds(v, 1 << 62)  # well-formed; each launch checks its own bounds
@@ -423,7 +456,21 @@ class TablePlan:
     the index ranges and the operator itself run. Fields n_in/outputs/cost are what
     handlers/launch.py reads of every plan."""
 
-    __slots__ = ("op", "d", "n_in", "outputs", "cost", "values", "fixed", "top", "nested", "slots")
+    __slots__ = (
+        "op",
+        "d",
+        "n_in",
+        "outputs",
+        "cost",
+        "values",
+        "fixed",
+        "top",
+        "nested",
+        "slots",
+        "dest",
+        "others",
+        "direct",
+    )
 
     def __init__(self, d: OpDef, a: Args, slots: list[Slot], values: int) -> None:
         self.op, self.d, self.slots = d.op, d, slots
@@ -441,6 +488,19 @@ class TablePlan:
                 self.nested.append((name, v))
             else:
                 self.fixed[name] = v
+        # Writing the result in place (OpDef.value): the destination's slot, the other slots'
+        # (k, itemsize, reach) for the per-launch overlap test, and whether the result matches
+        # the destination (None: not seen yet; the first launch finds out).
+        self.dest = -1
+        self.others: tuple[tuple[int, int, int], ...] = ()
+        self.direct: bool | None = False
+        dest = a.get(d.dest) if d.value is not None else None
+        if type(dest) is Slot and not dest.empty:
+            self.dest = dest.k
+            self.others = tuple(
+                (sl.k, sl.itemsize, sl.reach) for sl in slots if sl is not dest and not sl.empty
+            )
+            self.direct = None
 
     def run(self, bufs: Sequence[torch.Tensor], handles: Sequence[int], offsets: Sequence[int]) -> None:
         """One launch: ``bufs[k]`` is the allocation named by ``handles[k]``, its tensor at
@@ -454,7 +514,34 @@ class TablePlan:
         d = self.d
         if d.indices is not None:
             check_indices(d, a)
+        k = self.dest
+        if k >= 0:
+            out = views[k]
+            if self.direct:
+                if not self._overlaps(bufs, offsets):
+                    d.value(a, out)  # type: ignore[misc]  # dest >= 0: the entry has a value
+                    return
+            elif self.direct is None:
+                # The first launch: the result's dtype and shape are the structure's, so they
+                # decide for every later launch of this plan.
+                v = d.value(a, None)  # type: ignore[misc]
+                self.direct = type(v) is torch.Tensor and v.dtype == out.dtype and v.shape == out.shape
+                put(out, v, d.dest)
+                return
         d.fn(a)
+
+    def _overlaps(self, bufs: Sequence[torch.Tensor], offsets: Sequence[int]) -> bool:
+        """Whether this launch's destination may share bytes with another of its tensors
+        (written in place, it would be read after being written: put's copy then runs)."""
+        k = self.dest
+        sl = self.slots[k]
+        lo = bufs[k].data_ptr() + offsets[k] * sl.itemsize
+        hi = lo + (sl.reach + 1) * sl.itemsize
+        for j, size, reach in self.others:
+            b = bufs[j].data_ptr() + offsets[j] * size
+            if b < hi and lo < b + (reach + 1) * size:
+                return True
+        return False
 
 
 def make_plan(

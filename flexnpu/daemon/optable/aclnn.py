@@ -2,7 +2,8 @@
 
 Each entry computes its result from the argument views and writes it into the caller's output
 tensors with ``put`` (results are computed before anything is written, so an output that
-overlaps an input is safe). Semantics follow CANN's aclnn reference: operators compute in the
+overlaps an input is safe; the in-place form of register_value entries is used only where
+nothing overlaps). Semantics follow CANN's aclnn reference: operators compute in the
 promoted dtype of their inputs and cast to the output's dtype; ``Inplace*`` write ``selfRef``.
 
 Where a result's size follows from scalar arguments (arange, linspace, repeat, pad, eye, the
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ...ops import aclnn_api as api
-from . import Args, LaunchError, put, register
+from . import Args, LaunchError, put, register, register_value
 
 aten = torch.ops.aten
 
@@ -107,15 +108,26 @@ _UNARY: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def _float_input(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Integer inputs of floating functions compute in float32 (as aclnn's do, and torch's)."""
+def _float_input(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Integer inputs of floating functions compute in float32 (as aclnn's do, and torch's).
+    Extra keyword arguments (``out=``) go to ``fn``."""
 
-    def g(x: torch.Tensor) -> torch.Tensor:
+    def g(x: torch.Tensor, **kw: Any) -> torch.Tensor:
         if not (x.is_floating_point() or x.is_complex()) and fn not in _INT_OK:
             x = x.float()
-        return fn(x)
+        return fn(x, **kw)
 
     return g
+
+
+# Unary functions that take out= (what register_value needs); the rest compute and put.
+_UNARY_OUT: dict[str, Callable[..., torch.Tensor]] = {
+    n: f
+    for n, f in _UNARY.items()
+    if f not in (F.silu, F.gelu, F.mish, F.hardswish, F.hardsigmoid)
+    and n not in ("IsFinite", "IsInf", "IsNan", "Relu")
+}
+_UNARY_OUT["Silu"] = torch._C._nn.silu  # F.silu's own kernel; it takes out= (F.silu does not)
 
 
 _INT_OK: set[Any] = {
@@ -138,10 +150,14 @@ _INT_OK: set[Any] = {
 
 def _reg_unary(name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     f = _float_input(fn)
+    if name in _UNARY_OUT:
+        fo = _float_input(_UNARY_OUT[name])
+        register_value(f"aclnn::{name}", lambda a, out: fo(a["self"], out=out))
+    else:
 
-    @register(f"aclnn::{name}", writes=["out"])
-    def _op(a: Args) -> None:
-        put(a["out"], f(a["self"]))
+        @register(f"aclnn::{name}", writes=["out"])
+        def _op(a: Args) -> None:
+            put(a["out"], f(a["self"]))
 
     if name in api.UNARY_INPLACE:
 
@@ -156,12 +172,9 @@ for _n in api.UNARY:
 _COMPARE = {"Eq": torch.eq, "Ne": torch.ne, "Lt": torch.lt, "Le": torch.le, "Gt": torch.gt, "Ge": torch.ge}
 
 
-def _reg_compare(name: str, fn: Callable[[Any, Any], torch.Tensor]) -> None:
+def _reg_compare(name: str, fn: Callable[..., torch.Tensor]) -> None:
     for kind in ("Tensor", "Scalar"):
-
-        @register(f"aclnn::{name}{kind}", writes=["out"])
-        def _op(a: Args) -> None:
-            put(a["out"], fn(a["self"], a["other"]))
+        register_value(f"aclnn::{name}{kind}", lambda a, out: fn(a["self"], a["other"], out=out))
 
         @register(f"aclnn::Inplace{name}{kind}", writes=["selfRef"])
         def _iop(a: Args) -> None:
@@ -172,8 +185,8 @@ for _n, _f in _COMPARE.items():
     _reg_compare(_n, _f)
 
 
-def _floor_divide(x: Any, y: Any) -> torch.Tensor:
-    return torch.floor_divide(x, y)
+def _floor_divide(x: Any, y: Any, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.floor_divide(x, y, out=out)
 
 
 _BINARY: dict[str, Callable[[Any, Any], torch.Tensor]] = {
@@ -201,10 +214,8 @@ _BINARY: dict[str, Callable[[Any, Any], torch.Tensor]] = {
 }
 
 
-def _reg_binary(name: str, fn: Callable[[Any, Any], torch.Tensor]) -> None:
-    @register(f"aclnn::{name}", writes=["out"])
-    def _op(a: Args) -> None:
-        put(a["out"], fn(a["self"], a["other"]))
+def _reg_binary(name: str, fn: Callable[..., torch.Tensor]) -> None:
+    register_value(f"aclnn::{name}", lambda a, out: fn(a["self"], a["other"], out=out))
 
 
 for _n in (*api.BINARY, *api.BINARY_SCALAR):
@@ -243,11 +254,14 @@ def _reg_alpha(name: str, fn: Callable[..., torch.Tensor], inplace: bool) -> Non
         def _iop(a: Args) -> None:
             put(a["selfRef"], fn(a["selfRef"], a["other"], alpha=a["alpha"]), "selfRef")
 
-    else:
+    elif fn is _rsub:  # torch.rsub takes no out=
 
         @register(f"aclnn::{name}", writes=["out"])
         def _op(a: Args) -> None:
             put(a["out"], fn(a["self"], a["other"], alpha=a["alpha"]))
+
+    else:
+        register_value(f"aclnn::{name}", lambda a, out: fn(a["self"], a["other"], alpha=a["alpha"], out=out))
 
 
 def _rsub(x: Any, y: Any, alpha: Any = 1) -> torch.Tensor:
@@ -509,9 +523,7 @@ for _tn, _tf in _TRI:
 
 
 # ------------------------------------------------------------------ shape
-@register("aclnn::Cat", writes=["out"])
-def _cat(a: Args) -> None:
-    put(a["out"], torch.cat(a["tensors"], a["dim"]))
+register_value("aclnn::Cat", lambda a, out: torch.cat(a["tensors"], a["dim"], out=out))
 
 
 @register("aclnn::Stack", writes=["out"])
@@ -568,12 +580,14 @@ def _sum(a: Args) -> None:
     put(a["out"], torch.sum(x, _dims(x, a["dim"]), keepdim=a["keepDim"], dtype=a["dtype"]))
 
 
-@register("aclnn::Mean", writes=["out"])
-def _mean(a: Args) -> None:
+def _mean(a: Args, out: torch.Tensor | None) -> torch.Tensor:
     x, dt = a["self"], a["dtype"]
     if not (x.is_floating_point() or x.is_complex()) and not (dt.is_floating_point or dt.is_complex):
         dt = torch.float32
-    put(a["out"], torch.mean(x, _dims(x, a["dim"]), keepdim=a["keepDim"], dtype=dt))
+    return torch.mean(x, _dims(x, a["dim"]), keepdim=a["keepDim"], dtype=dt, out=out)
+
+
+register_value("aclnn::Mean", _mean)
 
 
 @register("aclnn::Amax", writes=["out"])
@@ -1029,19 +1043,9 @@ def _masked_select(a: Args) -> None:
 
 
 # ------------------------------------------------------------------ matmul family
-@register("aclnn::Matmul", writes=["out"])
-def _matmul(a: Args) -> None:
-    put(a["out"], torch.matmul(a["self"], a["mat2"]))
-
-
-@register("aclnn::Mm", writes=["out"])
-def _mm(a: Args) -> None:
-    put(a["out"], torch.mm(a["self"], a["mat2"]))
-
-
-@register("aclnn::BatchMatMul", writes=["out"])
-def _bmm(a: Args) -> None:
-    put(a["out"], torch.bmm(a["self"], a["mat2"]))
+register_value("aclnn::Matmul", lambda a, out: torch.matmul(a["self"], a["mat2"], out=out))
+register_value("aclnn::Mm", lambda a, out: torch.mm(a["self"], a["mat2"], out=out))
+register_value("aclnn::BatchMatMul", lambda a, out: torch.bmm(a["self"], a["mat2"], out=out))
 
 
 @register("aclnn::Addmm", writes=["out"])
@@ -1155,16 +1159,25 @@ def _fa_forward(
         v = v.repeat_interleave(n // v.size(1), dim=1)
     s = q.float() @ k.float().transpose(-1, -2)
     if pse is not None:
-        s = s + pse.float()
-    s = s * a["scaleValue"]
+        s = s + pse.float()  # (not in place: pse may broadcast s to a larger shape)
+    # s is a fresh tensor, so the softmax runs in place on it, except under autograd (the
+    # gradient entry recomputes this forward, and autograd needs every step's input).
+    grad = s.requires_grad
+    s = s * a["scaleValue"] if grad else s.mul_(a["scaleValue"])
     keep = _fa_keep(a, q.size(0), n, q.size(2), k.size(2), q.device)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     mx = s.amax(-1, keepdim=True)
-    mx = mx.masked_fill(mx.isinf(), 0.0)  # a fully masked row: exp gives zeros, not NaN
-    e = torch.exp(s - mx)
+    # A fully masked row (by the mask or by -inf in the additive pse): exp gives zeros, not
+    # NaN. Without either, rows of finite inputs have finite maxima and nonzero sums, so a
+    # decode step (the hot path) skips both guards.
+    guard = keep is not None or pse is not None
+    if guard:
+        mx = mx.masked_fill(mx.isinf(), 0.0)
+    e = torch.exp(s - mx) if grad else s.sub_(mx).exp_()
     sm = e.sum(-1, keepdim=True)
-    p = e / sm.masked_fill(sm == 0, 1.0)
+    div = sm.masked_fill(sm == 0, 1.0) if guard else sm
+    p = e / div if grad else e.div_(div)
     return p @ v.float(), mx.squeeze(-1), sm.squeeze(-1)
 
 
