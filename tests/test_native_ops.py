@@ -170,6 +170,7 @@ def test_bench_overhead_native_generate_rows(rt):
     for row in rows:  # HF generate (eager), and the static decoder captured with NPUGraph
         assert row["same_tokens"], row
         assert row["tokens_per_s"] > 0 and row["direct_tokens_per_s"] > 0 and row["ratio_vs_direct"] > 0, row
+        assert row["repetitions"] == 1 and row["direct_spread_pct"] == 0.0, row  # one pair: no spread
 
 
 # ------------------------------------------------------------------ hostile launches
