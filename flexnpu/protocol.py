@@ -606,6 +606,20 @@ def split_launch_offsets(buf: bytes) -> tuple[bytes, tuple[int, ...], tuple[int,
     return r
 
 
+def split_launch_dims(
+    buf: bytes,
+) -> (
+    tuple[bytes, tuple[int, ...], tuple[int, ...], tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]] | None
+):
+    """split_launch_offsets, with every tensor's sizes and strides zeroed in the structure too
+    (its dtype and rank stay) and returned apart: (structure, handles, offsets, dims), dims[k] =
+    (sizes, strides) of the k-th tensor as the payload has them (not validated)."""
+    from .ring.segment import launch_split
+
+    r = launch_split(buf, 2)
+    return r  # type: ignore[no-any-return]
+
+
 @dataclass(slots=True)
 class Launch:
     op: str

@@ -522,6 +522,150 @@ def test_table_operator_launches_repeat_their_structure_at_new_offsets(start_dae
     assert daemon.proc.poll() is None
 
 
+def test_split_with_dims_zeroes_sizes_and_strides_too_and_returns_them():
+    """A decode loop's growing tensors repeat their structure with other sizes: the structure
+    without sizes (protocol.split_launch_dims) is equal across them, and each launch's sizes
+    and strides come back in payload order; dtype and rank stay in the structure."""
+    for pl in _payloads():
+        key, handles, offsets, dims = P.split_launch_dims(pl)  # type: ignore[misc]
+        launch = P.decode_launch(pl, torch.device("cpu"))
+        assert (handles, offsets) == P.split_launch_offsets(pl)[1:]  # type: ignore[index]
+        assert list(dims) == [
+            (s, st)
+            for s, st in zip(
+                _refs_in_payload_order(launch, "shape"), _refs_in_payload_order(launch, "stride")
+            )
+        ]
+
+    def cat(n: int, dtype: torch.dtype = torch.float32, rank: int = 4) -> bytes:
+        r = lambda h, s: TensorRef(
+            h, dtype, (1, 2, s, 8)[4 - rank :], (16 * s, 8 * s, 8, 1)[4 - rank :], 3 * h
+        )  # noqa: E731
+        return P.encode_launch("aclnn::Cat", ([r(5, n), r(6, 1)], -2, r(7, n + 1)), {}, [])
+
+    k7, k8 = P.split_launch_dims(cat(7)), P.split_launch_dims(cat(8))  # type: ignore[misc]
+    assert k7[0] == k8[0] and k7[3] != k8[3] and k8[3][2] == ((1, 2, 9, 8), (144, 72, 8, 1))
+    assert P.split_launch_offsets(cat(7))[0] != P.split_launch_offsets(cat(8))[0]  # type: ignore[index]
+    assert P.split_launch_dims(cat(7, torch.float16))[0] != k7[0]  # type: ignore[index]
+    assert P.split_launch_dims(cat(7, rank=3))[0] != k7[0]  # type: ignore[index]
+    assert P.split_launch_dims(cat(7)[:-5]) is None  # truncated: the decoder reports it
+
+
+def test_sized_plan_checks_each_launchs_sizes_and_makes_the_exact_plan_make_plan_would():
+    """optable.SizedPlan: one plan for a structure whose sizes change; each launch's views come
+    from its own sizes and strides with the generic path's checks (bounds, values, written
+    tensors that overlap themselves); exact() gives what make_plan gives for those sizes."""
+    from flexnpu.daemon import optable
+    from flexnpu.daemon.backends.torch_exec import LaunchError
+
+    dev = torch.device("cpu")
+    r = lambda s, off: TensorRef(1, torch.float32, (2, s), (s, 1), off)  # noqa: E731
+    plan = optable.make_sized_plan(dev, "aclnn::Cat", ([r(3, 0), r(1, 0)], 1, r(4, 0)), {}, [])
+    assert isinstance(plan, optable.SizedPlan) and plan.written == {2}
+    buf = torch.zeros(64 * 4, dtype=torch.uint8)
+    flat = buf.view(torch.float32)
+    for s in (3, 4, 5):  # a cache that grows by one each step
+        flat[:] = torch.arange(64.0)
+        dims = (((2, s), (s, 1)), ((2, 1), (1, 1)), ((2, s + 1), (s + 1, 1)))
+        plan.run_sized([buf] * 3, (1, 1, 1), (0, 20, 30), dims)
+        want = torch.cat([torch.arange(64.0)[: 2 * s].view(2, s), torch.arange(64.0)[20:22].view(2, 1)], 1)
+        assert torch.equal(flat[30 : 30 + 2 * (s + 1)].view(2, s + 1), want), s
+        exact = plan.exact(dims)
+        twin = optable.make_plan(
+            dev,
+            "aclnn::Cat",
+            ([r(s, 0), TensorRef(1, torch.float32, (2, 1), (1, 1), 0)], 1, r(s + 1, 0)),
+            {},
+            [],
+        )
+        assert [(sl.dtype, sl.shape, sl.stride) for sl in exact.slots] == [
+            (sl.dtype, sl.shape, sl.stride) for sl in twin.slots
+        ]
+        assert (exact.top, exact.fixed, exact.dest) == (twin.top, twin.fixed, twin.dest)
+    big = (((2, 40), (40, 1)), ((2, 1), (1, 1)), ((2, 41), (41, 1)))
+    with pytest.raises(LaunchError, match="beyond the allocation"):
+        plan.run_sized([buf] * 3, (1, 1, 1), (0, 20, 30), big)  # sizes past the end: refused
+    with pytest.raises(LaunchError, match="size -2 out of range"):
+        plan.run_sized([buf] * 3, (1, 1, 1), (0, 20, 30), (((2, -2), (1, 1)),) + big[1:])
+    self_overlap = (((2, 3), (3, 1)), ((2, 1), (1, 1)), ((2, 4), (0, 1)))
+    with pytest.raises(LaunchError, match="out is written but overlaps itself"):
+        plan.run_sized([buf] * 3, (1, 1, 1), (0, 20, 30), self_overlap)
+    assert plan.exact(self_overlap) is None  # make_plan refuses it too
+    # the FLOP ceiling reads shapes of compute-heavy operators: they get no plan without sizes
+    from flexnpu.daemon.limits import sized_plan_allowed
+
+    assert not sized_plan_allowed("aclnn::Matmul") and sized_plan_allowed("aclnn::Cat")
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+def test_growing_launches_run_from_the_plan_without_sizes(start_daemon, layers):
+    """A KV cache grown by aclnn Cat, one launch per layer and step, sizes new every step (what
+    a decode loop of real torch_npu sends): every result is right; past the allocation, a
+    launch is refused with nothing written; over the daemon's byte ceiling, it is refused as
+    the generic path refuses it; the client and the daemon stay up."""
+    from flexnpu.client import Client
+
+    daemon = start_daemon("--max-launch-bytes", "60000")
+    d = 8
+    with Client(0) as c:
+        cap = 64  # cached positions per layer
+        caches = [c.malloc(cap * d * 4, sync=True) for _ in range(layers)]
+        new = c.malloc(layers * d * 4, sync=True)
+        outs = [c.malloc(cap * d * 4, sync=True) for _ in range(layers)]
+        want = [torch.zeros(0, d) for _ in range(layers)]
+        for step in range(12):
+            rows = torch.randn(layers, d)
+            c.memcpy_h2d(new, 0, rows.numpy().tobytes())
+            for layer in range(layers):
+                n = step  # positions cached before this step
+                src = TensorRef(caches[layer], torch.float32, (1, n, d), (n * d, d, 1), 0)
+                one = TensorRef(new, torch.float32, (1, 1, d), (d, d, 1), layer * d)
+                dst = TensorRef(outs[layer], torch.float32, (1, n + 1, d), ((n + 1) * d, d, 1), 0)
+                c.launch("aclnn::Cat", ([src, one], 1, dst), {}, [])
+                c.launch(
+                    "aclnn::InplaceCopy",
+                    (TensorRef(caches[layer], torch.float32, (1, n + 1, d), ((n + 1) * d, d, 1), 0), dst),
+                    {},
+                    [],
+                )
+                want[layer] = torch.cat([want[layer], rows[layer : layer + 1]])
+            c.synchronize()
+            for layer in range(layers):
+                got = torch.frombuffer(
+                    bytearray(c.memcpy_d2h(outs[layer], 0, (step + 1) * d * 4)), dtype=torch.float32
+                )
+                assert torch.equal(got.view(-1, d), want[layer]), (step, layer)
+        before = bytes(c.memcpy_d2h(outs[0], 0, cap * d * 4))
+        n = cap  # the output would need cap + 1 rows: past the allocation
+        src = TensorRef(caches[0], torch.float32, (1, n, d), (n * d, d, 1), 0)
+        one = TensorRef(new, torch.float32, (1, 1, d), (d, d, 1), 0)
+        c.launch(
+            "aclnn::Cat",
+            ([src, one], 1, TensorRef(outs[0], torch.float32, (1, n + 1, d), ((n + 1) * d, d, 1), 0)),
+            {},
+            [],
+        )
+        with pytest.raises(FlexNPUError, match="beyond the allocation"):
+            c.synchronize()
+        assert bytes(c.memcpy_d2h(outs[0], 0, cap * d * 4)) == before
+        # 1000 + 200 + 1200 rows of 8 floats (76800 bytes): over the 60000-byte ceiling
+        wide = lambda h, s: TensorRef(h, torch.float32, (1, s, d), (0, 0, 1), 0)  # noqa: E731
+        c.launch(
+            "aclnn::Cat",
+            (
+                [wide(caches[0], 1000), wide(new, 200)],
+                1,
+                TensorRef(outs[0], torch.float32, (1, 1200, d), (0, d, 1), 0),
+            ),
+            {},
+            [],
+        )
+        with pytest.raises(FlexNPUError, match="max-launch-bytes"):
+            c.synchronize()
+        _alive(c)
+    assert daemon.proc.poll() is None
+
+
 def test_bench_call_planned_table_worker_runs_its_launches(daemon, runtime_dir):
     """`flexnpu bench call`'s planned-table-launch row: its worker's aclnn launches at moving
     offsets all succeed (a failed one would raise at its synchronize, and no time is printed)."""

@@ -76,17 +76,21 @@ class PlanningBackend(Backend, Protocol):
     daemon looks for a ``plans`` attribute; a backend without one runs every launch generically."""
 
     plans: dict[bytes, Any]  # launch structure (protocol.split_launch) -> plan, None or False
+    # optional: the native front end's structures without sizes (protocol.split_launch_dims)
+    sized_plans: dict[bytes, Any]
     PLAN_CACHE_MAX: int
 
     def make_plan(self, launch: Launch) -> Any: ...  # None: this launch has no plan
+    def make_sized_plan(self, launch: Launch) -> Any: ...  # None: no plan without sizes
     # -> [(buffer, tensor over it in the declared layout)] per output (buffer None: the tensor is
     # the output's pending result, Alloc.set_result); hints: Alloc.view of each input
     def run_plan(
         self, plan: Any, bufs: Any, handles: Any, allocate: Callable[[int], Any], hints: Any
     ) -> list[tuple[Any, Any]]: ...
     # a plan of the native front end's operators (aclnn::/aclop::): no fresh outputs, and each
-    # tensor's storage offset comes with the launch (protocol.split_launch_offsets)
-    def run_table_plan(self, plan: Any, bufs: Any, handles: Any, offsets: Any) -> None: ...
+    # tensor's storage offset comes with the launch (protocol.split_launch_offsets); for a plan
+    # from sized_plans (make_sized_plan) its sizes and strides too (dims: split_launch_dims)
+    def run_table_plan(self, plan: Any, bufs: Any, handles: Any, offsets: Any, dims: Any = None) -> None: ...
 
 
 class CommandView(Protocol):

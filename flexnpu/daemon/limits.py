@@ -75,6 +75,15 @@ class LaunchLimits:
         if self.max_bytes is not None and c.bytes > self.max_bytes:
             raise self._too_many_bytes(launch.op, c.bytes)
 
+    def check_sized(self, op: str, nbytes: int) -> bool:
+        """check() for a launch run from a plan without sizes (optable.SizedPlan, never of a
+        compute-heavy operator: sized_plan_allowed) whose tensors total ``nbytes`` at full
+        logical size: raises LaunchTooLarge over the byte ceiling; False when the FLOP ceiling
+        needs the full check (the launch then takes the generic path, which runs it)."""
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            raise self._too_many_bytes(op, nbytes)
+        return self.max_flop is None or nbytes <= self.max_flop
+
     def _too_many_bytes(self, op: str, nbytes: float) -> LaunchTooLarge:
         return LaunchTooLarge(
             f"{op}: this launch would read and write {nbytes:.4g} bytes (its tensors as the "
@@ -91,6 +100,12 @@ _scaled_dot_product_efficient_attention_backward _scaled_dot_product_flash_atten
 _scaled_dot_product_flash_attention_backward _scaled_dot_product_cudnn_attention
 _scaled_dot_product_cudnn_attention_backward _scaled_dot_product_fused_attention_overrideable""".split()
 )
+
+
+def sized_plan_allowed(op: str) -> bool:
+    """Whether launches of ``op`` may run from plans without sizes: not the operators whose
+    cost the FLOP ceiling reads from their shapes (check_sized counts bytes only)."""
+    return normalize_op_name(op) not in _COMPUTE_HEAVY
 
 
 def _logical_bytes(launch: Any) -> int:

@@ -104,6 +104,17 @@ def _tensor_meta(v: Any, out: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
     return out
 
 
+def launch_cost(
+    op: str, ins: list[tuple[Any, Any]], outs: list[tuple[Any, Any]], attrs: dict[str, Any] | None = None
+) -> Cost:
+    """Cost of one launch of `op` from its tensors' (shape, dtype)."""
+    try:
+        return aten_cost(op, ins, outs, attrs or {})
+    except (ValueError, TypeError, IndexError, KeyError):
+        # malformed for the cost model (execution will report the real error): read+write
+        return Cost(0.0, float(sum(_nbytes(s, d) for s, d in ins + outs)), 0.0, ELEMENTWISE)
+
+
 def command_cost(cmd: Any) -> Cost:
     """Cost of one queued device command (cached on the command: graphs replay it)."""
     cached: Cost | None = cmd.cost
@@ -116,11 +127,7 @@ def command_cost(cmd: Any) -> Cost:
         _tensor_meta(list(launch.kwargs.values()), ins)
         outs = [(ref.shape, ref.dtype) for _, ref in launch.outputs]
         attrs = {k: v for k, v in launch.kwargs.items() if isinstance(v, (bool, int, float))}
-        try:
-            c = aten_cost(launch.op, ins, outs, attrs)
-        except (ValueError, TypeError, IndexError, KeyError):
-            # malformed for the cost model (execution will report the real error): read+write
-            c = Cost(0.0, float(sum(_nbytes(s, d) for s, d in ins + outs)), 0.0, ELEMENTWISE)
+        c = launch_cost(launch.op, ins, outs, attrs)
     elif op == Op.MEMCPY_H2D:
         c = copy_cost(len(cmd.a[3]), remote=True)  # host link: charged at the spec's link rate
     elif op == Op.MEMCPY_D2H:

@@ -215,7 +215,11 @@ static PyMethodDef call_def = {"call", (PyCFunction)(void (*)(void))py_call, MET
  * never handle or offset bytes, so equal keys always yield them at the same positions.
  * launch_split(payload, True) also zeroes each tensor's storage offset and returns
  * (key, handles, offsets): the native front end's tensors are views into its allocator's
- * blocks, whose offsets change from step to step while the rest of the structure repeats. */
+ * blocks, whose offsets change from step to step while the rest of the structure repeats.
+ * launch_split(payload, 2) also zeroes each tensor's sizes and strides (its dtype and rank stay)
+ * and returns (key, handles, offsets, dims), dims[k] = (sizes, strides) of the k-th tensor as
+ * read (unchecked: the daemon's view checks validate them): a decode loop's growing tensors
+ * (the KV cache, attention) repeat that structure every token with other sizes. */
 enum { T_NONE, T_FALSE, T_TRUE, T_INT, T_FLOAT, T_COMPLEX, T_STR, T_LIST, T_TUPLE, T_DTYPE, T_DEVICE,
        T_LAYOUT, T_MEMFMT, T_TENSOR };
 #define SPLIT_MAX_DEPTH 8      /* protocol.MAX_DEPTH */
@@ -231,8 +235,21 @@ struct split {
     long budget;
     uint32_t h[SPLIT_MAX_HANDLES];
     int64_t off[SPLIT_MAX_HANDLES];
-    int nh, zero_off;
+    int nh, zero_off, zero_dims;
+    PyObject *dims;   /* zero_dims: list of (sizes, strides) tuples */
 };
+
+static PyObject *sp_ints(const uint8_t *p, unsigned n) {
+    PyObject *t = PyTuple_New(n);
+    for (unsigned i = 0; t && i < n; i++) {
+        int64_t v;
+        memcpy(&v, p + 8 * i, 8);
+        PyObject *o = PyLong_FromLongLong(v);
+        if (!o) { Py_CLEAR(t); break; }
+        PyTuple_SET_ITEM(t, i, o);
+    }
+    return t;
+}
 
 static int sp_take(struct split *s, Py_ssize_t k) {
     if (k < 0 || k > s->n - s->pos) return -1;
@@ -269,8 +286,18 @@ static int sp_value(struct split *s, int depth) {
         memcpy(&h, s->b + s->pos, 4);   /* little-endian hosts only (x86-64, aarch64) */
         memset(s->key + s->pos, 0, 4);
         s->pos += 6;
-        Py_ssize_t at = s->pos + (Py_ssize_t)(2 * nd) * 8;   /* the offset follows sizes, strides */
+        Py_ssize_t dims_at = s->pos, at = s->pos + (Py_ssize_t)(2 * nd) * 8;   /* offset follows sizes, strides */
         if (sp_take(s, (Py_ssize_t)(2 * nd + 1) * 8)) return -1;
+        if (s->zero_dims) {
+            PyObject *sz = sp_ints(s->b + dims_at, nd), *st = sz ? sp_ints(s->b + dims_at + 8 * nd, nd) : NULL;
+            PyObject *pair = st ? PyTuple_Pack(2, sz, st) : NULL;
+            Py_XDECREF(sz);
+            Py_XDECREF(st);
+            int rc = pair ? PyList_Append(s->dims, pair) : -1;
+            Py_XDECREF(pair);
+            if (rc) return -1;
+            memset(s->key + dims_at, 0, (size_t)(2 * nd) * 8);
+        }
         s->off[s->nh] = 0;
         if (s->zero_off) {
             memcpy(&s->off[s->nh], s->b + at, 8);
@@ -285,11 +312,16 @@ static int sp_value(struct split *s, int depth) {
 
 static PyObject *py_launch_split(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 1 || nargs > 2 || !PyBytes_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "launch_split(payload: bytes, offsets: bool = False)");
+        PyErr_SetString(PyExc_TypeError, "launch_split(payload: bytes, mode: int = 0)");
         return NULL;
     }
-    int zero_off = nargs == 2 ? PyObject_IsTrue(args[1]) : 0;
-    if (zero_off < 0) return NULL;
+    long mode = nargs == 2 ? PyLong_AsLong(args[1]) : 0;   /* (True is 1) */
+    if (mode == -1 && PyErr_Occurred()) return NULL;
+    if (mode < 0 || mode > 2) {
+        PyErr_SetString(PyExc_ValueError, "launch_split: mode must be 0, 1 (offsets) or 2 (offsets and sizes)");
+        return NULL;
+    }
+    int zero_off = mode >= 1;
     Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
     PyObject *key = PyBytes_FromStringAndSize(PyBytes_AS_STRING(args[0]), n);
     if (!key) return NULL;
@@ -298,16 +330,22 @@ static PyObject *py_launch_split(PyObject *self, PyObject *const *args, Py_ssize
     s->b = (const uint8_t *)PyBytes_AS_STRING(args[0]);
     s->key = (uint8_t *)PyBytes_AS_STRING(key);   /* fresh, not yet shared: writable */
     s->n = n; s->pos = 0; s->budget = SPLIT_MAX_VALUES; s->nh = 0; s->zero_off = zero_off;
+    s->zero_dims = mode == 2;
+    s->dims = s->zero_dims ? PyList_New(0) : NULL;
+    if (s->zero_dims && !s->dims) { PyMem_Free(s); Py_DECREF(key); return NULL; }
     unsigned k, i;
     int bad = sp_u16(s, &k) || sp_take(s, k) || sp_value(s, 0) || sp_u16(s, &k) || k > SPLIT_MAX_ITEMS;
     for (i = 0; !bad && i < k; i++) bad = sp_value(s, 1) || sp_value(s, 1);
     bad = bad || sp_u16(s, &k) || k > SPLIT_MAX_ITEMS;
     for (i = 0; !bad && i < k; i++) bad = sp_take(s, 8) || sp_value(s, 0);
     if (bad || s->pos != s->n) {
+        PyErr_Clear();   /* (a failed allocation while walking: the decoder then runs) */
+        Py_XDECREF(s->dims);
         PyMem_Free(s);
         Py_DECREF(key);
         Py_RETURN_NONE;
     }
+    PyObject *dims = s->dims;
     PyObject *hs = PyTuple_New(s->nh);
     PyObject *os = zero_off ? PyTuple_New(s->nh) : NULL;
     if (zero_off && !os) Py_CLEAR(hs);
@@ -319,16 +357,19 @@ static PyObject *py_launch_split(PyObject *self, PyObject *const *args, Py_ssize
         if (zero_off) PyTuple_SET_ITEM(os, j, o);
     }
     PyMem_Free(s);
-    if (!hs) { Py_DECREF(key); Py_XDECREF(os); return NULL; }
-    PyObject *res = zero_off ? PyTuple_Pack(3, key, hs, os) : PyTuple_Pack(2, key, hs);
+    PyObject *dt = dims ? PyList_AsTuple(dims) : NULL;
+    Py_XDECREF(dims);
+    if (!hs || (dims && !dt)) { Py_DECREF(key); Py_XDECREF(hs); Py_XDECREF(os); Py_XDECREF(dt); return NULL; }
+    PyObject *res = dt ? PyTuple_Pack(4, key, hs, os, dt) : zero_off ? PyTuple_Pack(3, key, hs, os) : PyTuple_Pack(2, key, hs);
     Py_DECREF(key);
     Py_DECREF(hs);
     Py_XDECREF(os);
+    Py_XDECREF(dt);
     return res;
 }
 
 static PyMethodDef split_def = {"launch_split", (PyCFunction)(void (*)(void))py_launch_split, METH_FASTCALL,
-                                "launch_split(payload, offsets=False) -> (key, handles[, offsets]) | None"};
+                                "launch_split(payload, mode=0) -> (key, handles[, offsets[, dims]]) | None"};
 
 /* Called through cffi (which released the GIL) with id(namespace_dict). */
 int fx_py_install(uintptr_t dict_addr) {

@@ -100,6 +100,8 @@ class TorchBackend:
         # the daemon starts even if a client never launches.
         self._exec: Any = None  # the torch_exec module once imported
         self.plans: dict[bytes, Any] = {}  # launch structure (protocol.split_launch) -> plan
+        # the native front end's structures without sizes (protocol.split_launch_dims) -> plan
+        self.sized_plans: dict[bytes, Any] = {}
         # Core partitions (flexnpu.daemon.backends.partition): the capability is probed here.
         self.partition_capable = False
         self.partition_levels = 0
@@ -273,8 +275,19 @@ class TorchBackend:
             )
         return self._torch_exec().make_plan(self.device, launch)
 
-    def run_table_plan(self, plan: Any, bufs: Any, handles: Any, offsets: Any) -> None:
-        plan.run(bufs, handles, offsets)
+    def make_sized_plan(self, launch: Launch) -> Any:
+        """A plan of `launch`'s structure without tensor sizes (None: it has none)."""
+        if not launch.op.startswith(_ASCEND_PREFIXES):
+            return None
+        return _optable().make_sized_plan(
+            self.device, launch.op, launch.args, launch.kwargs, launch.outputs, launch.values
+        )
+
+    def run_table_plan(self, plan: Any, bufs: Any, handles: Any, offsets: Any, dims: Any = None) -> None:
+        if dims is None:
+            plan.run(bufs, handles, offsets)
+        else:
+            plan.run_sized(bufs, handles, offsets, dims)
 
     def run_plan(
         self, plan: Any, bufs: Any, handles: Any, allocate: Callable[[int], torch.Tensor], hints: Any

@@ -19,8 +19,9 @@ from ...ops import tensor_refs
 from ...protocol import Op
 from .. import requests as R
 from ...ring.segment import launch_split  # protocol.split_launch, without its wrapper's cost
+from ..limits import sized_plan_allowed
 from ..objects import Alloc, Cmd, StreamState, ready_buf
-from ..scheduling import command_cost
+from ..scheduling import command_cost, launch_cost
 
 if TYPE_CHECKING:
     from ..interfaces import PlanningBackend
@@ -288,9 +289,16 @@ def _p_table_planned(
 
 
 def _run_table_now(
-    s: Session, st: StreamState, r: R.Launch, plan: Any, handles: tuple[int, ...], offsets: tuple[int, ...]
+    s: Session,
+    st: StreamState,
+    r: R.Launch,
+    plan: Any,
+    handles: tuple[int, ...],
+    offsets: tuple[int, ...],
+    dims: Any = None,
 ) -> None:
-    """_run_now for a table operator's plan (the native front end's eager hot path)."""
+    """_run_now for a table operator's plan (the native front end's eager hot path); `dims`:
+    the tensors' sizes and strides, for a plan without them (sized_plans)."""
     if s.dead:
         return
     get = s.handles.get
@@ -301,10 +309,10 @@ def _run_table_now(
             bufs = [ready_buf(al, h) for al, h in zip(ins, handles)]
             be: PlanningBackend = s.daemon.backend  # type: ignore[assignment]  # it made the plan
             if st.device_stream is None:
-                be.run_table_plan(plan, bufs, handles, offsets)
+                be.run_table_plan(plan, bufs, handles, offsets, dims)
             else:
                 with be.stream_context(st.device_stream):
-                    be.run_table_plan(plan, bufs, handles, offsets)
+                    be.run_table_plan(plan, bufs, handles, offsets, dims)
         except Exception as e:  # noqa: BLE001 - the client's error, reported like a queued launch's
             s.fail(r.user_data, r.sync, st, _failed(plan.op, {}, e))
         else:
@@ -320,7 +328,7 @@ def _p_launch(s: Session, st: StreamState | None, r: R.Launch) -> Cmd | None:
     be = s.daemon.backend
     # structure -> its plan; None: seen once; False: it has none
     plans: dict[bytes, Any] | None = getattr(be, "plans", None)
-    split = None
+    split = sized = None
     # Captured streams take the generic path: graph compilation reads the decoded launch.
     if plans is not None and st is not None and not st.capturing and len(payload) <= PLAN_MAX_PAYLOAD:
         # the op name's first bytes (after its u16 length): the native front end's operators
@@ -339,6 +347,11 @@ def _p_launch(s: Session, st: StreamState | None, r: R.Launch) -> Cmd | None:
                     _run_now(s, st, r, plan, split[1])
                     return None
                 return _p_planned(s, r, plan, split[1])
+            if table and s.daemon.inline and not st.queue:
+                # a structure without a plan of its own: one without sizes may have one
+                sized = _try_sized(s, st, r, be, payload, plans, split[0])
+                if sized is True:
+                    return None
     try:
         launch = P.decode_launch(payload, be.device)
     except P.DecodeError as e:
@@ -359,7 +372,78 @@ def _p_launch(s: Session, st: StreamState | None, r: R.Launch) -> Cmd | None:
         raise
     if split is not None:
         _remember_plan(be, plans, split, launch, cmd)  # type: ignore[arg-type]  # plans is set with split
+    if sized is not None:
+        _remember_sized(be, sized, launch)
     return cmd
+
+
+class _Twice:
+    """The plan cache's mark of a structure seen twice on the sized path (falsy, like None)."""
+
+    def __bool__(self) -> bool:
+        return False
+
+
+_TWICE = _Twice()
+_UNSEEN = object()
+
+
+def _try_sized(
+    s: Session, st: StreamState, r: R.Launch, be: Any, payload: bytes, plans: dict[bytes, Any], key: bytes
+) -> Any:
+    """Run a table launch from the plan of its structure without sizes, if there is one and the
+    launch ceilings allow it without the full check: True. Otherwise the split (for
+    _remember_sized), or None (no such plans, or a payload the splitter refuses). `key`: the
+    launch's structure with sizes, which has no plan yet: the third time it comes this way, the
+    sized plan makes it one (the exact plan is the faster one: cached view keys, results written
+    in place). Not the second, as the generic path does: a growing tensor's structure comes once
+    per layer and token, so in a 2-layer model a plan made the second time would never run."""
+    sized_plans: dict[bytes, Any] | None = getattr(be, "sized_plans", None)
+    if sized_plans is None:
+        return None
+    sp = launch_split(payload, 2)
+    if sp is None:
+        return None
+    plan = sized_plans.get(sp[0])
+    if plan:
+        nbytes = 0  # the tensors at full logical size (limits._logical_bytes)
+        for sl, (shape, _) in zip(plan.slots, sp[3]):
+            n = sl.itemsize
+            for x in shape:
+                n *= x
+            nbytes += max(0, n)
+        if s.daemon.launch_limits.check_sized(plan.op, nbytes):  # (raises over the byte ceiling)
+            _run_table_now(s, st, r, plan, sp[1], sp[2], sp[3])
+            seen = plans.get(key, _UNSEEN)
+            if seen is _UNSEEN:
+                if len(plans) >= be.PLAN_CACHE_MAX:
+                    _evict(plans, be.PLAN_CACHE_MAX)
+                plans[key] = None
+            elif seen is None:
+                plans[key] = _TWICE
+            elif seen is _TWICE:
+                exact = plan.exact(sp[3])
+                if exact is not None:
+                    metas = [(shape, dt) for dt, (shape, _) in zip(plan.dtypes, sp[3])]
+                    exact.cost = launch_cost(plan.op, metas, [])
+                plans[key] = exact if exact is not None else False
+            return True
+    return sp
+
+
+def _remember_sized(be: Any, sp: Any, launch: Any) -> None:
+    """_remember_plan for the structure without sizes: a plan the second time it comes."""
+    sized_plans: dict[bytes, Any] = be.sized_plans
+    key = sp[0]
+    if key not in sized_plans:
+        if len(sized_plans) >= be.PLAN_CACHE_MAX:
+            _evict(sized_plans, be.PLAN_CACHE_MAX)
+        sized_plans[key] = None
+        return
+    if sized_plans[key] is not None:
+        return  # it has its plan (this launch needed the full ceiling check), or has none
+    plan = be.make_sized_plan(launch) if sized_plan_allowed(launch.op) else None
+    sized_plans[key] = plan if plan is not None and plan.n_in == len(sp[1]) else False
 
 
 def _remember_plan(
@@ -391,7 +475,7 @@ def _evict(plans: dict[bytes, Any], limit: int) -> None:
     decode loop whose cache grows adds ~10 of them a token, and clearing everything with them
     would make each of its ~150 repeating structures take the generic path twice again every
     few hundred tokens. Only if plans alone fill half the cache does everything go."""
-    once = [k for k, v in plans.items() if v is None]
+    once = [k for k, v in plans.items() if v is None or v is _TWICE]
     if len(plans) - len(once) > limit // 2:
         plans.clear()
         return

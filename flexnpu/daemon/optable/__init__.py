@@ -61,7 +61,9 @@ __all__ = [
     "execute",
     "prepare",
     "make_plan",
+    "make_sized_plan",
     "TablePlan",
+    "SizedPlan",
     "check_indices",
     "put",
     "LaunchError",
@@ -424,11 +426,12 @@ class _SlotConv(_Conv):
     """prepare's converter for a plan: each tensor reference becomes a Slot, checked for
     everything but the bounds, which depend on the allocation and offset of each launch."""
 
-    __slots__ = ("slots",)
+    __slots__ = ("slots", "names")
 
     def __init__(self, op: str, device: torch.device) -> None:
         super().__init__(op, device, _no_resolve)
         self.slots: list[Slot] = []
+        self.names: list[str] = []  # each slot's parameter ("tensors[1]" for list items)
 
     def tensor(self, v: Any, name: str) -> Any:
         if type(v) is not TensorRef:
@@ -443,6 +446,7 @@ class _SlotConv(_Conv):
         check_view_bounds(v, 1 << 62)  # well-formed; each launch checks its own bounds
         sl = Slot(len(self.slots), v)
         self.slots.append(sl)
+        self.names.append(name)
         return sl
 
 
@@ -495,11 +499,12 @@ class TablePlan:
         self.others: tuple[tuple[int, int, int], ...] = ()
         self.direct: bool | None = False
         dest = a.get(d.dest) if d.value is not None else None
-        if type(dest) is Slot and not dest.empty:
-            self.dest = dest.k
-            self.others = tuple(
-                (sl.k, sl.itemsize, sl.reach) for sl in slots if sl is not dest and not sl.empty
-            )
+        # (`a` may be another plan's template, SizedPlan.exact: its slots stand for positions;
+        # `slots` are this plan's)
+        if type(dest) is Slot and not slots[dest.k].empty:
+            k = dest.k
+            self.dest = k
+            self.others = tuple((sl.k, sl.itemsize, sl.reach) for sl in slots if sl.k != k and not sl.empty)
             self.direct = None
 
     def run(self, bufs: Sequence[torch.Tensor], handles: Sequence[int], offsets: Sequence[int]) -> None:
@@ -544,6 +549,88 @@ class TablePlan:
         return False
 
 
+class SizedPlan(TablePlan):
+    """A TablePlan whose structure leaves out the tensors' sizes and strides too
+    (protocol.split_launch_dims): one plan for every launch of a decode loop's growing tensors
+    (the KV cache's Cat, attention, the mask arithmetic), whose sizes change every token. Per
+    launch, besides what TablePlan.run checks, each view is built from the sizes and strides the
+    launch brings (build_view: the full bounds and value checks of the generic path) and the
+    written tensors are checked not to overlap themselves. Results are put (the in-place form's
+    test depends on shapes)."""
+
+    __slots__ = ("dtypes", "written", "names", "a")
+
+    def __init__(self, d: OpDef, a: Args, slots: list[Slot], values: int, names: list[str]) -> None:
+        super().__init__(d, a, slots, values)
+        self.dest, self.others, self.direct = -1, (), False
+        self.a = a  # the template (its slots stand for positions): exact() reuses it
+        self.dtypes = tuple(sl.dtype for sl in slots)
+        self.names = tuple(names)
+        self.written = frozenset(k for k, n in enumerate(names) if n.split("[", 1)[0] in d.writes)
+
+    def exact(self, dims: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> TablePlan | None:
+        """The TablePlan of this structure with these sizes and strides (what make_plan gives
+        for a launch with them, without decoding one), or None where make_plan would refuse."""
+        slots = []
+        for k, (dtype, (shape, stride)) in enumerate(zip(self.dtypes, dims)):
+            if k in self.written and any(n > 1 and st == 0 for n, st in zip(shape, stride)):
+                return None
+            ref = TensorRef(1, dtype, shape, stride, 0)
+            try:
+                check_view_bounds(ref, 1 << 62)  # well-formed (_SlotConv's check)
+            except LaunchError:
+                return None
+            slots.append(Slot(k, ref))
+        return TablePlan(self.d, self.a, slots, self.values)
+
+    def run_sized(
+        self,
+        bufs: Sequence[torch.Tensor],
+        handles: Sequence[int],
+        offsets: Sequence[int],
+        dims: Sequence[tuple[tuple[int, ...], tuple[int, ...]]],
+    ) -> None:
+        """One launch: as TablePlan.run, with ``dims[k]`` = (sizes, strides) of tensor k."""
+        views = []
+        written, dtypes = self.written, self.dtypes
+        for k, (shape, stride) in enumerate(dims):
+            if k in written and any(n > 1 and st == 0 for n, st in zip(shape, stride)):
+                raise LaunchError(
+                    f"{self.op}: {self.names[k]} is written but overlaps itself (stride {stride})"
+                )
+            buf, off = bufs[k], offsets[k]
+            # (a key of its own shape: the plans' (pointer, size, layout id, offset) keys and
+            # the generic path's never equal it)
+            key = (buf.data_ptr(), buf.numel(), dtypes[k], shape, stride, off)
+            v = lookup_view(key)
+            if v is None:
+                v = build_view(TensorRef(handles[k], dtypes[k], shape, stride, off), buf)
+                keep_view(key, v)
+            views.append(v)
+        a = self.fixed.copy()
+        for name, k in self.top:
+            a[name] = views[k]
+        for name, tpl in self.nested:
+            a[name] = fill_slots(tpl, views, Slot)
+        d = self.d
+        if d.indices is not None:
+            check_indices(d, a)
+        d.fn(a)
+
+
+def make_sized_plan(
+    device: torch.device,
+    op: str,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    outputs: Any,
+    values: int = 0,
+) -> SizedPlan | None:
+    """make_plan for a structure without sizes (SizedPlan), or None."""
+    r = _slots_of(device, op, args, kwargs, outputs)
+    return None if r is None else SizedPlan(r[0], r[1], r[2].slots, values, r[2].names)
+
+
 def make_plan(
     device: torch.device,
     op: str,
@@ -555,6 +642,15 @@ def make_plan(
     """The plan of a decoded launch of a table operator, or None: it has none (the generic
     path then runs it and reports whatever is wrong with it; nothing is raised from here).
     ``values``: the decoded launch's value count (protocol.Launch.values)."""
+    r = _slots_of(device, op, args, kwargs, outputs)
+    return None if r is None else TablePlan(r[0], r[1], r[2].slots, values)
+
+
+def _slots_of(
+    device: torch.device, op: str, args: Sequence[Any], kwargs: dict[str, Any], outputs: Any
+) -> tuple[OpDef, Args, _SlotConv] | None:
+    """The declaration's checks of a decoded launch, with each tensor as a Slot; None if it
+    fails them or has something plans do not take."""
     d = TABLE.get(op) if isinstance(op, str) else None
     if d is None or outputs or not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
         return None
@@ -565,7 +661,7 @@ def make_plan(
         a = _convert(d, op, args, kwargs, conv)
     except (_NoPlan, LaunchError):
         return None
-    return TablePlan(d, a, conv.slots, values)
+    return d, a, conv
 
 
 def _load() -> None:
