@@ -511,14 +511,8 @@ class TablePlan:
         """One launch: ``bufs[k]`` is the allocation named by ``handles[k]``, its tensor at
         element offset ``offsets[k]``."""
         views = [sl.view(bufs[sl.k], handles[sl.k], offsets[sl.k]) for sl in self.slots]
-        a = self.fixed.copy()
-        for name, k in self.top:
-            a[name] = views[k]
-        for name, tpl in self.nested:
-            a[name] = fill_slots(tpl, views, Slot)
+        a = self._args(views)
         d = self.d
-        if d.indices is not None:
-            check_indices(d, a)
         k = self.dest
         if k >= 0:
             out = views[k]
@@ -534,6 +528,17 @@ class TablePlan:
                 put(out, v, d.dest)
                 return
         d.fn(a)
+
+    def _args(self, views: list[torch.Tensor]) -> Args:
+        """The entry's arguments with these views in the slots, index ranges checked."""
+        a = self.fixed.copy()
+        for name, k in self.top:
+            a[name] = views[k]
+        for name, tpl in self.nested:
+            a[name] = fill_slots(tpl, views, Slot)
+        if self.d.indices is not None:
+            check_indices(self.d, a)
+        return a
 
     def _overlaps(self, bufs: Sequence[torch.Tensor], offsets: Sequence[int]) -> bool:
         """Whether this launch's destination may share bytes with another of its tensors
@@ -607,15 +612,7 @@ class SizedPlan(TablePlan):
                 v = build_view(TensorRef(handles[k], dtypes[k], shape, stride, off), buf)
                 keep_view(key, v)
             views.append(v)
-        a = self.fixed.copy()
-        for name, k in self.top:
-            a[name] = views[k]
-        for name, tpl in self.nested:
-            a[name] = fill_slots(tpl, views, Slot)
-        d = self.d
-        if d.indices is not None:
-            check_indices(d, a)
-        d.fn(a)
+        self.d.fn(self._args(views))
 
 
 def make_sized_plan(
