@@ -560,7 +560,7 @@ def test_sized_plan_checks_each_launchs_sizes_and_makes_the_exact_plan_make_plan
 
     dev = torch.device("cpu")
     r = lambda s, off: TensorRef(1, torch.float32, (2, s), (s, 1), off)  # noqa: E731
-    plan = optable.make_sized_plan(dev, "aclnn::Cat", ([r(3, 0), r(1, 0)], 1, r(4, 0)), {}, [])
+    plan = optable.make_plan(dev, "aclnn::Cat", ([r(3, 0), r(1, 0)], 1, r(4, 0)), {}, [], sized=True)
     assert isinstance(plan, optable.SizedPlan) and plan.written == {2}
     buf = torch.zeros(64 * 4, dtype=torch.uint8)
     flat = buf.view(torch.float32)

@@ -279,8 +279,8 @@ class TorchBackend:
         """A plan of `launch`'s structure without tensor sizes (None: it has none)."""
         if not launch.op.startswith(_ASCEND_PREFIXES):
             return None
-        return _optable().make_sized_plan(
-            self.device, launch.op, launch.args, launch.kwargs, launch.outputs, launch.values
+        return _optable().make_plan(
+            self.device, launch.op, launch.args, launch.kwargs, launch.outputs, launch.values, sized=True
         )
 
     def run_table_plan(self, plan: Any, bufs: Any, handles: Any, offsets: Any, dims: Any = None) -> None:

@@ -61,7 +61,6 @@ __all__ = [
     "execute",
     "prepare",
     "make_plan",
-    "make_sized_plan",
     "TablePlan",
     "SizedPlan",
     "check_indices",
@@ -615,19 +614,6 @@ class SizedPlan(TablePlan):
         self.d.fn(self._args(views))
 
 
-def make_sized_plan(
-    device: torch.device,
-    op: str,
-    args: Sequence[Any],
-    kwargs: dict[str, Any],
-    outputs: Any,
-    values: int = 0,
-) -> SizedPlan | None:
-    """make_plan for a structure without sizes (SizedPlan), or None."""
-    r = _slots_of(device, op, args, kwargs, outputs)
-    return None if r is None else SizedPlan(r[0], r[1], r[2].slots, values, r[2].names)
-
-
 def make_plan(
     device: torch.device,
     op: str,
@@ -635,12 +621,18 @@ def make_plan(
     kwargs: dict[str, Any],
     outputs: Any,
     values: int = 0,
+    *,
+    sized: bool = False,
 ) -> TablePlan | None:
     """The plan of a decoded launch of a table operator, or None: it has none (the generic
     path then runs it and reports whatever is wrong with it; nothing is raised from here).
-    ``values``: the decoded launch's value count (protocol.Launch.values)."""
+    ``values``: the decoded launch's value count (protocol.Launch.values). ``sized``: the plan
+    of its structure without sizes (SizedPlan)."""
     r = _slots_of(device, op, args, kwargs, outputs)
-    return None if r is None else TablePlan(r[0], r[1], r[2].slots, values)
+    if r is None:
+        return None
+    d, a, conv = r
+    return SizedPlan(d, a, conv.slots, values, conv.names) if sized else TablePlan(d, a, conv.slots, values)
 
 
 def _slots_of(
