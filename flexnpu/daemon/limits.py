@@ -17,6 +17,7 @@ is a few thousand GFLOP per matmul). Both are set by `flexnpu daemon --max-launc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import InvalidArgument
@@ -75,11 +76,20 @@ class LaunchLimits:
         if self.max_bytes is not None and c.bytes > self.max_bytes:
             raise self._too_many_bytes(launch.op, c.bytes)
 
-    def check_sized(self, op: str, nbytes: int) -> bool:
+    def check_sized(self, op: str, dtypes: Sequence[Any], dims: Sequence[tuple[Sequence[int], Any]]) -> bool:
         """check() for a launch run from a plan without sizes (optable.SizedPlan, never of a
-        compute-heavy operator: sized_plan_allowed) whose tensors total ``nbytes`` at full
-        logical size: raises LaunchTooLarge over the byte ceiling; False when the FLOP ceiling
-        needs the full check (the launch then takes the generic path, which runs it)."""
+        compute-heavy operator: sized_plan_allowed): its tensors' dtypes and (sizes, strides),
+        counted at full logical size as check() counts them. Raises LaunchTooLarge over the
+        byte ceiling; False when the FLOP ceiling needs the full check (the launch then takes
+        the generic path, which runs it)."""
+        if self.max_flop is None and self.max_bytes is None:
+            return True
+        nbytes = 0
+        for dtype, (shape, _) in zip(dtypes, dims):
+            n = dtype.itemsize
+            for x in shape:
+                n *= x
+            nbytes += max(0, n)
         if self.max_bytes is not None and nbytes > self.max_bytes:
             raise self._too_many_bytes(op, nbytes)
         return self.max_flop is None or nbytes <= self.max_flop

@@ -385,7 +385,6 @@ class _Twice:
 
 
 _TWICE = _Twice()
-_UNSEEN = object()
 
 
 def _try_sized(
@@ -405,21 +404,12 @@ def _try_sized(
     if sp is None:
         return None
     plan = sized_plans.get(sp[0])
-    if plan:
-        nbytes = 0  # the tensors at full logical size (limits._logical_bytes)
-        for sl, (shape, _) in zip(plan.slots, sp[3]):
-            n = sl.itemsize
-            for x in shape:
-                n *= x
-            nbytes += max(0, n)
-        if s.daemon.launch_limits.check_sized(plan.op, nbytes):  # (raises over the byte ceiling)
-            _run_table_now(s, st, r, plan, sp[1], sp[2], sp[3])
-            seen = plans.get(key, _UNSEEN)
-            if seen is _UNSEEN:
-                if len(plans) >= be.PLAN_CACHE_MAX:
-                    _evict(plans, be.PLAN_CACHE_MAX)
-                plans[key] = None
-            elif seen is None:
+    # (check_sized raises over the byte ceiling)
+    if plan and s.daemon.launch_limits.check_sized(plan.op, plan.dtypes, sp[3]):
+        _run_table_now(s, st, r, plan, sp[1], sp[2], sp[3])
+        if not _first_sighting(be, plans, key):
+            seen = plans[key]
+            if seen is None:
                 plans[key] = _TWICE
             elif seen is _TWICE:
                 exact = plan.exact(sp[3])
@@ -427,7 +417,7 @@ def _try_sized(
                     metas = [(shape, dt) for dt, (shape, _) in zip(plan.dtypes, sp[3])]
                     exact.cost = launch_cost(plan.op, metas, [])
                 plans[key] = exact if exact is not None else False
-            return True
+        return True
     return sp
 
 
@@ -435,10 +425,7 @@ def _remember_sized(be: Any, sp: Any, launch: Any) -> None:
     """_remember_plan for the structure without sizes: a plan the second time it comes."""
     sized_plans: dict[bytes, Any] = be.sized_plans
     key = sp[0]
-    if key not in sized_plans:
-        if len(sized_plans) >= be.PLAN_CACHE_MAX:
-            _evict(sized_plans, be.PLAN_CACHE_MAX)
-        sized_plans[key] = None
+    if _first_sighting(be, sized_plans, key):
         return
     if sized_plans[key] is not None:
         return  # it has its plan (this launch needed the full ceiling check), or has none
@@ -455,12 +442,7 @@ def _remember_plan(
     key = split[0]
     if plans.get(key, 0) is False:
         return  # no plan for this structure (see below)
-    if key not in plans:
-        # Seen once: remember only that. Structures that never come back (an attention whose
-        # sequence length grows every token) then cost a set entry, not a plan and a cost model.
-        if len(plans) >= be.PLAN_CACHE_MAX:
-            _evict(plans, be.PLAN_CACHE_MAX)
-        plans[key] = None
+    if _first_sighting(be, plans, key):
         return
     plan = be.make_plan(launch)
     if plan is None or plan.n_in + len(plan.outputs) != len(split[1]):
@@ -468,6 +450,18 @@ def _remember_plan(
         return
     plan.cost = command_cost(cmd)  # cached on cmd too: the scheduler reads the same object
     plans[key] = plan
+
+
+def _first_sighting(be: Any, plans: dict[bytes, Any], key: bytes) -> bool:
+    """Mark `key` seen (None) if it is new, making room first: True then. Structures that never
+    come back (an attention whose sequence length grows every token) cost an entry, not a plan
+    and a cost model."""
+    if key in plans:
+        return False
+    if len(plans) >= be.PLAN_CACHE_MAX:
+        _evict(plans, be.PLAN_CACHE_MAX)
+    plans[key] = None
+    return True
 
 
 def _evict(plans: dict[bytes, Any], limit: int) -> None:

@@ -140,7 +140,7 @@ def register_value(
     """Declare an aclnn operator whose entry is ``put(args[dest], value(args, None))`` and
     whose ``value(args, out)`` computes the same result straight into ``out`` (one torch call
     with ``out=``). The two must agree bit for bit when ``out`` has the result's dtype and
-    shape (test_optable_values checks every such entry)."""
+    shape (tests/test_launch_plans.py checks every such entry)."""
 
     def fn(a: Args) -> None:
         put(a[dest], value(a, None), dest)
@@ -339,6 +339,11 @@ def prepare(
     return d, _convert(d, op, args, kwargs, _Conv(op, device, resolve))
 
 
+def _overlaps_itself(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """A broadcast (stride-0) dimension: writing it would write some bytes more than once."""
+    return any(n > 1 and st == 0 for n, st in zip(shape, stride))
+
+
 def _convert(d: OpDef, op: str, args: Sequence[Any], kwargs: dict[str, Any], conv: _Conv) -> Args:
     """prepare's checks and conversions, with `conv` turning each tensor reference into what
     the caller needs (a view now, or a plan's slot)."""
@@ -350,7 +355,7 @@ def _convert(d: OpDef, op: str, args: Sequence[Any], kwargs: dict[str, Any], con
             a[name] = None
             continue
         if kind == api.TENSOR and type(v) is TensorRef:  # the common case, kept short
-            if name in d.writes and any(n > 1 and st == 0 for n, st in zip(v.shape, v.stride)):
+            if name in d.writes and _overlaps_itself(v.shape, v.stride):
                 raise LaunchError(f"{op}: {name} is written but overlaps itself (stride {v.stride})")
             a[name] = conv.tensor(v, name)
         else:
@@ -577,7 +582,7 @@ class SizedPlan(TablePlan):
         for a launch with them, without decoding one), or None where make_plan would refuse."""
         slots = []
         for k, (dtype, (shape, stride)) in enumerate(zip(self.dtypes, dims)):
-            if k in self.written and any(n > 1 and st == 0 for n, st in zip(shape, stride)):
+            if k in self.written and _overlaps_itself(shape, stride):
                 return None
             ref = TensorRef(1, dtype, shape, stride, 0)
             try:
@@ -598,7 +603,7 @@ class SizedPlan(TablePlan):
         views = []
         written, dtypes = self.written, self.dtypes
         for k, (shape, stride) in enumerate(dims):
-            if k in written and any(n > 1 and st == 0 for n, st in zip(shape, stride)):
+            if k in written and _overlaps_itself(shape, stride):
                 raise LaunchError(
                     f"{self.op}: {self.names[k]} is written but overlaps itself (stride {stride})"
                 )
