@@ -254,3 +254,45 @@ def test_flex_tpot_floor_keeps_the_largest_decode_stream_and_no_share_when_alone
     q = StreamQueue("d3", phase="decode")
     fill(q, DEC, 2)
     assert [x.share for x in p.select([q], dev(), 1.0)] == [None, None]
+
+
+def test_an_iteration_dispatched_before_the_previous_one_ends_still_times_from_its_first_op():
+    """An engine that never waits per token has iteration k+1's kernels dispatched while k's
+    last one runs. Each iteration keeps its own start and predicted cost: the one that
+    starts early is timed from the previous iteration's end, not from whichever of its ops
+    happened to be dispatched after that end (which had timed two 5 ms kernels as 6.8 ms)."""
+    p, d = make_policy("fifo"), dev()
+    q = StreamQueue("dec", phase="decode")
+    fill(q, DEC, 4, step=2)  # two iterations of two ops
+    a1, a2, b1, b2 = (x.op for x in p.select([q], d, 0.0))
+    assert [len(q.open_steps), q.steps] == [2, 0]
+    p.complete(a1, d, 0.005)
+    p.complete(a2, d, 0.010)
+    assert q.steps == 1 and q.last_step_time == pytest.approx(0.010)
+    assert q.last_step_pred == pytest.approx(a1.predicted_s + a2.predicted_s)
+    p.complete(b1, d, 0.015)
+    p.complete(b2, d, 0.020)
+    assert q.steps == 2 and q.last_step_time == pytest.approx(0.010)  # 0.010 -> 0.020, not 0.0 -> 0.020
+    assert q.last_step_pred == pytest.approx(b1.predicted_s + b2.predicted_s)
+    assert not q.open_steps
+    # after an idle gap the next iteration starts at its first dispatch again
+    fill(q, DEC, 1, step=1)
+    [c] = (x.op for x in p.select([q], d, 1.0))
+    p.complete(c, d, 1.003)
+    assert q.steps == 3 and q.last_step_time == pytest.approx(0.003)
+
+
+def test_an_iteration_whose_ops_straddle_one_dispatch_round_keeps_all_its_ops():
+    """The case the daemon hit: iteration k+1's first op dispatched before k closed, its
+    second after. Both belong to k+1, whose time runs from k's end."""
+    p, d = make_policy("fifo"), dev(max_inflight=3)
+    q = StreamQueue("dec", phase="decode")
+    fill(q, DEC, 4, step=2)
+    a1, a2, b1 = (x.op for x in p.select([q], d, 0.0))
+    p.complete(a1, d, 0.005)
+    [b2] = (x.op for x in p.select([q], d, 0.005))
+    p.complete(a2, d, 0.010)
+    p.complete(b1, d, 0.015)
+    p.complete(b2, d, 0.020)
+    assert q.steps == 2 and q.last_step_time == pytest.approx(0.010)
+    assert q.last_step_pred == pytest.approx(b1.predicted_s + b2.predicted_s)

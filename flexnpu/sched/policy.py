@@ -77,10 +77,13 @@ class StreamQueue:
         # aggregate intensity of recent ops: EWMAs of flops and bytes (time-weighted in effect)
         self._ew_flops = 0.0
         self._ew_bytes = 0.0
-        self.step_start: float | None = None  # first dispatch of the current iteration
+        # Iterations dispatched and not yet closed, oldest first: [start, sum of the solo
+        # predictions of its ops]. More than one when an engine that never waits per token has
+        # the next iteration's kernels dispatched before the previous one's last kernel ends.
+        self.open_steps: deque[list[float]] = deque()
+        self._last_taken: Op | None = None
         self.step_time_ewma: float | None = None
         self.last_step_time: float | None = None
-        self.step_pred = 0.0  # sum of solo predictions of the current iteration
         self.last_step_pred: float | None = None
         self.steps = 0
 
@@ -167,9 +170,13 @@ class Policy(ABC):
         q.inflight += 1
         device.inflight[op.id] = op
         self._queues[q.key] = q
-        if q.step_start is None:
-            q.step_start = now
-        q.step_pred += op.predicted_s
+        # The iteration an op belongs to is fixed by order: marks reach the queue before any
+        # later op, so a step-ending op is flagged before the next iteration's first dispatch.
+        last = q._last_taken
+        if not q.open_steps or (last is not None and last.step_end):
+            q.open_steps.append([now, 0.0])
+        q.open_steps[-1][1] += op.predicted_s
+        q._last_taken = op
         return Dispatch(op, q, weight, share)
 
     def complete(self, op: Op, device: DeviceState, now: float, started: float | None = None) -> None:
@@ -199,14 +206,18 @@ class Policy(ABC):
 
     @staticmethod
     def _close_step(q: StreamQueue, now: float) -> bool:
-        if q.step_start is None:
+        if not q.open_steps:
             return False
-        dt = now - q.step_start
+        start, pred = q.open_steps.popleft()
+        dt = now - start
         q.last_step_time = dt
-        q.last_step_pred, q.step_pred = q.step_pred, 0.0
+        q.last_step_pred = pred
         q.step_time_ewma = dt if q.step_time_ewma is None else 0.7 * q.step_time_ewma + 0.3 * dt
         q.steps += 1
-        q.step_start = None
+        if q.open_steps:
+            # Dispatched early, the next iteration still could not finish before this one: it
+            # starts here, so back-to-back iterations time as the gap between their ends.
+            q.open_steps[0][0] = max(q.open_steps[0][0], now)
         return True
 
     def on_complete(self, op: Op, queue: StreamQueue | None, device: DeviceState, now: float) -> None:
