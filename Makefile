@@ -13,6 +13,9 @@ install:
 	# The native AscendCL front end (C, needs cc) and the real torch_npu in its isolated folder
 	# (never this environment); without network the native path serves plain C programs only.
 	$(PY) -m flexnpu.hook.native.build
+	# The daemon's compiled executor of planned launches (C++, torch's headers); without it
+	# the daemon runs them in Python, slower, and says so in its log.
+	$(PY) -m flexnpu.daemon.optable.build || echo "warning: compiled plan executor not built; the daemon runs planned launches in Python"
 	$(PY) -m flexnpu install-torch-npu || echo "warning: torch_npu not installed for FlexNPU (no network?); native torch_npu tests will skip"
 	@if [ "$$(id -u)" = 0 ] && [ -x scripts/ci-system-deps.sh ]; then scripts/ci-system-deps.sh || true; fi
 

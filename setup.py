@@ -22,6 +22,7 @@ setup(
         "flexnpu.k8s": ["*.proto"],
         "flexnpu.hook": ["bootstrap/*.py", "bootstrap/*/*.py"],
         "flexnpu.hook.native": ["src/*.c", "src/*.h", "symbols.txt"],
+        "flexnpu.daemon.optable": ["planexec.cpp"],
         "flexnpu.bench": ["*.c"],
     },
     data_files=[("share/flexnpu/systemd", ["systemd/flexnpu@.service", "systemd/flexnpu.target"])],

@@ -594,6 +594,31 @@ class Daemon:
             "holders": max(0, self._conns - len(clients)),
             "metrics_port": self._metrics_server.server_port if self._metrics_server is not None else None,
             "communicators": self.collectives.status(),
+            "plans": self._plan_status(),
+        }
+
+    def _plan_status(self) -> dict[str, Any] | None:
+        """How many launch structures have plans, and how many of those the compiled executor
+        runs (optable/compiled.py), with the launches it ran; None: a backend without plans."""
+        plans = getattr(self.backend, "plans", None)
+        if plans is None:
+            return None
+        for _ in range(5):  # the main thread adds plans; retry a torn snapshot
+            try:
+                ps = [p for p in list(plans.values()) if p]
+                sized = sum(1 for p in list(getattr(self.backend, "sized_plans", {}).values()) if p)
+                break
+            except RuntimeError:
+                continue
+        else:
+            return None
+        cx = [c for p in ps for c in (getattr(p, "cx", None),) if c]
+        return {
+            "plans": len(ps),
+            "sized_plans": sized,
+            "compiled": len(cx),
+            "compiled_launches": sum(c.runs for c in cx),
+            "compiled_executor": _compiled_executor_loaded(),
         }
 
     def _scheduler_status(self) -> dict[str, Any]:
@@ -979,3 +1004,10 @@ class Daemon:
 def install_signal_handlers(d: Daemon) -> None:
     signal.signal(signal.SIGTERM, d.request_stop)
     signal.signal(signal.SIGINT, d.request_stop)
+
+
+def _compiled_executor_loaded() -> bool:
+    # (imported here: only backends with plans have torch, which the executor needs)
+    from .optable import compiled
+
+    return compiled.module() is not None

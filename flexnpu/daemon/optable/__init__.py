@@ -39,6 +39,7 @@ import torch
 from ...ops import aclnn_api as api
 from ...errors import OpNotSupported
 from ...protocol import TensorRef
+from . import compiled
 from ..backends.torch_exec import (
     IndexRangeError,
     LaunchError,
@@ -478,6 +479,7 @@ class TablePlan:
         "dest",
         "others",
         "direct",
+        "cx",
     )
 
     def __init__(self, d: OpDef, a: Args, slots: list[Slot], values: int) -> None:
@@ -502,6 +504,9 @@ class TablePlan:
         self.dest = -1
         self.others: tuple[tuple[int, int, int], ...] = ()
         self.direct: bool | None = False
+        # the compiled executor of the in-place form (compiled.py): None until the first
+        # in-place launch records the entry's operator, False if it cannot be repeated there
+        self.cx: Any = None
         dest = a.get(d.dest) if d.value is not None else None
         # (`a` may be another plan's template, SizedPlan.exact: its slots stand for positions;
         # `slots` are this plan's)
@@ -514,6 +519,9 @@ class TablePlan:
     def run(self, bufs: Sequence[torch.Tensor], handles: Sequence[int], offsets: Sequence[int]) -> None:
         """One launch: ``bufs[k]`` is the allocation named by ``handles[k]``, its tensor at
         element offset ``offsets[k]``."""
+        cx = self.cx
+        if cx and cx.run(bufs, offsets):
+            return  # (False: nothing ran; the Python path below has every check and error)
         views = [sl.view(bufs[sl.k], handles[sl.k], offsets[sl.k]) for sl in self.slots]
         a = self._args(views)
         d = self.d
@@ -522,7 +530,10 @@ class TablePlan:
             out = views[k]
             if self.direct:
                 if not self._overlaps(bufs, offsets):
-                    d.value(a, out)  # type: ignore[misc]  # dest >= 0: the entry has a value
+                    if cx is None:
+                        self._record(bufs, handles, offsets)
+                    else:
+                        d.value(a, out)  # type: ignore[misc]  # dest >= 0: the entry has a value
                     return
             elif self.direct is None:
                 # The first launch: the result's dtype and shape are the structure's, so they
@@ -532,6 +543,24 @@ class TablePlan:
                 put(out, v, d.dest)
                 return
         d.fn(a)
+
+    def _record(self, bufs: Sequence[torch.Tensor], handles: Sequence[int], offsets: Sequence[int]) -> None:
+        """This in-place launch, run once while recording its operator (compiled.record) on
+        views built for it alone: the executor must tell the slots apart by identity, and two
+        slots may share one cached view (Mul(x, x)) where later launches have two tensors."""
+        views = [
+            build_view(TensorRef(handles[sl.k], sl.dtype, sl.shape, sl.stride, offsets[sl.k]), bufs[sl.k])
+            for sl in self.slots
+        ]
+        a = self._args(views)
+        value = self.d.value
+        assert value is not None  # dest >= 0
+        if self.d.indices is not None:  # index ranges are checked in Python, every launch
+            self.cx = False
+            value(a, views[self.dest])
+            return
+        _, cx = compiled.record(lambda: value(a, views[self.dest]), views, self.slots, self.dest)
+        self.cx = cx if cx is not None else False
 
     def _args(self, views: list[torch.Tensor]) -> Args:
         """The entry's arguments with these views in the slots, index ranges checked."""

@@ -1,0 +1,247 @@
+"""The compiled executor of planned table launches (planexec.cpp), and how a plan gets one.
+
+A TablePlan whose entry writes its result in place (register_value) runs, per launch, a few
+Python steps around one torch call: a view per tensor, the argument dict, the overlap test, the
+entry's function. On its first in-place launch the plan records the ATen operators that function
+calls (``record``). If it is exactly one, with every tensor argument one of the launch's views,
+the plan keeps an ``Exec`` that repeats that call in C++ for its later launches: views at each
+launch's offsets, the same overlap test, the operator through the dispatcher. Anything else
+(several operators, a tensor the entry made itself, an index check) keeps the Python path, as
+does any launch the executor is unsure of: it returns False and never raises for the client's
+input (planexec.cpp).
+
+    python3 -m flexnpu.daemon.optable.build            # build (make install does)
+    python3 -m flexnpu.daemon.optable.build --force    # rebuild
+
+The build needs a C++ compiler and torch's headers (the installed torch); without them the
+daemon runs every launch in Python and says so once in its log. The library is loaded only if
+it was built from this source for this torch (a stamp next to it), never compiled on demand:
+a daemon never waits for a compiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "planexec.cpp"
+NAME = "flexnpu_planexec"
+log = logging.getLogger("flexnpu.daemon")
+
+# FLEXNPU_PLANEXEC=0 keeps every launch on the Python path (for comparisons and for bisecting)
+ENABLED = os.environ.get("FLEXNPU_PLANEXEC", "1") != "0"
+
+
+def build_dir() -> Path:
+    return HERE / "_planexec"
+
+
+def _stamp() -> str:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(sys.version.encode())
+    return h.hexdigest()
+
+
+def _built() -> Path | None:
+    d = build_dir()
+    try:
+        if (d / "stamp").read_text().strip() != _stamp():
+            return None
+    except OSError:
+        return None
+    so = list(d.glob(f"{NAME}*.so"))
+    return so[0] if len(so) == 1 else None
+
+
+def build(force: bool = False, verbose: bool = False) -> Path:
+    """Compile planexec.cpp into build_dir() (idempotent unless ``force``): one compiler call
+    with torch's include and library paths (no build system needed)."""
+    done = _built()
+    if done is not None and not force:
+        return done
+    import sysconfig
+
+    from torch.utils import cpp_extension as ce
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (c++ or g++, or set CXX)")
+    d = build_dir()
+    tmp = Path(tempfile.mkdtemp(prefix="planexec-"))
+    try:
+        out = tmp / (NAME + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+        abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+        cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-w"]
+        cmd += [
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            f"-DTORCH_EXTENSION_NAME={NAME}",
+            "-DTORCH_API_INCLUDE_EXTENSION_H",
+        ]
+        cmd += [f"-I{p}" for p in [*ce.include_paths(), sysconfig.get_paths()["include"]]]
+        cmd += [str(SOURCE), "-o", str(out)]
+        for lib in ce.library_paths():
+            cmd += [f"-L{lib}", f"-Wl,-rpath,{lib}"]
+        cmd += ["-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
+        if verbose:
+            print(" ".join(cmd), file=sys.stderr)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cxx} failed ({r.returncode}):\n{r.stderr[-4000:]}")
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        shutil.copy2(out, d / out.name)
+        (d / "stamp").write_text(_stamp() + "\n")
+        return d / out.name
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_module: Any = None
+_loaded = False
+
+
+def module() -> Any:
+    """The built executor module, or None (not built, built from other sources, disabled)."""
+    global _module, _loaded
+    if _loaded:
+        return _module
+    _loaded = True
+    if not ENABLED:
+        return None
+    so = _built()
+    if so is None:
+        log.info(
+            "compiled plan executor not built (python3 -m flexnpu.daemon.optable.build): planned launches run in Python"
+        )
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(NAME, so)
+        assert spec is not None and spec.loader is not None
+        m = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(m)
+    except Exception as e:  # noqa: BLE001 - an unloadable build costs speed, nothing else
+        log.warning("compiled plan executor not loaded (%s): planned launches run in Python", e)
+        return None
+    _module = m
+    return m
+
+
+class _Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's class is untyped
+    """Every ATen call below it, with its arguments as given (tensors by identity)."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def record(
+    run: Callable[[], Any], views: Sequence[torch.Tensor], slots: Sequence[Any], dest: int
+) -> tuple[Any, Any]:
+    """Run ``run()`` (the entry's in-place call over ``views``) once, recording it: returns its
+    result and an Exec repeating it, or None where it cannot be repeated exactly (see the
+    module's docstring). ``slots``: the plan's Slots (dtype, shape, stride of each view)."""
+    m = module()
+    if m is None:
+        return run(), None
+    rec = _Recorder()
+    with rec:
+        result = run()
+    return result, _exec_of(m, rec.calls, views, slots, dest)
+
+
+def _exec_of(m: Any, calls: list[Any], views: Sequence[torch.Tensor], slots: Sequence[Any], dest: int) -> Any:
+    if len(calls) != 1:
+        return None
+    func, args, kwargs = calls[0]
+    if not isinstance(func, torch._ops.OpOverload) or views[dest] is not kwargs.get("out", None):
+        return None  # (only `out=` forms: the result is written where the plan expects it)
+    ids = {id(v): k for k, v in enumerate(views)}
+    schema = func._schema
+    spec: list[tuple[str, Any]] = []
+    for i, a in enumerate(schema.arguments):
+        if i < len(args) and not a.kwarg_only:
+            v = args[i]
+        elif a.name in kwargs:
+            v = kwargs[a.name]
+        elif a.has_default_value():
+            v = a.default_value
+        else:
+            return None
+        if isinstance(v, torch.Tensor):
+            k = ids.get(id(v))
+            if k is not None and views[k] is v:
+                spec.append(("slot", k))
+            elif v.dim() == 0 and v.device.type == "cpu" and not v.requires_grad:
+                # a Python scalar torch wrapped for this call (Muls' 2.0): no aten call made
+                # it (that would be a second call), so it comes from the plan's fixed values;
+                # kept as this very tensor, its wrapped-number promotion stays
+                spec.append(("value", v))
+            else:
+                return None  # a tensor the entry made: not per launch
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(t, torch.Tensor) for t in v):
+            ks = [ids.get(id(t)) for t in v]
+            if any(k is None for k in ks):
+                return None
+            spec.append(("slots", ks))
+        elif _holds_tensor(v):
+            return None
+        else:
+            spec.append(("value", v))
+    layouts = [(sl.dtype, list(sl.shape), list(sl.stride)) for sl in slots]
+    try:
+        return m.Exec(schema.name, schema.overload_name, layouts, spec, dest)
+    except Exception as e:  # noqa: BLE001 - an argument the executor cannot hold: Python keeps it
+        log.debug("no compiled executor for %s: %s", func, e)
+        return None
+
+
+def _holds_tensor(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    if isinstance(v, (list, tuple)):
+        return any(_holds_tensor(x) for x in v)
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python3 -m flexnpu.daemon.optable.build", description=__doc__.split("\n\n")[0]
+    )
+    ap.add_argument("--force", action="store_true", help="rebuild even if the built library is current")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        out = build(force=a.force, verbose=a.verbose)
+    except Exception as e:  # noqa: BLE001 - reported; the daemon runs without it
+        print(
+            f"flexnpu: compiled plan executor not built ({e}); planned launches will run in Python",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"flexnpu: compiled plan executor: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
