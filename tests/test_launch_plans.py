@@ -435,11 +435,13 @@ def _value_args(d: Any, dtype: torch.dtype) -> dict[str, Any]:
     name = d.op.removeprefix("aclnn::")
     mats = {"Matmul": ((3, 4), (4, 5)), "Mm": ((3, 4), (4, 5)), "BatchMatMul": ((2, 3, 4), (2, 4, 5))}
     a: dict[str, Any] = {}
-    tensors = iter(mats.get(name, ((3, 4), (3, 4))))
+    tensors = iter(mats.get(name, ((3, 4),) * 4))
     for pname, kind in d.params:
-        if pname == d.dest:
+        if pname == d.dest and pname != "selfRef":  # (selfRef is read too: InplaceCopy's shape)
             continue
-        if kind == "tensor":
+        if pname == "condition":
+            a[pname] = t(*next(tensors)) > 1.5
+        elif kind == "tensor":
             a[pname] = t(*next(tensors))
         elif kind == "tensor_list":
             a[pname] = [t(3, 4), t(2, 4)]

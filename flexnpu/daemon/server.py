@@ -613,12 +613,15 @@ class Daemon:
         else:
             return None
         cx = [c for p in ps for c in (getattr(p, "cx", None),) if c]
+        python_ops = sorted({str(p.op) for p in ps if not getattr(p, "cx", None)})
         return {
             "plans": len(ps),
             "sized_plans": sized,
             "compiled": len(cx),
             "compiled_launches": sum(c.runs for c in cx),
             "compiled_executor": _compiled_executor_loaded(),
+            # the operators of plans that run in Python (the first 32): where compiling pays next
+            "python_ops": python_ops[:32],
         }
 
     def _scheduler_status(self) -> dict[str, Any]:

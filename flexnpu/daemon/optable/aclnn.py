@@ -361,9 +361,7 @@ def _clamp_max_t(a: Args) -> None:
     put(a["out"], torch.clamp_max(a["self"], a["clipValueMax"]))
 
 
-@register("aclnn::SWhere", writes=["out"])
-def _where(a: Args) -> None:
-    put(a["out"], torch.where(a["condition"], a["self"], a["other"]))
+register_value("aclnn::SWhere", lambda a, out: torch.where(a["condition"], a["self"], a["other"], out=out))
 
 
 @register("aclnn::NanToNum", writes=["out"])
@@ -434,27 +432,30 @@ def _threshold_bw(a: Args) -> None:
 
 
 # ------------------------------------------------------------------ copies, fills, casts, factories
-@register("aclnn::InplaceCopy", writes=["selfRef"])
-def _copy(a: Args) -> None:
+# The in-place writers, as register_value entries whose destination is selfRef: value(a, None)
+# is what selfRef holds afterwards (put casts it), value(a, selfRef) writes it there directly.
+def _copy(a: Args, out: torch.Tensor | None) -> torch.Tensor:
     dst, src = a["selfRef"], a["src"]
+    if out is not None:
+        return out.copy_(src)  # broadcasts src and casts, as aclnnInplaceCopy does
     if _shares(dst, src):
         src = src.clone()
-    dst.copy_(src)  # broadcasts src and casts, as aclnnInplaceCopy does
+    return src.expand(dst.shape)
 
 
-@register("aclnn::InplaceOne", writes=["selfRef"])
-def _one(a: Args) -> None:
-    a["selfRef"].fill_(1)
+def _filler(value: Callable[[Args], Any]) -> Callable[[Args, torch.Tensor | None], torch.Tensor]:
+    def v(a: Args, out: torch.Tensor | None) -> torch.Tensor:
+        if out is not None:
+            return out.fill_(value(a))
+        return torch.full_like(a["selfRef"], value(a))
+
+    return v
 
 
-@register("aclnn::InplaceZero", writes=["selfRef"])
-def _zero(a: Args) -> None:
-    a["selfRef"].zero_()
-
-
-@register("aclnn::InplaceFillScalar", writes=["selfRef"])
-def _fill(a: Args) -> None:
-    a["selfRef"].fill_(a["value"])
+register_value("aclnn::InplaceCopy", _copy, dest="selfRef")
+register_value("aclnn::InplaceOne", _filler(lambda a: 1), dest="selfRef")
+register_value("aclnn::InplaceZero", _filler(lambda a: 0), dest="selfRef")
+register_value("aclnn::InplaceFillScalar", _filler(lambda a: a["value"]), dest="selfRef")
 
 
 @register("aclnn::InplaceFillTensor", writes=["selfRef"])

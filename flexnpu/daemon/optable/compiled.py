@@ -174,11 +174,12 @@ def _exec_of(m: Any, calls: list[Any], views: Sequence[torch.Tensor], slots: Seq
     if len(calls) != 1:
         return None
     func, args, kwargs = calls[0]
-    if not isinstance(func, torch._ops.OpOverload) or views[dest] is not kwargs.get("out", None):
-        return None  # (only `out=` forms: the result is written where the plan expects it)
+    if not isinstance(func, torch._ops.OpOverload):
+        return None
     ids = {id(v): k for k, v in enumerate(views)}
     schema = func._schema
     spec: list[tuple[str, Any]] = []
+    written = 0
     for i, a in enumerate(schema.arguments):
         if i < len(args) and not a.kwarg_only:
             v = args[i]
@@ -188,6 +189,11 @@ def _exec_of(m: Any, calls: list[Any], views: Sequence[torch.Tensor], slots: Seq
             v = a.default_value
         else:
             return None
+        if a.alias_info is not None and a.alias_info.is_write:
+            # the one tensor the call writes (out=, or self of fill_/copy_) is the destination
+            if v is not views[dest]:
+                return None
+            written += 1
         if isinstance(v, torch.Tensor):
             k = ids.get(id(v))
             if k is not None and views[k] is v:
@@ -208,6 +214,8 @@ def _exec_of(m: Any, calls: list[Any], views: Sequence[torch.Tensor], slots: Seq
             return None
         else:
             spec.append(("value", v))
+    if written != 1:
+        return None
     layouts = [(sl.dtype, list(sl.shape), list(sl.stride)) for sl in slots]
     try:
         return m.Exec(schema.name, schema.overload_name, layouts, spec, dest)
