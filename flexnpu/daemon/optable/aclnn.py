@@ -435,7 +435,8 @@ def _threshold_bw(a: Args) -> None:
 # The in-place writers, as register_value entries whose destination is selfRef: value(a, None)
 # is what selfRef holds afterwards (put casts it), value(a, selfRef) writes it there directly.
 def _copy(a: Args, out: torch.Tensor | None) -> torch.Tensor:
-    dst, src = a["selfRef"], a["src"]
+    dst: torch.Tensor = a["selfRef"]
+    src: torch.Tensor = a["src"]
     if out is not None:
         return out.copy_(src)  # broadcasts src and casts, as aclnnInplaceCopy does
     if _shares(dst, src):
