@@ -141,7 +141,11 @@ def register_value(
     """Declare an aclnn operator whose entry is ``put(args[dest], value(args, None))`` and
     whose ``value(args, out)`` computes the same result straight into ``out`` (one torch call
     with ``out=``). The two must agree bit for bit when ``out`` has the result's dtype and
-    shape (tests/test_launch_plans.py checks every such entry)."""
+    shape (tests/test_launch_plans.py checks every such entry). A plan may record the ATen call
+    ``value(args, out)`` makes once and repeat it for later launches (compiled.py): whatever
+    ``value`` decides must follow from dtypes, shapes and the non-tensor arguments alone (or
+    from whether tensors overlap the destination, which the executor tests per launch), never
+    from tensor data (reading it is a second ATen call, which keeps the plan in Python)."""
 
     def fn(a: Args) -> None:
         put(a[dest], value(a, None), dest)

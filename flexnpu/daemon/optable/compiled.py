@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "planexec.cpp"
@@ -86,7 +85,9 @@ def build(force: bool = False, verbose: bool = False) -> Path:
     try:
         out = tmp / (NAME + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
         abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-        cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-w"]
+        # (-DNDEBUG as torch itself is built: its headers check, in debug builds only, state that
+        # a release libtorch never sets, e.g. RecordFunction::inputs)
+        cmd = [cxx, "-O2", "-DNDEBUG", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-w"]
         cmd += [
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
             f"-DTORCH_EXTENSION_NAME={NAME}",
@@ -142,94 +143,20 @@ def module() -> Any:
     return m
 
 
-class _Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's class is untyped
-    """Every ATen call below it, with its arguments as given (tensors by identity)."""
-
-    def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        self.calls.append((func, args, kwargs))
-        return func(*args, **kwargs)
-
-
 def record(
     run: Callable[[], Any], views: Sequence[torch.Tensor], slots: Sequence[Any], dest: int
 ) -> tuple[Any, Any]:
-    """Run ``run()`` (the entry's in-place call over ``views``) once, recording it: returns its
-    result and an Exec repeating it, or None where it cannot be repeated exactly (see the
-    module's docstring). ``slots``: the plan's Slots (dtype, shape, stride of each view)."""
+    """Run ``run()`` (the entry's in-place call over ``views``, one per slot) once, recording the
+    ATen calls it makes: returns its result and an Exec repeating it, or None where it cannot
+    be repeated exactly (planexec.cpp, Exec::record). ``slots``: the plan's Slots (dtype, shape,
+    stride of each view). The recording is torch's RecordFunction observer, in C++: a Python
+    dispatch mode would import torch._dynamo on first use (1-2 s in mid-launch)."""
     m = module()
     if m is None:
         return run(), None
-    rec = _Recorder()
-    with rec:
-        result = run()
-    return result, _exec_of(m, rec.calls, views, slots, dest)
-
-
-def _exec_of(m: Any, calls: list[Any], views: Sequence[torch.Tensor], slots: Sequence[Any], dest: int) -> Any:
-    if len(calls) != 1:
-        return None
-    func, args, kwargs = calls[0]
-    if not isinstance(func, torch._ops.OpOverload):
-        return None
-    ids = {id(v): k for k, v in enumerate(views)}
-    schema = func._schema
-    spec: list[tuple[str, Any]] = []
-    written = 0
-    for i, a in enumerate(schema.arguments):
-        if i < len(args) and not a.kwarg_only:
-            v = args[i]
-        elif a.name in kwargs:
-            v = kwargs[a.name]
-        elif a.has_default_value():
-            v = a.default_value
-        else:
-            return None
-        if a.alias_info is not None and a.alias_info.is_write:
-            # the one tensor the call writes (out=, or self of fill_/copy_) is the destination
-            if v is not views[dest]:
-                return None
-            written += 1
-        if isinstance(v, torch.Tensor):
-            k = ids.get(id(v))
-            if k is not None and views[k] is v:
-                spec.append(("slot", k))
-            elif v.dim() == 0 and v.device.type == "cpu" and not v.requires_grad:
-                # a Python scalar torch wrapped for this call (Muls' 2.0): no aten call made
-                # it (that would be a second call), so it comes from the plan's fixed values;
-                # kept as this very tensor, its wrapped-number promotion stays
-                spec.append(("value", v))
-            else:
-                return None  # a tensor the entry made: not per launch
-        elif isinstance(v, (list, tuple)) and v and all(isinstance(t, torch.Tensor) for t in v):
-            ks = [ids.get(id(t)) for t in v]
-            if any(k is None for k in ks):
-                return None
-            spec.append(("slots", ks))
-        elif _holds_tensor(v):
-            return None
-        else:
-            spec.append(("value", v))
-    if written != 1:
-        return None
     layouts = [(sl.dtype, list(sl.shape), list(sl.stride)) for sl in slots]
-    try:
-        return m.Exec(schema.name, schema.overload_name, layouts, spec, dest)
-    except Exception as e:  # noqa: BLE001 - an argument the executor cannot hold: Python keeps it
-        log.debug("no compiled executor for %s: %s", func, e)
-        return None
-
-
-def _holds_tensor(v: Any) -> bool:
-    if isinstance(v, torch.Tensor):
-        return True
-    if isinstance(v, (list, tuple)):
-        return any(_holds_tensor(x) for x in v)
-    return False
+    result, cx = m.record(run, list(views), layouts, dest)
+    return result, cx
 
 
 def main(argv: list[str] | None = None) -> int:

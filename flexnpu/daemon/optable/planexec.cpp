@@ -1,7 +1,7 @@
 // The daemon's compiled executor for planned table launches (flexnpu/daemon/optable TablePlan).
 //
 // Python validates a launch structure once (make_plan) and, on a plan's first launch that
-// writes its result in place, records the one ATen operator its entry calls (recorder.py).
+// writes its result in place, records the one ATen operator its entry calls (record, below).
 // From then on a launch of that plan runs here: views of the client's allocations at this
 // launch's offsets, the byte-range overlap test of the destination against every other
 // tensor, the operator through the dispatcher. Nothing here reports an error: any launch
@@ -10,13 +10,14 @@
 // on its own path, which has every check and every error message. So this file adds speed,
 // never a decision.
 #include <torch/extension.h>
-#include <ATen/ScalarOps.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -44,13 +45,76 @@ struct Arg {
 
 constexpr int64_t kMaxOffset = int64_t(1) << 48;  // optable._MAX_DIM's order: beyond, Python decides
 
+// The ATen calls made while a plan's entry runs once (record): the outermost ones only, with
+// every argument as the dispatcher boxed it (schema order, out= included). RecordFunction
+// callbacks are plain function pointers, so the recording lives in thread-local state.
+struct Call {
+  std::optional<c10::OperatorName> name;
+  std::vector<c10::IValue> inputs;
+};
+thread_local std::vector<Call>* t_calls = nullptr;
+thread_local int t_depth = 0;
+
+std::unique_ptr<at::ObserverContext> on_enter(const at::RecordFunction& fn) {
+  if (t_calls != nullptr && t_depth++ == 0) {
+    Call c;
+    c.name = fn.operator_name();
+    auto in = fn.inputs();
+    c.inputs.assign(in.begin(), in.end());
+    t_calls->push_back(std::move(c));
+  }
+  return nullptr;
+}
+
+void on_exit(const at::RecordFunction&, at::ObserverContext*) {
+  if (t_calls != nullptr) t_depth--;
+}
+
 class Exec {
  public:
-  Exec(const std::string& name, const std::string& overload, py::list slots, py::list args, int64_t dest)
-      : op_(c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), overload.c_str())), dest_(dest) {
-    const auto& schema = op_.schema();
-    for (auto s : slots) {
-      auto t = s.cast<py::tuple>();
+  Exec(c10::OperatorHandle op, std::vector<Slot> slots, std::vector<Arg> args, int64_t dest)
+      : op_(std::move(op)), slots_(std::move(slots)), args_(std::move(args)), dest_(dest) {}
+
+  // Run `run()` (the entry's in-place call over `views`, one per slot) once while recording the
+  // ATen calls it makes. Returns (run's result, an Exec repeating the call, or None where it
+  // cannot be repeated exactly): one outermost call, whose one written argument is
+  // views[dest], whose every tensor argument is one of the views (by identity) or a number
+  // torch wrapped for the call, and whose other arguments are values. (Composite operators
+  // record as themselves: Matmul replays aten::matmul.out, which decomposes as it did.)
+  static py::tuple record(py::object run, std::vector<at::Tensor> views, py::list layouts, int64_t dest) {
+    std::vector<Call> calls;
+    at::RecordFunctionCallback cb(on_enter, on_exit);
+    cb.needsInputs(true).scopes({at::RecordScope::FUNCTION});
+    t_calls = &calls;
+    t_depth = 0;
+    auto handle = at::addThreadLocalCallback(cb);
+    py::object result;
+    try {
+      result = run();
+    } catch (...) {
+      at::removeCallback(handle);
+      t_calls = nullptr;
+      throw;
+    }
+    at::removeCallback(handle);
+    t_calls = nullptr;
+    std::optional<Exec> ex = of(calls, views, layouts, dest);
+    return py::make_tuple(result, ex ? py::cast(std::move(*ex)) : py::none());
+  }
+
+ private:
+  static std::optional<Exec> of(const std::vector<Call>& calls, const std::vector<at::Tensor>& views,
+                                py::list layouts, int64_t dest) {
+    if (calls.size() != 1 || !calls[0].name) return std::nullopt;
+    const Call& c = calls[0];
+    auto op = c10::Dispatcher::singleton().findOp(*c.name);
+    if (!op) return std::nullopt;
+    const auto& params = op->schema().arguments();
+    if (params.size() != c.inputs.size() || (size_t)py::len(layouts) != views.size()) return std::nullopt;
+    if (dest < 0 || dest >= (int64_t)views.size()) return std::nullopt;
+    std::vector<Slot> slots;
+    for (auto l : layouts) {
+      auto t = l.cast<py::tuple>();
       Slot sl;
       sl.dtype = t[0].cast<at::ScalarType>();
       sl.sizes = t[1].cast<std::vector<int64_t>>();
@@ -62,47 +126,59 @@ class Exec {
         if (sl.sizes[i] == 0) sl.empty = true;
         if (sl.sizes[i] > 1) sl.reach += (sl.sizes[i] - 1) * sl.strides[i];
       }
-      slots_.push_back(std::move(sl));
+      slots.push_back(std::move(sl));
     }
-    if ((int64_t)schema.arguments().size() != (int64_t)py::len(args))
-      throw std::invalid_argument("argument count differs from the schema's");
-    if (dest_ < 0 || dest_ >= (int64_t)slots_.size() || slots_[dest_].empty)
-      throw std::invalid_argument("no destination slot");
-    size_t i = 0;
-    for (auto a : args) {
-      auto t = a.cast<py::tuple>();
-      auto kind = t[0].cast<std::string>();
-      Arg arg;
-      if (kind == "slot") {
-        arg.src = Src::Slot;
-        arg.k = t[1].cast<int64_t>();
-        check_slot(arg.k);
-      } else if (kind == "slots") {
-        arg.src = Src::SlotList;
-        arg.ks = t[1].cast<std::vector<int64_t>>();
-        for (auto k : arg.ks) check_slot(k);
-      } else if (kind == "value") {
-        arg.src = Src::Fixed;
-        const auto& type = schema.arguments()[i].real_type();
-        PyObject* v = t[1].ptr();
-        if (type->kind() == c10::TypeKind::TensorType &&
-            (PyFloat_Check(v) || PyLong_Check(v) || PyComplex_Check(v))) {
-          // a Python number where the schema has a Tensor (Muls' scalar): wrapped as torch's
-          // argument parser wraps it, so type promotion treats it as the scalar it is
-          at::Tensor w = c10::scalar_to_tensor(torch::jit::toIValue(t[1], c10::NumberType::get()).toScalar());
-          w.unsafeGetTensorImpl()->set_wrapped_number(true);
-          arg.fixed = w;
-        } else {
-          arg.fixed = torch::jit::toIValue(t[1], type);
-        }
-      } else {
-        throw std::invalid_argument("unknown argument kind " + kind);
+    if (slots[dest].empty) return std::nullopt;
+    auto slot_of = [&](const at::Tensor& t) -> int64_t {
+      for (size_t k = 0; k < views.size(); k++)
+        if (views[k].unsafeGetTensorImpl() == t.unsafeGetTensorImpl()) return (int64_t)k;
+      return -1;
+    };
+    std::vector<Arg> args;
+    int written = 0;
+    for (size_t i = 0; i < params.size(); i++) {
+      const c10::IValue& v = c.inputs[i];
+      const auto* alias = params[i].alias_info();
+      if (alias != nullptr && alias->isWrite()) {
+        if (!v.isTensor() || slot_of(v.toTensor()) != dest) return std::nullopt;
+        written++;
       }
-      args_.push_back(std::move(arg));
-      i++;
+      Arg a;
+      if (v.isTensor()) {
+        const at::Tensor& t = v.toTensor();
+        int64_t k = slot_of(t);
+        if (k >= 0) {
+          a.src = Src::Slot;
+          a.k = k;
+        } else if (t.unsafeGetTensorImpl()->is_wrapped_number()) {
+          a.src = Src::Fixed;  // a Python number torch wrapped for the call (Muls' scalar)
+          a.fixed = v;
+        } else {
+          return std::nullopt;  // a tensor the entry made: not per launch
+        }
+      } else if (v.isTensorList()) {
+        a.src = Src::SlotList;
+        for (const at::Tensor& t : v.toTensorVector()) {
+          int64_t k = slot_of(t);
+          if (k < 0) return std::nullopt;
+          a.ks.push_back(k);
+        }
+      } else if (v.isIntList() || v.isDoubleList() || v.isBoolList()) {
+        a.src = Src::Fixed;  // (Mean's dims)
+        a.fixed = v;
+      } else if (v.isList() || v.isGenericDict() || v.isTuple() || v.isObject() || v.isOptionalTensorList()) {
+        return std::nullopt;  // (containers that might hold tensors: not repeated)
+      } else {
+        a.src = Src::Fixed;
+        a.fixed = v;
+      }
+      args.push_back(std::move(a));
     }
+    if (written != 1) return std::nullopt;
+    return Exec(*op, std::move(slots), std::move(args), dest);
   }
 
+ public:
   // One launch: bufs[k] is the 1-D uint8 allocation of tensor k, offsets[k] its element offset.
   // True: it ran. False: nothing ran; Python runs the launch on its own path. (Sequences of
   // Python objects, not converted vectors: an offset no int64 holds, or anything not a
@@ -185,10 +261,6 @@ class Exec {
   int64_t runs() const { return runs_; }
 
  private:
-  void check_slot(int64_t k) const {
-    if (k < 0 || k >= (int64_t)slots_.size()) throw std::invalid_argument("slot out of range");
-  }
-
   c10::OperatorHandle op_;
   std::vector<Slot> slots_;
   std::vector<Arg> args_;
@@ -205,9 +277,8 @@ class Exec {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "FlexNPU daemon: compiled execution of planned table launches";
   py::class_<Exec>(m, "Exec")
-      .def(py::init<const std::string&, const std::string&, py::list, py::list, int64_t>(), py::arg("name"),
-           py::arg("overload"), py::arg("slots"), py::arg("args"), py::arg("dest"))
       .def("run", &Exec::run, py::arg("bufs"), py::arg("offsets"))
       .def_property_readonly("name", &Exec::name)
       .def_property_readonly("runs", &Exec::runs);
+  m.def("record", &Exec::record, py::arg("run"), py::arg("views"), py::arg("layouts"), py::arg("dest"));
 }
