@@ -215,8 +215,12 @@ class Exec {
       if (end > nbytes) return false;
       int64_t byte_off = b.storage_offset() + off * sl.itemsize;
       if (byte_off % sl.itemsize) return false;
-      at::Tensor v = at::empty({0}, b.options().dtype(sl.dtype));
-      v.set_(b.storage(), byte_off / sl.itemsize, sl.sizes, sl.strides);
+      // the view as set_ makes it, without set_'s trip through the dispatcher and a throwaway
+      // empty tensor: a TensorImpl over the allocation's storage (same dispatch keys)
+      auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(b.storage()), b.key_set(),
+                                                       c10::scalarTypeToTypeMeta(sl.dtype));
+      impl->set_sizes_and_strides(sl.sizes, sl.strides, byte_off / sl.itemsize);
+      at::Tensor v(std::move(impl));
       auto p = reinterpret_cast<uintptr_t>(b.data_ptr()) + (uintptr_t)(off * sl.itemsize);
       lo_[k] = p;
       hi_[k] = sl.empty ? p : p + (uintptr_t)((sl.reach + 1) * sl.itemsize);
