@@ -229,3 +229,23 @@ def test_the_daemon_runs_a_repeating_table_launch_compiled_and_reports_it(pe, st
             c.synchronize()
         got = torch.frombuffer(bytearray(c.memcpy_d2h(h, 0, 256)), dtype=torch.float32)
         assert torch.equal(got, data)
+
+
+def test_the_recorder_refuses_layouts_it_cannot_bound(pe):
+    """The layouts come from validated plans; the C++ side still refuses any whose bounds
+    arithmetic could go wrong (a negative size or stride, a span past 2**62, ranks that differ,
+    a count that is not the views')."""
+    buf = torch.zeros(256, dtype=torch.uint8)
+    x, out = (optable.build_view(TensorRef(1, torch.float32, (4,), (1,), o), buf) for o in (0, 8))
+    good = (torch.float32, [4], [1])
+    assert pe.record(lambda: torch.neg(x, out=out), [x, out], [good, good], 1)[1] is not None
+    for bad in (
+        (torch.float32, [4], [-1]),
+        (torch.float32, [-4], [1]),
+        (torch.float32, [4, 2], [1]),
+        (torch.float32, [3, 1 << 40], [1 << 40, 1 << 22]),
+    ):
+        _, cx = pe.record(lambda: torch.neg(x, out=out), [x, out], [bad, good], 1)
+        assert cx is None, bad
+    assert pe.record(lambda: torch.neg(x, out=out), [x, out], [good], 1)[1] is None
+    assert pe.record(lambda: torch.neg(x, out=out), [x, out], [good, good], 5)[1] is None

@@ -103,12 +103,19 @@ def build(force: bool = False, verbose: bool = False) -> Path:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{cxx} failed ({r.returncode}):\n{r.stderr[-4000:]}")
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-        shutil.copy2(out, d / out.name)
-        (d / "stamp").write_text(_stamp() + "\n")
-        return d / out.name
+        # Into place by rename, never by rewriting: a daemon that has the old library mapped
+        # keeps it (rewriting a mapped file in place kills its mapper with SIGBUS); the stamp
+        # last, so a stamp never vouches for a library that is not there yet.
+        d.mkdir(parents=True, exist_ok=True)
+        final = d / out.name
+        shutil.copy2(out, d / (out.name + ".tmp"))
+        os.replace(d / (out.name + ".tmp"), final)
+        for old in d.glob(f"{NAME}*.so"):
+            if old != final:
+                old.unlink()
+        (d / "stamp.tmp").write_text(_stamp() + "\n")
+        os.replace(d / "stamp.tmp", d / "stamp")
+        return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

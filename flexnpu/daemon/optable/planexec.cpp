@@ -122,10 +122,19 @@ class Exec {
       sl.itemsize = c10::elementSize(sl.dtype);
       sl.reach = 0;
       sl.empty = false;
+      if (sl.sizes.size() != sl.strides.size()) return std::nullopt;
       for (size_t i = 0; i < sl.sizes.size(); i++) {
+        // (Python validated these layouts: check_view_bounds. Checked again, so that no
+        // layout can make the per-launch bounds arithmetic overflow.)
+        if (sl.sizes[i] < 0 || sl.strides[i] < 0) return std::nullopt;
         if (sl.sizes[i] == 0) sl.empty = true;
-        if (sl.sizes[i] > 1) sl.reach += (sl.sizes[i] - 1) * sl.strides[i];
+        int64_t step = 0;
+        if (sl.sizes[i] > 1 && (__builtin_mul_overflow(sl.sizes[i] - 1, sl.strides[i], &step) ||
+                                __builtin_add_overflow(sl.reach, step, &sl.reach)))
+          return std::nullopt;
       }
+      int64_t span = 0;
+      if (__builtin_mul_overflow(sl.reach + 1, sl.itemsize, &span) || span > (int64_t(1) << 62)) return std::nullopt;
       slots.push_back(std::move(sl));
     }
     if (slots[dest].empty) return std::nullopt;
@@ -195,10 +204,10 @@ class Exec {
       return false;
     PyObject** bitems = PySequence_Fast_ITEMS(bseq.ptr());
     PyObject** oitems = PySequence_Fast_ITEMS(oseq.ptr());
-    views_.clear();
-    views_.reserve(n);
-    lo_.resize(n);
-    hi_.resize(n);
+    // (locals, not members: nothing here is shared between calls, even with the GIL released)
+    std::vector<at::Tensor> views;
+    views.reserve(n);
+    std::vector<uintptr_t> lo(n), hi(n);
     for (size_t k = 0; k < n; k++) {
       const Slot& sl = slots_[k];
       if (!THPVariable_Check(bitems[k]) || !PyLong_CheckExact(oitems[k])) return false;
@@ -222,41 +231,39 @@ class Exec {
       impl->set_sizes_and_strides(sl.sizes, sl.strides, byte_off / sl.itemsize);
       at::Tensor v(std::move(impl));
       auto p = reinterpret_cast<uintptr_t>(b.data_ptr()) + (uintptr_t)(off * sl.itemsize);
-      lo_[k] = p;
-      hi_[k] = sl.empty ? p : p + (uintptr_t)((sl.reach + 1) * sl.itemsize);
-      views_.push_back(std::move(v));
+      lo[k] = p;
+      hi[k] = sl.empty ? p : p + (uintptr_t)((sl.reach + 1) * sl.itemsize);
+      views.push_back(std::move(v));
     }
     // Written in place, a destination that shares bytes with an input would be read after
     // being written: Python's path computes first and copies then.
     for (size_t k = 0; k < n; k++) {
       if ((int64_t)k == dest_ || slots_[k].empty) continue;
-      if (lo_[k] < hi_[dest_] && lo_[dest_] < hi_[k]) return false;
+      if (lo[k] < hi[dest_] && lo[dest_] < hi[k]) return false;
     }
-    stack_.clear();
-    stack_.reserve(args_.size());
+    torch::jit::Stack stack;
+    stack.reserve(args_.size());
     for (const Arg& a : args_) {
       switch (a.src) {
         case Src::Fixed:
-          stack_.push_back(a.fixed);
+          stack.push_back(a.fixed);
           break;
         case Src::Slot:
-          stack_.emplace_back(views_[a.k]);
+          stack.emplace_back(views[a.k]);
           break;
         case Src::SlotList: {
           std::vector<at::Tensor> l;
           l.reserve(a.ks.size());
-          for (auto k : a.ks) l.push_back(views_[k]);
-          stack_.emplace_back(c10::List<at::Tensor>(std::move(l)));
+          for (auto k : a.ks) l.push_back(views[k]);
+          stack.emplace_back(c10::List<at::Tensor>(std::move(l)));
           break;
         }
       }
     }
     {
       py::gil_scoped_release nogil;  // the control thread may run while the operator does
-      op_.callBoxed(&stack_);
+      op_.callBoxed(&stack);
     }
-    stack_.clear();
-    views_.clear();
     runs_++;
     return true;
   }
@@ -270,10 +277,6 @@ class Exec {
   std::vector<Arg> args_;
   int64_t dest_;
   int64_t runs_ = 0;
-  // per launch, kept to reuse their capacity
-  std::vector<at::Tensor> views_;
-  std::vector<uintptr_t> lo_, hi_;
-  torch::jit::Stack stack_;
 };
 
 }  // namespace
