@@ -146,6 +146,20 @@ def _g(obj: dict, key: str, default: str = "-") -> str:
     return default if v is None else str(v)
 
 
+def _plans_line(d: dict) -> str:
+    """The daemon's launch plans in one line (status `plans`; absent on backends without them)."""
+    p = d.get("plans")
+    if "error" in d or not isinstance(p, dict):
+        return ""
+    line = (
+        f"device {_g(d, 'device')} plans: {_g(p, 'plans', '0')} ({_g(p, 'compiled', '0')} compiled, "
+        f"{_g(p, 'compiled_launches', '0')} launches run compiled; {_g(p, 'sized_plans', '0')} without sizes)"
+    )
+    if p.get("compiled_executor") is False:
+        line += "; compiled executor not built: planned launches run in Python (python3 -m flexnpu.daemon.optable.build)"
+    return line
+
+
 def format_text(report: dict, runtime_dir: Path | list[Path], width: int = 120) -> str:
     daemons, stale = report["daemons"], report["stale"]
     where = " or ".join(map(str, runtime_dir)) if isinstance(runtime_dir, list) else str(runtime_dir)
@@ -194,6 +208,10 @@ def format_text(report: dict, runtime_dir: Path | list[Path], width: int = 120) 
             ],
             rows,
         )
+    for d in daemons:
+        line = _plans_line(d)
+        if line:
+            lines.append(line)
     for d in daemons:
         clients = d.get("clients") or []
         if "error" in d or not clients:

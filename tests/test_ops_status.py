@@ -138,7 +138,15 @@ def test_collect_daemons_clients_and_stale(rundir):
     peers.append(
         PeerDaemon(d / "npu0.sock", {"ok": True, "daemon": daemon_obj(0, d / "npu0.sock", [CLIENT])})
     )
-    peers.append(PeerDaemon(d / "npu1.sock", {"ok": True, "daemon": daemon_obj(1, d / "npu1.sock", [])}))
+    d1 = daemon_obj(1, d / "npu1.sock", [])
+    d1["plans"] = {
+        "plans": 208,
+        "sized_plans": 71,
+        "compiled": 55,
+        "compiled_launches": 4302,
+        "compiled_executor": False,
+    }
+    peers.append(PeerDaemon(d / "npu1.sock", {"ok": True, "daemon": d1}))
     _stale_socket(d / "npu2.sock")
     (d / "notasocket.txt").write_text("ignored")
     report = cmd_status.collect(d, timeout=2.0)
@@ -155,6 +163,9 @@ def test_collect_daemons_clients_and_stale(rundir):
     assert "1h01m" in text  # uptime 3700 s
     assert "RSS" in text and "300.0 MiB" in text  # the daemon's own host memory
     assert "stale sockets" in text and str(d / "npu2.sock") in text
+    # launch plans: a line for the daemon that reports them (device 1), none for the other
+    assert "device 1 plans: 208 (55 compiled, 4302 launches run compiled; 71 without sizes)" in text
+    assert "compiled executor not built" in text and "device 0 plans" not in text
 
 
 def test_unresponsive_and_broken_daemons_are_reported_not_fatal(rundir):
