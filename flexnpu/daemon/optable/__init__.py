@@ -510,7 +510,8 @@ class TablePlan:
         self.direct: bool | None = False
         # the compiled executor of the in-place form (compiled.py): None until the first
         # in-place launch records the entry's operator, False if it cannot be repeated there
-        self.cx: Any = None
+        # (or has index ranges, which are checked in Python at every launch)
+        self.cx: Any = None if d.indices is None else False
         dest = a.get(d.dest) if d.value is not None else None
         # (`a` may be another plan's template, SizedPlan.exact: its slots stand for positions;
         # `slots` are this plan's)
@@ -559,10 +560,6 @@ class TablePlan:
         a = self._args(views)
         value = self.d.value
         assert value is not None  # dest >= 0
-        if self.d.indices is not None:  # index ranges are checked in Python, every launch
-            self.cx = False
-            value(a, views[self.dest])
-            return
         _, cx = compiled.record(lambda: value(a, views[self.dest]), views, self.slots, self.dest)
         self.cx = cx if cx is not None else False
 
