@@ -10,6 +10,7 @@ daemon (cpu backend) and repeats one structure with different handles.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -460,12 +461,11 @@ def _value_args(d: Any, dtype: torch.dtype) -> dict[str, Any]:
     return a
 
 
-def test_every_in_place_value_entry_matches_its_computed_result_bit_for_bit():
-    """register_value's contract, checked for every entry that has one: value(args, out) writes
-    exactly what value(args, None) returns (the plan's in-place path equals put's)."""
+def value_cases() -> Iterator[tuple[str, Any, torch.dtype, dict[str, Any], torch.Tensor]]:
+    """(op, declaration, dtype, arguments, computed result) for every register_value entry and
+    each of float32 / int32 it is defined for (bitwise operators have no float32 case, ...)."""
     from flexnpu.daemon import optable
 
-    checked = []
     for op, d in sorted(optable.TABLE.items()):
         if d.value is None:
             continue
@@ -474,12 +474,20 @@ def test_every_in_place_value_entry_matches_its_computed_result_bit_for_bit():
             try:
                 want = d.value(a, None)
             except (RuntimeError, TypeError):
-                continue  # not defined for this dtype (bitwise ops on floats, ...)
-            out = torch.full_like(want, 7) if want.dtype != torch.bool else torch.zeros_like(want)
-            got = d.value(a, out)
-            assert got is out or got.data_ptr() == out.data_ptr(), op
-            torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True, msg=op)
-            checked.append((op, dtype))
+                continue
+            yield op, d, dtype, a, want
+
+
+def test_every_in_place_value_entry_matches_its_computed_result_bit_for_bit():
+    """register_value's contract, checked for every entry that has one: value(args, out) writes
+    exactly what value(args, None) returns (the plan's in-place path equals put's)."""
+    checked = []
+    for op, d, dtype, a, want in value_cases():
+        out = torch.full_like(want, 7) if want.dtype != torch.bool else torch.zeros_like(want)
+        got = d.value(a, out)
+        assert got is out or got.data_ptr() == out.data_ptr(), op
+        torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True, msg=op)
+        checked.append((op, dtype))
     ops = {op for op, _ in checked}
     assert (
         len(ops) >= 70 and {"aclnn::Matmul", "aclnn::Cat", "aclnn::Mean", "aclnn::Silu", "aclnn::Mul"} <= ops

@@ -14,7 +14,7 @@ from flexnpu.daemon import optable
 from flexnpu.daemon.optable import compiled
 from flexnpu.protocol import TensorRef
 
-from test_launch_plans import _value_args
+from test_launch_plans import value_cases
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +68,11 @@ def _place(
             out[name] = v
     for k, v in a.items():
         out.setdefault(k, v)
-    dest = next(i for i, sl in enumerate(slots) if out[d.dest] is _views_at(out, d, slots)[i])
+    dest = next(i for i, v in enumerate(_views_at(out, d)) if v is out[d.dest])
     return out, slots, offsets, dest
 
 
-def _views_at(a: dict[str, Any], d: Any, slots: list) -> list[torch.Tensor]:
+def _views_at(a: dict[str, Any], d: Any) -> list[torch.Tensor]:
     vs: list[torch.Tensor] = []
     for name, _ in d.params:
         v = a.get(name)
@@ -88,35 +88,29 @@ def test_every_recordable_value_entry_repeats_the_python_result_bit_for_bit(pe):
     second launch (other allocation, other offsets, other data) through the executor and
     compare with the entry's own Python result, bit for bit."""
     got_exec, skipped = [], []
-    for op, d in sorted(optable.TABLE.items()):
-        if d.value is None or d.indices is not None:
+    for op, d, dtype, a0, want0 in value_cases():
+        if d.indices is not None:
             continue
-        for dtype in (torch.float32, torch.int32):
-            a0 = _value_args(d, dtype)
-            try:
-                want0 = d.value(a0, None)
-            except (RuntimeError, TypeError):
-                continue  # not defined for this dtype
-            a0[d.dest] = torch.zeros_like(want0)
-            buf1 = torch.zeros(1 << 14, dtype=torch.uint8)
-            a1, slots, offs1, dest = _place(d, a0, buf1, 0, 1)
-            views1 = _views_at(a1, d, slots)
-            _, cx = compiled.record(lambda: d.value(a1, a1[d.dest]), views1, slots, dest)
-            if cx is None:
-                skipped.append(op)
-                continue
-            buf2 = torch.zeros(1 << 14, dtype=torch.uint8)
-            a2, _, offs2, _ = _place(d, a0, buf2, 37, 2)
-            want = d.value(a2, None).clone()  # (computed, not written: a2's destination is unchanged)
-            before = buf2.clone()
-            assert cx.run([buf2] * len(slots), offs2), op
-            out = _views_at(a2, d, slots)[dest]
-            torch.testing.assert_close(out, want.to(out.dtype), rtol=0, atol=0, equal_nan=True, msg=op)
-            # nothing but the destination's bytes changed
-            lo = offs2[dest] * out.element_size()
-            hi = lo + out.numel() * out.element_size()
-            assert torch.equal(buf2[:lo], before[:lo]) and torch.equal(buf2[hi:], before[hi:]), op
-            got_exec.append((op, dtype))
+        a0[d.dest] = torch.zeros_like(want0)
+        buf1 = torch.zeros(1 << 14, dtype=torch.uint8)
+        a1, slots, _, dest = _place(d, a0, buf1, 0, 1)
+        views1 = _views_at(a1, d)
+        _, cx = compiled.record(lambda: d.value(a1, a1[d.dest]), views1, slots, dest)
+        if cx is None:
+            skipped.append(op)
+            continue
+        buf2 = torch.zeros(1 << 14, dtype=torch.uint8)
+        a2, _, offs2, _ = _place(d, a0, buf2, 37, 2)
+        want = d.value(a2, None).clone()  # (computed, not written: a2's destination is unchanged)
+        before = buf2.clone()
+        assert cx.run([buf2] * len(slots), offs2), op
+        out = _views_at(a2, d)[dest]
+        torch.testing.assert_close(out, want.to(out.dtype), rtol=0, atol=0, equal_nan=True, msg=op)
+        # nothing but the destination's bytes changed
+        lo = offs2[dest] * out.element_size()
+        hi = lo + out.numel() * out.element_size()
+        assert torch.equal(buf2[:lo], before[:lo]) and torch.equal(buf2[hi:], before[hi:]), op
+        got_exec.append((op, dtype))
     ops = {op for op, _ in got_exec}
     assert {
         "aclnn::Mul",

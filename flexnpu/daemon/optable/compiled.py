@@ -162,8 +162,7 @@ def record(
     if m is None:
         return run(), None
     layouts = [(sl.dtype, list(sl.shape), list(sl.stride)) for sl in slots]
-    result, cx = m.record(run, list(views), layouts, dest)
-    return result, cx
+    return tuple(m.record(run, list(views), layouts, dest))
 
 
 def main(argv: list[str] | None = None) -> int:
