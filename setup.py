@@ -19,15 +19,15 @@ setup(
     package_dir={"flexnpu.bench": "bench"},
     package_data={
         "flexnpu.ring": ["*.c", "*.h"],
+        "flexnpu.hook": ["fastdispatch.c", "bootstrap/*.py", "bootstrap/*/*.py"],
         "flexnpu.k8s": ["*.proto"],
-        "flexnpu.hook": ["bootstrap/*.py", "bootstrap/*/*.py"],
         "flexnpu.hook.native": ["src/*.c", "src/*.h", "symbols.txt"],
         "flexnpu.daemon.optable": ["planexec.cpp"],
         "flexnpu.bench": ["*.c"],
     },
     data_files=[("share/flexnpu/systemd", ["systemd/flexnpu@.service", "systemd/flexnpu.target"])],
     setup_requires=["cffi>=1.15"],
-    cffi_modules=["flexnpu/ring/_build.py:ffibuilder"],
+    cffi_modules=["flexnpu/ring/_build.py:ffibuilder", "flexnpu/hook/_build_dispatch.py:ffibuilder"],
     install_requires=[
         "cffi>=1.15",
         "numpy>=1.24",

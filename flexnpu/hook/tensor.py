@@ -15,6 +15,11 @@ works unchanged) and is turned into one ``client.launch`` with no round trip:
   host's CPU torch, then upload results. Random numbers therefore follow ``torch.manual_seed``
   exactly as on CPU, and the daemon never touches a process-wide generator.
 
+A call whose spec is cached (nearly every call of an eager loop) runs in C instead
+(fastdispatch.c, _install_fast_dispatch below): the same walk, key, wrappers and launch, with
+every other call handed back to dispatch() before anything is done, so dispatch() remains the
+one definition of the behaviour.
+
 Factories (``torch.empty/zeros/randn(..., device="npu")``) reach the PrivateUse1 backend
 fallback (no npu tensor is involved yet, so there is no Python dispatch key), which allocates
 with ``client.malloc`` and hands the rest (fill, arange, ...) to the same launch path.
@@ -22,6 +27,7 @@ with ``client.malloc`` and hands the rest (fill, arange, ...) to the same launch
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -1116,7 +1122,55 @@ def kernel_for(name: str):
     op = getattr(getattr(aten, packet), overload or "default")
 
     def kernel(*args, **kwargs):
-        return dispatch(op, args, kwargs)
+        return _dispatch_entry(op, args, kwargs)
 
     kernel.__name__ = f"npu_{packet}"
     return kernel
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiled hot path
+
+
+def _install_fast_dispatch() -> Any:
+    """dispatch() for calls whose spec is cached, in C (fastdispatch.c): the same walk, key,
+    wrappers and launch, several times cheaper per operator; every other call comes back to
+    dispatch() above. None (Python only) when $FLEXNPU_FASTDISPATCH is 0 or the module is not
+    built."""
+    if os.environ.get("FLEXNPU_FASTDISPATCH", "1").strip() == "0":
+        return None
+    try:
+        from flexnpu.hook._dispatch_core import lib
+    except ImportError:
+        return None
+    ns: dict[str, Any] = {}
+    if lib.fxd_install(id(ns)) != 0:  # id() is the dict's address in CPython
+        return None
+    ns["configure"](
+        {
+            "infos": _infos,
+            "cache": _cache,
+            "enc_cache": _enc_cache,
+            "stats": stats,
+            "tensor_type": NPUTensor,
+            "alloc_type": Alloc,
+            "ref_type": TensorRef,
+            "make_raw": _make_raw,
+            "wrapper_storage": _WRAPPER_STORAGE,
+            "tdevs": _torch_devices,
+            "tdev": _tdev,
+            "fallback": dispatch,
+            "make_rk": _make_rk,
+            "launch": _launch,
+            "build": _build,
+            "plain_types": (torch.dtype, torch.layout, torch.memory_format, str),
+        }
+    )
+    # torch calls cls.__torch_dispatch__(func, types, args, kwargs): the C function, bound
+    NPUTensor.__torch_dispatch__ = classmethod(ns["torch_dispatch"])  # type: ignore[assignment, method-assign]
+    return ns
+
+
+FAST = _install_fast_dispatch()
+# the PrivateUse1 kernels (factories, copies) take the same path
+_dispatch_entry = FAST["dispatch"] if FAST is not None else dispatch

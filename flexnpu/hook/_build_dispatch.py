@@ -1,0 +1,22 @@
+"""cffi (API mode) builder of the npu device's C dispatch path (fastdispatch.c). Invoked by
+setup.py's cffi_modules; the module is a plain CPython extension installed through one cffi
+entry point, as the ring's fast path is (flexnpu/ring/pyfast.c)."""
+
+import os
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+ffibuilder = FFI()
+ffibuilder.cdef("int fxd_install(uint64_t dict_addr);")
+ffibuilder.set_source(
+    "flexnpu.hook._dispatch_core",
+    "#include <stdint.h>\nint fxd_install(uint64_t dict_addr);\n",
+    sources=[os.path.join("flexnpu", "hook", "fastdispatch.c")],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
+    py_limited_api=False,  # the full CPython API (METH_FASTCALL, vectorcall)
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)
