@@ -23,6 +23,7 @@ setup(
         "flexnpu.k8s": ["*.proto"],
         "flexnpu.hook.native": ["src/*.c", "src/*.h", "symbols.txt"],
         "flexnpu.daemon.optable": ["planexec.cpp"],
+        "flexnpu.daemon.backends": ["atenexec.cpp"],
         "flexnpu.bench": ["*.c"],
     },
     data_files=[("share/flexnpu/systemd", ["systemd/flexnpu@.service", "systemd/flexnpu.target"])],

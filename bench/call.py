@@ -11,6 +11,10 @@ Targets: native sync within 1.5x of the Python client's sync call and <= 5 us; a
 torch-subclass-op (issue 13): a mul on a wrapper tensor subclass whose __torch_dispatch__ only
 makes its output (torch's own cost for a device implemented in Python: the floor under any
 Python front end's per-operator cost, FlexNPU's included).
+npu-dispatch-op (issue 13): the same mul on FlexNPU's npu device (a real daemon; cached shape,
+so the C dispatch path, flexnpu/hook/fastdispatch.c), the client's cost per operator; and
+npu-dispatch-op-python, the same through the Python dispatch alone (FLEXNPU_FASTDISPATCH=0's
+path), side by side. Ratio client_us_added_per_op: npu-dispatch-op minus torch-subclass-op.
 planned-launch-1-client (issue 13): one client streams real operator launches (a 128-element
 add with a fresh output, outputs freed in FREE_MANY batches, as the eager front end does) from
 cached encodings; after the first two the daemon runs them from its launch plan, and it is the
@@ -78,6 +82,46 @@ def _subclass_floor(n: int) -> dict:
         "p99_us": pct(us, 99),
         "ops_per_s": 1e6 / median(us),
     }
+
+
+def _npu_dispatch(n: int) -> list[dict]:
+    """The client's cost of one cached-shape operator on the npu device: C path, Python path."""
+    import torch
+
+    from flexnpu.hook import install_torch_device
+    from flexnpu.hook import tensor as T
+
+    install_torch_device()
+    c_dispatch = T.NPUTensor.__torch_dispatch__
+
+    def python_dispatch(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        return T.dispatch(func, args, kwargs or {})
+
+    a = torch.ones(1, 1, 128, device="npu")
+    rows = []
+    pc = time.perf_counter_ns
+    paths = [("npu-dispatch-op-python", classmethod(python_dispatch))]
+    if T.FAST is not None:
+        paths.insert(0, ("npu-dispatch-op", c_dispatch))
+    try:
+        for name, td in paths:
+            T.NPUTensor.__torch_dispatch__ = td  # type: ignore[method-assign]
+            lat = []
+            with torch.no_grad():
+                for i in range(n):
+                    t = pc()
+                    a * a
+                    lat.append(pc() - t)
+                    if i % 512 == 511:  # the daemon never falls behind far enough to push back
+                        torch.npu.synchronize()  # type: ignore[attr-defined]
+            torch.npu.synchronize()  # type: ignore[attr-defined]
+            us = [x / 1000 for x in lat]
+            rows.append(
+                {"name": name, "p50_us": median(us), "p99_us": pct(us, 99), "ops_per_s": 1e6 / median(us)}
+            )
+    finally:
+        T.NPUTensor.__torch_dispatch__ = c_dispatch  # type: ignore[method-assign]
+    return rows
 
 
 def _async_launch(n: int) -> list[dict]:
@@ -375,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             progress("[call] async launch (client side)")
             rows += _async_launch(n)
             rows.append(_subclass_floor(n // 4))
+            progress("[call] npu device dispatch (client side), C and Python paths")
+            rows += _npu_dispatch(n // 4)
             progress("[call] native front (C program on libascendcl.so)")
             rows += _native_calls(n, str(rdir))
             progress("[call] daemon throughput, 1 and 4 clients")
@@ -402,6 +448,13 @@ def main(argv: list[str] | None = None) -> int:
             by["launch-4-clients"]["ops_per_s"] / by["launch-1-client"]["ops_per_s"], 3
         ),
     }
+    if "npu-dispatch-op" in by:
+        ratios["client_us_added_per_op"] = round(
+            by["npu-dispatch-op"]["p50_us"] - by["torch-subclass-op"]["p50_us"], 2
+        )
+        ratios["python_over_c_dispatch_p50"] = round(
+            by["npu-dispatch-op-python"]["p50_us"] / by["npu-dispatch-op"]["p50_us"], 2
+        )
     if "planned-launch-1-client" in by:
         ratios["daemon_us_per_planned_launch"] = round(1e6 / by["planned-launch-1-client"]["ops_per_s"], 2)
     if "planned-table-launch-1-client" in by:

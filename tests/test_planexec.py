@@ -1,4 +1,4 @@
-"""The compiled executor of planned table launches (flexnpu/daemon/optable/compiled.py,
+"""The compiled executor of planned table launches (flexnpu/daemon/compiled.py,
 planexec.cpp): what it records, that it repeats exactly what the Python path computes, and
 that every launch it is unsure of goes back to Python (which has the checks and the errors)."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flexnpu.daemon import optable
-from flexnpu.daemon.optable import compiled
+from flexnpu.daemon import compiled
 from flexnpu.protocol import TensorRef
 
 from test_launch_plans import value_cases

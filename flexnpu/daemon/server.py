@@ -599,7 +599,7 @@ class Daemon:
 
     def _plan_status(self) -> dict[str, Any] | None:
         """How many launch structures have plans, and how many of those the compiled executor
-        runs (optable/compiled.py), with the launches it ran; None: a backend without plans."""
+        runs (daemon/compiled.py), with the launches it ran; None: a backend without plans."""
         plans = getattr(self.backend, "plans", None)
         if plans is None:
             return None
@@ -1011,6 +1011,6 @@ def install_signal_handlers(d: Daemon) -> None:
 
 def _compiled_executor_loaded() -> bool:
     # (imported here: only backends with plans have torch, which the executor needs)
-    from .optable import compiled
+    from . import compiled
 
     return compiled.module() is not None

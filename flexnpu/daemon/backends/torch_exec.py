@@ -640,6 +640,7 @@ class LaunchPlan:
         "kw_at",
         "call",
         "indexed",
+        "cx",
     )
 
     def __init__(self, op: str, opov: Any, rule: ops.Rule) -> None:
@@ -662,6 +663,9 @@ class LaunchPlan:
         self.kw_at: tuple[tuple[str, int], ...] = ()
         self.call = opov._op  # OpOverload.__call__ is exactly this call, one Python frame more
         self.indexed = rule.kind == ops.INDEXED
+        # the compiled executor of this plan (atenexec.cpp): None until its first launch decides
+        # (_record), False where it has none (index ranges to check, uninitialized outputs)
+        self.cx: Any = False if self.indexed or self.uninit else None
 
     def _finish(self) -> None:
         found: list[_Slot] = []
@@ -787,6 +791,17 @@ def run_plan(
     pending result if its slot reads it through its hint (handlers/launch.py _run_now)."""
     # (bufs are the backend's own allocations; a view built over one checks it: _raw_storage)
     # The hot path of eager decoding: per launch, only what depends on its handles.
+    cx = plan.cx
+    if cx:
+        r = cx.run(bufs, hints)  # None: nothing ran, this path runs it (with every check)
+        if r is not None:
+            if type(r) is list:
+                return r  # every result bound as declared, pending
+            return _bind_results(plan, device, bufs, r, allocate)
+    elif cx is None and device.type == "cpu":
+        recorded = _record(plan, bufs, handles, hints)
+        if recorded is not None:
+            return _bind_results(plan, device, bufs, recorded[0], allocate)
     views: list[Any] = [None] * plan.n_in
     for sl in plan.slots:
         k = sl.k
@@ -819,6 +834,17 @@ def run_plan(
     if plan.indexed:
         validate_indices(plan.op, plan.opov, plan.rule, tuple(args), kwargs)
     result = plan.call(*args, **kwargs)
+    return _bind_results(plan, device, bufs, result, allocate)
+
+
+def _bind_results(
+    plan: LaunchPlan,
+    device: torch.device,
+    bufs: Sequence[torch.Tensor],
+    result: Any,
+    allocate: Callable[[int], torch.Tensor],
+) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+    """run_plan's binding of the operator's result (a tensor, or a tuple or list of them)."""
     if not plan.outputs:
         return []
     # (an input's buffer may be a pending result, not bytes: nbytes covers both, see _bind)
@@ -838,3 +864,43 @@ def run_plan(
         in_ptrs.append((b.data_ptr(), b.data_ptr() + b.nbytes))  # outputs must not share
         bound.append((ob, view))
     return bound
+
+
+def _record(
+    plan: LaunchPlan, bufs: Sequence[torch.Tensor], handles: Sequence[int], hints: Sequence[Any]
+) -> tuple[Any] | None:
+    """A plan's first launch, run while its ATen call is recorded (atenexec.cpp): sets plan.cx
+    to the compiled executor of its later launches, or False where the call cannot be repeated
+    exactly. On views built for this launch alone: the executor tells slots apart by identity,
+    and two slots may share one cached view (x * x) where later launches have two tensors.
+    An input read through its producer's result (a hint, as run_plan reads it) gets an alias of
+    that tensor of its own. Returns (the operator's result,), or None (nothing ran: the
+    executor is not built; run_plan's own path runs it)."""
+    from .. import compiled
+
+    m = compiled.module()
+    if m is None:
+        plan.cx = False
+        return None
+    views: list[Any] = [None] * plan.n_in
+    for sl in plan.slots:
+        k, ref = sl.k, sl.ref
+        h = hints[k]
+        if not sl.mutable and h is not None and h[0] is bufs[k] and h[1] == sl.key:
+            v = h[2]
+            views[k] = v.as_strided(v.shape, v.stride(), v.storage_offset())
+        else:
+            views[k] = build_view(
+                TensorRef(handles[k], ref.dtype, ref.shape, ref.stride, ref.offset), bufs[k]
+            )
+    args = fill_slots(plan.args, views)
+    kwargs = {k: fill_slots(v, views) for k, v in plan.kwargs.items()}
+    call = plan.call
+    slots = [
+        (sl.ref.dtype, list(sl.ref.shape), list(sl.ref.stride), sl.ref.offset, sl.mutable, sl.key)
+        for sl in plan.slots
+    ]
+    outs = [(nbytes, ref.dtype, list(ref.stride), ref.offset) for nbytes, ref in plan.outputs]
+    result, cx = m.record_aten(lambda: call(*args, **kwargs), views, slots, outs)
+    plan.cx = cx if cx is not None else False
+    return (result,)

@@ -39,7 +39,7 @@ import torch
 from ...ops import aclnn_api as api
 from ...errors import OpNotSupported
 from ...protocol import TensorRef
-from . import compiled
+from .. import compiled
 from ..backends.torch_exec import (
     IndexRangeError,
     LaunchError,

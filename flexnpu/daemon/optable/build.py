@@ -3,12 +3,12 @@
     python3 -m flexnpu.daemon.optable.build            # build (idempotent)
     python3 -m flexnpu.daemon.optable.build --force    # rebuild
 
-What it is and when the daemon uses it: flexnpu/daemon/optable/compiled.py.
+What it is and when the daemon uses it: flexnpu/daemon/compiled.py.
 """
 
 import sys
 
-from .compiled import main
+from ..compiled import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -281,8 +281,12 @@ class Exec {
 
 }  // namespace
 
+// the planned aten launches' executor (flexnpu/daemon/backends/atenexec.cpp), in this module
+void register_aten_exec(py::module_& m);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "FlexNPU daemon: compiled execution of planned table launches";
+  m.doc() = "FlexNPU daemon: compiled execution of planned table and aten launches";
+  register_aten_exec(m);
   py::class_<Exec>(m, "Exec")
       .def("run", &Exec::run, py::arg("bufs"), py::arg("offsets"))
       .def_property_readonly("name", &Exec::name)

@@ -1,4 +1,8 @@
-"""The compiled executor of planned table launches (planexec.cpp), and how a plan gets one.
+"""The daemon's compiled executors (one C++ module, built by make install): planned table
+launches (optable/planexec.cpp, below) and planned aten launches (backends/atenexec.cpp: the
+Python front end's operators, torch_exec.LaunchPlan; the same recording, see that file).
+
+The executor of planned table launches, and how a plan gets one.
 
 A TablePlan whose entry writes its result in place (register_value) runs, per launch, a few
 Python steps around one torch call: a view per tensor, the argument dict, the overlap test, the
@@ -37,7 +41,7 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
-SOURCE = HERE / "planexec.cpp"
+SOURCES = (HERE / "optable" / "planexec.cpp", HERE / "backends" / "atenexec.cpp")
 NAME = "flexnpu_planexec"
 log = logging.getLogger("flexnpu.daemon")
 
@@ -46,11 +50,11 @@ ENABLED = os.environ.get("FLEXNPU_PLANEXEC", "1") != "0"
 
 
 def build_dir() -> Path:
-    return HERE / "_planexec"
+    return HERE / "optable" / "_planexec"
 
 
 def _stamp() -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES))
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
     return h.hexdigest()
@@ -68,7 +72,7 @@ def _built() -> Path | None:
 
 
 def build(force: bool = False, verbose: bool = False) -> Path:
-    """Compile planexec.cpp into build_dir() (idempotent unless ``force``): one compiler call
+    """Compile SOURCES into build_dir() (idempotent unless ``force``): one compiler call
     with torch's include and library paths (no build system needed)."""
     done = _built()
     if done is not None and not force:
@@ -94,7 +98,7 @@ def build(force: bool = False, verbose: bool = False) -> Path:
             "-DTORCH_API_INCLUDE_EXTENSION_H",
         ]
         cmd += [f"-I{p}" for p in [*ce.include_paths(), sysconfig.get_paths()["include"]]]
-        cmd += [str(SOURCE), "-o", str(out)]
+        cmd += [*(str(s) for s in SOURCES), "-o", str(out)]
         for lib in ce.library_paths():
             cmd += [f"-L{lib}", f"-Wl,-rpath,{lib}"]
         cmd += ["-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
