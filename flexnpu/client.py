@@ -39,6 +39,7 @@ DIRECT_COPY_MIN = 256 << 10  # H2D chunks at least this big skip the extra copy 
 RECLAIM_MARGIN = 2 * P.MAX_DRAIN_BATCH
 SPIN_S = 30e-6  # waits for replies spin this long before they futex-sleep
 _SQE_PACK = P.SQE.pack
+_OP_LAUNCH = int(Op.LAUNCH)
 _ZEROS = [(0,) * (5 - i) for i in range(6)]
 
 
@@ -595,10 +596,16 @@ class Client:
     def launch_payload(self, payload: bytes | bytearray, stream: int = 0) -> None:
         """Submit an encoded launch (protocol.encode_launch / fill_launch)."""
         with self._lock:
-            self._check()
+            if self._closed or self._forked:
+                self._check()
             n = len(payload)
-            off = self._stage(payload, n)
-            self._push(_SQE_PACK(Op.LAUNCH, 0, stream, 0, off, n, 0, 0, 0, 0, 0))
+            # _stage's common case inline (the eager hot path: one launch per operator)
+            off = self._stg.alloc(n, self._pushed) if 0 < n <= self._stg_max else None
+            if off is None:
+                off = self._stage(payload, n)
+            else:
+                self._arena[off : off + n] = payload
+            self._push(_SQE_PACK(_OP_LAUNCH, 0, stream, 0, off, n, 0, 0, 0, 0, 0))
             self.launches += 1
 
     def graph_begin_capture(self, stream: int = 0) -> int:

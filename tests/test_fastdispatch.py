@@ -157,6 +157,9 @@ def test_hits_run_in_c_and_misses_in_python(npu):
         assert v._a is r._a and calls == [aten.add.Tensor, aten.view.default]
         v2 = r.view(24)  # a view from the cache: same allocation, new wrapper, no launch
         assert v2._a is r._a and v2 is not v and len(calls) == 2
+        # its wire reference made with it, as _make_rk makes it from the wrapper
+        rk = v2._rk
+        assert rk is not None and rk == T._make_rk(v2) and rk[0].handle == r._a.handle
         assert torch.equal(v2.cpu(), torch.add(x.cpu(), y.cpu(), alpha=3).view(24))
     finally:
         T.FAST["configure"](cfg)

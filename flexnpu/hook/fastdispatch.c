@@ -210,21 +210,33 @@ static PyObject *build(PyObject *tmpl, PyObject *made, PyObject *flat, PyObject 
             Py_ssize_t i = PyLong_AsSsize_t(p);
             if (i == -1 && PyErr_Occurred()) return NULL;
             if (i >= 0 && i < PyList_GET_SIZE(seq)) return Py_NewRef(PyList_GET_ITEM(seq, i));
-        } else if (kind == s_view && PyTuple_GET_SIZE(tmpl) == 6) {
+        } else if (kind == s_view && PyTuple_GET_SIZE(tmpl) == 6 && PyTuple_CheckExact(PyTuple_GET_ITEM(tmpl, 3)) &&
+                   PyTuple_CheckExact(PyTuple_GET_ITEM(tmpl, 4)) && PyLong_CheckExact(PyTuple_GET_ITEM(tmpl, 5))) {
             Py_ssize_t i = PyLong_AsSsize_t(p);
             if (i == -1 && PyErr_Occurred()) return NULL;
             if (i >= 0 && i < PyList_GET_SIZE(flat)) {
                 PyObject *src = PyList_GET_ITEM(flat, i);
-                PyObject *t = make_wrapper(PyTuple_GET_ITEM(tmpl, 3), PyTuple_GET_ITEM(tmpl, 4),
-                                           PyTuple_GET_ITEM(tmpl, 5), PyTuple_GET_ITEM(tmpl, 2), tdev);
+                PyObject *dt = PyTuple_GET_ITEM(tmpl, 2), *sh = PyTuple_GET_ITEM(tmpl, 3),
+                         *st = PyTuple_GET_ITEM(tmpl, 4), *of = PyTuple_GET_ITEM(tmpl, 5);
+                PyObject *t = make_wrapper(sh, st, of, dt, tdev);
                 if (!t) return NULL;
+                /* its (TensorRef, key part) as _make_rk would make them from the wrapper: the
+                 * view is read by the next operator, nearly always */
                 PyObject *al = PyObject_GetAttr(src, s_a);
-                if (!al || set2(t, al, Py_None) < 0) {
-                    Py_XDECREF(al);
+                PyObject *h = al ? PyObject_GetAttr(al, s_handle) : NULL;
+                PyObject *ref = h ? make_ref(h, dt, sh, st, of) : NULL;
+                PyObject *kp = ref ? PyTuple_Pack(4, dt, sh, st, of) : NULL;
+                PyObject *rk = kp ? PyTuple_Pack(2, ref, kp) : NULL;
+                int bad = !rk || set2(t, al, rk) < 0;
+                Py_XDECREF(h);
+                Py_XDECREF(ref);
+                Py_XDECREF(kp);
+                Py_XDECREF(rk);
+                Py_XDECREF(al);
+                if (bad) {
                     Py_DECREF(t);
                     return NULL;
                 }
-                Py_DECREF(al);
                 return t;
             }
         }
