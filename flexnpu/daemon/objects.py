@@ -175,6 +175,35 @@ class HandleTable:
             self.account.uncharge(HANDLE_COST)
         return a
 
+    def remove_many(self, hs: Any) -> tuple[list[Alloc], InvalidHandle | None]:
+        """remove() of each handle in ``hs``, the accounts uncharged once each for all of them
+        (an eager loop frees a few hundred handles per FREE_MANY record). Returns the removed
+        allocations and the error of the first unknown handle (the rest are removed anyway)."""
+        pop = self._h.pop
+        removed: list[Alloc] = []
+        bad: InvalidHandle | None = None
+        owed: dict[int, list[Any]] = {}  # id(account) -> [account, bytes released]
+        for h in hs:
+            a = pop(h, None)
+            if a is None:
+                if bad is None:
+                    bad = InvalidHandle(f"free of unknown or already freed device handle {h}")
+                continue
+            removed.append(a)
+            a.tables -= 1
+            if a.tables == 0 and a.graphs == 0:  # (_release, summed per account)
+                o = a.owner
+                e = owed.get(id(o))
+                if e is None:
+                    owed[id(o)] = [o, a.nbytes]
+                else:
+                    e[1] += a.nbytes
+        for o, n in owed.values():
+            o.uncharge(n)
+        if self.account is not None and removed:
+            self.account.uncharge(HANDLE_COST * len(removed))
+        return removed, bad
+
     def clear(self) -> None:
         for a in self._h.values():
             _release(a)

@@ -56,12 +56,12 @@ def _p_free_many(s: Session, st: StreamState | None, r: R.FreeMany) -> None:
     n = r.payload_len
     if n % 4 or n > 4 * MAX_FREE_MANY:
         raise InvalidArgument(f"free list must be at most {MAX_FREE_MANY} u32 handles")
-    bad: InvalidHandle | None = None
-    for h in struct.unpack(f"<{n // 4}I", bytes(s._payload(r.payload_offset, n))):
-        try:
-            _free(s, h)
-        except InvalidHandle as e:
-            bad = bad or e
+    removed, bad = s.handles.remove_many(struct.unpack(f"<{n // 4}I", bytes(s._payload(r.payload_offset, n))))
+    exports = s.daemon.exports
+    if exports and removed:  # their exports go too (_free)
+        gone = {id(al) for al in removed}
+        for key in [k for k, e in exports.items() if id(e.alloc) in gone and e.owner_client == s.cid]:
+            del exports[key]
     if bad is not None:
         raise bad
     if r.sync:
