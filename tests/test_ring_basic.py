@@ -162,6 +162,12 @@ def test_arena_views_zero_copy(pair):
     for bad in [(-1, 4), (0, c.arena_size + 1), (c.arena_size, 1), (2**62, 8)]:
         with pytest.raises(RingCorrupt):
             d.arena_view(*bad)
+        with pytest.raises(RingCorrupt):  # the copying reader checks the same bounds
+            d.arena_bytes(*bad)
+    data = d.arena_bytes(off, 8)
+    assert type(data) is bytes and data == bytes(d.arena_view(off, 8))
+    a[0, 0] = 5.0  # a copy: what was read does not change under it
+    assert data[:4] == struct.pack("<f", -1.0)
     with pytest.raises(ValueError):
         c.arena_numpy(off, 6, "float32")
     assert d.arena_torch(off, 0, torch.float32).numel() == 0

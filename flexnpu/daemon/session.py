@@ -34,6 +34,7 @@ from .objects import (
     Cmd,
     EventState,
     Graph,
+    MAX_ALLOC,
     HandleTable,
     MemoryAccount,
     StreamState,
@@ -43,7 +44,6 @@ from .objects import (
 if TYPE_CHECKING:
     from .interfaces import DaemonServices as Daemon  # the daemon as a session sees it
 
-MAX_ALLOC = 1 << 44
 MAX_PENDING_REPLIES = 4096
 MAX_GRAPH_OPS = 1 << 20
 MAX_WAITERS = 4096  # unanswered DEVICE_SYNC/EVENT_SYNC per client
@@ -227,6 +227,16 @@ class Session:
             return view
         except Exception as e:
             raise InvalidArgument(f"payload outside the arena: {e}") from None
+
+    def payload_bytes(self, off: int, n: int) -> bytes:
+        """_payload, copied out (before parsing: the client may rewrite its arena)."""
+        if n <= P.MAX_PAYLOAD:
+            try:
+                data: bytes = self.seg.arena_bytes(off, n)
+                return data
+            except Exception:  # noqa: BLE001 - _payload reports it
+                pass
+        return bytes(self._payload(off, n))
 
     def new_alloc(self, nbytes: int) -> Alloc:
         if not 0 <= nbytes <= MAX_ALLOC:

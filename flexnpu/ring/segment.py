@@ -441,6 +441,20 @@ class Segment:
         self._check_range(offset, nbytes)
         return self._arena[offset : offset + nbytes]
 
+    def arena_bytes(self, offset: int, nbytes: int) -> bytes:
+        """A copy of arena bytes [offset, offset+nbytes), bounds-checked: what a reader parses
+        (the peer may rewrite its arena at any time), in one call on the daemon's hot path."""
+        if (
+            not self._closed
+            and type(offset) is int
+            and type(nbytes) is int
+            and 0 <= offset
+            and 0 <= nbytes
+            and offset + nbytes <= self.arena_size
+        ):
+            return bytes(self._arena[offset : offset + nbytes])
+        return bytes(self.arena_view(offset, nbytes))  # raises what it raises
+
     def arena_numpy(
         self, offset: int, nbytes: int, dtype: Any = "uint8", shape: tuple[int, ...] | None = None
     ) -> numpy.ndarray:

@@ -8,6 +8,7 @@ synchronization differ, and those come from torch's device-generic interfaces.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 import warnings
@@ -248,6 +249,9 @@ class TorchBackend:
             from . import torch_exec
 
             self._exec = torch_exec
+            # run_plan below without its own frame (the hot path of eager decoding); the
+            # method stays for a backend whose torch_exec was never needed
+            self.run_plan = functools.partial(torch_exec.run_plan, self.device)  # type: ignore[method-assign]
         return self._exec
 
     def launch(
