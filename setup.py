@@ -24,6 +24,7 @@ setup(
         "flexnpu.hook.native": ["src/*.c", "src/*.h", "symbols.txt"],
         "flexnpu.daemon.optable": ["planexec.cpp"],
         "flexnpu.daemon.backends": ["atenexec.cpp"],
+        "flexnpu.daemon": ["recording.h"],
         "flexnpu.bench": ["*.c"],
     },
     data_files=[("share/flexnpu/systemd", ["systemd/flexnpu@.service", "systemd/flexnpu.target"])],

@@ -87,3 +87,21 @@ def client(daemon):
     c = Client(0)
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def pe():
+    """The daemon's compiled executors' module (flexnpu/daemon/compiled.py): skips without a C++
+    compiler; fails if one is there but the module was not built (make install builds it)."""
+    import shutil
+
+    from flexnpu.daemon import compiled
+
+    m = compiled.module()
+    if m is None:
+        if shutil.which("c++") is None:
+            pytest.skip("no C++ compiler on this machine: the compiled plan executor is not built")
+        pytest.fail(
+            "the compiled plan executor is not built: python3 -m flexnpu.daemon.optable.build (make install)"
+        )
+    return m

@@ -5,7 +5,6 @@ it is unsure of goes back to Python, which has the checks and the errors."""
 
 from __future__ import annotations
 
-import shutil
 import types
 from typing import Any
 
@@ -13,22 +12,9 @@ import pytest
 import torch
 
 from flexnpu.daemon.backends import torch_exec as X
-from flexnpu.daemon import compiled
 from flexnpu.protocol import TensorRef
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def pe() -> Any:
-    m = compiled.module()
-    if m is None:
-        if shutil.which("c++") is None:
-            pytest.skip("no C++ compiler on this machine: the compiled plan executor is not built")
-        pytest.fail(
-            "the compiled plan executor is not built: python3 -m flexnpu.daemon.optable.build (make install)"
-        )
-    return m
 
 
 def _plan(op: str, args: tuple, kwargs: dict, outputs: list) -> X.LaunchPlan:

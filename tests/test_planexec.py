@@ -4,7 +4,6 @@ that every launch it is unsure of goes back to Python (which has the checks and 
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
 import pytest
@@ -15,18 +14,6 @@ from flexnpu.daemon import compiled
 from flexnpu.protocol import TensorRef
 
 from test_launch_plans import value_cases
-
-
-@pytest.fixture(scope="module")
-def pe() -> Any:
-    m = compiled.module()
-    if m is None:
-        if shutil.which("c++") is None:
-            pytest.skip("no C++ compiler on this machine: the compiled plan executor is not built")
-        pytest.fail(
-            "the compiled plan executor is not built: python3 -m flexnpu.daemon.optable.build (make install)"
-        )
-    return m
 
 
 def _place(

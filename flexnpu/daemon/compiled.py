@@ -42,6 +42,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 SOURCES = (HERE / "optable" / "planexec.cpp", HERE / "backends" / "atenexec.cpp")
+HEADERS = (HERE / "recording.h",)  # included by both: part of the stamp, not of the command
 NAME = "flexnpu_planexec"
 log = logging.getLogger("flexnpu.daemon")
 
@@ -54,7 +55,7 @@ def build_dir() -> Path:
 
 
 def _stamp() -> str:
-    h = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES))
+    h = hashlib.sha256(b"".join(s.read_bytes() for s in (*SOURCES, *HEADERS)))
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
     return h.hexdigest()

@@ -19,6 +19,8 @@
 #include <ATen/record_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include "../recording.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <optional>
@@ -28,6 +30,10 @@
 namespace py = pybind11;
 
 namespace {
+
+using flexnpu_recording::Arg;
+using flexnpu_recording::Call;
+using flexnpu_recording::Src;
 
 struct ASlot {
   c10::ScalarType dtype;
@@ -44,37 +50,7 @@ struct AOut {
   int64_t offset = 0;
 };
 
-enum class Src { Fixed, Slot, SlotList };
-struct AArg {
-  Src src = Src::Fixed;
-  c10::IValue fixed;
-  int64_t k = -1;
-  std::vector<int64_t> ks;
-};
-
 constexpr int64_t kMaxDim = int64_t(1) << 48;
-
-struct ACall {
-  std::optional<c10::OperatorName> name;
-  std::vector<c10::IValue> inputs;
-};
-thread_local std::vector<ACall>* t_calls = nullptr;
-thread_local int t_depth = 0;
-
-std::unique_ptr<at::ObserverContext> on_enter(const at::RecordFunction& fn) {
-  if (t_calls != nullptr && t_depth++ == 0) {
-    ACall c;
-    c.name = fn.operator_name();
-    auto in = fn.inputs();
-    c.inputs.assign(in.begin(), in.end());
-    t_calls->push_back(std::move(c));
-  }
-  return nullptr;
-}
-
-void on_exit(const at::RecordFunction&, at::ObserverContext*) {
-  if (t_calls != nullptr) t_depth--;
-}
 
 // Python's torch_exec.is_dense, exactly
 bool is_dense(const at::Tensor& t) {
@@ -106,7 +82,7 @@ bool is_dense(const at::Tensor& t) {
 
 class AtenExec {
  public:
-  AtenExec(c10::OperatorHandle op, std::vector<ASlot> slots, std::vector<AArg> args, std::vector<AOut> outs)
+  AtenExec(c10::OperatorHandle op, std::vector<ASlot> slots, std::vector<Arg> args, std::vector<AOut> outs)
       : op_(std::move(op)), slots_(std::move(slots)), args_(std::move(args)), outs_(std::move(outs)) {}
 
   // Run `run()` (the plan's operator over `views`, one fresh view per slot) once, recording the
@@ -114,35 +90,20 @@ class AtenExec {
   // (dtype, shape, stride, offset, mutable, layout key); `outs`: per declared output (nbytes,
   // dtype, stride, offset).
   static py::tuple record(py::object run, std::vector<at::Tensor> views, py::list slots, py::list outs) {
-    std::vector<ACall> calls;
-    at::RecordFunctionCallback cb(on_enter, on_exit);
-    cb.needsInputs(true).scopes({at::RecordScope::FUNCTION});
-    t_calls = &calls;
-    t_depth = 0;
-    auto handle = at::addThreadLocalCallback(cb);
-    py::object result;
-    try {
-      result = run();
-    } catch (...) {
-      at::removeCallback(handle);
-      t_calls = nullptr;
-      throw;
-    }
-    at::removeCallback(handle);
-    t_calls = nullptr;
+    std::vector<Call> calls;
+    py::object result = flexnpu_recording::record_calls(run, calls);
     std::optional<AtenExec> ex = of(calls, views, slots, outs);
     return py::make_tuple(result, ex ? py::cast(std::move(*ex)) : py::none());
   }
 
  private:
-  static std::optional<AtenExec> of(const std::vector<ACall>& calls, const std::vector<at::Tensor>& views,
+  static std::optional<AtenExec> of(const std::vector<Call>& calls, const std::vector<at::Tensor>& views,
                                     py::list slots_in, py::list outs_in) {
-    if (calls.size() != 1 || !calls[0].name) return std::nullopt;
-    const ACall& c = calls[0];
-    auto op = c10::Dispatcher::singleton().findOp(*c.name);
+    auto op = flexnpu_recording::single_call(calls);
     if (!op) return std::nullopt;
+    const Call& c = calls[0];
     const auto& params = op->schema().arguments();
-    if (params.size() != c.inputs.size() || (size_t)py::len(slots_in) != views.size()) return std::nullopt;
+    if ((size_t)py::len(slots_in) != views.size()) return std::nullopt;
     std::vector<ASlot> slots;
     for (auto l : slots_in) {
       auto t = l.cast<py::tuple>();
@@ -154,18 +115,10 @@ class AtenExec {
       sl.mut = t[4].cast<bool>();
       sl.key = t[5];
       sl.itemsize = c10::elementSize(sl.dtype);
-      if (sl.sizes.size() != sl.strides.size() || sl.offset < 0 || sl.offset > kMaxDim) return std::nullopt;
-      for (size_t i = 0; i < sl.sizes.size(); i++) {
-        // (Python validated these layouts, check_view_bounds; checked again so that no layout
-        // can make the per-launch bounds arithmetic overflow)
-        if (sl.sizes[i] < 0 || sl.strides[i] < 0 || sl.sizes[i] > kMaxDim || sl.strides[i] > kMaxDim)
-          return std::nullopt;
-        if (sl.sizes[i] == 0) sl.empty = true;
-        int64_t step = 0;
-        if (sl.sizes[i] > 1 && (__builtin_mul_overflow(sl.sizes[i] - 1, sl.strides[i], &step) ||
-                                __builtin_add_overflow(sl.reach, step, &sl.reach)))
-          return std::nullopt;
-      }
+      if (sl.offset < 0 || sl.offset > kMaxDim) return std::nullopt;
+      if (!flexnpu_recording::layout_reach(sl.sizes, sl.strides, sl.reach, sl.empty)) return std::nullopt;
+      for (size_t i = 0; i < sl.sizes.size(); i++)
+        if (sl.sizes[i] > kMaxDim || sl.strides[i] > kMaxDim) return std::nullopt;
       int64_t span = 0;
       if (__builtin_add_overflow(sl.offset, sl.reach, &span) || __builtin_mul_overflow(span + 1, sl.itemsize, &span) ||
           span > (int64_t(1) << 62))
@@ -182,18 +135,14 @@ class AtenExec {
       o.offset = t[3].cast<int64_t>();
       outs.push_back(std::move(o));
     }
-    auto slot_of = [&](const at::Tensor& t) -> int64_t {
-      for (size_t k = 0; k < views.size(); k++)
-        if (views[k].unsafeGetTensorImpl() == t.unsafeGetTensorImpl()) return (int64_t)k;
-      return -1;
-    };
-    std::vector<AArg> args;
+    auto slot_of = [&](const at::Tensor& t) { return flexnpu_recording::slot_of(views, t); };
+    std::vector<Arg> args;
     std::vector<bool> used(views.size(), false);
     for (size_t i = 0; i < params.size(); i++) {
       const c10::IValue& v = c.inputs[i];
       const auto* alias = params[i].alias_info();
       bool written = alias != nullptr && alias->isWrite();
-      AArg a;
+      Arg a;
       if (v.isTensor()) {
         const at::Tensor& t = v.toTensor();
         int64_t k = slot_of(t);
@@ -285,25 +234,7 @@ class AtenExec {
       impl->set_sizes_and_strides(sl.sizes, sl.strides, sl.offset);
       views.emplace_back(std::move(impl));
     }
-    torch::jit::Stack stack;
-    stack.reserve(args_.size());
-    for (const AArg& a : args_) {
-      switch (a.src) {
-        case Src::Fixed:
-          stack.push_back(a.fixed);
-          break;
-        case Src::Slot:
-          stack.emplace_back(views[a.k]);
-          break;
-        case Src::SlotList: {
-          std::vector<at::Tensor> l;
-          l.reserve(a.ks.size());
-          for (auto k : a.ks) l.push_back(views[k]);
-          stack.emplace_back(c10::List<at::Tensor>(std::move(l)));
-          break;
-        }
-      }
-    }
+    torch::jit::Stack stack = flexnpu_recording::build_stack(args_, views);
     try {
       py::gil_scoped_release nogil;  // as torch's own binding of the operator
       op_.callBoxed(&stack);
@@ -364,7 +295,7 @@ class AtenExec {
  private:
   c10::OperatorHandle op_;
   std::vector<ASlot> slots_;
-  std::vector<AArg> args_;
+  std::vector<Arg> args_;
   std::vector<AOut> outs_;
   int64_t runs_ = 0;
 };

@@ -13,6 +13,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 #include <torch/csrc/autograd/python_variable.h>
+
+#include "../recording.h"
 #include <torch/csrc/jit/python/pybind_utils.h>
 
 #include <cstdint>
@@ -25,6 +27,10 @@ namespace py = pybind11;
 
 namespace {
 
+using flexnpu_recording::Arg;
+using flexnpu_recording::Call;
+using flexnpu_recording::Src;
+
 // One tensor of the launch (a TablePlan Slot): its layout; the storage offset comes per launch.
 struct Slot {
   c10::ScalarType dtype;
@@ -34,41 +40,7 @@ struct Slot {
   bool empty;
 };
 
-// Where each schema argument of the operator comes from.
-enum class Src { Fixed, Slot, SlotList };
-struct Arg {
-  Src src;
-  c10::IValue fixed;          // Src::Fixed
-  int64_t k = -1;             // Src::Slot
-  std::vector<int64_t> ks;    // Src::SlotList
-};
-
 constexpr int64_t kMaxOffset = int64_t(1) << 48;  // optable._MAX_DIM's order: beyond, Python decides
-
-// The ATen calls made while a plan's entry runs once (record): the outermost ones only, with
-// every argument as the dispatcher boxed it (schema order, out= included). RecordFunction
-// callbacks are plain function pointers, so the recording lives in thread-local state.
-struct Call {
-  std::optional<c10::OperatorName> name;
-  std::vector<c10::IValue> inputs;
-};
-thread_local std::vector<Call>* t_calls = nullptr;
-thread_local int t_depth = 0;
-
-std::unique_ptr<at::ObserverContext> on_enter(const at::RecordFunction& fn) {
-  if (t_calls != nullptr && t_depth++ == 0) {
-    Call c;
-    c.name = fn.operator_name();
-    auto in = fn.inputs();
-    c.inputs.assign(in.begin(), in.end());
-    t_calls->push_back(std::move(c));
-  }
-  return nullptr;
-}
-
-void on_exit(const at::RecordFunction&, at::ObserverContext*) {
-  if (t_calls != nullptr) t_depth--;
-}
 
 class Exec {
  public:
@@ -83,21 +55,7 @@ class Exec {
   // record as themselves: Matmul replays aten::matmul.out, which decomposes as it did.)
   static py::tuple record(py::object run, std::vector<at::Tensor> views, py::list layouts, int64_t dest) {
     std::vector<Call> calls;
-    at::RecordFunctionCallback cb(on_enter, on_exit);
-    cb.needsInputs(true).scopes({at::RecordScope::FUNCTION});
-    t_calls = &calls;
-    t_depth = 0;
-    auto handle = at::addThreadLocalCallback(cb);
-    py::object result;
-    try {
-      result = run();
-    } catch (...) {
-      at::removeCallback(handle);
-      t_calls = nullptr;
-      throw;
-    }
-    at::removeCallback(handle);
-    t_calls = nullptr;
+    py::object result = flexnpu_recording::record_calls(run, calls);
     std::optional<Exec> ex = of(calls, views, layouts, dest);
     return py::make_tuple(result, ex ? py::cast(std::move(*ex)) : py::none());
   }
@@ -105,12 +63,11 @@ class Exec {
  private:
   static std::optional<Exec> of(const std::vector<Call>& calls, const std::vector<at::Tensor>& views,
                                 py::list layouts, int64_t dest) {
-    if (calls.size() != 1 || !calls[0].name) return std::nullopt;
-    const Call& c = calls[0];
-    auto op = c10::Dispatcher::singleton().findOp(*c.name);
+    auto op = flexnpu_recording::single_call(calls);
     if (!op) return std::nullopt;
+    const Call& c = calls[0];
     const auto& params = op->schema().arguments();
-    if (params.size() != c.inputs.size() || (size_t)py::len(layouts) != views.size()) return std::nullopt;
+    if ((size_t)py::len(layouts) != views.size()) return std::nullopt;
     if (dest < 0 || dest >= (int64_t)views.size()) return std::nullopt;
     std::vector<Slot> slots;
     for (auto l : layouts) {
@@ -120,29 +77,13 @@ class Exec {
       sl.sizes = t[1].cast<std::vector<int64_t>>();
       sl.strides = t[2].cast<std::vector<int64_t>>();
       sl.itemsize = c10::elementSize(sl.dtype);
-      sl.reach = 0;
-      sl.empty = false;
-      if (sl.sizes.size() != sl.strides.size()) return std::nullopt;
-      for (size_t i = 0; i < sl.sizes.size(); i++) {
-        // (Python validated these layouts: check_view_bounds. Checked again, so that no
-        // layout can make the per-launch bounds arithmetic overflow.)
-        if (sl.sizes[i] < 0 || sl.strides[i] < 0) return std::nullopt;
-        if (sl.sizes[i] == 0) sl.empty = true;
-        int64_t step = 0;
-        if (sl.sizes[i] > 1 && (__builtin_mul_overflow(sl.sizes[i] - 1, sl.strides[i], &step) ||
-                                __builtin_add_overflow(sl.reach, step, &sl.reach)))
-          return std::nullopt;
-      }
+      if (!flexnpu_recording::layout_reach(sl.sizes, sl.strides, sl.reach, sl.empty)) return std::nullopt;
       int64_t span = 0;
       if (__builtin_mul_overflow(sl.reach + 1, sl.itemsize, &span) || span > (int64_t(1) << 62)) return std::nullopt;
       slots.push_back(std::move(sl));
     }
     if (slots[dest].empty) return std::nullopt;
-    auto slot_of = [&](const at::Tensor& t) -> int64_t {
-      for (size_t k = 0; k < views.size(); k++)
-        if (views[k].unsafeGetTensorImpl() == t.unsafeGetTensorImpl()) return (int64_t)k;
-      return -1;
-    };
+    auto slot_of = [&](const at::Tensor& t) { return flexnpu_recording::slot_of(views, t); };
     std::vector<Arg> args;
     int written = 0;
     for (size_t i = 0; i < params.size(); i++) {
@@ -241,25 +182,7 @@ class Exec {
       if ((int64_t)k == dest_ || slots_[k].empty) continue;
       if (lo[k] < hi[dest_] && lo[dest_] < hi[k]) return false;
     }
-    torch::jit::Stack stack;
-    stack.reserve(args_.size());
-    for (const Arg& a : args_) {
-      switch (a.src) {
-        case Src::Fixed:
-          stack.push_back(a.fixed);
-          break;
-        case Src::Slot:
-          stack.emplace_back(views[a.k]);
-          break;
-        case Src::SlotList: {
-          std::vector<at::Tensor> l;
-          l.reserve(a.ks.size());
-          for (auto k : a.ks) l.push_back(views[k]);
-          stack.emplace_back(c10::List<at::Tensor>(std::move(l)));
-          break;
-        }
-      }
-    }
+    torch::jit::Stack stack = flexnpu_recording::build_stack(args_, views);
     {
       py::gil_scoped_release nogil;  // the control thread may run while the operator does
       op_.callBoxed(&stack);
