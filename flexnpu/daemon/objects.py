@@ -15,7 +15,6 @@ from typing import Any
 
 from ..errors import InvalidHandle, OutOfMemory
 
-MAX_ALLOC = 1 << 44  # bytes of one allocation (Session.new_alloc refuses more)
 MAX_HANDLE = (1 << 32) - 1
 MAX_HANDLES = 1 << 21  # live handles per client: bounds the daemon's own memory per client
 

@@ -34,7 +34,6 @@ from .objects import (
     Cmd,
     EventState,
     Graph,
-    MAX_ALLOC,
     HandleTable,
     MemoryAccount,
     StreamState,
@@ -44,6 +43,7 @@ from .objects import (
 if TYPE_CHECKING:
     from .interfaces import DaemonServices as Daemon  # the daemon as a session sees it
 
+MAX_ALLOC = 1 << 44
 MAX_PENDING_REPLIES = 4096
 MAX_GRAPH_OPS = 1 << 20
 MAX_WAITERS = 4096  # unanswered DEVICE_SYNC/EVENT_SYNC per client

@@ -20,7 +20,7 @@ from ...protocol import Op
 from .. import requests as R
 from ...ring.segment import launch_split  # protocol.split_launch, without its wrapper's cost
 from ..limits import sized_plan_allowed
-from ..objects import MAX_ALLOC, Alloc, Cmd, StreamState, ready_buf
+from ..objects import Alloc, Cmd, StreamState, ready_buf
 from ..scheduling import command_cost, launch_cost
 
 if TYPE_CHECKING:
@@ -85,8 +85,7 @@ def _bind_planned(outs: dict[int, Alloc], out_handles: Any, results: Any, keys: 
         if buf is None:
             al = outs.get(h)
             if al is not None:  # same size as declared (run_plan checked): no accounting change
-                al.result = view  # (Alloc.set_result, inline)
-                al.buf = None
+                al.set_result(view)
                 al.failed = None
                 al.view = (view, key, view)
             continue
@@ -163,11 +162,7 @@ def _run_now(s: Session, st: StreamState, r: R.Launch, plan: Any, handles: tuple
                 s.reply_sync(r[3], st)
     except Exception as e:  # noqa: BLE001 - reporting failed: drop this client alone (as execute)
         _cannot_report(s, e)
-    t1 = perf_counter()  # (_ran, inline)
-    st.busy_s += t1 - t
-    st.ops_done += 1
-    s.launches += 1
-    s.daemon.metrics.launch_latency.observe(t1 - s._drain_t)
+    _ran(s, st, t)
 
 
 def _cannot_report(s: Session, e: Exception) -> None:
@@ -190,16 +185,11 @@ def _planned_outputs(s: Session, plan: Any, handles: tuple[int, ...]) -> dict[in
     outs: dict[int, Alloc] = {}
     ins = handles[:n]
     table = s.handles
-    mem = s.mem
     try:
         for h, (nbytes, ref) in zip(handles[n:], plan.outputs):
             if h in outs or h in ins:
                 raise InvalidHandle(f"{plan.op}: output handle {h} is not fresh")
-            # Session.new_alloc's common case inline; it reports the others
-            if 0 <= nbytes <= MAX_ALLOC and mem.charge(nbytes):
-                al = Alloc(nbytes, mem)
-            else:
-                al = s.new_alloc(nbytes)
+            al = s.new_alloc(nbytes)
             al.ref = ref
             _enter(table, h, al)
             outs[h] = al

@@ -11,7 +11,7 @@ from ... import protocol as P
 from ...errors import InvalidArgument, InvalidHandle, NotFound, PermissionDenied
 from ...protocol import Op
 from .. import requests as R
-from ..objects import MAX_IMPORT_PIDS, Cmd, StreamState, ready_buf
+from ..objects import MAX_IMPORT_PIDS, Alloc, Cmd, StreamState, ready_buf
 
 if TYPE_CHECKING:
     from ..session import Session
@@ -33,12 +33,18 @@ def _p_malloc(s: Session, st: StreamState | None, r: R.Malloc) -> None:
 
 
 def _free(s: Session, h: int) -> None:
-    al = s.handles.remove(h)
-    # Its exports go too: otherwise the registry would keep memory alive that nobody is charged
-    # for. Processes that already imported it keep it (and it stays charged to its owner).
-    if s.daemon.exports:
-        for key in [k for k, e in s.daemon.exports.items() if e.alloc is al and e.owner_client == s.cid]:
-            del s.daemon.exports[key]
+    _drop_exports(s, [s.handles.remove(h)])
+
+
+def _drop_exports(s: Session, freed: list[Alloc]) -> None:
+    """The exports of freed allocations go too: otherwise the registry would keep memory alive
+    that nobody is charged for. Processes that already imported one keep it (and it stays
+    charged to its owner)."""
+    exports = s.daemon.exports
+    if exports and freed:
+        gone = {id(al) for al in freed}
+        for key in [k for k, e in exports.items() if id(e.alloc) in gone and e.owner_client == s.cid]:
+            del exports[key]
 
 
 def _p_free(s: Session, st: StreamState | None, r: R.Free) -> None:
@@ -56,12 +62,8 @@ def _p_free_many(s: Session, st: StreamState | None, r: R.FreeMany) -> None:
     n = r.payload_len
     if n % 4 or n > 4 * MAX_FREE_MANY:
         raise InvalidArgument(f"free list must be at most {MAX_FREE_MANY} u32 handles")
-    removed, bad = s.handles.remove_many(struct.unpack(f"<{n // 4}I", bytes(s._payload(r.payload_offset, n))))
-    exports = s.daemon.exports
-    if exports and removed:  # their exports go too (_free)
-        gone = {id(al) for al in removed}
-        for key in [k for k, e in exports.items() if id(e.alloc) in gone and e.owner_client == s.cid]:
-            del exports[key]
+    removed, bad = s.handles.remove_many(struct.unpack(f"<{n // 4}I", s.payload_bytes(r.payload_offset, n)))
+    _drop_exports(s, removed)
     if bad is not None:
         raise bad
     if r.sync:
