@@ -30,14 +30,16 @@ from . import protocol as P
 from .errors import AttachError, DaemonLost, FlexNPUError, InvalidArgument, error_for
 from .paths import UnsafeRuntimeDir, check_dir, check_peer, socket_path
 from .protocol import FLAG_DEFERRED, FLAG_SYNC, Op, TensorRef, pack_sqe
-from .ring import PeerClosed, PeerDead, RingError, Segment, call as ring_call
+from .ring import PeerClosed, PeerDead, RingError, Segment, Stager, call as ring_call
 
 __all__ = ["Client", "get_client", "TensorRef", "FlexNPUError", "DaemonLost"]
 
 MAILBOX = 64 << 10
 DIRECT_COPY_MIN = 256 << 10  # H2D chunks at least this big skip the extra copy (sync, deferred)
 RECLAIM_MARGIN = 2 * P.MAX_DRAIN_BATCH
-SPIN_S = 30e-6  # waits for replies spin this long before they futex-sleep
+# Waits for replies spin this long before they futex-sleep: a sleeping client costs the daemon a
+# FUTEX_WAKE on the reply, ~100 us on virtual machines (see daemon/server.py DAEMON_SPIN_S).
+SPIN_S = float(os.environ.get("FLEXNPU_SPIN_US") or 200) * 1e-6
 _SQE_PACK = P.SQE.pack
 _OP_LAUNCH = int(Op.LAUNCH)
 _ZEROS = [(0,) * (5 - i) for i in range(6)]
@@ -50,45 +52,6 @@ def _env_int(name: str, default: int) -> int:
     from .units import parse_bytes
 
     return int(parse_bytes(v) or default)
-
-
-class _StagingRing:
-    """Bump allocator over one arena region for small request payloads (launch arguments, host
-    data of small copies). The daemon copies them out when it drains the request, so a payload's
-    space is reusable once the SQ head is RECLAIM_MARGIN records past it, or after any
-    synchronous reply. Allocation is FIFO, so the space in use is one circular span."""
-
-    __slots__ = ("base", "size", "head", "used", "live")
-
-    def __init__(self, base: int, size: int) -> None:
-        self.base, self.size = base, size
-        self.head = 0  # next free byte, relative to base
-        self.used = 0  # bytes in the in-use span, skipped tails included
-        self.live: collections.deque[tuple[int, int]] = collections.deque()  # (push seq, bytes)
-
-    def alloc(self, n: int, seq: int) -> int | None:
-        n = (n + 63) & ~63
-        head, size = self.head, self.size
-        if head + n <= size:
-            start, cost = head, n
-        else:
-            start, cost = 0, size - head + n  # skip the tail; freed with this entry
-        if self.used + cost > size:
-            return None
-        self.live.append((seq, cost))
-        self.used += cost
-        self.head = start + n
-        return self.base + start
-
-    def release_before(self, seq: int) -> None:
-        live = self.live
-        while live and live[0][0] < seq:
-            self.used -= live.popleft()[1]
-
-    def release_all(self) -> None:
-        self.live.clear()
-        self.used = 0
-        self.head = 0
 
 
 class Client:
@@ -200,9 +163,22 @@ class Client:
         self._pushed = 0
         self._staged: collections.deque[tuple[int, int]] = collections.deque()  # (push seq, offset)
         self._arena = self.seg.arena_view(0, self.seg.arena_size)
+        # Small request payloads (launch arguments, host data of small copies) go through a bump
+        # allocator over one arena region: the daemon copies them out when it drains the
+        # request, so a payload's space is reusable once the SQ head is RECLAIM_MARGIN records
+        # past it, or after any synchronous reply. FIFO, so the space in use is one circular span.
         stg = min(4 << 20, self.seg.arena_size // 8)
-        self._stg = _StagingRing(self.seg.alloc(stg), stg)
+        self._stg = Stager(self.seg.alloc(stg), stg)
         self._stg_max = stg // 4
+        self._stg.bind(
+            self.seg.sq._fast,
+            self._arena,
+            _SQE_PACK(_OP_LAUNCH, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+            P.SQE_AT_STREAM,
+            P.SQE_AT_PAYLOAD_OFF,
+            P.SQE_AT_PAYLOAD_LEN,
+        )
+        self._submit = self._stg.submit
         self.launches = 0
         self._coll_templates: dict[tuple[Any, ...], tuple[bytes, tuple[int, ...]]] = {}
 
@@ -293,7 +269,7 @@ class Client:
             self._staged.append((self._pushed, off))
         if n:
             self._arena[off : off + n] = data
-        return off
+        return int(off)
 
     def _reclaim(self) -> None:
         consumed = self._pushed - len(self.seg.sq)
@@ -598,13 +574,13 @@ class Client:
         with self._lock:
             if self._closed or self._forked:
                 self._check()
+            # the eager hot path (one launch per operator): staged and pushed in one C call
+            if self._submit(payload, stream, self._pushed):
+                self._pushed += 1
+                self.launches += 1
+                return
             n = len(payload)
-            # _stage's common case inline (the eager hot path: one launch per operator)
-            off = self._stg.alloc(n, self._pushed) if 0 < n <= self._stg_max else None
-            if off is None:
-                off = self._stage(payload, n)
-            else:
-                self._arena[off : off + n] = payload
+            off = self._stage(payload, n)  # no staging room, the ring full or closed: wait or raise
             self._push(_SQE_PACK(_OP_LAUNCH, 0, stream, 0, off, n, 0, 0, 0, 0, 0))
             self.launches += 1
 

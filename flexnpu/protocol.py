@@ -33,6 +33,10 @@ CQE_SIZE = 32
 SQE = struct.Struct("<HHIQII5Q")
 CQE = struct.Struct("<QiIQQ")
 assert SQE.size == SQE_SIZE and CQE.size == CQE_SIZE
+# byte offsets of the SQE fields the client's C submit path writes (ring.Stager.submit)
+SQE_AT_STREAM = struct.calcsize("<HH")
+SQE_AT_PAYLOAD_OFF = struct.calcsize("<HHIQ")
+SQE_AT_PAYLOAD_LEN = struct.calcsize("<HHIQI")
 
 FLAG_SYNC = 0x1  # answer with a CQE
 FLAG_DEFERRED = 0x2  # MEMCPY_H2D/D2H: the arena buffer is a user-owned host buffer, read or

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexnpu.client import _StagingRing
+from flexnpu.ring import Stager as _StagingRing
 
 
 @settings(max_examples=300, deadline=None)

@@ -8,7 +8,17 @@ client), data arena. The client creates it and sends the fd over the control soc
 
 from .errors import PeerClosed, PeerDead, RingCorrupt, RingError
 from .fdpass import recv_fd, send_fd
-from .segment import LIVENESS_INTERVAL_S, Doorbell, Ring, RingSet, Segment, call, have_futex_waitv, wait_any
+from .segment import (
+    LIVENESS_INTERVAL_S,
+    Doorbell,
+    Ring,
+    RingSet,
+    Segment,
+    Stager,
+    call,
+    have_futex_waitv,
+    wait_any,
+)
 
 __all__ = [
     "RingError",
@@ -18,6 +28,7 @@ __all__ = [
     "Segment",
     "Ring",
     "RingSet",
+    "Stager",
     "call",
     "Doorbell",
     "wait_any",

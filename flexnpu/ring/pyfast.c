@@ -219,7 +219,10 @@ static PyMethodDef call_def = {"call", (PyCFunction)(void (*)(void))py_call, MET
  * launch_split(payload, 2) also zeroes each tensor's sizes and strides (its dtype and rank stay)
  * and returns (key, handles, offsets, dims), dims[k] = (sizes, strides) of the k-th tensor as
  * read (unchecked: the daemon's view checks validate them): a decode loop's growing tensors
- * (the KV cache, attention) repeat that structure every token with other sizes. */
+ * (the KV cache, attention) repeat that structure every token with other sizes.
+ * launch_split(payload, 3) also zeroes each declared output's byte count and returns
+ * (key, handles, offsets, dims, out_nbytes): the Python front end's aten launches, whose
+ * outputs grow with their inputs. */
 enum { T_NONE, T_FALSE, T_TRUE, T_INT, T_FLOAT, T_COMPLEX, T_STR, T_LIST, T_TUPLE, T_DTYPE, T_DEVICE,
        T_LAYOUT, T_MEMFMT, T_TENSOR };
 #define SPLIT_MAX_DEPTH 8      /* protocol.MAX_DEPTH */
@@ -235,7 +238,8 @@ struct split {
     long budget;
     uint32_t h[SPLIT_MAX_HANDLES];
     int64_t off[SPLIT_MAX_HANDLES];
-    int nh, zero_off, zero_dims;
+    int nh, zero_off, zero_dims, nout;
+    int64_t out_nb[SPLIT_MAX_ITEMS];
     PyObject *dims;   /* zero_dims: list of (sizes, strides) tuples */
 };
 
@@ -317,8 +321,9 @@ static PyObject *py_launch_split(PyObject *self, PyObject *const *args, Py_ssize
     }
     long mode = nargs == 2 ? PyLong_AsLong(args[1]) : 0;   /* (True is 1) */
     if (mode == -1 && PyErr_Occurred()) return NULL;
-    if (mode < 0 || mode > 2) {
-        PyErr_SetString(PyExc_ValueError, "launch_split: mode must be 0, 1 (offsets) or 2 (offsets and sizes)");
+    if (mode < 0 || mode > 3) {
+        PyErr_SetString(PyExc_ValueError,
+                        "launch_split: mode must be 0, 1 (offsets), 2 (offsets and sizes) or 3 (and output bytes)");
         return NULL;
     }
     int zero_off = mode >= 1;
@@ -330,14 +335,21 @@ static PyObject *py_launch_split(PyObject *self, PyObject *const *args, Py_ssize
     s->b = (const uint8_t *)PyBytes_AS_STRING(args[0]);
     s->key = (uint8_t *)PyBytes_AS_STRING(key);   /* fresh, not yet shared: writable */
     s->n = n; s->pos = 0; s->budget = SPLIT_MAX_VALUES; s->nh = 0; s->zero_off = zero_off;
-    s->zero_dims = mode == 2;
+    s->zero_dims = mode >= 2;
+    s->nout = 0;
     s->dims = s->zero_dims ? PyList_New(0) : NULL;
     if (s->zero_dims && !s->dims) { PyMem_Free(s); Py_DECREF(key); return NULL; }
     unsigned k, i;
     int bad = sp_u16(s, &k) || sp_take(s, k) || sp_value(s, 0) || sp_u16(s, &k) || k > SPLIT_MAX_ITEMS;
     for (i = 0; !bad && i < k; i++) bad = sp_value(s, 1) || sp_value(s, 1);
     bad = bad || sp_u16(s, &k) || k > SPLIT_MAX_ITEMS;
-    for (i = 0; !bad && i < k; i++) bad = sp_take(s, 8) || sp_value(s, 0);
+    for (i = 0; !bad && i < k; i++) {
+        if (mode == 3 && s->n - s->pos >= 8) {
+            memcpy(&s->out_nb[s->nout++], s->b + s->pos, 8);
+            memset(s->key + s->pos, 0, 8);
+        }
+        bad = sp_take(s, 8) || sp_value(s, 0);
+    }
     if (bad || s->pos != s->n) {
         PyErr_Clear();   /* (a failed allocation while walking: the decoder then runs) */
         Py_XDECREF(s->dims);
@@ -356,17 +368,233 @@ static PyObject *py_launch_split(PyObject *self, PyObject *const *args, Py_ssize
         PyTuple_SET_ITEM(hs, j, v);
         if (zero_off) PyTuple_SET_ITEM(os, j, o);
     }
-    PyMem_Free(s);
     PyObject *dt = dims ? PyList_AsTuple(dims) : NULL;
     Py_XDECREF(dims);
-    if (!hs || (dims && !dt)) { Py_DECREF(key); Py_XDECREF(hs); Py_XDECREF(os); Py_XDECREF(dt); return NULL; }
-    PyObject *res = dt ? PyTuple_Pack(4, key, hs, os, dt) : zero_off ? PyTuple_Pack(3, key, hs, os) : PyTuple_Pack(2, key, hs);
+    if (!hs || (dims && !dt)) { Py_DECREF(key); Py_XDECREF(hs); Py_XDECREF(os); Py_XDECREF(dt); PyMem_Free(s); return NULL; }
+    PyObject *nbs = NULL;
+    if (mode == 3) {
+        nbs = PyTuple_New(s->nout);
+        for (int j = 0; nbs && j < s->nout; j++) {
+            PyObject *o = PyLong_FromLongLong(s->out_nb[j]);
+            if (!o) { Py_CLEAR(nbs); break; }
+            PyTuple_SET_ITEM(nbs, j, o);
+        }
+        if (!nbs) { Py_DECREF(key); Py_XDECREF(hs); Py_XDECREF(os); Py_XDECREF(dt); PyMem_Free(s); return NULL; }
+    }
+    PyMem_Free(s);
+    PyObject *res = nbs ? PyTuple_Pack(5, key, hs, os, dt, nbs)
+                  : dt ? PyTuple_Pack(4, key, hs, os, dt)
+                  : zero_off ? PyTuple_Pack(3, key, hs, os) : PyTuple_Pack(2, key, hs);
+    Py_XDECREF(nbs);
     Py_DECREF(key);
     Py_DECREF(hs);
     Py_XDECREF(os);
     Py_XDECREF(dt);
     return res;
 }
+
+/* ---- Stager: the client's staging ring for small request payloads, and its launch submit ----
+ * A bump allocator over one arena region (client.py explains the reuse rule): FIFO, so the
+ * space in use is one circular span; each allocation is remembered with the push sequence
+ * number of the request that carries it, and freed once the daemon has drained past it.
+ * submit() is the eager hot path (one operator launch, issue 13): stage the payload, patch the
+ * record template's stream/offset/length fields, push, in one call. Anything it cannot do at
+ * once (no staging room, ring full, ring closed) it leaves undone and says so: the Python
+ * client's slow path then waits, reclaims or raises. The record's layout (field offsets) comes
+ * from protocol.py, the one definition of the wire format. */
+typedef struct {
+    PyObject_HEAD
+    int64_t base, size, head, used, last_head;
+    int64_t *seq, *cost;        /* live entries, circular: [first, first + n) */
+    Py_ssize_t cap, first, n;
+    PyObject *sq;               /* the FastRing of the submission queue */
+    PyObject *arena;            /* the whole arena's memoryview (a buffer per submit) */
+    char tpl[256];              /* the record template */
+    uint32_t tlen, at_stream, at_off, at_len;
+} Stager;
+
+static PyTypeObject StagerType;
+
+static int st_init(Stager *self, PyObject *args, PyObject *kw) {
+    long long base, size;
+    if (!PyArg_ParseTuple(args, "LL", &base, &size)) return -1;
+    if (base < 0 || size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "Stager: bad region");
+        return -1;
+    }
+    Py_ssize_t cap = (Py_ssize_t)(size / 64) + 1;   /* every entry costs 64 bytes at least */
+    PyMem_Free(self->seq);
+    PyMem_Free(self->cost);
+    self->seq = PyMem_Malloc(sizeof(int64_t) * cap);
+    self->cost = PyMem_Malloc(sizeof(int64_t) * cap);
+    if (!self->seq || !self->cost) { PyErr_NoMemory(); return -1; }
+    self->cap = cap; self->first = self->n = 0;
+    self->base = base; self->size = size; self->head = self->used = 0;
+    return 0;
+}
+
+/* bind(sq, arena, record_template, at_stream, at_offset, at_length): what submit() needs */
+static PyObject *st_bind(Stager *self, PyObject *args) {
+    PyObject *sq, *arena, *tpl;
+    unsigned a_stream, a_off, a_len;
+    if (!PyArg_ParseTuple(args, "O!OSIII", &FastRingType, &sq, &arena, &tpl, &a_stream, &a_off, &a_len))
+        return NULL;
+    Py_ssize_t tl = PyBytes_GET_SIZE(tpl);
+    if (tl > (Py_ssize_t)sizeof self->tpl || a_stream + 4 > tl || a_off + 4 > tl || a_len + 4 > tl) {
+        PyErr_SetString(PyExc_ValueError, "Stager.bind: bad record template");
+        return NULL;
+    }
+    Py_XSETREF(self->sq, Py_NewRef(sq));
+    Py_XSETREF(self->arena, Py_NewRef(arena));
+    memcpy(self->tpl, PyBytes_AS_STRING(tpl), (size_t)tl);
+    self->tlen = (uint32_t)tl; self->at_stream = a_stream; self->at_off = a_off; self->at_len = a_len;
+    Py_RETURN_NONE;
+}
+
+static void st_dealloc(Stager *self) {
+    Py_XDECREF(self->sq);
+    Py_XDECREF(self->arena);
+    PyMem_Free(self->seq);
+    PyMem_Free(self->cost);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* the arena offset of n fresh bytes, or -1: no room */
+static int64_t st_take(Stager *s, int64_t n, int64_t seq) {
+    n = (n + 63) & ~(int64_t)63;
+    int64_t start, cost;
+    if (s->head + n <= s->size) { start = s->head; cost = n; }
+    else { start = 0; cost = s->size - s->head + n; }   /* skip the tail; freed with this entry */
+    if (s->used + cost > s->size || s->n >= s->cap) return -1;
+    Py_ssize_t i = (s->first + s->n) % s->cap;
+    s->seq[i] = seq; s->cost[i] = cost;
+    s->last_head = s->head;
+    s->n++;
+    s->used += cost;
+    s->head = start + n;
+    return s->base + start;
+}
+
+/* undo the last st_take */
+static void st_untake(Stager *s) {
+    Py_ssize_t i = (s->first + s->n - 1) % s->cap;
+    s->used -= s->cost[i];
+    s->n--;
+    s->head = s->last_head;
+}
+
+static PyObject *st_alloc(Stager *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "alloc(nbytes, seq)"); return NULL; }
+    long long nb = PyLong_AsLongLong(args[0]), seq = PyLong_AsLongLong(args[1]);
+    if ((nb == -1 || seq == -1) && PyErr_Occurred()) return NULL;
+    if (nb < 0) { PyErr_SetString(PyExc_ValueError, "alloc: negative size"); return NULL; }
+    int64_t off = st_take(self, nb, seq);
+    if (off < 0) Py_RETURN_NONE;
+    return PyLong_FromLongLong(off);
+}
+
+static PyObject *st_release_before(Stager *self, PyObject *arg) {
+    long long seq = PyLong_AsLongLong(arg);
+    if (seq == -1 && PyErr_Occurred()) return NULL;
+    while (self->n && self->seq[self->first] < seq) {
+        self->used -= self->cost[self->first];
+        self->first = (self->first + 1) % self->cap;
+        self->n--;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *st_release_all(Stager *self, PyObject *unused) {
+    self->first = self->n = 0;
+    self->used = self->head = 0;
+    Py_RETURN_NONE;
+}
+
+static inline void put_u32(char *p, uint32_t v) { memcpy(p, &v, 4); }   /* little-endian hosts */
+
+/* submit(payload, stream, seq) -> True (staged and pushed) | False (nothing done) */
+static PyObject *st_submit(Stager *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3) {
+        PyErr_SetString(PyExc_TypeError, "submit(payload, stream, seq)");
+        return NULL;
+    }
+    const char *src;
+    Py_ssize_t len;
+    if (PyBytes_CheckExact(args[0])) {
+        src = PyBytes_AS_STRING(args[0]);
+        len = PyBytes_GET_SIZE(args[0]);
+    } else if (PyByteArray_CheckExact(args[0])) {
+        src = PyByteArray_AS_STRING(args[0]);
+        len = PyByteArray_GET_SIZE(args[0]);
+    } else {
+        Py_RETURN_FALSE;   /* other buffers: the slow path */
+    }
+    unsigned long stream = PyLong_AsUnsignedLong(args[1]);
+    long long seq = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    FastRing *sq = (FastRing *)self->sq;
+    if (!sq) Py_RETURN_FALSE;   /* not bound */
+    if (len <= 0 || len > self->size / 4 || stream > UINT32_MAX || !sq->r) Py_RETURN_FALSE;
+    int64_t off = st_take(self, len, seq);
+    if (off < 0) Py_RETURN_FALSE;
+    Py_buffer view;
+    if (PyObject_GetBuffer(self->arena, &view, PyBUF_WRITABLE) < 0) {
+        PyErr_Clear();   /* a released arena (closed segment): the slow path says so */
+        st_untake(self);
+        Py_RETURN_FALSE;
+    }
+    if (off + len > view.len) {
+        PyBuffer_Release(&view);
+        st_untake(self);
+        PyErr_SetString(PyExc_ValueError, "submit: staging region outside the arena");
+        return NULL;
+    }
+    memcpy((char *)view.buf + off, src, (size_t)len);
+    PyBuffer_Release(&view);
+    char rec[256];
+    memcpy(rec, self->tpl, self->tlen);
+    put_u32(rec + self->at_stream, (uint32_t)stream);
+    put_u32(rec + self->at_off, (uint32_t)off);
+    put_u32(rec + self->at_len, (uint32_t)len);
+    if (fx_push(sq->r, rec, self->tlen) == 1) Py_RETURN_TRUE;
+    st_untake(self);   /* full, or an error the slow path raises */
+    Py_RETURN_FALSE;
+}
+
+static PyObject *st_get_live(Stager *self, void *c) { return PyLong_FromSsize_t(self->n); }
+static PyObject *st_get_used(Stager *self, void *c) { return PyLong_FromLongLong(self->used); }
+static PyObject *st_get_head(Stager *self, void *c) { return PyLong_FromLongLong(self->head); }
+
+static PyGetSetDef st_getset[] = {
+    {"live", (getter)st_get_live, NULL, "allocations not yet released", NULL},
+    {"used", (getter)st_get_used, NULL, "bytes in the in-use span (skipped tails included)", NULL},
+    {"head", (getter)st_get_head, NULL, "next free byte, relative to the region", NULL},
+    {NULL},
+};
+
+static PyMethodDef st_methods[] = {
+    {"alloc", (PyCFunction)(void (*)(void))st_alloc, METH_FASTCALL, "alloc(nbytes, seq) -> offset | None"},
+    {"release_before", (PyCFunction)st_release_before, METH_O, "free the allocations of pushes before seq"},
+    {"release_all", (PyCFunction)st_release_all, METH_NOARGS, "free everything (after a sync reply)"},
+    {"bind", (PyCFunction)st_bind, METH_VARARGS,
+     "bind(sq, arena, record_template, at_stream, at_offset, at_length): for submit()"},
+    {"submit", (PyCFunction)(void (*)(void))st_submit, METH_FASTCALL,
+     "submit(payload, stream, seq) -> bool: stage and push one record"},
+    {NULL},
+};
+
+static PyTypeObject StagerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "flexnpu.ring._fast.Stager",
+    .tp_basicsize = sizeof(Stager),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)st_init,
+    .tp_dealloc = (destructor)st_dealloc,
+    .tp_methods = st_methods,
+    .tp_getset = st_getset,
+    .tp_doc = "Stager(region_offset, region_size): the client's staging ring (alloc/release) and submit()",
+};
 
 static PyMethodDef split_def = {"launch_split", (PyCFunction)(void (*)(void))py_launch_split, METH_FASTCALL,
                                 "launch_split(payload, mode=0) -> (key, handles[, offsets[, dims]]) | None"};
@@ -380,6 +608,8 @@ int fx_py_install(uintptr_t dict_addr) {
     if (!PyDict_Check(d)) goto out;
     if (PyType_Ready(&FastRingType) < 0) goto out;
     if (PyDict_SetItemString(d, "FastRing", (PyObject *)&FastRingType) < 0) goto out;
+    if (PyType_Ready(&StagerType) < 0) goto out;
+    if (PyDict_SetItemString(d, "Stager", (PyObject *)&StagerType) < 0) goto out;
     f = PyCFunction_New(&call_def, NULL);
     if (!f || PyDict_SetItemString(d, "call", f) < 0) goto out;
     Py_CLEAR(f);

@@ -39,6 +39,11 @@ if lib.fx_py_install(id(_fast)) != 0:  # id() is the object's address in CPython
 _FastRing = _fast["FastRing"]
 _fast_call = _fast["call"]
 launch_split = _fast["launch_split"]  # protocol.split_launch: the codec's structure/handle split
+# The client's staging ring for small payloads, with the launch hot path (stage + push) in C:
+# Stager(offset, size); .alloc(n, seq) -> offset | None, .release_before(seq), .release_all(),
+# .bind(sq._fast, arena, record_template, at_stream, at_offset, at_length),
+# .submit(payload, stream, seq) -> bool (False: nothing done, the caller's slow path runs).
+Stager = _fast["Stager"]
 _CLOSEDRC, _ROLERC = 100, 101
 
 
