@@ -683,3 +683,94 @@ def test_bench_call_planned_table_worker_runs_its_launches(daemon, runtime_dir):
 
     row = _throughput(1, 300, str(runtime_dir), _TABLE_WORKER, "planned-table-launch")
     assert row["name"] == "planned-table-launch-1-client" and row["ops_per_s"] > 0
+
+
+# ---- aten launches from plans without sizes (torch_exec.SizedLaunchPlan, launch_split mode 3) ----
+
+
+def _cat_launch(
+    n: int, out_shape: tuple[int, ...] | None = None, nbytes: int | None = None, hs=(1, 2, 3)
+) -> bytes:
+    """aten::cat of a (1, n, 8) cache and one (1, 1, 8) row: what a decode step's KV cache sends."""
+    f32 = torch.float32
+    a = TensorRef(hs[0], f32, (1, n, 8), (n * 8, 8, 1), 0)
+    b = TensorRef(hs[1], f32, (1, 1, 8), (8, 8, 1), 0)
+    osh = out_shape or (1, n + 1, 8)
+    o = TensorRef(hs[2], f32, osh, torch.empty(osh, device="meta").stride(), 0)
+    return bytes(P.encode_launch("aten::cat.default", ([a, b], 1), {}, [(nbytes or (n + 1) * 32, o)]))
+
+
+def test_aten_plan_without_sizes_runs_each_shape_and_checks_each_declaration():
+    """One plan serves every size of a structure: each launch's output is predicted by the shape
+    rule and its declaration checked before anything runs (a wrong one goes to the generic path,
+    which reports it), and the result is the operator's."""
+    from flexnpu.daemon.backends import torch_exec as X
+    from flexnpu.ring.segment import launch_split
+
+    dev = torch.device("cpu")
+    first = _cat_launch(3)
+    key = launch_split(first, 3)[0]
+    assert launch_split(_cat_launch(9, hs=(7, 8, 9)), 3)[0] == key  # the structure repeats
+    assert launch_split(_cat_launch(9), 2)[0] != launch_split(first, 2)[0]  # its output bytes differ
+    plan = X.make_sized_plan(dev, P.decode_launch(first, dev))
+    assert plan is not None and plan.n_in == 2
+    for n in (3, 5, 17):
+        _, hs, offs, dims, nbs = launch_split(_cat_launch(n), 3)
+        assert nbs == ((n + 1) * 32,)
+        prep = X.prepare_sized_plan(plan, hs, offs, dims, nbs)
+        assert prep is not None
+        cache, row = torch.arange(n * 8.0), torch.full((8,), -1.0)
+        bufs = [cache.view(torch.uint8).clone(), row.view(torch.uint8).clone()]
+        results, keys = X.run_sized_plan(
+            dev, plan, bufs, prep[0], prep[1], lambda nb: torch.zeros(nb, dtype=torch.uint8)
+        )
+        assert torch.equal(results[0][1], torch.cat([cache.view(1, n, 8), row.view(1, 1, 8)], 1))
+        assert keys == [X.layout_key(prep[1][0][1])]
+    for bad in (_cat_launch(4, out_shape=(1, 4, 8)), _cat_launch(4, nbytes=64)):  # a row short; too few bytes
+        _, hs, offs, dims, nbs = launch_split(bad, 3)
+        assert X.prepare_sized_plan(plan, hs, offs, dims, nbs) is None
+    # an input view past its allocation is refused when its view is built, before the op runs
+    _, hs, offs, dims, nbs = launch_split(_cat_launch(6), 3)
+    prep = X.prepare_sized_plan(plan, hs, offs, dims, nbs)
+    small = [torch.zeros(16, dtype=torch.uint8), torch.zeros(32, dtype=torch.uint8)]
+    with pytest.raises(X.LaunchError, match="beyond the allocation"):
+        X.run_sized_plan(dev, plan, small, prep[0], prep[1], lambda nb: torch.zeros(nb, dtype=torch.uint8))
+    # operators no shape rule covers, and multi-output ones, have none
+    nz = P.encode_launch(
+        "aten::max.dim",
+        (TensorRef(1, torch.float32, (4, 6), (6, 1), 0), 1),
+        {},
+        [(16, TensorRef(2, torch.float32, (4,), (1,), 0)), (32, TensorRef(3, torch.int64, (4,), (1,), 0))],
+    )
+    assert X.make_sized_plan(dev, P.decode_launch(bytes(nz), dev)) is None
+
+
+def test_growing_aten_cats_through_a_daemon_are_right_and_wrong_declarations_refused(client):
+    """A cache grown by aten::cat every step (new sizes each time: the plan without sizes runs
+    them after the second), with right results; then a declaration a row short and an input
+    past its allocation are refused, nothing is written, and the client and daemon stay up."""
+    d = 8
+    cache = _put(client, torch.zeros(0, d).reshape(1, 0, d))
+    want = torch.zeros(1, 0, d)
+    for step in range(8):
+        row = torch.randn(1, 1, d)
+        r = _put(client, row)
+        o = _out(client, torch.float32, (1, step + 1, d))
+        client.launch("aten::cat.default", ([cache, r], 1), {}, [o])
+        client.synchronize()
+        want = torch.cat([want, row], 1)
+        assert torch.equal(_get(client, o[1]), want), step
+        client.free(cache.handle)
+        client.free(r.handle)
+        cache = o[1]
+    r = _put(client, torch.ones(1, 1, d))
+    short = (8 * d * 4, TensorRef(client.alloc_handle(), torch.float32, (1, 8, d), (8 * d, d, 1), 0))
+    client.launch("aten::cat.default", ([cache, r], 1), {}, [short])
+    with pytest.raises(FlexNPUError, match="declared"):
+        client.synchronize()
+    past = TensorRef(cache.handle, torch.float32, (1, 40, d), (40 * d, d, 1), 0)
+    client.launch("aten::cat.default", ([past, r], 1), {}, [_out(client, torch.float32, (1, 41, d))])
+    with pytest.raises(FlexNPUError, match="beyond the allocation"):
+        client.synchronize()
+    assert torch.equal(_get(client, cache), want)
+    _alive(client)

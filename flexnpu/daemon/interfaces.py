@@ -91,6 +91,15 @@ class PlanningBackend(Backend, Protocol):
     # tensor's storage offset comes with the launch (protocol.split_launch_offsets); for a plan
     # from sized_plans (make_sized_plan) its sizes and strides too (dims: split_launch_dims)
     def run_table_plan(self, plan: Any, bufs: Any, handles: Any, offsets: Any, dims: Any = None) -> None: ...
+    # an aten plan from sized_plans (launch_split mode 3): this launch's layouts checked against
+    # the operator's shape rule -> (input layouts, declared outputs), or None (the generic path)
+    def prepare_sized_plan(
+        self, plan: Any, handles: Any, offsets: Any, dims: Any, out_nbytes: Any
+    ) -> tuple[Any, Any] | None: ...
+    # -> (run_plan's bound results, each output's layout key for Alloc.view)
+    def run_sized_plan(
+        self, plan: Any, bufs: Any, prepared: tuple[Any, Any], allocate: Callable[[int], Any]
+    ) -> tuple[list[tuple[Any, Any]], list[Any]]: ...
 
 
 class CommandView(Protocol):

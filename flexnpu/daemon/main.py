@@ -85,6 +85,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="file mode of the control socket (octal, default 0660)",
     )
     p.add_argument(
+        "--spin-us",
+        type=float,
+        default=_env_float("FLEXNPU_DAEMON_SPIN_US"),
+        help="how long the wait for client requests spins before it sleeps, in microseconds "
+        "(default 500: on virtual machines a sleeping daemon's wake-up costs ~100 us per "
+        "request; 0 = sleep at once)",
+    )
+    p.add_argument(
         "--max-launch-gflop",
         type=float,
         default=_env_float("FLEXNPU_MAX_LAUNCH_GFLOP"),
@@ -199,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
             max_launch_gflop=args.max_launch_gflop,
             max_launch_bytes=parse_bytes(args.max_launch_bytes),
             client_host_memory=parse_bytes(args.client_host_memory),
+            spin_s=(500.0 if args.spin_us is None else args.spin_us) * 1e-6,
         )
         d.bind()
     except (RuntimeError, ValueError, OSError) as e:

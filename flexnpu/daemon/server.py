@@ -142,6 +142,15 @@ def _cmdline(pid: int) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in text)[:256]
 
 
+# How long the daemon's wait for client records spins before it futex-sleeps. A sleeping daemon
+# makes each client push that finds it asleep pay a FUTEX_WAKE and the daemon a wake-up; on
+# virtual machines both cost ~100 us (the wake-up of a halted vCPU: `flexnpu bench call`'s
+# round trip after an idle pause), several times an eager operator's whole cost. Eager clients
+# submit every few tens to hundreds of microseconds, so the daemon stays awake across those
+# gaps and sleeps only when its clients pause (--spin-us; 0 = sleep at once).
+DAEMON_SPIN_S = 500e-6
+
+
 class Daemon:
     def __init__(
         self,
@@ -166,8 +175,10 @@ class Daemon:
         max_launch_gflop: float | None = None,
         max_launch_bytes: int | None = None,
         client_host_memory: int | None = CLIENT_HOST_MEMORY,
+        spin_s: float = DAEMON_SPIN_S,
     ) -> None:
         self.device = device
+        self.spin_s = max(0.0, spin_s)
         self.client_host_memory = client_host_memory
         self.fd_limit = raise_fd_limit()[0]
         self.max_sessions_per_uid = max_sessions_per_uid
@@ -916,6 +927,7 @@ class Daemon:
         fd = fds.pop()
         try:
             seg = Segment.attach(fd)
+            seg.set_spin(self.spin_s)
         except (RingError, OSError, ValueError) as e:
             if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
                 return refuse(self._no_fds_text(), "EMFILE")

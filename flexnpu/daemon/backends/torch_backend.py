@@ -101,7 +101,8 @@ class TorchBackend:
         # the daemon starts even if a client never launches.
         self._exec: Any = None  # the torch_exec module once imported
         self.plans: dict[bytes, Any] = {}  # launch structure (protocol.split_launch) -> plan
-        # the native front end's structures without sizes (protocol.split_launch_dims) -> plan
+        # structures without sizes -> plan: the native front end's (protocol.split_launch_dims)
+        # and the Python front end's aten launches (launch_split mode 3, torch_exec.SizedLaunchPlan)
         self.sized_plans: dict[bytes, Any] = {}
         # Core partitions (flexnpu.daemon.backends.partition): the capability is probed here.
         self.partition_capable = False
@@ -282,7 +283,7 @@ class TorchBackend:
     def make_sized_plan(self, launch: Launch) -> Any:
         """A plan of `launch`'s structure without tensor sizes (None: it has none)."""
         if not launch.op.startswith(_ASCEND_PREFIXES):
-            return None
+            return self._torch_exec().make_sized_plan(self.device, launch)
         return _optable().make_plan(
             self.device, launch.op, launch.args, launch.kwargs, launch.outputs, launch.values, sized=True
         )
@@ -292,6 +293,22 @@ class TorchBackend:
             plan.run(bufs, handles, offsets)
         else:
             plan.run_sized(bufs, handles, offsets, dims)
+
+    def prepare_sized_plan(
+        self, plan: Any, handles: Any, offsets: Any, dims: Any, out_nbytes: Any
+    ) -> tuple[Any, Any] | None:
+        prepared: tuple[Any, Any] | None = self._exec.prepare_sized_plan(
+            plan, handles, offsets, dims, out_nbytes
+        )
+        return prepared
+
+    def run_sized_plan(
+        self, plan: Any, bufs: Any, prepared: tuple[Any, Any], allocate: Callable[[int], torch.Tensor]
+    ) -> tuple[list[tuple[torch.Tensor | None, torch.Tensor]], list[Any]]:
+        ran: tuple[list[tuple[torch.Tensor | None, torch.Tensor]], list[Any]] = self._exec.run_sized_plan(
+            self.device, plan, bufs, prepared[0], prepared[1], allocate
+        )
+        return ran
 
     def run_plan(
         self, plan: Any, bufs: Any, handles: Any, allocate: Callable[[int], torch.Tensor], hints: Any

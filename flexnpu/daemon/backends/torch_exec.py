@@ -36,6 +36,10 @@ __all__ = [
     "LaunchPlan",
     "make_plan",
     "run_plan",
+    "SizedLaunchPlan",
+    "make_sized_plan",
+    "prepare_sized_plan",
+    "run_sized_plan",
     "is_op_allowed",
     "LaunchError",
     "build_view",
@@ -835,6 +839,108 @@ def run_plan(
         validate_indices(plan.op, plan.opov, plan.rule, tuple(args), kwargs)
     result = plan.call(*args, **kwargs)
     return _bind_results(plan, device, bufs, result, allocate)
+
+
+# ---- plans without sizes ------------------------------------------------------------------------
+# A decode loop's growing tensors (the KV cache's cat, attention, masks) have a new shape every
+# token: their exact structure never repeats, so each took the generic path (decode, meta
+# inference, output checks, a plan made for nothing): ~10 launches a token at several times a
+# planned launch's cost. A SizedLaunchPlan is the plan of the structure with every tensor's
+# sizes, strides and offset and every output's byte count left out (protocol launch_split mode
+# 3). Each launch brings those; before anything runs, the daemon's own size-generic shape rule
+# (flexnpu.ops.shape_rules, so only operators it covers, with one fresh output) predicts the
+# output and the declared one is checked against it exactly as the generic path checks it, and
+# every view is bounds-checked as it is built. Anything the rule declines takes the generic path.
+
+
+class SizedLaunchPlan:
+    __slots__ = ("plan", "op", "dtypes", "n_in")
+
+    def __init__(self, plan: LaunchPlan) -> None:
+        self.plan = plan
+        self.op = plan.op
+        self.n_in = plan.n_in
+        # every tensor's dtype, in payload order (the launch ceilings' byte count: check_sized)
+        self.dtypes = [sl.ref.dtype for sl in plan.slots] + [r.dtype for _, r in plan.outputs]
+
+
+def make_sized_plan(device: torch.device, launch: Any) -> SizedLaunchPlan | None:
+    """The plan of `launch`'s structure without sizes, or None (the generic path runs it)."""
+    try:
+        opov, _ = _resolve(launch.op)
+    except (LaunchError, TypeError, ValueError, AttributeError):
+        return None
+    if not shape_rules.covered(opov) or len(launch.outputs) != 1:
+        return None
+    plan = make_plan(device, launch)
+    if plan is None or plan.indexed or plan.uninit or len(plan.outputs) != 1:
+        return None
+    plan.cx = False  # the compiled executor repeats one exact call
+    return SizedLaunchPlan(plan)
+
+
+def prepare_sized_plan(
+    sp: SizedLaunchPlan,
+    handles: Sequence[int],
+    offsets: Sequence[int],
+    dims: Sequence[tuple[Any, Any]],
+    out_nbytes: Sequence[int],
+) -> tuple[list[TensorRef], list[tuple[int, TensorRef]]] | None:
+    """This launch's input and output layouts, its declared output checked against the shape
+    rule's prediction (_check_outputs, as for a generic launch); None if the rule declines or
+    disagrees (the generic path then runs the launch and reports what is wrong)."""
+    plan = sp.plan
+    n = plan.n_in
+    if len(handles) != n + 1 or len(dims) != n + 1 or len(out_nbytes) != 1:
+        return None
+    refs = [
+        TensorRef(handles[k], sl.ref.dtype, dims[k][0], dims[k][1], offsets[k])
+        for k, sl in enumerate(plan.slots)
+    ]
+    out = TensorRef(handles[n], plan.outputs[0][1].dtype, dims[n][0], dims[n][1], offsets[n])
+    outputs = [(out_nbytes[0], out)]
+    try:
+        wire = cast("list[torch.Tensor]", refs)  # fill_slots puts whatever stands for a slot
+        ruled = shape_rules.infer(
+            plan.opov, fill_slots(plan.args, wire), {k: fill_slots(v, wire) for k, v in plan.kwargs.items()}
+        )
+        if ruled is None:
+            return None
+        dt, sh, _ = ruled
+        need = dt.itemsize
+        for v in sh:
+            need *= v
+        _check_outputs(plan.op, outputs, ((dt, tuple(sh), need),))
+    except (LaunchError, TypeError, ValueError, AttributeError, IndexError):
+        return None
+    return refs, outputs
+
+
+def run_sized_plan(
+    device: torch.device,
+    sp: SizedLaunchPlan,
+    bufs: Sequence[torch.Tensor],
+    refs: Sequence[TensorRef],
+    outputs: Sequence[tuple[int, TensorRef]],
+    allocate: Callable[[int], torch.Tensor],
+) -> tuple[list[tuple[torch.Tensor | None, torch.Tensor]], list[tuple[Any, ...]]]:
+    """Run one launch of a plan without sizes, on its layouts from prepare_sized_plan: the
+    bound results as run_plan returns them, and each output's layout_key."""
+    plan = sp.plan
+    views = [build_view(ref, buf) for ref, buf in zip(refs, bufs)]  # bounds-checked
+    args = fill_slots(plan.args, views)
+    kwargs = {k: fill_slots(v, views) for k, v in plan.kwargs.items()}
+    result = plan.call(*args, **kwargs)
+    nbytes, ref = outputs[0]
+    if not isinstance(result, torch.Tensor) or tuple(result.shape) != ref.shape or result.dtype != ref.dtype:
+        got = (
+            f"{result.dtype} {tuple(result.shape)}"
+            if isinstance(result, torch.Tensor)
+            else type(result).__name__
+        )
+        raise LaunchError(f"{plan.op}: output 0 declared {ref.dtype} {ref.shape} but the op returned {got}")
+    in_ptrs = [(p, p + b.nbytes) for b in bufs for p in (b.data_ptr(),)]
+    return [_bind(plan.op, device, in_ptrs, nbytes, ref, result, allocate, True)], [layout_key(ref)]
 
 
 def _bind_results(

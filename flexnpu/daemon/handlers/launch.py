@@ -306,19 +306,34 @@ def _run_table_now(
         return
     get = s.handles.get
     ins = [get(h) for h in handles]  # InvalidHandle (another client's, freed): nothing ran
+    be: PlanningBackend = s.daemon.backend  # type: ignore[assignment]  # it made the plan
+
+    def run() -> None:
+        be.run_table_plan(plan, [ready_buf(al, h) for al, h in zip(ins, handles)], handles, offsets, dims)
+
+    _run_inline(s, st, r, plan.op, {}, run)
+
+
+def _run_inline(
+    s: Session, st: StreamState, r: R.Launch, op: str, outs: dict[int, Alloc], run: Any, bind: Any = None
+) -> None:
+    """What a launch run at once shares (_run_now is the same, written flat): `run()` on the
+    stream's device stream; its failure is the client's error (its outputs marked failed),
+    reported like a queued launch's; `bind(run())` and a sync launch's reply on success;
+    failing to report drops this client alone, as execute does; the launch is counted."""
     t = perf_counter()
     try:
         try:
-            bufs = [ready_buf(al, h) for al, h in zip(ins, handles)]
-            be: PlanningBackend = s.daemon.backend  # type: ignore[assignment]  # it made the plan
             if st.device_stream is None:
-                be.run_table_plan(plan, bufs, handles, offsets, dims)
+                res = run()
             else:
-                with be.stream_context(st.device_stream):
-                    be.run_table_plan(plan, bufs, handles, offsets, dims)
+                with s.daemon.backend.stream_context(st.device_stream):
+                    res = run()
         except Exception as e:  # noqa: BLE001 - the client's error, reported like a queued launch's
-            s.fail(r.user_data, r.sync, st, _failed(plan.op, {}, e))
+            s.fail(r.user_data, r.sync, st, _failed(op, outs, e))
         else:
+            if bind is not None:
+                bind(res)
             if r[1] & P.FLAG_SYNC:
                 s.reply_sync(r[3], st)
     except Exception as e:  # noqa: BLE001 - reporting failed: drop this client alone (as execute)
@@ -350,9 +365,12 @@ def _p_launch(s: Session, st: StreamState | None, r: R.Launch) -> Cmd | None:
                     _run_now(s, st, r, plan, split[1])
                     return None
                 return _p_planned(s, r, plan, split[1])
-            if table and s.daemon.inline and not st.queue:
+            if s.daemon.inline and not st.queue and (table or plan is not False):
                 # a structure without a plan of its own: one without sizes may have one
-                sized = _try_sized(s, st, r, be, payload, plans, split[0])
+                if table:
+                    sized = _try_sized(s, st, r, be, payload, plans, split[0])
+                else:
+                    sized = _try_aten_sized(s, st, r, be, payload, plans, split[0])
                 if sized is True:
                     return None
     try:
@@ -376,7 +394,7 @@ def _p_launch(s: Session, st: StreamState | None, r: R.Launch) -> Cmd | None:
     if split is not None:
         _remember_plan(be, plans, split, launch, cmd)  # type: ignore[arg-type]  # plans is set with split
     if sized is not None:
-        _remember_sized(be, sized, launch)
+        _remember_sized(be, sized, launch, 3 if split is not None and not table else 2)
     return cmd
 
 
@@ -388,6 +406,12 @@ class _Twice:
 
 
 _TWICE = _Twice()
+# An aten structure run from its plan without sizes is marked once per sighting; the fifth time
+# it takes the generic path, which makes its exact plan. Not sooner: a decode step repeats one
+# shape several times (each layer's key and value cache grow alike), and a plan made for that
+# step's shape would run once and never again.
+_SIGHTINGS = (None, _TWICE, _Twice(), _Twice())
+_NEXT_SIGHTING = {id(a): b for a, b in zip(_SIGHTINGS, _SIGHTINGS[1:])}
 
 
 def _try_sized(
@@ -424,8 +448,10 @@ def _try_sized(
     return sp
 
 
-def _remember_sized(be: Any, sp: Any, launch: Any) -> None:
-    """_remember_plan for the structure without sizes: a plan the second time it comes."""
+def _remember_sized(be: Any, sp: Any, launch: Any, mode: int = 2) -> None:
+    """_remember_plan for the structure without sizes: a plan the second time it comes. `mode`:
+    the launch_split mode of its key (2: a table operator's, 3: an aten launch's, whose output
+    handles follow its n_in input handles)."""
     sized_plans: dict[bytes, Any] = be.sized_plans
     key = sp[0]
     if _first_sighting(be, sized_plans, key):
@@ -433,7 +459,61 @@ def _remember_sized(be: Any, sp: Any, launch: Any) -> None:
     if sized_plans[key] is not None:
         return  # it has its plan (this launch needed the full ceiling check), or has none
     plan = be.make_sized_plan(launch) if sized_plan_allowed(launch.op) else None
-    sized_plans[key] = plan if plan is not None and plan.n_in == len(sp[1]) else False
+    n = len(sp[1]) - (len(sp[4]) if mode == 3 else 0)
+    sized_plans[key] = plan if plan is not None and plan.n_in == n else False
+
+
+def _try_aten_sized(
+    s: Session, st: StreamState, r: R.Launch, be: Any, payload: bytes, plans: dict[bytes, Any], key: bytes
+) -> Any:
+    """_try_sized for the Python front end's aten launches (torch_exec.SizedLaunchPlan): True if
+    the plan of the launch's structure without sizes ran it; else the split for _remember_sized
+    (mode 3), or None. The fifth time an exact structure comes it takes the generic path, which
+    makes its exact plan (_remember_plan): a shape that repeats gets the faster one."""
+    sized_plans: dict[bytes, Any] | None = getattr(be, "sized_plans", None)
+    if sized_plans is None or not hasattr(be, "prepare_sized_plan"):
+        return None
+    if plans.get(key, 0) is _SIGHTINGS[-1]:
+        return None
+    sp = launch_split(payload, 3)
+    if sp is None:
+        return None
+    plan = sized_plans.get(sp[0])
+    if not plan:
+        return sp
+    prepared = be.prepare_sized_plan(plan, sp[1], sp[2], sp[3], sp[4])
+    # (check_sized raises over the byte ceiling)
+    if prepared is None or not s.daemon.launch_limits.check_sized(plan.op, plan.dtypes, sp[3]):
+        return None  # the generic path runs and reports it (and keeps the plan)
+    _run_sized_now(s, st, r, plan, sp[1], prepared)
+    if not _first_sighting(be, plans, key):
+        seen = plans[key]
+        nxt = _NEXT_SIGHTING.get(id(seen))
+        if nxt is not None and not seen:
+            plans[key] = nxt
+    return True
+
+
+def _run_sized_now(
+    s: Session, st: StreamState, r: R.Launch, plan: Any, handles: tuple[int, ...], prepared: Any
+) -> None:
+    """_run_now for an aten launch from its plan without sizes: its declared output is entered
+    and charged as a generic launch's is, then the operator runs on bounds-checked views."""
+    if s.dead:
+        return
+    n = plan.n_in
+    table = s.handles
+    ins = [table.get(h) for h in handles[:n]]  # InvalidHandle (another client's, freed): nothing made
+    outs, _ = _new_outputs(s, plan.op, prepared[1], lambda _i, ref: ref.handle, handles[:n])
+    be: PlanningBackend = s.daemon.backend  # type: ignore[assignment]  # it made the plan
+
+    def run() -> Any:
+        return be.run_sized_plan(plan, [ready_buf(al, h) for al, h in zip(ins, handles)], prepared, be.alloc)
+
+    def bind(ran: Any) -> None:
+        _bind_planned(outs, handles[n:], ran[0], ran[1])
+
+    _run_inline(s, st, r, plan.op, outs, run, bind)
 
 
 def _remember_plan(
@@ -472,7 +552,7 @@ def _evict(plans: dict[bytes, Any], limit: int) -> None:
     decode loop whose cache grows adds ~10 of them a token, and clearing everything with them
     would make each of its ~150 repeating structures take the generic path twice again every
     few hundred tokens. Only if plans alone fill half the cache does everything go."""
-    once = [k for k, v in plans.items() if v is None or v is _TWICE]
+    once = [k for k, v in plans.items() if v is None or type(v) is _Twice]
     if len(plans) - len(once) > limit // 2:
         plans.clear()
         return
