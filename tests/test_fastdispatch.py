@@ -58,6 +58,10 @@ def _calls(x, y, i):
         (aten.split_with_sizes.default, (x, [1, 3], 0), {}),
         (aten.max.dim, (x, 1), {}),
         (aten.empty_like.default, (x,), {"memory_format": torch.contiguous_format}),
+        # factories: the device argument names the device (their PrivateUse1 kernels)
+        (aten.full.default, ([2, 3], 1.5), {"dtype": torch.float32, "device": x.device, "pin_memory": False}),
+        (aten.arange.start_step, (0, 5, 1), {"dtype": torch.int64, "device": torch.device("npu")}),
+        (aten.zeros.default, ([3],), {"device": x.device}),
     ]
 
 
@@ -167,24 +171,7 @@ def test_hits_run_in_c_and_misses_in_python(npu):
 
 def _config(**changes):
     """Reconfigure the C path with some objects replaced; returns the original configuration."""
-    cfg = {
-        "infos": T._infos,
-        "cache": T._cache,
-        "enc_cache": T._enc_cache,
-        "stats": T.stats,
-        "tensor_type": T.NPUTensor,
-        "alloc_type": T.Alloc,
-        "ref_type": T.TensorRef,
-        "make_raw": T._make_raw,
-        "wrapper_storage": T._WRAPPER_STORAGE,
-        "tdevs": T._torch_devices,
-        "tdev": T._tdev,
-        "fallback": T.dispatch,
-        "make_rk": T._make_rk,
-        "launch": T._launch,
-        "build": T._build,
-        "plain_types": (torch.dtype, torch.layout, torch.memory_format, str),
-    }
+    cfg = T._fast_config()
     T.FAST["configure"]({**cfg, **changes})
     return cfg
 

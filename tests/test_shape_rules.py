@@ -353,3 +353,51 @@ def test_hostile_shapes_decline(bad):
     r = TensorRef(1, torch.float32, bad, (3, 1), 0)
     assert shape_rules.infer(aten.neg.default, (r,), {}) is None
     assert shape_rules.infer(aten.cat.default, ([r, r], 0), {}) is None
+
+
+def test_factories_and_likes():
+    """What torch.full / zeros / ones / arange / scalar_tensor / *_like make on the npu device:
+    the daemon checks their declared outputs by these rules, not by a meta call (whose first
+    call in a process imports torch._dynamo)."""
+    m = {"device": torch.device("meta")}
+    answered = 0
+    for size in ([], [0], [3], [2, 3], (1, 4, 2)):
+        for dt in (None, torch.float16, torch.int64, torch.bool):
+            kw = {**m, **({"dtype": dt} if dt is not None else {})}
+            for v in (True, 3, 2.5, -0.0):
+                answered += check(aten.full.default, size, v, **kw)
+            answered += check(aten.zeros.default, size, **kw)
+            answered += check(aten.ones.default, size, **kw, pin_memory=False)
+    for args in [
+        (5,),
+        (0,),
+        (2.5,),
+        (1, 7),
+        (7, 1),
+        (0, 10, 3),
+        (10, 0, -3),
+        (0.0, 1.0, 0.1),
+        (1, 2.5, 0.5),
+        (-3, 4, 2),
+    ]:
+        for dt in (None, torch.float32, torch.int64):
+            kw = {**m, **({"dtype": dt} if dt is not None else {})}
+            op = {1: aten.arange.default, 2: aten.arange.start, 3: aten.arange.start_step}[len(args)]
+            answered += check(op, *args, **kw)
+    assert not check(aten.arange.start, 5, 1, **m)  # inconsistent bounds: torch refuses, so does the rule
+    for v in (3, 2.5, True):
+        answered += check(aten.scalar_tensor.default, v, **m)
+    for s in SHAPES:
+        for dt in (None, torch.int64):
+            kw = {**m, **({"dtype": dt} if dt is not None else {})}
+            answered += check(aten.zeros_like.default, ref(s), **kw)
+            answered += check(
+                aten.ones_like.default, ref(s, torch.int64), **kw, memory_format=torch.contiguous_format
+            )
+            answered += check(aten.full_like.default, ref(s, torch.bool), 7, **kw)
+    assert not check(aten.ones_like.default, ref((3, 4), stride=(1, 3)), **m)  # meta decides that layout
+    assert answered > 150
+    # the calls transformers' generate() makes: a stopping criterion, position ids, a mask
+    assert check(aten.full.default, [1], False, dtype=torch.bool, **m)
+    assert check(aten.arange.default, 1, dtype=torch.int64, **m)
+    assert check(aten.ones_like.default, ref((1, 16), torch.int64), **m)

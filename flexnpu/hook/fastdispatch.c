@@ -23,12 +23,13 @@
 /* set by configure() */
 static PyObject *g_infos, *g_cache, *g_enc_cache, *g_stats, *g_npu_type, *g_alloc_type,
     *g_ref_type, *g_make_raw, *g_ws, *g_tdevs, *g_tdev, *g_fallback, *g_make_rk, *g_launch_py,
-    *g_build_py, *g_plain_types, *g_raw_kwnames, *g_ref_members[5];
+    *g_build_py, *g_plain_types, *g_raw_kwnames, *g_ref_members[5], *g_device_type, *g_get_device,
+    *g_npu_name;
 static int g_ready = 0;
 
 static PyObject *s_a, *s_rk, *s_dev, *s_special, *s_cpu, *s_value_free, *s_allowed, *s_flush_due,
     *s_flush_frees, *s_client, *s_stream, *s_index, *s_alloc_handle, *s_launch_payload, *s_hits,
-    *s_device, *s_handle, *s_new, *s_self, *s_view, *s_empty, *s_one;
+    *s_device, *s_handle, *s_new, *s_self, *s_view, *s_empty, *s_one, *s_type;
 
 enum { OK = 0, PYTHON = 1, ERR = -1 }; /* PYTHON: let tensor.dispatch() handle this call */
 
@@ -97,6 +98,15 @@ attr:
     return ERR;
 }
 
+/* a torch.device of type npu: 1; another type: 0 */
+static int is_npu_device(PyObject *d) {
+    PyObject *t = PyObject_GetAttr(d, s_type);
+    if (!t) return -1;
+    int r = PyUnicode_Compare(t, g_npu_name) == 0;
+    Py_DECREF(t);
+    return PyErr_Occurred() ? -1 : r;
+}
+
 static int is_number(PyObject *a) {
     return PyLong_CheckExact(a) || PyFloat_CheckExact(a) || PyBool_Check(a);
 }
@@ -153,8 +163,22 @@ static int w_value(Walk *w, PyObject *a, PyObject **wire, int depth) {
         *wire = out;
         return OK;
     }
-    /* dtype, layout, memory_format, str: (type, value); anything else (devices, host tensors,
-     * symbolic sizes, complex, subclasses) takes the Python path */
+    if ((PyObject *)tp == g_device_type) { /* factories: device=npu:N names the device */
+        int npu = is_npu_device(a);
+        if (npu <= 0) return npu < 0 ? ERR : PYTHON; /* a host device: Python's host fallback */
+        if (!w->dev) {
+            PyObject *index = PyObject_GetAttr(a, s_index);
+            if (!index) return ERR;
+            w->dev = PyObject_CallOneArg(g_get_device, index); /* runtime.get(index) */
+            Py_DECREF(index);
+            if (!w->dev) return ERR;
+        }
+        int rc = kpush(w, Py_NewRef(a));
+        if (rc == OK) *wire = Py_NewRef(a);
+        return rc;
+    }
+    /* dtype, layout, memory_format, str: (type, value); anything else (host tensors, symbolic
+     * sizes, complex, subclasses) takes the Python path */
     int plain = PySequence_Contains(g_plain_types, (PyObject *)tp);
     if (plain < 0) return ERR;
     if (!plain) return PYTHON;
@@ -332,7 +356,7 @@ static int walk(Walk *w, PyObject *args, PyObject *kwargs, int value_free,
             if (rc < 0) return ERR;
         }
     }
-    return w->dev ? OK : PYTHON; /* no npu tensor: Python picks the current device */
+    return w->dev ? OK : PYTHON; /* no npu tensor nor device: Python picks the current device */
 }
 
 static PyObject *key_tuple(Walk *w, PyObject *info) {
@@ -361,7 +385,11 @@ static int pre(PyObject *func, PyObject *args, PyObject *kwargs, PyObject **info
     if (cpu) return cpu < 0 ? ERR : PYTHON;
     if (kwargs) {
         PyObject *d = PyDict_GetItemWithError(kwargs, s_device);
-        if (d && d != Py_None) return PYTHON; /* a host device: Python's host fallback */
+        if (d && d != Py_None) { /* a host device: Python's host fallback */
+            if ((PyObject *)Py_TYPE(d) != g_device_type) return PYTHON;
+            int npu = is_npu_device(d);
+            if (npu <= 0) return npu < 0 ? ERR : PYTHON;
+        }
         if (PyErr_Occurred()) return ERR;
     }
     if ((*vf = attr_true(info, s_value_free)) < 0) return ERR;
@@ -597,7 +625,8 @@ static PyObject *py_configure(PyObject *self, PyObject *cfg) {
         keep(cfg, "wrapper_storage", &g_ws) || keep(cfg, "tdevs", &g_tdevs) ||
         keep(cfg, "tdev", &g_tdev) || keep(cfg, "fallback", &g_fallback) ||
         keep(cfg, "make_rk", &g_make_rk) || keep(cfg, "launch", &g_launch_py) ||
-        keep(cfg, "build", &g_build_py) || keep(cfg, "plain_types", &g_plain_types))
+        keep(cfg, "build", &g_build_py) || keep(cfg, "plain_types", &g_plain_types) ||
+        keep(cfg, "device_type", &g_device_type) || keep(cfg, "get_device", &g_get_device))
         return NULL;
     if (!PyDict_CheckExact(g_infos) || !PyDict_CheckExact(g_cache) || !PyDict_CheckExact(g_enc_cache) ||
         !PyDict_CheckExact(g_stats) || !PyDict_CheckExact(g_tdevs) || !PyType_Check(g_ref_type) ||
@@ -646,7 +675,8 @@ static int install(PyObject *d) {
         intern(&s_stream, "stream") || intern(&s_index, "index") || intern(&s_alloc_handle, "alloc_handle") ||
         intern(&s_launch_payload, "launch_payload") || intern(&s_hits, "hits") ||
         intern(&s_device, "device") || intern(&s_handle, "handle") || intern(&s_new, "new") ||
-        intern(&s_self, "self") || intern(&s_view, "view"))
+        intern(&s_self, "self") || intern(&s_view, "view") || intern(&s_type, "type") ||
+        intern(&g_npu_name, "npu"))
         return -1;
     if (!s_empty && !(s_empty = PyTuple_New(0))) return -1;
     if (!s_one && !(s_one = PyLong_FromLong(1))) return -1;

@@ -1114,6 +1114,16 @@ EXPLICIT_KERNELS = (
     "fill_.Scalar",
     "zero_",
     "resize_",
+    "full",
+    "zeros",
+    "ones",
+    "arange",
+    "arange.start",
+    "arange.start_step",
+    "full_like",
+    "zeros_like",
+    "ones_like",
+    "scalar_tensor",
 )
 
 
@@ -1132,6 +1142,30 @@ def kernel_for(name: str):
 # the compiled hot path
 
 
+def _fast_config() -> dict[str, Any]:
+    """What the C path works on: this module's caches, types and Python fallbacks."""
+    return {
+        "infos": _infos,
+        "cache": _cache,
+        "enc_cache": _enc_cache,
+        "stats": stats,
+        "tensor_type": NPUTensor,
+        "alloc_type": Alloc,
+        "ref_type": TensorRef,
+        "make_raw": _make_raw,
+        "wrapper_storage": _WRAPPER_STORAGE,
+        "tdevs": _torch_devices,
+        "tdev": _tdev,
+        "fallback": dispatch,
+        "make_rk": _make_rk,
+        "launch": _launch,
+        "build": _build,
+        "plain_types": (torch.dtype, torch.layout, torch.memory_format, str),
+        "device_type": torch.device,
+        "get_device": runtime.get,
+    }
+
+
 def _install_fast_dispatch() -> Any:
     """dispatch() for calls whose spec is cached, in C (fastdispatch.c): the same walk, key,
     wrappers and launch, several times cheaper per operator; every other call comes back to
@@ -1146,26 +1180,7 @@ def _install_fast_dispatch() -> Any:
     ns: dict[str, Any] = {}
     if lib.fxd_install(id(ns)) != 0:  # id() is the dict's address in CPython
         return None
-    ns["configure"](
-        {
-            "infos": _infos,
-            "cache": _cache,
-            "enc_cache": _enc_cache,
-            "stats": stats,
-            "tensor_type": NPUTensor,
-            "alloc_type": Alloc,
-            "ref_type": TensorRef,
-            "make_raw": _make_raw,
-            "wrapper_storage": _WRAPPER_STORAGE,
-            "tdevs": _torch_devices,
-            "tdev": _tdev,
-            "fallback": dispatch,
-            "make_rk": _make_rk,
-            "launch": _launch,
-            "build": _build,
-            "plain_types": (torch.dtype, torch.layout, torch.memory_format, str),
-        }
-    )
+    ns["configure"](_fast_config())
     # torch calls cls.__torch_dispatch__(func, types, args, kwargs): the C function, bound
     NPUTensor.__torch_dispatch__ = classmethod(ns["torch_dispatch"])  # type: ignore[assignment, method-assign]
     return ns

@@ -32,6 +32,8 @@ its own computation, never the client's, so its allocation and bounds checks kee
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 from collections.abc import Callable, Sequence
 
@@ -658,6 +660,100 @@ def _sdpa(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
     return _out(q.dtype, (*q.shape[:-1], v.shape[-1]))
 
 
+# ---- factories: what torch.full / zeros / ones / arange / *_like make on the npu device --------
+_FACTORY_KW = frozenset({"dtype", "layout", "device", "pin_memory"})
+
+
+def _factory_kwargs_ok(kwargs: dict[str, Any], extra: frozenset[str] = frozenset()) -> bool:
+    if kwargs.keys() - _FACTORY_KW - extra:
+        return False
+    lay = kwargs.get("layout")
+    dt = kwargs.get("dtype")
+    return (
+        (lay is None or lay == torch.strided)
+        and not kwargs.get("pin_memory")
+        and (dt is None or isinstance(dt, torch.dtype))
+    )
+
+
+def _size(x: Any) -> tuple[int, ...] | None:
+    if type(x) not in (list, tuple) or len(x) > 64:
+        return None
+    if any(type(v) is not int or v < 0 for v in x):
+        return None
+    return tuple(x)
+
+
+def _full(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+    if len(args) != 2 or not _factory_kwargs_ok(kwargs):
+        return None
+    size, v = _size(args[0]), args[1]
+    dt = kwargs.get("dtype")
+    if dt is None:  # from the fill value, as torch.full infers it
+        dt = {bool: torch.bool, int: torch.int64, float: torch.get_default_dtype()}.get(type(v))
+    return None if size is None or dt is None else _out(dt, size)
+
+
+def _filled(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+    """zeros(size) / ones(size): the default dtype unless one is given."""
+    if len(args) != 1 or not _factory_kwargs_ok(kwargs):
+        return None
+    size = _size(args[0])
+    return None if size is None else _out(kwargs.get("dtype") or torch.get_default_dtype(), size)
+
+
+def _scalar_tensor(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+    if len(args) != 1 or type(args[0]) not in (bool, int, float) or not _factory_kwargs_ok(kwargs):
+        return None
+    return _out(kwargs.get("dtype") or torch.get_default_dtype(), ())
+
+
+def _arange(nargs: int) -> Rule:
+    def rule(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+        if len(args) != nargs or not _factory_kwargs_ok(kwargs):
+            return None
+        if any(type(v) not in (int, float) for v in args):
+            return None
+        start, end, step = (0, args[0], 1) if nargs == 1 else (*args, 1) if nargs == 2 else tuple(args)
+        if step == 0:
+            return None
+        if all(type(v) is int for v in (start, end, step)):
+            n = -((start - end) // step)  # ceil((end - start) / step), exactly
+            dt = kwargs.get("dtype") or torch.int64
+        else:
+            dt = kwargs.get("dtype") or torch.get_default_dtype()
+            if not dt.is_floating_point:
+                return None  # torch casts the bounds to an integral dtype first
+            d = (end - start) / step  # torch sizes it in double precision too
+            if d != d or abs(d) > 2**53:
+                return None
+            n = math.ceil(d)
+        return None if n < 0 else _out(dt, (n,))
+
+    return rule
+
+
+def _like(nargs: int) -> Rule:
+    """zeros_like / ones_like / full_like: the input's shape; its layout only where that is
+    contiguous (preserve_format copies other layouts: meta decides those)."""
+
+    def rule(args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
+        if len(args) != nargs or type(args[0]) is not TensorRef:
+            return None
+        if not _factory_kwargs_ok(kwargs, frozenset({"memory_format"})):
+            return None
+        if nargs == 2 and type(args[1]) not in (bool, int, float):
+            return None
+        a = args[0]
+        dt = kwargs.get("dtype") or a.dtype
+        mf = kwargs.get("memory_format")
+        if mf is None or mf == torch.preserve_format:
+            return _out(dt, a.shape) if _contiguous(a) else None
+        return _out(dt, a.shape) if mf == torch.contiguous_format else None
+
+    return rule
+
+
 _RULES: dict[Any, Rule] = {}
 
 
@@ -706,6 +802,14 @@ _add("sum.dim_IntList", _reduction("sum"))
 _add("amax.default", _reduction("amax"))
 _add("embedding.default", _embedding)
 _add("scaled_dot_product_attention.default", _sdpa)
+_add("full.default", _full)
+_add("zeros.default ones.default", _filled)
+_add("scalar_tensor.default", _scalar_tensor)
+_add("arange.default", _arange(1))
+_add("arange.start", _arange(2))
+_add("arange.start_step", _arange(3))
+_add("zeros_like.default ones_like.default", _like(1))
+_add("full_like.default", _like(2))
 
 
 def _sane(args: Sequence[Any], depth: int = 0) -> bool:
