@@ -201,3 +201,49 @@ def test_python_only_switch(npu, python_only):
     """With the Python dispatch alone (FLEXNPU_FASTDISPATCH=0's path) the same program runs."""
     a, b, x, y, _ = _tensors()
     assert torch.allclose((x @ y.t()).softmax(-1).cpu(), (a @ b.t()).softmax(-1))
+
+
+def test_c_alloc_accounts_like_the_python_one():
+    """The C Alloc (every allocation of the npu device) does what tensor.PyAlloc does: the
+    device's byte count and peak, deferred frees and their flush mark, a capturing graph's
+    holds (not once the graph was reset), and the free of one in a reference cycle."""
+    import gc
+
+    from flexnpu.hook import runtime
+
+    assert T.Alloc is T.FAST["Alloc"]
+
+    class Graph:  # what an allocation reads of npu_module.NPUGraph
+        def __init__(self):
+            self._graph, self._held = object(), []
+
+    results = []
+    for cls in (T.PyAlloc, T.Alloc):
+        d = runtime.Device(7, 7)
+        a, b = cls(d, 11, 100), cls(d, 12, 50)
+        made = (d.allocated, d.peak, b.saved, b.graph, b.handle, b.nbytes, b.dev is d)
+        del a
+        freed = (d.allocated, d.peak, list(d.pending), d.pending_bytes, d.flush_due)
+        g = Graph()
+        d.capture = g
+        c = cls(d, 13, 8)
+        d.capture = None
+        del c
+        g2 = Graph()
+        d.capture = g2
+        e = cls(d, 14, 8)
+        d.capture = None
+        g2._graph = None  # reset: it no longer holds its memory
+        del e
+        held = (list(g._held), list(g2._held), list(d.pending))
+        x = cls(d, 15, 4)
+        x.saved = [x]  # a cycle through the allocation
+        del x
+        gc.collect()
+        cycle = (list(d.pending), d.allocated)
+        many = [cls(d, 100 + i, 1) for i in range(runtime.FREE_BATCH)]
+        assert not d.flush_due
+        del many
+        results.append((made, freed, held, cycle, d.flush_due, len(d.pending)))
+    assert results[0] == results[1]
+    assert results[0][1][2] == [11] and results[0][3][0][-1] == 15 and results[0][4] is True

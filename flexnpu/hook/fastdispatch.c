@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <structmember.h>
+
 #define MAXK 128 /* cache-key items; a call with more takes the Python path */
 
 /* set by configure() */
@@ -186,6 +188,154 @@ static int w_value(Walk *w, PyObject *a, PyObject **wire, int depth) {
     if (rc == OK) *wire = Py_NewRef(a);
     return rc;
 }
+
+/* ---- Alloc: a daemon allocation held by npu tensors (tensor.PyAlloc's behaviour, in C) ----
+ * Every fresh output makes one and every last tensor to die frees one: ~100 of each a decode
+ * step, where the Python class's __init__ and __del__ cost ~1 and ~2 us. These do exactly what
+ * that class does, reading and writing the Device's Python attributes the same way; the free
+ * runs as a PEP 442 finalizer, so an allocation in a reference cycle (a captured graph's
+ * tensors) is still given back before the cycle is cleared. tests/test_fastdispatch.py runs
+ * the same accounting through both. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *dev, *handle, *nbytes, *graph, *saved;
+} AllocObj;
+
+static PyObject *g_runtime; /* flexnpu.hook.runtime: FREE_BATCH and FREE_BYTES, read per free */
+static PyObject *s_allocated, *s_peak, *s_capture, *s_pending, *s_pending_bytes, *s_graph,
+    *s_held, *s_free_batch, *s_free_bytes;
+
+static int add_attr(PyObject *o, PyObject *name, PyObject *delta, int sub) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (!v) return -1;
+    PyObject *nv = sub ? PyNumber_Subtract(v, delta) : PyNumber_Add(v, delta);
+    Py_DECREF(v);
+    if (!nv) return -1;
+    int rc = PyObject_SetAttr(o, name, nv);
+    Py_DECREF(nv);
+    return rc;
+}
+
+static int al_init(AllocObj *self, PyObject *args, PyObject *kw) {
+    PyObject *dev, *handle, *nbytes;
+    if (kw && PyDict_GET_SIZE(kw)) {
+        PyErr_SetString(PyExc_TypeError, "Alloc(dev, handle, nbytes)");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(args, "OOO", &dev, &handle, &nbytes)) return -1;
+    PyObject *graph = PyObject_GetAttr(dev, s_capture); /* allocations made during capture live as long as the graph */
+    if (!graph) return -1;
+    Py_XSETREF(self->dev, Py_NewRef(dev));
+    Py_XSETREF(self->handle, Py_NewRef(handle));
+    Py_XSETREF(self->nbytes, Py_NewRef(nbytes));
+    Py_XSETREF(self->saved, Py_NewRef(Py_None));
+    Py_XSETREF(self->graph, graph);
+    if (add_attr(dev, s_allocated, nbytes, 0) < 0) return -1;
+    PyObject *a = PyObject_GetAttr(dev, s_allocated), *p = a ? PyObject_GetAttr(dev, s_peak) : NULL;
+    int more = p ? PyObject_RichCompareBool(a, p, Py_GT) : -1;
+    int rc = more > 0 ? PyObject_SetAttr(dev, s_peak, a) : more;
+    Py_XDECREF(a);
+    Py_XDECREF(p);
+    return rc < 0 ? -1 : 0;
+}
+
+/* PyAlloc.__del__: the handle to the graph that holds it, or to the device's deferred frees */
+static void al_free_handle(AllocObj *self) {
+    PyObject *d = self->dev, *g = NULL, *cap = NULL, *lst = NULL;
+    if (!d || !self->handle || !self->nbytes) return;
+    if (add_attr(d, s_allocated, self->nbytes, 1) < 0) goto out;
+    g = Py_NewRef(self->graph ? self->graph : Py_None);
+    if (!(cap = PyObject_GetAttr(d, s_capture))) goto out;
+    if (g != Py_None) {
+        PyObject *inner = PyObject_GetAttr(g, s_graph);
+        if (!inner) goto out;
+        int reset = inner == Py_None && cap != g; /* a graph that was reset no longer holds its memory */
+        Py_DECREF(inner);
+        if (reset) Py_SETREF(g, Py_NewRef(cap));
+    } else {
+        Py_SETREF(g, Py_NewRef(cap));
+    }
+    if (g != Py_None) {
+        if (!(lst = PyObject_GetAttr(g, s_held))) goto out;
+        if (PyList_Check(lst)) PyList_Append(lst, self->handle); /* the graph replays commands that use it */
+        goto out;
+    }
+    if (!(lst = PyObject_GetAttr(d, s_pending)) || !PyList_Check(lst)) goto out;
+    if (PyList_Append(lst, self->handle) < 0) goto out; /* never call the client from a destructor */
+    if (add_attr(d, s_pending_bytes, self->nbytes, 0) < 0) goto out;
+    if (!g_runtime) goto out;
+    PyObject *fb = PyObject_GetAttr(g_runtime, s_free_batch), *fy = fb ? PyObject_GetAttr(g_runtime, s_free_bytes) : NULL;
+    PyObject *pb = fy ? PyObject_GetAttr(d, s_pending_bytes) : NULL;
+    if (pb) {
+        PyObject *n = PyLong_FromSsize_t(PyList_GET_SIZE(lst));
+        int due = n ? PyObject_RichCompareBool(n, fb, Py_GE) : -1;
+        if (due == 0) due = PyObject_RichCompareBool(pb, fy, Py_GE);
+        Py_XDECREF(n);
+        if (due > 0) PyObject_SetAttrString(d, "flush_due", Py_True);
+    }
+    Py_XDECREF(fb);
+    Py_XDECREF(fy);
+    Py_XDECREF(pb);
+out:
+    Py_XDECREF(g);
+    Py_XDECREF(cap);
+    Py_XDECREF(lst);
+}
+
+static void al_finalize(PyObject *o) {
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    al_free_handle((AllocObj *)o);
+    PyErr_Clear(); /* as __del__'s `except Exception: pass` (interpreter shutdown) */
+    PyErr_Restore(t, v, tb);
+}
+
+static int al_traverse(AllocObj *self, visitproc visit, void *arg) {
+    Py_VISIT(self->dev);
+    Py_VISIT(self->graph);
+    Py_VISIT(self->saved);
+    return 0;
+}
+
+static int al_clear(AllocObj *self) {
+    Py_CLEAR(self->dev);
+    Py_CLEAR(self->graph);
+    Py_CLEAR(self->saved);
+    return 0;
+}
+
+static void al_dealloc(AllocObj *self) {
+    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) return; /* resurrected */
+    PyObject_GC_UnTrack(self);
+    al_clear(self);
+    Py_CLEAR(self->handle);
+    Py_CLEAR(self->nbytes);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef al_members[] = {
+    {"dev", T_OBJECT_EX, offsetof(AllocObj, dev), 0, "the runtime.Device"},
+    {"handle", T_OBJECT_EX, offsetof(AllocObj, handle), 0, "the daemon handle"},
+    {"nbytes", T_OBJECT_EX, offsetof(AllocObj, nbytes), 0, "its size in bytes"},
+    {"graph", T_OBJECT_EX, offsetof(AllocObj, graph), 0, "the graph being captured when it was made"},
+    {"saved", T_OBJECT_EX, offsetof(AllocObj, saved), 0, "weakref to a torch.save's host copy"},
+    {NULL},
+};
+
+static PyTypeObject AllocType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "flexnpu.hook._dispatch_core.Alloc",
+    .tp_basicsize = sizeof(AllocObj),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)al_init,
+    .tp_dealloc = (destructor)al_dealloc,
+    .tp_finalize = al_finalize,
+    .tp_traverse = (traverseproc)al_traverse,
+    .tp_clear = (inquiry)al_clear,
+    .tp_members = al_members,
+    .tp_doc = "A daemon allocation; freed (deferred to the next command) when the last tensor dies.",
+};
 
 static int attr_true(PyObject *o, PyObject *name) {
     PyObject *v = PyObject_GetAttr(o, name);
@@ -626,7 +776,8 @@ static PyObject *py_configure(PyObject *self, PyObject *cfg) {
         keep(cfg, "tdev", &g_tdev) || keep(cfg, "fallback", &g_fallback) ||
         keep(cfg, "make_rk", &g_make_rk) || keep(cfg, "launch", &g_launch_py) ||
         keep(cfg, "build", &g_build_py) || keep(cfg, "plain_types", &g_plain_types) ||
-        keep(cfg, "device_type", &g_device_type) || keep(cfg, "get_device", &g_get_device))
+        keep(cfg, "device_type", &g_device_type) || keep(cfg, "get_device", &g_get_device) ||
+        keep(cfg, "runtime", &g_runtime))
         return NULL;
     if (!PyDict_CheckExact(g_infos) || !PyDict_CheckExact(g_cache) || !PyDict_CheckExact(g_enc_cache) ||
         !PyDict_CheckExact(g_stats) || !PyDict_CheckExact(g_tdevs) || !PyType_Check(g_ref_type) ||
@@ -676,8 +827,13 @@ static int install(PyObject *d) {
         intern(&s_launch_payload, "launch_payload") || intern(&s_hits, "hits") ||
         intern(&s_device, "device") || intern(&s_handle, "handle") || intern(&s_new, "new") ||
         intern(&s_self, "self") || intern(&s_view, "view") || intern(&s_type, "type") ||
-        intern(&g_npu_name, "npu"))
+        intern(&g_npu_name, "npu") || intern(&s_allocated, "allocated") || intern(&s_peak, "peak") ||
+        intern(&s_capture, "capture") || intern(&s_pending, "pending") ||
+        intern(&s_pending_bytes, "pending_bytes") || intern(&s_graph, "_graph") ||
+        intern(&s_held, "_held") || intern(&s_free_batch, "FREE_BATCH") ||
+        intern(&s_free_bytes, "FREE_BYTES"))
         return -1;
+    if (PyType_Ready(&AllocType) < 0 || PyDict_SetItemString(d, "Alloc", (PyObject *)&AllocType) < 0) return -1;
     if (!s_empty && !(s_empty = PyTuple_New(0))) return -1;
     if (!s_one && !(s_one = PyLong_FromLong(1))) return -1;
     PyMethodDef *defs[4] = {&td_def, &run_def, &key_def, &cfg_def};

@@ -43,8 +43,9 @@ _OpOverload = torch._ops.OpOverload
 stats = {"hits": 0, "misses": 0, "rules": 0, "cpu_fallbacks": 0}
 
 
-class Alloc:
-    """A daemon allocation; freed (deferred to the next command) when the last tensor dies."""
+class PyAlloc:
+    """A daemon allocation; freed (deferred to the next command) when the last tensor dies.
+    (The C path's Alloc type does the same in C: fastdispatch.c; `Alloc` names the one in use.)"""
 
     __slots__ = ("dev", "handle", "nbytes", "graph", "saved")
 
@@ -76,6 +77,8 @@ class Alloc:
             pass
 
 
+Alloc: Any = PyAlloc  # the C path's type once it is installed (_install_fast_dispatch)
+
 # Checkpoint and pickle support (flexnpu.hook.serialization) plugs itself in here when it is
 # imported: it builds on this module, so this module must not import it.
 SERIALIZATION: Any = None
@@ -84,7 +87,7 @@ SERIALIZATION: Any = None
 class NPUTensor(torch.Tensor):
     """A tensor on the FlexNPU ``npu`` device (metadata here, data in the daemon)."""
 
-    _a: Alloc
+    _a: PyAlloc
     # (TensorRef, cache-key part) for the current metadata, computed on first use. Metadata only
     # changes through this module (in-place view ops, resize_, `.data =`), which reset it.
     _rk: tuple[TensorRef, tuple[Any, ...]] | None
@@ -200,7 +203,7 @@ def _tdev(index: int) -> torch.device:
     return d
 
 
-def wrap(alloc: Alloc, shape, stride, offset: int, dtype: torch.dtype) -> NPUTensor:
+def wrap(alloc: PyAlloc, shape, stride, offset: int, dtype: torch.dtype) -> NPUTensor:
     t = _make_raw(
         NPUTensor,
         shape,
@@ -1163,6 +1166,7 @@ def _fast_config() -> dict[str, Any]:
         "plain_types": (torch.dtype, torch.layout, torch.memory_format, str),
         "device_type": torch.device,
         "get_device": runtime.get,
+        "runtime": runtime,
     }
 
 
@@ -1180,6 +1184,8 @@ def _install_fast_dispatch() -> Any:
     ns: dict[str, Any] = {}
     if lib.fxd_install(id(ns)) != 0:  # id() is the dict's address in CPython
         return None
+    global Alloc
+    Alloc = ns["Alloc"]  # before any tensor exists: every allocation is one of its instances
     ns["configure"](_fast_config())
     # torch calls cls.__torch_dispatch__(func, types, args, kwargs): the C function, bound
     NPUTensor.__torch_dispatch__ = classmethod(ns["torch_dispatch"])  # type: ignore[assignment, method-assign]
