@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
             max_launch_gflop=args.max_launch_gflop,
             max_launch_bytes=parse_bytes(args.max_launch_bytes),
             client_host_memory=parse_bytes(args.client_host_memory),
-            spin_s=(500.0 if args.spin_us is None else args.spin_us) * 1e-6,
+            spin_s=server.DAEMON_SPIN_S if args.spin_us is None else args.spin_us * 1e-6,
         )
         d.bind()
     except (RuntimeError, ValueError, OSError) as e:

@@ -394,7 +394,7 @@ def _p_launch(s: Session, st: StreamState | None, r: R.Launch) -> Cmd | None:
     if split is not None:
         _remember_plan(be, plans, split, launch, cmd)  # type: ignore[arg-type]  # plans is set with split
     if sized is not None:
-        _remember_sized(be, sized, launch, 3 if split is not None and not table else 2)
+        _remember_sized(be, sized, launch)
     return cmd
 
 
@@ -448,10 +448,10 @@ def _try_sized(
     return sp
 
 
-def _remember_sized(be: Any, sp: Any, launch: Any, mode: int = 2) -> None:
-    """_remember_plan for the structure without sizes: a plan the second time it comes. `mode`:
-    the launch_split mode of its key (2: a table operator's, 3: an aten launch's, whose output
-    handles follow its n_in input handles)."""
+def _remember_sized(be: Any, sp: Any, launch: Any) -> None:
+    """_remember_plan for the structure without sizes: a plan the second time it comes. `sp`:
+    its launch_split (mode 2, a table operator's; mode 3, an aten launch's, which also returns
+    its outputs' byte counts: their handles follow the plan's n_in input handles)."""
     sized_plans: dict[bytes, Any] = be.sized_plans
     key = sp[0]
     if _first_sighting(be, sized_plans, key):
@@ -459,7 +459,7 @@ def _remember_sized(be: Any, sp: Any, launch: Any, mode: int = 2) -> None:
     if sized_plans[key] is not None:
         return  # it has its plan (this launch needed the full ceiling check), or has none
     plan = be.make_sized_plan(launch) if sized_plan_allowed(launch.op) else None
-    n = len(sp[1]) - (len(sp[4]) if mode == 3 else 0)
+    n = len(sp[1]) - (len(sp[4]) if len(sp) == 5 else 0)
     sized_plans[key] = plan if plan is not None and plan.n_in == n else False
 
 
@@ -489,7 +489,7 @@ def _try_aten_sized(
     if not _first_sighting(be, plans, key):
         seen = plans[key]
         nxt = _NEXT_SIGHTING.get(id(seen))
-        if nxt is not None and not seen:
+        if nxt is not None:
             plans[key] = nxt
     return True
 
