@@ -46,4 +46,4 @@ bench-quick:
 	flexnpu bench call --quick
 
 clean:
-	rm -rf build *.egg-info flexnpu/ring/_core*.so flexnpu/hook/native/_lib .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build *.egg-info flexnpu/ring/_core*.so flexnpu/daemon/_hot_core*.so flexnpu/hook/native/_lib .pytest_cache .mypy_cache .ruff_cache

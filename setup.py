@@ -24,12 +24,16 @@ setup(
         "flexnpu.hook.native": ["src/*.c", "src/*.h", "symbols.txt"],
         "flexnpu.daemon.optable": ["planexec.cpp"],
         "flexnpu.daemon.backends": ["atenexec.cpp"],
-        "flexnpu.daemon": ["recording.h"],
+        "flexnpu.daemon": ["recording.h", "hotpath.c"],
         "flexnpu.bench": ["*.c"],
     },
     data_files=[("share/flexnpu/systemd", ["systemd/flexnpu@.service", "systemd/flexnpu.target"])],
     setup_requires=["cffi>=1.15"],
-    cffi_modules=["flexnpu/ring/_build.py:ffibuilder", "flexnpu/hook/_build_dispatch.py:ffibuilder"],
+    cffi_modules=[
+        "flexnpu/ring/_build.py:ffibuilder",
+        "flexnpu/hook/_build_dispatch.py:ffibuilder",
+        "flexnpu/daemon/_build_hot.py:ffibuilder",
+    ],
     install_requires=[
         "cffi>=1.15",
         "numpy>=1.24",

@@ -745,6 +745,45 @@ def test_aten_plan_without_sizes_runs_each_shape_and_checks_each_declaration():
     assert X.make_sized_plan(dev, P.decode_launch(bytes(nz), dev)) is None
 
 
+def test_sized_plan_checks_each_layout_once_and_reads_pending_results_as_produced():
+    """A layout checked before is not checked again (the check depends on the layouts only: the
+    next launch with them gets its own handles), a declaration that differs is checked anew, and
+    an input given as its producer's pending result with that result's layout (the hint) is
+    read as that very tensor, with the same result as from its bytes."""
+    from flexnpu.daemon.backends import torch_exec as X
+    from flexnpu.ring.segment import launch_split
+
+    dev = torch.device("cpu")
+    plan = X.make_sized_plan(dev, P.decode_launch(_cat_launch(3), dev))
+    assert plan is not None
+    X._sized_checked.clear()
+    _, hs, offs, dims, nbs = launch_split(_cat_launch(7), 3)
+    assert X.prepare_sized_plan(plan, hs, offs, dims, nbs) is not None
+    assert len(X._sized_checked) == 1
+    _, hs2, offs2, dims2, nbs2 = launch_split(_cat_launch(7, hs=(11, 12, 13)), 3)
+    refs, outputs = X.prepare_sized_plan(plan, hs2, offs2, dims2, nbs2)
+    assert len(X._sized_checked) == 1  # the same layouts: not checked again
+    assert [r.handle for r in refs] == [11, 12] and outputs[0][1].handle == 13
+    _, hs3, offs3, dims3, nbs3 = launch_split(_cat_launch(7, out_shape=(1, 7, 8)), 3)  # a row short
+    assert X.prepare_sized_plan(plan, hs3, offs3, dims3, nbs3) is None
+    cache, row = torch.arange(7 * 8.0).view(1, 7, 8), torch.full((1, 1, 8), -1.0)
+    alloc = lambda nb: torch.zeros(nb, dtype=torch.uint8)  # noqa: E731
+    by_bytes, _ = X.run_sized_plan(
+        dev,
+        plan,
+        [cache.reshape(-1).view(torch.uint8), row.reshape(-1).view(torch.uint8)],
+        refs,
+        outputs,
+        alloc,
+    )
+    hints = [(cache, X.layout_key(refs[0]), cache), None]  # the cache: a pending result
+    as_produced, _ = X.run_sized_plan(
+        dev, plan, [cache, row.reshape(-1).view(torch.uint8)], refs, outputs, alloc, hints
+    )
+    want = torch.cat([cache, row], 1)
+    assert torch.equal(by_bytes[0][1], want) and torch.equal(as_produced[0][1], want)
+
+
 def test_growing_aten_cats_through_a_daemon_are_right_and_wrong_declarations_refused(client):
     """A cache grown by aten::cat every step (new sizes each time: the plan without sizes runs
     them after the second), with right results; then a declaration a row short and an input

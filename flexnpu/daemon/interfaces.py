@@ -96,9 +96,14 @@ class PlanningBackend(Backend, Protocol):
     def prepare_sized_plan(
         self, plan: Any, handles: Any, offsets: Any, dims: Any, out_nbytes: Any
     ) -> tuple[Any, Any] | None: ...
-    # -> (run_plan's bound results, each output's layout key for Alloc.view)
+    # -> (run_plan's bound results, each output's layout key for Alloc.view); hints as run_plan's
     def run_sized_plan(
-        self, plan: Any, bufs: Any, prepared: tuple[Any, Any], allocate: Callable[[int], Any]
+        self,
+        plan: Any,
+        bufs: Any,
+        prepared: tuple[Any, Any],
+        allocate: Callable[[int], Any],
+        hints: Any = None,
     ) -> tuple[list[tuple[Any, Any]], list[Any]]: ...
 
 

@@ -36,6 +36,7 @@ from .metrics import DaemonMetrics
 from .objects import IpcExport, MemoryAccount
 from .collectives import LIVENESS_SLICE_S, Collectives
 from .scheduling import make_scheduler
+from .handlers import HOT_DRAIN, HOT_LAUNCH
 from .handlers import TABLE as HANDLERS
 from .session import Session
 
@@ -231,6 +232,10 @@ class Daemon:
         self.exports: dict[int, IpcExport] = {}
         self.collectives = Collectives(self)
         self.started_at = time.time()
+        # the main loop's time in its wait for requests (spinning included); the rest of its time
+        # since loop_started is work: `flexnpu status --json` reports both (loop)
+        self.loop_started = time.perf_counter()
+        self.loop_wait_s = 0.0
         self.ops_total = 0
         self.notify = notify
         # ("attach", Session) | ("dead", client id), from the control thread to the loop
@@ -329,6 +334,8 @@ class Daemon:
         # each before (measured), a stall whenever one lands in mid-launch; 22 ms after.
         gc.collect()
         gc.freeze()
+        self.loop_started = time.perf_counter()
+        self.loop_wait_s = 0.0
         self._ctl_thread = threading.Thread(target=self._control_loop, name="flexnpu-control", daemon=True)
         self._ctl_thread.start()
         log.info(
@@ -433,7 +440,9 @@ class Daemon:
             timeout = 0.5 if timeout is None else timeout
             if self.collectives.watching:  # a collective waits in the loop: check its peers' liveness
                 timeout = min(timeout, LIVENESS_SLICE_S)
+            t = time.perf_counter()
             self._rings().wait(timeout, self._doorbell)
+            self.loop_wait_s += time.perf_counter() - t
 
     def _rings(self) -> RingSet:
         if self._ringset is None:
@@ -606,7 +615,16 @@ class Daemon:
             "metrics_port": self._metrics_server.server_port if self._metrics_server is not None else None,
             "communicators": self.collectives.status(),
             "plans": self._plan_status(),
+            "loop": self._loop_status(),
         }
+
+    def _loop_status(self) -> dict[str, float]:
+        """How busy the daemon's one thread is: seconds of work and of waiting since it started
+        serving. A client whose work takes as long as the daemon's busy time is waiting on the
+        daemon, not on its own front end."""
+        total = time.perf_counter() - self.loop_started
+        wait = min(self.loop_wait_s, total)
+        return {"busy_s": round(total - wait, 6), "wait_s": round(wait, 6)}
 
     def _plan_status(self) -> dict[str, Any] | None:
         """How many launch structures have plans, and how many of those the compiled executor
@@ -633,6 +651,9 @@ class Daemon:
             "compiled_executor": _compiled_executor_loaded(),
             # the operators of plans that run in Python (the first 32): where compiling pays next
             "python_ops": python_ops[:32],
+            # how planned launches are dispatched: "c" (hotpath.c), "python" (launch.run_hot), or
+            # None (a policy that reorders commands queues every launch)
+            "hot_path": ("c" if HOT_DRAIN is not None else "python") if self.inline else None,
         }
 
     def _scheduler_status(self) -> dict[str, Any]:
@@ -958,7 +979,19 @@ class Daemon:
         self._next_cid += 1
         try:
             sess = Session(
-                self, cid, seg, conn, pid, uid, (mbox[0], mbox[1]), limit, phase, _cmdline(pid), HANDLERS
+                self,
+                cid,
+                seg,
+                conn,
+                pid,
+                uid,
+                (mbox[0], mbox[1]),
+                limit,
+                phase,
+                _cmdline(pid),
+                HANDLERS,
+                HOT_LAUNCH,
+                HOT_DRAIN,
             )
         except Exception as e:  # noqa: BLE001
             seg.close()

@@ -52,6 +52,7 @@ MAX_QUEUED = 1 << 18  # commands waiting in one stream: bounds a blocked stream'
 # and backends turn every foreseeable failure into one, with a message for the client) and host
 # memory exhaustion. Anything else is a daemon bug: logged with its traceback, reported as INTERNAL.
 _EXPECTED = (FlexNPUError, MemoryError)
+_LAUNCH = int(Op.LAUNCH)
 
 
 # (prepare function, request type, stream ordered?) per raw opcode: flexnpu/daemon/handlers/
@@ -85,9 +86,20 @@ class Session:
         phase: str,
         cmdline: str,
         handlers: Sequence[DispatchEntry | None],
+        hot_launch: Callable[[Session, StreamState, tuple[int, ...]], bool] | None = None,
+        hot_drain: Callable[[Session, Any, int], None] | None = None,
     ) -> None:
         self.daemon = daemon
         self.handlers = handlers  # handlers.TABLE: passed in, so this module never imports them
+        # The hot path (handlers.HOT_*): a planned launch on an idle stream of an in-order daemon,
+        # run without the generic dispatch. hot_drain: drain's loop in C, with it; else
+        # hot_launch, prepare's shortcut (False from it: the generic path).
+        inline = getattr(daemon, "inline", False)
+        self.hot_drain = hot_drain if inline else None
+        self.hot_launch = hot_launch if inline else None
+        # what the hot path reads per launch, looked up once
+        self.plans: dict[bytes, Any] | None = getattr(daemon.backend, "plans", None)
+        self.latency_observe: Callable[[float], None] = daemon.metrics.launch_latency.observe
         self.cid = cid
         self.seg = seg
         self.conn = conn
@@ -261,6 +273,9 @@ class Session:
         if n:
             self.ops_total += n
             self._drain_t = time.perf_counter()
+            if self.hot_drain is not None:
+                self.hot_drain(self, self.rec_buf, n)
+                return n
             buf, unpack, prep = self.rec_buf, P.SQE.unpack_from, self.prepare
             for i in range(n):
                 prep(unpack(buf, i * P.SQE_SIZE))
@@ -273,6 +288,16 @@ class Session:
         sync = flags & P.FLAG_SYNC != 0
         st: StreamState | None = None
         cmd: Cmd | None = None
+        hot = self.hot_launch
+        if op == _LAUNCH and hot is not None:
+            st = self.streams.get(sid)
+            if st is not None and not st.capturing and not st.queue:
+                try:
+                    if hot(self, st, rec):
+                        return
+                except Exception as e:  # noqa: BLE001 - the client's error, as below
+                    self.fail(ud, sync, st, e)
+                    return
         try:
             table = self.handlers
             entry = table[op] if op < len(table) else None

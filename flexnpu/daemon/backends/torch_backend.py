@@ -303,10 +303,15 @@ class TorchBackend:
         return prepared
 
     def run_sized_plan(
-        self, plan: Any, bufs: Any, prepared: tuple[Any, Any], allocate: Callable[[int], torch.Tensor]
+        self,
+        plan: Any,
+        bufs: Any,
+        prepared: tuple[Any, Any],
+        allocate: Callable[[int], torch.Tensor],
+        hints: Any = None,
     ) -> tuple[list[tuple[torch.Tensor | None, torch.Tensor]], list[Any]]:
         ran: tuple[list[tuple[torch.Tensor | None, torch.Tensor]], list[Any]] = self._exec.run_sized_plan(
-            self.device, plan, bufs, prepared[0], prepared[1], allocate
+            self.device, plan, bufs, prepared[0], prepared[1], allocate, hints
         )
         return ran
 

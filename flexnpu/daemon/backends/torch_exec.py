@@ -899,6 +899,12 @@ def prepare_sized_plan(
     ]
     out = TensorRef(handles[n], plan.outputs[0][1].dtype, dims[n][0], dims[n][1], offsets[n])
     outputs = [(out_nbytes[0], out)]
+    # What is checked below depends on the plan and the layouts only, not on the handles: a
+    # decode step repeats each layout once per layer (every layer's key and value caches grow
+    # alike), and only the first of them needs the rule.
+    key = (sp, offsets, dims, out_nbytes)
+    if key in _sized_checked:
+        return refs, outputs
     try:
         wire = cast("list[torch.Tensor]", refs)  # fill_slots puts whatever stands for a slot
         ruled = shape_rules.infer(
@@ -913,7 +919,15 @@ def prepare_sized_plan(
         _check_outputs(plan.op, outputs, ((dt, tuple(sh), need),))
     except (LaunchError, TypeError, ValueError, AttributeError, IndexError):
         return None
+    if len(_sized_checked) >= _SIZED_CHECKED_MAX:
+        _sized_checked.clear()
+    _sized_checked.add(key)
     return refs, outputs
+
+
+# (plan, offsets, dims, output bytes) of the sized launches prepare_sized_plan passed
+_SIZED_CHECKED_MAX = 4096
+_sized_checked: set[tuple[Any, ...]] = set()
 
 
 def run_sized_plan(
@@ -923,11 +937,27 @@ def run_sized_plan(
     refs: Sequence[TensorRef],
     outputs: Sequence[tuple[int, TensorRef]],
     allocate: Callable[[int], torch.Tensor],
+    hints: Sequence[Any] | None = None,
 ) -> tuple[list[tuple[torch.Tensor | None, torch.Tensor]], list[tuple[Any, ...]]]:
     """Run one launch of a plan without sizes, on its layouts from prepare_sized_plan: the
-    bound results as run_plan returns them, and each output's layout_key."""
+    bound results as run_plan returns them, and each output's layout_key. ``hints[k]``: input
+    k's Alloc.view, used as run_plan uses it (the producer's own result over this very buffer,
+    in this very layout, needs no new view; ``bufs[k]`` may then be that pending result)."""
     plan = sp.plan
-    views = [build_view(ref, buf) for ref, buf in zip(refs, bufs)]  # bounds-checked
+    if hints is None:
+        views = [build_view(ref, buf) for ref, buf in zip(refs, bufs)]  # bounds-checked
+    else:
+        views = []
+        for ref, buf, h, sl in zip(refs, bufs, hints, plan.slots):
+            if (
+                h is not None
+                and h[0] is buf
+                and not sl.mutable
+                and h[1] == (ref.dtype, ref.shape, ref.stride, ref.offset)  # layout_key(ref)
+            ):
+                views.append(h[2])  # checked when its producer's output was declared
+            else:
+                views.append(build_view(ref, buf))  # bounds-checked
     args = fill_slots(plan.args, views)
     kwargs = {k: fill_slots(v, views) for k, v in plan.kwargs.items()}
     result = plan.call(*args, **kwargs)

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ..objects import Cmd, StreamState
     from ..session import Session
 
-__all__ = ["Handler", "HandlerEntry", "TABLE"]
+__all__ = ["HOT_DRAIN", "HOT_LAUNCH", "Handler", "HandlerEntry", "TABLE"]
 
 Handler = Callable[["Session", "StreamState | None", Any], "Cmd | None"]
 # (handler, its request type, stream ordered?)
@@ -63,3 +63,7 @@ def _table() -> list[HandlerEntry | None]:
 
 
 TABLE: list[HandlerEntry | None] = _table()
+# The daemon's hot path, planned launches run without the generic dispatch: in C where built
+# (hotpath.c: Session.drain's loop, launch.HOT_DRAIN), else Session.prepare's shortcut run_hot
+HOT_DRAIN = launch.HOT_DRAIN
+HOT_LAUNCH = None if HOT_DRAIN is not None else launch.run_hot

@@ -10,6 +10,8 @@ once (_run_now), without the queued command's object, undo closure and bookkeepi
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, cast
 
@@ -20,7 +22,7 @@ from ...protocol import Op
 from .. import requests as R
 from ...ring.segment import launch_split  # protocol.split_launch, without its wrapper's cost
 from ..limits import sized_plan_allowed
-from ..objects import Alloc, Cmd, StreamState, ready_buf
+from ..objects import HANDLE_COST, MAX_HANDLE, MAX_HANDLES, Alloc, Cmd, MemoryAccount, StreamState, ready_buf
 from ..scheduling import command_cost, launch_cost
 
 if TYPE_CHECKING:
@@ -109,11 +111,40 @@ def _run_planned(s: Session, st: StreamState, c: Cmd) -> None:
         s.reply_sync(c.user_data, st)
 
 
-def _run_now(s: Session, st: StreamState, r: R.Launch, plan: Any, handles: tuple[int, ...]) -> None:
+def run_hot(s: Session, st: StreamState, rec: tuple[int, ...]) -> bool:
+    """Session.prepare's shortcut for the commonest record of an eager loop: an aten launch whose
+    exact structure has a plan, on a stream with nothing queued or captured, on a daemon that
+    runs commands in arrival order. Runs it (_run_now) and returns True; returns False, having
+    done nothing, for every other launch (the generic path, _p_launch, then takes it from the
+    start). Raises what _p_launch would raise for the same record."""
+    n = rec[5]
+    if n > PLAN_MAX_PAYLOAD:
+        return False
+    try:
+        payload = s.seg.arena_bytes(rec[4], n)  # copied out before parsing
+    except Exception:  # noqa: BLE001 - outside the arena: the generic path reports it
+        return False
+    if payload[2:9] in _TABLE_PREFIXES:
+        return False
+    plans = s.plans
+    if plans is None:
+        return False
+    split = launch_split(payload, False)
+    if split is None:
+        return False
+    plan = plans.get(split[0])
+    if not plan:
+        return False
+    _run_now(s, st, rec, plan, split[1])
+    return True
+
+
+def _run_now(s: Session, st: StreamState, r: Any, plan: Any, handles: tuple[int, ...]) -> None:
     """A planned launch with nothing queued ahead of it on a daemon that runs commands in arrival
     order (Session.prepare's inline case): checked and run in one pass, without the command, undo
     and stream bookkeeping a queued launch needs. Same checks, same errors, same accounting as
-    _p_planned + Session.execute + _run_planned. (The hot path of eager decoding: written flat.)"""
+    _p_planned + Session.execute + _run_planned. ``r``: the launch's record (R.Launch or its plain
+    tuple). (The hot path of eager decoding: written flat, its common cases inlined.)"""
     if s.dead:
         return
     n = plan.n_in
@@ -126,27 +157,7 @@ def _run_now(s: Session, st: StreamState, r: R.Launch, plan: Any, handles: tuple
     t = perf_counter()
     try:
         try:
-            bufs = []
-            made = False
-            for al, h, sl in zip(ins, handles, plan.slots):
-                b = al.buf
-                if b is None:
-                    # a pending result read through its own view needs no bytes (_bind_planned)
-                    res, v = al.result, al.view
-                    if (
-                        res is not None
-                        and v is not None
-                        and v[0] is res
-                        and not sl.mutable
-                        and v[1] == sl.key
-                    ):
-                        b = res
-                    else:
-                        b = ready_buf(al, h)
-                        made = True
-                bufs.append(b)
-            if made:  # an allocation read twice may have been given its bytes after its first read
-                bufs = [al.buf if al.buf is not None else b for al, b in zip(ins, bufs)]
+            bufs = _input_bufs(ins, handles, plan.slots, [sl.key for sl in plan.slots])
             hints = [al.view for al in ins]
             be: PlanningBackend = s.daemon.backend  # type: ignore[assignment]  # it made the plan
             if st.device_stream is None:
@@ -155,14 +166,51 @@ def _run_now(s: Session, st: StreamState, r: R.Launch, plan: Any, handles: tuple
                 with be.stream_context(st.device_stream):
                     results = be.run_plan(plan, bufs, handles, be.alloc, hints)
         except Exception as e:  # noqa: BLE001 - the client's error, reported like a queued launch's
-            s.fail(r.user_data, r.sync, st, _failed(plan.op, outs, e))
+            s.fail(r[3], r[1] & P.FLAG_SYNC != 0, st, _failed(plan.op, outs, e))
         else:
-            _bind_planned(outs, handles[n:], results, plan.out_keys)
+            if len(results) == 1 and len(outs) == 1:
+                # _bind_planned's common case: one output, left pending
+                ((buf, view),) = results
+                if buf is None:
+                    for al in outs.values():
+                        al.set_result(view)
+                        al.failed = None
+                        al.view = (view, plan.out_keys[0], view)
+                else:
+                    _bind_planned(outs, handles[n:], results, plan.out_keys)
+            else:
+                _bind_planned(outs, handles[n:], results, plan.out_keys)
             if r[1] & P.FLAG_SYNC:
                 s.reply_sync(r[3], st)
     except Exception as e:  # noqa: BLE001 - reporting failed: drop this client alone (as execute)
         _cannot_report(s, e)
-    _ran(s, st, t)
+    # _ran, inlined
+    t1 = perf_counter()
+    st.busy_s += t1 - t
+    st.ops_done += 1
+    s.launches += 1
+    s.latency_observe(t1 - s._drain_t)
+
+
+def _input_bufs(ins: list[Alloc], handles: tuple[int, ...], slots: Any, keys: list[Any]) -> list[Any]:
+    """The buffers a launch run at once reads: each input's bytes, except that a pending result
+    read in the very layout (keys[k]) its producer returned it needs no bytes made (materialize):
+    the tensor itself is the input (_bind_planned; run_plan then uses its view)."""
+    bufs = []
+    made = False
+    for al, h, sl, key in zip(ins, handles, slots, keys):
+        b = al.buf
+        if b is None:
+            res, v = al.result, al.view
+            if res is not None and v is not None and v[0] is res and not sl.mutable and v[1] == key:
+                b = res
+            else:
+                b = ready_buf(al, h)
+                made = True
+        bufs.append(b)
+    if made:  # an allocation read twice may have been given its bytes after its first read
+        bufs = [al.buf if al.buf is not None else b for al, b in zip(ins, bufs)]
+    return bufs
 
 
 def _cannot_report(s: Session, e: Exception) -> None:
@@ -507,8 +555,12 @@ def _run_sized_now(
     outs, _ = _new_outputs(s, plan.op, prepared[1], lambda _i, ref: ref.handle, handles[:n])
     be: PlanningBackend = s.daemon.backend  # type: ignore[assignment]  # it made the plan
 
+    refs = prepared[0]
+
     def run() -> Any:
-        return be.run_sized_plan(plan, [ready_buf(al, h) for al, h in zip(ins, handles)], prepared, be.alloc)
+        keys = [(ref.dtype, ref.shape, ref.stride, ref.offset) for ref in refs]  # layout_key
+        bufs = _input_bufs(ins, handles, plan.plan.slots, keys)
+        return be.run_sized_plan(plan, bufs, prepared, be.alloc, [al.view for al in ins])
 
     def bind(ran: Any) -> None:
         _bind_planned(outs, handles[n:], ran[0], ran[1])
@@ -563,3 +615,61 @@ def _evict(plans: dict[bytes, Any], limit: int) -> None:
 PREPARE: dict[Op, Any] = {
     Op.LAUNCH: _p_launch,
 }
+
+
+# ---- the hot path in C (hotpath.c) ------------------------------------------------------------
+
+
+def _hot_failed(
+    s: Session, st: StreamState, rec: Any, plan: Any, out_h: int, al: Alloc, e: Exception
+) -> None:
+    """hotpath.c's failed launch: _run_now's report of it (its output marked failed)."""
+    s.fail(rec[3], rec[1] & P.FLAG_SYNC != 0, st, _failed(plan.op, {out_h: al}, e))
+
+
+def _hot_bind(plan: Any, handles: tuple[int, ...], out_h: int, al: Alloc, results: Any) -> None:
+    """hotpath.c's results other than one pending tensor: _run_now's binding of them."""
+    _bind_planned({out_h: al}, handles[plan.n_in :], results, plan.out_keys)
+
+
+def _install_hot() -> Callable[[Session, Any, int], None] | None:
+    """Session.drain's loop in C with run_hot's launches in it (hotpath.c drain_batch), or None
+    (Session.prepare then takes run_hot above) when $FLEXNPU_DAEMON_HOTPATH is 0 or the module
+    is not built."""
+    if os.environ.get("FLEXNPU_DAEMON_HOTPATH", "1").strip() == "0":
+        return None
+    try:
+        from .._hot_core import lib
+    except ImportError:
+        return None
+    from ..session import MAX_ALLOC
+
+    ns: dict[str, Any] = {}
+    if lib.fxh_install(id(ns)) != 0:  # id() is the dict's address in CPython
+        return None
+    ns["configure"](
+        {
+            "launch_split": launch_split,
+            "run_now": _run_now,
+            "failed": _hot_failed,
+            "bind": _hot_bind,
+            "cannot_report": _cannot_report,
+            "ready_buf": ready_buf,
+            "alloc_type": Alloc,
+            "account_type": MemoryAccount,
+            "plan_max_payload": PLAN_MAX_PAYLOAD,
+            "max_handles": MAX_HANDLES,
+            "max_handle": MAX_HANDLE,
+            "handle_cost": HANDLE_COST,
+            "max_alloc": MAX_ALLOC,
+            "flag_sync": P.FLAG_SYNC,
+            "launch_op": int(Op.LAUNCH),
+            "sqe_size": P.SQE_SIZE,
+            "unpack": P.SQE.unpack_from,
+        }
+    )
+    drain: Callable[[Session, Any, int], None] = ns["drain_batch"]
+    return drain
+
+
+HOT_DRAIN = _install_hot()
