@@ -215,3 +215,105 @@ def test_the_daemon_runs_repeated_aten_launches_compiled(pe, start_daemon, polic
         assert st["compiled"] >= 1
         # seen once, planned the second time, recorded at the plan's first launch: 7 compiled
         assert st["compiled_launches"] == 10 - 3, st
+
+
+# ---- plans without sizes (torch_exec.SizedLaunchPlan): AtenExec.run_sized ----------------------
+
+
+def _sized_cat(n: int, hs=(1, 2, 3)):
+    """A sized plan's launch: cat of a (1, n, 8) cache and a (1, 1, 8) row, as prepared."""
+    from flexnpu import protocol as P
+    from flexnpu.ring.segment import launch_split
+
+    f32 = torch.float32
+    a = TensorRef(hs[0], f32, (1, n, 8), (n * 8, 8, 1), 0)
+    b = TensorRef(hs[1], f32, (1, 1, 8), (8, 8, 1), 0)
+    o = TensorRef(hs[2], f32, (1, n + 1, 8), ((n + 1) * 8, 8, 1), 0)
+    payload = bytes(P.encode_launch("aten::cat.default", ([a, b], 1), {}, [((n + 1) * 32, o)]))
+    return payload, launch_split(payload, 3)
+
+
+def test_a_plan_without_sizes_records_once_and_repeats_for_every_size(pe):
+    """The first launch of a sized plan records its call; launches of other sizes run compiled
+    with each launch's own layouts (pending results, the operator's values), reading an input
+    through its hint, and matching what the Python path gives."""
+    from flexnpu import protocol as P
+
+    payload, _ = _sized_cat(3)
+    sp = X.make_sized_plan(CPU, P.decode_launch(payload, CPU))
+    slow = X.make_sized_plan(CPU, P.decode_launch(payload, CPU))
+    assert sp is not None and sp.cx is None
+    slow.cx = False
+    for i, n in enumerate((3, 5, 17, 64, 1)):
+        _, (_, hs, offs, dims, nbs) = _sized_cat(n)
+        refs, outs = X.prepare_sized_plan(sp, hs, offs, dims, nbs)
+        cache, row = _buf(n * 32, i), _buf(32, 100 + i)
+        runs = sp.cx.runs if sp.cx else 0
+        got, keys = X.run_sized_plan(CPU, sp, [cache, row], refs, outs, _alloc)
+        want, _ = X.run_sized_plan(CPU, slow, [cache, row], refs, outs, _alloc)
+        assert sp.cx and sp.cx.runs == runs + (i > 0)  # the first launch records
+        assert got[0][0] is None and torch.equal(got[0][1], want[0][1]), n
+        assert keys == [X.layout_key(outs[0][1])]
+    # an input given as its producer's pending result, in this very layout: read as that tensor
+    _, (_, hs, offs, dims, nbs) = _sized_cat(9)
+    refs, outs = X.prepare_sized_plan(sp, hs, offs, dims, nbs)
+    prod = torch.rand(1, 9, 8)
+    row = _buf(32, 7)
+    runs = sp.cx.runs
+    got, _ = X.run_sized_plan(
+        CPU, sp, [prod, row], refs, outs, _alloc, [(prod, X.layout_key(refs[0]), prod), None]
+    )
+    assert sp.cx.runs == runs + 1
+    assert torch.equal(got[0][1], torch.cat([prod, row.view(torch.float32).view(1, 1, 8)], 1))
+
+
+def test_the_sized_executor_hands_back_every_layout_it_is_unsure_of(pe):
+    """run_sized validates each launch's layouts as check_view_bounds does: sizes past the
+    buffer, negative or huge sizes, strides or offsets, bools for ints, ranks that differ,
+    misaligned or non-byte buffers: None, nothing ran (the Python path then raises its error).
+    A result unlike its declaration comes back for Python to check (and refuse)."""
+    from flexnpu import protocol as P
+
+    payload, (_, hs, offs, dims, nbs) = _sized_cat(4)
+    sp = X.make_sized_plan(CPU, P.decode_launch(payload, CPU))
+    refs, outs = X.prepare_sized_plan(sp, hs, offs, dims, nbs)
+    X.run_sized_plan(CPU, sp, [_buf(128, 1), _buf(32, 2)], refs, outs, _alloc)  # records
+    cx = sp.cx
+    assert cx
+    runs = cx.runs
+    f32 = torch.float32
+    good_out = outs[0][1]
+    row = _buf(32, 2)
+
+    def ref(shape, stride, offset=0):
+        return TensorRef(1, f32, shape, stride, offset)
+
+    bad_refs = [
+        ref((1, 5, 8), (40, 8, 1)),  # 160 bytes: past the 128-byte buffer
+        ref((1, 4, 8), (32, 8, 1), 1),  # offset one element: past the end
+        ref((1, -4, 8), (32, 8, 1)),
+        ref((1, 4, 8), (32, -8, 1)),
+        ref((1, 4, 8), (32, 8, 1), -1),
+        ref((1, 4, 8), (32, 8, 1), 1 << 60),
+        ref((1, 1 << 49, 8), (32, 8, 1)),
+        ref((1, True, 8), (32, 8, 1)),
+        ref((1, 4, 8), (32, 8)),  # ranks differ
+        ref([1, 4, 8], (32, 8, 1)),  # not a tuple
+        ref((1, 4, 8.0), (32, 8, 1)),
+        "junk",
+    ]
+    for r in bad_refs:
+        assert cx.run_sized([_buf(128, 1), row], [None, None], [r, refs[1]], good_out, 160) is None, r
+    for b in (_buf(136, 1)[1:129], torch.zeros(32), torch.zeros(2, 64, dtype=torch.uint8), "junk"):
+        assert cx.run_sized([b, row], [None, None], refs, good_out, 160) is None
+    assert cx.run_sized([row], [None], refs[:1], good_out, 160) is None  # too few
+    assert cx.run_sized([_buf(128, 1), row], [None, None], refs, "junk", 160) is None
+    assert cx.runs == runs
+    with pytest.raises(X.LaunchError, match="beyond the allocation"):
+        X.run_sized_plan(CPU, sp, [_buf(120, 1), row], refs, outs, _alloc)
+    # the result is (1, 5, 8); declared (1, 4, 8): ran, handed back, and Python refuses it
+    short = TensorRef(3, f32, (1, 4, 8), (32, 8, 1), 0)
+    r = cx.run_sized([_buf(128, 1), row], [None, None], refs, short, 128)
+    assert type(r) is tuple and tuple(r[0].shape) == (1, 5, 8)
+    with pytest.raises(X.LaunchError, match="declared"):
+        X.run_sized_plan(CPU, sp, [_buf(128, 1), row], refs, [(128, short)], _alloc)

@@ -784,9 +784,9 @@ def test_sized_plan_checks_each_layout_once_and_reads_pending_results_as_produce
     assert torch.equal(by_bytes[0][1], want) and torch.equal(as_produced[0][1], want)
 
 
-def test_growing_aten_cats_through_a_daemon_are_right_and_wrong_declarations_refused(client):
+def test_growing_aten_cats_through_a_daemon_are_right_and_wrong_declarations_refused(client, daemon, pe):
     """A cache grown by aten::cat every step (new sizes each time: the plan without sizes runs
-    them after the second), with right results; then a declaration a row short and an input
+    them after the second, compiled after its first), with right results; then a declaration a row short and an input
     past its allocation are refused, nothing is written, and the client and daemon stay up."""
     d = 8
     cache = _put(client, torch.zeros(0, d).reshape(1, 0, d))
@@ -802,6 +802,11 @@ def test_growing_aten_cats_through_a_daemon_are_right_and_wrong_declarations_ref
         client.free(cache.handle)
         client.free(r.handle)
         cache = o[1]
+    from flexnpu.control import query
+
+    plans = query(str(daemon.socket), {"op": "status"})["daemon"]["plans"]
+    # the first two are seen, the third makes the plan and records its call: the rest compiled
+    assert plans["compiled_sized"] == 1 and plans["compiled_sized_launches"] == 8 - 3, plans
     r = _put(client, torch.ones(1, 1, d))
     short = (8 * d * 4, TensorRef(client.alloc_handle(), torch.float32, (1, 8, d), (8 * d, d, 1), 0))
     client.launch("aten::cat.default", ([cache, r], 1), {}, [short])

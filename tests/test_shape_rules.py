@@ -401,3 +401,58 @@ def test_factories_and_likes():
     assert check(aten.full.default, [1], False, dtype=torch.bool, **m)
     assert check(aten.arange.default, 1, dtype=torch.int64, **m)
     assert check(aten.ones_like.default, ref((1, 16), torch.int64), **m)
+
+
+def check_view(func, *args):
+    """The view rule's answer equals meta's view; returns whether a rule answered."""
+    got = shape_rules.view(func, args, {})
+    try:
+        r = func(*meta(args))
+    except Exception:  # noqa: BLE001 - torch refuses: the rule must have declined too
+        assert got is None, (func, args, got)
+        return False
+    if got is None:
+        return False
+    want = (r.dtype, tuple(r.shape), tuple(r.stride()), r.storage_offset())
+    assert got == want, (func, args, got, want)
+    return True
+
+
+VIEW_LAYOUTS = [
+    ((), None, 0),
+    ((5,), None, 3),
+    ((3, 4), None, 0),
+    ((3, 4), (1, 3), 2),  # transposed
+    ((2, 0, 4), None, 0),
+    ((2, 3, 4), (24, 8, 2), 5),  # gapped
+    ((1, 3, 1), (7, 1, 9), 0),  # size-1 dims with odd strides
+    ((2, 1, 6), (6, 0, 1), 1),  # expanded
+]
+
+
+def test_view_rules_agree_with_meta():
+    answered = 0
+    for shape, stride, offset in VIEW_LAYOUTS:
+        a = ref(shape, stride=stride, offset=offset)
+        nd = len(shape)
+        dims = range(-nd - 1, nd + 1)
+        ends = (None, 0, 1, 2, -1, -2, 3, 100, -100, 2**63 - 1)
+        for d in dims:
+            for start, end, step in itertools.product((None, 0, 1, -1, -3, 7), ends, (1, 2, 3)):
+                answered += check_view(aten.slice.Tensor, a, d, start, end, step)
+            answered += check_view(aten.slice.Tensor, a, d)
+            answered += check_view(aten.slice.Tensor, a, d, 1, None, 0)  # step 0: refused
+            for i in (-3, -1, 0, 1, 2, 5):
+                answered += check_view(aten.select.int, a, d, i)
+            answered += check_view(aten.unsqueeze.default, a, d)
+            for d1 in dims:
+                answered += check_view(aten.transpose.int, a, d, d1)
+        answered += check_view(aten.slice.Tensor, a)
+    assert answered > 2000
+    # not a view rule's: declines
+    a = ref((3, 4))
+    assert shape_rules.view(aten.neg.default, (a,), {}) is None
+    assert shape_rules.view(aten.slice.Tensor, (a, 0, 1.5), {}) is None
+    assert (
+        shape_rules.view(aten.slice.Tensor, (TensorRef(1, torch.float32, (-1, 3), (3, 1), 0), 0), {}) is None
+    )

@@ -635,19 +635,23 @@ class Daemon:
         for _ in range(5):  # the main thread adds plans; retry a torn snapshot
             try:
                 ps = [p for p in list(plans.values()) if p]
-                sized = sum(1 for p in list(getattr(self.backend, "sized_plans", {}).values()) if p)
+                sized = [p for p in list(getattr(self.backend, "sized_plans", {}).values()) if p]
                 break
             except RuntimeError:
                 continue
         else:
             return None
         cx = [c for p in ps for c in (getattr(p, "cx", None),) if c]
+        scx = [c for p in sized for c in (getattr(p, "cx", None),) if c]
         python_ops = sorted({str(p.op) for p in ps if not getattr(p, "cx", None)})
         return {
             "plans": len(ps),
-            "sized_plans": sized,
+            "sized_plans": len(sized),
             "compiled": len(cx),
             "compiled_launches": sum(c.runs for c in cx),
+            # plans without sizes whose launches the compiled executor runs (AtenExec.run_sized)
+            "compiled_sized": len(scx),
+            "compiled_sized_launches": sum(c.runs for c in scx),
             "compiled_executor": _compiled_executor_loaded(),
             # the operators of plans that run in Python (the first 32): where compiling pays next
             "python_ops": python_ops[:32],

@@ -537,7 +537,11 @@ def dispatch(func, args, kwargs):
     ckey = (info, *key)
     spec = _cache.get(ckey)
     if spec is None:
-        spec = _by_rule(func, wargs, wkwargs) or _infer(func, args, kwargs, w, info)
+        spec = (
+            _by_rule(func, wargs, wkwargs)
+            or _by_view_rule(func, args, wargs, wkwargs)
+            or _infer(func, args, kwargs, w, info)
+        )
         if spec is None:  # no meta kernel / data-dependent: run it on the host
             return _cpu_fallback(func, args, kwargs, info)
         if len(_cache) >= _CACHE_MAX:
@@ -687,6 +691,17 @@ def _by_rule(func, wargs, wkwargs):
     stats["rules"] += 1
     dt, sh, st = r
     return (0, ((dt, sh, st, 0, _extent_nbytes(sh, st, 0, dt.itemsize), (dt, sh, st, 0)),), True)
+
+
+def _by_view_rule(func, args, wargs, wkwargs):
+    """The spec of a view of the first argument from flexnpu.shape_rules.view (no meta call)."""
+    if not args or type(args[0]) is not NPUTensor:
+        return None  # (the template names the view's source by its place among the npu tensors)
+    r = shape_rules.view(func, wargs, wkwargs)
+    if r is None:
+        return None
+    stats["rules"] += 1
+    return (("view", 0, *r), (), False)
 
 
 _META_UNSUPPORTED = ("meta", "data-dependent", "data dependent", "dynamic", "symbolic")

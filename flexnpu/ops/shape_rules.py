@@ -41,13 +41,15 @@ import torch
 
 from flexnpu.protocol import TensorRef
 
-__all__ = ["infer", "covered", "contiguous_strides", "Out"]
+__all__ = ["infer", "covered", "view", "view_covered", "contiguous_strides", "Out", "View"]
 
 aten = torch.ops.aten
 
 # (dtype, shape, stride) of the one fresh output
 Out = tuple[torch.dtype, tuple[int, ...], tuple[int, ...]]
 Rule = Callable[[Sequence[Any], dict[str, Any]], "Out | None"]
+# (dtype, shape, stride, storage offset) of a view of the first argument
+View = tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]
 
 
 def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
@@ -812,6 +814,105 @@ _add("zeros_like.default ones_like.default", _like(1))
 _add("full_like.default", _like(2))
 
 
+# ---- views ---------------------------------------------------------------------------------
+# A view costs no device work, only the client's metadata; but a view of a growing tensor (the
+# attention mask's slice in a decode loop) has a new key every token, and without a rule each
+# one cost a meta call (~100 us). These are torch's own arithmetic (at::native::slice, select,
+# unsqueeze, transpose); anything unusual declines and meta decides (or reports the error).
+
+
+def _view_of(args: Sequence[Any], nargs: int) -> TensorRef | None:
+    if not 1 <= len(args) <= nargs or type(args[0]) is not TensorRef:
+        return None
+    return args[0]
+
+
+def _slice(args: Sequence[Any], kwargs: dict[str, Any]) -> View | None:
+    a = _view_of(args, 5)
+    if a is None or kwargs:
+        return None
+    dim, start, end, step = (list(args[1:]) + [0, None, None, 1][len(args) - 1 :])[:4]
+    nd = len(a.shape)
+    if nd == 0 or type(step) is not int or step <= 0:
+        return None
+    d = _wrap_dim(dim, nd)
+    if d is None or not (start is None or type(start) is int) or not (end is None or type(end) is int):
+        return None
+    n = a.shape[d]
+    lo = 0 if start is None else start
+    hi = n if end is None else end
+    if lo < 0:
+        lo += n
+    if hi < 0:
+        hi += n
+    lo = min(max(lo, 0), n)
+    hi = min(max(hi, lo), n)
+    shape, stride = list(a.shape), list(a.stride)
+    shape[d] = (hi - lo + step - 1) // step
+    stride[d] *= step
+    return a.dtype, tuple(shape), tuple(stride), a.offset + lo * a.stride[d]
+
+
+def _select(args: Sequence[Any], kwargs: dict[str, Any]) -> View | None:
+    a = _view_of(args, 3)
+    if a is None or kwargs or len(args) != 3 or type(args[2]) is not int:
+        return None
+    nd = len(a.shape)
+    d = _wrap_dim(args[1], nd) if nd else None
+    if d is None:
+        return None
+    n, i = a.shape[d], args[2]
+    if not -n <= i < n:
+        return None  # torch's index error: meta reports it
+    if i < 0:
+        i += n
+    shape, stride = list(a.shape), list(a.stride)
+    del shape[d], stride[d]
+    return a.dtype, tuple(shape), tuple(stride), a.offset + i * a.stride[d]
+
+
+def _unsqueeze(args: Sequence[Any], kwargs: dict[str, Any]) -> View | None:
+    a = _view_of(args, 2)
+    if a is None or kwargs or len(args) != 2 or type(args[1]) is not int:
+        return None
+    nd = len(a.shape)
+    d = args[1] + nd + 1 if args[1] < 0 else args[1]
+    if not 0 <= d <= nd:
+        return None
+    shape, stride = list(a.shape), list(a.stride)
+    # torch: the new dim's stride is what a contiguous dim there would have
+    stride.insert(d, 1 if d >= nd else shape[d] * stride[d])
+    shape.insert(d, 1)
+    return a.dtype, tuple(shape), tuple(stride), a.offset
+
+
+def _transpose(args: Sequence[Any], kwargs: dict[str, Any]) -> View | None:
+    a = _view_of(args, 3)
+    if a is None or kwargs or len(args) != 3:
+        return None
+    nd = len(a.shape)
+    d0, d1 = _wrap_dim(args[1], nd), _wrap_dim(args[2], nd)
+    if d0 is None or d1 is None:
+        return None
+    if nd == 0:
+        return a.dtype, a.shape, a.stride, a.offset
+    shape, stride = list(a.shape), list(a.stride)
+    shape[d0], shape[d1] = shape[d1], shape[d0]
+    stride[d0], stride[d1] = stride[d1], stride[d0]
+    return a.dtype, tuple(shape), tuple(stride), a.offset
+
+
+_VIEWS: dict[Any, Callable[[Sequence[Any], dict[str, Any]], View | None]] = {}
+for _name, _rule in (
+    ("slice.Tensor", _slice),
+    ("select.int", _select),
+    ("unsqueeze.default", _unsqueeze),
+    ("transpose.int", _transpose),
+):
+    _packet, _, _overload = _name.partition(".")
+    _VIEWS[getattr(getattr(aten, _packet), _overload)] = _rule
+
+
 def _sane(args: Sequence[Any], depth: int = 0) -> bool:
     """Every tensor argument has as many strides as sizes, all non-negative ints (the daemon
     decodes whatever a client sent: nonsense goes to the checks that report it)."""
@@ -846,5 +947,21 @@ def infer(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Out | None:
         return None  # odd arguments: meta inference reports them properly
 
 
+def view(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> View | None:
+    """(dtype, shape, stride, offset) of the view ``func`` makes of its first argument, on wire
+    arguments, or None when no rule covers this call (the caller then asks the meta device)."""
+    rule = _VIEWS.get(func)
+    if rule is None or not _sane(args):
+        return None
+    try:
+        return rule(args, kwargs)
+    except (TypeError, ValueError, AttributeError, IndexError):
+        return None
+
+
 def covered(func: Any) -> bool:
     return func in _RULES
+
+
+def view_covered(func: Any) -> bool:
+    return func in _VIEWS

@@ -12,7 +12,9 @@
 // Nothing here decides an error of the client's: any launch it is not sure of returns None
 // before anything ran and Python runs it with every check and message; results it is not sure
 // of go back to Python's binding (run_plan) as a tuple. So this file adds speed, never a
-// decision. Views over an allocation use a non-owning, non-resizable storage of exactly its
+// decision. Plans without sizes (torch_exec.SizedLaunchPlan: a decode loop's growing cat and
+// attention) record the same way and repeat with each launch's own layouts (run_sized), every
+// layout validated here before anything runs. Views over an allocation use a non-owning, non-resizable storage of exactly its
 // bytes, as torch_exec._raw_storage does: an operator cannot resize or reach past them.
 #include <torch/extension.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -48,6 +50,8 @@ struct AOut {
   c10::ScalarType dtype;
   std::vector<int64_t> strides;
   int64_t offset = 0;
+  std::vector<int64_t> sizes;  // checked only where check_sizes (a sized launch's declaration)
+  bool check_sizes = false;
 };
 
 constexpr int64_t kMaxDim = int64_t(1) << 48;
@@ -79,6 +83,72 @@ bool is_dense(const at::Tensor& t) {
   if (auto* x = dynamic_cast<const c10::Error*>(&e)) throw std::runtime_error(x->what_without_backtrace());
   throw std::runtime_error(e.what());
 }
+
+// A Python int in [0, kMaxDim] (not a bool, not a subclass), as check_view_bounds accepts.
+bool exact_int(PyObject* o, int64_t& v) {
+  if (!PyLong_CheckExact(o)) return false;
+  int overflow = 0;
+  long long x = PyLong_AsLongLongAndOverflow(o, &overflow);
+  if (overflow || (x == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    return false;
+  }
+  if (x < 0 || x > kMaxDim) return false;
+  v = x;
+  return true;
+}
+
+// A TensorRef's layout (shape, stride, offset), read from the object.
+struct Layout {
+  py::object dtype, shape, stride, offset;
+
+  bool of(PyObject* ref) {
+    static PyObject* s_dtype = PyUnicode_InternFromString("dtype");
+    static PyObject* s_shape = PyUnicode_InternFromString("shape");
+    static PyObject* s_stride = PyUnicode_InternFromString("stride");
+    static PyObject* s_offset = PyUnicode_InternFromString("offset");
+    PyObject* v[4] = {PyObject_GetAttr(ref, s_dtype), PyObject_GetAttr(ref, s_shape), PyObject_GetAttr(ref, s_stride),
+                      PyObject_GetAttr(ref, s_offset)};
+    dtype = py::reinterpret_steal<py::object>(v[0]);
+    shape = py::reinterpret_steal<py::object>(v[1]);
+    stride = py::reinterpret_steal<py::object>(v[2]);
+    offset = py::reinterpret_steal<py::object>(v[3]);
+    if (!v[0] || !v[1] || !v[2] || !v[3]) {
+      PyErr_Clear();
+      return false;
+    }
+    return true;
+  }
+
+  // whether `key` (an Alloc.view's layout key) is (dtype, shape, stride, offset); -1: unsure
+  int is_key(PyObject* key) const {
+    if (!PyTuple_CheckExact(key) || PyTuple_GET_SIZE(key) != 4) return 0;
+    PyObject* mine[4] = {dtype.ptr(), shape.ptr(), stride.ptr(), offset.ptr()};
+    for (int i = 0; i < 4; i++) {
+      int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(key, i), mine[i], Py_EQ);
+      if (same < 0) {
+        PyErr_Clear();
+        return -1;
+      }
+      if (!same) return 0;
+    }
+    return 1;
+  }
+
+  // the shape and stride as ints, as many of each, at most 64 (torch_exec._MAX_NDIM)
+  bool ints(std::vector<int64_t>& sizes, std::vector<int64_t>& strides) const {
+    if (!PyTuple_CheckExact(shape.ptr()) || !PyTuple_CheckExact(stride.ptr())) return false;
+    Py_ssize_t nd = PyTuple_GET_SIZE(shape.ptr());
+    if (nd != PyTuple_GET_SIZE(stride.ptr()) || nd > 64) return false;
+    sizes.resize(nd);
+    strides.resize(nd);
+    for (Py_ssize_t i = 0; i < nd; i++)
+      if (!exact_int(PyTuple_GET_ITEM(shape.ptr(), i), sizes[i]) ||
+          !exact_int(PyTuple_GET_ITEM(stride.ptr(), i), strides[i]))
+        return false;
+    return true;
+  }
+};
 
 class AtenExec {
  public:
@@ -207,11 +277,10 @@ class AtenExec {
     ranges.reserve(n + outs_.size());
     for (size_t k = 0; k < n; k++) {
       const ASlot& sl = slots_[k];
-      if (!THPVariable_Check(bitems[k])) return py::none();
-      const at::Tensor& b = THPVariable_Unpack(bitems[k]);
-      if (!b.defined() || b.device().type() != c10::DeviceType::CPU) return py::none();
+      const at::Tensor* bt = input_buffer(bitems[k], ranges);
+      if (bt == nullptr) return py::none();
+      const at::Tensor& b = *bt;
       auto bp = reinterpret_cast<uintptr_t>(b.data_ptr());
-      ranges.emplace_back(bp, bp + (uintptr_t)b.nbytes());
       PyObject* h = hitems[k];
       if (!sl.mut && PyTuple_CheckExact(h) && PyTuple_GET_SIZE(h) == 3 && PyTuple_GET_ITEM(h, 0) == bitems[k]) {
         int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(h, 1), sl.key.ptr(), Py_EQ);
@@ -234,6 +303,91 @@ class AtenExec {
       impl->set_sizes_and_strides(sl.sizes, sl.strides, sl.offset);
       views.emplace_back(std::move(impl));
     }
+    return call(views, ranges, outs_);
+  }
+
+  // One launch of a plan without sizes (torch_exec.SizedLaunchPlan): as run, but each slot's
+  // layout is this launch's, refs[k] (a TensorRef), and the one output is declared by out_ref
+  // and out_nbytes. The call recorded at the plan's first launch repeats for any sizes: its
+  // fixed arguments are the plan's own, which its structure key holds; only the tensors' sizes
+  // change. Every layout is validated here as check_view_bounds does, or nothing runs.
+  py::object run_sized(py::handle bufs_obj, py::handle hints_obj, py::handle refs_obj, py::handle out_ref,
+                       int64_t out_nbytes) {
+    const size_t n = slots_.size();
+    if (outs_.size() != 1) return py::none();
+    py::object bseq = py::reinterpret_steal<py::object>(PySequence_Fast(bufs_obj.ptr(), "bufs"));
+    py::object hseq = py::reinterpret_steal<py::object>(PySequence_Fast(hints_obj.ptr(), "hints"));
+    py::object rseq = py::reinterpret_steal<py::object>(PySequence_Fast(refs_obj.ptr(), "refs"));
+    if (!bseq || !hseq || !rseq) {
+      PyErr_Clear();
+      return py::none();
+    }
+    if ((size_t)PySequence_Fast_GET_SIZE(bseq.ptr()) != n || (size_t)PySequence_Fast_GET_SIZE(hseq.ptr()) != n ||
+        (size_t)PySequence_Fast_GET_SIZE(rseq.ptr()) != n)
+      return py::none();
+    PyObject** bitems = PySequence_Fast_ITEMS(bseq.ptr());
+    PyObject** hitems = PySequence_Fast_ITEMS(hseq.ptr());
+    PyObject** ritems = PySequence_Fast_ITEMS(rseq.ptr());
+    std::vector<at::Tensor> views;
+    views.reserve(n);
+    std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+    ranges.reserve(n + 1);
+    std::vector<int64_t> sizes, strides;
+    for (size_t k = 0; k < n; k++) {
+      const ASlot& sl = slots_[k];
+      const at::Tensor* bt = input_buffer(bitems[k], ranges);
+      if (bt == nullptr) return py::none();
+      const at::Tensor& b = *bt;
+      auto bp = reinterpret_cast<uintptr_t>(b.data_ptr());
+      Layout lay;
+      if (!lay.of(ritems[k])) return py::none();
+      PyObject* h = hitems[k];
+      if (!sl.mut && PyTuple_CheckExact(h) && PyTuple_GET_SIZE(h) == 3 && PyTuple_GET_ITEM(h, 0) == bitems[k]) {
+        int same = lay.is_key(PyTuple_GET_ITEM(h, 1));
+        if (same < 0) return py::none();
+        if (same && THPVariable_Check(PyTuple_GET_ITEM(h, 2))) {
+          views.push_back(THPVariable_Unpack(PyTuple_GET_ITEM(h, 2)));  // the producer's result
+          continue;
+        }
+      }
+      if (b.scalar_type() != at::kByte || b.dim() != 1 || !b.is_contiguous()) return py::none();
+      if (!lay.ints(sizes, strides)) return py::none();
+      int64_t offset = 0, reach = 0, end = 0;
+      bool empty = false;
+      if (!exact_int(lay.offset.ptr(), offset) || !flexnpu_recording::layout_reach(sizes, strides, reach, empty) ||
+          __builtin_add_overflow(offset, empty ? 0 : reach + 1, &end) || __builtin_mul_overflow(end, sl.itemsize, &end))
+        return py::none();
+      if (end > b.numel() || bp % (uintptr_t)sl.itemsize) return py::none();
+      c10::Storage st(c10::Storage::use_byte_size_t(), b.numel(), c10::DataPtr(b.data_ptr(), b.device()), nullptr,
+                      /*resizable=*/false);
+      auto impl = c10::make_intrusive<c10::TensorImpl>(std::move(st), b.key_set(), c10::scalarTypeToTypeMeta(sl.dtype));
+      impl->set_sizes_and_strides(sizes, strides, offset);
+      views.emplace_back(std::move(impl));
+    }
+    Layout lay;
+    std::vector<AOut> outs(1);
+    AOut& o = outs[0];
+    o.nbytes = out_nbytes;
+    o.dtype = outs_[0].dtype;
+    o.check_sizes = true;
+    if (!lay.of(out_ref.ptr()) || !lay.ints(o.sizes, o.strides) || !exact_int(lay.offset.ptr(), o.offset))
+      return py::none();
+    return call(views, ranges, outs);
+  }
+
+  // Slot k's buffer, a CPU tensor (its bytes appended to `ranges`), or nullptr
+  static const at::Tensor* input_buffer(PyObject* item, std::vector<std::pair<uintptr_t, uintptr_t>>& ranges) {
+    if (!THPVariable_Check(item)) return nullptr;
+    const at::Tensor& b = THPVariable_Unpack(item);
+    if (!b.defined() || b.device().type() != c10::DeviceType::CPU) return nullptr;
+    auto bp = reinterpret_cast<uintptr_t>(b.data_ptr());
+    ranges.emplace_back(bp, bp + (uintptr_t)b.nbytes());
+    return &b;
+  }
+
+  // The recorded call over `views`, its results bound (bind_results)
+  py::object call(const std::vector<at::Tensor>& views, std::vector<std::pair<uintptr_t, uintptr_t>>& ranges,
+                  const std::vector<AOut>& outs) {
     torch::jit::Stack stack = flexnpu_recording::build_stack(args_, views);
     try {
       py::gil_scoped_release nogil;  // as torch's own binding of the operator
@@ -244,6 +398,14 @@ class AtenExec {
       rethrow(e);
     }
     runs_++;
+    return bind_results(stack, ranges, outs);
+  }
+
+  // The results on `stack` after a call: a list of (None, result) pairs if each is exactly its
+  // declared output in `outs` (storage its own, dense, in the declared layout: bound pending),
+  // else a tuple of the result tensors for Python's binding. `ranges`: the inputs' bytes.
+  static py::object bind_results(const torch::jit::Stack& stack, std::vector<std::pair<uintptr_t, uintptr_t>>& ranges,
+                                 const std::vector<AOut>& outs) {
     std::vector<at::Tensor> results;
     for (const c10::IValue& v : stack) {
       if (v.isTensor()) {
@@ -252,13 +414,17 @@ class AtenExec {
         for (const at::Tensor& t : v.toTensorVector()) results.push_back(t);
       }
     }
-    if (outs_.empty()) return py::list();
-    bool fast = results.size() >= outs_.size();
+    if (outs.empty()) return py::list();
+    bool fast = results.size() >= outs.size();
     std::vector<at::Tensor> bound;
-    for (size_t i = 0; fast && i < outs_.size(); i++) {
-      const AOut& o = outs_[i];
+    for (size_t i = 0; fast && i < outs.size(); i++) {
+      const AOut& o = outs[i];
       const at::Tensor& r = results[i];
       if (!r.defined() || r.device().type() != c10::DeviceType::CPU || !r.has_storage()) {
+        fast = false;
+        break;
+      }
+      if (o.check_sizes && r.sizes().vec() != o.sizes) {
         fast = false;
         break;
       }
@@ -283,8 +449,8 @@ class AtenExec {
       for (size_t i = 0; i < results.size(); i++) t[i] = py::reinterpret_steal<py::object>(THPVariable_Wrap(results[i]));
       return std::move(t);
     }
-    py::list out(outs_.size());
-    for (size_t i = 0; i < outs_.size(); i++)
+    py::list out(outs.size());
+    for (size_t i = 0; i < outs.size(); i++)
       out[i] = py::make_tuple(py::none(), py::reinterpret_steal<py::object>(THPVariable_Wrap(bound[i])));
     return std::move(out);
   }
@@ -305,6 +471,8 @@ class AtenExec {
 void register_aten_exec(py::module_& m) {
   py::class_<AtenExec>(m, "AtenExec")
       .def("run", &AtenExec::run, py::arg("bufs"), py::arg("hints"))
+      .def("run_sized", &AtenExec::run_sized, py::arg("bufs"), py::arg("hints"), py::arg("refs"), py::arg("out_ref"),
+           py::arg("out_nbytes"))
       .def_property_readonly("name", &AtenExec::name)
       .def_property_readonly("runs", &AtenExec::runs);
   m.def("record_aten", &AtenExec::record, py::arg("run"), py::arg("views"), py::arg("slots"), py::arg("outs"));

@@ -854,12 +854,15 @@ def run_plan(
 
 
 class SizedLaunchPlan:
-    __slots__ = ("plan", "op", "dtypes", "n_in")
+    __slots__ = ("plan", "op", "dtypes", "n_in", "cx")
 
     def __init__(self, plan: LaunchPlan) -> None:
         self.plan = plan
         self.op = plan.op
         self.n_in = plan.n_in
+        # the compiled executor (atenexec.cpp AtenExec.run_sized) of its launches after the
+        # first, recorded at that one; None: not recorded yet; False: none (Python runs them)
+        self.cx: Any = None
         # every tensor's dtype, in payload order (the launch ceilings' byte count: check_sized)
         self.dtypes = [sl.ref.dtype for sl in plan.slots] + [r.dtype for _, r in plan.outputs]
 
@@ -944,24 +947,24 @@ def run_sized_plan(
     k's Alloc.view, used as run_plan uses it (the producer's own result over this very buffer,
     in this very layout, needs no new view; ``bufs[k]`` may then be that pending result)."""
     plan = sp.plan
-    if hints is None:
-        views = [build_view(ref, buf) for ref, buf in zip(refs, bufs)]  # bounds-checked
-    else:
-        views = []
-        for ref, buf, h, sl in zip(refs, bufs, hints, plan.slots):
-            if (
-                h is not None
-                and h[0] is buf
-                and not sl.mutable
-                and h[1] == (ref.dtype, ref.shape, ref.stride, ref.offset)  # layout_key(ref)
-            ):
-                views.append(h[2])  # checked when its producer's output was declared
-            else:
-                views.append(build_view(ref, buf))  # bounds-checked
-    args = fill_slots(plan.args, views)
-    kwargs = {k: fill_slots(v, views) for k, v in plan.kwargs.items()}
-    result = plan.call(*args, **kwargs)
     nbytes, ref = outputs[0]
+    cx = sp.cx
+    result: Any = _NOT_RUN
+    if cx:
+        r = cx.run_sized(bufs, hints if hints is not None else [None] * len(bufs), refs, ref, nbytes)
+        if r is not None:  # (None: nothing ran, this path runs it with every check)
+            if type(r) is list:
+                return r, [layout_key(ref)]  # bound as declared, pending
+            result = r[0] if len(r) == 1 else r  # Python checks and binds it, below
+    elif cx is None and device.type == "cpu":
+        recorded = _record_sized(sp, bufs, refs, outputs, hints)
+        if recorded is not None:
+            result = recorded[0]
+    if result is _NOT_RUN:
+        views = _sized_views(plan, bufs, refs, hints)
+        args = fill_slots(plan.args, views)
+        kwargs = {k: fill_slots(v, views) for k, v in plan.kwargs.items()}
+        result = plan.call(*args, **kwargs)
     if not isinstance(result, torch.Tensor) or tuple(result.shape) != ref.shape or result.dtype != ref.dtype:
         got = (
             f"{result.dtype} {tuple(result.shape)}"
@@ -971,6 +974,67 @@ def run_sized_plan(
         raise LaunchError(f"{plan.op}: output 0 declared {ref.dtype} {ref.shape} but the op returned {got}")
     in_ptrs = [(p, p + b.nbytes) for b in bufs for p in (b.data_ptr(),)]
     return [_bind(plan.op, device, in_ptrs, nbytes, ref, result, allocate, True)], [layout_key(ref)]
+
+
+_NOT_RUN = object()
+
+
+def _sized_views(
+    plan: LaunchPlan,
+    bufs: Sequence[torch.Tensor],
+    refs: Sequence[TensorRef],
+    hints: Sequence[Any] | None,
+    alias: bool = False,
+) -> list[torch.Tensor]:
+    """A sized launch's input views: the producer's own result where ``hints`` name it in this
+    very layout (checked when its output was declared; with ``alias``, an alias of it of its
+    own, as _record needs), else a bounds-checked view."""
+    if hints is None:
+        return [build_view(ref, buf) for ref, buf in zip(refs, bufs)]
+    views = []
+    for ref, buf, h, sl in zip(refs, bufs, hints, plan.slots):
+        if (
+            h is not None
+            and h[0] is buf
+            and not sl.mutable
+            and h[1] == (ref.dtype, ref.shape, ref.stride, ref.offset)  # layout_key(ref)
+        ):
+            v = h[2]
+            views.append(v.as_strided(v.shape, v.stride(), v.storage_offset()) if alias else v)
+        else:
+            views.append(build_view(ref, buf))
+    return views
+
+
+def _record_sized(
+    sp: SizedLaunchPlan,
+    bufs: Sequence[torch.Tensor],
+    refs: Sequence[TensorRef],
+    outputs: Sequence[tuple[int, TensorRef]],
+    hints: Sequence[Any] | None,
+) -> tuple[Any] | None:
+    """_record for a plan without sizes: its first launch, recorded; sets sp.cx (run_sized
+    repeats the call with each later launch's layouts). Returns (the operator's result,), or
+    None (nothing ran)."""
+    from .. import compiled
+
+    m = compiled.module()
+    if m is None or not hasattr(m.AtenExec, "run_sized"):
+        sp.cx = False
+        return None
+    plan = sp.plan
+    views = _sized_views(plan, bufs, refs, hints, alias=True)
+    args = fill_slots(plan.args, views)
+    kwargs = {k: fill_slots(v, views) for k, v in plan.kwargs.items()}
+    call = plan.call
+    slots = [
+        (ref.dtype, list(ref.shape), list(ref.stride), ref.offset, sl.mutable, layout_key(ref))
+        for ref, sl in zip(refs, plan.slots)
+    ]
+    outs = [(nbytes, ref.dtype, list(ref.stride), ref.offset) for nbytes, ref in outputs]
+    result, cx = m.record_aten(lambda: call(*args, **kwargs), views, slots, outs)
+    sp.cx = cx if cx is not None else False
+    return (result,)
 
 
 def _bind_results(
