@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from ._common import child_env, dump_json, median, print_table, progress
 
@@ -276,6 +278,12 @@ def _main(argv: list[str] | None) -> int:
     if isinstance(first, dict):
         same = same and first["same_tokens"]
     caveats = []
+    build = daemon_build()
+    if not build["compiled_executor"] or build["hot_path"] != "c":
+        caveats.append(
+            f"the daemons ran a partial build ({build['why']}): these figures are slower than "
+            "a full install's (make install builds everything)"
+        )
     if not native_graph:
         caveats.append(
             "CPU has no native graphs: direct-graph is direct eager (both modes compare "
@@ -301,6 +309,7 @@ def _main(argv: list[str] | None) -> int:
         "note": caveats[0] if not native_graph else None,
         "caveats": caveats,
         "native_generate": native_rows,
+        "daemon_build": {k: v for k, v in build.items() if k != "why"},
     }
     if a.json:
         dump_json(out)
@@ -348,6 +357,30 @@ def _main(argv: list[str] | None) -> int:
         for c in caveats:
             print(f"caveat: {c}")
     return 0 if same else 1
+
+
+def daemon_build() -> dict[str, Any]:
+    """What the daemons of this install run their planned launches with (they load these very
+    files): the compiled executor (daemon/compiled.py) and the C hot path (daemon/hotpath.c).
+    A stale or missing build only costs speed, silently; the figures say so instead."""
+    import importlib.util
+
+    from flexnpu.daemon import compiled
+
+    why = []
+    executor = compiled.ENABLED and compiled._built() is not None
+    if not compiled.ENABLED:
+        why.append("FLEXNPU_PLANEXEC=0")
+    elif not executor:
+        why.append("compiled executor not built or stale: python3 -m flexnpu.daemon.optable.build")
+    hot = "c"
+    if os.environ.get("FLEXNPU_DAEMON_HOTPATH", "1").strip() == "0":
+        hot = "python"
+        why.append("FLEXNPU_DAEMON_HOTPATH=0")
+    elif importlib.util.find_spec("flexnpu.daemon._hot_core") is None:
+        hot = "python"
+        why.append("daemon/_hot_core not built: python3 setup.py build_ext --inplace")
+    return {"compiled_executor": executor, "hot_path": hot, "why": "; ".join(why)}
 
 
 # ---- HF generate (dynamic cache, eager): the loop users run --------------------------------

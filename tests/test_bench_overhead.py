@@ -26,6 +26,21 @@ def test_tiny_run_reports_spread_and_caveats(capsys):
     assert "caveat: CPU has no native graphs" in out  # in the table output, not only in --json
 
 
+def test_daemon_build_says_when_the_daemons_would_run_a_partial_build(monkeypatch, tmp_path, pe):
+    """The figures name what the daemons ran: a stale or missing compiled executor, or the C hot
+    path switched off, is reported (and becomes a caveat), not measured silently."""
+    from flexnpu.daemon import compiled
+
+    monkeypatch.delenv("FLEXNPU_DAEMON_HOTPATH", raising=False)
+    full = overhead.daemon_build()
+    assert full["compiled_executor"] and full["hot_path"] == "c" and full["why"] == ""
+    monkeypatch.setattr(compiled, "build_dir", lambda: tmp_path)  # nothing built there
+    monkeypatch.setenv("FLEXNPU_DAEMON_HOTPATH", "0")
+    partial = overhead.daemon_build()
+    assert not partial["compiled_executor"] and partial["hot_path"] == "python"
+    assert "not built or stale" in partial["why"] and "FLEXNPU_DAEMON_HOTPATH=0" in partial["why"]
+
+
 def test_hf_generate_child_counts_ops_and_times_new_shapes():
     """The HF generate rows' child (bench/_hfgen.py): tokens/s over shapes no warm-up saw, and
     the aten operators per token from a dispatch mode (what added_us_per_op divides by)."""

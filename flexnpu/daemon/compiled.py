@@ -139,9 +139,17 @@ def module() -> Any:
         return None
     so = _built()
     if so is None:
-        log.info(
-            "compiled plan executor not built (python3 -m flexnpu.daemon.optable.build): planned launches run in Python"
-        )
+        if any(build_dir().glob(f"{NAME}*.so")):
+            # built, then its sources changed (an edit, a pull): easy to miss, and it costs speed
+            log.warning(
+                "compiled plan executor is stale (built from other sources; python3 -m "
+                "flexnpu.daemon.optable.build): planned launches run in Python"
+            )
+        else:
+            log.info(
+                "compiled plan executor not built (python3 -m flexnpu.daemon.optable.build): "
+                "planned launches run in Python"
+            )
         return None
     try:
         spec = importlib.util.spec_from_file_location(NAME, so)
