@@ -14,8 +14,9 @@
 // of go back to Python's binding (run_plan) as a tuple. So this file adds speed, never a
 // decision. Plans without sizes (torch_exec.SizedLaunchPlan: a decode loop's growing cat and
 // attention) record the same way and repeat with each launch's own layouts (run_sized), every
-// layout validated here before anything runs. Views over an allocation use a non-owning, non-resizable storage of exactly its
-// bytes, as torch_exec._raw_storage does: an operator cannot resize or reach past them.
+// layout validated here before anything runs. Views over an allocation use a non-owning,
+// non-resizable storage of exactly its bytes, as torch_exec._raw_storage does: an operator
+// cannot resize or reach past them.
 #include <torch/extension.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
