@@ -153,8 +153,18 @@ def _plans_line(d: dict) -> str:
         return ""
     line = (
         f"device {_g(d, 'device')} plans: {_g(p, 'plans', '0')} ({_g(p, 'compiled', '0')} compiled, "
-        f"{_g(p, 'compiled_launches', '0')} launches run compiled; {_g(p, 'sized_plans', '0')} without sizes)"
+        f"{_g(p, 'compiled_launches', '0')} launches run compiled; {_g(p, 'sized_plans', '0')} without sizes"
     )
+    if p.get("compiled_sized") is not None:
+        line += f", {p['compiled_sized']} compiled, {_g(p, 'compiled_sized_launches', '0')} launches"
+    line += ")"
+    if p.get("hot_path"):
+        line += f"; hot path {p['hot_path']}"
+    loop = d.get("loop")
+    if isinstance(loop, dict) and isinstance(loop.get("busy_s"), (int, float)):
+        total = (loop.get("busy_s") or 0) + (loop.get("wait_s") or 0)
+        if total > 0:  # how much of its life the main loop worked: ~100 % means it sets the pace
+            line += f"; main loop busy {100 * loop['busy_s'] / total:.0f} % of {human_duration(total)}"
     if p.get("compiled_executor") is False:
         line += "; compiled executor not built: planned launches run in Python (python3 -m flexnpu.daemon.optable.build)"
     return line

@@ -144,8 +144,12 @@ def test_collect_daemons_clients_and_stale(rundir):
         "sized_plans": 71,
         "compiled": 55,
         "compiled_launches": 4302,
+        "compiled_sized": 30,
+        "compiled_sized_launches": 900,
         "compiled_executor": False,
+        "hot_path": "c",
     }
+    d1["loop"] = {"busy_s": 45.0, "wait_s": 15.0}
     peers.append(PeerDaemon(d / "npu1.sock", {"ok": True, "daemon": d1}))
     _stale_socket(d / "npu2.sock")
     (d / "notasocket.txt").write_text("ignored")
@@ -164,7 +168,10 @@ def test_collect_daemons_clients_and_stale(rundir):
     assert "RSS" in text and "300.0 MiB" in text  # the daemon's own host memory
     assert "stale sockets" in text and str(d / "npu2.sock") in text
     # launch plans: a line for the daemon that reports them (device 1), none for the other
-    assert "device 1 plans: 208 (55 compiled, 4302 launches run compiled; 71 without sizes)" in text
+    assert (
+        "device 1 plans: 208 (55 compiled, 4302 launches run compiled; 71 without sizes, 30 compiled, "
+        "900 launches); hot path c; main loop busy 75 % of 1m00s"
+    ) in text
     assert "compiled executor not built" in text and "device 0 plans" not in text
 
 
@@ -279,6 +286,17 @@ def test_real_daemon_and_client(start_daemon, runtime_dir):
             cwd=ROOT,
         ).stdout
         assert f"\n  {os.getpid()} " in text and "/ 1.0 GiB" in text, text
+        ops = me["ops_total"]
+        assert ops >= 3 and info["ops_total"] == ops
+    # a client that left still counts in the daemon's total (its clients' list is empty now)
+    from flexnpu.control import query
+
+    for _ in range(100):
+        info = query(str(daemon.socket), {"op": "status"})["daemon"]
+        if not info["clients"]:
+            break
+        time.sleep(0.05)
+    assert not info["clients"] and info["ops_total"] >= ops
     assert daemon.stop() == 0
     # The daemon removed its socket: nothing running, nothing stale.
     assert cmd_status.collect(d) == {"daemons": [], "stale": []}

@@ -236,7 +236,6 @@ class Daemon:
         # since loop_started is work: `flexnpu status --json` reports both (loop)
         self.loop_started = time.perf_counter()
         self.loop_wait_s = 0.0
-        self.ops_total = 0
         self.notify = notify
         # ("attach", Session) | ("dead", client id), from the control thread to the loop
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -606,7 +605,8 @@ class Daemon:
             "malloc_trim_s": round(self.trimmer.seconds, 4),
             "max_sessions_per_uid": self.max_sessions_per_uid,
             "device_memory_used": self.device_memory.used,
-            "ops_total": sum(c["ops_total"] for c in clients),
+            # every request it has run: its clients' now, and those of clients gone
+            "ops_total": self.metrics.retired_requests + sum(c["ops_total"] for c in clients),
             "clients": clients,
             "scheduler": self._scheduler_status(),
             "embedded": self.embedded,
