@@ -368,11 +368,13 @@ def daemon_build() -> dict[str, Any]:
     from flexnpu.daemon import compiled
 
     why = []
-    executor = compiled.ENABLED and compiled._built() is not None
-    if not compiled.ENABLED:
+    executor = compiled.state()
+    if executor == "disabled":
         why.append("FLEXNPU_PLANEXEC=0")
-    elif not executor:
-        why.append("compiled executor not built or stale: python3 -m flexnpu.daemon.optable.build")
+    elif executor != "built":
+        why.append(
+            f"compiled executor not built or stale ({executor}): python3 -m flexnpu.daemon.optable.build"
+        )
     hot = "c"
     if os.environ.get("FLEXNPU_DAEMON_HOTPATH", "1").strip() == "0":
         hot = "python"
@@ -380,7 +382,7 @@ def daemon_build() -> dict[str, Any]:
     elif importlib.util.find_spec("flexnpu.daemon._hot_core") is None:
         hot = "python"
         why.append("daemon/_hot_core not built: python3 setup.py build_ext --inplace")
-    return {"compiled_executor": executor, "hot_path": hot, "why": "; ".join(why)}
+    return {"compiled_executor": executor == "built", "hot_path": hot, "why": "; ".join(why)}
 
 
 # ---- HF generate (dynamic cache, eager): the loop users run --------------------------------

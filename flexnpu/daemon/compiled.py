@@ -72,6 +72,16 @@ def _built() -> Path | None:
     return so[0] if len(so) == 1 else None
 
 
+def state() -> str:
+    """What a daemon started now would find: "built" (it loads the executor), "stale" (built
+    from other sources), "missing", or "disabled" (FLEXNPU_PLANEXEC=0). Loads nothing."""
+    if not ENABLED:
+        return "disabled"
+    if _built() is not None:
+        return "built"
+    return "stale" if any(build_dir().glob(f"{NAME}*.so")) else "missing"
+
+
 def build(force: bool = False, verbose: bool = False) -> Path:
     """Compile SOURCES into build_dir() (idempotent unless ``force``): one compiler call
     with torch's include and library paths (no build system needed)."""
@@ -139,7 +149,7 @@ def module() -> Any:
         return None
     so = _built()
     if so is None:
-        if any(build_dir().glob(f"{NAME}*.so")):
+        if state() == "stale":
             # built, then its sources changed (an edit, a pull): easy to miss, and it costs speed
             log.warning(
                 "compiled plan executor is stale (built from other sources; python3 -m "

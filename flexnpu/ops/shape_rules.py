@@ -759,12 +759,12 @@ def _like(nargs: int) -> Rule:
 _RULES: dict[Any, Rule] = {}
 
 
-def _add(names: str, rule: Rule) -> None:
+def _add(names: str, rule: Any, table: dict[Any, Any] = _RULES) -> None:
     for n in names.split():
         packet, _, overload = n.partition(".")
         op = getattr(getattr(aten, packet, None), overload or "default", None)
         if op is not None:
-            _RULES[op] = rule
+            table[op] = rule
 
 
 _add("add.Tensor add.Scalar sub.Tensor sub.Scalar mul.Tensor mul.Scalar", _binary("arith"))
@@ -903,14 +903,10 @@ def _transpose(args: Sequence[Any], kwargs: dict[str, Any]) -> View | None:
 
 
 _VIEWS: dict[Any, Callable[[Sequence[Any], dict[str, Any]], View | None]] = {}
-for _name, _rule in (
-    ("slice.Tensor", _slice),
-    ("select.int", _select),
-    ("unsqueeze.default", _unsqueeze),
-    ("transpose.int", _transpose),
-):
-    _packet, _, _overload = _name.partition(".")
-    _VIEWS[getattr(getattr(aten, _packet), _overload)] = _rule
+_add("slice.Tensor", _slice, _VIEWS)
+_add("select.int", _select, _VIEWS)
+_add("unsqueeze.default", _unsqueeze, _VIEWS)
+_add("transpose.int", _transpose, _VIEWS)
 
 
 def _sane(args: Sequence[Any], depth: int = 0) -> bool:

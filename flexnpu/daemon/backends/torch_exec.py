@@ -1019,7 +1019,7 @@ def _record_sized(
     from .. import compiled
 
     m = compiled.module()
-    if m is None or not hasattr(m.AtenExec, "run_sized"):
+    if m is None:
         sp.cx = False
         return None
     plan = sp.plan
